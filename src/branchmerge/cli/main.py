@@ -1,0 +1,63 @@
+"""The `branchmerge` command line. Each command lives in its own module and calls the library."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from branchmerge.errors import BranchmergeError
+
+app = typer.Typer(
+    name="branchmerge",
+    help=(
+        "Merge fine-tuned LLMs into one branched model: a shared normalized average per weight plus "
+        "each model's difference as low-rank factors (W_i ≈ s_i·(W̄ + U_i V_i)), then run, route and "
+        "serve every branch from one process."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only log warnings and errors."),
+) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _register() -> None:
+    from branchmerge.cli import bundle_cmds, merge_cmd
+
+    merge_cmd.register(app)
+    bundle_cmds.register(app)
+    try:  # commands that need the runtime stack register only when it is importable
+        from branchmerge.cli import run_cmds
+
+        run_cmds.register(app)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+_register()
+
+
+def main() -> None:
+    """Console entry point: user errors print one clear message and exit with status 1."""
+    try:
+        app()
+    except BranchmergeError as e:
+        typer.secho(f"error: {e}", err=True, fg="red")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

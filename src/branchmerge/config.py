@@ -1,0 +1,193 @@
+"""Merge configuration: validated, frozen pydantic models read from YAML (mergekit-style).
+
+Example::
+
+    branches:
+      - {name: general, model: ./models/instruct}
+      - {name: medical, model: ./models/med}
+      - {name: reasoner, model: ./models/other-arch, standalone: true}
+    compress_rate: 0.95
+    compress_overrides:
+      - {pattern: "*.mlp.down_proj.weight", compress_rate: 0.9}
+    rsvd: {oversample: 10, n_iter: 2, seed: 0}
+    dtype: bfloat16
+    device: cpu
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from branchmerge.errors import ConfigError
+
+DType = Literal["float32", "float16", "bfloat16"]
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BranchConfig(_Frozen):
+    """One input model that becomes a branch of the bundle."""
+
+    name: str = Field(description="Branch name, used to select it at inference time.")
+    model: str = Field(description="Local Hugging Face folder (or a hub id where a hub is reachable).")
+    standalone: bool = Field(
+        default=False, description="Keep the model whole as its own branch (any architecture)."
+    )
+    group: str | None = Field(
+        default=None,
+        description="Compression group; defaults to 'main'. Branches in one group must share architecture.",
+    )
+    revision: str | None = Field(default=None, description="Hub revision when `model` is a hub id.")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v) or v == "auto":
+            raise ValueError(
+                f"branch name {v!r} is invalid: use letters, digits, '_', '-', '.', not starting with a "
+                "symbol, and not the reserved word 'auto'"
+            )
+        return v
+
+    @property
+    def group_name(self) -> str:
+        return self.name if self.standalone else (self.group or "main")
+
+
+class RSVDConfig(_Frozen):
+    """Randomized SVD settings (Halko, Martinsson & Tropp 2011)."""
+
+    oversample: int = Field(default=10, ge=0, description="Extra random directions beyond the rank.")
+    n_iter: int = Field(default=2, ge=0, description="Power iterations; more is slower and more accurate.")
+    seed: int = Field(default=0, description="Seed of the random test matrix; merges are reproducible.")
+
+
+class CompressOverride(_Frozen):
+    """Per-tensor compress rate, selected by a glob pattern on the tensor name."""
+
+    pattern: str
+    compress_rate: float
+
+    @field_validator("compress_rate")
+    @classmethod
+    def _rate(cls, v: float) -> float:
+        return _check_rate(v, "compress_overrides[].compress_rate")
+
+
+def _check_rate(v: float, field: str) -> float:
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"`{field}` must be in [0, 1], got {v}")
+    return v
+
+
+class MergeConfig(_Frozen):
+    """A whole merge: which models, how strongly to compress, where the math runs."""
+
+    branches: list[BranchConfig]
+    method: str = Field(default="branch", description="Merge method; see `branchmerge methods`.")
+    compress_rate: float = Field(default=0.95, description="r in [0,1]: rank k = round((1-r)*min(m,n)).")
+    compress_overrides: list[CompressOverride] = Field(default_factory=list)
+    rsvd: RSVDConfig = Field(default_factory=RSVDConfig)
+    dtype: DType = "bfloat16"
+    device: str = "cpu"
+    max_shard_bytes: int = Field(default=1 << 30, gt=0, description="Output shard size limit.")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="Extra method parameters (e.g. density for ties)."
+    )
+
+    @field_validator("compress_rate")
+    @classmethod
+    def _rate(cls, v: float) -> float:
+        return _check_rate(v, "compress_rate")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.match(r"^(cpu|cuda(:\d+)?|mps)$", v):
+            raise ValueError(f"`device` must be cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _branches(self) -> MergeConfig:
+        if not self.branches:
+            raise ValueError("`branches` must list at least one model, got none")
+        seen: set[str] = set()
+        for b in self.branches:
+            if b.name in seen:
+                raise ValueError(f"duplicate branch name {b.name!r} in `branches`: names must be unique")
+            seen.add(b.name)
+        standalone = {b.name for b in self.branches if b.standalone}
+        groups = {b.group_name for b in self.branches if not b.standalone}
+        clash = standalone & groups
+        if clash:
+            raise ValueError(f"group name(s) {sorted(clash)} clash with standalone branch names")
+        return self
+
+    def rate_for(self, tensor_name: str) -> float:
+        """Compress rate of one tensor: the last matching override wins, else the global rate."""
+        rate = self.compress_rate
+        for o in self.compress_overrides:
+            if fnmatch.fnmatchcase(tensor_name, o.pattern):
+                rate = o.compress_rate
+        return rate
+
+    def groups(self) -> dict[str, list[BranchConfig]]:
+        """Branches by group name, in config order (a standalone branch is a group of its own)."""
+        out: dict[str, list[BranchConfig]] = {}
+        for b in self.branches:
+            out.setdefault(b.group_name, []).append(b)
+        return out
+
+    def resolve_paths(self, base: Path) -> MergeConfig:
+        """Make relative local model paths relative to `base` (the config file's folder)."""
+        branches = []
+        for b in self.branches:
+            p = Path(b.model).expanduser()
+            if not p.is_absolute() and (b.model.startswith(".") or (base / p).exists()):
+                p = (base / p).resolve()
+                b = b.model_copy(update={"model": str(p)})
+            branches.append(b)
+        return self.model_copy(update={"branches": branches})
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, naming the field path, for CLI output."""
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<dict>") -> MergeConfig:
+    """Validate a dict into a MergeConfig, turning pydantic errors into a ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at top level, got {type(data).__name__}")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path, **overrides: Any) -> MergeConfig:
+    """Read a YAML merge config; `overrides` (e.g. compress_rate=0.9) replace top-level fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if isinstance(data, dict):
+        data.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_config(data, str(path)).resolve_paths(path.parent)

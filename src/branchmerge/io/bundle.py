@@ -1,0 +1,172 @@
+"""The bundle on disk: a manifest, sharded safetensors, and each branch's HF config and tokenizer.
+
+Layout::
+
+    BUNDLE/
+      manifest.json              format version, config, branches, groups, per-tensor records, shard sha256
+      merge_config.yaml          the config that produced it
+      shard-00001.safetensors ...
+      branches/NAME/config.json  each branch's HF config, tokenizer and generation config files
+
+Tensor keys inside the shards (``|`` never occurs in HF tensor names):
+
+    g.GROUP|TENSOR|mean     W̄, shared by the group                         [m, n]
+    g.GROUP|TENSOR|scales   s_i for the group's branches, in group order    [N] float32
+    b.BRANCH|TENSOR|U       U_i                                             [m, k]
+    b.BRANCH|TENSOR|V       V_i                                             [k, n]
+    b.BRANCH|TENSOR|delta   Ŵ_i − W̄ kept densely                            [m, n]
+    b.BRANCH|TENSOR         a per-branch tensor (embedding, norm, bias, lm_head; standalone weights)
+    g.GROUP|TENSOR          a tensor identical across the group, stored once
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from branchmerge.compress import Difference
+from branchmerge.errors import BranchNotFoundError, BundleError
+from branchmerge.io.writer import sha256_file
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "branchmerge-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def key_mean(group: str, tensor: str) -> str:
+    return f"g.{group}|{tensor}|mean"
+
+
+def key_scales(group: str, tensor: str) -> str:
+    return f"g.{group}|{tensor}|scales"
+
+
+def key_shared(group: str, tensor: str) -> str:
+    return f"g.{group}|{tensor}"
+
+
+def key_own(branch: str, tensor: str) -> str:
+    return f"b.{branch}|{tensor}"
+
+
+def key_part(branch: str, tensor: str, part: str) -> str:
+    """``part`` is ``U``, ``V`` or ``delta``."""
+    return f"b.{branch}|{tensor}|{part}"
+
+
+class BundleReader:
+    """Reads a bundle's manifest and tensors; verifies every shard's sha256 on open by default.
+
+    Raises:
+        BundleError: if the folder is not a bundle, its format version is unknown, or a shard is
+            missing or fails its checksum.
+    """
+
+    def __init__(self, path: str | Path, *, verify: bool = True) -> None:
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise BundleError(f"bundle {self.path} does not exist or is not a folder")
+        if not mpath.is_file():
+            raise BundleError(f"{self.path} is not a branchmerge bundle: {MANIFEST} is missing")
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{mpath} is not valid JSON: {e}") from None
+        if self.manifest.get("format") != FORMAT:
+            raise BundleError(f"{mpath}: format is {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"{mpath}: format_version {version!r} is not supported by this branchmerge "
+                f"(supports {FORMAT_VERSION}); upgrade branchmerge or re-merge"
+            )
+        self._handles: dict[str, Any] = {}
+        for fname, digest in self.manifest["shards"].items():
+            f = self.path / fname
+            if not f.is_file():
+                raise BundleError(f"bundle {self.path}: shard {fname} is missing")
+            if verify:
+                actual = sha256_file(f)
+                if actual != digest:
+                    raise BundleError(
+                        f"bundle {self.path}: shard {fname} fails its sha256 check (expected {digest[:12]}…, "
+                        f"got {actual[:12]}…): the file is corrupt or was modified"
+                    )
+
+    # ---- manifest views -------------------------------------------------------------------------
+    @property
+    def branches(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["branches"]
+
+    @property
+    def groups(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["groups"]
+
+    def branch(self, name: str) -> dict[str, Any]:
+        if name not in self.branches:
+            raise BranchNotFoundError(
+                f"unknown branch {name!r}; this bundle has: {', '.join(self.branches)}"
+            )
+        return self.branches[name]
+
+    def branch_dir(self, name: str) -> Path:
+        return self.path / "branches" / name
+
+    def hf_config(self, name: str) -> dict[str, Any]:
+        self.branch(name)
+        return json.loads((self.branch_dir(name) / "config.json").read_text())
+
+    # ---- tensors --------------------------------------------------------------------------------
+    def has(self, key: str) -> bool:
+        return key in self.manifest["weight_map"]
+
+    def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        try:
+            fname = self.manifest["weight_map"][key]
+        except KeyError:
+            raise BundleError(f"bundle {self.path}: tensor {key} is missing from the weight map") from None
+        h = self._handles.get(fname)
+        if h is None:
+            h = self._handles[fname] = safe_open(str(self.path / fname), framework="pt", device="cpu")
+        return h.get_tensor(key).to(device)
+
+    def difference(self, branch: str, tensor: str) -> Difference:
+        """The stored form of ``Ŵ_i − W̄`` for one branch and tensor."""
+        if self.has(key_part(branch, tensor, "delta")):
+            return Difference(dense=self.get(key_part(branch, tensor, "delta")))
+        if self.has(key_part(branch, tensor, "U")):
+            return Difference(u=self.get(key_part(branch, tensor, "U")), v=self.get(key_part(branch, tensor, "V")))
+        return Difference()
+
+    def iter_branch_tensors(self, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_tensor_name, dense float tensor)`` for one branch, one tensor at a time.
+
+        Compressed weights are reconstructed as ``s_i · (W̄ + U_i V_i)`` in float32.
+        """
+        info = self.branch(name)
+        group = info["group"]
+        members = self.groups[group]["branches"]
+        idx = members.index(name)
+        for tensor, rec in self.manifest["tensors"][group].items():
+            role = rec["role"]
+            if role == "compressed":
+                mean = self.get(key_mean(group, tensor)).float()
+                scale = float(self.get(key_scales(group, tensor))[idx])
+                yield tensor, self.difference(name, tensor).apply(mean) * scale
+            elif role == "shared":
+                yield tensor, self.get(key_shared(group, tensor))
+            else:
+                yield tensor, self.get(key_own(name, tensor))
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))

@@ -1,0 +1,186 @@
+"""Reading input models lazily: one tensor at a time through the safetensors shard index.
+
+Only safetensors are read; pickled checkpoints (``*.bin``, ``*.pt``) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from branchmerge.errors import ModelInputError
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+EXTRA_CONFIG_FILES = ("generation_config.json",)
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a hub id downloaded (safetensors and configs only).
+
+    Raises:
+        ModelInputError: if the path does not exist and the hub cannot provide it.
+    """
+    p = Path(model).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelInputError(f"model {model}: expected a folder with config.json, got a file")
+        return p
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelInputError(f"model path {model} does not exist")
+    try:  # the real hub path for users who have a hub; nothing in this project relies on it
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            model,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear message
+        raise ModelInputError(
+            f"model {model}: not a local folder, and downloading it from the hub failed: {e}"
+        ) from None
+    return Path(local)
+
+
+@dataclass
+class ModelSource:
+    """An input model folder: its HF config and a lazy name → shard map of its tensors."""
+
+    name: str
+    path: Path
+    hf_config: dict
+    weight_map: dict[str, Path]
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, name: str, model: str, revision: str | None = None) -> ModelSource:
+        """Validate a folder (config.json, safetensors weights) and index its tensors.
+
+        Raises:
+            ModelInputError: naming the branch and file when anything is missing or unreadable.
+        """
+        path = resolve_model_path(model, revision)
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ModelInputError(f"branch {name!r}: {path} has no config.json (not a Hugging Face model folder)")
+        try:
+            hf_config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelInputError(f"branch {name!r}: {cfg_path} is not valid JSON: {e}") from None
+        weight_map = _weight_map(name, path)
+        src = cls(name=name, path=path, hf_config=hf_config, weight_map=weight_map)
+        for shard in sorted(set(weight_map.values())):
+            src._handle(shard)  # open each shard now so corrupt files fail before any work
+        return src
+
+    def _handle(self, shard: Path):
+        h = self._handles.get(shard)
+        if h is None:
+            try:
+                h = safe_open(str(shard), framework="pt", device="cpu")
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types
+                raise ModelInputError(
+                    f"branch {self.name!r}: {shard} is not a readable safetensors file "
+                    f"(corrupt or truncated?): {e}"
+                ) from None
+            self._handles[shard] = h
+        return h
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        return tuple(self._handle(self._shard(tensor)).get_slice(tensor).get_shape())
+
+    def _shard(self, tensor: str) -> Path:
+        try:
+            return self.weight_map[tensor]
+        except KeyError:
+            raise ModelInputError(f"branch {self.name!r}: tensor {tensor} is missing from {self.path}") from None
+
+    def get(self, tensor: str, *, check_finite: bool = True) -> torch.Tensor:
+        """Read one tensor from disk.
+
+        Raises:
+            ModelInputError: if the tensor is missing, unreadable, or holds NaN/Inf.
+        """
+        shard = self._shard(tensor)
+        try:
+            t = self._handle(shard).get_tensor(tensor)
+        except Exception as e:  # noqa: BLE001
+            raise ModelInputError(
+                f"branch {self.name!r}: tensor {tensor} in {shard} could not be read: {e}"
+            ) from None
+        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelInputError(
+                f"branch {self.name!r}: tensor {tensor} in {shard} has {bad} NaN/Inf value(s)"
+            )
+        return t
+
+    def numel(self) -> int:
+        return sum(math.prod(self.shape(n)) for n in self.weight_map)
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in set(self.weight_map.values()))
+
+    def side_files(self) -> dict[str, Path]:
+        """Tokenizer and generation-config files present in the folder, by file name."""
+        return {f: self.path / f for f in TOKENIZER_FILES + EXTRA_CONFIG_FILES if (self.path / f).is_file()}
+
+
+def _weight_map(name: str, path: Path) -> dict[str, Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelInputError(f"branch {name!r}: {index} is not a valid shard index: {e}") from None
+        out = {}
+        for tensor, shard in data.items():
+            f = path / shard
+            if not f.is_file():
+                raise ModelInputError(f"branch {name!r}: shard {shard} listed in {index} does not exist")
+            out[tensor] = f
+        return out
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = (
+            f" (found {', '.join(pickled)}: pickled checkpoints are not loaded; convert them to "
+            "safetensors first)"
+            if pickled
+            else ""
+        )
+        raise ModelInputError(f"branch {name!r}: {path} has no *.safetensors weights{hint}")
+    out: dict[str, Path] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as h:
+                keys = list(h.keys())
+        except Exception as e:  # noqa: BLE001
+            raise ModelInputError(
+                f"branch {name!r}: {f} is not a readable safetensors file (corrupt or truncated?): {e}"
+            ) from None
+        for k in keys:
+            out[k] = f
+    return out

@@ -1,0 +1,277 @@
+"""Streaming merge orchestrator: input folders → bundle folder, one tensor (across N models) at a time.
+
+Peak memory grows with the largest tensor, not with model size or N: each compressed tensor is read in
+two passes (scales and running mean first, then each branch's difference), and shards are written as
+they fill.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from branchmerge import __version__
+from branchmerge.architectures import Architecture, for_hf_config
+from branchmerge.compress import (
+    compress_difference,
+    frobenius_scale,
+    normalize,
+    rank_for,
+    relative_error,
+    tensor_seed,
+)
+from branchmerge.config import BranchConfig, MergeConfig
+from branchmerge.errors import ConfigError, ModelInputError
+from branchmerge.io.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    key_mean,
+    key_own,
+    key_part,
+    key_scales,
+    key_shared,
+    write_manifest,
+)
+from branchmerge.io.models import ModelSource
+from branchmerge.io.writer import ShardWriter, atomic_output_dir, copy_side_files
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# config.json fields that must agree for models to share one compressed group
+_SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+@dataclass
+class _Group:
+    name: str
+    sources: list[ModelSource]
+    arch: Architecture
+    standalone: bool
+
+
+def run_merge(config: MergeConfig, out: str | Path, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Merge the config's models into a bundle at ``out`` and return its manifest.
+
+    Raises:
+        ModelInputError: an input is missing, corrupt, or incompatible with its group.
+        ConfigError: the config asks for something this method cannot do.
+        BranchmergeError: ``out`` exists and ``force`` is false.
+    """
+    if config.method != "branch":
+        from branchmerge.methods import run_baseline_merge
+
+        return run_baseline_merge(config, out, force=force, progress=progress)
+    out = Path(out)
+    if out.exists() and not force:
+        from branchmerge.errors import BranchmergeError
+
+        raise BranchmergeError(f"output folder {out} already exists; pass --force to replace it")
+    groups = open_groups(config)
+    dtype = DTYPES[config.dtype]
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("`device` is cuda but no CUDA device is available; use device: cpu")
+
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"branchmerge {__version__}",
+        "config": config.model_dump(mode="json"),
+        "dtype": config.dtype,
+        "branches": {},
+        "groups": {},
+        "tensors": {},
+    }
+    total = sum(len(g.sources[0].names()) for g in groups)
+    with atomic_output_dir(out, force=force) as tmp:
+        writer = ShardWriter(tmp, config.max_shard_bytes)
+        bar = tqdm(total=total, desc="merging", unit="tensor", disable=not progress)
+        for g in groups:
+            records: dict[str, Any] = {}
+            for tensor in g.sources[0].names():
+                bar.set_postfix_str(f"{g.name}: {tensor}", refresh=False)
+                records[tensor] = _merge_tensor(g, tensor, config, writer, dtype, device)
+                bar.update()
+            manifest["tensors"][g.name] = records
+            manifest["groups"][g.name] = {
+                "branches": [s.name for s in g.sources],
+                "architecture": g.arch.name,
+                "standalone": g.standalone,
+                "transposed": g.arch.transposed,
+            }
+            for s in g.sources:
+                dest = tmp / "branches" / s.name
+                files = copy_side_files(s.side_files(), dest)
+                (dest / "config.json").write_text(json_dumps(s.hf_config))
+                manifest["branches"][s.name] = {
+                    "group": g.name,
+                    "standalone": g.standalone,
+                    "source": str(s.path),
+                    "source_bytes": s.nbytes(),
+                    "source_params": s.numel(),
+                    "architectures": s.hf_config.get("architectures", []),
+                    "hf_config": s.hf_config,
+                    "files": ["config.json", *files],
+                }
+        bar.close()
+        writer.close()
+        manifest["shards"] = writer.shards
+        manifest["weight_map"] = writer.weight_map
+        manifest["total_bytes"] = writer.total_bytes
+        write_manifest(tmp, manifest)
+        (tmp / "merge_config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    logger.info("wrote bundle %s (%.1f MB in %d shards)", out, writer.total_bytes / 1e6, len(writer.shards))
+    return manifest
+
+
+def json_dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2)
+
+
+def open_groups(config: MergeConfig) -> list[_Group]:
+    """Open every input and check that each compressed group is compatible.
+
+    Raises:
+        ModelInputError: naming the branches, fields or tensors that disagree.
+    """
+    out = []
+    for gname, members in config.groups().items():
+        sources = [ModelSource.open(b.name, b.model, b.revision) for b in members]
+        standalone = members[0].standalone
+        arch = for_hf_config(sources[0].hf_config, source=str(sources[0].path))
+        if not standalone:
+            _check_compatible(gname, members, sources)
+        out.append(_Group(gname, sources, arch, standalone))
+    return out
+
+
+def _check_compatible(group: str, members: list[BranchConfig], sources: list[ModelSource]) -> None:
+    ref = sources[0]
+    hint = f"set `standalone: true` on one of them, or give it another `group`"
+    for b, s in zip(members[1:], sources[1:]):
+        a_ref, a = ref.hf_config.get("architectures"), s.hf_config.get("architectures")
+        if a_ref != a:
+            raise ModelInputError(
+                f"branches {ref.name!r} ({a_ref}) and {b.name!r} ({a}) have different architectures and "
+                f"cannot share group {group!r}: {hint}"
+            )
+        for f in _SHAPE_FIELDS:
+            if ref.hf_config.get(f) != s.hf_config.get(f):
+                raise ModelInputError(
+                    f"branches {ref.name!r} and {b.name!r} differ in {f} ({ref.hf_config.get(f)} vs "
+                    f"{s.hf_config.get(f)}) and cannot share group {group!r}: {hint}"
+                )
+        missing = set(ref.names()) ^ set(s.names())
+        if missing:
+            name = sorted(missing)[0]
+            holder, lacker = (ref.name, b.name) if name in ref.weight_map else (b.name, ref.name)
+            raise ModelInputError(
+                f"tensor {name} is in branch {holder!r} but missing from branch {lacker!r} "
+                f"({len(missing)} tensor(s) differ) in group {group!r}"
+            )
+
+
+def _merge_tensor(
+    g: _Group, tensor: str, config: MergeConfig, writer: ShardWriter, dtype: torch.dtype, device: torch.device
+) -> dict[str, Any]:
+    shapes = [s.shape(tensor) for s in g.sources]
+    role = "per_branch" if g.standalone else g.arch.role(tensor, shapes[0])
+    if role == "compress":
+        for s, shape in zip(g.sources[1:], shapes[1:]):
+            if shape != shapes[0]:
+                raise ModelInputError(
+                    f"tensor {tensor} has shape {list(shape)} in branch {s.name!r} but "
+                    f"{list(shapes[0])} in branch {g.sources[0].name!r}"
+                )
+        return _compress_tensor(g, tensor, shapes[0], config, writer, dtype, device)
+    return _keep_tensor(g, tensor, writer, dtype)
+
+
+def _keep_tensor(g: _Group, tensor: str, writer: ShardWriter, dtype: torch.dtype) -> dict[str, Any]:
+    """Per-branch tensor; stored once when every branch of the group holds the same values."""
+    first = g.sources[0].get(tensor)
+    target = dtype if first.is_floating_point() else first.dtype
+    identical = not g.standalone and all(torch.equal(first, s.get(tensor)) for s in g.sources[1:])
+    if identical:
+        writer.add(key_shared(g.name, tensor), first.to(target))
+        nbytes = first.numel() * torch.empty((), dtype=target).element_size()
+        return {"role": "shared", "shape": list(first.shape), "bytes": nbytes}
+    nbytes = 0
+    for s in g.sources:
+        t = first if s is g.sources[0] else s.get(tensor)
+        writer.add(key_own(s.name, tensor), t.to(target))
+        nbytes += t.numel() * torch.empty((), dtype=target).element_size()
+    return {"role": "per_branch", "shape": list(first.shape), "bytes": nbytes}
+
+
+def _compress_tensor(
+    g: _Group,
+    tensor: str,
+    shape: tuple[int, ...],
+    config: MergeConfig,
+    writer: ShardWriter,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Two passes over the N models: (1) scales and the normalized mean, (2) each difference."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    first = g.sources[0].get(tensor)
+    identical = True
+    scales: list[float] = []
+    mean = torch.zeros(shape, dtype=torch.float32, device=device)  # [m, n]
+    for s in g.sources:
+        w = first if s is g.sources[0] else s.get(tensor)
+        identical = identical and torch.equal(w, first)
+        scale = frobenius_scale(w)
+        scales.append(scale)
+        mean += normalize(w.to(device), scale)
+        del w
+    if identical:  # frozen layer, or a group of one: nothing to compress
+        writer.add(key_shared(g.name, tensor), first.to(dtype))
+        return {"role": "shared", "shape": list(shape), "bytes": math.prod(shape) * esize}
+    del first
+    mean /= len(g.sources)
+    mean_q = mean.to(dtype)
+    writer.add(key_mean(g.name, tensor), mean_q)
+    writer.add(key_scales(g.name, tensor), torch.tensor(scales, dtype=torch.float32))
+    rate = config.rate_for(tensor)
+    rank = rank_for(shape, rate)
+    nbytes = mean_q.numel() * esize + 4 * len(scales)
+    errors: dict[str, float] = {}
+    dense = False
+    for s, scale in zip(g.sources, scales):
+        w_hat = normalize(s.get(tensor).to(device), scale)
+        gen = torch.Generator(device=device).manual_seed(tensor_seed(config.rsvd.seed, s.name, tensor))
+        diff = compress_difference(
+            w_hat, mean, rank, oversample=config.rsvd.oversample, n_iter=config.rsvd.n_iter, generator=gen
+        ).to(dtype)
+        if diff.dense is not None:
+            dense = True
+            writer.add(key_part(s.name, tensor, "delta"), diff.dense)
+            nbytes += diff.dense.numel() * esize
+        elif diff.u is not None:
+            writer.add(key_part(s.name, tensor, "U"), diff.u)
+            writer.add(key_part(s.name, tensor, "V"), diff.v)
+            nbytes += (diff.u.numel() + diff.v.numel()) * esize
+        # error of what is actually stored (in the storage dtype), relative to ‖Ŵ_i‖ = 1
+        errors[s.name] = relative_error(diff.apply(mean_q), w_hat) if scale > 0 else 0.0
+        del w_hat, diff
+    return {
+        "role": "compressed",
+        "shape": list(shape),
+        "compress_rate": rate,
+        "rank": rank,
+        "dense": dense,
+        "rel_error": errors,
+        "bytes": nbytes,
+    }

