@@ -1,0 +1,96 @@
+"""`generate` and `chat`: run a branch of a bundle from the terminal, streaming tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperature: float) -> str:
+    import torch
+    from transformers import TextIteratorStreamer
+
+    tok = bundle.tokenizer(branch)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    import threading
+
+    result: list[str] = []
+
+    def work() -> None:
+        r = bundle.generate_ids([ids], [branch], max_new_tokens=max_new_tokens, streamer=streamer,
+                                **({"do_sample": True, "temperature": temperature} if temperature > 0 else {}))
+        result.append(r[0].text)
+
+    t = threading.Thread(target=work)
+    with torch.inference_mode():
+        t.start()
+        for piece in streamer:
+            typer.echo(piece, nl=False)
+        t.join()
+    typer.echo("")
+    return result[0] if result else ""
+
+
+def generate(
+    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder."),
+    prompt: str = typer.Argument(..., help="The prompt."),
+    branch: str = typer.Option("auto", "--branch", "-b", help="Branch name, or 'auto' to route."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype (default: the bundle's)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
+) -> None:
+    """Generate from one branch (or the routed one), streaming tokens to stdout."""
+    import branchmerge
+
+    bundle = branchmerge.load(bundle_dir, device=device, dtype=dtype)
+    ids_list, names = bundle.prepare([prompt], branch, chat=False if no_chat else None, max_new_tokens=max_new_tokens)
+    typer.secho(f"[branch: {names[0]}]", err=True, fg="cyan")
+    _stream(bundle, names[0], ids_list[0], max_new_tokens, temperature)
+
+
+def chat(
+    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder."),
+    branch: str = typer.Option("auto", "--branch", "-b", help="Branch name, or 'auto' to route each turn."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t"),
+    dtype: str | None = typer.Option(None, "--dtype"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Interactive chat with a branch; an empty line or Ctrl-D ends it."""
+    import branchmerge
+    from branchmerge.errors import BranchmergeError
+
+    bundle = branchmerge.load(bundle_dir, device=device, dtype=dtype)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        name = bundle.resolve_branches([line], branch)[0]
+        tok = bundle.tokenizer(name)
+        history.append({"role": "user", "content": line})
+        if tok.chat_template:
+            ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        else:
+            ids = tok("\n".join(m["content"] for m in history))["input_ids"]
+        try:
+            bundle.check_context(name, len(ids), max_new_tokens)
+        except BranchmergeError as e:
+            typer.secho(f"error: {e}", err=True, fg="red")
+            history.clear()
+            continue
+        typer.secho(f"{name}> ", nl=False, fg="cyan")
+        reply = _stream(bundle, name, ids, max_new_tokens, temperature)
+        history.append({"role": "assistant", "content": reply})
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
+    app.command("chat")(chat)

@@ -1,0 +1,157 @@
+"""Build one ``transformers`` model per bundle group with branched modules in place of its layers.
+
+The model skeleton is created on the meta device (no memory, no init), then each module is replaced or
+filled from the bundle: compressed weights become :class:`BranchedLinear`, per-branch tensors become
+:class:`PerBranch` copies, shared tensors are assigned once. Non-persistent buffers (rotary frequencies)
+are rebuilt from the config.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+
+from branchmerge.errors import BundleError
+from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
+from branchmerge.runtime.modules import BranchedLinear, BranchState, PerBranch
+
+logger = logging.getLogger(__name__)
+
+
+def _split(tensor: str) -> tuple[str, str]:
+    module, _, param = tensor.rpartition(".")
+    return module, param
+
+
+def build_group_model(
+    reader: BundleReader, group: str, *, device: torch.device, dtype: torch.dtype
+) -> tuple[PreTrainedModel, BranchState]:
+    """A causal-LM whose branch is chosen through the returned :class:`BranchState`."""
+    g = reader.groups[group]
+    members: list[str] = g["branches"]
+    transposed = bool(g.get("transposed", False))
+    first_dir: Path = reader.branch_dir(members[0])
+    config = AutoConfig.from_pretrained(first_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = BranchState(members)
+    records = reader.manifest["tensors"][group]
+
+    def load(key: str) -> torch.Tensor:
+        t = reader.get(key, device)
+        return t.to(dtype) if t.is_floating_point() else t
+
+    def per_branch(tensor: str) -> list[torch.Tensor]:
+        role = records[tensor]["role"]
+        if role == "shared":
+            t = load(key_shared(group, tensor))
+            return [t] * len(members)
+        if role == "per_branch":
+            return [load(key_own(b, tensor)) for b in members]
+        raise BundleError(f"tensor {tensor} of group {group!r} has unexpected role {role!r}")
+
+    by_module: dict[str, dict[str, str]] = defaultdict(dict)
+    for tensor in records:
+        module, param = _split(tensor)
+        by_module[module][param] = tensor
+
+    for module_name, params in by_module.items():
+        orig = model.get_submodule(module_name)
+        weight_t = params.get("weight")
+        if weight_t is not None and records[weight_t]["role"] == "compressed":
+            mean = load(key_mean(group, weight_t))
+            scales = reader.get(key_scales(group, weight_t)).tolist()
+            diffs = []
+            for b in members:
+                d = reader.difference(b, weight_t)
+                if d.dense is not None:
+                    diffs.append(("dense", d.dense.to(device).T if transposed else d.dense.to(device)))
+                elif d.u is not None:
+                    u, v = d.u.to(device), d.v.to(device)
+                    diffs.append(("lowrank", v.T, u.T) if transposed else ("lowrank", u, v))
+                else:
+                    diffs.append(None)
+            biases = per_branch(params["bias"]) if "bias" in params else None
+            new = BranchedLinear(state, mean.T.contiguous() if transposed else mean, scales, diffs, biases)
+            _set_module(model, module_name, new)
+            continue
+        values = {p: per_branch(t) for p, t in params.items()}
+        same = all(all(v is vals[0] for v in vals) for vals in values.values())
+        if same or len(members) == 1:
+            _assign(orig, {p: vals[0] for p, vals in values.items()}, module_name)
+        else:
+            copies = []
+            for i in range(len(members)):
+                c = copy.deepcopy(orig)
+                _assign(c, {p: vals[i] for p, vals in values.items()}, module_name)
+                copies.append(c)
+            _set_module(model, module_name, PerBranch(state, copies))
+
+    _tie_lm_head(model, records, state, len(members))
+    _rebuild_meta_buffers(model, config, device)
+    leftovers = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftovers:
+        raise BundleError(f"bundle group {group!r} lacks tensors for: {', '.join(leftovers[:5])}")
+    if (first_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(first_dir)
+    model.eval()
+    return model, state
+
+
+def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    try:
+        module.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as e:
+        raise BundleError(f"tensors for module {where} do not fit the model: {e}") from None
+    for p in module.parameters(recurse=False):
+        p.requires_grad_(False)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _tie_lm_head(model: PreTrainedModel, records: dict, state: BranchState, n: int) -> None:
+    """For tied embeddings (no ``lm_head.weight`` stored), share each branch's embedding matrix."""
+    if "lm_head.weight" in records:
+        return
+    out = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    if out is None or emb is None or not out.weight.is_meta:
+        return
+    if isinstance(emb, PerBranch):
+        copies = []
+        for c in emb.copies:
+            lm = copy.deepcopy(out)
+            lm.weight = c.weight
+            copies.append(lm)
+        for name, mod in model.named_modules():
+            if mod is out:
+                _set_module(model, name, PerBranch(state, copies))
+                break
+    else:
+        out.weight = emb.weight
+
+
+def _rebuild_meta_buffers(model: nn.Module, config, device: torch.device) -> None:
+    """Recreate modules whose only meta tensors are computed buffers (e.g. rotary inv_freq)."""
+    for name, mod in list(model.named_modules()):
+        if any(b.is_meta for b in mod.buffers(recurse=False)):
+            if any(p.is_meta for p in mod.parameters(recurse=False)):
+                continue
+            cfg = getattr(mod, "config", config)
+            try:
+                new = type(mod)(config=cfg)
+            except TypeError as e:
+                raise BundleError(f"cannot rebuild buffers of module {name} ({type(mod).__name__}): {e}") from None
+            _set_module(model, name, new.to(device))

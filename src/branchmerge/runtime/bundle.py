@@ -1,0 +1,291 @@
+"""A loaded bundle: every branch generating through ``transformers``, mixed-branch batches in one pass.
+
+    bundle = branchmerge.load("bundle/", dtype="float32")
+    bundle.generate(["2+2=", "reverse abc"], branch=["math", "strings"], max_new_tokens=8)
+    with bundle.use("math") as model:          # a plain transformers model for that branch
+        model.generate(**tok("2+2=", return_tensors="pt"))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from branchmerge.errors import BranchmergeError, BranchNotFoundError
+from branchmerge.io.bundle import BundleReader
+from branchmerge.merge import DTYPES
+from branchmerge.runtime.build import build_group_model
+from branchmerge.runtime.modules import BranchedLinear, BranchState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _GroupRuntime:
+    name: str
+    model: PreTrainedModel
+    state: BranchState
+    standalone: bool
+
+
+class Bundle:
+    """Every branch of a bundle, loaded once; shared weights are held once per group."""
+
+    def __init__(self, path: str | Path, *, device: str = "cpu", dtype: str | None = None, verify: bool = True) -> None:
+        self.reader = BundleReader(path, verify=verify)
+        self.path = Path(path)
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype or self.reader.manifest["dtype"]]
+        self.groups: dict[str, _GroupRuntime] = {}
+        for gname, g in self.reader.groups.items():
+            model, state = build_group_model(self.reader, gname, device=self.device, dtype=self.dtype)
+            self.groups[gname] = _GroupRuntime(gname, model, state, bool(g["standalone"]))
+        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
+        self._hot: set[str] = set()
+        self.router = None  # set by branchmerge.router when the bundle has one
+
+    # ---- branches ---------------------------------------------------------------------------
+    @property
+    def branch_names(self) -> list[str]:
+        return list(self.reader.branches)
+
+    def _group_of(self, branch: str) -> _GroupRuntime:
+        self.reader.branch(branch)  # raises BranchNotFoundError listing the valid names
+        return self.groups[self.reader.branches[branch]["group"]]
+
+    def tokenizer(self, branch: str) -> PreTrainedTokenizerBase:
+        self.reader.branch(branch)
+        tok = self._tokenizers.get(branch)
+        if tok is None:
+            tok = AutoTokenizer.from_pretrained(self.reader.branch_dir(branch))
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token or tok.unk_token
+            self._tokenizers[branch] = tok
+        return tok
+
+    def model(self, branch: str) -> PreTrainedModel:
+        """The ``transformers`` model serving ``branch``, with that branch active.
+
+        Branches of one group share one model object: activating one branch switches it for every
+        holder. Use :meth:`use` to scope the choice.
+        """
+        g = self._group_of(branch)
+        g.state.set_rows(None)
+        g.state.active = g.state.index(branch)
+        return g.model
+
+    @contextmanager
+    def use(self, branch: str) -> Iterator[PreTrainedModel]:
+        g = self._group_of(branch)
+        prev_active, prev_rows = g.state.active, g.state.rows
+        try:
+            yield self.model(branch)
+        finally:
+            g.state.active = prev_active
+            g.state.set_rows(prev_rows)
+
+    def materialize(self, branch: str) -> int:
+        """Make ``branch`` hot: dense weights for zero overhead. Returns the extra bytes held."""
+        g = self._group_of(branch)
+        i = g.state.index(branch)
+        extra = 0
+        for m in g.model.modules():
+            if isinstance(m, BranchedLinear):
+                m.materialize(i)
+                extra += m.hot[str(i)].numel() * m.hot[str(i)].element_size()
+        self._hot.add(branch)
+        return extra
+
+    def dematerialize(self, branch: str) -> None:
+        g = self._group_of(branch)
+        i = g.state.index(branch)
+        for m in g.model.modules():
+            if isinstance(m, BranchedLinear):
+                m.dematerialize(i)
+        self._hot.discard(branch)
+
+    def memory_bytes(self) -> int:
+        """Bytes of every parameter and buffer held, counting shared storage once."""
+        seen: set[int] = set()
+        total = 0
+        for g in self.groups.values():
+            for t in [*g.model.parameters(), *g.model.buffers()]:
+                ptr = t.untyped_storage().data_ptr()
+                if ptr in seen:
+                    continue
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    # ---- forward and generation ----------------------------------------------------------------
+    def resolve_branches(self, prompts: Sequence[str], branch: str | Sequence[str]) -> list[str]:
+        """One branch name per prompt; ``"auto"`` asks the router."""
+        names = [branch] * len(prompts) if isinstance(branch, str) else list(branch)
+        if len(names) != len(prompts):
+            raise BranchmergeError(f"got {len(names)} branch names for {len(prompts)} prompts")
+        auto = [i for i, n in enumerate(names) if n == "auto"]
+        if auto:
+            if self.router is None:
+                raise BranchmergeError("branch 'auto' needs a router; this bundle has none (see `branchmerge router build`)")
+            picked = self.router.route([prompts[i] for i in auto])
+            for i, p in zip(auto, picked):
+                names[i] = p
+        for n in names:
+            self.reader.branch(n)
+        return names
+
+    def logits(self, input_ids: torch.Tensor, branches: Sequence[str], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward pass over rows of different branches of one group: ``[B, T, vocab]``."""
+        g, rows = self._rows_for(branches)
+        g.state.set_rows(rows)
+        try:
+            with torch.no_grad():
+                out = g.model(input_ids=input_ids.to(self.device),
+                              attention_mask=None if attention_mask is None else attention_mask.to(self.device))
+            return out.logits
+        finally:
+            g.state.set_rows(None)
+
+    def _rows_for(self, branches: Sequence[str]) -> tuple[_GroupRuntime, list[int]]:
+        groups = {self._group_of(b).name for b in branches}
+        if len(groups) != 1:
+            raise BranchmergeError(f"one forward pass needs branches of one group; got groups {sorted(groups)}")
+        g = self.groups[groups.pop()]
+        if len({self.reader.hf_config(b).get("vocab_size") for b in set(branches)}) > 1:
+            raise BranchmergeError("branches with different vocabularies cannot share one batch")
+        return g, [g.state.index(b) for b in branches]
+
+    def encode(self, prompt: str, branch: str, *, chat: bool | None = None, system: str | None = None) -> list[int]:
+        """Token ids of ``prompt`` for ``branch``; the chat template is used when the tokenizer has one."""
+        tok = self.tokenizer(branch)
+        use_chat = bool(tok.chat_template) if chat is None else chat
+        if use_chat:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return tok(prompt)["input_ids"]
+
+    def check_context(self, branch: str, n_prompt: int, max_new_tokens: int) -> None:
+        limit = self.reader.hf_config(branch).get("max_position_embeddings")
+        if limit and n_prompt + max_new_tokens > limit:
+            raise BranchmergeError(
+                f"prompt of {n_prompt} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+                f"{limit}-token context of branch {branch!r}"
+            )
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        branch: str | Sequence[str] = "auto",
+        *,
+        chat: bool | None = None,
+        system: str | None = None,
+        max_new_tokens: int = 64,
+        **generation_kwargs: Any,
+    ) -> list[str]:
+        """Generate a completion per prompt; rows of one group run as one mixed-branch batch.
+
+        Args:
+            prompts: one prompt or a list.
+            branch: a branch name, ``"auto"`` (router), or one name per prompt.
+            chat: apply the tokenizer's chat template (default: when it has one).
+            generation_kwargs: passed to ``transformers``' ``generate`` (e.g. ``do_sample``).
+
+        Returns:
+            The decoded new text of each prompt, in order.
+        """
+        ids_list, names = self.prepare(prompts, branch, chat=chat, system=system, max_new_tokens=max_new_tokens)
+        return [r.text for r in self.generate_ids(ids_list, names, max_new_tokens=max_new_tokens, **generation_kwargs)]
+
+    def prepare(self, prompts, branch, *, chat=None, system=None, max_new_tokens=64) -> tuple[list[list[int]], list[str]]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        names = self.resolve_branches(prompts, branch)
+        ids_list = [self.encode(p, b, chat=chat, system=system) for p, b in zip(prompts, names)]
+        for ids, b in zip(ids_list, names):
+            self.check_context(b, len(ids), max_new_tokens)
+        return ids_list, names
+
+    def generate_ids(self, ids_list: list[list[int]], names: list[str], *, max_new_tokens: int = 64,
+                     **generation_kwargs: Any) -> list[GenerationResult]:
+        """Generate from token ids; returns per row the new ids, text, branch and stop reason."""
+        results: list[GenerationResult | None] = [None] * len(ids_list)
+        by_group: dict[str, list[int]] = {}
+        for i, b in enumerate(names):
+            by_group.setdefault(self._group_of(b).name, []).append(i)
+        for gname, idx in by_group.items():
+            g, rows = self._rows_for([names[i] for i in idx])
+            tok = self.tokenizer(names[idx[0]])
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            width = max(len(ids_list[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):  # left padding for generation
+                n = len(ids_list[i])
+                input_ids[r, width - n:] = torch.tensor(ids_list[i])
+                mask[r, width - n:] = 1
+            eos = set()
+            for b in {names[i] for i in idx}:
+                e = self.tokenizer(b).eos_token_id
+                if e is not None:
+                    eos.add(e)
+                gc_eos = g.model.generation_config.eos_token_id
+                eos.update(gc_eos if isinstance(gc_eos, list) else [gc_eos] if gc_eos is not None else [])
+            kwargs = {"do_sample": False, "pad_token_id": pad, "eos_token_id": sorted(eos) or None, **generation_kwargs}
+            if not kwargs.get("do_sample"):
+                kwargs.setdefault("temperature", None)
+                kwargs.setdefault("top_p", None)
+                kwargs.setdefault("top_k", None)
+            g.state.set_rows(rows)
+            try:
+                with torch.no_grad():
+                    out = g.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                           max_new_tokens=max_new_tokens, **kwargs)
+            finally:
+                g.state.set_rows(None)
+            for r, i in enumerate(idx):
+                new = out[r, width:].tolist()
+                reason = "length"
+                for j, t in enumerate(new):
+                    if t in eos:
+                        new, reason = new[:j], "stop"
+                        break
+                text = self.tokenizer(names[i]).decode(new, skip_special_tokens=True)
+                results[i] = GenerationResult(names[i], ids_list[i], new, text, reason)
+        return [r for r in results if r is not None]
+
+
+@dataclass
+class GenerationResult:
+    branch: str
+    prompt_ids: list[int]
+    new_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" or "length"
+
+
+def load(path: str | Path, *, device: str = "cpu", dtype: str | None = None, verify: bool = True) -> Bundle:
+    """Load a bundle: one model per group with branched layers, standalone branches as their own models.
+
+    Raises:
+        BundleError: not a bundle, unknown format version, or a shard failing its sha256.
+    """
+    bundle = Bundle(path, device=device, dtype=dtype, verify=verify)
+    try:
+        from branchmerge.router import attach_router
+
+        attach_router(bundle)
+    except ImportError:
+        pass
+    return bundle
+
+
+__all__ = ["Bundle", "GenerationResult", "load", "BranchNotFoundError"]

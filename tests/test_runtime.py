@@ -1,0 +1,193 @@
+"""Running a bundle: every branch equals its original at r=0, mixed batches equal per-branch runs."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+import branchmerge
+from branchmerge.config import load_config
+from branchmerge.errors import BranchmergeError, BranchNotFoundError, BundleError
+from branchmerge.export import export_branch
+from branchmerge.merge import run_merge
+from tests.cli_util import run_cli
+from tests.conftest import make_tiny_llama, write_config
+
+
+def save_char_tokenizer(folder, chat: bool = False):
+    """A real fast tokenizer over single characters (vocab 64), saved into a model folder."""
+    chars = list(" abcdefghijklmnopqrstuvwxyz0123456789+-=.,?!:")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for c in chars:
+        vocab[c] = len(vocab)
+    while len(vocab) < 64:
+        vocab[f"<x{len(vocab)}>"] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat:
+        tok.chat_template = "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
+    tok.save_pretrained(folder)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def bundles(family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    for n in "abc":
+        save_char_tokenizer(family[n][0])
+    out = {}
+    for r in (0.0, 0.9):
+        cfg = write_config(root / f"c{r}.yaml", [{"name": n, "model": str(family[n][0])} for n in "abc"], compress_rate=r)
+        run_merge(load_config(cfg), root / f"b{r}", progress=False)
+        out[r] = root / f"b{r}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(bundles):
+    return {r: branchmerge.load(p, dtype="float32") for r, p in bundles.items()}
+
+
+def test_r0_logits_equal_originals(family, loaded):
+    x = torch.randint(0, 64, (2, 16))
+    b = loaded[0.0]
+    for n in "abc":
+        with b.use(n) as m, torch.no_grad():
+            torch.testing.assert_close(m(x).logits, family[n][1](x).logits, atol=1e-4, rtol=0)
+
+
+def test_r0_greedy_generation_identical(family, loaded):
+    b = loaded[0.0]
+    x = torch.randint(3, 64, (1, 6))
+    for n in "abc":
+        ref = family[n][1].generate(x, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+        with b.use(n) as m:
+            got = m.generate(x, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(ref, got), n
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_mixed_batch_equals_per_branch(loaded, side):
+    b = loaded[0.9]
+    torch.manual_seed(1)
+    lengths = [9, 5, 7, 3]
+    names = ["a", "c", "b", "a"]
+    width = max(lengths)
+    ids = torch.zeros(4, width, dtype=torch.long)
+    mask = torch.zeros(4, width, dtype=torch.long)
+    seqs = [torch.randint(3, 64, (n,)) for n in lengths]
+    for r, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[r, sl], mask[r, sl] = s, 1
+    mixed = b.logits(ids, names, attention_mask=mask)
+    for r, (s, n) in enumerate(zip(seqs, names)):
+        with b.use(n) as m, torch.no_grad():
+            alone = m(s[None]).logits[0]
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        torch.testing.assert_close(mixed[r, sl], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_generate_equals_separate(loaded):
+    b = loaded[0.9]
+    prompts = ["abc", "hello there", "1+1=", "zz"]
+    names = ["b", "a", "c", "b"]
+    together = b.generate(prompts, names, max_new_tokens=6)
+    alone = [b.generate(p, n, max_new_tokens=6)[0] for p, n in zip(prompts, names)]
+    assert together == alone
+
+
+def test_export_and_runtime_agree_at_r09(bundles, loaded, tmp_path):
+    out = export_branch(bundles[0.9], "b", tmp_path / "exp", progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, 64, (2, 10))
+    with loaded[0.9].use("b") as m, torch.no_grad():
+        torch.testing.assert_close(m(x).logits, ref(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_hot_branch_matches_and_costs_memory(loaded):
+    b = loaded[0.9]
+    x = torch.randint(0, 64, (1, 8))
+    with b.use("c") as m, torch.no_grad():
+        before = m(x).logits
+    mem0 = b.memory_bytes()
+    extra = b.materialize("c")
+    assert extra > 0 and b.memory_bytes() == mem0 + extra
+    with b.use("c") as m, torch.no_grad():
+        torch.testing.assert_close(m(x).logits, before, atol=1e-5, rtol=1e-5)
+    b.dematerialize("c")
+    assert b.memory_bytes() == mem0
+
+
+def test_memory_is_about_bundle_bytes(bundles, loaded, family):
+    m = json.loads((bundles[0.9] / "manifest.json").read_text())
+    held = loaded[0.9].memory_bytes()
+    three = sum(p.numel() * 4 for n in "abc" for p in family[n][1].parameters())
+    assert held < 0.75 * three
+    assert abs(held - m["total_bytes"]) / m["total_bytes"] < 0.1
+
+
+def test_standalone_and_tied_embeddings(family, tmp_path):
+    other = tmp_path / "other"
+    ref = make_tiny_llama(other, seed=9, hidden=48, tie_word_embeddings=True)
+    save_char_tokenizer(other, chat=True)
+    save_char_tokenizer(family["a"][0])
+    cfg = write_config(tmp_path / "c.yaml", [{"name": "a", "model": str(family["a"][0])},
+                                             {"name": "solo", "model": str(other), "standalone": True}], compress_rate=0.5)
+    run_merge(load_config(cfg), tmp_path / "bundle", progress=False)
+    b = branchmerge.load(tmp_path / "bundle", dtype="float32")
+    x = torch.randint(0, 64, (1, 7))
+    with b.use("solo") as m, torch.no_grad():
+        torch.testing.assert_close(m(x).logits, ref(x).logits, atol=1e-5, rtol=0)
+    text = b.generate("hi", "solo", max_new_tokens=5)
+    assert isinstance(text[0], str)
+    # rows of both groups in one call are split per group and keep their order
+    both = b.generate(["hi", "yo"], ["solo", "a"], max_new_tokens=4)
+    assert both == [b.generate("hi", "solo", max_new_tokens=4)[0], b.generate("yo", "a", max_new_tokens=4)[0]]
+
+
+def test_unknown_branch_lists_valid(loaded):
+    with pytest.raises(BranchNotFoundError, match="unknown branch 'zzz'.*a, b, c"):
+        loaded[0.9].generate("x", "zzz")
+
+
+def test_prompt_longer_than_context(loaded):
+    with pytest.raises(BranchmergeError, match="128-token context of branch 'a'"):
+        loaded[0.9].generate("a" * 200, "a", max_new_tokens=4)
+
+
+def test_auto_without_router_is_clear(loaded):
+    with pytest.raises(BranchmergeError, match="needs a router"):
+        loaded[0.9].generate("x", "auto")
+
+
+def test_corrupt_bundle_refused(bundles, tmp_path):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(bundles[0.9], d)
+    shard = next(d.glob("shard-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    shard.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        branchmerge.load(d)
+
+
+def test_cli_generate_streams(capsys, bundles):
+    code, out, err = run_cli(capsys, "generate", bundles[0.9], "abc", "--branch", "a", "-n", "5")
+    assert code == 0, err
+    assert "[branch: a]" in err
+    code, _, err = run_cli(capsys, "generate", bundles[0.9], "abc", "--branch", "nope")
+    assert code != 0 and "unknown branch 'nope'" in err
+
+
+def test_cli_chat(capsys, bundles, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nagain\n\n"))
+    code, out, err = run_cli(capsys, "chat", bundles[0.9], "--branch", "c", "-n", "3")
+    assert code == 0, err
+    assert out.count("c> ") == 2
