@@ -47,6 +47,7 @@ class BranchConfig(_Frozen):
         description="Compression group; defaults to 'main'. Branches in one group must share architecture.",
     )
     revision: str | None = Field(default=None, description="Hub revision when `model` is a hub id.")
+    weight: float = Field(default=1.0, description="Weight of this model in baseline methods (linear, ties…).")
 
     @field_validator("name")
     @classmethod
@@ -94,6 +95,9 @@ class MergeConfig(_Frozen):
 
     branches: list[BranchConfig]
     method: str = Field(default="branch", description="Merge method; see `branchmerge methods`.")
+    base_model: str | None = Field(
+        default=None, description="Model the fine-tunes started from (task_arithmetic, ties, dare_ties)."
+    )
     compress_rate: float = Field(default=0.95, description="r in [0,1]: rank k = round((1-r)*min(m,n)).")
     compress_overrides: list[CompressOverride] = Field(default_factory=list)
     rsvd: RSVDConfig = Field(default_factory=RSVDConfig)
@@ -114,6 +118,15 @@ class MergeConfig(_Frozen):
     def _device(cls, v: str) -> str:
         if not re.match(r"^(cpu|cuda(:\d+)?|mps)$", v):
             raise ValueError(f"`device` must be cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from branchmerge.methods import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown merge method {v!r}; known methods: {', '.join(METHODS)}")
         return v
 
     @model_validator(mode="after")
@@ -156,7 +169,10 @@ class MergeConfig(_Frozen):
                 p = (base / p).resolve()
                 b = b.model_copy(update={"model": str(p)})
             branches.append(b)
-        return self.model_copy(update={"branches": branches})
+        update: dict[str, Any] = {"branches": branches}
+        if self.base_model and self.base_model.startswith("."):
+            update["base_model"] = str((base / self.base_model).resolve())
+        return self.model_copy(update=update)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

