@@ -153,13 +153,20 @@ def main() -> None:
     print(f"| | tok/s | ratio |\n|---|---|---|\n| dense, same batch | {8 * args.tokens / dm:.1f} | 1.00 |\n"
           f"| bundle, 3 branches mixed | {8 * args.tokens / mm:.1f} | {dm / mm:.3f} (target ≥ 0.85) |")
 
+    held = bundle.memory_bytes()
     del dense, bundle, model
     gc.collect()
-    rss_bundle = rss_after_load(f"import branchmerge; b = branchmerge.load({str(bdir)!r}, dtype='float32')")
-    rss_dense3 = rss_after_load("from transformers import AutoModelForCausalLM\n"
-                                + "".join(f"m{i} = AutoModelForCausalLM.from_pretrained({str(p)!r})\n" for i, p in enumerate(models)))
+    # one forward per branch / model after loading, so lazily mapped weights are resident too
+    x = "torch.randint(100, 40000, (1, 8))"
+    rss_bundle = rss_after_load(
+        f"import torch, branchmerge; b = branchmerge.load({str(bdir)!r}, dtype='float32')\n"
+        f"for n in b.branch_names:\n    b.model(n)({x})")
+    rss_dense3 = rss_after_load("import torch\nfrom transformers import AutoModelForCausalLM\n"
+                                + "".join(f"m{i} = AutoModelForCausalLM.from_pretrained({str(p)!r}); m{i}({x})\n"
+                                          for i, p in enumerate(models)))
     rss_torch = rss_after_load("import torch, transformers, branchmerge.runtime.bundle")
-    print(f"\nresident memory after load (process RSS, imports alone {rss_torch:.0f} MB):")
+    print(f"\nresident memory after load and one forward per branch (process RSS; imports alone {rss_torch:.0f} MB; "
+          f"bundle.memory_bytes() = {held / 1e6:.0f} MB):")
     print(f"| | RSS MB | minus imports |\n|---|---|---|\n| bundle (3 branches) | {rss_bundle:.0f} | {rss_bundle - rss_torch:.0f} |\n"
           f"| three dense models | {rss_dense3:.0f} | {rss_dense3 - rss_torch:.0f} |\n"
           f"| ratio | {rss_bundle / rss_dense3:.2f} | {(rss_bundle - rss_torch) / (rss_dense3 - rss_torch):.2f} |")

@@ -191,3 +191,26 @@ def test_cli_chat(capsys, bundles, monkeypatch):
     code, out, err = run_cli(capsys, "chat", bundles[0.9], "--branch", "c", "-n", "3")
     assert code == 0, err
     assert out.count("c> ") == 2
+
+
+def test_mixed_batch_dense_deltas_path(loaded):
+    """r=0 stores dense differences: the per-branch loop path must agree with per-branch runs too."""
+    b = loaded[0.0]
+    x = torch.randint(3, 64, (3, 6))
+    mixed = b.logits(x, ["c", "a", "b"])
+    for r, n in enumerate(["c", "a", "b"]):
+        with b.use(n) as m, torch.no_grad():
+            torch.testing.assert_close(mixed[r], m(x[r:r + 1]).logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_model_moves_dtype_and_keeps_branches(bundles):
+    b = branchmerge.load(bundles[0.9], dtype="float32")
+    x = torch.randint(0, 64, (2, 5))
+    with b.use("b") as m, torch.no_grad():
+        ref = m(x).logits
+        m.to(torch.float64)
+        got = m(x).logits
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got.float(), ref, atol=1e-4, rtol=1e-4)
+    mixed = b.logits(x, ["a", "b"])
+    assert mixed.dtype == torch.float64

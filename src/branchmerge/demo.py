@@ -33,6 +33,14 @@ def main(argv: list[str] | None = None) -> None:
 
     family = build_family(args.out / "family", progress=True)
     console.print(f"[bold]family[/bold] ready in {args.out / 'family'} ({time.perf_counter() - t0:.0f}s)")
+    from branchmerge.evaluate import fidelity_rows, markdown_table, pareto_plot
+
+    rows = fidelity_rows(family, args.out / "fidelity", rates=(0.0, 0.9, args.compress_rate, 0.99, 1.0),
+                         baselines=("linear", "ties"), n=50, progress=True)
+    console.print("[bold]fidelity[/bold]: exact-match accuracy per skill (oracle branch) and bytes held")
+    console.print(markdown_table(rows))
+    plot = pareto_plot(rows, args.out / "fidelity.png")
+    console.print(f"Pareto picture written to {plot}")
     bundle_dir = args.out / f"bundle-r{args.compress_rate}"
     cfg = parse_config({
         "branches": [{"name": s, "model": str(family[s])} for s in SKILLS],

@@ -213,7 +213,7 @@ def hf_generate(model, prompts: list[str], max_new_tokens: int = 12) -> list[str
     return res
 
 
-def build_family(folder: str | Path, *, base_steps: int = 300, ft_steps: int = 250, ft_lr: float = 1e-3, progress: bool = False) -> dict[str, Path]:
+def build_family(folder: str | Path, *, base_steps: int = 150, ft_steps: int = 300, ft_lr: float = 1e-3, progress: bool = False) -> dict[str, Path]:
     """Build (or reuse, when its stamp matches) the base and one fine-tune per skill.
 
     Returns:

@@ -8,9 +8,19 @@ over each branch's rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@dataclass
+class MixedPlan:
+    """Rows of a mixed batch: per-branch row indices and the branch id of every row ``[B]``."""
+
+    groups: list[tuple[int, Tensor]]
+    row_ids: Tensor
 
 
 class BranchState:
@@ -26,7 +36,7 @@ class BranchState:
         self.names = list(names)
         self.active = 0
         self._rows: Tensor | None = None
-        self._plan: dict[int, list[tuple[int, Tensor]] | int] = {}
+        self._plan: dict[int, MixedPlan | int] = {}
 
     @property
     def rows(self) -> Tensor | None:
@@ -39,8 +49,8 @@ class BranchState:
     def index(self, name: str) -> int:
         return self.names.index(name)
 
-    def plan(self, batch: int, device: torch.device) -> int | list[tuple[int, Tensor]]:
-        """A single branch id for the whole batch, or ``[(branch id, row indices [R]), ...]``.
+    def plan(self, batch: int, device: torch.device) -> int | MixedPlan:
+        """A single branch id for the whole batch, or a :class:`MixedPlan`.
 
         Batches that grow by a whole factor (beam search, ``num_return_sequences``) repeat each row's id.
         """
@@ -55,11 +65,12 @@ class BranchState:
                 raise ValueError(f"batch of {batch} rows does not match the {rows.numel()} branch ids set")
             rows = rows.repeat_interleave(batch // rows.numel())
         ids = rows.unique().tolist()
-        plan: int | list[tuple[int, Tensor]]
+        plan: int | MixedPlan
         if len(ids) == 1:
             plan = int(ids[0])
         else:
-            plan = [(int(i), (rows == i).nonzero().flatten().to(device)) for i in ids]
+            groups = [(int(i), (rows == i).nonzero().flatten().to(device)) for i in ids]
+            plan = MixedPlan(groups, rows.to(device))
         self._plan[batch] = plan
         return plan
 
@@ -72,12 +83,17 @@ class BranchedLinear(nn.Module):
     ``t = (x V_iᵀ)(s_i U_i)ᵀ + b_i`` then ``y = t + s_i · x W̄ᵀ``. A dense per-branch weight is built
     only when a branch is made hot (:meth:`materialize`).
 
+    When every branch has factors of one rank ``k``, they are stored concatenated — ``v_cat``
+    ``[N·k, in]`` and ``ut_cat`` ``[N·k, out]`` (rows of ``s_i U_iᵀ``) — and a mixed batch runs in a
+    fixed number of kernels whatever the branches: ``x v_catᵀ`` masked to each row's block, then one
+    product with ``ut_cat`` (the S-LoRA/Punica idea, done with dense ops).
+
     Args:
         state: the model's shared branch selector.
         mean: ``W̄``, ``[out, in]``.
         scales: ``s_i`` per branch.
         diffs: per branch ``("lowrank", U [out,k], V [k,in])``, ``("dense", Δ [out,in])`` or ``None``.
-        biases: per branch ``b_i`` ``[out]`` or None; a single shared tensor may be repeated.
+        biases: per branch ``b_i`` ``[out]`` or None.
     """
 
     def __init__(
@@ -91,44 +107,85 @@ class BranchedLinear(nn.Module):
         super().__init__()
         self.state = state
         self.out_features, self.in_features = mean.shape
+        n = len(scales)
+        dt = mean.dtype
         self.weight_mean = nn.Parameter(mean, requires_grad=False)  # [out, in]
         self.scales = list(map(float, scales))
-        self.u = nn.ParameterDict()
-        self.v = nn.ParameterDict()
+        self.register_buffer("scale_t", torch.tensor(self.scales, dtype=dt, device=mean.device), persistent=False)
         self.delta = nn.ParameterDict()
-        self.bias_ = nn.ParameterDict()
         self.hot = nn.ParameterDict()
-        for i, (s, d) in enumerate(zip(self.scales, diffs)):
-            if d is None:
-                continue
-            if d[0] == "lowrank":
-                self.u[str(i)] = nn.Parameter((d[1].float() * s).to(mean.dtype), requires_grad=False)
-                self.v[str(i)] = nn.Parameter(d[2].to(mean.dtype), requires_grad=False)
+        ranks = {d[1].shape[1] for d in diffs if d is not None and d[0] == "lowrank"}
+        self.uniform = len(ranks) == 1 and all(d is not None and d[0] == "lowrank" for d in diffs)
+        self.rank = ranks.pop() if self.uniform else 0
+        self._lowrank_ids = [i for i, d in enumerate(diffs) if d is not None and d[0] == "lowrank"]
+        self._v: list[Tensor | None] = [None] * n
+        self._ut: list[Tensor | None] = [None] * n
+        if self.uniform:
+            k = self.rank
+            v_cat = torch.cat([d[2] for d in diffs]).to(dt)  # [N·k, in]
+            ut_cat = torch.cat([(d[1].float() * s).T for d, s in zip(diffs, self.scales)]).to(dt)  # [N·k, out]
+            self.v_cat = nn.Parameter(v_cat, requires_grad=False)
+            self.ut_cat = nn.Parameter(ut_cat, requires_grad=False)
+            mask = torch.zeros(n, n * k, dtype=dt, device=mean.device)
+            for i in range(n):
+                mask[i, i * k:(i + 1) * k] = 1
+            self.register_buffer("branch_mask", mask, persistent=False)  # [N, N·k]
+        else:
+            self.v_cat = self.ut_cat = None
+            self.factors = nn.ParameterList()
+            for i, (s, d) in enumerate(zip(self.scales, diffs)):
+                if d is None:
+                    continue
+                if d[0] == "lowrank":
+                    self.factors.append(nn.Parameter(d[2].to(dt), requires_grad=False))
+                    self.factors.append(nn.Parameter((d[1].float() * s).T.contiguous().to(dt), requires_grad=False))
+                else:
+                    self.delta[str(i)] = nn.Parameter((d[1].float() * s).to(dt), requires_grad=False)
+        self._hot: list[Tensor | None] = [None] * n  # views of `hot`, by branch id (hot path lookup)
+        self._index_factors()
+        self.has_bias = biases is not None and any(b is not None for b in biases)
+        if self.has_bias:
+            zeros = torch.zeros(self.out_features, dtype=dt, device=mean.device)
+            self.bias_cat = nn.Parameter(torch.stack([zeros if b is None else b.to(dt) for b in biases]),
+                                         requires_grad=False)  # [N, out]
+
+    def _index_factors(self) -> None:
+        """Per-branch views into the stored factors (no copies): ``_v[i]`` ``[k, in]``, ``_ut[i]`` ``[k, out]``."""
+        self._hot = [self.hot[str(i)] if str(i) in self.hot else None for i in range(len(self.scales))]
+        k = self.rank
+        for j, i in enumerate(self._lowrank_ids):
+            if self.uniform:
+                self._v[i], self._ut[i] = self.v_cat[i * k:(i + 1) * k], self.ut_cat[i * k:(i + 1) * k]
             else:
-                self.delta[str(i)] = nn.Parameter((d[1].float() * s).to(mean.dtype), requires_grad=False)
-        for i, b in enumerate(biases or []):
-            if b is not None:
-                self.bias_[str(i)] = nn.Parameter(b.to(mean.dtype), requires_grad=False)
+                self._v[i], self._ut[i] = self.factors[2 * j], self.factors[2 * j + 1]
+
+    def _apply(self, fn, recurse: bool = True):  # keep the per-branch views valid after .to()/.cuda()
+        out = super()._apply(fn, recurse)
+        self._index_factors()
+        return out
 
     def extra_repr(self) -> str:
-        ranks = [self.v[k].shape[0] if k in self.v else ("dense" if k in self.delta else 0)
-                 for k in map(str, range(len(self.scales)))]
+        ranks = [v.shape[0] if v is not None else ("dense" if str(i) in self.delta else 0) for i, v in enumerate(self._v)]
         return f"in={self.in_features}, out={self.out_features}, branches={len(self.scales)}, ranks={ranks}"
+
+    def _bias(self, i: int) -> Tensor | None:
+        return self.bias_cat[i] if self.has_bias else None
 
     def _branch_term(self, x2: Tensor, i: int) -> Tensor | None:
         """``(x V_iᵀ)(s_i U_i)ᵀ + b_i`` (or ``x (s_i Δ_i)ᵀ + b_i``) for ``x2`` ``[R, in]`` → ``[R, out]``."""
+        b = self._bias(i)
+        if self._v[i] is not None:
+            t = F.linear(x2, self._v[i]) @ self._ut[i]  # [R, k] @ [k, out]
+            return t if b is None else t + b
         k = str(i)
-        b = self.bias_[k] if k in self.bias_ else None
-        if k in self.u:
-            return F.linear(F.linear(x2, self.v[k]), self.u[k], b)
         if k in self.delta:
             return F.linear(x2, self.delta[k], b)
         return None if b is None else b.expand(x2.shape[0], -1)
 
     def _single(self, x2: Tensor, i: int) -> Tensor:
-        k = str(i)
-        if k in self.hot:
-            return F.linear(x2, self.hot[k], self.bias_[k] if k in self.bias_ else None)
+        hot = self._hot[i]
+        if hot is not None:
+            return F.linear(x2, hot, self._bias(i))
         t = self._branch_term(x2, i)
         if t is None:
             return F.linear(x2, self.weight_mean) * self.scales[i]
@@ -140,34 +197,47 @@ class BranchedLinear(nn.Module):
         plan = self.state.plan(x.shape[0], x.device)
         if isinstance(plan, int):
             return self._single(x2, plan).view(*lead, self.out_features)
-        seq = x2.shape[0] // x.shape[0]
-        shared = F.linear(x2, self.weight_mean).view(x.shape[0], seq, self.out_features)  # [B, T, out]
-        xb = x2.view(x.shape[0], seq, self.in_features)
-        out = torch.empty_like(shared)
-        for i, rows in plan:  # rows: [R] batch indices of branch i
-            y = shared[rows] * self.scales[i]
+        b = x.shape[0]
+        seq = x2.shape[0] // b
+        ids = plan.row_ids  # [B]
+        shared = F.linear(x2, self.weight_mean).view(b, seq, self.out_features)  # [B, T, out]
+        row_scale = self.scale_t[ids].view(b, 1, 1)
+        if self.uniform:  # fixed kernel count: masked low-rank product over all branches at once
+            xv = F.linear(x2, self.v_cat).view(b, seq, -1)  # [B, T, N·k]
+            xv.mul_(self.branch_mask[ids].view(b, 1, -1))  # keep each row's own branch block
+            low = (xv.view(b * seq, -1) @ self.ut_cat).view(b, seq, self.out_features)
+            out = torch.addcmul(low, shared, row_scale)  # low + s_i · x W̄ᵀ
+            if self.has_bias:
+                out = out + self.bias_cat[ids].view(b, 1, -1)
+            return out.view(*lead, self.out_features)
+        out = shared * row_scale
+        xb = x2.view(b, seq, self.in_features)
+        for i, rows in plan.groups:  # rows: [R] batch indices of branch i
             t = self._branch_term(xb[rows].reshape(-1, self.in_features), i)
             if t is not None:
-                y = y + t.view(rows.numel(), seq, self.out_features)
-            out[rows] = y
+                out[rows] += t.view(rows.numel(), seq, self.out_features)
         return out.view(*lead, self.out_features)
 
     def dense_weight(self, i: int) -> Tensor:
         """``s_i (W̄ + U_i V_i)`` for branch ``i``, ``[out, in]`` (for export and hot branches)."""
-        k = str(i)
         w = self.weight_mean.float() * self.scales[i]
-        if k in self.u:
-            w = w + self.u[k].float() @ self.v[k].float()
-        elif k in self.delta:
-            w = w + self.delta[k].float()
+        if self._v[i] is not None:
+            w = w + self._ut[i].float().T @ self._v[i].float()
+        elif str(i) in self.delta:
+            w = w + self.delta[str(i)].float()
         return w.to(self.weight_mean.dtype)
 
     def materialize(self, i: int) -> None:
         self.hot[str(i)] = nn.Parameter(self.dense_weight(i), requires_grad=False)
+        self._hot[i] = self.hot[str(i)]
 
     def dematerialize(self, i: int) -> None:
         if str(i) in self.hot:
             del self.hot[str(i)]
+        self._hot[i] = None
+
+
+RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "OlmoRMSNorm"}
 
 
 class PerBranch(nn.Module):
@@ -180,6 +250,24 @@ class PerBranch(nn.Module):
         super().__init__()
         self.state = state
         self.copies = nn.ModuleList(copies)
+        self._copies = list(copies)  # plain list: cheaper indexing on the decode hot path
+        self._stacked_norm: Tensor | None = None
+        self._norm_checked = False
+
+    def _init_norm(self) -> bool:
+        """Llama-style RMSNorm copies (``weight * x / rms(x)``) get a gather-based mixed path."""
+        if not self._norm_checked:
+            self._norm_checked = True
+            c0 = self.copies[0]
+            if type(c0).__name__ in RMSNORM_CLASSES and hasattr(c0, "variance_epsilon"):
+                self._stacked_norm = torch.stack([c.weight for c in self.copies])  # [N, H]
+        return self._stacked_norm is not None
+
+    def _mixed_rmsnorm(self, x: Tensor, ids: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.copies[0].variance_epsilon)
+        w = self._stacked_norm[ids].view(x.shape[0], *([1] * (x.ndim - 2)), -1)
+        return w * h.to(x.dtype)
 
     def __getattr__(self, name: str):
         try:
@@ -193,9 +281,11 @@ class PerBranch(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         plan = self.state.plan(x.shape[0], x.device)
         if isinstance(plan, int):
-            return self.copies[plan](x, *args, **kwargs)
+            return self._copies[plan](x, *args, **kwargs)
+        if self._stacked_norm is not None or self._init_norm():
+            return self._mixed_rmsnorm(x, plan.row_ids)
         out: Tensor | None = None
-        for i, rows in plan:
+        for i, rows in plan.groups:
             y = self.copies[i](x[rows], *args, **kwargs)
             if out is None:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))

@@ -1,0 +1,48 @@
+"""Fidelity benchmark on the embedded skills family (the project's main quality benchmark).
+
+Per-skill exact-match accuracy (greedy generate, 100 held-out prompts per skill) for the base, each
+original fine-tune, each baseline merge (linear, task_arithmetic, ties, dare_ties), and branchmerge at
+r ∈ {0, 0.5, 0.8, 0.9, 0.95, 0.99, 1}, with the bytes each needs. Writes bench/fidelity.md and the
+Pareto picture bench/fidelity.png.
+
+    python bench/fidelity.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from _common import CACHE, ROOT
+from branchmerge.evaluate import fidelity_rows, markdown_table, pareto_plot
+from branchmerge.family import SKILLS, build_family
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=100, help="held-out prompts per skill")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    fam = build_family(CACHE / "family", progress=True)
+    t_fam = time.perf_counter() - t0
+    rows = fidelity_rows(fam, CACHE / "fidelity", n=args.n)
+    table = markdown_table(rows)
+    (ROOT / "fidelity.md").write_text(table + "\n")
+    pareto_plot(rows, ROOT / "fidelity.png")
+    print(table)
+    ft = next(r for r in rows if r.kind == "fine-tunes")
+    by = {r.label: r for r in rows}
+    r0, r95, lin = by["branchmerge r=0.0"], by["branchmerge r=0.95"], by["linear"]
+    print(f"\nfamily build/reuse {t_fam:.0f}s; total {time.perf_counter() - t0:.0f}s")
+    print(f"r=0 equals the fine-tunes: {r0.accuracy == ft.accuracy}")
+    kept = {s: r95.accuracy[s] / ft.accuracy[s] for s in SKILLS}
+    print("r=0.95 keeps " + ", ".join(f"{s} {k:.0%}" for s, k in kept.items())
+          + f" (target ≥ 95% each: {'met' if min(kept.values()) >= 0.95 else 'NOT met'})")
+    lost = {s: ft.accuracy[s] - lin.accuracy[s] for s in SKILLS}
+    print("linear loses " + ", ".join(f"{s} {100 * v:.0f} pts" for s, v in lost.items())
+          + f" (target ≥ 30 pts on ≥ 2 skills: {'met' if sum(v >= 0.30 for v in lost.values()) >= 2 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
