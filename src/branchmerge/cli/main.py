@@ -32,16 +32,12 @@ def _root(
 
 
 def _register() -> None:
-    from branchmerge.cli import bundle_cmds, merge_cmd
+    from branchmerge.cli import bundle_cmds, merge_cmd, router_cmds, run_cmds
 
     merge_cmd.register(app)
     bundle_cmds.register(app)
-    try:  # commands that need the runtime stack register only when it is importable
-        from branchmerge.cli import run_cmds
-
-        run_cmds.register(app)
-    except ImportError:  # pragma: no cover
-        pass
+    run_cmds.register(app)
+    router_cmds.register(app)
 
 
 _register()

@@ -272,19 +272,22 @@ class GenerationResult:
     finish_reason: str  # "stop" or "length"
 
 
-def load(path: str | Path, *, device: str = "cpu", dtype: str | None = None, verify: bool = True) -> Bundle:
+def load(path: str | Path, *, device: str = "cpu", dtype: str | None = None, verify: bool = True,
+         router=None) -> Bundle:
     """Load a bundle: one model per group with branched layers, standalone branches as their own models.
 
-    Raises:
-        BundleError: not a bundle, unknown format version, or a shard failing its sha256.
-    """
-    bundle = Bundle(path, device=device, dtype=dtype, verify=verify)
-    try:
-        from branchmerge.router import attach_router
+    Args:
+        router: optional :class:`~branchmerge.router.RouterConfig` replacing the stored one (its embedder
+            and template must be those the stored sample embeddings were made with).
 
-        attach_router(bundle)
-    except ImportError:
-        pass
+    Raises:
+        BundleError: not a bundle, unknown format version, a shard failing its sha256, or a router
+            whose stored embeddings do not match the embedder/template.
+    """
+    from branchmerge.router import attach_router
+
+    bundle = Bundle(path, device=device, dtype=dtype, verify=verify)
+    attach_router(bundle, router)
     return bundle
 
 
