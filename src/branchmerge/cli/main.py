@@ -32,12 +32,13 @@ def _root(
 
 
 def _register() -> None:
-    from branchmerge.cli import bundle_cmds, merge_cmd, router_cmds, run_cmds
+    from branchmerge.cli import bundle_cmds, merge_cmd, router_cmds, run_cmds, serve_cmd
 
     merge_cmd.register(app)
     bundle_cmds.register(app)
     run_cmds.register(app)
     router_cmds.register(app)
+    serve_cmd.register(app)
 
 
 _register()

@@ -41,11 +41,24 @@ def generate(
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype (default: the bundle's)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
+    pipeline: str | None = typer.Option(None, "--pipeline", "-p", help="Run a staged pipeline by name."),
+    pipelines_file: Path | None = typer.Option(None, "--pipelines", help="Pipelines YAML (default: BUNDLE/pipelines.yaml)."),
 ) -> None:
-    """Generate from one branch (or the routed one), streaming tokens to stdout."""
+    """Generate from one branch (or the routed one), streaming tokens to stdout; or run a staged pipeline."""
     import branchmerge
 
     bundle = branchmerge.load(bundle_dir, device=device, dtype=dtype)
+    if pipeline is not None or pipelines_file is not None:
+        from branchmerge.staged import answer, bundle_pipelines, load_pipelines
+
+        pipes = load_pipelines(pipelines_file) if pipelines_file else bundle_pipelines(bundle)
+        pipes.check_branches(bundle.branch_names)
+        stages = answer(bundle, [prompt], pipeline=pipeline, branch=branch, max_tokens=max_new_tokens,
+                        pipelines=pipes)[0]
+        for s in stages:
+            typer.secho(f"[stage {s.stage}: {s.branch}]", err=True, fg="cyan")
+            typer.echo(s.text)
+        return
     ids_list, names = bundle.prepare([prompt], branch, chat=False if no_chat else None, max_new_tokens=max_new_tokens)
     typer.secho(f"[branch: {names[0]}]", err=True, fg="cyan")
     _stream(bundle, names[0], ids_list[0], max_new_tokens, temperature)

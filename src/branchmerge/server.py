@@ -1,0 +1,395 @@
+"""An OpenAI-compatible server over a bundle: routes, gathers concurrent requests into mixed-branch
+batches, streams server-sent events exactly as the OpenAI API does.
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``.
+The model name is a branch, a pipeline, or ``auto`` (the router). The answering branch is returned in
+each response (``branch`` field and ``X-Branchmerge-Branch`` header).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from transformers.generation.streamers import BaseStreamer
+
+from branchmerge.errors import BranchmergeError
+
+logger = logging.getLogger(__name__)
+
+
+# ---- request schemas ----------------------------------------------------------------------------
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    n: int = 1
+    user: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.get("text", "") for p in self.content if isinstance(p, dict))
+        return self.content or ""
+
+
+class ChatRequest(_Req):
+    messages: list[Message]
+
+
+class CompletionRequest(_Req):
+    prompt: str | list[str]
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content={
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}})
+
+
+# ---- batching engine ----------------------------------------------------------------------------
+@dataclass
+class Job:
+    ids: list[int]
+    branch: str
+    max_tokens: int
+    sample: tuple[bool, float, float]  # do_sample, temperature, top_p
+    stop: list[str]
+    stream: queue.Queue | None = None  # token ids as they come (None at the end)
+    done: threading.Event = field(default_factory=threading.Event)
+    new_ids: list[int] = field(default_factory=list)
+    error: Exception | None = None
+
+
+class _RowStreamer(BaseStreamer):
+    """Receives each decoding step's ``[B]`` token ids and forwards each row's id to its job."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs, self.first = jobs, True
+
+    def put(self, value) -> None:
+        if self.first:  # the prompt ids come first
+            self.first = False
+            return
+        for job, t in zip(self.jobs, value.reshape(len(self.jobs), -1)[:, -1].tolist()):
+            if job.stream is not None:
+                job.stream.put(t)
+
+    def end(self) -> None:
+        pass
+
+
+class Engine:
+    """One worker thread; requests waiting together run as one mixed-branch ``generate`` call."""
+
+    def __init__(self, bundle, *, max_batch: int = 16, wait_ms: float = 10.0) -> None:
+        self.bundle, self.max_batch, self.wait = bundle, max_batch, wait_ms / 1000
+        self.q: queue.Queue[Job] = queue.Queue()
+        self.batches = 0
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="branchmerge-engine")
+        self._thread.start()
+
+    def submit(self, job: Job) -> Job:
+        self.q.put(job)
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            first = self.q.get()
+            jobs, pending = [first], []
+            deadline = time.monotonic() + self.wait
+            while len(jobs) < self.max_batch:
+                try:
+                    j = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                (jobs if j.sample == first.sample else pending).append(j)
+            for j in pending:
+                self.q.put(j)
+            self._run(jobs)
+
+    def _run(self, jobs: list[Job]) -> None:
+        do_sample, temperature, top_p = jobs[0].sample
+        kw: dict[str, Any] = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {}
+        self.batches += 1
+        try:
+            streamer = _RowStreamer(jobs) if any(j.stream is not None for j in jobs) else None
+            outs = self.bundle.generate_ids([j.ids for j in jobs], [j.branch for j in jobs],
+                                            max_new_tokens=max(j.max_tokens for j in jobs), streamer=streamer, **kw)
+            for j, o in zip(jobs, outs):
+                j.new_ids = o.new_ids[: j.max_tokens]
+        except Exception as e:  # noqa: BLE001 - reported to each waiting request
+            logger.exception("generation failed")
+            for j in jobs:
+                j.error = e
+        for j in jobs:
+            if j.stream is not None:
+                j.stream.put(None)
+            j.done.set()
+
+
+# ---- the app ------------------------------------------------------------------------------------
+def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_ms: float = 10.0,
+               max_tokens_limit: int = 2048, pipelines=None) -> FastAPI:
+    """Build the FastAPI app serving ``bundle`` (one engine thread; concurrent requests batched)."""
+    from branchmerge.staged import bundle_pipelines
+
+    pipes = pipelines if pipelines is not None else bundle_pipelines(bundle)
+    engine = Engine(bundle, max_batch=max_batch, wait_ms=wait_ms)
+    app = FastAPI(title="branchmerge", version="1")
+    app.state.engine, app.state.bundle = engine, bundle
+    created = int(time.time())
+    lock = threading.Lock()  # pipelines and routing run outside the engine; serialize them
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = ".".join(str(x) for x in err["loc"] if x != "body")
+        msg = err["msg"] if err.get("type") != "json_invalid" else "request body is not valid JSON"
+        return APIError(400, f"{loc}: {msg}" if loc else msg, param=loc or None).response()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            got = request.headers.get("authorization", "")
+            if got != f"Bearer {api_key}":
+                return APIError(401, "invalid or missing API key", type_="authentication_error",
+                                code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "branches": bundle.branch_names, "batches": engine.batches}
+
+    @app.get("/v1/models")
+    async def models():
+        ids = [*bundle.branch_names, *(p.name for p in pipes.pipelines)]
+        if bundle.router is not None:
+            ids.append("auto")
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "branchmerge"}
+                                           for i in ids]}
+
+    def _limits(req: _Req) -> int:
+        mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        mt = min(256, max_tokens_limit) if mt is None else mt
+        if mt <= 0:
+            raise APIError(400, f"max_tokens must be positive, got {mt}", param="max_tokens")
+        if mt > max_tokens_limit:
+            raise APIError(400, f"max_tokens {mt} is above this server's limit of {max_tokens_limit}", param="max_tokens")
+        if req.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n")
+        return mt
+
+    def _resolve(model: str, text: str) -> tuple[str | None, str | None]:
+        """(branch, pipeline) for a request's model name."""
+        if pipes.get(model) is not None:
+            return None, model
+        if model == "auto":
+            if bundle.router is None:
+                raise APIError(400, "model 'auto' needs a router; this bundle has none", param="model",
+                               code="model_not_found")
+            with lock:
+                b = bundle.router.route([text])[0]
+            if b in pipes.routes:
+                return None, pipes.routes[b]
+            return b, None
+        if model not in bundle.branch_names:
+            raise APIError(404, f"the model {model!r} does not exist; available: "
+                                f"{', '.join([*bundle.branch_names, *(p.name for p in pipes.pipelines), 'auto'])}",
+                           param="model", code="model_not_found")
+        return model, None
+
+    def _encode_chat(branch: str, messages: list[Message]) -> list[int]:
+        tok = bundle.tokenizer(branch)
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        if tok.chat_template:
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return tok("\n".join(m["content"] for m in msgs if m["content"]))["input_ids"]
+
+    def _job(branch: str, ids: list[int], req: _Req, mt: int, stream: bool) -> Job:
+        limit = bundle.reader.hf_config(branch).get("max_position_embeddings")
+        if limit and len(ids) + mt > limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens; the prompt has "
+                                f"{len(ids)} tokens and max_tokens is {mt}", param="messages",
+                           code="context_length_exceeded")
+        t = req.temperature or 0.0
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        return Job(ids, branch, mt, (t > 0, t, req.top_p or 1.0), stop, queue.Queue() if stream else None)
+
+    async def _wait(job: Job) -> Job:
+        await asyncio.get_running_loop().run_in_executor(None, job.done.wait)
+        if job.error is not None:
+            raise APIError(500, f"generation failed: {job.error}", type_="server_error")
+        return job
+
+    def _finish(branch: str, new_ids: list[int], job: Job) -> tuple[str, str]:
+        text = bundle.tokenizer(branch).decode(new_ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in job.stop if s and s in text), default=-1)
+        if cut >= 0:
+            return text[:cut], "stop"
+        return text, "length" if len(new_ids) >= job.max_tokens else "stop"
+
+    async def _pipeline(name: str, question: str) -> tuple[str, list[dict], int, int]:
+        from branchmerge.staged import run_pipeline
+
+        def work():
+            with lock:
+                return run_pipeline(bundle, pipes.get(name), [question])[0]
+
+        try:
+            stages = await asyncio.get_running_loop().run_in_executor(None, work)
+        except BranchmergeError as e:
+            raise APIError(400, str(e)) from None
+        info = [{"stage": s.stage, "branch": s.branch, "text": s.text} for s in stages]
+        return stages[-1].text, info, stages[0].prompt_tokens, sum(s.completion_tokens for s in stages)
+
+    async def _handle(req: _Req, kind: str, text: str, encode) -> Any:
+        mt = _limits(req)
+        branch, pipeline = _resolve(req.model, text)
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        if pipeline is not None:
+            final, stages, pt, ct = await _pipeline(pipeline, text)
+            answered = stages[-1]["branch"]
+            body = _body(kind, rid, obj, req.model, final, "stop", pt, ct, answered)
+            body["stages"] = stages
+            if req.stream:
+                return _sse_once(kind, rid, req.model, final, answered)
+            return JSONResponse(body, headers={"X-Branchmerge-Branch": answered})
+        ids = encode(branch)
+        job = engine.submit(_job(branch, ids, req, mt, req.stream))
+        if req.stream:
+            return StreamingResponse(_stream(kind, rid, req.model, branch, job), media_type="text/event-stream",
+                                     headers={"X-Branchmerge-Branch": branch})
+        await _wait(job)
+        out, reason = _finish(branch, job.new_ids, job)
+        return JSONResponse(_body(kind, rid, obj, req.model, out, reason, len(ids), len(job.new_ids), branch),
+                            headers={"X-Branchmerge-Branch": branch})
+
+    def _body(kind, rid, obj, model, text, reason, pt, ct, branch) -> dict:
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                   "logprobs": None} if kind == "chat" else
+                  {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice],
+                "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}, "branch": branch}
+
+    def _chunk(kind, rid, model, delta: str | None, reason: str | None, branch: str, first: bool = False) -> str:
+        if kind == "chat":
+            d: dict[str, Any] = {}
+            if first:
+                d["role"] = "assistant"
+            if delta:
+                d["content"] = delta
+            choice = {"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
+            obj = "text_completion"
+        return "data: " + json.dumps({"id": rid, "object": obj, "created": int(time.time()), "model": model,
+                                      "choices": [choice], "branch": branch}) + "\n\n"
+
+    def _sse_once(kind, rid, model, text, branch) -> StreamingResponse:
+        async def gen() -> AsyncIterator[str]:
+            yield _chunk(kind, rid, model, text, None, branch, first=True)
+            yield _chunk(kind, rid, model, None, "stop", branch)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream", headers={"X-Branchmerge-Branch": branch})
+
+    async def _stream(kind, rid, model, branch, job: Job) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        tok = bundle.tokenizer(branch)
+        eos = {tok.eos_token_id, bundle.groups[bundle.reader.branches[branch]["group"]].model.generation_config.eos_token_id}
+        sent, ids, reason = "", [], None
+        yield _chunk(kind, rid, model, None, None, branch, first=True)
+        while True:
+            t = await loop.run_in_executor(None, job.stream.get)
+            if t is None:
+                break
+            if reason is not None:
+                continue  # drain the rest of the batch's steps
+            if t in eos:
+                reason = "stop"
+                continue
+            ids.append(t)
+            text = tok.decode(ids, skip_special_tokens=True)
+            cut = min((text.find(s) for s in job.stop if s and s in text), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+            if len(ids) >= job.max_tokens and reason is None:
+                reason = "length"
+            if len(text) > len(sent) and not text.endswith("\ufffd"):
+                yield _chunk(kind, rid, model, text[len(sent):], None, branch)
+                sent = text
+        if job.error is not None:
+            yield "data: " + json.dumps({"error": {"message": str(job.error), "type": "server_error"}}) + "\n\n"
+        yield _chunk(kind, rid, model, None, reason or "stop", branch)
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        if not req.messages:
+            raise APIError(400, "messages must be a non-empty list", param="messages")
+        last_user = next((m.text() for m in reversed(req.messages) if m.role == "user"), req.messages[-1].text())
+        if not last_user.strip():
+            raise APIError(400, "the last user message is empty", param="messages")
+        return await _handle(req, "chat", last_user, lambda b: _encode_chat(b, req.messages))
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        if isinstance(req.prompt, list):
+            if len(req.prompt) != 1:
+                raise APIError(400, "send one prompt per request (batching happens on the server)", param="prompt")
+            prompt = req.prompt[0]
+        else:
+            prompt = req.prompt
+        if not prompt.strip():
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        return await _handle(req, "completion", prompt, lambda b: bundle.tokenizer(b)(prompt)["input_ids"])
+
+    return app
+
+
+def serve(bundle_dir: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 16, wait_ms: float = 10.0, device: str = "cpu", dtype: str | None = None) -> None:
+    """Load a bundle and serve it with uvicorn (blocking)."""
+    import uvicorn
+
+    import branchmerge
+
+    bundle = branchmerge.load(bundle_dir, device=device, dtype=dtype)
+    app = create_app(bundle, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,197 @@
+"""Staged responses: stage 1 (a strong reasoner) answers, stage 2 rewrites the answer for clarity and
+format without re-reasoning (the write-up's two-stage method).
+
+    pipelines:
+      - name: reason_then_format
+        stages:
+          - {branch: reasoner, user: "{question}", max_tokens: 256}
+          - branch: general
+            system: "Rewrite the answer. Output only the final answer."
+            user: "Question: {question}\\nDraft answer: {previous}\\nFinal answer:"
+            max_tokens: 32
+    routes: {reasoner: reason_then_format}   # questions routed to `reasoner` run this pipeline
+
+Every stage's output is returned, not only the last.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from branchmerge.config import format_validation_error
+from branchmerge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from branchmerge.runtime.bundle import Bundle
+
+logger = logging.getLogger(__name__)
+PIPELINES_FILE = "pipelines.yaml"
+_FIELD_RE = re.compile(r"\{(\w+)\}")
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    branch: str = Field(default="auto", description="Branch that answers this stage, or 'auto'.")
+    system: str | None = Field(default=None, description="System prompt template.")
+    user: str = Field(default="{question}", description="User prompt template: {question}, {previous}.")
+    max_tokens: int = Field(default=256, gt=0)
+    temperature: float = Field(default=0.0, ge=0.0)
+    stop: list[str] = Field(default_factory=list)
+
+    @field_validator("user", "system")
+    @classmethod
+    def _fields(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        bad = sorted(set(_FIELD_RE.findall(v)) - {"question", "previous"})
+        if bad:
+            raise ValueError(f"unknown template field(s) {bad}; use {{question}} and {{previous}}")
+        return v
+
+
+class Pipeline(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    stages: list[Stage]
+
+    @model_validator(mode="after")
+    def _check(self) -> Pipeline:
+        if not self.stages:
+            raise ValueError(f"pipeline {self.name!r} has no stages")
+        if "{previous}" in self.stages[0].user or "{previous}" in (self.stages[0].system or ""):
+            raise ValueError(f"pipeline {self.name!r}: the first stage has no {{previous}} answer to use")
+        return self
+
+
+class PipelinesConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pipelines: list[Pipeline] = Field(default_factory=list)
+    routes: dict[str, str] = Field(default_factory=dict, description="Routed branch → pipeline name.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelinesConfig:
+        names = [p.name for p in self.pipelines]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate pipeline name(s) {sorted(dup)}")
+        for branch, p in self.routes.items():
+            if p not in names:
+                raise ValueError(f"routes: {branch!r} → unknown pipeline {p!r} (pipelines: {', '.join(names)})")
+        return self
+
+    def get(self, name: str) -> Pipeline | None:
+        return next((p for p in self.pipelines if p.name == name), None)
+
+    def check_branches(self, branches: list[str]) -> None:
+        valid = set(branches) | {"auto"}
+        for p in self.pipelines:
+            for i, s in enumerate(p.stages):
+                if s.branch not in valid:
+                    raise ConfigError(f"pipeline {p.name!r} stage {i + 1}: unknown branch {s.branch!r} "
+                                      f"(branches: {', '.join(branches)}, or auto)")
+        for b in self.routes:
+            if b not in branches:
+                raise ConfigError(f"routes: {b!r} is not a branch ({', '.join(branches)})")
+        clash = set(branches) & {p.name for p in self.pipelines}
+        if clash:
+            raise ConfigError(f"pipeline name(s) {sorted(clash)} clash with branch names")
+
+
+def load_pipelines(path: str | Path) -> PipelinesConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipelines file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return PipelinesConfig.model_validate(data)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"pipelines file {path} is not valid YAML: {e}") from None
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from None
+
+
+def bundle_pipelines(bundle: Bundle) -> PipelinesConfig:
+    """The pipelines stored in ``BUNDLE/pipelines.yaml`` (none when absent)."""
+    f = bundle.path / PIPELINES_FILE
+    cfg = load_pipelines(f) if f.is_file() else PipelinesConfig()
+    cfg.check_branches(bundle.branch_names)
+    return cfg
+
+
+@dataclass
+class StageResult:
+    stage: int
+    branch: str
+    prompt: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _truncate_at_stop(text: str, stop: list[str]) -> str:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str]) -> list[list[StageResult]]:
+    """Run every stage for all questions; each stage is one (mixed-branch) batch.
+
+    Returns:
+        per question, the result of each stage in order (the last is the final answer).
+    """
+    results: list[list[StageResult]] = [[] for _ in questions]
+    previous = [""] * len(questions)
+    for k, stage in enumerate(pipeline.stages, 1):
+        prompts = [stage.user.replace("{question}", q).replace("{previous}", p) for q, p in zip(questions, previous)]
+        system = stage.system
+        branches = bundle.resolve_branches(questions if stage.branch == "auto" else prompts, stage.branch)
+        ids = [bundle.encode(p, b, system=system.replace("{question}", q).replace("{previous}", prev) if system else None)
+               for p, b, q, prev in zip(prompts, branches, questions, previous)]
+        for i, b in zip(ids, branches):
+            bundle.check_context(b, len(i), stage.max_tokens)
+        kw = {"do_sample": True, "temperature": stage.temperature} if stage.temperature > 0 else {}
+        outs = bundle.generate_ids(ids, branches, max_new_tokens=stage.max_tokens, **kw)
+        for r, (o, prompt) in enumerate(zip(outs, prompts)):
+            text = _truncate_at_stop(o.text, stage.stop).strip()
+            results[r].append(StageResult(k, o.branch, prompt, text, len(o.prompt_ids), len(o.new_ids)))
+            previous[r] = text
+    return results
+
+
+def answer(bundle: Bundle, questions: list[str], *, pipeline: str | None = None, branch: str = "auto",
+           max_tokens: int = 256, pipelines: PipelinesConfig | None = None) -> list[list[StageResult]]:
+    """Answer questions with a named pipeline, or with ``branch`` (routing rules may send a routed
+    branch to its pipeline). Every stage's result is returned."""
+    cfg = pipelines if pipelines is not None else bundle_pipelines(bundle)
+    if pipeline is not None:
+        p = cfg.get(pipeline)
+        if p is None:
+            raise ConfigError(f"unknown pipeline {pipeline!r}; pipelines: {', '.join(x.name for x in cfg.pipelines) or 'none'}")
+        return run_pipeline(bundle, p, questions)
+    routed = bundle.resolve_branches(questions, branch)
+    out: list[list[StageResult] | None] = [None] * len(questions)
+    by_pipe: dict[str, list[int]] = {}
+    single: list[int] = []
+    for i, b in enumerate(routed):
+        (by_pipe.setdefault(cfg.routes[b], []) if b in cfg.routes and branch == "auto" else single).append(i)
+    for name, idx in by_pipe.items():
+        for i, r in zip(idx, run_pipeline(bundle, cfg.get(name), [questions[i] for i in idx])):
+            out[i] = r
+    if single:
+        ids = [bundle.encode(questions[i], routed[i]) for i in single]
+        for i, toks in zip(single, ids):
+            bundle.check_context(routed[i], len(toks), max_tokens)
+        gens = bundle.generate_ids(ids, [routed[i] for i in single], max_new_tokens=max_tokens)
+        for i, g in zip(single, gens):
+            out[i] = [StageResult(1, g.branch, questions[i], g.text.strip(), len(g.prompt_ids), len(g.new_ids))]
+    return [o for o in out if o is not None]

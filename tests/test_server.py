@@ -1,0 +1,167 @@
+"""The OpenAI-compatible server on a real loopback port, with the real `openai` SDK as the client."""
+
+import json
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+import yaml
+
+import branchmerge
+from branchmerge.router import RouterConfig, build_router
+from branchmerge.server import create_app
+from branchmerge.staged import PipelinesConfig, answer, load_pipelines
+from tests.test_runtime import bundles  # noqa: F401  (module fixture reused)
+
+KEY = "sk-test-123"
+PIPES = {
+    "pipelines": [{"name": "two_step", "stages": [
+        {"branch": "a", "user": "{question}", "max_tokens": 6},
+        {"branch": "b", "user": "{previous}=", "max_tokens": 4},
+    ]}],
+    "routes": {"c": "two_step"},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(bundles, tmp_path_factory):
+    d = tmp_path_factory.mktemp("srv") / "bundle"
+    shutil.copytree(bundles[0.9], d)
+    (d / "pipelines.yaml").write_text(yaml.safe_dump(PIPES))
+    bundle = branchmerge.load(d)
+    samples = {"a": ["add 1+2=", "add 5+5="], "b": ["rev abc=", "rev hello="], "c": ["key zz=", "key ab="]}
+    build_router(bundle, RouterConfig(samples=samples, template="{input} field of", phrase="field of"))
+    app = create_app(bundle, api_key=KEY, max_batch=16, wait_ms=50, max_tokens_limit=64)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    yield {"url": url, "bundle": bundle, "app": app,
+           "client": openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)}
+    srv.should_exit = True
+    th.join(timeout=10)
+
+
+def test_health_and_models(server):
+    assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
+    ids = {m.id for m in server["client"].models.list().data}
+    assert ids == {"a", "b", "c", "two_step", "auto"}
+
+
+def test_chat_and_completion_match_library(server):
+    c, bundle = server["client"], server["bundle"]
+    expected = bundle.generate("rev abc=", "b", max_new_tokens=8)[0]
+    r = c.chat.completions.create(model="b", messages=[{"role": "user", "content": "rev abc="}], max_tokens=8)
+    assert r.choices[0].message.content == expected
+    assert r.usage.prompt_tokens == len(bundle.encode("rev abc=", "b"))
+    assert 0 < r.usage.completion_tokens <= 8 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.model_extra["branch"] == "b"
+    t = c.completions.create(model="b", prompt="rev abc=", max_tokens=8)
+    assert t.choices[0].text == expected and t.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_matches_non_streaming(server):
+    c = server["client"]
+    full = c.chat.completions.create(model="a", messages=[{"role": "user", "content": "add 2+3="}], max_tokens=10)
+    chunks = list(c.chat.completions.create(model="a", messages=[{"role": "user", "content": "add 2+3="}],
+                                            max_tokens=10, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    comp = "".join(ch.choices[0].text for ch in c.completions.create(model="a", prompt="add 2+3=", max_tokens=10,
+                                                                       stream=True))
+    assert comp == full.choices[0].message.content
+    with httpx.stream("POST", server["url"] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "a", "prompt": "add 2+3=", "max_tokens": 4, "stream": True}) as resp:
+        lines = [ln for ln in resp.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+
+
+def test_auto_routing_and_pipeline(server):
+    c = server["client"]
+    r = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": "rev hello="}], max_tokens=4)
+    assert r.model_extra["branch"] == "b"
+    p = c.chat.completions.create(model="two_step", messages=[{"role": "user", "content": "add 1+1="}])
+    stages = p.model_extra["stages"]
+    assert [s["branch"] for s in stages] == ["a", "b"]
+    assert p.choices[0].message.content == stages[-1]["text"]
+    # a question routed to `c` runs the pipeline that `routes` names
+    routed = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": "key zz="}])
+    assert [s["branch"] for s in routed.model_extra["stages"]] == ["a", "b"]
+    lib = answer(server["bundle"], ["add 1+1="], pipeline="two_step")[0]
+    assert [s.text for s in lib] == [s["text"] for s in stages]
+
+
+def test_bad_requests_get_openai_errors(server):
+    c, url = server["client"], server["url"]
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert "nope" in str(e.value) and "available" in str(e.value)
+    for kw, needle in [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 1000}, "limit"),
+                       ({"messages": []}, "messages")]:
+        args = {"model": "a", "messages": [{"role": "user", "content": "x"}], **kw}
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(**args)
+        assert needle in str(e.value)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        c.completions.create(model="a", prompt="a" * 120, max_tokens=20)
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(url + "/v1/chat/completions", content=b"{not json", headers=h)
+    assert r.status_code == 400 and "error" in r.json() and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "a"}, headers=h)
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    for bad in (None, "Bearer wrong"):
+        r = httpx.get(url + "/v1/models", headers={} if bad is None else {"Authorization": bad})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    # still serving
+    assert c.completions.create(model="a", prompt="add 1+1=", max_tokens=2).choices[0].text is not None
+
+
+def test_concurrent_requests_are_batched(server):
+    c, bundle, engine = server["client"], server["bundle"], server["app"].state.engine
+    prompts = [("add 1+1=", "a"), ("rev abc=", "b"), ("key zz=", "c"), ("add 3+4=", "a")] * 4
+    expected = [bundle.generate(p, b, max_new_tokens=6)[0] for p, b in prompts]
+    before = engine.batches
+
+    def call(pb):
+        p, b = pb
+        return c.completions.create(model=b, prompt=p, max_tokens=6).choices[0].text
+
+    with ThreadPoolExecutor(16) as ex:
+        got = list(ex.map(call, prompts))
+    assert got == expected
+    assert engine.batches - before < 16  # gathered into mixed-branch batches, not one at a time
+
+
+def test_pipeline_config_errors(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump({"pipelines": [{"name": "x", "stages": [{"user": "{previous}"}]}]}))
+    with pytest.raises(Exception, match="first stage has no"):
+        load_pipelines(f)
+    f.write_text(yaml.safe_dump({"pipelines": [{"name": "x", "stages": [{"user": "{answer}"}]}]}))
+    with pytest.raises(Exception, match=r"unknown template field\(s\) \['answer'\]"):
+        load_pipelines(f)
+    f.write_text(yaml.safe_dump({"pipelines": [], "routes": {"a": "missing"}}))
+    with pytest.raises(Exception, match="unknown pipeline 'missing'"):
+        load_pipelines(f)
+    cfg = PipelinesConfig.model_validate({"pipelines": [{"name": "x", "stages": [{"branch": "zz"}]}]})
+    with pytest.raises(Exception, match="unknown branch 'zz'"):
+        cfg.check_branches(["a", "b"])
