@@ -165,3 +165,18 @@ def test_pipeline_config_errors(tmp_path):
     cfg = PipelinesConfig.model_validate({"pipelines": [{"name": "x", "stages": [{"branch": "zz"}]}]})
     with pytest.raises(Exception, match="unknown branch 'zz'"):
         cfg.check_branches(["a", "b"])
+
+
+def test_lm_eval_client_generate_until(server, monkeypatch):
+    """lm-evaluation-harness's own OpenAI-completions client drives the server (generate_until)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    lm = LocalCompletionsAPI(base_url=server["url"] + "/v1/completions", model="b", tokenizer_backend=None,
+                             tokenized_requests=False, num_concurrent=4, max_gen_toks=6, max_retries=1)
+    prompts = ["rev abc=", "rev hello=", "rev xyz=", "rev pqrs="]
+    reqs = [Instance(request_type="generate_until", doc={}, arguments=(p, {"until": ["\n\n"], "max_gen_toks": 6}), idx=i)
+            for i, p in enumerate(prompts)]
+    got = lm.generate_until(reqs, disable_tqdm=True)
+    assert got == [server["bundle"].generate(p, "b", max_new_tokens=6)[0] for p in prompts]

@@ -190,12 +190,18 @@ class Embedder:
     @torch.no_grad()
     def embed(self, inputs: Sequence[str], *, templated: bool = True) -> Tensor:
         """``[N, H]`` L2-normalized embeddings; ``templated=False`` pools the input alone (baseline)."""
-        out = []
+        return self.embed_many(inputs, [(self.pooling, self.layer)], templated=templated)[(self.pooling, self.layer)]
+
+    @torch.no_grad()
+    def embed_many(self, inputs: Sequence[str], combos: Sequence[tuple[str, int]], *,
+                   templated: bool = True) -> dict[tuple[str, int], Tensor]:
+        """Embeddings for several ``(pooling, layer)`` settings from one forward pass per batch."""
+        if not self.tok.is_fast:
+            raise ConfigError("the router embedder needs a fast tokenizer (tokenizer.json) for token offsets")
+        out: dict[tuple[str, int], list[Tensor]] = {c: [] for c in combos}
         device = next(self.model.parameters()).device
         for i in range(0, len(inputs), self.batch_size):
             texts, spans = self._spans(inputs[i:i + self.batch_size], templated)
-            if not self.tok.is_fast:
-                raise ConfigError("the router embedder needs a fast tokenizer (tokenizer.json) for token offsets")
             enc = self.tok(texts, return_tensors="pt", padding=True, return_offsets_mapping=True)
             offsets = enc.pop("offset_mapping")
             attn = enc["attention_mask"]
@@ -206,8 +212,9 @@ class Embedder:
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
             hs = self.model(input_ids=enc["input_ids"].to(device), attention_mask=attn.to(device),
                             position_ids=pos.to(device), output_hidden_states=True).hidden_states
-            out.append(pool(hs[self.layer], mask.to(device), self.pooling).cpu())
-        return torch.cat(out)
+            for how, layer in combos:
+                out[(how, layer)].append(pool(hs[layer], mask.to(device), how).cpu())
+        return {c: torch.cat(v) for c, v in out.items()}
 
 
 # ---- stored router ------------------------------------------------------------------------------
