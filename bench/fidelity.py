@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from _common import CACHE, ROOT
 from branchmerge.evaluate import fidelity_rows, markdown_table, pareto_plot
-from branchmerge.family import SKILLS, build_family
+from branchmerge.family import SKILLS, build_family, router_config, sample_prompts
 
 
 def main() -> None:
@@ -39,6 +38,16 @@ def main() -> None:
     kept = {s: r95.accuracy[s] / ft.accuracy[s] for s in SKILLS}
     print("r=0.95 keeps " + ", ".join(f"{s} {k:.0%}" for s, k in kept.items())
           + f" (target ≥ 95% each: {'met' if min(kept.values()) >= 0.95 else 'NOT met'})")
+    import branchmerge
+    from branchmerge.evaluate import evaluate_router
+    from branchmerge.router import build_router
+
+    bundle = branchmerge.load(CACHE / "fidelity" / "bundle-r0.95")
+    build_router(bundle, router_config(fam["base"]))
+    res = evaluate_router(bundle, [(p, s) for s in SKILLS for p, _ in sample_prompts(s, 100, seed=5)])
+    print(f"router on the family (400 held-out prompts): template phrase {res['accuracy']:.3f} "
+          f"(target ≥ 0.98), " + ", ".join(f"{k} {v:.3f}" for k, v in res["baselines"].items())
+          + f"; {res['latency_ms']:.1f} ms/question")
     lost = {s: ft.accuracy[s] - lin.accuracy[s] for s in SKILLS}
     print("linear loses " + ", ".join(f"{s} {100 * v:.0f} pts" for s, v in lost.items())
           + f" (target ≥ 30 pts on ≥ 2 skills: {'met' if sum(v >= 0.30 for v in lost.values()) >= 2 else 'NOT met'})")

@@ -106,15 +106,17 @@ def staged_vs_single(url: str, n: int = 30) -> dict:
     fmt = " Answer with only the final number."
     res = {}
     with httpx.Client(timeout=600) as c:
-        for mode in ("single", "staged"):
+        for mode in ("single", "staged", "staged_fewshot", "staged_extract"):
             correct = compliant = 0
             for q, ans in items:
                 if mode == "single":
                     r = c.post(url + "/v1/chat/completions", json={
                         "model": "m0", "messages": [{"role": "user", "content": q + fmt}], "max_tokens": 48})
                 else:
+                    pipe = {"staged": "answer_then_format", "staged_fewshot": "answer_then_fewshot",
+                            "staged_extract": "answer_then_extract"}[mode]
                     r = c.post(url + "/v1/chat/completions", json={
-                        "model": "answer_then_format", "messages": [{"role": "user", "content": q}]})
+                        "model": pipe, "messages": [{"role": "user", "content": q}]})
                 r.raise_for_status()
                 out = r.json()["choices"][0]["message"]["content"].strip()
                 compliant += bool(re.fullmatch(r"-?\d+", out))
@@ -133,6 +135,22 @@ pipelines:
         system: "You rewrite answers. Reply with only the final number, nothing else."
         user: "Question: {question}\\nAnswer: {previous}\\nWhat is the final number? Reply with the number only."
         max_tokens: 8
+  - name: answer_then_fewshot          # stage 2 as a plain completion with two worked examples
+    stages:
+      - {branch: m0, user: "{question} Let's think step by step.", max_tokens: 96}
+      - branch: m0
+        chat: false
+        user: "Answer: Sam has 4 + 3 = 7 pens now.\\nFinal number: 7\\n\\nAnswer: So the total is 12 apples.\\nFinal number: 12\\n\\nAnswer: {previous}\\nFinal number:"
+        max_tokens: 6
+        stop: ["\\n"]
+  - name: answer_then_extract          # stage 2 rewrites; a regex keeps the number (format without re-reasoning)
+    stages:
+      - {branch: m0, user: "{question} Let's think step by step.", max_tokens: 96}
+      - branch: m0
+        system: "You rewrite answers. Reply with only the final number, nothing else."
+        user: "Question: {question}\nAnswer: {previous}\nWhat is the final number? Reply with the number only."
+        max_tokens: 8
+        extract: '(-?\\d+)(?!.*\\d)'
 """
 
 

@@ -144,7 +144,6 @@ def test_output_exists_needs_force(capsys, tmp_path, family):
 
 def test_different_vocab_sizes_are_fine(capsys, tmp_path, family):
     from tests.conftest import make_finetune
-    from transformers import LlamaForCausalLM
 
     base = family["base"][1]
     d = tmp_path / "bigvocab"

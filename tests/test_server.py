@@ -1,6 +1,5 @@
 """The OpenAI-compatible server on a real loopback port, with the real `openai` SDK as the client."""
 
-import json
 import shutil
 import socket
 import threading
@@ -180,3 +179,21 @@ def test_lm_eval_client_generate_until(server, monkeypatch):
             for i, p in enumerate(prompts)]
     got = lm.generate_until(reqs, disable_tqdm=True)
     assert got == [server["bundle"].generate(p, "b", max_new_tokens=6)[0] for p in prompts]
+
+
+def test_stage_extract_and_plain_completion(server):
+    from branchmerge.staged import Pipeline, run_pipeline
+
+    bundle = server["bundle"]
+    p = Pipeline.model_validate({"name": "x", "stages": [
+        {"branch": "a", "user": "{question}", "max_tokens": 6},
+        {"branch": "b", "user": "{previous}", "max_tokens": 6, "chat": False, "extract": "([a-z])"},
+    ]})
+    res = run_pipeline(bundle, p, ["add 1+2="])[0]
+    raw = bundle.generate(res[0].text, "b", max_new_tokens=6)[0].strip()
+    import re
+
+    m = re.search("([a-z])", raw)
+    assert res[1].text == (m.group(1) if m else raw)
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        Pipeline.model_validate({"name": "y", "stages": [{"extract": "(["}]})

@@ -189,8 +189,24 @@ def parse_config(data: Any, source: str = "<dict>") -> MergeConfig:
     """Validate a dict into a MergeConfig, turning pydantic errors into a ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {source}: expected a mapping at top level, got {type(data).__name__}")
+    return validate(MergeConfig, data, source)
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """Parse a YAML file, naming it in the error when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
     try:
-        return MergeConfig.model_validate(data)
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
+
+
+def validate(model: type[BaseModel], data: Any, source: str) -> Any:
+    """``model.model_validate(data)`` with pydantic errors turned into one ConfigError naming fields."""
+    try:
+        return model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
 
@@ -198,12 +214,7 @@ def parse_config(data: Any, source: str = "<dict>") -> MergeConfig:
 def load_config(path: str | Path, **overrides: Any) -> MergeConfig:
     """Read a YAML merge config; `overrides` (e.g. compress_rate=0.9) replace top-level fields."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    data = read_yaml(path)
     if isinstance(data, dict):
         data.update({k: v for k, v in overrides.items() if v is not None})
     return parse_config(data, str(path)).resolve_paths(path.parent)

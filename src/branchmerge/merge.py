@@ -157,7 +157,7 @@ def open_groups(config: MergeConfig) -> list[_Group]:
 
 def _check_compatible(group: str, members: list[BranchConfig], sources: list[ModelSource]) -> None:
     ref = sources[0]
-    hint = f"set `standalone: true` on one of them, or give it another `group`"
+    hint = "set `standalone: true` on one of them, or give it another `group`"
     for b, s in zip(members[1:], sources[1:]):
         a_ref, a = ref.hf_config.get("architectures"), s.hf_config.get("architectures")
         if a_ref != a:

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
-from branchmerge.config import format_validation_error
+from branchmerge.config import read_yaml, validate
 from branchmerge.errors import BundleError, ConfigError
 
 if TYPE_CHECKING:
@@ -83,19 +83,11 @@ class RouterConfig(BaseModel):
 
 
 def load_router_config(path: str | Path) -> RouterConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"router config {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"router config {path} is not valid YAML: {e}") from None
+    """Read a router YAML (its top level, or a ``router:`` section of a larger file)."""
+    data = read_yaml(path, "router config")
     if isinstance(data, dict) and "router" in data and "samples" not in data:
         data = data["router"]
-    try:
-        return RouterConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(path))) from None
+    return validate(RouterConfig, data, str(path))
 
 
 # ---- pure decision ------------------------------------------------------------------------------

@@ -114,6 +114,9 @@ class Engine:
         self.bundle, self.max_batch, self.wait = bundle, max_batch, wait_ms / 1000
         self.q: queue.Queue[Job] = queue.Queue()
         self.batches = 0
+        # the bundle's models are not thread-safe (a branch selector is shared state): every use of them,
+        # generation here and routing or pipelines elsewhere, holds this lock
+        self.lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="branchmerge-engine")
         self._thread.start()
 
@@ -142,8 +145,10 @@ class Engine:
         self.batches += 1
         try:
             streamer = _RowStreamer(jobs) if any(j.stream is not None for j in jobs) else None
-            outs = self.bundle.generate_ids([j.ids for j in jobs], [j.branch for j in jobs],
-                                            max_new_tokens=max(j.max_tokens for j in jobs), streamer=streamer, **kw)
+            with self.lock:
+                outs = self.bundle.generate_ids([j.ids for j in jobs], [j.branch for j in jobs],
+                                                max_new_tokens=max(j.max_tokens for j in jobs), streamer=streamer,
+                                                **kw)
             for j, o in zip(jobs, outs):
                 j.new_ids = o.new_ids[: j.max_tokens]
         except Exception as e:  # noqa: BLE001 - reported to each waiting request
@@ -167,11 +172,15 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
     app = FastAPI(title="branchmerge", version="1")
     app.state.engine, app.state.bundle = engine, bundle
     created = int(time.time())
-    lock = threading.Lock()  # pipelines and routing run outside the engine; serialize them
+    lock = engine.lock  # routing and pipelines use the models too
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
         return e.response()
+
+    @app.exception_handler(BranchmergeError)
+    async def _user_error(_: Request, e: BranchmergeError):
+        return APIError(400, str(e)).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError):
@@ -212,16 +221,19 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
             raise APIError(400, "only n=1 is supported", param="n")
         return mt
 
-    def _resolve(model: str, text: str) -> tuple[str | None, str | None]:
-        """(branch, pipeline) for a request's model name."""
+    async def _resolve(model: str, text: str) -> tuple[str | None, str | None]:
+        """(branch, pipeline) for a request's model name; routing runs off the event loop."""
         if pipes.get(model) is not None:
             return None, model
         if model == "auto":
             if bundle.router is None:
                 raise APIError(400, "model 'auto' needs a router; this bundle has none", param="model",
                                code="model_not_found")
-            with lock:
-                b = bundle.router.route([text])[0]
+            def pick() -> str:
+                with lock:
+                    return bundle.router.route([text])[0]
+
+            b = await asyncio.get_running_loop().run_in_executor(None, pick)
             if b in pipes.routes:
                 return None, pipes.routes[b]
             return b, None
@@ -278,7 +290,7 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
 
     async def _handle(req: _Req, kind: str, text: str, encode) -> Any:
         mt = _limits(req)
-        branch, pipeline = _resolve(req.model, text)
+        branch, pipeline = await _resolve(req.model, text)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if kind == "chat" else "text_completion"
         if pipeline is not None:

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from branchmerge.config import format_validation_error
+from branchmerge.config import read_yaml, validate
 from branchmerge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -45,6 +44,20 @@ class Stage(BaseModel):
     max_tokens: int = Field(default=256, gt=0)
     temperature: float = Field(default=0.0, ge=0.0)
     stop: list[str] = Field(default_factory=list)
+    chat: bool | None = Field(default=None, description="Apply the chat template (default: when the tokenizer has one).")
+    extract: str | None = Field(
+        default=None, description="Regex applied to the output: its first match (group 1 if any) becomes the answer."
+    )
+
+    @field_validator("extract")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"`extract` {v!r} is not a valid regular expression: {e}") from None
+        return v
 
     @field_validator("user", "system")
     @classmethod
@@ -108,16 +121,7 @@ class PipelinesConfig(BaseModel):
 
 
 def load_pipelines(path: str | Path) -> PipelinesConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipelines file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-        return PipelinesConfig.model_validate(data)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"pipelines file {path} is not valid YAML: {e}") from None
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(path))) from None
+    return validate(PipelinesConfig, read_yaml(path, "pipelines file") or {}, str(path))
 
 
 def bundle_pipelines(bundle: Bundle) -> PipelinesConfig:
@@ -143,6 +147,15 @@ def _truncate_at_stop(text: str, stop: list[str]) -> str:
     return text[:cut] if cut >= 0 else text
 
 
+def _postprocess(text: str, stage: Stage) -> str:
+    text = _truncate_at_stop(text, stage.stop).strip()
+    if stage.extract:
+        m = re.search(stage.extract, text)
+        if m:
+            text = m.group(1) if m.re.groups else m.group(0)
+    return text
+
+
 def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str]) -> list[list[StageResult]]:
     """Run every stage for all questions; each stage is one (mixed-branch) batch.
 
@@ -155,14 +168,15 @@ def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str]) -> li
         prompts = [stage.user.replace("{question}", q).replace("{previous}", p) for q, p in zip(questions, previous)]
         system = stage.system
         branches = bundle.resolve_branches(questions if stage.branch == "auto" else prompts, stage.branch)
-        ids = [bundle.encode(p, b, system=system.replace("{question}", q).replace("{previous}", prev) if system else None)
+        ids = [bundle.encode(p, b, chat=stage.chat,
+                             system=system.replace("{question}", q).replace("{previous}", prev) if system else None)
                for p, b, q, prev in zip(prompts, branches, questions, previous)]
         for i, b in zip(ids, branches):
             bundle.check_context(b, len(i), stage.max_tokens)
         kw = {"do_sample": True, "temperature": stage.temperature} if stage.temperature > 0 else {}
         outs = bundle.generate_ids(ids, branches, max_new_tokens=stage.max_tokens, **kw)
         for r, (o, prompt) in enumerate(zip(outs, prompts)):
-            text = _truncate_at_stop(o.text, stage.stop).strip()
+            text = _postprocess(o.text, stage)
             results[r].append(StageResult(k, o.branch, prompt, text, len(o.prompt_ids), len(o.new_ids)))
             previous[r] = text
     return results
