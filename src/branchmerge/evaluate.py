@@ -119,15 +119,20 @@ def pareto_plot(rows: list[Row], path: str | Path, title: str = "skills family: 
     branch = sorted((r for r in rows if r.kind == "branch"), key=lambda r: r.bytes)
     if branch:
         ax.plot([r.bytes / 1e6 for r in branch], [r.mean for r in branch], "-", color="tab:blue", alpha=0.5)
-    stacked = 0  # baselines share one x (one model's bytes): stack their labels upwards
     for r in rows:
         marker, color = styles[r.kind]
         ax.scatter(r.bytes / 1e6, r.mean, marker=marker, color=color, s=90 if marker == "*" else 45, zorder=3)
-        offset = (5, 4)
         if r.kind == "baseline":
-            offset, stacked = (8, 6 + 11 * stacked), stacked + 1
+            continue  # they share one x (one model's bytes): labelled together below
+        offset = (5, -13) if r.kind == "fine-tunes" else (5, 4)
         ax.annotate(r.label.replace("branchmerge ", ""), (r.bytes / 1e6, r.mean), textcoords="offset points",
-                    xytext=offset, fontsize=7, color=color if r.kind == "baseline" else "black")
+                    xytext=offset, fontsize=7)
+    base_rows = [r for r in rows if r.kind == "baseline"]
+    if base_rows:
+        text = "one merged model:\n" + "\n".join(f"{r.label} {r.mean:.2f}" for r in base_rows)
+        ax.annotate(text, (base_rows[0].bytes / 1e6, max(r.mean for r in base_rows)), textcoords="offset points",
+                    xytext=(14, 40), fontsize=7, color=styles["baseline"][1],
+                    arrowprops={"arrowstyle": "-", "color": styles["baseline"][1], "lw": 0.6})
     ax.set_xlabel("bytes held (MB)")
     ax.set_ylabel(f"mean exact-match accuracy over {len(SKILLS)} skills")
     ax.set_ylim(-0.03, 1.05)
