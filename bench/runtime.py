@@ -98,7 +98,7 @@ def main() -> None:
     bundle = branchmerge.load(bdir, dtype="float32")
     branch = "m1"
     man = json.loads((bdir / "manifest.json").read_text())
-    extra = sum(2 * 0 + (r["rank"] * sum(r["shape"]) if not r["dense"] else r["shape"][0] * r["shape"][1])
+    extra = sum((r["rank"] * sum(r["shape"]) if not r["dense"] else r["shape"][0] * r["shape"][1])
                 for r in man["tensors"]["main"].values() if r["role"] == "compressed" and r["rank"] > 0)
     linear_params = sum(p.numel() for n, p in dense.named_parameters() if p.ndim == 2 and ".layers." in n)
     head = dense.lm_head.weight.numel()

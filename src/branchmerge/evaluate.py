@@ -74,9 +74,9 @@ def fidelity_rows(
     bar.update()
     branches = [{"name": s, "model": str(family[s])} for s in SKILLS]
     for method in baselines:
+        default = {"density": 0.5} if "ties" in method else {}
         cfg = parse_config({"branches": branches, "method": method, "base_model": str(family["base"]),
-                            "dtype": "float32", "parameters": (params or {}).get(method, {"density": 0.5}
-                                                                                if "ties" in method else {})})
+                            "dtype": "float32", "parameters": (params or {}).get(method, default)})
         out = work / f"merge-{method}"
         run_merge(cfg, out, force=True, progress=False)
         rows.append(_hf_row(method, "baseline", out, n))

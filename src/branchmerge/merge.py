@@ -7,6 +7,7 @@ they fill.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from branchmerge.compress import (
     tensor_seed,
 )
 from branchmerge.config import BranchConfig, MergeConfig
-from branchmerge.errors import ConfigError, ModelInputError
+from branchmerge.errors import BranchmergeError, ConfigError, ModelInputError
 from branchmerge.io.bundle import (
     FORMAT,
     FORMAT_VERSION,
@@ -70,9 +71,7 @@ def run_merge(config: MergeConfig, out: str | Path, *, force: bool = False, prog
 
         return run_baseline_merge(config, out, force=force, progress=progress)
     out = Path(out)
-    if out.exists() and not force:
-        from branchmerge.errors import BranchmergeError
-
+    if out.exists() and not force:  # fail before opening any input; atomic_output_dir checks again
         raise BranchmergeError(f"output folder {out} already exists; pass --force to replace it")
     groups = open_groups(config)
     dtype = DTYPES[config.dtype]
@@ -133,8 +132,6 @@ def run_merge(config: MergeConfig, out: str | Path, *, force: bool = False, prog
 
 
 def json_dumps(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, indent=2)
 
 

@@ -233,14 +233,10 @@ class Router:
         self.bundle, self.cfg = bundle, cfg
         self.branches = bundle.branch_names
         self.sample_embs, self.sample_branch = sample_embs, sample_branch
-        self._embedder, self._model_ctx = None, None
-
-    def _embed(self, texts: Sequence[str]) -> Tensor:
-        return embed_with(self.bundle, self.cfg, texts)
 
     def scores(self, questions: Sequence[str]) -> tuple[list[str], Tensor]:
         """Branch name per question and the ``[Q, B]`` per-branch scores (columns in bundle order)."""
-        q = self._embed(list(questions))
+        q = embed_with(self.bundle, self.cfg, list(questions))
         fb = self.branches.index(self.cfg.fallback) if self.cfg.fallback else None
         choice, scores = route(q, self.sample_embs, self.sample_branch, len(self.branches),
                                aggregate=self.cfg.aggregate, top_k=self.cfg.top_k,
