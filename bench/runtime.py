@@ -6,7 +6,7 @@ decode tokens/s and prefill time of one branch, the same with that branch made h
 8 prompts over 3 branches in one pass vs the same batch on one dense model, resident memory, and a
 table from shapes for the write-up's setting (3 × Llama-3-8B at r=0.95 + Phi-3-small in bfloat16).
 
-    python bench/runtime.py [--rate 0.95] [--tokens 32] [--repeat 3]
+    python bench/runtime.py [--rate 0.95] [--tokens 16] [--repeat 12]
 """
 
 from __future__ import annotations
@@ -28,13 +28,31 @@ from branchmerge.config import parse_config
 from branchmerge.merge import run_merge
 
 
-def timed(fn, repeat: int) -> float:
-    times = []
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def paired(ref, ours, repeat: int) -> tuple[list[float], list[float]]:
+    """Per round: ``ref``, ``ours``, ``ref`` back to back; ``ours`` / mean of its two neighbours.
+
+    This machine's speed drifts by ±10 % over seconds (shared host), so each ratio compares runs a
+    second apart; the median and quartiles of the per-round ratios are reported. Returns
+    (ratios ours/ref, ours seconds).
+    """
+    ratios, secs = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        a, t, b = timed(ref), timed(ours), timed(ref)
+        ratios.append(t / ((a + b) / 2))
+        secs.append(t)
+    return ratios, secs
+
+
+def spread(ratios: list[float], invert: bool = False) -> str:
+    xs = sorted(1 / r for r in ratios) if invert else sorted(ratios)
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return f"{q[1]:.3f} (quartiles {q[0]:.3f}–{q[2]:.3f})"
 
 
 def decode(model, ids, tokens: int):
@@ -82,8 +100,8 @@ def shape_table() -> list[tuple[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=0.95)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=12)
     ap.add_argument("--prompt-len", type=int, default=128)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -112,46 +130,39 @@ def main() -> None:
     long_ids = torch.randint(100, 40000, (1, args.prompt_len))
     model = bundle.model(branch)
     decode(dense, ids, 4), decode(model, ids, 4)  # warm-up
-    res = {"dense": {}, "bundle": {}, "bundle (hot)": {}}
-    for _ in range(args.repeat):  # interleave so noise hits all alike
-        res["dense"].setdefault("decode", []).append(timed(lambda: decode(dense, ids, args.tokens), 1))
-        res["bundle"].setdefault("decode", []).append(timed(lambda: decode(bundle.model(branch), ids, args.tokens), 1))
-        res["dense"].setdefault("prefill", []).append(timed(lambda: prefill(dense, long_ids), 3))
-        res["bundle"].setdefault("prefill", []).append(timed(lambda: prefill(bundle.model(branch), long_ids), 3))
+    n = args.repeat
+    dec, dec_s = paired(lambda: decode(dense, ids, args.tokens), lambda: decode(model, ids, args.tokens), n)
+    pre, pre_s = paired(lambda: prefill(dense, long_ids), lambda: prefill(model, long_ids), n)
     hot_bytes = bundle.materialize(branch)
-    for _ in range(args.repeat):
-        res["dense"].setdefault("decode2", []).append(timed(lambda: decode(dense, ids, args.tokens), 1))
-        res["bundle (hot)"].setdefault("decode", []).append(timed(lambda: decode(bundle.model(branch), ids, args.tokens), 1))
-        res["dense"].setdefault("prefill2", []).append(timed(lambda: prefill(dense, long_ids), 3))
-        res["bundle (hot)"].setdefault("prefill", []).append(timed(lambda: prefill(bundle.model(branch), long_ids), 3))
+    hdec, hdec_s = paired(lambda: decode(dense, ids, args.tokens), lambda: decode(model, ids, args.tokens), n)
+    hpre, hpre_s = paired(lambda: prefill(dense, long_ids), lambda: prefill(model, long_ids), n)
     bundle.dematerialize(branch)
-    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in res.items()}
-    print("\n| model | decode tok/s | vs dense | prefill ms (" + str(args.prompt_len) + " tok) | vs dense |")
+    print(f"\n{n} rounds of dense / bundle / dense; ratio = bundle time over the mean of its two dense neighbours")
+    print(f"\n| model | decode tok/s (median) | decode time vs dense | prefill ms ({args.prompt_len} tok) | prefill time vs dense |")
     print("|---|---|---|---|---|")
-    d_tps, d_pre = args.tokens / med["dense"]["decode"], med["dense"]["prefill"]
-    d_tps2, d_pre2 = args.tokens / med["dense"]["decode2"], med["dense"]["prefill2"]
-    print(f"| dense original | {d_tps:.1f} | 1.00 | {d_pre * 1e3:.1f} | 1.00 |")
-    b_tps, b_pre = args.tokens / med["bundle"]["decode"], med["bundle"]["prefill"]
-    print(f"| bundle branch {branch} | {b_tps:.1f} | {b_tps / d_tps:.3f} (overhead {d_tps / b_tps - 1:+.1%}) | "
-          f"{b_pre * 1e3:.1f} | {b_pre / d_pre:.3f} (overhead {b_pre / d_pre - 1:+.1%}) |")
-    h_tps, h_pre = args.tokens / med["bundle (hot)"]["decode"], med["bundle (hot)"]["prefill"]
-    print(f"| bundle branch {branch}, hot (+{hot_bytes / 1e6:.0f} MB) | {h_tps:.1f} | {h_tps / d_tps2:.3f} "
-          f"(overhead {d_tps2 / h_tps - 1:+.1%}) | {h_pre * 1e3:.1f} | {h_pre / d_pre2:.3f} (overhead {h_pre / d_pre2 - 1:+.1%}) |")
+    med = statistics.median
+    print(f"| bundle branch {branch} | {args.tokens / med(dec_s):.1f} | {spread(dec)} | {med(pre_s) * 1e3:.1f} | {spread(pre)} |")
+    print(f"| bundle branch {branch}, hot (+{hot_bytes / 1e6:.0f} MB) | {args.tokens / med(hdec_s):.1f} | {spread(hdec)} | "
+          f"{med(hpre_s) * 1e3:.1f} | {spread(hpre)} |")
+    print(f"overhead (median): decode {med(dec) - 1:+.1%}, prefill {med(pre) - 1:+.1%}; hot: decode {med(hdec) - 1:+.1%}, "
+          f"prefill {med(hpre) - 1:+.1%} (floor from bytes: {floor_all:+.1%})")
 
     # mixed batch: 8 prompts over 3 branches in one pass vs the same batch on one dense model
     batch = torch.randint(100, 40000, (8, 16))
     names = ["m0", "m1", "m2", "m0", "m1", "m2", "m0", "m1"]
-    mixed_t, dense_t = [], []
-    for _ in range(args.repeat):
-        dense_t.append(timed(lambda: decode(dense, batch, args.tokens), 1))
-        g = bundle.groups["main"]
+    g = bundle.groups["main"]
+
+    def mixed():
         g.state.set_rows([g.state.index(n) for n in names])
-        mixed_t.append(timed(lambda: decode(g.model, batch, args.tokens), 1))
-        g.state.set_rows(None)
-    dm, mm = statistics.median(dense_t), statistics.median(mixed_t)
-    print(f"\nmixed batch of 8 prompts over 3 branches, {args.tokens} new tokens each, one pass:")
-    print(f"| | tok/s | ratio |\n|---|---|---|\n| dense, same batch | {8 * args.tokens / dm:.1f} | 1.00 |\n"
-          f"| bundle, 3 branches mixed | {8 * args.tokens / mm:.1f} | {dm / mm:.3f} (target ≥ 0.85) |")
+        try:
+            decode(g.model, batch, args.tokens)
+        finally:
+            g.state.set_rows(None)
+
+    mix, mix_s = paired(lambda: decode(dense, batch, args.tokens), mixed, n)
+    print(f"\nmixed batch of 8 prompts over 3 branches (3/3/2 rows), {args.tokens} new tokens each, one pass:")
+    print(f"| | tok/s (median) | throughput vs dense |\n|---|---|---|\n"
+          f"| bundle, 3 branches mixed | {8 * args.tokens / med(mix_s):.1f} | {spread(mix, invert=True)} (target ≥ 0.85) |")
 
     held = bundle.memory_bytes()
     del dense, bundle, model

@@ -214,3 +214,24 @@ def test_model_moves_dtype_and_keeps_branches(bundles):
     torch.testing.assert_close(got.float(), ref, atol=1e-4, rtol=1e-4)
     mixed = b.logits(x, ["a", "b"])
     assert mixed.dtype == torch.float64
+
+
+
+def test_mixed_batch_uneven_groups_and_repeated_rows(loaded):
+    """The gathered per-branch layout pads branches with fewer rows; absent branches and beam-style
+    repeated rows (batch a multiple of the ids set) must still equal per-branch runs."""
+    b = loaded[0.9]
+    g = b.groups["main"]
+    x = torch.randint(3, 64, (6, 5))
+    names = ["a", "a", "a", "b", "a", "b"]  # c absent, a has 4 rows and b 2
+    mixed = b.logits(x, names)
+    for r, n in enumerate(names):
+        torch.testing.assert_close(mixed[r], b.logits(x[r:r + 1], [n])[0], atol=1e-4, rtol=1e-4)
+    g.state.set_rows([g.state.index("c"), g.state.index("b")])
+    try:
+        with torch.no_grad():
+            rep = g.model(x[:4]).logits  # 4 rows over 2 ids: rows 0-1 are c, rows 2-3 are b
+    finally:
+        g.state.set_rows(None)
+    for r, n in enumerate("ccbb"):
+        torch.testing.assert_close(rep[r], b.logits(x[r:r + 1], [n])[0], atol=1e-4, rtol=1e-4)

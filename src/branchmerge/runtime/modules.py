@@ -1,14 +1,15 @@
 """Branched modules: one shared weight, per-branch low-rank terms, one forward for mixed-branch batches.
 
 A :class:`BranchState` shared by every branched module of a model says which branch each batch row
-uses (``rows``) or, for a whole batch, which branch is active (``active``). Mixed batches follow PEFT's
-``_mixed_batch_forward``: the shared product ``x W̄ᵀ`` runs once over all rows, the per-branch terms
-over each branch's rows.
+uses (``rows``) or, for a whole batch, which branch is active (``active``). Mixed batches follow
+PEFT's ``_mixed_batch_forward`` for the shared product — ``x W̄ᵀ`` runs once over all rows — and
+Punica/S-LoRA's gathered kernels for the per-branch terms: rows are gathered into a padded
+``[N, R_max, …]`` layout so each row meets only its own branch's factors in one batched matmul.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +18,24 @@ from torch import Tensor, nn
 
 @dataclass
 class MixedPlan:
-    """Rows of a mixed batch: per-branch row indices and the branch id of every row ``[B]``."""
+    """Rows of a mixed batch.
+
+    Attributes:
+        groups: ``(branch id, row indices [R_i])`` for each branch present.
+        row_ids: branch id of every row, ``[B]``.
+        pad_idx: batch row for each slot of the padded per-branch layout, ``[N·R_max]`` (unused
+            slots repeat a row; their results are dropped).
+        unpad_idx: slot of each batch row in that layout, ``[B]``.
+        rmax: ``R_max``, the most rows any branch has.
+        cache: per-module tensors derived from ``row_ids`` (row scales, norm weights), built once.
+    """
 
     groups: list[tuple[int, Tensor]]
     row_ids: Tensor
+    pad_idx: Tensor
+    unpad_idx: Tensor
+    rmax: int
+    cache: dict = field(default_factory=dict)
 
 
 class BranchState:
@@ -69,10 +84,32 @@ class BranchState:
         if len(ids) == 1:
             plan = int(ids[0])
         else:
-            groups = [(int(i), (rows == i).nonzero().flatten().to(device)) for i in ids]
-            plan = MixedPlan(groups, rows.to(device))
+            n = len(self.names)
+            members = [(rows == i).nonzero().flatten() for i in range(n)]
+            rmax = max(m.numel() for m in members)
+            pad = torch.zeros(n * rmax, dtype=torch.long)
+            unpad = torch.empty(batch, dtype=torch.long)
+            for i, m in enumerate(members):
+                pad[i * rmax:(i + 1) * rmax] = m[0] if m.numel() else 0
+                pad[i * rmax:i * rmax + m.numel()] = m
+                unpad[m] = i * rmax + torch.arange(m.numel())
+            groups = [(i, members[i].to(device)) for i in ids]
+            plan = MixedPlan(groups, rows.to(device), pad.to(device), unpad.to(device), rmax)
         self._plan[batch] = plan
         return plan
+
+
+def _cached(plan: MixedPlan, key: tuple, make) -> Tensor:
+    t = plan.cache.get(key)
+    if t is None:
+        t = plan.cache[key] = make()
+    return t
+
+
+def _gather_rows(x2: Tensor, plan: MixedPlan, batch: int, n: int) -> Tensor:
+    """``[B·T, in]`` rows → the padded per-branch layout ``[N, R_max·T, in]``."""
+    seq = x2.shape[0] // batch
+    return x2.view(batch, -1)[plan.pad_idx].view(n, plan.rmax * seq, x2.shape[1])
 
 
 class BranchedLinear(nn.Module):
@@ -83,10 +120,10 @@ class BranchedLinear(nn.Module):
     ``t = (x V_iᵀ)(s_i U_i)ᵀ + b_i`` then ``y = t + s_i · x W̄ᵀ``. A dense per-branch weight is built
     only when a branch is made hot (:meth:`materialize`).
 
-    When every branch has factors of one rank ``k``, they are stored concatenated — ``v_cat``
-    ``[N·k, in]`` and ``ut_cat`` ``[N·k, out]`` (rows of ``s_i U_iᵀ``) — and a mixed batch runs in a
-    fixed number of kernels whatever the branches: ``x v_catᵀ`` masked to each row's block, then one
-    product with ``ut_cat`` (the S-LoRA/Punica idea, done with dense ops).
+    When every branch has factors of one rank ``k`` ("uniform"), they are stored concatenated —
+    ``v_cat`` ``[N·k, in]`` and ``ut_cat`` ``[N·k, out]`` (rows of ``s_i U_iᵀ``) — and a mixed batch
+    runs in a fixed number of kernels whatever the branches: rows gathered per branch, two batched
+    matmuls against the factors viewed ``[N, k, ·]``, rows scattered back.
 
     Args:
         state: the model's shared branch selector.
@@ -121,15 +158,9 @@ class BranchedLinear(nn.Module):
         self._v: list[Tensor | None] = [None] * n
         self._ut: list[Tensor | None] = [None] * n
         if self.uniform:
-            k = self.rank
-            v_cat = torch.cat([d[2] for d in diffs]).to(dt)  # [N·k, in]
+            self.v_cat = nn.Parameter(torch.cat([d[2] for d in diffs]).to(dt), requires_grad=False)  # [N·k, in]
             ut_cat = torch.cat([(d[1].float() * s).T for d, s in zip(diffs, self.scales)]).to(dt)  # [N·k, out]
-            self.v_cat = nn.Parameter(v_cat, requires_grad=False)
             self.ut_cat = nn.Parameter(ut_cat, requires_grad=False)
-            mask = torch.zeros(n, n * k, dtype=dt, device=mean.device)
-            for i in range(n):
-                mask[i, i * k:(i + 1) * k] = 1
-            self.register_buffer("branch_mask", mask, persistent=False)  # [N, N·k]
         else:
             self.v_cat = self.ut_cat = None
             self.factors = nn.ParameterList()
@@ -142,12 +173,12 @@ class BranchedLinear(nn.Module):
                 else:
                     self.delta[str(i)] = nn.Parameter((d[1].float() * s).to(dt), requires_grad=False)
         self._hot: list[Tensor | None] = [None] * n  # views of `hot`, by branch id (hot path lookup)
-        self._index_factors()
         self.has_bias = biases is not None and any(b is not None for b in biases)
         if self.has_bias:
             zeros = torch.zeros(self.out_features, dtype=dt, device=mean.device)
             self.bias_cat = nn.Parameter(torch.stack([zeros if b is None else b.to(dt) for b in biases]),
                                          requires_grad=False)  # [N, out]
+        self._index_factors()
 
     def _index_factors(self) -> None:
         """Per-branch views into the stored factors (no copies): ``_v[i]`` ``[k, in]``, ``_ut[i]`` ``[k, out]``."""
@@ -191,32 +222,46 @@ class BranchedLinear(nn.Module):
             return F.linear(x2, self.weight_mean) * self.scales[i]
         return torch.addmm(t, x2, self.weight_mean.t(), alpha=self.scales[i])
 
-    def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # [B*T, in]
-        plan = self.state.plan(x.shape[0], x.device)
-        if isinstance(plan, int):
-            return self._single(x2, plan).view(*lead, self.out_features)
-        b = x.shape[0]
-        seq = x2.shape[0] // b
-        ids = plan.row_ids  # [B]
-        shared = F.linear(x2, self.weight_mean).view(b, seq, self.out_features)  # [B, T, out]
-        row_scale = self.scale_t[ids].view(b, 1, 1)
-        if self.uniform:  # fixed kernel count: masked low-rank product over all branches at once
-            xv = F.linear(x2, self.v_cat).view(b, seq, -1)  # [B, T, N·k]
-            xv.mul_(self.branch_mask[ids].view(b, 1, -1))  # keep each row's own branch block
-            low = (xv.view(b * seq, -1) @ self.ut_cat).view(b, seq, self.out_features)
-            out = torch.addcmul(low, shared, row_scale)  # low + s_i · x W̄ᵀ
-            if self.has_bias:
-                out = out + self.bias_cat[ids].view(b, 1, -1)
-            return out.view(*lead, self.out_features)
-        out = shared * row_scale
-        xb = x2.view(b, seq, self.in_features)
+    def _finish_mixed(self, shared: Tensor, xv: Tensor, plan: MixedPlan, batch: int) -> Tensor:
+        """``s_i · shared + (x V_iᵀ)(s_i U_i)ᵀ + b_i`` per row from the gathered ``xv`` ``[N, R_max·T, k]``.
+
+        ``shared`` is ``x W̄ᵀ`` ``[B·T, out]``.
+        Returns ``[B, T, out]``.
+        """
+        n, seq, out_f = len(self.scales), shared.shape[0] // batch, self.out_features
+        low = torch.bmm(xv, self.ut_cat.view(n, self.rank, out_f))  # [N, R_max·T, out]
+        low = low.view(n * plan.rmax, seq * out_f)[plan.unpad_idx].view(batch, seq, out_f)
+        row_scale = _cached(plan, (id(self), "s"), lambda: self.scale_t[plan.row_ids].view(batch, 1, 1))
+        y = torch.addcmul(low, shared.view(batch, seq, out_f), row_scale)  # low + s_i · x W̄ᵀ
+        if self.has_bias:
+            y += _cached(plan, (id(self), "b"), lambda: self.bias_cat[plan.row_ids].view(batch, 1, out_f))
+        return y
+
+    def _mixed(self, x2: Tensor, plan: MixedPlan, batch: int) -> Tensor:
+        shared = F.linear(x2, self.weight_mean)  # [B·T, out], once for all rows
+        seq = x2.shape[0] // batch
+        n = len(self.scales)
+        if self.uniform:
+            xs = _gather_rows(x2, plan, batch, n)  # [N, R_max·T, in]
+            xv = torch.bmm(xs, self.v_cat.view(n, self.rank, self.in_features).transpose(1, 2))
+            return self._finish_mixed(shared, xv, plan, batch)
+        out = shared.view(batch, seq, self.out_features) * self.scale_t[plan.row_ids].view(batch, 1, 1)
+        xb = x2.view(batch, seq, self.in_features)
         for i, rows in plan.groups:  # rows: [R] batch indices of branch i
             t = self._branch_term(xb[rows].reshape(-1, self.in_features), i)
             if t is not None:
                 out[rows] += t.view(rows.numel(), seq, self.out_features)
-        return out.view(*lead, self.out_features)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        st = self.state
+        plan = st.active if st._rows is None else st.plan(x.shape[0], x.device)
+        x2 = x.reshape(-1, self.in_features)  # [B*T, in]
+        if isinstance(plan, int):
+            y = self._single(x2, plan)
+        else:
+            y = self._mixed(x2, plan, x.shape[0])
+        return y.view(*x.shape[:-1], self.out_features)
 
     def dense_weight(self, i: int) -> Tensor:
         """``s_i (W̄ + U_i V_i)`` for branch ``i``, ``[out, in]`` (for export and hot branches)."""
@@ -263,10 +308,11 @@ class PerBranch(nn.Module):
                 self._stacked_norm = torch.stack([c.weight for c in self.copies])  # [N, H]
         return self._stacked_norm is not None
 
-    def _mixed_rmsnorm(self, x: Tensor, ids: Tensor) -> Tensor:
+    def _mixed_rmsnorm(self, x: Tensor, plan: MixedPlan) -> Tensor:
+        w = _cached(plan, (id(self), "w"),
+                    lambda: self._stacked_norm[plan.row_ids].view(x.shape[0], *([1] * (x.ndim - 2)), -1))
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.copies[0].variance_epsilon)
-        w = self._stacked_norm[ids].view(x.shape[0], *([1] * (x.ndim - 2)), -1)
         return w * h.to(x.dtype)
 
     def __getattr__(self, name: str):
@@ -283,7 +329,7 @@ class PerBranch(nn.Module):
         if isinstance(plan, int):
             return self._copies[plan](x, *args, **kwargs)
         if self._stacked_norm is not None or self._init_norm():
-            return self._mixed_rmsnorm(x, plan.row_ids)
+            return self._mixed_rmsnorm(x, plan)
         out: Tensor | None = None
         for i, rows in plan.groups:
             y = self.copies[i](x[rows], *args, **kwargs)
