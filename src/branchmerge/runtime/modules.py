@@ -181,7 +181,10 @@ class BranchedLinear(nn.Module):
         self._index_factors()
 
     def _index_factors(self) -> None:
-        """Per-branch views into the stored factors (no copies): ``_v[i]`` ``[k, in]``, ``_ut[i]`` ``[k, out]``."""
+        """Per-branch views into the stored factors (no copies): ``_v[i]`` ``[k, in]``, ``_ut[i]`` ``[k, out]``.
+
+        Also the single-branch fast path's table ``_fast[i] = (hot, Vᵢᵀ, s_i Uᵢᵀ, s_i, b_i)``.
+        """
         self._hot = [self.hot[str(i)] if str(i) in self.hot else None for i in range(len(self.scales))]
         k = self.rank
         for j, i in enumerate(self._lowrank_ids):
@@ -189,6 +192,9 @@ class BranchedLinear(nn.Module):
                 self._v[i], self._ut[i] = self.v_cat[i * k:(i + 1) * k], self.ut_cat[i * k:(i + 1) * k]
             else:
                 self._v[i], self._ut[i] = self.factors[2 * j], self.factors[2 * j + 1]
+        self._wt = self.weight_mean.t()  # [in, out] view
+        self._fast = [(self._hot[i], None if self._v[i] is None else self._v[i].t(), self._ut[i], self.scales[i],
+                       self._bias(i)) for i in range(len(self.scales))]
 
     def _apply(self, fn, recurse: bool = True):  # keep the per-branch views valid after .to()/.cuda()
         out = super()._apply(fn, recurse)
@@ -255,12 +261,23 @@ class BranchedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         st = self.state
-        plan = st.active if st._rows is None else st.plan(x.shape[0], x.device)
-        x2 = x.reshape(-1, self.in_features)  # [B*T, in]
-        if isinstance(plan, int):
-            y = self._single(x2, plan)
-        else:
-            y = self._mixed(x2, plan, x.shape[0])
+        if st._rows is None:  # one branch for the whole batch: the decode hot path, kept flat
+            i = st.active
+            hot, vt, ut, s, b = self._fast[i]
+            x2 = x.reshape(-1, self.in_features)  # [B*T, in]
+            if hot is not None:
+                y = F.linear(x2, hot, b)
+            elif vt is not None:
+                t = torch.mm(torch.mm(x2, vt), ut)  # (x Vᵢᵀ)(sᵢ Uᵢ)ᵀ, [B*T, out]
+                if b is not None:
+                    t += b
+                y = torch.addmm(t, x2, self._wt, alpha=s)
+            else:
+                y = self._single(x2, i)
+            return y.view(*x.shape[:-1], self.out_features)
+        plan = st.plan(x.shape[0], x.device)
+        x2 = x.reshape(-1, self.in_features)
+        y = self._single(x2, plan) if isinstance(plan, int) else self._mixed(x2, plan, x.shape[0])
         return y.view(*x.shape[:-1], self.out_features)
 
     def dense_weight(self, i: int) -> Tensor:
@@ -274,12 +291,12 @@ class BranchedLinear(nn.Module):
 
     def materialize(self, i: int) -> None:
         self.hot[str(i)] = nn.Parameter(self.dense_weight(i), requires_grad=False)
-        self._hot[i] = self.hot[str(i)]
+        self._index_factors()
 
     def dematerialize(self, i: int) -> None:
         if str(i) in self.hot:
             del self.hot[str(i)]
-        self._hot[i] = None
+        self._index_factors()
 
 
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "OlmoRMSNorm"}
@@ -296,23 +313,16 @@ class PerBranch(nn.Module):
         self.state = state
         self.copies = nn.ModuleList(copies)
         self._copies = list(copies)  # plain list: cheaper indexing on the decode hot path
-        self._stacked_norm: Tensor | None = None
-        self._norm_checked = False
+        c0 = copies[0]
+        # Llama-style RMSNorm copies (``weight * x / rms(x)``) run inline, and gather weights for mixed rows
+        self._rms_eps: float | None = None
+        if type(c0).__name__ in RMSNORM_CLASSES and hasattr(c0, "variance_epsilon"):
+            self._rms_eps = float(c0.variance_epsilon)
+            self.register_buffer("stacked_norm", torch.stack([c.weight for c in copies]), persistent=False)  # [N, H]
 
-    def _init_norm(self) -> bool:
-        """Llama-style RMSNorm copies (``weight * x / rms(x)``) get a gather-based mixed path."""
-        if not self._norm_checked:
-            self._norm_checked = True
-            c0 = self.copies[0]
-            if type(c0).__name__ in RMSNORM_CLASSES and hasattr(c0, "variance_epsilon"):
-                self._stacked_norm = torch.stack([c.weight for c in self.copies])  # [N, H]
-        return self._stacked_norm is not None
-
-    def _mixed_rmsnorm(self, x: Tensor, plan: MixedPlan) -> Tensor:
-        w = _cached(plan, (id(self), "w"),
-                    lambda: self._stacked_norm[plan.row_ids].view(x.shape[0], *([1] * (x.ndim - 2)), -1))
+    def _rmsnorm(self, x: Tensor, w: Tensor) -> Tensor:
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.copies[0].variance_epsilon)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self._rms_eps)
         return w * h.to(x.dtype)
 
     def __getattr__(self, name: str):
@@ -325,11 +335,16 @@ class PerBranch(nn.Module):
             return getattr(copies[state.active], name)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        plan = self.state.plan(x.shape[0], x.device)
+        st = self.state
+        plan = st.active if st._rows is None else st.plan(x.shape[0], x.device)
         if isinstance(plan, int):
+            if self._rms_eps is not None:
+                return self._rmsnorm(x, self._copies[plan].weight)
             return self._copies[plan](x, *args, **kwargs)
-        if self._stacked_norm is not None or self._init_norm():
-            return self._mixed_rmsnorm(x, plan)
+        if self._rms_eps is not None:
+            w = _cached(plan, (id(self), "w"),
+                        lambda: self.stacked_norm[plan.row_ids].view(x.shape[0], *([1] * (x.ndim - 2)), -1))
+            return self._rmsnorm(x, w)
         out: Tensor | None = None
         for i, rows in plan.groups:
             y = self.copies[i](x[rows], *args, **kwargs)
