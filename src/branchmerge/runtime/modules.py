@@ -172,7 +172,6 @@ class BranchedLinear(nn.Module):
                     self.factors.append(nn.Parameter((d[1].float() * s).T.contiguous().to(dt), requires_grad=False))
                 else:
                     self.delta[str(i)] = nn.Parameter((d[1].float() * s).to(dt), requires_grad=False)
-        self._hot: list[Tensor | None] = [None] * n  # views of `hot`, by branch id (hot path lookup)
         self.has_bias = biases is not None and any(b is not None for b in biases)
         if self.has_bias:
             zeros = torch.zeros(self.out_features, dtype=dt, device=mean.device)
@@ -183,9 +182,8 @@ class BranchedLinear(nn.Module):
     def _index_factors(self) -> None:
         """Per-branch views into the stored factors (no copies): ``_v[i]`` ``[k, in]``, ``_ut[i]`` ``[k, out]``.
 
-        Also the single-branch fast path's table ``_fast[i] = (hot, Vᵢᵀ, s_i Uᵢᵀ, s_i, b_i)``.
+        Also the single-branch table ``_fast[i] = (hot weight, Vᵢᵀ, s_i Uᵢᵀ, s_i, b_i)``.
         """
-        self._hot = [self.hot[str(i)] if str(i) in self.hot else None for i in range(len(self.scales))]
         k = self.rank
         for j, i in enumerate(self._lowrank_ids):
             if self.uniform:
@@ -193,8 +191,8 @@ class BranchedLinear(nn.Module):
             else:
                 self._v[i], self._ut[i] = self.factors[2 * j], self.factors[2 * j + 1]
         self._wt = self.weight_mean.t()  # [in, out] view
-        self._fast = [(self._hot[i], None if self._v[i] is None else self._v[i].t(), self._ut[i], self.scales[i],
-                       self._bias(i)) for i in range(len(self.scales))]
+        self._fast = [(self.hot[str(i)] if str(i) in self.hot else None, None if self._v[i] is None else self._v[i].t(),
+                       self._ut[i], self.scales[i], self._bias(i)) for i in range(len(self.scales))]
 
     def _apply(self, fn, recurse: bool = True):  # keep the per-branch views valid after .to()/.cuda()
         out = super()._apply(fn, recurse)
@@ -220,13 +218,19 @@ class BranchedLinear(nn.Module):
         return None if b is None else b.expand(x2.shape[0], -1)
 
     def _single(self, x2: Tensor, i: int) -> Tensor:
-        hot = self._hot[i]
+        """Branch ``i`` for every row of ``x2`` ``[R, in]`` → ``[R, out]``: the decode hot path, kept flat."""
+        hot, vt, ut, s, b = self._fast[i]
         if hot is not None:
-            return F.linear(x2, hot, self._bias(i))
-        t = self._branch_term(x2, i)
-        if t is None:
-            return F.linear(x2, self.weight_mean) * self.scales[i]
-        return torch.addmm(t, x2, self.weight_mean.t(), alpha=self.scales[i])
+            return F.linear(x2, hot, b)
+        if vt is not None:
+            t = torch.mm(torch.mm(x2, vt), ut)  # (x Vᵢᵀ)(sᵢ Uᵢ)ᵀ
+            if b is not None:
+                t += b
+        else:
+            t = self._branch_term(x2, i)  # a dense Δᵢ, or only a bias
+            if t is None:
+                return F.linear(x2, self.weight_mean) * s
+        return torch.addmm(t, x2, self._wt, alpha=s)
 
     def _finish_mixed(self, shared: Tensor, xv: Tensor, plan: MixedPlan, batch: int) -> Tensor:
         """``s_i · shared + (x V_iᵀ)(s_i U_i)ᵀ + b_i`` per row from the gathered ``xv`` ``[N, R_max·T, k]``.
@@ -261,22 +265,8 @@ class BranchedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         st = self.state
-        if st._rows is None:  # one branch for the whole batch: the decode hot path, kept flat
-            i = st.active
-            hot, vt, ut, s, b = self._fast[i]
-            x2 = x.reshape(-1, self.in_features)  # [B*T, in]
-            if hot is not None:
-                y = F.linear(x2, hot, b)
-            elif vt is not None:
-                t = torch.mm(torch.mm(x2, vt), ut)  # (x Vᵢᵀ)(sᵢ Uᵢ)ᵀ, [B*T, out]
-                if b is not None:
-                    t += b
-                y = torch.addmm(t, x2, self._wt, alpha=s)
-            else:
-                y = self._single(x2, i)
-            return y.view(*x.shape[:-1], self.out_features)
-        plan = st.plan(x.shape[0], x.device)
-        x2 = x.reshape(-1, self.in_features)
+        plan = st.active if st._rows is None else st.plan(x.shape[0], x.device)
+        x2 = x.reshape(-1, self.in_features)  # [B*T, in]
         y = self._single(x2, plan) if isinstance(plan, int) else self._mixed(x2, plan, x.shape[0])
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -319,6 +309,8 @@ class PerBranch(nn.Module):
         if type(c0).__name__ in RMSNORM_CLASSES and hasattr(c0, "variance_epsilon"):
             self._rms_eps = float(c0.variance_epsilon)
             self.register_buffer("stacked_norm", torch.stack([c.weight for c in copies]), persistent=False)  # [N, H]
+            for i, c in enumerate(copies):  # held once: each copy's weight is a row of the stack
+                c.weight = nn.Parameter(self.stacked_norm[i], requires_grad=False)
 
     def _rmsnorm(self, x: Tensor, w: Tensor) -> Tensor:
         h = x.float()
