@@ -12,6 +12,7 @@ from branchmerge.config import load_config
 from branchmerge.errors import BranchmergeError, BranchNotFoundError, BundleError
 from branchmerge.export import export_branch
 from branchmerge.merge import run_merge
+from branchmerge.runtime.modules import BranchedLinear
 from tests.cli_util import run_cli
 from tests.conftest import make_tiny_llama, write_config
 
@@ -235,3 +236,25 @@ def test_mixed_batch_uneven_groups_and_repeated_rows(loaded):
         g.state.set_rows(None)
     for r, n in enumerate("ccbb"):
         torch.testing.assert_close(rep[r], b.logits(x[r:r + 1], [n])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_fused_layout_equals_split(bundles, loaded):
+    """The GPU's layout (W̄ and every V_i stored as one weight, ranks padded to a multiple of 8, two GEMMs
+    per layer) computes the same function as the CPU's: one branch, mixed rows, hot branch, generation."""
+    split = loaded[0.9]
+    fused = branchmerge.load(bundles[0.9], dtype="float32", fused=True)
+    layers = [m for m in fused.groups["main"].model.modules() if isinstance(m, BranchedLinear)]
+    assert layers and all(m.fused and m.stride % 8 == 0 and m.stride >= m.rank for m in layers)
+    assert not any(m.fused for m in split.groups["main"].model.modules() if isinstance(m, BranchedLinear))
+    x = torch.randint(3, 64, (3, 7))
+    for n in "abc":
+        with split.use(n) as ms, fused.use(n) as mf, torch.no_grad():
+            torch.testing.assert_close(mf(x).logits, ms(x).logits, atol=1e-4, rtol=1e-4)
+    names = ["c", "a", "c"]
+    torch.testing.assert_close(fused.logits(x, names), split.logits(x, names), atol=1e-4, rtol=1e-4)
+    fused.materialize("a")
+    with split.use("a") as ms, fused.use("a") as mf, torch.no_grad():
+        torch.testing.assert_close(mf(x).logits, ms(x).logits, atol=1e-4, rtol=1e-4)
+    fused.dematerialize("a")
+    prompts, who = ["abc", "hello there", "1+1="], ["b", "a", "c"]
+    assert fused.generate(prompts, who, max_new_tokens=5) == split.generate(prompts, who, max_new_tokens=5)

@@ -30,7 +30,7 @@ def _split(tensor: str) -> tuple[str, str]:
 
 
 def build_group_model(
-    reader: BundleReader, group: str, *, device: torch.device, dtype: torch.dtype
+    reader: BundleReader, group: str, *, device: torch.device, dtype: torch.dtype, fused: bool | None = None
 ) -> tuple[PreTrainedModel, BranchState]:
     """A causal-LM whose branch is chosen through the returned :class:`BranchState`."""
     g = reader.groups[group]
@@ -80,7 +80,7 @@ def build_group_model(
                 else:
                     diffs.append(None)
             biases = per_branch(params["bias"]) if "bias" in params else None
-            new = BranchedLinear(state, mean.T.contiguous() if transposed else mean, scales, diffs, biases)
+            new = BranchedLinear(state, mean.T.contiguous() if transposed else mean, scales, diffs, biases, fused=fused)
             _set_module(model, module_name, new)
             continue
         values = {p: per_branch(t) for p, t in params.items()}

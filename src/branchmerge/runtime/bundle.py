@@ -38,14 +38,15 @@ class _GroupRuntime:
 class Bundle:
     """Every branch of a bundle, loaded once; shared weights are held once per group."""
 
-    def __init__(self, path: str | Path, *, device: str = "cpu", dtype: str | None = None, verify: bool = True) -> None:
+    def __init__(self, path: str | Path, *, device: str = "cpu", dtype: str | None = None, verify: bool = True,
+                 fused: bool | None = None) -> None:
         self.reader = BundleReader(path, verify=verify)
         self.path = Path(path)
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype or self.reader.manifest["dtype"]]
         self.groups: dict[str, _GroupRuntime] = {}
         for gname, g in self.reader.groups.items():
-            model, state = build_group_model(self.reader, gname, device=self.device, dtype=self.dtype)
+            model, state = build_group_model(self.reader, gname, device=self.device, dtype=self.dtype, fused=fused)
             self.groups[gname] = _GroupRuntime(gname, model, state, bool(g["standalone"]))
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._hot: set[str] = set()
@@ -273,12 +274,15 @@ class GenerationResult:
 
 
 def load(path: str | Path, *, device: str = "cpu", dtype: str | None = None, verify: bool = True,
-         router=None) -> Bundle:
+         router=None, fused: bool | None = None) -> Bundle:
     """Load a bundle: one model per group with branched layers, standalone branches as their own models.
 
     Args:
         router: optional :class:`~branchmerge.router.RouterConfig` replacing the stored one (its embedder
             and template must be those the stored sample embeddings were made with).
+        fused: kernel layout of the branched layers. True stores ``W̄`` and every ``V_i`` as one weight, so
+            a layer is two GEMMs (fewer launches: the GPU's choice); False keeps them apart, so one branch
+            reads only its own factors (fewer bytes: the CPU's choice). None picks by device.
 
     Raises:
         BundleError: not a bundle, unknown format version, a shard failing its sha256, or a router
@@ -286,7 +290,7 @@ def load(path: str | Path, *, device: str = "cpu", dtype: str | None = None, ver
     """
     from branchmerge.router import attach_router
 
-    bundle = Bundle(path, device=device, dtype=dtype, verify=verify)
+    bundle = Bundle(path, device=device, dtype=dtype, verify=verify, fused=fused)
     attach_router(bundle, router)
     return bundle
 

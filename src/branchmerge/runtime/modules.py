@@ -125,12 +125,18 @@ class BranchedLinear(nn.Module):
     runs in a fixed number of kernels whatever the branches: rows gathered per branch, two batched
     matmuls against the factors viewed ``[N, k, ·]``, rows scattered back.
 
+    With ``fused`` (the default on CUDA, where launches cost more than bytes), ``W̄`` and every ``V_i``
+    are one stored weight ``w_cat`` ``[out + N·kp, in]``, ranks zero-padded to ``kp`` (a multiple of 8,
+    so every slice stays 16-byte aligned): one branch is two GEMMs, a mixed batch four kernels.
+    ``weight_mean`` and ``v_cat`` are then views into ``w_cat``.
+
     Args:
         state: the model's shared branch selector.
         mean: ``W̄``, ``[out, in]``.
         scales: ``s_i`` per branch.
         diffs: per branch ``("lowrank", U [out,k], V [k,in])``, ``("dense", Δ [out,in])`` or ``None``.
         biases: per branch ``b_i`` ``[out]`` or None.
+        fused: the one-weight layout above; None picks it when ``mean`` is on a CUDA device.
     """
 
     def __init__(
@@ -140,13 +146,13 @@ class BranchedLinear(nn.Module):
         scales: list[float],
         diffs: list[tuple | None],
         biases: list[Tensor | None] | None = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         self.state = state
         self.out_features, self.in_features = mean.shape
         n = len(scales)
         dt = mean.dtype
-        self.weight_mean = nn.Parameter(mean, requires_grad=False)  # [out, in]
         self.scales = list(map(float, scales))
         self.register_buffer("scale_t", torch.tensor(self.scales, dtype=dt, device=mean.device), persistent=False)
         self.delta = nn.ParameterDict()
@@ -154,13 +160,24 @@ class BranchedLinear(nn.Module):
         ranks = {d[1].shape[1] for d in diffs if d is not None and d[0] == "lowrank"}
         self.uniform = len(ranks) == 1 and all(d is not None and d[0] == "lowrank" for d in diffs)
         self.rank = ranks.pop() if self.uniform else 0
+        self.fused = self.uniform and (mean.device.type == "cuda" if fused is None else fused)
+        # fused: rows padded to a multiple of 8 (zeros, exact) so every slice of x·w_catᵀ is 16-byte aligned
+        self.stride = -(-self.rank // 8) * 8 if self.fused else self.rank
         self._lowrank_ids = [i for i, d in enumerate(diffs) if d is not None and d[0] == "lowrank"]
         self._v: list[Tensor | None] = [None] * n
         self._ut: list[Tensor | None] = [None] * n
         if self.uniform:
-            self.v_cat = nn.Parameter(torch.cat([d[2] for d in diffs]).to(dt), requires_grad=False)  # [N·k, in]
-            ut_cat = torch.cat([(d[1].float() * s).T for d, s in zip(diffs, self.scales)]).to(dt)  # [N·k, out]
+            kp = self.stride
+            v_cat = mean.new_zeros(n * kp, self.in_features)  # [N·kp, in]
+            ut_cat = mean.new_zeros(n * kp, self.out_features)  # [N·kp, out], rows of s_i U_iᵀ
+            for i, (d, s) in enumerate(zip(diffs, self.scales)):
+                v_cat[i * kp:i * kp + self.rank] = d[2].to(dt)
+                ut_cat[i * kp:i * kp + self.rank] = (d[1].float() * s).T.to(dt)
             self.ut_cat = nn.Parameter(ut_cat, requires_grad=False)
+            if self.fused:  # W̄ and every V_i as one weight: x·w_catᵀ gives x W̄ᵀ and all x V_iᵀ in one GEMM
+                self.w_cat = nn.Parameter(torch.cat([mean, v_cat]), requires_grad=False)  # [out + N·kp, in]
+            else:
+                self.v_cat = nn.Parameter(v_cat, requires_grad=False)
         else:
             self.v_cat = self.ut_cat = None
             self.factors = nn.ParameterList()
@@ -172,6 +189,8 @@ class BranchedLinear(nn.Module):
                     self.factors.append(nn.Parameter((d[1].float() * s).T.contiguous().to(dt), requires_grad=False))
                 else:
                     self.delta[str(i)] = nn.Parameter((d[1].float() * s).to(dt), requires_grad=False)
+        if not self.fused:
+            self.weight_mean = nn.Parameter(mean, requires_grad=False)  # [out, in]
         self.has_bias = biases is not None and any(b is not None for b in biases)
         if self.has_bias:
             zeros = torch.zeros(self.out_features, dtype=dt, device=mean.device)
@@ -184,10 +203,13 @@ class BranchedLinear(nn.Module):
 
         Also the single-branch table ``_fast[i] = (hot weight, Vᵢᵀ, s_i Uᵢᵀ, s_i, b_i)``.
         """
-        k = self.rank
+        k, kp = self.rank, self.stride
+        if self.fused:  # views into the one stored weight
+            self.weight_mean = self.w_cat[:self.out_features]
+            self.v_cat = self.w_cat[self.out_features:]
         for j, i in enumerate(self._lowrank_ids):
             if self.uniform:
-                self._v[i], self._ut[i] = self.v_cat[i * k:(i + 1) * k], self.ut_cat[i * k:(i + 1) * k]
+                self._v[i], self._ut[i] = self.v_cat[i * kp:i * kp + k], self.ut_cat[i * kp:i * kp + k]
             else:
                 self._v[i], self._ut[i] = self.factors[2 * j], self.factors[2 * j + 1]
         self._wt = self.weight_mean.t()  # [in, out] view
@@ -222,6 +244,8 @@ class BranchedLinear(nn.Module):
         hot, vt, ut, s, b = self._fast[i]
         if hot is not None:
             return F.linear(x2, hot, b)
+        if self.fused:
+            return self._single_fused(x2, i, s, b)
         if vt is not None:
             t = torch.mm(torch.mm(x2, vt), ut)  # (x Vᵢᵀ)(sᵢ Uᵢ)ᵀ
             if b is not None:
@@ -232,6 +256,33 @@ class BranchedLinear(nn.Module):
                 return F.linear(x2, self.weight_mean) * s
         return torch.addmm(t, x2, self._wt, alpha=s)
 
+    def _single_fused(self, x2: Tensor, i: int, s: float, b: Tensor | None) -> Tensor:
+        """Two GEMMs: ``h = x·w_catᵀ`` ``[R, out + N·kp]``, then in place on its first ``out`` columns
+        ``y = s_i · x W̄ᵀ + (x V_iᵀ)(s_i U_i)ᵀ``. Returns a strided ``[R, out]`` view of ``h``."""
+        out, kp = self.out_features, self.stride
+        h = F.linear(x2, self.w_cat)
+        lo = out + i * kp
+        y = h[:, :out].addmm_(h[:, lo:lo + kp], self.ut_cat[i * kp:(i + 1) * kp], beta=s)
+        return y if b is None else y.add_(b)
+
+    def _mixed_fused(self, x2: Tensor, plan: MixedPlan, batch: int) -> Tensor:
+        """Mixed rows in four kernels: ``h = x·w_catᵀ``; each row keeps its own branch's ``x V_iᵀ``
+        columns (a cached 0/1 mask); ``y = s_row · x W̄ᵀ + (masked) · ut_cat``."""
+        out, n, kp = self.out_features, len(self.scales), self.stride
+        h = F.linear(x2, self.w_cat)  # [B·T, out + N·kp]
+        seq = x2.shape[0] // batch
+        mask = _cached(plan, (id(self), "m"), lambda: (
+            torch.arange(n * kp, device=x2.device) // kp == plan.row_ids[:, None]).to(h.dtype).view(batch, 1, n * kp))
+        xv = (h[:, out:].view(batch, seq, n * kp) * mask).view(-1, n * kp)  # [B·T, N·kp]
+        row_scale = _cached(plan, (id(self), "s"), lambda: self.scale_t[plan.row_ids].view(batch, 1, 1))
+        y = h[:, :out]
+        y.view(batch, seq, out).mul_(row_scale)
+        y.addmm_(xv, self.ut_cat)
+        if self.has_bias:
+            y.view(batch, seq, out).add_(
+                _cached(plan, (id(self), "b"), lambda: self.bias_cat[plan.row_ids].view(batch, 1, out)))
+        return y
+
     def _finish_mixed(self, shared: Tensor, xv: Tensor, plan: MixedPlan, batch: int) -> Tensor:
         """``s_i · shared + (x V_iᵀ)(s_i U_i)ᵀ + b_i`` per row from the gathered ``xv`` ``[N, R_max·T, k]``.
 
@@ -239,7 +290,7 @@ class BranchedLinear(nn.Module):
         Returns ``[B, T, out]``.
         """
         n, seq, out_f = len(self.scales), shared.shape[0] // batch, self.out_features
-        low = torch.bmm(xv, self.ut_cat.view(n, self.rank, out_f))  # [N, R_max·T, out]
+        low = torch.bmm(xv, self.ut_cat.view(n, self.stride, out_f))  # [N, R_max·T, out]
         low = low.view(n * plan.rmax, seq * out_f)[plan.unpad_idx].view(batch, seq, out_f)
         row_scale = _cached(plan, (id(self), "s"), lambda: self.scale_t[plan.row_ids].view(batch, 1, 1))
         y = torch.addcmul(low, shared.view(batch, seq, out_f), row_scale)  # low + s_i · x W̄ᵀ
@@ -248,12 +299,14 @@ class BranchedLinear(nn.Module):
         return y
 
     def _mixed(self, x2: Tensor, plan: MixedPlan, batch: int) -> Tensor:
+        if self.fused:
+            return self._mixed_fused(x2, plan, batch)
         shared = F.linear(x2, self.weight_mean)  # [B·T, out], once for all rows
         seq = x2.shape[0] // batch
         n = len(self.scales)
         if self.uniform:
             xs = _gather_rows(x2, plan, batch, n)  # [N, R_max·T, in]
-            xv = torch.bmm(xs, self.v_cat.view(n, self.rank, self.in_features).transpose(1, 2))
+            xv = torch.bmm(xs, self.v_cat.view(n, self.stride, self.in_features).transpose(1, 2))
             return self._finish_mixed(shared, xv, plan, batch)
         out = shared.view(batch, seq, self.out_features) * self.scale_t[plan.row_ids].view(batch, 1, 1)
         xb = x2.view(batch, seq, self.in_features)

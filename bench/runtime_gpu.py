@@ -1,0 +1,245 @@
+"""Inference overhead of a bundle on a GPU, side by side with the dense model in one run (issue: run a bundle).
+
+No weights can travel to a lent GPU machine, so each model is a randomly initialized Llama of a real shape:
+``smollm2`` (SmolLM2-135M: hidden 576, 30 layers) and ``1b`` (Llama-3.2-1B's blocks: hidden 2048,
+16 layers, 32k vocabulary). Two perturbed copies join it as "fine-tunes"; the three are merged at r=0.95 by
+the real pipeline (``run_merge`` with ``device: cuda``) and loaded with ``branchmerge.load``. Speed does
+not depend on the weight values: every run generates a fixed number of tokens.
+
+Each model runs two ways:
+
+- **eager**: ``model.generate`` as users call it, every kernel launched from Python;
+- **graph**: one decode step over a static KV cache captured in a CUDA graph and replayed, as vLLM
+  serves, so the time is the GPU's alone.
+
+Ratios come from rounds of dense / bundle / dense back to back (median and quartiles).
+
+    python bench/runtime_gpu.py [--device cuda] [--shapes smollm2,1b] [--repeat 8] [--tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, StaticCache
+
+import branchmerge
+from _common import CACHE
+from branchmerge.config import parse_config
+from branchmerge.merge import run_merge
+from runtime import paired, spread
+
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True),
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=True, rope_theta=500000.0),
+}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_models(shape: str, dev: torch.device, root: Path) -> list[Path]:
+    """A random Llama of ``shape`` and two copies with rank-16 + noise deltas (2 %) on every block weight."""
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    paths = []
+    orig = {n: p.detach().clone() for n, p in model.named_parameters() if p.ndim == 2 and ".layers." in n}
+    g = torch.Generator(device=dev).manual_seed(1)
+    for i in range(3):
+        out = root / f"m{i}"
+        if i:
+            for n, p in model.named_parameters():
+                if n in orig:
+                    w = orig[n].float()
+                    m, k = w.shape
+                    d = torch.randn(m, 16, generator=g, device=dev) @ torch.randn(16, k, generator=g, device=dev)
+                    d += 0.1 * torch.randn(m, k, generator=g, device=dev)
+                    p.data.copy_(w + d * (0.02 * w.norm() / d.norm()))
+        model.save_pretrained(out)
+        paths.append(out)
+    del model, orig
+    return paths
+
+
+def decode(model, ids, tokens: int) -> None:
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                       do_sample=False, pad_token_id=2)
+
+
+def prefill(model, ids) -> None:
+    with torch.no_grad():
+        model(ids)
+
+
+class GraphedStep:
+    """One decode step of ``model`` for ``batch`` rows over a static KV cache, captured in a CUDA graph."""
+
+    def __init__(self, model, batch: int, prompt: int, vocab: int, dev: torch.device) -> None:
+        self.cache = StaticCache(config=model.config, max_cache_len=prompt + 8)
+        ids = torch.randint(3, vocab, (batch, prompt), device=dev)
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=self.cache, cache_position=torch.arange(prompt, device=dev))
+            self.tok = torch.randint(3, vocab, (batch, 1), device=dev)
+            self.pos = torch.tensor([prompt], device=dev)
+            self.model, self.graph = model, None
+            # cache layers that count their own length (transformers ≥ 5.2x) are rewound inside the step
+            self.lengths = [t for t in (getattr(la, "cumulative_length", None) for la in getattr(self.cache, "layers", []))
+                            if isinstance(t, torch.Tensor)]
+            self.prompt = prompt
+            if dev.type != "cuda":  # the same step, uncaptured (to check this code without a GPU)
+                return
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    self.step()
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.step()
+
+    def step(self) -> torch.Tensor:
+        for t in self.lengths:
+            t.fill_(self.prompt)
+        return self.model(input_ids=self.tok, past_key_values=self.cache, cache_position=self.pos).logits
+
+    def __call__(self, steps: int = 20) -> None:
+        with torch.no_grad():
+            for _ in range(steps):
+                self.step() if self.graph is None else self.graph.replay()
+
+
+def floor_of(bdir: Path, dense) -> float:
+    """Extra factor bytes of one branch over the dense block weights + lm_head: the overhead floor."""
+    man = json.loads((bdir / "manifest.json").read_text())
+    extra = sum(r["rank"] * sum(r["shape"]) for r in man["tensors"]["main"].values()
+                if r["role"] == "compressed" and r["rank"] > 0 and not r["dense"])
+    linear = sum(p.numel() for n, p in dense.named_parameters() if p.ndim == 2 and ".layers." in n)
+    return extra / (linear + dense.lm_head.weight.numel())
+
+
+def bench_shape(shape: str, dev: torch.device, args) -> list[str]:
+    root = CACHE / f"gpu-{shape}"
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.perf_counter()
+    paths = make_models(shape, dev, root)
+    bdir = root / "bundle"
+    cfg = parse_config({"branches": [{"name": f"m{i}", "model": str(p)} for i, p in enumerate(paths)],
+                        "compress_rate": args.rate, "dtype": "bfloat16", "device": str(dev)})
+    run_merge(cfg, bdir, force=True, progress=False)
+    dense = AutoModelForCausalLM.from_pretrained(paths[0], dtype=torch.bfloat16).to(dev).eval()
+    layouts = {f: branchmerge.load(bdir, device=str(dev), dtype="bfloat16", fused=f == "fused")
+               for f in args.layouts.split(",")}
+    vocab = SHAPES[shape]["vocab_size"]
+    floor = floor_of(bdir, dense)
+    n_dense = sum(p.numel() for p in dense.parameters())
+    held = ", ".join(f"{f} {b.memory_bytes() / 1e9:.2f} GB" for f, b in layouts.items())
+    print(f"\n## {shape}: {n_dense / 1e6:.0f} M parameters per model, 3 branches at r={args.rate}, bfloat16, "
+          f"{dev}; models made and merged in {time.perf_counter() - t0:.0f} s; floor from bytes {floor:+.1%}; "
+          f"bundle holds {held} vs {3 * n_dense * 2 / 1e9:.2f} GB for 3 dense", flush=True)
+    rows = []
+    branch, n = "m1", args.repeat
+    ids = torch.randint(3, vocab, (1, 16), device=dev)
+    long_ids = torch.randint(3, vocab, (1, args.prompt_len), device=dev)
+    bids = torch.randint(3, vocab, (8, 16), device=dev)
+    names = [f"m{i % 3}" for i in range(8)]
+    timed_sync = lambda f: (lambda: (f(), sync()))  # noqa: E731
+
+    def row(label, ratios, invert=False):
+        line = f"| {shape} | {label} | {spread(ratios, invert=invert)} |"
+        rows.append(line)
+        print(line, flush=True)
+
+    if len(layouts) == 2:  # the two layouts compute the same function
+        ref, got = (layouts[f].logits(bids, names).float() for f in ("split", "fused"))
+        print(f"fused vs split logits, mixed batch: relative error {((got - ref).norm() / ref.norm()).item():.2e}")
+    how = "CUDA graph" if dev.type == "cuda" else "static-cache (not captured)"
+    for lay, bundle in layouts.items():
+        model = bundle.model(branch)
+        g = bundle.groups["main"]
+
+        def mixed_decode():
+            g.state.set_rows([g.state.index(x) for x in names])
+            try:
+                decode(g.model, bids, args.tokens)
+            finally:
+                g.state.set_rows(None)
+
+        decode(dense, ids, 4), decode(model, ids, 4), mixed_decode()  # warm-up
+        prefill(dense, long_ids), prefill(model, long_ids)
+        r, _ = paired(timed_sync(lambda: decode(dense, ids, args.tokens)), timed_sync(lambda: decode(model, ids, args.tokens)), n)
+        row(f"{lay}: eager decode, batch 1, {args.tokens} tokens: time vs dense", r)
+        r, _ = paired(timed_sync(lambda: prefill(dense, long_ids)), timed_sync(lambda: prefill(model, long_ids)), n)
+        row(f"{lay}: eager prefill, {args.prompt_len} tokens: time vs dense", r)
+        r, _ = paired(timed_sync(lambda: decode(dense, bids, args.tokens)), timed_sync(mixed_decode), n)
+        row(f"{lay}: eager mixed batch 8 over 3 branches: throughput vs dense", r, invert=True)
+        for b in (1, 8, 32):
+            try:
+                gd = GraphedStep(dense, b, 128, vocab, dev)
+                if b == 1:
+                    model = bundle.model(branch)
+                else:
+                    g.state.set_rows([i % 3 for i in range(b)])
+                gb = GraphedStep(g.model, b, 128, vocab, dev)
+                r, _ = paired(timed_sync(gd), timed_sync(gb), n * 2)
+                what = "one branch" if b == 1 else "mixed over 3 branches"
+                row(f"{lay}: {how} decode step, batch {b}, {what}: time vs dense", r)
+            except Exception as e:  # a transformers version whose decode step cannot be captured
+                print(f"{how}, batch {b}: failed: {type(e).__name__}: {e}"[:400], flush=True)
+            finally:
+                g.state.set_rows(None)
+                torch.cuda.empty_cache() if dev.type == "cuda" else None
+
+    bundle = next(iter(layouts.values()))
+    hot = bundle.materialize(branch)
+    model = bundle.model(branch)
+    decode(model, ids, 4)
+    r, _ = paired(timed_sync(lambda: decode(dense, ids, args.tokens)), timed_sync(lambda: decode(model, ids, args.tokens)), n)
+    row(f"hot branch (+{hot / 1e6:.0f} MB): eager decode: time vs dense", r)
+    r, _ = paired(timed_sync(lambda: prefill(dense, long_ids)), timed_sync(lambda: prefill(model, long_ids)), n)
+    row("hot branch: eager prefill: time vs dense", r)
+    del dense, layouts, bundle, model
+    torch.cuda.empty_cache() if dev.type == "cuda" else None
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--shapes", default="smollm2,1b")
+    ap.add_argument("--rate", type=float, default=0.95)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--layouts", default="split,fused", help="branched-layer layouts to measure (load(fused=...))")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+              f"transformers {__import__('transformers').__version__}")
+    rows = []
+    for shape in args.shapes.split(","):
+        rows += bench_shape(shape, dev, args)
+    print(f"\n{args.repeat} rounds of dense / bundle / dense (graph rows: {2 * args.repeat} rounds of 20 replays); "
+          "median ratio (quartiles)\n\n| model | measurement | ratio |\n|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
