@@ -218,11 +218,16 @@ def test_model_moves_dtype_and_keeps_branches(bundles):
 
 
 
-def test_mixed_batch_uneven_groups_and_repeated_rows(loaded):
-    """The gathered per-branch layout pads branches with fewer rows; absent branches and beam-style
-    repeated rows (batch a multiple of the ids set) must still equal per-branch runs."""
-    b = loaded[0.9]
+@pytest.mark.parametrize("path", ["masked", "gathered"])
+def test_mixed_batch_uneven_groups_and_repeated_rows(bundles, monkeypatch, path):
+    """Both mixed paths — every branch's factors with a row mask, and rows gathered into a padded
+    per-branch layout — with uneven groups, an absent branch and beam-style repeated rows (batch a
+    multiple of the ids set) must equal per-branch runs."""
+    monkeypatch.setattr(BranchedLinear, "masked_max_share", 1e9 if path == "masked" else 0.0)
+    b = branchmerge.load(bundles[0.9], dtype="float32")
     g = b.groups["main"]
+    layers = [m for m in g.model.modules() if isinstance(m, BranchedLinear)]
+    assert layers and all(m.masked == (path == "masked") for m in layers)
     x = torch.randint(3, 64, (6, 5))
     names = ["a", "a", "a", "b", "a", "b"]  # c absent, a has 4 rows and b 2
     mixed = b.logits(x, names)
@@ -258,3 +263,23 @@ def test_fused_layout_equals_split(bundles, loaded):
     fused.dematerialize("a")
     prompts, who = ["abc", "hello there", "1+1="], ["b", "a", "c"]
     assert fused.generate(prompts, who, max_new_tokens=5) == split.generate(prompts, who, max_new_tokens=5)
+
+
+def test_head_gets_one_gemm_on_batched_prefill(loaded):
+    """generate() hands the head a strided [B, 1, H] view; it must reach the head contiguous (one GEMM),
+    not as a batched matmul over B copies of the vocabulary weight, and the logits must not change."""
+    b = loaded[0.9]
+    m = b.model("a")
+    seen = []
+    h = m.get_output_embeddings().register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+    try:
+        x = torch.randint(3, 64, (3, 7))
+        with torch.no_grad():
+            hidden = m.model(x).last_hidden_state[:, -1:, :]
+            assert not hidden.is_contiguous()
+            got = m.get_output_embeddings()(hidden)
+            m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    finally:
+        h.remove()
+    assert seen and all(seen)
+    torch.testing.assert_close(got, torch.nn.functional.linear(hidden.contiguous(), m.get_output_embeddings().weight))

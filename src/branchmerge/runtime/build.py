@@ -97,6 +97,9 @@ def build_group_model(
 
     _tie_lm_head(model, records, state, len(members))
     _rebuild_meta_buffers(model, config, device)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
     leftovers = [n for n, p in model.named_parameters() if p.is_meta]
     if leftovers:
         raise BundleError(f"bundle group {group!r} lacks tensors for: {', '.join(leftovers[:5])}")
@@ -104,6 +107,20 @@ def build_group_model(
         model.generation_config = GenerationConfig.from_pretrained(first_dir)
     model.eval()
     return model, state
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Give the output head a contiguous input.
+
+    ``generate`` feeds the head ``hidden[:, -1:, :]``, a strided ``[B, 1, H]`` view. With weights that do
+    not require grad (ours), ``F.linear`` sends that view to a batched matmul over a ``[B, H, V]``
+    expanded weight. That is B times the head's work on every prefill. A transformers model's weights
+    require grad, so it folds the view into one GEMM instead; copying ``B·H`` values gives us the same.
+    """
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() > 2 and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
 
 
 def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:

@@ -2,9 +2,11 @@
 
 A :class:`BranchState` shared by every branched module of a model says which branch each batch row
 uses (``rows``) or, for a whole batch, which branch is active (``active``). Mixed batches follow
-PEFT's ``_mixed_batch_forward`` for the shared product — ``x W̄ᵀ`` runs once over all rows — and
-Punica/S-LoRA's gathered kernels for the per-branch terms: rows are gathered into a padded
-``[N, R_max, …]`` layout so each row meets only its own branch's factors in one batched matmul.
+PEFT's ``_mixed_batch_forward`` for the shared product — ``x W̄ᵀ`` runs once over all rows. For the
+per-branch terms, while ``N·k`` is small next to the layer, every row meets every branch's ``V`` and a
+0/1 row mask keeps its own (fewest kernels); past that, Punica/S-LoRA's gathered layout: rows are
+gathered into a padded ``[N, R_max, …]`` layout so each row meets only its own branch's factors in one
+batched matmul (FLOPs independent of ``N``).
 """
 
 from __future__ import annotations
@@ -122,8 +124,10 @@ class BranchedLinear(nn.Module):
 
     When every branch has factors of one rank ``k`` ("uniform"), they are stored concatenated —
     ``v_cat`` ``[N·k, in]`` and ``ut_cat`` ``[N·k, out]`` (rows of ``s_i U_iᵀ``) — and a mixed batch
-    runs in a fixed number of kernels whatever the branches: rows gathered per branch, two batched
-    matmuls against the factors viewed ``[N, k, ·]``, rows scattered back.
+    runs in a fixed number of kernels whatever the branches. With ``masked`` (``N·k`` at most
+    ``masked_max_share`` of the layer's width): ``x W̄ᵀ`` and ``x v_catᵀ``, a cached row mask, then
+    ``y = s_row·x W̄ᵀ + (masked)·ut_cat`` in place. Otherwise rows are gathered per branch, go through
+    two batched matmuls against the factors viewed ``[N, k, ·]``, and are scattered back.
 
     With ``fused`` (the default on CUDA, where launches cost more than bytes), ``W̄`` and every ``V_i``
     are one stored weight ``w_cat`` ``[out + N·kp, in]``, ranks zero-padded to ``kp`` (a multiple of 8,
@@ -138,6 +142,9 @@ class BranchedLinear(nn.Module):
         biases: per branch ``b_i`` ``[out]`` or None.
         fused: the one-weight layout above; None picks it when ``mean`` is on a CUDA device.
     """
+
+    small_rows = 32  # below this many rows the single-branch path accumulates in place (faster on CPU BLAS)
+    masked_max_share = 0.5  # mixed rows use the masked path while N·k ≤ this share of min(out, in)
 
     def __init__(
         self,
@@ -163,6 +170,8 @@ class BranchedLinear(nn.Module):
         self.fused = self.uniform and (mean.device.type == "cuda" if fused is None else fused)
         # fused: rows padded to a multiple of 8 (zeros, exact) so every slice of x·w_catᵀ is 16-byte aligned
         self.stride = -(-self.rank // 8) * 8 if self.fused else self.rank
+        # mixed rows: all factors + a mask while they are small next to the layer, else gathered per branch
+        self.masked = self.fused or (self.uniform and n * self.stride <= min(mean.shape) * self.masked_max_share)
         self._lowrank_ids = [i for i, d in enumerate(diffs) if d is not None and d[0] == "lowrank"]
         self._v: list[Tensor | None] = [None] * n
         self._ut: list[Tensor | None] = [None] * n
@@ -213,6 +222,7 @@ class BranchedLinear(nn.Module):
             else:
                 self._v[i], self._ut[i] = self.factors[2 * j], self.factors[2 * j + 1]
         self._wt = self.weight_mean.t()  # [in, out] view
+        self._vt_cat = None if self.v_cat is None else self.v_cat.t()  # [in, N·kp] view
         self._fast = [(self.hot[str(i)] if str(i) in self.hot else None, None if self._v[i] is None else self._v[i].t(),
                        self._ut[i], self.scales[i], self._bias(i)) for i in range(len(self.scales))]
 
@@ -247,6 +257,9 @@ class BranchedLinear(nn.Module):
         if self.fused:
             return self._single_fused(x2, i, s, b)
         if vt is not None:
+            if x2.shape[0] < self.small_rows:  # decode: a plain GEMM, then the low-rank term added in place
+                y = torch.mm(x2, self._wt).addmm_(torch.mm(x2, vt), ut, beta=s)
+                return y if b is None else y.add_(b)
             t = torch.mm(torch.mm(x2, vt), ut)  # (x Vᵢᵀ)(sᵢ Uᵢ)ᵀ
             if b is not None:
                 t += b
@@ -265,17 +278,23 @@ class BranchedLinear(nn.Module):
         y = h[:, :out].addmm_(h[:, lo:lo + kp], self.ut_cat[i * kp:(i + 1) * kp], beta=s)
         return y if b is None else y.add_(b)
 
-    def _mixed_fused(self, x2: Tensor, plan: MixedPlan, batch: int) -> Tensor:
-        """Mixed rows in four kernels: ``h = x·w_catᵀ``; each row keeps its own branch's ``x V_iᵀ``
-        columns (a cached 0/1 mask); ``y = s_row · x W̄ᵀ + (masked) · ut_cat``."""
+    def _mixed_masked(self, x2: Tensor, plan: MixedPlan, batch: int) -> Tensor:
+        """Mixed rows with every branch's factors and a mask: ``x W̄ᵀ`` and all ``x V_iᵀ`` (one GEMM in the
+        fused layout, two otherwise); each row keeps its own branch's ``x V_iᵀ`` columns (a cached 0/1
+        mask); ``y = s_row · x W̄ᵀ + (masked) · ut_cat`` accumulated in place. ``x2`` ``[B·T, in]`` →
+        ``[B·T, out]``. Costs ``N×`` the factor FLOPs but no gather or scatter: the choice while
+        ``N·kp`` is small next to the layer's width."""
         out, n, kp = self.out_features, len(self.scales), self.stride
-        h = F.linear(x2, self.w_cat)  # [B·T, out + N·kp]
         seq = x2.shape[0] // batch
+        if self.fused:
+            h = F.linear(x2, self.w_cat)  # [B·T, out + N·kp]
+            y, xv = h[:, :out], h[:, out:]
+        else:
+            y, xv = torch.mm(x2, self._wt), torch.mm(x2, self._vt_cat)
         mask = _cached(plan, (id(self), "m"), lambda: (
-            torch.arange(n * kp, device=x2.device) // kp == plan.row_ids[:, None]).to(h.dtype).view(batch, 1, n * kp))
-        xv = (h[:, out:].view(batch, seq, n * kp) * mask).view(-1, n * kp)  # [B·T, N·kp]
+            torch.arange(n * kp, device=x2.device) // kp == plan.row_ids[:, None]).to(y.dtype).view(batch, 1, n * kp))
+        xv = (xv.view(batch, seq, n * kp) * mask).view(-1, n * kp)  # [B·T, N·kp]
         row_scale = _cached(plan, (id(self), "s"), lambda: self.scale_t[plan.row_ids].view(batch, 1, 1))
-        y = h[:, :out]
         y.view(batch, seq, out).mul_(row_scale)
         y.addmm_(xv, self.ut_cat)
         if self.has_bias:
@@ -299,8 +318,8 @@ class BranchedLinear(nn.Module):
         return y
 
     def _mixed(self, x2: Tensor, plan: MixedPlan, batch: int) -> Tensor:
-        if self.fused:
-            return self._mixed_fused(x2, plan, batch)
+        if self.masked:
+            return self._mixed_masked(x2, plan, batch)
         shared = F.linear(x2, self.weight_mean)  # [B·T, out], once for all rows
         seq = x2.shape[0] // batch
         n = len(self.scales)
@@ -375,8 +394,9 @@ class PerBranch(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             # attributes such as `weight`, `embedding_dim`, `padding_idx` read through to the active copy
-            copies = super().__getattr__("copies")
-            state = super().__getattr__("state")
+            copies, state = self._modules.get("copies"), self.__dict__.get("state")
+            if copies is None or state is None:  # still in __init__
+                raise
             return getattr(copies[state.active], name)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
