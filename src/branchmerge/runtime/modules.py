@@ -337,7 +337,13 @@ class BranchedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         st = self.state
-        plan = st.active if st._rows is None else st.plan(x.shape[0], x.device)
+        if st._rows is None:
+            hot = self._fast[st.active][0]
+            if hot is not None and x.is_contiguous():  # a hot branch: exactly an nn.Linear
+                return F.linear(x, hot, self._fast[st.active][4])
+            plan = st.active
+        else:
+            plan = st.plan(x.shape[0], x.device)
         x2 = x.reshape(-1, self.in_features)  # [B*T, in]
         y = self._single(x2, plan) if isinstance(plan, int) else self._mixed(x2, plan, x.shape[0])
         return y.view(*x.shape[:-1], self.out_features)
