@@ -33,7 +33,7 @@ import branchmerge
 from _common import CACHE
 from branchmerge.config import parse_config
 from branchmerge.merge import run_merge
-from runtime import paired, spread
+from runtime import decode, mixed_decoder, paired, prefill, spread
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -74,17 +74,6 @@ def make_models(shape: str, dev: torch.device, root: Path) -> list[Path]:
         paths.append(out)
     del model, orig
     return paths
-
-
-def decode(model, ids, tokens: int) -> None:
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                       do_sample=False, pad_token_id=2)
-
-
-def prefill(model, ids) -> None:
-    with torch.no_grad():
-        model(ids)
 
 
 class GraphedStep:
@@ -173,14 +162,7 @@ def bench_shape(shape: str, dev: torch.device, args) -> list[str]:
     for lay, bundle in layouts.items():
         model = bundle.model(branch)
         g = bundle.groups["main"]
-
-        def mixed_decode():
-            g.state.set_rows([g.state.index(x) for x in names])
-            try:
-                decode(g.model, bids, args.tokens)
-            finally:
-                g.state.set_rows(None)
-
+        mixed_decode = mixed_decoder(bundle, names, bids, args.tokens)
         decode(dense, ids, 4), decode(model, ids, 4), mixed_decode()  # warm-up
         prefill(dense, long_ids), prefill(model, long_ids)
         r, _ = paired(timed_sync(lambda: decode(dense, ids, args.tokens)), timed_sync(lambda: decode(model, ids, args.tokens)), n)
