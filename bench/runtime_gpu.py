@@ -27,12 +27,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import branchmerge
 from _common import CACHE
 from branchmerge.config import parse_config
+from branchmerge.compress import rank_for
 from branchmerge.merge import run_merge
+from branchmerge.runtime.modules import BranchedLinear, BranchState
 from runtime import decode, mixed_decoder, paired, prefill, spread
 
 SHAPES = {
@@ -40,6 +43,8 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True),
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=True, rope_theta=500000.0),
 }
@@ -77,15 +82,16 @@ def make_models(shape: str, dev: torch.device, root: Path) -> list[Path]:
 
 
 class GraphedStep:
-    """One decode step of ``model`` for ``batch`` rows over a static KV cache, captured in a CUDA graph."""
+    """One step of ``model`` over ``tokens`` new tokens for ``batch`` rows (1: a decode step; more: a
+    prefill) after ``prompt`` cached ones, over a static KV cache, captured in a CUDA graph."""
 
-    def __init__(self, model, batch: int, prompt: int, vocab: int, dev: torch.device) -> None:
-        self.cache = StaticCache(config=model.config, max_cache_len=prompt + 8)
+    def __init__(self, model, batch: int, prompt: int, vocab: int, dev: torch.device, tokens: int = 1) -> None:
+        self.cache = StaticCache(config=model.config, max_cache_len=prompt + tokens + 8)
         ids = torch.randint(3, vocab, (batch, prompt), device=dev)
         with torch.no_grad():
             model(input_ids=ids, past_key_values=self.cache, cache_position=torch.arange(prompt, device=dev))
-            self.tok = torch.randint(3, vocab, (batch, 1), device=dev)
-            self.pos = torch.tensor([prompt], device=dev)
+            self.tok = torch.randint(3, vocab, (batch, tokens), device=dev)
+            self.pos = torch.arange(prompt, prompt + tokens, device=dev)
             self.model, self.graph = model, None
             # cache layers that count their own length (transformers ≥ 5.2x) are rewound inside the step
             self.lengths = [t for t in (getattr(la, "cumulative_length", None) for la in getattr(self.cache, "layers", []))
@@ -201,6 +207,65 @@ def bench_shape(shape: str, dev: torch.device, args) -> list[str]:
     return rows
 
 
+def branch_in_place(model, rate: float, n: int, fused: bool) -> tuple[BranchState, list[nn.Module]]:
+    """Swap every block linear of ``model`` for a :class:`BranchedLinear` with ``n`` random rank-k factors
+    (k from ``rate``), its weight as ``W̄``. For shapes too large to write to disk three times; the
+    per-branch norms and embeddings of a real bundle are left out. Returns the state and the replaced
+    modules (kept alive: graphs captured before the swap still read their weights)."""
+    state = BranchState([f"m{i}" for i in range(n)])
+    kept = []
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and ".layers." in name:
+            w = mod.weight.data
+            out, inp = w.shape
+            k = rank_for((out, inp), rate)
+            diffs = [("lowrank", torch.randn(out, k, device=w.device, dtype=w.dtype) * 0.02,
+                      torch.randn(k, inp, device=w.device, dtype=w.dtype) * 0.02) for _ in range(n)]
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, BranchedLinear(state, w, [1.0] * n, diffs, fused=fused))
+            kept.append(mod)
+    return state, kept
+
+
+def bench_in_memory(shape: str, dev: torch.device, args, layout: str) -> list[str]:
+    """CUDA-graph decode steps and a graph-captured prefill of a ``shape`` Llama, dense vs branched in place."""
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    vocab, n = cfg.vocab_size, args.repeat
+    steps = {"decode, batch 1": (1, 128, 1), "decode, batch 8 mixed": (8, 128, 1),
+             "decode, batch 32 mixed": (32, 128, 1), f"prefill, {args.prompt_len} tokens": (1, 8, args.prompt_len)}
+    dense = {k: GraphedStep(model, b, p, vocab, dev, t) for k, (b, p, t) in steps.items()}
+    nparams = sum(p.numel() for p in model.parameters())
+    state, kept = branch_in_place(model, args.rate, 3, fused=layout == "fused")
+    print(f"\n## {shape} in memory: {nparams / 1e9:.2f} B parameters, 3 branches at r={args.rate}, bfloat16, "
+          f"built in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    for label, (b, p, t) in steps.items():
+        if b == 1:
+            state.set_rows(None)
+            state.active = 1
+        else:
+            state.set_rows([i % 3 for i in range(b)])
+        try:
+            ours = GraphedStep(model, b, p, vocab, dev, t)
+            r, _ = paired(lambda: (dense[label](5), sync()), lambda: (ours(5), sync()), 2 * n)
+            line = f"| {shape} (in memory) | {layout}: CUDA graph {label}: time vs dense | {spread(r)} |"
+            rows.append(line)
+            print(line, flush=True)
+            del ours
+        except Exception as e:
+            print(f"{label}: failed: {type(e).__name__}: {e}"[:400], flush=True)
+        finally:
+            state.set_rows(None)
+    del dense, kept, model
+    torch.cuda.empty_cache() if dev.type == "cuda" else None
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -210,14 +275,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--layouts", default="split,fused", help="branched-layer layouts to measure (load(fused=...))")
+    ap.add_argument("--in-memory", default="", help="shapes (e.g. 8b) to branch in place, without files")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda":
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
               f"transformers {__import__('transformers').__version__}")
     rows = []
-    for shape in args.shapes.split(","):
+    for shape in filter(None, args.shapes.split(",")):
         rows += bench_shape(shape, dev, args)
+    for shape in filter(None, args.in_memory.split(",")):
+        rows += [r for lay in args.layouts.split(",") for r in bench_in_memory(shape, dev, args, lay)]
     print(f"\n{args.repeat} rounds of dense / bundle / dense (graph rows: {2 * args.repeat} rounds of 20 replays); "
           "median ratio (quartiles)\n\n| model | measurement | ratio |\n|---|---|---|")
     print("\n".join(rows))

@@ -167,9 +167,11 @@ class BranchedLinear(nn.Module):
         ranks = {d[1].shape[1] for d in diffs if d is not None and d[0] == "lowrank"}
         self.uniform = len(ranks) == 1 and all(d is not None and d[0] == "lowrank" for d in diffs)
         self.rank = ranks.pop() if self.uniform else 0
-        self.fused = self.uniform and (mean.device.type == "cuda" if fused is None else fused)
-        # fused: rows padded to a multiple of 8 (zeros, exact) so every slice of x·w_catᵀ is 16-byte aligned
-        self.stride = -(-self.rank // 8) * 8 if self.fused else self.rank
+        on_gpu = mean.device.type == "cuda"
+        self.fused = self.uniform and (on_gpu if fused is None else fused)
+        # on a GPU (and always when fused) ranks are padded to a multiple of 8 with zeros (exact), so every
+        # factor GEMM and every slice of x·w_catᵀ is 16-byte aligned
+        self.stride = -(-self.rank // 8) * 8 if self.fused or (self.uniform and on_gpu) else self.rank
         # mixed rows: all factors + a mask while they are small next to the layer, else gathered per branch
         self.masked = self.fused or (self.uniform and n * self.stride <= min(mean.shape) * self.masked_max_share)
         self._lowrank_ids = [i for i, d in enumerate(diffs) if d is not None and d[0] == "lowrank"]
@@ -223,8 +225,11 @@ class BranchedLinear(nn.Module):
                 self._v[i], self._ut[i] = self.factors[2 * j], self.factors[2 * j + 1]
         self._wt = self.weight_mean.t()  # [in, out] view
         self._vt_cat = None if self.v_cat is None else self.v_cat.t()  # [in, N·kp] view
-        self._fast = [(self.hot[str(i)] if str(i) in self.hot else None, None if self._v[i] is None else self._v[i].t(),
-                       self._ut[i], self.scales[i], self._bias(i)) for i in range(len(self.scales))]
+        # the hot path uses the padded factor rows (zeros beyond the rank) so its GEMMs stay aligned
+        vp = [self.v_cat[i * kp:(i + 1) * kp] if self.uniform else self._v[i] for i in range(len(self.scales))]
+        up = [self.ut_cat[i * kp:(i + 1) * kp] if self.uniform else self._ut[i] for i in range(len(self.scales))]
+        self._fast = [(self.hot[str(i)] if str(i) in self.hot else None, None if vp[i] is None else vp[i].t(),
+                       up[i], self.scales[i], self._bias(i)) for i in range(len(self.scales))]
 
     def _apply(self, fn, recurse: bool = True):  # keep the per-branch views valid after .to()/.cuda()
         out = super()._apply(fn, recurse)
