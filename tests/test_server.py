@@ -197,3 +197,48 @@ def test_stage_extract_and_plain_completion(server):
     assert res[1].text == (m.group(1) if m else raw)
     with pytest.raises(ValueError, match="not a valid regular expression"):
         Pipeline.model_validate({"name": "y", "stages": [{"extract": "(["}]})
+
+
+def test_logprobs_and_echo_match_library(server):
+    """``echo`` + ``logprobs`` (OpenAI's legacy completions) return each prompt token's log-probability
+    under the chosen branch, equal to the library's; token-id prompts work; bad ids are refused."""
+    b, c = server["bundle"], server["client"]
+    ids = b.tokenizer("b")("rev hello=")["input_ids"]
+    ref = b.token_logprobs(ids, "b", top=2)
+    r = c.completions.create(model="b", prompt="rev hello=", max_tokens=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == "rev hello=" and lp.tokens == list("rev hello=")
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(ref.logprobs[1:], abs=1e-5)
+    assert all(max(t.values()) >= v - 1e-6 for t, v in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    # token ids in, one greedy token out, scored like its prompt
+    r2 = c.completions.create(model="b", prompt=ids, max_tokens=1, echo=True, logprobs=1)
+    greedy = b.generate("rev hello=", "b", max_new_tokens=1)[0]
+    assert r2.choices[0].text == b.tokenizer("b").decode(ids) + greedy
+    assert len(r2.choices[0].logprobs.tokens) == len(ids) + 1
+    assert r2.choices[0].logprobs.token_logprobs[-1] == pytest.approx(max(r2.choices[0].logprobs.top_logprobs[-1].values()))
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        c.completions.create(model="b", prompt=[1, 99999], max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        c.completions.create(model="b", prompt="rev a=", max_tokens=2, logprobs=1, stream=True)
+
+
+def test_lm_eval_client_loglikelihood(server, monkeypatch):
+    """lm-evaluation-harness's completions client scores (context, continuation) pairs through the
+    server, tokenizing locally with the branch's own tokenizer: the loglikelihood task type (MMLU-style)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    b = server["bundle"]
+    lm = LocalCompletionsAPI(base_url=server["url"] + "/v1/completions", model="a", tokenizer_backend="huggingface",
+                             tokenizer=str(b.reader.branch_dir("a")), num_concurrent=2, max_retries=1)
+    pairs = [("add 1+2=", "3"), ("add 1+2=", "12"), ("add 5+5=", "10")]
+    reqs = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+    got = lm.loglikelihood(reqs, disable_tqdm=True)
+    tok = b.tokenizer("a")
+    for (ctx, cont), (ll, greedy) in zip(pairs, got):
+        ci, xi = tok(ctx)["input_ids"], tok(cont)["input_ids"]
+        sc = b.token_logprobs(ci + xi, "a", top=1)
+        assert ll == pytest.approx(sum(sc.logprobs[len(ci):]), abs=1e-4)
+        assert greedy == all(t[0][0] == x for t, x in zip(sc.top[len(ci):], xi))

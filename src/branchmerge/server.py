@@ -61,7 +61,9 @@ class ChatRequest(_Req):
 
 
 class CompletionRequest(_Req):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
 
 
 class APIError(Exception):
@@ -380,16 +382,70 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
             raise APIError(400, "the last user message is empty", param="messages")
         return await _handle(req, "chat", last_user, lambda b: _encode_chat(b, req.messages))
 
+    def _token_ids(branch: str, ids: list[int]) -> list[int]:
+        vocab = bundle.reader.hf_config(branch).get("vocab_size")
+        bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+        if bad:
+            raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary of branch {branch!r} "
+                                f"(size {vocab})", param="prompt")
+        return list(ids)
+
+    async def _scored(req: CompletionRequest, prompt: str | list[int]) -> JSONResponse:
+        """A completion with ``logprobs`` and/or ``echo`` (how lm-evaluation-harness scores loglikelihoods):
+        generate as usual, then one forward over prompt + completion gives every token's log-probability."""
+        if req.stream:
+            raise APIError(400, "logprobs and echo are not supported with stream=true", param="stream")
+        mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        mt = 16 if mt is None else mt
+        if mt < 0 or (mt == 0 and not req.echo):
+            raise APIError(400, f"max_tokens must be positive (0 only with echo), got {mt}", param="max_tokens")
+        _limits(req.model_copy(update={"max_tokens": max(mt, 1), "max_completion_tokens": None}))
+        branch, pipeline = await _resolve(req.model, prompt if isinstance(prompt, str) else "")
+        if pipeline is not None or branch is None:
+            raise APIError(400, "logprobs and echo need a branch, not a pipeline", param="model")
+        tok = bundle.tokenizer(branch)
+        ids = _token_ids(branch, prompt) if isinstance(prompt, list) else tok(prompt)["input_ids"]
+        text, reason, new_ids = "", "length", []
+        if mt > 0:
+            job = await _wait(engine.submit(_job(branch, ids, req, mt, False)))
+            (text, reason), new_ids = _finish(branch, job.new_ids, job), job.new_ids
+
+        def work():
+            with lock:
+                return bundle.token_logprobs(ids + new_ids, branch, top=req.logprobs or 0)
+
+        sc = await asyncio.get_running_loop().run_in_executor(None, work)
+        start = 0 if req.echo else len(ids)
+        pieces = [tok.decode([t]) for t in sc.token_ids[start:]]
+        offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+        logprobs = None if req.logprobs is None else {
+            "tokens": pieces, "token_logprobs": sc.logprobs[start:], "text_offset": offsets,
+            "top_logprobs": [None if t is None else {tok.decode([i]): v for i, v in t} for t in sc.top[start:]]}
+        rid = "cmpl-" + uuid.uuid4().hex[:24]
+        out = ((prompt if isinstance(prompt, str) else tok.decode(ids)) + text) if req.echo else text
+        body = _body("completion", rid, "text_completion", req.model, out, reason, len(ids), len(new_ids), branch)
+        body["choices"][0]["logprobs"] = logprobs
+        return JSONResponse(body, headers={"X-Branchmerge-Branch": branch})
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        if isinstance(req.prompt, list):
-            if len(req.prompt) != 1:
+        prompt: str | list[int] = req.prompt  # type: ignore[assignment]
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
                 raise APIError(400, "send one prompt per request (batching happens on the server)", param="prompt")
-            prompt = req.prompt[0]
-        else:
-            prompt = req.prompt
-        if not prompt.strip():
+            prompt = prompt[0]
+        if isinstance(prompt, list):  # token ids
+            if not prompt:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            if req.model == "auto":
+                raise APIError(400, "a prompt of token ids needs a branch name as the model, not 'auto'",
+                               param="model")
+        elif not prompt.strip():
             raise APIError(400, "prompt must not be empty", param="prompt")
+        if req.logprobs is not None or req.echo:
+            return await _scored(req, prompt)
+        if isinstance(prompt, list):
+            return await _handle(req, "completion", "", lambda b: _token_ids(b, prompt))
         return await _handle(req, "completion", prompt, lambda b: bundle.tokenizer(b)(prompt)["input_ids"])
 
     return app

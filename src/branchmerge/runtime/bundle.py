@@ -154,6 +154,25 @@ class Bundle:
         finally:
             g.state.set_rows(None)
 
+    def token_logprobs(self, ids: Sequence[int], branch: str, *, top: int = 0) -> TokenLogprobs:
+        """Log-probability of every token of ``ids`` given the ones before it, on ``branch``.
+
+        The first token has no context, so its entries are None (as in OpenAI's ``echo`` responses).
+        ``top`` > 0 also gives that many most likely tokens at each position, most likely first.
+        """
+        if len(ids) == 0:
+            raise BranchmergeError("token_logprobs needs at least one token")
+        x = torch.tensor([list(ids)], dtype=torch.long)
+        lp = torch.log_softmax(self.logits(x, [branch])[0, :-1].float(), dim=-1)  # [T-1, vocab]
+        chosen = lp.gather(1, x[0, 1:, None].to(lp.device))[:, 0].tolist()
+        best: list[list[tuple[int, float]] | None] = [None]
+        if top > 0:
+            vals, idx = lp.topk(min(top, lp.shape[-1]), dim=-1)
+            best += [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        else:
+            best += [[] for _ in chosen]
+        return TokenLogprobs(list(ids), [None, *chosen], best)
+
     def _rows_for(self, branches: Sequence[str]) -> tuple[_GroupRuntime, list[int]]:
         groups = {self._group_of(b).name for b in branches}
         if len(groups) != 1:
@@ -271,6 +290,18 @@ class GenerationResult:
     new_ids: list[int]
     text: str
     finish_reason: str  # "stop" or "length"
+
+
+@dataclass
+class TokenLogprobs:
+    """Per-token scores of a sequence: ``logprobs[t]`` = log p(token t | tokens < t); entry 0 is None.
+
+    ``top[t]`` lists ``(token id, logprob)`` of the most likely tokens at position t (None at 0).
+    """
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
 
 
 def load(path: str | Path, *, device: str = "cpu", dtype: str | None = None, verify: bool = True,
