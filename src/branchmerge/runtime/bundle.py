@@ -154,24 +154,39 @@ class Bundle:
         finally:
             g.state.set_rows(None)
 
-    def token_logprobs(self, ids: Sequence[int], branch: str, *, top: int = 0) -> TokenLogprobs:
+    def stop_ids(self, branch: str) -> set[int]:
+        """End-of-sequence token ids of ``branch``: its tokenizer's and its generation config's."""
+        ids = set()
+        e = self.tokenizer(branch).eos_token_id
+        if e is not None:
+            ids.add(e)
+        gc_eos = self._group_of(branch).model.generation_config.eos_token_id
+        ids.update(gc_eos if isinstance(gc_eos, list) else [gc_eos] if gc_eos is not None else [])
+        return ids
+
+    def token_logprobs(self, ids: Sequence[int], branch: str, *, top: int = 0, greedy_next: bool = False) -> TokenLogprobs:
         """Log-probability of every token of ``ids`` given the ones before it, on ``branch``.
 
         The first token has no context, so its entries are None (as in OpenAI's ``echo`` responses).
         ``top`` > 0 also gives that many most likely tokens at each position, most likely first.
+        ``greedy_next`` appends the most likely next token, scored by the same forward pass.
         """
         if len(ids) == 0:
             raise BranchmergeError("token_logprobs needs at least one token")
         x = torch.tensor([list(ids)], dtype=torch.long)
-        lp = torch.log_softmax(self.logits(x, [branch])[0, :-1].float(), dim=-1)  # [T-1, vocab]
-        chosen = lp.gather(1, x[0, 1:, None].to(lp.device))[:, 0].tolist()
+        logits = self.logits(x, [branch])[0]
+        lp = torch.log_softmax((logits if greedy_next else logits[:-1]).float(), dim=-1)  # [T or T-1, vocab]
+        tokens = list(ids)
+        if greedy_next:
+            tokens.append(int(lp[-1].argmax()))
+        chosen = lp.gather(1, torch.tensor(tokens[1:], device=lp.device)[:, None])[:, 0].tolist()
         best: list[list[tuple[int, float]] | None] = [None]
         if top > 0:
             vals, idx = lp.topk(min(top, lp.shape[-1]), dim=-1)
             best += [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
         else:
             best += [[] for _ in chosen]
-        return TokenLogprobs(list(ids), [None, *chosen], best)
+        return TokenLogprobs(tokens, [None, *chosen], best)
 
     def _rows_for(self, branches: Sequence[str]) -> tuple[_GroupRuntime, list[int]]:
         groups = {self._group_of(b).name for b in branches}
@@ -252,13 +267,7 @@ class Bundle:
                 n = len(ids_list[i])
                 input_ids[r, width - n:] = torch.tensor(ids_list[i])
                 mask[r, width - n:] = 1
-            eos = set()
-            for b in {names[i] for i in idx}:
-                e = self.tokenizer(b).eos_token_id
-                if e is not None:
-                    eos.add(e)
-                gc_eos = g.model.generation_config.eos_token_id
-                eos.update(gc_eos if isinstance(gc_eos, list) else [gc_eos] if gc_eos is not None else [])
+            eos = set().union(*(self.stop_ids(b) for b in {names[i] for i in idx}))
             kwargs = {"do_sample": False, "pad_token_id": pad, "eos_token_id": sorted(eos) or None, **generation_kwargs}
             if not kwargs.get("do_sample"):
                 kwargs.setdefault("temperature", None)
@@ -273,13 +282,13 @@ class Bundle:
                 g.state.set_rows(None)
             for r, i in enumerate(idx):
                 new = out[r, width:].tolist()
-                reason = "length"
+                reason, stop_id = "length", None
                 for j, t in enumerate(new):
                     if t in eos:
-                        new, reason = new[:j], "stop"
+                        new, reason, stop_id = new[:j], "stop", t
                         break
                 text = self.tokenizer(names[i]).decode(new, skip_special_tokens=True)
-                results[i] = GenerationResult(names[i], ids_list[i], new, text, reason)
+                results[i] = GenerationResult(names[i], ids_list[i], new, text, reason, stop_id)
         return [r for r in results if r is not None]
 
 
@@ -290,6 +299,7 @@ class GenerationResult:
     new_ids: list[int]
     text: str
     finish_reason: str  # "stop" or "length"
+    stop_id: int | None = None  # the end-of-sequence token that ended it (not in new_ids)
 
 
 @dataclass
