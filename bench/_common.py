@@ -61,6 +61,22 @@ def perturbed_copies(src: Path, n: int, *, rank: int = 16, scale: float = 0.02, 
     return outs
 
 
+def smollm2_bundle(rate: float) -> tuple[list[Path], Path]:
+    """SmolLM2-135M-Instruct and two perturbed copies, and their 3-branch float32 bundle at ``rate``
+    (merged once, cached): the models behind the runtime and serving benchmarks."""
+    from branchmerge.config import parse_config
+    from branchmerge.merge import run_merge
+
+    base = smollm2_folder()
+    models = [base, *perturbed_copies(base, 2)]
+    bdir = CACHE / f"rt-bundle-{rate}"
+    if not (bdir / "manifest.json").is_file():
+        cfg = parse_config({"branches": [{"name": f"m{i}", "model": str(p)} for i, p in enumerate(models)],
+                            "compress_rate": rate, "dtype": "float32"})
+        run_merge(cfg, bdir, force=True, progress=False)
+    return models, bdir
+
+
 def measure(cmd: list[str]) -> dict:
     """Run `cmd`, return wall seconds and peak RSS (MB) of that process tree's largest member."""
     t0 = time.perf_counter()

@@ -34,9 +34,7 @@ import uvicorn  # noqa: E402
 import yaml  # noqa: E402
 
 import branchmerge  # noqa: E402
-from _common import CACHE, perturbed_copies, smollm2_folder  # noqa: E402
-from branchmerge.config import parse_config  # noqa: E402
-from branchmerge.merge import run_merge  # noqa: E402
+from _common import CACHE, smollm2_bundle  # noqa: E402
 from branchmerge.server import create_app  # noqa: E402
 
 TASK = {
@@ -88,13 +86,8 @@ def main() -> None:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    base = smollm2_folder()
-    models = [base, *perturbed_copies(base, 2)]
-    bdir = CACHE / f"rt-bundle-{args.rate}"
-    if not (bdir / "manifest.json").is_file():
-        cfg = parse_config({"branches": [{"name": f"m{i}", "model": str(p)} for i, p in enumerate(models)],
-                            "compress_rate": args.rate, "dtype": "float32"})
-        run_merge(cfg, bdir, force=True, progress=False)
+    models, bdir = smollm2_bundle(args.rate)
+    base = models[0]
     rows = mmlu_subset(args.n)
     tm = TaskManager(include_path=str(write_task(rows, CACHE / "mmlu-local")))
 

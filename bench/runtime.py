@@ -23,9 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import branchmerge
-from _common import CACHE, perturbed_copies, smollm2_folder
-from branchmerge.config import parse_config
-from branchmerge.merge import run_merge
+from _common import smollm2_bundle
 
 
 def timed(fn) -> float:
@@ -118,13 +116,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     args = ap.parse_args()
     torch.manual_seed(0)
-    base = smollm2_folder()
-    models = [base, *perturbed_copies(base, 2)]
-    bdir = CACHE / f"rt-bundle-{args.rate}"
-    if not (bdir / "manifest.json").is_file():
-        cfg = parse_config({"branches": [{"name": f"m{i}", "model": str(p)} for i, p in enumerate(models)],
-                            "compress_rate": args.rate, "dtype": "float32"})
-        run_merge(cfg, bdir, force=True, progress=False)
+    models, bdir = smollm2_bundle(args.rate)
+    base = models[0]
     dense = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     bundle = branchmerge.load(bdir, dtype="float32")
     branch = "m1"
