@@ -110,7 +110,7 @@ def main() -> None:
             t0 = time.perf_counter()
             res = lm_eval.simple_evaluate(
                 model="local-completions", tasks=["bm_mmlu_local"], task_manager=tm, log_samples=True,
-                model_args=f"model={branch},base_url=http://127.0.0.1:{port}/v1/completions,num_concurrent=4,"
+                model_args=f"model={branch},base_url=http://127.0.0.1:{port}/v1/completions,num_concurrent=8,"
                            f"tokenizer_backend=huggingface,tokenizer={bundle.reader.branch_dir(branch)},max_retries=1")
             runs[f"bundle branch {branch}, r={args.rate} (served, lm_eval local-completions)"] = (res, time.perf_counter() - t0)
     finally:

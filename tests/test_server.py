@@ -265,3 +265,23 @@ def test_echo_scores_the_stop_token(server):
         assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()))
     one, three = (r.choices[0].logprobs.token_logprobs for r in rs)
     assert one[1:] == pytest.approx(three[1:], abs=1e-5)  # both paths score the same tokens alike
+
+
+def test_concurrent_scoring_requests_are_batched(server):
+    """Concurrent echo/logprobs requests (lm_eval's loglikelihood traffic) share right-padded
+    mixed-branch forwards and still equal one-at-a-time scoring."""
+    c, bundle, engine = server["client"], server["bundle"], server["app"].state.engine
+    prompts = [("add 1+1=", "a"), ("rev abcdef=", "b"), ("key z=", "c"), ("add 13+4=", "a")] * 3
+    expected = [bundle.token_logprobs(bundle.tokenizer(b)(p)["input_ids"], b, greedy_next=True).logprobs[1:]
+                for p, b in prompts]
+    before = engine.batches
+
+    def call(pb):
+        p, b = pb
+        return c.completions.create(model=b, prompt=p, max_tokens=1, echo=True, logprobs=0).choices[0].logprobs
+
+    with ThreadPoolExecutor(12) as ex:
+        got = list(ex.map(call, prompts))
+    for lp, want in zip(got, expected):
+        assert lp.token_logprobs[0] is None and lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert engine.batches - before < len(prompts)

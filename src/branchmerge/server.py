@@ -90,6 +90,13 @@ class Job:
     new_ids: list[int] = field(default_factory=list)
     stop_id: int | None = None  # end-of-sequence token that ended generation (not in new_ids)
     error: Exception | None = None
+    score: tuple[int, bool] | None = None  # a scoring job: (top-k, greedy next token); no generation
+    scored: Any = None  # its TokenLogprobs
+
+    @property
+    def key(self) -> tuple:
+        """Jobs with equal keys can share one batch."""
+        return ("score", *self.score) if self.score is not None else ("generate", *self.sample)
 
 
 class _RowStreamer(BaseStreamer):
@@ -137,7 +144,7 @@ class Engine:
                     j = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-                (jobs if j.sample == first.sample else pending).append(j)
+                (jobs if j.key == first.key else pending).append(j)
             for j in pending:
                 self.q.put(j)
             self._run(jobs)
@@ -146,6 +153,21 @@ class Engine:
         do_sample, temperature, top_p = jobs[0].sample
         kw: dict[str, Any] = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {}
         self.batches += 1
+        if jobs[0].score is not None:  # scoring: one right-padded mixed-branch forward
+            top, greedy = jobs[0].score
+            try:
+                with self.lock:
+                    outs = self.bundle.token_logprobs_many([j.ids for j in jobs], [j.branch for j in jobs],
+                                                           top=top, greedy_next=greedy)
+                for j, o in zip(jobs, outs):
+                    j.scored = o
+            except Exception as e:  # noqa: BLE001 - reported to each waiting request
+                logger.exception("scoring failed")
+                for j in jobs:
+                    j.error = e
+            for j in jobs:
+                j.done.set()
+            return
         try:
             streamer = _RowStreamer(jobs) if any(j.stream is not None for j in jobs) else None
             with self.lock:
@@ -268,7 +290,8 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
     async def _wait(job: Job) -> Job:
         await asyncio.get_running_loop().run_in_executor(None, job.done.wait)
         if job.error is not None:
-            raise APIError(500, f"generation failed: {job.error}", type_="server_error")
+            what = "scoring" if job.score else "generation"
+            raise APIError(500, f"{what} failed: {job.error}", type_="server_error")
         return job
 
     def _finish(branch: str, new_ids: list[int], job: Job) -> tuple[str, str]:
@@ -417,11 +440,8 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
             if job.stop_id is not None:  # the end-of-sequence token is scored too, as vLLM does
                 new_ids = [*new_ids, job.stop_id]
 
-        def work():
-            with lock:
-                return bundle.token_logprobs(ids + new_ids, branch, top=req.logprobs or 0, greedy_next=one_greedy)
-
-        sc = await asyncio.get_running_loop().run_in_executor(None, work)
+        scoring = Job(ids + new_ids, branch, 0, (False, 0.0, 1.0), [], score=(req.logprobs or 0, one_greedy))
+        sc = (await _wait(engine.submit(scoring))).scored  # batched with concurrent scoring requests
         if one_greedy:
             job, nxt = _job(branch, ids, req, mt, False), sc.token_ids[-1]
             stopped = nxt in bundle.stop_ids(branch)  # scored, but not part of the text

@@ -171,22 +171,37 @@ class Bundle:
         ``top`` > 0 also gives that many most likely tokens at each position, most likely first.
         ``greedy_next`` appends the most likely next token, scored by the same forward pass.
         """
-        if len(ids) == 0:
-            raise BranchmergeError("token_logprobs needs at least one token")
-        x = torch.tensor([list(ids)], dtype=torch.long)
-        logits = self.logits(x, [branch])[0]
-        lp = torch.log_softmax((logits if greedy_next else logits[:-1]).float(), dim=-1)  # [T or T-1, vocab]
-        tokens = list(ids)
-        if greedy_next:
-            tokens.append(int(lp[-1].argmax()))
-        chosen = lp.gather(1, torch.tensor(tokens[1:], device=lp.device)[:, None])[:, 0].tolist()
-        best: list[list[tuple[int, float]] | None] = [None]
-        if top > 0:
-            vals, idx = lp.topk(min(top, lp.shape[-1]), dim=-1)
-            best += [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
-        else:
-            best += [[] for _ in chosen]
-        return TokenLogprobs(tokens, [None, *chosen], best)
+        return self.token_logprobs_many([ids], [branch], top=top, greedy_next=greedy_next)[0]
+
+    def token_logprobs_many(self, seqs: Sequence[Sequence[int]], branches: Sequence[str], *, top: int = 0,
+                            greedy_next: bool = False) -> list[TokenLogprobs]:
+        """:meth:`token_logprobs` for several sequences, one right-padded mixed-branch forward per group."""
+        if any(len(x) == 0 for x in seqs):
+            raise BranchmergeError("token_logprobs needs at least one token per sequence")
+        out: list[TokenLogprobs | None] = [None] * len(seqs)
+        by_group: dict[str, list[int]] = {}
+        for i, b in enumerate(branches):
+            by_group.setdefault(self._group_of(b).name, []).append(i)
+        for idx in by_group.values():
+            width = max(len(seqs[i]) for i in idx)
+            x = torch.zeros((len(idx), width), dtype=torch.long)
+            mask = torch.zeros_like(x)
+            for r, i in enumerate(idx):
+                x[r, :len(seqs[i])], mask[r, :len(seqs[i])] = torch.tensor(list(seqs[i])), 1
+            logits = self.logits(x, [branches[i] for i in idx], attention_mask=mask)
+            for r, i in enumerate(idx):
+                n = len(seqs[i])
+                lp = torch.log_softmax(logits[r, :n if greedy_next else n - 1].float(), dim=-1)  # [T or T-1, vocab]
+                tokens = list(seqs[i]) + ([int(lp[-1].argmax())] if greedy_next else [])
+                chosen = lp.gather(1, torch.tensor(tokens[1:], device=lp.device)[:, None])[:, 0].tolist()
+                best: list[list[tuple[int, float]] | None] = [None]
+                if top > 0:
+                    vals, ids_ = lp.topk(min(top, lp.shape[-1]), dim=-1)
+                    best += [list(zip(a, v)) for a, v in zip(ids_.tolist(), vals.tolist())]
+                else:
+                    best += [[] for _ in chosen]
+                out[i] = TokenLogprobs(tokens, [None, *chosen], best)
+        return [o for o in out if o is not None]
 
     def _rows_for(self, branches: Sequence[str]) -> tuple[_GroupRuntime, list[int]]:
         groups = {self._group_of(b).name for b in branches}
