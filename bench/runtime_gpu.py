@@ -14,7 +14,13 @@ Each model runs two ways:
 
 Ratios come from rounds of dense / bundle / dense back to back (median and quartiles).
 
+With ``--in-memory 8b`` (the write-up's Llama-3-8B shape), one random model is built in GPU memory and
+its block linears are swapped in place for branched ones (three random rank-k factor pairs each): too
+large to write to disk three times within a lease. Its rows are CUDA-graph decode steps and a captured
+prefill, dense vs branched.
+
     python bench/runtime_gpu.py [--device cuda] [--shapes smollm2,1b] [--repeat 8] [--tokens 32]
+    python bench/runtime_gpu.py --shapes "" --in-memory 1b,8b --layouts split,fused --repeat 6
 """
 
 from __future__ import annotations
