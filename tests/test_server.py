@@ -222,6 +222,8 @@ def test_logprobs_and_echo_match_library(server):
         c.completions.create(model="b", prompt=[1, 99999], max_tokens=1)
     with pytest.raises(openai.BadRequestError, match="stream"):
         c.completions.create(model="b", prompt="rev a=", max_tokens=2, logprobs=1, stream=True)
+    with pytest.raises(openai.BadRequestError, match="0 only with echo"):
+        c.completions.create(model="b", prompt="rev a=", max_tokens=0, logprobs=1)
 
 
 def test_lm_eval_client_loglikelihood(server, monkeypatch):

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -150,24 +151,11 @@ class Engine:
             self._run(jobs)
 
     def _run(self, jobs: list[Job]) -> None:
+        self.batches += 1
+        if jobs[0].score is not None:
+            return self._score(jobs)
         do_sample, temperature, top_p = jobs[0].sample
         kw: dict[str, Any] = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {}
-        self.batches += 1
-        if jobs[0].score is not None:  # scoring: one right-padded mixed-branch forward
-            top, greedy = jobs[0].score
-            try:
-                with self.lock:
-                    outs = self.bundle.token_logprobs_many([j.ids for j in jobs], [j.branch for j in jobs],
-                                                           top=top, greedy_next=greedy)
-                for j, o in zip(jobs, outs):
-                    j.scored = o
-            except Exception as e:  # noqa: BLE001 - reported to each waiting request
-                logger.exception("scoring failed")
-                for j in jobs:
-                    j.error = e
-            for j in jobs:
-                j.done.set()
-            return
         try:
             streamer = _RowStreamer(jobs) if any(j.stream is not None for j in jobs) else None
             with self.lock:
@@ -184,6 +172,23 @@ class Engine:
         for j in jobs:
             if j.stream is not None:
                 j.stream.put(None)
+            j.done.set()
+
+
+    def _score(self, jobs: list[Job]) -> None:
+        """Scoring jobs (same top-k and greedy flag): one right-padded mixed-branch forward."""
+        top, greedy = jobs[0].score
+        try:
+            with self.lock:
+                outs = self.bundle.token_logprobs_many([j.ids for j in jobs], [j.branch for j in jobs],
+                                                       top=top, greedy_next=greedy)
+            for j, o in zip(jobs, outs):
+                j.scored = o
+        except Exception as e:  # noqa: BLE001 - reported to each waiting request
+            logger.exception("scoring failed")
+            for j in jobs:
+                j.error = e
+        for j in jobs:
             j.done.set()
 
 
@@ -236,10 +241,15 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
         return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "branchmerge"}
                                            for i in ids]}
 
-    def _limits(req: _Req) -> int:
+    def _limits(req: _Req, *, scoring: bool = False) -> int:
+        """Validated ``max_tokens``. A scoring request (logprobs/echo) defaults to OpenAI's 16 and may ask
+        for 0 new tokens with ``echo`` (score the prompt only)."""
         mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        mt = min(256, max_tokens_limit) if mt is None else mt
-        if mt <= 0:
+        if mt is None:
+            mt = 16 if scoring else min(256, max_tokens_limit)
+        if scoring and (mt < 0 or (mt == 0 and not getattr(req, "echo", False))):
+            raise APIError(400, f"max_tokens must be positive (0 only with echo), got {mt}", param="max_tokens")
+        if not scoring and mt <= 0:
             raise APIError(400, f"max_tokens must be positive, got {mt}", param="max_tokens")
         if mt > max_tokens_limit:
             raise APIError(400, f"max_tokens {mt} is above this server's limit of {max_tokens_limit}", param="max_tokens")
@@ -420,22 +430,19 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
         generate as usual, then one forward over prompt + completion gives every token's log-probability."""
         if req.stream:
             raise APIError(400, "logprobs and echo are not supported with stream=true", param="stream")
-        mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        mt = 16 if mt is None else mt
-        if mt < 0 or (mt == 0 and not req.echo):
-            raise APIError(400, f"max_tokens must be positive (0 only with echo), got {mt}", param="max_tokens")
-        _limits(req.model_copy(update={"max_tokens": max(mt, 1), "max_completion_tokens": None}))
+        mt = _limits(req, scoring=True)
         branch, pipeline = await _resolve(req.model, prompt if isinstance(prompt, str) else "")
         if pipeline is not None or branch is None:
             raise APIError(400, "logprobs and echo need a branch, not a pipeline", param="model")
         tok = bundle.tokenizer(branch)
         ids = _token_ids(branch, prompt) if isinstance(prompt, list) else tok(prompt)["input_ids"]
+        job = _job(branch, ids, req, mt, False)  # checks the context length before any model work
         text, reason, new_ids = "", "length", []
         # one greedy token (lm-evaluation-harness's loglikelihood requests): a single forward pass scores the
         # prompt and picks the token; otherwise generate as usual, then score prompt + completion
         one_greedy = mt == 1 and not (req.temperature or 0.0) > 0
         if mt > 0 and not one_greedy:
-            job = await _wait(engine.submit(_job(branch, ids, req, mt, False)))
+            await _wait(engine.submit(job))
             (text, reason), new_ids = _finish(branch, job.new_ids, job), job.new_ids
             if job.stop_id is not None:  # the end-of-sequence token is scored too, as vLLM does
                 new_ids = [*new_ids, job.stop_id]
@@ -443,13 +450,13 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
         scoring = Job(ids + new_ids, branch, 0, (False, 0.0, 1.0), [], score=(req.logprobs or 0, one_greedy))
         sc = (await _wait(engine.submit(scoring))).scored  # batched with concurrent scoring requests
         if one_greedy:
-            job, nxt = _job(branch, ids, req, mt, False), sc.token_ids[-1]
+            nxt = sc.token_ids[-1]
             stopped = nxt in bundle.stop_ids(branch)  # scored, but not part of the text
             text, reason = _finish(branch, [] if stopped else [nxt], job)
             reason, new_ids = "stop" if stopped else reason, [nxt]
         start = 0 if req.echo else len(ids)
         pieces = [tok.decode([t]) for t in sc.token_ids[start:]]
-        offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+        offsets = list(accumulate(map(len, pieces), initial=0))[:-1]
         logprobs = None if req.logprobs is None else {
             "tokens": pieces, "token_logprobs": sc.logprobs[start:], "text_offset": offsets,
             "top_logprobs": [None if t is None else {tok.decode([i]): v for i, v in t} for t in sc.top[start:]]}
