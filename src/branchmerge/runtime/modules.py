@@ -268,6 +268,7 @@ class BranchedLinear(nn.Module):
             t = torch.mm(torch.mm(x2, vt), ut)  # (x Vᵢᵀ)(sᵢ Uᵢ)ᵀ
             if b is not None:
                 t += b
+            return t.addmm_(x2, self._wt, alpha=s)  # in place: no copy of t, as out-of-place addmm makes
         else:
             t = self._branch_term(x2, i)  # a dense Δᵢ, or only a bias
             if t is None:
