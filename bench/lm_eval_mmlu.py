@@ -11,7 +11,7 @@ format ("Question\\nA. …\\nD. …\\nAnswer:", choices " A"… scored by loglik
 Prints accuracy, how often each branch picks the dense model's answer, and the mean gap of the
 per-choice loglikelihoods.
 
-    python bench/lm_eval_mmlu.py [--n 100] [--rate 0.95]
+    python bench/lm_eval_mmlu.py [--n 100] [--rate 0.95] [--batch-size 16] [--concurrent 2]
 """
 
 from __future__ import annotations
@@ -82,6 +82,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100, help="questions")
     ap.add_argument("--rate", type=float, default=0.95)
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="lm_eval's batch_size: the hf backend's batch, prompts per HTTP request to the server, and "
+                         "the server's largest batch")
+    ap.add_argument("--concurrent", type=int, default=2, help="lm_eval's num_concurrent requests")
     args = ap.parse_args()
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -93,11 +97,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     dense = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={base},dtype=float32", tasks=["bm_mmlu_local"],
-                                    task_manager=tm, batch_size=8, device="cpu", log_samples=True)
+                                    task_manager=tm, batch_size=args.batch_size, device="cpu", log_samples=True)
     runs = {"dense SmolLM2-135M-Instruct (lm_eval hf)": (dense, time.perf_counter() - t0)}
 
     bundle = branchmerge.load(bdir, dtype="float32")
-    app = create_app(bundle, max_batch=8, wait_ms=5)
+    app = create_app(bundle, max_batch=args.batch_size, wait_ms=5)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -110,7 +114,8 @@ def main() -> None:
             t0 = time.perf_counter()
             res = lm_eval.simple_evaluate(
                 model="local-completions", tasks=["bm_mmlu_local"], task_manager=tm, log_samples=True,
-                model_args=f"model={branch},base_url=http://127.0.0.1:{port}/v1/completions,num_concurrent=8,"
+                model_args=f"model={branch},base_url=http://127.0.0.1:{port}/v1/completions,"
+                           f"num_concurrent={args.concurrent},batch_size={args.batch_size},"
                            f"tokenizer_backend=huggingface,tokenizer={bundle.reader.branch_dir(branch)},max_retries=1")
             runs[f"bundle branch {branch}, r={args.rate} (served, lm_eval local-completions)"] = (res, time.perf_counter() - t0)
     finally:

@@ -287,3 +287,26 @@ def test_concurrent_scoring_requests_are_batched(server):
     for lp, want in zip(got, expected):
         assert lp.token_logprobs[0] is None and lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
     assert engine.batches - before < len(prompts)
+
+
+def test_several_prompts_in_one_request(server):
+    """OpenAI's batch form (a list of prompts, as lm_eval sends with ``batch_size``): one choice per
+    prompt in order, each equal to its own single-prompt answer; usage is summed; scoring prompts that
+    share a context go through the shared-prefix path and still equal one-at-a-time scoring."""
+    c, b = server["client"], server["bundle"]
+    texts = ["rev abc=", "dup xy=", "rev hello="]
+    r = c.completions.create(model="b", prompt=texts, max_tokens=6)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert [ch.text for ch in r.choices] == [b.generate(t, "b", max_new_tokens=6)[0] for t in texts]
+    assert r.usage.prompt_tokens == sum(len(b.tokenizer("b")(t)["input_ids"]) for t in texts)
+    assert r.model_extra["branch"] == ["b", "b", "b"]
+    ctx = b.tokenizer("a")("add 12+34+56=")["input_ids"]
+    ids = [ctx + [b.tokenizer("a").convert_tokens_to_ids(d)] for d in "0123"]
+    s = c.completions.create(model="a", prompt=ids, max_tokens=1, echo=True, logprobs=1)
+    for ch, seq in zip(s.choices, ids):
+        want = b.token_logprobs(seq, "a", greedy_next=True).logprobs[1:]
+        assert ch.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    with pytest.raises(openai.BadRequestError, match=r"prompt\[1\] must not be empty"):
+        c.completions.create(model="b", prompt=["rev a=", "  "], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="one prompt per request"):
+        c.completions.create(model="b", prompt=texts, max_tokens=2, stream=True)

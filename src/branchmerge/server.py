@@ -325,7 +325,12 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
         info = [{"stage": s.stage, "branch": s.branch, "text": s.text} for s in stages]
         return stages[-1].text, info, stages[0].prompt_tokens, sum(s.completion_tokens for s in stages)
 
-    async def _handle(req: _Req, kind: str, text: str, encode) -> Any:
+    def _json(body: dict) -> JSONResponse:
+        b = body["branch"]
+        return JSONResponse(body, headers={"X-Branchmerge-Branch": b if isinstance(b, str) else ",".join(b)})
+
+    async def _handle(req: _Req, kind: str, text: str, encode) -> dict | StreamingResponse:
+        """One prompt: the response body, or its event stream when ``req.stream``."""
         mt = _limits(req)
         branch, pipeline = await _resolve(req.model, text)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -337,7 +342,7 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
             body["stages"] = stages
             if req.stream:
                 return _sse_once(kind, rid, req.model, final, answered)
-            return JSONResponse(body, headers={"X-Branchmerge-Branch": answered})
+            return body
         ids = encode(branch)
         job = engine.submit(_job(branch, ids, req, mt, req.stream))
         if req.stream:
@@ -345,8 +350,7 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
                                      headers={"X-Branchmerge-Branch": branch})
         await _wait(job)
         out, reason = _finish(branch, job.new_ids, job)
-        return JSONResponse(_body(kind, rid, obj, req.model, out, reason, len(ids), len(job.new_ids), branch),
-                            headers={"X-Branchmerge-Branch": branch})
+        return _body(kind, rid, obj, req.model, out, reason, len(ids), len(job.new_ids), branch)
 
     def _body(kind, rid, obj, model, text, reason, pt, ct, branch) -> dict:
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
@@ -415,7 +419,8 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
         last_user = next((m.text() for m in reversed(req.messages) if m.role == "user"), req.messages[-1].text())
         if not last_user.strip():
             raise APIError(400, "the last user message is empty", param="messages")
-        return await _handle(req, "chat", last_user, lambda b: _encode_chat(b, req.messages))
+        out = await _handle(req, "chat", last_user, lambda b: _encode_chat(b, req.messages))
+        return out if isinstance(out, StreamingResponse) else _json(out)
 
     def _token_ids(branch: str, ids: list[int]) -> list[int]:
         vocab = bundle.reader.hf_config(branch).get("vocab_size")
@@ -425,7 +430,7 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
                                 f"(size {vocab})", param="prompt")
         return list(ids)
 
-    async def _scored(req: CompletionRequest, prompt: str | list[int]) -> JSONResponse:
+    async def _scored(req: CompletionRequest, prompt: str | list[int]) -> dict:
         """A completion with ``logprobs`` and/or ``echo`` (how lm-evaluation-harness scores loglikelihoods):
         generate as usual, then one forward over prompt + completion gives every token's log-probability."""
         if req.stream:
@@ -464,28 +469,43 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
         out = ((prompt if isinstance(prompt, str) else tok.decode(ids)) + text) if req.echo else text
         body = _body("completion", rid, "text_completion", req.model, out, reason, len(ids), len(new_ids), branch)
         body["choices"][0]["logprobs"] = logprobs
-        return JSONResponse(body, headers={"X-Branchmerge-Branch": branch})
+        return body
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        prompt: str | list[int] = req.prompt  # type: ignore[assignment]
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, "send one prompt per request (batching happens on the server)", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, list):  # token ids
-            if not prompt:
-                raise APIError(400, "prompt must not be empty", param="prompt")
-            if req.model == "auto":
-                raise APIError(400, "a prompt of token ids needs a branch name as the model, not 'auto'",
+    def _prompts(prompt, auto: bool) -> list[str | list[int]]:
+        """A request's prompts: one text, one list of token ids, or a list of either (OpenAI's batch form)."""
+        many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+        prompts = list(prompt) if many else [prompt]
+        for i, p in enumerate(prompts):
+            where = f"prompt[{i}]" if many else "prompt"
+            if (isinstance(p, list) and not p) or (isinstance(p, str) and not p.strip()):
+                raise APIError(400, f"{where} must not be empty", param="prompt")
+            if isinstance(p, list) and auto:
+                raise APIError(400, f"{where} is token ids, which need a branch name as the model, not 'auto'",
                                param="model")
-        elif not prompt.strip():
-            raise APIError(400, "prompt must not be empty", param="prompt")
+        return prompts
+
+    async def _completion(req: CompletionRequest, prompt: str | list[int]) -> dict | StreamingResponse:
         if req.logprobs is not None or req.echo:
             return await _scored(req, prompt)
         if isinstance(prompt, list):
             return await _handle(req, "completion", "", lambda b: _token_ids(b, prompt))
         return await _handle(req, "completion", prompt, lambda b: bundle.tokenizer(b)(prompt)["input_ids"])
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        prompts = _prompts(req.prompt, req.model == "auto")
+        if len(prompts) == 1:
+            out = await _completion(req, prompts[0])
+            return out if isinstance(out, StreamingResponse) else _json(out)
+        if req.stream:
+            raise APIError(400, "stream=true takes one prompt per request", param="stream")
+        # every prompt is its own job; the engine batches them (and scoring shares their common prefixes)
+        bodies = await asyncio.gather(*(_completion(req, p) for p in prompts))
+        merged = dict(bodies[0])
+        merged["choices"] = [{**b["choices"][0], "index": i, "branch": b["branch"]} for i, b in enumerate(bodies)]
+        merged["usage"] = {k: sum(b["usage"][k] for b in bodies) for k in bodies[0]["usage"]}
+        merged["branch"] = [b["branch"] for b in bodies]
+        return _json(merged)
 
     return app
 

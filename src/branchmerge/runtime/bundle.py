@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from branchmerge.io.bundle import BundleReader
 from branchmerge.merge import DTYPES
 from branchmerge.runtime.build import build_group_model
 from branchmerge.runtime.modules import BranchedLinear, BranchState
+from branchmerge.runtime.scoring import PrefixCluster, TokenLogprobs, prefix_clusters, score_cluster, score_row
 
 logger = logging.getLogger(__name__)
 
@@ -174,14 +176,29 @@ class Bundle:
         return self.token_logprobs_many([ids], [branch], top=top, greedy_next=greedy_next)[0]
 
     def token_logprobs_many(self, seqs: Sequence[Sequence[int]], branches: Sequence[str], *, top: int = 0,
-                            greedy_next: bool = False) -> list[TokenLogprobs]:
-        """:meth:`token_logprobs` for several sequences, one right-padded mixed-branch forward per group."""
+                            greedy_next: bool = False, share_prefix: bool = True) -> list[TokenLogprobs]:
+        """:meth:`token_logprobs` for several sequences, one right-padded mixed-branch forward per group.
+
+        With ``share_prefix``, sequences of one branch that share a long prefix (a context with each of
+        its answers appended) run that prefix once: its KV cache is repeated for every member and only
+        the suffixes run, as one batch (see :func:`~branchmerge.runtime.scoring.prefix_clusters`).
+        """
         if any(len(x) == 0 for x in seqs):
             raise BranchmergeError("token_logprobs needs at least one token per sequence")
         out: list[TokenLogprobs | None] = [None] * len(seqs)
+        clusters, rest = prefix_clusters(seqs, branches) if share_prefix else ([], list(range(len(seqs))))
+        by_cluster_group: dict[str, list[PrefixCluster]] = {}
+        for cl in clusters:
+            by_cluster_group.setdefault(self._group_of(branches[cl.members[0]]).name, []).append(cl)
+        for cls in by_cluster_group.values():
+            for cl, (pre, sufs) in zip(cls, self._cluster_logits(cls, seqs, branches)):
+                members = [seqs[i] for i in cl.members]
+                for i, sc in zip(cl.members, score_cluster(pre, sufs, members, cl.shared, top=top,
+                                                           greedy_next=greedy_next)):
+                    out[i] = sc
         by_group: dict[str, list[int]] = {}
-        for i, b in enumerate(branches):
-            by_group.setdefault(self._group_of(b).name, []).append(i)
+        for i in rest:
+            by_group.setdefault(self._group_of(branches[i]).name, []).append(i)
         for idx in by_group.values():
             width = max(len(seqs[i]) for i in idx)
             x = torch.zeros((len(idx), width), dtype=torch.long)
@@ -190,18 +207,49 @@ class Bundle:
                 x[r, :len(seqs[i])], mask[r, :len(seqs[i])] = torch.tensor(list(seqs[i])), 1
             logits = self.logits(x, [branches[i] for i in idx], attention_mask=mask)
             for r, i in enumerate(idx):
-                n = len(seqs[i])
-                lp = torch.log_softmax(logits[r, :n if greedy_next else n - 1].float(), dim=-1)  # [T or T-1, vocab]
-                tokens = list(seqs[i]) + ([int(lp[-1].argmax())] if greedy_next else [])
-                chosen = lp.gather(1, torch.tensor(tokens[1:], device=lp.device)[:, None])[:, 0].tolist()
-                best: list[list[tuple[int, float]] | None] = [None]
-                if top > 0:
-                    vals, ids_ = lp.topk(min(top, lp.shape[-1]), dim=-1)
-                    best += [list(zip(a, v)) for a, v in zip(ids_.tolist(), vals.tolist())]
-                else:
-                    best += [[] for _ in chosen]
-                out[i] = TokenLogprobs(tokens, [None, *chosen], best)
+                out[i] = score_row(logits[r, :len(seqs[i])], seqs[i], top=top, greedy_next=greedy_next)
         return [o for o in out if o is not None]
+
+    def _cluster_logits(self, clusters: Sequence[PrefixCluster], seqs: Sequence[Sequence[int]],
+                        branches: Sequence[str]) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Logits of prefix clusters of one group: per cluster, its prefix's ``[shared, vocab]`` and each
+        member's own ``[len_i − shared, vocab]``.
+
+        Two forwards: every cluster's prefix as one right-padded batch ``[C, P]`` that fills a KV cache;
+        then every member's suffix as one batch ``[M, S]`` over its cluster's cache row (rows selected,
+        so repeated), with the prefix padding masked and positions continuing from each prefix.
+        """
+        g, rows = self._rows_for([branches[c.members[0]] for c in clusters])
+        dev = self.device
+        width = max(c.shared for c in clusters)
+        x, pmask = torch.zeros((len(clusters), width), dtype=torch.long), torch.zeros((len(clusters), width), dtype=torch.long)
+        for r, c in enumerate(clusters):
+            x[r, :c.shared], pmask[r, :c.shared] = torch.tensor(list(seqs[c.members[0]][:c.shared])), 1
+        owner = [(r, i) for r, c in enumerate(clusters) for i in c.members]  # (cluster row, sequence) per member
+        suffix = max(len(seqs[i]) - clusters[r].shared for r, i in owner)
+        y, smask = torch.zeros((len(owner), suffix), dtype=torch.long), torch.zeros((len(owner), suffix), dtype=torch.long)
+        pos = torch.zeros((len(owner), suffix), dtype=torch.long)
+        for m, (r, i) in enumerate(owner):
+            sh, n = clusters[r].shared, len(seqs[i]) - clusters[r].shared
+            y[m, :n], smask[m, :n] = torch.tensor(list(seqs[i][sh:])), 1
+            pos[m] = sh + torch.arange(suffix)
+        pick = torch.tensor([r for r, _ in owner])
+        arg = "cache" if "cache" in inspect.signature(g.model.forward).parameters else "past_key_values"
+        g.state.set_rows(rows)
+        try:
+            with torch.no_grad():
+                pre = g.model(input_ids=x.to(dev), attention_mask=pmask.to(dev), use_cache=True)
+                cache = pre["cache"] if "cache" in pre else pre.past_key_values  # renamed in transformers 5.2x
+                cache.batch_select_indices(pick.to(dev))  # each member gets its cluster's cache row
+                g.state.set_rows([rows[r] for r, _ in owner])
+                post = g.model(input_ids=y.to(dev), attention_mask=torch.cat([pmask[pick], smask], 1).to(dev),
+                               position_ids=pos.to(dev), use_cache=True, **{arg: cache})
+        finally:
+            g.state.set_rows(None)
+        out: list[tuple[torch.Tensor, list[torch.Tensor]]] = [(pre.logits[r, :c.shared], []) for r, c in enumerate(clusters)]
+        for m, (r, i) in enumerate(owner):
+            out[r][1].append(post.logits[m, :len(seqs[i]) - clusters[r].shared])
+        return out
 
     def _rows_for(self, branches: Sequence[str]) -> tuple[_GroupRuntime, list[int]]:
         groups = {self._group_of(b).name for b in branches}
@@ -315,18 +363,6 @@ class GenerationResult:
     text: str
     finish_reason: str  # "stop" or "length"
     stop_id: int | None = None  # the end-of-sequence token that ended it (not in new_ids)
-
-
-@dataclass
-class TokenLogprobs:
-    """Per-token scores of a sequence: ``logprobs[t]`` = log p(token t | tokens < t); entry 0 is None.
-
-    ``top[t]`` lists ``(token id, logprob)`` of the most likely tokens at position t (None at 0).
-    """
-
-    token_ids: list[int]
-    logprobs: list[float | None]
-    top: list[list[tuple[int, float]] | None]
 
 
 def load(path: str | Path, *, device: str = "cpu", dtype: str | None = None, verify: bool = True,
