@@ -265,10 +265,12 @@ class BranchedLinear(nn.Module):
             if x2.shape[0] < self.small_rows:  # decode: a plain GEMM, then the low-rank term added in place
                 y = torch.mm(x2, self._wt).addmm_(torch.mm(x2, vt), ut, beta=s)
                 return y if b is None else y.add_(b)
-            t = torch.mm(torch.mm(x2, vt), ut)  # (x Vᵢᵀ)(sᵢ Uᵢ)ᵀ
-            if b is not None:
-                t += b
-            return t.addmm_(x2, self._wt, alpha=s)  # in place: no copy of t, as out-of-place addmm makes
+            # prefill: y = sᵢ·x W̄ᵀ into a fresh buffer (beta=0: its contents are ignored), then the rank-k
+            # product accumulated with beta=1. The rank-k GEMM runs single-threaded in MKL; accumulating
+            # into an existing output is its fastest form (a fresh output or beta ≠ 1 costs 1.5×).
+            y = x2.new_empty(x2.shape[0], self.out_features).addmm_(x2, self._wt, beta=0, alpha=s)
+            y.addmm_(torch.mm(x2, vt), ut)
+            return y if b is None else y.add_(b)
         else:
             t = self._branch_term(x2, i)  # a dense Δᵢ, or only a bias
             if t is None:
