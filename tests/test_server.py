@@ -310,3 +310,25 @@ def test_several_prompts_in_one_request(server):
         c.completions.create(model="b", prompt=["rev a=", "  "], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="one prompt per request"):
         c.completions.create(model="b", prompt=texts, max_tokens=2, stream=True)
+
+
+def test_n_completions_per_prompt(server):
+    """``n`` choices per prompt (OpenAI's ``n``): greedy ones equal the library's answer, sampled ones come
+    back indexed; with several prompts, the choices run prompt by prompt; refused where unsupported."""
+    c, b = server["client"], server["bundle"]
+    want = b.generate("rev abc=", "b", max_new_tokens=5)[0]
+    r = c.chat.completions.create(model="b", messages=[{"role": "user", "content": "rev abc="}], max_tokens=5, n=3)
+    assert [ch.index for ch in r.choices] == [0, 1, 2] and {ch.message.content for ch in r.choices} == {want}
+    new = b.generate_ids([b.encode("rev abc=", "b")], ["b"], max_new_tokens=5)[0].new_ids
+    assert r.usage.completion_tokens == 3 * len(new) and r.usage.prompt_tokens == len(b.encode("rev abc=", "b"))
+    s = c.completions.create(model="b", prompt=["rev abc=", "dup xy="], max_tokens=6, n=2, temperature=1.5, seed=1)
+    assert [ch.index for ch in s.choices] == [0, 1, 2, 3]
+    assert [ch.model_extra["branch"] for ch in s.choices] == ["b"] * 4
+    assert s.usage.prompt_tokens == sum(len(b.tokenizer("b")(t)["input_ids"]) for t in ["rev abc=", "dup xy="])
+    for kw, what in [({"stream": True}, "stream"), ({"logprobs": 1}, "logprobs")]:
+        with pytest.raises(openai.BadRequestError, match=what):
+            c.completions.create(model="b", prompt="rev a=", max_tokens=2, n=2, **kw)
+    with pytest.raises(openai.BadRequestError, match="pipeline"):
+        c.completions.create(model="two_step", prompt="add 1+2=", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="n"):
+        c.completions.create(model="b", prompt="rev a=", max_tokens=2, n=0)

@@ -42,7 +42,7 @@ class _Req(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stream: bool = False
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=16)
     user: str | None = None
 
 
@@ -253,8 +253,8 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
             raise APIError(400, f"max_tokens must be positive, got {mt}", param="max_tokens")
         if mt > max_tokens_limit:
             raise APIError(400, f"max_tokens {mt} is above this server's limit of {max_tokens_limit}", param="max_tokens")
-        if req.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
+        if req.n > 1 and (req.stream or scoring):
+            raise APIError(400, f"n={req.n} is supported without stream, logprobs and echo", param="n")
         return mt
 
     async def _resolve(model: str, text: str) -> tuple[str | None, str | None]:
@@ -336,6 +336,8 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if kind == "chat" else "text_completion"
         if pipeline is not None:
+            if req.n > 1:
+                raise APIError(400, f"n={req.n} is not supported for pipeline {pipeline!r}", param="n")
             final, stages, pt, ct = await _pipeline(pipeline, text)
             answered = stages[-1]["branch"]
             body = _body(kind, rid, obj, req.model, final, "stop", pt, ct, answered)
@@ -344,13 +346,20 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
                 return _sse_once(kind, rid, req.model, final, answered)
             return body
         ids = encode(branch)
-        job = engine.submit(_job(branch, ids, req, mt, req.stream))
         if req.stream:
+            job = engine.submit(_job(branch, ids, req, mt, True))
             return StreamingResponse(_stream(kind, rid, req.model, branch, job), media_type="text/event-stream",
                                      headers={"X-Branchmerge-Branch": branch})
-        await _wait(job)
-        out, reason = _finish(branch, job.new_ids, job)
-        return _body(kind, rid, obj, req.model, out, reason, len(ids), len(job.new_ids), branch)
+        # n completions: n jobs of the same prompt, batched together by the engine
+        jobs = await asyncio.gather(*(_wait(engine.submit(_job(branch, ids, req, mt, False))) for _ in range(req.n)))
+        outs = [_finish(branch, j.new_ids, j) for j in jobs]
+        body = _body(kind, rid, obj, req.model, *outs[0], len(ids), sum(len(j.new_ids) for j in jobs), branch)
+        body["choices"] = [{**body["choices"][0], **_content(kind, text), "finish_reason": reason, "index": k}
+                           for k, (text, reason) in enumerate(outs)]
+        return body
+
+    def _content(kind: str, text: str) -> dict:
+        return {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text}
 
     def _body(kind, rid, obj, model, text, reason, pt, ct, branch) -> dict:
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
@@ -502,7 +511,8 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
         # every prompt is its own job; the engine batches them (and scoring shares their common prefixes)
         bodies = await asyncio.gather(*(_completion(req, p) for p in prompts))
         merged = dict(bodies[0])
-        merged["choices"] = [{**b["choices"][0], "index": i, "branch": b["branch"]} for i, b in enumerate(bodies)]
+        merged["choices"] = [{**c, "index": i, "branch": b["branch"]}
+                             for i, (b, c) in enumerate((b, c) for b in bodies for c in b["choices"])]
         merged["usage"] = {k: sum(b["usage"][k] for b in bodies) for k in bodies[0]["usage"]}
         merged["branch"] = [b["branch"] for b in bodies]
         return _json(merged)
