@@ -147,6 +147,13 @@ def test_standalone_and_tied_embeddings(family, tmp_path):
     # rows of both groups in one call are split per group and keep their order
     both = b.generate(["hi", "yo"], ["solo", "a"], max_new_tokens=4)
     assert both == [b.generate("hi", "solo", max_new_tokens=4)[0], b.generate("yo", "a", max_new_tokens=4)[0]]
+    # scoring with shared prefixes on both groups (a context with two answers each) equals plain scoring
+    ctx = torch.randint(3, 64, (20,)).tolist()
+    seqs, names = [ctx + [5], ctx + [6, 7]] * 2, ["solo", "solo", "a", "a"]
+    shared = b.token_logprobs_many(seqs, names, greedy_next=True)
+    plain = b.token_logprobs_many(seqs, names, greedy_next=True, share_prefix=False)
+    for x, y in zip(shared, plain):
+        assert x.token_ids == y.token_ids and x.logprobs[1:] == pytest.approx(y.logprobs[1:], abs=1e-4)
 
 
 def test_unknown_branch_lists_valid(loaded):
