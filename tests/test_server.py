@@ -167,14 +167,17 @@ def test_pipeline_config_errors(tmp_path):
         cfg.check_branches(["a", "b"])
 
 
-def test_lm_eval_client_generate_until(server, monkeypatch):
-    """lm-evaluation-harness's own OpenAI-completions client drives the server (generate_until)."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_lm_eval_client_generate_until(server, monkeypatch, batch):
+    """lm-evaluation-harness's own OpenAI-completions client drives the server (generate_until), one prompt
+    per request or several (its ``batch_size``)."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     lm = LocalCompletionsAPI(base_url=server["url"] + "/v1/completions", model="b", tokenizer_backend=None,
-                             tokenized_requests=False, num_concurrent=4, max_gen_toks=6, max_retries=1)
+                             tokenized_requests=False, num_concurrent=4, max_gen_toks=6, max_retries=1,
+                             batch_size=batch)
     prompts = ["rev abc=", "rev hello=", "rev xyz=", "rev pqrs="]
     reqs = [Instance(request_type="generate_until", doc={}, arguments=(p, {"until": ["\n\n"], "max_gen_toks": 6}), idx=i)
             for i, p in enumerate(prompts)]
@@ -226,16 +229,19 @@ def test_logprobs_and_echo_match_library(server):
         c.completions.create(model="b", prompt="rev a=", max_tokens=0, logprobs=1)
 
 
-def test_lm_eval_client_loglikelihood(server, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_lm_eval_client_loglikelihood(server, monkeypatch, batch):
     """lm-evaluation-harness's completions client scores (context, continuation) pairs through the
-    server, tokenizing locally with the branch's own tokenizer: the loglikelihood task type (MMLU-style)."""
+    server, tokenizing locally with the branch's own tokenizer: the loglikelihood task type (MMLU-style),
+    one pair per request or several (a shared context then runs once)."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     b = server["bundle"]
     lm = LocalCompletionsAPI(base_url=server["url"] + "/v1/completions", model="a", tokenizer_backend="huggingface",
-                             tokenizer=str(b.reader.branch_dir("a")), num_concurrent=2, max_retries=1)
+                             tokenizer=str(b.reader.branch_dir("a")), num_concurrent=2, max_retries=1,
+                             batch_size=batch)
     pairs = [("add 1+2=", "3"), ("add 1+2=", "12"), ("add 5+5=", "10")]
     reqs = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
     got = lm.loglikelihood(reqs, disable_tqdm=True)
