@@ -118,9 +118,10 @@ class BranchedLinear(nn.Module):
     """``y = s_i · (x W̄ᵀ + (x V_iᵀ) U_iᵀ) + b_i`` for the branch ``i`` of each row.
 
     ``s_i`` is folded into the per-branch terms at load time (``U_i ← s_i U_i``, ``Δ_i ← s_i Δ_i``) and
-    into ``addmm``'s ``alpha`` for the shared term, so a single-branch forward is three kernels:
-    ``t = (x V_iᵀ)(s_i U_i)ᵀ + b_i`` then ``y = t + s_i · x W̄ᵀ``. A dense per-branch weight is built
-    only when a branch is made hot (:meth:`materialize`).
+    into ``addmm``'s ``alpha``/``beta`` for the shared term, so a single-branch forward is three GEMMs:
+    ``y = x W̄ᵀ``, ``h = x V_iᵀ``, then ``y ← s_i·y + h (s_i U_i)ᵀ`` in place (decode), or
+    ``y = s_i · x W̄ᵀ`` then ``y += h (s_i U_i)ᵀ`` (prefill). A dense per-branch weight is built only
+    when a branch is made hot (:meth:`materialize`).
 
     When every branch has factors of one rank ``k`` ("uniform"), they are stored concatenated —
     ``v_cat`` ``[N·k, in]`` and ``ut_cat`` ``[N·k, out]`` (rows of ``s_i U_iᵀ``) — and a mixed batch
