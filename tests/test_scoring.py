@@ -82,3 +82,38 @@ def test_clusters_of_different_branches_share_one_batch(bundles):  # noqa: F811
     for s, p in zip(shared, plain):
         assert s.token_ids == p.token_ids
         assert s.logprobs[1:] == pytest.approx(p.logprobs[1:], abs=1e-4)
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_generation_shares_prompt_prefixes(bundles, sample):  # noqa: F811
+    """Prompts of one branch sharing a long prefix (a system prompt, n samples of one prompt) prefill it
+    once; generations equal those without sharing, including rows outside any cluster and other branches."""
+    b = branchmerge.load(bundles[0.9], dtype="float32")
+    sys_prompt = _ids(24)
+    prompts = [sys_prompt + [5, 6], sys_prompt + [7], sys_prompt + [8, 9, 10], OTHER[:3], sys_prompt + [5, 6],
+               sys_prompt + [4], [11, 12]]
+    names = ["a", "a", "a", "a", "b", "b", "b"]
+    emb = b.groups["main"].model.get_input_embeddings()
+    seen: list[int] = []
+    hook = emb.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[-1]))
+    kw = {"do_sample": True, "top_k": 0, "temperature": 1.0} if sample else {}
+
+    def run(ps, ns, share):
+        seen.clear()
+        torch.manual_seed(0)
+        out = b.generate_ids(ps, ns, max_new_tokens=6, share_prefix=share, **kw)
+        return [r.new_ids for r in out], list(seen)
+    try:
+        shared, seen_shared = run(prompts, names, True)
+        plain, seen_plain = run(prompts, names, False)
+        # sharing that would compute more positions than it saves is not used
+        few = [sys_prompt + [5], sys_prompt + [6], _ids(40)]
+        few_shared, few_seen = run(few, ["a"] * 3, True)
+        few_plain, _ = run(few, ["a"] * 3, False)
+    finally:
+        hook.remove()
+    assert shared == plain and few_shared == few_plain
+    # the prefix batch covered the 24 shared tokens once (clusters on "a" and on "b"); generate's first
+    # forward then ran only each row's own tokens, left-padded: 3 at most
+    assert seen_plain[0] == 27 and seen_shared[:2] == [24, 3]
+    assert few_seen[0] == 40

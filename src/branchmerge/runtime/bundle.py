@@ -251,6 +251,32 @@ class Bundle:
             out[r][1].append(post.logits[m, :len(seqs[i]) - clusters[r].shared])
         return out
 
+    min_shared_prefix = 16  # generation shares a prompt prefix of at least this many tokens
+
+    def _prefill_clusters(self, g: _GroupRuntime, clusters: Sequence[PrefixCluster], seqs: Sequence[Sequence[int]],
+                          rows: Sequence[int]) -> tuple[Any, list[int]]:
+        """Run every cluster's shared prefix as one right-padded batch ``[C, P]`` and give each row its
+        cluster's cache row (rows outside a cluster get row 0, fully masked). Returns the cache, with one
+        row per sequence, and each sequence's cached prefix length (0 outside clusters)."""
+        width = max(c.shared for c in clusters)
+        x = torch.zeros((len(clusters), width), dtype=torch.long)
+        m = torch.zeros_like(x)
+        owner, shared = [0] * len(seqs), [0] * len(seqs)
+        for r, c in enumerate(clusters):
+            x[r, :c.shared], m[r, :c.shared] = torch.tensor(list(seqs[c.members[0]][:c.shared])), 1
+            for i in c.members:
+                owner[i], shared[i] = r, c.shared
+        g.state.set_rows([rows[c.members[0]] for c in clusters])
+        try:
+            with torch.no_grad():
+                pre = g.model(input_ids=x.to(self.device), attention_mask=m.to(self.device), use_cache=True,
+                              logits_to_keep=1)
+        finally:
+            g.state.set_rows(None)
+        cache = pre["cache"] if "cache" in pre else pre.past_key_values
+        cache.batch_select_indices(torch.tensor(owner, device=self.device))
+        return cache, shared
+
     def _rows_for(self, branches: Sequence[str]) -> tuple[_GroupRuntime, list[int]]:
         groups = {self._group_of(b).name for b in branches}
         if len(groups) != 1:
@@ -313,8 +339,13 @@ class Bundle:
         return ids_list, names
 
     def generate_ids(self, ids_list: list[list[int]], names: list[str], *, max_new_tokens: int = 64,
-                     **generation_kwargs: Any) -> list[GenerationResult]:
-        """Generate from token ids; returns per row the new ids, text, branch and stop reason."""
+                     share_prefix: bool = True, **generation_kwargs: Any) -> list[GenerationResult]:
+        """Generate from token ids; returns per row the new ids, text, branch and stop reason.
+
+        With ``share_prefix``, rows of one branch whose prompts share a long prefix (a system prompt, or
+        ``n`` samples of one prompt) prefill it once: the prefixes run as one batch, each row takes its
+        prefix's KV cache row, and ``generate`` runs only the rest (padding between the two is masked).
+        """
         results: list[GenerationResult | None] = [None] * len(ids_list)
         by_group: dict[str, list[int]] = {}
         for i, b in enumerate(names):
@@ -323,13 +354,29 @@ class Bundle:
             g, rows = self._rows_for([names[i] for i in idx])
             tok = self.tokenizer(names[idx[0]])
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            width = max(len(ids_list[i]) for i in idx)
+            seqs = [ids_list[i] for i in idx]
+            cache, shared = None, [0] * len(seqs)
+            if share_prefix:
+                clusters, _ = prefix_clusters(seqs, [names[i] for i in idx], min_shared=self.min_shared_prefix)
+                sh = [0] * len(seqs)
+                for c in clusters:
+                    for i in c.members:
+                        sh[i] = c.shared
+                # positions computed: the prefix batch plus every row's own part, against every full row
+                cost = len(clusters) * max(sh) + len(seqs) * max(len(q) - k for q, k in zip(seqs, sh))
+                if clusters and cost < 0.8 * len(seqs) * max(map(len, seqs)):
+                    cache, shared = self._prefill_clusters(g, clusters, seqs, rows)
+            head = max(shared)  # cached prefix columns, right-padded; then each row's own tokens, left-padded
+            width = head + max(len(q) - sh for q, sh in zip(seqs, shared))
             input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):  # left padding for generation
-                n = len(ids_list[i])
-                input_ids[r, width - n:] = torch.tensor(ids_list[i])
-                mask[r, width - n:] = 1
+            for r, (q, sh) in enumerate(zip(seqs, shared)):
+                input_ids[r, :sh], mask[r, :sh] = torch.tensor(q[:sh], dtype=torch.long), 1
+                input_ids[r, width - len(q) + sh:] = torch.tensor(q[sh:], dtype=torch.long)
+                mask[r, width - len(q) + sh:] = 1
+            if cache is not None:
+                arg = "cache" if "cache" in inspect.signature(g.model.forward).parameters else "past_key_values"
+                generation_kwargs = {**generation_kwargs, arg: cache}
             eos = set().union(*(self.stop_ids(b) for b in {names[i] for i in idx}))
             kwargs = {"do_sample": False, "pad_token_id": pad, "eos_token_id": sorted(eos) or None, **generation_kwargs}
             if not kwargs.get("do_sample"):
