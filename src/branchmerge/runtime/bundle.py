@@ -215,49 +215,48 @@ class Bundle:
         """Logits of prefix clusters of one group: per cluster, its prefix's ``[shared, vocab]`` and each
         member's own ``[len_i − shared, vocab]``.
 
-        Two forwards: every cluster's prefix as one right-padded batch ``[C, P]`` that fills a KV cache;
-        then every member's suffix as one batch ``[M, S]`` over its cluster's cache row (rows selected,
-        so repeated), with the prefix padding masked and positions continuing from each prefix.
+        Two forwards: every cluster's prefix as one batch (:meth:`_prefill_clusters`), then every member's
+        suffix as one right-padded batch ``[M, S]`` over its cluster's cache row, the prefix padding
+        masked and positions continuing from each prefix.
         """
-        g, rows = self._rows_for([branches[c.members[0]] for c in clusters])
-        dev = self.device
-        width = max(c.shared for c in clusters)
-        x, pmask = torch.zeros((len(clusters), width), dtype=torch.long), torch.zeros((len(clusters), width), dtype=torch.long)
-        for r, c in enumerate(clusters):
-            x[r, :c.shared], pmask[r, :c.shared] = torch.tensor(list(seqs[c.members[0]][:c.shared])), 1
-        owner = [(r, i) for r, c in enumerate(clusters) for i in c.members]  # (cluster row, sequence) per member
-        suffix = max(len(seqs[i]) - clusters[r].shared for r, i in owner)
-        y, smask = torch.zeros((len(owner), suffix), dtype=torch.long), torch.zeros((len(owner), suffix), dtype=torch.long)
-        pos = torch.zeros((len(owner), suffix), dtype=torch.long)
-        for m, (r, i) in enumerate(owner):
-            sh, n = clusters[r].shared, len(seqs[i]) - clusters[r].shared
-            y[m, :n], smask[m, :n] = torch.tensor(list(seqs[i][sh:])), 1
+        members = [i for c in clusters for i in c.members]
+        local, k = [], 0  # the clusters over the member list
+        for c in clusters:
+            local.append(PrefixCluster(list(range(k, k + len(c.members))), c.shared))
+            k += len(c.members)
+        mseqs = [seqs[i] for i in members]
+        g, rows = self._rows_for([branches[i] for i in members])
+        cache, shared, pre_logits = self._prefill_clusters(g, local, mseqs, rows, all_logits=True)
+        head, suffix = max(shared), max(len(q) - sh for q, sh in zip(mseqs, shared))
+        y = torch.zeros((len(mseqs), suffix), dtype=torch.long)
+        mask = torch.zeros((len(mseqs), head + suffix), dtype=torch.long)
+        pos = torch.zeros((len(mseqs), suffix), dtype=torch.long)
+        for m, (q, sh) in enumerate(zip(mseqs, shared)):
+            y[m, :len(q) - sh] = torch.tensor(list(q[sh:]))
+            mask[m, :sh], mask[m, head:head + len(q) - sh] = 1, 1
             pos[m] = sh + torch.arange(suffix)
-        pick = torch.tensor([r for r, _ in owner])
         arg = "cache" if "cache" in inspect.signature(g.model.forward).parameters else "past_key_values"
         g.state.set_rows(rows)
         try:
             with torch.no_grad():
-                pre = g.model(input_ids=x.to(dev), attention_mask=pmask.to(dev), use_cache=True)
-                cache = pre["cache"] if "cache" in pre else pre.past_key_values  # renamed in transformers 5.2x
-                cache.batch_select_indices(pick.to(dev))  # each member gets its cluster's cache row
-                g.state.set_rows([rows[r] for r, _ in owner])
-                post = g.model(input_ids=y.to(dev), attention_mask=torch.cat([pmask[pick], smask], 1).to(dev),
-                               position_ids=pos.to(dev), use_cache=True, **{arg: cache})
+                post = g.model(input_ids=y.to(self.device), attention_mask=mask.to(self.device),
+                               position_ids=pos.to(self.device), use_cache=True, **{arg: cache})
         finally:
             g.state.set_rows(None)
-        out: list[tuple[torch.Tensor, list[torch.Tensor]]] = [(pre.logits[r, :c.shared], []) for r, c in enumerate(clusters)]
-        for m, (r, i) in enumerate(owner):
-            out[r][1].append(post.logits[m, :len(seqs[i]) - clusters[r].shared])
-        return out
+        return [(pre_logits[r, :c.shared], [post.logits[m, :len(mseqs[m]) - c.shared] for m in c.members])
+                for r, c in enumerate(local)]
 
     min_shared_prefix = 16  # generation shares a prompt prefix of at least this many tokens
 
     def _prefill_clusters(self, g: _GroupRuntime, clusters: Sequence[PrefixCluster], seqs: Sequence[Sequence[int]],
-                          rows: Sequence[int]) -> tuple[Any, list[int]]:
-        """Run every cluster's shared prefix as one right-padded batch ``[C, P]`` and give each row its
-        cluster's cache row (rows outside a cluster get row 0, fully masked). Returns the cache, with one
-        row per sequence, and each sequence's cached prefix length (0 outside clusters)."""
+                          rows: Sequence[int], *, all_logits: bool = False) -> tuple[Any, list[int], torch.Tensor]:
+        """Run every cluster's shared prefix as one right-padded batch ``[C, P]`` and give each sequence its
+        cluster's cache row (sequences outside a cluster get row 0, to be fully masked).
+
+        Returns:
+            The cache (one row per sequence), each sequence's cached prefix length (0 outside clusters),
+            and the prefixes' logits: ``[C, P, vocab]`` with ``all_logits``, else the last position's.
+        """
         width = max(c.shared for c in clusters)
         x = torch.zeros((len(clusters), width), dtype=torch.long)
         m = torch.zeros_like(x)
@@ -270,12 +269,12 @@ class Bundle:
         try:
             with torch.no_grad():
                 pre = g.model(input_ids=x.to(self.device), attention_mask=m.to(self.device), use_cache=True,
-                              logits_to_keep=1)
+                              logits_to_keep=0 if all_logits else 1)
         finally:
             g.state.set_rows(None)
-        cache = pre["cache"] if "cache" in pre else pre.past_key_values
+        cache = pre["cache"] if "cache" in pre else pre.past_key_values  # renamed in transformers 5.2x
         cache.batch_select_indices(torch.tensor(owner, device=self.device))
-        return cache, shared
+        return cache, shared, pre.logits
 
     def _rows_for(self, branches: Sequence[str]) -> tuple[_GroupRuntime, list[int]]:
         groups = {self._group_of(b).name for b in branches}
@@ -365,7 +364,7 @@ class Bundle:
                 # positions computed: the prefix batch plus every row's own part, against every full row
                 cost = len(clusters) * max(sh) + len(seqs) * max(len(q) - k for q, k in zip(seqs, sh))
                 if clusters and cost < 0.8 * len(seqs) * max(map(len, seqs)):
-                    cache, shared = self._prefill_clusters(g, clusters, seqs, rows)
+                    cache, shared, _ = self._prefill_clusters(g, clusters, seqs, rows)
             head = max(shared)  # cached prefix columns, right-padded; then each row's own tokens, left-padded
             width = head + max(len(q) - sh for q, sh in zip(seqs, shared))
             input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
