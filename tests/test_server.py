@@ -108,6 +108,11 @@ def test_auto_routing_and_pipeline(server):
     assert [s["branch"] for s in routed.model_extra["stages"]] == ["a", "b"]
     lib = answer(server["bundle"], ["add 1+1="], pipeline="two_step")[0]
     assert [s.text for s in lib] == [s["text"] for s in stages]
+    # streamed, the pipeline's final answer comes as one chunk, then the finish reason
+    chunks = list(c.chat.completions.create(model="two_step", messages=[{"role": "user", "content": "add 1+1="}],
+                                            stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == stages[-1]["text"]
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_bad_requests_get_openai_errors(server):
@@ -314,8 +319,12 @@ def test_several_prompts_in_one_request(server):
         assert ch.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
     with pytest.raises(openai.BadRequestError, match=r"prompt\[1\] must not be empty"):
         c.completions.create(model="b", prompt=["rev a=", "  "], max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="one prompt per request"):
-        c.completions.create(model="b", prompt=texts, max_tokens=2, stream=True)
+    # streamed: every prompt's choice in one event stream, chunks tagged by index, the same texts
+    parts: dict[int, str] = {}
+    for ev in c.completions.create(model="b", prompt=texts, max_tokens=6, stream=True):
+        for ch in ev.choices:
+            parts[ch.index] = parts.get(ch.index, "") + ch.text
+    assert parts == {i: ch.text for i, ch in enumerate(r.choices)}
 
 
 def test_n_completions_per_prompt(server):
@@ -331,9 +340,18 @@ def test_n_completions_per_prompt(server):
     assert [ch.index for ch in s.choices] == [0, 1, 2, 3]
     assert [ch.model_extra["branch"] for ch in s.choices] == ["b"] * 4
     assert s.usage.prompt_tokens == sum(len(b.tokenizer("b")(t)["input_ids"]) for t in ["rev abc=", "dup xy="])
-    for kw, what in [({"stream": True}, "stream"), ({"logprobs": 1}, "logprobs")]:
-        with pytest.raises(openai.BadRequestError, match=what):
-            c.completions.create(model="b", prompt="rev a=", max_tokens=2, n=2, **kw)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        c.completions.create(model="b", prompt="rev a=", max_tokens=2, n=2, logprobs=1)
+    # streamed chat with n=2: two choices, each the greedy answer, each ending with a finish reason
+    got: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    for ev in c.chat.completions.create(model="b", messages=[{"role": "user", "content": "rev abc="}], max_tokens=5,
+                                        n=2, stream=True):
+        for ch in ev.choices:
+            got[ch.index] = got.get(ch.index, "") + (ch.delta.content or "")
+            if ch.finish_reason:
+                reasons[ch.index] = ch.finish_reason
+    assert got == {0: want, 1: want} and set(reasons) == {0, 1}
     with pytest.raises(openai.BadRequestError, match="pipeline"):
         c.completions.create(model="two_step", prompt="add 1+2=", max_tokens=2, n=2)
     with pytest.raises(openai.BadRequestError, match="n"):

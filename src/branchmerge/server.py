@@ -253,8 +253,8 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
             raise APIError(400, f"max_tokens must be positive, got {mt}", param="max_tokens")
         if mt > max_tokens_limit:
             raise APIError(400, f"max_tokens {mt} is above this server's limit of {max_tokens_limit}", param="max_tokens")
-        if req.n > 1 and (req.stream or scoring):
-            raise APIError(400, f"n={req.n} is supported without stream, logprobs and echo", param="n")
+        if req.n > 1 and scoring:
+            raise APIError(400, f"n={req.n} is supported without logprobs and echo", param="n")
         return mt
 
     async def _resolve(model: str, text: str) -> tuple[str | None, str | None]:
@@ -329,11 +329,13 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
         b = body["branch"]
         return JSONResponse(body, headers={"X-Branchmerge-Branch": b if isinstance(b, str) else ",".join(b)})
 
-    async def _handle(req: _Req, kind: str, text: str, encode) -> dict | StreamingResponse:
-        """One prompt: the response body, or its event stream when ``req.stream``."""
+    async def _handle(req: _Req, kind: str, text: str, encode, *, rid: str | None = None,
+                      index: int = 0) -> dict | tuple[str, list[AsyncIterator[str]]]:
+        """One prompt: the response body, or with ``req.stream`` its branch and one event stream per choice
+        (choice indices from ``index``)."""
         mt = _limits(req)
         branch, pipeline = await _resolve(req.model, text)
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        rid = rid or ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if kind == "chat" else "text_completion"
         if pipeline is not None:
             if req.n > 1:
@@ -343,13 +345,12 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
             body = _body(kind, rid, obj, req.model, final, "stop", pt, ct, answered)
             body["stages"] = stages
             if req.stream:
-                return _sse_once(kind, rid, req.model, final, answered)
+                return answered, [_once(kind, rid, req.model, final, answered, index)]
             return body
         ids = encode(branch)
         if req.stream:
-            job = engine.submit(_job(branch, ids, req, mt, True))
-            return StreamingResponse(_stream(kind, rid, req.model, branch, job), media_type="text/event-stream",
-                                     headers={"X-Branchmerge-Branch": branch})
+            jobs = [engine.submit(_job(branch, ids, req, mt, True)) for _ in range(req.n)]
+            return branch, [_stream(kind, rid, req.model, branch, j, index + k) for k, j in enumerate(jobs)]
         # n completions: n jobs of the same prompt, batched together by the engine
         jobs = await asyncio.gather(*(_wait(engine.submit(_job(branch, ids, req, mt, False))) for _ in range(req.n)))
         outs = [_finish(branch, j.new_ids, j) for j in jobs]
@@ -368,35 +369,59 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
         return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice],
                 "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}, "branch": branch}
 
-    def _chunk(kind, rid, model, delta: str | None, reason: str | None, branch: str, first: bool = False) -> str:
+    def _chunk(kind, rid, model, delta: str | None, reason: str | None, branch: str, first: bool = False,
+               index: int = 0) -> str:
         if kind == "chat":
             d: dict[str, Any] = {}
             if first:
                 d["role"] = "assistant"
             if delta:
                 d["content"] = delta
-            choice = {"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}
+            choice = {"index": index, "delta": d, "finish_reason": reason, "logprobs": None}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
+            choice = {"index": index, "text": delta or "", "finish_reason": reason, "logprobs": None}
             obj = "text_completion"
         return "data: " + json.dumps({"id": rid, "object": obj, "created": int(time.time()), "model": model,
                                       "choices": [choice], "branch": branch}) + "\n\n"
 
-    def _sse_once(kind, rid, model, text, branch) -> StreamingResponse:
-        async def gen() -> AsyncIterator[str]:
-            yield _chunk(kind, rid, model, text, None, branch, first=True)
-            yield _chunk(kind, rid, model, None, "stop", branch)
+    async def _once(kind, rid, model, text, branch, index: int) -> AsyncIterator[str]:
+        yield _chunk(kind, rid, model, text, None, branch, first=True, index=index)
+        yield _chunk(kind, rid, model, None, "stop", branch, index=index)
+
+    def _sse(parts: list[tuple[str, list[AsyncIterator[str]]]]) -> StreamingResponse:
+        """One event stream from the choices' streams, chunks interleaved as they come, then ``[DONE]``."""
+        gens = [g for _, gs in parts for g in gs]
+
+        async def merged() -> AsyncIterator[str]:
+            q: asyncio.Queue[str | None] = asyncio.Queue()
+
+            async def pump(g: AsyncIterator[str]) -> None:
+                try:
+                    async for c in g:
+                        await q.put(c)
+                finally:
+                    await q.put(None)
+
+            tasks = [asyncio.create_task(pump(g)) for g in gens]
+            left = len(tasks)
+            while left:
+                c = await q.get()
+                if c is None:
+                    left -= 1
+                else:
+                    yield c
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(gen(), media_type="text/event-stream", headers={"X-Branchmerge-Branch": branch})
+        branches = ",".join(dict.fromkeys(b for b, _ in parts))
+        return StreamingResponse(merged(), media_type="text/event-stream", headers={"X-Branchmerge-Branch": branches})
 
-    async def _stream(kind, rid, model, branch, job: Job) -> AsyncIterator[str]:
+    async def _stream(kind, rid, model, branch, job: Job, index: int = 0) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         tok = bundle.tokenizer(branch)
         eos = {tok.eos_token_id, bundle.groups[bundle.reader.branches[branch]["group"]].model.generation_config.eos_token_id}
         sent, ids, reason = "", [], None
-        yield _chunk(kind, rid, model, None, None, branch, first=True)
+        yield _chunk(kind, rid, model, None, None, branch, first=True, index=index)
         while True:
             t = await loop.run_in_executor(None, job.stream.get)
             if t is None:
@@ -414,12 +439,11 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
             if len(ids) >= job.max_tokens and reason is None:
                 reason = "length"
             if len(text) > len(sent) and not text.endswith("\ufffd"):
-                yield _chunk(kind, rid, model, text[len(sent):], None, branch)
+                yield _chunk(kind, rid, model, text[len(sent):], None, branch, index=index)
                 sent = text
         if job.error is not None:
             yield "data: " + json.dumps({"error": {"message": str(job.error), "type": "server_error"}}) + "\n\n"
-        yield _chunk(kind, rid, model, None, reason or "stop", branch)
-        yield "data: [DONE]\n\n"
+        yield _chunk(kind, rid, model, None, reason or "stop", branch, index=index)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
@@ -429,7 +453,7 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
         if not last_user.strip():
             raise APIError(400, "the last user message is empty", param="messages")
         out = await _handle(req, "chat", last_user, lambda b: _encode_chat(b, req.messages))
-        return out if isinstance(out, StreamingResponse) else _json(out)
+        return _sse([out]) if isinstance(out, tuple) else _json(out)
 
     def _token_ids(branch: str, ids: list[int]) -> list[int]:
         vocab = bundle.reader.hf_config(branch).get("vocab_size")
@@ -493,21 +517,22 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
                                param="model")
         return prompts
 
-    async def _completion(req: CompletionRequest, prompt: str | list[int]) -> dict | StreamingResponse:
+    async def _completion(req: CompletionRequest, prompt: str | list[int], **where) -> dict | tuple:
         if req.logprobs is not None or req.echo:
             return await _scored(req, prompt)
         if isinstance(prompt, list):
-            return await _handle(req, "completion", "", lambda b: _token_ids(b, prompt))
-        return await _handle(req, "completion", prompt, lambda b: bundle.tokenizer(b)(prompt)["input_ids"])
+            return await _handle(req, "completion", "", lambda b: _token_ids(b, prompt), **where)
+        return await _handle(req, "completion", prompt, lambda b: bundle.tokenizer(b)(prompt)["input_ids"], **where)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         prompts = _prompts(req.prompt, req.model == "auto")
         if len(prompts) == 1:
             out = await _completion(req, prompts[0])
-            return out if isinstance(out, StreamingResponse) else _json(out)
-        if req.stream:
-            raise APIError(400, "stream=true takes one prompt per request", param="stream")
+            return _sse([out]) if isinstance(out, tuple) else _json(out)
+        if req.stream:  # every prompt's n choices in one event stream, indexed prompt by prompt
+            rid = "cmpl-" + uuid.uuid4().hex[:24]
+            return _sse([await _completion(req, p, rid=rid, index=i * req.n) for i, p in enumerate(prompts)])
         # every prompt is its own job; the engine batches them (and scoring shares their common prefixes)
         bodies = await asyncio.gather(*(_completion(req, p) for p in prompts))
         merged = dict(bodies[0])
