@@ -117,3 +117,13 @@ def test_generation_shares_prompt_prefixes(bundles, sample):  # noqa: F811
     # forward then ran only each row's own tokens, left-padded: 3 at most
     assert seen_plain[0] == 27 and seen_shared[:2] == [24, 3]
     assert few_seen[0] == 40
+
+
+def test_beam_search_with_shared_prompts_still_works(bundles):  # noqa: F811
+    """Beam search expands the batch inside ``generate``; prompts sharing a prefix then run unshared."""
+    b = branchmerge.load(bundles[0.9], dtype="float32")
+    sys_prompt = _ids(24)
+    prompts = [sys_prompt + [5], sys_prompt + [6]]
+    got = b.generate_ids(prompts, ["a", "a"], max_new_tokens=4, num_beams=2)
+    want = b.generate_ids(prompts, ["a", "a"], max_new_tokens=4, num_beams=2, share_prefix=False)
+    assert [r.new_ids for r in got] == [r.new_ids for r in want] and all(len(r.new_ids) <= 4 for r in got)

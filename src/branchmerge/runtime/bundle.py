@@ -355,7 +355,9 @@ class Bundle:
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             seqs = [ids_list[i] for i in idx]
             cache, shared = None, [0] * len(seqs)
-            if share_prefix:
+            # beam search and num_return_sequences expand the batch inside generate, past a given cache
+            expands = max(generation_kwargs.get("num_beams") or 1, generation_kwargs.get("num_return_sequences") or 1) > 1
+            if share_prefix and not expands:
                 clusters, _ = prefix_clusters(seqs, [names[i] for i in idx], min_shared=self.min_shared_prefix)
                 sh = [0] * len(seqs)
                 for c in clusters:
