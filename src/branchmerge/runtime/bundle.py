@@ -355,9 +355,11 @@ class Bundle:
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             seqs = [ids_list[i] for i in idx]
             cache, shared = None, [0] * len(seqs)
-            # beam search and num_return_sequences expand the batch inside generate, past a given cache
+            # beam search and num_return_sequences expand the batch inside generate, past a given cache; a
+            # caller's own cache (or cache kind) is left alone
             expands = max(generation_kwargs.get("num_beams") or 1, generation_kwargs.get("num_return_sequences") or 1) > 1
-            if share_prefix and not expands:
+            own_cache = any(k in generation_kwargs for k in ("past_key_values", "cache", "cache_implementation"))
+            if share_prefix and not expands and not own_cache:
                 clusters, _ = prefix_clusters(seqs, [names[i] for i in idx], min_shared=self.min_shared_prefix)
                 sh = [0] * len(seqs)
                 for c in clusters:
