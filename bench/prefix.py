@@ -13,6 +13,7 @@ A 3-branch SmolLM2-135M bundle at r=0.95 (float32, CPU), through ``Bundle.genera
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -55,21 +56,12 @@ def main() -> None:
             scored, ["m1"] * 16, top=1, greedy_next=True, share_prefix=share),
     }
     print(f"prompt lengths: chat {min(map(len, chats))}–{max(map(len, chats))} tokens "
-          f"(shared {len(_common_prefix(chats))}); scoring {len(scored[0])}–{max(map(len, scored))}")
+          f"(shared {len(os.path.commonprefix(chats))}); scoring {len(scored[0])}–{max(map(len, scored))}")
     print("\n| workload | time, shared prefix / not shared (median, quartiles) | seconds not shared |\n|---|---|---|")
     for name, fn in cases.items():
         fn(True), fn(False)  # warm-up
         ratios, secs = paired(lambda: fn(False), lambda: fn(True), args.repeat)
         print(f"| {name} | {spread(ratios)} | {statistics.median(secs) / statistics.median(ratios):.2f} |")
-
-
-def _common_prefix(seqs: list[list[int]]) -> list[int]:
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    i = 0
-    while i < n and all(s[i] == first[i] for s in seqs):
-        i += 1
-    return first[:i]
 
 
 if __name__ == "__main__":

@@ -311,6 +311,8 @@ def test_several_prompts_in_one_request(server):
     assert [ch.text for ch in r.choices] == [b.generate(t, "b", max_new_tokens=6)[0] for t in texts]
     assert r.usage.prompt_tokens == sum(len(b.tokenizer("b")(t)["input_ids"]) for t in texts)
     assert r.model_extra["branch"] == ["b", "b", "b"]
+    raw = c.completions.with_raw_response.create(model="b", prompt=texts[:2], max_tokens=2)
+    assert raw.headers["X-Branchmerge-Branch"] == "b"  # the distinct answering branches
     ctx = b.tokenizer("a")("add 12+34+56=")["input_ids"]
     ids = [ctx + [b.tokenizer("a").convert_tokens_to_ids(d)] for d in "0123"]
     s = c.completions.create(model="a", prompt=ids, max_tokens=1, echo=True, logprobs=1)

@@ -325,9 +325,12 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
         info = [{"stage": s.stage, "branch": s.branch, "text": s.text} for s in stages]
         return stages[-1].text, info, stages[0].prompt_tokens, sum(s.completion_tokens for s in stages)
 
+    def _branch_header(branches: str | list[str]) -> dict[str, str]:
+        """``X-Branchmerge-Branch``: the answering branch, or the distinct ones of several choices."""
+        return {"X-Branchmerge-Branch": ",".join(dict.fromkeys([branches] if isinstance(branches, str) else branches))}
+
     def _json(body: dict) -> JSONResponse:
-        b = body["branch"]
-        return JSONResponse(body, headers={"X-Branchmerge-Branch": b if isinstance(b, str) else ",".join(b)})
+        return JSONResponse(body, headers=_branch_header(body["branch"]))
 
     async def _handle(req: _Req, kind: str, text: str, encode, *, rid: str | None = None,
                       index: int = 0) -> dict | tuple[str, list[AsyncIterator[str]]]:
@@ -363,9 +366,7 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
         return {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text}
 
     def _body(kind, rid, obj, model, text, reason, pt, ct, branch) -> dict:
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                   "logprobs": None} if kind == "chat" else
-                  {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
+        choice = {"index": 0, **_content(kind, text), "finish_reason": reason, "logprobs": None}
         return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice],
                 "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}, "branch": branch}
 
@@ -413,13 +414,13 @@ def create_app(bundle, *, api_key: str | None = None, max_batch: int = 16, wait_
                     yield c
             yield "data: [DONE]\n\n"
 
-        branches = ",".join(dict.fromkeys(b for b, _ in parts))
-        return StreamingResponse(merged(), media_type="text/event-stream", headers={"X-Branchmerge-Branch": branches})
+        return StreamingResponse(merged(), media_type="text/event-stream",
+                                 headers=_branch_header([b for b, _ in parts]))
 
     async def _stream(kind, rid, model, branch, job: Job, index: int = 0) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         tok = bundle.tokenizer(branch)
-        eos = {tok.eos_token_id, bundle.groups[bundle.reader.branches[branch]["group"]].model.generation_config.eos_token_id}
+        eos = bundle.stop_ids(branch)
         sent, ids, reason = "", [], None
         yield _chunk(kind, rid, model, None, None, branch, first=True, index=index)
         while True:

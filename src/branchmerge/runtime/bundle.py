@@ -24,7 +24,8 @@ from branchmerge.io.bundle import BundleReader
 from branchmerge.merge import DTYPES
 from branchmerge.runtime.build import build_group_model
 from branchmerge.runtime.modules import BranchedLinear, BranchState
-from branchmerge.runtime.scoring import PrefixCluster, TokenLogprobs, prefix_clusters, score_cluster, score_row
+from branchmerge.runtime.scoring import (PrefixCluster, TokenLogprobs, prefix_clusters, score_cluster, score_row,
+                                         shared_lengths)
 
 logger = logging.getLogger(__name__)
 
@@ -235,12 +236,11 @@ class Bundle:
             y[m, :len(q) - sh] = torch.tensor(list(q[sh:]))
             mask[m, :sh], mask[m, head:head + len(q) - sh] = 1, 1
             pos[m] = sh + torch.arange(suffix)
-        arg = "cache" if "cache" in inspect.signature(g.model.forward).parameters else "past_key_values"
         g.state.set_rows(rows)
         try:
             with torch.no_grad():
                 post = g.model(input_ids=y.to(self.device), attention_mask=mask.to(self.device),
-                               position_ids=pos.to(self.device), use_cache=True, **{arg: cache})
+                               position_ids=pos.to(self.device), use_cache=True, **{_cache_arg(g.model): cache})
         finally:
             g.state.set_rows(None)
         return [(pre_logits[r, :c.shared], [post.logits[m, :len(mseqs[m]) - c.shared] for m in c.members])
@@ -260,11 +260,11 @@ class Bundle:
         width = max(c.shared for c in clusters)
         x = torch.zeros((len(clusters), width), dtype=torch.long)
         m = torch.zeros_like(x)
-        owner, shared = [0] * len(seqs), [0] * len(seqs)
+        owner = [0] * len(seqs)
         for r, c in enumerate(clusters):
             x[r, :c.shared], m[r, :c.shared] = torch.tensor(list(seqs[c.members[0]][:c.shared])), 1
             for i in c.members:
-                owner[i], shared[i] = r, c.shared
+                owner[i] = r
         g.state.set_rows([rows[c.members[0]] for c in clusters])
         try:
             with torch.no_grad():
@@ -272,9 +272,9 @@ class Bundle:
                               logits_to_keep=0 if all_logits else 1)
         finally:
             g.state.set_rows(None)
-        cache = pre["cache"] if "cache" in pre else pre.past_key_values  # renamed in transformers 5.2x
+        cache = pre[_cache_arg(g.model)]
         cache.batch_select_indices(torch.tensor(owner, device=self.device))
-        return cache, shared, pre.logits
+        return cache, shared_lengths(clusters, len(seqs)), pre.logits
 
     def _rows_for(self, branches: Sequence[str]) -> tuple[_GroupRuntime, list[int]]:
         groups = {self._group_of(b).name for b in branches}
@@ -361,10 +361,7 @@ class Bundle:
             own_cache = any(k in generation_kwargs for k in ("past_key_values", "cache", "cache_implementation"))
             if share_prefix and not expands and not own_cache:
                 clusters, _ = prefix_clusters(seqs, [names[i] for i in idx], min_shared=self.min_shared_prefix)
-                sh = [0] * len(seqs)
-                for c in clusters:
-                    for i in c.members:
-                        sh[i] = c.shared
+                sh = shared_lengths(clusters, len(seqs))
                 # positions computed: the prefix batch plus every row's own part, against every full row
                 cost = len(clusters) * max(sh) + len(seqs) * max(len(q) - k for q, k in zip(seqs, sh))
                 if clusters and cost < 0.8 * len(seqs) * max(map(len, seqs)):
@@ -378,8 +375,7 @@ class Bundle:
                 input_ids[r, width - len(q) + sh:] = torch.tensor(q[sh:], dtype=torch.long)
                 mask[r, width - len(q) + sh:] = 1
             if cache is not None:
-                arg = "cache" if "cache" in inspect.signature(g.model.forward).parameters else "past_key_values"
-                generation_kwargs = {**generation_kwargs, arg: cache}
+                generation_kwargs = {**generation_kwargs, _cache_arg(g.model): cache}
             eos = set().union(*(self.stop_ids(b) for b in {names[i] for i in idx}))
             kwargs = {"do_sample": False, "pad_token_id": pad, "eos_token_id": sorted(eos) or None, **generation_kwargs}
             if not kwargs.get("do_sample"):
@@ -413,6 +409,12 @@ class GenerationResult:
     text: str
     finish_reason: str  # "stop" or "length"
     stop_id: int | None = None  # the end-of-sequence token that ended it (not in new_ids)
+
+
+def _cache_arg(model: PreTrainedModel) -> str:
+    """The name of the KV-cache argument and output of ``model``: ``past_key_values``, renamed ``cache``
+    in transformers 5.2x."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def load(path: str | Path, *, device: str = "cpu", dtype: str | None = None, verify: bool = True,

@@ -35,6 +35,15 @@ class PrefixCluster:
     shared: int
 
 
+def shared_lengths(clusters: Sequence[PrefixCluster], n: int) -> list[int]:
+    """Per sequence of ``n``, the length of the prefix its cluster shares (0 outside clusters)."""
+    out = [0] * n
+    for c in clusters:
+        for i in c.members:
+            out[i] = c.shared
+    return out
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
