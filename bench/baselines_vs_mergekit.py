@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from _common import CACHE, VENV_BIN
 from branchmerge.config import parse_config
 from branchmerge.family import SKILLS, build_family
-from branchmerge.methods import run_baseline_merge
+from branchmerge.merge.collapse import run_baseline_merge
 
 PARAMS = {"linear": {}, "ties": {"density": 0.5}, "task_arithmetic": {}}
 

@@ -40,10 +40,10 @@ def main() -> None:
           + f" (target ≥ 95% each: {'met' if min(kept.values()) >= 0.95 else 'NOT met'})")
     import branchmerge
     from branchmerge.evaluate import evaluate_router
-    from branchmerge.router import build_router
+    from branchmerge.front import build_bundle_router
 
     bundle = branchmerge.load(CACHE / "fidelity" / "bundle-r0.95")
-    build_router(bundle, router_config(fam["base"]))
+    build_bundle_router(bundle, router_config(fam["base"]))
     res = evaluate_router(bundle, [(p, s) for s in SKILLS for p, _ in sample_prompts(s, 100, seed=5)])
     print(f"router on the family (400 held-out prompts): template phrase {res['accuracy']:.3f} "
           f"(target ≥ 0.98), " + ", ".join(f"{k} {v:.3f}" for k, v in res["baselines"].items())

@@ -78,11 +78,8 @@ def mixed_decoder(bundle, names: list[str], batch, tokens: int):
     g = bundle.groups["main"]
 
     def run() -> None:
-        g.state.set_rows([g.state.index(n) for n in names])
-        try:
+        with g.state.select([g.state.index(n) for n in names]):
             decode(g.model, batch, tokens)
-        finally:
-            g.state.set_rows(None)
     return run
 
 

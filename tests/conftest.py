@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 logging.getLogger("branchmerge").setLevel(logging.WARNING)
 
@@ -63,15 +64,58 @@ def make_finetune(base: LlamaForCausalLM, path: Path, seed: int, rank: int = 2, 
     return model
 
 
+def save_char_tokenizer(folder, chat: bool = False):
+    """A real fast tokenizer over single characters (vocab 64), saved into a model folder."""
+    chars = list(" abcdefghijklmnopqrstuvwxyz0123456789+-=.,?!:")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for c in chars:
+        vocab[c] = len(vocab)
+    while len(vocab) < 64:
+        vocab[f"<x{len(vocab)}>"] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat:
+        tok.chat_template = "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
+    tok.save_pretrained(folder)
+    return tok
+
+
 @pytest.fixture(scope="session")
 def family(tmp_path_factory) -> dict[str, tuple[Path, LlamaForCausalLM]]:
-    """A tiny base and three fine-tunes (branches a, b, c) saved as HF folders."""
+    """A tiny base and three fine-tunes (branches a, b, c) saved as HF folders with a character tokenizer.
+    Tests read these folders and never write into them."""
     root = tmp_path_factory.mktemp("family")
     base = make_tiny_llama(root / "base", seed=0)
+    save_char_tokenizer(root / "base")
     out = {"base": (root / "base", base)}
     for i, name in enumerate(["a", "b", "c"]):
         out[name] = (root / name, make_finetune(base, root / name, seed=100 + i))
+        save_char_tokenizer(root / name)
     return out
+
+
+@pytest.fixture(scope="session")
+def bundles(family, tmp_path_factory) -> dict[float, Path]:
+    """Bundles of a, b, c at r=0 and r=0.9, merged once for the whole session (read-only: copy to change)."""
+    from branchmerge.config import load_config
+    from branchmerge.merge import run_merge
+
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for r in (0.0, 0.9):
+        cfg = write_config(root / f"c{r}.yaml", [{"name": n, "model": str(family[n][0])} for n in "abc"],
+                           compress_rate=r)
+        run_merge(load_config(cfg), root / f"b{r}", progress=False)
+        out[r] = root / f"b{r}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(bundles):
+    import branchmerge
+
+    return {r: branchmerge.load(p, dtype="float32") for r, p in bundles.items()}
 
 
 def write_config(path: Path, branches: list[dict], **kw) -> Path:

@@ -142,17 +142,30 @@ def test_output_exists_needs_force(capsys, tmp_path, family):
     assert (out / "manifest.json").is_file() and not (out / "keep.txt").exists()
 
 
-def test_different_vocab_sizes_are_fine(capsys, tmp_path, family):
+def test_different_vocab_sizes_need_their_own_group(capsys, tmp_path, family):
+    """A fine-tune with a resized vocabulary cannot run as a row of the same model: merge refuses it in one
+    group (the old merge wrote a bundle that then failed to load), and accepts it as a group of its own."""
     from tests.conftest import make_finetune
 
     base = family["base"][1]
     d = tmp_path / "bigvocab"
     ft = make_finetune(base, d, seed=3)
-    ft.resize_token_embeddings(80)
+    ft.resize_token_embeddings(80, mean_resizing=False)
     ft.save_pretrained(d)
-    cfg = _cfg(tmp_path, [{"name": "a", "model": str(family["a"][0])}, {"name": "v", "model": str(d)}], compress_rate=0.5)
+    branches = [{"name": "a", "model": str(family["a"][0])}, {"name": "v", "model": str(d)}]
+    cfg = _cfg(tmp_path, branches, compress_rate=0.5)
+    code, _, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "out", "--no-progress")
+    assert code == 1 and "has shape [80, 32] in branch 'v' but [64, 32] in branch 'a'" in err
+    assert "own `group`" in err and not (tmp_path / "out").exists()
+    branches[1]["group"] = "big"
+    cfg = _cfg(tmp_path, branches, compress_rate=0.5)
     code, _, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "out", "--no-progress")
     assert code == 0, err
+    import branchmerge
+
+    b = branchmerge.load(tmp_path / "out")
+    assert b.logits(torch.tensor([[1, 2, 3]]), ["v"]).shape == (1, 3, 80)
+    assert b.logits(torch.tensor([[1, 2, 3]]), ["a"]).shape == (1, 3, 64)
 
 
 def test_corrupt_bundle_shard_detected(capsys, tmp_path, family):

@@ -9,7 +9,7 @@ import branchmerge
 from branchmerge.config import parse_config
 from branchmerge.family import SKILLS, accuracy, build_family, hf_generate, router_config, sample_prompts
 from branchmerge.merge import run_merge
-from branchmerge.router import build_router
+from branchmerge.front import build_bundle_router
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_branches_keep_skills_averaging_loses_them(skills_family, tmp_path):
     assert min(kept.values()) >= 0.9, kept
     assert sum(kept[s] - avg[s] >= 0.3 for s in SKILLS) >= 2, (kept, avg)
 
-    build_router(bundle, router_config(skills_family["base"]))
+    build_bundle_router(bundle, router_config(skills_family["base"]))
     qs = [(p, s) for s in SKILLS for p, _ in sample_prompts(s, 50, seed=5)]
     routed = bundle.router.route([q for q, _ in qs])
     acc = sum(r == s for r, (_, s) in zip(routed, qs)) / len(qs)

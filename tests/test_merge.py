@@ -99,7 +99,9 @@ def test_sharding_respects_limit(family, family_config, tmp_path):
     assert len(m["shards"]) > 3
     out = export_branch(bundle, "c", tmp_path / "exp", progress=False, max_shard_bytes=50_000)
     assert (out / "model.safetensors.index.json").is_file()
-    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    sharded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    whole = AutoModelForCausalLM.from_pretrained(export_branch(bundle, "c", tmp_path / "one", progress=False)).state_dict()
+    assert sharded.keys() == whole.keys() and all(torch.equal(sharded[k], whole[k]) for k in whole)
 
 
 def test_standalone_branch_kept_whole(family, tmp_path):

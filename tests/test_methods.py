@@ -53,15 +53,45 @@ def test_registry_rejects_duplicates_and_bad_names():
     assert all(m.reference_url for m in METHODS.values())
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties"])
-def test_baseline_merge_writes_loadable_model(family, tmp_path, method):
+@pytest.mark.parametrize("method,params", [("linear", {}), ("task_arithmetic", {"lambda": 0.5}),
+                                           ("ties", {"density": 1.0}), ("dare_ties", {"density": 0.5})])
+def test_baseline_merge_writes_loadable_model(family, tmp_path, method, params):
     cfg = write_config(tmp_path / "c.yaml", [{"name": n, "model": str(family[n][0])} for n in "abc"],
-                       method=method, base_model=str(family["base"][0]), parameters={"density": 0.5})
+                       method=method, base_model=str(family["base"][0]), parameters=params)
     run_merge(load_config(cfg), tmp_path / "out", progress=False)
-    m = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()["model.layers.0.mlp.up_proj.weight"]
+    key = "model.layers.0.mlp.up_proj.weight"
+    ws = [family[n][1].state_dict()[key] for n in "abc"]
+    base = family["base"][1].state_dict()[key]
     if method == "linear":
-        exp = sum(family[n][1].state_dict()["model.layers.0.mlp.up_proj.weight"] for n in "abc") / 3
-        assert torch.allclose(m.state_dict()["model.layers.0.mlp.up_proj.weight"], exp, atol=1e-6)
+        torch.testing.assert_close(got, sum(ws) / 3, atol=1e-6, rtol=0)
+    elif method == "task_arithmetic":  # base + λ·Σ task vectors
+        torch.testing.assert_close(got, base + 0.5 * sum(w - base for w in ws), atol=1e-6, rtol=0)
+    elif method == "ties":  # density 1: no trimming, sign election only
+        torch.testing.assert_close(got, base + ties(ws, base=base, density=1.0) - base, atol=1e-6, rtol=0)
+    else:  # seeded: the same merge again gives the same weights, and it moved away from the base
+        run_merge(load_config(cfg), tmp_path / "out", progress=False, force=True)
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()[key]
+        assert torch.equal(got, again) and not torch.allclose(got, base)
+
+
+def test_method_parameters_are_declared_and_checked(family, tmp_path):
+    """A misspelt or foreign parameter is an error naming it and the parameters the method takes, not
+    silently ignored; a value out of range is named too."""
+    branches = [{"name": n, "model": str(family[n][0])} for n in "ab"]
+    for params, needle in [({"densty": 0.5}, "parameters.densty: unknown parameter"),
+                           ({"density": 1.5}, "parameters.density"),
+                           ({"density": 0.5}, "parameters.density: unknown parameter")]:
+        method = "linear" if needle.endswith("unknown parameter") and "densty" not in str(params) else "ties"
+        cfg = write_config(tmp_path / "c.yaml", branches, method=method, base_model=str(family["base"][0]),
+                           parameters=params)
+        with pytest.raises(ConfigError, match=needle.replace(".", r"\.")) as e:
+            load_config(cfg)
+        assert "parameters it takes" in str(e.value)
+    cfg = write_config(tmp_path / "c.yaml", branches, parameters={"density": 0.5})
+    with pytest.raises(ConfigError, match="method 'branch' takes no `parameters`"):
+        load_config(cfg)
+    assert METHODS["ties"].parse_params({"density": 0.3, "lambda": 2}).lambda_ == 2
 
 
 def test_method_errors(family, tmp_path, capsys):

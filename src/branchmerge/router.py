@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -24,9 +24,8 @@ from torch import Tensor
 
 from branchmerge.config import read_yaml, validate
 from branchmerge.errors import BundleError, ConfigError
-
-if TYPE_CHECKING:
-    from branchmerge.runtime.bundle import Bundle
+from branchmerge.io.writer import atomic_output_dir
+from branchmerge.runtime.text import ensure_pad_token
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +53,11 @@ class RouterConfig(BaseModel):
     top_k: int = Field(default=1, ge=1, description="Samples per branch averaged when aggregate is mean.")
     threshold: float | None = Field(default=None, description="Below this best score, use `fallback`.")
     fallback: str | None = None
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=16, ge=1, le=1024)
+    max_input_chars: int = Field(
+        default=2000, ge=1, description="Longer questions are cut to this many characters before embedding "
+        "(the field of a question shows early; a 1 MB prompt must not hold the router for minutes)."
+    )
 
     @field_validator("template")
     @classmethod
@@ -157,18 +160,29 @@ class Embedder:
     """Embeds questions with a causal LM: the template phrase (or the whole input) pooled."""
 
     def __init__(self, model, tokenizer, *, template: str = DEFAULT_TEMPLATE, phrase: str = DEFAULT_PHRASE,
-                 pooling: str = "mean", layer: int = -1, batch_size: int = 16) -> None:
-        self.model, self.tok = model, tokenizer
+                 pooling: str = "mean", layer: int = -1, batch_size: int = 16, max_input_chars: int = 2000,
+                 select: Callable[[], AbstractContextManager] | None = None) -> None:
+        """``select``, when given, is entered around each forward (a bundle branch selects itself)."""
+        self.model, self.tok = model, ensure_pad_token(tokenizer)
         self.template, self.phrase, self.pooling, self.layer = template, phrase, pooling, layer
-        self.batch_size = batch_size
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token or self.tok.unk_token
+        self.batch_size, self.max_input_chars = batch_size, max_input_chars
+        self.select = select or nullcontext
+        n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        if isinstance(n_layers, int) and not -(n_layers + 1) <= layer <= n_layers:
+            raise ConfigError(f"router `layer` {layer} is out of range: the embedder has {n_layers} layers, so "
+                              f"hidden states {-(n_layers + 1)}..{n_layers} (-1 = last, 0 = embeddings)")
+
+    @classmethod
+    def from_config(cls, model, tokenizer, cfg: RouterConfig, select=None) -> Embedder:
+        return cls(model, tokenizer, template=cfg.template, phrase=cfg.phrase, pooling=cfg.pooling, layer=cfg.layer,
+                   batch_size=cfg.batch_size, max_input_chars=cfg.max_input_chars, select=select)
 
     def _spans(self, inputs: Sequence[str], templated: bool) -> tuple[list[str], list[tuple[int, int]]]:
         texts, spans = [], []
         for q in inputs:
             if not q.strip():
                 raise ConfigError("cannot route an empty question")
+            q = q[:self.max_input_chars]
             if templated:
                 t = self.template.replace("{input}", q)
                 start = t.rfind(self.phrase)
@@ -202,8 +216,9 @@ class Embedder:
                 raise ConfigError("the phrase produced no tokens for some input; check `phrase`/`template`")
             # positions count real tokens only, so left and right padding embed alike
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            hs = self.model(input_ids=enc["input_ids"].to(device), attention_mask=attn.to(device),
-                            position_ids=pos.to(device), output_hidden_states=True).hidden_states
+            with self.select():
+                hs = self.model(input_ids=enc["input_ids"].to(device), attention_mask=attn.to(device),
+                                position_ids=pos.to(device), output_hidden_states=True).hidden_states
             for how, layer in combos:
                 out[(how, layer)].append(pool(hs[layer], mask.to(device), how).cpu())
         return {c: torch.cat(v) for c, v in out.items()}
@@ -216,27 +231,33 @@ def _fingerprint(identity: dict[str, Any], cfg: RouterConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _folder_identity(path: Path) -> dict[str, Any]:
+def folder_identity(path: Path) -> dict[str, Any]:
+    """Identity of an HF model folder used as embedder: sha256 over its config and every weight file,
+    whole (a change anywhere in the weights changes it)."""
+    from branchmerge.io.writer import sha256_file
+
     h = hashlib.sha256((path / "config.json").read_bytes())
     for f in sorted(path.glob("*.safetensors")):
         h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
+        h.update(sha256_file(f).encode())
     return {"folder": h.hexdigest()}
 
 
-class Router:
-    """A router bound to a bundle: embeds questions and picks a branch name."""
+# (embedder, identity) for a router config: supplied by the front end, which knows the bundle
+EmbedderFactory = Callable[["RouterConfig"], tuple[Embedder, dict[str, Any]]]
 
-    def __init__(self, bundle: Bundle, cfg: RouterConfig, sample_embs: Tensor, sample_branch: Tensor) -> None:
-        self.bundle, self.cfg = bundle, cfg
-        self.branches = bundle.branch_names
+
+class Router:
+    """Embeds questions and picks one of ``branches`` (by name) for each."""
+
+    def __init__(self, cfg: RouterConfig, embedder: Embedder, branches: Sequence[str], sample_embs: Tensor,
+                 sample_branch: Tensor) -> None:
+        self.cfg, self.embedder, self.branches = cfg, embedder, list(branches)
         self.sample_embs, self.sample_branch = sample_embs, sample_branch
 
     def scores(self, questions: Sequence[str]) -> tuple[list[str], Tensor]:
-        """Branch name per question and the ``[Q, B]`` per-branch scores (columns in bundle order)."""
-        q = embed_with(self.bundle, self.cfg, list(questions))
+        """Branch name per question and the ``[Q, B]`` per-branch scores (columns in ``branches`` order)."""
+        q = self.embedder.embed(list(questions))
         fb = self.branches.index(self.cfg.fallback) if self.cfg.fallback else None
         choice, scores = route(q, self.sample_embs, self.sample_branch, len(self.branches),
                                aggregate=self.cfg.aggregate, top_k=self.cfg.top_k,
@@ -247,105 +268,81 @@ class Router:
         return self.scores(questions)[0]
 
 
-def _embedder_for(bundle: Bundle, cfg: RouterConfig):
-    """(model context manager, tokenizer, identity) of the configured embedder."""
-    from contextlib import nullcontext
-
-    name = cfg.embedder or bundle.branch_names[0]
-    if name in bundle.branch_names:
-        ident = {"bundle_branch": name, "shards": sorted(bundle.reader.manifest["shards"].values())}
-        return bundle.use(name), bundle.tokenizer(name), ident
-    path = Path(name)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"router embedder {name!r} is neither a branch of the bundle "
-                          f"({', '.join(bundle.branch_names)}) nor an HF model folder")
-    cache = getattr(bundle, "_router_models", {})
-    if name not in cache:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        cache[name] = (AutoModelForCausalLM.from_pretrained(path, dtype=bundle.dtype).eval().to(bundle.device),
-                       AutoTokenizer.from_pretrained(path))
-        bundle._router_models = cache
-    model, tok = cache[name]
-    return nullcontext(model), tok, _folder_identity(path)
-
-
-def embed_with(bundle: Bundle, cfg: RouterConfig, texts: Sequence[str], *, templated: bool = True) -> Tensor:
-    ctx, tok, _ = _embedder_for(bundle, cfg)
-    with ctx as model:
-        emb = Embedder(model, tok, template=cfg.template, phrase=cfg.phrase, pooling=cfg.pooling,
-                       layer=cfg.layer, batch_size=cfg.batch_size)
-        return emb.embed(texts, templated=templated)
-
-
-def build_router(bundle: Bundle, cfg: RouterConfig) -> Router:
-    """Embed every sample once, store them in ``BUNDLE/router/`` (atomically) and attach the router.
+def build_router(folder: Path, branches: Sequence[str], cfg: RouterConfig, make_embedder: EmbedderFactory) -> Router:
+    """Embed every sample once and store them in ``folder`` (written atomically).
 
     Raises:
-        ConfigError: samples for a branch the bundle lacks, or a branch with no samples.
+        ConfigError: samples for a branch not in ``branches``, a branch with no samples, a bad fallback.
     """
-    unknown = [b for b in cfg.samples if b not in bundle.branch_names]
+    branches = list(branches)
+    unknown = [b for b in cfg.samples if b not in branches]
     if unknown:
-        raise ConfigError(f"router samples name unknown branch(es) {unknown}; the bundle has: "
-                          f"{', '.join(bundle.branch_names)}")
-    missing = [b for b in bundle.branch_names if b not in cfg.samples]
+        raise ConfigError(f"router samples name unknown branch(es) {unknown}; the bundle has: {', '.join(branches)}")
+    missing = [b for b in branches if b not in cfg.samples]
     if missing:
         raise ConfigError(f"branch(es) {missing} have no router samples; give each branch at least one")
-    if cfg.fallback is not None and cfg.fallback not in bundle.branch_names:
-        raise ConfigError(f"router fallback {cfg.fallback!r} is not a branch ({', '.join(bundle.branch_names)})")
+    if cfg.fallback is not None and cfg.fallback not in branches:
+        raise ConfigError(f"router fallback {cfg.fallback!r} is not a branch ({', '.join(branches)})")
     texts, ids = [], []
     for b, qs in cfg.samples.items():
         texts += qs
-        ids += [bundle.branch_names.index(b)] * len(qs)
-    embs = embed_with(bundle, cfg, texts)
-    _, _, ident = _embedder_for(bundle, cfg)
+        ids += [branches.index(b)] * len(qs)
+    embedder, ident = make_embedder(cfg)
+    embs = embedder.embed(texts)
     from safetensors.torch import save_file
 
-    final = bundle.path / ROUTER_DIR
-    tmp = bundle.path / f".{ROUTER_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({"embeddings": embs.contiguous(), "branch": torch.tensor(ids)}, str(tmp / "samples.safetensors"))
-    (tmp / "router.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    (tmp / "meta.json").write_text(json.dumps({"fingerprint": _fingerprint(ident, cfg), "embedder": ident,
-                                               "branches": bundle.branch_names}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    router = Router(bundle, cfg, embs, torch.tensor(ids))
-    bundle.router = router
+    with atomic_output_dir(folder, force=True) as tmp:
+        save_file({"embeddings": embs.contiguous(), "branch": torch.tensor(ids)}, str(tmp / "samples.safetensors"))
+        (tmp / "router.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (tmp / "meta.json").write_text(json.dumps({"fingerprint": _fingerprint(ident, cfg), "embedder": ident,
+                                                   "branches": branches}, indent=2))
     logger.info("router built: %d samples over %d branches", len(texts), len(cfg.samples))
-    return router
+    return Router(cfg, embedder, branches, embs, torch.tensor(ids))
 
 
-def attach_router(bundle: Bundle, override: RouterConfig | None = None) -> Router | None:
-    """Load ``BUNDLE/router/`` if present, checking the stored fingerprint against the embedder.
+def load_router(folder: Path, branches: Sequence[str], make_embedder: EmbedderFactory,
+                override: RouterConfig | None = None) -> Router | None:
+    """The router stored in ``folder`` (None when there is none), its fingerprint checked against the
+    embedder it would use now.
 
     Args:
         override: use this embedder/template/decision config instead of the stored one; its
             embedding settings must match those the samples were embedded with.
 
     Raises:
-        BundleError: the stored embeddings were made with another embedder or template.
+        BundleError: the stored embeddings were made with another embedder or template, for other
+            branches, or the stored files are malformed.
     """
-    folder = bundle.path / ROUTER_DIR
     if not (folder / "meta.json").is_file():
         if override is not None:
-            raise BundleError(f"bundle {bundle.path} has no router; build one with `branchmerge router build`")
+            raise BundleError(f"{folder.parent} has no router; build one with `branchmerge router build`")
         return None
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    cfg = override or RouterConfig.model_validate(yaml.safe_load((folder / "router.yaml").read_text()))
-    meta = json.loads((folder / "meta.json").read_text())
-    _, _, ident = _embedder_for(bundle, cfg)
-    if _fingerprint(ident, cfg) != meta["fingerprint"]:
+    try:
+        cfg = override or validate(RouterConfig, yaml.safe_load((folder / "router.yaml").read_text()),
+                                   str(folder / "router.yaml"))
+        meta = json.loads((folder / "meta.json").read_text())
+        fingerprint, stored_branches = meta["fingerprint"], meta["branches"]
+    except (OSError, yaml.YAMLError, json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
+        raise BundleError(f"router in {folder} is unreadable: {e}") from None
+    embedder, ident = make_embedder(cfg)
+    if _fingerprint(ident, cfg) != fingerprint:
+        stored = meta.get("embedder", {})
         raise BundleError(
             f"router in {folder} was built with another embedder or template than the one configured now "
-            f"(stored embedder {meta['embedder'].get('bundle_branch', 'folder')}); rebuild it with "
-            "`branchmerge router build`"
+            f"(stored embedder {stored.get('bundle_branch', 'folder') if isinstance(stored, dict) else '?'}); "
+            "rebuild it with `branchmerge router build`"
         )
-    if meta["branches"] != bundle.branch_names:
-        raise BundleError(f"router in {folder} was built for branches {meta['branches']}, bundle has {bundle.branch_names}")
-    t = load_file(str(folder / "samples.safetensors"))
-    bundle.router = Router(bundle, cfg, t["embeddings"], t["branch"])
-    return bundle.router
+    if stored_branches != list(branches):
+        raise BundleError(f"router in {folder} was built for branches {stored_branches}, bundle has {list(branches)}")
+    try:
+        t = load_file(str(folder / "samples.safetensors"))
+        embs, ids = t["embeddings"], t["branch"].long()
+    except (OSError, SafetensorError, KeyError) as e:
+        raise BundleError(f"router in {folder}: samples.safetensors is unreadable: {e}") from None
+    if embs.ndim != 2 or ids.shape != (embs.shape[0],) or (ids.numel() and not 0 <= int(ids.min()) <= int(ids.max())
+                                                             < len(stored_branches)):
+        raise BundleError(f"router in {folder}: samples.safetensors does not match its branches")
+    return Router(cfg, embedder, branches, embs, ids)

@@ -18,17 +18,23 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from branchmerge.config import read_yaml, validate
 from branchmerge.errors import ConfigError
+from branchmerge.runtime.text import cut_at_stop, sampling_kwargs
 
 if TYPE_CHECKING:
-    from branchmerge.runtime.bundle import Bundle
+    from branchmerge.runtime.bundle import Bundle, GenerationResult
+
+# ``generate(ids_list, branches, max_new_tokens, **sampling) -> [GenerationResult]``: the bundle's own
+# ``generate_ids`` by default; the server passes its engine so that stages batch with other requests
+Generate = Callable[..., "list[GenerationResult]"]
 
 logger = logging.getLogger(__name__)
 PIPELINES_FILE = "pipelines.yaml"
@@ -142,13 +148,8 @@ class StageResult:
     completion_tokens: int
 
 
-def _truncate_at_stop(text: str, stop: list[str]) -> str:
-    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-    return text[:cut] if cut >= 0 else text
-
-
 def _postprocess(text: str, stage: Stage) -> str:
-    text = _truncate_at_stop(text, stage.stop).strip()
+    text = cut_at_stop(text, stage.stop)[0].strip()
     if stage.extract:
         m = re.search(stage.extract, text)
         if m:
@@ -156,12 +157,17 @@ def _postprocess(text: str, stage: Stage) -> str:
     return text
 
 
-def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str]) -> list[list[StageResult]]:
+def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str], *,
+                 generate: Generate | None = None) -> list[list[StageResult]]:
     """Run every stage for all questions; each stage is one (mixed-branch) batch.
+
+    Args:
+        generate: how a stage's batch is generated (default ``bundle.generate_ids``).
 
     Returns:
         per question, the result of each stage in order (the last is the final answer).
     """
+    gen = generate or bundle.generate_ids
     results: list[list[StageResult]] = [[] for _ in questions]
     previous = [""] * len(questions)
     for k, stage in enumerate(pipeline.stages, 1):
@@ -173,8 +179,7 @@ def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str]) -> li
                for p, b, q, prev in zip(prompts, branches, questions, previous)]
         for i, b in zip(ids, branches):
             bundle.check_context(b, len(i), stage.max_tokens)
-        kw = {"do_sample": True, "temperature": stage.temperature} if stage.temperature > 0 else {}
-        outs = bundle.generate_ids(ids, branches, max_new_tokens=stage.max_tokens, **kw)
+        outs = gen(ids, branches, max_new_tokens=stage.max_tokens, **sampling_kwargs(stage.temperature))
         for r, (o, prompt) in enumerate(zip(outs, prompts)):
             text = _postprocess(o.text, stage)
             results[r].append(StageResult(k, o.branch, prompt, text, len(o.prompt_ids), len(o.new_ids)))
@@ -183,7 +188,7 @@ def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str]) -> li
 
 
 def answer(bundle: Bundle, questions: list[str], *, pipeline: str | None = None, branch: str = "auto",
-           max_tokens: int = 256, pipelines: PipelinesConfig | None = None) -> list[list[StageResult]]:
+           max_tokens: int = 256, pipelines: PipelinesConfig | None = None, **generation: Any) -> list[list[StageResult]]:
     """Answer questions with a named pipeline, or with ``branch`` (routing rules may send a routed
     branch to its pipeline). Every stage's result is returned."""
     cfg = pipelines if pipelines is not None else bundle_pipelines(bundle)
@@ -205,7 +210,7 @@ def answer(bundle: Bundle, questions: list[str], *, pipeline: str | None = None,
         ids = [bundle.encode(questions[i], routed[i]) for i in single]
         for i, toks in zip(single, ids):
             bundle.check_context(routed[i], len(toks), max_tokens)
-        gens = bundle.generate_ids(ids, [routed[i] for i in single], max_new_tokens=max_tokens)
+        gens = bundle.generate_ids(ids, [routed[i] for i in single], max_new_tokens=max_tokens, **generation)
         for i, g in zip(single, gens):
             out[i] = [StageResult(1, g.branch, questions[i], g.text.strip(), len(g.prompt_ids), len(g.new_ids))]
     return [o for o in out if o is not None]

@@ -39,11 +39,14 @@ def build_cmd(
 ) -> None:
     """Embed the representative samples once and store them in BUNDLE/router/."""
     import branchmerge
-    from branchmerge.router import build_router, load_router_config
+    from branchmerge.front import build_bundle_router
+    from branchmerge.router import load_router_config
+
+    from branchmerge.runtime.bundle import load as load_without_router
 
     cfg = load_router_config(config)
-    bundle = branchmerge.load(bundle_dir)
-    r = build_router(bundle, cfg)
+    bundle = load_without_router(bundle_dir)  # a stored router is replaced, so it need not load
+    r = build_bundle_router(bundle, cfg)
     typer.echo(f"router built: {len(r.sample_branch)} samples for {len(cfg.samples)} branches in {bundle_dir}/router")
 
 

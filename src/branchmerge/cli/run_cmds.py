@@ -11,6 +11,8 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperatur
     import torch
     from transformers import TextIteratorStreamer
 
+    from branchmerge.runtime.text import sampling_kwargs
+
     tok = bundle.tokenizer(branch)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     import threading
@@ -19,7 +21,7 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperatur
 
     def work() -> None:
         r = bundle.generate_ids([ids], [branch], max_new_tokens=max_new_tokens, streamer=streamer,
-                                **({"do_sample": True, "temperature": temperature} if temperature > 0 else {}))
+                                **sampling_kwargs(temperature))
         result.append(r[0].text)
 
     t = threading.Thread(target=work)
@@ -37,7 +39,7 @@ def generate(
     prompt: str = typer.Argument(..., help="The prompt."),
     branch: str = typer.Option("auto", "--branch", "-b", help="Branch name, or 'auto' to route."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype (default: the bundle's)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
@@ -68,7 +70,7 @@ def chat(
     bundle_dir: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder."),
     branch: str = typer.Option("auto", "--branch", "-b", help="Branch name, or 'auto' to route each turn."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
-    temperature: float = typer.Option(0.0, "--temperature", "-t"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
     dtype: str | None = typer.Option(None, "--dtype"),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
@@ -86,13 +88,8 @@ def chat(
         if not line:
             break
         name = bundle.resolve_branches([line], branch)[0]
-        tok = bundle.tokenizer(name)
         history.append({"role": "user", "content": line})
-        if tok.chat_template:
-            ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        else:
-            ids = tok("\n".join(m["content"] for m in history))["input_ids"]
+        ids = bundle.encode_messages(history, name)
         try:
             bundle.check_context(name, len(ids), max_new_tokens)
         except BranchmergeError as e:

@@ -14,27 +14,26 @@ def serve_cmd(
     api_key: str | None = typer.Option(None, "--api-key", envvar="BRANCHMERGE_API_KEY",
                                        help="Require 'Authorization: Bearer KEY' on /v1/*."),
     pipelines: Path | None = typer.Option(None, "--pipelines", help="Pipelines YAML (default: BUNDLE/pipelines.yaml)."),
-    max_batch: int = typer.Option(16, "--max-batch", help="Most requests gathered into one generate call (1 = no batching)."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most requests gathered into one generate call (1 = no batching)."),
     wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="How long the first request waits for others."),
-    max_tokens_limit: int = typer.Option(2048, "--max-tokens-limit", help="Largest max_tokens accepted."),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str | None = typer.Option(None, "--dtype"),
+    max_tokens_limit: int = typer.Option(2048, "--max-tokens-limit", min=1, help="Largest max_tokens accepted."),
+    max_prompts: int = typer.Option(64, "--max-prompts", min=1, help="Most prompts in one request."),
+    max_choices: int = typer.Option(128, "--max-choices", min=1, help="Most prompts × n in one request."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bf16, fp16 (default: the bundle's)."),
 ) -> None:
-    """Serve GET /v1/models, POST /v1/chat/completions and /v1/completions (streaming too) and /health."""
-    import uvicorn
+    """Serve GET /v1/models, POST /v1/chat/completions and /v1/completions (streaming too) and /health.
 
-    import branchmerge
-    from branchmerge.server import create_app
+    Every request is bounded (max_tokens, prompts, prompts × n, characters, body size) and the engine
+    takes turns between requests; a client that disconnects stops its generation.
+    """
+    from branchmerge.server import ServerLimits, serve
     from branchmerge.staged import load_pipelines
 
-    bundle = branchmerge.load(bundle_dir, device=device, dtype=dtype)
-    pipes = None
-    if pipelines is not None:
-        pipes = load_pipelines(pipelines)
-        pipes.check_branches(bundle.branch_names)
-    app = create_app(bundle, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms,
-                     max_tokens_limit=max_tokens_limit, pipelines=pipes)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    limits = ServerLimits(max_tokens=max_tokens_limit, max_prompts=max_prompts, max_choices=max_choices)
+    serve(str(bundle_dir), host=host, port=port, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms,
+          device=device, dtype=dtype, pipelines=load_pipelines(pipelines) if pipelines is not None else None,
+          limits=limits)
 
 
 def register(app: typer.Typer) -> None:

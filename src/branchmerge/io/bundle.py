@@ -30,16 +30,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from branchmerge.common import json_dumps
 from branchmerge.compress import Difference
 from branchmerge.errors import BranchNotFoundError, BundleError
+from branchmerge.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, BranchInfo, GroupInfo, Manifest, parse_manifest
 from branchmerge.io.writer import sha256_file
 
 logger = logging.getLogger(__name__)
-
-FORMAT = "branchmerge-bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
 
 def key_mean(group: str, tensor: str) -> str:
     return f"g.{group}|{tensor}|mean"
@@ -63,11 +60,12 @@ def key_part(branch: str, tensor: str, part: str) -> str:
 
 
 class BundleReader:
-    """Reads a bundle's manifest and tensors; verifies every shard's sha256 on open by default.
+    """Reads a bundle's manifest (typed and validated, once) and its tensors; verifies every shard's
+    sha256 on open by default.
 
     Raises:
-        BundleError: if the folder is not a bundle, its format version is unknown, or a shard is
-            missing or fails its checksum.
+        BundleError: if the folder is not a bundle, its manifest is invalid or of an unknown format
+            version, or a shard is missing or fails its checksum.
     """
 
     def __init__(self, path: str | Path, *, verify: bool = True) -> None:
@@ -78,22 +76,15 @@ class BundleReader:
         if not mpath.is_file():
             raise BundleError(f"{self.path} is not a branchmerge bundle: {MANIFEST} is missing")
         try:
-            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
+            data = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{mpath} is not valid JSON: {e}") from None
-        if self.manifest.get("format") != FORMAT:
-            raise BundleError(f"{mpath}: format is {self.manifest.get('format')!r}, expected {FORMAT!r}")
-        version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BundleError(
-                f"{mpath}: format_version {version!r} is not supported by this branchmerge "
-                f"(supports {FORMAT_VERSION}); upgrade branchmerge or re-merge"
-            )
+        self.manifest: Manifest = parse_manifest(data, str(mpath))
         self._handles: dict[str, Any] = {}
-        for fname, digest in self.manifest["shards"].items():
+        for fname, digest in self.manifest.shards.items():
             f = self.path / fname
-            if not f.is_file():
-                raise BundleError(f"bundle {self.path}: shard {fname} is missing")
+            if not f.is_file() or f.is_symlink():
+                raise BundleError(f"bundle {self.path}: shard {fname} is missing (or not a plain file)")
             if verify:
                 actual = sha256_file(f)
                 if actual != digest:
@@ -104,34 +95,39 @@ class BundleReader:
 
     # ---- manifest views -------------------------------------------------------------------------
     @property
-    def branches(self) -> dict[str, dict[str, Any]]:
-        return self.manifest["branches"]
+    def branches(self) -> dict[str, BranchInfo]:
+        return self.manifest.branches
 
     @property
-    def groups(self) -> dict[str, dict[str, Any]]:
-        return self.manifest["groups"]
+    def groups(self) -> dict[str, GroupInfo]:
+        return self.manifest.groups
 
-    def branch(self, name: str) -> dict[str, Any]:
-        if name not in self.branches:
-            raise BranchNotFoundError(
-                f"unknown branch {name!r}; this bundle has: {', '.join(self.branches)}"
-            )
-        return self.branches[name]
+    def branch(self, name: str) -> BranchInfo:
+        """The manifest entry of ``name``.
+
+        Raises:
+            BranchNotFoundError: listing the bundle's branches.
+        """
+        info = self.branches.get(name) if isinstance(name, str) else None
+        if info is None:
+            raise BranchNotFoundError(f"unknown branch {name!r}; this bundle has: {', '.join(self.branches)}")
+        return info
 
     def branch_dir(self, name: str) -> Path:
+        self.branch(name)
         return self.path / "branches" / name
 
     def hf_config(self, name: str) -> dict[str, Any]:
-        self.branch(name)
-        return json.loads((self.branch_dir(name) / "config.json").read_text())
+        """The branch's HF config, as recorded in the manifest (no disk read)."""
+        return self.branch(name).hf_config
 
     # ---- tensors --------------------------------------------------------------------------------
     def has(self, key: str) -> bool:
-        return key in self.manifest["weight_map"]
+        return key in self.manifest.weight_map
 
     def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
         try:
-            fname = self.manifest["weight_map"][key]
+            fname = self.manifest.weight_map[key]
         except KeyError:
             raise BundleError(f"bundle {self.path}: tensor {key} is missing from the weight map") from None
         h = self._handles.get(fname)
@@ -152,12 +148,10 @@ class BundleReader:
 
         Compressed weights are reconstructed as ``s_i · (W̄ + U_i V_i)`` in float32.
         """
-        info = self.branch(name)
-        group = info["group"]
-        members = self.groups[group]["branches"]
-        idx = members.index(name)
-        for tensor, rec in self.manifest["tensors"][group].items():
-            role = rec["role"]
+        group = self.branch(name).group
+        idx = self.groups[group].branches.index(name)
+        for tensor, rec in self.manifest.tensors[group].items():
+            role = rec.role
             if role == "compressed":
                 mean = self.get(key_mean(group, tensor)).float()
                 scale = float(self.get(key_scales(group, tensor))[idx])
@@ -169,4 +163,10 @@ class BundleReader:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+    """Validate ``manifest`` as a reader would, then write it."""
+    parse_manifest(manifest, f"manifest of {folder}")
+    (folder / MANIFEST).write_text(json_dumps(manifest))
+
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "BundleReader", "write_manifest", "key_mean", "key_own",
+           "key_part", "key_scales", "key_shared"]

@@ -84,8 +84,9 @@ class ModelSource:
             raise ModelInputError(f"branch {name!r}: {path} has no config.json (not a Hugging Face model folder)")
         try:
             hf_config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelInputError(f"branch {name!r}: {cfg_path} is not valid JSON: {e}") from None
+        check_hf_config(hf_config, f"branch {name!r}: {cfg_path}")
         weight_map = _weight_map(name, path)
         src = cls(name=name, path=path, hf_config=hf_config, weight_map=weight_map)
         for shard in sorted(set(weight_map.values())):
@@ -148,16 +149,45 @@ class ModelSource:
         return {f: self.path / f for f in TOKENIZER_FILES + EXTRA_CONFIG_FILES if (self.path / f).is_file()}
 
 
+# config.json fields that size a model: each must be a positive integer where present
+SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+               "vocab_size", "max_position_embeddings", "head_dim", "n_embd", "n_layer", "n_head", "n_positions",
+               "n_inner")
+
+
+def check_hf_config(cfg: object, where: str) -> dict:
+    """A model's ``config.json`` content: a mapping whose size fields are positive integers.
+
+    Raises:
+        ModelInputError: naming ``where`` and the field at fault.
+    """
+    if not isinstance(cfg, dict):
+        raise ModelInputError(f"{where} must hold a JSON object, got a JSON {type(cfg).__name__}")
+    for f in SIZE_FIELDS:
+        v = cfg.get(f)
+        if v is None and f in ("n_inner", "head_dim", "num_key_value_heads"):
+            continue  # optional: null means "derive it"
+        if f in cfg and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ModelInputError(f"{where}: field {f} must be a positive integer, got {v!r}")
+    return cfg
+
+
 def _weight_map(name: str, path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             data = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            if not isinstance(data, dict):
+                raise TypeError("weight_map is not a mapping")
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise ModelInputError(f"branch {name!r}: {index} is not a valid shard index: {e}") from None
         out = {}
+        root = path.resolve()
         for tensor, shard in data.items():
-            f = path / shard
+            f = path / str(shard)
+            if not isinstance(shard, str) or Path(shard).is_absolute() or root not in f.resolve().parents:
+                raise ModelInputError(f"branch {name!r}: shard {shard!r} for tensor {tensor} in {index} is not "
+                                      f"a file inside {path}")
             if not f.is_file():
                 raise ModelInputError(f"branch {name!r}: shard {shard} listed in {index} does not exist")
             out[tensor] = f

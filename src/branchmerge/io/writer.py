@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
+import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from branchmerge.errors import BranchmergeError
+from branchmerge.errors import BranchmergeError, ModelInputError
 
 logger = logging.getLogger(__name__)
 
@@ -26,32 +30,127 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-@contextmanager
-def atomic_output_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder that becomes ``out`` only if the block succeeds.
+_TMP_TAG = ".tmp-"
 
-    On any exception the temporary folder is removed, so no half-written output is left behind.
+
+def _contains(outer: Path, inner: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_output(out: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+    """Check that ``out`` may be written (and, with ``force``, replaced); returns it resolved.
 
     Raises:
-        BranchmergeError: if ``out`` exists and ``force`` is false.
+        BranchmergeError: ``out`` exists without ``force``; or replacing it would delete an input, the
+            current folder, the home folder or a filesystem root.
     """
-    out = Path(out)
-    if out.exists() and not force:
+    path = Path(out).expanduser().resolve()
+    for src in inputs:
+        p = Path(src).expanduser()
+        if p.exists() and _contains(path, p.resolve()):
+            raise BranchmergeError(f"output {out} is or contains the input {src}: writing there would destroy "
+                                   "the input; choose another output folder")
+    if _contains(path, Path.cwd().resolve()) or path in (Path.home().resolve(), Path(path.anchor)):
+        raise BranchmergeError(f"output {out} is the current folder, the home folder or one of their parents; "
+                               "choose a new folder (e.g. -o ./bundle)")
+    if path.exists() and not force:
         raise BranchmergeError(f"output folder {out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(parent: Path, name: str) -> list[Path]:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` folders left by a killed run (its PID is gone)."""
+    removed = []
+    for p in parent.glob(f".{glob.escape(name)}.*-*-*"):
+        kind, _, rest = p.name[len(name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+            logger.info("removed %s, left by an interrupted run", p)
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling folder that becomes ``out`` only if the block succeeds.
+
+    On any exception (SIGTERM included, turned into one while the block runs in the main thread) the
+    temporary folder is removed, so no half-written output is left behind; folders left by a run that
+    was killed outright are removed by the next run writing the same output. The result gets the
+    user's umask, not the temporary folder's 0700.
+
+    Raises:
+        BranchmergeError: see :func:`check_output`.
+    """
+    path = check_output(out, force=force, inputs=inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path.parent, path.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    with _sigterm_as_exception():
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _apply_umask(tmp)
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+        else:
+            tmp.rename(path)
+
+
+def _apply_umask(folder: Path) -> None:
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            Path(root, d).chmod(0o777 & ~mask)
+        for f in files:
+            Path(root, f).chmod(0o666 & ~mask)
+
+
+class _Terminated(BranchmergeError):
+    """SIGTERM arrived while an output was being written."""
+
+
+@contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise _Terminated("terminated (SIGTERM): the partial output was removed")
+
+    try:
+        prev = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
 
 
 class ShardWriter:
@@ -74,6 +173,11 @@ class ShardWriter:
         if name in self.weight_map or name in self._buffer:
             raise ValueError(f"tensor {name} written twice")
         t = tensor.detach().to("cpu").contiguous()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            hint = " (its values overflow float16's range of ±65504: use dtype bfloat16 or float32)" \
+                if t.dtype == torch.float16 else ""
+            raise ModelInputError(f"tensor {name} would be stored with {int((~torch.isfinite(t)).sum())} "
+                                  f"non-finite value(s) as {str(t.dtype).removeprefix('torch.')}{hint}")
         nbytes = t.numel() * t.element_size()
         if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
             self.flush()

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from branchmerge.errors import BundleError
 from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
@@ -34,23 +35,25 @@ def build_group_model(
 ) -> tuple[PreTrainedModel, BranchState]:
     """A causal-LM whose branch is chosen through the returned :class:`BranchState`."""
     g = reader.groups[group]
-    members: list[str] = g["branches"]
-    transposed = bool(g.get("transposed", False))
+    members: list[str] = g.branches
+    transposed = g.transposed
     first_dir: Path = reader.branch_dir(members[0])
-    config = AutoConfig.from_pretrained(first_dir)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    config = hf_config_object(reader.hf_config(members[0]), f"branch {members[0]!r}")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise BundleError(f"branch {members[0]!r}: transformers cannot build a model from its config "
+                          f"({type(e).__name__}: {e})") from None
     state = BranchState(members)
-    records = reader.manifest["tensors"][group]
+    records = reader.manifest.tensors[group]
 
     def load(key: str) -> torch.Tensor:
         t = reader.get(key, device)
         return t.to(dtype) if t.is_floating_point() else t
 
     def per_branch(tensor: str) -> list[torch.Tensor]:
-        role = records[tensor]["role"]
+        role = records[tensor].role
         if role == "shared":
             t = load(key_shared(group, tensor))
             return [t] * len(members)
@@ -64,9 +67,13 @@ def build_group_model(
         by_module[module][param] = tensor
 
     for module_name, params in by_module.items():
-        orig = model.get_submodule(module_name)
+        try:
+            orig = model.get_submodule(module_name)
+        except AttributeError:
+            raise BundleError(f"bundle group {group!r}: tensor {module_name}.{next(iter(params))} names no module "
+                              f"of a {type(model).__name__}") from None
         weight_t = params.get("weight")
-        if weight_t is not None and records[weight_t]["role"] == "compressed":
+        if weight_t is not None and records[weight_t].role == "compressed":
             mean = load(key_mean(group, weight_t))
             scales = reader.get(key_scales(group, weight_t)).tolist()
             diffs = []
@@ -104,9 +111,31 @@ def build_group_model(
     if leftovers:
         raise BundleError(f"bundle group {group!r} lacks tensors for: {', '.join(leftovers[:5])}")
     if (first_dir / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(first_dir)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(first_dir, trust_remote_code=False)
+        except (ValueError, OSError) as e:
+            raise BundleError(f"branch {members[0]!r}: {first_dir / 'generation_config.json'} is invalid: {e}") from None
     model.eval()
     return model, state
+
+
+def hf_config_object(cfg: dict, where: str) -> PretrainedConfig:
+    """A transformers config from a branch's recorded ``config.json`` content, built-in classes only.
+
+    An ``auto_map`` (custom code) is dropped: the bundle's Python is never imported or run.
+
+    Raises:
+        BundleError: an unknown ``model_type`` or a config transformers refuses.
+    """
+    data = {k: v for k, v in cfg.items() if k not in ("auto_map", "quantization_config", "_name_or_path")}
+    model_type = data.pop("model_type", None)
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise BundleError(f"{where}: model_type {model_type!r} is not an architecture transformers knows "
+                          "(custom code from a bundle is never run)")
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(data)
+    except (ValueError, TypeError, KeyError) as e:
+        raise BundleError(f"{where}: its config is invalid: {e}") from None
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:

@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from branchmerge.errors import BranchmergeError, BranchNotFoundError
+from branchmerge.common import resolve_dtype
+from branchmerge.errors import BranchmergeError, BranchNotFoundError, BundleError
 from branchmerge.io.bundle import BundleReader
-from branchmerge.merge import DTYPES
 from branchmerge.runtime.build import build_group_model
 from branchmerge.runtime.modules import BranchedLinear, BranchState
 from branchmerge.runtime.scoring import (PrefixCluster, TokenLogprobs, prefix_clusters, score_cluster, score_row,
                                          shared_lengths)
+from branchmerge.runtime.text import encode_messages, ensure_pad_token, pad_rows
 
 logger = logging.getLogger(__name__)
 
@@ -38,22 +39,51 @@ class _GroupRuntime:
     standalone: bool
 
 
-class Bundle:
-    """Every branch of a bundle, loaded once; shared weights are held once per group."""
+class BranchRouter(Protocol):
+    """What the runtime needs of a router (``branchmerge.router.Router``): a branch name per text."""
 
-    def __init__(self, path: str | Path, *, device: str = "cpu", dtype: str | None = None, verify: bool = True,
-                 fused: bool | None = None) -> None:
+    def route(self, texts: Sequence[str]) -> list[str]: ...
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here.
+
+    Raises:
+        BranchmergeError: an unknown device string, or CUDA asked for where there is none.
+    """
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise BranchmergeError(f"device {device!r} is not a device (use cpu, cuda or cuda:N): {e}") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise BranchmergeError(f"device {device!r}: no CUDA device is available here; use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise BranchmergeError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise BranchmergeError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return d
+
+
+class Bundle:
+    """Every branch of a bundle, loaded once; shared weights are held once per group.
+
+    The runtime does no routing of its own: ``branch="auto"`` asks :attr:`router`, which the front end
+    (:func:`branchmerge.load`) attaches when the bundle has one.
+    """
+
+    def __init__(self, path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                 verify: bool = True, fused: bool | None = None) -> None:
         self.reader = BundleReader(path, verify=verify)
         self.path = Path(path)
-        self.device = torch.device(device)
-        self.dtype = DTYPES[dtype or self.reader.manifest["dtype"]]
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, default=self.reader.manifest.dtype)
         self.groups: dict[str, _GroupRuntime] = {}
         for gname, g in self.reader.groups.items():
             model, state = build_group_model(self.reader, gname, device=self.device, dtype=self.dtype, fused=fused)
-            self.groups[gname] = _GroupRuntime(gname, model, state, bool(g["standalone"]))
+            self.groups[gname] = _GroupRuntime(gname, model, state, g.standalone)
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._hot: set[str] = set()
-        self.router = None  # set by branchmerge.router when the bundle has one
+        self.router: BranchRouter | None = None
 
     # ---- branches ---------------------------------------------------------------------------
     @property
@@ -61,24 +91,25 @@ class Bundle:
         return list(self.reader.branches)
 
     def _group_of(self, branch: str) -> _GroupRuntime:
-        self.reader.branch(branch)  # raises BranchNotFoundError listing the valid names
-        return self.groups[self.reader.branches[branch]["group"]]
+        return self.groups[self.reader.branch(branch).group]  # BranchNotFoundError lists the valid names
 
     def tokenizer(self, branch: str) -> PreTrainedTokenizerBase:
-        self.reader.branch(branch)
         tok = self._tokenizers.get(branch)
         if tok is None:
-            tok = AutoTokenizer.from_pretrained(self.reader.branch_dir(branch))
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token or tok.unk_token
-            self._tokenizers[branch] = tok
+            folder = self.reader.branch_dir(branch)
+            try:  # never the bundle's own Python: an `auto_map` in its tokenizer config is an error here
+                tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+            except (ValueError, OSError) as e:
+                raise BundleError(f"branch {branch!r}: the tokenizer in {folder} cannot be loaded without "
+                                  f"running code from the bundle (trust_remote_code is always off): {e}") from None
+            self._tokenizers[branch] = ensure_pad_token(tok)
         return tok
 
     def model(self, branch: str) -> PreTrainedModel:
-        """The ``transformers`` model serving ``branch``, with that branch active.
+        """The ``transformers`` model serving ``branch``, with that branch active on this thread.
 
-        Branches of one group share one model object: activating one branch switches it for every
-        holder. Use :meth:`use` to scope the choice.
+        Branches of one group share one model object; the selection is per thread, so another thread
+        keeps its own. Use :meth:`use` to scope the choice.
         """
         g = self._group_of(branch)
         g.state.set_rows(None)
@@ -87,13 +118,11 @@ class Bundle:
 
     @contextmanager
     def use(self, branch: str) -> Iterator[PreTrainedModel]:
+        """``with bundle.use("medical") as model:`` a plain transformers model running that branch (on
+        this thread, inside the block)."""
         g = self._group_of(branch)
-        prev_active, prev_rows = g.state.active, g.state.rows
-        try:
-            yield self.model(branch)
-        finally:
-            g.state.active = prev_active
-            g.state.set_rows(prev_rows)
+        with g.state.select(branch=g.state.index(branch)):
+            yield g.model
 
     def materialize(self, branch: str) -> int:
         """Make ``branch`` hot: dense weights for zero overhead. Returns the extra bytes held."""
@@ -137,7 +166,8 @@ class Bundle:
         auto = [i for i, n in enumerate(names) if n == "auto"]
         if auto:
             if self.router is None:
-                raise BranchmergeError("branch 'auto' needs a router; this bundle has none (see `branchmerge router build`)")
+                raise BranchmergeError("branch 'auto' needs a router; this bundle has none (see `branchmerge router "
+                                       "build`, and load it with branchmerge.load)")
             picked = self.router.route([prompts[i] for i in auto])
             for i, p in zip(auto, picked):
                 names[i] = p
@@ -148,14 +178,10 @@ class Bundle:
     def logits(self, input_ids: torch.Tensor, branches: Sequence[str], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One forward pass over rows of different branches of one group: ``[B, T, vocab]``."""
         g, rows = self._rows_for(branches)
-        g.state.set_rows(rows)
-        try:
-            with torch.no_grad():
-                out = g.model(input_ids=input_ids.to(self.device),
-                              attention_mask=None if attention_mask is None else attention_mask.to(self.device))
-            return out.logits
-        finally:
-            g.state.set_rows(None)
+        with g.state.select(rows), torch.no_grad():
+            out = g.model(input_ids=input_ids.to(self.device),
+                          attention_mask=None if attention_mask is None else attention_mask.to(self.device))
+        return out.logits
 
     def stop_ids(self, branch: str) -> set[int]:
         """End-of-sequence token ids of ``branch``: its tokenizer's and its generation config's."""
@@ -201,11 +227,7 @@ class Bundle:
         for i in rest:
             by_group.setdefault(self._group_of(branches[i]).name, []).append(i)
         for idx in by_group.values():
-            width = max(len(seqs[i]) for i in idx)
-            x = torch.zeros((len(idx), width), dtype=torch.long)
-            mask = torch.zeros_like(x)
-            for r, i in enumerate(idx):
-                x[r, :len(seqs[i])], mask[r, :len(seqs[i])] = torch.tensor(list(seqs[i])), 1
+            x, mask = pad_rows([seqs[i] for i in idx])
             logits = self.logits(x, [branches[i] for i in idx], attention_mask=mask)
             for r, i in enumerate(idx):
                 out[i] = score_row(logits[r, :len(seqs[i])], seqs[i], top=top, greedy_next=greedy_next)
@@ -228,21 +250,14 @@ class Bundle:
         mseqs = [seqs[i] for i in members]
         g, rows = self._rows_for([branches[i] for i in members])
         cache, shared, pre_logits = self._prefill_clusters(g, local, mseqs, rows, all_logits=True)
-        head, suffix = max(shared), max(len(q) - sh for q, sh in zip(mseqs, shared))
-        y = torch.zeros((len(mseqs), suffix), dtype=torch.long)
-        mask = torch.zeros((len(mseqs), head + suffix), dtype=torch.long)
-        pos = torch.zeros((len(mseqs), suffix), dtype=torch.long)
-        for m, (q, sh) in enumerate(zip(mseqs, shared)):
-            y[m, :len(q) - sh] = torch.tensor(list(q[sh:]))
-            mask[m, :sh], mask[m, head:head + len(q) - sh] = 1, 1
-            pos[m] = sh + torch.arange(suffix)
-        g.state.set_rows(rows)
-        try:
-            with torch.no_grad():
-                post = g.model(input_ids=y.to(self.device), attention_mask=mask.to(self.device),
-                               position_ids=pos.to(self.device), use_cache=True, **{_cache_arg(g.model): cache})
-        finally:
-            g.state.set_rows(None)
+        head = max(shared)
+        pre_mask, _ = pad_rows([[1] * sh for sh in shared], width=head)  # each prefix's cached columns
+        y, suf_mask = pad_rows([q[sh:] for q, sh in zip(mseqs, shared)])
+        mask = torch.cat([pre_mask, suf_mask], dim=1)
+        pos = torch.tensor(shared).view(-1, 1) + torch.arange(y.shape[1])
+        with g.state.select(rows), torch.no_grad():
+            post = g.model(input_ids=y.to(self.device), attention_mask=mask.to(self.device),
+                           position_ids=pos.to(self.device), use_cache=True, **{_cache_arg(g.model): cache})
         return [(pre_logits[r, :c.shared], [post.logits[m, :len(mseqs[m]) - c.shared] for m in c.members])
                 for r, c in enumerate(local)]
 
@@ -257,21 +272,14 @@ class Bundle:
             The cache (one row per sequence), each sequence's cached prefix length (0 outside clusters),
             and the prefixes' logits: ``[C, P, vocab]`` with ``all_logits``, else the last position's.
         """
-        width = max(c.shared for c in clusters)
-        x = torch.zeros((len(clusters), width), dtype=torch.long)
-        m = torch.zeros_like(x)
+        x, m = pad_rows([list(seqs[c.members[0]][:c.shared]) for c in clusters])
         owner = [0] * len(seqs)
         for r, c in enumerate(clusters):
-            x[r, :c.shared], m[r, :c.shared] = torch.tensor(list(seqs[c.members[0]][:c.shared])), 1
             for i in c.members:
                 owner[i] = r
-        g.state.set_rows([rows[c.members[0]] for c in clusters])
-        try:
-            with torch.no_grad():
-                pre = g.model(input_ids=x.to(self.device), attention_mask=m.to(self.device), use_cache=True,
-                              logits_to_keep=0 if all_logits else 1)
-        finally:
-            g.state.set_rows(None)
+        with g.state.select([rows[c.members[0]] for c in clusters]), torch.no_grad():
+            pre = g.model(input_ids=x.to(self.device), attention_mask=m.to(self.device), use_cache=True,
+                          logits_to_keep=0 if all_logits else 1)
         cache = pre[_cache_arg(g.model)]
         cache.batch_select_indices(torch.tensor(owner, device=self.device))
         return cache, shared_lengths(clusters, len(seqs)), pre.logits
@@ -281,26 +289,34 @@ class Bundle:
         if len(groups) != 1:
             raise BranchmergeError(f"one forward pass needs branches of one group; got groups {sorted(groups)}")
         g = self.groups[groups.pop()]
-        if len({self.reader.hf_config(b).get("vocab_size") for b in set(branches)}) > 1:
+        if len({self.reader.hf_config(b).get("vocab_size") for b in set(branches)}) > 1:  # a bundle from before groups were checked
             raise BranchmergeError("branches with different vocabularies cannot share one batch")
         return g, [g.state.index(b) for b in branches]
 
     def encode(self, prompt: str, branch: str, *, chat: bool | None = None, system: str | None = None) -> list[int]:
         """Token ids of ``prompt`` for ``branch``; the chat template is used when the tokenizer has one."""
         tok = self.tokenizer(branch)
-        use_chat = bool(tok.chat_template) if chat is None else chat
-        if use_chat:
-            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return list(ids)
-        return tok(prompt)["input_ids"]
+        if not (bool(tok.chat_template) if chat is None else chat):
+            return list(tok(prompt)["input_ids"])
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return encode_messages(tok, msgs, chat=True)
+
+    def encode_messages(self, messages: Sequence[Mapping[str, str]], branch: str, *, chat: bool | None = None) -> list[int]:
+        """Token ids of a conversation (``{"role", "content"}`` dicts) for ``branch``, ready for its answer."""
+        return encode_messages(self.tokenizer(branch), messages, chat=chat)
+
+    def context_limit(self, branch: str) -> int | None:
+        """The branch's context length in tokens (``max_position_embeddings`` or ``n_positions``), if known."""
+        cfg = self.reader.hf_config(branch)
+        limit = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+        return int(limit) if limit else None
 
     def check_context(self, branch: str, n_prompt: int, max_new_tokens: int) -> None:
-        limit = self.reader.hf_config(branch).get("max_position_embeddings")
+        """Raises BranchmergeError (``context_length_exceeded`` in the server) when the prompt and the
+        tokens to generate do not fit the branch's context."""
+        limit = self.context_limit(branch)
         if limit and n_prompt + max_new_tokens > limit:
-            raise BranchmergeError(
+            raise ContextLengthError(
                 f"prompt of {n_prompt} tokens plus max_new_tokens={max_new_tokens} exceeds the "
                 f"{limit}-token context of branch {branch!r}"
             )
@@ -349,56 +365,79 @@ class Bundle:
         by_group: dict[str, list[int]] = {}
         for i, b in enumerate(names):
             by_group.setdefault(self._group_of(b).name, []).append(i)
-        for gname, idx in by_group.items():
-            g, rows = self._rows_for([names[i] for i in idx])
-            tok = self.tokenizer(names[idx[0]])
-            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            seqs = [ids_list[i] for i in idx]
-            cache, shared = None, [0] * len(seqs)
-            # beam search and num_return_sequences expand the batch inside generate, past a given cache; a
-            # caller's own cache (or cache kind) is left alone
-            expands = max(generation_kwargs.get("num_beams") or 1, generation_kwargs.get("num_return_sequences") or 1) > 1
-            own_cache = any(k in generation_kwargs for k in ("past_key_values", "cache", "cache_implementation"))
-            if share_prefix and not expands and not own_cache:
-                clusters, _ = prefix_clusters(seqs, [names[i] for i in idx], min_shared=self.min_shared_prefix)
-                sh = shared_lengths(clusters, len(seqs))
-                # positions computed: the prefix batch plus every row's own part, against every full row
-                cost = len(clusters) * max(sh) + len(seqs) * max(len(q) - k for q, k in zip(seqs, sh))
-                if clusters and cost < 0.8 * len(seqs) * max(map(len, seqs)):
-                    cache, shared, _ = self._prefill_clusters(g, clusters, seqs, rows)
-            head = max(shared)  # cached prefix columns, right-padded; then each row's own tokens, left-padded
-            width = head + max(len(q) - sh for q, sh in zip(seqs, shared))
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, (q, sh) in enumerate(zip(seqs, shared)):
-                input_ids[r, :sh], mask[r, :sh] = torch.tensor(q[:sh], dtype=torch.long), 1
-                input_ids[r, width - len(q) + sh:] = torch.tensor(q[sh:], dtype=torch.long)
-                mask[r, width - len(q) + sh:] = 1
-            if cache is not None:
-                generation_kwargs = {**generation_kwargs, _cache_arg(g.model): cache}
-            eos = set().union(*(self.stop_ids(b) for b in {names[i] for i in idx}))
-            kwargs = {"do_sample": False, "pad_token_id": pad, "eos_token_id": sorted(eos) or None, **generation_kwargs}
-            if not kwargs.get("do_sample"):
-                kwargs.setdefault("temperature", None)
-                kwargs.setdefault("top_p", None)
-                kwargs.setdefault("top_k", None)
-            g.state.set_rows(rows)
-            try:
-                with torch.no_grad():
-                    out = g.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                           max_new_tokens=max_new_tokens, **kwargs)
-            finally:
-                g.state.set_rows(None)
-            for r, i in enumerate(idx):
-                new = out[r, width:].tolist()
-                reason, stop_id = "length", None
-                for j, t in enumerate(new):
-                    if t in eos:
-                        new, reason, stop_id = new[:j], "stop", t
-                        break
-                text = self.tokenizer(names[i]).decode(new, skip_special_tokens=True)
-                results[i] = GenerationResult(names[i], ids_list[i], new, text, reason, stop_id)
+        for idx in by_group.values():
+            for chunk in self._context_chunks(idx, ids_list, names, max_new_tokens):
+                outs = self._generate_group(chunk, ids_list, names, max_new_tokens, share_prefix, generation_kwargs)
+                for i, r in zip(chunk, outs):
+                    results[i] = r
         return [r for r in results if r is not None]
+
+    def _context_chunks(self, idx: list[int], ids_list: Sequence[Sequence[int]], names: Sequence[str],
+                        max_new_tokens: int) -> list[list[int]]:
+        """Rows of one group split so that each batch's padded width plus ``max_new_tokens`` fits every
+        member's context (two prompts that fit alone may not fit padded together); by length, in order."""
+        limits = [self.context_limit(names[i]) for i in idx]
+        limit = min((x for x in limits if x), default=None)
+        if limit is None or max(len(ids_list[i]) for i in idx) + max_new_tokens <= limit:
+            return [idx]
+        chunks: list[list[int]] = []
+        for i in sorted(idx, key=lambda i: len(ids_list[i])):
+            if chunks and max(len(ids_list[j]) for j in chunks[-1] + [i]) + max_new_tokens <= limit:
+                chunks[-1].append(i)
+            else:
+                chunks.append([i])
+        return chunks
+
+    def _generate_group(self, idx: list[int], ids_list: Sequence[Sequence[int]], names: Sequence[str],
+                        max_new_tokens: int, share_prefix: bool, generation_kwargs: dict[str, Any]
+                        ) -> list[GenerationResult]:
+        """One ``generate`` call over rows ``idx`` of one group: a mixed-branch batch, left-padded (after a
+        right-padded cached prefix when prompts share one)."""
+        g, rows = self._rows_for([names[i] for i in idx])
+        pad = self.tokenizer(names[idx[0]]).pad_token_id
+        pad = 0 if pad is None else pad
+        seqs = [list(ids_list[i]) for i in idx]
+        cache, shared = None, [0] * len(seqs)
+        # beam search and num_return_sequences expand the batch inside generate, past a given cache; a
+        # caller's own cache (or cache kind) is left alone
+        expands = max(generation_kwargs.get("num_beams") or 1, generation_kwargs.get("num_return_sequences") or 1) > 1
+        own_cache = any(k in generation_kwargs for k in ("past_key_values", "cache", "cache_implementation"))
+        limit = min((x for x in (self.context_limit(names[i]) for i in idx) if x), default=None)
+        if share_prefix and not expands and not own_cache:
+            clusters, _ = prefix_clusters(seqs, [names[i] for i in idx], min_shared=self.min_shared_prefix)
+            sh = shared_lengths(clusters, len(seqs))
+            # positions computed: the prefix batch plus every row's own part, against every full row
+            width = max(sh) + max(len(q) - k for q, k in zip(seqs, sh)) if clusters else 0
+            cost = len(clusters) * max(sh) + len(seqs) * max(len(q) - k for q, k in zip(seqs, sh))
+            fits = limit is None or width + max_new_tokens <= limit
+            if clusters and fits and cost < 0.8 * len(seqs) * max(map(len, seqs)):
+                cache, shared, _ = self._prefill_clusters(g, clusters, seqs, rows)
+        head_ids, head_mask = pad_rows([q[:sh] for q, sh in zip(seqs, shared)], pad=pad, width=max(shared))
+        own_ids, own_mask = pad_rows([q[sh:] for q, sh in zip(seqs, shared)], pad=pad, left=True)
+        input_ids, mask = torch.cat([head_ids, own_ids], 1), torch.cat([head_mask, own_mask], 1)
+        width = input_ids.shape[1]
+        if cache is not None:
+            generation_kwargs = {**generation_kwargs, _cache_arg(g.model): cache}
+        eos = set().union(*(self.stop_ids(b) for b in {names[i] for i in idx}))
+        kwargs = {"do_sample": False, "pad_token_id": pad, "eos_token_id": sorted(eos) or None, **generation_kwargs}
+        if not kwargs.get("do_sample"):
+            kwargs.setdefault("temperature", None)
+            kwargs.setdefault("top_p", None)
+            kwargs.setdefault("top_k", None)
+        with g.state.select(rows), torch.no_grad():
+            out = g.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                   max_new_tokens=max_new_tokens, **kwargs)
+        results = []
+        for r, i in enumerate(idx):
+            new = out[r, width:].tolist()
+            reason, stop_id = "length", None
+            for j, t in enumerate(new):
+                if t in eos:
+                    new, reason, stop_id = new[:j], "stop", t
+                    break
+            text = self.tokenizer(names[i]).decode(new, skip_special_tokens=True)
+            results.append(GenerationResult(names[i], list(ids_list[i]), new, text, reason, stop_id))
+        return results
 
 
 @dataclass
@@ -417,26 +456,25 @@ def _cache_arg(model: PreTrainedModel) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def load(path: str | Path, *, device: str = "cpu", dtype: str | None = None, verify: bool = True,
-         router=None, fused: bool | None = None) -> Bundle:
-    """Load a bundle: one model per group with branched layers, standalone branches as their own models.
+class ContextLengthError(BranchmergeError):
+    """A prompt plus the tokens to generate does not fit a branch's context."""
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         verify: bool = True, fused: bool | None = None) -> Bundle:
+    """Load a bundle's branches (no router: :func:`branchmerge.load` attaches the stored one).
 
     Args:
-        router: optional :class:`~branchmerge.router.RouterConfig` replacing the stored one (its embedder
-            and template must be those the stored sample embeddings were made with).
+        dtype: compute dtype: a name, an alias (``bf16``, ``fp16``, ``auto``) or a torch dtype; default
+            the bundle's storage dtype.
         fused: kernel layout of the branched layers. True stores ``W̄`` and every ``V_i`` as one weight, so
             a layer is two GEMMs (fewer launches: the GPU's choice); False keeps them apart, so one branch
             reads only its own factors (fewer bytes: the CPU's choice). None picks by device.
 
     Raises:
-        BundleError: not a bundle, unknown format version, a shard failing its sha256, or a router
-            whose stored embeddings do not match the embedder/template.
+        BundleError: not a bundle, an invalid manifest, unknown format version, a shard failing its sha256.
     """
-    from branchmerge.router import attach_router
-
-    bundle = Bundle(path, device=device, dtype=dtype, verify=verify, fused=fused)
-    attach_router(bundle, router)
-    return bundle
+    return Bundle(path, device=device, dtype=dtype, verify=verify, fused=fused)
 
 
-__all__ = ["Bundle", "GenerationResult", "load", "BranchNotFoundError"]
+__all__ = ["Bundle", "BranchRouter", "ContextLengthError", "GenerationResult", "load", "BranchNotFoundError"]

@@ -11,6 +11,9 @@ batched matmul (FLOPs independent of ``N``).
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -40,28 +43,61 @@ class MixedPlan:
     cache: dict = field(default_factory=dict)
 
 
+class _Selection(threading.local):
+    """One thread's branch selection (each thread starts on branch 0, no rows)."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.rows: Tensor | None = None
+        self.plan: dict[int, MixedPlan | int] = {}
+
+
 class BranchState:
-    """Which branch each row of the next forward passes uses.
+    """Which branch each row of the next forward passes uses, per thread.
+
+    The selection is thread-local: a router embedding on one thread and a mixed batch generating on
+    another use the same modules without a lock. Scope a selection with :meth:`select`.
 
     Attributes:
         names: branch names of the group, in bundle order (index = branch id).
-        active: branch id used for a whole batch when ``rows`` is None.
-        rows: ``[B]`` long tensor of branch ids, one per batch row, or None.
+        active: branch id used for a whole batch when ``rows`` is None (this thread's).
+        rows: ``[B]`` long tensor of branch ids, one per batch row, or None (this thread's).
     """
 
     def __init__(self, names: list[str]) -> None:
         self.names = list(names)
-        self.active = 0
-        self._rows: Tensor | None = None
-        self._plan: dict[int, MixedPlan | int] = {}
+        self._sel = _Selection()
+
+    @property
+    def active(self) -> int:
+        return self._sel.active
+
+    @active.setter
+    def active(self, i: int) -> None:
+        self._sel.active = int(i)
 
     @property
     def rows(self) -> Tensor | None:
-        return self._rows
+        return self._sel.rows
 
     def set_rows(self, rows: Tensor | list[int] | None) -> None:
-        self._rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long).cpu()
-        self._plan = {}
+        """Set this thread's rows until changed; prefer :meth:`select`, which restores them."""
+        self._sel.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long).cpu()
+        self._sel.plan = {}
+
+    @contextmanager
+    def select(self, rows: Tensor | Sequence[int] | None = None, *, branch: int | None = None) -> Iterator[None]:
+        """Within the block, this thread's forwards use ``rows`` (one branch id per batch row) or, with
+        ``branch``, that branch for whole batches; the previous selection comes back afterwards."""
+        sel = self._sel
+        prev = (sel.active, sel.rows, sel.plan)
+        try:
+            if branch is not None:
+                sel.active = int(branch)
+            self.set_rows(rows)
+            yield
+        finally:
+            sel.active, sel.rows, sel.plan = prev
 
     def index(self, name: str) -> int:
         return self.names.index(name)
@@ -71,12 +107,13 @@ class BranchState:
 
         Batches that grow by a whole factor (beam search, ``num_return_sequences``) repeat each row's id.
         """
-        if self._rows is None:
-            return self.active
-        cached = self._plan.get(batch)
+        sel = self._sel
+        if sel.rows is None:
+            return sel.active
+        cached = sel.plan.get(batch)
         if cached is not None:
             return cached
-        rows = self._rows
+        rows = sel.rows
         if batch != rows.numel():
             if batch % rows.numel():
                 raise ValueError(f"batch of {batch} rows does not match the {rows.numel()} branch ids set")
@@ -97,7 +134,7 @@ class BranchState:
                 unpad[m] = i * rmax + torch.arange(m.numel())
             groups = [(i, members[i].to(device)) for i in ids]
             plan = MixedPlan(groups, rows.to(device), pad.to(device), unpad.to(device), rmax)
-        self._plan[batch] = plan
+        sel.plan[batch] = plan
         return plan
 
 
@@ -345,14 +382,14 @@ class BranchedLinear(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
-        st = self.state
-        if st._rows is None:
-            hot = self._fast[st.active][0]
-            if hot is not None and x.is_contiguous():  # a hot branch: exactly an nn.Linear
-                return F.linear(x, hot, self._fast[st.active][4])
-            plan = st.active
+        sel = self.state._sel
+        if sel.rows is None:
+            fast = self._fast[sel.active]
+            if fast[0] is not None and x.is_contiguous():  # a hot branch: exactly an nn.Linear
+                return F.linear(x, fast[0], fast[4])
+            plan = sel.active
         else:
-            plan = st.plan(x.shape[0], x.device)
+            plan = self.state.plan(x.shape[0], x.device)
         x2 = x.reshape(-1, self.in_features)  # [B*T, in]
         y = self._single(x2, plan) if isinstance(plan, int) else self._mixed(x2, plan, x.shape[0])
         return y.view(*x.shape[:-1], self.out_features)
@@ -415,8 +452,8 @@ class PerBranch(nn.Module):
             return getattr(copies[state.active], name)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        st = self.state
-        plan = st.active if st._rows is None else st.plan(x.shape[0], x.device)
+        sel = self.state._sel
+        plan = sel.active if sel.rows is None else self.state.plan(x.shape[0], x.device)
         if isinstance(plan, int):
             if self._rms_eps is not None:
                 return self._rmsnorm(x, self._copies[plan].weight)

@@ -1,4 +1,4 @@
-"""Streaming merge orchestrator: input folders → bundle folder, one tensor (across N models) at a time.
+"""The branch merge: input folders → bundle folder, one tensor (across N models) at a time.
 
 Peak memory grows with the largest tensor, not with model size or N: each compressed tensor is read in
 two passes (scales and running mean first, then each branch's difference), and shards are written as
@@ -7,7 +7,6 @@ they fill.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from branchmerge import __version__
+from branchmerge.common import json_dumps, resolve_dtype
 from branchmerge.architectures import Architecture, for_hf_config
 from branchmerge.compress import (
     compress_difference,
@@ -41,11 +41,10 @@ from branchmerge.io.bundle import (
     write_manifest,
 )
 from branchmerge.io.models import ModelSource
-from branchmerge.io.writer import ShardWriter, atomic_output_dir, copy_side_files
+from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, copy_side_files
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # config.json fields that must agree for models to share one compressed group
 _SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
@@ -58,23 +57,24 @@ class _Group:
     standalone: bool
 
 
-def run_merge(config: MergeConfig, out: str | Path, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_branch_merge(config: MergeConfig, out: str | Path, *, force: bool = False, progress: bool = True,
+                     check_load: bool = True) -> dict[str, Any]:
     """Merge the config's models into a bundle at ``out`` and return its manifest.
+
+    With ``check_load``, the finished bundle is loaded (configs, then one forward of a tiny input per
+    branch) before it is renamed into place, so a bundle that cannot run is never left behind.
 
     Raises:
         ModelInputError: an input is missing, corrupt, or incompatible with its group.
         ConfigError: the config asks for something this method cannot do.
-        BranchmergeError: ``out`` exists and ``force`` is false.
+        BranchmergeError: ``out`` exists and ``force`` is false, or would destroy an input.
+        BundleError: the written bundle does not load.
     """
-    if config.method != "branch":
-        from branchmerge.methods import run_baseline_merge
-
-        return run_baseline_merge(config, out, force=force, progress=progress)
     out = Path(out)
-    if out.exists() and not force:  # fail before opening any input; atomic_output_dir checks again
-        raise BranchmergeError(f"output folder {out} already exists; pass --force to replace it")
+    inputs = [b.model for b in config.branches]
+    check_output(out, force=force, inputs=inputs)  # before opening any input; atomic_output_dir checks again
     groups = open_groups(config)
-    dtype = DTYPES[config.dtype]
+    dtype = resolve_dtype(config.dtype)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("`device` is cuda but no CUDA device is available; use device: cpu")
@@ -90,7 +90,7 @@ def run_merge(config: MergeConfig, out: str | Path, *, force: bool = False, prog
         "tensors": {},
     }
     total = sum(len(g.sources[0].names()) for g in groups)
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         writer = ShardWriter(tmp, config.max_shard_bytes)
         bar = tqdm(total=total, desc="merging", unit="tensor", disable=not progress)
         for g in groups:
@@ -127,12 +127,12 @@ def run_merge(config: MergeConfig, out: str | Path, *, force: bool = False, prog
         manifest["total_bytes"] = writer.total_bytes
         write_manifest(tmp, manifest)
         (tmp / "merge_config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        if check_load:
+            from branchmerge.runtime.check import check_bundle_loads
+
+            check_bundle_loads(tmp)
     logger.info("wrote bundle %s (%.1f MB in %d shards)", out, writer.total_bytes / 1e6, len(writer.shards))
     return manifest
-
-
-def json_dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2)
 
 
 def open_groups(config: MergeConfig) -> list[_Group]:
@@ -183,13 +183,16 @@ def _merge_tensor(
 ) -> dict[str, Any]:
     shapes = [s.shape(tensor) for s in g.sources]
     role = "per_branch" if g.standalone else g.arch.role(tensor, shapes[0])
+    for s, shape in zip(g.sources[1:], shapes[1:]):
+        # branches of one group run as one model: every tensor must fit it, per-branch ones too (a
+        # different vocabulary needs a group of its own)
+        if shape != shapes[0]:
+            raise ModelInputError(
+                f"tensor {tensor} has shape {list(shape)} in branch {s.name!r} but {list(shapes[0])} in branch "
+                f"{g.sources[0].name!r}; branches of group {g.name!r} must have the same shapes (give "
+                f"{s.name!r} its own `group` or `standalone: true`)"
+            )
     if role == "compress":
-        for s, shape in zip(g.sources[1:], shapes[1:]):
-            if shape != shapes[0]:
-                raise ModelInputError(
-                    f"tensor {tensor} has shape {list(shape)} in branch {s.name!r} but "
-                    f"{list(shapes[0])} in branch {g.sources[0].name!r}"
-                )
         return _compress_tensor(g, tensor, shapes[0], config, writer, dtype, device)
     return _keep_tensor(g, tensor, writer, dtype)
 

@@ -1,0 +1,148 @@
+"""The front object: a loaded bundle with its router and pipelines. It resolves a model name (a branch,
+a pipeline or ``auto``) and is what the CLI and the server hold; the runtime below it never routes.
+
+    import branchmerge
+    bundle = branchmerge.load("bundle/")                 # a Bundle, its stored router attached
+    front = branchmerge.open_front("bundle/")            # bundle + router + pipelines, for front ends
+    front.resolve("auto", "What is a myocardial infarction?")   # -> ("medical", None)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from branchmerge.errors import BranchmergeError, ConfigError
+from branchmerge.router import ROUTER_DIR, Embedder, Router, RouterConfig, build_router, folder_identity, load_router
+from branchmerge.runtime.bundle import Bundle
+from branchmerge.staged import PipelinesConfig, bundle_pipelines
+
+logger = logging.getLogger(__name__)
+_external: dict[tuple[str, str, str], tuple[Any, Any, dict[str, Any]]] = {}  # (path, dtype, device) -> loaded
+_external_lock = threading.Lock()
+
+
+def embedder_factory(bundle: Bundle):
+    """A function ``cfg -> (Embedder, identity)`` for ``bundle``: a branch of it, or an HF folder
+    (loaded once per process, ``trust_remote_code=False``, safetensors only)."""
+
+    def make(cfg: RouterConfig) -> tuple[Embedder, dict[str, Any]]:
+        name = cfg.embedder or bundle.branch_names[0]
+        if name in bundle.branch_names:
+            g = bundle.groups[bundle.reader.branch(name).group]
+            ident = {"bundle_branch": name, "shards": sorted(bundle.reader.manifest.shards.values())}
+            select = lambda: g.state.select(branch=g.state.index(name))  # noqa: E731
+            return Embedder.from_config(g.model, bundle.tokenizer(name), cfg, select=select), ident
+        path = Path(name).expanduser()
+        if not path.is_absolute():
+            path = (bundle.path / path) if (bundle.path / path / "config.json").is_file() else path
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"router embedder {name!r} is neither a branch of the bundle "
+                              f"({', '.join(bundle.branch_names)}) nor an HF model folder")
+        key = (str(path.resolve()), str(bundle.dtype), str(bundle.device))
+        with _external_lock:
+            if key not in _external:
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                try:
+                    model = AutoModelForCausalLM.from_pretrained(path, dtype=bundle.dtype, trust_remote_code=False,
+                                                                 use_safetensors=True)
+                    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+                except (OSError, ValueError) as e:
+                    raise ConfigError(f"router embedder {path} cannot be loaded (safetensors and built-in "
+                                      f"architectures only): {e}") from None
+                _external[key] = (model.eval().to(bundle.device), tok, folder_identity(path))
+        model, tok, ident = _external[key]
+        return Embedder.from_config(model, tok, cfg), ident
+
+    return make
+
+
+def build_bundle_router(bundle: Bundle, cfg: RouterConfig) -> Router:
+    """Embed ``cfg``'s samples, store them in ``BUNDLE/router/`` and attach the router to ``bundle``."""
+    bundle.router = build_router(bundle.path / ROUTER_DIR, bundle.branch_names, cfg, embedder_factory(bundle))
+    return bundle.router
+
+
+def attach_router(bundle: Bundle, override: RouterConfig | None = None) -> Router | None:
+    """Attach the router stored in ``BUNDLE/router/`` (if any) to ``bundle``; see :func:`load_router`."""
+    bundle.router = load_router(bundle.path / ROUTER_DIR, bundle.branch_names, embedder_factory(bundle), override)
+    return bundle.router
+
+
+def embed_with(bundle: Bundle, cfg: RouterConfig, texts: Sequence[str], *, templated: bool = True) -> torch.Tensor:
+    """``[N, H]`` embeddings of ``texts`` with ``cfg``'s embedder (``templated=False``: the input alone)."""
+    embedder, _ = embedder_factory(bundle)(cfg)
+    return embedder.embed(list(texts), templated=templated)
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         verify: bool = True, router: RouterConfig | None = None, fused: bool | None = None) -> Bundle:
+    """Load a bundle with its stored router attached (``branch="auto"`` then routes).
+
+    Args:
+        dtype: compute dtype: a name, an alias (``bf16``, ``fp16``, ``auto``) or a torch dtype.
+        router: a :class:`~branchmerge.router.RouterConfig` replacing the stored one (its embedder and
+            template must be those the stored sample embeddings were made with).
+        fused: layout of the branched layers (see :func:`branchmerge.runtime.bundle.load`).
+
+    Raises:
+        BundleError: not a bundle, a shard failing its sha256, or a router whose stored embeddings do not
+            match the embedder/template.
+    """
+    bundle = Bundle(path, device=device, dtype=dtype, verify=verify, fused=fused)
+    attach_router(bundle, router)
+    return bundle
+
+
+@dataclass
+class Front:
+    """A bundle with its router (on ``bundle.router``) and pipelines: what a front end serves."""
+
+    bundle: Bundle
+    pipelines: PipelinesConfig
+
+    @property
+    def router(self) -> Router | None:
+        return self.bundle.router  # type: ignore[return-value]
+
+    def model_ids(self) -> list[str]:
+        """Every name a request may use as its model: branches, pipelines, and ``auto`` with a router."""
+        return [*self.bundle.branch_names, *(p.name for p in self.pipelines.pipelines),
+                *(["auto"] if self.router is not None else [])]
+
+    def resolve(self, model: str, text: str) -> tuple[str | None, str | None]:
+        """``(branch, None)`` or ``(None, pipeline)`` for a request's model name; ``auto`` routes ``text``
+        (a routed branch with a pipeline in ``routes`` runs that pipeline).
+
+        Raises:
+            BranchmergeError: ``auto`` without a router. BranchNotFoundError: an unknown name.
+        """
+        if self.pipelines.get(model) is not None:
+            return None, model
+        if model == "auto":
+            if self.router is None:
+                raise BranchmergeError("model 'auto' needs a router; this bundle has none")
+            b = self.router.route([text])[0]
+            return (None, self.pipelines.routes[b]) if b in self.pipelines.routes else (b, None)
+        self.bundle.reader.branch(model)
+        return model, None
+
+
+def open_front(path: str | Path, *, pipelines: PipelinesConfig | None = None, **load_kw: Any) -> Front:
+    """Load a bundle (see :func:`load`) with its pipelines (``pipelines`` or ``BUNDLE/pipelines.yaml``)."""
+    bundle = load(path, **load_kw)
+    return front_for(bundle, pipelines)
+
+
+def front_for(bundle: Bundle, pipelines: PipelinesConfig | None = None) -> Front:
+    """A :class:`Front` over a loaded bundle; pipelines are checked against its branches."""
+    pipes = pipelines if pipelines is not None else bundle_pipelines(bundle)
+    pipes.check_branches(bundle.branch_names)
+    return Front(bundle, pipes)

@@ -1,0 +1,143 @@
+"""The bundle manifest as typed, validated data: read once, every path checked to stay in the bundle.
+
+A manifest is input like any other file: a crafted one must not name shard or side files outside the
+bundle (``../.bashrc``, absolute paths), point a tensor at a file that is not a checksummed shard, or
+leave out fields that later code reads. :func:`parse_manifest` refuses all of these with a
+:class:`~branchmerge.errors.BundleError` that names the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from branchmerge.common import check_name
+from branchmerge.errors import BundleError
+
+FORMAT = "branchmerge-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_SHARD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.safetensors$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TensorRecord(_Frozen):
+    """How one HF tensor of a group is stored."""
+
+    role: Literal["compressed", "shared", "per_branch"]
+    shape: list[int]
+    bytes: int = Field(ge=0)
+    compress_rate: float | None = None
+    rank: int | None = Field(default=None, ge=0)
+    dense: bool = False
+    rel_error: dict[str, float] = Field(default_factory=dict)
+
+
+class GroupInfo(_Frozen):
+    branches: list[str] = Field(min_length=1)
+    architecture: str
+    standalone: bool
+    transposed: bool = False
+
+
+class BranchInfo(_Frozen):
+    group: str
+    standalone: bool
+    source: str
+    source_bytes: int = Field(ge=0)
+    source_params: int = Field(ge=0)
+    architectures: list[str] | None = None
+    hf_config: dict[str, Any]
+    files: list[str]
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, v: list[str]) -> list[str]:
+        for f in v:
+            check_name(f, "side file")
+        if "config.json" not in v:
+            raise ValueError("must list config.json")
+        return v
+
+
+class Manifest(_Frozen):
+    """``manifest.json``: everything about a bundle except the tensors' values."""
+
+    format: Literal["branchmerge-bundle"]
+    format_version: Literal[1]
+    created_by: str
+    config: dict[str, Any]
+    dtype: Literal["float32", "float16", "bfloat16"]
+    branches: dict[str, BranchInfo] = Field(min_length=1)
+    groups: dict[str, GroupInfo] = Field(min_length=1)
+    tensors: dict[str, dict[str, TensorRecord]]
+    shards: dict[str, str]
+    weight_map: dict[str, str]
+    total_bytes: int = Field(ge=0)
+
+    @field_validator("shards")
+    @classmethod
+    def _shards(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, digest in v.items():
+            if not _SHARD_RE.match(name):
+                raise ValueError(f"shard name {name!r} is not a plain *.safetensors file name in the bundle")
+            if not _SHA_RE.match(digest):
+                raise ValueError(f"shard {name}: {digest!r} is not a sha256 hex digest")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        for name, b in self.branches.items():
+            check_name(name, "branch name")
+            g = self.groups.get(b.group)
+            if g is None or name not in g.branches:
+                raise ValueError(f"branches.{name}.group: {b.group!r} is not a group listing this branch")
+        for gname, g in self.groups.items():
+            check_name(gname, "group name")
+            for b in g.branches:
+                if b not in self.branches:
+                    raise ValueError(f"groups.{gname}.branches: {b!r} is not in `branches`")
+            if gname not in self.tensors:
+                raise ValueError(f"tensors: group {gname!r} has no tensor records")
+            for t, rec in self.tensors[gname].items():
+                if rec.role == "compressed" and set(rec.rel_error) - set(g.branches):
+                    raise ValueError(f"tensors.{gname}.{t}.rel_error names branches outside the group")
+        extra = set(self.tensors) - set(self.groups)
+        if extra:
+            raise ValueError(f"tensors: group(s) {sorted(extra)} are not in `groups`")
+        for key, shard in self.weight_map.items():
+            if shard not in self.shards:
+                raise ValueError(f"weight_map.{key}: file {shard!r} is not a listed (checksummed) shard")
+        return self
+
+    def group_of(self, branch: str) -> GroupInfo:
+        return self.groups[self.branches[branch].group]
+
+
+def parse_manifest(data: Any, source: str) -> Manifest:
+    """Validate a manifest read from ``source``.
+
+    Raises:
+        BundleError: not a branchmerge manifest, an unsupported format version, or a field that is
+            missing or wrong (named).
+    """
+    if not isinstance(data, dict):
+        raise BundleError(f"{source}: expected a JSON object, got a JSON {type(data).__name__}")
+    if data.get("format") != FORMAT:
+        raise BundleError(f"{source}: format is {data.get('format')!r}, expected {FORMAT!r}")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{source}: format_version {version!r} is not supported by this branchmerge "
+                          f"(supports {FORMAT_VERSION}); upgrade branchmerge or re-merge")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or '(top level)'}: {x['msg'].removeprefix('Value error, ')}"
+                         for x in e.errors()[:5])
+        raise BundleError(f"{source} is not a valid bundle manifest: {errs}") from None

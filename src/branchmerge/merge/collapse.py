@@ -1,0 +1,73 @@
+"""Baseline merges: collapse N models into one plain HF folder with a registered method, one tensor at
+a time (what branchmerge exists to avoid; here to be measured against)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from branchmerge.common import resolve_dtype
+from branchmerge.compress import tensor_seed
+from branchmerge.config import MergeConfig
+from branchmerge.errors import ConfigError, ModelInputError
+from branchmerge.io.hf import finish_hf_shards, write_hf_config
+from branchmerge.io.models import ModelSource
+from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, copy_side_files
+from branchmerge.methods import METHODS
+
+logger = logging.getLogger(__name__)
+
+
+def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = False, progress: bool = True) -> dict:
+    """Collapse the config's models into one HF folder with ``config.method``.
+
+    Raises:
+        ConfigError: unknown method, missing ``base_model`` for a method that needs one, standalone branches.
+        ModelInputError: tensors missing from a model or of different shapes.
+    """
+    method = METHODS.get(config.method)
+    if method is None or method.fn is None:
+        raise ConfigError(f"unknown merge method {config.method!r}; known: {', '.join(METHODS)}")
+    if any(b.standalone for b in config.branches):
+        raise ConfigError(f"method {method.name!r} collapses models into one; standalone branches need method 'branch'")
+    if method.needs_base and not config.base_model:
+        raise ConfigError(f"method {method.name!r} needs `base_model` (the model the fine-tunes started from)")
+    try:
+        params = method.parse_params(config.parameters).model_dump()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    inputs = [b.model for b in config.branches] + ([config.base_model] if config.base_model else [])
+    check_output(out, force=force, inputs=inputs)
+    sources = [ModelSource.open(b.name, b.model, b.revision) for b in config.branches]
+    base = ModelSource.open("base_model", config.base_model) if config.base_model else None
+    weights = [b.weight for b in config.branches]
+    dtype = resolve_dtype(config.dtype)
+    names = sources[0].names()
+    for s in [*sources[1:], *([base] if base else [])]:
+        missing = set(names) ^ set(s.names())
+        if missing:
+            raise ModelInputError(f"tensor {sorted(missing)[0]} is not in every model ({s.name!r} differs)")
+    with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
+        writer = ShardWriter(tmp, config.max_shard_bytes, prefix="model")
+        for name in tqdm(names, desc=f"merging ({method.name})", disable=not progress):
+            ts = [s.get(name) for s in sources]
+            for s, t in zip(sources[1:], ts[1:]):
+                if t.shape != ts[0].shape:
+                    raise ModelInputError(f"tensor {name} has shape {list(t.shape)} in branch {s.name!r} but "
+                                          f"{list(ts[0].shape)} in {sources[0].name!r}")
+            kw: dict[str, Any] = {"weights": weights, **params}
+            if base is not None and method.needs_base:
+                kw["base"] = base.get(name)
+            if method.seeded:
+                kw["generator"] = torch.Generator().manual_seed(tensor_seed(config.rsvd.seed, name))
+            merged = method.fn(ts, **kw) if ts[0].is_floating_point() else ts[0]
+            writer.add(name, merged.to(dtype) if merged.is_floating_point() else merged)
+        writer.close()
+        finish_hf_shards(tmp, writer)
+        copy_side_files(sources[0].side_files(), tmp)
+        write_hf_config(tmp, sources[0].hf_config, config.dtype)
+    return {"method": method.name, "out": str(out)}

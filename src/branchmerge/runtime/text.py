@@ -1,0 +1,66 @@
+"""Text-side helpers used by every front end (library, CLI, server, pipelines), written once: chat
+encoding, pad-token fallback, stop strings, sampling settings and right/left padded batches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+# below this, a temperature is greedy decoding (sampling at 1e-45 divides logits into Inf/NaN)
+MIN_TEMPERATURE = 1e-5
+
+
+def ensure_pad_token(tok: Any) -> Any:
+    """Give a tokenizer without a pad token its eos (or unk) token as pad; returns it."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def encode_messages(tok: Any, messages: Sequence[Mapping[str, str]], *, chat: bool | None = None) -> list[int]:
+    """Token ids of chat ``messages`` (``{"role", "content"}``), ending where the assistant answers.
+
+    Uses the tokenizer's chat template when it has one (or ``chat`` is True); otherwise the contents
+    joined by newlines. ``developer`` messages count as ``system``.
+    """
+    msgs = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
+    use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
+    if use_chat:
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return list(tok("\n".join(m["content"] for m in msgs if m["content"]))["input_ids"])
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the earliest stop string, and whether one occurred."""
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def sampling_kwargs(temperature: float | None, top_p: float | None = None) -> dict[str, Any]:
+    """``generate`` keyword arguments for a temperature (greedy at or below :data:`MIN_TEMPERATURE`)."""
+    t = float(temperature or 0.0)
+    if t <= MIN_TEMPERATURE:
+        return {}
+    kw: dict[str, Any] = {"do_sample": True, "temperature": t}
+    if top_p is not None and top_p < 1.0:
+        kw["top_p"] = float(top_p)
+    return kw
+
+
+def pad_rows(seqs: Sequence[Sequence[int]], *, pad: int = 0, left: bool = False,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, W], mask [B, W])`` of token sequences padded to ``width`` (default: the longest),
+    right-padded, or left-padded with ``left``."""
+    w = max((len(q) for q in seqs), default=0) if width is None else width
+    ids = torch.full((len(seqs), w), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), w), dtype=torch.long)
+    for r, q in enumerate(seqs):
+        if not q:
+            continue
+        sl = slice(w - len(q), w) if left else slice(0, len(q))
+        ids[r, sl] = torch.as_tensor(list(q), dtype=torch.long)
+        mask[r, sl] = 1
+    return ids, mask

@@ -1,0 +1,408 @@
+"""The API surface, written once and free of HTTP: :class:`OpenAIService` answers validated OpenAI
+requests over a :class:`~branchmerge.front.Front` and an :class:`~.engine.Engine`. The FastAPI routes
+(:mod:`.app`) are a thin layer over it; a gateway or another front end can call it directly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from branchmerge.errors import BranchmergeError, BranchNotFoundError
+from branchmerge.front import Front
+from branchmerge.runtime.bundle import ContextLengthError
+from branchmerge.runtime.text import cut_at_stop
+from branchmerge.server import protocol as P
+from branchmerge.server.engine import Busy, Engine, Job
+
+logger = logging.getLogger(__name__)
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+class ServerLimits(BaseModel):
+    """What one request may ask for, so that one client cannot starve the rest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_tokens: int = Field(default=2048, ge=1, description="Largest max_tokens accepted.")
+    max_prompts: int = Field(default=64, ge=1, description="Prompts in one request (OpenAI's batch form).")
+    max_choices: int = Field(default=128, ge=1, description="Prompts × n in one request.")
+    max_prompt_chars: int = Field(default=100_000, ge=1, description="Characters of one prompt or conversation.")
+    max_body_bytes: int = Field(default=4 << 20, ge=1024, description="Size of a request body.")
+    max_queued: int = Field(default=4096, ge=1, description="Jobs waiting in the engine, all requests together.")
+
+
+@dataclass
+class Reply:
+    """A response: a JSON ``body``, or an event ``stream`` (ending with ``[DONE]``); ``headers`` either way."""
+
+    body: dict[str, Any] | None = None
+    stream: AsyncIterator[str] | None = None
+    headers: dict[str, str] | None = None
+
+
+class ClientGone(Exception):
+    """The client disconnected; its work was cancelled."""
+
+
+class _Request:
+    """The jobs one HTTP request queued (the engine takes turns between requests)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+
+
+class OpenAIService:
+    """Chat and text completions, model listing and health over a front (bundle, router, pipelines)."""
+
+    def __init__(self, front: Front, *, limits: ServerLimits | None = None, max_batch: int = 16,
+                 wait_ms: float = 10.0) -> None:
+        self.front, self.bundle = front, front.bundle
+        self.limits = limits or ServerLimits()
+        self.engine = Engine(self.bundle, max_batch=max_batch, wait_ms=wait_ms, max_queued=self.limits.max_queued)
+        self._aux = ThreadPoolExecutor(2, thread_name_prefix="branchmerge-route")  # routing and pipelines
+
+    # ---- listing ------------------------------------------------------------------------------------
+    def models(self, created: int) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "branchmerge"}
+                                           for i in self.front.model_ids()]}
+
+    # ---- shared steps -------------------------------------------------------------------------------
+    def _max_tokens(self, req: P._Req, *, scoring: bool = False) -> int:
+        """Validated ``max_tokens``. A scoring request (logprobs/echo) defaults to OpenAI's 16 and may ask
+        for 0 new tokens with ``echo`` (score the prompt only)."""
+        mt = req.max_new()
+        if mt is None:
+            mt = 16 if scoring else min(256, self.limits.max_tokens)
+        if scoring and (mt < 0 or (mt == 0 and not getattr(req, "echo", False))):
+            raise P.APIError(400, f"max_tokens must be positive (0 only with echo), got {mt}", param="max_tokens")
+        if not scoring and mt <= 0:
+            raise P.APIError(400, f"max_tokens must be positive, got {mt}", param="max_tokens")
+        if mt > self.limits.max_tokens:
+            raise P.APIError(400, f"max_tokens {mt} is above this server's limit of {self.limits.max_tokens}",
+                             param="max_tokens")
+        if req.n > 1 and scoring:
+            raise P.APIError(400, f"n={req.n} is supported without logprobs and echo", param="n")
+        return mt
+
+    def _check_chars(self, text: str, param: str) -> None:
+        if len(text) > self.limits.max_prompt_chars:
+            raise P.APIError(400, f"{param} has {len(text)} characters; this server takes at most "
+                                  f"{self.limits.max_prompt_chars}", param=param, code="context_length_exceeded")
+
+    async def _resolve(self, model: str, text: str) -> tuple[str | None, str | None]:
+        """(branch, pipeline) for a model name; routing runs on a worker thread, after the length checks."""
+        if model == "auto" and self.front.router is not None:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._aux, self.front.resolve, model, text)
+            except BranchmergeError as e:
+                raise P.APIError(400, str(e)) from None
+        try:
+            return self.front.resolve(model, text)
+        except BranchNotFoundError:
+            raise P.APIError(404, f"the model {model!r} does not exist; available: {', '.join(self.front.model_ids())}",
+                             param="model", code="model_not_found") from None
+        except BranchmergeError as e:
+            raise P.APIError(400, str(e), param="model", code="model_not_found") from None
+
+    def _job(self, branch: str, ids: list[int], req: P._Req, mt: int, *, stream: bool, request: Any,
+             param: str = "messages") -> Job:
+        try:
+            self.bundle.check_context(branch, len(ids), mt)
+        except ContextLengthError as e:
+            raise P.APIError(400, f"this model's maximum context length is exceeded: {e}", param=param,
+                             code="context_length_exceeded") from None
+        return Job(ids, branch, mt, temperature=req.temperature or 0.0, top_p=req.top_p or 1.0, stop=req.stops(),
+                   stream=stream, request=request)
+
+    def _submit(self, jobs: list[Job]) -> list[Job]:
+        loop = asyncio.get_running_loop()
+        try:
+            out = self.engine.submit_many([j.bind(loop) for j in jobs])
+        except Busy as e:
+            raise P.APIError(503, str(e), type_="server_error", code="server_busy") from None
+        for j in jobs:
+            if isinstance(j.request, _Request):
+                j.request.jobs.append(j)
+        return out
+
+    async def _guarded(self, request: _Request, work: Awaitable[Reply]) -> Reply:
+        """Run a request's work; if it fails or is cancelled, withdraw every job it queued (all or nothing)."""
+        try:
+            return await work
+        except BaseException:
+            self.engine.withdraw(request.jobs)
+            raise
+
+    async def _wait(self, jobs: list[Job], disconnected: Disconnected | None) -> list[Job]:
+        """Wait for ``jobs``; if the client goes away meanwhile, cancel them (and raise ClientGone)."""
+        waiting = asyncio.ensure_future(asyncio.gather(*(j.wait() for j in jobs)))
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=0.25)
+                if done:
+                    break
+                if disconnected is not None and await disconnected():
+                    raise ClientGone()
+        except BaseException:  # ClientGone, or the request task cancelled
+            self.engine.withdraw(jobs)
+            waiting.cancel()
+            waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
+        for j in jobs:
+            if j.error is not None:
+                ref = uuid.uuid4().hex[:8]
+                logger.error("request error %s: %r", ref, j.error)
+                raise P.APIError(500, f"{'scoring' if j.score else 'generation'} failed (error id {ref}; see the "
+                                      "server log)", type_="server_error")
+        return jobs
+
+    def _finish(self, branch: str, job: Job) -> tuple[str, str]:
+        text = self.bundle.tokenizer(branch).decode(job.new_ids, skip_special_tokens=True)
+        text, hit = cut_at_stop(text, job.stop)
+        if hit:
+            return text, "stop"
+        return text, "length" if len(job.new_ids) >= job.max_tokens else "stop"
+
+    # ---- one prompt ---------------------------------------------------------------------------------
+    async def _one(self, req: P._Req, kind: str, text: str, encode: Callable[[str], list[int]], *, rid: str,
+                   index: int, disconnected: Disconnected | None, request: Any) -> dict | tuple[str, list]:
+        """One prompt: its response body, or with ``req.stream`` its branch and one event stream per choice."""
+        mt = self._max_tokens(req)
+        branch, pipeline = await self._resolve(req.model, text)
+        if pipeline is not None:
+            if req.n > 1:
+                raise P.APIError(400, f"n={req.n} is not supported for pipeline {pipeline!r}", param="n")
+            final, stages, pt, ct = await self._pipeline(pipeline, text, request)
+            answered = stages[-1]["branch"]
+            if req.stream:
+                return answered, [self._once(kind, rid, req.model, final, answered, index)]
+            out = P.body(kind, rid, req.model, [(final, "stop")], pt, ct, answered)
+            out["stages"] = stages
+            return out
+        ids = encode(branch)
+        jobs = self._submit([self._job(branch, ids, req, mt, stream=req.stream, request=request) for _ in range(req.n)])
+        if req.stream:
+            return branch, [self._stream(kind, rid, req.model, branch, j, index + k) for k, j in enumerate(jobs)]
+        await self._wait(jobs, disconnected)
+        return P.body(kind, rid, req.model, [self._finish(branch, j) for j in jobs], len(ids),
+                      sum(len(j.new_ids) for j in jobs), branch)
+
+    async def _pipeline(self, name: str, question: str, request: Any) -> tuple[str, list[dict], int, int]:
+        from branchmerge.staged import run_pipeline
+
+        def work():
+            gen = lambda ids, br, **kw: self.engine.generate_blocking(ids, br, request=request, **kw)  # noqa: E731
+            return run_pipeline(self.bundle, self.front.pipelines.get(name), [question], generate=gen)[0]
+
+        try:
+            stages = await asyncio.get_running_loop().run_in_executor(self._aux, work)
+        except Busy as e:
+            raise P.APIError(503, str(e), type_="server_error", code="server_busy") from None
+        except BranchmergeError as e:
+            raise P.APIError(400, str(e)) from None
+        info = [{"stage": s.stage, "branch": s.branch, "text": s.text} for s in stages]
+        return stages[-1].text, info, stages[0].prompt_tokens, sum(s.completion_tokens for s in stages)
+
+    async def _once(self, kind, rid, model, text, branch, index: int) -> AsyncIterator[str]:
+        yield P.chunk(kind, rid, model, text, None, branch, first=True, index=index)
+        yield P.chunk(kind, rid, model, None, "stop", branch, index=index)
+
+    async def _stream(self, kind, rid, model, branch, job: Job, index: int = 0) -> AsyncIterator[str]:
+        tok = self.bundle.tokenizer(branch)
+        eos = self.bundle.stop_ids(branch)
+        sent, ids, reason = "", [], None
+        try:
+            yield P.chunk(kind, rid, model, None, None, branch, first=True, index=index)
+            while True:
+                t = await job.next_token()
+                if t is None:
+                    break
+                if reason is not None:
+                    continue  # drain the rest of the batch's steps
+                if t in eos:
+                    reason = "stop"
+                    continue
+                ids.append(t)
+                text = tok.decode(ids, skip_special_tokens=True)
+                text, hit = cut_at_stop(text, job.stop)
+                if hit:
+                    reason = "stop"
+                    job.cancel()  # the client has its answer: free the row
+                if len(ids) >= job.max_tokens and reason is None:
+                    reason = "length"
+                if len(text) > len(sent) and not text.endswith("\ufffd"):
+                    yield P.chunk(kind, rid, model, text[len(sent):], None, branch, index=index)
+                    sent = text
+            if job.error is not None:
+                yield P.sse(P.error_body("generation failed (see the server log)", type_="server_error"))
+            yield P.chunk(kind, rid, model, None, reason or "stop", branch, index=index)
+        finally:  # the client went away (the generator is closed early) or the stream ended
+            job.cancel()
+
+    def _sse(self, parts: list[tuple[str, list[AsyncIterator[str]]]]) -> Reply:
+        """One event stream from the choices' streams, chunks interleaved as they come, then ``[DONE]``."""
+        gens = [g for _, gs in parts for g in gs]
+
+        async def merged() -> AsyncIterator[str]:
+            q: asyncio.Queue[str | None] = asyncio.Queue()
+
+            async def pump(g: AsyncIterator[str]) -> None:
+                try:
+                    async for c in g:
+                        await q.put(c)
+                finally:
+                    await q.put(None)
+
+            tasks = [asyncio.create_task(pump(g)) for g in gens]
+            try:
+                left = len(tasks)
+                while left:
+                    c = await q.get()
+                    if c is None:
+                        left -= 1
+                    else:
+                        yield c
+                yield P.DONE
+            finally:  # closed early by a disconnect: stop every choice (their generators cancel their jobs)
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for g in gens:
+                    await g.aclose()
+
+        return Reply(stream=merged(), headers=P.branch_header([b for b, _ in parts]))
+
+    def _reply(self, out: dict | tuple) -> Reply:
+        if isinstance(out, tuple):
+            return self._sse([out])
+        return Reply(body=out, headers=P.branch_header(out["branch"]))
+
+    # ---- endpoints ----------------------------------------------------------------------------------
+    async def chat(self, req: P.ChatRequest, disconnected: Disconnected | None = None) -> Reply:
+        if not req.messages:
+            raise P.APIError(400, "messages must be a non-empty list", param="messages")
+        self._check_chars("".join(m.text() for m in req.messages), "messages")
+        last_user = next((m.text() for m in reversed(req.messages) if m.role == "user"), req.messages[-1].text())
+        if not last_user.strip():
+            raise P.APIError(400, "the last user message is empty", param="messages")
+        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+        request = _Request()
+
+        async def work() -> Reply:
+            return self._reply(await self._one(req, "chat", last_user, lambda b: self.bundle.encode_messages(msgs, b),
+                                               rid=P.new_id("chat"), index=0, disconnected=disconnected,
+                                               request=request))
+
+        return await self._guarded(request, work())
+
+    def _prompts(self, req: P.CompletionRequest) -> list[str | list[int]]:
+        """A request's prompts: one text, one list of token ids, or a list of either (OpenAI's batch form)."""
+        prompt = req.prompt
+        many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+        prompts = list(prompt) if many else [prompt]
+        if len(prompts) > self.limits.max_prompts:
+            raise P.APIError(400, f"{len(prompts)} prompts in one request; this server takes at most "
+                                  f"{self.limits.max_prompts}", param="prompt")
+        if len(prompts) * req.n > self.limits.max_choices:
+            raise P.APIError(400, f"{len(prompts)} prompts × n={req.n} is {len(prompts) * req.n} completions; this "
+                                  f"server takes at most {self.limits.max_choices} per request", param="n")
+        for i, p in enumerate(prompts):
+            where = f"prompt[{i}]" if many else "prompt"
+            if (isinstance(p, list) and not p) or (isinstance(p, str) and not p.strip()):
+                raise P.APIError(400, f"{where} must not be empty", param="prompt")
+            self._check_chars(p if isinstance(p, str) else " " * len(p), where)
+            if isinstance(p, list) and req.model == "auto":
+                raise P.APIError(400, f"{where} is token ids, which need a branch name as the model, not 'auto' "
+                                      "(or send text: lm_eval's tokenized_requests=False)", param="model")
+        return prompts
+
+    def _token_ids(self, branch: str, ids: list[int]) -> list[int]:
+        vocab = self.bundle.reader.hf_config(branch).get("vocab_size")
+        bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+        if bad:
+            raise P.APIError(400, f"prompt token id {bad[0]} is outside the vocabulary of branch {branch!r} "
+                                  f"(size {vocab})", param="prompt")
+        return list(ids)
+
+    async def _completion(self, req: P.CompletionRequest, prompt: str | list[int], *, rid: str, index: int,
+                          disconnected: Disconnected | None, request: Any) -> dict | tuple:
+        if req.logprobs is not None or req.echo:
+            return await self._scored(req, prompt, disconnected, request)
+        if isinstance(prompt, list):
+            encode = lambda b: self._token_ids(b, prompt)  # noqa: E731
+            text = ""
+        else:
+            encode = lambda b: list(self.bundle.tokenizer(b)(prompt)["input_ids"])  # noqa: E731
+            text = prompt
+        return await self._one(req, "completion", text, encode, rid=rid, index=index, disconnected=disconnected,
+                               request=request)
+
+    async def completions(self, req: P.CompletionRequest, disconnected: Disconnected | None = None) -> Reply:
+        prompts = self._prompts(req)
+        request = _Request()
+        return await self._guarded(request, self._completions(req, prompts, request, disconnected))
+
+    async def _completions(self, req: P.CompletionRequest, prompts: list, request: _Request,
+                           disconnected: Disconnected | None) -> Reply:
+        rid = P.new_id("completion")
+        if req.stream:  # every prompt's n choices in one event stream, indexed prompt by prompt
+            if req.logprobs is not None or req.echo:
+                raise P.APIError(400, "logprobs and echo are not supported with stream=true", param="stream")
+            return self._sse([await self._completion(req, p, rid=rid, index=i * req.n, disconnected=disconnected,
+                                                     request=request) for i, p in enumerate(prompts)])
+        # every prompt is its own job; the engine batches them (and scoring shares their common prefixes)
+        bodies = await asyncio.gather(*(self._completion(req, p, rid=rid, index=0, disconnected=disconnected,
+                                                         request=request) for p in prompts))
+        if len(bodies) == 1:
+            return self._reply(bodies[0])
+        merged = P.merge_bodies(list(bodies))
+        return Reply(body=merged, headers=P.branch_header(merged["branch"]))
+
+    async def _scored(self, req: P.CompletionRequest, prompt: str | list[int], disconnected: Disconnected | None,
+                      request: Any) -> dict:
+        """A completion with ``logprobs`` and/or ``echo`` (how lm-evaluation-harness scores loglikelihoods):
+        generate as usual, then one forward over prompt + completion gives every token's log-probability."""
+        if req.stream:
+            raise P.APIError(400, "logprobs and echo are not supported with stream=true", param="stream")
+        mt = self._max_tokens(req, scoring=True)
+        branch, pipeline = await self._resolve(req.model, prompt if isinstance(prompt, str) else "")
+        if pipeline is not None or branch is None:
+            raise P.APIError(400, "logprobs and echo need a branch, not a pipeline", param="model")
+        tok = self.bundle.tokenizer(branch)
+        ids = self._token_ids(branch, prompt) if isinstance(prompt, list) else list(tok(prompt)["input_ids"])
+        job = self._job(branch, ids, req, mt, stream=False, request=request, param="prompt")  # context checked first
+        text, reason, new_ids = "", "length", []
+        # one greedy token (lm-evaluation-harness's loglikelihood requests): a single forward pass scores the
+        # prompt and picks the token; otherwise generate as usual, then score prompt + completion
+        one_greedy = mt == 1 and not (req.temperature or 0.0) > 0
+        if mt > 0 and not one_greedy:
+            await self._wait(self._submit([job]), disconnected)
+            (text, reason), new_ids = self._finish(branch, job), job.new_ids
+            if job.stop_id is not None:  # the end-of-sequence token is scored too, as vLLM does
+                new_ids = [*new_ids, job.stop_id]
+        scoring = Job(ids + new_ids, branch, 0, request=request, score=(req.logprobs or 0, one_greedy))
+        sc = (await self._wait(self._submit([scoring]), disconnected))[0].scored
+        if one_greedy:
+            nxt = sc.token_ids[-1]
+            stopped = nxt in self.bundle.stop_ids(branch)  # scored, but not part of the text
+            job.new_ids = [] if stopped else [nxt]
+            text, reason = self._finish(branch, job)
+            reason, new_ids = "stop" if stopped else reason, [nxt]
+        start = 0 if req.echo else len(ids)
+        pieces = [tok.decode([t]) for t in sc.token_ids[start:]]
+        offsets = list(accumulate(map(len, pieces), initial=0))[:-1]
+        logprobs = None if req.logprobs is None else {
+            "tokens": pieces, "token_logprobs": sc.logprobs[start:], "text_offset": offsets,
+            "top_logprobs": [None if t is None else {tok.decode([i]): v for i, v in t} for t in sc.top[start:]]}
+        out = ((prompt if isinstance(prompt, str) else tok.decode(ids)) + text) if req.echo else text
+        b = P.body("completion", P.new_id("completion"), req.model, [(out, reason)], len(ids), len(new_ids), branch)
+        b["choices"][0]["logprobs"] = logprobs
+        return b

@@ -1,0 +1,126 @@
+"""HTTP routes over :class:`~.api.OpenAIService`: parse, authenticate, call, answer. Nothing else."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from branchmerge.errors import BranchmergeError
+from branchmerge.server import protocol as P
+from branchmerge.server.api import ClientGone, OpenAIService, Reply, ServerLimits
+
+logger = logging.getLogger(__name__)
+_OPEN_PATHS = ("/health",)  # answered without the key, and then saying nothing about the bundle
+
+
+def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: int = 16, wait_ms: float = 10.0,
+               max_tokens_limit: int | None = None, pipelines=None, limits: ServerLimits | None = None) -> FastAPI:
+    """The FastAPI app serving a bundle (or a :class:`~branchmerge.front.Front`): one engine thread,
+    concurrent requests batched. With ``api_key`` every path but a bare ``/health`` needs
+    ``Authorization: Bearer KEY`` and the interactive docs are off."""
+    from branchmerge.front import Front, front_for
+
+    front = bundle_or_front if isinstance(bundle_or_front, Front) else front_for(bundle_or_front, pipelines)
+    if max_tokens_limit is not None:
+        limits = (limits or ServerLimits()).model_copy(update={"max_tokens": max_tokens_limit})
+    service = OpenAIService(front, limits=limits, max_batch=max_batch, wait_ms=wait_ms)
+    docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="branchmerge", version="1", **docs)
+    app.state.service, app.state.engine, app.state.bundle = service, service.engine, front.bundle
+    created = int(time.time())
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def error(e: P.APIError) -> JSONResponse:
+        return JSONResponse(status_code=e.status, content=e.body())
+
+    @app.exception_handler(P.APIError)
+    async def _api_error(_: Request, e: P.APIError):
+        return error(e)
+
+    @app.exception_handler(BranchmergeError)
+    async def _user_error(_: Request, e: BranchmergeError):
+        return error(P.APIError(400, str(e)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = ".".join(str(x) for x in err["loc"] if x != "body")
+        msg = err["msg"].removeprefix("Value error, ") if err.get("type") != "json_invalid" \
+            else "request body is not valid JSON"
+        return error(P.APIError(400, f"{loc}: {msg}" if loc else msg, param=loc or None))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception):  # never the exception's text: it may hold paths or data
+        ref = uuid.uuid4().hex[:8]
+        logger.exception("internal error %s", ref)
+        return error(P.APIError(500, f"internal server error (error id {ref}; see the server log)",
+                                type_="server_error"))
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if expected is not None and request.url.path not in _OPEN_PATHS:
+            got = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(got, expected):
+                return error(P.APIError(401, "invalid or missing API key", type_="authentication_error",
+                                        code="invalid_api_key"))
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > service.limits.max_body_bytes):
+            return error(P.APIError(413, f"request body is larger than this server's limit of "
+                                         f"{service.limits.max_body_bytes} bytes", code="request_too_large"))
+        return await call_next(request)
+
+    def answer(reply: Reply) -> JSONResponse | StreamingResponse:
+        if reply.stream is not None:
+            return StreamingResponse(reply.stream, media_type="text/event-stream", headers=reply.headers)
+        return JSONResponse(reply.body, headers=reply.headers)
+
+    @app.get("/health")
+    async def health(request: Request):
+        if expected is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                                            expected):
+            return {"status": "ok"}
+        return {"status": "ok", "branches": front.bundle.branch_names, "batches": service.engine.batches,
+                "queued": service.engine.queued()}
+
+    @app.get("/v1/models")
+    async def models():
+        return service.models(created)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: P.ChatRequest, request: Request):
+        try:
+            return answer(await service.chat(req, request.is_disconnected))
+        except ClientGone:
+            return JSONResponse(status_code=499, content=P.error_body("client closed the request"))
+
+    @app.post("/v1/completions")
+    async def completions(req: P.CompletionRequest, request: Request):
+        try:
+            return answer(await service.completions(req, request.is_disconnected))
+        except ClientGone:
+            return JSONResponse(status_code=499, content=P.error_body("client closed the request"))
+
+    return app
+
+
+def serve(bundle_dir: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 16, wait_ms: float = 10.0, device: str = "cpu", dtype: str | None = None,
+          pipelines=None, limits: ServerLimits | None = None) -> None:
+    """Load a bundle and serve it with uvicorn (blocking); the one entry point the CLI uses."""
+    import uvicorn
+
+    from branchmerge.front import open_front
+
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s without an API key: anyone who can reach this address can use the "
+                       "bundle; pass --api-key (or BRANCHMERGE_API_KEY)", host)
+    front = open_front(bundle_dir, device=device, dtype=dtype, pipelines=pipelines)
+    app = create_app(front, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms, limits=limits)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

@@ -1,0 +1,172 @@
+"""The OpenAI wire format, pure: request models with their limits, and builders of response bodies,
+stream chunks and errors. No HTTP, no model; unit-tested on their own."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's error JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type_=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _no_surrogates(v: str, where: str) -> str:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where} is not valid Unicode text (it holds a lone surrogate)") from None
+    return v
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content list; only text parts are understood."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"] = "text"
+    text: str
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        return _no_surrogates(v, "a content part's text")
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        return _no_surrogates(v, "message content") if isinstance(v, str) else v
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(max_length=256)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=16)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def max_new(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class ChatRequest(_Req):
+    messages: list[Message]
+
+
+class CompletionRequest(_Req):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        for p in v if isinstance(v, list) else [v]:
+            if isinstance(p, str):
+                _no_surrogates(p, "prompt")
+        return v
+
+
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def content(kind: str, text: str) -> dict[str, Any]:
+    return {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text}
+
+
+def body(kind: str, rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int,
+         branch: str | list[str]) -> dict[str, Any]:
+    """A complete response: ``choices`` are ``(text, finish_reason)`` in index order."""
+    return {
+        "id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": i, **content(kind, text), "finish_reason": reason, "logprobs": None}
+                    for i, (text, reason) in enumerate(choices)],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+        "branch": branch,
+    }
+
+
+def merge_bodies(bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """One response for several prompts: choices re-indexed in order, each with its branch; usage summed."""
+    merged = dict(bodies[0])
+    merged["choices"] = [{**c, "index": i, "branch": b["branch"]}
+                         for i, (b, c) in enumerate((b, c) for b in bodies for c in b["choices"])]
+    merged["usage"] = {k: sum(b["usage"][k] for b in bodies) for k in bodies[0]["usage"]}
+    merged["branch"] = [b["branch"] for b in bodies]
+    return merged
+
+
+def chunk(kind: str, rid: str, model: str, delta: str | None, reason: str | None, branch: str, *, first: bool = False,
+          index: int = 0) -> str:
+    """One server-sent event of a streamed response."""
+    if kind == "chat":
+        d: dict[str, Any] = {}
+        if first:
+            d["role"] = "assistant"
+        if delta:
+            d["content"] = delta
+        choice: dict[str, Any] = {"index": index, "delta": d, "finish_reason": reason, "logprobs": None}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": index, "text": delta or "", "finish_reason": reason, "logprobs": None}
+        obj = "text_completion"
+    return sse({"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice],
+                "branch": branch})
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return "data: " + (data if isinstance(data, str) else json.dumps(data)) + "\n\n"
+
+
+DONE = sse("[DONE]")
+
+
+def branch_header(branches: str | list[str]) -> dict[str, str]:
+    """``X-Branchmerge-Branch``: the answering branch, or the distinct ones of several choices."""
+    return {"X-Branchmerge-Branch": ",".join(dict.fromkeys([branches] if isinstance(branches, str) else branches))}

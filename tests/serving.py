@@ -1,0 +1,43 @@
+"""A real uvicorn server on a free loopback port, in a thread, for the duration of a block."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1; yields its base URL; stops the server afterwards."""
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    end = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < end and th.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
+
+
+def wait_queued(engine, n: int, timeout: float = 30.0) -> None:
+    """Wait until ``n`` jobs wait in ``engine`` (used with ``engine.paused()``)."""
+    end = time.monotonic() + timeout
+    while engine.queued() < n:
+        assert time.monotonic() < end, f"only {engine.queued()} of {n} jobs queued"
+        time.sleep(0.01)
