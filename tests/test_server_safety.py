@@ -226,3 +226,49 @@ def test_requests_that_fit_alone_are_not_padded_past_the_context(tmp_path):
 
     assert asyncio.run(go()) == want
     assert svc.engine.batches == 2
+
+
+def test_serve_command_answers_and_stops_on_sigterm(bundles, tmp_path):
+    """`branchmerge serve` as a user runs it: answers with the key, and SIGTERM ends it promptly even with
+    a stream open."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.serving import free_port
+
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "branchmerge.cli.main", "serve", str(bundles[0.9]), "--port", str(port),
+                          "--api-key", KEY], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 120
+        while True:
+            assert p.poll() is None and time.monotonic() < end, "server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        h = {"Authorization": f"Bearer {KEY}"}
+        r = httpx.post(url + "/v1/completions", headers=h, json={"model": "b", "prompt": "rev abc=", "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["branch"] == "b"
+        with httpx.stream("POST", url + "/v1/completions", headers=h, timeout=30,
+                          json={"model": "b", "prompt": "rev abc=", "max_tokens": 100, "stream": True}) as s:
+            next(s.iter_lines())
+            p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+        assert p.returncode in (0, -signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_exposed_host_without_key_warns(caplog):
+    from branchmerge.server.app import exposure_warning
+
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("0.0.0.0", "k") is None
+    assert "without an API key" in exposure_warning("0.0.0.0", None)

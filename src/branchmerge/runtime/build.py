@@ -1,9 +1,9 @@
 """Build one ``transformers`` model per bundle group with branched modules in place of its layers.
 
-The model skeleton is created on the meta device (no memory, no init), then each module is replaced or
-filled from the bundle: compressed weights become :class:`BranchedLinear`, per-branch tensors become
-:class:`PerBranch` copies, shared tensors are assigned once. Non-persistent buffers (rotary frequencies)
-are rebuilt from the config.
+The model skeleton is created with its parameters on the meta device (no memory, no init) and its
+computed buffers real, then each module is replaced or filled from the bundle: compressed weights become
+:class:`BranchedLinear`, per-branch tensors become :class:`PerBranch` copies, shared tensors are
+assigned once.
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ def build_group_model(
     first_dir: Path = reader.branch_dir(members[0])
     config = hf_config_object(reader.hf_config(members[0]), f"branch {members[0]!r}")
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        model = skeleton(config, dtype)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise BundleError(f"branch {members[0]!r}: transformers cannot build a model from its config "
                           f"({type(e).__name__}: {e})") from None
@@ -103,7 +102,10 @@ def build_group_model(
             _set_module(model, module_name, PerBranch(state, copies))
 
     _tie_lm_head(model, records, state, len(members))
-    _rebuild_meta_buffers(model, config, device)
+    for mod in model.modules():  # computed buffers (rotary frequencies, embedding scales) were made on the CPU
+        for name, buf in list(mod.named_buffers(recurse=False)):
+            if buf is not None and buf.device != device:
+                mod._buffers[name] = buf.to(device)
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(_contiguous_input)
@@ -117,6 +119,16 @@ def build_group_model(
             raise BundleError(f"branch {members[0]!r}: {first_dir / 'generation_config.json'} is invalid: {e}") from None
     model.eval()
     return model, state
+
+
+def skeleton(config: PretrainedConfig, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A causal-LM of ``config`` whose parameters are on the meta device (no memory, no init) and whose
+    buffers are real: non-persistent buffers (rotary ``inv_freq``, Gemma's ``embed_scale``) are computed
+    by the model's own constructors, whatever their signatures."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
 
 
 def hf_config_object(cfg: dict, where: str) -> PretrainedConfig:
@@ -187,17 +199,3 @@ def _tie_lm_head(model: PreTrainedModel, records: dict, state: BranchState, n: i
                 break
     else:
         out.weight = emb.weight
-
-
-def _rebuild_meta_buffers(model: nn.Module, config, device: torch.device) -> None:
-    """Recreate modules whose only meta tensors are computed buffers (e.g. rotary inv_freq)."""
-    for name, mod in list(model.named_modules()):
-        if any(b.is_meta for b in mod.buffers(recurse=False)):
-            if any(p.is_meta for p in mod.parameters(recurse=False)):
-                continue
-            cfg = getattr(mod, "config", config)
-            try:
-                new = type(mod)(config=cfg)
-            except TypeError as e:
-                raise BundleError(f"cannot rebuild buffers of module {name} ({type(mod).__name__}): {e}") from None
-            _set_module(model, name, new.to(device))

@@ -15,18 +15,15 @@ logger = logging.getLogger(__name__)
 def check_shapes(path: str | Path) -> None:
     """Cheap check at any size: each group's model skeleton (on the meta device, no memory) built from its
     config, and every stored tensor's shape equal to the parameter or buffer it fills."""
-    from transformers import AutoModelForCausalLM
-
     from branchmerge.io.bundle import BundleReader
-    from branchmerge.runtime.build import hf_config_object
+    from branchmerge.runtime.build import hf_config_object, skeleton
 
     reader = BundleReader(path, verify=False)
     for gname, g in reader.groups.items():
         for b in g.branches:
             cfg = hf_config_object(reader.hf_config(b), f"branch {b!r}")
             try:
-                with torch.device("meta"):
-                    model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+                model = skeleton(cfg)
             except Exception as e:  # noqa: BLE001
                 raise BundleError(f"branch {b!r}: transformers cannot build a model from its config "
                                   f"({type(e).__name__}: {e})") from None

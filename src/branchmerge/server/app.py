@@ -93,21 +93,29 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
     async def models():
         return service.models(created)
 
+    async def run(endpoint, req, request: Request) -> JSONResponse | StreamingResponse:
+        try:
+            return answer(await endpoint(req, request.is_disconnected))
+        except ClientGone:  # nobody reads this; its work was cancelled
+            return JSONResponse(status_code=499, content=P.error_body("client closed the request"))
+
     @app.post("/v1/chat/completions")
     async def chat(req: P.ChatRequest, request: Request):
-        try:
-            return answer(await service.chat(req, request.is_disconnected))
-        except ClientGone:
-            return JSONResponse(status_code=499, content=P.error_body("client closed the request"))
+        return await run(service.chat, req, request)
 
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request):
-        try:
-            return answer(await service.completions(req, request.is_disconnected))
-        except ClientGone:
-            return JSONResponse(status_code=499, content=P.error_body("client closed the request"))
+        return await run(service.completions, req, request)
 
     return app
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for serving beyond loopback without a key (None when there is nothing to warn of)."""
+    if api_key or host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+        return None
+    return (f"serving on {host} without an API key: anyone who can reach this address can use the bundle; "
+            "pass --api-key (or BRANCHMERGE_API_KEY)")
 
 
 def serve(bundle_dir: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -118,9 +126,9 @@ def serve(bundle_dir: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
 
     from branchmerge.front import open_front
 
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("serving on %s without an API key: anyone who can reach this address can use the "
-                       "bundle; pass --api-key (or BRANCHMERGE_API_KEY)", host)
+    warning = exposure_warning(host, api_key)
+    if warning:
+        logger.warning(warning)
     front = open_front(bundle_dir, device=device, dtype=dtype, pipelines=pipelines)
     app = create_app(front, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms, limits=limits)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
