@@ -30,7 +30,7 @@ def smollm2_folder() -> Path:
     if not (out / "model.safetensors").is_file():
         from branchmerge.io.gguf import import_gguf
 
-        import_gguf(smollm2_gguf(), out, force=True)
+        import_gguf(smollm2_gguf(), out, dtype="float32", force=True)
     return out
 
 

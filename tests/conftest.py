@@ -27,7 +27,7 @@ def tiny_config(hidden: int = 32, layers: int = 2, vocab: int = 64, **kw) -> Lla
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=vocab,
-        max_position_embeddings=128,
+        max_position_embeddings=kw.pop("max_position_embeddings", 128),
         tie_word_embeddings=kw.pop("tie_word_embeddings", False),
         bos_token_id=1,
         eos_token_id=2,

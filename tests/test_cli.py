@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.cli_util import run_cli
@@ -48,8 +50,12 @@ def test_import_gguf_real_smollm2(capsys, tmp_path):
     code, _, err = run_cli(capsys, "import-gguf", smollm2_gguf(), "-o", out)
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())
-    assert "quantization_config" not in cfg and cfg["model_type"] == "llama"
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert "quantization_config" not in cfg and cfg["model_type"] == "llama" and cfg["dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:  # bf16 by default: the size a merge stores
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)

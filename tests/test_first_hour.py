@@ -56,3 +56,101 @@ def test_other_architectures_as_standalone_branches(mixed, name):
     assert b.generate_ids([ids], [name], max_new_tokens=5)[0].new_ids == want
     assert b.generate(["add 1+2=", "abc"], ["a", name], max_new_tokens=3)[1] == b.generate("abc", name,
                                                                                             max_new_tokens=3)[0]
+
+
+def test_tensors_shared_by_some_branches_are_stored_once(capsys, family, tmp_path):
+    """Two of three fine-tunes left the embeddings alone: one stored copy for those two, `inspect` says so,
+    and every branch still reads its own values (export equals the original)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from branchmerge.export import export_branch
+
+    c = tmp_path / "c"
+    shutil.copytree(family["c"][0], c)
+    sd = load_file(c / "model.safetensors")
+    sd["model.embed_tokens.weight"] = load_file(family["b"][0] / "model.safetensors")["model.embed_tokens.weight"]
+    save_file(sd, c / "model.safetensors", metadata={"format": "pt"})
+    cfg = write_config(tmp_path / "m.yaml", [{"name": "a", "model": str(family["a"][0])},
+                                             {"name": "b", "model": str(family["b"][0])},
+                                             {"name": "c", "model": str(c)}], compress_rate=0.0)
+    run_merge(load_config(cfg), tmp_path / "out", progress=False)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    rec = m["tensors"]["main"]["model.embed_tokens.weight"]
+    assert rec["role"] == "per_branch" and rec["same_as"] == {"c": "b"} and rec["bytes"] == 2 * 64 * 32 * 4
+    assert "b.c|model.embed_tokens.weight" not in m["weight_map"]
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "out", "--json")
+    assert code == 0 and json.loads(out)["groups"]["main"]["deduplicated"] >= 1
+    exp = AutoModelForCausalLM.from_pretrained(export_branch(tmp_path / "out", "c", tmp_path / "e", progress=False))
+    assert torch.equal(exp.state_dict()["model.embed_tokens.weight"], sd["model.embed_tokens.weight"])
+    b = branchmerge.load(tmp_path / "out", dtype="float32")
+    emb = b.groups["main"].model.get_input_embeddings()
+    assert emb.copies[1].weight.data_ptr() == emb.copies[2].weight.data_ptr()  # held once in memory too
+    x = torch.randint(3, 64, (1, 6))
+    with b.use("c") as model, torch.no_grad():
+        torch.testing.assert_close(model(x).logits, exp(x).logits, atol=1e-5, rtol=0)
+
+
+def test_dtype_and_device_spellings(capsys, bundles):
+    for spelled in (torch.bfloat16, "bf16", "BF16", "torch.bfloat16", "bfloat16"):
+        assert branchmerge.load(bundles[0.9], dtype=spelled).dtype == torch.bfloat16
+    assert branchmerge.load(bundles[0.9], dtype="auto").dtype == torch.float32  # the bundle's own
+    with pytest.raises(BranchmergeError, match="'int8' is not a dtype; use float32"):
+        branchmerge.load(bundles[0.9], dtype="int8")
+    code, out, err = run_cli(capsys, "generate", bundles[0.9], "add 1+2=", "--branch", "a", "--dtype", "bf16", "-n", "3")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "generate", bundles[0.9], "x", "--branch", "a", "--dtype", "int4")
+    assert code == 1 and "'int4' is not a dtype" in err and "Traceback" not in err
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(capsys, "generate", bundles[0.9], "x", "--branch", "a", "--device", "cuda")
+        assert code == 1 and "no CUDA device is available" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "generate", bundles[0.9], "x", "--branch", "a", "--device", "tpu9")
+    assert code == 1 and "'tpu9'" in err
+
+
+def test_default_max_new_tokens_fits_the_context(family, tmp_path, capsys):
+    """A 64-token model (the demo's) with the default max_new_tokens: the default is cut to what the context
+    leaves instead of failing; an explicit value that does not fit is still refused."""
+    from tests.conftest import make_tiny_llama
+
+    small = tmp_path / "small"
+    make_tiny_llama(small, max_position_embeddings=64)
+    save_char_tokenizer(small)
+    run_merge(load_config(write_config(tmp_path / "c.yaml", [{"name": "s", "model": str(small)}])), tmp_path / "b",
+              progress=False)
+    b = branchmerge.load(tmp_path / "b")
+    prompt = "abcdefghij" * 5  # 50 tokens: 14 left
+    ids = b.encode(prompt, "s")
+    assert b.fit_max_new_tokens([ids], ["s"]) == 64 - len(ids)
+    assert b.generate([prompt], ["s"]) == b.generate([prompt], ["s"], max_new_tokens=64 - len(ids))
+    assert b.fit_max_new_tokens([b.encode("ab", "s")], ["s"]) == 62  # "a", "b": the default 64 cut to 62
+    with pytest.raises(BranchmergeError, match="exceeds the 64-token context"):
+        b.generate([prompt], ["s"], max_new_tokens=20)
+    code, out, err = run_cli(capsys, "generate", tmp_path / "b", prompt, "--branch", "s")
+    assert code == 0, err
+
+
+def test_dry_run_predicts_the_merge(capsys, family, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", [{"name": n, "model": str(family[n][0])} for n in "abc"],
+                       compress_rate=0.5, dtype="bfloat16")
+    from branchmerge.merge.plan import plan_merge
+
+    plan = plan_merge(load_config(cfg))
+    code, out, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "out", "--dry-run")
+    assert code == 0 and not (tmp_path / "out").exists() and "bundle ≈" in out and "W̄ MB" in out
+    run_merge(load_config(cfg), tmp_path / "out", progress=False)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    recs = m["tensors"]["main"]
+    comp = sum(r["bytes"] for r in recs.values() if r["role"] == "compressed")
+    g = plan["groups"]["main"]
+    assert g["parts"]["mean"] + g["parts"]["factors"] + g["parts"]["dense_deltas"] == comp  # exact for compressed
+    assert g["ranks"] == sorted({r["rank"] for r in recs.values() if r["role"] == "compressed"})
+    assert m["total_bytes"] <= plan["bundle_bytes"]  # per-branch parts are an upper bound (dedupe)
+    assert plan["input_bytes_at_dtype"] * 2 == sum(b["source_params"] for b in m["branches"].values()) * 4
+
+
+def test_inspect_never_cuts_numbers_when_piped(capsys, bundles):
+    code, out, _ = run_cli(capsys, "inspect", bundles[0.9])
+    s = json.loads(run_cli(capsys, "inspect", bundles[0.9], "--json")[1])
+    assert code == 0 and "…" not in out
+    assert f"{s['bundle_bytes'] / 1e6:.2f}" in out and f"{s['input_bytes_at_dtype'] / 1e6:.2f}" in out

@@ -57,7 +57,7 @@ def export_branch(
             if fname != "config.json" and f.is_file() and not f.is_symlink():
                 shutil.copyfile(f, tmp / fname)
         write_hf_config(tmp, info.hf_config, name_dt)
-    logger.info("exported branch %s to %s", branch, out)
+    logger.debug("exported branch %s to %s", branch, out)
     return out
 
 
@@ -83,6 +83,7 @@ def summarize(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
             "compressed": len(comp),
             "shared": sum(r.role == "shared" for r in recs.values()),
             "per_branch": sum(r.role == "per_branch" for r in recs.values()),
+            "deduplicated": sum(bool(r.same_as) for r in recs.values()),
             "dense_deltas": sum(r.dense for r in comp.values()),
             "ranks": ranks,
             "bytes": sum(r.bytes for r in recs.values()),
@@ -91,6 +92,7 @@ def summarize(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
             "input_bytes": sum(m.branches[b].source_bytes for b in g.branches),
         }
     input_bytes = sum(b.source_bytes for b in m.branches.values())
+    at_dtype = sum(b.source_params for b in m.branches.values()) * DTYPES[m.dtype].itemsize
     return {
         "path": str(reader.path),
         "format_version": m.format_version,
@@ -102,5 +104,7 @@ def summarize(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
         "bundle_bytes": m.total_bytes,
         "input_bytes": input_bytes,
         "ratio": m.total_bytes / input_bytes if input_bytes else None,
+        "input_bytes_at_dtype": at_dtype,  # the inputs stored as the bundle stores them (float32 → bf16 is 2×)
+        "ratio_at_dtype": m.total_bytes / at_dtype if at_dtype else None,
         "shards": len(m.shards),
     }

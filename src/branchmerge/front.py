@@ -39,9 +39,7 @@ def embedder_factory(bundle: Bundle):
             ident = {"bundle_branch": name, "shards": sorted(bundle.reader.manifest.shards.values())}
             select = lambda: g.state.select(branch=g.state.index(name))  # noqa: E731
             return Embedder.from_config(g.model, bundle.tokenizer(name), cfg, select=select), ident
-        path = Path(name).expanduser()
-        if not path.is_absolute():
-            path = (bundle.path / path) if (bundle.path / path / "config.json").is_file() else path
+        path = _embedder_path(bundle, name)
         if not (path / "config.json").is_file():
             raise ConfigError(f"router embedder {name!r} is neither a branch of the bundle "
                               f"({', '.join(bundle.branch_names)}) nor an HF model folder")
@@ -64,8 +62,21 @@ def embedder_factory(bundle: Bundle):
     return make
 
 
+def _embedder_path(bundle: Bundle, name: str) -> Path:
+    """An embedder folder: absolute; else relative to the bundle when there, else to the working folder."""
+    path = Path(name).expanduser()
+    if not path.is_absolute() and (bundle.path / path / "config.json").is_file():
+        return bundle.path / path
+    return path
+
+
 def build_bundle_router(bundle: Bundle, cfg: RouterConfig) -> Router:
-    """Embed ``cfg``'s samples, store them in ``BUNDLE/router/`` and attach the router to ``bundle``."""
+    """Embed ``cfg``'s samples, store them in ``BUNDLE/router/`` and attach the router to ``bundle``.
+
+    An external embedder folder is stored by its absolute path, so the bundle routes from any working
+    folder (and keeps routing if the bundle moves, as long as the embedder stays)."""
+    if cfg.embedder and cfg.embedder not in bundle.branch_names:
+        cfg = cfg.model_copy(update={"embedder": str(_embedder_path(bundle, cfg.embedder).resolve())})
     bundle.router = build_router(bundle.path / ROUTER_DIR, bundle.branch_names, cfg, embedder_factory(bundle))
     return bundle.router
 

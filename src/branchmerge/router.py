@@ -296,7 +296,7 @@ def build_router(folder: Path, branches: Sequence[str], cfg: RouterConfig, make_
         (tmp / "router.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         (tmp / "meta.json").write_text(json.dumps({"fingerprint": _fingerprint(ident, cfg), "embedder": ident,
                                                    "branches": branches}, indent=2))
-    logger.info("router built: %d samples over %d branches", len(texts), len(cfg.samples))
+    logger.debug("router built: %d samples over %d branches", len(texts), len(cfg.samples))
     return Router(cfg, embedder, branches, embs, torch.tensor(ids))
 
 

@@ -188,7 +188,7 @@ def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str], *,
 
 
 def answer(bundle: Bundle, questions: list[str], *, pipeline: str | None = None, branch: str = "auto",
-           max_tokens: int = 256, pipelines: PipelinesConfig | None = None, **generation: Any) -> list[list[StageResult]]:
+           max_tokens: int | None = None, pipelines: PipelinesConfig | None = None, **generation: Any) -> list[list[StageResult]]:
     """Answer questions with a named pipeline, or with ``branch`` (routing rules may send a routed
     branch to its pipeline). Every stage's result is returned."""
     cfg = pipelines if pipelines is not None else bundle_pipelines(bundle)
@@ -208,9 +208,8 @@ def answer(bundle: Bundle, questions: list[str], *, pipeline: str | None = None,
             out[i] = r
     if single:
         ids = [bundle.encode(questions[i], routed[i]) for i in single]
-        for i, toks in zip(single, ids):
-            bundle.check_context(routed[i], len(toks), max_tokens)
-        gens = bundle.generate_ids(ids, [routed[i] for i in single], max_new_tokens=max_tokens, **generation)
+        mt = bundle.fit_max_new_tokens(ids, [routed[i] for i in single], max_tokens)
+        gens = bundle.generate_ids(ids, [routed[i] for i in single], max_new_tokens=mt, **generation)
         for i, g in zip(single, gens):
             out[i] = [StageResult(1, g.branch, questions[i], g.text.strip(), len(g.prompt_ids), len(g.new_ids))]
     return [o for o in out if o is not None]

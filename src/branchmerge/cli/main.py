@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+
+# transformers' own "Loading weights" bars on every command are noise (with cursor escapes in logs); our
+# long steps have their own bars. Set before transformers is imported; a user's own setting wins.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import typer
 
@@ -19,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags without a `<bool>` metavar, wrapped like click's
 )
 
 

@@ -16,24 +16,58 @@ def merge(
     device: str | None = typer.Option(None, "--device", help="Where the SVDs run: cpu, cuda, cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Storage dtype: float32, float16, bfloat16."),
     method: str | None = typer.Option(None, "--method", help="Override the merge method (see `methods`)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (never an input folder)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print ranks, bytes per part and the output size from "
+                                 "the inputs' shapes alone; write nothing."),
 ) -> None:
-    """Merge the models of CONFIG into a branched bundle at OUT."""
+    """Merge the models of CONFIG into a branched bundle at OUT.
+
+    The bundle is written to a temporary folder, loaded once to check that every branch runs, then
+    renamed into place: a failed or interrupted merge leaves nothing behind.
+    """
     from branchmerge.config import load_config
     from branchmerge.export import summarize
     from branchmerge.merge import run_merge
 
     cfg = load_config(config, compress_rate=compress_rate, device=device, dtype=dtype, method=method)
+    if dry_run:
+        return _print_plan(cfg)
     run_merge(cfg, out, force=force, progress=not no_progress)
     if cfg.method == "branch":
         s = summarize(out, verify=False)
         typer.echo(
             f"bundle {out}: {len(s['branches'])} branches, {s['bundle_bytes'] / 1e6:.1f} MB "
-            f"({s['ratio']:.2f}× the {s['input_bytes'] / 1e6:.1f} MB of inputs)"
+            f"({s['ratio']:.2f}× the {s['input_bytes'] / 1e6:.1f} MB of inputs; {s['ratio_at_dtype']:.2f}× "
+            f"their {s['input_bytes_at_dtype'] / 1e6:.1f} MB at {s['dtype']})"
         )
+        typer.echo(f"next: branchmerge inspect {out}  |  branchmerge generate {out} \"PROMPT\" --branch "
+                   f"{next(iter(s['branches']))}")
     else:
         typer.echo(f"merged model written to {out}")
+
+
+def _print_plan(cfg) -> None:
+    from branchmerge.cli._out import console, mb, table
+    from branchmerge.errors import ConfigError
+    from branchmerge.merge.plan import plan_merge
+
+    if cfg.method != "branch":
+        raise ConfigError("--dry-run plans branch merges; baseline methods write one model of the inputs' size")
+    p = plan_merge(cfg)
+    t = table(f"dry run: r={p['compress_rate']}, {p['dtype']} (upper bounds: identical tensors are stored once)",
+              ["group", "branches", "compressed", "per-branch", "ranks", "W̄ MB", "U,V MB", "dense Δ MB",
+               "per-branch MB", "total MB", "input MB"])
+    for name, g in p["groups"].items():
+        r = g["ranks"]
+        t.add_row(name + (" (standalone)" if g["standalone"] else ""), ", ".join(g["branches"]), str(g["compressed"]),
+                  str(g["per_branch"]), "-" if not r else str(r[0]) if len(r) == 1 else f"{r[0]}–{r[-1]}",
+                  *(mb(g["parts"][k]) for k in ("mean", "factors", "dense_deltas", "per_branch")), mb(g["bytes"]),
+                  mb(g["input_bytes"]))
+    c = console()
+    c.print(t)
+    c.print(f"bundle ≈ {mb(p['bundle_bytes'])} MB: {p['ratio']:.3f}× the inputs ({mb(p['input_bytes'])} MB), "
+            f"{p['ratio_at_dtype']:.3f}× the inputs at {p['dtype']} ({mb(p['input_bytes_at_dtype'])} MB)")
 
 
 def register(app: typer.Typer) -> None:

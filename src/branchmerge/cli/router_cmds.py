@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-router_app = typer.Typer(help="Build and evaluate a bundle's training-free router.", no_args_is_help=True)
+router_app = typer.Typer(help="Build and evaluate a bundle's training-free router.", no_args_is_help=True,
+                        rich_markup_mode=None)
 
 
 def route_cmd(

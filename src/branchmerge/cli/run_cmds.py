@@ -34,11 +34,23 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperatur
     return result[0] if result else ""
 
 
+def _load(bundle_dir: Path, routing: bool, **kw):
+    """The bundle, with its router only when this command may route (a named branch needs none)."""
+    if routing:
+        import branchmerge
+
+        return branchmerge.load(bundle_dir, **kw)
+    from branchmerge.runtime.bundle import load
+
+    return load(bundle_dir, **kw)
+
+
 def generate(
     bundle_dir: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder."),
     prompt: str = typer.Argument(..., help="The prompt."),
     branch: str = typer.Option("auto", "--branch", "-b", help="Branch name, or 'auto' to route."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", "-n", min=1,
+                                              help="Tokens to generate [default: 64, or what the context leaves]."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype (default: the bundle's)."),
@@ -47,9 +59,8 @@ def generate(
     pipelines_file: Path | None = typer.Option(None, "--pipelines", help="Pipelines YAML (default: BUNDLE/pipelines.yaml)."),
 ) -> None:
     """Generate from one branch (or the routed one), streaming tokens to stdout; or run a staged pipeline."""
-    import branchmerge
-
-    bundle = branchmerge.load(bundle_dir, device=device, dtype=dtype)
+    bundle = _load(bundle_dir, branch == "auto" or pipeline is not None or pipelines_file is not None,
+                   device=device, dtype=dtype)
     if pipeline is not None or pipelines_file is not None:
         from branchmerge.staged import answer, bundle_pipelines, load_pipelines
 
@@ -61,24 +72,25 @@ def generate(
             typer.secho(f"[stage {s.stage}: {s.branch}]", err=True, fg="cyan")
             typer.echo(s.text)
         return
-    ids_list, names = bundle.prepare([prompt], branch, chat=False if no_chat else None, max_new_tokens=max_new_tokens)
+    ids_list, names, mt = bundle.prepare([prompt], branch, chat=False if no_chat else None,
+                                         max_new_tokens=max_new_tokens)
     typer.secho(f"[branch: {names[0]}]", err=True, fg="cyan")
-    _stream(bundle, names[0], ids_list[0], max_new_tokens, temperature)
+    _stream(bundle, names[0], ids_list[0], mt, temperature)
 
 
 def chat(
     bundle_dir: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder."),
     branch: str = typer.Option("auto", "--branch", "-b", help="Branch name, or 'auto' to route each turn."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", "-n", min=1,
+                                              help="Tokens per reply [default: 64, or what the context leaves]."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
     dtype: str | None = typer.Option(None, "--dtype"),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
     """Interactive chat with a branch; an empty line or Ctrl-D ends it."""
-    import branchmerge
     from branchmerge.errors import BranchmergeError
 
-    bundle = branchmerge.load(bundle_dir, device=device, dtype=dtype)
+    bundle = _load(bundle_dir, branch == "auto", device=device, dtype=dtype)
     history: list[dict[str, str]] = []
     while True:
         try:
@@ -91,13 +103,13 @@ def chat(
         history.append({"role": "user", "content": line})
         ids = bundle.encode_messages(history, name)
         try:
-            bundle.check_context(name, len(ids), max_new_tokens)
+            mt = bundle.fit_max_new_tokens([ids], [name], max_new_tokens)
         except BranchmergeError as e:
             typer.secho(f"error: {e}", err=True, fg="red")
             history.clear()
             continue
         typer.secho(f"{name}> ", nl=False, fg="cyan")
-        reply = _stream(bundle, name, ids, max_new_tokens, temperature)
+        reply = _stream(bundle, name, ids, mt, temperature)
         history.append({"role": "assistant", "content": reply})
 
 

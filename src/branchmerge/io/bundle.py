@@ -159,7 +159,7 @@ class BundleReader:
             elif role == "shared":
                 yield tensor, self.get(key_shared(group, tensor))
             else:
-                yield tensor, self.get(key_own(name, tensor))
+                yield tensor, self.get(key_own(rec.holder(name), tensor))
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from branchmerge.io.writer import atomic_output_dir
 logger = logging.getLogger(__name__)
 
 
-def import_gguf(gguf_file: str | Path, out: str | Path, *, dtype: str = "float32", force: bool = False) -> Path:
+def import_gguf(gguf_file: str | Path, out: str | Path, *, dtype: str = "bfloat16", force: bool = False) -> Path:
     """Dequantize a GGUF model into an HF folder (config.json, model.safetensors, tokenizer).
 
     A GGUF-loaded model carries a ``quantization_config``; the model is rebuilt from its config
@@ -47,5 +47,5 @@ def import_gguf(gguf_file: str | Path, out: str | Path, *, dtype: str = "float32
     with atomic_output_dir(out, force=force, inputs=[gguf_file]) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    logger.info("imported %s into %s", gguf_file, out)
+    logger.debug("imported %s into %s", gguf_file, out)
     return Path(out)

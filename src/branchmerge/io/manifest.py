@@ -37,6 +37,12 @@ class TensorRecord(_Frozen):
     rank: int | None = Field(default=None, ge=0)
     dense: bool = False
     rel_error: dict[str, float] = Field(default_factory=dict)
+    same_as: dict[str, str] = Field(default_factory=dict, description="Per-branch tensors: branch → an earlier "
+                                    "branch of the group holding identical values (stored once).")
+
+    def holder(self, branch: str) -> str:
+        """The branch whose stored copy ``branch`` reads."""
+        return self.same_as.get(branch, branch)
 
 
 class GroupInfo(_Frozen):
@@ -108,6 +114,10 @@ class Manifest(_Frozen):
             for t, rec in self.tensors[gname].items():
                 if rec.role == "compressed" and set(rec.rel_error) - set(g.branches):
                     raise ValueError(f"tensors.{gname}.{t}.rel_error names branches outside the group")
+                for b, h in rec.same_as.items():
+                    if b not in g.branches or h not in g.branches or h in rec.same_as or rec.role != "per_branch":
+                        raise ValueError(f"tensors.{gname}.{t}.same_as: {b!r} → {h!r} is not a branch of the group "
+                                         "pointing at a stored per-branch copy")
         extra = set(self.tensors) - set(self.groups)
         if extra:
             raise ValueError(f"tensors: group(s) {sorted(extra)} are not in `groups`")

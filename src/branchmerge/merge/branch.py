@@ -7,6 +7,7 @@ they fill.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -131,7 +132,7 @@ def run_branch_merge(config: MergeConfig, out: str | Path, *, force: bool = Fals
             from branchmerge.runtime.check import check_bundle_loads
 
             check_bundle_loads(tmp)
-    logger.info("wrote bundle %s (%.1f MB in %d shards)", out, writer.total_bytes / 1e6, len(writer.shards))
+    logger.debug("wrote bundle %s (%.1f MB in %d shards)", out, writer.total_bytes / 1e6, len(writer.shards))
     return manifest
 
 
@@ -183,6 +184,13 @@ def _merge_tensor(
 ) -> dict[str, Any]:
     shapes = [s.shape(tensor) for s in g.sources]
     role = "per_branch" if g.standalone else g.arch.role(tensor, shapes[0])
+    _check_shapes(g, tensor, shapes)
+    if role == "compress":
+        return _compress_tensor(g, tensor, shapes[0], config, writer, dtype, device)
+    return _keep_tensor(g, tensor, writer, dtype)
+
+
+def _check_shapes(g: _Group, tensor: str, shapes: list[tuple[int, ...]]) -> None:
     for s, shape in zip(g.sources[1:], shapes[1:]):
         # branches of one group run as one model: every tensor must fit it, per-branch ones too (a
         # different vocabulary needs a group of its own)
@@ -192,26 +200,45 @@ def _merge_tensor(
                 f"{g.sources[0].name!r}; branches of group {g.name!r} must have the same shapes (give "
                 f"{s.name!r} its own `group` or `standalone: true`)"
             )
-    if role == "compress":
-        return _compress_tensor(g, tensor, shapes[0], config, writer, dtype, device)
-    return _keep_tensor(g, tensor, writer, dtype)
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.blake2b(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def _keep_tensor(g: _Group, tensor: str, writer: ShardWriter, dtype: torch.dtype) -> dict[str, Any]:
-    """Per-branch tensor; stored once when every branch of the group holds the same values."""
-    first = g.sources[0].get(tensor)
+    """Per-branch tensor, each distinct value stored once: by the group when every branch holds the same
+    values (``shared``), else per branch, a branch equal to an earlier one pointing at it (``same_as``,
+    e.g. embeddings that two of three fine-tunes left alone). Equality is exact (a digest, then
+    ``torch.equal``)."""
+    src = g.sources
+    first = src[0].get(tensor)
     target = dtype if first.is_floating_point() else first.dtype
-    identical = not g.standalone and all(torch.equal(first, s.get(tensor)) for s in g.sources[1:])
-    if identical:
+    esize = torch.empty((), dtype=target).element_size()
+    digests = [_digest(first)] + [_digest(s.get(tensor)) for s in src[1:]]
+    if not g.standalone and len(src) > 1 and len(set(digests)) == 1 and all(
+            torch.equal(first, s.get(tensor)) for s in src[1:]):
         writer.add(key_shared(g.name, tensor), first.to(target))
-        nbytes = first.numel() * torch.empty((), dtype=target).element_size()
-        return {"role": "shared", "shape": list(first.shape), "bytes": nbytes}
+        return {"role": "shared", "shape": list(first.shape), "bytes": first.numel() * esize}
+    same_as: dict[str, str] = {}
     nbytes = 0
-    for s in g.sources:
-        t = first if s is g.sources[0] else s.get(tensor)
+    for i, s in enumerate(src):
+        t = first if i == 0 else s.get(tensor)
+        holder = next((j for j in range(i) if digests[j] == digests[i] and src[j].name not in same_as
+                       and torch.equal(t, src[j].get(tensor))), None)
+        if holder is not None and not g.standalone:
+            same_as[s.name] = src[holder].name
+            continue
         writer.add(key_own(s.name, tensor), t.to(target))
-        nbytes += t.numel() * torch.empty((), dtype=target).element_size()
-    return {"role": "per_branch", "shape": list(first.shape), "bytes": nbytes}
+        nbytes += t.numel() * esize
+    rec: dict[str, Any] = {"role": "per_branch", "shape": list(first.shape), "bytes": nbytes}
+    if same_as:
+        rec["same_as"] = same_as
+    return rec
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.blake2b(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def _compress_tensor(

@@ -57,7 +57,11 @@ def build_group_model(
             t = load(key_shared(group, tensor))
             return [t] * len(members)
         if role == "per_branch":
-            return [load(key_own(b, tensor)) for b in members]
+            rec, got = records[tensor], {}  # branches that share a stored copy share one tensor
+            for h in (rec.holder(b) for b in members):
+                if h not in got:
+                    got[h] = load(key_own(h, tensor))
+            return [got[rec.holder(b)] for b in members]
         raise BundleError(f"tensor {tensor} of group {group!r} has unexpected role {role!r}")
 
     by_module: dict[str, dict[str, str]] = defaultdict(dict)

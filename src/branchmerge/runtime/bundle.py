@@ -328,7 +328,7 @@ class Bundle:
         *,
         chat: bool | None = None,
         system: str | None = None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
         **generation_kwargs: Any,
     ) -> list[str]:
         """Generate a completion per prompt; rows of one group run as one mixed-branch batch.
@@ -337,21 +337,41 @@ class Bundle:
             prompts: one prompt or a list.
             branch: a branch name, ``"auto"`` (router), or one name per prompt.
             chat: apply the tokenizer's chat template (default: when it has one).
+            max_new_tokens: tokens to generate; default: 64, or what the context leaves when that is less.
             generation_kwargs: passed to ``transformers``' ``generate`` (e.g. ``do_sample``).
 
         Returns:
             The decoded new text of each prompt, in order.
         """
-        ids_list, names = self.prepare(prompts, branch, chat=chat, system=system, max_new_tokens=max_new_tokens)
-        return [r.text for r in self.generate_ids(ids_list, names, max_new_tokens=max_new_tokens, **generation_kwargs)]
+        ids_list, names, mt = self.prepare(prompts, branch, chat=chat, system=system, max_new_tokens=max_new_tokens)
+        return [r.text for r in self.generate_ids(ids_list, names, max_new_tokens=mt, **generation_kwargs)]
 
-    def prepare(self, prompts, branch, *, chat=None, system=None, max_new_tokens=64) -> tuple[list[list[int]], list[str]]:
+    default_max_new_tokens = 64
+
+    def fit_max_new_tokens(self, ids_list: Sequence[Sequence[int]], names: Sequence[str],
+                           requested: int | None = None) -> int:
+        """``requested``, checked against every row's context; or, when None, the default (64) cut to
+        what the tightest row's context leaves.
+
+        Raises:
+            ContextLengthError: a prompt leaves no room (or less than ``requested``).
+        """
+        if requested is None:
+            room = [(lim - len(ids)) for ids, b in zip(ids_list, names) if (lim := self.context_limit(b))]
+            requested = min([self.default_max_new_tokens, *room])
+            if requested <= 0:
+                requested = 1  # let check_context name the prompt that does not fit
+        for ids, b in zip(ids_list, names):
+            self.check_context(b, len(ids), requested)
+        return requested
+
+    def prepare(self, prompts, branch, *, chat: bool | None = None, system: str | None = None,
+                max_new_tokens: int | None = None) -> tuple[list[list[int]], list[str], int]:
+        """Token ids and branch per prompt (routing ``auto``), and the checked ``max_new_tokens``."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         names = self.resolve_branches(prompts, branch)
         ids_list = [self.encode(p, b, chat=chat, system=system) for p, b in zip(prompts, names)]
-        for ids, b in zip(ids_list, names):
-            self.check_context(b, len(ids), max_new_tokens)
-        return ids_list, names
+        return ids_list, names, self.fit_max_new_tokens(ids_list, names, max_new_tokens)
 
     def generate_ids(self, ids_list: list[list[int]], names: list[str], *, max_new_tokens: int = 64,
                      share_prefix: bool = True, **generation_kwargs: Any) -> list[GenerationResult]:

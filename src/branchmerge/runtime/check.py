@@ -69,4 +69,4 @@ def check_bundle_loads(path: str | Path, *, forward_max_bytes: int = 2 << 30) ->
         if logits.shape[:2] != (1, 2) or not bool(torch.isfinite(logits).all()):
             raise BundleError(f"branch {name!r} of the merged bundle gives {list(logits.shape)} logits, "
                               "or non-finite ones")
-    logger.info("checked: %s loads and runs every branch", path)
+    logger.debug("checked: %s loads and runs every branch", path)

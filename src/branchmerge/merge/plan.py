@@ -1,0 +1,60 @@
+"""What a merge would write, from tensor shapes alone (``branchmerge merge --dry-run``): per tensor its
+role and rank, per group the bytes of each part, and the bundle's size against the inputs.
+
+Nothing is read beyond the safetensors headers. Sizes are upper bounds: tensors that turn out identical
+across branches are stored once by the real merge.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from branchmerge.common import DTYPES
+from branchmerge.compress import rank_for, stores_dense
+from branchmerge.config import MergeConfig
+from branchmerge.merge.branch import _check_shapes, open_groups
+
+
+def plan_merge(config: MergeConfig) -> dict[str, Any]:
+    """The merge's plan as plain data (see the module docstring).
+
+    Raises:
+        ModelInputError, ConfigError: as the merge itself would, before any tensor is read.
+    """
+    esize = DTYPES[config.dtype].itemsize
+    groups: dict[str, Any] = {}
+    for g in open_groups(config):
+        parts = {"mean": 0, "factors": 0, "dense_deltas": 0, "per_branch": 0}
+        ranks: set[int] = set()
+        n = len(g.sources)
+        counts = {"compressed": 0, "per_branch": 0}
+        for tensor in g.sources[0].names():
+            shapes = [s.shape(tensor) for s in g.sources]
+            _check_shapes(g, tensor, shapes)
+            shape = shapes[0]
+            numel = math.prod(shape)
+            role = "per_branch" if g.standalone else g.arch.role(tensor, shape)
+            if role != "compress" or n == 1:
+                parts["per_branch"] += numel * esize * n
+                counts["per_branch"] += 1
+                continue
+            counts["compressed"] += 1
+            rank = rank_for(shape, config.rate_for(tensor))
+            ranks.add(rank)
+            parts["mean"] += numel * esize + 4 * n
+            if stores_dense(shape, rank):
+                parts["dense_deltas"] += n * numel * esize
+            else:
+                parts["factors"] += n * rank * (shape[0] + shape[1]) * esize
+        inputs = sum(s.nbytes() for s in g.sources)
+        inputs_at = sum(s.numel() for s in g.sources) * esize
+        groups[g.name] = {"branches": [s.name for s in g.sources], "architecture": g.arch.name,
+                          "standalone": g.standalone, **counts, "ranks": sorted(ranks), "parts": parts,
+                          "bytes": sum(parts.values()), "input_bytes": inputs, "input_bytes_at_dtype": inputs_at}
+    total = sum(g["bytes"] for g in groups.values())
+    inputs = sum(g["input_bytes"] for g in groups.values())
+    at = sum(g["input_bytes_at_dtype"] for g in groups.values())
+    return {"dtype": config.dtype, "compress_rate": config.compress_rate, "groups": groups, "bundle_bytes": total,
+            "input_bytes": inputs, "input_bytes_at_dtype": at, "ratio": total / inputs if inputs else None,
+            "ratio_at_dtype": total / at if at else None}
