@@ -348,3 +348,27 @@ def test_n_completions_per_prompt(server):
         c.completions.create(model="two_step", prompt="add 1+2=", max_tokens=2, n=2)
     with pytest.raises(openai.BadRequestError, match="n"):
         c.completions.create(model="b", prompt="rev a=", max_tokens=2, n=0)
+
+
+def test_lm_eval_with_model_auto(server, monkeypatch):
+    """lm_eval's completions client with ``model=auto`` and its default token-id requests: the server reads
+    the ids with the tokenizer all branches share, routes each request, and scores on the routed branch."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    b = server["bundle"]
+    lm = LocalCompletionsAPI(base_url=server["url"] + "/v1/completions", model="auto",
+                             tokenizer_backend="huggingface", tokenizer=str(b.reader.branch_dir("a")),
+                             num_concurrent=1, max_retries=1, batch_size=1)
+    pairs = [("rev hello=", "olleh"), ("add 5+5=", "10")]
+    got = lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i)
+                            for i, p in enumerate(pairs)], disable_tqdm=True)
+    tok = b.tokenizer("a")
+    routed = []
+    for (ctx, cont), (ll, _) in zip(pairs, got):
+        ci, xi = tok(ctx)["input_ids"], tok(cont)["input_ids"]
+        # what the server routed: the request's ids read with the shared tokenizer
+        routed.append(b.router.route([tok.decode(ci + xi, skip_special_tokens=True)])[0])
+        assert ll == pytest.approx(sum(b.token_logprobs(ci + xi, routed[-1]).logprobs[len(ci):]), abs=1e-4)
+    assert len(set(routed)) == 2  # two branches answered

@@ -319,10 +319,29 @@ class OpenAIService:
             if (isinstance(p, list) and not p) or (isinstance(p, str) and not p.strip()):
                 raise P.APIError(400, f"{where} must not be empty", param="prompt")
             self._check_chars(p if isinstance(p, str) else " " * len(p), where)
-            if isinstance(p, list) and req.model == "auto":
-                raise P.APIError(400, f"{where} is token ids, which need a branch name as the model, not 'auto' "
-                                      "(or send text: lm_eval's tokenized_requests=False)", param="model")
+            if isinstance(p, list) and req.model == "auto" and self._shared_tokenizer() is None:
+                raise P.APIError(400, f"{where} is token ids, but this bundle's branches have different tokenizers, "
+                                      "so 'auto' cannot read them: name a branch as the model, or send text "
+                                      "(lm_eval: tokenized_requests=False)", param="model")
         return prompts
+
+    def _shared_tokenizer(self):
+        """The tokenizer every branch shares (same vocabulary), which reads token-id prompts for routing; or
+        None when branches differ."""
+        if not hasattr(self, "_shared_tok"):
+            names = self.bundle.branch_names
+            first = self.bundle.tokenizer(names[0])
+            vocab = first.get_vocab()
+            same = all(self.bundle.tokenizer(b).get_vocab() == vocab for b in names[1:])
+            self._shared_tok = first if same else None
+        return self._shared_tok
+
+    def _route_text(self, prompt: str | list[int]) -> str:
+        """What the router reads: the text, or token ids decoded with the shared tokenizer."""
+        if isinstance(prompt, str):
+            return prompt
+        tok = self._shared_tokenizer()
+        return tok.decode(prompt, skip_special_tokens=True) if tok is not None else ""
 
     def _token_ids(self, branch: str, ids: list[int]) -> list[int]:
         vocab = self.bundle.reader.hf_config(branch).get("vocab_size")
@@ -338,7 +357,7 @@ class OpenAIService:
             return await self._scored(req, prompt, disconnected, request)
         if isinstance(prompt, list):
             encode = lambda b: self._token_ids(b, prompt)  # noqa: E731
-            text = ""
+            text = self._route_text(prompt) if req.model == "auto" else ""
         else:
             encode = lambda b: list(self.bundle.tokenizer(b)(prompt)["input_ids"])  # noqa: E731
             text = prompt
@@ -373,7 +392,7 @@ class OpenAIService:
         if req.stream:
             raise P.APIError(400, "logprobs and echo are not supported with stream=true", param="stream")
         mt = self._max_tokens(req, scoring=True)
-        branch, pipeline = await self._resolve(req.model, prompt if isinstance(prompt, str) else "")
+        branch, pipeline = await self._resolve(req.model, self._route_text(prompt) if req.model == "auto" else "")
         if pipeline is not None or branch is None:
             raise P.APIError(400, "logprobs and echo need a branch, not a pipeline", param="model")
         tok = self.bundle.tokenizer(branch)
