@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=100, help="held-out prompts per skill")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    fam = build_family(CACHE / "family", progress=True)
+    fam = build_family(progress=True)  # the shared cache (make demo and the tests build the same)
     t_fam = time.perf_counter() - t0
     rows = fidelity_rows(fam, CACHE / "fidelity", n=args.n)
     table = markdown_table(rows)

@@ -154,3 +154,30 @@ def test_inspect_never_cuts_numbers_when_piped(capsys, bundles):
     s = json.loads(run_cli(capsys, "inspect", bundles[0.9], "--json")[1])
     assert code == 0 and "…" not in out
     assert f"{s['bundle_bytes'] / 1e6:.2f}" in out and f"{s['input_bytes_at_dtype'] / 1e6:.2f}" in out
+
+
+def test_bundle_routes_from_any_working_folder(capsys, bundles, family, tmp_path, monkeypatch):
+    """A router built with an external embedder named by a relative path (as the demo does) still loads,
+    and a named branch needs no router at all, when the bundle is used from another folder."""
+    from branchmerge.front import build_bundle_router
+    from branchmerge.router import RouterConfig
+
+    work = tmp_path / "work"
+    shutil.copytree(family["base"][0], work / "emb")
+    shutil.copytree(bundles[0.9], work / "bundle")
+    monkeypatch.chdir(work)
+    cfg = RouterConfig(samples={"a": ["add 1+2="], "b": ["rev abc="], "c": ["key zz="]}, embedder="emb",
+                       template="{input} field of", phrase="field of")
+    build_bundle_router(branchmerge.load("bundle"), cfg)
+    stored = (work / "bundle" / "router" / "router.yaml").read_text()
+    assert str(work / "emb") in stored
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    b = branchmerge.load(work / "bundle")
+    assert b.router.route(["rev hello="]) == ["b"]
+    shutil.move(work / "emb", tmp_path / "moved")  # the embedder is gone: a named branch still runs
+    code, out, err = run_cli(capsys, "generate", work / "bundle", "add 1+2=", "--branch", "a", "-n", "3")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "generate", work / "bundle", "add 1+2=", "--branch", "auto", "-n", "3")
+    assert code == 1 and "embedder" in err

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="Working folder (family, bundle, plots).")
     p.add_argument("--compress-rate", type=float, default=0.95)
+    p.add_argument("--family", type=Path, default=None,
+                   help="Where the family is built once and reused (default: ~/.cache/branchmerge/family-vN).")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
@@ -32,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     from branchmerge.family import SKILLS, build_family, router_config, sample_prompts
     from branchmerge.front import build_bundle_router
 
-    family = build_family(args.out / "family", progress=True)
-    console.print(f"[bold]family[/bold] ready in {args.out / 'family'} ({time.perf_counter() - t0:.0f}s)")
+    family = build_family(args.family, progress=True)
+    console.print(f"[bold]family[/bold] ready in {family['base'].parent} ({time.perf_counter() - t0:.0f}s)")
     from branchmerge.evaluate import fidelity_rows, markdown_table, pareto_plot
 
     rows = fidelity_rows(family, args.out / "fidelity", rates=(0.0, 0.9, args.compress_rate, 0.99, 1.0),
@@ -69,6 +71,12 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(skill, prompt, expected, f"{got.strip()} {mark}", branch)
     console.print(table)
     console.print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+    console.print(f"\n[bold]bundle:[/bold] {bundle_dir.resolve()}  (router in {bundle_dir / 'router'})\nnext:")
+    for cmd in (f"branchmerge inspect {bundle_dir}", f'branchmerge generate {bundle_dir} "rev hello=" --branch rev',
+                f'branchmerge route {bundle_dir} "dup abc="', f"branchmerge chat {bundle_dir} --branch auto",
+                f"branchmerge serve {bundle_dir}   # OpenAI API on http://127.0.0.1:8000/v1"):
+        console.print(f"  {cmd}", soft_wrap=True, highlight=False)
+    console.print("(activate the environment first: . .venv/bin/activate)")
 
 
 if __name__ == "__main__":
