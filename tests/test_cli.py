@@ -47,8 +47,9 @@ def smollm2_gguf() -> Path:
 
 def test_import_gguf_real_smollm2(capsys, tmp_path):
     out = tmp_path / "smol"
-    code, _, err = run_cli(capsys, "import-gguf", smollm2_gguf(), "-o", out)
+    code, stdout, err = run_cli(capsys, "import-gguf", smollm2_gguf(), "-o", out)
     assert code == 0, err
+    assert (stdout + err).count(f"to {out}") == 1 and "(bfloat16)" in stdout  # said once, with its dtype
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["model_type"] == "llama" and cfg["dtype"] == "bfloat16"
     from safetensors import safe_open

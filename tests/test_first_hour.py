@@ -181,3 +181,15 @@ def test_bundle_routes_from_any_working_folder(capsys, bundles, family, tmp_path
     assert code == 0, err
     code, _, err = run_cli(capsys, "generate", work / "bundle", "add 1+2=", "--branch", "auto", "-n", "3")
     assert code == 1 and "embedder" in err
+
+
+def test_cli_output_is_quiet_and_plain(capsys, bundles):
+    """No transformers loading bars on a command; --help lists flags without a `<bool>` metavar."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    code, out, err = run_cli(capsys, "generate", bundles[0.9], "add 1+2=", "--branch", "a", "-n", "2")
+    assert code == 0 and "Loading weights" not in err and "\x1b[" not in err
+    assert not hf_logging.is_progress_bar_enabled()  # a command turns transformers' bars off
+    code, out, _ = run_cli(capsys, "merge", "--help")
+    assert code == 0 and "--dry-run" in out and "<bool>" not in out

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no transformers loading bars between our own
 
 from rich.console import Console
 from rich.table import Table
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(skill, prompt, expected, f"{got.strip()} {mark}", branch)
     console.print(table)
     console.print(f"demo finished in {time.perf_counter() - t0:.0f}s")
-    console.print(f"\n[bold]bundle:[/bold] {bundle_dir.resolve()}  (router in {bundle_dir / 'router'})\nnext:")
+    console.print(f"\n[bold]bundle:[/bold] {bundle_dir.resolve()}  (router in {bundle_dir / 'router'})\nnext:",
+                  soft_wrap=True)
     for cmd in (f"branchmerge inspect {bundle_dir}", f'branchmerge generate {bundle_dir} "rev hello=" --branch rev',
                 f'branchmerge route {bundle_dir} "dup abc="', f"branchmerge chat {bundle_dir} --branch auto",
                 f"branchmerge serve {bundle_dir}   # OpenAI API on http://127.0.0.1:8000/v1"):

@@ -35,6 +35,10 @@ def _root(
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    if "transformers" in sys.modules and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
+        from transformers.utils import logging as hf_logging  # imported before us (tests, notebooks)
+
+        hf_logging.disable_progress_bar()
 
 
 def _register() -> None:
