@@ -65,7 +65,7 @@ def test_no_import_circles():
 
 
 ORDER = ["errors", "common", "architectures", "methods", "config", "io", "compress", "merge", "export", "runtime",
-         "router", "staged", "front", "server", "family", "evaluate", "harness", "demo", "cli"]
+         "router", "staged", "front", "server", "family", "evaluate", "harness", "selection", "demo", "cli"]
 
 
 def test_stages_import_only_earlier_stages():

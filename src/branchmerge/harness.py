@@ -51,7 +51,8 @@ class BranchmergeLM(TemplateLM):
         if (bundle is None) == (pretrained is None):
             raise ConfigError("the branchmerge lm_eval model needs exactly one of bundle=DIR or pretrained=DIR")
         if pretrained is not None:  # a plain HF folder: a one-branch bundle at r=0 is that model, exactly
-            bundle, branch = self._bundle_of(pretrained), "model"
+            self._tmp = tempfile.TemporaryDirectory(prefix="branchmerge-lm-eval-")  # removed with this object
+            bundle, branch = self._bundle_of(pretrained, Path(self._tmp.name) / "bundle"), "model"
         self.bundle = branchmerge.load(bundle, dtype=dtype, device=device)
         if branch != "auto":
             self.bundle.reader.branch(branch)  # BranchNotFoundError lists the branches
@@ -64,11 +65,10 @@ class BranchmergeLM(TemplateLM):
         self._current = self.bundle.branch_names[0] if branch == "auto" else branch
 
     @staticmethod
-    def _bundle_of(folder: str) -> str:
+    def _bundle_of(folder: str, out: Path) -> str:
         from branchmerge.config import parse_config
         from branchmerge.merge import run_merge
 
-        out = Path(tempfile.mkdtemp(prefix="branchmerge-lm-eval-")) / "bundle"
         run_merge(parse_config({"branches": [{"name": "model", "model": str(folder)}], "compress_rate": 0.0,
                                 "dtype": "float32"}), out, progress=False)
         return str(out)

@@ -42,7 +42,7 @@ def _root(
 
 
 def _register() -> None:
-    from branchmerge.cli import bundle_cmds, eval_cmd, merge_cmd, router_cmds, run_cmds, serve_cmd
+    from branchmerge.cli import bundle_cmds, eval_cmd, merge_cmd, router_cmds, run_cmds, select_cmd, serve_cmd
 
     merge_cmd.register(app)
     bundle_cmds.register(app)
@@ -50,6 +50,7 @@ def _register() -> None:
     router_cmds.register(app)
     serve_cmd.register(app)
     eval_cmd.register(app)
+    select_cmd.register(app)
 
 
 _register()

@@ -1,0 +1,122 @@
+"""Choosing what to merge, as pure arithmetic: the predicted bytes of a bundle from shapes and ranks, and
+the set of branches and the compress rate that maximize the summed per-domain best accuracy within a
+memory budget. No models, no files."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from branchmerge.compress import rank_for, stores_dense
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the chooser knows of a candidate.
+
+    Attributes:
+        name: candidate name.
+        group: compression group: fine-tunes of one base share one (their base's name); others their own.
+        accuracy: per domain, the candidate's accuracy (mean over that domain's tasks).
+        compress_shapes: ``[m, n]`` of each weight the merge compresses.
+        other_numel: parameters kept per branch (embeddings, norms, head, biases).
+    """
+
+    name: str
+    group: str
+    accuracy: Mapping[str, float]
+    compress_shapes: tuple[tuple[int, int], ...] = ()
+    other_numel: int = 0
+
+    @property
+    def numel(self) -> int:
+        return sum(m * n for m, n in self.compress_shapes) + self.other_numel
+
+
+def bundle_bytes(members: Sequence[Profile], rate: float, esize: int) -> int:
+    """Bytes of a bundle holding ``members`` at ``rate``, stored with ``esize``-byte elements: per group of
+    two or more, one ``W̄`` and N scales per compressed weight plus each branch's factors (or dense
+    difference where factors would not be smaller) and kept tensors; a group of one is its dense model.
+    An upper bound: tensors identical across branches are stored once by the real merge."""
+    groups: dict[str, list[Profile]] = {}
+    for p in members:
+        groups.setdefault(p.group, []).append(p)
+    total = 0
+    for ps in groups.values():
+        n = len(ps)
+        if n == 1:
+            total += ps[0].numel * esize
+            continue
+        for m, k_n in ps[0].compress_shapes:
+            k = rank_for((m, k_n), rate)
+            per_branch = m * k_n if stores_dense((m, k_n), k) else k * (m + k_n)
+            total += (m * k_n + n * per_branch) * esize + 4 * n
+        total += sum(p.other_numel for p in ps) * esize
+    return total
+
+
+def score(members: Sequence[Profile], domains: Sequence[str]) -> float:
+    """Summed over domains, the best accuracy any member has there (0 where none was measured)."""
+    return sum(max((p.accuracy.get(d, 0.0) for p in members), default=0.0) for d in domains)
+
+
+@dataclass
+class Choice:
+    members: list[str]
+    rate: float
+    bytes: int
+    score: float
+    dropped: dict[str, str] = field(default_factory=dict)  # candidate -> why it is not in
+
+
+class NothingFits(ValueError):
+    """No non-empty set fits the budget."""
+
+
+def choose(profiles: Sequence[Profile], domains: Sequence[str], rates: Sequence[float], budget_bytes: int,
+           esize: int, *, max_exhaustive: int = 16) -> Choice:
+    """The best set and rate: highest :func:`score`, then fewest bytes, then fewest branches, then the
+    earliest candidates (input order). Exhaustive over subsets up to ``max_exhaustive`` candidates; beyond,
+    candidates that add nothing to any domain's best are left out first.
+
+    Raises:
+        NothingFits: naming what the smallest set needs.
+    """
+    if not profiles:
+        raise NothingFits("no candidates to choose from")
+    pool = list(profiles)
+    if len(pool) > max_exhaustive:  # keep each domain's strongest, then the strongest overall
+        keep = {max(pool, key=lambda p: p.accuracy.get(d, 0.0)).name for d in domains}
+        rest = sorted((p for p in pool if p.name not in keep), key=lambda p: -sum(p.accuracy.values()))
+        pool = [p for p in pool if p.name in keep] + rest[:max(0, max_exhaustive - len(keep))]
+    order = {p.name: i for i, p in enumerate(profiles)}
+    best: tuple | None = None
+    smallest: tuple[int, list[str], float] | None = None
+    for r in range(1, len(pool) + 1):
+        for subset in itertools.combinations(pool, r):
+            for rate in rates:
+                b = bundle_bytes(subset, rate, esize)
+                names = [p.name for p in subset]
+                if smallest is None or b < smallest[0]:
+                    smallest = (b, names, rate)
+                if b > budget_bytes:
+                    continue
+                key = (-round(score(subset, domains), 9), b, len(subset), sorted(order[n] for n in names), -rate)
+                if best is None or key < best[0]:
+                    best = (key, names, rate, b)
+    if best is None:
+        b, names, rate = smallest
+        raise NothingFits(f"nothing fits {budget_bytes / 1e9:.3f} GB: the smallest set ({', '.join(names)} at "
+                          f"r={rate}) needs {b / 1e9:.3f} GB")
+    _, names, rate, b = best
+    chosen = [p for p in profiles if p.name in names]
+    dropped = {}
+    for p in profiles:
+        if p.name in names:
+            continue
+        gain = score([*chosen, p], domains) - score(chosen, domains)
+        with_p = bundle_bytes([*chosen, p], rate, esize)
+        dropped[p.name] = (f"adds {gain:.3f} to the score but the bundle would need {with_p / 1e9:.3f} GB"
+                           if gain > 0 else "adds nothing: a chosen branch is at least as good in every domain")
+    return Choice([p.name for p in chosen], rate, b, score(chosen, domains), dropped)

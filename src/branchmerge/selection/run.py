@@ -1,0 +1,238 @@
+"""`branchmerge select`: measure every candidate on every task (cached), predict bundle sizes, choose the
+set and compress rate that fit the budget, and write merge.yaml, router.yaml, a report and a picture;
+with ``verify``, merge the choice and measure the bundle too."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from branchmerge.architectures import for_hf_config
+from branchmerge.common import DTYPES
+from branchmerge.errors import BranchmergeError, ConfigError, ModelInputError
+from branchmerge.io.models import ModelSource
+from branchmerge.io.writer import sha256_file
+from branchmerge.selection.choose import Choice, NothingFits, Profile, bundle_bytes, choose
+from branchmerge.selection.config import CandidateSpec, SelectConfig
+from branchmerge.selection.tasks import LocalTask, read_local_task, write_lm_eval_task
+
+logger = logging.getLogger(__name__)
+
+
+def shape_profile(spec: CandidateSpec) -> tuple[tuple[tuple[int, int], ...], int, int]:
+    """``(compressed weight shapes, other parameters, weight-file bytes)`` from the safetensors headers."""
+    src = ModelSource.open(spec.name, spec.model)
+    arch = for_hf_config(src.hf_config, source=str(src.path))
+    comp, other = [], 0
+    for t in src.names():
+        shape = src.shape(t)
+        if arch.role(t, shape) == "compress":
+            comp.append((int(shape[0]), int(shape[1])))
+        else:
+            n = 1
+            for d in shape:
+                n *= int(d)
+            other += n
+    return tuple(comp), other, src.nbytes()
+
+
+def model_digest(folder: str) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")) + [Path(folder) / "config.json"]:
+        h.update(f.name.encode() + sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def peak_rss_mb(folder: str, dtype: str) -> float:
+    """Peak resident memory (MB) of a fresh process that loads ``folder`` and runs one forward pass."""
+    code = ("import resource, torch; from transformers import AutoModelForCausalLM as A; "
+            f"m = A.from_pretrained({folder!r}, dtype=torch.{dtype}, trust_remote_code=False).eval(); "
+            "torch.no_grad()(m)(torch.tensor([[1, 2, 3]])); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
+                         env={"HF_HUB_DISABLE_PROGRESS_BARS": "1", **__import__("os").environ})
+    if out.returncode != 0:
+        raise ModelInputError(f"{folder} does not load: {out.stderr.strip().splitlines()[-1:]}")
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def evaluate(model_args: dict[str, Any], tasks: list[str], include: Path, limit: int | None) -> dict[str, float]:
+    """Accuracy per task (``acc`` or ``exact_match``) of the ``branchmerge`` lm_eval model."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from branchmerge.harness import BranchmergeLM
+
+    lm = BranchmergeLM(**model_args)
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=0,
+                                  task_manager=TaskManager(include_path=str(include)))
+    out = {}
+    for t in tasks:
+        r = res["results"][t]
+        out[t] = float(next(v for k, v in r.items() if k.split(",")[0] in ("acc", "exact_match")))
+    return out
+
+
+class Selection:
+    """One `select` run: the config, its tasks written for lm_eval, cached evaluations."""
+
+    def __init__(self, cfg: SelectConfig, out: Path) -> None:
+        self.cfg, self.out = cfg, Path(out)
+        self.include = self.out / "tasks"
+        self.cache = self.out / "cache"
+        self.local: dict[str, LocalTask] = {}
+        for t in cfg.tasks:
+            if t.path:
+                self.local[t.name] = read_local_task(t.name, t.path, t.kind, cfg.dev_items)
+        self.include.mkdir(parents=True, exist_ok=True)
+        for lt in self.local.values():
+            write_lm_eval_task(lt, self.include)
+        self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        names = [t.lm_eval for t in self.cfg.tasks if t.lm_eval]
+        if not names:
+            return
+        from lm_eval.tasks import TaskManager
+
+        known = set(TaskManager(include_path=str(self.include)).all_tasks)
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise ConfigError(f"unknown lm_eval task(s) {bad}; `lm_eval ls tasks` lists them")
+
+    def task_names(self) -> list[str]:
+        return [t.lm_eval or t.name for t in self.cfg.tasks]
+
+    def measure(self, spec: CandidateSpec) -> dict[str, Any]:
+        """Accuracy per task (cached per model digest, task content and limit), shapes, bytes, peak RSS."""
+        comp, other, nbytes = shape_profile(spec)
+        digest = model_digest(spec.model)
+        task_key = hashlib.sha256(json.dumps([self.task_names(), self.cfg.limit,
+                                              [sha256_file(Path(t.path)) for t in self.cfg.tasks if t.path]])
+                                  .encode()).hexdigest()[:16]
+        f = self.cache / f"{digest[:24]}-{task_key}.json"
+        if f.is_file():
+            return json.loads(f.read_text())
+        acc = evaluate({"pretrained": spec.model, "device": self.cfg.device}, self.task_names(), self.include,
+                       self.cfg.limit)
+        rec = {"accuracy": acc, "compress_shapes": comp, "other_numel": other, "file_bytes": nbytes,
+               "params": sum(m * n for m, n in comp) + other, "peak_rss_mb": peak_rss_mb(spec.model, self.cfg.dtype)}
+        self.cache.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(rec))
+        return rec
+
+    def profile(self, spec: CandidateSpec, rec: dict[str, Any]) -> Profile:
+        by_domain: dict[str, list[float]] = {}
+        for t in self.cfg.tasks:
+            by_domain.setdefault(t.area, []).append(rec["accuracy"][t.lm_eval or t.name])
+        group = spec.base if spec.role == "finetune" else spec.name
+        return Profile(spec.name, group, {d: sum(v) / len(v) for d, v in by_domain.items()},
+                       tuple(map(tuple, rec["compress_shapes"])), rec["other_numel"])
+
+
+def run_select(cfg: SelectConfig, out: str | Path, *, verify: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Measure, choose, write ``merge.yaml``, ``router.yaml``, ``report.md`` and ``select.png`` into ``out``.
+
+    Raises:
+        ConfigError: a bad task file or task name. NothingFits: nothing fits the budget (what the
+            smallest set needs is said).
+    """
+    sel = Selection(cfg, Path(out))
+    domains = list(dict.fromkeys(t.area for t in cfg.tasks))
+    records, errors = {}, {}
+    for spec in tqdm(cfg.candidates, desc="measuring candidates", disable=not progress):
+        try:
+            records[spec.name] = sel.measure(spec)
+        except (BranchmergeError, OSError, ValueError, RuntimeError) as e:  # one bad candidate: the rest go on
+            errors[spec.name] = str(e)
+            logger.warning("candidate %s failed: %s", spec.name, e)
+    specs = [s for s in cfg.candidates if s.name in records]
+    profiles = [sel.profile(s, records[s.name]) for s in specs]
+    esize = DTYPES[cfg.dtype].itemsize
+    budget = int((cfg.budget_gb - cfg.kv_headroom_gb) * 1e9)
+    if budget <= 0:
+        raise NothingFits(f"kv_headroom_gb {cfg.kv_headroom_gb} leaves nothing of budget_gb {cfg.budget_gb}")
+    choice = choose(profiles, domains, cfg.compress_rates, budget, esize)
+    result = {"domains": domains, "candidates": {p.name: {**records[p.name], "domain_accuracy": dict(p.accuracy),
+                                                          "group": p.group} for p in profiles},
+              "errors": errors, "choice": choice.__dict__, "budget_gb": cfg.budget_gb, "dtype": cfg.dtype}
+    base_of = {s.name: s.base for s in cfg.candidates}
+    for name, rec in result["candidates"].items():
+        b = base_of.get(name)
+        if b in result["candidates"]:
+            rec["gain_over_base"] = {d: rec["domain_accuracy"][d] - result["candidates"][b]["domain_accuracy"][d]
+                                     for d in domains}
+    _write_configs(sel, cfg, choice, profiles, domains)
+    if verify:
+        result["verify"] = _verify(sel, cfg, choice, profiles, domains)
+    from branchmerge.selection.report import write_report
+
+    write_report(result, sel.out, esize)
+    (sel.out / "select.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _winners(choice: Choice, profiles: list[Profile], domains: list[str]) -> dict[str, str]:
+    """The chosen branch that answers each domain (its best)."""
+    chosen = [p for p in profiles if p.name in choice.members]
+    return {d: max(chosen, key=lambda p: p.accuracy.get(d, 0.0)).name for d in domains}
+
+
+def _write_configs(sel: Selection, cfg: SelectConfig, choice: Choice, profiles: list[Profile], domains: list[str]) -> None:
+    by = {p.name: p for p in profiles}
+    spec = {s.name: s for s in cfg.candidates}
+    groups: dict[str, list[str]] = {}
+    for n in choice.members:
+        groups.setdefault(by[n].group, []).append(n)
+    branches = []
+    for n in choice.members:
+        entry: dict[str, Any] = {"name": n, "model": spec[n].model}
+        if len(groups[by[n].group]) == 1 and spec[n].role == "other":
+            entry["standalone"] = True
+        else:
+            entry["group"] = by[n].group
+        branches.append(entry)
+    merge = {"branches": branches, "compress_rate": choice.rate, "dtype": cfg.dtype}
+    (sel.out / "merge.yaml").write_text(yaml.safe_dump(merge, sort_keys=False))
+    samples: dict[str, list[str]] = {n: [] for n in choice.members}
+    win = _winners(choice, profiles, domains)
+    for t in cfg.tasks:
+        lt = sel.local.get(t.name)
+        if lt is not None:  # dev items only: never the evaluated ones
+            samples[win[t.area]] += [r["question"] for r in lt.dev]
+    router = {"samples": {n: qs[:cfg.samples_per_branch] or ["TODO: a representative question"] for n, qs in
+                          samples.items()}, "embedder": choice.members[0]}
+    (sel.out / "router.yaml").write_text(yaml.safe_dump(router, sort_keys=False, allow_unicode=True))
+
+
+def _verify(sel: Selection, cfg: SelectConfig, choice: Choice, profiles: list[Profile],
+            domains: list[str]) -> dict[str, Any]:
+    """Merge the choice, build its router, and evaluate the bundle: oracle branch per domain, and auto."""
+    import branchmerge
+    from branchmerge.config import load_config
+    from branchmerge.front import build_bundle_router
+    from branchmerge.merge import run_merge
+    from branchmerge.router import load_router_config
+
+    bundle = sel.out / "bundle"
+    run_merge(load_config(sel.out / "merge.yaml"), bundle, force=True, progress=False)
+    b = branchmerge.load(bundle, dtype=cfg.dtype)  # held as it is stored: the memory the budget is about
+    build_bundle_router(b, load_router_config(sel.out / "router.yaml"))
+    win = _winners(choice, profiles, domains)
+    oracle = {}
+    for t in cfg.tasks:
+        name = t.lm_eval or t.name
+        oracle[name] = evaluate({"bundle": str(bundle), "branch": win[t.area]}, [name], sel.include, cfg.limit)[name]
+    auto = evaluate({"bundle": str(bundle), "branch": "auto"}, sel.task_names(), sel.include, cfg.limit)
+    return {"bundle": str(bundle), "bundle_bytes": b.reader.manifest.total_bytes, "memory_bytes": b.memory_bytes(),
+            "predicted_bytes": bundle_bytes([p for p in profiles if p.name in choice.members], choice.rate,
+                                            DTYPES[cfg.dtype].itemsize),
+            "oracle": oracle, "auto": auto}
