@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,3 +63,20 @@ def check_name(value: str, what: str) -> str:
         raise ValueError(f"{what} {value!r} is not a safe name: use letters, digits, '_', '-', '.', "
                          "not starting with a symbol")
     return value
+
+
+def read_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a JSON-lines file.
+
+    Raises:
+        ConfigError: the file is missing, or names the line that is not valid JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{what} {path} line {i} is not valid JSON: {e.msg}") from None

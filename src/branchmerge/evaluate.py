@@ -156,22 +156,14 @@ def read_labelled(path: str | Path) -> list[tuple[str, str]]:
     Raises:
         ConfigError: naming the line that is not valid JSON or lacks a field.
     """
-    import json
-
+    from branchmerge.common import read_jsonl
     from branchmerge.errors import ConfigError
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"data file {path} does not exist")
     out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            q, b = row["question"], row["branch"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ConfigError(f"{path}:{i}: expected a JSON object with 'question' and 'branch': {e}") from None
+    for i, row in read_jsonl(path, "data file"):
+        if not isinstance(row, dict) or "question" not in row or "branch" not in row:
+            raise ConfigError(f"{path}:{i}: expected a JSON object with 'question' and 'branch'")
+        q, b = row["question"], row["branch"]
         if not str(q).strip():
             raise ConfigError(f"{path}:{i}: empty question")
         out.append((str(q), str(b)))

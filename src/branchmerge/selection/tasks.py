@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from branchmerge.common import read_jsonl
 from branchmerge.errors import ConfigError
 
 
@@ -30,17 +31,8 @@ def read_local_task(name: str, path: str | Path, kind: str, dev_items: int) -> L
     Raises:
         ConfigError: the file is missing, or a line (named by number) is malformed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"task {name!r}: file {path} does not exist")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"task {name!r}: {path} line {i} is not valid JSON: {e.msg}") from None
+    for i, row in read_jsonl(path, f"task {name!r}: file"):
         _check_row(row, kind, f"task {name!r}: {path} line {i}")
         rows.append(row)
     if not rows:
