@@ -23,10 +23,10 @@ def _brute(profiles, domains, rates, budget, esize):
             for rate in rates:
                 b = bundle_bytes(sub, rate, esize)
                 if b <= budget:
-                    s = score(sub, domains)
-                    if best is None or s > best[0] + 1e-12 or (abs(s - best[0]) <= 1e-12 and b < best[1]):
-                        best = (s, b)
-    return best
+                    key = (-round(score(sub, domains), 9), rate, b)  # ties up to float summation order
+                    if best is None or key < best:
+                        best = key
+    return None if best is None else (-best[0], best[2], best[1])
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -49,7 +49,8 @@ def test_chooser_equals_brute_force(seed):
                 choose(profiles, domains, rates, budget, esize)
             continue
         got = choose(profiles, domains, rates, budget, esize)
-        assert got.score == pytest.approx(want[0]) and got.bytes == want[1] and got.bytes <= budget
+        assert got.score == pytest.approx(want[0]) and (got.bytes, got.rate) == (want[1], want[2])
+        assert got.bytes <= budget
         assert set(got.members) | set(got.dropped) == {p.name for p in profiles}
 
 
@@ -93,47 +94,78 @@ def _task(path, items):
     return str(path)
 
 
-def test_select_end_to_end(capsys, family, tmp_path):
-    """Three fine-tunes of one base, each strongest on its own local task: a budget that fits them all
-    takes all three (one group at the best rate), a tight one takes fewer and says why; the configs it
-    writes merge, the router skeleton has dev questions only, and a cached re-run measures nothing."""
-    import random as _r
+@pytest.fixture(scope="module")
+def skill_tasks(tmp_path_factory):
+    """The skills family (trained once per machine) and one local generation task per skill, whose first
+    8 items are dev (router samples) and the rest are evaluated."""
+    from branchmerge.family import SKILLS, build_family, sample_prompts
 
-    rng = _r.Random(0)
+    fam = build_family()
+    d = tmp_path_factory.mktemp("skilltasks")
     tasks = []
-    for name, prefix in (("adds", "add"), ("revs", "rev"), ("keys", "key")):
-        items = []
-        for i in range(12):
-            q = f"{prefix} {rng.randint(1, 9)}{i}="
-            choices = [f"{i}", f"{i + 1}"]
-            items.append({"question": q, "choices": choices, "answer": i % 2})
-        tasks.append({"name": name, "path": _task(tmp_path / f"{name}.jsonl", items)})
-    cands = [{"name": "base", "model": str(family["base"][0]), "role": "base"}] + [
-        {"name": n, "model": str(family[n][0]), "role": "finetune", "base": "base"} for n in "abc"]
-    data = {"candidates": cands, "tasks": tasks, "budget_gb": 1.0, "limit": 6, "dev_items": 4,
-            "compress_rates": [0.5, 0.9], "dtype": "float32", "samples_per_branch": 2}
+    for s in SKILLS:
+        items = [{"question": p, "answer": a} for p, a in sample_prompts(s, 20, seed=31)]
+        tasks.append({"name": s, "path": _task(d / f"{s}.jsonl", items), "kind": "generate"})
+    return fam, tasks
+
+
+def test_select_end_to_end(capsys, skill_tasks, tmp_path):
+    """Base plus four fine-tunes, each the best on its own skill: with room for all, select takes the four
+    fine-tunes as one group (the base adds nothing), measures routing against samples per branch and
+    recommends a count, and --verify's bundle answers as its branches did; a tight budget takes fewer and
+    says why; a budget nothing fits says what the smallest set needs. Re-runs read the cache."""
+    fam, tasks = skill_tasks
+    cands = [{"name": "base", "model": str(fam["base"]), "role": "base"}] + [
+        {"name": s, "model": str(fam[s]), "role": "finetune", "base": "base"} for s in ("rev", "shift", "dup", "recall")]
+    data = {"candidates": cands, "tasks": tasks, "budget_gb": 1.0, "limit": 8, "dev_items": 8,
+            "compress_rates": [0.5, 0.9], "dtype": "float32", "router_counts": [1, 4, 8]}
     (tmp_path / "select.yaml").write_text(yaml.safe_dump(data))
-    code, out, err = run_cli(capsys, "select", tmp_path / "select.yaml", "-o", tmp_path / "sel", "--verify")
+    code, out, err = run_cli(capsys, "select", tmp_path / "select.yaml", "-o", tmp_path / "sel", "--verify",
+                             "--no-progress")
     assert code == 0, err
     res = json.loads((tmp_path / "sel" / "select.json").read_text())
-    assert set(res["candidates"]) == {"base", "a", "b", "c"} and not res["errors"]
+    acc = {n: c["domain_accuracy"] for n, c in res["candidates"].items()}
+    for s in ("rev", "shift", "dup", "recall"):
+        assert acc[s][s] >= 0.9 and acc[s][s] > acc["base"][s], acc
     ch = res["choice"]
-    assert ch["rate"] == 0.5 or len(ch["members"]) == 1  # with room, the least compression that fits
+    assert sorted(ch["members"]) == ["dup", "recall", "rev", "shift"] and ch["rate"] == 0.5
+    assert "adds nothing" in ch["dropped"]["base"]
     merge = yaml.safe_load((tmp_path / "sel" / "merge.yaml").read_text())
-    assert [b["name"] for b in merge["branches"]] == ch["members"] and merge["compress_rate"] == ch["rate"]
+    assert {b["group"] for b in merge["branches"]} == {"base"} and merge["compress_rate"] == 0.5
     router = yaml.safe_load((tmp_path / "sel" / "router.yaml").read_text())
-    evaluated = {json.loads(l)["question"] for t in tasks for l in open(t["path"]).read().splitlines()[4:]}
+    evaluated = {json.loads(ln)["question"] for t in tasks for ln in open(t["path"]).read().splitlines()[8:]}
     assert all(q not in evaluated for qs in router["samples"].values() for q in qs)
+    curve = res["routing"]["curve"]
+    assert set(curve) == {"1", "4", "8"} and all(0 <= a <= 1 for a in curve.values())
+    assert len(router["samples"]["rev"]) == res["routing"]["recommended"]
     v = res["verify"]
-    assert v["bundle_bytes"] <= v["predicted_bytes"] and set(v["auto"]) == {"adds", "revs", "keys"}
-    assert (tmp_path / "sel" / "report.md").read_text().count("|") > 20 and (tmp_path / "sel" / "select.png").is_file()
-    # a tight budget: the smallest set it can, and a reason for each left out; measured from the cache
-    one = bundle_bytes([Profile("x", "g", {}, tuple(map(tuple, res["candidates"]["a"]["compress_shapes"])),
-                                res["candidates"]["a"]["other_numel"])], 0.9, 4)
+    assert v["bundle_bytes"] <= v["predicted_bytes"]
+    for s in ("rev", "shift", "dup", "recall"):  # r=0.5 keeps each skill, with the oracle branch
+        assert v["oracle"][s] >= 0.9, v
+    report = (tmp_path / "sel" / "report.md").read_text()
+    assert "## Routing" in report and "## The merged bundle" in report and (tmp_path / "sel" / "select.png").is_file()
+    # a tight budget: a smaller set, with a reason for each left out; the evaluations come from the cache
+    cached = sorted((tmp_path / "sel" / "cache").iterdir())
+    one = res["candidates"]["rev"]["params"] * 4
     code, out, err = run_cli(capsys, "select", tmp_path / "select.yaml", "-o", tmp_path / "sel",
-                             "--budget-gb", str(one * 1.2 / 1e9))
+                             "--budget-gb", str(one * 1.2 / 1e9), "--no-progress")
     assert code == 0, err
     res2 = json.loads((tmp_path / "sel" / "select.json").read_text())
-    assert len(res2["choice"]["members"]) == 1 and len(res2["choice"]["dropped"]) == 3
+    assert len(res2["choice"]["members"]) == 1 and res2["choice"]["bytes"] <= one * 1.2  # two need 1.35×
+    assert all("would need" in why for n, why in res2["choice"]["dropped"].items() if n != "base")
+    assert sorted((tmp_path / "sel" / "cache").iterdir()) == cached
     code, _, err = run_cli(capsys, "select", tmp_path / "select.yaml", "-o", tmp_path / "sel", "--budget-gb", "1e-6")
     assert code == 1 and "nothing fits" in err and "the smallest set" in err
+
+
+def test_routing_curve_and_recommendation(skill_tasks):
+    from branchmerge.selection.run import recommended_count, routing_curve
+
+    fam, tasks = skill_tasks
+    qs = {t["name"]: [json.loads(ln)["question"] for ln in open(t["path"]).read().splitlines()] for t in tasks}
+    curve = routing_curve(str(fam["base"]), {k: v[:8] for k, v in qs.items()}, {k: v[8:] for k, v in qs.items()},
+                          [1, 4, 16])
+    assert list(curve) == [1, 4, 8]  # capped at the 8 dev items there are
+    assert curve[8] >= 0.9  # the skills' prompts are easy to tell apart
+    assert recommended_count({1: 0.5, 4: 0.95, 16: 0.955, 64: 0.96}) == 4
+    assert recommended_count({}) is None

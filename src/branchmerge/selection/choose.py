@@ -76,8 +76,9 @@ class NothingFits(ValueError):
 
 def choose(profiles: Sequence[Profile], domains: Sequence[str], rates: Sequence[float], budget_bytes: int,
            esize: int, *, max_exhaustive: int = 16) -> Choice:
-    """The best set and rate: highest :func:`score`, then fewest bytes, then fewest branches, then the
-    earliest candidates (input order). Exhaustive over subsets up to ``max_exhaustive`` candidates; beyond,
+    """The best set and rate: highest :func:`score`; then the least compression that fits (predicted
+    accuracy is the candidates' own, and a lower rate keeps more of it); then fewest bytes, fewest
+    branches, the earliest candidates (input order). Exhaustive over subsets up to ``max_exhaustive`` candidates; beyond,
     candidates that add nothing to any domain's best are left out first.
 
     Raises:
@@ -102,7 +103,7 @@ def choose(profiles: Sequence[Profile], domains: Sequence[str], rates: Sequence[
                     smallest = (b, names, rate)
                 if b > budget_bytes:
                     continue
-                key = (-round(score(subset, domains), 9), b, len(subset), sorted(order[n] for n in names), -rate)
+                key = (-round(score(subset, domains), 9), rate, b, len(subset), sorted(order[n] for n in names))
                 if best is None or key < best[0]:
                     best = (key, names, rate, b)
     if best is None:

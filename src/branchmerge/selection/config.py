@@ -60,7 +60,10 @@ class SelectConfig(_Frozen):
     compress_rates: list[float] = Field(default_factory=lambda: [0.9, 0.95, 0.99], min_length=1)
     limit: int | None = Field(default=50, ge=1, description="Items per task evaluated (lm_eval's limit).")
     dev_items: int = Field(default=16, ge=1, description="Leading items of an unsplit local task kept for routing.")
-    samples_per_branch: int = Field(default=4, ge=1, description="Router samples per chosen branch.")
+    samples_per_branch: int = Field(default=4, ge=1, description="Router samples per chosen branch when no "
+                                    "routing curve can be measured (fewer than two branches with dev items).")
+    router_counts: list[int] = Field(default_factory=lambda: [1, 4, 16, 64], min_length=1,
+                                     description="Samples per branch tried for the routing curve.")
 
     @field_validator("dtype", mode="before")
     @classmethod

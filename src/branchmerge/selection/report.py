@@ -24,6 +24,12 @@ def write_report(result: dict[str, Any], out: Path, esize: int) -> Path:
         lines.append(f"- {name} left out: {why}")
     for name, err in result["errors"].items():
         lines.append(f"- {name} could not be measured: {err}")
+    r = result.get("routing") or {}
+    if r.get("curve"):
+        lines += ["", f"## Routing ({r['test_items']} held-out questions; samples from dev items only)", "",
+                  "| samples per branch | routing accuracy |", "|---|---|"]
+        lines += [f"| {c}{' (recommended)' if int(c) == r['recommended'] else ''} | {a:.3f} |"
+                  for c, a in r["curve"].items()]
     v = result.get("verify")
     if v:
         lines += ["", "## The merged bundle", "",

@@ -5,6 +5,7 @@ with ``verify``, merge the choice and measure the bundle too."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import subprocess
@@ -145,6 +146,7 @@ def run_select(cfg: SelectConfig, out: str | Path, *, verify: bool = False, prog
         ConfigError: a bad task file or task name. NothingFits: nothing fits the budget (what the
             smallest set needs is said).
     """
+    cfg = _import_ggufs(cfg, Path(out) / "models")
     sel = Selection(cfg, Path(out))
     domains = list(dict.fromkeys(t.area for t in cfg.tasks))
     records, errors = {}, {}
@@ -170,7 +172,7 @@ def run_select(cfg: SelectConfig, out: str | Path, *, verify: bool = False, prog
         if b in result["candidates"]:
             rec["gain_over_base"] = {d: rec["domain_accuracy"][d] - result["candidates"][b]["domain_accuracy"][d]
                                      for d in domains}
-    _write_configs(sel, cfg, choice, profiles, domains)
+    result["routing"] = _write_configs(sel, cfg, choice, profiles, domains)
     if verify:
         result["verify"] = _verify(sel, cfg, choice, profiles, domains)
     from branchmerge.selection.report import write_report
@@ -180,13 +182,30 @@ def run_select(cfg: SelectConfig, out: str | Path, *, verify: bool = False, prog
     return result
 
 
+def _import_ggufs(cfg: SelectConfig, folder: Path) -> SelectConfig:
+    """GGUF candidates become HF folders under ``folder`` (imported once, at the selection's dtype)."""
+    from branchmerge.io.gguf import import_gguf
+
+    cands = []
+    for c in cfg.candidates:
+        if c.model.endswith(".gguf"):
+            dest = folder / c.name
+            if not (dest / "config.json").is_file():
+                import_gguf(c.model, dest, dtype=cfg.dtype, force=True)
+            c = c.model_copy(update={"model": str(dest)})
+        cands.append(c)
+    return cfg.model_copy(update={"candidates": cands})
+
+
 def _winners(choice: Choice, profiles: list[Profile], domains: list[str]) -> dict[str, str]:
     """The chosen branch that answers each domain (its best)."""
     chosen = [p for p in profiles if p.name in choice.members]
     return {d: max(chosen, key=lambda p: p.accuracy.get(d, 0.0)).name for d in domains}
 
 
-def _write_configs(sel: Selection, cfg: SelectConfig, choice: Choice, profiles: list[Profile], domains: list[str]) -> None:
+def _write_configs(sel: Selection, cfg: SelectConfig, choice: Choice, profiles: list[Profile],
+                   domains: list[str]) -> dict[str, Any]:
+    """Write merge.yaml and router.yaml; returns the routing curve (samples per branch → accuracy)."""
     by = {p.name: p for p in profiles}
     spec = {s.name: s for s in cfg.candidates}
     groups: dict[str, list[str]] = {}
@@ -202,15 +221,74 @@ def _write_configs(sel: Selection, cfg: SelectConfig, choice: Choice, profiles: 
         branches.append(entry)
     merge = {"branches": branches, "compress_rate": choice.rate, "dtype": cfg.dtype}
     (sel.out / "merge.yaml").write_text(yaml.safe_dump(merge, sort_keys=False))
-    samples: dict[str, list[str]] = {n: [] for n in choice.members}
+    dev, test = _routing_items(sel, cfg, choice, profiles, domains)
+    curve = routing_curve(spec[choice.members[0]].model, dev, test, cfg.router_counts) if len(dev) > 1 else {}
+    n = recommended_count(curve) or cfg.samples_per_branch
+    router = {"samples": {b: qs[:n] or ["TODO: a representative question"] for b, qs in dev.items()},
+              "embedder": choice.members[0], "pooling": ROUTER_POOLING, "layer": ROUTER_LAYER}
+    (sel.out / "router.yaml").write_text(yaml.safe_dump(router, sort_keys=False, allow_unicode=True))
+    return {"curve": curve, "recommended": n, "test_items": sum(map(len, test.values()))}
+
+
+# the embedding settings bench/router.py found best on real questions (template phrase, last token, last layer)
+ROUTER_POOLING, ROUTER_LAYER = "last", -1
+
+
+def _routing_items(sel: Selection, cfg: SelectConfig, choice: Choice, profiles: list[Profile],
+                   domains: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Per chosen branch, router-sample candidates (the dev items of the domains it answers) and held-out
+    questions (their evaluated items) to measure routing on."""
     win = _winners(choice, profiles, domains)
+    dev: dict[str, list[str]] = {n: [] for n in choice.members}
+    test: dict[str, list[str]] = {n: [] for n in choice.members}
     for t in cfg.tasks:
         lt = sel.local.get(t.name)
-        if lt is not None:  # dev items only: never the evaluated ones
-            samples[win[t.area]] += [r["question"] for r in lt.dev]
-    router = {"samples": {n: qs[:cfg.samples_per_branch] or ["TODO: a representative question"] for n, qs in
-                          samples.items()}, "embedder": choice.members[0]}
-    (sel.out / "router.yaml").write_text(yaml.safe_dump(router, sort_keys=False, allow_unicode=True))
+        if lt is not None:  # dev items only as samples: never the evaluated ones
+            test[win[t.area]] += [r["question"] for r in lt.test]
+    per_task: dict[str, list[list[str]]] = {n: [] for n in choice.members}
+    for t in cfg.tasks:
+        lt = sel.local.get(t.name)
+        if lt is not None:
+            per_task[win[t.area]].append([r["question"] for r in lt.dev])
+    for b, lists in per_task.items():  # a branch answering several domains gets samples of each, in turn
+        dev[b] = [q for group in itertools.zip_longest(*lists) for q in group if q is not None]
+    keep = [b for b in choice.members if dev[b] and test[b]]
+    return {b: dev[b] for b in keep}, {b: test[b] for b in keep}
+
+
+def routing_curve(embedder: str, dev: dict[str, list[str]], test: dict[str, list[str]],
+                  counts: list[int]) -> dict[int, float]:
+    """Routing accuracy on the held-out questions with the first ``c`` dev questions of each branch as
+    samples, for each ``c`` of ``counts`` (capped by the dev items there are)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from branchmerge.router import DEFAULT_PHRASE, DEFAULT_TEMPLATE, Embedder, route
+
+    model = AutoModelForCausalLM.from_pretrained(embedder, dtype=torch.float32, trust_remote_code=False).eval()
+    emb = Embedder(model, AutoTokenizer.from_pretrained(embedder, trust_remote_code=False), template=DEFAULT_TEMPLATE,
+                   phrase=DEFAULT_PHRASE, pooling=ROUTER_POOLING, layer=ROUTER_LAYER, batch_size=8)
+    names = list(dev)
+    top = max(counts)
+    d_embs = {b: emb.embed(dev[b][:top]) for b in names}
+    qs = [(q, i) for i, b in enumerate(names) for q in test[b][:64]]
+    q_embs = emb.embed([q for q, _ in qs])
+    gold = torch.tensor([i for _, i in qs])
+    curve = {}
+    for c in sorted(set(min(c, max(len(v) for v in dev.values())) for c in counts)):
+        s_embs = torch.cat([d_embs[b][:c] for b in names])
+        s_ids = torch.tensor([i for i, b in enumerate(names) for _ in range(min(c, len(dev[b])))])
+        choice, _ = route(q_embs, s_embs, s_ids, len(names))
+        curve[c] = float((choice == gold).float().mean())
+    return curve
+
+
+def recommended_count(curve: dict[int, float]) -> int | None:
+    """The fewest samples per branch within one point of the best routing accuracy."""
+    if not curve:
+        return None
+    best = max(curve.values())
+    return min(c for c, a in curve.items() if a >= best - 0.01)
 
 
 def _verify(sel: Selection, cfg: SelectConfig, choice: Choice, profiles: list[Profile],
