@@ -117,7 +117,8 @@ def choose(profiles: Sequence[Profile], domains: Sequence[str], rates: Sequence[
         if p.name in names:
             continue
         gain = score([*chosen, p], domains) - score(chosen, domains)
-        with_p = bundle_bytes([*chosen, p], rate, esize)
-        dropped[p.name] = (f"adds {gain:.3f} to the score but the bundle would need {with_p / 1e9:.3f} GB"
+        with_p = min(bundle_bytes([*chosen, p], r, esize) for r in rates)  # at the most compression offered
+        dropped[p.name] = (f"adds {gain:.3f} to the score but the bundle would need at least {with_p / 1e9:.4f} GB "
+                           f"(budget {budget_bytes / 1e9:.4f} GB)"
                            if gain > 0 else "adds nothing: a chosen branch is at least as good in every domain")
     return Choice([p.name for p in chosen], rate, b, score(chosen, domains), dropped)
