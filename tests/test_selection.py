@@ -169,3 +169,27 @@ def test_routing_curve_and_recommendation(skill_tasks):
     assert curve[8] >= 0.9  # the skills' prompts are easy to tell apart
     assert recommended_count({1: 0.5, 4: 0.95, 16: 0.955, 64: 0.96}) == 4
     assert recommended_count({}) is None
+
+
+def test_select_bad_candidates_and_tasks(capsys, family, tmp_path):
+    """An unknown lm_eval task stops before any work; a candidate that does not load is reported and the
+    others are measured and chosen."""
+    items = [{"question": f"add {i}+1=", "choices": [str(i + 1), "x"], "answer": 0} for i in range(6)]
+    task = {"name": "adds", "path": _task(tmp_path / "adds.jsonl", items)}
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((family["a"][0] / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    cands = [{"name": "a", "model": str(family["a"][0])}, {"name": "broken", "model": str(broken)}]
+    data = {"candidates": cands, "tasks": [task, {"name": "nope", "lm_eval": "no_such_task_xyz"}], "budget_gb": 1,
+            "limit": 2, "dev_items": 2}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    code, _, err = run_cli(capsys, "select", tmp_path / "s.yaml", "-o", tmp_path / "out", "--no-progress")
+    assert code == 1 and "unknown lm_eval task(s) ['no_such_task_xyz']" in err
+    data["tasks"] = [task]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    code, out, err = run_cli(capsys, "select", tmp_path / "s.yaml", "-o", tmp_path / "out", "--no-progress")
+    assert code == 0, err
+    res = json.loads((tmp_path / "out" / "select.json").read_text())
+    assert "broken" in res["errors"] and "not a readable safetensors" in res["errors"]["broken"]
+    assert res["choice"]["members"] == ["a"] and "could not measure broken" in out

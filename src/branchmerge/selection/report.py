@@ -61,7 +61,8 @@ def _plot(result: dict[str, Any], path: Path, esize: int) -> None:
     ax.set_ylabel("mean accuracy over domains")
     ax.set_title(f"candidates; chosen (★) as one bundle: {result['choice']['bytes'] / 1e9:.3f} GB at "
                  f"r={result['choice']['rate']}")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
+    ax.margins(x=0.15, y=0.1)  # room for the labels at the edges
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -52,17 +52,21 @@ def model_digest(folder: str) -> str:
     return h.hexdigest()
 
 
-def peak_rss_mb(folder: str, dtype: str) -> float:
-    """Peak resident memory (MB) of a fresh process that loads ``folder`` and runs one forward pass."""
-    code = ("import resource, torch; from transformers import AutoModelForCausalLM as A; "
-            f"m = A.from_pretrained({folder!r}, dtype=torch.{dtype}, trust_remote_code=False).eval(); "
-            "torch.no_grad()(m)(torch.tensor([[1, 2, 3]])); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+def peak_memory(folder: str, dtype: str, device: str = "cpu") -> dict[str, float]:
+    """Peak memory (MB) of a fresh process that loads ``folder`` on ``device`` and runs one forward pass:
+    its resident ``VmHWM`` (``ru_maxrss`` would start from the parent's size, which a forked child
+    inherits) and, on CUDA, ``torch.cuda.max_memory_allocated``."""
+    code = ("import json, torch; from transformers import AutoModelForCausalLM as A; "
+            f"m = A.from_pretrained({folder!r}, dtype=torch.{dtype}, trust_remote_code=False).eval().to({device!r}); "
+            f"torch.no_grad()(m)(torch.tensor([[1, 2, 3]], device={device!r})); "
+            "rss = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024; "
+            "cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None; "
+            "print(json.dumps({'peak_rss_mb': rss, **({'peak_cuda_mb': cuda} if cuda is not None else {})}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
                          env={"HF_HUB_DISABLE_PROGRESS_BARS": "1", **__import__("os").environ})
     if out.returncode != 0:
         raise ModelInputError(f"{folder} does not load: {out.stderr.strip().splitlines()[-1:]}")
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def evaluate(model_args: dict[str, Any], tasks: list[str], include: Path, limit: int | None) -> dict[str, float]:
@@ -119,16 +123,19 @@ class Selection:
         task_key = hashlib.sha256(json.dumps([self.task_names(), self.cfg.limit,
                                               [sha256_file(Path(t.path)) for t in self.cfg.tasks if t.path]])
                                   .encode()).hexdigest()[:16]
+        self.cache.mkdir(parents=True, exist_ok=True)
         f = self.cache / f"{digest[:24]}-{task_key}.json"
         if f.is_file():
-            return json.loads(f.read_text())
-        acc = evaluate({"pretrained": spec.model, "device": self.cfg.device}, self.task_names(), self.include,
-                       self.cfg.limit)
-        rec = {"accuracy": acc, "compress_shapes": comp, "other_numel": other, "file_bytes": nbytes,
-               "params": sum(m * n for m, n in comp) + other, "peak_rss_mb": peak_rss_mb(spec.model, self.cfg.dtype)}
-        self.cache.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps(rec))
-        return rec
+            acc = json.loads(f.read_text())["accuracy"]
+        else:
+            acc = evaluate({"pretrained": spec.model, "device": self.cfg.device}, self.task_names(), self.include,
+                           self.cfg.limit)
+            f.write_text(json.dumps({"accuracy": acc}))
+        m = self.cache / f"{digest[:24]}-mem2-{self.cfg.dtype}-{self.cfg.device.replace(':', '')}.json"
+        if not m.is_file():
+            m.write_text(json.dumps(peak_memory(spec.model, self.cfg.dtype, self.cfg.device)))
+        return {"accuracy": acc, "compress_shapes": comp, "other_numel": other, "file_bytes": nbytes,
+                "params": sum(a * b for a, b in comp) + other, **json.loads(m.read_text())}
 
     def profile(self, spec: CandidateSpec, rec: dict[str, Any]) -> Profile:
         by_domain: dict[str, list[float]] = {}
