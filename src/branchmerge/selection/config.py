@@ -20,6 +20,8 @@ class CandidateSpec(_Frozen):
     model: str = Field(description="HF folder (a GGUF file: import it first with `branchmerge import-gguf`).")
     role: Literal["base", "finetune", "other"] = "other"
     base: str | None = Field(default=None, description="For a fine-tune: the name of its base candidate.")
+    domain: str | None = Field(default=None, description="What it was tuned for (reported; the choice goes by "
+                               "measured accuracy, and a branch answers the domains it is best at).")
 
     @field_validator("name")
     @classmethod

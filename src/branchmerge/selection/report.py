@@ -15,7 +15,8 @@ def write_report(result: dict[str, Any], out: Path, esize: int) -> Path:
     for name, c in cands.items():
         gain = c.get("gain_over_base")
         gain_s = ", ".join(f"{d} {v:+.2f}" for d, v in gain.items()) if gain else "-"
-        lines.append(f"| {name} | {c['group']} | " + " | ".join(f"{c['domain_accuracy'][d]:.3f}" for d in domains)
+        label = name + (f" ({c['tuned_for']})" if c.get("tuned_for") else "")
+        lines.append(f"| {label} | {c['group']} | " + " | ".join(f"{c['domain_accuracy'][d]:.3f}" for d in domains)
                      + f" | {gain_s} | {c['params'] / 1e6:.2f} | {c['params'] * esize / 1e6:.1f} | "
                      f"{c['peak_rss_mb']:.0f} | {'✓' if name in choice['members'] else ''} |")
     lines += ["", f"**Chosen**: {', '.join(choice['members'])} at r={choice['rate']}: predicted "

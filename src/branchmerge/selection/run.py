@@ -174,6 +174,8 @@ def run_select(cfg: SelectConfig, out: str | Path, *, verify: bool = False, prog
                                                           "group": p.group} for p in profiles},
               "errors": errors, "choice": choice.__dict__, "budget_gb": cfg.budget_gb, "dtype": cfg.dtype}
     base_of = {s.name: s.base for s in cfg.candidates}
+    for s in specs:
+        result["candidates"][s.name]["tuned_for"] = s.domain
     for name, rec in result["candidates"].items():
         b = base_of.get(name)
         if b in result["candidates"]:
