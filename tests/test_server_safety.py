@@ -73,6 +73,16 @@ def test_limits_per_request(server, bundle, monkeypatch):
                    headers={**server["h"], "Content-Type": "application/json"})
     assert r.status_code == 413 and "64000 bytes" in r.json()["error"]["message"]
 
+    def chunks():  # no Content-Length: the body arrives chunked and is counted as it comes
+        yield b'{"model": "a", "prompt": "'
+        for _ in range(100):
+            yield b"x" * 1000
+        yield b'"}'
+
+    r = httpx.post(server["url"] + "/v1/completions", content=chunks(),
+                   headers={**server["h"], "Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
 
 def test_odd_values_get_clear_400s(server, bundle):
     greedy = bundle.generate("add 1+2=", "a", max_new_tokens=4)[0]

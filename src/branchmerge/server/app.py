@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -107,7 +108,47 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
     async def completions(req: P.CompletionRequest, request: Request):
         return await run(service.completions, req, request)
 
+    app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
     return app
+
+
+class BodyLimit:
+    """ASGI middleware: a request body past ``limit`` bytes gets a 413, also when it comes chunked without
+    a ``Content-Length``. The body is read first, at most ``limit`` bytes of it held, then handed on."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        parts, seen = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:
+                body = json.dumps(P.error_body(f"request body is larger than this server's limit of {self.limit} "
+                                               "bytes", code="request_too_large")).encode()
+                await send({"type": "http.response.start", "status": 413, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            parts.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+            return await receive()  # then the real channel: a disconnect reaches the app
+
+        await self.app(scope, replay, send)
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:
