@@ -282,3 +282,46 @@ def test_exposed_host_without_key_warns(caplog):
 
     assert exposure_warning("127.0.0.1", None) is None and exposure_warning("0.0.0.0", "k") is None
     assert "without an API key" in exposure_warning("0.0.0.0", None)
+
+
+def test_hot_switch_waits_for_the_running_batch(bundle):
+    """materialize() from another thread while the engine runs a batch waits for that batch: the batch
+    sees one consistent set of weights, and afterwards the branch is hot."""
+    import threading
+    import time
+
+    from branchmerge.runtime.modules import BranchedLinear
+
+    svc = OpenAIService(front_for(bundle))
+    want = bundle.generate("add 1+2=", "a", max_new_tokens=6)[0]
+    slow = _Slow(bundle.groups["main"].model, 0.05)  # counts the batch's forward passes from here
+    seen: list[int] = []  # forward passes done when the first layer turned hot
+    orig = BranchedLinear.materialize
+
+    def spy(self, i):
+        if not seen:
+            seen.append(slow.calls)
+        return orig(self, i)
+
+    BranchedLinear.materialize = spy
+    try:
+        async def go():
+            task = asyncio.create_task(svc.completions(P.CompletionRequest(model="a", prompt="add 1+2=",
+                                                                           max_tokens=6)))
+            while slow.calls == 0:
+                await asyncio.sleep(0.01)
+            done = threading.Event()
+            t0 = time.monotonic()
+            th = threading.Thread(target=lambda: (bundle.materialize("a"), done.set()))
+            th.start()
+            reply = await task
+            await asyncio.get_running_loop().run_in_executor(None, th.join)
+            return reply.body["choices"][0]["text"], done.is_set(), time.monotonic() - t0
+
+        text, hot, _ = asyncio.run(go())
+        assert text == want and hot and "a" in bundle._hot
+        assert seen == [slow.calls] and slow.calls >= 6  # no forward pass of the batch after the switch began
+    finally:
+        BranchedLinear.materialize = orig
+        slow.handle.remove()
+        bundle.dematerialize("a")

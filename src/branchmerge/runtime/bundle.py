@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,6 +84,9 @@ class Bundle:
             self.groups[gname] = _GroupRuntime(gname, model, state, g.standalone)
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._hot: set[str] = set()
+        # held by a server's engine around each batch, and by materialize/dematerialize, so a branch never
+        # changes between hot and factored in the middle of someone's forward pass
+        self.weights_lock = threading.RLock()
         self.router: BranchRouter | None = None
 
     # ---- branches ---------------------------------------------------------------------------
@@ -129,20 +133,22 @@ class Bundle:
         g = self._group_of(branch)
         i = g.state.index(branch)
         extra = 0
-        for m in g.model.modules():
-            if isinstance(m, BranchedLinear):
-                m.materialize(i)
-                extra += m.hot[str(i)].numel() * m.hot[str(i)].element_size()
-        self._hot.add(branch)
+        with self.weights_lock:
+            for m in g.model.modules():
+                if isinstance(m, BranchedLinear):
+                    m.materialize(i)
+                    extra += m.hot[str(i)].numel() * m.hot[str(i)].element_size()
+            self._hot.add(branch)
         return extra
 
     def dematerialize(self, branch: str) -> None:
         g = self._group_of(branch)
         i = g.state.index(branch)
-        for m in g.model.modules():
-            if isinstance(m, BranchedLinear):
-                m.dematerialize(i)
-        self._hot.discard(branch)
+        with self.weights_lock:
+            for m in g.model.modules():
+                if isinstance(m, BranchedLinear):
+                    m.dematerialize(i)
+            self._hot.discard(branch)
 
     def memory_bytes(self) -> int:
         """Bytes of every parameter and buffer held, counting shared storage once."""

@@ -277,6 +277,10 @@ class Engine:
     # ---- running ------------------------------------------------------------------------------------
     def _run(self, jobs: list[Job]) -> None:
         self.batches += 1
+        with self.bundle.weights_lock:  # materialize() waits for the batch, and the batch for it
+            self._run_locked(jobs)
+
+    def _run_locked(self, jobs: list[Job]) -> None:
         try:
             if jobs[0].score is not None:
                 top, greedy = jobs[0].score
