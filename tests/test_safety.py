@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import branchmerge
-from branchmerge.errors import BundleError, ConfigError, ModelInputError
+from branchmerge.errors import BundleError, ConfigError
 from branchmerge.export import export_branch
 from tests.cli_util import run_cli
 from tests.conftest import write_config

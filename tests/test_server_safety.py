@@ -4,7 +4,6 @@ cancelled work for clients that leave, no leaks in errors, the key guarding ever
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 
 import httpx
@@ -19,7 +18,7 @@ from branchmerge.server import OpenAIService, ServerLimits, create_app
 from branchmerge.server import protocol as P
 from branchmerge.server.api import ClientGone
 from tests.conftest import save_char_tokenizer, write_config
-from tests.serving import serving, wait_queued
+from tests.serving import serving
 
 KEY = "sk-safety"
 

@@ -48,6 +48,25 @@ def resolve_dtype(value: str | torch.dtype | None, *, default: str | None = None
     return DTYPES[dtype_name(value, default=default, field=field)]
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here.
+
+    Raises:
+        ConfigError: an unknown device string, or CUDA asked for where there is none.
+    """
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a device (use cpu, cuda or cuda:N): {e}") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA device is available here; use device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return d
+
+
 def json_dumps(obj: Any) -> str:
     """JSON as this project writes it: indented, key order kept."""
     return json.dumps(obj, indent=2)

@@ -35,6 +35,17 @@ def stores_dense(shape: tuple[int, ...] | torch.Size, rank: int) -> bool:
     return rank > 0 and rank * (m + n) >= m * n
 
 
+def stored_bytes(shape: tuple[int, int], rank: int, n: int, esize: int) -> tuple[int, int, int]:
+    """Bytes the merge stores for one compressed ``[m, n]`` weight of ``n`` branches, as
+    ``(W̄ plus the float32 scales, low-rank factors, dense differences)``: each branch keeps factors of
+    ``rank``, or its dense difference where factors would not be smaller."""
+    rows, cols = shape
+    mean = rows * cols * esize + 4 * n
+    if stores_dense(shape, rank):
+        return mean, 0, n * rows * cols * esize
+    return mean, n * rank * (rows + cols) * esize, 0
+
+
 def frobenius_scale(weight: Tensor) -> float:
     """``s = ‖W‖_F`` computed in float32 (float64 accumulation for large matrices)."""
     return float(torch.linalg.vector_norm(weight.float(), dtype=torch.float64))

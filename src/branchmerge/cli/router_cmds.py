@@ -39,10 +39,8 @@ def build_cmd(
     config: Path = typer.Argument(..., metavar="ROUTER.yaml", help="Samples per branch, embedder, template."),
 ) -> None:
     """Embed the representative samples once and store them in BUNDLE/router/."""
-    import branchmerge
     from branchmerge.front import build_bundle_router
     from branchmerge.router import load_router_config
-
     from branchmerge.runtime.bundle import load as load_without_router
 
     cfg = load_router_config(config)

@@ -30,9 +30,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-_TMP_TAG = ".tmp-"
-
-
 def _contains(outer: Path, inner: Path) -> bool:
     return inner == outer or outer in inner.parents
 

@@ -19,7 +19,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from branchmerge import __version__
-from branchmerge.common import json_dumps, resolve_dtype
+from branchmerge.common import json_dumps, resolve_device, resolve_dtype
 from branchmerge.architectures import Architecture, for_hf_config
 from branchmerge.compress import (
     compress_difference,
@@ -30,7 +30,7 @@ from branchmerge.compress import (
     tensor_seed,
 )
 from branchmerge.config import BranchConfig, MergeConfig
-from branchmerge.errors import BranchmergeError, ConfigError, ModelInputError
+from branchmerge.errors import ModelInputError
 from branchmerge.io.bundle import (
     FORMAT,
     FORMAT_VERSION,
@@ -76,9 +76,7 @@ def run_branch_merge(config: MergeConfig, out: str | Path, *, force: bool = Fals
     check_output(out, force=force, inputs=inputs)  # before opening any input; atomic_output_dir checks again
     groups = open_groups(config)
     dtype = resolve_dtype(config.dtype)
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("`device` is cuda but no CUDA device is available; use device: cpu")
+    device = resolve_device(config.device)
 
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -216,8 +214,7 @@ def _keep_tensor(g: _Group, tensor: str, writer: ShardWriter, dtype: torch.dtype
     target = dtype if first.is_floating_point() else first.dtype
     esize = torch.empty((), dtype=target).element_size()
     digests = [_digest(first)] + [_digest(s.get(tensor)) for s in src[1:]]
-    if not g.standalone and len(src) > 1 and len(set(digests)) == 1 and all(
-            torch.equal(first, s.get(tensor)) for s in src[1:]):
+    if not g.standalone and len(set(digests)) == 1 and all(torch.equal(first, s.get(tensor)) for s in src[1:]):
         writer.add(key_shared(g.name, tensor), first.to(target))
         return {"role": "shared", "shape": list(first.shape), "bytes": first.numel() * esize}
     same_as: dict[str, str] = {}
@@ -226,7 +223,7 @@ def _keep_tensor(g: _Group, tensor: str, writer: ShardWriter, dtype: torch.dtype
         t = first if i == 0 else s.get(tensor)
         holder = next((j for j in range(i) if digests[j] == digests[i] and src[j].name not in same_as
                        and torch.equal(t, src[j].get(tensor))), None)
-        if holder is not None and not g.standalone:
+        if holder is not None:  # (a standalone group has one branch: never here)
             same_as[s.name] = src[holder].name
             continue
         writer.add(key_own(s.name, tensor), t.to(target))
@@ -235,10 +232,6 @@ def _keep_tensor(g: _Group, tensor: str, writer: ShardWriter, dtype: torch.dtype
     if same_as:
         rec["same_as"] = same_as
     return rec
-
-
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.blake2b(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def _compress_tensor(

@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from branchmerge.common import DTYPES
-from branchmerge.compress import rank_for, stores_dense
+from branchmerge.compress import rank_for, stored_bytes
 from branchmerge.config import MergeConfig
 from branchmerge.merge.branch import _check_shapes, open_groups
 
@@ -42,11 +42,10 @@ def plan_merge(config: MergeConfig) -> dict[str, Any]:
             counts["compressed"] += 1
             rank = rank_for(shape, config.rate_for(tensor))
             ranks.add(rank)
-            parts["mean"] += numel * esize + 4 * n
-            if stores_dense(shape, rank):
-                parts["dense_deltas"] += n * numel * esize
-            else:
-                parts["factors"] += n * rank * (shape[0] + shape[1]) * esize
+            mean, factors, dense = stored_bytes(shape, rank, n, esize)
+            parts["mean"] += mean
+            parts["factors"] += factors
+            parts["dense_deltas"] += dense
         inputs = sum(s.nbytes() for s in g.sources)
         inputs_at = sum(s.numel() for s in g.sources) * esize
         groups[g.name] = {"branches": [s.name for s in g.sources], "architecture": g.arch.name,

@@ -39,11 +39,7 @@ def build_group_model(
     transposed = g.transposed
     first_dir: Path = reader.branch_dir(members[0])
     config = hf_config_object(reader.hf_config(members[0]), f"branch {members[0]!r}")
-    try:
-        model = skeleton(config, dtype)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise BundleError(f"branch {members[0]!r}: transformers cannot build a model from its config "
-                          f"({type(e).__name__}: {e})") from None
+    model = skeleton(config, dtype, where=f"branch {members[0]!r}")
     state = BranchState(members)
     records = reader.manifest.tensors[group]
 
@@ -125,14 +121,22 @@ def build_group_model(
     return model, state
 
 
-def skeleton(config: PretrainedConfig, dtype: torch.dtype | None = None) -> PreTrainedModel:
+def skeleton(config: PretrainedConfig, dtype: torch.dtype | None = None, *, where: str) -> PreTrainedModel:
     """A causal-LM of ``config`` whose parameters are on the meta device (no memory, no init) and whose
     buffers are real: non-persistent buffers (rotary ``inv_freq``, Gemma's ``embed_scale``) are computed
-    by the model's own constructors, whatever their signatures."""
+    by the model's own constructors, whatever their signatures.
+
+    Raises:
+        BundleError: transformers cannot build a model from ``config`` (named by ``where``).
+    """
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    try:
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for configs it cannot build
+        raise BundleError(f"{where}: transformers cannot build a model from its config "
+                          f"({type(e).__name__}: {e})") from None
 
 
 def hf_config_object(cfg: dict, where: str) -> PretrainedConfig:

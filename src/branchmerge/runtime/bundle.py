@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from branchmerge.common import resolve_dtype
+from branchmerge.common import resolve_device, resolve_dtype
 from branchmerge.errors import BranchmergeError, BranchNotFoundError, BundleError
 from branchmerge.io.bundle import BundleReader
 from branchmerge.runtime.build import build_group_model
@@ -44,25 +44,6 @@ class BranchRouter(Protocol):
     """What the runtime needs of a router (``branchmerge.router.Router``): a branch name per text."""
 
     def route(self, texts: Sequence[str]) -> list[str]: ...
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device that exists here.
-
-    Raises:
-        BranchmergeError: an unknown device string, or CUDA asked for where there is none.
-    """
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise BranchmergeError(f"device {device!r} is not a device (use cpu, cuda or cuda:N): {e}") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise BranchmergeError(f"device {device!r}: no CUDA device is available here; use --device cpu")
-    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise BranchmergeError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if d.type not in ("cpu", "cuda", "mps"):
-        raise BranchmergeError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
-    return d
 
 
 class Bundle:
@@ -317,6 +298,10 @@ class Bundle:
         limit = cfg.get("max_position_embeddings") or cfg.get("n_positions")
         return int(limit) if limit else None
 
+    def tightest_context(self, branches: Iterable[str]) -> int | None:
+        """The smallest context among ``branches`` (what a batch of them must fit), if any is known."""
+        return min((x for x in map(self.context_limit, branches) if x), default=None)
+
     def check_context(self, branch: str, n_prompt: int, max_new_tokens: int) -> None:
         """Raises BranchmergeError (``context_length_exceeded`` in the server) when the prompt and the
         tokens to generate do not fit the branch's context."""
@@ -402,8 +387,7 @@ class Bundle:
                         max_new_tokens: int) -> list[list[int]]:
         """Rows of one group split so that each batch's padded width plus ``max_new_tokens`` fits every
         member's context (two prompts that fit alone may not fit padded together); by length, in order."""
-        limits = [self.context_limit(names[i]) for i in idx]
-        limit = min((x for x in limits if x), default=None)
+        limit = self.tightest_context(names[i] for i in idx)
         if limit is None or max(len(ids_list[i]) for i in idx) + max_new_tokens <= limit:
             return [idx]
         chunks: list[list[int]] = []
@@ -428,7 +412,7 @@ class Bundle:
         # caller's own cache (or cache kind) is left alone
         expands = max(generation_kwargs.get("num_beams") or 1, generation_kwargs.get("num_return_sequences") or 1) > 1
         own_cache = any(k in generation_kwargs for k in ("past_key_values", "cache", "cache_implementation"))
-        limit = min((x for x in (self.context_limit(names[i]) for i in idx) if x), default=None)
+        limit = self.tightest_context(names[i] for i in idx)
         if share_prefix and not expands and not own_cache:
             clusters, _ = prefix_clusters(seqs, [names[i] for i in idx], min_shared=self.min_shared_prefix)
             sh = shared_lengths(clusters, len(seqs))

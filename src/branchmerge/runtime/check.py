@@ -8,25 +8,19 @@ from pathlib import Path
 import torch
 
 from branchmerge.errors import BranchmergeError, BundleError
+from branchmerge.io.bundle import BundleReader
 
 logger = logging.getLogger(__name__)
 
 
-def check_shapes(path: str | Path) -> None:
+def check_shapes(reader: BundleReader) -> None:
     """Cheap check at any size: each group's model skeleton (on the meta device, no memory) built from its
     config, and every stored tensor's shape equal to the parameter or buffer it fills."""
-    from branchmerge.io.bundle import BundleReader
     from branchmerge.runtime.build import hf_config_object, skeleton
 
-    reader = BundleReader(path, verify=False)
     for gname, g in reader.groups.items():
         for b in g.branches:
-            cfg = hf_config_object(reader.hf_config(b), f"branch {b!r}")
-            try:
-                model = skeleton(cfg)
-            except Exception as e:  # noqa: BLE001
-                raise BundleError(f"branch {b!r}: transformers cannot build a model from its config "
-                                  f"({type(e).__name__}: {e})") from None
+            model = skeleton(hf_config_object(reader.hf_config(b), f"branch {b!r}"), where=f"branch {b!r}")
             shapes = {n: list(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
             for tensor, rec in reader.manifest.tensors[gname].items():
                 if tensor not in shapes:
@@ -44,11 +38,11 @@ def check_bundle_loads(path: str | Path, *, forward_max_bytes: int = 2 << 30) ->
     Raises:
         BundleError: naming the branch and what failed.
     """
-    from branchmerge.io.bundle import BundleReader
     from branchmerge.runtime.bundle import Bundle
 
-    check_shapes(path)
-    m = BundleReader(path, verify=False).manifest
+    reader = BundleReader(path, verify=False)
+    check_shapes(reader)
+    m = reader.manifest
     if m.total_bytes * (2 if m.dtype != "float32" else 1) > forward_max_bytes:
         logger.info("bundle %s: shapes checked; too large for a test forward on the CPU", path)
         return

@@ -8,7 +8,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from branchmerge.compress import rank_for, stores_dense
+from branchmerge.compress import rank_for, stored_bytes
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,8 @@ def bundle_bytes(members: Sequence[Profile], rate: float, esize: int) -> int:
         if n == 1:
             total += ps[0].numel * esize
             continue
-        for m, k_n in ps[0].compress_shapes:
-            k = rank_for((m, k_n), rate)
-            per_branch = m * k_n if stores_dense((m, k_n), k) else k * (m + k_n)
-            total += (m * k_n + n * per_branch) * esize + 4 * n
+        for shape in ps[0].compress_shapes:
+            total += sum(stored_bytes(shape, rank_for(shape, rate), n, esize))
         total += sum(p.other_numel for p in ps) * esize
     return total
 

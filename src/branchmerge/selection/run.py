@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -38,10 +39,7 @@ def shape_profile(spec: CandidateSpec) -> tuple[tuple[tuple[int, int], ...], int
         if arch.role(t, shape) == "compress":
             comp.append((int(shape[0]), int(shape[1])))
         else:
-            n = 1
-            for d in shape:
-                n *= int(d)
-            other += n
+            other += math.prod(shape)
     return tuple(comp), other, src.nbytes()
 
 
@@ -97,6 +95,9 @@ class Selection:
         for t in cfg.tasks:
             if t.path:
                 self.local[t.name] = read_local_task(t.name, t.path, t.kind, cfg.dev_items)
+        # evaluations are cached per model digest and this key: the tasks, their files' content, the limit
+        files = [sha256_file(Path(t.path)) for t in cfg.tasks if t.path]
+        self.task_key = hashlib.sha256(json.dumps([self.task_names(), cfg.limit, files]).encode()).hexdigest()[:16]
         self.include.mkdir(parents=True, exist_ok=True)
         for lt in self.local.values():
             write_lm_eval_task(lt, self.include)
@@ -120,11 +121,8 @@ class Selection:
         """Accuracy per task (cached per model digest, task content and limit), shapes, bytes, peak RSS."""
         comp, other, nbytes = shape_profile(spec)
         digest = model_digest(spec.model)
-        task_key = hashlib.sha256(json.dumps([self.task_names(), self.cfg.limit,
-                                              [sha256_file(Path(t.path)) for t in self.cfg.tasks if t.path]])
-                                  .encode()).hexdigest()[:16]
         self.cache.mkdir(parents=True, exist_ok=True)
-        f = self.cache / f"{digest[:24]}-{task_key}.json"
+        f = self.cache / f"{digest[:24]}-{self.task_key}.json"
         if f.is_file():
             acc = json.loads(f.read_text())["accuracy"]
         else:

@@ -48,6 +48,9 @@ class Reply:
     headers: dict[str, str] | None = None
 
 
+_UNSET = object()
+
+
 class ClientGone(Exception):
     """The client disconnected; its work was cancelled."""
 
@@ -68,6 +71,7 @@ class OpenAIService:
         self.limits = limits or ServerLimits()
         self.engine = Engine(self.bundle, max_batch=max_batch, wait_ms=wait_ms, max_queued=self.limits.max_queued)
         self._aux = ThreadPoolExecutor(2, thread_name_prefix="branchmerge-route")  # routing and pipelines
+        self._shared_tok: Any = _UNSET  # see _shared_tokenizer
 
     # ---- listing ------------------------------------------------------------------------------------
     def models(self, created: int) -> dict[str, Any]:
@@ -328,7 +332,7 @@ class OpenAIService:
     def _shared_tokenizer(self):
         """The tokenizer every branch shares (same vocabulary), which reads token-id prompts for routing; or
         None when branches differ."""
-        if not hasattr(self, "_shared_tok"):
+        if self._shared_tok is _UNSET:
             names = self.bundle.branch_names
             first = self.bundle.tokenizer(names[0])
             vocab = first.get_vocab()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -57,7 +56,6 @@ class Job:
     # signalling
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
-    tokens: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # streamed ids, then None
     _loop: asyncio.AbstractEventLoop | None = None
     _future: asyncio.Future | None = None
     _aqueue: asyncio.Queue | None = None
@@ -80,12 +78,8 @@ class Job:
         return ("generate", self.group, tuple(sorted(sampling_kwargs(self.temperature, self.top_p).items())))
 
     def _emit(self, token: int | None) -> None:
-        if not self.stream:
-            return
-        if self._loop is not None:
+        if self.stream and self._loop is not None:  # streamed ids, then None, into the bound event loop
             self._call(self._aqueue.put_nowait, token)
-        else:
-            self.tokens.put(token)
 
     def _call(self, fn, *args) -> None:
         try:
@@ -150,7 +144,6 @@ class Engine:
         self._n = 0
         self._cv = threading.Condition()
         self._ids = itertools.count()
-        self._batch_so_far: list[Job] = []
         self._paused = False
         self._thread = threading.Thread(target=self._loop, daemon=True, name="branchmerge-engine")
         self._thread.start()
@@ -212,16 +205,16 @@ class Engine:
         with self._cv:
             return self._n
 
-    def _take(self, first: Job | None) -> Job | None:
-        """Next job, round-robin over requests; with ``first``, only one that may join its batch."""
+    def _take(self, batch: list[Job]) -> Job | None:
+        """Next job, round-robin over requests; with a ``batch`` begun, only one that may join it."""
         for key in list(self._queues):
             q = self._queues[key]
             pick = None
-            if first is None:
+            if not batch:
                 pick = q[0]
             else:
-                pick = next((j for j in q if j.key == first.key), None)
-                if pick is not None and not self._fits(first, pick):
+                pick = next((j for j in q if j.key == batch[0].key), None)
+                if pick is not None and not self._fits([*batch, pick]):
                     pick = None
             if pick is None:
                 continue
@@ -233,9 +226,9 @@ class Engine:
             return pick
         return None
 
-    def _fits(self, first: Job, job: Job) -> bool:
-        batch = self._batch_so_far + [job]
-        limit = min((x for x in (self.bundle.context_limit(j.branch) for j in batch) if x), default=None)
+    def _fits(self, batch: list[Job]) -> bool:
+        """Padded to its longest prompt plus its largest ``max_tokens``, ``batch`` fits every member's context."""
+        limit = self.bundle.tightest_context(j.branch for j in batch)
         if limit is None:
             return True
         return max(len(j.ids) for j in batch) + max(j.max_tokens for j in batch) <= limit
@@ -252,20 +245,18 @@ class Engine:
         with self._cv:
             while self._n == 0 or self._paused:
                 self._cv.wait()
-            first = self._take(None)
-        self._batch_so_far = [first]
+            jobs = [self._take([])]
         deadline = time.monotonic() + self.wait
-        while len(self._batch_so_far) < self.max_batch:
+        while len(jobs) < self.max_batch:
             with self._cv:
-                j = self._take(first)
+                j = self._take(jobs)
                 if j is None:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cv.wait(timeout=left)
                     continue
-            self._batch_so_far.append(j)
-        jobs, self._batch_so_far = self._batch_so_far, []
+            jobs.append(j)
         live = [j for j in jobs if not j.cancelled.is_set()]
         self.cancelled_jobs += len(jobs) - len(live)
         for j in jobs:
