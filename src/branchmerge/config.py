@@ -9,6 +9,10 @@ Example::
     compress_rate: 0.95
     compress_overrides:
       - {pattern: "*.mlp.down_proj.weight", compress_rate: 0.9}
+    # or, instead of compress_rate/compress_overrides, a byte budget allocated across tensors:
+    #   budget: {branch_bytes: 0.05}      # each branch ≤ 5% of its dense size (or total_bytes: 2GB)
+    factor_bits: 16                    # 16 (the dtype), 8, 4, or mixed (8-bit top triplets, 4-bit tail)
+    group_size: 64                     # entries per quantization scale
     rsvd: {oversample: 10, n_iter: 2, seed: 0}
     dtype: bfloat16
     device: cpu
@@ -99,6 +103,60 @@ def _check_rate(v: float, field: str) -> float:
     return v
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(v: Any, field: str) -> int:
+    """``1500000``, ``"1.5MB"``, ``"2 GiB"`` → bytes.
+
+    Raises:
+        ValueError: naming ``field`` and the value.
+    """
+    if isinstance(v, bool):
+        raise ValueError(f"`{field}` must be a size such as 2GB or 1500000, got {v!r}")
+    if isinstance(v, int | float):
+        n = float(v)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(v))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"`{field}` must be a size such as 2GB, 500MiB or 1500000, got {v!r}")
+        n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not n > 0 or n != n or n == float("inf"):
+        raise ValueError(f"`{field}` must be a positive size, got {v!r}")
+    return int(n)
+
+
+class BudgetConfig(_Frozen):
+    """Bytes the bundle may use, allocated across tensors by their spectra (instead of one rate)."""
+
+    branch_bytes: float | None = Field(
+        default=None, gt=0,
+        description="Each compressed branch's own bytes (factors, scales, per-branch tensors) as a fraction of "
+                    "its dense size at the bundle dtype, e.g. 0.05. The shared part (W̄) is not counted.")
+    total_bytes: int | None = Field(default=None, description="The whole bundle's size, e.g. 2GB or 1500000.")
+    objective: Literal["delta", "weight"] = Field(
+        default="delta",
+        description="What the allocation minimizes: the summed squared error of each tensor's difference relative "
+                    "to that difference ('delta': every fine-tuned change counts alike) or relative to the weight "
+                    "('weight': small differences matter less).")
+    max_rank_factor: float = Field(
+        default=4.0, ge=1.0, le=64.0,
+        description="The rSVD computes this many times the rank a uniform rate would give; no tensor gets more.")
+
+    @field_validator("total_bytes", mode="before")
+    @classmethod
+    def _total(cls, v: Any) -> Any:
+        return None if v is None else parse_bytes(v, "budget.total_bytes")
+
+    @model_validator(mode="after")
+    def _one(self) -> BudgetConfig:
+        if (self.branch_bytes is None) == (self.total_bytes is None):
+            raise ValueError("`budget` takes exactly one of `branch_bytes` (fraction of a dense branch, e.g. 0.05) "
+                             "and `total_bytes` (e.g. 2GB)")
+        return self
+
+
 class MergeConfig(_Frozen):
     """A whole merge: which models, how strongly to compress, where the math runs."""
 
@@ -109,6 +167,11 @@ class MergeConfig(_Frozen):
     )
     compress_rate: float = Field(default=0.95, description="r in [0,1]: rank k = round((1-r)*min(m,n)).")
     compress_overrides: list[CompressOverride] = Field(default_factory=list)
+    budget: BudgetConfig | None = Field(
+        default=None, description="Byte budget allocated across tensors (exclusive with compress_rate).")
+    factor_bits: Literal[16, 8, 4, "mixed"] = Field(
+        default=16, description="Bits of the stored factors: 16 (the dtype), 8, 4, or mixed 8/4 (needs a budget).")
+    group_size: Literal[32, 64, 128, 256] = Field(default=64, description="Entries per quantization scale.")
     rsvd: RSVDConfig = Field(default_factory=RSVDConfig)
     dtype: DType = "bfloat16"
     device: str = "cpu"
@@ -160,6 +223,15 @@ class MergeConfig(_Frozen):
         if clash:
             raise ValueError(f"group name(s) {sorted(clash)} clash with standalone branch names")
         method = METHODS[self.method]
+        if self.budget is not None and ({"compress_rate", "compress_overrides"} & self.model_fields_set):
+            given = sorted({"compress_rate", "compress_overrides"} & self.model_fields_set)
+            raise ValueError(f"`budget` and {' and '.join(f'`{g}`' for g in given)} are exclusive: a budget "
+                             "allocates ranks itself; give one or the other")
+        if self.factor_bits == "mixed" and self.budget is None:
+            raise ValueError("`factor_bits: mixed` needs a `budget` (it picks the 8-bit/4-bit split); with a "
+                             "compress_rate use factor_bits 8 or 4")
+        if method.fn is not None and (self.budget is not None or self.factor_bits != 16):
+            raise ValueError(f"`budget` and `factor_bits` apply to the branch method, not {self.method!r}")
         if method.fn is None and self.parameters:
             raise ValueError(f"method {self.method!r} takes no `parameters`, got {sorted(self.parameters)}")
         if method.fn is not None:

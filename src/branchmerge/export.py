@@ -90,6 +90,11 @@ def summarize(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
             "max_rel_error": errors,
             "mean_rel_error": mean_err,
             "input_bytes": sum(m.branches[b].source_bytes for b in g.branches),
+            "factor_bits": sorted({b for r in comp.values() for b, c in (r.bits or []) if c}) or [16],
+            "tensor_records": {k: {"role": r.role, "shape": r.shape, "rank": r.rank, "dense": r.dense,
+                                   "bits": r.bits, "bytes": r.bytes,
+                                   "max_rel_error": max(r.rel_error.values(), default=None)}
+                               for k, r in recs.items()},
         }
     input_bytes = sum(b.source_bytes for b in m.branches.values())
     at_dtype = sum(b.source_params for b in m.branches.values()) * DTYPES[m.dtype].itemsize
@@ -107,4 +112,5 @@ def summarize(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
         "input_bytes_at_dtype": at_dtype,  # the inputs stored as the bundle stores them (float32 → bf16 is 2×)
         "ratio_at_dtype": m.total_bytes / at_dtype if at_dtype else None,
         "shards": len(m.shards),
+        "allocation": m.allocation,
     }

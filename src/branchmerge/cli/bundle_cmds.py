@@ -12,8 +12,11 @@ def inspect_cmd(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `branchmerge merge`."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip sha256 verification of shards."),
+    tensors: bool = typer.Option(False, "--tensors", help="Also list every compressed tensor: rank, bits, bytes, "
+                                 "error."),
 ) -> None:
-    """Show branches, groups, ranks, bytes vs the inputs, and reconstruction errors."""
+    """Show branches, groups, ranks, factor bits, bytes vs the inputs, reconstruction errors, and the byte
+    budget (when the merge had one) with what each part cost."""
     from branchmerge.cli._out import console, mb, table
     from branchmerge.export import summarize
 
@@ -23,7 +26,8 @@ def inspect_cmd(
         return
     c = console()
     c.print(f"[bold]{s['path']}[/bold]  format v{s['format_version']}  dtype {s['dtype']}  "
-            f"r={s['compress_rate']}  {s['shards']} shard(s)")
+            + (f"r={s['compress_rate']}" if not s.get("allocation") else "ranks by budget")
+            + f"  {s['shards']} shard(s)")
     t = table("groups", ["group", "arch", "branches", "compressed", "shared", "per-branch", "deduplicated", "dense Δ",
                          "ranks", "MB", "input MB"])
     for g, d in s["groups"].items():
@@ -38,10 +42,38 @@ def inspect_cmd(
         for b in d["branches"]:
             e.add_row(b, g, f"{d['mean_rel_error'][b]:.4g}", f"{d['max_rel_error'][b]:.4g}")
     c.print(e)
+    if tensors:
+        for g, d in s["groups"].items():
+            tt = table(f"compressed tensors of {g}", ["tensor", "shape", "rank", "bits", "KB", "max rel. error"])
+            for name, r in d["tensor_records"].items():
+                if r["role"] != "compressed":
+                    continue
+                bits = "dense Δ" if r["dense"] else (
+                    "+".join(f"{c}@{b}" for b, c in r["bits"] if c) if r["bits"] else str(s["dtype"]))
+                tt.add_row(name, "×".join(map(str, r["shape"])), str(r["rank"]), bits, f"{r['bytes'] / 1e3:.1f}",
+                           f"{r['max_rel_error']:.4g}")
+            c.print(tt)
+    a = s.get("allocation")
+    if a:
+        c.print(_budget_lines(a))
     ratio = f"{s['ratio']:.3f}×" if s["ratio"] else "n/a"
     at = f"{s['ratio_at_dtype']:.3f}×" if s["ratio_at_dtype"] else "n/a"
     c.print(f"bundle {mb(s['bundle_bytes'])} MB vs inputs {mb(s['input_bytes'])} MB ({ratio}); vs the inputs at "
             f"{s['dtype']} {mb(s['input_bytes_at_dtype'])} MB ({at})")
+
+
+def _budget_lines(a: dict) -> str:
+    asked = (f"total_bytes {a['requested_total_bytes'] / 1e6:.2f} MB" if "requested_total_bytes" in a else
+             f"branch_bytes {a['branch_bytes']} ({a['allowed_branch_bytes'] / 1e6:.2f} MB for the branches' own "
+             f"bytes of {a['dense_branch_bytes'] / 1e6:.2f} MB dense)")
+    bits = "mixed 8/4" if a["widths"] == [8, 4] else f"{a['widths'][0]}-bit"
+    lines = [f"budget: {asked}; widths {bits}, group size {a['group_size']}",
+             f"  shared means {a['mean_bytes'] / 1e6:.2f} MB, scales {a['scale_bytes'] / 1e3:.1f} KB, uncompressed "
+             f"tensors {a['kept_bytes'] / 1e6:.2f} MB",
+             f"  factors: {a['factor_bytes'] / 1e6:.3f} MB of {a['factor_budget_bytes'] / 1e6:.3f} MB available"
+             + (" (every difference dense: exact)" if a["exact"] else
+                f"; a uniform rate would keep {100 * a['uniform_share']:.2f}% of each rank")]
+    return "\n".join(lines)
 
 
 def export_branch_cmd(
@@ -82,6 +114,13 @@ def methods_cmd() -> None:
         params = ", ".join(f"{f.alias or n}={f.default}" for n, f in m.params.model_fields.items()) or "-"
         t.add_row(m.name, "yes" if m.needs_base else "no", params, m.description, m.reference_url)
     console().print(t)
+    from branchmerge.compress.baselines import DELTA_CODECS
+
+    d = table("delta-compression baselines (bench/compact.py compares them with the branch method at equal bytes)",
+              ["codec", "what it stores", "reference"])
+    for c in DELTA_CODECS.values():
+        d.add_row(c.name, c.description, c.reference_url)
+    console().print(d)
 
 
 def register(app: typer.Typer) -> None:

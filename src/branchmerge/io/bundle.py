@@ -15,6 +15,10 @@ Tensor keys inside the shards (``|`` never occurs in HF tensor names):
     b.BRANCH|TENSOR|U       U_i                                             [m, k]
     b.BRANCH|TENSOR|V       V_i                                             [k, n]
     b.BRANCH|TENSOR|delta   Ŵ_i − W̄ kept densely                            [m, n]
+    b.BRANCH|TENSOR|sigma   quantized factors: singular values σ_i          [k] float32
+    b.BRANCH|TENSOR|U.qB    … rows of Ũ_iᵀ at B bits (int8, or int4 packed) [k_B, m_p·B/8]
+    b.BRANCH|TENSOR|U.sB    … their group scales                            [k_B, m_p/group] float16
+    b.BRANCH|TENSOR|V.qB, V.sB  the same for V_i                             (see compress.quant)
     b.BRANCH|TENSOR         a per-branch tensor (embedding, norm, bias, lm_head; standalone weights)
     g.GROUP|TENSOR          a tensor identical across the group, stored once
 """
@@ -32,6 +36,7 @@ from safetensors import safe_open
 
 from branchmerge.common import json_dumps
 from branchmerge.compress import Difference
+from branchmerge.compress.quant import QuantizedFactors, QuantizedRows
 from branchmerge.errors import BranchNotFoundError, BundleError
 from branchmerge.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, BranchInfo, GroupInfo, Manifest, parse_manifest
 from branchmerge.io.writer import sha256_file
@@ -55,7 +60,7 @@ def key_own(branch: str, tensor: str) -> str:
 
 
 def key_part(branch: str, tensor: str, part: str) -> str:
-    """``part`` is ``U``, ``V`` or ``delta``."""
+    """``part`` is ``U``, ``V``, ``delta``, or a quantized part (``sigma``, ``U.q8``, ``V.s4``…)."""
     return f"b.{branch}|{tensor}|{part}"
 
 
@@ -135,8 +140,48 @@ class BundleReader:
             h = self._handles[fname] = safe_open(str(self.path / fname), framework="pt", device="cpu")
         return h.get_tensor(key).to(device)
 
+    def quantized(self, branch: str, tensor: str) -> QuantizedFactors | None:
+        """The branch's quantized factors of ``tensor`` as stored, or None when they are not quantized.
+
+        Raises:
+            BundleError: a stored part does not have the shape the manifest's record implies.
+        """
+        if not self.has(key_part(branch, tensor, "sigma")):
+            return None
+        rec = self.manifest.tensors[self.branch(branch).group][tensor]
+        if rec.bits is None or rec.group_size is None:
+            raise BundleError(f"bundle {self.path}: tensor {tensor} of branch {branch!r} has quantized factors but "
+                              "its manifest record gives no `bits`/`group_size`")
+        m, n = rec.shape
+        sigma = self.get(key_part(branch, tensor, "sigma")).float()
+        parts = []
+        for bits, count in rec.bits:
+            if count == 0:
+                continue
+            pair = []
+            for f, length in (("U", m), ("V", n)):
+                q = self.get(key_part(branch, tensor, f"{f}.q{bits}"))
+                sc = self.get(key_part(branch, tensor, f"{f}.s{bits}"))
+                lp = -(-length // rec.group_size) * rec.group_size
+                want_q, want_s = [count, lp * bits // 8], [count, lp // rec.group_size]
+                if list(q.shape) != want_q or list(sc.shape) != want_s or q.dtype != (
+                        torch.int8 if bits == 8 else torch.uint8) or sc.dtype != torch.float16:
+                    raise BundleError(f"bundle {self.path}: {key_part(branch, tensor, f + '.q' + str(bits))} has shape "
+                                      f"{list(q.shape)} {q.dtype} (scales {list(sc.shape)} {sc.dtype}); the record "
+                                      f"implies {want_q} and scales {want_s} float16")
+                pair.append(QuantizedRows(q, sc, bits, rec.group_size, length))
+            parts.append(tuple(pair))
+        if sigma.shape != (rec.rank,):
+            raise BundleError(f"bundle {self.path}: {key_part(branch, tensor, 'sigma')} has shape {list(sigma.shape)}, "
+                              f"expected [{rec.rank}]")
+        return QuantizedFactors(sigma, tuple(parts))
+
     def difference(self, branch: str, tensor: str) -> Difference:
-        """The stored form of ``Ŵ_i − W̄`` for one branch and tensor."""
+        """The stored form of ``Ŵ_i − W̄`` for one branch and tensor (quantized factors dequantized, float32)."""
+        q = self.quantized(branch, tensor)
+        if q is not None:
+            u, v = q.dequantize()
+            return Difference(u=u, v=v)
         if self.has(key_part(branch, tensor, "delta")):
             return Difference(dense=self.get(key_part(branch, tensor, "delta")))
         if self.has(key_part(branch, tensor, "U")):

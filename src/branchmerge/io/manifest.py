@@ -39,6 +39,18 @@ class TensorRecord(_Frozen):
     rel_error: dict[str, float] = Field(default_factory=dict)
     same_as: dict[str, str] = Field(default_factory=dict, description="Per-branch tensors: branch → an earlier "
                                     "branch of the group holding identical values (stored once).")
+    bits: list[tuple[Literal[8, 4], int]] | None = Field(
+        default=None, description="Quantized factors: (bit width, triplets) in order, high width first.")
+    group_size: Literal[32, 64, 128, 256] | None = None
+
+    @model_validator(mode="after")
+    def _bits(self) -> TensorRecord:
+        if self.bits is not None:
+            if self.role != "compressed" or self.group_size is None or self.dense or len(self.shape) != 2:
+                raise ValueError("`bits` needs a compressed 2-D low-rank record with a `group_size`")
+            if any(c < 0 for _, c in self.bits) or sum(c for _, c in self.bits) != (self.rank or 0):
+                raise ValueError(f"`bits` {self.bits} must count the record's {self.rank} triplets")
+        return self
 
     def holder(self, branch: str) -> str:
         """The branch whose stored copy ``branch`` reads."""
@@ -86,6 +98,7 @@ class Manifest(_Frozen):
     shards: dict[str, str]
     weight_map: dict[str, str]
     total_bytes: int = Field(ge=0)
+    allocation: dict[str, Any] | None = Field(default=None, description="The byte budget and what each part cost.")
 
     @field_validator("shards")
     @classmethod

@@ -42,6 +42,7 @@ from branchmerge.io.bundle import (
     write_manifest,
 )
 from branchmerge.io.models import ModelSource
+from branchmerge.merge.budget import store_factors
 from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, copy_side_files
 
 logger = logging.getLogger(__name__)
@@ -91,14 +92,23 @@ def run_branch_merge(config: MergeConfig, out: str | Path, *, force: bool = Fals
     total = sum(len(g.sources[0].names()) for g in groups)
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         writer = ShardWriter(tmp, config.max_shard_bytes)
-        bar = tqdm(total=total, desc="merging", unit="tensor", disable=not progress)
+        if config.budget is not None:
+            from branchmerge.merge.budget import merge_with_budget
+
+            n_comp = sum(_role(g, t, g.sources[0].shape(t)) == "compress" for g in groups for t in g.sources[0].names())
+            bar = tqdm(total=total + n_comp, desc="merging", unit="step", disable=not progress)
+            manifest["tensors"], manifest["allocation"] = merge_with_budget(
+                groups, config, writer, dtype, device, tmp, bar, _keep_tensor, _check_shapes, _role)
+        else:
+            bar = tqdm(total=total, desc="merging", unit="tensor", disable=not progress)
         for g in groups:
-            records: dict[str, Any] = {}
-            for tensor in g.sources[0].names():
-                bar.set_postfix_str(f"{g.name}: {tensor}", refresh=False)
-                records[tensor] = _merge_tensor(g, tensor, config, writer, dtype, device)
-                bar.update()
-            manifest["tensors"][g.name] = records
+            if config.budget is None:
+                records: dict[str, Any] = {}
+                for tensor in g.sources[0].names():
+                    bar.set_postfix_str(f"{g.name}: {tensor}", refresh=False)
+                    records[tensor] = _merge_tensor(g, tensor, config, writer, dtype, device)
+                    bar.update()
+                manifest["tensors"][g.name] = records
             manifest["groups"][g.name] = {
                 "branches": [s.name for s in g.sources],
                 "architecture": g.arch.name,
@@ -181,11 +191,15 @@ def _merge_tensor(
     g: _Group, tensor: str, config: MergeConfig, writer: ShardWriter, dtype: torch.dtype, device: torch.device
 ) -> dict[str, Any]:
     shapes = [s.shape(tensor) for s in g.sources]
-    role = "per_branch" if g.standalone else g.arch.role(tensor, shapes[0])
+    role = _role(g, tensor, shapes[0])
     _check_shapes(g, tensor, shapes)
     if role == "compress":
         return _compress_tensor(g, tensor, shapes[0], config, writer, dtype, device)
     return _keep_tensor(g, tensor, writer, dtype)
+
+
+def _role(g: _Group, tensor: str, shape: tuple[int, ...]) -> str:
+    return "per_branch" if g.standalone else g.arch.role(tensor, shape)
 
 
 def _check_shapes(g: _Group, tensor: str, shapes: list[tuple[int, ...]]) -> None:
@@ -266,6 +280,7 @@ def _compress_tensor(
     writer.add(key_scales(g.name, tensor), torch.tensor(scales, dtype=torch.float32))
     rate = config.rate_for(tensor)
     rank = rank_for(shape, rate)
+    bits = int(config.factor_bits)  # "mixed" needs a budget (config validation)
     nbytes = mean_q.numel() * esize + 4 * len(scales)
     errors: dict[str, float] = {}
     dense = False
@@ -274,19 +289,19 @@ def _compress_tensor(
         gen = torch.Generator(device=device).manual_seed(tensor_seed(config.rsvd.seed, s.name, tensor))
         diff = compress_difference(
             w_hat, mean, rank, oversample=config.rsvd.oversample, n_iter=config.rsvd.n_iter, generator=gen
-        ).to(dtype)
+        )
+        diff = diff.to(dtype) if diff.u is None else diff
         if diff.dense is not None:
             dense = True
             writer.add(key_part(s.name, tensor, "delta"), diff.dense)
             nbytes += diff.dense.numel() * esize
         elif diff.u is not None:
-            writer.add(key_part(s.name, tensor, "U"), diff.u)
-            writer.add(key_part(s.name, tensor, "V"), diff.v)
-            nbytes += (diff.u.numel() + diff.v.numel()) * esize
+            b, diff = store_factors(writer, s.name, tensor, diff.u, diff.v, [(bits, rank)], config.group_size, dtype)
+            nbytes += b
         # error of what is actually stored (in the storage dtype), relative to ‖Ŵ_i‖ = 1
         errors[s.name] = relative_error(diff.apply(mean_q), w_hat) if scale > 0 else 0.0
         del w_hat, diff
-    return {
+    rec = {
         "role": "compressed",
         "shape": list(shape),
         "compress_rate": rate,
@@ -295,3 +310,6 @@ def _compress_tensor(
         "rel_error": errors,
         "bytes": nbytes,
     }
+    if bits != 16 and not dense and rank > 0:
+        rec.update(bits=[[bits, rank]], group_size=config.group_size)
+    return rec

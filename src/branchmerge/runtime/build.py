@@ -20,7 +20,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from branchmerge.errors import BundleError
 from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
+from branchmerge.compress.quant import QuantizedFactors, QuantizedRows
 from branchmerge.runtime.modules import BranchedLinear, BranchState, PerBranch
+from branchmerge.runtime.quantized import QuantizedBranchedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +33,14 @@ def _split(tensor: str) -> tuple[str, str]:
 
 
 def build_group_model(
-    reader: BundleReader, group: str, *, device: torch.device, dtype: torch.dtype, fused: bool | None = None
+    reader: BundleReader, group: str, *, device: torch.device, dtype: torch.dtype, fused: bool | None = None,
+    factors: str = "dequantize",
 ) -> tuple[PreTrainedModel, BranchState]:
-    """A causal-LM whose branch is chosen through the returned :class:`BranchState`."""
+    """A causal-LM whose branch is chosen through the returned :class:`BranchState`.
+
+    ``factors``: quantized factors are dequantized once here (``dequantize``), or kept quantized in memory
+    and dequantized per forward (``quantized``; not for transposed, GPT-2-style, layouts).
+    """
     g = reader.groups[group]
     members: list[str] = g.branches
     transposed = g.transposed
@@ -75,6 +82,12 @@ def build_group_model(
         if weight_t is not None and records[weight_t].role == "compressed":
             mean = load(key_mean(group, weight_t))
             scales = reader.get(key_scales(group, weight_t)).tolist()
+            biases = per_branch(params["bias"]) if "bias" in params else None
+            if factors == "quantized" and not transposed and records[weight_t].bits is not None:
+                qfs = [reader.quantized(b, weight_t) for b in members]
+                qfs = [None if q is None else _quant_to(q, device) for q in qfs]
+                _set_module(model, module_name, QuantizedBranchedLinear(state, mean, scales, qfs, biases))
+                continue
             diffs = []
             for b in members:
                 d = reader.difference(b, weight_t)
@@ -85,7 +98,6 @@ def build_group_model(
                     diffs.append(("lowrank", v.T, u.T) if transposed else ("lowrank", u, v))
                 else:
                     diffs.append(None)
-            biases = per_branch(params["bias"]) if "bias" in params else None
             new = BranchedLinear(state, mean.T.contiguous() if transposed else mean, scales, diffs, biases, fused=fused)
             _set_module(model, module_name, new)
             continue
@@ -119,6 +131,12 @@ def build_group_model(
             raise BundleError(f"branch {members[0]!r}: {first_dir / 'generation_config.json'} is invalid: {e}") from None
     model.eval()
     return model, state
+
+
+def _quant_to(q: QuantizedFactors, device: torch.device) -> QuantizedFactors:
+    parts = tuple(tuple(QuantizedRows(r.q.to(device), r.scales.to(device), r.bits, r.group_size, r.length)
+                        for r in pair) for pair in q.parts)
+    return QuantizedFactors(q.sigma.to(device), parts)
 
 
 def skeleton(config: PretrainedConfig, dtype: torch.dtype | None = None, *, where: str) -> PreTrainedModel:

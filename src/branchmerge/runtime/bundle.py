@@ -54,14 +54,17 @@ class Bundle:
     """
 
     def __init__(self, path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 verify: bool = True, fused: bool | None = None) -> None:
+                 verify: bool = True, fused: bool | None = None, factors: str | None = None) -> None:
+        if factors not in (None, "dequantize", "quantized"):
+            raise ValueError(f"factors must be 'dequantize' or 'quantized', got {factors!r}")
         self.reader = BundleReader(path, verify=verify)
         self.path = Path(path)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, default=self.reader.manifest.dtype)
         self.groups: dict[str, _GroupRuntime] = {}
         for gname, g in self.reader.groups.items():
-            model, state = build_group_model(self.reader, gname, device=self.device, dtype=self.dtype, fused=fused)
+            model, state = build_group_model(self.reader, gname, device=self.device, dtype=self.dtype, fused=fused,
+                                             factors=factors or "dequantize")
             self.groups[gname] = _GroupRuntime(gname, model, state, g.standalone)
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._hot: set[str] = set()
@@ -471,7 +474,7 @@ class ContextLengthError(BranchmergeError):
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         verify: bool = True, fused: bool | None = None) -> Bundle:
+         verify: bool = True, fused: bool | None = None, factors: str | None = None) -> Bundle:
     """Load a bundle's branches (no router: :func:`branchmerge.load` attaches the stored one).
 
     Args:
@@ -480,11 +483,14 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
         fused: kernel layout of the branched layers. True stores ``W̄`` and every ``V_i`` as one weight, so
             a layer is two GEMMs (fewer launches: the GPU's choice); False keeps them apart, so one branch
             reads only its own factors (fewer bytes: the CPU's choice). None picks by device.
+        factors: for bundles with int8/int4 factors: ``dequantize`` them once at load (the default: faster
+            per token, see bench/RESULTS.md) or keep them ``quantized`` in memory, dequantized per forward
+            (resident memory as stored).
 
     Raises:
         BundleError: not a bundle, an invalid manifest, unknown format version, a shard failing its sha256.
     """
-    return Bundle(path, device=device, dtype=dtype, verify=verify, fused=fused)
+    return Bundle(path, device=device, dtype=dtype, verify=verify, fused=fused, factors=factors)
 
 
 __all__ = ["Bundle", "BranchRouter", "ContextLengthError", "GenerationResult", "load", "BranchNotFoundError"]

@@ -1,4 +1,4 @@
-"""Pure math of branch compression: tensors in, tensors out. No paths, no HF objects.
+"""Low-rank compression of each branch's difference (the method). Pure math: tensors in, tensors out.
 
 For a group of same-shape weights ``W_i`` (i = 1..N), each ``[m, n]``:
 
