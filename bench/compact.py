@@ -1,6 +1,6 @@
 """Compact branches: worst-task retention against the bytes of each branch's compressed difference.
 
-For the skills family (4 branches) and the real SmolLM2-135M fine-tunes of bench/fidelity_real.py
+For the skills family (4 branches) and the real SmolLM2-135M fine-tunes of bench/fidelity_real.py's recipe
 (`facts`, `words`), at fractions of the factor bytes a uniform r=0.95 uses today (F95), measured side by
 side in one run:
 
@@ -15,7 +15,7 @@ the per-branch tensors every method keeps (embeddings, norms) left out; retentio
 the spectra), the 48 GB table with the best setting, and decode speed and memory of a quantized branch
 (dequantized at load vs kept quantized) against the dense model on this CPU.
 
-    python bench/compact.py [--skip-real] [-n 100]
+    python bench/compact.py [--skip-real] [-n 100] [--steps 60]
 """
 
 from __future__ import annotations
@@ -186,15 +186,15 @@ def family_setup(n: int) -> Setup:
     return Setup("skills family", folders, score_bundle, score_state, SKILLS)
 
 
-def real_setup() -> Setup:
+def real_setup(steps: int) -> Setup:
     sys.path.insert(0, str(ROOT))
     import fidelity_real as fr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folders = {t: CACHE / "real" / f"ft-{t}-120" for t in fr.TASKS}
-    missing = [p for p in folders.values() if not (p / "model.safetensors").is_file()]
-    if missing:
-        raise SystemExit(f"run python bench/fidelity_real.py first (it builds {missing[0]})")
+    from _common import smollm2_folder
+
+    base = smollm2_folder()
+    folders = {t: fr.finetune(base, t, CACHE / "real" / f"ft-{t}-{steps}", steps) for t in fr.TASKS}  # cached
 
     def score_bundle(b):
         return {t: fr.score(lambda qs, t=t: b.generate(qs, t, max_new_tokens=12), t) for t in fr.TASKS}
@@ -247,30 +247,36 @@ def pareto_png(rows: list, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def decode_speed(work: Path, folders: dict[str, Path], rounds: int = 5, tokens: int = 24) -> None:
-    """Decode tokens/s at batch 1: the dense model vs a mixed 8/4 bundle branch, dequantized at load vs kept
-    quantized in memory; interleaved rounds, medians; and the memory each holds."""
+def decode_speed(work: Path, folders: dict[str, Path], ref: dict, rounds: int = 5, tokens: int = 24) -> None:
+    """Decode tokens/s at batch 1: the dense model vs a uniform r=0.95 bundle branch vs a mixed 8/4 branch
+    at F95/3 (dequantized at load, and kept quantized in memory); interleaved rounds, medians; and the
+    memory each holds."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     names = list(folders)
-    data = {"branches": [{"name": b, "model": str(p)} for b, p in folders.items()], "dtype": "bfloat16",
-            "budget": {"branch_bytes": 0.25}, "factor_bits": "mixed"}
-    out = work / "speed"
-    run_merge(parse_config(data), out, force=True, progress=False, check_load=False)
+    branches = [{"name": b, "model": str(p)} for b, p in folders.items()]
+    uni, mixed = work / "speed-uniform", work / "speed-mixed"
+    run_merge(parse_config({"branches": branches, "dtype": "bfloat16", "compress_rate": 0.95}), uni, force=True,
+              progress=False, check_load=False)
+    budget = int(ref["fixed"] + ref["F95"] * len(branches) / 3)
+    run_merge(parse_config({"branches": branches, "dtype": "bfloat16", "budget": {"total_bytes": budget},
+                            "factor_bits": "mixed"}), mixed, force=True, progress=False, check_load=False)
     tok = AutoTokenizer.from_pretrained(folders[names[0]])
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
-    dense = AutoModelForCausalLM.from_pretrained(folders[names[0]], dtype=torch.bfloat16).eval()
+    dense = AutoModelForCausalLM.from_pretrained(folders[names[0]], dtype=torch.float32).eval()
     models = {"dense model": lambda: dense.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)}
     mem = {"dense model": sum(p.numel() * p.element_size() for p in dense.parameters())}
-    for how in ("dequantize", "quantized"):
-        b = branchmerge.load(out, verify=False, dtype="bfloat16", factors=how)
+    for label, out, how in (("bundle r=0.95 (today)", uni, None), ("bundle mixed 8/4 at F95/3, dequantized", mixed,
+                                                                     "dequantize"),
+                            ("bundle mixed 8/4 at F95/3, kept quantized", mixed, "quantized")):
+        b = branchmerge.load(out, verify=False, dtype="float32", factors=how)
         g = b.groups["main"]
-        mem[f"bundle, {how}"] = sum(t.numel() * t.element_size() for t in [*g.model.parameters(), *g.model.buffers()])
+        mem[label] = sum(t.numel() * t.element_size() for t in [*g.model.parameters(), *g.model.buffers()])
 
         def run(b=b, g=g):
             with g.state.select(branch=g.state.index(names[0])), torch.no_grad():
                 return g.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        models[f"bundle, {how}"] = run
+        models[label] = run
     times: dict[str, list[float]] = {k: [] for k in models}
     for k in models:
         models[k]()  # warm-up
@@ -280,8 +286,8 @@ def decode_speed(work: Path, folders: dict[str, Path], rounds: int = 5, tokens: 
             f()
             times[k].append(time.perf_counter() - t)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    print(f"\ndecode, batch 1, {tokens} tokens, bfloat16 on this CPU, {rounds} interleaved rounds (medians); "
-          f"2 branches, mixed 8/4 at branch_bytes 0.25 (every weight of the group in memory):")
+    print(f"\ndecode, batch 1, {tokens} tokens, float32 on this CPU (bench/runtime.py's setting), {rounds} interleaved rounds (medians); "
+          f"bundles hold both branches:")
     print("| model | tok/s | time vs dense | weights held (MB) |\n|---|---|---|---|")
     for k in models:
         print(f"| {k} | {tokens / med[k]:.1f} | {med[k] / med['dense model']:.3f} | {mem[k] / 1e6:.1f} |")
@@ -311,18 +317,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=100, help="prompts per skill (skills family)")
     ap.add_argument("--skip-real", action="store_true", help="skip the SmolLM2 fine-tunes")
+    ap.add_argument("--speed-only", action="store_true", help="only the decode speed and memory rows")
+    ap.add_argument("--steps", type=int, default=60, help="fine-tuning steps of the SmolLM2 fine-tunes (cached; "
+                    "60 is what bench/model_selection.py builds)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     work = CACHE / "compact"
     work.mkdir(parents=True, exist_ok=True)
     rows: list = []
+    if args.speed_only:
+        real = real_setup(args.steps)
+        man = run_merge(parse_config({"branches": real.branches, "dtype": "bfloat16", "compress_rate": 0.95}),
+                        work / "bundle", force=True, progress=False, check_load=False)
+        f95 = factor_bytes(man)
+        decode_speed(work, real.folders, {"F95": f95, "fixed": man["total_bytes"] - f95 * len(real.branches)})
+        return
     fam = family_setup(args.n)
-    ref = measure(fam, work, [0.25, 1 / 3, 0.5, 1.0], "bfloat16", rows)
+    ref = measure(fam, work, [0.1, 0.25, 1 / 3, 0.5, 1.0], "bfloat16", rows)
     pb = per_branch_vs_shared(fam, [1 / 3, 1.0], ref, 2)
     real = None
     if not args.skip_real:
-        real = real_setup()
-        ref_r = measure(real, work, [1 / 3, 1.0], "bfloat16", rows)
+        real = real_setup(args.steps)
+        ref_r = measure(real, work, [0.1, 1 / 3, 1.0], "bfloat16", rows)
         pb_r = per_branch_vs_shared(real, [1 / 3, 1.0], ref_r, 2)
     print("\n| setup | method | bytes (×F95) | " + "accuracy per task | worst-task retention |\n|---|---|---|---|---|")
     for name, label, frac, x, acc, ret in rows:
@@ -338,13 +354,14 @@ def main() -> None:
         print(f"\n{name}: at F95, best of ours {at[1.0][0][1]} keeps {at[1.0][0][5]:.1%} (target ≥ 99%); at F95/3, "
               f"{at[1 / 3][0][1]} keeps {at[1 / 3][0][5]:.1%} (target ≥ 95%); best baseline at no more bytes: "
               f"{at[1.0][1]:.1%} and {at[1 / 3][1]:.1%}")
-    for name, res in [("skills family", pb)] + ([("SmolLM2", pb_r)] if real else []):
+    for name, res in [("skills family", pb)] + ([("SmolLM2 (two branches: their differences from the mean are "
+                                                  "opposite, so their spectra are equal)", pb_r)] if real else []):
         print(f"{name}: per-branch ranks instead of one per tensor would change the summed error of the differences "
               + ", ".join(f"{s:.3f} → {p:.3f}" for s, p in res) + " (at F95/3, F95)")
     pareto_png(rows, ROOT / "compact.png")
     print(f"wrote {ROOT / 'compact.png'}")
     if real:
-        decode_speed(work, real.folders)
+        decode_speed(work, real.folders, ref_r)
     table_48gb("budget + mixed 8/4-bit", 1 / 3)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")
 

@@ -20,7 +20,10 @@ large to write to disk three times within a lease. Its rows are CUDA-graph decod
 prefill, dense vs branched.
 
     python bench/runtime_gpu.py [--device cuda] [--shapes smollm2,1b] [--repeat 8] [--tokens 32]
-    python bench/runtime_gpu.py --shapes "" --in-memory 1b,8b --layouts split,fused --repeat 6
+    python bench/runtime_gpu.py --shapes "" --in-memory 1b,8b --layouts split,fused,triton --repeat 6
+
+The ``triton`` layout runs every branched layer as the two kernels of ``branchmerge.runtime.kernels``
+(issue 16); on a machine without CUDA the script says so and exits.
 """
 
 from __future__ import annotations
@@ -145,7 +148,8 @@ def bench_shape(shape: str, dev: torch.device, args) -> list[str]:
                         "compress_rate": args.rate, "dtype": "bfloat16", "device": str(dev)})
     run_merge(cfg, bdir, force=True, progress=False)
     dense = AutoModelForCausalLM.from_pretrained(paths[0], dtype=torch.bfloat16).to(dev).eval()
-    layouts = {f: branchmerge.load(bdir, device=str(dev), dtype="bfloat16", fused=f == "fused")
+    layouts = {f: branchmerge.load(bdir, device=str(dev), dtype="bfloat16", fused=f == "fused",
+                                   kernels="triton" if f == "triton" else "torch")
                for f in args.layouts.split(",")}
     vocab = SHAPES[shape]["vocab_size"]
     floor = floor_of(bdir, dense)
@@ -167,9 +171,11 @@ def bench_shape(shape: str, dev: torch.device, args) -> list[str]:
         rows.append(line)
         print(line, flush=True)
 
-    if len(layouts) == 2:  # the two layouts compute the same function
-        ref, got = (layouts[f].logits(bids, names).float() for f in ("split", "fused"))
-        print(f"fused vs split logits, mixed batch: relative error {((got - ref).norm() / ref.norm()).item():.2e}")
+    if "split" in layouts:  # the layouts compute the same function
+        ref = layouts["split"].logits(bids, names).float()
+        for f in set(layouts) - {"split"}:
+            got = layouts[f].logits(bids, names).float()
+            print(f"{f} vs split logits, mixed batch: relative error {((got - ref).norm() / ref.norm()).item():.2e}")
     how = "CUDA graph" if dev.type == "cuda" else "static-cache (not captured)"
     for lay, bundle in layouts.items():
         model = bundle.model(branch)
@@ -200,6 +206,18 @@ def bench_shape(shape: str, dev: torch.device, args) -> list[str]:
                 g.state.set_rows(None)
                 torch.cuda.empty_cache() if dev.type == "cuda" else None
 
+    if dev.type == "cuda":  # whole-model generate: eager vs static cache (transformers compiles it to graphs)
+        bundle = layouts.get("triton") or next(iter(layouts.values()))
+        static = branchmerge.load(bdir, device=str(dev), dtype="bfloat16", kernels=bundle.kernels, static_cache=True)
+        texts = ["hello " * 8]
+        for label, b in (("eager", bundle), ("static cache + graphs", static)):
+            b.generate(texts, branch, max_new_tokens=8)  # warm-up (compiles)
+            t = time.perf_counter()
+            b.generate(texts, branch, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+            sync()
+            print(f"generate, {label}, kernels={b.kernels}: {args.tokens / (time.perf_counter() - t):.1f} tok/s",
+                  flush=True)
+        del static
     bundle = next(iter(layouts.values()))
     hot = bundle.materialize(branch)
     model = bundle.model(branch)
@@ -213,7 +231,8 @@ def bench_shape(shape: str, dev: torch.device, args) -> list[str]:
     return rows
 
 
-def branch_in_place(model, rate: float, n: int, fused: bool) -> tuple[BranchState, list[nn.Module]]:
+def branch_in_place(model, rate: float, n: int, fused: bool, triton: bool = False
+                    ) -> tuple[BranchState, list[nn.Module]]:
     """Swap every block linear of ``model`` for a :class:`BranchedLinear` with ``n`` random rank-k factors
     (k from ``rate``), its weight as ``W̄``. For shapes too large to write to disk three times; the
     per-branch norms and embeddings of a real bundle are left out. Returns the state and the replaced
@@ -228,7 +247,9 @@ def branch_in_place(model, rate: float, n: int, fused: bool) -> tuple[BranchStat
             diffs = [("lowrank", torch.randn(out, k, device=w.device, dtype=w.dtype) * 0.02,
                       torch.randn(k, inp, device=w.device, dtype=w.dtype) * 0.02) for _ in range(n)]
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, BranchedLinear(state, w, [1.0] * n, diffs, fused=fused))
+            new = BranchedLinear(state, w, [1.0] * n, diffs, fused=fused)
+            new.use_triton = triton
+            setattr(model.get_submodule(parent), child, new)
             kept.append(mod)
     return state, kept
 
@@ -246,7 +267,7 @@ def bench_in_memory(shape: str, dev: torch.device, args, layout: str) -> list[st
              "decode, batch 32 mixed": (32, 128, 1), f"prefill, {args.prompt_len} tokens": (1, 8, args.prompt_len)}
     dense = {k: GraphedStep(model, b, p, vocab, dev, t) for k, (b, p, t) in steps.items()}
     nparams = sum(p.numel() for p in model.parameters())
-    state, kept = branch_in_place(model, args.rate, 3, fused=layout == "fused")
+    state, kept = branch_in_place(model, args.rate, 3, fused=layout == "fused", triton=layout == "triton")
     print(f"\n## {shape} in memory: {nparams / 1e9:.2f} B parameters, 3 branches at r={args.rate}, bfloat16, "
           f"built in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
@@ -280,10 +301,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=1024)
-    ap.add_argument("--layouts", default="split,fused", help="branched-layer layouts to measure (load(fused=...))")
+    ap.add_argument("--layouts", default="split,fused,triton",
+                    help="branched-layer layouts to measure: split, fused (load(fused=...)), triton (load(kernels=...))")
     ap.add_argument("--in-memory", default="", help="shapes (e.g. 8b) to branch in place, without files")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: this benchmark needs a lent GPU. The kernels' correctness is tested on the CPU "
+              "in Triton's interpreter (tests/test_kernels.py, make test-kernels).")
+        return
     if dev.type == "cuda":
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
               f"transformers {__import__('transformers').__version__}")

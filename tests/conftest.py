@@ -8,7 +8,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from pathlib import Path
+
+# Triton kernels run on CPU tensors in Triton's interpreter (read when a kernel is defined, so set first)
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -291,3 +291,18 @@ def test_inspect_shows_budget_bits_and_errors(family, tmp_path, capsys):
     assert code == 0
     assert "ranks by budget" in out and "budget: branch_bytes 0.25" in out and "mixed 8/4" in out and "factors:" in out
     assert "@8" in out and "@4" in out and "max rel. error" in out
+
+
+def test_dry_run_with_a_budget_predicts_the_bytes(family, tmp_path, capsys):
+    from branchmerge.merge.plan import plan_merge
+
+    cfg = write_config(tmp_path / "c.yaml", _branches(family), budget={"total_bytes": 160_000}, factor_bits=8)
+    plan = plan_merge(load_config(cfg))
+    code, out, _ = run_cli(capsys, "merge", cfg, "-o", tmp_path / "out", "--dry-run")
+    assert code == 0 and "ranks by budget" in out and "for factors" in out and not (tmp_path / "out").exists()
+    man = run_merge(load_config(cfg), tmp_path / "b", progress=False)
+    assert plan["bundle_bytes"] == 160_000  # fixed parts + what is left for factors = the budget
+    assert plan["factor_budget_bytes"] == man["allocation"]["factor_budget_bytes"]  # nothing deduplicated here
+    short = write_config(tmp_path / "d.yaml", _branches(family), budget={"total_bytes": 50_000})
+    code, out, _ = run_cli(capsys, "merge", short, "-o", tmp_path / "out", "--dry-run")
+    assert "short of what the bundle needs" in out

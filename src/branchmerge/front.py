@@ -95,7 +95,7 @@ def embed_with(bundle: Bundle, cfg: RouterConfig, texts: Sequence[str], *, templ
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          verify: bool = True, router: RouterConfig | None = None, fused: bool | None = None,
-         factors: str | None = None) -> Bundle:
+         factors: str | None = None, kernels: str = "auto", static_cache: bool = False) -> Bundle:
     """Load a bundle with its stored router attached (``branch="auto"`` then routes).
 
     Args:
@@ -104,12 +104,14 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
             template must be those the stored sample embeddings were made with).
         fused: layout of the branched layers (see :func:`branchmerge.runtime.bundle.load`).
         factors: ``dequantize`` or keep ``quantized`` int8/int4 factors (see the same).
+        kernels, static_cache: Triton kernels and static-cache (CUDA-graph) decoding (see the same).
 
     Raises:
         BundleError: not a bundle, a shard failing its sha256, or a router whose stored embeddings do not
             match the embedder/template.
     """
-    bundle = Bundle(path, device=device, dtype=dtype, verify=verify, fused=fused, factors=factors)
+    bundle = Bundle(path, device=device, dtype=dtype, verify=verify, fused=fused, factors=factors, kernels=kernels,
+                    static_cache=static_cache)
     attach_router(bundle, router)
     return bundle
 

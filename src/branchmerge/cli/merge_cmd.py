@@ -55,7 +55,8 @@ def _print_plan(cfg) -> None:
     if cfg.method != "branch":
         raise ConfigError("--dry-run plans branch merges; baseline methods write one model of the inputs' size")
     p = plan_merge(cfg)
-    t = table(f"dry run: r={p['compress_rate']}, {p['dtype']} (upper bounds: identical tensors are stored once)",
+    how = f"r={p['compress_rate']}" if p["compress_rate"] is not None else "ranks by budget"
+    t = table(f"dry run: {how}, {p['dtype']} (upper bounds: identical tensors are stored once)",
               ["group", "branches", "compressed", "per-branch", "ranks", "W̄ MB", "U,V MB", "dense Δ MB",
                "per-branch MB", "total MB", "input MB"])
     for name, g in p["groups"].items():
@@ -66,6 +67,11 @@ def _print_plan(cfg) -> None:
                   mb(g["input_bytes"]))
     c = console()
     c.print(t)
+    if p["factor_budget_bytes"] is not None:
+        fb = p["factor_budget_bytes"]
+        c.print(f"budget leaves {mb(fb)} MB for factors, allocated by the spectra at merge time" if fb >= 0 else
+                f"[red]the budget is {mb(-fb)} MB short of what the bundle needs before any factor[/red] (if no "
+                "per-branch tensor turns out identical across branches)")
     c.print(f"bundle ≈ {mb(p['bundle_bytes'])} MB: {p['ratio']:.3f}× the inputs ({mb(p['input_bytes'])} MB), "
             f"{p['ratio_at_dtype']:.3f}× the inputs at {p['dtype']} ({mb(p['input_bytes_at_dtype'])} MB)")
 

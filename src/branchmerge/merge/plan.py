@@ -2,7 +2,8 @@
 role and rank, per group the bytes of each part, and the bundle's size against the inputs.
 
 Nothing is read beyond the safetensors headers. Sizes are upper bounds: tensors that turn out identical
-across branches are stored once by the real merge.
+across branches are stored once by the real merge. Under a ``budget`` the ranks come from the spectra at
+merge time; the plan shows the bytes left for factors (negative: the budget is too small).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def plan_merge(config: MergeConfig) -> dict[str, Any]:
                 counts["per_branch"] += 1
                 continue
             counts["compressed"] += 1
+            if config.budget is not None:  # ranks are allocated at merge time from the spectra
+                parts["mean"] += numel * esize + 4 * n
+                continue
             rank = rank_for(shape, config.rate_for(tensor))
             ranks.add(rank)
             mean, factors, dense = stored_bytes(shape, rank, n, esize)
@@ -51,9 +55,24 @@ def plan_merge(config: MergeConfig) -> dict[str, Any]:
         groups[g.name] = {"branches": [s.name for s in g.sources], "architecture": g.arch.name,
                           "standalone": g.standalone, **counts, "ranks": sorted(ranks), "parts": parts,
                           "bytes": sum(parts.values()), "input_bytes": inputs, "input_bytes_at_dtype": inputs_at}
+    budget = None
+    if config.budget is not None:
+        fixed = sum(g["bytes"] for g in groups.values())
+        if config.budget.total_bytes is not None:
+            budget = config.budget.total_bytes - fixed
+        else:
+            comp = [g for g in groups.values() if not g["standalone"] and g["compressed"]]
+            budget = int(config.budget.branch_bytes * sum(g["input_bytes_at_dtype"] for g in comp)) - sum(
+                g["parts"]["per_branch"] for g in comp)
+        for g in groups.values():  # shown once, on the first compressed group
+            if g["compressed"] and not g["standalone"]:
+                g["parts"]["factors"] = max(budget, 0)
+                g["bytes"] += max(budget, 0)
+                break
     total = sum(g["bytes"] for g in groups.values())
     inputs = sum(g["input_bytes"] for g in groups.values())
     at = sum(g["input_bytes_at_dtype"] for g in groups.values())
-    return {"dtype": config.dtype, "compress_rate": config.compress_rate, "groups": groups, "bundle_bytes": total,
+    return {"dtype": config.dtype, "compress_rate": None if config.budget else config.compress_rate,
+            "factor_budget_bytes": budget, "groups": groups, "bundle_bytes": total,
             "input_bytes": inputs, "input_bytes_at_dtype": at, "ratio": total / inputs if inputs else None,
             "ratio_at_dtype": total / at if at else None}

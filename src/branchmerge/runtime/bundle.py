@@ -54,17 +54,23 @@ class Bundle:
     """
 
     def __init__(self, path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 verify: bool = True, fused: bool | None = None, factors: str | None = None) -> None:
+                 verify: bool = True, fused: bool | None = None, factors: str | None = None,
+                 kernels: str = "auto", static_cache: bool = False) -> None:
         if factors not in (None, "dequantize", "quantized"):
             raise ValueError(f"factors must be 'dequantize' or 'quantized', got {factors!r}")
+        self.static_cache = static_cache
         self.reader = BundleReader(path, verify=verify)
         self.path = Path(path)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, default=self.reader.manifest.dtype)
+        self.kernels = resolve_kernels(kernels, self.device)
         self.groups: dict[str, _GroupRuntime] = {}
         for gname, g in self.reader.groups.items():
             model, state = build_group_model(self.reader, gname, device=self.device, dtype=self.dtype, fused=fused,
                                              factors=factors or "dequantize")
+            for m in model.modules():
+                if isinstance(m, BranchedLinear):
+                    m.use_triton = self.kernels == "triton"
             self.groups[gname] = _GroupRuntime(gname, model, state, g.standalone)
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._hot: set[str] = set()
@@ -414,6 +420,8 @@ class Bundle:
         # beam search and num_return_sequences expand the batch inside generate, past a given cache; a
         # caller's own cache (or cache kind) is left alone
         expands = max(generation_kwargs.get("num_beams") or 1, generation_kwargs.get("num_return_sequences") or 1) > 1
+        if self.static_cache and not any(k in generation_kwargs for k in ("past_key_values", "cache")):
+            generation_kwargs = {"cache_implementation": "static", **generation_kwargs}
         own_cache = any(k in generation_kwargs for k in ("past_key_values", "cache", "cache_implementation"))
         limit = self.tightest_context(names[i] for i in idx)
         if share_prefix and not expands and not own_cache:
@@ -473,8 +481,29 @@ class ContextLengthError(BranchmergeError):
     """A prompt plus the tokens to generate does not fit a branch's context."""
 
 
+def resolve_kernels(kernels: str, device: torch.device) -> str:
+    """``auto`` → ``triton`` on CUDA when triton is installed, else ``torch``.
+
+    Raises:
+        ValueError: an unknown name, or ``triton`` where its kernels cannot run (saying why).
+    """
+    from branchmerge.runtime import kernels as k
+
+    if kernels not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {kernels!r}")
+    if kernels == "auto":
+        return "triton" if device.type == "cuda" and k.available() else "torch"
+    if kernels == "triton" and not k.usable_on(device):
+        why = ("triton is not installed (pip install triton)" if not k.available() else
+               f"the device is {device.type}: Triton kernels need CUDA, or TRITON_INTERPRET=1 to run them in "
+               "Triton's (slow) interpreter")
+        raise ValueError(f"kernels='triton' cannot run here: {why}")
+    return kernels
+
+
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         verify: bool = True, fused: bool | None = None, factors: str | None = None) -> Bundle:
+         verify: bool = True, fused: bool | None = None, factors: str | None = None, kernels: str = "auto",
+         static_cache: bool = False) -> Bundle:
     """Load a bundle's branches (no router: :func:`branchmerge.load` attaches the stored one).
 
     Args:
@@ -486,11 +515,17 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
         factors: for bundles with int8/int4 factors: ``dequantize`` them once at load (the default: faster
             per token, see bench/RESULTS.md) or keep them ``quantized`` in memory, dequantized per forward
             (resident memory as stored).
+        kernels: ``triton`` runs each branched layer as two Triton kernels (shrink, then a GEMM with the
+            expand, scale and bias in its epilogue) for one branch or mixed rows; ``torch`` the torch paths;
+            ``auto`` picks Triton on CUDA when it is installed.
+        static_cache: generate with a static KV cache (``cache_implementation="static"``), which
+            ``transformers`` compiles into CUDA graphs on a GPU; no prefix sharing then.
 
     Raises:
         BundleError: not a bundle, an invalid manifest, unknown format version, a shard failing its sha256.
     """
-    return Bundle(path, device=device, dtype=dtype, verify=verify, fused=fused, factors=factors)
+    return Bundle(path, device=device, dtype=dtype, verify=verify, fused=fused, factors=factors, kernels=kernels,
+                  static_cache=static_cache)
 
 
 __all__ = ["Bundle", "BranchRouter", "ContextLengthError", "GenerationResult", "load", "BranchNotFoundError"]

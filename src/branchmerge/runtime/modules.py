@@ -181,6 +181,7 @@ class BranchedLinear(nn.Module):
         fused: the one-weight layout above; None picks it when ``mean`` is on a CUDA device.
     """
 
+    use_triton = False  # set by load(kernels="triton"|"auto"): both paths through runtime.kernels (uniform only)
     small_rows = 32  # below this many rows the single-branch path accumulates in place (faster on CPU BLAS)
     masked_max_share = 0.5  # mixed rows use the masked path while N·k ≤ this share of min(out, in)
 
@@ -391,8 +392,29 @@ class BranchedLinear(nn.Module):
         else:
             plan = self.state.plan(x.shape[0], x.device)
         x2 = x.reshape(-1, self.in_features)  # [B*T, in]
-        y = self._single(x2, plan) if isinstance(plan, int) else self._mixed(x2, plan, x.shape[0])
+        if self.use_triton and self.uniform:
+            y = self._triton(x2.contiguous(), plan, x.shape[0])
+        else:
+            y = self._single(x2, plan) if isinstance(plan, int) else self._mixed(x2, plan, x.shape[0])
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _triton(self, x2: Tensor, plan: int | MixedPlan, batch: int) -> Tensor:
+        """Both kernels of :mod:`branchmerge.runtime.kernels` (shrink, then GEMM + expand), for one branch or
+        rows of several; a hot branch stays one ``F.linear``."""
+        from branchmerge.runtime import kernels
+
+        if isinstance(plan, int):
+            hot = self._fast[plan][0]
+            if hot is not None:
+                return F.linear(x2, hot, self._fast[plan][4])
+            segs = kernels.cached_segments(plan, x2.shape[0], x2.device)
+        else:
+            seq = x2.shape[0] // batch
+            segs = _cached(plan, ("triton", seq), lambda: kernels.segments(
+                plan.row_ids.cpu().repeat_interleave(seq), x2.shape[0], kernels.row_tile(x2.shape[0]), x2.device))
+        return kernels.branched_linear(x2, self.weight_mean, self.v_cat, self.ut_cat, self.scale_t, self.stride,
+                                       plan if isinstance(plan, int) else None,
+                                       self.bias_cat if self.has_bias else None, plan=segs)
 
     def dense_weight(self, i: int) -> Tensor:
         """``s_i (W̄ + U_i V_i)`` for branch ``i``, ``[out, in]`` (for export and hot branches)."""

@@ -1,0 +1,212 @@
+"""Triton kernels for branched linear layers: two kernels per layer, whatever the branches of the rows.
+
+``y = s_b · (x W̄ᵀ) + (x V_bᵀ)(s_b U_b)ᵀ + bias_b`` for each row's branch ``b``, as Punica's SGMV
+(Chen et al. 2023, https://arxiv.org/abs/2310.18547) and vLLM's ``lora_shrink``/``lora_expand`` do it:
+rows are grouped by branch into tiles (segment offsets; the rows themselves stay where they are, a
+sorted index list says which to read), and each program reads only its own branch's factors.
+
+* **shrink**: ``h = x V_bᵀ`` ``[R, KP]`` (float32), one program per (row tile, rank chunk);
+* **expand**: one GEMM per (row tile, column tile) whose K loop runs over ``x`` against ``W̄``, then
+  scales by ``s_b``, adds ``h (s_b U_b)ᵀ`` (a second, short K loop over the rank), and the bias, in
+  its epilogue.
+
+A single branch is one segment. Triton is optional: :func:`available` says whether it imported, and
+the torch paths of :class:`~branchmerge.runtime.modules.BranchedLinear` are used without it. Under
+``TRITON_INTERPRET=1`` the kernels run on CPU tensors (for tests); tiles are upcast to float32 before
+``tl.dot`` there, since the interpreter's bfloat16 dot is wrong. On CUDA the expand kernel's tile sizes
+are autotuned per shape and row-count bucket.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # optional dependency
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    tl = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def usable_on(device: torch.device) -> bool:
+    """Whether the kernels can run on tensors of ``device`` here (CUDA, or any device under the interpreter)."""
+    return available() and (device.type == "cuda" or interpreting())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _shrink_kernel(x_ptr, idx_ptr, v_ptr, h_ptr, tb_ptr, ts_ptr, te_ptr, K_IN, KP, sx, sv, sh,
+                       BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+        t = tl.program_id(0)
+        pr = tl.program_id(1)
+        b = tl.load(tb_ptr + t)
+        start = tl.load(ts_ptr + t)
+        end = tl.load(te_ptr + t)
+        offs = start + tl.arange(0, BM)
+        mrow = offs < end
+        rows = tl.load(idx_ptr + offs, mask=mrow, other=0)
+        rr = pr * BR + tl.arange(0, BR)
+        mr = rr < KP
+        acc = tl.zeros((BM, BR), dtype=tl.float32)
+        for k0 in range(0, K_IN, BK):
+            kk = k0 + tl.arange(0, BK)
+            mk = kk < K_IN
+            a = tl.load(x_ptr + rows[:, None] * sx + kk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
+            w = tl.load(v_ptr + (b * KP + rr)[None, :] * sv + kk[:, None], mask=mr[None, :] & mk[:, None], other=0.0)
+            if UPCAST:
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+            else:
+                acc += tl.dot(a, w)
+        tl.store(h_ptr + rows[:, None] * sh + rr[None, :], acc, mask=mrow[:, None] & mr[None, :])
+
+    @triton.jit
+    def _expand_kernel(x_ptr, idx_ptr, w_ptr, h_ptr, ut_ptr, s_ptr, bias_ptr, y_ptr, tb_ptr, ts_ptr, te_ptr,
+                       K_IN, N_OUT, KP, sx, sw, sh, sut, sy, M_BUCKET,
+                       HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       BR: tl.constexpr, UPCAST: tl.constexpr):
+        t = tl.program_id(0)
+        pn = tl.program_id(1)
+        b = tl.load(tb_ptr + t)
+        start = tl.load(ts_ptr + t)
+        end = tl.load(te_ptr + t)
+        offs = start + tl.arange(0, BM)
+        mrow = offs < end
+        rows = tl.load(idx_ptr + offs, mask=mrow, other=0)
+        cols = pn * BN + tl.arange(0, BN)
+        mcol = cols < N_OUT
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K_IN, BK):  # x W̄ᵀ
+            kk = k0 + tl.arange(0, BK)
+            mk = kk < K_IN
+            a = tl.load(x_ptr + rows[:, None] * sx + kk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * sw + kk[:, None], mask=mcol[None, :] & mk[:, None], other=0.0)
+            if UPCAST:
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+            else:
+                acc += tl.dot(a, w)
+        acc = acc * tl.load(s_ptr + b).to(tl.float32)
+        for r0 in range(0, KP, BR):  # + (x V_bᵀ)(s_b U_b)ᵀ
+            rr = r0 + tl.arange(0, BR)
+            mr = rr < KP
+            hh = tl.load(h_ptr + rows[:, None] * sh + rr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
+            u = tl.load(ut_ptr + (b * KP + rr)[:, None] * sut + cols[None, :], mask=mr[:, None] & mcol[None, :],
+                        other=0.0)
+            if UPCAST:
+                acc += tl.dot(hh, u.to(tl.float32))
+            else:
+                acc += tl.dot(hh.to(u.dtype), u)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + b * N_OUT + cols, mask=mcol, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * sy + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=mrow[:, None] & mcol[None, :])
+
+    _expand_tuned = triton.autotune(
+        configs=[triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+                 for bn in (32, 64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)],
+        key=["K_IN", "N_OUT", "KP", "M_BUCKET"],
+    )(_expand_kernel)
+
+
+def row_tile(rows: int) -> int:
+    """Rows per program: 16 for decode (``tl.dot`` needs at least 16), up to 64 for prefill."""
+    return 16 if rows <= 16 else 32 if rows <= 64 else 64
+
+
+def segments(branch_of_row: Tensor | int, rows: int, bm: int, device: torch.device
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Tiles of rows grouped by branch: ``(idx [R] rows sorted by branch, tile_branch [T], tile_start [T],
+    tile_end [T])``, int32 on ``device``. A branch with no rows gets no tile.
+
+    ``branch_of_row``: ``[R]`` branch ids (CPU), or one id for every row.
+    """
+    if isinstance(branch_of_row, int):
+        idx = torch.arange(rows, dtype=torch.int32)
+        ids, counts = [branch_of_row], [rows]
+    else:
+        order = torch.argsort(branch_of_row, stable=True)
+        idx = order.to(torch.int32)
+        uniq, cnt = torch.unique_consecutive(branch_of_row[order], return_counts=True)
+        ids, counts = uniq.tolist(), cnt.tolist()
+    tb, ts, te = [], [], []
+    start = 0
+    for b, c in zip(ids, counts):
+        for s in range(start, start + c, bm):
+            tb.append(b)
+            ts.append(s)
+            te.append(start + c)
+        start += c
+    as_t = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    return idx.to(device), as_t(tb), as_t(ts), as_t(te)
+
+
+_SINGLE: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+
+def cached_segments(branch: int, rows: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`segments` for ``rows`` rows of one branch, made once per shape (every layer and step reuses
+    them, so no host-to-device copy per call)."""
+    key = (branch, rows, str(device))
+    got = _SINGLE.get(key)
+    if got is None:
+        if len(_SINGLE) > 4096:
+            _SINGLE.clear()
+        got = _SINGLE[key] = segments(branch, rows, row_tile(rows), device)
+    return got
+
+
+def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scales: Tensor, kp: int,
+                    branch_of_row: Tensor | int, bias_cat: Tensor | None = None,
+                    plan: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """``y[r] = s_b · x[r] W̄ᵀ + (x[r] V_bᵀ)(s_b U_b)ᵀ + bias_b`` with ``b`` the branch of row ``r``.
+
+    Args:
+        x: ``[R, in]`` (contiguous rows).
+        mean: ``W̄`` ``[out, in]``.
+        v_cat: every branch's ``V`` stacked, ``[N·kp, in]`` (rows ``b·kp…b·kp+kp``; zero-padded ranks).
+        ut_cat: every branch's ``s_b U_bᵀ`` stacked, ``[N·kp, out]``.
+        scales: ``s_b`` ``[N]``.
+        kp: rows per branch in ``v_cat``/``ut_cat``.
+        branch_of_row: ``[R]`` branch ids (CPU long tensor), or one id for every row.
+        bias_cat: ``[N, out]`` or None.
+        plan: :func:`segments` for these rows, when the caller caches it.
+
+    Returns:
+        ``y`` ``[R, out]`` in ``x``'s dtype.
+    """
+    if triton is None:
+        raise RuntimeError("the triton kernels need `pip install triton`")
+    r, k_in = x.shape
+    n_out = mean.shape[0]
+    bm = row_tile(r)
+    idx, tb, ts, te = plan if plan is not None else segments(branch_of_row, r, bm, x.device)
+    upcast = interpreting()
+    br = 16 if kp <= 16 else 32
+    h = torch.empty(r, kp, device=x.device, dtype=torch.float32)
+    tiles = tb.numel()
+    _shrink_kernel[(tiles, triton.cdiv(kp, br))](x, idx, v_cat, h, tb, ts, te, k_in, kp, x.stride(0),
+                                                 v_cat.stride(0), h.stride(0), BM=bm, BR=br, BK=32 if upcast else 64,
+                                                 UPCAST=upcast)
+    y = torch.empty(r, n_out, device=x.device, dtype=x.dtype)
+    bias = bias_cat if bias_cat is not None else scales
+    args = (x, idx, mean, h, ut_cat, scales, bias, y, tb, ts, te, k_in, n_out, kp, x.stride(0), mean.stride(0),
+            h.stride(0), ut_cat.stride(0), y.stride(0), bm)
+    if upcast or x.device.type != "cuda":
+        _expand_kernel[(tiles, triton.cdiv(n_out, 32))](*args, HAS_BIAS=bias_cat is not None, BM=bm, BN=32, BK=32,
+                                                        BR=br, UPCAST=upcast)
+    else:  # pragma: no cover - needs a GPU
+        _expand_tuned[lambda meta: (tiles, triton.cdiv(n_out, meta["BN"]))](
+            *args, HAS_BIAS=bias_cat is not None, BM=bm, BR=br, UPCAST=False)
+    return y

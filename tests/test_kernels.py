@@ -1,0 +1,114 @@
+"""Triton kernels of the branched layer against the torch reference, in Triton's interpreter
+(``TRITON_INTERPRET=1``, set by conftest): `make test` runs a subset, `make test-kernels` every case."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import branchmerge
+from branchmerge.runtime import kernels
+from branchmerge.runtime.bundle import resolve_kernels
+
+
+def _layer(n: int, rank: int, kp: int, k_in: int, n_out: int, dtype: torch.dtype, bias: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(n_out, k_in, generator=g)
+    v = torch.zeros(n * kp, k_in)
+    ut = torch.zeros(n * kp, n_out)
+    for b in range(n):
+        v[b * kp:b * kp + rank] = torch.randn(rank, k_in, generator=g)
+        ut[b * kp:b * kp + rank] = torch.randn(rank, n_out, generator=g) * 0.3
+    scales = torch.rand(n, generator=g) + 0.5
+    b_cat = torch.randn(n, n_out, generator=g) if bias else None
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(mean), cast(v), cast(ut), scales.to(dtype), cast(b_cat)
+
+
+def _reference(x, mean, v, ut, scales, kp, ids, bias):
+    """The branched layer's definition, row by row, in float64 from the same (rounded) weights."""
+    out = []
+    for r in range(x.shape[0]):
+        b = ids[r]
+        vb, ub = v[b * kp:(b + 1) * kp].double(), ut[b * kp:(b + 1) * kp].double()
+        y = scales[b].double() * (x[r].double() @ mean.double().T) + (x[r].double() @ vb.T) @ ub
+        out.append(y if bias is None else y + bias[b].double())
+    return torch.stack(out)
+
+
+def _check(rows, n, rank, kp, dtype, bias, ids=None, seed=0):
+    k_in, n_out = 48, 40
+    mean, v, ut, scales, b_cat = _layer(n, rank, kp, k_in, n_out, dtype, bias, seed)
+    x = torch.randn(rows, k_in, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    if ids is None:
+        ids = torch.randint(0, n, (rows,), generator=torch.Generator().manual_seed(seed + 2))
+    y = kernels.branched_linear(x, mean, v, ut, scales, kp, ids if isinstance(ids, torch.Tensor) else int(ids), b_cat)
+    want = _reference(x, mean, v, ut, scales, kp, ids if isinstance(ids, torch.Tensor) else [ids] * rows, b_cat)
+    assert y.shape == (rows, n_out) and y.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    err = float((y.double() - want).abs().max() / want.abs().max())
+    assert err < tol, err
+
+
+# ---- the subset `make test` runs --------------------------------------------------------------------
+def test_single_branch_decode_and_prefill_rows():
+    for rows in (1, 17):
+        _check(rows, n=3, rank=5, kp=5, dtype=torch.float32, bias=True, ids=1)
+
+
+def test_mixed_rows_uneven_segments_with_an_empty_one():
+    ids = torch.tensor([2, 0, 0, 2, 2, 2, 0, 3, 2, 0, 0])  # branch 1 has no rows; 3 has one
+    _check(11, n=4, rank=13, kp=13, dtype=torch.float32, bias=True, ids=ids)
+    _check(11, n=4, rank=13, kp=16, dtype=torch.float32, bias=False, ids=ids)  # zero-padded ranks (fused layout)
+
+
+def test_bfloat16_within_tolerance():
+    _check(9, n=3, rank=7, kp=8, dtype=torch.bfloat16, bias=True)
+
+
+def test_segments_group_rows_by_branch():
+    idx, tb, ts, te = kernels.segments(torch.tensor([1, 0, 1, 1, 0]), 5, 16, torch.device("cpu"))
+    assert idx.tolist() == [1, 4, 0, 2, 3] and tb.tolist() == [0, 1] and ts.tolist() == [0, 2] and te.tolist() == [2, 5]
+    idx, tb, ts, te = kernels.segments(torch.tensor([0] * 40), 40, 16, torch.device("cpu"))
+    assert tb.tolist() == [0, 0, 0] and ts.tolist() == [0, 16, 32] and te.tolist() == [40] * 3
+
+
+def test_whole_model_triton_equals_torch(bundles):
+    torch_b = branchmerge.load(bundles[0.9], dtype="float32", kernels="torch")
+    tri_b = branchmerge.load(bundles[0.9], dtype="float32", kernels="triton")
+    assert tri_b.kernels == "triton" and any(getattr(m, "use_triton", False) for m in tri_b.groups["main"].model.modules())
+    ids = torch.tensor([[1, 5, 9, 14, 3, 22, 7], [1, 7, 7, 30, 12, 4, 9], [1, 3, 3, 3, 3, 3, 3]])
+    for names in (["a", "a", "a"], ["a", "c", "b"], ["c", "a", "c"]):
+        want, got = torch_b.logits(ids, names), tri_b.logits(ids, names)
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), names
+    prompts = ["abc", "hello", "xyz"]
+    assert tri_b.generate(prompts, ["a", "b", "c"], max_new_tokens=4) == torch_b.generate(prompts, ["a", "b", "c"],
+                                                                                           max_new_tokens=4)
+
+
+def test_kernels_choice_is_checked(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_kernels("auto", cpu) == "torch"  # the interpreter is never picked by itself
+    with pytest.raises(ValueError, match="kernels must be"):
+        resolve_kernels("cuda", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="need CUDA, or TRITON_INTERPRET=1"):
+        resolve_kernels("triton", cpu)
+
+
+def test_static_cache_generate_equals_the_eager_path(bundles):
+    eager = branchmerge.load(bundles[0.9], dtype="float32")
+    static = branchmerge.load(bundles[0.9], dtype="float32", static_cache=True)
+    prompts = ["abc", "hello there", "xyz"]
+    for names in (["a", "a", "a"], ["a", "b", "c"]):
+        assert static.generate(prompts, names, max_new_tokens=6) == eager.generate(prompts, names, max_new_tokens=6)
+
+
+# ---- every case: `make test-kernels` ----------------------------------------------------------------
+@pytest.mark.kernels_full
+@pytest.mark.parametrize("rows", [1, 2, 7, 16, 17, 33, 64])
+@pytest.mark.parametrize("rank,kp", [(1, 1), (5, 8), (13, 13), (24, 24), (33, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_case(rows, rank, kp, dtype):
+    _check(rows, n=3, rank=rank, kp=kp, dtype=dtype, bias=rows % 2 == 1, seed=rows * 7 + rank)
+    _check(rows, n=3, rank=rank, kp=kp, dtype=dtype, bias=False, ids=2, seed=rows)
