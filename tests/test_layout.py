@@ -64,7 +64,7 @@ def test_no_import_circles():
             visit(m)
 
 
-ORDER = ["errors", "common", "architectures", "methods", "config", "io", "compress", "merge", "export", "runtime",
+ORDER = ["errors", "common", "architectures", "methods", "config", "io", "compress", "merge", "export", "export_vllm", "runtime",
          "router", "staged", "front", "server", "family", "evaluate", "harness", "selection", "demo", "cli"]
 
 

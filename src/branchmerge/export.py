@@ -38,27 +38,35 @@ def export_branch(
         BranchNotFoundError: unknown branch. BundleError: corrupt bundle. BranchmergeError: ``out`` exists.
     """
     reader = BundleReader(bundle)
+    reader.branch(branch)
+    out = Path(out)
+    with atomic_output_dir(out, force=force, inputs=[reader.path]) as tmp:
+        write_branch(reader, branch, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress)
+    logger.debug("exported branch %s to %s", branch, out)
+    return out
+
+
+def write_branch(reader: BundleReader, branch: str, folder: Path, *, dtype: str | Any = None,
+                 max_shard_bytes: int = 2 << 30, progress: bool = True,
+                 tensors: Any = None) -> None:
+    """Write ``branch`` as an HF folder into the existing ``folder`` (see :func:`export_branch`);
+    ``tensors`` replaces the branch's ``(name, tensor)`` stream (an export that edits weights)."""
     info = reader.branch(branch)
     name_dt = dtype_name(dtype, default=reader.manifest.dtype)
     torch_dtype = DTYPES[name_dt]
-    out = Path(out)
-    with atomic_output_dir(out, force=force, inputs=[reader.path]) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes, prefix="model")
-        n = len(reader.manifest.tensors[info.group])
-        for name, tensor in tqdm(
-            reader.iter_branch_tensors(branch), total=n, desc=f"export {branch}", disable=not progress
-        ):
-            writer.add(name, tensor.to(torch_dtype) if tensor.is_floating_point() else tensor)
-        writer.close()
-        finish_hf_shards(tmp, writer)
-        src = reader.branch_dir(branch)
-        for fname in info.files:  # plain names (validated by the manifest), copied as regular files only
-            f = src / fname
-            if fname != "config.json" and f.is_file() and not f.is_symlink():
-                shutil.copyfile(f, tmp / fname)
-        write_hf_config(tmp, info.hf_config, name_dt)
-    logger.debug("exported branch %s to %s", branch, out)
-    return out
+    writer = ShardWriter(folder, max_shard_bytes, prefix="model")
+    n = len(reader.manifest.tensors[info.group])
+    stream = tensors if tensors is not None else reader.iter_branch_tensors(branch)
+    for name, tensor in tqdm(stream, total=n, desc=f"export {branch}", disable=not progress):
+        writer.add(name, tensor.to(torch_dtype) if tensor.is_floating_point() else tensor)
+    writer.close()
+    finish_hf_shards(folder, writer)
+    src = reader.branch_dir(branch)
+    for fname in info.files:  # plain names (validated by the manifest), copied as regular files only
+        f = src / fname
+        if fname != "config.json" and f.is_file() and not f.is_symlink():
+            shutil.copyfile(f, folder / fname)
+    write_hf_config(folder, info.hf_config, name_dt)
 
 
 def summarize(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:

@@ -123,7 +123,41 @@ def methods_cmd() -> None:
     console().print(d)
 
 
+def export_vllm_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    mode: str = typer.Option("lora", "--mode", help="lora: one shared base + one PEFT adapter per branch; dense: one "
+                             "plain HF folder per branch (exact)."),
+    scale: str = typer.Option("refactor", "--scale", help="How a LoRA carries the per-branch scale: refactor (rSVD of "
+                              "the exact difference) or ignore (the stored factors, dropping (s_i - mean s)·W̄)."),
+    extra_rank: int = typer.Option(0, "--extra-rank", help="LoRA rank beyond each tensor's bundle rank (refactor)."),
+    per_branch: str = typer.Option("mean", "--per-branch", help="Per-branch tensors that differ between branches: mean "
+                                   "(averaged into the base, error reported), lora (embeddings and lm_head as LoRAs "
+                                   "of --embed-rank; norms averaged) or refuse."),
+    embed_rank: int = typer.Option(64, "--embed-rank", help="LoRA rank of embeddings/lm_head with --per-branch lora."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the bundle's)."),
+    port: int = typer.Option(8000, "--port", help="First port in the generated vllm serve lines and gateway.yaml."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+) -> None:
+    """Export a bundle for vLLM (shared base + LoRA adapters, or dense folders), with the `vllm serve` line,
+    a gateway.yaml, and the error of every choice per tensor (export_report.json)."""
+    from branchmerge.export_vllm import export_vllm
+
+    r = export_vllm(bundle, out, mode=mode, scale=scale, extra_rank=extra_rank, per_branch=per_branch,
+                    embed_rank=embed_rank, dtype=dtype, force=force, port=port, progress=not no_progress)
+    for gname, g in r["groups"].items():
+        for b, info in g.get("branches", {}).items():
+            typer.echo(f"{gname}/{b}: LoRA rank {info['rank']}, max relative weight error "
+                       f"{info['max_rel_weight_error']:.3g} (LoRA tensors {info['max_rel_error_lora_tensors']:.3g}; "
+                       f"{len(info['base_tensors'])} per-branch tensor(s) averaged into the base)")
+    typer.echo(f"wrote {out} (export_report.json, serve_vllm.sh, gateway.yaml); serve with:")
+    for line in r["launch"]:
+        typer.echo("  " + line)
+
+
 def register(app: typer.Typer) -> None:
+    app.command("export-vllm")(export_vllm_cmd)
     app.command("methods")(methods_cmd)
     app.command("inspect")(inspect_cmd)
     app.command("export-branch")(export_branch_cmd)
