@@ -148,7 +148,8 @@ class StageResult:
     completion_tokens: int
 
 
-def _postprocess(text: str, stage: Stage) -> str:
+def postprocess(text: str, stage: Stage) -> str:
+    """A stage's output cut at its stop strings, stripped, and narrowed by its ``extract`` regex."""
     text = cut_at_stop(text, stage.stop)[0].strip()
     if stage.extract:
         m = re.search(stage.extract, text)
@@ -181,7 +182,7 @@ def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str], *,
             bundle.check_context(b, len(i), stage.max_tokens)
         outs = gen(ids, branches, max_new_tokens=stage.max_tokens, **sampling_kwargs(stage.temperature))
         for r, (o, prompt) in enumerate(zip(outs, prompts)):
-            text = _postprocess(o.text, stage)
+            text = postprocess(o.text, stage)
             results[r].append(StageResult(k, o.branch, prompt, text, len(o.prompt_ids), len(o.new_ids)))
             previous[r] = text
     return results

@@ -1,4 +1,5 @@
-"""`branchmerge serve`: an OpenAI-compatible HTTP server over a bundle."""
+"""`branchmerge serve` (an OpenAI-compatible server over a bundle) and `branchmerge gateway` (one in front of
+other OpenAI-compatible servers)."""
 
 from __future__ import annotations
 
@@ -36,5 +37,22 @@ def serve_cmd(
           limits=limits)
 
 
+def gateway_cmd(
+    config: Path = typer.Argument(..., metavar="GATEWAY_YAML", help="Upstreams, branch → upstream, router, pipelines."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="BRANCHMERGE_API_KEY",
+                                       help="Require 'Authorization: Bearer KEY' on /v1/*."),
+) -> None:
+    """An OpenAI-compatible gateway in front of OpenAI-compatible backends (vLLM, branchmerge serve): each branch
+    maps to an upstream, `auto` routes with a bundle's stored router, pipelines run their stages across
+    upstreams, streaming passes through, /health probes every upstream. `branchmerge export-vllm` writes a
+    gateway.yaml for its vLLM server."""
+    from branchmerge.server.gateway import gateway
+
+    gateway(config, host=host, port=port, api_key=api_key)
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
+    app.command("gateway")(gateway_cmd)

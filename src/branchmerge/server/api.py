@@ -74,6 +74,13 @@ class OpenAIService:
         self._shared_tok: Any = _UNSET  # see _shared_tokenizer
 
     # ---- listing ------------------------------------------------------------------------------------
+    async def health(self, full: bool) -> dict[str, Any]:
+        """``/health``: only the status for a caller without the key."""
+        if not full:
+            return {"status": "ok"}
+        return {"status": "ok", "branches": self.bundle.branch_names, "batches": self.engine.batches,
+                "queued": self.engine.queued()}
+
     def models(self, created: int) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "branchmerge"}
                                            for i in self.front.model_ids()]}

@@ -32,9 +32,19 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
     if max_tokens_limit is not None:
         limits = (limits or ServerLimits()).model_copy(update={"max_tokens": max_tokens_limit})
     service = OpenAIService(front, limits=limits, max_batch=max_batch, wait_ms=wait_ms)
+    app = build_app(service, api_key=api_key)
+    app.state.engine, app.state.bundle = service.engine, front.bundle
+    return app
+
+
+def build_app(service: Any, *, api_key: str | None = None, title: str = "branchmerge") -> FastAPI:
+    """The OpenAI-compatible routes over ``service`` — :class:`~.api.OpenAIService` (``serve``) or
+    :class:`~.gateway.GatewayService` (``gateway``): ``limits``, ``models(created)``, ``health(full)``,
+    and async ``chat``/``completions(req, disconnected) -> Reply``. One implementation of the API surface
+    (auth, body limits, error shapes, streaming) for both."""
     docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="branchmerge", version="1", **docs)
-    app.state.service, app.state.engine, app.state.bundle = service, service.engine, front.bundle
+    app = FastAPI(title=title, version="1", **docs)
+    app.state.service = service
     created = int(time.time())
     expected = f"Bearer {api_key}".encode() if api_key else None
 
@@ -84,11 +94,8 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
 
     @app.get("/health")
     async def health(request: Request):
-        if expected is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
-                                                            expected):
-            return {"status": "ok"}
-        return {"status": "ok", "branches": front.bundle.branch_names, "batches": service.engine.batches,
-                "queued": service.engine.queued()}
+        full = expected is None or hmac.compare_digest(request.headers.get("authorization", "").encode(), expected)
+        return await service.health(full)
 
     @app.get("/v1/models")
     async def models():

@@ -1,0 +1,358 @@
+"""``branchmerge gateway``: the OpenAI API in front of OpenAI-compatible backends (vLLM, ``branchmerge
+serve``, any other), keeping what they lack — the training-free router and the staged pipelines.
+
+Each branch maps to an upstream (``base_url``, the model name there, an optional key); ``auto`` routes
+with a bundle's stored router (the gateway loads the router's embedder, nothing else it serves); a
+pipeline runs its stages across upstreams; streaming passes through; an upstream's error or timeout
+comes back as an OpenAI error naming the upstream; each upstream has a concurrency limit::
+
+    # gateway.yaml (export-vllm writes one)
+    upstreams:
+      vllm: {base_url: http://127.0.0.1:8000/v1, max_concurrency: 32, timeout_s: 120}
+      small: {base_url: http://10.0.0.7:8001/v1, api_key_env: SMALL_KEY}
+    branches:
+      medical: {upstream: vllm}                 # model name at the upstream: the branch name
+      coding: {upstream: vllm, model: code-lora}
+      chat: {upstream: small}
+    router: ./bundle          # a bundle with a stored router, for model "auto" (optional)
+    pipelines: ./pipelines.yaml   # optional; default: the router bundle's pipelines.yaml
+
+The HTTP routes are :func:`~branchmerge.server.app.build_app`'s, shared with ``branchmerge serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from branchmerge.common import check_name
+from branchmerge.config import read_yaml, validate
+from branchmerge.errors import ConfigError
+from branchmerge.server import protocol as P
+from branchmerge.server.api import ClientGone, Disconnected, Reply, ServerLimits
+from branchmerge.staged import PipelinesConfig, load_pipelines, postprocess
+
+logger = logging.getLogger(__name__)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class UpstreamConfig(_Frozen):
+    base_url: str = Field(description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
+    api_key: str | None = Field(default=None, description="Bearer key sent upstream (prefer api_key_env).")
+    api_key_env: str | None = Field(default=None, description="Environment variable holding the key.")
+    max_concurrency: int = Field(default=16, ge=1, le=4096, description="Requests in flight to this upstream.")
+    queue_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a free slot before a 503.")
+    timeout_s: float = Field(default=120.0, gt=0, description="Longest wait for the upstream's answer.")
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^\s/]+(/\S*)?$", v):
+            raise ValueError(f"base_url must be an http(s) URL, got {v!r}")
+        return v.rstrip("/")
+
+    def key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else self.api_key
+
+
+class BranchRoute(_Frozen):
+    upstream: str
+    model: str | None = Field(default=None, description="Model name at the upstream (default: the branch name).")
+
+
+class GatewayConfig(_Frozen):
+    upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
+    branches: dict[str, BranchRoute] = Field(min_length=1)
+    router: str | None = Field(default=None, description="Bundle folder whose stored router serves model 'auto'.")
+    pipelines: str | None = Field(default=None, description="pipelines.yaml (default: the router bundle's).")
+    limits: ServerLimits = Field(default_factory=ServerLimits)
+
+    @model_validator(mode="after")
+    def _check(self) -> GatewayConfig:
+        for name in [*self.upstreams, *self.branches]:
+            check_name(name, "name")
+        for b, r in self.branches.items():
+            if r.upstream not in self.upstreams:
+                raise ValueError(f"branches.{b}.upstream: {r.upstream!r} is not in `upstreams` "
+                                 f"({', '.join(self.upstreams)})")
+        if "auto" in self.branches:
+            raise ValueError("`auto` is reserved for routing; rename that branch")
+        return self
+
+
+def load_gateway_config(path: str | Path) -> GatewayConfig:
+    """Read a gateway YAML; relative ``router``/``pipelines`` paths are relative to its folder."""
+    path = Path(path)
+    data = read_yaml(path, "gateway config")
+    cfg = validate(GatewayConfig, data, str(path)) if isinstance(data, dict) else validate(GatewayConfig, {}, str(path))
+    upd = {k: str((path.parent / v).resolve()) for k, v in (("router", cfg.router), ("pipelines", cfg.pipelines))
+           if v and not Path(v).expanduser().is_absolute()}
+    return cfg.model_copy(update=upd) if upd else cfg
+
+
+class _Upstream:
+    def __init__(self, name: str, cfg: UpstreamConfig) -> None:
+        self.name, self.cfg = name, cfg
+        self.slots = asyncio.Semaphore(cfg.max_concurrency)
+        self.in_flight = 0
+        headers = {"Authorization": f"Bearer {cfg.key()}"} if cfg.key() else {}
+        self.client = httpx.AsyncClient(base_url=cfg.base_url, headers=headers, timeout=httpx.Timeout(
+            cfg.timeout_s, connect=cfg.connect_timeout_s), limits=httpx.Limits(max_connections=cfg.max_concurrency))
+
+    def error(self, e: Exception) -> P.APIError:
+        where = f"upstream {self.name!r} ({self.cfg.base_url})"
+        if isinstance(e, httpx.TimeoutException):
+            return P.APIError(504, f"{where} did not answer within {self.cfg.timeout_s:g} s", type_="upstream_error",
+                              code="upstream_timeout")
+        return P.APIError(502, f"{where} is unreachable ({type(e).__name__})", type_="upstream_error",
+                          code="upstream_unreachable")
+
+    async def acquire(self) -> None:
+        try:
+            await asyncio.wait_for(self.slots.acquire(), self.cfg.queue_timeout_s)
+        except TimeoutError:
+            raise P.APIError(503, f"upstream {self.name!r} is at its limit of {self.cfg.max_concurrency} requests; "
+                                  "try again later", type_="server_error", code="upstream_busy") from None
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.slots.release()
+
+    def status_error(self, r: httpx.Response, text: str) -> P.APIError:
+        try:
+            err = json.loads(text).get("error") or {}
+            msg = err.get("message") or text[:300]
+        except (ValueError, AttributeError):
+            err, msg = {}, text[:300]
+        return P.APIError(r.status_code if 400 <= r.status_code < 600 else 502, f"upstream {self.name!r}: {msg}",
+                          type_=err.get("type") or "upstream_error", code=err.get("code"))
+
+
+class GatewayService:
+    """The API surface of :func:`~branchmerge.server.app.build_app` over upstreams (no local model)."""
+
+    def __init__(self, cfg: GatewayConfig, *, router: Any = None, pipelines: PipelinesConfig | None = None) -> None:
+        self.cfg, self.limits, self.router = cfg, cfg.limits, router
+        self.pipelines = pipelines or PipelinesConfig()
+        self.pipelines.check_branches(list(cfg.branches))
+        self.up = {n: _Upstream(n, u) for n, u in cfg.upstreams.items()}
+
+    @classmethod
+    def from_config(cls, cfg: GatewayConfig) -> GatewayService:
+        """Load the router (its embedder) and pipelines the config names."""
+        router, pipes = None, None
+        if cfg.router:
+            import branchmerge
+
+            bundle = branchmerge.load(cfg.router)
+            router = bundle.router
+            if router is None:
+                raise ConfigError(f"{cfg.router} has no stored router (build one with `branchmerge router build`)")
+            unknown = sorted(set(router.branches) - set(cfg.branches))
+            if unknown:
+                raise ConfigError(f"the router at {cfg.router} picks branch(es) {unknown} that `branches` does not map "
+                                  "to an upstream")
+            if cfg.pipelines is None and (Path(cfg.router) / "pipelines.yaml").is_file():
+                pipes = load_pipelines(Path(cfg.router) / "pipelines.yaml")
+        if cfg.pipelines:
+            pipes = load_pipelines(cfg.pipelines)
+        return cls(cfg, router=router, pipelines=pipes)
+
+    # ---- listing and health -------------------------------------------------------------------------
+    def model_ids(self) -> list[str]:
+        return [*self.cfg.branches, *(p.name for p in self.pipelines.pipelines), *(["auto"] if self.router else [])]
+
+    def models(self, created: int) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": created,
+                                            "owned_by": "branchmerge-gateway"} for i in self.model_ids()]}
+
+    async def _probe(self, u: _Upstream) -> dict[str, Any]:
+        try:
+            r = await u.client.get("/models", timeout=2.0)
+            ok, err = r.status_code == 200, None if r.status_code == 200 else f"HTTP {r.status_code}"
+        except httpx.HTTPError as e:
+            ok, err = False, type(e).__name__
+        return {"ok": ok, "error": err, "base_url": u.cfg.base_url, "in_flight": u.in_flight,
+                "branches": [b for b, r in self.cfg.branches.items() if r.upstream == u.name]}
+
+    async def health(self, full: bool) -> dict[str, Any]:
+        states = dict(zip(self.up, await asyncio.gather(*(self._probe(u) for u in self.up.values()))))
+        status = "ok" if all(s["ok"] for s in states.values()) else "degraded"
+        return {"status": status, "upstreams": states} if full else {"status": status}
+
+    # ---- resolving ----------------------------------------------------------------------------------
+    async def _resolve(self, model: str, text: str) -> tuple[str | None, str | None]:
+        """(branch, pipeline) for a model name; ``auto`` routes (then a routing rule may pick a pipeline)."""
+        if model == "auto":
+            if self.router is None:
+                raise P.APIError(400, "model 'auto' needs a router; this gateway has none", param="model")
+            branch = (await asyncio.to_thread(self.router.route, [text]))[0]
+            return branch, self.pipelines.routes.get(branch)
+        if model in self.cfg.branches:
+            return model, None
+        if self.pipelines.get(model) is not None:
+            return None, model
+        raise P.APIError(404, f"the model {model!r} does not exist; available: {', '.join(self.model_ids())}",
+                         param="model", code="model_not_found")
+
+    def _check(self, req: P._Req, text: str, param: str) -> None:
+        mt = req.max_new()
+        if mt is not None and not 1 <= mt <= self.limits.max_tokens:
+            raise P.APIError(400, f"max_tokens must be in [1, {self.limits.max_tokens}], got {mt}", param="max_tokens")
+        if len(text) > self.limits.max_prompt_chars:
+            raise P.APIError(400, f"{param} has {len(text)} characters; this gateway takes at most "
+                                  f"{self.limits.max_prompt_chars}", param=param, code="context_length_exceeded")
+
+    # ---- calling upstreams --------------------------------------------------------------------------
+    def _target(self, branch: str) -> tuple[_Upstream, str]:
+        r = self.cfg.branches[branch]
+        return self.up[r.upstream], r.model or branch
+
+    async def _post(self, branch: str, path: str, body: dict[str, Any], disconnected: Disconnected | None
+                    ) -> dict[str, Any]:
+        u, name = self._target(branch)
+        await u.acquire()
+        try:
+            call = asyncio.ensure_future(u.client.post(path, json={**body, "model": name}))
+            while not call.done():
+                await asyncio.wait({call}, timeout=0.25)
+                if not call.done() and disconnected is not None and await disconnected():
+                    call.cancel()  # closes the upstream connection: the upstream stops its work
+                    raise ClientGone()
+            r = call.result()
+        except httpx.HTTPError as e:
+            raise u.error(e) from None
+        finally:
+            u.release()
+        if r.status_code != 200:
+            raise u.status_error(r, r.text)
+        out = r.json()
+        out["branch"] = branch
+        return out
+
+    async def _stream(self, branch: str, path: str, body: dict[str, Any]) -> tuple[AsyncIterator[str], Any]:
+        """Open the upstream stream (errors before the first byte become API errors) and pass it through."""
+        u, name = self._target(branch)
+        await u.acquire()
+        try:
+            req = u.client.build_request("POST", path, json={**body, "model": name, "stream": True})
+            r = await u.client.send(req, stream=True)
+        except httpx.HTTPError as e:
+            u.release()
+            raise u.error(e) from None
+        if r.status_code != 200:
+            text = (await r.aread()).decode(errors="replace")
+            await r.aclose()
+            u.release()
+            raise u.status_error(r, text)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for line in r.aiter_lines():
+                    if line.strip():
+                        yield line + "\n\n"
+            except httpx.HTTPError as e:  # the upstream died mid-stream: an error event, then the end
+                yield P.sse({"error": u.error(e).body()["error"]})
+                yield P.DONE
+            finally:  # also when our client went away: closing stops the upstream's work
+                await r.aclose()
+                u.release()
+
+        return events(), r
+
+    # ---- endpoints ----------------------------------------------------------------------------------
+    async def _pipeline(self, name: str, question: str, model: str, kind: str) -> dict[str, Any]:
+        pipe = self.pipelines.get(name)
+        previous, stages, pt, ct = "", [], 0, 0
+        for k, st in enumerate(pipe.stages, 1):
+            branch = (await self._resolve("auto", question))[0] if st.branch == "auto" else st.branch
+            fill = lambda t: t.replace("{question}", question).replace("{previous}", previous)  # noqa: E731
+            msgs = ([{"role": "system", "content": fill(st.system)}] if st.system else []) + [
+                {"role": "user", "content": fill(st.user)}]
+            body = {"messages": msgs, "max_tokens": st.max_tokens, "temperature": st.temperature,
+                    **({"stop": st.stop} if st.stop else {})}
+            out = await self._post(branch, "/chat/completions", body, None)
+            previous = postprocess(out["choices"][0]["message"]["content"] or "", st)
+            usage = out.get("usage") or {}
+            pt = pt or usage.get("prompt_tokens", 0)
+            ct += usage.get("completion_tokens", 0)
+            stages.append({"stage": k, "branch": branch, "text": previous})
+        res = P.body(kind, P.new_id(kind), model, [(previous, "stop")], pt, ct, stages[-1]["branch"])
+        res["stages"] = stages
+        return res
+
+    async def _answer(self, req: P._Req, kind: str, text: str, body: dict[str, Any],
+                      disconnected: Disconnected | None) -> Reply:
+        branch, pipeline = await self._resolve(req.model, text)
+        path = "/chat/completions" if kind == "chat" else "/completions"
+        if pipeline is not None:
+            if req.n > 1 or req.stream:
+                raise P.APIError(400, f"pipeline {pipeline!r} answers one choice, not streamed", param="model")
+            out = await self._pipeline(pipeline, text, req.model, kind)
+            return Reply(body=out, headers=P.branch_header(out["branch"]))
+        if req.stream:
+            events, _ = await self._stream(branch, path, body)
+            return Reply(stream=events, headers=P.branch_header(branch))
+        out = await self._post(branch, path, body, disconnected)
+        out["model"] = req.model
+        return Reply(body=out, headers=P.branch_header(branch))
+
+    async def chat(self, req: P.ChatRequest, disconnected: Disconnected | None = None) -> Reply:
+        if not req.messages:
+            raise P.APIError(400, "messages must be a non-empty list", param="messages")
+        self._check(req, "".join(m.text() for m in req.messages), "messages")
+        last_user = next((m.text() for m in reversed(req.messages) if m.role == "user"), req.messages[-1].text())
+        body = req.model_dump(exclude_unset=True, exclude={"model"})
+        return await self._answer(req, "chat", last_user, body, disconnected)
+
+    async def completions(self, req: P.CompletionRequest, disconnected: Disconnected | None = None) -> Reply:
+        prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
+            else [req.prompt]
+        if len(prompts) > self.limits.max_prompts:
+            raise P.APIError(400, f"{len(prompts)} prompts; this gateway takes at most {self.limits.max_prompts}",
+                             param="prompt")
+        if not all(isinstance(p, str) for p in prompts):
+            raise P.APIError(400, "the gateway takes text prompts (token ids depend on the upstream's tokenizer)",
+                             param="prompt")
+        for p in prompts:
+            self._check(req, p, "prompt")
+        base = req.model_dump(exclude_unset=True, exclude={"model", "prompt"})
+        if len(prompts) == 1:
+            return await self._answer(req, "text", prompts[0], {**base, "prompt": prompts[0]}, disconnected)
+        if req.stream:
+            raise P.APIError(400, "streaming takes one prompt", param="stream")
+        replies = await asyncio.gather(*(self._answer(req, "text", p, {**base, "prompt": p}, disconnected)
+                                         for p in prompts))
+        out = P.merge_bodies([r.body for r in replies])
+        return Reply(body=out, headers=P.branch_header(out["branch"]))
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(u.client.aclose() for u in self.up.values()))
+
+
+def gateway(config: str | Path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None) -> None:
+    """Load ``config`` and serve the gateway with uvicorn (blocking)."""
+    import uvicorn
+
+    from branchmerge.server.app import build_app, exposure_warning
+
+    warning = exposure_warning(host, api_key)
+    if warning:
+        logger.warning(warning)
+    service = GatewayService.from_config(load_gateway_config(config))
+    uvicorn.run(build_app(service, api_key=api_key, title="branchmerge gateway"), host=host, port=port,
+                log_level="info", timeout_graceful_shutdown=5)

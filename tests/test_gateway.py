@@ -1,0 +1,159 @@
+"""The gateway against real upstreams: two `branchmerge serve` processes on loopback, the gateway on a
+third port, the real `openai` SDK as the client; one upstream killed mid-test."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import yaml
+
+import branchmerge
+from branchmerge.errors import ConfigError
+from branchmerge.front import build_bundle_router
+from branchmerge.router import RouterConfig
+from branchmerge.server.app import build_app
+from branchmerge.server.gateway import GatewayService, load_gateway_config
+from tests.serving import free_port, serving
+
+PIPES = {"pipelines": [{"name": "cross", "stages": [
+    {"branch": "c", "user": "{question}", "max_tokens": 5},
+    {"branch": "a", "user": "{previous}=", "max_tokens": 4},
+]}]}
+
+
+def _start(bundle, port: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "branchmerge.cli.main", "serve", str(bundle), "--port", str(port),
+                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+
+def _wait(proc: subprocess.Popen, port: int) -> None:
+    end = time.monotonic() + 180
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("upstream did not start")
+
+
+@pytest.fixture(scope="module")
+def gw(bundles, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gw")
+    d = root / "bundle"
+    shutil.copytree(bundles[0.9], d)
+    samples = {"a": ["add 1+2=", "add 5+5="], "b": ["rev abc=", "rev hello="], "c": ["key zz=", "key ab="]}
+    build_bundle_router(branchmerge.load(d), RouterConfig(samples=samples, template="{input} field of",
+                                                          phrase="field of"))
+    (root / "pipes.yaml").write_text(yaml.safe_dump(PIPES))
+    p1, p2 = free_port(), free_port()
+    procs = [_start(d, p1, "--max-tokens-limit", "16"), _start(d, p2)]
+    try:
+        for proc, port in zip(procs, (p1, p2)):
+            _wait(proc, port)
+        cfg = {"upstreams": {"u1": {"base_url": f"http://127.0.0.1:{p1}/v1", "max_concurrency": 4},
+                             "u2": {"base_url": f"http://127.0.0.1:{p2}/v1", "timeout_s": 60},
+                             "slow": {"base_url": f"http://127.0.0.1:{p2}/v1", "timeout_s": 0.001}},
+               "branches": {"a": {"upstream": "u1"}, "b": {"upstream": "u1"}, "c": {"upstream": "u2"},
+                            "b-slow": {"upstream": "slow", "model": "b"}},
+               "router": "bundle", "pipelines": "pipes.yaml"}
+        (root / "gateway.yaml").write_text(yaml.safe_dump(cfg))
+        service = GatewayService.from_config(load_gateway_config(root / "gateway.yaml"))
+        with serving(build_app(service)) as url:
+            yield {"url": url, "procs": procs, "bundle": d, "p1": p1, "p2": p2,
+                   "client": openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60),
+                   "direct": openai.OpenAI(base_url=f"http://127.0.0.1:{p1}/v1", api_key="none", max_retries=0)}
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_models_and_health(gw):
+    assert {m.id for m in gw["client"].models.list().data} == {"a", "b", "c", "b-slow", "cross", "auto"}
+    h = httpx.get(gw["url"] + "/health").json()
+    assert h["status"] == "ok" and h["upstreams"]["u1"]["ok"] and h["upstreams"]["u2"]["branches"] == ["c"]
+
+
+def test_answers_equal_the_upstreams_and_auto_routes(gw):
+    c, direct = gw["client"], gw["direct"]
+    msgs = [{"role": "user", "content": "rev abc="}]
+    via = c.chat.completions.create(model="b", messages=msgs, max_tokens=8)
+    want = direct.chat.completions.create(model="b", messages=msgs, max_tokens=8)
+    assert via.choices[0].message.content == want.choices[0].message.content and via.model_extra["branch"] == "b"
+    r = c.chat.completions.with_raw_response.create(model="auto", messages=[{"role": "user", "content": "rev hello="}],
+                                                    max_tokens=4)
+    assert r.headers["x-branchmerge-branch"] == "b" and r.parse().model_extra["branch"] == "b"
+    t = c.completions.create(model="a", prompt="add 2+3=", max_tokens=6)
+    assert t.choices[0].text == direct.completions.create(model="a", prompt="add 2+3=", max_tokens=6).choices[0].text
+    two = c.completions.create(model="auto", prompt=["rev hello=", "key zz="], max_tokens=4)
+    assert [ch.model_extra["branch"] for ch in two.choices] == ["b", "c"]
+
+
+def test_streaming_passes_through(gw):
+    c = gw["client"]
+    msgs = [{"role": "user", "content": "add 2+3="}]
+    full = c.chat.completions.create(model="c", messages=msgs, max_tokens=10)
+    chunks = list(c.chat.completions.create(model="c", messages=msgs, max_tokens=10, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_pipeline_runs_across_upstreams(gw):
+    p = gw["client"].chat.completions.create(model="cross", messages=[{"role": "user", "content": "key zz="}])
+    stages = p.model_extra["stages"]
+    assert [s["branch"] for s in stages] == ["c", "a"] and p.choices[0].message.content == stages[-1]["text"]
+    first = gw["client"].chat.completions.create(model="c", messages=[{"role": "user", "content": "key zz="}],
+                                                 max_tokens=5, temperature=0.0)
+    assert stages[0]["text"] == first.choices[0].message.content.strip()
+
+
+def test_upstream_errors_and_timeouts_name_the_upstream(gw):
+    c = gw["client"]
+    with pytest.raises(openai.BadRequestError) as e:  # u1 takes max_tokens ≤ 16; the gateway passes 32 on
+        c.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=32)
+    assert "upstream 'u1'" in e.value.message
+    with pytest.raises(openai.APIStatusError) as e:
+        c.chat.completions.create(model="b-slow", messages=[{"role": "user", "content": "rev abc="}], max_tokens=16)
+    assert e.value.status_code == 504 and "upstream 'slow'" in e.value.message and "did not answer" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="a", prompt=[1, 2, 3], max_tokens=2)  # token ids mean nothing across upstreams
+
+
+def test_a_killed_upstream_fails_alone(gw):
+    """Last in the module: kills u2."""
+    c = gw["client"]
+    gw["procs"][1].kill()
+    gw["procs"][1].wait(timeout=30)
+    with pytest.raises(openai.APIStatusError) as e:
+        c.chat.completions.create(model="c", messages=[{"role": "user", "content": "key zz="}], max_tokens=4)
+    assert e.value.status_code == 502 and "upstream 'u2'" in e.value.message
+    ok = c.chat.completions.create(model="a", messages=[{"role": "user", "content": "add 1+1="}], max_tokens=4)
+    assert ok.model_extra["branch"] == "a"
+    h = httpx.get(gw["url"] + "/health").json()
+    assert h["status"] == "degraded" and not h["upstreams"]["u2"]["ok"] and h["upstreams"]["u1"]["ok"]
+
+
+def test_gateway_config_errors(tmp_path):
+    bad = {"upstreams": {"u": {"base_url": "ftp://x"}}, "branches": {"a": {"upstream": "u"}}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="base_url must be an http"):
+        load_gateway_config(tmp_path / "g.yaml")
+    bad = {"upstreams": {"u": {"base_url": "http://127.0.0.1:1/v1"}}, "branches": {"a": {"upstream": "v"}}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="branches.a.upstream"):
+        load_gateway_config(tmp_path / "g.yaml")
+    bad["branches"] = {"../x": {"upstream": "u"}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError):
+        load_gateway_config(tmp_path / "g.yaml")
