@@ -203,18 +203,9 @@ def real_setup(steps: int) -> Setup:
         out = {}
         for t in fr.TASKS:
             tok = AutoTokenizer.from_pretrained(folders[t])
-            tok.padding_side = "left"
             model = AutoModelForCausalLM.from_pretrained(folders[t], dtype=torch.float32).eval()
             model.load_state_dict({k: v.float() for k, v in states[t].items()}, strict=False)
-
-            def gen(qs):
-                texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                 tokenize=False) for q in qs]
-                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-                with torch.no_grad():
-                    o = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-                return [tok.decode(x[enc["input_ids"].shape[1]:], skip_special_tokens=True) for x in o]
-
+            gen = fr.chat_answers(model, tok)
             out[t] = fr.score(gen, t)
         return out
 

@@ -112,14 +112,20 @@ def score(generate, task: str) -> float:
 
 def hf_answers(folder: Path):
     tok = AutoTokenizer.from_pretrained(folder)
-    tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return chat_answers(model, tok)
 
+
+def chat_answers(model, tok, max_new_tokens: int = 12):
+    """``generate(questions) -> answers``: greedy, through the chat template, left-padded batches."""
+    tok.padding_side = "left"
+
+    @torch.no_grad()
     def gen(qs: list[str]) -> list[str]:
         texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
                  for q in qs]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         return [tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True) for o in out]
 
     return gen

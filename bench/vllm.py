@@ -6,8 +6,9 @@ of bench/fidelity_real.py's recipe, 60 steps, cached) is merged at r=0.95 and ex
 ours: never in `.venv`), `--enforce-eager`, with the three adapters; `branchmerge gateway` sits in front of
 it. Side by side in one run:
 
-* per branch: greedy answers through gateway + vLLM vs our runtime (agreement, task accuracy), and the
-  export's logit error (PEFT on the exported base vs the bundle, same prompts);
+* every export choice (``--scale refactor|ignore`` × ``--per-branch lora|mean``): relative weight
+  error, logit error (PEFT on the exported base vs the bundle) and task accuracy, per branch;
+* per branch: greedy answers through gateway + vLLM vs our runtime (agreement, task accuracy);
 * throughput of 32 concurrent clients: gateway + vLLM vs `branchmerge serve`.
 
 If vLLM cannot load the adapters, the error is printed and the dense export is served instead.
@@ -65,8 +66,9 @@ def wait_up(url: str, proc: subprocess.Popen, log: Path, limit: float = 900) -> 
 
 
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    # cwd: not bench/, where this file would shadow the vllm package for `python -m vllm...`
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, cwd=log.parent)
 
 
 def ask(url: str, model: str, question: str, max_tokens: int = 12) -> str:
@@ -125,6 +127,35 @@ def peft_logit_error(out: Path, bundle, branches: list[str]) -> dict[str, float]
     return errs
 
 
+def export_choices(bundle_dir: Path, bundle, branches: list[str], work: Path) -> None:
+    """Every way export-vllm can carry what a LoRA cannot: max relative weight error, logit error (PEFT on
+    the exported base vs our runtime) and task accuracy (PEFT, adapter not merged) per branch."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print("\n| scale | per-branch tensors | branch | max rel. weight error | logit error | facts | words |"
+          "\n|---|---|---|---|---|---|---|", flush=True)
+    for scale in ("refactor", "ignore"):
+        for pb in ("lora", "mean"):
+            out = work / f"choice-{scale}-{pb}"
+            rep = export_vllm(bundle_dir, out, scale=scale, per_branch=pb, force=True, progress=False)
+            logit = peft_logit_error(out, bundle, branches)
+            for b in branches:
+                tok = AutoTokenizer.from_pretrained(out / "base")
+                base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+                # not merged: with tied embeddings, merging both the embed_tokens and the lm_head LoRA into the
+                # one tied tensor would add the difference twice (PEFT warns); vLLM does not merge either
+                model = PeftModel.from_pretrained(base, out / "adapters" / b).eval()
+                gen = fr.chat_answers(model, tok)
+                acc = {t: fr.score(gen, t) for t in fr.TASKS}
+                w = rep["groups"]["main"]["branches"][b]["max_rel_weight_error"]
+                print(f"| {scale} | {pb} | {b} | {w:.3g} | {logit[b]:.3g} | {acc['facts']:.2f} | {acc['words']:.2f} |",
+                      flush=True)
+    ours = {b: {t: fr.score(lambda qs, b=b: bundle.generate(qs, b, max_new_tokens=12), t) for t in fr.TASKS}
+            for b in branches}
+    print("our runtime: " + "; ".join(f"{b} facts {a['facts']:.2f} words {a['words']:.2f}" for b, a in ours.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vllm-python", default="/work/vllm-env/bin/python", help="python of vLLM's own venv")
@@ -132,6 +163,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--per-branch", default="lora", help="export-vllm --per-branch (lora or mean)")
     ap.add_argument("--kv-gb", default="2", help="VLLM_CPU_KVCACHE_SPACE")
+    ap.add_argument("--skip-choices", action="store_true", help="skip the table of export choices (PEFT)")
+    ap.add_argument("--only-choices", action="store_true", help="only the table of export choices (no vLLM)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     work = CACHE / "vllm"
@@ -143,6 +176,10 @@ def main() -> None:
     run_merge(parse_config({"branches": [{"name": b, "model": str(p)} for b, p in folders.items()],
                             "compress_rate": 0.95, "dtype": "bfloat16"}), bundle_dir, force=True, progress=False)
     bundle = branchmerge.load(bundle_dir, dtype="float32", verify=False)
+    if not args.skip_choices:
+        export_choices(bundle_dir, bundle, branches, work)
+    if args.only_choices:
+        return
     logs = work / "logs"
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir()
@@ -209,7 +246,8 @@ def main() -> None:
                 agree = sum(x.strip() == y.strip() for x, y in zip(a, o)) / len(test)
                 print(f"| {b} | {task} | {acc(a):.2f} | {acc(o):.2f} | {agree:.0%} |", flush=True)
         res = {}
-        for label, url in (("gateway + vLLM", gw_url), ("branchmerge serve", our_url)):
+        direct = [("vLLM directly (no gateway)", f"http://127.0.0.1:{vport}/v1")] if mode == "lora" else []
+        for label, url in (("gateway + vLLM", gw_url), *direct, ("branchmerge serve", our_url)):
             throughput(url, branches, 4, 1)  # warm-up
             res[label] = throughput(url, branches, args.clients, args.requests)
         print(f"\nthroughput, {args.clients} concurrent clients × {args.requests} chat requests (max_tokens 16, greedy, "

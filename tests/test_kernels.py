@@ -112,3 +112,19 @@ def test_static_cache_generate_equals_the_eager_path(bundles):
 def test_every_case(rows, rank, kp, dtype):
     _check(rows, n=3, rank=rank, kp=kp, dtype=dtype, bias=rows % 2 == 1, seed=rows * 7 + rank)
     _check(rows, n=3, rank=rank, kp=kp, dtype=dtype, bias=False, ids=2, seed=rows)
+
+
+def test_a_failing_or_wrong_kernel_turns_itself_off(bundles, monkeypatch, caplog):
+    torch_b = branchmerge.load(bundles[0.9], dtype="float32", kernels="torch")
+    tri_b = branchmerge.load(bundles[0.9], dtype="float32", kernels="triton")
+    ids = torch.tensor([[1, 5, 9, 14], [1, 7, 7, 30]])
+    want = torch_b.logits(ids, ["a", "b"])
+    for broken in (lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no kernel image for this GPU")),
+                   lambda x, mean, *a, **k: torch.zeros(x.shape[0], mean.shape[0], dtype=x.dtype)):
+        monkeypatch.setitem(kernels.STATE, "ok", True)
+        monkeypatch.setitem(kernels.STATE, "checked", False)
+        monkeypatch.setattr(kernels, "branched_linear", broken)
+        with caplog.at_level("WARNING"):
+            got = tri_b.logits(ids, ["a", "b"])
+        assert torch.allclose(got, want, atol=1e-5)  # the answer never suffers
+        assert kernels.STATE["ok"] is False and "turned off" in caplog.text

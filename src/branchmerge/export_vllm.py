@@ -11,8 +11,8 @@ Two ways to carry it, both measured per tensor (relative error against ``W_i``):
 Tensors a LoRA cannot carry (embeddings, lm_head, norms, biases that differ between branches) go into
 the base as the branches' mean; their error per branch is reported too. ``per_branch: lora`` carries
 differing embeddings and lm_head as LoRAs of rank ``embed_rank`` on ``embed_tokens`` (and ``lm_head``,
-tied or not) — PEFT loads them; vLLM's support for LoRA on embeddings depends on its version — while
-norms and biases stay averaged; ``per_branch: refuse`` stops instead. ``mode: dense`` writes one plain
+tied or not) — PEFT and vLLM load them (with tied embeddings, use the adapter unmerged: merging both into
+the one tied tensor would add the difference twice) — while norms and biases stay averaged; ``per_branch: refuse`` stops instead. ``mode: dense`` writes one plain
 folder per branch (exact).
 
 Writes ``OUT/base`` (``base-GROUP`` for several groups), ``OUT/adapters/BRANCH`` (``adapter_config.json``

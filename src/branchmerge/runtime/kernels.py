@@ -19,6 +19,7 @@ are autotuned per shape and row-count bucket.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -30,6 +31,19 @@ try:  # optional dependency
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
     tl = None
+
+logger = logging.getLogger(__name__)
+
+
+# process-wide: turned off (with a warning) if a kernel fails or disagrees with the torch path on first use
+STATE = {"ok": True, "checked": False, "why": None}
+
+
+def disable(why: str) -> None:
+    """Stop using the kernels in this process; the torch paths answer from now on."""
+    if STATE["ok"]:
+        logger.warning("Triton kernels turned off, the torch paths are used instead: %s", why)
+    STATE.update(ok=False, why=why)
 
 
 def available() -> bool:
@@ -48,17 +62,18 @@ def usable_on(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _tile(idx_ptr, tb_ptr, ts_ptr, te_ptr, BM: tl.constexpr):
+        """This program's tile: its branch, the ``BM`` batch rows it reads (sorted by branch) and their mask."""
+        t = tl.program_id(0)
+        offs = tl.load(ts_ptr + t) + tl.arange(0, BM)
+        mrow = offs < tl.load(te_ptr + t)
+        return tl.load(tb_ptr + t), tl.load(idx_ptr + offs, mask=mrow, other=0), mrow
+
+    @triton.jit
     def _shrink_kernel(x_ptr, idx_ptr, v_ptr, h_ptr, tb_ptr, ts_ptr, te_ptr, K_IN, KP, sx, sv, sh,
                        BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
-        t = tl.program_id(0)
-        pr = tl.program_id(1)
-        b = tl.load(tb_ptr + t)
-        start = tl.load(ts_ptr + t)
-        end = tl.load(te_ptr + t)
-        offs = start + tl.arange(0, BM)
-        mrow = offs < end
-        rows = tl.load(idx_ptr + offs, mask=mrow, other=0)
-        rr = pr * BR + tl.arange(0, BR)
+        b, rows, mrow = _tile(idx_ptr, tb_ptr, ts_ptr, te_ptr, BM)
+        rr = tl.program_id(1) * BR + tl.arange(0, BR)
         mr = rr < KP
         acc = tl.zeros((BM, BR), dtype=tl.float32)
         for k0 in range(0, K_IN, BK):
@@ -77,15 +92,8 @@ if triton is not None:
                        K_IN, N_OUT, KP, sx, sw, sh, sut, sy, M_BUCKET,
                        HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        BR: tl.constexpr, UPCAST: tl.constexpr):
-        t = tl.program_id(0)
-        pn = tl.program_id(1)
-        b = tl.load(tb_ptr + t)
-        start = tl.load(ts_ptr + t)
-        end = tl.load(te_ptr + t)
-        offs = start + tl.arange(0, BM)
-        mrow = offs < end
-        rows = tl.load(idx_ptr + offs, mask=mrow, other=0)
-        cols = pn * BN + tl.arange(0, BN)
+        b, rows, mrow = _tile(idx_ptr, tb_ptr, ts_ptr, te_ptr, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
         mcol = cols < N_OUT
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K_IN, BK):  # x W̄ᵀ

@@ -392,11 +392,31 @@ class BranchedLinear(nn.Module):
         else:
             plan = self.state.plan(x.shape[0], x.device)
         x2 = x.reshape(-1, self.in_features)  # [B*T, in]
-        if self.use_triton and self.uniform:
-            y = self._triton(x2.contiguous(), plan, x.shape[0])
+        if self.use_triton and self.uniform and kernels_ok():
+            y = self._triton_checked(x2.contiguous(), plan, x.shape[0])
         else:
             y = self._single(x2, plan) if isinstance(plan, int) else self._mixed(x2, plan, x.shape[0])
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _triton_checked(self, x2: Tensor, plan: int | MixedPlan, batch: int) -> Tensor:
+        """The Triton path; the first call in a process is compared with the torch path, and a kernel that
+        fails or disagrees turns the kernels off for the process (with a warning), never the answer."""
+        from branchmerge.runtime import kernels
+
+        torch_path = lambda: self._single(x2, plan) if isinstance(plan, int) else self._mixed(x2, plan, batch)  # noqa: E731
+        try:
+            y = self._triton(x2, plan, batch)
+        except Exception as e:  # noqa: BLE001 - a compiler or driver error on some GPU: keep serving
+            kernels.disable(f"{type(e).__name__}: {e}")
+            return torch_path()
+        if not kernels.STATE["checked"]:
+            ref = torch_path().reshape(y.shape)
+            err = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+            if err > 2e-2:
+                kernels.disable(f"the kernels' output differs from the torch path by {err:.3g} (relative)")
+                return ref
+            kernels.STATE["checked"] = True
+        return y
 
     def _triton(self, x2: Tensor, plan: int | MixedPlan, batch: int) -> Tensor:
         """Both kernels of :mod:`branchmerge.runtime.kernels` (shrink, then GEMM + expand), for one branch or
@@ -433,6 +453,12 @@ class BranchedLinear(nn.Module):
         if str(i) in self.hot:
             del self.hot[str(i)]
         self._index_factors()
+
+
+def kernels_ok() -> bool:
+    from branchmerge.runtime import kernels
+
+    return kernels.STATE["ok"]
 
 
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "OlmoRMSNorm"}
