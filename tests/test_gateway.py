@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -157,3 +158,43 @@ def test_gateway_config_errors(tmp_path):
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ConfigError):
         load_gateway_config(tmp_path / "g.yaml")
+
+
+
+def test_a_client_that_goes_away_stops_the_upstream_work(bundles, tmp_path):
+    """A non-streamed request whose client gives up: the gateway cancels its upstream call, the upstream
+    (a real server on loopback, its engine paused so the job waits) sees the disconnect and withdraws
+    the job, and the gateway frees the upstream's slot."""
+    from branchmerge.server import create_app
+    from tests.serving import wait_queued
+
+    up = create_app(branchmerge.load(bundles[0.9]), max_batch=4, wait_ms=1)
+    engine = up.state.engine
+    with serving(up) as up_url:
+        cfg = {"upstreams": {"u": {"base_url": up_url + "/v1"}}, "branches": {"a": {"upstream": "u"}}}
+        (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
+        service = GatewayService.from_config(load_gateway_config(tmp_path / "g.yaml"))
+        with serving(build_app(service)) as url, engine.paused():
+            body = {"model": "a", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
+            gave_up = []
+
+            def client():
+                try:
+                    httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(2.0, connect=5))
+                except httpx.TimeoutException:
+                    gave_up.append(True)
+
+            th = threading.Thread(target=client)
+            th.start()
+            wait_queued(engine, 1)  # the job waits at the upstream (its engine is paused)
+            assert service.up["u"].in_flight == 1
+            th.join(timeout=30)
+            assert gave_up
+            end = time.monotonic() + 15
+            while (engine.queued() or service.up["u"].in_flight) and time.monotonic() < end:
+                time.sleep(0.05)
+            # withdrawn at the upstream while its engine was still paused: its client (the gateway) went away
+            assert service.up["u"].in_flight == 0, "gateway kept its upstream call"
+            assert engine.queued() == 0
+            r = httpx.post(url + "/v1/completions", json={"model": "a", "prompt": ["x"] * 40, "n": 4, "max_tokens": 1})
+            assert r.status_code == 400 and "choices per request" in r.json()["error"]["message"]

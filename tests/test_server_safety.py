@@ -324,3 +324,34 @@ def test_hot_switch_waits_for_the_running_batch(bundle):
         BranchedLinear.materialize = orig
         slow.handle.remove()
         bundle.dematerialize("a")
+
+
+def test_a_client_that_hangs_up_over_http_withdraws_its_job(bundles):
+    """Over a real socket: the request waits (engine paused), the client times out and closes its
+    connection, and the server withdraws the job before it ever runs. (Starlette's http middleware hid
+    the disconnect; the guard is a plain ASGI middleware so that it is seen.)"""
+    import threading
+    import time
+
+    from tests.serving import wait_queued
+
+    app = create_app(branchmerge.load(bundles[0.9]), max_batch=4, wait_ms=1)
+    engine = app.state.engine
+    with serving(app) as url, engine.paused():
+        gave_up = []
+
+        def client():
+            try:
+                httpx.post(url + "/v1/chat/completions", timeout=1.5,
+                           json={"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+            except httpx.TimeoutException:
+                gave_up.append(True)
+
+        th = threading.Thread(target=client)
+        th.start()
+        wait_queued(engine, 1)
+        th.join(timeout=30)
+        end = time.monotonic() + 10
+        while engine.queued() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert gave_up and engine.queued() == 0

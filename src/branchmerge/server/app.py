@@ -74,19 +74,6 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
         return error(P.APIError(500, f"internal server error (error id {ref}; see the server log)",
                                 type_="server_error"))
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if expected is not None and request.url.path not in _OPEN_PATHS:
-            got = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(got, expected):
-                return error(P.APIError(401, "invalid or missing API key", type_="authentication_error",
-                                        code="invalid_api_key"))
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > service.limits.max_body_bytes):
-            return error(P.APIError(413, f"request body is larger than this server's limit of "
-                                         f"{service.limits.max_body_bytes} bytes", code="request_too_large"))
-        return await call_next(request)
-
     def answer(reply: Reply) -> JSONResponse | StreamingResponse:
         if reply.stream is not None:
             return StreamingResponse(reply.stream, media_type="text/event-stream", headers=reply.headers)
@@ -115,19 +102,41 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
     async def completions(req: P.CompletionRequest, request: Request):
         return await run(service.completions, req, request)
 
-    app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
+    app.add_middleware(Guard, expected=expected, limit=service.limits.max_body_bytes)
     return app
 
 
-class BodyLimit:
-    """ASGI middleware: a request body past ``limit`` bytes gets a 413, also when it comes chunked without
-    a ``Content-Length``. The body is read first, at most ``limit`` bytes of it held, then handed on."""
+async def _send_error(send, e: P.APIError) -> None:
+    body = json.dumps(e.body()).encode()
+    await send({"type": "http.response.start", "status": e.status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+
+class Guard:
+    """ASGI middleware in front of every route: the API key (all paths but a bare ``/health``), then the
+    body size — a declared ``Content-Length`` past ``limit`` and a chunked body that grows past it both
+    get a 413. The body is read first, at most ``limit`` bytes of it held, then handed on; after it the
+    app reads the real channel, so a client that goes away is seen (``request.is_disconnected()``).
+    (Starlette's ``@app.middleware("http")`` wraps ``receive`` so that a disconnect is never seen.)"""
+
+    def __init__(self, app, expected: bytes | None, limit: int) -> None:
+        self.app, self.expected, self.limit = app, expected, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.expected is not None and scope["path"] not in _OPEN_PATHS and not hmac.compare_digest(
+                headers.get(b"authorization", b""), self.expected):
+            return await _send_error(send, P.APIError(401, "invalid or missing API key",
+                                                      type_="authentication_error", code="invalid_api_key"))
+        too_big = P.APIError(413, f"request body is larger than this server's limit of {self.limit} bytes",
+                             code="request_too_large")
+        size = headers.get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > self.limit):
+            return await _send_error(send, too_big)
+        if scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
         parts, seen = [], 0
         while True:
@@ -136,13 +145,7 @@ class BodyLimit:
                 return
             seen += len(msg.get("body", b""))
             if seen > self.limit:
-                body = json.dumps(P.error_body(f"request body is larger than this server's limit of {self.limit} "
-                                               "bytes", code="request_too_large")).encode()
-                await send({"type": "http.response.start", "status": 413, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close")]})
-                await send({"type": "http.response.body", "body": body})
-                return
+                return await _send_error(send, too_big)
             parts.append(msg.get("body", b""))
             if not msg.get("more_body", False):
                 break

@@ -328,6 +328,9 @@ class GatewayService:
         if not all(isinstance(p, str) for p in prompts):
             raise P.APIError(400, "the gateway takes text prompts (token ids depend on the upstream's tokenizer)",
                              param="prompt")
+        if len(prompts) * req.n > self.limits.max_choices:
+            raise P.APIError(400, f"{len(prompts)} prompts × n={req.n} is more than this gateway's "
+                                  f"{self.limits.max_choices} choices per request", param="n")
         for p in prompts:
             self._check(req, p, "prompt")
         base = req.model_dump(exclude_unset=True, exclude={"model", "prompt"})
