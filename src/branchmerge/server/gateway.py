@@ -2,7 +2,8 @@
 serve``, any other), keeping what they lack — the training-free router and the staged pipelines.
 
 Each branch maps to an upstream (``base_url``, the model name there, an optional key); ``auto`` routes
-with a bundle's stored router (the gateway loads the router's embedder, nothing else it serves); a
+with a bundle's stored router (the gateway loads what the router needs: its embedder — the bundle, when
+the router embeds with one of its branches — and serves no weights itself); a
 pipeline runs its stages across upstreams; streaming passes through; an upstream's error or timeout
 comes back as an OpenAI error naming the upstream; each upstream has a concurrency limit::
 
