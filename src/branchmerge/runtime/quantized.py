@@ -1,9 +1,10 @@
 """A branched linear layer that keeps quantized factors quantized in memory (``load(factors="quantized")``).
 
-Each forward dequantizes the factors of the branches its rows use (int8, or int4 unpacked from nibbles,
-times the group scales, the singular values and ``s_i``), then runs the same GEMMs as
-:class:`~branchmerge.runtime.modules.BranchedLinear`: resident memory is what the bundle stores, at the
-price of the dequantization per forward (``bench/compact.py`` measures both ways).
+Each forward dequantizes the factors of the branches its rows use (int8 codes times the group scales,
+into which the singular values and ``s_i`` are folded), then runs the same GEMMs as
+:class:`~branchmerge.runtime.modules.BranchedLinear`: resident memory is about what the bundle stores
+(int4 codes are held unpacked, a byte each), at the price of the dequantization per forward
+(``bench/compact.py`` measures both ways).
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from branchmerge.compress.quant import QuantizedFactors, QuantizedRows
+from branchmerge.compress.quant import QuantizedFactors, unpack_int4
 from branchmerge.runtime.modules import BranchedLinear, BranchState, MixedPlan
 
 
 class QuantizedBranchedLinear(BranchedLinear):
     """``y = s_i · (x W̄ᵀ + (x V_iᵀ) U_iᵀ) + b_i`` with ``U_i``, ``V_i`` held quantized.
+
+    At load, each branch's parts (8-bit top triplets, 4-bit tail) become one int8 code matrix per factor
+    (int4 unpacked: one byte per entry, still a half or a quarter of the dense factors) with one scale
+    per group in the compute dtype, ``σ_j`` and ``s_i`` folded into ``U``'s scales. A forward dequantizes
+    only the branches its rows use, in two elementwise products per factor.
 
     Args:
         state, mean, scales, biases: as for :class:`BranchedLinear`.
@@ -28,37 +34,40 @@ class QuantizedBranchedLinear(BranchedLinear):
     def __init__(self, state: BranchState, mean: Tensor, scales: list[float],
                  factors: list[QuantizedFactors | None], biases: list[Tensor | None] | None = None) -> None:
         super().__init__(state, mean, scales, [None] * len(scales), biases, fused=False)
-        self._layout: list[list[tuple[int, int, int, int]] | None] = []
+        dt = mean.dtype
+        self._has: list[bool] = []
+        self._group = 0
         for i, qf in enumerate(factors):
+            self._has.append(qf is not None)
             if qf is None:
-                self._layout.append(None)
                 continue
-            self.register_buffer(f"sigma_{i}", qf.sigma.float(), persistent=False)
-            parts = []
-            for j, (u, v) in enumerate(qf.parts):
-                for f, rows in (("u", u), ("v", v)):
-                    self.register_buffer(f"q_{i}_{j}_{f}", rows.q, persistent=False)
-                    self.register_buffer(f"s_{i}_{j}_{f}", rows.scales, persistent=False)
-                parts.append((u.bits, u.group_size, u.length, v.length))
-            self._layout.append(parts)
+            codes_u, scl_u, codes_v, scl_v = [], [], [], []
+            for u, v in qf.parts:
+                self._group = u.group_size
+                codes_u.append(unpack_int4(u.q) if u.bits == 4 else u.q)
+                codes_v.append(unpack_int4(v.q) if v.bits == 4 else v.q)
+                scl_u.append(u.scales.float())
+                scl_v.append(v.scales.float())
+            fold = (qf.sigma.float() * self.scales[i])[:, None]  # σ_j · s_i per triplet
+            self.register_buffer(f"uq_{i}", torch.cat(codes_u), persistent=False)  # [k, out_p] int8
+            self.register_buffer(f"us_{i}", (torch.cat(scl_u) * fold).to(dt), persistent=False)  # [k, out_p/g]
+            self.register_buffer(f"vq_{i}", torch.cat(codes_v), persistent=False)  # [k, in_p] int8
+            self.register_buffer(f"vs_{i}", torch.cat(scl_v).to(dt), persistent=False)  # [k, in_p/g]
 
-    def _qf(self, i: int) -> QuantizedFactors:
-        parts = []
-        for j, (bits, gs, m, n) in enumerate(self._layout[i]):
-            parts.append((QuantizedRows(getattr(self, f"q_{i}_{j}_u"), getattr(self, f"s_{i}_{j}_u"), bits, gs, m),
-                          QuantizedRows(getattr(self, f"q_{i}_{j}_v"), getattr(self, f"s_{i}_{j}_v"), bits, gs, n)))
-        return QuantizedFactors(getattr(self, f"sigma_{i}"), tuple(parts))
+    def _deq(self, codes: Tensor, scales: Tensor, length: int) -> Tensor:
+        k = codes.shape[0]
+        return (codes.view(k, -1, self._group).to(scales.dtype) * scales[..., None]).view(k, -1)[:, :length]
 
     def factors(self, i: int) -> tuple[Tensor, Tensor] | None:
         """Branch ``i``'s ``(Vᵢᵀ [in, k], s_i Uᵢᵀ [k, out])`` in the compute dtype, dequantized now."""
-        if self._layout[i] is None:
+        if not self._has[i]:
             return None
-        u, v = self._qf(i).dequantize(torch.float32)
-        dt = self.weight_mean.dtype
-        return v.to(dt).t(), (u.T * self.scales[i]).to(dt)
+        v = self._deq(getattr(self, f"vq_{i}"), getattr(self, f"vs_{i}"), self.in_features)
+        ut = self._deq(getattr(self, f"uq_{i}"), getattr(self, f"us_{i}"), self.out_features)
+        return v.t(), ut
 
     def extra_repr(self) -> str:
-        ranks = [0 if p is None else int(getattr(self, f"sigma_{i}").numel()) for i, p in enumerate(self._layout)]
+        ranks = [int(getattr(self, f"uq_{i}").shape[0]) if h else 0 for i, h in enumerate(self._has)]
         return f"in={self.in_features}, out={self.out_features}, branches={len(self.scales)}, ranks={ranks}, quantized"
 
     def _single(self, x2: Tensor, i: int) -> Tensor:
