@@ -62,9 +62,11 @@ def gw(bundles, tmp_path_factory):
             _wait(proc, port)
         cfg = {"upstreams": {"u1": {"base_url": f"http://127.0.0.1:{p1}/v1", "max_concurrency": 4},
                              "u2": {"base_url": f"http://127.0.0.1:{p2}/v1", "timeout_s": 60},
-                             "slow": {"base_url": f"http://127.0.0.1:{p2}/v1", "timeout_s": 0.001}},
+                             "slow": {"base_url": f"http://127.0.0.1:{p2}/v1", "timeout_s": 0.001},
+                             "small": {"base_url": f"http://127.0.0.1:{p1}/v1", "max_response_bytes": 1024}},
                "branches": {"a": {"upstream": "u1"}, "b": {"upstream": "u1"}, "c": {"upstream": "u2"},
-                            "b-slow": {"upstream": "slow", "model": "b"}},
+                            "b-slow": {"upstream": "slow", "model": "b"},
+                            "a-small": {"upstream": "small", "model": "a"}},
                "router": "bundle", "pipelines": "pipes.yaml"}
         (root / "gateway.yaml").write_text(yaml.safe_dump(cfg))
         service = GatewayService.from_config(load_gateway_config(root / "gateway.yaml"))
@@ -79,7 +81,7 @@ def gw(bundles, tmp_path_factory):
 
 
 def test_models_and_health(gw):
-    assert {m.id for m in gw["client"].models.list().data} == {"a", "b", "c", "b-slow", "cross", "auto"}
+    assert {m.id for m in gw["client"].models.list().data} == {"a", "b", "c", "b-slow", "a-small", "cross", "auto"}
     h = httpx.get(gw["url"] + "/health").json()
     assert h["status"] == "ok" and h["upstreams"]["u1"]["ok"] and h["upstreams"]["u2"]["branches"] == ["c"]
 
@@ -125,6 +127,10 @@ def test_upstream_errors_and_timeouts_name_the_upstream(gw):
     with pytest.raises(openai.APIStatusError) as e:
         c.chat.completions.create(model="b-slow", messages=[{"role": "user", "content": "rev abc="}], max_tokens=16)
     assert e.value.status_code == 504 and "upstream 'slow'" in e.value.message and "did not answer" in e.value.message
+    with pytest.raises(openai.APIStatusError) as e:  # a bigger answer than the upstream may send
+        c.completions.create(model="a-small", prompt="add 1+1=", max_tokens=4, n=16)
+    assert e.value.status_code == 502 and "larger than its limit of 1024 bytes" in e.value.message
+    assert c.completions.create(model="a-small", prompt="add 1+1=", max_tokens=2).choices
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError):

@@ -57,6 +57,7 @@ class UpstreamConfig(_Frozen):
     queue_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a free slot before a 503.")
     timeout_s: float = Field(default=120.0, gt=0, description="Longest wait for the upstream's answer.")
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    max_response_bytes: int = Field(default=64 << 20, ge=1024, description="Largest upstream response body read.")
 
     @field_validator("base_url")
     @classmethod
@@ -228,22 +229,41 @@ class GatewayService:
         u, name = self._target(branch)
         await u.acquire()
         try:
-            call = asyncio.ensure_future(u.client.post(path, json={**body, "model": name}))
+            call = asyncio.ensure_future(self._read(u, path, {**body, "model": name}))
             while not call.done():
                 await asyncio.wait({call}, timeout=0.25)
                 if not call.done() and disconnected is not None and await disconnected():
                     call.cancel()  # closes the upstream connection: the upstream stops its work
                     raise ClientGone()
-            r = call.result()
+            r, text = call.result()
         except httpx.HTTPError as e:
             raise u.error(e) from None
         finally:
             u.release()
         if r.status_code != 200:
-            raise u.status_error(r, r.text)
-        out = r.json()
+            raise u.status_error(r, text)
+        try:
+            out = json.loads(text)
+            assert isinstance(out, dict)
+        except (ValueError, AssertionError):
+            raise P.APIError(502, f"upstream {u.name!r} answered with something that is not a JSON object",
+                             type_="upstream_error", code="upstream_bad_response") from None
         out["branch"] = branch
         return out
+
+    @staticmethod
+    async def _read(u: _Upstream, path: str, body: dict[str, Any]) -> tuple[httpx.Response, str]:
+        """POST and read the answer, at most ``max_response_bytes`` of it (a 502 past that)."""
+        async with u.client.stream("POST", path, json=body) as r:
+            parts, seen = [], 0
+            async for chunk in r.aiter_bytes():
+                seen += len(chunk)
+                if seen > u.cfg.max_response_bytes:
+                    raise P.APIError(502, f"upstream {u.name!r} sent a response larger than its limit of "
+                                          f"{u.cfg.max_response_bytes} bytes", type_="upstream_error",
+                                     code="upstream_response_too_large")
+                parts.append(chunk)
+        return r, b"".join(parts).decode(errors="replace")
 
     async def _stream(self, branch: str, path: str, body: dict[str, Any]) -> tuple[AsyncIterator[str], Any]:
         """Open the upstream stream (errors before the first byte become API errors) and pass it through."""
