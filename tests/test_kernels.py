@@ -128,3 +128,14 @@ def test_a_failing_or_wrong_kernel_turns_itself_off(bundles, monkeypatch, caplog
             got = tri_b.logits(ids, ["a", "b"])
         assert torch.allclose(got, want, atol=1e-5)  # the answer never suffers
         assert kernels.STATE["ok"] is False and "turned off" in caplog.text
+
+
+def test_a_single_branch_forward_compiles_without_graph_breaks(loaded):
+    """What CUDA graphs need (static_cache=True lets transformers compile the decode step): one branch's
+    whole forward is one graph for torch.compile — no Python-level branch selection breaks it."""
+    g = loaded[0.9].groups["main"]
+    ids = torch.tensor([[1, 5, 9, 14, 3, 22]])
+    torch._dynamo.reset()
+    with g.state.select(branch=1), torch.no_grad():
+        exp = torch._dynamo.explain(g.model)(input_ids=ids)
+    assert exp.graph_count == 1 and exp.graph_break_count == 0, [str(r.reason)[:200] for r in exp.break_reasons]
