@@ -306,3 +306,19 @@ def test_dry_run_with_a_budget_predicts_the_bytes(family, tmp_path, capsys):
     short = write_config(tmp_path / "d.yaml", _branches(family), budget={"total_bytes": 50_000})
     code, out, _ = run_cli(capsys, "merge", short, "-o", tmp_path / "out", "--dry-run")
     assert "short of what the bundle needs" in out
+
+
+def test_cli_budget_and_bits_overrides(family, tmp_path, capsys):
+    data = {"branches": _branches(family), "dtype": "float32"}
+    (tmp_path / "c.yaml").write_text(json.dumps(data))
+    code, out, err = run_cli(capsys, "merge", tmp_path / "c.yaml", "-o", tmp_path / "b", "--no-progress",
+                             "--budget", "0.25", "--factor-bits", "mixed")
+    assert code == 0, err
+    man = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert man["allocation"]["branch_bytes"] == 0.25 and man["allocation"]["widths"] == [8, 4]
+    code, _, err = run_cli(capsys, "merge", tmp_path / "c.yaml", "-o", tmp_path / "c", "--no-progress",
+                           "--budget", "lots")
+    assert code != 0 and "budget.total_bytes" in err and not (tmp_path / "c").exists()
+    code, _, err = run_cli(capsys, "merge", tmp_path / "c.yaml", "-o", tmp_path / "c", "--no-progress",
+                           "--budget", "0.25", "--compress-rate", "0.9")
+    assert code != 0 and "exclusive" in err

@@ -13,6 +13,10 @@ def merge(
     compress_rate: float | None = typer.Option(
         None, "--compress-rate", "-r", help="Override compress_rate r in [0,1]; rank k = round((1-r)·min(m,n))."
     ),
+    budget: str | None = typer.Option(
+        None, "--budget", help="Override budget: a fraction of a dense branch (0.05 → budget.branch_bytes) or a "
+        "size for the whole bundle (2GB → budget.total_bytes); exclusive with compress_rate."),
+    factor_bits: str | None = typer.Option(None, "--factor-bits", help="Override factor_bits: 16, 8, 4 or mixed."),
     device: str | None = typer.Option(None, "--device", help="Where the SVDs run: cpu, cuda, cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Storage dtype: float32, float16, bfloat16."),
     method: str | None = typer.Option(None, "--method", help="Override the merge method (see `methods`)."),
@@ -30,7 +34,15 @@ def merge(
     from branchmerge.export import summarize
     from branchmerge.merge import run_merge
 
-    cfg = load_config(config, compress_rate=compress_rate, device=device, dtype=dtype, method=method)
+    bud = None
+    if budget is not None:
+        try:
+            bud = {"branch_bytes": float(budget)}
+        except ValueError:
+            bud = {"total_bytes": budget}
+    bits = int(factor_bits) if factor_bits is not None and factor_bits.isdigit() else factor_bits
+    cfg = load_config(config, compress_rate=compress_rate, device=device, dtype=dtype, method=method, budget=bud,
+                      factor_bits=bits)
     if dry_run:
         return _print_plan(cfg)
     run_merge(cfg, out, force=force, progress=not no_progress)
