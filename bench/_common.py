@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,13 @@ import torch
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache"
 VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def smollm2_gguf() -> Path:

@@ -25,7 +25,6 @@ import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
-import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -34,7 +33,7 @@ import uvicorn  # noqa: E402
 import yaml  # noqa: E402
 
 import branchmerge  # noqa: E402
-from _common import CACHE, smollm2_bundle  # noqa: E402
+from _common import CACHE, free_port, smollm2_bundle  # noqa: E402
 from branchmerge.server import create_app  # noqa: E402
 
 TASK = {
@@ -102,9 +101,7 @@ def main() -> None:
 
     bundle = branchmerge.load(bdir, dtype="float32")
     app = create_app(bundle, max_batch=args.batch_size, wait_ms=5)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=srv.run, daemon=True).start()
     while not srv.started:

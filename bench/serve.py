@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import random
 import re
-import socket
 import statistics
 import subprocess
 import threading
@@ -22,15 +21,9 @@ import time
 
 import httpx
 
-from _common import CACHE, VENV_BIN, perturbed_copies, smollm2_folder
+from _common import CACHE, VENV_BIN, free_port, perturbed_copies, smollm2_folder
 from branchmerge.config import parse_config
 from branchmerge.merge import run_merge
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(bundle, max_batch: int) -> tuple[subprocess.Popen, str]:

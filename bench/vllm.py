@@ -32,7 +32,7 @@ import httpx
 import torch
 import yaml
 
-from _common import CACHE, ROOT, smollm2_folder
+from _common import CACHE, ROOT, free_port, smollm2_folder
 
 sys.path.insert(0, str(ROOT))
 import fidelity_real as fr  # noqa: E402
@@ -41,14 +41,6 @@ import branchmerge  # noqa: E402
 from branchmerge.config import parse_config  # noqa: E402
 from branchmerge.export_vllm import export_vllm  # noqa: E402
 from branchmerge.merge import run_merge  # noqa: E402
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_up(url: str, proc: subprocess.Popen, log: Path, limit: float = 900) -> None:

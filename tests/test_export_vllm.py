@@ -11,7 +11,6 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import branchmerge
 from branchmerge.errors import BranchmergeError
 from branchmerge.export_vllm import export_vllm, vllm_rank
 from branchmerge.io.bundle import BundleReader

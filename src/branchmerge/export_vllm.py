@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from branchmerge.common import DTYPES, dtype_name, json_dumps
-from branchmerge.compress import low_rank_factors, tensor_seed
+from branchmerge.compress import low_rank_factors, relative_error, tensor_seed
 from branchmerge.errors import BranchmergeError
 from branchmerge.export import write_branch
 from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
@@ -43,11 +43,6 @@ from branchmerge.io.writer import atomic_output_dir
 logger = logging.getLogger(__name__)
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
-
-
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    d = float(torch.linalg.vector_norm(ref.float()))
-    return float(torch.linalg.vector_norm(a.float() - ref.float())) / d if d > 0 else 0.0
 
 
 def vllm_rank(rank: int) -> int:
@@ -119,6 +114,7 @@ def _export_group(reader: BundleReader, group: str, tmp: Path, base: str, scale:
     torch_dt = DTYPES[dt]
     rep: dict[str, Any] = {"base": base, "branches": {b: {"tensors": {}, "base_tensors": {}} for b in members}}
     differing: list[str] = []
+    vocab_mean: dict[str, torch.Tensor] = {}  # with per_branch "lora": the mean embeddings / lm_head, kept
 
     def own(tensor: str, b: str) -> torch.Tensor:
         return reader.get(key_own(records[tensor].holder(b), tensor))
@@ -135,8 +131,10 @@ def _export_group(reader: BundleReader, group: str, tmp: Path, base: str, scale:
                 mean = torch.stack([c.float() for c in copies]).mean(0) if copies[0].is_floating_point() else copies[0]
                 if any(not torch.equal(c, copies[0]) for c in copies[1:]):
                     differing.append(tensor)
+                    if per_branch == "lora" and tensor in ("model.embed_tokens.weight", "lm_head.weight"):
+                        vocab_mean[tensor] = mean
                     for b, c in zip(members, copies):
-                        rep["branches"][b]["base_tensors"][tensor] = _rel(mean, c)
+                        rep["branches"][b]["base_tensors"][tensor] = relative_error(mean, c)
                 yield tensor, mean
 
     (tmp / base).mkdir()
@@ -149,61 +147,64 @@ def _export_group(reader: BundleReader, group: str, tmp: Path, base: str, scale:
                                "adapter cannot carry them; use --per-branch mean (measured) or --mode dense")
     comp = [t for t, r in records.items() if r.role == "compressed"]
     tied = bool(reader.hf_config(members[0]).get("tie_word_embeddings", False))
-    vocab = [t for t in differing if per_branch == "lora" and t in ("model.embed_tokens.weight", "lm_head.weight")]
-    max_rank = 0
-    for b in tqdm(members, desc="adapters", disable=not progress):
-        idx = members.index(b)
-        tensors: dict[str, torch.Tensor] = {}
-        ranks: dict[str, int] = {}
-        for t in comp:
-            rec = records[t]
-            scales = reader.get(key_scales(group, t)).float()
-            s_b, s_bar = float(scales[idx]), float(scales.mean())
-            mean = reader.get(key_mean(group, t)).float()
+    vocab = [t for t in differing if t in vocab_mean]
+    tensors: dict[str, dict[str, torch.Tensor]] = {b: {} for b in members}
+    ranks: dict[str, dict[str, int]] = {b: {} for b in members}
+
+    def add(b: str, module: str, a: torch.Tensor, bb: torch.Tensor, kind: str = "lora") -> None:
+        """``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]`` of one module (``kind="embedding"``: PEFT's
+        ``lora_embedding_A`` ``[r, vocab]`` and ``lora_embedding_B`` ``[hidden, r]``)."""
+        key = f"base_model.model.{module}"
+        names = ((f"{key}.lora_A.weight", f"{key}.lora_B.weight") if kind == "lora" else
+                 (f"{key}.lora_embedding_A", f"{key}.lora_embedding_B"))
+        tensors[b][names[0]], tensors[b][names[1]] = a.to(torch_dt).contiguous(), bb.to(torch_dt).contiguous()
+        ranks[b][module] = a.shape[0]
+
+    for t in tqdm(comp, desc="adapters", disable=not progress):  # W̄ and the scales read once per tensor
+        rec = records[t]
+        scales = reader.get(key_scales(group, t)).float()
+        s_bar = float(scales.mean())
+        mean = reader.get(key_mean(group, t)).float()
+        m, n = mean.shape
+        for idx, b in enumerate(members):
+            s_b = float(scales[idx])
             d = reader.difference(b, t)
             w_b = d.apply(mean) * s_b  # [out, in]
-            exact = w_b - s_bar * mean
-            m, n = mean.shape
-            module = t.removesuffix(".weight")
             if scale == "ignore" and d.u is not None:
                 lb, la = d.u.float() * s_b, d.v.float()
             else:
                 k = min(min(m, n), (min(m, n) if rec.dense else (rec.rank or 0)) + extra_rank)
                 if k == 0:
-                    rep["branches"][b]["tensors"][t] = _rel(s_bar * mean, w_b)
+                    rep["branches"][b]["tensors"][t] = relative_error(s_bar * mean, w_b)
                     continue
                 gen = torch.Generator().manual_seed(tensor_seed(0, b, t, "export-vllm"))
-                lb, la = low_rank_factors(exact, k, n_iter=4, generator=gen)
-            rep["branches"][b]["tensors"][t] = _rel(s_bar * mean + lb @ la, w_b)
-            tensors[f"base_model.model.{module}.lora_A.weight"] = la.to(torch_dt).contiguous()
-            tensors[f"base_model.model.{module}.lora_B.weight"] = lb.to(torch_dt).contiguous()
-            ranks[module] = la.shape[0]
-        for t in vocab:  # embeddings / lm_head: a LoRA on the embedding (and on the head, tied or not)
-            copies = [own(t, x).float() for x in members]
-            mean = torch.stack(copies).mean(0)
-            d = copies[idx] - mean  # [vocab, hidden]
+                lb, la = low_rank_factors(w_b - s_bar * mean, k, n_iter=4, generator=gen)
+            rep["branches"][b]["tensors"][t] = relative_error(s_bar * mean + lb @ la, w_b)
+            add(b, t.removesuffix(".weight"), la, lb)
+    for t in vocab:  # embeddings / lm_head: a LoRA on the embedding (and on the head, tied or not)
+        for b in members:
+            mine = own(t, b).float()
             gen = torch.Generator().manual_seed(tensor_seed(0, b, t, "export-vllm"))
-            lo, hi = low_rank_factors(d, min(embed_rank, *d.shape), n_iter=4, generator=gen)  # [vocab, r], [r, hidden]
-            rep["branches"][b]["base_tensors"][t] = _rel(mean + lo @ hi, copies[idx])
+            lo, hi = low_rank_factors(mine - vocab_mean[t], min(embed_rank, *mine.shape), n_iter=4,
+                                      generator=gen)  # [vocab, r], [r, hidden]
+            rep["branches"][b]["base_tensors"][t] = relative_error(vocab_mean[t] + lo @ hi, mine)
             if t == "model.embed_tokens.weight":
-                tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = lo.T.to(torch_dt).contiguous()
-                tensors["base_model.model.model.embed_tokens.lora_embedding_B"] = hi.T.to(torch_dt).contiguous()
-                ranks["model.embed_tokens"] = lo.shape[1]
+                add(b, "model.embed_tokens", lo.T, hi.T, kind="embedding")
             if t == "lm_head.weight" or tied:
-                tensors["base_model.model.lm_head.lora_A.weight"] = hi.to(torch_dt).contiguous()
-                tensors["base_model.model.lm_head.lora_B.weight"] = lo.to(torch_dt).contiguous()
-                ranks["lm_head"] = lo.shape[1]
-        r = max(ranks.values(), default=1)
+                add(b, "lm_head", hi, lo)
+    max_rank = 0
+    for b in members:
+        r = max(ranks[b].values(), default=1)
         max_rank = max(max_rank, r)
         vllm_rank(r)  # refuse ranks vLLM cannot load, naming the limit
         adir = tmp / "adapters" / b
         adir.mkdir(parents=True)
-        save_file(tensors, str(adir / "adapter_model.safetensors"))
+        save_file(tensors[b], str(adir / "adapter_model.safetensors"))
         cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": f"../../{base}",
-               "r": r, "lora_alpha": r, "rank_pattern": ranks, "alpha_pattern": ranks,
-               "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}), "lora_dropout": 0.0, "bias": "none",
-               "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
-               "use_dora": False, "init_lora_weights": True}
+               "r": r, "lora_alpha": r, "rank_pattern": ranks[b], "alpha_pattern": ranks[b],
+               "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks[b]}), "lora_dropout": 0.0,
+               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
+               "use_rslora": False, "use_dora": False, "init_lora_weights": True}
         (adir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
         br = rep["branches"][b]
         br["rank"] = r

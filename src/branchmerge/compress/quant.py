@@ -15,7 +15,6 @@ bits than the tail; :mod:`branchmerge.compress.allocate` picks that split from a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -89,12 +88,20 @@ class QuantizedRows:
     def nbytes(self) -> int:
         return self.q.numel() * self.q.element_size() + self.scales.numel() * self.scales.element_size()
 
+    def codes(self) -> Tensor:
+        """The integer codes, int8 ``[k, Lp]`` (int4 unpacked)."""
+        return unpack_int4(self.q) if self.bits == 4 else self.q
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """``[k, L]`` in ``dtype``."""
-        q = unpack_int4(self.q) if self.bits == 4 else self.q
-        k, lp = q.shape
-        x = q.to(torch.float32).view(k, lp // self.group_size, self.group_size) * self.scales.float()[..., None]
-        return x.view(k, lp)[:, :self.length].to(dtype)
+        return dequantize_codes(self.codes(), self.scales.float(), self.group_size, self.length).to(dtype)
+
+
+def dequantize_codes(codes: Tensor, scales: Tensor, group_size: int, length: int) -> Tensor:
+    """int8 ``codes`` ``[k, Lp]`` times their group ``scales`` ``[k, Lp/group_size]`` → ``[k, length]`` in the
+    scales' dtype."""
+    k = codes.shape[0]
+    return (codes.view(k, -1, group_size).to(scales.dtype) * scales[..., None]).view(k, -1)[:, :length]
 
 
 def quantize_rows(x: Tensor, bits: int, group_size: int) -> QuantizedRows:
@@ -184,10 +191,3 @@ def triplet_errors(u: Tensor, v: Tensor, bits: int, group_size: int) -> Tensor:
     err = na * nb + nat * nbt - 2 * (a * at).sum(1) * (b * bt).sum(1)
     return err.clamp_min(0.0).float()
 
-
-def expected_relative_error(bits: int, group_size: int, length: int = 4096) -> float:
-    """Typical relative RMS error of one quantized unit vector of ``length`` Gaussian entries (for docs and
-    tests): about ``absmax / (qmax·√12)`` per entry."""
-    qmax = 2 ** (bits - 1) - 1
-    absmax = math.sqrt(2 * math.log(group_size))  # expected max of |N(0,1)| over a group, roughly
-    return absmax / qmax / math.sqrt(12)

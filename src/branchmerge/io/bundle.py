@@ -140,8 +140,9 @@ class BundleReader:
             h = self._handles[fname] = safe_open(str(self.path / fname), framework="pt", device="cpu")
         return h.get_tensor(key).to(device)
 
-    def quantized(self, branch: str, tensor: str) -> QuantizedFactors | None:
-        """The branch's quantized factors of ``tensor`` as stored, or None when they are not quantized.
+    def quantized(self, branch: str, tensor: str, device: str | torch.device = "cpu") -> QuantizedFactors | None:
+        """The branch's quantized factors of ``tensor`` as stored (on ``device``), or None when they are not
+        quantized.
 
         Raises:
             BundleError: a stored part does not have the shape the manifest's record implies.
@@ -153,15 +154,15 @@ class BundleReader:
             raise BundleError(f"bundle {self.path}: tensor {tensor} of branch {branch!r} has quantized factors but "
                               "its manifest record gives no `bits`/`group_size`")
         m, n = rec.shape
-        sigma = self.get(key_part(branch, tensor, "sigma")).float()
+        sigma = self.get(key_part(branch, tensor, "sigma"), device).float()
         parts = []
         for bits, count in rec.bits:
             if count == 0:
                 continue
             pair = []
             for f, length in (("U", m), ("V", n)):
-                q = self.get(key_part(branch, tensor, f"{f}.q{bits}"))
-                sc = self.get(key_part(branch, tensor, f"{f}.s{bits}"))
+                q = self.get(key_part(branch, tensor, f"{f}.q{bits}"), device)
+                sc = self.get(key_part(branch, tensor, f"{f}.s{bits}"), device)
                 lp = -(-length // rec.group_size) * rec.group_size
                 want_q, want_s = [count, lp * bits // 8], [count, lp // rec.group_size]
                 if list(q.shape) != want_q or list(sc.shape) != want_s or q.dtype != (

@@ -7,9 +7,7 @@ they fill.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,6 @@ from branchmerge.common import json_dumps, resolve_device, resolve_dtype
 from branchmerge.architectures import Architecture, for_hf_config
 from branchmerge.compress import (
     compress_difference,
-    frobenius_scale,
     normalize,
     rank_for,
     relative_error,
@@ -31,19 +28,11 @@ from branchmerge.compress import (
 )
 from branchmerge.config import BranchConfig, MergeConfig
 from branchmerge.errors import ModelInputError
-from branchmerge.io.bundle import (
-    FORMAT,
-    FORMAT_VERSION,
-    key_mean,
-    key_own,
-    key_part,
-    key_scales,
-    key_shared,
-    write_manifest,
-)
+from branchmerge.io.bundle import FORMAT, FORMAT_VERSION, key_part, write_manifest
 from branchmerge.io.models import ModelSource
-from branchmerge.merge.budget import store_factors
 from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, copy_side_files
+from branchmerge.merge.budget import merge_with_budget
+from branchmerge.merge.parts import check_shapes, keep_tensor, role_of, store_factors, write_mean
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +82,10 @@ def run_branch_merge(config: MergeConfig, out: str | Path, *, force: bool = Fals
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         writer = ShardWriter(tmp, config.max_shard_bytes)
         if config.budget is not None:
-            from branchmerge.merge.budget import merge_with_budget
-
-            n_comp = sum(_role(g, t, g.sources[0].shape(t)) == "compress" for g in groups for t in g.sources[0].names())
+            n_comp = sum(role_of(g, t, g.sources[0].shape(t)) == "compress" for g in groups for t in g.sources[0].names())
             bar = tqdm(total=total + n_comp, desc="merging", unit="step", disable=not progress)
             manifest["tensors"], manifest["allocation"] = merge_with_budget(
-                groups, config, writer, dtype, device, tmp, bar, _keep_tensor, _check_shapes, _role)
+                groups, config, writer, dtype, device, tmp, bar)
         else:
             bar = tqdm(total=total, desc="merging", unit="tensor", disable=not progress)
         for g in groups:
@@ -191,61 +178,11 @@ def _merge_tensor(
     g: _Group, tensor: str, config: MergeConfig, writer: ShardWriter, dtype: torch.dtype, device: torch.device
 ) -> dict[str, Any]:
     shapes = [s.shape(tensor) for s in g.sources]
-    role = _role(g, tensor, shapes[0])
-    _check_shapes(g, tensor, shapes)
+    role = role_of(g, tensor, shapes[0])
+    check_shapes(g, tensor, shapes)
     if role == "compress":
         return _compress_tensor(g, tensor, shapes[0], config, writer, dtype, device)
-    return _keep_tensor(g, tensor, writer, dtype)
-
-
-def _role(g: _Group, tensor: str, shape: tuple[int, ...]) -> str:
-    return "per_branch" if g.standalone else g.arch.role(tensor, shape)
-
-
-def _check_shapes(g: _Group, tensor: str, shapes: list[tuple[int, ...]]) -> None:
-    for s, shape in zip(g.sources[1:], shapes[1:]):
-        # branches of one group run as one model: every tensor must fit it, per-branch ones too (a
-        # different vocabulary needs a group of its own)
-        if shape != shapes[0]:
-            raise ModelInputError(
-                f"tensor {tensor} has shape {list(shape)} in branch {s.name!r} but {list(shapes[0])} in branch "
-                f"{g.sources[0].name!r}; branches of group {g.name!r} must have the same shapes (give "
-                f"{s.name!r} its own `group` or `standalone: true`)"
-            )
-
-
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.blake2b(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
-
-
-def _keep_tensor(g: _Group, tensor: str, writer: ShardWriter, dtype: torch.dtype) -> dict[str, Any]:
-    """Per-branch tensor, each distinct value stored once: by the group when every branch holds the same
-    values (``shared``), else per branch, a branch equal to an earlier one pointing at it (``same_as``,
-    e.g. embeddings that two of three fine-tunes left alone). Equality is exact (a digest, then
-    ``torch.equal``)."""
-    src = g.sources
-    first = src[0].get(tensor)
-    target = dtype if first.is_floating_point() else first.dtype
-    esize = torch.empty((), dtype=target).element_size()
-    digests = [_digest(first)] + [_digest(s.get(tensor)) for s in src[1:]]
-    if not g.standalone and len(set(digests)) == 1 and all(torch.equal(first, s.get(tensor)) for s in src[1:]):
-        writer.add(key_shared(g.name, tensor), first.to(target))
-        return {"role": "shared", "shape": list(first.shape), "bytes": first.numel() * esize}
-    same_as: dict[str, str] = {}
-    nbytes = 0
-    for i, s in enumerate(src):
-        t = first if i == 0 else s.get(tensor)
-        holder = next((j for j in range(i) if digests[j] == digests[i] and src[j].name not in same_as
-                       and torch.equal(t, src[j].get(tensor))), None)
-        if holder is not None:  # (a standalone group has one branch: never here)
-            same_as[s.name] = src[holder].name
-            continue
-        writer.add(key_own(s.name, tensor), t.to(target))
-        nbytes += t.numel() * esize
-    rec: dict[str, Any] = {"role": "per_branch", "shape": list(first.shape), "bytes": nbytes}
-    if same_as:
-        rec["same_as"] = same_as
-    return rec
+    return keep_tensor(g, tensor, writer, dtype)
 
 
 def _compress_tensor(
@@ -259,25 +196,10 @@ def _compress_tensor(
 ) -> dict[str, Any]:
     """Two passes over the N models: (1) scales and the normalized mean, (2) each difference."""
     esize = torch.empty((), dtype=dtype).element_size()
-    first = g.sources[0].get(tensor)
-    identical = True
-    scales: list[float] = []
-    mean = torch.zeros(shape, dtype=torch.float32, device=device)  # [m, n]
-    for s in g.sources:
-        w = first if s is g.sources[0] else s.get(tensor)
-        identical = identical and torch.equal(w, first)
-        scale = frobenius_scale(w)
-        scales.append(scale)
-        mean += normalize(w.to(device), scale)
-        del w
-    if identical:  # frozen layer, or a group of one: nothing to compress
-        writer.add(key_shared(g.name, tensor), first.to(dtype))
-        return {"role": "shared", "shape": list(shape), "bytes": math.prod(shape) * esize}
-    del first
-    mean /= len(g.sources)
-    mean_q = mean.to(dtype)
-    writer.add(key_mean(g.name, tensor), mean_q)
-    writer.add(key_scales(g.name, tensor), torch.tensor(scales, dtype=torch.float32))
+    first = write_mean(g, tensor, shape, writer, dtype, device)
+    if isinstance(first, dict):  # frozen layer, or a group of one: stored once
+        return first
+    scales, mean, mean_q = first
     rate = config.rate_for(tensor)
     rank = rank_for(shape, rate)
     bits = int(config.factor_bits)  # "mixed" needs a budget (config validation)

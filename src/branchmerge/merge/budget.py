@@ -29,13 +29,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from branchmerge.compress import Difference, frobenius_scale, low_rank_factors, normalize, relative_error, tensor_seed
+from branchmerge.compress import Difference, low_rank_factors, normalize, relative_error, tensor_seed
 from branchmerge.compress.allocate import allocate, cap_rank, spectrum, uniform_share
-from branchmerge.compress.quant import quantize_factors, triplet_bytes, triplet_errors
+from branchmerge.compress.quant import triplet_bytes, triplet_errors
 from branchmerge.config import MergeConfig
 from branchmerge.errors import ConfigError
-from branchmerge.io.bundle import key_mean, key_part, key_scales, key_shared
+from branchmerge.io.bundle import key_part
 from branchmerge.io.writer import ShardWriter
+from branchmerge.merge.parts import check_shapes, keep_tensor, role_of, store_factors, write_mean
 
 logger = logging.getLogger(__name__)
 
@@ -43,28 +44,6 @@ logger = logging.getLogger(__name__)
 def widths_of(factor_bits: int | str) -> tuple[int, ...]:
     """Bit widths the allocator chooses among: ``(16,)``, ``(8,)``, ``(4,)`` or ``(8, 4)`` for mixed."""
     return (8, 4) if factor_bits == "mixed" else (int(factor_bits),)
-
-
-def store_factors(writer: ShardWriter, branch: str, tensor: str, u: torch.Tensor, v: torch.Tensor,
-                  bits: list[tuple[int, int]], group_size: int, dtype: torch.dtype) -> tuple[int, Difference]:
-    """Write one branch's factors ``U [m, k]``, ``V [k, n]`` — in ``dtype`` when ``bits`` is ``[(16, k)]``,
-    else quantized as ``bits`` says — and return the bytes written and the difference as a reader will
-    see it (float32)."""
-    if u.shape[1] == 0:
-        return 0, Difference()
-    if bits[0][0] == 16:
-        uq, vq = u.to(dtype).contiguous(), v.to(dtype).contiguous()
-        writer.add(key_part(branch, tensor, "U"), uq)
-        writer.add(key_part(branch, tensor, "V"), vq)
-        return (uq.numel() + vq.numel()) * uq.element_size(), Difference(u=uq.float(), v=vq.float())
-    q = quantize_factors(u, v, bits, group_size)
-    writer.add(key_part(branch, tensor, "sigma"), q.sigma.float().contiguous())
-    for (b, _), (qu, qv) in zip([x for x in bits if x[1] > 0], q.parts):
-        for f, rows in (("U", qu), ("V", qv)):
-            writer.add(key_part(branch, tensor, f"{f}.q{b}"), rows.q.contiguous())
-            writer.add(key_part(branch, tensor, f"{f}.s{b}"), rows.scales.contiguous())
-    du, dv = q.dequantize()
-    return q.nbytes, Difference(u=du, v=dv)
 
 
 @dataclass
@@ -121,8 +100,7 @@ def factor_budget(config: MergeConfig, groups: list, kept: dict[str, dict[str, A
 
 
 def merge_with_budget(groups: list, config: MergeConfig, writer: ShardWriter, dtype: torch.dtype,
-                      device: torch.device, tmp: Path, bar, keep_tensor, check_shapes, role_of
-                      ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+                      device: torch.device, tmp: Path, bar) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Passes 0–2 of the module docstring. Returns per-group tensor records (in input order) and the
     allocation summary for the manifest."""
     esize = torch.empty((), dtype=dtype).element_size()
@@ -157,23 +135,12 @@ def merge_with_budget(groups: list, config: MergeConfig, writer: ShardWriter, dt
     for idx, (g, tensor, shape) in enumerate(compressed):  # pass 1
         bar.set_postfix_str(f"{g.name}: {tensor} (spectrum)", refresh=False)
         m, n = shape
-        first = g.sources[0].get(tensor)
-        scales, identical = [], True
-        mean = torch.zeros(shape, dtype=torch.float32, device=device)
-        for s in g.sources:
-            w = first if s is g.sources[0] else s.get(tensor)
-            identical = identical and torch.equal(w, first)
-            scales.append(frobenius_scale(w))
-            mean += normalize(w.to(device), scales[-1])
-        if identical:
-            writer.add(key_shared(g.name, tensor), first.to(dtype))
-            records[g.name][tensor] = {"role": "shared", "shape": list(shape), "bytes": m * n * esize}
+        first = write_mean(g, tensor, shape, writer, dtype, device)
+        if isinstance(first, dict):  # every branch holds the same values: stored once
+            records[g.name][tensor] = first
             bar.update(2)
             continue
-        mean /= len(g.sources)
-        mean_q = mean.to(dtype)
-        writer.add(key_mean(g.name, tensor), mean_q)
-        writer.add(key_scales(g.name, tensor), torch.tensor(scales, dtype=torch.float32))
+        scales, mean, mean_q = first
         cap = min(m, n) if exact else cap_rank(m, n, share, config.budget.max_rank_factor)
         spill: dict[str, torch.Tensor] = {"mean": mean_q.cpu()}
         sigma2 = torch.zeros(cap)
@@ -204,19 +171,16 @@ def merge_with_budget(groups: list, config: MergeConfig, writer: ShardWriter, dt
         pending.append(_Pending(g, tensor, shape, scales, path, key))
         bar.update()
     alloc = allocate(spectra, budget, widths) if not exact else None
+    factor_bytes = 0
     for p in pending:  # pass 2
         bar.set_postfix_str(f"{p.group.name}: {p.tensor} (factors)", refresh=False)
-        records[p.group.name][p.tensor] = _finish(p, alloc, writer, dtype, device, config, esize)
+        rec = records[p.group.name][p.tensor] = _finish(p, alloc, writer, dtype, device, config, esize)
+        factor_bytes += rec["bytes"] - math.prod(p.shape) * esize - 4 * len(p.scales)  # less W̄ and the scales
         p.scratch.unlink()
         bar.update()
     shutil.rmtree(scratch_dir)
-    acct.update(factor_budget_bytes=budget, exact=exact, widths=list(widths), group_size=gs,
-                uniform_share=share,
-                factor_bytes=sum(r.get("factor_bytes", 0) for recs in records.values() for r in recs.values()),
-                summed_sq_error=None if alloc is None else alloc.error)
-    for recs in records.values():
-        for r in recs.values():
-            r.pop("factor_bytes", None)
+    acct.update(factor_budget_bytes=budget, exact=exact, widths=list(widths), group_size=gs, uniform_share=share,
+                factor_bytes=factor_bytes, summed_sq_error=None if alloc is None else alloc.error)
     ordered = {g.name: {t: (kept[g.name].get(t) or records[g.name][t]) for t in order[g.name]} for g in groups}
     return ordered, acct
 
@@ -230,7 +194,6 @@ def _finish(p: _Pending, alloc, writer: ShardWriter, dtype: torch.dtype, device:
     errors: dict[str, float] = {}
     parts = None if alloc is None else alloc.ranks[p.spectrum_key]
     rank = min(m, n) if parts is None else sum(c for _, c in parts)
-    factor_bytes = 0
     for s, scale in zip(p.group.sources, p.scales):
         if parts is None:  # the budget covers every difference dense
             d = spill[s.name + "|delta"].to(dtype)
@@ -240,11 +203,10 @@ def _finish(p: _Pending, alloc, writer: ShardWriter, dtype: torch.dtype, device:
             u, v = spill[s.name + "|U"][:, :rank], spill[s.name + "|V"][:rank]
             b, diff = store_factors(writer, s.name, p.tensor, u, v, parts, config.group_size, dtype)
         nbytes += b
-        factor_bytes += b
         w_hat = normalize(s.get(p.tensor).to(device), scale)
         errors[s.name] = relative_error(diff.apply(mean_q.to(device)), w_hat) if scale > 0 else 0.0
     rec: dict[str, Any] = {"role": "compressed", "shape": [m, n], "rank": rank, "dense": parts is None,
-                           "rel_error": errors, "bytes": nbytes, "factor_bytes": factor_bytes}
+                           "rel_error": errors, "bytes": nbytes}
     if parts is not None and parts[0][0] != 16 and rank > 0:
         rec["bits"] = [[b, c] for b, c in parts]
         rec["group_size"] = config.group_size

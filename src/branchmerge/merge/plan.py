@@ -14,7 +14,8 @@ from typing import Any
 from branchmerge.common import DTYPES
 from branchmerge.compress import rank_for, stored_bytes
 from branchmerge.config import MergeConfig
-from branchmerge.merge.branch import _check_shapes, open_groups
+from branchmerge.merge.branch import open_groups
+from branchmerge.merge.parts import check_shapes
 
 
 def plan_merge(config: MergeConfig) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def plan_merge(config: MergeConfig) -> dict[str, Any]:
         counts = {"compressed": 0, "per_branch": 0}
         for tensor in g.sources[0].names():
             shapes = [s.shape(tensor) for s in g.sources]
-            _check_shapes(g, tensor, shapes)
+            check_shapes(g, tensor, shapes)
             shape = shapes[0]
             numel = math.prod(shape)
             role = "per_branch" if g.standalone else g.arch.role(tensor, shape)

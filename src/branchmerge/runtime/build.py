@@ -20,7 +20,6 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from branchmerge.errors import BundleError
 from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
-from branchmerge.compress.quant import QuantizedFactors, QuantizedRows
 from branchmerge.runtime.modules import BranchedLinear, BranchState, PerBranch
 from branchmerge.runtime.quantized import QuantizedBranchedLinear
 
@@ -84,8 +83,7 @@ def build_group_model(
             scales = reader.get(key_scales(group, weight_t)).tolist()
             biases = per_branch(params["bias"]) if "bias" in params else None
             if factors == "quantized" and not transposed and records[weight_t].bits is not None:
-                qfs = [reader.quantized(b, weight_t) for b in members]
-                qfs = [None if q is None else _quant_to(q, device) for q in qfs]
+                qfs = [reader.quantized(b, weight_t, device) for b in members]
                 _set_module(model, module_name, QuantizedBranchedLinear(state, mean, scales, qfs, biases))
                 continue
             diffs = []
@@ -131,12 +129,6 @@ def build_group_model(
             raise BundleError(f"branch {members[0]!r}: {first_dir / 'generation_config.json'} is invalid: {e}") from None
     model.eval()
     return model, state
-
-
-def _quant_to(q: QuantizedFactors, device: torch.device) -> QuantizedFactors:
-    parts = tuple(tuple(QuantizedRows(r.q.to(device), r.scales.to(device), r.bits, r.group_size, r.length)
-                        for r in pair) for pair in q.parts)
-    return QuantizedFactors(q.sigma.to(device), parts)
 
 
 def skeleton(config: PretrainedConfig, dtype: torch.dtype | None = None, *, where: str) -> PreTrainedModel:

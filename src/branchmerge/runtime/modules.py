@@ -392,7 +392,7 @@ class BranchedLinear(nn.Module):
         else:
             plan = self.state.plan(x.shape[0], x.device)
         x2 = x.reshape(-1, self.in_features)  # [B*T, in]
-        if self.use_triton and self.uniform and kernels_ok():
+        if self.use_triton and self.uniform:
             y = self._triton_checked(x2.contiguous(), plan, x.shape[0])
         else:
             y = self._single(x2, plan) if isinstance(plan, int) else self._mixed(x2, plan, x.shape[0])
@@ -404,6 +404,8 @@ class BranchedLinear(nn.Module):
         from branchmerge.runtime import kernels
 
         torch_path = lambda: self._single(x2, plan) if isinstance(plan, int) else self._mixed(x2, plan, batch)  # noqa: E731
+        if not kernels.STATE["ok"]:  # turned off earlier in this process
+            return torch_path()
         try:
             y = self._triton(x2, plan, batch)
         except Exception as e:  # noqa: BLE001 - a compiler or driver error on some GPU: keep serving
@@ -453,12 +455,6 @@ class BranchedLinear(nn.Module):
         if str(i) in self.hot:
             del self.hot[str(i)]
         self._index_factors()
-
-
-def kernels_ok() -> bool:
-    from branchmerge.runtime import kernels
-
-    return kernels.STATE["ok"]
 
 
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "OlmoRMSNorm"}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from branchmerge.compress.quant import QuantizedFactors, unpack_int4
+from branchmerge.compress.quant import QuantizedFactors, dequantize_codes
 from branchmerge.runtime.modules import BranchedLinear, BranchState, MixedPlan
 
 
@@ -44,8 +44,8 @@ class QuantizedBranchedLinear(BranchedLinear):
             codes_u, scl_u, codes_v, scl_v = [], [], [], []
             for u, v in qf.parts:
                 self._group = u.group_size
-                codes_u.append(unpack_int4(u.q) if u.bits == 4 else u.q)
-                codes_v.append(unpack_int4(v.q) if v.bits == 4 else v.q)
+                codes_u.append(u.codes())
+                codes_v.append(v.codes())
                 scl_u.append(u.scales.float())
                 scl_v.append(v.scales.float())
             fold = (qf.sigma.float() * self.scales[i])[:, None]  # σ_j · s_i per triplet
@@ -54,16 +54,12 @@ class QuantizedBranchedLinear(BranchedLinear):
             self.register_buffer(f"vq_{i}", torch.cat(codes_v), persistent=False)  # [k, in_p] int8
             self.register_buffer(f"vs_{i}", torch.cat(scl_v).to(dt), persistent=False)  # [k, in_p/g]
 
-    def _deq(self, codes: Tensor, scales: Tensor, length: int) -> Tensor:
-        k = codes.shape[0]
-        return (codes.view(k, -1, self._group).to(scales.dtype) * scales[..., None]).view(k, -1)[:, :length]
-
     def factors(self, i: int) -> tuple[Tensor, Tensor] | None:
         """Branch ``i``'s ``(Vᵢᵀ [in, k], s_i Uᵢᵀ [k, out])`` in the compute dtype, dequantized now."""
         if not self._has[i]:
             return None
-        v = self._deq(getattr(self, f"vq_{i}"), getattr(self, f"vs_{i}"), self.in_features)
-        ut = self._deq(getattr(self, f"uq_{i}"), getattr(self, f"us_{i}"), self.out_features)
+        v = dequantize_codes(getattr(self, f"vq_{i}"), getattr(self, f"vs_{i}"), self._group, self.in_features)
+        ut = dequantize_codes(getattr(self, f"uq_{i}"), getattr(self, f"us_{i}"), self._group, self.out_features)
         return v.t(), ut
 
     def extra_repr(self) -> str:

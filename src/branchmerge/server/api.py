@@ -38,6 +38,20 @@ class ServerLimits(BaseModel):
     max_body_bytes: int = Field(default=4 << 20, ge=1024, description="Size of a request body.")
     max_queued: int = Field(default=4096, ge=1, description="Jobs waiting in the engine, all requests together.")
 
+    def check_chars(self, text: str, param: str) -> None:
+        """Raises an API error when ``text`` (named ``param``) is longer than ``max_prompt_chars``."""
+        if len(text) > self.max_prompt_chars:
+            raise P.APIError(400, f"{param} has {len(text)} characters; this server takes at most "
+                                  f"{self.max_prompt_chars}", param=param, code="context_length_exceeded")
+
+    def check_max_tokens(self, mt: int) -> None:
+        """Raises an API error when ``mt`` is not positive or above ``max_tokens``."""
+        if mt <= 0:
+            raise P.APIError(400, f"max_tokens must be positive, got {mt}", param="max_tokens")
+        if mt > self.max_tokens:
+            raise P.APIError(400, f"max_tokens {mt} is above this server's limit of {self.max_tokens}",
+                             param="max_tokens")
+
 
 @dataclass
 class Reply:
@@ -94,19 +108,11 @@ class OpenAIService:
             mt = 16 if scoring else min(256, self.limits.max_tokens)
         if scoring and (mt < 0 or (mt == 0 and not getattr(req, "echo", False))):
             raise P.APIError(400, f"max_tokens must be positive (0 only with echo), got {mt}", param="max_tokens")
-        if not scoring and mt <= 0:
-            raise P.APIError(400, f"max_tokens must be positive, got {mt}", param="max_tokens")
-        if mt > self.limits.max_tokens:
-            raise P.APIError(400, f"max_tokens {mt} is above this server's limit of {self.limits.max_tokens}",
-                             param="max_tokens")
+        if not scoring or mt > 0:
+            self.limits.check_max_tokens(mt)
         if req.n > 1 and scoring:
             raise P.APIError(400, f"n={req.n} is supported without logprobs and echo", param="n")
         return mt
-
-    def _check_chars(self, text: str, param: str) -> None:
-        if len(text) > self.limits.max_prompt_chars:
-            raise P.APIError(400, f"{param} has {len(text)} characters; this server takes at most "
-                                  f"{self.limits.max_prompt_chars}", param=param, code="context_length_exceeded")
 
     async def _resolve(self, model: str, text: str) -> tuple[str | None, str | None]:
         """(branch, pipeline) for a model name; routing runs on a worker thread, after the length checks."""
@@ -300,7 +306,7 @@ class OpenAIService:
     async def chat(self, req: P.ChatRequest, disconnected: Disconnected | None = None) -> Reply:
         if not req.messages:
             raise P.APIError(400, "messages must be a non-empty list", param="messages")
-        self._check_chars("".join(m.text() for m in req.messages), "messages")
+        self.limits.check_chars("".join(m.text() for m in req.messages), "messages")
         last_user = next((m.text() for m in reversed(req.messages) if m.role == "user"), req.messages[-1].text())
         if not last_user.strip():
             raise P.APIError(400, "the last user message is empty", param="messages")
@@ -329,7 +335,7 @@ class OpenAIService:
             where = f"prompt[{i}]" if many else "prompt"
             if (isinstance(p, list) and not p) or (isinstance(p, str) and not p.strip()):
                 raise P.APIError(400, f"{where} must not be empty", param="prompt")
-            self._check_chars(p if isinstance(p, str) else " " * len(p), where)
+            self.limits.check_chars(p if isinstance(p, str) else " " * len(p), where)
             if isinstance(p, list) and req.model == "auto" and self._shared_tokenizer() is None:
                 raise P.APIError(400, f"{where} is token ids, but this bundle's branches have different tokenizers, "
                                       "so 'auto' cannot read them: name a branch as the model, or send text "

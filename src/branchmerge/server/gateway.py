@@ -99,7 +99,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     """Read a gateway YAML; relative ``router``/``pipelines`` paths are relative to its folder."""
     path = Path(path)
     data = read_yaml(path, "gateway config")
-    cfg = validate(GatewayConfig, data, str(path)) if isinstance(data, dict) else validate(GatewayConfig, {}, str(path))
+    cfg = validate(GatewayConfig, data, str(path))
     upd = {k: str((path.parent / v).resolve()) for k, v in (("router", cfg.router), ("pipelines", cfg.pipelines))
            if v and not Path(v).expanduser().is_absolute()}
     return cfg.model_copy(update=upd) if upd else cfg
@@ -212,12 +212,9 @@ class GatewayService:
                          param="model", code="model_not_found")
 
     def _check(self, req: P._Req, text: str, param: str) -> None:
-        mt = req.max_new()
-        if mt is not None and not 1 <= mt <= self.limits.max_tokens:
-            raise P.APIError(400, f"max_tokens must be in [1, {self.limits.max_tokens}], got {mt}", param="max_tokens")
-        if len(text) > self.limits.max_prompt_chars:
-            raise P.APIError(400, f"{param} has {len(text)} characters; this gateway takes at most "
-                                  f"{self.limits.max_prompt_chars}", param=param, code="context_length_exceeded")
+        if req.max_new() is not None:  # unset: the upstream's default
+            self.limits.check_max_tokens(req.max_new())
+        self.limits.check_chars(text, param)
 
     # ---- calling upstreams --------------------------------------------------------------------------
     def _target(self, branch: str) -> tuple[_Upstream, str]:
@@ -252,20 +249,24 @@ class GatewayService:
         return out
 
     @staticmethod
-    async def _read(u: _Upstream, path: str, body: dict[str, Any]) -> tuple[httpx.Response, str]:
-        """POST and read the answer, at most ``max_response_bytes`` of it (a 502 past that)."""
-        async with u.client.stream("POST", path, json=body) as r:
-            parts, seen = [], 0
-            async for chunk in r.aiter_bytes():
-                seen += len(chunk)
-                if seen > u.cfg.max_response_bytes:
-                    raise P.APIError(502, f"upstream {u.name!r} sent a response larger than its limit of "
-                                          f"{u.cfg.max_response_bytes} bytes", type_="upstream_error",
-                                     code="upstream_response_too_large")
-                parts.append(chunk)
-        return r, b"".join(parts).decode(errors="replace")
+    async def _body(u: _Upstream, r: httpx.Response) -> str:
+        """The response's body, at most ``max_response_bytes`` of it (a 502 past that)."""
+        parts, seen = [], 0
+        async for chunk in r.aiter_bytes():
+            seen += len(chunk)
+            if seen > u.cfg.max_response_bytes:
+                raise P.APIError(502, f"upstream {u.name!r} sent a response larger than its limit of "
+                                      f"{u.cfg.max_response_bytes} bytes", type_="upstream_error",
+                                 code="upstream_response_too_large")
+            parts.append(chunk)
+        return b"".join(parts).decode(errors="replace")
 
-    async def _stream(self, branch: str, path: str, body: dict[str, Any]) -> tuple[AsyncIterator[str], Any]:
+    async def _read(self, u: _Upstream, path: str, body: dict[str, Any]) -> tuple[httpx.Response, str]:
+        """POST and read the answer (capped)."""
+        async with u.client.stream("POST", path, json=body) as r:
+            return r, await self._body(u, r)
+
+    async def _stream(self, branch: str, path: str, body: dict[str, Any]) -> AsyncIterator[str]:
         """Open the upstream stream (errors before the first byte become API errors) and pass it through."""
         u, name = self._target(branch)
         await u.acquire()
@@ -276,9 +277,11 @@ class GatewayService:
             u.release()
             raise u.error(e) from None
         if r.status_code != 200:
-            text = (await r.aread()).decode(errors="replace")
-            await r.aclose()
-            u.release()
+            try:
+                text = await self._body(u, r)
+            finally:
+                await r.aclose()
+                u.release()
             raise u.status_error(r, text)
 
         async def events() -> AsyncIterator[str]:
@@ -293,7 +296,7 @@ class GatewayService:
                 await r.aclose()
                 u.release()
 
-        return events(), r
+        return events()
 
     # ---- endpoints ----------------------------------------------------------------------------------
     async def _pipeline(self, name: str, question: str, model: str, kind: str) -> dict[str, Any]:
@@ -326,8 +329,7 @@ class GatewayService:
             out = await self._pipeline(pipeline, text, req.model, kind)
             return Reply(body=out, headers=P.branch_header(out["branch"]))
         if req.stream:
-            events, _ = await self._stream(branch, path, body)
-            return Reply(stream=events, headers=P.branch_header(branch))
+            return Reply(stream=await self._stream(branch, path, body), headers=P.branch_header(branch))
         out = await self._post(branch, path, body, disconnected)
         out["model"] = req.model
         return Reply(body=out, headers=P.branch_header(branch))

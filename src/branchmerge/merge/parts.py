@@ -1,0 +1,121 @@
+"""Pieces of the branch merge that both the rate merge (:mod:`.branch`) and the budget merge
+(:mod:`.budget`) use: a tensor's role, its shape check, per-branch tensors stored once, the normalized
+mean's pass over the N models, and one branch's factors written (in the dtype or quantized).
+
+``g`` is a group of the merge (:class:`branchmerge.merge.branch._Group`: ``name``, ``sources``, ``arch``,
+``standalone``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from branchmerge.compress import Difference, frobenius_scale, normalize
+from branchmerge.compress.quant import quantize_factors
+from branchmerge.errors import ModelInputError
+from branchmerge.io.bundle import key_mean, key_own, key_part, key_scales, key_shared
+from branchmerge.io.writer import ShardWriter
+
+
+def role_of(g, tensor: str, shape: tuple[int, ...]) -> str:
+    return "per_branch" if g.standalone else g.arch.role(tensor, shape)
+
+
+def check_shapes(g, tensor: str, shapes: list[tuple[int, ...]]) -> None:
+    for s, shape in zip(g.sources[1:], shapes[1:]):
+        # branches of one group run as one model: every tensor must fit it, per-branch ones too (a
+        # different vocabulary needs a group of its own)
+        if shape != shapes[0]:
+            raise ModelInputError(
+                f"tensor {tensor} has shape {list(shape)} in branch {s.name!r} but {list(shapes[0])} in branch "
+                f"{g.sources[0].name!r}; branches of group {g.name!r} must have the same shapes (give "
+                f"{s.name!r} its own `group` or `standalone: true`)"
+            )
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.blake2b(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def keep_tensor(g, tensor: str, writer: ShardWriter, dtype: torch.dtype) -> dict[str, Any]:
+    """Per-branch tensor, each distinct value stored once: by the group when every branch holds the same
+    values (``shared``), else per branch, a branch equal to an earlier one pointing at it (``same_as``,
+    e.g. embeddings that two of three fine-tunes left alone). Equality is exact (a digest, then
+    ``torch.equal``)."""
+    src = g.sources
+    first = src[0].get(tensor)
+    target = dtype if first.is_floating_point() else first.dtype
+    esize = torch.empty((), dtype=target).element_size()
+    digests = [digest(first)] + [digest(s.get(tensor)) for s in src[1:]]
+    if not g.standalone and len(set(digests)) == 1 and all(torch.equal(first, s.get(tensor)) for s in src[1:]):
+        writer.add(key_shared(g.name, tensor), first.to(target))
+        return {"role": "shared", "shape": list(first.shape), "bytes": first.numel() * esize}
+    same_as: dict[str, str] = {}
+    nbytes = 0
+    for i, s in enumerate(src):
+        t = first if i == 0 else s.get(tensor)
+        holder = next((j for j in range(i) if digests[j] == digests[i] and src[j].name not in same_as
+                       and torch.equal(t, src[j].get(tensor))), None)
+        if holder is not None:  # (a standalone group has one branch: never here)
+            same_as[s.name] = src[holder].name
+            continue
+        writer.add(key_own(s.name, tensor), t.to(target))
+        nbytes += t.numel() * esize
+    rec: dict[str, Any] = {"role": "per_branch", "shape": list(first.shape), "bytes": nbytes}
+    if same_as:
+        rec["same_as"] = same_as
+    return rec
+
+
+def write_mean(g, tensor: str, shape: tuple[int, ...], writer: ShardWriter, dtype: torch.dtype,
+               device: torch.device) -> dict[str, Any] | tuple[list[float], torch.Tensor, torch.Tensor]:
+    """The first pass over the N models for a compressed tensor: scales ``s_i`` and the normalized mean.
+
+    Returns the ``shared`` record when every branch holds the same values (a frozen layer, or a group of
+    one: nothing to compress, stored once); else ``(scales, W̄ in float32 [m, n], W̄ in dtype)``, with
+    ``W̄`` and the scales written.
+    """
+    first = g.sources[0].get(tensor)
+    identical = True
+    scales: list[float] = []
+    mean = torch.zeros(shape, dtype=torch.float32, device=device)  # [m, n]
+    for s in g.sources:
+        w = first if s is g.sources[0] else s.get(tensor)
+        identical = identical and torch.equal(w, first)
+        scales.append(frobenius_scale(w))
+        mean += normalize(w.to(device), scales[-1])
+        del w
+    if identical:
+        writer.add(key_shared(g.name, tensor), first.to(dtype))
+        esize = torch.empty((), dtype=dtype).element_size()
+        return {"role": "shared", "shape": list(shape), "bytes": first.numel() * esize}
+    mean /= len(g.sources)
+    mean_q = mean.to(dtype)
+    writer.add(key_mean(g.name, tensor), mean_q)
+    writer.add(key_scales(g.name, tensor), torch.tensor(scales, dtype=torch.float32))
+    return scales, mean, mean_q
+
+
+def store_factors(writer: ShardWriter, branch: str, tensor: str, u: torch.Tensor, v: torch.Tensor,
+                  bits: list[tuple[int, int]], group_size: int, dtype: torch.dtype) -> tuple[int, Difference]:
+    """Write one branch's factors ``U [m, k]``, ``V [k, n]`` — in ``dtype`` when ``bits`` is ``[(16, k)]``,
+    else quantized as ``bits`` says — and return the bytes written and the difference as a reader will
+    see it (float32)."""
+    if u.shape[1] == 0:
+        return 0, Difference()
+    if bits[0][0] == 16:
+        uq, vq = u.to(dtype).contiguous(), v.to(dtype).contiguous()
+        writer.add(key_part(branch, tensor, "U"), uq)
+        writer.add(key_part(branch, tensor, "V"), vq)
+        return (uq.numel() + vq.numel()) * uq.element_size(), Difference(u=uq.float(), v=vq.float())
+    q = quantize_factors(u, v, bits, group_size)
+    writer.add(key_part(branch, tensor, "sigma"), q.sigma.float().contiguous())
+    for (b, _), (qu, qv) in zip([x for x in bits if x[1] > 0], q.parts):
+        for f, rows in (("U", qu), ("V", qv)):
+            writer.add(key_part(branch, tensor, f"{f}.q{b}"), rows.q.contiguous())
+            writer.add(key_part(branch, tensor, f"{f}.s{b}"), rows.scales.contiguous())
+    du, dv = q.dequantize()
+    return q.nbytes, Difference(u=du, v=dv)
