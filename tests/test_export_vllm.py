@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -108,3 +109,12 @@ def test_bad_export_requests(bundles, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(BranchmergeError, match="exists"):
         export_vllm(bundles[0.9], tmp_path / "taken", progress=False)
+
+
+def test_launch_paths_are_absolute_from_a_relative_output(bundles, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rel_bundle = os.path.relpath(bundles[0.9], tmp_path)  # a relative bundle path, too
+    rep = export_vllm(rel_bundle, "rel_out", dtype="float32", progress=False)
+    assert f"--lora-modules a={tmp_path.resolve() / 'rel_out' / 'adapters' / 'a'}" in rep["launch"][0]
+    gw = yaml.safe_load((tmp_path / "rel_out" / "gateway.yaml").read_text())
+    assert gw["router"] == str(bundles[0.9].resolve())

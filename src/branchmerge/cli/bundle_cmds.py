@@ -72,7 +72,9 @@ def _budget_lines(a: dict) -> str:
              f"tensors {a['kept_bytes'] / 1e6:.2f} MB",
              f"  factors: {a['factor_bytes'] / 1e6:.3f} MB of {a['factor_budget_bytes'] / 1e6:.3f} MB available"
              + (" (every difference dense: exact)" if a["exact"] else
-                f"; a uniform rate would keep {100 * a['uniform_share']:.2f}% of each rank")]
+                f"; a uniform rate would keep {100 * a['uniform_share']:.2f}% of each rank" if a["uniform_share"] < 1
+                else "; more than a uniform rate could spend: every tensor kept up to the rank where its factors "
+                     "stop being smaller than its difference")]
     return "\n".join(lines)
 
 

@@ -125,8 +125,9 @@ def merge_with_budget(groups: list, config: MergeConfig, writer: ShardWriter, dt
     dense_all = sum(len(g.sources) * math.prod(shape) * esize for g, _, shape in compressed)
     exact = budget >= dense_all
     share = uniform_share([(m, n, len(g.sources)) for g, _, (m, n) in compressed], budget, cost[widths[-1]])
-    logger.info("budget: %.2f MB for factors (a uniform rate would keep %.1f%% of each rank)%s", budget / 1e6,
-                100 * share, "; it covers every difference dense (exact)" if exact else "")
+    logger.info("budget: %.2f MB for factors (a uniform rate would keep %.1f%% of each rank%s)%s", budget / 1e6,
+                100 * share, ", more than there is: factors stop at the rank where they are no longer smaller than "
+                "the difference" if share > 1 else "", "; it covers every difference dense (exact)" if exact else "")
     scratch_dir = tmp / ".scratch"
     scratch_dir.mkdir()
     records: dict[str, dict[str, Any]] = {g.name: {} for g in groups}
