@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # torch is pinned to the CPU wheel first so that the package's torch range never pulls a CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: install demo test test-kernels bench bench-real clean
+.PHONY: install demo test test-kernels bench bench-real gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,14 @@ bench-real: $(STAMP)   # about 30 minutes on 2 cores: fine-tunes SmolLM2-135M tw
 	$(BIN)/pip install -q -e ".[bench]"
 	cd bench && ../$(BIN)/python fidelity_real.py
 	cd bench && ../$(BIN)/python compact.py
+
+# what bench/gpu.sh needs on a lent GPU machine (Python 3.12, no package index there) beyond its own packages
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.15.0
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) demo_out

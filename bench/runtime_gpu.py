@@ -29,6 +29,7 @@ The ``triton`` layout runs every branched layer as the two kernels of ``branchme
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import statistics
@@ -42,8 +43,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, St
 import branchmerge
 from _common import CACHE
 from branchmerge.config import parse_config
+from branchmerge.family import save_tokenizer
 from branchmerge.compress import rank_for
 from branchmerge.merge import run_merge
+from branchmerge.runtime import kernels
 from branchmerge.runtime.modules import BranchedLinear, BranchState
 from runtime import decode, mixed_decoder, paired, prefill, spread
 
@@ -85,6 +88,7 @@ def make_models(shape: str, dev: torch.device, root: Path) -> list[Path]:
                     d += 0.1 * torch.randn(m, k, generator=g, device=dev)
                     p.data.copy_(w + d * (0.02 * w.norm() / d.norm()))
         model.save_pretrained(out)
+        save_tokenizer(out)  # generate() needs one; any small one will do (speed does not depend on it)
         paths.append(out)
     del model, orig
     return paths
@@ -206,18 +210,22 @@ def bench_shape(shape: str, dev: torch.device, args) -> list[str]:
                 g.state.set_rows(None)
                 torch.cuda.empty_cache() if dev.type == "cuda" else None
 
-    if dev.type == "cuda":  # whole-model generate: eager vs static cache (transformers compiles it to graphs)
-        bundle = layouts.get("triton") or next(iter(layouts.values()))
-        static = branchmerge.load(bdir, device=str(dev), dtype="bfloat16", kernels=bundle.kernels, static_cache=True)
-        texts = ["hello " * 8]
-        for label, b in (("eager", bundle), ("static cache + graphs", static)):
-            b.generate(texts, branch, max_new_tokens=8)  # warm-up (compiles)
-            t = time.perf_counter()
-            b.generate(texts, branch, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
-            sync()
-            print(f"generate, {label}, kernels={b.kernels}: {args.tokens / (time.perf_counter() - t):.1f} tok/s",
-                  flush=True)
-        del static
+    # whole-model generate: eager vs static cache (transformers compiles its decode step to CUDA graphs)
+    bundle = layouts.get("triton") or next(iter(layouts.values()))
+    static = branchmerge.load(bdir, device=str(dev), dtype="bfloat16", kernels=bundle.kernels, static_cache=True)
+    prompt = [list(range(3, 19))]
+    made = {}
+    for label, b in (("eager", bundle), ("static cache + graphs", static)):
+        b.generate_ids(prompt, [branch], max_new_tokens=8)  # warm-up (compiles)
+        sync()
+        t = time.perf_counter()
+        made[label] = b.generate_ids(prompt, [branch], max_new_tokens=args.tokens, min_new_tokens=args.tokens)[0].new_ids
+        sync()
+        print(f"generate, {label}, kernels={b.kernels}: {args.tokens / (time.perf_counter() - t):.1f} tok/s",
+              flush=True)
+    print(f"generate: static cache + graphs gives the eager tokens: {made['eager'] == made['static cache + graphs']}",
+          flush=True)
+    del static
     bundle = next(iter(layouts.values()))
     hot = bundle.materialize(branch)
     model = bundle.model(branch)
@@ -265,11 +273,29 @@ def bench_in_memory(shape: str, dev: torch.device, args, layout: str) -> list[st
     vocab, n = cfg.vocab_size, args.repeat
     steps = {"decode, batch 1": (1, 128, 1), "decode, batch 8 mixed": (8, 128, 1),
              "decode, batch 32 mixed": (32, 128, 1), f"prefill, {args.prompt_len} tokens": (1, 8, args.prompt_len)}
-    dense = {k: GraphedStep(model, b, p, vocab, dev, t) for k, (b, p, t) in steps.items()}
+    # on CUDA the dense steps are graphs captured before the swap; uncaptured (CPU) they need their own copy
+    ref = model if dev.type == "cuda" else copy.deepcopy(model)
+    dense = {k: GraphedStep(ref, b, p, vocab, dev, t) for k, (b, p, t) in steps.items()}
     nparams = sum(p.numel() for p in model.parameters())
     state, kept = branch_in_place(model, args.rate, 3, fused=layout == "fused", triton=layout == "triton")
+    kernels.prepare(dev)
     print(f"\n## {shape} in memory: {nparams / 1e9:.2f} B parameters, 3 branches at r={args.rate}, bfloat16, "
           f"built in {time.perf_counter() - t0:.0f} s", flush=True)
+    if layout == "triton":  # the kernels against the torch path at this shape, a mixed batch of 8
+        ids = torch.randint(3, vocab, (8, 16), device=dev)
+        state.set_rows([i % 3 for i in range(8)])
+        with torch.no_grad():
+            got = model(input_ids=ids).logits.float()
+            branched = [m for m in model.modules() if isinstance(m, BranchedLinear)]
+            for m in branched:
+                m.use_triton = False
+            want = model(input_ids=ids).logits.float()
+            for m in branched:
+                m.use_triton = True
+        state.set_rows(None)
+        on = "on" if kernels.STATE["ok"] else f"OFF ({kernels.STATE['why']})"
+        print(f"triton vs torch logits, {shape} in memory, mixed batch of 8: relative error "
+              f"{((got - want).norm() / want.norm()).item():.2e}; kernels {on}", flush=True)
     rows = []
     for label, (b, p, t) in steps.items():
         if b == 1:

@@ -36,13 +36,14 @@ def _reference(x, mean, v, ut, scales, kp, ids, bias):
     return torch.stack(out)
 
 
-def _check(rows, n, rank, kp, dtype, bias, ids=None, seed=0):
-    k_in, n_out = 48, 40
+def _check(rows, n, rank, kp, dtype, bias, ids=None, seed=0, k_in=48, splits=None):
+    n_out = 40
     mean, v, ut, scales, b_cat = _layer(n, rank, kp, k_in, n_out, dtype, bias, seed)
     x = torch.randn(rows, k_in, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     if ids is None:
         ids = torch.randint(0, n, (rows,), generator=torch.Generator().manual_seed(seed + 2))
-    y = kernels.branched_linear(x, mean, v, ut, scales, kp, ids if isinstance(ids, torch.Tensor) else int(ids), b_cat)
+    y = kernels.branched_linear(x, mean, v, ut, scales, kp, ids if isinstance(ids, torch.Tensor) else int(ids), b_cat,
+                                splits=splits)
     want = _reference(x, mean, v, ut, scales, kp, ids if isinstance(ids, torch.Tensor) else [ids] * rows, b_cat)
     assert y.shape == (rows, n_out) and y.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 2e-2  # bfloat16 and float16: rounding of inputs and output
@@ -60,6 +61,18 @@ def test_mixed_rows_uneven_segments_with_an_empty_one():
     ids = torch.tensor([2, 0, 0, 2, 2, 2, 0, 3, 2, 0, 0])  # branch 1 has no rows; 3 has one
     _check(11, n=4, rank=13, kp=13, dtype=torch.float32, bias=True, ids=ids)
     _check(11, n=4, rank=13, kp=16, dtype=torch.float32, bias=False, ids=ids)  # zero-padded ranks (fused layout)
+
+
+def test_shrink_split_over_the_input_dimension():
+    """Decode on a GPU splits the shrink's K loop across programs; the partial sums must add up, also when
+    the last split is short and when a split count does not divide the input."""
+    ids = torch.tensor([1, 0, 1])
+    for splits in (2, 3, 7):
+        _check(3, n=2, rank=6, kp=8, dtype=torch.float32, bias=True, ids=ids, k_in=200, splits=splits)
+    _check(1, n=2, rank=6, kp=8, dtype=torch.float32, bias=False, ids=1, k_in=1000)  # the default: 4 programs per SM-ish
+    assert kernels.split_k(14336, 7, 64, torch.device("cpu")) == (1, 14336)  # 8 programs' worth of 4 SMs: no split
+    assert kernels.split_k(14336, 1, 64, torch.device("cpu")) == (8, 1792)
+    assert kernels.split_k(100, 1, 64, torch.device("cpu")) == (1, 128)  # too short to split
 
 
 def test_bfloat16_within_tolerance():
@@ -139,3 +152,31 @@ def test_a_single_branch_forward_compiles_without_graph_breaks(loaded):
     with g.state.select(branch=1), torch.no_grad():
         exp = torch._dynamo.explain(g.model)(input_ids=ids)
     assert exp.graph_count == 1 and exp.graph_break_count == 0, [str(r.reason)[:200] for r in exp.break_reasons]
+
+
+def test_gpu_bench_script_rehearses_on_cpu(tmp_path):
+    """bench/gpu.sh is what a session with a lent GPU runs in its few minutes: rehearsed here at the tiny
+    shape (CPU, no Triton), so a broken step is found before device time is spent on it."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "SHAPES": "tiny", "IN_MEMORY": "tiny",
+           "LAYOUTS": "split,fused", "IN_MEMORY_LAYOUTS": "split,fused", "REPEAT": "1", "OUT": str(tmp_path)}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run(["bash", str(root / "bench" / "gpu.sh")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    bundles = (tmp_path / "bundles.log").read_text()
+    in_memory = (tmp_path / "in_memory.log").read_text()
+    assert "pydantic" in (tmp_path / "env.log").read_text()
+    for layout in ("split", "fused"):
+        assert re.search(rf"\| tiny \| {layout}: eager decode, batch 1, .*\| \d+\.\d+ \(quartiles", bundles)
+        assert re.search(rf"\| tiny \| {layout}: static-cache \(not captured\) decode step, batch 8, ", bundles)
+        assert re.search(rf"\| tiny \(in memory\) \| {layout}: CUDA graph decode, batch 8 mixed: .*\| \d", in_memory)
+    err = float(re.search(r"fused vs split logits, mixed batch: relative error (\S+)", bundles).group(1))
+    assert err < 2e-2
+    assert "static cache + graphs gives the eager tokens: True" in bundles

@@ -498,6 +498,8 @@ def resolve_kernels(kernels: str, device: torch.device) -> str:
                f"the device is {device.type}: Triton kernels need CUDA, or TRITON_INTERPRET=1 to run them in "
                "Triton's (slow) interpreter")
         raise ValueError(f"kernels='triton' cannot run here: {why}")
+    if kernels == "triton":
+        k.prepare(device)
     return kernels
 
 

@@ -5,7 +5,9 @@
 rows are grouped by branch into tiles (segment offsets; the rows themselves stay where they are, a
 sorted index list says which to read), and each program reads only its own branch's factors.
 
-* **shrink**: ``h = x V_bᵀ`` ``[R, KP]`` (float32), one program per (row tile, rank chunk);
+* **shrink**: ``h = x V_bᵀ`` ``[R, KP]`` (float32), one program per (row tile, rank chunk, K split): a
+  decode step has a handful of row tiles × rank chunks, so the input dimension is split until the GPU is
+  full, the splits adding their partial sums atomically into a zeroed ``h``;
 * **expand**: one GEMM per (row tile, column tile) whose K loop runs over ``x`` against ``W̄``, then
   scales by ``s_b``, adds ``h (s_b U_b)ᵀ`` (a second, short K loop over the rank), and the bias, in
   its epilogue.
@@ -70,14 +72,18 @@ if triton is not None:
         return tl.load(tb_ptr + t), tl.load(idx_ptr + offs, mask=mrow, other=0), mrow
 
     @triton.jit
-    def _shrink_kernel(x_ptr, idx_ptr, v_ptr, h_ptr, tb_ptr, ts_ptr, te_ptr, K_IN, KP, sx, sv, sh,
-                       BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+    def _shrink_kernel(x_ptr, idx_ptr, v_ptr, h_ptr, tb_ptr, ts_ptr, te_ptr, K_IN, KP, K_SPLIT, sx, sv, sh,
+                       BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, ATOMIC: tl.constexpr,
+                       UPCAST: tl.constexpr):
+        """``x V_bᵀ`` over the ``K_SPLIT`` input columns of split ``program_id(2)``: stored, or with several
+        splits added atomically into the zeroed ``h``."""
         b, rows, mrow = _tile(idx_ptr, tb_ptr, ts_ptr, te_ptr, BM)
         rr = tl.program_id(1) * BR + tl.arange(0, BR)
         mr = rr < KP
+        k_lo = tl.program_id(2) * K_SPLIT
         acc = tl.zeros((BM, BR), dtype=tl.float32)
-        for k0 in range(0, K_IN, BK):
-            kk = k0 + tl.arange(0, BK)
+        for k0 in range(0, K_SPLIT, BK):
+            kk = k_lo + k0 + tl.arange(0, BK)
             mk = kk < K_IN
             a = tl.load(x_ptr + rows[:, None] * sx + kk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
             w = tl.load(v_ptr + (b * KP + rr)[None, :] * sv + kk[:, None], mask=mr[None, :] & mk[:, None], other=0.0)
@@ -85,7 +91,10 @@ if triton is not None:
                 acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
             else:
                 acc += tl.dot(a, w)
-        tl.store(h_ptr + rows[:, None] * sh + rr[None, :], acc, mask=mrow[:, None] & mr[None, :])
+        if ATOMIC:
+            tl.atomic_add(h_ptr + rows[:, None] * sh + rr[None, :], acc, mask=mrow[:, None] & mr[None, :])
+        else:
+            tl.store(h_ptr + rows[:, None] * sh + rr[None, :], acc, mask=mrow[:, None] & mr[None, :])
 
     @triton.jit
     def _expand_kernel(x_ptr, idx_ptr, w_ptr, h_ptr, ut_ptr, s_ptr, bias_ptr, y_ptr, tb_ptr, ts_ptr, te_ptr,
@@ -123,7 +132,7 @@ if triton is not None:
 
     _expand_tuned = triton.autotune(
         configs=[triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
-                 for bn in (32, 64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)],
+                 for bn in (16, 32, 64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)],
         key=["K_IN", "N_OUT", "KP", "M_BUCKET"],
     )(_expand_kernel)
 
@@ -175,9 +184,38 @@ def cached_segments(branch: int, rows: int, device: torch.device) -> tuple[Tenso
     return got
 
 
+# streaming multiprocessors per CUDA device, filled by :func:`prepare` at load (outside any compiled region)
+SMS: dict[int, int] = {}
+
+
+def prepare(device: torch.device) -> None:
+    """Note the SM count of ``device`` (used to size the shrink's split-K)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        i = device.index if device.index is not None else torch.cuda.current_device()
+        SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+
+
+def split_k(k_in: int, programs: int, bk: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, columns per split)`` for the shrink: enough programs to fill the GPU twice over when the
+    row tiles × rank chunks alone would leave most SMs idle (decode: a handful of programs over a long
+    ``k_in``), at least four ``bk`` steps per split. The interpreter counts 4 SMs, so tests split too."""
+    sms = 4 if device.type != "cuda" else SMS.get(device.index if device.index is not None else 0, 132)
+    return _even_split(k_in, max(1, min(_cdiv(k_in, 4 * bk), (2 * sms) // max(programs, 1))), bk)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _even_split(k_in: int, splits: int, bk: int) -> tuple[int, int]:
+    """``(splits, per)``: ``k_in`` in chunks of ``per`` columns (a multiple of ``bk``), none of them empty."""
+    per = _cdiv(_cdiv(k_in, splits), bk) * bk
+    return _cdiv(k_in, per), per
+
+
 def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scales: Tensor, kp: int,
                     branch_of_row: Tensor | int, bias_cat: Tensor | None = None,
-                    plan: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                    plan: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, splits: int | None = None) -> Tensor:
     """``y[r] = s_b · x[r] W̄ᵀ + (x[r] V_bᵀ)(s_b U_b)ᵀ + bias_b`` with ``b`` the branch of row ``r``.
 
     Args:
@@ -190,6 +228,7 @@ def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scal
         branch_of_row: ``[R]`` branch ids (CPU long tensor), or one id for every row.
         bias_cat: ``[N, out]`` or None.
         plan: :func:`segments` for these rows, when the caller caches it.
+        splits: the shrink's split-K (default: :func:`split_k`); tests set it.
 
     Returns:
         ``y`` ``[R, out]`` in ``x``'s dtype.
@@ -202,11 +241,13 @@ def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scal
     idx, tb, ts, te = plan if plan is not None else segments(branch_of_row, r, bm, x.device)
     upcast = interpreting()
     br = 16 if kp <= 16 else 32
-    h = torch.empty(r, kp, device=x.device, dtype=torch.float32)
+    bk = 32 if upcast else 64
     tiles = tb.numel()
-    _shrink_kernel[(tiles, triton.cdiv(kp, br))](x, idx, v_cat, h, tb, ts, te, k_in, kp, x.stride(0),
-                                                 v_cat.stride(0), h.stride(0), BM=bm, BR=br, BK=32 if upcast else 64,
-                                                 UPCAST=upcast)
+    chunks = triton.cdiv(kp, br)
+    splits, per = split_k(k_in, tiles * chunks, bk, x.device) if splits is None else _even_split(k_in, splits, bk)
+    h = (torch.zeros if splits > 1 else torch.empty)(r, kp, device=x.device, dtype=torch.float32)
+    _shrink_kernel[(tiles, chunks, splits)](x, idx, v_cat, h, tb, ts, te, k_in, kp, per, x.stride(0), v_cat.stride(0),
+                                            h.stride(0), BM=bm, BR=br, BK=bk, ATOMIC=splits > 1, UPCAST=upcast)
     y = torch.empty(r, n_out, device=x.device, dtype=x.dtype)
     bias = bias_cat if bias_cat is not None else scales
     args = (x, idx, mean, h, ut_cat, scales, bias, y, tb, ts, te, k_in, n_out, kp, x.stride(0), mean.stride(0),

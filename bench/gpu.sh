@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU measurement of issue 16 as one script, for a lent device machine (15 minutes a session, all
+# tries together). That machine has torch, transformers, triton and safetensors but not pydantic, and
+# nothing can be fetched there, so first, here:
+#
+#     make gpu-wheels                                  # pydantic and its needs, as cp312 wheels, into .whl/
+#
+# then, through the device tool, from the repository root:
+#
+#     run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=560)
+#
+# Each step has its own time limit, so that one that hangs leaves the others their time; the logs land in
+# $OUT (they come back) and in bench/.cache/gpu-logs otherwise. The 8B step goes first: its rows are the
+# issue's targets (batch 1 <= 1.08x dense, a batch of 8 over 3 branches <= 1.15x, prefill <= 1.08x).
+# Rehearse it on the CPU with DEVICE=cpu SHAPES=tiny IN_MEMORY=tiny LAYOUTS=split,fused bash bench/gpu.sh.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=${DEVICE:-cuda}
+SHAPES=${SHAPES:-smollm2,1b}
+IN_MEMORY=${IN_MEMORY:-8b}
+LAYOUTS=${LAYOUTS:-split,fused,triton}
+REPEAT=${REPEAT:-4}
+LOGS=${OUT:-bench/.cache/gpu-logs}
+mkdir -p "$LOGS" && LOGS=$(cd "$LOGS" && pwd)
+PY=${PY:-python3}
+if ! $PY -c "import pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/bm-site .whl/*.whl \
+    || { echo "gpu.sh: installing the carried wheels failed"; exit 1; }
+  export PYTHONPATH=/tmp/bm-site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+  $PY -c "import torch, transformers, triton, pydantic; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'pydantic', pydantic.__version__)"
+} 2>&1 | tee "$LOGS/env.log" || exit 1
+cd bench
+status=0
+if [ -n "$IN_MEMORY" ]; then
+  # in-memory layouts: split is the torch path without the fused weight; fused and triton are the contenders
+  timeout "${IN_MEMORY_LIMIT:-230}" $PY runtime_gpu.py --device "$DEVICE" --shapes "" --in-memory "$IN_MEMORY" \
+    --layouts "${IN_MEMORY_LAYOUTS:-fused,triton}" --repeat "$REPEAT" 2>&1 | tee "$LOGS/in_memory.log" || status=1
+fi
+if [ -n "$SHAPES" ]; then
+  timeout "${SHAPES_LIMIT:-280}" $PY runtime_gpu.py --device "$DEVICE" --shapes "$SHAPES" --layouts "$LAYOUTS" \
+    --repeat "$REPEAT" 2>&1 | tee "$LOGS/bundles.log" || status=1
+fi
+exit $status
