@@ -7,7 +7,7 @@
 #
 # then, through the device tool, from the repository root:
 #
-#     run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=560)
+#     run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=590)
 #
 # Each step has its own time limit, so that one that hangs leaves the others their time; the logs land in
 # $OUT (they come back) and in bench/.cache/gpu-logs otherwise. The 8B step goes first: its rows are the
@@ -35,12 +35,12 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cd bench
 status=0
 if [ -n "$IN_MEMORY" ]; then
-  # in-memory layouts: split is the torch path without the fused weight; fused and triton are the contenders
-  timeout "${IN_MEMORY_LIMIT:-230}" $PY runtime_gpu.py --device "$DEVICE" --shapes "" --in-memory "$IN_MEMORY" \
-    --layouts "${IN_MEMORY_LAYOUTS:-fused,triton}" --repeat "$REPEAT" 2>&1 | tee "$LOGS/in_memory.log" || status=1
+  # in-memory layouts: fused (the torch path's best), triton (q/k/v and gate/up grouped), triton-solo (not)
+  timeout "${IN_MEMORY_LIMIT:-280}" $PY runtime_gpu.py --device "$DEVICE" --shapes "" --in-memory "$IN_MEMORY" \
+    --layouts "${IN_MEMORY_LAYOUTS:-fused,triton,triton-solo}" --repeat "$REPEAT" 2>&1 | tee "$LOGS/in_memory.log" || status=1
 fi
 if [ -n "$SHAPES" ]; then
-  timeout "${SHAPES_LIMIT:-280}" $PY runtime_gpu.py --device "$DEVICE" --shapes "$SHAPES" --layouts "$LAYOUTS" \
+  timeout "${SHAPES_LIMIT:-250}" $PY runtime_gpu.py --device "$DEVICE" --shapes "$SHAPES" --layouts "$LAYOUTS" \
     --repeat "$REPEAT" 2>&1 | tee "$LOGS/bundles.log" || status=1
 fi
 exit $status

@@ -23,7 +23,9 @@ prefill, dense vs branched.
     python bench/runtime_gpu.py --shapes "" --in-memory 1b,8b --layouts split,fused,triton --repeat 6
 
 The ``triton`` layout runs every branched layer as the two kernels of ``branchmerge.runtime.kernels``
-(issue 16); on a machine without CUDA the script says so and exits.
+(issue 16), q/k/v and gate/up as one call each (``runtime.siblings``); ``triton-solo`` (in-memory
+shapes) runs each layer by itself, to show what the grouping buys. On a machine without CUDA the script
+says so and exits (``--device cpu`` runs it anyway, at the ``tiny`` shape, to check the script).
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, St
 
 import branchmerge
 from _common import CACHE
+from branchmerge.architectures import registry
 from branchmerge.config import parse_config
 from branchmerge.family import save_tokenizer
 from branchmerge.compress import rank_for
 from branchmerge.merge import run_merge
 from branchmerge.runtime import kernels
 from branchmerge.runtime.modules import BranchedLinear, BranchState
+from branchmerge.runtime.siblings import group_siblings
 from runtime import decode, mixed_decoder, paired, prefill, spread
 
 SHAPES = {
@@ -153,8 +157,11 @@ def bench_shape(shape: str, dev: torch.device, args) -> list[str]:
     run_merge(cfg, bdir, force=True, progress=False)
     dense = AutoModelForCausalLM.from_pretrained(paths[0], dtype=torch.bfloat16).to(dev).eval()
     layouts = {f: branchmerge.load(bdir, device=str(dev), dtype="bfloat16", fused=f == "fused",
-                                   kernels="triton" if f == "triton" else "torch")
+                                   kernels="triton" if f.startswith("triton") else "torch")
                for f in args.layouts.split(",")}
+    for m in layouts["triton-solo"].groups["main"].model.modules() if "triton-solo" in layouts else ():
+        if isinstance(m, BranchedLinear) and m.sibling is not None:
+            m.sibling.dissolve()
     vocab = SHAPES[shape]["vocab_size"]
     floor = floor_of(bdir, dense)
     n_dense = sum(p.numel() for p in dense.parameters())
@@ -239,7 +246,7 @@ def bench_shape(shape: str, dev: torch.device, args) -> list[str]:
     return rows
 
 
-def branch_in_place(model, rate: float, n: int, fused: bool, triton: bool = False
+def branch_in_place(model, rate: float, n: int, fused: bool, triton: bool = False, group: bool = True
                     ) -> tuple[BranchState, list[nn.Module]]:
     """Swap every block linear of ``model`` for a :class:`BranchedLinear` with ``n`` random rank-k factors
     (k from ``rate``), its weight as ``W̄``. For shapes too large to write to disk three times; the
@@ -259,6 +266,8 @@ def branch_in_place(model, rate: float, n: int, fused: bool, triton: bool = Fals
             new.use_triton = triton
             setattr(model.get_submodule(parent), child, new)
             kept.append(mod)
+    if triton and group:
+        print(f"sibling groups (q/k/v, gate/up as one call each): {group_siblings(model, registry()['llama'].siblings)}")
     return state, kept
 
 
@@ -277,11 +286,12 @@ def bench_in_memory(shape: str, dev: torch.device, args, layout: str) -> list[st
     ref = model if dev.type == "cuda" else copy.deepcopy(model)
     dense = {k: GraphedStep(ref, b, p, vocab, dev, t) for k, (b, p, t) in steps.items()}
     nparams = sum(p.numel() for p in model.parameters())
-    state, kept = branch_in_place(model, args.rate, 3, fused=layout == "fused", triton=layout == "triton")
+    state, kept = branch_in_place(model, args.rate, 3, fused=layout == "fused", triton=layout.startswith("triton"),
+                                  group=layout != "triton-solo")
     kernels.prepare(dev)
     print(f"\n## {shape} in memory: {nparams / 1e9:.2f} B parameters, 3 branches at r={args.rate}, bfloat16, "
           f"built in {time.perf_counter() - t0:.0f} s", flush=True)
-    if layout == "triton":  # the kernels against the torch path at this shape, a mixed batch of 8
+    if layout.startswith("triton"):  # the kernels against the torch path at this shape, a mixed batch of 8
         ids = torch.randint(3, vocab, (8, 16), device=dev)
         state.set_rows([i % 3 for i in range(8)])
         with torch.no_grad():
@@ -328,7 +338,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--layouts", default="split,fused,triton",
-                    help="branched-layer layouts to measure: split, fused (load(fused=...)), triton (load(kernels=...))")
+                    help="branched-layer layouts to measure: split, fused (load(fused=...)), triton (load(kernels=...)), "
+                         "triton-solo (in-memory only: no sibling groups)")
     ap.add_argument("--in-memory", default="", help="shapes (e.g. 8b) to branch in place, without files")
     args = ap.parse_args()
     dev = torch.device(args.device)

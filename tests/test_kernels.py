@@ -75,6 +75,44 @@ def test_shrink_split_over_the_input_dimension():
     assert kernels.split_k(100, 1, 64, torch.device("cpu")) == (1, 128)  # too short to split
 
 
+def _check_siblings(rows, outs, ranks, kps, dtype, bias, ids, splits=None, k_in=56):
+    """Sibling layers (q/k/v) as one call: concatenated buffers and a member table, against each
+    member's own reference; column tiles of 32 straddle members whose widths are not multiples of 32."""
+    n = 3
+    layers = [_layer(n, rk, kp, k_in, out, dtype, bias, seed=7 * j + rk) for j, (out, rk, kp) in
+              enumerate(zip(outs, ranks, kps))]
+    x = torch.randn(rows, k_in, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    ids_list = ids.tolist() if isinstance(ids, torch.Tensor) else [ids] * rows
+    want = torch.cat([_reference(x, mean, v, ut, sc, kp, ids_list, b) for (mean, v, ut, sc, b), kp in zip(layers, kps)], 1)
+    table = kernels.member_table(list(outs), list(kps), n, x.device)
+    cat = lambda i: torch.cat([la[i].reshape(-1) if i in (2, 3, 4) else la[i] for la in layers])  # noqa: E731
+    y = kernels.branched_linear(x, cat(0), cat(1), cat(2), cat(3), sum(kps), ids, cat(4) if bias else None,
+                                splits=splits, members=table)
+    assert y.shape == (rows, sum(outs))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    err = float((y.double() - want).abs().max() / want.abs().max())
+    assert err < tol, err
+
+
+def test_sibling_layers_run_as_one_call():
+    ids = torch.tensor([2, 0, 0, 2, 1, 2, 0])
+    _check_siblings(7, outs=(40, 24, 24), ranks=(5, 3, 3), kps=(8, 3, 3), dtype=torch.float32, bias=True, ids=ids)
+    _check_siblings(1, outs=(64, 32, 32), ranks=(13, 6, 6), kps=(16, 8, 8), dtype=torch.float32, bias=False, ids=1,
+                    splits=2)
+    _check_siblings(5, outs=(48, 80), ranks=(9, 4), kps=(9, 4), dtype=torch.bfloat16, bias=True, ids=2)  # gate/up
+
+
+@pytest.mark.kernels_full
+@pytest.mark.parametrize("rows", [1, 3, 16, 33])
+@pytest.mark.parametrize("outs,ranks,kps", [((40, 24, 24), (5, 3, 3), (8, 3, 3)), ((32, 32), (1, 20), (8, 24)),
+                                            ((96, 16, 16), (33, 2, 2), (40, 8, 8))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_sibling_case(rows, outs, ranks, kps, bias):
+    ids = torch.randint(0, 3, (rows,), generator=torch.Generator().manual_seed(rows))
+    _check_siblings(rows, outs, ranks, kps, torch.float32, bias, ids)
+    _check_siblings(rows, outs, ranks, kps, torch.float32, bias, 0, splits=3)
+
+
 def test_bfloat16_within_tolerance():
     _check(9, n=3, rank=7, kp=8, dtype=torch.bfloat16, bias=True)
 
@@ -90,6 +128,10 @@ def test_whole_model_triton_equals_torch(bundles):
     torch_b = branchmerge.load(bundles[0.9], dtype="float32", kernels="torch")
     tri_b = branchmerge.load(bundles[0.9], dtype="float32", kernels="triton")
     assert tri_b.kernels == "triton" and any(getattr(m, "use_triton", False) for m in tri_b.groups["main"].model.modules())
+    layer = tri_b.groups["main"].model.model.layers[0]
+    assert layer.self_attn.q_proj.sibling is layer.self_attn.v_proj.sibling is not None  # q/k/v as one call
+    assert layer.mlp.gate_proj.sibling is not None and layer.mlp.down_proj.sibling is None
+    assert tri_b.memory_bytes() == torch_b.memory_bytes()  # the members' weights are views: no second copy
     ids = torch.tensor([[1, 5, 9, 14, 3, 22, 7], [1, 7, 7, 30, 12, 4, 9], [1, 3, 3, 3, 3, 3, 3]])
     for names in (["a", "a", "a"], ["a", "c", "b"], ["c", "a", "c"]):
         want, got = torch_b.logits(ids, names), tri_b.logits(ids, names)
@@ -180,3 +222,50 @@ def test_gpu_bench_script_rehearses_on_cpu(tmp_path):
     err = float(re.search(r"fused vs split logits, mixed batch: relative error (\S+)", bundles).group(1))
     assert err < 2e-2
     assert "static cache + graphs gives the eager tokens: True" in bundles
+
+
+def test_siblings_never_serve_a_stale_output(bundles):
+    """A sibling's cached output is for one input tensor, unchanged, under one branch selection: another
+    input, the same one changed in place, or another branch all compute afresh."""
+    torch_b = branchmerge.load(bundles[0.9], dtype="float32", kernels="torch")
+    tri_b = branchmerge.load(bundles[0.9], dtype="float32", kernels="triton")
+    att_t = torch_b.groups["main"].model.model.layers[1].self_attn
+    att = tri_b.groups["main"].model.model.layers[1].self_attn
+    g_t, g = torch_b.groups["main"].state, tri_b.groups["main"].state
+    x = torch.randn(2, 5, att.q_proj.in_features)
+    with torch.no_grad(), g.select(branch=0), g_t.select(branch=0):
+        assert torch.allclose(att.q_proj(x), att_t.q_proj(x), atol=1e-5)
+        other = torch.randn_like(x)
+        assert torch.allclose(att.k_proj(other), att_t.k_proj(other), atol=1e-5)  # not q's input
+        assert torch.allclose(att.q_proj(x), att_t.q_proj(x), atol=1e-5)
+        x.mul_(2)  # the same tensor, changed in place
+        assert torch.allclose(att.k_proj(x), att_t.k_proj(x), atol=1e-5)
+        assert torch.allclose(att.v_proj(x), att_t.v_proj(x), atol=1e-5)
+        assert att.q_proj.sibling._cache is None  # the last sibling let the outputs go
+        att.q_proj(x)
+    with torch.no_grad(), g.select(branch=2), g_t.select(branch=2):
+        assert torch.allclose(att.k_proj(x), att_t.k_proj(x), atol=1e-5)  # another branch, the same x
+    model = tri_b.groups["main"].model
+    model.to(torch.float64)  # a move or cast leaves the group's buffers behind: the members go one by one
+    assert att.q_proj.sibling is None
+    with torch.no_grad(), g.select(branch=1), g_t.select(branch=1):
+        assert torch.allclose(att.v_proj(x.double()).float(), att_t.v_proj(x), atol=1e-5)
+
+
+def test_the_triton_path_compiles_without_graph_breaks(bundles, monkeypatch):
+    """What transformers' compiled static-cache decode needs on a GPU: the Python around the kernels
+    (the first-use check, sibling groups and their cached outputs, row tiles) traces into one graph.
+    The interpreter itself cannot be traced, so a torch stand-in takes the kernel's place here."""
+    tri_b = branchmerge.load(bundles[0.9], dtype="float32", kernels="triton")
+    monkeypatch.setitem(kernels.STATE, "ok", True)
+    monkeypatch.setitem(kernels.STATE, "checked", True)
+    calls = []
+    monkeypatch.setattr(kernels, "branched_linear",
+                        lambda x, mean, *a, members=None, **k: calls.append(members is not None) or x @ mean.T)
+    g = tri_b.groups["main"]
+    torch._dynamo.reset()
+    with g.state.select(branch=1), torch.no_grad():
+        exp = torch._dynamo.explain(g.model)(input_ids=torch.tensor([[1, 5, 9, 14, 3, 22]]))
+    assert exp.graph_break_count == 0 and exp.graph_count == 1, [str(r.reason)[:300] for r in exp.break_reasons]
+    layers = len(g.model.model.layers)
+    assert calls.count(True) == 2 * layers and calls.count(False) == 2 * layers  # q/k/v, gate/up; o, down

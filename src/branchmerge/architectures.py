@@ -37,6 +37,9 @@ class Architecture:
     per_branch: tuple[str, ...]
     transposed: bool = False  # weights stored [in, out] (GPT-2 Conv1D) rather than [out, in]
     description: str = ""
+    # layers of one block that read the same input, in the order the block calls them (submodule paths
+    # under the block): run as one call by the Triton kernels (runtime.siblings)
+    siblings: tuple[tuple[str, ...], ...] = ()
 
     def role(self, tensor_name: str, shape: tuple[int, ...]) -> Role:
         """Whether a tensor is compressed (2-D block weight) or kept per branch.
@@ -85,6 +88,7 @@ def registry() -> dict[str, Architecture]:
             per_branch=tuple(data["per_branch"]),
             transposed=bool(data.get("transposed", False)),
             description=data.get("description", ""),
+            siblings=tuple(tuple(g) for g in data.get("siblings", ())),
         )
         if arch.name in out:
             raise ValueError(f"duplicate architecture name {arch.name!r} in {entry.name}")

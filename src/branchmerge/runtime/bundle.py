@@ -20,11 +20,13 @@ from typing import Any, Protocol
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from branchmerge.architectures import registry
 from branchmerge.common import resolve_device, resolve_dtype
 from branchmerge.errors import BranchmergeError, BranchNotFoundError, BundleError
 from branchmerge.io.bundle import BundleReader
 from branchmerge.runtime.build import build_group_model
 from branchmerge.runtime.modules import BranchedLinear, BranchState
+from branchmerge.runtime.siblings import group_siblings
 from branchmerge.runtime.scoring import (PrefixCluster, TokenLogprobs, prefix_clusters, score_cluster, score_row,
                                          shared_lengths)
 from branchmerge.runtime.text import encode_messages, ensure_pad_token, pad_rows
@@ -65,12 +67,18 @@ class Bundle:
         self.dtype = resolve_dtype(dtype, default=self.reader.manifest.dtype)
         self.kernels = resolve_kernels(kernels, self.device)
         self.groups: dict[str, _GroupRuntime] = {}
+        if fused is None and self.kernels == "triton":
+            fused = False  # the kernels read W̄ and V apart; split layers can be grouped with their siblings
         for gname, g in self.reader.groups.items():
             model, state = build_group_model(self.reader, gname, device=self.device, dtype=self.dtype, fused=fused,
                                              factors=factors or "dequantize")
             for m in model.modules():
                 if isinstance(m, BranchedLinear):
                     m.use_triton = self.kernels == "triton"
+            arch = registry().get(g.architecture)
+            if self.kernels == "triton" and arch is not None and arch.siblings:
+                made = group_siblings(model, arch.siblings)
+                logger.info("group %r: %d sibling groups (q/k/v, gate/up) run as one kernel call each", gname, made)
             self.groups[gname] = _GroupRuntime(gname, model, state, g.standalone)
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._hot: set[str] = set()

@@ -72,21 +72,37 @@ if triton is not None:
         return tl.load(tb_ptr + t), tl.load(idx_ptr + offs, mask=mrow, other=0), mrow
 
     @triton.jit
-    def _shrink_kernel(x_ptr, idx_ptr, v_ptr, h_ptr, tb_ptr, ts_ptr, te_ptr, K_IN, KP, K_SPLIT, sx, sv, sh,
-                       BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, ATOMIC: tl.constexpr,
+    def _member_of(meta_ptr, pos, FIELD: tl.constexpr, M: tl.constexpr):
+        """Which member each ``pos`` (a rank column, or an output column) falls in: the number of members
+        after the first whose ``FIELD`` (start) is at or before it."""
+        j = tl.zeros_like(pos)
+        for i in tl.static_range(1, M):
+            j += (pos >= tl.load(meta_ptr + i * 6 + FIELD)).to(pos.dtype)
+        return j
+
+    @triton.jit
+    def _shrink_kernel(x_ptr, idx_ptr, v_ptr, h_ptr, meta_ptr, tb_ptr, ts_ptr, te_ptr, K_IN, KP, K_SPLIT, sx, sv, sh,
+                       M: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, ATOMIC: tl.constexpr,
                        UPCAST: tl.constexpr):
         """``x V_bᵀ`` over the ``K_SPLIT`` input columns of split ``program_id(2)``: stored, or with several
-        splits added atomically into the zeroed ``h``."""
+        splits added atomically into the zeroed ``h``. With ``M`` members, rank column ``r`` of ``h`` is rank
+        ``r - koff_j`` of member ``j``, whose ``V`` rows start at ``vbase_j`` (``b·kp_j`` further for branch b)."""
         b, rows, mrow = _tile(idx_ptr, tb_ptr, ts_ptr, te_ptr, BM)
         rr = tl.program_id(1) * BR + tl.arange(0, BR)
         mr = rr < KP
+        if M == 1:
+            vrow = b * KP + rr
+        else:
+            j = _member_of(meta_ptr, rr, 3, M)
+            vrow = (tl.load(meta_ptr + j * 6 + 4) + b * tl.load(meta_ptr + j * 6 + 2)
+                    + rr - tl.load(meta_ptr + j * 6 + 3))
         k_lo = tl.program_id(2) * K_SPLIT
         acc = tl.zeros((BM, BR), dtype=tl.float32)
         for k0 in range(0, K_SPLIT, BK):
             kk = k_lo + k0 + tl.arange(0, BK)
             mk = kk < K_IN
             a = tl.load(x_ptr + rows[:, None] * sx + kk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
-            w = tl.load(v_ptr + (b * KP + rr)[None, :] * sv + kk[:, None], mask=mr[None, :] & mk[:, None], other=0.0)
+            w = tl.load(v_ptr + vrow[None, :] * sv + kk[:, None], mask=mr[None, :] & mk[:, None], other=0.0)
             if UPCAST:
                 acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
             else:
@@ -97,12 +113,31 @@ if triton is not None:
             tl.store(h_ptr + rows[:, None] * sh + rr[None, :], acc, mask=mrow[:, None] & mr[None, :])
 
     @triton.jit
-    def _expand_kernel(x_ptr, idx_ptr, w_ptr, h_ptr, ut_ptr, s_ptr, bias_ptr, y_ptr, tb_ptr, ts_ptr, te_ptr,
-                       K_IN, N_OUT, KP, sx, sw, sh, sut, sy, M_BUCKET,
-                       HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    def _lowrank_add(acc, h_ptr, ut_ptr, rows, mrow, cols, mcol, b, kp, koff, ubase, cstart, ustride, sh,
+                     BR: tl.constexpr, UPCAST: tl.constexpr):
+        """``acc += h[:, koff:koff+kp] · UT[b·kp:(b+1)·kp, cols - cstart]`` (``UT`` rows ``ustride`` apart)."""
+        for r0 in range(0, kp, BR):
+            rr = r0 + tl.arange(0, BR)
+            mr = rr < kp
+            hh = tl.load(h_ptr + rows[:, None] * sh + (koff + rr)[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
+            u = tl.load(ut_ptr + ubase + (b * kp + rr)[:, None] * ustride + (cols - cstart)[None, :],
+                        mask=mr[:, None] & mcol[None, :], other=0.0)
+            if UPCAST:
+                acc += tl.dot(hh, u.to(tl.float32))
+            else:
+                acc += tl.dot(hh.to(u.dtype), u)
+        return acc
+
+    @triton.jit
+    def _expand_kernel(x_ptr, idx_ptr, w_ptr, h_ptr, ut_ptr, s_ptr, bias_ptr, y_ptr, meta_ptr, tb_ptr, ts_ptr, te_ptr,
+                       K_IN, N_OUT, KP, NB, sx, sw, sh, sy, M_BUCKET,
+                       M: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        BR: tl.constexpr, UPCAST: tl.constexpr):
+        """``y = s · x W̄ᵀ + h · UT + bias`` for one (row tile, column tile). With ``M`` members (sibling
+        layers concatenated along the output), each column takes its member's scale, factors and bias."""
         b, rows, mrow = _tile(idx_ptr, tb_ptr, ts_ptr, te_ptr, BM)
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        c0 = tl.program_id(1) * BN
+        cols = c0 + tl.arange(0, BN)
         mcol = cols < N_OUT
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K_IN, BK):  # x W̄ᵀ
@@ -114,26 +149,33 @@ if triton is not None:
                 acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
             else:
                 acc += tl.dot(a, w)
-        acc = acc * tl.load(s_ptr + b).to(tl.float32)
-        for r0 in range(0, KP, BR):  # + (x V_bᵀ)(s_b U_b)ᵀ
-            rr = r0 + tl.arange(0, BR)
-            mr = rr < KP
-            hh = tl.load(h_ptr + rows[:, None] * sh + rr[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
-            u = tl.load(ut_ptr + (b * KP + rr)[:, None] * sut + cols[None, :], mask=mr[:, None] & mcol[None, :],
-                        other=0.0)
-            if UPCAST:
-                acc += tl.dot(hh, u.to(tl.float32))
-            else:
-                acc += tl.dot(hh.to(u.dtype), u)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + b * N_OUT + cols, mask=mcol, other=0.0).to(tl.float32)[None, :]
+        if M == 1:
+            acc = acc * tl.load(s_ptr + b).to(tl.float32)
+            acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, mrow, cols, mcol, b, KP, 0, 0, 0, N_OUT, sh, BR, UPCAST)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + b * N_OUT + cols, mask=mcol, other=0.0).to(tl.float32)[None, :]
+        else:
+            jc = _member_of(meta_ptr, cols, 0, M)
+            acc = acc * tl.load(s_ptr + jc * NB + b, mask=mcol, other=0.0).to(tl.float32)[None, :]
+            for j in tl.static_range(M):  # members with columns in this tile
+                cs = tl.load(meta_ptr + j * 6)
+                ce = tl.load(meta_ptr + j * 6 + 1)
+                if (cs < c0 + BN) & (ce > c0):
+                    acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, mrow, cols, mcol & (cols >= cs) & (cols < ce), b,
+                                       tl.load(meta_ptr + j * 6 + 2), tl.load(meta_ptr + j * 6 + 3),
+                                       tl.load(meta_ptr + j * 6 + 5), cs, ce - cs, sh, BR, UPCAST)
+            if HAS_BIAS:  # member j's [NB, out_j] block starts at NB·cs_j
+                cs_c = tl.load(meta_ptr + jc * 6, mask=mcol, other=0)
+                ce_c = tl.load(meta_ptr + jc * 6 + 1, mask=mcol, other=1)
+                acc += tl.load(bias_ptr + NB * cs_c + b * (ce_c - cs_c) + cols - cs_c, mask=mcol,
+                               other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rows[:, None] * sy + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=mrow[:, None] & mcol[None, :])
 
     _expand_tuned = triton.autotune(
         configs=[triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
                  for bn in (16, 32, 64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)],
-        key=["K_IN", "N_OUT", "KP", "M_BUCKET"],
+        key=["K_IN", "N_OUT", "KP", "M_BUCKET", "M"],
     )(_expand_kernel)
 
 
@@ -215,28 +257,37 @@ def _even_split(k_in: int, splits: int, bk: int) -> tuple[int, int]:
 
 def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scales: Tensor, kp: int,
                     branch_of_row: Tensor | int, bias_cat: Tensor | None = None,
-                    plan: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, splits: int | None = None) -> Tensor:
+                    plan: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, splits: int | None = None,
+                    members: Tensor | None = None) -> Tensor:
     """``y[r] = s_b · x[r] W̄ᵀ + (x[r] V_bᵀ)(s_b U_b)ᵀ + bias_b`` with ``b`` the branch of row ``r``.
 
     Args:
         x: ``[R, in]`` (contiguous rows).
         mean: ``W̄`` ``[out, in]``.
         v_cat: every branch's ``V`` stacked, ``[N·kp, in]`` (rows ``b·kp…b·kp+kp``; zero-padded ranks).
-        ut_cat: every branch's ``s_b U_bᵀ`` stacked, ``[N·kp, out]``.
+        ut_cat: every branch's ``s_b U_bᵀ`` stacked, ``[N·kp, out]`` (contiguous).
         scales: ``s_b`` ``[N]``.
         kp: rows per branch in ``v_cat``/``ut_cat``.
         branch_of_row: ``[R]`` branch ids (CPU long tensor), or one id for every row.
         bias_cat: ``[N, out]`` or None.
         plan: :func:`segments` for these rows, when the caller caches it.
         splits: the shrink's split-K (default: :func:`split_k`); tests set it.
+        members: for ``M`` sibling layers that read the same ``x`` (q/k/v), run as one:
+            :func:`member_table` ``[M, 6]``. Then ``mean`` is their ``W̄`` concatenated ``[Σout_j, in]``;
+            ``v_cat`` their ``v_cat`` one after another ``[Σ N·kp_j, in]``; ``ut_cat``, ``scales`` and
+            ``bias_cat`` their ``ut_cat`` ``[N·kp_j, out_j]``, ``s`` ``[N]`` and bias ``[N, out_j]`` one
+            after another, flat; ``kp`` is ``Σ kp_j``.
 
     Returns:
-        ``y`` ``[R, out]`` in ``x``'s dtype.
+        ``y`` ``[R, out]`` in ``x``'s dtype (``[R, Σout_j]`` with ``members``).
     """
     if triton is None:
         raise RuntimeError("the triton kernels need `pip install triton`")
     r, k_in = x.shape
     n_out = mean.shape[0]
+    m = 1 if members is None else members.shape[0]
+    if m == 1 and ut_cat.stride(0) != n_out:
+        raise ValueError(f"ut_cat must be contiguous [N·kp, {n_out}], got strides {tuple(ut_cat.stride())}")
     bm = row_tile(r)
     idx, tb, ts, te = plan if plan is not None else segments(branch_of_row, r, bm, x.device)
     upcast = interpreting()
@@ -246,16 +297,28 @@ def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scal
     chunks = triton.cdiv(kp, br)
     splits, per = split_k(k_in, tiles * chunks, bk, x.device) if splits is None else _even_split(k_in, splits, bk)
     h = (torch.zeros if splits > 1 else torch.empty)(r, kp, device=x.device, dtype=torch.float32)
-    _shrink_kernel[(tiles, chunks, splits)](x, idx, v_cat, h, tb, ts, te, k_in, kp, per, x.stride(0), v_cat.stride(0),
-                                            h.stride(0), BM=bm, BR=br, BK=bk, ATOMIC=splits > 1, UPCAST=upcast)
+    meta = members if members is not None else scales  # not read when M == 1
+    _shrink_kernel[(tiles, chunks, splits)](x, idx, v_cat, h, meta, tb, ts, te, k_in, kp, per, x.stride(0),
+                                            v_cat.stride(0), h.stride(0), M=m, BM=bm, BR=br, BK=bk, ATOMIC=splits > 1,
+                                            UPCAST=upcast)
     y = torch.empty(r, n_out, device=x.device, dtype=x.dtype)
     bias = bias_cat if bias_cat is not None else scales
-    args = (x, idx, mean, h, ut_cat, scales, bias, y, tb, ts, te, k_in, n_out, kp, x.stride(0), mean.stride(0),
-            h.stride(0), ut_cat.stride(0), y.stride(0), bm)
+    args = (x, idx, mean, h, ut_cat, scales, bias, y, meta, tb, ts, te, k_in, n_out, kp, scales.numel() // m,
+            x.stride(0), mean.stride(0), h.stride(0), y.stride(0), bm)
     if upcast or x.device.type != "cuda":
-        _expand_kernel[(tiles, triton.cdiv(n_out, 32))](*args, HAS_BIAS=bias_cat is not None, BM=bm, BN=32, BK=32,
-                                                        BR=br, UPCAST=upcast)
+        _expand_kernel[(tiles, triton.cdiv(n_out, 32))](*args, M=m, HAS_BIAS=bias_cat is not None, BM=bm, BN=32,
+                                                        BK=32, BR=br, UPCAST=upcast)
     else:  # pragma: no cover - needs a GPU
         _expand_tuned[lambda meta: (tiles, triton.cdiv(n_out, meta["BN"]))](
-            *args, HAS_BIAS=bias_cat is not None, BM=bm, BR=br, UPCAST=False)
+            *args, M=m, HAS_BIAS=bias_cat is not None, BM=bm, BR=br, UPCAST=False)
     return y
+
+
+def member_table(outs: list[int], kps: list[int], branches: int, device: torch.device) -> Tensor:
+    """Per sibling ``j``: ``(column start, column end, kp_j, rank offset in h, first V row, first UT
+    element)`` ``[M, 6]`` int64 on ``device``, for :func:`branched_linear`'s ``members``."""
+    rows, cs, koff, vbase, ubase = [], 0, 0, 0, 0
+    for out, kp in zip(outs, kps):
+        rows.append([cs, cs + out, kp, koff, vbase, ubase])
+        cs, koff, vbase, ubase = cs + out, koff + kp, vbase + branches * kp, ubase + branches * kp * out
+    return torch.tensor(rows, dtype=torch.int64, device=device)

@@ -145,6 +145,40 @@ def _cached(plan: MixedPlan, key: tuple, make) -> Tensor:
     return t
 
 
+def kernel_segments(x2: Tensor, plan: int | MixedPlan, batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The Triton kernels' row tiles for ``x2`` ``[B·T, in]`` under ``plan`` (made once per shape or plan)."""
+    from branchmerge.runtime import kernels
+
+    if isinstance(plan, int):
+        return kernels.cached_segments(plan, x2.shape[0], x2.device)
+    seq = x2.shape[0] // batch
+    return _cached(plan, ("triton", seq), lambda: kernels.segments(
+        plan.row_ids.cpu().repeat_interleave(seq), x2.shape[0], kernels.row_tile(x2.shape[0]), x2.device))
+
+
+def kernels_checked(run, reference) -> Tensor:
+    """``run()`` (a Triton path); the first call in a process is compared with ``reference()`` (the torch
+    path), and a kernel that fails or disagrees turns the kernels off for the process (with a warning),
+    never the answer."""
+    from branchmerge.runtime import kernels
+
+    if not kernels.STATE["ok"]:  # turned off earlier in this process
+        return reference()
+    try:
+        y = run()
+    except Exception as e:  # noqa: BLE001 - a compiler or driver error on some GPU: keep serving
+        kernels.disable(f"{type(e).__name__}: {e}")
+        return reference()
+    if not kernels.STATE["checked"]:
+        ref = reference().reshape(y.shape)
+        err = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+        if err > 2e-2:
+            kernels.disable(f"the kernels' output differs from the torch path by {err:.3g} (relative)")
+            return ref
+        kernels.STATE["checked"] = True
+    return y
+
+
 def _gather_rows(x2: Tensor, plan: MixedPlan, batch: int, n: int) -> Tensor:
     """``[B·T, in]`` rows → the padded per-branch layout ``[N, R_max·T, in]``."""
     seq = x2.shape[0] // batch
@@ -182,6 +216,8 @@ class BranchedLinear(nn.Module):
     """
 
     use_triton = False  # set by load(kernels="triton"|"auto"): both paths through runtime.kernels (uniform only)
+    sibling = None  # a runtime.siblings.SiblingGroup when this layer runs as one call with its siblings (q/k/v)
+    sibling_index = 0
     small_rows = 32  # below this many rows the single-branch path accumulates in place (faster on CPU BLAS)
     masked_max_share = 0.5  # mixed rows use the masked path while N·k ≤ this share of min(out, in)
 
@@ -271,6 +307,8 @@ class BranchedLinear(nn.Module):
                        up[i], self.scales[i], self._bias(i)) for i in range(len(self.scales))]
 
     def _apply(self, fn, recurse: bool = True):  # keep the per-branch views valid after .to()/.cuda()
+        if self.sibling is not None:  # its buffers would go stale: the siblings run one by one from now on
+            self.sibling.dissolve()
         out = super()._apply(fn, recurse)
         self._index_factors()
         return out
@@ -393,32 +431,21 @@ class BranchedLinear(nn.Module):
             plan = self.state.plan(x.shape[0], x.device)
         x2 = x.reshape(-1, self.in_features)  # [B*T, in]
         if self.use_triton and self.uniform:
-            y = self._triton_checked(x2.contiguous(), plan, x.shape[0])
+            x2 = x2.contiguous()
+            y = None if self.sibling is None else self.sibling.output(self, x, x2, plan)
+            if y is None:
+                y = self._triton_checked(x2, plan, x.shape[0])
         else:
             y = self._single(x2, plan) if isinstance(plan, int) else self._mixed(x2, plan, x.shape[0])
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _triton_checked(self, x2: Tensor, plan: int | MixedPlan, batch: int) -> Tensor:
-        """The Triton path; the first call in a process is compared with the torch path, and a kernel that
-        fails or disagrees turns the kernels off for the process (with a warning), never the answer."""
-        from branchmerge.runtime import kernels
+    def _torch_path(self, x2: Tensor, plan: int | MixedPlan, batch: int) -> Tensor:
+        """The torch forward of ``x2`` ``[B·T, in]`` → ``[B·T, out]``."""
+        y = self._single(x2, plan) if isinstance(plan, int) else self._mixed(x2, plan, batch)
+        return y.reshape(x2.shape[0], self.out_features)
 
-        torch_path = lambda: self._single(x2, plan) if isinstance(plan, int) else self._mixed(x2, plan, batch)  # noqa: E731
-        if not kernels.STATE["ok"]:  # turned off earlier in this process
-            return torch_path()
-        try:
-            y = self._triton(x2, plan, batch)
-        except Exception as e:  # noqa: BLE001 - a compiler or driver error on some GPU: keep serving
-            kernels.disable(f"{type(e).__name__}: {e}")
-            return torch_path()
-        if not kernels.STATE["checked"]:
-            ref = torch_path().reshape(y.shape)
-            err = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
-            if err > 2e-2:
-                kernels.disable(f"the kernels' output differs from the torch path by {err:.3g} (relative)")
-                return ref
-            kernels.STATE["checked"] = True
-        return y
+    def _triton_checked(self, x2: Tensor, plan: int | MixedPlan, batch: int) -> Tensor:
+        return kernels_checked(lambda: self._triton(x2, plan, batch), lambda: self._torch_path(x2, plan, batch))
 
     def _triton(self, x2: Tensor, plan: int | MixedPlan, batch: int) -> Tensor:
         """Both kernels of :mod:`branchmerge.runtime.kernels` (shrink, then GEMM + expand), for one branch or
@@ -429,14 +456,9 @@ class BranchedLinear(nn.Module):
             hot = self._fast[plan][0]
             if hot is not None:
                 return F.linear(x2, hot, self._fast[plan][4])
-            segs = kernels.cached_segments(plan, x2.shape[0], x2.device)
-        else:
-            seq = x2.shape[0] // batch
-            segs = _cached(plan, ("triton", seq), lambda: kernels.segments(
-                plan.row_ids.cpu().repeat_interleave(seq), x2.shape[0], kernels.row_tile(x2.shape[0]), x2.device))
         return kernels.branched_linear(x2, self.weight_mean, self.v_cat, self.ut_cat, self.scale_t, self.stride,
                                        plan if isinstance(plan, int) else None,
-                                       self.bias_cat if self.has_bias else None, plan=segs)
+                                       self.bias_cat if self.has_bias else None, plan=kernel_segments(x2, plan, batch))
 
     def dense_weight(self, i: int) -> Tensor:
         """``s_i (W̄ + U_i V_i)`` for branch ``i``, ``[out, in]`` (for export and hot branches)."""
