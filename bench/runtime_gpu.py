@@ -23,8 +23,9 @@ prefill, dense vs branched.
     python bench/runtime_gpu.py --shapes "" --in-memory 1b,8b --layouts split,fused,triton --repeat 6
 
 The ``triton`` layout runs every branched layer as the two kernels of ``branchmerge.runtime.kernels``
-(issue 16), q/k/v and gate/up as one call each (``runtime.siblings``); ``triton-solo`` (in-memory
-shapes) runs each layer by itself, to show what the grouping buys. On a machine without CUDA the script
+(issue 16), q/k/v and gate/up as one call each (``runtime.siblings``), a one-branch prefill of over
+256 rows through cuBLAS; ``triton-solo`` (in-memory shapes) runs each layer by itself and prefill in
+the kernels too, to show what each choice buys. On a machine without CUDA the script
 says so and exits (``--device cpu`` runs it anyway, at the ``tiny`` shape, to check the script).
 """
 
@@ -288,6 +289,8 @@ def bench_in_memory(shape: str, dev: torch.device, args, layout: str) -> list[st
     nparams = sum(p.numel() for p in model.parameters())
     state, kept = branch_in_place(model, args.rate, 3, fused=layout == "fused", triton=layout.startswith("triton"),
                                   group=layout != "triton-solo")
+    # triton-solo also runs a single branch's prefill in the kernels (triton leaves it to cuBLAS)
+    BranchedLinear.triton_max_rows = 10**9 if layout == "triton-solo" else 256
     kernels.prepare(dev)
     print(f"\n## {shape} in memory: {nparams / 1e9:.2f} B parameters, 3 branches at r={args.rate}, bfloat16, "
           f"built in {time.perf_counter() - t0:.0f} s", flush=True)

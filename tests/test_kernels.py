@@ -269,3 +269,21 @@ def test_the_triton_path_compiles_without_graph_breaks(bundles, monkeypatch):
     assert exp.graph_break_count == 0 and exp.graph_count == 1, [str(r.reason)[:300] for r in exp.break_reasons]
     layers = len(g.model.model.layers)
     assert calls.count(True) == 2 * layers and calls.count(False) == 2 * layers  # q/k/v, gate/up; o, down
+
+
+def test_a_long_one_branch_prefill_leaves_the_mean_gemm_to_torch(bundles, monkeypatch):
+    """Past ``triton_max_rows`` rows of one branch the layer takes the torch path (cuBLAS on a GPU); mixed
+    rows and decode-sized inputs keep the kernels."""
+    from branchmerge.runtime.modules import BranchedLinear
+
+    torch_b = branchmerge.load(bundles[0.9], dtype="float32", kernels="torch")
+    tri_b = branchmerge.load(bundles[0.9], dtype="float32", kernels="triton")
+    monkeypatch.setattr(BranchedLinear, "triton_max_rows", 100)
+    real, calls = kernels.branched_linear, []
+    monkeypatch.setattr(kernels, "branched_linear", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    ids = torch.randint(3, 60, (3, 40), generator=torch.Generator().manual_seed(0))
+    for names, used in ((["b"] * 3, False), (["a", "b", "a"], True), (["c"], True)):
+        calls.clear()
+        rows = ids[:len(names)]
+        assert torch.allclose(tri_b.logits(rows, names), torch_b.logits(rows, names), atol=1e-4)
+        assert bool(calls) is used and all(n == rows.numel() for n in calls), (names, calls)

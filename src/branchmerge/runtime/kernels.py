@@ -316,9 +316,11 @@ def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scal
 
 def member_table(outs: list[int], kps: list[int], branches: int, device: torch.device) -> Tensor:
     """Per sibling ``j``: ``(column start, column end, kp_j, rank offset in h, first V row, first UT
-    element)`` ``[M, 6]`` int64 on ``device``, for :func:`branched_linear`'s ``members``."""
+    element)`` ``[M, 6]`` int32 on ``device``, for :func:`branched_linear`'s ``members``."""
     rows, cs, koff, vbase, ubase = [], 0, 0, 0, 0
     for out, kp in zip(outs, kps):
         rows.append([cs, cs + out, kp, koff, vbase, ubase])
         cs, koff, vbase, ubase = cs + out, koff + kp, vbase + branches * kp, ubase + branches * kp * out
-    return torch.tensor(rows, dtype=torch.int64, device=device)
+    if max(ubase, branches * cs) >= 2**31:  # the kernels index in int32, as for one layer
+        raise ValueError(f"sibling layers too large to run as one call ({ubase} factor elements)")
+    return torch.tensor(rows, dtype=torch.int32, device=device)

@@ -216,6 +216,10 @@ class BranchedLinear(nn.Module):
     """
 
     use_triton = False  # set by load(kernels="triton"|"auto"): both paths through runtime.kernels (uniform only)
+    # one branch over more rows than this (a prefill) takes the torch path with the Triton kernels on: W̄'s
+    # GEMM is then compute-bound, where cuBLAS beats a Triton GEMM and launches no longer matter (vLLM
+    # likewise leaves the base GEMM to cuBLAS and adds LoRA in Triton)
+    triton_max_rows = 256
     sibling = None  # a runtime.siblings.SiblingGroup when this layer runs as one call with its siblings (q/k/v)
     sibling_index = 0
     small_rows = 32  # below this many rows the single-branch path accumulates in place (faster on CPU BLAS)
@@ -430,7 +434,7 @@ class BranchedLinear(nn.Module):
         else:
             plan = self.state.plan(x.shape[0], x.device)
         x2 = x.reshape(-1, self.in_features)  # [B*T, in]
-        if self.use_triton and self.uniform:
+        if self.use_triton and self.uniform and (x2.shape[0] <= self.triton_max_rows or not isinstance(plan, int)):
             x2 = x2.contiguous()
             y = None if self.sibling is None else self.sibling.output(self, x, x2, plan)
             if y is None:
