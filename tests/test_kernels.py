@@ -117,6 +117,14 @@ def test_bfloat16_within_tolerance():
     _check(9, n=3, rank=7, kp=8, dtype=torch.bfloat16, bias=True)
 
 
+def test_autotuning_tries_each_row_bucket_its_own_configs():
+    """On CUDA each config is a compile: decode buckets try GEMV-like tiles, prefill GEMM-like ones."""
+    prune = kernels._expand_tuned.early_config_prune
+    for bucket, want in ((16, kernels.DECODE_CONFIGS), (32, kernels.DECODE_CONFIGS), (64, kernels.PREFILL_CONFIGS)):
+        got = prune(kernels._expand_tuned.configs, {"M_BUCKET": bucket})
+        assert sorted((c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages) for c in got) == sorted(want)
+
+
 def test_segments_group_rows_by_branch():
     idx, tb, ts, te = kernels.segments(torch.tensor([1, 0, 1, 1, 0]), 5, 16, torch.device("cpu"))
     assert idx.tolist() == [1, 4, 0, 2, 3] and tb.tolist() == [0, 1] and ts.tolist() == [0, 2] and te.tolist() == [2, 5]
@@ -287,3 +295,26 @@ def test_a_long_one_branch_prefill_leaves_the_mean_gemm_to_torch(bundles, monkey
         rows = ids[:len(names)]
         assert torch.allclose(tri_b.logits(rows, names), torch_b.logits(rows, names), atol=1e-4)
         assert bool(calls) is used and all(n == rows.numel() for n in calls), (names, calls)
+
+
+def test_load_checks_the_kernels_before_any_request(bundles, monkeypatch):
+    """load(kernels="triton") runs one token through each model, so the kernels' first-use comparison
+    with the torch path happens at load (eagerly), not inside a user's compiled or captured step."""
+    monkeypatch.setitem(kernels.STATE, "ok", True)
+    monkeypatch.setitem(kernels.STATE, "checked", False)
+    branchmerge.load(bundles[0.9], dtype="float32", kernels="torch")
+    assert kernels.STATE["checked"] is False
+    branchmerge.load(bundles[0.9], dtype="float32", kernels="triton")
+    assert kernels.STATE["checked"] is True and kernels.STATE["ok"] is True
+
+
+def test_mixed_rows_compile_to_one_graph_once_their_plan_exists(loaded):
+    """transformers runs the prefill eagerly and compiles the decode steps: by then the rows' plan (built
+    from their branch ids, data-dependent) exists, and a mixed batch's forward is one graph."""
+    g = loaded[0.9].groups["main"]
+    ids = torch.tensor([[1, 5, 9, 14, 3, 22]] * 3)
+    torch._dynamo.reset()
+    with g.state.select(rows=[0, 2, 1]), torch.no_grad():
+        g.model(input_ids=ids)  # the eager prefill
+        exp = torch._dynamo.explain(g.model)(input_ids=ids)
+    assert exp.graph_break_count == 0 and exp.graph_count == 1, [str(r.reason)[:300] for r in exp.break_reasons]

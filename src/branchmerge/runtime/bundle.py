@@ -80,12 +80,23 @@ class Bundle:
                 made = group_siblings(model, arch.siblings)
                 logger.info("group %r: %d sibling groups (q/k/v, gate/up) run as one kernel call each", gname, made)
             self.groups[gname] = _GroupRuntime(gname, model, state, g.standalone)
+            if self.kernels == "triton":
+                self._warm_kernels(model, state)
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._hot: set[str] = set()
         # held by a server's engine around each batch, and by materialize/dematerialize, so a branch never
         # changes between hot and factored in the middle of someone's forward pass
         self.weights_lock = threading.RLock()
         self.router: BranchRouter | None = None
+
+    @staticmethod
+    def _warm_kernels(model: PreTrainedModel, state: BranchState) -> None:
+        """One token through the model: the kernels compile now rather than on a user's first request, and
+        their first-use check against the torch path (which may turn them off) runs eagerly, outside any
+        compiled graph or CUDA-graph capture."""
+        dev = next(model.parameters()).device
+        with state.select(branch=0), torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=dev), use_cache=False)
 
     # ---- branches ---------------------------------------------------------------------------
     @property

@@ -16,7 +16,7 @@ A single branch is one segment. Triton is optional: :func:`available` says wheth
 the torch paths of :class:`~branchmerge.runtime.modules.BranchedLinear` are used without it. Under
 ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (for tests); tiles are upcast to float32 before
 ``tl.dot`` there, since the interpreter's bfloat16 dot is wrong. On CUDA the expand kernel's tile sizes
-are autotuned per shape and row-count bucket.
+are autotuned per shape and row-count bucket, among a few configs per bucket (:func:`expand_configs`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,19 @@ def interpreting() -> bool:
 def usable_on(device: torch.device) -> bool:
     """Whether the kernels can run on tensors of ``device`` here (CUDA, or any device under the interpreter)."""
     return available() and (device.type == "cuda" or interpreting())
+
+
+# the expand kernel's autotuning space, (BN, BK, warps, stages): decode tiles (16 or 32 rows) stream W̄ like
+# a GEMV, so wide K steps and narrow column tiles (enough programs for every SM); prefill tiles (64 rows)
+# are a GEMM. Each row-count bucket tries only its own (each config is a compile: ~1 s on the GPU).
+DECODE_CONFIGS = [(bn, bk, 4, 4) for bn in (16, 32, 64) for bk in (128, 256)]
+PREFILL_CONFIGS = [(bn, 64, w, st) for bn in (64, 128) for w in (4, 8) for st in (3, 4)]
+EXPAND_CONFIGS = DECODE_CONFIGS + PREFILL_CONFIGS
+
+
+def expand_configs(m_bucket: int) -> list[tuple[int, int, int, int]]:
+    """The configs autotuning tries for row tiles of ``m_bucket`` rows."""
+    return DECODE_CONFIGS if m_bucket <= 32 else PREFILL_CONFIGS
 
 
 if triton is not None:
@@ -173,9 +186,11 @@ if triton is not None:
                  mask=mrow[:, None] & mcol[None, :])
 
     _expand_tuned = triton.autotune(
-        configs=[triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
-                 for bn in (16, 32, 64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)],
+        configs=[triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st) for bn, bk, w, st in EXPAND_CONFIGS],
         key=["K_IN", "N_OUT", "KP", "M_BUCKET", "M"],
+        prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
+            c for c in configs if (c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages)
+            in expand_configs(nargs["M_BUCKET"])]},
     )(_expand_kernel)
 
 
