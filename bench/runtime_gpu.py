@@ -320,6 +320,7 @@ def bench_in_memory(shape: str, dev: torch.device, args, layout: str) -> list[st
             ours = GraphedStep(model, b, p, vocab, dev, t)
             r, _ = paired(lambda: (dense[label](5), sync()), lambda: (ours(5), sync()), 2 * n)
             line = f"| {shape} (in memory) | {layout}: CUDA graph {label}: time vs dense | {spread(r)} |"
+            MEDIANS[(shape, layout, label)] = statistics.median(r)
             rows.append(line)
             print(line, flush=True)
             del ours
@@ -330,6 +331,21 @@ def bench_in_memory(shape: str, dev: torch.device, args, layout: str) -> list[st
     del dense, kept, model
     torch.cuda.empty_cache() if dev.type == "cuda" else None
     return rows
+
+
+MEDIANS: dict[tuple[str, str, str], float] = {}  # (shape, layout, step) → median time ratio, in-memory rows
+TARGETS = {"decode, batch 1": 1.08, "decode, batch 8 mixed": 1.15, "prefill": 1.08}  # issue 16, at 8B
+
+
+def verdicts() -> list[str]:
+    """Issue 16's targets against the in-memory medians: one line per (shape, layout, step) with a target."""
+    out = []
+    for (shape, layout, label), ratio in MEDIANS.items():
+        target = next((t for k, t in TARGETS.items() if label.startswith(k)), None)
+        if target is not None:
+            out.append(f"| {shape} | {layout} | {label} | {ratio:.3f} | ≤ {target} | "
+                       f"{'met' if ratio <= target else 'missed'} |")
+    return out
 
 
 def main() -> None:
@@ -361,6 +377,10 @@ def main() -> None:
     print(f"\n{args.repeat} rounds of dense / bundle / dense (graph rows: {2 * args.repeat} rounds of 20 replays); "
           "median ratio (quartiles)\n\n| model | measurement | ratio |\n|---|---|---|")
     print("\n".join(rows))
+    if MEDIANS:
+        print("\nIssue 16's targets (median time vs dense; they are set for the 8B shape)\n\n"
+              "| shape | layout | step | ratio | target | |\n|---|---|---|---|---|---|")
+        print("\n".join(verdicts()))
 
 
 if __name__ == "__main__":

@@ -230,6 +230,9 @@ def test_gpu_bench_script_rehearses_on_cpu(tmp_path):
     err = float(re.search(r"fused vs split logits, mixed batch: relative error (\S+)", bundles).group(1))
     assert err < 2e-2
     assert "static cache + graphs gives the eager tokens: True" in bundles
+    for layout in ("split", "fused"):  # the targets' verdicts, one per layout and step with a target
+        assert len(re.findall(rf"\| tiny \| {layout} \| (decode, batch 1|decode, batch 8 mixed|prefill, \d+ tokens) \| "
+                              r"\d+\.\d+ \| ≤ 1\.\d+ \| (met|missed) \|", in_memory)) == 3
 
 
 def test_siblings_never_serve_a_stale_output(bundles):
