@@ -64,8 +64,9 @@ def test_mixed_rows_uneven_segments_with_an_empty_one():
 
 
 def test_shrink_split_over_the_input_dimension():
-    """Decode on a GPU splits the shrink's K loop across programs; the partial sums must add up, also when
-    the last split is short and when a split count does not divide the input."""
+    """Decode on a GPU splits the shrink's K loop across programs, each storing its own slice; the expand
+    must add every slice, also when the last split is short and when a split count does not divide the
+    input (nor is a power of two)."""
     ids = torch.tensor([1, 0, 1])
     for splits in (2, 3, 7):
         _check(3, n=2, rank=6, kp=8, dtype=torch.float32, bias=True, ids=ids, k_in=200, splits=splits)
@@ -73,6 +74,8 @@ def test_shrink_split_over_the_input_dimension():
     assert kernels.split_k(14336, 7, 64, torch.device("cpu")) == (1, 14336)  # 8 programs' worth of 4 SMs: no split
     assert kernels.split_k(14336, 1, 64, torch.device("cpu")) == (8, 1792)
     assert kernels.split_k(100, 1, 64, torch.device("cpu")) == (1, 128)  # too short to split
+    # an 8B down_proj decode step on a 132-SM GPU: 7 rank chunks, 16 splits (the cap) of 896 columns
+    assert kernels.split_k(14336, 7, 64, torch.device("cuda")) == (16, 896)
 
 
 def _check_siblings(rows, outs, ranks, kps, dtype, bias, ids, splits=None, k_in=56):

@@ -7,10 +7,11 @@ sorted index list says which to read), and each program reads only its own branc
 
 * **shrink**: ``h = x V_bᵀ`` ``[R, KP]`` (float32), one program per (row tile, rank chunk, K split): a
   decode step has a handful of row tiles × rank chunks, so the input dimension is split until the GPU is
-  full, the splits adding their partial sums atomically into a zeroed ``h``;
+  full, each split storing its partial sum in its own slice (no zeroing kernel, no atomics: the same
+  result every run);
 * **expand**: one GEMM per (row tile, column tile) whose K loop runs over ``x`` against ``W̄``, then
-  scales by ``s_b``, adds ``h (s_b U_b)ᵀ`` (a second, short K loop over the rank), and the bias, in
-  its epilogue.
+  scales by ``s_b``, adds ``h (s_b U_b)ᵀ`` (a second, short K loop over the rank, summing the split
+  slices as it loads them), and the bias, in its epilogue.
 
 A single branch is one segment. Triton is optional: :func:`available` says whether it imported, and
 the torch paths of :class:`~branchmerge.runtime.modules.BranchedLinear` are used without it. Under
@@ -95,10 +96,11 @@ if triton is not None:
 
     @triton.jit
     def _shrink_kernel(x_ptr, idx_ptr, v_ptr, h_ptr, meta_ptr, tb_ptr, ts_ptr, te_ptr, K_IN, KP, K_SPLIT, sx, sv, sh,
-                       M: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, ATOMIC: tl.constexpr,
+                       s_split, M: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
                        UPCAST: tl.constexpr):
-        """``x V_bᵀ`` over the ``K_SPLIT`` input columns of split ``program_id(2)``: stored, or with several
-        splits added atomically into the zeroed ``h``. With ``M`` members, rank column ``r`` of ``h`` is rank
+        """``x V_bᵀ`` over the ``K_SPLIT`` input columns of split ``program_id(2)``, stored in that split's
+        slice of ``h`` ``[S, R, KP]`` (every element written: no zeroing, no atomics, the same sum every
+        run); the expand kernel adds the slices. With ``M`` members, rank column ``r`` of ``h`` is rank
         ``r - koff_j`` of member ``j``, whose ``V`` rows start at ``vbase_j`` (``b·kp_j`` further for branch b)."""
         b, rows, mrow = _tile(idx_ptr, tb_ptr, ts_ptr, te_ptr, BM)
         rr = tl.program_id(1) * BR + tl.arange(0, BR)
@@ -120,19 +122,26 @@ if triton is not None:
                 acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
             else:
                 acc += tl.dot(a, w)
-        if ATOMIC:
-            tl.atomic_add(h_ptr + rows[:, None] * sh + rr[None, :], acc, mask=mrow[:, None] & mr[None, :])
-        else:
-            tl.store(h_ptr + rows[:, None] * sh + rr[None, :], acc, mask=mrow[:, None] & mr[None, :])
+        tl.store(h_ptr + tl.program_id(2) * s_split + rows[:, None] * sh + rr[None, :], acc,
+                 mask=mrow[:, None] & mr[None, :])
 
     @triton.jit
-    def _lowrank_add(acc, h_ptr, ut_ptr, rows, mrow, cols, mcol, b, kp, koff, ubase, cstart, ustride, sh,
-                     BR: tl.constexpr, UPCAST: tl.constexpr):
-        """``acc += h[:, koff:koff+kp] · UT[b·kp:(b+1)·kp, cols - cstart]`` (``UT`` rows ``ustride`` apart)."""
+    def _lowrank_add(acc, h_ptr, ut_ptr, rows, mrow, cols, mcol, b, kp, koff, ubase, cstart, ustride, sh, S,
+                     s_split, SP: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr):
+        """``acc += h[:, koff:koff+kp] · UT[b·kp:(b+1)·kp, cols - cstart]`` (``UT`` rows ``ustride`` apart),
+        ``h`` the sum of the shrink's ``S`` slices (``SP``: ``S`` rounded up to a power of two)."""
         for r0 in range(0, kp, BR):
             rr = r0 + tl.arange(0, BR)
             mr = rr < kp
-            hh = tl.load(h_ptr + rows[:, None] * sh + (koff + rr)[None, :], mask=mrow[:, None] & mr[None, :], other=0.0)
+            if SP == 1:
+                hh = tl.load(h_ptr + rows[:, None] * sh + (koff + rr)[None, :], mask=mrow[:, None] & mr[None, :],
+                             other=0.0)
+            else:  # every slice in one load, then their sum
+                sp = tl.arange(0, SP)
+                hh = tl.sum(tl.load(h_ptr + sp[:, None, None] * s_split + rows[None, :, None] * sh
+                                    + (koff + rr)[None, None, :],
+                                    mask=(sp < S)[:, None, None] & mrow[None, :, None] & mr[None, None, :], other=0.0),
+                            axis=0)
             u = tl.load(ut_ptr + ubase + (b * kp + rr)[:, None] * ustride + (cols - cstart)[None, :],
                         mask=mr[:, None] & mcol[None, :], other=0.0)
             if UPCAST:
@@ -143,9 +152,9 @@ if triton is not None:
 
     @triton.jit
     def _expand_kernel(x_ptr, idx_ptr, w_ptr, h_ptr, ut_ptr, s_ptr, bias_ptr, y_ptr, meta_ptr, tb_ptr, ts_ptr, te_ptr,
-                       K_IN, N_OUT, KP, NB, sx, sw, sh, sy, M_BUCKET,
-                       M: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                       BR: tl.constexpr, UPCAST: tl.constexpr):
+                       K_IN, N_OUT, KP, NB, S, sx, sw, sh, s_split, sy, M_BUCKET,
+                       M: tl.constexpr, HAS_BIAS: tl.constexpr, SP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr):
         """``y = s · x W̄ᵀ + h · UT + bias`` for one (row tile, column tile). With ``M`` members (sibling
         layers concatenated along the output), each column takes its member's scale, factors and bias."""
         b, rows, mrow = _tile(idx_ptr, tb_ptr, ts_ptr, te_ptr, BM)
@@ -164,7 +173,8 @@ if triton is not None:
                 acc += tl.dot(a, w)
         if M == 1:
             acc = acc * tl.load(s_ptr + b).to(tl.float32)
-            acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, mrow, cols, mcol, b, KP, 0, 0, 0, N_OUT, sh, BR, UPCAST)
+            acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, mrow, cols, mcol, b, KP, 0, 0, 0, N_OUT, sh, S, s_split,
+                               SP, BR, UPCAST)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + b * N_OUT + cols, mask=mcol, other=0.0).to(tl.float32)[None, :]
         else:
@@ -176,7 +186,7 @@ if triton is not None:
                 if (cs < c0 + BN) & (ce > c0):
                     acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, mrow, cols, mcol & (cols >= cs) & (cols < ce), b,
                                        tl.load(meta_ptr + j * 6 + 2), tl.load(meta_ptr + j * 6 + 3),
-                                       tl.load(meta_ptr + j * 6 + 5), cs, ce - cs, sh, BR, UPCAST)
+                                       tl.load(meta_ptr + j * 6 + 5), cs, ce - cs, sh, S, s_split, SP, BR, UPCAST)
             if HAS_BIAS:  # member j's [NB, out_j] block starts at NB·cs_j
                 cs_c = tl.load(meta_ptr + jc * 6, mask=mcol, other=0)
                 ce_c = tl.load(meta_ptr + jc * 6 + 1, mask=mcol, other=1)
@@ -252,12 +262,16 @@ def prepare(device: torch.device) -> None:
         SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
 
 
+MAX_SPLITS = 16  # the expand kernel loads every split's slice of h at once: [S, rows, rank chunk] registers
+
+
 def split_k(k_in: int, programs: int, bk: int, device: torch.device) -> tuple[int, int]:
     """``(splits, columns per split)`` for the shrink: enough programs to fill the GPU twice over when the
     row tiles × rank chunks alone would leave most SMs idle (decode: a handful of programs over a long
-    ``k_in``), at least four ``bk`` steps per split. The interpreter counts 4 SMs, so tests split too."""
+    ``k_in``), at least four ``bk`` steps per split, at most :data:`MAX_SPLITS`. The interpreter counts 4
+    SMs, so tests split too."""
     sms = 4 if device.type != "cuda" else SMS.get(device.index if device.index is not None else 0, 132)
-    return _even_split(k_in, max(1, min(_cdiv(k_in, 4 * bk), (2 * sms) // max(programs, 1))), bk)
+    return _even_split(k_in, max(1, min(_cdiv(k_in, 4 * bk), (2 * sms) // max(programs, 1), MAX_SPLITS)), bk)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -311,21 +325,22 @@ def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scal
     tiles = tb.numel()
     chunks = triton.cdiv(kp, br)
     splits, per = split_k(k_in, tiles * chunks, bk, x.device) if splits is None else _even_split(k_in, splits, bk)
-    h = (torch.zeros if splits > 1 else torch.empty)(r, kp, device=x.device, dtype=torch.float32)
+    h = torch.empty(splits, r, kp, device=x.device, dtype=torch.float32)  # [S, R, KP]: every element written
     meta = members if members is not None else scales  # not read when M == 1
     _shrink_kernel[(tiles, chunks, splits)](x, idx, v_cat, h, meta, tb, ts, te, k_in, kp, per, x.stride(0),
-                                            v_cat.stride(0), h.stride(0), M=m, BM=bm, BR=br, BK=bk, ATOMIC=splits > 1,
+                                            v_cat.stride(0), h.stride(1), h.stride(0), M=m, BM=bm, BR=br, BK=bk,
                                             UPCAST=upcast)
     y = torch.empty(r, n_out, device=x.device, dtype=x.dtype)
     bias = bias_cat if bias_cat is not None else scales
-    args = (x, idx, mean, h, ut_cat, scales, bias, y, meta, tb, ts, te, k_in, n_out, kp, scales.numel() // m,
-            x.stride(0), mean.stride(0), h.stride(0), y.stride(0), bm)
+    args = (x, idx, mean, h, ut_cat, scales, bias, y, meta, tb, ts, te, k_in, n_out, kp, scales.numel() // m, splits,
+            x.stride(0), mean.stride(0), h.stride(1), h.stride(0), y.stride(0), bm)
+    sp = triton.next_power_of_2(splits)
     if upcast or x.device.type != "cuda":
-        _expand_kernel[(tiles, triton.cdiv(n_out, 32))](*args, M=m, HAS_BIAS=bias_cat is not None, BM=bm, BN=32,
-                                                        BK=32, BR=br, UPCAST=upcast)
+        _expand_kernel[(tiles, triton.cdiv(n_out, 32))](*args, M=m, HAS_BIAS=bias_cat is not None, SP=sp, BM=bm,
+                                                        BN=32, BK=32, BR=br, UPCAST=upcast)
     else:  # pragma: no cover - needs a GPU
         _expand_tuned[lambda meta: (tiles, triton.cdiv(n_out, meta["BN"]))](
-            *args, M=m, HAS_BIAS=bias_cat is not None, BM=bm, BR=br, UPCAST=False)
+            *args, M=m, HAS_BIAS=bias_cat is not None, SP=sp, BM=bm, BR=br, UPCAST=False)
     return y
 
 
