@@ -135,6 +135,18 @@ def test_segments_group_rows_by_branch():
     assert tb.tolist() == [0, 0, 0] and ts.tolist() == [0, 16, 32] and te.tolist() == [40] * 3
 
 
+def test_mixed_rows_share_one_pass_over_the_mean():
+    """The shrink reads each branch's V over that branch's rows; the expand reads W̄ once per tile of
+    consecutive rows, whatever their branches (a decode batch of 8 over 3 branches is one tile, not 3)."""
+    t = kernels.tiles(torch.tensor([1, 0, 1, 1, 0]), 5, torch.device("cpu"))
+    assert t.shrink[1].tolist() == [0, 1] and t.expand[2].tolist() == [0] and t.expand[3].tolist() == [5]
+    assert t.row_branch.tolist() == [1, 0, 1, 1, 0] and t.expand[0].tolist() == [0, 1, 2, 3, 4]
+    t = kernels.tiles(torch.tensor([2] * 20 + [0] * 20), 40, torch.device("cpu"))  # 32-row tiles
+    assert t.expand[2].tolist() == [0, 32] and t.expand[3].tolist() == [32, 40] and t.shrink[1].tolist() == [0, 2]
+    one = kernels.tiles(3, 7, torch.device("cpu"))
+    assert one.row_branch is None and one.expand is one.shrink
+
+
 def test_whole_model_triton_equals_torch(bundles):
     torch_b = branchmerge.load(bundles[0.9], dtype="float32", kernels="torch")
     tri_b = branchmerge.load(bundles[0.9], dtype="float32", kernels="triton")

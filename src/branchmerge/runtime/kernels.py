@@ -2,16 +2,17 @@
 
 ``y = s_b · (x W̄ᵀ) + (x V_bᵀ)(s_b U_b)ᵀ + bias_b`` for each row's branch ``b``, as Punica's SGMV
 (Chen et al. 2023, https://arxiv.org/abs/2310.18547) and vLLM's ``lora_shrink``/``lora_expand`` do it:
-rows are grouped by branch into tiles (segment offsets; the rows themselves stay where they are, a
-sorted index list says which to read), and each program reads only its own branch's factors.
+each program reads only the factors of the branches its rows use (segment offsets; the rows themselves
+stay where they are, an index list says which to read).
 
-* **shrink**: ``h = x V_bᵀ`` ``[R, KP]`` (float32), one program per (row tile, rank chunk, K split): a
-  decode step has a handful of row tiles × rank chunks, so the input dimension is split until the GPU is
-  full, each split storing its partial sum in its own slice (no zeroing kernel, no atomics: the same
-  result every run);
-* **expand**: one GEMM per (row tile, column tile) whose K loop runs over ``x`` against ``W̄``, then
+* **shrink**: ``h = x V_bᵀ`` ``[R, KP]`` (float32), one program per (tile of one branch's rows, rank
+  chunk, K split): a decode step has a handful of row tiles × rank chunks, so the input dimension is
+  split until the GPU is full, each split storing its partial sum in its own slice (no zeroing kernel,
+  no atomics: the same result every run);
+* **expand**: one GEMM per (row tile, column tile) whose K loop runs over ``x`` against ``W̄`` — a tile
+  of consecutive rows whatever their branches, so a mixed decode batch reads ``W̄`` once — then
   scales by ``s_b``, adds ``h (s_b U_b)ᵀ`` (a second, short K loop over the rank, summing the split
-  slices as it loads them), and the bias, in its epilogue.
+  slices as it loads them) for each branch present over its own rows, and the bias, in its epilogue.
 
 A single branch is one segment. Triton is optional: :func:`available` says whether it imported, and
 the torch paths of :class:`~branchmerge.runtime.modules.BranchedLinear` are used without it. Under
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -151,12 +153,16 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _expand_kernel(x_ptr, idx_ptr, w_ptr, h_ptr, ut_ptr, s_ptr, bias_ptr, y_ptr, meta_ptr, tb_ptr, ts_ptr, te_ptr,
-                       K_IN, N_OUT, KP, NB, S, sx, sw, sh, s_split, sy, M_BUCKET,
-                       M: tl.constexpr, HAS_BIAS: tl.constexpr, SP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       BK: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr):
+    def _expand_kernel(x_ptr, idx_ptr, w_ptr, h_ptr, ut_ptr, s_ptr, bias_ptr, y_ptr, meta_ptr, rb_ptr, tb_ptr, ts_ptr,
+                       te_ptr, K_IN, N_OUT, KP, NB, S, sx, sw, sh, s_split, sy, M_BUCKET,
+                       M: tl.constexpr, MIXED: tl.constexpr, HAS_BIAS: tl.constexpr, SP: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr):
         """``y = s · x W̄ᵀ + h · UT + bias`` for one (row tile, column tile). With ``M`` members (sibling
-        layers concatenated along the output), each column takes its member's scale, factors and bias."""
+        layers concatenated along the output), each column takes its member's scale, factors and bias.
+
+        ``MIXED``: the tile's rows may belong to several branches (``rb_ptr``: each row's branch), so W̄ is
+        read once for all of them; the low-rank term adds each branch present, over its own rows. Else the
+        tile is one branch's rows (``tb_ptr``)."""
         b, rows, mrow = _tile(idx_ptr, tb_ptr, ts_ptr, te_ptr, BM)
         c0 = tl.program_id(1) * BN
         cols = c0 + tl.arange(0, BN)
@@ -171,33 +177,64 @@ if triton is not None:
                 acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
             else:
                 acc += tl.dot(a, w)
+        if MIXED:
+            rb = tl.load(rb_ptr + rows, mask=mrow, other=-1)
         if M == 1:
-            acc = acc * tl.load(s_ptr + b).to(tl.float32)
-            acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, mrow, cols, mcol, b, KP, 0, 0, 0, N_OUT, sh, S, s_split,
-                               SP, BR, UPCAST)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + b * N_OUT + cols, mask=mcol, other=0.0).to(tl.float32)[None, :]
+            if MIXED:
+                acc = acc * tl.load(s_ptr + rb, mask=mrow, other=0.0).to(tl.float32)[:, None]
+                for bb in range(0, NB):
+                    sel = mrow & (rb == bb)
+                    if tl.sum(sel.to(tl.int32), axis=0) > 0:
+                        acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, sel, cols, mcol, bb, KP, 0, 0, 0, N_OUT, sh, S,
+                                           s_split, SP, BR, UPCAST)
+                if HAS_BIAS:
+                    acc += tl.load(bias_ptr + rb[:, None] * N_OUT + cols[None, :], mask=mrow[:, None] & mcol[None, :],
+                                   other=0.0).to(tl.float32)
+            else:
+                acc = acc * tl.load(s_ptr + b).to(tl.float32)
+                acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, mrow, cols, mcol, b, KP, 0, 0, 0, N_OUT, sh, S, s_split,
+                                   SP, BR, UPCAST)
+                if HAS_BIAS:
+                    acc += tl.load(bias_ptr + b * N_OUT + cols, mask=mcol, other=0.0).to(tl.float32)[None, :]
         else:
             jc = _member_of(meta_ptr, cols, 0, M)
-            acc = acc * tl.load(s_ptr + jc * NB + b, mask=mcol, other=0.0).to(tl.float32)[None, :]
+            if MIXED:
+                acc = acc * tl.load(s_ptr + jc[None, :] * NB + rb[:, None], mask=mrow[:, None] & mcol[None, :],
+                                    other=0.0).to(tl.float32)
+            else:
+                acc = acc * tl.load(s_ptr + jc * NB + b, mask=mcol, other=0.0).to(tl.float32)[None, :]
             for j in tl.static_range(M):  # members with columns in this tile
                 cs = tl.load(meta_ptr + j * 6)
                 ce = tl.load(meta_ptr + j * 6 + 1)
                 if (cs < c0 + BN) & (ce > c0):
-                    acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, mrow, cols, mcol & (cols >= cs) & (cols < ce), b,
-                                       tl.load(meta_ptr + j * 6 + 2), tl.load(meta_ptr + j * 6 + 3),
-                                       tl.load(meta_ptr + j * 6 + 5), cs, ce - cs, sh, S, s_split, SP, BR, UPCAST)
+                    mj = mcol & (cols >= cs) & (cols < ce)
+                    kpj = tl.load(meta_ptr + j * 6 + 2)
+                    koffj = tl.load(meta_ptr + j * 6 + 3)
+                    ubj = tl.load(meta_ptr + j * 6 + 5)
+                    if MIXED:
+                        for bb in range(0, NB):
+                            sel = mrow & (rb == bb)
+                            if tl.sum(sel.to(tl.int32), axis=0) > 0:
+                                acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, sel, cols, mj, bb, kpj, koffj, ubj, cs,
+                                                   ce - cs, sh, S, s_split, SP, BR, UPCAST)
+                    else:
+                        acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, mrow, cols, mj, b, kpj, koffj, ubj, cs, ce - cs,
+                                           sh, S, s_split, SP, BR, UPCAST)
             if HAS_BIAS:  # member j's [NB, out_j] block starts at NB·cs_j
                 cs_c = tl.load(meta_ptr + jc * 6, mask=mcol, other=0)
                 ce_c = tl.load(meta_ptr + jc * 6 + 1, mask=mcol, other=1)
-                acc += tl.load(bias_ptr + NB * cs_c + b * (ce_c - cs_c) + cols - cs_c, mask=mcol,
-                               other=0.0).to(tl.float32)[None, :]
+                if MIXED:
+                    acc += tl.load(bias_ptr + (NB * cs_c + cols - cs_c)[None, :] + rb[:, None] * (ce_c - cs_c)[None, :],
+                                   mask=mrow[:, None] & mcol[None, :], other=0.0).to(tl.float32)
+                else:
+                    acc += tl.load(bias_ptr + NB * cs_c + b * (ce_c - cs_c) + cols - cs_c, mask=mcol,
+                                   other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rows[:, None] * sy + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=mrow[:, None] & mcol[None, :])
 
     _expand_tuned = triton.autotune(
         configs=[triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st) for bn, bk, w, st in EXPAND_CONFIGS],
-        key=["K_IN", "N_OUT", "KP", "M_BUCKET", "M"],
+        key=["K_IN", "N_OUT", "KP", "M_BUCKET", "M", "MIXED"],
         prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
             c for c in configs if (c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages)
             in expand_configs(nargs["M_BUCKET"])]},
@@ -236,18 +273,40 @@ def segments(branch_of_row: Tensor | int, rows: int, bm: int, device: torch.devi
     return idx.to(device), as_t(tb), as_t(ts), as_t(te)
 
 
-_SINGLE: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+class Tiles(NamedTuple):
+    """The programs' rows: ``shrink`` tiles group rows by branch (each reads its branch's ``V``); ``expand``
+    tiles are the rows in order whatever their branches (each reads ``W̄`` once for all of them) when
+    ``row_branch`` ``[R]`` (int32) is given, else the shrink's. Each is :func:`segments`' four tensors."""
+
+    shrink: tuple[Tensor, Tensor, Tensor, Tensor]
+    expand: tuple[Tensor, Tensor, Tensor, Tensor]
+    row_branch: Tensor | None
 
 
-def cached_segments(branch: int, rows: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`segments` for ``rows`` rows of one branch, made once per shape (every layer and step reuses
+def tiles(branch_of_row: Tensor | int, rows: int, device: torch.device) -> Tiles:
+    """:class:`Tiles` for ``rows`` rows: ``branch_of_row`` ``[R]`` branch ids (CPU), or one id for all."""
+    bm = row_tile(rows)
+    shrink = segments(branch_of_row, rows, bm, device)
+    if isinstance(branch_of_row, int):
+        return Tiles(shrink, shrink, None)
+    starts = torch.arange(0, rows, bm, dtype=torch.int32)
+    expand = (torch.arange(rows, dtype=torch.int32, device=device), torch.zeros_like(starts, device=device),
+              starts.to(device), (starts + bm).clamp(max=rows).to(device))
+    return Tiles(shrink, expand, branch_of_row.to(torch.int32).to(device))
+
+
+_SINGLE: dict[tuple, Tiles] = {}
+
+
+def cached_tiles(branch: int, rows: int, device: torch.device) -> Tiles:
+    """:func:`tiles` for ``rows`` rows of one branch, made once per shape (every layer and step reuses
     them, so no host-to-device copy per call)."""
     key = (branch, rows, str(device))
     got = _SINGLE.get(key)
     if got is None:
         if len(_SINGLE) > 4096:
             _SINGLE.clear()
-        got = _SINGLE[key] = segments(branch, rows, row_tile(rows), device)
+        got = _SINGLE[key] = tiles(branch, rows, device)
     return got
 
 
@@ -286,7 +345,7 @@ def _even_split(k_in: int, splits: int, bk: int) -> tuple[int, int]:
 
 def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scales: Tensor, kp: int,
                     branch_of_row: Tensor | int, bias_cat: Tensor | None = None,
-                    plan: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, splits: int | None = None,
+                    plan: Tiles | None = None, splits: int | None = None,
                     members: Tensor | None = None) -> Tensor:
     """``y[r] = s_b · x[r] W̄ᵀ + (x[r] V_bᵀ)(s_b U_b)ᵀ + bias_b`` with ``b`` the branch of row ``r``.
 
@@ -299,7 +358,7 @@ def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scal
         kp: rows per branch in ``v_cat``/``ut_cat``.
         branch_of_row: ``[R]`` branch ids (CPU long tensor), or one id for every row.
         bias_cat: ``[N, out]`` or None.
-        plan: :func:`segments` for these rows, when the caller caches it.
+        plan: :func:`tiles` for these rows, when the caller caches it.
         splits: the shrink's split-K (default: :func:`split_k`); tests set it.
         members: for ``M`` sibling layers that read the same ``x`` (q/k/v), run as one:
             :func:`member_table` ``[M, 6]``. Then ``mean`` is their ``W̄`` concatenated ``[Σout_j, in]``;
@@ -318,29 +377,34 @@ def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scal
     if m == 1 and ut_cat.stride(0) != n_out:
         raise ValueError(f"ut_cat must be contiguous [N·kp, {n_out}], got strides {tuple(ut_cat.stride())}")
     bm = row_tile(r)
-    idx, tb, ts, te = plan if plan is not None else segments(branch_of_row, r, bm, x.device)
+    plan = plan if plan is not None else tiles(branch_of_row, r, x.device)
+    idx, tb, ts, te = plan.shrink
     upcast = interpreting()
     br = 16 if kp <= 16 else 32
     bk = 32 if upcast else 64
-    tiles = tb.numel()
     chunks = triton.cdiv(kp, br)
-    splits, per = split_k(k_in, tiles * chunks, bk, x.device) if splits is None else _even_split(k_in, splits, bk)
+    splits, per = (split_k(k_in, tb.numel() * chunks, bk, x.device) if splits is None
+                   else _even_split(k_in, splits, bk))
     h = torch.empty(splits, r, kp, device=x.device, dtype=torch.float32)  # [S, R, KP]: every element written
     meta = members if members is not None else scales  # not read when M == 1
-    _shrink_kernel[(tiles, chunks, splits)](x, idx, v_cat, h, meta, tb, ts, te, k_in, kp, per, x.stride(0),
-                                            v_cat.stride(0), h.stride(1), h.stride(0), M=m, BM=bm, BR=br, BK=bk,
-                                            UPCAST=upcast)
+    _shrink_kernel[(tb.numel(), chunks, splits)](x, idx, v_cat, h, meta, tb, ts, te, k_in, kp, per, x.stride(0),
+                                                 v_cat.stride(0), h.stride(1), h.stride(0), M=m, BM=bm, BR=br, BK=bk,
+                                                 UPCAST=upcast)
     y = torch.empty(r, n_out, device=x.device, dtype=x.dtype)
     bias = bias_cat if bias_cat is not None else scales
-    args = (x, idx, mean, h, ut_cat, scales, bias, y, meta, tb, ts, te, k_in, n_out, kp, scales.numel() // m, splits,
-            x.stride(0), mean.stride(0), h.stride(1), h.stride(0), y.stride(0), bm)
+    mixed = plan.row_branch is not None
+    e_idx, e_tb, e_ts, e_te = plan.expand
+    tiles_e = e_tb.numel()
+    args = (x, e_idx, mean, h, ut_cat, scales, bias, y, meta, plan.row_branch if mixed else e_tb, e_tb, e_ts, e_te,
+            k_in, n_out, kp, scales.numel() // m, splits, x.stride(0), mean.stride(0), h.stride(1), h.stride(0),
+            y.stride(0), bm)
     sp = triton.next_power_of_2(splits)
     if upcast or x.device.type != "cuda":
-        _expand_kernel[(tiles, triton.cdiv(n_out, 32))](*args, M=m, HAS_BIAS=bias_cat is not None, SP=sp, BM=bm,
-                                                        BN=32, BK=32, BR=br, UPCAST=upcast)
+        _expand_kernel[(tiles_e, triton.cdiv(n_out, 32))](*args, M=m, MIXED=mixed, HAS_BIAS=bias_cat is not None,
+                                                          SP=sp, BM=bm, BN=32, BK=32, BR=br, UPCAST=upcast)
     else:  # pragma: no cover - needs a GPU
-        _expand_tuned[lambda meta: (tiles, triton.cdiv(n_out, meta["BN"]))](
-            *args, M=m, HAS_BIAS=bias_cat is not None, SP=sp, BM=bm, BR=br, UPCAST=False)
+        _expand_tuned[lambda meta: (tiles_e, triton.cdiv(n_out, meta["BN"]))](
+            *args, M=m, MIXED=mixed, HAS_BIAS=bias_cat is not None, SP=sp, BM=bm, BR=br, UPCAST=False)
     return y
 
 

@@ -145,15 +145,16 @@ def _cached(plan: MixedPlan, key: tuple, make) -> Tensor:
     return t
 
 
-def kernel_segments(x2: Tensor, plan: int | MixedPlan, batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The Triton kernels' row tiles for ``x2`` ``[B·T, in]`` under ``plan`` (made once per shape or plan)."""
+def kernel_segments(x2: Tensor, plan: int | MixedPlan, batch: int):
+    """The Triton kernels' :class:`~branchmerge.runtime.kernels.Tiles` for ``x2`` ``[B·T, in]`` under
+    ``plan`` (made once per shape or plan)."""
     from branchmerge.runtime import kernels
 
     if isinstance(plan, int):
-        return kernels.cached_segments(plan, x2.shape[0], x2.device)
+        return kernels.cached_tiles(plan, x2.shape[0], x2.device)
     seq = x2.shape[0] // batch
-    return _cached(plan, ("triton", seq), lambda: kernels.segments(
-        plan.row_ids.cpu().repeat_interleave(seq), x2.shape[0], kernels.row_tile(x2.shape[0]), x2.device))
+    return _cached(plan, ("triton", seq), lambda: kernels.tiles(
+        plan.row_ids.cpu().repeat_interleave(seq), x2.shape[0], x2.device))
 
 
 def kernels_checked(run, reference) -> Tensor:
