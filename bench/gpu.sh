@@ -10,8 +10,10 @@
 #     run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=590)
 #
 # Each step has its own time limit, so that one that hangs leaves the others their time; the logs land in
-# $OUT (they come back) and in bench/.cache/gpu-logs otherwise. The 8B step goes first: its rows are the
-# issue's targets (batch 1 <= 1.08x dense, a batch of 8 over 3 branches <= 1.15x, prefill <= 1.08x).
+# $OUT (they come back) and in bench/.cache/gpu-logs otherwise. First the kernel cases compiled on the GPU
+# (kernel_tests.log, ~1 min), then the 8B rows, the issue's targets (batch 1 <= 1.08x dense, a batch of 8
+# over 3 branches <= 1.15x, prefill <= 1.08x; in_memory.log ends with a met/missed table), then the
+# SmolLM2 and 1B bundles (bundles.log).
 # Rehearse it on the CPU with DEVICE=cpu SHAPES=tiny IN_MEMORY=tiny LAYOUTS=split,fused bash bench/gpu.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,15 +34,21 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
   $PY -c "import torch, transformers, triton, pydantic; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'pydantic', pydantic.__version__)"
 } 2>&1 | tee "$LOGS/env.log" || exit 1
-cd bench
 status=0
+# the kernel cases compiled on the device first (the interpreter cannot catch a compile error), in one tile
+# config each (autotuning would compile ~6 per case); on the CPU (a rehearsal) in the interpreter
+interp=0; [ "$DEVICE" = cuda ] || interp=1
+TRITON_INTERPRET=$interp BRANCHMERGE_KERNEL_DEVICE=$DEVICE BRANCHMERGE_AUTOTUNE=0 timeout "${KERNEL_TESTS_LIMIT:-90}" $PY -m pytest -q \
+  -p no:cacheprovider tests/test_kernels.py -k "decode_and_prefill or uneven or shrink_split or bfloat16 or sibling_layers" \
+  2>&1 | tee "$LOGS/kernel_tests.log" || status=1
+cd bench
 if [ -n "$IN_MEMORY" ]; then
   # in-memory layouts: fused (the torch path's best), triton (q/k/v and gate/up grouped), triton-solo (not)
-  timeout "${IN_MEMORY_LIMIT:-280}" $PY runtime_gpu.py --device "$DEVICE" --shapes "" --in-memory "$IN_MEMORY" \
+  timeout "${IN_MEMORY_LIMIT:-270}" $PY runtime_gpu.py --device "$DEVICE" --shapes "" --in-memory "$IN_MEMORY" \
     --layouts "${IN_MEMORY_LAYOUTS:-fused,triton,triton-solo}" --repeat "$REPEAT" 2>&1 | tee "$LOGS/in_memory.log" || status=1
 fi
 if [ -n "$SHAPES" ]; then
-  timeout "${SHAPES_LIMIT:-250}" $PY runtime_gpu.py --device "$DEVICE" --shapes "$SHAPES" --layouts "$LAYOUTS" \
+  timeout "${SHAPES_LIMIT:-200}" $PY runtime_gpu.py --device "$DEVICE" --shapes "$SHAPES" --layouts "$LAYOUTS" \
     --repeat "$REPEAT" 2>&1 | tee "$LOGS/bundles.log" || status=1
 fi
 exit $status

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -36,19 +38,34 @@ def _reference(x, mean, v, ut, scales, kp, ids, bias):
     return torch.stack(out)
 
 
+# where the kernel cases run: here the interpreter on CPU tensors; bench/gpu.sh runs them compiled on a GPU
+# (BRANCHMERGE_KERNEL_DEVICE=cuda TRITON_INTERPRET=0) before it measures anything
+DEV = torch.device(os.environ.get("BRANCHMERGE_KERNEL_DEVICE", "cpu"))
+
+
+def _on(*ts):
+    return [None if t is None else t.to(DEV) for t in ts]
+
+
+def _tol(dtype: torch.dtype) -> float:
+    if dtype != torch.float32:
+        return 2e-2  # bfloat16 and float16: rounding of inputs and output
+    return 1e-4 if DEV.type == "cpu" else 5e-3  # a GPU's float32 dots run in TF32
+
+
 def _check(rows, n, rank, kp, dtype, bias, ids=None, seed=0, k_in=48, splits=None):
     n_out = 40
     mean, v, ut, scales, b_cat = _layer(n, rank, kp, k_in, n_out, dtype, bias, seed)
     x = torch.randn(rows, k_in, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     if ids is None:
         ids = torch.randint(0, n, (rows,), generator=torch.Generator().manual_seed(seed + 2))
-    y = kernels.branched_linear(x, mean, v, ut, scales, kp, ids if isinstance(ids, torch.Tensor) else int(ids), b_cat,
-                                splits=splits)
+    xd, md, vd, utd, sd, bd = _on(x, mean, v, ut, scales, b_cat)
+    y = kernels.branched_linear(xd, md, vd, utd, sd, kp, ids if isinstance(ids, torch.Tensor) else int(ids), bd,
+                                splits=splits).cpu()
     want = _reference(x, mean, v, ut, scales, kp, ids if isinstance(ids, torch.Tensor) else [ids] * rows, b_cat)
     assert y.shape == (rows, n_out) and y.dtype == dtype
-    tol = 1e-4 if dtype == torch.float32 else 2e-2  # bfloat16 and float16: rounding of inputs and output
     err = float((y.double() - want).abs().max() / want.abs().max())
-    assert err < tol, err
+    assert err < _tol(dtype), err
 
 
 # ---- the subset `make test` runs --------------------------------------------------------------------
@@ -87,14 +104,13 @@ def _check_siblings(rows, outs, ranks, kps, dtype, bias, ids, splits=None, k_in=
     x = torch.randn(rows, k_in, generator=torch.Generator().manual_seed(rows)).to(dtype)
     ids_list = ids.tolist() if isinstance(ids, torch.Tensor) else [ids] * rows
     want = torch.cat([_reference(x, mean, v, ut, sc, kp, ids_list, b) for (mean, v, ut, sc, b), kp in zip(layers, kps)], 1)
-    table = kernels.member_table(list(outs), list(kps), n, x.device)
-    cat = lambda i: torch.cat([la[i].reshape(-1) if i in (2, 3, 4) else la[i] for la in layers])  # noqa: E731
-    y = kernels.branched_linear(x, cat(0), cat(1), cat(2), cat(3), sum(kps), ids, cat(4) if bias else None,
-                                splits=splits, members=table)
+    table = kernels.member_table(list(outs), list(kps), n, DEV)
+    cat = lambda i: torch.cat([la[i].reshape(-1) if i in (2, 3, 4) else la[i] for la in layers]).to(DEV)  # noqa: E731
+    y = kernels.branched_linear(x.to(DEV), cat(0), cat(1), cat(2), cat(3), sum(kps), ids, cat(4) if bias else None,
+                                splits=splits, members=table).cpu()
     assert y.shape == (rows, sum(outs))
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
     err = float((y.double() - want).abs().max() / want.abs().max())
-    assert err < tol, err
+    assert err < _tol(dtype), err
 
 
 def test_sibling_layers_run_as_one_call():
@@ -238,6 +254,8 @@ def test_gpu_bench_script_rehearses_on_cpu(tmp_path):
     bundles = (tmp_path / "bundles.log").read_text()
     in_memory = (tmp_path / "in_memory.log").read_text()
     assert "pydantic" in (tmp_path / "env.log").read_text()
+    cases = (tmp_path / "kernel_tests.log").read_text()  # the kernel cases (compiled, on a GPU) come first
+    assert re.search(r"\b[5-9] passed", cases) and "failed" not in cases, cases[-2000:]
     for layout in ("split", "fused"):
         assert re.search(rf"\| tiny \| {layout}: eager decode, batch 1, .*\| \d+\.\d+ \(quartiles", bundles)
         assert re.search(rf"\| tiny \| {layout}: static-cache \(not captured\) decode step, batch 8, ", bundles)

@@ -310,6 +310,9 @@ def cached_tiles(branch: int, rows: int, device: torch.device) -> Tiles:
     return got
 
 
+# BRANCHMERGE_AUTOTUNE=0: one tile config on CUDA too (bench/gpu.sh's kernel cases: a compile per config)
+AUTOTUNE = os.environ.get("BRANCHMERGE_AUTOTUNE", "1") != "0"
+
 # streaming multiprocessors per CUDA device, filled by :func:`prepare` at load (outside any compiled region)
 SMS: dict[int, int] = {}
 
@@ -399,7 +402,7 @@ def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scal
             k_in, n_out, kp, scales.numel() // m, splits, x.stride(0), mean.stride(0), h.stride(1), h.stride(0),
             y.stride(0), bm)
     sp = triton.next_power_of_2(splits)
-    if upcast or x.device.type != "cuda":
+    if upcast or x.device.type != "cuda" or not AUTOTUNE:
         _expand_kernel[(tiles_e, triton.cdiv(n_out, 32))](*args, M=m, MIXED=mixed, HAS_BIAS=bias_cat is not None,
                                                           SP=sp, BM=bm, BN=32, BK=32, BR=br, UPCAST=upcast)
     else:  # pragma: no cover - needs a GPU
