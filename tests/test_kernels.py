@@ -354,3 +354,20 @@ def test_mixed_rows_compile_to_one_graph_once_their_plan_exists(loaded):
         g.model(input_ids=ids)  # the eager prefill
         exp = torch._dynamo.explain(g.model)(input_ids=ids)
     assert exp.graph_break_count == 0 and exp.graph_count == 1, [str(r.reason)[:300] for r in exp.break_reasons]
+
+
+def test_kernels_that_fail_at_load_leave_the_torch_layout(bundles, monkeypatch, caplog):
+    """A GPU whose kernels fail (or disagree) on the load-time token gets the bundle rebuilt for the torch
+    paths (the fused layout on CUDA), not the kernels' split layout served through the fallback."""
+    monkeypatch.setitem(kernels.STATE, "ok", True)
+    monkeypatch.setitem(kernels.STATE, "checked", False)
+    monkeypatch.setattr(kernels, "branched_linear",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no kernel image for this GPU")))
+    with caplog.at_level("WARNING"):
+        b = branchmerge.load(bundles[0.9], dtype="float32", kernels="triton")
+    assert b.kernels == "torch" and "no kernel image" in caplog.text
+    mods = list(b.groups["main"].model.modules())
+    assert not any(getattr(m, "use_triton", False) or getattr(m, "sibling", None) for m in mods)
+    ref = branchmerge.load(bundles[0.9], dtype="float32", kernels="torch")
+    ids = torch.tensor([[1, 5, 9, 14], [1, 7, 7, 30]])
+    assert torch.allclose(b.logits(ids, ["a", "c"]), ref.logits(ids, ["a", "c"]), atol=1e-5)

@@ -66,28 +66,43 @@ class Bundle:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, default=self.reader.manifest.dtype)
         self.kernels = resolve_kernels(kernels, self.device)
-        self.groups: dict[str, _GroupRuntime] = {}
-        if fused is None and self.kernels == "triton":
-            fused = False  # the kernels read W̄ and V apart; split layers can be grouped with their siblings
-        for gname, g in self.reader.groups.items():
-            model, state = build_group_model(self.reader, gname, device=self.device, dtype=self.dtype, fused=fused,
-                                             factors=factors or "dequantize")
-            for m in model.modules():
-                if isinstance(m, BranchedLinear):
-                    m.use_triton = self.kernels == "triton"
-            arch = registry().get(g.architecture)
-            if self.kernels == "triton" and arch is not None and arch.siblings:
-                made = group_siblings(model, arch.siblings)
-                logger.info("group %r: %d sibling groups (q/k/v, gate/up) run as one kernel call each", gname, made)
-            self.groups[gname] = _GroupRuntime(gname, model, state, g.standalone)
-            if self.kernels == "triton":
-                self._warm_kernels(model, state)
+        if self.kernels == "triton" and not kernels_state()["ok"]:  # turned off earlier in this process
+            self.kernels = "torch"
+        self.groups = self._build_groups(fused, factors or "dequantize")
+        if self.kernels == "triton" and not kernels_state()["ok"]:
+            # the kernels failed or disagreed at load: rebuild in the torch paths' own best layout (fused on
+            # CUDA) rather than serve the kernels' split layout through the slower torch fallback
+            logger.warning("Triton kernels are off (%s): loading %s for the torch paths", kernels_state()["why"],
+                           self.path)
+            self.kernels = "torch"
+            self.groups = self._build_groups(fused, factors or "dequantize")
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._hot: set[str] = set()
         # held by a server's engine around each batch, and by materialize/dematerialize, so a branch never
         # changes between hot and factored in the middle of someone's forward pass
         self.weights_lock = threading.RLock()
         self.router: BranchRouter | None = None
+
+    def _build_groups(self, fused: bool | None, factors: str) -> dict[str, _GroupRuntime]:
+        """Every group's model; with the Triton kernels, sibling layers grouped and the kernels warmed up."""
+        triton = self.kernels == "triton"
+        if fused is None and triton:
+            fused = False  # the kernels read W̄ and V apart; split layers can be grouped with their siblings
+        groups = {}
+        for gname, g in self.reader.groups.items():
+            model, state = build_group_model(self.reader, gname, device=self.device, dtype=self.dtype, fused=fused,
+                                             factors=factors)
+            for m in model.modules():
+                if isinstance(m, BranchedLinear):
+                    m.use_triton = triton
+            arch = registry().get(g.architecture)
+            if triton and arch is not None and arch.siblings:
+                made = group_siblings(model, arch.siblings)
+                logger.info("group %r: %d sibling groups (q/k/v, gate/up) run as one kernel call each", gname, made)
+            groups[gname] = _GroupRuntime(gname, model, state, g.standalone)
+            if triton:
+                self._warm_kernels(model, state)
+        return groups
 
     @staticmethod
     def _warm_kernels(model: PreTrainedModel, state: BranchState) -> None:
@@ -498,6 +513,13 @@ def _cache_arg(model: PreTrainedModel) -> str:
 
 class ContextLengthError(BranchmergeError):
     """A prompt plus the tokens to generate does not fit a branch's context."""
+
+
+def kernels_state() -> dict:
+    """The Triton kernels' process-wide state (``ok``, ``checked``, ``why``)."""
+    from branchmerge.runtime import kernels as k
+
+    return k.STATE
 
 
 def resolve_kernels(kernels: str, device: torch.device) -> str:
