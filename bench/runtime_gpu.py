@@ -247,6 +247,9 @@ def bench_shape(shape: str, dev: torch.device, args) -> list[str]:
     return rows
 
 
+TRITON_MAX_ROWS = BranchedLinear.triton_max_rows  # the library's own, restored after triton-solo
+
+
 def branch_in_place(model, rate: float, n: int, fused: bool, triton: bool = False, group: bool = True
                     ) -> tuple[BranchState, list[nn.Module]]:
     """Swap every block linear of ``model`` for a :class:`BranchedLinear` with ``n`` random rank-k factors
@@ -290,7 +293,7 @@ def bench_in_memory(shape: str, dev: torch.device, args, layout: str) -> list[st
     state, kept = branch_in_place(model, args.rate, 3, fused=layout == "fused", triton=layout.startswith("triton"),
                                   group=layout != "triton-solo")
     # triton-solo also runs a single branch's prefill in the kernels (triton leaves it to cuBLAS)
-    BranchedLinear.triton_max_rows = 10**9 if layout == "triton-solo" else 256
+    BranchedLinear.triton_max_rows = 10**9 if layout == "triton-solo" else TRITON_MAX_ROWS
     kernels.prepare(dev)
     print(f"\n## {shape} in memory: {nparams / 1e9:.2f} B parameters, 3 branches at r={args.rate}, bfloat16, "
           f"built in {time.perf_counter() - t0:.0f} s", flush=True)

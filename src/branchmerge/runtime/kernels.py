@@ -88,6 +88,13 @@ if triton is not None:
         return tl.load(tb_ptr + t), tl.load(idx_ptr + offs, mask=mrow, other=0), mrow
 
     @triton.jit
+    def _dot(a, b, UPCAST: tl.constexpr):
+        """``a · b`` accumulated in float32; ``UPCAST`` (the interpreter) computes it in float32 throughout."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a.to(b.dtype), b)
+
+    @triton.jit
     def _member_of(meta_ptr, pos, FIELD: tl.constexpr, M: tl.constexpr):
         """Which member each ``pos`` (a rank column, or an output column) falls in: the number of members
         after the first whose ``FIELD`` (start) is at or before it."""
@@ -102,17 +109,13 @@ if triton is not None:
                        UPCAST: tl.constexpr):
         """``x V_bᵀ`` over the ``K_SPLIT`` input columns of split ``program_id(2)``, stored in that split's
         slice of ``h`` ``[S, R, KP]`` (every element written: no zeroing, no atomics, the same sum every
-        run); the expand kernel adds the slices. With ``M`` members, rank column ``r`` of ``h`` is rank
-        ``r - koff_j`` of member ``j``, whose ``V`` rows start at ``vbase_j`` (``b·kp_j`` further for branch b)."""
+        run); the expand kernel adds the slices. Rank column ``r`` of ``h`` is rank ``r - koff_j`` of member
+        ``j`` (:func:`member_table`), whose ``V`` rows start at ``vbase_j`` (``b·kp_j`` further for branch b)."""
         b, rows, mrow = _tile(idx_ptr, tb_ptr, ts_ptr, te_ptr, BM)
         rr = tl.program_id(1) * BR + tl.arange(0, BR)
         mr = rr < KP
-        if M == 1:
-            vrow = b * KP + rr
-        else:
-            j = _member_of(meta_ptr, rr, 3, M)
-            vrow = (tl.load(meta_ptr + j * 6 + 4) + b * tl.load(meta_ptr + j * 6 + 2)
-                    + rr - tl.load(meta_ptr + j * 6 + 3))
+        j = _member_of(meta_ptr, rr, 3, M)
+        vrow = tl.load(meta_ptr + j * 6 + 4) + b * tl.load(meta_ptr + j * 6 + 2) + rr - tl.load(meta_ptr + j * 6 + 3)
         k_lo = tl.program_id(2) * K_SPLIT
         acc = tl.zeros((BM, BR), dtype=tl.float32)
         for k0 in range(0, K_SPLIT, BK):
@@ -120,10 +123,7 @@ if triton is not None:
             mk = kk < K_IN
             a = tl.load(x_ptr + rows[:, None] * sx + kk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
             w = tl.load(v_ptr + vrow[None, :] * sv + kk[:, None], mask=mr[None, :] & mk[:, None], other=0.0)
-            if UPCAST:
-                acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
-            else:
-                acc += tl.dot(a, w)
+            acc += _dot(a, w, UPCAST)
         tl.store(h_ptr + tl.program_id(2) * s_split + rows[:, None] * sh + rr[None, :], acc,
                  mask=mrow[:, None] & mr[None, :])
 
@@ -146,10 +146,7 @@ if triton is not None:
                             axis=0)
             u = tl.load(ut_ptr + ubase + (b * kp + rr)[:, None] * ustride + (cols - cstart)[None, :],
                         mask=mr[:, None] & mcol[None, :], other=0.0)
-            if UPCAST:
-                acc += tl.dot(hh, u.to(tl.float32))
-            else:
-                acc += tl.dot(hh.to(u.dtype), u)
+            acc += _dot(hh, u, UPCAST)
         return acc
 
     @triton.jit
@@ -157,8 +154,9 @@ if triton is not None:
                        te_ptr, K_IN, N_OUT, KP, NB, S, sx, sw, sh, s_split, sy, M_BUCKET,
                        M: tl.constexpr, MIXED: tl.constexpr, HAS_BIAS: tl.constexpr, SP: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr):
-        """``y = s · x W̄ᵀ + h · UT + bias`` for one (row tile, column tile). With ``M`` members (sibling
-        layers concatenated along the output), each column takes its member's scale, factors and bias.
+        """``y = s · x W̄ᵀ + h · UT + bias`` for one (row tile, column tile). Each column takes its member's
+        scale, factors and bias (:func:`member_table`: one member, or sibling layers concatenated along the
+        output).
 
         ``MIXED``: the tile's rows may belong to several branches (``rb_ptr``: each row's branch), so W̄ is
         read once for all of them; the low-rank term adds each branch present, over its own rows. Else the
@@ -173,62 +171,36 @@ if triton is not None:
             mk = kk < K_IN
             a = tl.load(x_ptr + rows[:, None] * sx + kk[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
             w = tl.load(w_ptr + cols[None, :] * sw + kk[:, None], mask=mcol[None, :] & mk[:, None], other=0.0)
-            if UPCAST:
-                acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
-            else:
-                acc += tl.dot(a, w)
-        if MIXED:
+            acc += _dot(a, w, UPCAST)
+        if MIXED:  # each row's branch; every branch may be present
             rb = tl.load(rb_ptr + rows, mask=mrow, other=-1)
-        if M == 1:
-            if MIXED:
-                acc = acc * tl.load(s_ptr + rb, mask=mrow, other=0.0).to(tl.float32)[:, None]
-                for bb in range(0, NB):
+            b_lo = 0
+            b_hi = NB
+        else:  # the tile's one branch
+            rb = tl.zeros_like(rows) + b
+            b_lo = b
+            b_hi = b + 1
+        jc = _member_of(meta_ptr, cols, 0, M)  # each column's member
+        acc = acc * tl.load(s_ptr + jc[None, :] * NB + rb[:, None], mask=mrow[:, None] & mcol[None, :],
+                            other=0.0).to(tl.float32)
+        for j in tl.static_range(M):  # members with columns in this tile
+            cs = tl.load(meta_ptr + j * 6)
+            ce = tl.load(meta_ptr + j * 6 + 1)
+            if (cs < c0 + BN) & (ce > c0):
+                mj = mcol & (cols >= cs) & (cols < ce)
+                kpj = tl.load(meta_ptr + j * 6 + 2)
+                koffj = tl.load(meta_ptr + j * 6 + 3)
+                ubj = tl.load(meta_ptr + j * 6 + 5)
+                for bb in range(b_lo, b_hi):  # each branch present, over its own rows
                     sel = mrow & (rb == bb)
                     if tl.sum(sel.to(tl.int32), axis=0) > 0:
-                        acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, sel, cols, mcol, bb, KP, 0, 0, 0, N_OUT, sh, S,
-                                           s_split, SP, BR, UPCAST)
-                if HAS_BIAS:
-                    acc += tl.load(bias_ptr + rb[:, None] * N_OUT + cols[None, :], mask=mrow[:, None] & mcol[None, :],
-                                   other=0.0).to(tl.float32)
-            else:
-                acc = acc * tl.load(s_ptr + b).to(tl.float32)
-                acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, mrow, cols, mcol, b, KP, 0, 0, 0, N_OUT, sh, S, s_split,
-                                   SP, BR, UPCAST)
-                if HAS_BIAS:
-                    acc += tl.load(bias_ptr + b * N_OUT + cols, mask=mcol, other=0.0).to(tl.float32)[None, :]
-        else:
-            jc = _member_of(meta_ptr, cols, 0, M)
-            if MIXED:
-                acc = acc * tl.load(s_ptr + jc[None, :] * NB + rb[:, None], mask=mrow[:, None] & mcol[None, :],
-                                    other=0.0).to(tl.float32)
-            else:
-                acc = acc * tl.load(s_ptr + jc * NB + b, mask=mcol, other=0.0).to(tl.float32)[None, :]
-            for j in tl.static_range(M):  # members with columns in this tile
-                cs = tl.load(meta_ptr + j * 6)
-                ce = tl.load(meta_ptr + j * 6 + 1)
-                if (cs < c0 + BN) & (ce > c0):
-                    mj = mcol & (cols >= cs) & (cols < ce)
-                    kpj = tl.load(meta_ptr + j * 6 + 2)
-                    koffj = tl.load(meta_ptr + j * 6 + 3)
-                    ubj = tl.load(meta_ptr + j * 6 + 5)
-                    if MIXED:
-                        for bb in range(0, NB):
-                            sel = mrow & (rb == bb)
-                            if tl.sum(sel.to(tl.int32), axis=0) > 0:
-                                acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, sel, cols, mj, bb, kpj, koffj, ubj, cs,
-                                                   ce - cs, sh, S, s_split, SP, BR, UPCAST)
-                    else:
-                        acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, mrow, cols, mj, b, kpj, koffj, ubj, cs, ce - cs,
+                        acc = _lowrank_add(acc, h_ptr, ut_ptr, rows, sel, cols, mj, bb, kpj, koffj, ubj, cs, ce - cs,
                                            sh, S, s_split, SP, BR, UPCAST)
-            if HAS_BIAS:  # member j's [NB, out_j] block starts at NB·cs_j
-                cs_c = tl.load(meta_ptr + jc * 6, mask=mcol, other=0)
-                ce_c = tl.load(meta_ptr + jc * 6 + 1, mask=mcol, other=1)
-                if MIXED:
-                    acc += tl.load(bias_ptr + (NB * cs_c + cols - cs_c)[None, :] + rb[:, None] * (ce_c - cs_c)[None, :],
-                                   mask=mrow[:, None] & mcol[None, :], other=0.0).to(tl.float32)
-                else:
-                    acc += tl.load(bias_ptr + NB * cs_c + b * (ce_c - cs_c) + cols - cs_c, mask=mcol,
-                                   other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:  # member j's [NB, out_j] block starts at NB·cs_j
+            cs_c = tl.load(meta_ptr + jc * 6, mask=mcol, other=0)
+            ce_c = tl.load(meta_ptr + jc * 6 + 1, mask=mcol, other=1)
+            acc += tl.load(bias_ptr + (NB * cs_c + cols - cs_c)[None, :] + rb[:, None] * (ce_c - cs_c)[None, :],
+                           mask=mrow[:, None] & mcol[None, :], other=0.0).to(tl.float32)
         tl.store(y_ptr + rows[:, None] * sy + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=mrow[:, None] & mcol[None, :])
 
@@ -364,10 +336,10 @@ def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scal
         plan: :func:`tiles` for these rows, when the caller caches it.
         splits: the shrink's split-K (default: :func:`split_k`); tests set it.
         members: for ``M`` sibling layers that read the same ``x`` (q/k/v), run as one:
-            :func:`member_table` ``[M, 6]``. Then ``mean`` is their ``W̄`` concatenated ``[Σout_j, in]``;
-            ``v_cat`` their ``v_cat`` one after another ``[Σ N·kp_j, in]``; ``ut_cat``, ``scales`` and
-            ``bias_cat`` their ``ut_cat`` ``[N·kp_j, out_j]``, ``s`` ``[N]`` and bias ``[N, out_j]`` one
-            after another, flat; ``kp`` is ``Σ kp_j``.
+            :func:`member_table` ``[M, 6]`` (default: the one layer's, :func:`one_member`). Then ``mean``
+            is their ``W̄`` concatenated ``[Σout_j, in]``; ``v_cat`` their ``v_cat`` one after another
+            ``[Σ N·kp_j, in]``; ``ut_cat``, ``scales`` and ``bias_cat`` their ``ut_cat`` ``[N·kp_j, out_j]``,
+            ``s`` ``[N]`` and bias ``[N, out_j]`` one after another, flat; ``kp`` is ``Σ kp_j``.
 
     Returns:
         ``y`` ``[R, out]`` in ``x``'s dtype (``[R, Σout_j]`` with ``members``).
@@ -376,9 +348,11 @@ def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scal
         raise RuntimeError("the triton kernels need `pip install triton`")
     r, k_in = x.shape
     n_out = mean.shape[0]
-    m = 1 if members is None else members.shape[0]
-    if m == 1 and ut_cat.stride(0) != n_out:
-        raise ValueError(f"ut_cat must be contiguous [N·kp, {n_out}], got strides {tuple(ut_cat.stride())}")
+    if members is None:
+        if ut_cat.stride(0) != n_out:
+            raise ValueError(f"ut_cat must be contiguous [N·kp, {n_out}], got strides {tuple(ut_cat.stride())}")
+        members = one_member(n_out, kp, scales.numel(), x.device)
+    m = members.shape[0]
     bm = row_tile(r)
     plan = plan if plan is not None else tiles(branch_of_row, r, x.device)
     idx, tb, ts, te = plan.shrink
@@ -389,8 +363,7 @@ def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scal
     splits, per = (split_k(k_in, tb.numel() * chunks, bk, x.device) if splits is None
                    else _even_split(k_in, splits, bk))
     h = torch.empty(splits, r, kp, device=x.device, dtype=torch.float32)  # [S, R, KP]: every element written
-    meta = members if members is not None else scales  # not read when M == 1
-    _shrink_kernel[(tb.numel(), chunks, splits)](x, idx, v_cat, h, meta, tb, ts, te, k_in, kp, per, x.stride(0),
+    _shrink_kernel[(tb.numel(), chunks, splits)](x, idx, v_cat, h, members, tb, ts, te, k_in, kp, per, x.stride(0),
                                                  v_cat.stride(0), h.stride(1), h.stride(0), M=m, BM=bm, BR=br, BK=bk,
                                                  UPCAST=upcast)
     y = torch.empty(r, n_out, device=x.device, dtype=x.dtype)
@@ -398,9 +371,9 @@ def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scal
     mixed = plan.row_branch is not None
     e_idx, e_tb, e_ts, e_te = plan.expand
     tiles_e = e_tb.numel()
-    args = (x, e_idx, mean, h, ut_cat, scales, bias, y, meta, plan.row_branch if mixed else e_tb, e_tb, e_ts, e_te,
-            k_in, n_out, kp, scales.numel() // m, splits, x.stride(0), mean.stride(0), h.stride(1), h.stride(0),
-            y.stride(0), bm)
+    args = (x, e_idx, mean, h, ut_cat, scales, bias, y, members, plan.row_branch if mixed else e_tb, e_tb, e_ts,
+            e_te, k_in, n_out, kp, scales.numel() // m, splits, x.stride(0), mean.stride(0), h.stride(1),
+            h.stride(0), y.stride(0), bm)
     sp = triton.next_power_of_2(splits)
     if upcast or x.device.type != "cuda" or not AUTOTUNE:
         _expand_kernel[(tiles_e, triton.cdiv(n_out, 32))](*args, M=m, MIXED=mixed, HAS_BIAS=bias_cat is not None,
@@ -409,6 +382,18 @@ def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scal
         _expand_tuned[lambda meta: (tiles_e, triton.cdiv(n_out, meta["BN"]))](
             *args, M=m, MIXED=mixed, HAS_BIAS=bias_cat is not None, SP=sp, BM=bm, BR=br, UPCAST=False)
     return y
+
+
+_ONE: dict[tuple, Tensor] = {}
+
+
+def one_member(out: int, kp: int, branches: int, device: torch.device) -> Tensor:
+    """:func:`member_table` of one layer, made once per shape (no host-to-device copy per call)."""
+    key = (out, kp, branches, str(device))
+    got = _ONE.get(key)
+    if got is None:
+        got = _ONE[key] = member_table([out], [kp], branches, device)
+    return got
 
 
 def member_table(outs: list[int], kps: list[int], branches: int, device: torch.device) -> Tensor:

@@ -145,7 +145,7 @@ def _cached(plan: MixedPlan, key: tuple, make) -> Tensor:
     return t
 
 
-def kernel_segments(x2: Tensor, plan: int | MixedPlan, batch: int):
+def kernel_tiles(x2: Tensor, plan: int | MixedPlan, batch: int):
     """The Triton kernels' :class:`~branchmerge.runtime.kernels.Tiles` for ``x2`` ``[B·T, in]`` under
     ``plan`` (made once per shape or plan)."""
     from branchmerge.runtime import kernels
@@ -441,7 +441,7 @@ class BranchedLinear(nn.Module):
             if y is None:
                 y = self._triton_checked(x2, plan, x.shape[0])
         else:
-            y = self._single(x2, plan) if isinstance(plan, int) else self._mixed(x2, plan, x.shape[0])
+            y = self._torch_path(x2, plan, x.shape[0])
         return y.view(*x.shape[:-1], self.out_features)
 
     def _torch_path(self, x2: Tensor, plan: int | MixedPlan, batch: int) -> Tensor:
@@ -463,7 +463,7 @@ class BranchedLinear(nn.Module):
                 return F.linear(x2, hot, self._fast[plan][4])
         return kernels.branched_linear(x2, self.weight_mean, self.v_cat, self.ut_cat, self.scale_t, self.stride,
                                        plan if isinstance(plan, int) else None,
-                                       self.bias_cat if self.has_bias else None, plan=kernel_segments(x2, plan, batch))
+                                       self.bias_cat if self.has_bias else None, plan=kernel_tiles(x2, plan, batch))
 
     def dense_weight(self, i: int) -> Tensor:
         """``s_i (W̄ + U_i V_i)`` for branch ``i``, ``[out, in]`` (for export and hot branches)."""

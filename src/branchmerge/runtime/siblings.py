@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from branchmerge.runtime.modules import BranchedLinear, MixedPlan, kernel_segments, kernels_checked
+from branchmerge.runtime.modules import BranchedLinear, MixedPlan, kernel_tiles, kernels_checked
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class SiblingGroup:
 
         return kernels.branched_linear(x2, self.mean, self.v, self.ut, self.scales, self.kp,
                                        plan if isinstance(plan, int) else None, self.bias,
-                                       plan=kernel_segments(x2, plan, batch), members=self.table)
+                                       plan=kernel_tiles(x2, plan, batch), members=self.table)
 
     def _reference(self, x2: Tensor, plan: int | MixedPlan, batch: int) -> Tensor:
         return torch.cat([m._torch_path(x2, plan, batch) for m in self.members], dim=1)
