@@ -21,7 +21,7 @@ import time
 
 import httpx
 
-from _common import CACHE, VENV_BIN, free_port, perturbed_copies, smollm2_folder
+from _common import CACHE, VENV_BIN, fan_out, free_port, perturbed_copies, smollm2_folder
 from branchmerge.config import parse_config
 from branchmerge.merge import run_merge
 
@@ -68,13 +68,7 @@ def load_run(url: str, seconds: float, clients: int, branches: list[str]) -> dic
                     lat.append(time.perf_counter() - t0)
                     toks.append(n)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = fan_out(client, clients)
     q = statistics.quantiles(lat, n=20) if len(lat) >= 2 else [float("nan")] * 19
     return {"requests": len(lat), "rps": len(lat) / wall, "tps": sum(toks) / wall, "p50": statistics.median(lat) if lat else float("nan"),
             "p95": q[18], "errors": errors[0], "wall": wall}

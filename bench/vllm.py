@@ -32,7 +32,7 @@ import httpx
 import torch
 import yaml
 
-from _common import CACHE, ROOT, free_port, smollm2_folder
+from _common import CACHE, ROOT, fan_out, free_port, smollm2_folder
 
 sys.path.insert(0, str(ROOT))
 import fidelity_real as fr  # noqa: E402
@@ -91,13 +91,7 @@ def throughput(url: str, models: list[str], clients: int, per_client: int, max_t
                     with lock:
                         errors.append(f"{type(e).__name__}: {e}"[:200])
 
-    t = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    dt = time.perf_counter() - t
+    dt = fan_out(client, clients)
     return {"requests": done[0], "seconds": dt, "req_s": done[0] / dt, "tok_s": tokens[0] / dt, "errors": errors[:3],
             "failed": len(errors)}
 
