@@ -159,6 +159,16 @@ def test_pipeline_config_errors(tmp_path):
         cfg.check_branches(["a", "b"])
 
 
+def test_a_question_that_contains_a_slot_name_is_left_as_written():
+    """Stage 2 sees the user's question as typed: its literal ``{previous}`` is not replaced by stage 1's
+    answer (two chained ``str.replace`` calls did that)."""
+    from branchmerge.staged import fill
+
+    q = "what does {previous} mean in a template?"
+    assert fill("Q: {question}\nA: {previous}", q, "ANSWER") == f"Q: {q}\nA: ANSWER"
+    assert fill("{previous}|{question}", "{question}", "{previous}") == "{previous}|{question}"
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_lm_eval_client_generate_until(server, monkeypatch, batch):
     """lm-evaluation-harness's own OpenAI-completions client drives the server (generate_until), one prompt

@@ -345,4 +345,10 @@ def load_router(folder: Path, branches: Sequence[str], make_embedder: EmbedderFa
     if embs.ndim != 2 or ids.shape != (embs.shape[0],) or (ids.numel() and not 0 <= int(ids.min()) <= int(ids.max())
                                                              < len(stored_branches)):
         raise BundleError(f"router in {folder}: samples.safetensors does not match its branches")
-    return Router(cfg, embedder, branches, embs, ids)
+    width = getattr(getattr(embedder.model, "config", None), "hidden_size", None)
+    if isinstance(width, int) and embs.shape[1] != width:
+        raise BundleError(f"router in {folder}: samples.safetensors holds {embs.shape[1]}-wide embeddings; its "
+                          f"embedder's hidden states are {width} wide")
+    if not embs.is_floating_point() or not bool(torch.isfinite(embs).all()):
+        raise BundleError(f"router in {folder}: samples.safetensors `embeddings` must be finite floating-point values")
+    return Router(cfg, embedder, branches, embs.float(), ids)

@@ -158,6 +158,15 @@ def postprocess(text: str, stage: Stage) -> str:
     return text
 
 
+_SLOT = re.compile(r"\{(question|previous)\}")
+
+
+def fill(template: str, question: str, previous: str) -> str:
+    """``template`` with ``{question}`` and ``{previous}`` filled in one pass: a question that itself
+    contains ``{previous}`` is left as written."""
+    return _SLOT.sub(lambda m: question if m.group(1) == "question" else previous, template)
+
+
 def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str], *,
                  generate: Generate | None = None) -> list[list[StageResult]]:
     """Run every stage for all questions; each stage is one (mixed-branch) batch.
@@ -172,11 +181,11 @@ def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str], *,
     results: list[list[StageResult]] = [[] for _ in questions]
     previous = [""] * len(questions)
     for k, stage in enumerate(pipeline.stages, 1):
-        prompts = [stage.user.replace("{question}", q).replace("{previous}", p) for q, p in zip(questions, previous)]
+        prompts = [fill(stage.user, q, p) for q, p in zip(questions, previous)]
         system = stage.system
         branches = bundle.resolve_branches(questions if stage.branch == "auto" else prompts, stage.branch)
         ids = [bundle.encode(p, b, chat=stage.chat,
-                             system=system.replace("{question}", q).replace("{previous}", prev) if system else None)
+                             system=fill(system, q, prev) if system else None)
                for p, b, q, prev in zip(prompts, branches, questions, previous)]
         for i, b in zip(ids, branches):
             bundle.check_context(b, len(i), stage.max_tokens)

@@ -7,30 +7,57 @@ from pathlib import Path
 import typer
 
 
+class _Stop:
+    """A ``generate`` stopping criterion that ends every row once ``event`` is set (Ctrl-C)."""
+
+    def __init__(self, event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kw):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperature: float) -> str:
+    """Generate in a worker thread and echo its tokens as they come. An error in the worker ends the stream
+    and is raised here (the loop over the streamer would otherwise wait for ever); Ctrl-C stops the
+    generation before the process exits."""
+    import threading
+
     import torch
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     from branchmerge.runtime.text import sampling_kwargs
 
     tok = bundle.tokenizer(branch)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    import threading
-
+    stop = threading.Event()
     result: list[str] = []
+    failure: list[BaseException] = []
 
     def work() -> None:
-        r = bundle.generate_ids([ids], [branch], max_new_tokens=max_new_tokens, streamer=streamer,
-                                **sampling_kwargs(temperature))
-        result.append(r[0].text)
+        try:
+            with torch.inference_mode():
+                r = bundle.generate_ids([ids], [branch], max_new_tokens=max_new_tokens, streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([_Stop(stop)]),
+                                        **sampling_kwargs(temperature))
+            result.append(r[0].text)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
+            failure.append(e)
+            streamer.end()
 
-    t = threading.Thread(target=work)
-    with torch.inference_mode():
-        t.start()
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
         for piece in streamer:
             typer.echo(piece, nl=False)
+    finally:
+        stop.set()
         t.join()
     typer.echo("")
+    if failure:
+        raise failure[0]
     return result[0] if result else ""
 
 
@@ -101,8 +128,8 @@ def chat(
             break
         name = bundle.resolve_branches([line], branch)[0]
         history.append({"role": "user", "content": line})
-        ids = bundle.encode_messages(history, name)
         try:
+            ids = bundle.encode_messages(history, name)
             mt = bundle.fit_max_new_tokens([ids], [name], max_new_tokens)
         except BranchmergeError as e:
             typer.secho(f"error: {e}", err=True, fg="red")

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from branchmerge.common import json_dumps
 from branchmerge.compress import Difference
@@ -42,6 +42,8 @@ from branchmerge.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, BranchInfo
 from branchmerge.io.writer import sha256_file
 
 logger = logging.getLogger(__name__)
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 def key_mean(group: str, tensor: str) -> str:
     return f"g.{group}|{tensor}|mean"
@@ -119,8 +121,21 @@ class BundleReader:
         return info
 
     def branch_dir(self, name: str) -> Path:
+        """``BUNDLE/branches/NAME``, whose files (config, tokenizer) are read by transformers.
+
+        Raises:
+            BranchNotFoundError: an unknown branch.
+            BundleError: the folder, or a file in it, is a symbolic link (it could read files from anywhere).
+        """
         self.branch(name)
-        return self.path / "branches" / name
+        d = self.path / "branches" / name
+        links = [p for p in (d.parent, d) if p.is_symlink()]
+        if not links and d.is_dir():
+            links = [p for p in d.iterdir() if p.is_symlink()]
+        if links:
+            raise BundleError(f"bundle {self.path}: {links[0]} is a symbolic link; a bundle's files must be plain "
+                              "files inside it")
+        return d
 
     def hf_config(self, name: str) -> dict[str, Any]:
         """The branch's HF config, as recorded in the manifest (no disk read)."""
@@ -131,14 +146,56 @@ class BundleReader:
         return key in self.manifest.weight_map
 
     def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The stored tensor ``key``, checked against what the manifest implies before it is read.
+
+        Raises:
+            BundleError: the key is missing from the weight map or its shard, the shard cannot be read, or
+                the tensor's shape or dtype is not the one its manifest record implies.
+        """
         try:
             fname = self.manifest.weight_map[key]
         except KeyError:
             raise BundleError(f"bundle {self.path}: tensor {key} is missing from the weight map") from None
-        h = self._handles.get(fname)
-        if h is None:
-            h = self._handles[fname] = safe_open(str(self.path / fname), framework="pt", device="cpu")
-        return h.get_tensor(key).to(device)
+        try:
+            if fname not in self._handles:
+                h = safe_open(str(self.path / fname), framework="pt", device="cpu")
+                self._handles[fname] = (h, set(h.keys()))
+            h, keys = self._handles[fname]
+            if key not in keys:
+                raise BundleError(f"bundle {self.path}: shard {fname} has no tensor {key} (the weight map names it)")
+            meta = h.get_slice(key)
+            self._check(key, list(meta.get_shape()), meta.get_dtype())
+            return h.get_tensor(key).to(device)
+        except SafetensorError as e:
+            raise BundleError(f"bundle {self.path}: shard {fname} cannot be read ({key}): {e}") from None
+
+    def _check(self, key: str, shape: list[int], dtype: str) -> None:
+        """Raise unless ``key``'s stored ``shape`` and safetensors ``dtype`` (``F32``, ``I8``…) fit its record.
+
+        Quantized parts (``sigma``, ``U.q8``, ``V.s4``…) are checked by :meth:`quantized`.
+        """
+        head, tensor, *part = key.split("|")
+        kind, _, owner = head.partition(".")
+        group = owner if kind == "g" else self.branches[owner].group if owner in self.branches else None
+        rec = self.manifest.tensors.get(group or "", {}).get(tensor)
+        if rec is None:
+            raise BundleError(f"bundle {self.path}: tensor {key} has no record in the manifest's `tensors`")
+        want: list[int | None] | None = list(rec.shape)
+        floating = bool(part)
+        if part == ["scales"]:
+            want = [len(self.groups[group].branches)]
+        elif part == ["U"] and len(rec.shape) == 2:
+            want = [rec.shape[0], rec.rank]
+        elif part == ["V"] and len(rec.shape) == 2:
+            want = [rec.rank, rec.shape[1]]
+        elif part not in ([], ["mean"], ["delta"]):
+            want, floating = None, False
+        if want is not None and (len(shape) != len(want) or any(w is not None and w != g for w, g in zip(want, shape))):
+            shown = ["k" if w is None else w for w in want]
+            raise BundleError(f"bundle {self.path}: tensor {key} has shape {shape}; its manifest record implies {shown}")
+        if floating and dtype not in _FLOAT_DTYPES:
+            raise BundleError(f"bundle {self.path}: tensor {key} is stored as {dtype}; a floating-point type is "
+                              "expected")
 
     def quantized(self, branch: str, tensor: str, device: str | torch.device = "cpu") -> QuantizedFactors | None:
         """The branch's quantized factors of ``tensor`` as stored (on ``device``), or None when they are not

@@ -45,6 +45,10 @@ class TensorRecord(_Frozen):
 
     @model_validator(mode="after")
     def _bits(self) -> TensorRecord:
+        if any(d < 1 for d in self.shape):
+            raise ValueError(f"`shape` {self.shape} has a dimension below 1")
+        if self.rank is not None and (len(self.shape) != 2 or self.rank > min(self.shape)):
+            raise ValueError(f"`rank` {self.rank} does not fit a 2-D tensor of shape {self.shape}")
         if self.bits is not None:
             if self.role != "compressed" or self.group_size is None or self.dense or len(self.shape) != 2:
                 raise ValueError("`bits` needs a compressed 2-D low-rank record with a `group_size`")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -44,10 +46,12 @@ def build_group_model(
     members: list[str] = g.branches
     transposed = g.transposed
     first_dir: Path = reader.branch_dir(members[0])
-    config = hf_config_object(reader.hf_config(members[0]), f"branch {members[0]!r}")
+    records = reader.manifest.tensors[group]
+    raw = reader.hf_config(members[0])
+    _check_layer_count(raw, records, f"branch {members[0]!r}")
+    config = hf_config_object(raw, f"branch {members[0]!r}")
     model = skeleton(config, dtype, where=f"branch {members[0]!r}")
     state = BranchState(members)
-    records = reader.manifest.tensors[group]
 
     def load(key: str) -> torch.Tensor:
         t = reader.get(key, device)
@@ -149,6 +153,26 @@ def skeleton(config: PretrainedConfig, dtype: torch.dtype | None = None, *, wher
                           f"({type(e).__name__}: {e})") from None
 
 
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _check_layer_count(cfg: dict, tensors: Iterable[str], where: str) -> None:
+    """Refuse a config with more layers than the bundle stores tensors for (fewer fail on the extra tensors).
+
+    Checked before a skeleton is built: a crafted ``num_hidden_layers: 100000`` would otherwise spend
+    minutes building empty layers before the missing tensors are noticed.
+
+    Raises:
+        BundleError: naming the config field, its value and the stored count.
+    """
+    stored = {int(m.group(1)) for t in tensors if (m := _LAYER_INDEX.search(t))}
+    for key in ("num_hidden_layers", "n_layer"):
+        value = cfg.get(key)
+        if stored and isinstance(value, int) and value > len(stored):
+            raise BundleError(f"{where}: its config's `{key}` is {value!r}, but the bundle stores tensors for "
+                              f"{len(stored)} layers")
+
+
 def hf_config_object(cfg: dict, where: str) -> PretrainedConfig:
     """A transformers config from a branch's recorded ``config.json`` content, built-in classes only.
 
@@ -164,8 +188,8 @@ def hf_config_object(cfg: dict, where: str) -> PretrainedConfig:
                           "(custom code from a bundle is never run)")
     try:
         return CONFIG_MAPPING[model_type].from_dict(data)
-    except (ValueError, TypeError, KeyError) as e:
-        raise BundleError(f"{where}: its config is invalid: {e}") from None
+    except Exception as e:  # noqa: BLE001 - config classes raise ValueError, TypeError, hub validation errors…
+        raise BundleError(f"{where}: its config is invalid: {' '.join(str(e).split())}") from None
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:

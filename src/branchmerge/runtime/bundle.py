@@ -128,8 +128,8 @@ class Bundle:
             try:  # never the bundle's own Python: an `auto_map` in its tokenizer config is an error here
                 tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
             except (ValueError, OSError) as e:
-                raise BundleError(f"branch {branch!r}: the tokenizer in {folder} cannot be loaded without "
-                                  f"running code from the bundle (trust_remote_code is always off): {e}") from None
+                raise BundleError(f"branch {branch!r}: the tokenizer in {folder} cannot be loaded (its files are "
+                                  f"missing or invalid, or it needs code, which a bundle never runs): {e}") from None
             self._tokenizers[branch] = ensure_pad_token(tok)
         return tok
 
@@ -329,11 +329,12 @@ class Bundle:
         if not (bool(tok.chat_template) if chat is None else chat):
             return list(tok(prompt)["input_ids"])
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return encode_messages(tok, msgs, chat=True)
+        return encode_messages(tok, msgs, chat=True, what=f"the chat template of branch {branch!r}")
 
     def encode_messages(self, messages: Sequence[Mapping[str, str]], branch: str, *, chat: bool | None = None) -> list[int]:
         """Token ids of a conversation (``{"role", "content"}`` dicts) for ``branch``, ready for its answer."""
-        return encode_messages(self.tokenizer(branch), messages, chat=chat)
+        return encode_messages(self.tokenizer(branch), messages, chat=chat,
+                               what=f"the chat template of branch {branch!r}")
 
     def context_limit(self, branch: str) -> int | None:
         """The branch's context length in tokens (``max_position_embeddings`` or ``n_positions``), if known."""

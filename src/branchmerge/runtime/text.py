@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from branchmerge.errors import ConfigError
+
 # below this, a temperature is greedy decoding (sampling at 1e-45 divides logits into Inf/NaN)
 MIN_TEMPERATURE = 1e-5
 
@@ -19,16 +21,25 @@ def ensure_pad_token(tok: Any) -> Any:
     return tok
 
 
-def encode_messages(tok: Any, messages: Sequence[Mapping[str, str]], *, chat: bool | None = None) -> list[int]:
+def encode_messages(tok: Any, messages: Sequence[Mapping[str, str]], *, chat: bool | None = None,
+                    what: str = "the chat template") -> list[int]:
     """Token ids of chat ``messages`` (``{"role", "content"}``), ending where the assistant answers.
 
     Uses the tokenizer's chat template when it has one (or ``chat`` is True); otherwise the contents
     joined by newlines. ``developer`` messages count as ``system``.
+
+    Raises:
+        ConfigError: the chat template (named by ``what``) raised (roles it does not accept, or code its sandbox refuses).
     """
     msgs = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
     use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
     if use_chat:
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        from jinja2 import TemplateError
+
+        try:
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        except TemplateError as e:  # the template's own raise_exception, or the sandbox refusing unsafe code
+            raise ConfigError(f"{what} refused these messages ({type(e).__name__}: {e})") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     return list(tok("\n".join(m["content"] for m in msgs if m["content"]))["input_ids"])
 
