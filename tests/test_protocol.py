@@ -48,3 +48,35 @@ def test_request_validation():
                 {"model": "x" * 300, "messages": []}):
         with pytest.raises(ValidationError):
             P.ChatRequest.model_validate(bad)
+
+
+@pytest.mark.parametrize("kind,field,value", [
+    ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("chat", "response_format", {"type": "json_object"}),
+    ("chat", "presence_penalty", 0.5),
+    ("chat", "frequency_penalty", -1),
+    ("chat", "logit_bias", {"5": 100}),
+    ("chat", "logprobs", True),
+    ("chat", "top_logprobs", 2),
+    ("completion", "best_of", 3),
+    ("completion", "suffix", "end"),
+])
+def test_fields_this_server_does_not_do_are_refused_not_ignored(kind, field, value):
+    """Answering as if a penalty, a JSON mode or a tool list were not there would be silently wrong."""
+    base = {"model": "a", "messages": [{"role": "user", "content": "hi"}]} if kind == "chat" else \
+        {"model": "a", "prompt": "hi"}
+    cls = P.ChatRequest if kind == "chat" else P.CompletionRequest
+    err = P.unsupported(cls.model_validate({**base, field: value}))
+    assert err is not None and err.status == 400 and err.param == field
+    assert f"`{field}` is not supported" in err.message
+    # their neutral values, which clients send by default, and `seed` (lm-evaluation-harness sends one) pass
+    for neutral in ({"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "tools": [],
+                     "tool_choice": "none", "response_format": {"type": "text"}, "seed": 1234, "best_of": 1},):
+        assert P.unsupported(cls.model_validate({**base, **neutral})) is None
+    assert P.unsupported(P.CompletionRequest.model_validate({"model": "a", "prompt": "x", "logprobs": 2})) is None
+
+
+def test_non_text_content_parts_are_named():
+    with pytest.raises(ValidationError, match="a content part of type 'image_url' is not supported"):
+        P.ChatRequest.model_validate({"model": "a", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})

@@ -168,6 +168,37 @@ def test_cli_chat(capsys, bundles, monkeypatch):
     assert out.count("c> ") == 2
 
 
+def test_cli_chat_ctrl_c_stops_the_reply_not_the_chat(capsys, bundles, monkeypatch):
+    """Ctrl-C while a reply streams stops its generation (the stopping criterion fires) and the chat goes on
+    to the next turn, as in llama.cpp's or ollama's chat."""
+    import io
+    import os
+    import signal
+    import time
+
+    from branchmerge.cli import run_cmds
+
+    real_stop = run_cmds._Stop.__call__
+    stopped = []
+
+    def stop(self, input_ids, scores, **kw):
+        if not stopped:  # the first step of the first reply: the user presses Ctrl-C, the step waits for it
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
+            self.event.wait(10)
+        out = real_stop(self, input_ids, scores, **kw)
+        stopped.append(bool(out.all()))
+        return out
+
+    monkeypatch.setattr(run_cmds._Stop, "__call__", stop)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nagain\n\n"))
+    code, out, err = run_cli(capsys, "chat", bundles[0.9], "--branch", "c", "-n", "20")
+    assert code == 0, err
+    assert "[stopped]" in err
+    assert out.count("c> ") == 2  # the second turn ran
+    assert stopped[0], "the interrupted generation was not stopped"
+
+
 def test_mixed_batch_dense_deltas_path(loaded):
     """r=0 stores dense differences: the per-branch loop path must agree with per-branch runs too."""
     b = loaded[0.0]

@@ -78,6 +78,29 @@ def test_streaming_matches_non_streaming(server):
     assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
 
 
+def test_streams_end_with_usage_when_asked(server):
+    """``stream_options={"include_usage": True}`` (OpenAI, vLLM): a last chunk with no choices carries the
+    request's usage, the same as the non-streamed response's; without it no such chunk is sent."""
+    c = server["client"]
+    msgs = [{"role": "user", "content": "add 2+3="}]
+    full = c.chat.completions.create(model="a", messages=msgs, max_tokens=10, n=2)
+    chunks = list(c.chat.completions.create(model="a", messages=msgs, max_tokens=10, n=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+    assert all(ch.choices for ch in chunks[:-1])
+    plain = list(c.chat.completions.create(model="a", messages=msgs, max_tokens=10, stream=True))
+    assert all(ch.choices and ch.usage is None for ch in plain)
+    texts = ["rev abc=", "add 1+1="]
+    full = c.completions.create(model="auto", prompt=texts, max_tokens=6)
+    last = list(c.completions.create(model="auto", prompt=texts, max_tokens=6, stream=True,
+                                     stream_options={"include_usage": True}))[-1]
+    assert last.choices == [] and last.usage.model_dump() == full.usage.model_dump()
+    full = c.chat.completions.create(model="two_step", messages=[{"role": "user", "content": "add 1+1="}])
+    last = list(c.chat.completions.create(model="two_step", messages=[{"role": "user", "content": "add 1+1="}],
+                                          stream=True, stream_options={"include_usage": True}))[-1]
+    assert last.usage.model_dump() == full.usage.model_dump() and full.usage.completion_tokens > 0
+
+
 def test_auto_routing_and_pipeline(server):
     c = server["client"]
     r = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": "rev hello="}], max_tokens=4)

@@ -97,6 +97,20 @@ def test_odd_values_get_clear_400s(server, bundle):
         assert r.json()["error"]["param"].startswith("messages.0.content")
 
 
+def test_the_openai_sdk_hears_which_field_is_not_supported(server):
+    """A penalty the server would not apply is a 400 naming it, through the real SDK; the gateway in front
+    of vLLM forwards the same field (vLLM does apply it)."""
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0)
+    msgs = [{"role": "user", "content": "add 1+2="}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="a", messages=msgs, max_tokens=2, presence_penalty=1.0)
+    assert e.value.body["param"] == "presence_penalty" and "is not supported" in e.value.body["message"]
+    ok = client.chat.completions.create(model="a", messages=msgs, max_tokens=2, presence_penalty=0, seed=3)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
 def test_internal_errors_do_not_leak(server, bundle, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("secret /home/alice/weights")

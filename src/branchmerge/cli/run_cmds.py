@@ -19,10 +19,14 @@ class _Stop:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperature: float) -> str:
-    """Generate in a worker thread and echo its tokens as they come. An error in the worker ends the stream
-    and is raised here (the loop over the streamer would otherwise wait for ever); Ctrl-C stops the
-    generation before the process exits."""
+def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperature: float, *,
+            interruptible: bool = False) -> str:
+    """Generate in a worker thread and echo its tokens as they come; returns the text.
+
+    An error in the worker ends the stream and is raised here (the loop over the streamer would otherwise
+    wait for ever). Ctrl-C stops the generation; with ``interruptible`` (chat) the reply so far is
+    returned, otherwise the interrupt is raised once the worker has stopped.
+    """
     import threading
 
     import torch
@@ -52,6 +56,10 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperatur
     try:
         for piece in streamer:
             typer.echo(piece, nl=False)
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        typer.secho(" [stopped]", nl=False, err=True, fg="yellow")
     finally:
         stop.set()
         t.join()
@@ -114,7 +122,7 @@ def chat(
     dtype: str | None = typer.Option(None, "--dtype"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
-    """Interactive chat with a branch; an empty line or Ctrl-D ends it."""
+    """Interactive chat with a branch; Ctrl-C stops a reply, an empty line or Ctrl-D ends the chat."""
     from branchmerge.errors import BranchmergeError
 
     bundle = _load(bundle_dir, branch == "auto", device=device, dtype=dtype)
@@ -136,7 +144,7 @@ def chat(
             history.clear()
             continue
         typer.secho(f"{name}> ", nl=False, fg="cyan")
-        reply = _stream(bundle, name, ids, mt, temperature)
+        reply = _stream(bundle, name, ids, mt, temperature, interruptible=True)
         history.append({"role": "assistant", "content": reply})
 
 

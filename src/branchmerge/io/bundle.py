@@ -192,7 +192,8 @@ class BundleReader:
             want, floating = None, False
         if want is not None and (len(shape) != len(want) or any(w is not None and w != g for w, g in zip(want, shape))):
             shown = ["k" if w is None else w for w in want]
-            raise BundleError(f"bundle {self.path}: tensor {key} has shape {shape}; its manifest record implies {shown}")
+            raise BundleError(f"bundle {self.path}: tensor {key} has shape {shape}; its manifest record implies "
+                              f"{shown}")
         if floating and dtype not in _FLOAT_DTYPES:
             raise BundleError(f"bundle {self.path}: tensor {key} is stored as {dtype}; a floating-point type is "
                               "expected")

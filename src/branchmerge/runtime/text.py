@@ -29,7 +29,8 @@ def encode_messages(tok: Any, messages: Sequence[Mapping[str, str]], *, chat: bo
     joined by newlines. ``developer`` messages count as ``system``.
 
     Raises:
-        ConfigError: the chat template (named by ``what``) raised (roles it does not accept, or code its sandbox refuses).
+        ConfigError: the chat template (named by ``what``) raised: roles it does not accept, or code its
+            sandbox refuses.
     """
     msgs = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
     use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat

@@ -74,6 +74,7 @@ class _Request:
 
     def __init__(self) -> None:
         self.jobs: list[Job] = []
+        self.prompt_tokens = self.completion_tokens = 0  # what its streams sent, for `include_usage`
 
 
 class OpenAIService:
@@ -200,6 +201,8 @@ class OpenAIService:
             final, stages, pt, ct = await self._pipeline(pipeline, text, request)
             answered = stages[-1]["branch"]
             if req.stream:
+                request.prompt_tokens += pt
+                request.completion_tokens += ct
                 return answered, [self._once(kind, rid, req.model, final, answered, index)]
             out = P.body(kind, rid, req.model, [(final, "stop")], pt, ct, answered)
             out["stages"] = stages
@@ -207,6 +210,7 @@ class OpenAIService:
         ids = encode(branch)
         jobs = self._submit([self._job(branch, ids, req, mt, stream=req.stream, request=request) for _ in range(req.n)])
         if req.stream:
+            request.prompt_tokens += len(ids)
             return branch, [self._stream(kind, rid, req.model, branch, j, index + k) for k, j in enumerate(jobs)]
         await self._wait(jobs, disconnected)
         return P.body(kind, rid, req.model, [self._finish(branch, j) for j in jobs], len(ids),
@@ -258,14 +262,17 @@ class OpenAIService:
                 if len(text) > len(sent) and not text.endswith("\ufffd"):
                     yield P.chunk(kind, rid, model, text[len(sent):], None, branch, index=index)
                     sent = text
+            if isinstance(job.request, _Request):
+                job.request.completion_tokens += len(ids)
             if job.error is not None:
                 yield P.sse(P.error_body("generation failed (see the server log)", type_="server_error"))
             yield P.chunk(kind, rid, model, None, reason or "stop", branch, index=index)
         finally:  # the client went away (the generator is closed early) or the stream ended
             job.cancel()
 
-    def _sse(self, parts: list[tuple[str, list[AsyncIterator[str]]]]) -> Reply:
-        """One event stream from the choices' streams, chunks interleaved as they come, then ``[DONE]``."""
+    def _sse(self, parts: list[tuple[str, list[AsyncIterator[str]]]], usage: Callable[[], str] | None = None) -> Reply:
+        """One event stream from the choices' streams, chunks interleaved as they come, then the ``usage``
+        chunk when asked for (``stream_options.include_usage``), then ``[DONE]``."""
         gens = [g for _, gs in parts for g in gs]
 
         async def merged() -> AsyncIterator[str]:
@@ -287,6 +294,8 @@ class OpenAIService:
                         left -= 1
                     else:
                         yield c
+                if usage is not None:
+                    yield usage()
                 yield P.DONE
             finally:  # closed early by a disconnect: stop every choice (their generators cancel their jobs)
                 for t in tasks:
@@ -297,13 +306,23 @@ class OpenAIService:
 
         return Reply(stream=merged(), headers=P.branch_header([b for b, _ in parts]))
 
-    def _reply(self, out: dict | tuple) -> Reply:
+    def _reply(self, out: dict | tuple, usage: Callable[[], str] | None = None) -> Reply:
         if isinstance(out, tuple):
-            return self._sse([out])
+            return self._sse([out], usage)
         return Reply(body=out, headers=P.branch_header(out["branch"]))
+
+    @staticmethod
+    def _usage(req: P._Req, kind: str, rid: str, request: _Request) -> Callable[[], str] | None:
+        """The last chunk of a stream that asked for ``stream_options.include_usage``: the tokens its
+        streams took and sent, counted as they ended."""
+        if not (req.stream and req.stream_options is not None and req.stream_options.include_usage):
+            return None
+        return lambda: P.usage_chunk(kind, rid, req.model, request.prompt_tokens, request.completion_tokens)
 
     # ---- endpoints ----------------------------------------------------------------------------------
     async def chat(self, req: P.ChatRequest, disconnected: Disconnected | None = None) -> Reply:
+        if (refused := P.unsupported(req)) is not None:
+            raise refused
         if not req.messages:
             raise P.APIError(400, "messages must be a non-empty list", param="messages")
         self.limits.check_chars("".join(m.text() for m in req.messages), "messages")
@@ -313,10 +332,12 @@ class OpenAIService:
         msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
         request = _Request()
 
+        rid = P.new_id("chat")
+
         async def work() -> Reply:
             return self._reply(await self._one(req, "chat", last_user, lambda b: self.bundle.encode_messages(msgs, b),
-                                               rid=P.new_id("chat"), index=0, disconnected=disconnected,
-                                               request=request))
+                                               rid=rid, index=0, disconnected=disconnected, request=request),
+                               self._usage(req, "chat", rid, request))
 
         return await self._guarded(request, work())
 
@@ -382,6 +403,8 @@ class OpenAIService:
                                request=request)
 
     async def completions(self, req: P.CompletionRequest, disconnected: Disconnected | None = None) -> Reply:
+        if (refused := P.unsupported(req)) is not None:
+            raise refused
         prompts = self._prompts(req)
         request = _Request()
         return await self._guarded(request, self._completions(req, prompts, request, disconnected))
@@ -393,7 +416,8 @@ class OpenAIService:
             if req.logprobs is not None or req.echo:
                 raise P.APIError(400, "logprobs and echo are not supported with stream=true", param="stream")
             return self._sse([await self._completion(req, p, rid=rid, index=i * req.n, disconnected=disconnected,
-                                                     request=request) for i, p in enumerate(prompts)])
+                                                     request=request) for i, p in enumerate(prompts)],
+                             self._usage(req, "completion", rid, request))
         # every prompt is its own job; the engine batches them (and scoring shares their common prefixes)
         bodies = await asyncio.gather(*(self._completion(req, p, rid=rid, index=0, disconnected=disconnected,
                                                          request=request) for p in prompts))

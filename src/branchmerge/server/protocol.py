@@ -54,6 +54,15 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, v: Any) -> Any:
+        for part in v if isinstance(v, list) else []:
+            kind = part.get("type", "text") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"a content part of type {kind!r} is not supported: this server reads text parts")
+        return v
+
     @field_validator("content")
     @classmethod
     def _content(cls, v: Any) -> Any:
@@ -65,6 +74,11 @@ class Message(BaseModel):
         return self.content or ""
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
 class _Req(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -74,6 +88,7 @@ class _Req(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=16)
     user: str | None = None
@@ -110,6 +125,31 @@ class CompletionRequest(_Req):
         return v
 
 
+# OpenAI request fields this server does not implement, each with the test of its neutral value. A request
+# that sets one otherwise is refused with a 400 naming it rather than answered as if it were not there.
+# (`seed` is accepted: greedy decoding ignores it, and lm-evaluation-harness sends it with every request.)
+_NEUTRAL: dict[str, Any] = {
+    "tools": lambda v: not v, "functions": lambda v: not v, "tool_choice": lambda v: v in (None, "none", "auto"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "logit_bias": lambda v: not v,
+    "presence_penalty": lambda v: v in (None, 0), "frequency_penalty": lambda v: v in (None, 0),
+    "best_of": lambda v: v in (None, 1), "suffix": lambda v: not v,
+}
+_NEUTRAL_CHAT: dict[str, Any] = {"logprobs": lambda v: not v, "top_logprobs": lambda v: not v}
+
+
+def unsupported(req: _Req) -> APIError | None:
+    """The 400 for the first field of ``req`` that asks for something this server does not do, if any."""
+    table = {**_NEUTRAL, **(_NEUTRAL_CHAT if isinstance(req, ChatRequest) else {})}
+    for name, neutral in table.items():
+        value = (req.model_extra or {}).get(name, getattr(req, name, None))
+        if not neutral(value):
+            hint = " or use /v1/completions with `logprobs`" if name.endswith("logprobs") else ""
+            return APIError(400, f"`{name}` is not supported by this server (got {json.dumps(value)[:80]}); "
+                                 f"leave it out{hint}", param=name)
+    return None
+
+
 def new_id(kind: str) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
 
@@ -126,10 +166,21 @@ def body(kind: str, rid: str, model: str, choices: list[tuple[str, str]], prompt
         "model": model,
         "choices": [{"index": i, **content(kind, text), "finish_reason": reason, "logprobs": None}
                     for i, (text, reason) in enumerate(choices)],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage(prompt_tokens, completion_tokens),
         "branch": branch,
     }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def usage_chunk(kind: str, rid: str, model: str, prompt_tokens: int, completion_tokens: int) -> str:
+    """The last event of a stream with ``stream_options.include_usage``: no choices, the request's usage."""
+    return sse({"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": model, "choices": [],
+                "usage": usage(prompt_tokens, completion_tokens)})
 
 
 def merge_bodies(bodies: list[dict[str, Any]]) -> dict[str, Any]:
