@@ -40,7 +40,7 @@ from branchmerge.config import read_yaml, validate
 from branchmerge.errors import ConfigError
 from branchmerge.server import protocol as P
 from branchmerge.server.api import ClientGone, Disconnected, Reply, ServerLimits
-from branchmerge.staged import PipelinesConfig, load_pipelines, postprocess
+from branchmerge.staged import PipelinesConfig, fill, load_pipelines, postprocess
 
 logger = logging.getLogger(__name__)
 
@@ -304,9 +304,8 @@ class GatewayService:
         previous, stages, pt, ct = "", [], 0, 0
         for k, st in enumerate(pipe.stages, 1):
             branch = (await self._resolve("auto", question))[0] if st.branch == "auto" else st.branch
-            fill = lambda t: t.replace("{question}", question).replace("{previous}", previous)  # noqa: E731
-            msgs = ([{"role": "system", "content": fill(st.system)}] if st.system else []) + [
-                {"role": "user", "content": fill(st.user)}]
+            msgs = ([{"role": "system", "content": fill(st.system, question, previous)}] if st.system else []) + [
+                {"role": "user", "content": fill(st.user, question, previous)}]
             body = {"messages": msgs, "max_tokens": st.max_tokens, "temperature": st.temperature,
                     **({"stop": st.stop} if st.stop else {})}
             out = await self._post(branch, "/chat/completions", body, None)
