@@ -1,6 +1,7 @@
 """Running a bundle: every branch equals its original at r=0, mixed batches equal per-branch runs."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -197,6 +198,18 @@ def test_cli_chat_ctrl_c_stops_the_reply_not_the_chat(capsys, bundles, monkeypat
     assert "[stopped]" in err
     assert out.count("c> ") == 2  # the second turn ran
     assert stopped[0], "the interrupted generation was not stopped"
+
+
+def test_token_ids_outside_the_vocabulary_are_named(loaded):
+    """On a GPU such an id is a device-side assert that ends the process's use of the device; here and
+    there it is an error naming the row, the id and the branch, before any forward."""
+    b = loaded[0.9]
+    for ids, needle in (([[5, 64]], "row 0: token id 64 is outside the vocabulary of branch 'a' (size 64)"),
+                        ([[5], [-1]], "row 1: token id -1"), ([[5], []], "row 1 has no tokens")):
+        with pytest.raises(BranchmergeError, match=re.escape(needle)):
+            b.generate_ids(ids, ["a"] * len(ids), max_new_tokens=2)
+        with pytest.raises(BranchmergeError, match=re.escape(needle)):
+            b.token_logprobs_many(ids, ["a"] * len(ids))
 
 
 def test_mixed_batch_dense_deltas_path(loaded):

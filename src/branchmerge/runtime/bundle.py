@@ -240,8 +240,7 @@ class Bundle:
         its answers appended) run that prefix once: its KV cache is repeated for every member and only
         the suffixes run, as one batch (see :func:`~branchmerge.runtime.scoring.prefix_clusters`).
         """
-        if any(len(x) == 0 for x in seqs):
-            raise BranchmergeError("token_logprobs needs at least one token per sequence")
+        self.check_ids(seqs, branches)
         out: list[TokenLogprobs | None] = [None] * len(seqs)
         clusters, rest = prefix_clusters(seqs, branches) if share_prefix else ([], list(range(len(seqs))))
         by_cluster_group: dict[str, list[PrefixCluster]] = {}
@@ -408,6 +407,21 @@ class Bundle:
         ids_list = [self.encode(p, b, chat=chat, system=system) for p, b in zip(prompts, names)]
         return ids_list, names, self.fit_max_new_tokens(ids_list, names, max_new_tokens)
 
+    def check_ids(self, ids_list: Sequence[Sequence[int]], names: Sequence[str]) -> None:
+        """Raise :class:`BranchmergeError` for an empty row or a token id outside its branch's vocabulary.
+
+        An embedding lookup past the table's end is a device-side assert on a GPU, after which the process
+        cannot use the device again.
+        """
+        for i, (ids, b) in enumerate(zip(ids_list, names)):
+            if len(ids) == 0:
+                raise BranchmergeError(f"row {i} has no tokens")
+            vocab = self.reader.hf_config(b).get("vocab_size")
+            bad = next((t for t in ids if t < 0 or (isinstance(vocab, int) and t >= vocab)), None)
+            if bad is not None:
+                raise BranchmergeError(f"row {i}: token id {bad} is outside the vocabulary of branch {b!r} "
+                                       f"(size {vocab})")
+
     def generate_ids(self, ids_list: list[list[int]], names: list[str], *, max_new_tokens: int = 64,
                      share_prefix: bool = True, **generation_kwargs: Any) -> list[GenerationResult]:
         """Generate from token ids; returns per row the new ids, text, branch and stop reason.
@@ -416,6 +430,7 @@ class Bundle:
         ``n`` samples of one prompt) prefill it once: the prefixes run as one batch, each row takes its
         prefix's KV cache row, and ``generate`` runs only the rest (padding between the two is masked).
         """
+        self.check_ids(ids_list, names)
         results: list[GenerationResult | None] = [None] * len(ids_list)
         by_group: dict[str, list[int]] = {}
         for i, b in enumerate(names):
