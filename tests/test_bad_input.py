@@ -129,6 +129,25 @@ def test_unknown_field_named(capsys, tmp_path, family):
     _expect_error(capsys, tmp_path, cfg, "branches.0.standlone")
 
 
+@pytest.mark.parametrize("text,where", [
+    ("compress_rate: 0.5\ncompress_rate: 0.9\n", "key 'compress_rate' appears twice (lines {n} and {m})"),
+    ("rsvd: {seed: 1, seed: 2}\n", "key 'seed' appears twice (lines {n} and {n})"),
+])
+def test_a_key_given_twice_is_refused(capsys, tmp_path, family, text, where):
+    """PyYAML keeps the last of two equal keys, so a pasted second `compress_rate:` would win silently."""
+    cfg = tmp_path / "twice.yaml"
+    head = f"branches:\n  - {{name: a, model: {family['a'][0]}}}\n  - {{name: b, model: {family['b'][0]}}}\n"
+    cfg.write_text(head + text)
+    _expect_error(capsys, tmp_path, cfg, where.format(n=4, m=5))
+
+
+def test_yaml_merge_keys_may_still_be_overridden():
+    from branchmerge.config import safe_load
+
+    text = "base: &b {compress_rate: 0.5, dtype: float32}\nrun:\n  <<: *b\n  compress_rate: 0.9\n"
+    assert safe_load(text)["run"] == {"compress_rate": 0.9, "dtype": "float32"}
+
+
 def test_output_exists_needs_force(capsys, tmp_path, family):
     cfg = _cfg(tmp_path, [{"name": "a", "model": str(family["a"][0])}, {"name": "b", "model": str(family["b"][0])}])
     out = tmp_path / "out"

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
-from branchmerge.config import read_yaml, validate
+from branchmerge.config import read_yaml, safe_load, validate
 from branchmerge.errors import BundleError, ConfigError
 from branchmerge.io.writer import atomic_output_dir
 from branchmerge.runtime.text import ensure_pad_token
@@ -321,7 +321,7 @@ def load_router(folder: Path, branches: Sequence[str], make_embedder: EmbedderFa
     from safetensors.torch import load_file
 
     try:
-        cfg = override or validate(RouterConfig, yaml.safe_load((folder / "router.yaml").read_text()),
+        cfg = override or validate(RouterConfig, safe_load((folder / "router.yaml").read_text()),
                                    str(folder / "router.yaml"))
         meta = json.loads((folder / "meta.json").read_text())
         fingerprint, stored_branches = meta["fingerprint"], meta["branches"]
