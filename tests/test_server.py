@@ -101,6 +101,27 @@ def test_streams_end_with_usage_when_asked(server):
     assert last.usage.model_dump() == full.usage.model_dump() and full.usage.completion_tokens > 0
 
 
+def test_a_seed_makes_sampling_reproducible(server):
+    """A sampled request with a ``seed`` runs as its own batch under that seed: the same text each time,
+    whatever else the server samples meanwhile; choice k of ``n`` samples under seed + k."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = server["client"]
+
+    def sample(seed=None, n=1, prompt="rev abcdef="):
+        r = c.completions.create(model="b", prompt=prompt, max_tokens=12, temperature=2.0, seed=seed, n=n)
+        return [ch.text for ch in r.choices]
+
+    first = sample(7)
+    with ThreadPoolExecutor(6) as pool:  # others sampling at the same time, unseeded and seeded
+        noise = [pool.submit(sample, None, 2, "key xyz=") for _ in range(4)] + [pool.submit(sample, 9)]
+        again = pool.submit(sample, 7)
+        assert again.result() == first
+        [f.result() for f in noise]
+    assert sample(7, n=2) == first + sample(8)
+    assert len({sample(s)[0] for s in range(7, 13)}) > 1  # the seed is what fixes it
+
+
 def test_auto_routing_and_pipeline(server):
     c = server["client"]
     r = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": "rev hello="}], max_tokens=4)

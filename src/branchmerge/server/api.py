@@ -131,14 +131,15 @@ class OpenAIService:
             raise P.APIError(400, str(e), param="model", code="model_not_found") from None
 
     def _job(self, branch: str, ids: list[int], req: P._Req, mt: int, *, stream: bool, request: Any,
-             param: str = "messages") -> Job:
+             param: str = "messages", choice: int = 0) -> Job:
+        """A job for one choice of a prompt; choice ``k`` of a request with a ``seed`` samples under seed + k."""
         try:
             self.bundle.check_context(branch, len(ids), mt)
         except ContextLengthError as e:
             raise P.APIError(400, f"this model's maximum context length is exceeded: {e}", param=param,
                              code="context_length_exceeded") from None
         return Job(ids, branch, mt, temperature=req.temperature or 0.0, top_p=req.top_p or 1.0, stop=req.stops(),
-                   stream=stream, request=request)
+                   stream=stream, request=request, seed=None if req.seed is None else req.seed + choice)
 
     def _submit(self, jobs: list[Job]) -> list[Job]:
         loop = asyncio.get_running_loop()
@@ -208,7 +209,8 @@ class OpenAIService:
             out["stages"] = stages
             return out
         ids = encode(branch)
-        jobs = self._submit([self._job(branch, ids, req, mt, stream=req.stream, request=request) for _ in range(req.n)])
+        jobs = self._submit([self._job(branch, ids, req, mt, stream=req.stream, request=request, choice=k)
+                             for k in range(req.n)])
         if req.stream:
             request.prompt_tokens += len(ids)
             return branch, [self._stream(kind, rid, req.model, branch, j, index + k) for k, j in enumerate(jobs)]

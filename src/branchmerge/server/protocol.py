@@ -91,6 +91,7 @@ class _Req(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=16)
+    seed: int | None = Field(default=None, description="Sampled choices are reproducible under it (choice k: seed+k).")
     user: str | None = None
 
     @field_validator("stop")
@@ -127,7 +128,6 @@ class CompletionRequest(_Req):
 
 # OpenAI request fields this server does not implement, each with the test of its neutral value. A request
 # that sets one otherwise is refused with a 400 naming it rather than answered as if it were not there.
-# (`seed` is accepted: greedy decoding ignores it, and lm-evaluation-harness sends it with every request.)
 _NEUTRAL: dict[str, Any] = {
     "tools": lambda v: not v, "functions": lambda v: not v, "tool_choice": lambda v: v in (None, "none", "auto"),
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
