@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
+
 def key_mean(group: str, tensor: str) -> str:
     return f"g.{group}|{tensor}|mean"
 
