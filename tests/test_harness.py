@@ -108,3 +108,6 @@ def test_cli_wrapper_and_bad_input(capsys, bundles, tasks, tmp_path):
     assert code != 0 and "unknown branch 'zz'" in err
     code, _, err = run_cli(capsys, "lm-eval", bundles[0.9], "--", "--model", "hf", "--tasks", "bm_mc")
     assert code == 1 and "sets --model" in err
+    code, _, err = run_cli(capsys, "lm-eval", bundles[0.9], "--branch", "a", "--", "--tasks", "bm_mc_typo",
+                           "--include_path", str(tasks))
+    assert code == 1 and "error: lm_eval: Tasks not found: bm_mc_typo" in err and "Traceback" not in err

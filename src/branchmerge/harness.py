@@ -182,6 +182,10 @@ def run_cli(bundle: str, branch: str, args: Sequence[str], *, dtype: str | None 
 
     if any(a in ("--model", "--model_args") or a.startswith(("--model=", "--model_args=")) for a in args):
         raise ConfigError("branchmerge lm-eval sets --model and --model_args itself; pass lm_eval's other arguments")
+    if branch != "auto":  # before lm_eval spends its start-up: an unknown branch is named from the manifest
+        from branchmerge.io.bundle import BundleReader
+
+        BundleReader(bundle, verify=False).branch(branch)
     model_args = f"bundle={bundle},branch={branch}" + (f",dtype={dtype}" if dtype else "")
     for flag, value in (("--batch_size", str(batch_size)), ("--device", device)):  # lm_eval's own defaults: 1, cuda
         if not any(a == flag or a.startswith(flag + "=") for a in args):
@@ -190,5 +194,9 @@ def run_cli(bundle: str, branch: str, args: Sequence[str], *, dtype: str | None 
     sys.argv = ["lm_eval", "run", "--model", "branchmerge", "--model_args", model_args, *args]
     try:
         cli_evaluate()
+    except ValueError as e:
+        if str(e).startswith("Tasks not found"):  # lm_eval's own words for a task name it does not know
+            raise ConfigError(f"lm_eval: {e} (`lm_eval ls tasks` lists them)") from None
+        raise
     finally:
         sys.argv = old

@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,17 +124,18 @@ class Selection:
         digest = model_digest(spec.model)
         self.cache.mkdir(parents=True, exist_ok=True)
         f = self.cache / f"{digest[:24]}-{self.task_key}.json"
-        if f.is_file():
-            acc = json.loads(f.read_text())["accuracy"]
-        else:
+        acc = (_read_cache(f) or {}).get("accuracy")
+        if not isinstance(acc, dict) or not set(self.task_names()) <= set(acc):
             acc = evaluate({"pretrained": spec.model, "device": self.cfg.device}, self.task_names(), self.include,
                            self.cfg.limit)
-            f.write_text(json.dumps({"accuracy": acc}))
+            _write_cache(f, {"accuracy": acc})
         m = self.cache / f"{digest[:24]}-mem2-{self.cfg.dtype}-{self.cfg.device.replace(':', '')}.json"
-        if not m.is_file():
-            m.write_text(json.dumps(peak_memory(spec.model, self.cfg.dtype, self.cfg.device)))
+        mem = _read_cache(m)
+        if mem is None or not isinstance(mem.get("peak_rss_mb"), (int, float)):
+            mem = peak_memory(spec.model, self.cfg.dtype, self.cfg.device)
+            _write_cache(m, mem)
         return {"accuracy": acc, "compress_shapes": comp, "other_numel": other, "file_bytes": nbytes,
-                "params": sum(a * b for a, b in comp) + other, **json.loads(m.read_text())}
+                "params": sum(a * b for a, b in comp) + other, **mem}
 
     def profile(self, spec: CandidateSpec, rec: dict[str, Any]) -> Profile:
         by_domain: dict[str, list[float]] = {}
@@ -142,6 +144,25 @@ class Selection:
         group = spec.base if spec.role == "finetune" else spec.name
         return Profile(spec.name, group, {d: sum(v) / len(v) for d, v in by_domain.items()},
                        tuple(map(tuple, rec["compress_shapes"])), rec["other_numel"])
+
+
+def _read_cache(path: Path) -> dict[str, Any] | None:
+    """A cache entry, or None when it is missing or unreadable (edited, or from an older layout)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        logger.warning("ignoring the unreadable cache entry %s (%s); measuring again", path, e)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_cache(path: Path, data: dict[str, Any]) -> None:
+    """Write through a temporary file and a rename: a run killed meanwhile leaves no half-written entry."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 def run_select(cfg: SelectConfig, out: str | Path, *, verify: bool = False, progress: bool = True) -> dict[str, Any]:
