@@ -163,6 +163,7 @@ def test_select_end_to_end(capsys, skill_tasks, tmp_path):
     assert json.loads(broken.read_text())["accuracy"] and sorted((tmp_path / "sel" / "cache").iterdir()) == cached
     code, _, err = run_cli(capsys, "select", tmp_path / "select.yaml", "-o", tmp_path / "sel", "--budget-gb", "1e-6")
     assert code == 1 and "nothing fits" in err and "the smallest set" in err
+    assert not (tmp_path / "sel" / "select.json").exists()  # the last run's result does not pass for this one's
 
 
 def test_routing_curve_and_recommendation(skill_tasks):

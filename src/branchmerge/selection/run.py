@@ -128,12 +128,12 @@ class Selection:
         if not isinstance(acc, dict) or not set(self.task_names()) <= set(acc):
             acc = evaluate({"pretrained": spec.model, "device": self.cfg.device}, self.task_names(), self.include,
                            self.cfg.limit)
-            _write_cache(f, {"accuracy": acc})
+            _write_atomic(f, json.dumps({"accuracy": acc}))
         m = self.cache / f"{digest[:24]}-mem2-{self.cfg.dtype}-{self.cfg.device.replace(':', '')}.json"
         mem = _read_cache(m)
         if mem is None or not isinstance(mem.get("peak_rss_mb"), (int, float)):
             mem = peak_memory(spec.model, self.cfg.dtype, self.cfg.device)
-            _write_cache(m, mem)
+            _write_atomic(m, json.dumps(mem))
         return {"accuracy": acc, "compress_shapes": comp, "other_numel": other, "file_bytes": nbytes,
                 "params": sum(a * b for a, b in comp) + other, **mem}
 
@@ -158,10 +158,10 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_cache(path: Path, data: dict[str, Any]) -> None:
-    """Write through a temporary file and a rename: a run killed meanwhile leaves no half-written entry."""
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a run killed meanwhile leaves no half-written file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -172,6 +172,7 @@ def run_select(cfg: SelectConfig, out: str | Path, *, verify: bool = False, prog
         ConfigError: a bad task file or task name. NothingFits: nothing fits the budget (what the
             smallest set needs is said).
     """
+    (Path(out) / "select.json").unlink(missing_ok=True)  # written last: present only after a whole run
     cfg = _import_ggufs(cfg, Path(out) / "models")
     sel = Selection(cfg, Path(out))
     domains = list(dict.fromkeys(t.area for t in cfg.tasks))
@@ -206,7 +207,7 @@ def run_select(cfg: SelectConfig, out: str | Path, *, verify: bool = False, prog
     from branchmerge.selection.report import write_report
 
     write_report(result, sel.out, esize)
-    (sel.out / "select.json").write_text(json.dumps(result, indent=2))
+    _write_atomic(sel.out / "select.json", json.dumps(result, indent=2))
     return result
 
 
@@ -248,13 +249,13 @@ def _write_configs(sel: Selection, cfg: SelectConfig, choice: Choice, profiles: 
             entry["group"] = by[n].group
         branches.append(entry)
     merge = {"branches": branches, "compress_rate": choice.rate, "dtype": cfg.dtype}
-    (sel.out / "merge.yaml").write_text(yaml.safe_dump(merge, sort_keys=False))
+    _write_atomic(sel.out / "merge.yaml", yaml.safe_dump(merge, sort_keys=False))
     dev, test = _routing_items(sel, cfg, choice, profiles, domains)
     curve = routing_curve(spec[choice.members[0]].model, dev, test, cfg.router_counts) if len(dev) > 1 else {}
     n = recommended_count(curve) or cfg.samples_per_branch
     router = {"samples": {b: qs[:n] or ["TODO: a representative question"] for b, qs in dev.items()},
               "embedder": choice.members[0], "pooling": ROUTER_POOLING, "layer": ROUTER_LAYER}
-    (sel.out / "router.yaml").write_text(yaml.safe_dump(router, sort_keys=False, allow_unicode=True))
+    _write_atomic(sel.out / "router.yaml", yaml.safe_dump(router, sort_keys=False, allow_unicode=True))
     return {"curve": curve, "recommended": n, "test_items": sum(map(len, test.values()))}
 
 
