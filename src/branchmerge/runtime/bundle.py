@@ -407,19 +407,22 @@ class Bundle:
         ids_list = [self.encode(p, b, chat=chat, system=system) for p, b in zip(prompts, names)]
         return ids_list, names, self.fit_max_new_tokens(ids_list, names, max_new_tokens)
 
-    def check_ids(self, ids_list: Sequence[Sequence[int]], names: Sequence[str]) -> None:
+    def check_ids(self, ids_list: Sequence[Sequence[int]], names: Sequence[str], *,
+                  rows: Sequence[str] | None = None) -> None:
         """Raise :class:`BranchmergeError` for an empty row or a token id outside its branch's vocabulary.
 
         An embedding lookup past the table's end is a device-side assert on a GPU, after which the process
-        cannot use the device again.
+        cannot use the device again. ``rows`` names the rows in the message (default ``row 0``, ``row 1``…).
         """
         for i, (ids, b) in enumerate(zip(ids_list, names)):
+            row = rows[i] if rows is not None else f"row {i}"
             if len(ids) == 0:
-                raise BranchmergeError(f"row {i} has no tokens")
+                raise BranchmergeError(f"{row} has no tokens")
             vocab = self.reader.hf_config(b).get("vocab_size")
-            bad = next((t for t in ids if t < 0 or (isinstance(vocab, int) and t >= vocab)), None)
+            lo, hi = min(ids), max(ids)  # two C-level passes: this runs for every generated batch
+            bad = lo if lo < 0 else hi if isinstance(vocab, int) and hi >= vocab else None
             if bad is not None:
-                raise BranchmergeError(f"row {i}: token id {bad} is outside the vocabulary of branch {b!r} "
+                raise BranchmergeError(f"{row}: token id {bad} is outside the vocabulary of branch {b!r} "
                                        f"(size {vocab})")
 
     def generate_ids(self, ids_list: list[list[int]], names: list[str], *, max_new_tokens: int = 64,

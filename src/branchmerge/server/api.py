@@ -384,11 +384,11 @@ class OpenAIService:
         return tok.decode(prompt, skip_special_tokens=True) if tok is not None else ""
 
     def _token_ids(self, branch: str, ids: list[int]) -> list[int]:
-        vocab = self.bundle.reader.hf_config(branch).get("vocab_size")
-        bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
-        if bad:
-            raise P.APIError(400, f"prompt token id {bad[0]} is outside the vocabulary of branch {branch!r} "
-                                  f"(size {vocab})", param="prompt")
+        """A token-id prompt, checked here so that it is refused alone rather than failing its batch."""
+        try:
+            self.bundle.check_ids([ids], [branch], rows=["prompt"])
+        except BranchmergeError as e:
+            raise P.APIError(400, str(e), param="prompt") from None
         return list(ids)
 
     async def _completion(self, req: P.CompletionRequest, prompt: str | list[int], *, rid: str, index: int,
