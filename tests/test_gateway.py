@@ -3,6 +3,8 @@ third port, the real `openai` SDK as the client; one upstream killed mid-test.""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,8 @@ import httpx
 import openai
 import pytest
 import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 import branchmerge
 from branchmerge.errors import ConfigError
@@ -204,3 +208,83 @@ def test_a_client_that_goes_away_stops_the_upstream_work(bundles, tmp_path):
             assert engine.queued() == 0
             r = httpx.post(url + "/v1/completions", json={"model": "a", "prompt": ["x"] * 40, "n": 4, "max_tokens": 1})
             assert r.status_code == 400 and "choices per request" in r.json()["error"]["message"]
+
+
+def _misbehaving_upstream():
+    """A real HTTP server on loopback that answers each model name wrongly in its own way."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: Request):
+        model = (await req.json())["model"]
+
+        async def drip():  # a byte now and then, never a whole answer or a whole event
+            while True:
+                yield b" "
+                await asyncio.sleep(0.1)
+
+        async def endless_line():
+            while True:
+                yield b"x" * (1 << 16)
+                await asyncio.sleep(0)
+
+        async def slow_events():  # whole events, each within the timeout: allowed however long it runs
+            for k in range(4):
+                await asyncio.sleep(0.4)
+                yield f'data: {{"k": {k}}}\r\n\r\n'.encode()
+            yield b"data: [DONE]\n\n"
+
+        streams = {"drip": drip, "endless": endless_line, "slow": slow_events}
+        if model in streams:
+            return StreamingResponse(streams[model](), media_type="text/event-stream")
+        if model == "no-choices":
+            return JSONResponse({"id": "x", "object": "chat.completion"})
+        content = 5 if model == "bad-content" else "fine"
+        return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                          "finish_reason": "stop"}], "usage": "lots"})
+
+    return app
+
+
+def test_a_misbehaving_upstream_is_cut_off_and_named(tmp_path):
+    """An upstream that drips bytes, sends an endless line, or answers with the wrong shape: each is a 502 or
+    504 naming it (or an error event, in a stream), within its timeout and byte limit, never a hang or a 500."""
+    names = ["drip", "endless", "slow", "no-choices", "bad-content", "fine"]
+    with serving(_misbehaving_upstream()) as up:
+        cfg = {"upstreams": {"u": {"base_url": up + "/v1", "timeout_s": 0.8, "max_response_bytes": 1 << 20}},
+               "branches": {n: {"upstream": "u"} for n in names}, "pipelines": "p.yaml"}
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump({"pipelines": [
+            {"name": f"via-{n}", "stages": [{"branch": n, "user": "{question}"}]} for n in names]}))
+        (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
+        service = GatewayService.from_config(load_gateway_config(tmp_path / "g.yaml"))
+        with serving(build_app(service)) as url:
+            def post(model: str, **kw):
+                body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **kw}
+                t = time.monotonic()
+                r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+                return r, time.monotonic() - t
+
+            r, took = post("drip")  # the whole answer is bounded by timeout_s, not each byte
+            assert r.status_code == 504 and "upstream 'u'" in r.json()["error"]["message"] and took < 5
+            for model in ("no-choices", "via-no-choices", "via-bad-content"):
+                r, _ = post(model)
+                assert r.status_code == 502, (model, r.text)
+                assert r.json()["error"]["code"] == "upstream_bad_response" and "upstream 'u'" in r.text
+            r, _ = post("via-fine")  # an unreadable `usage` counts nothing, the answer stands
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
+            assert r.json()["usage"]["completion_tokens"] == 0
+
+            def stream(model: str) -> tuple[list[str], float]:
+                body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+                t = time.monotonic()
+                with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+                    assert r.status_code == 200
+                    return [ln for ln in r.iter_lines() if ln.strip()], time.monotonic() - t
+
+            for model, code in (("drip", "upstream_timeout"), ("endless", "upstream_response_too_large")):
+                events, took = stream(model)
+                assert len(events) == 2 and events[-1] == "data: [DONE]" and took < 5, (model, events[:1])
+                assert json.loads(events[0].removeprefix("data: "))["error"]["code"] == code
+            events, took = stream("slow")  # 1.6 s in all, but each event within 0.8 s of the one before
+            assert events == [*(f'data: {{"k": {k}}}' for k in range(4)), "data: [DONE]"] and took > 1.2
+        assert service.up["u"].in_flight == 0

@@ -55,9 +55,11 @@ class UpstreamConfig(_Frozen):
     api_key_env: str | None = Field(default=None, description="Environment variable holding the key.")
     max_concurrency: int = Field(default=16, ge=1, le=4096, description="Requests in flight to this upstream.")
     queue_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a free slot before a 503.")
-    timeout_s: float = Field(default=120.0, gt=0, description="Longest wait for the upstream's answer.")
+    timeout_s: float = Field(default=120.0, gt=0, description=(
+        "Longest wait for the upstream's whole answer; in a stream, for each next event."))
     connect_timeout_s: float = Field(default=5.0, gt=0)
-    max_response_bytes: int = Field(default=64 << 20, ge=1024, description="Largest upstream response body read.")
+    max_response_bytes: int = Field(default=64 << 20, ge=1024,
+                                    description="Largest upstream response read (a stream's too).")
 
     @field_validator("base_url")
     @classmethod
@@ -134,6 +136,15 @@ class _Upstream:
         self.in_flight -= 1
         self.slots.release()
 
+    def bad_response(self, what: str) -> P.APIError:
+        return P.APIError(502, f"upstream {self.name!r} answered with {what}", type_="upstream_error",
+                          code="upstream_bad_response")
+
+    def too_large(self) -> P.APIError:
+        return P.APIError(502, f"upstream {self.name!r} sent a response larger than its limit of "
+                               f"{self.cfg.max_response_bytes} bytes", type_="upstream_error",
+                          code="upstream_response_too_large")
+
     def status_error(self, r: httpx.Response, text: str) -> P.APIError:
         try:
             err = json.loads(text).get("error") or {}
@@ -142,6 +153,12 @@ class _Upstream:
             err, msg = {}, text[:300]
         return P.APIError(r.status_code if 400 <= r.status_code < 600 else 502, f"upstream {self.name!r}: {msg}",
                           type_=err.get("type") or "upstream_error", code=err.get("code"))
+
+
+def _count(usage: dict[str, Any], key: str) -> int:
+    """A token count from an upstream's ``usage`` (0 when it is missing or not a count)."""
+    v = usage.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
 
 class GatewayService:
@@ -223,15 +240,23 @@ class GatewayService:
 
     async def _post(self, branch: str, path: str, body: dict[str, Any], disconnected: Disconnected | None
                     ) -> dict[str, Any]:
+        """POST to the branch's upstream and return its JSON answer; ``timeout_s`` bounds the whole answer
+        (an upstream that sends a byte now and then is cut off too), a client that goes away cancels it."""
         u, name = self._target(branch)
         await u.acquire()
         try:
             call = asyncio.ensure_future(self._read(u, path, {**body, "model": name}))
+            deadline = asyncio.get_running_loop().time() + u.cfg.timeout_s
             while not call.done():
                 await asyncio.wait({call}, timeout=0.25)
-                if not call.done() and disconnected is not None and await disconnected():
+                if call.done():
+                    break
+                if disconnected is not None and await disconnected():
                     call.cancel()  # closes the upstream connection: the upstream stops its work
                     raise ClientGone()
+                if asyncio.get_running_loop().time() > deadline:
+                    call.cancel()
+                    raise u.error(httpx.ReadTimeout("total"))
             r, text = call.result()
         except httpx.HTTPError as e:
             raise u.error(e) from None
@@ -241,10 +266,10 @@ class GatewayService:
             raise u.status_error(r, text)
         try:
             out = json.loads(text)
-            assert isinstance(out, dict)
+            assert isinstance(out, dict) and isinstance(out.get("choices"), list)
         except (ValueError, AssertionError):
-            raise P.APIError(502, f"upstream {u.name!r} answered with something that is not a JSON object",
-                             type_="upstream_error", code="upstream_bad_response") from None
+            raise u.bad_response("something that is not an OpenAI answer (a JSON object with a `choices` list)"
+                                 ) from None
         out["branch"] = branch
         return out
 
@@ -255,9 +280,7 @@ class GatewayService:
         async for chunk in r.aiter_bytes():
             seen += len(chunk)
             if seen > u.cfg.max_response_bytes:
-                raise P.APIError(502, f"upstream {u.name!r} sent a response larger than its limit of "
-                                      f"{u.cfg.max_response_bytes} bytes", type_="upstream_error",
-                                 code="upstream_response_too_large")
+                raise u.too_large()
             parts.append(chunk)
         return b"".join(parts).decode(errors="replace")
 
@@ -265,6 +288,32 @@ class GatewayService:
         """POST and read the answer (capped)."""
         async with u.client.stream("POST", path, json=body) as r:
             return r, await self._body(u, r)
+
+    @staticmethod
+    async def _lines(u: _Upstream, r: httpx.Response) -> AsyncIterator[str]:
+        """A stream's non-empty lines. Each must come within ``timeout_s`` of the one before (bytes that never
+        end a line do not count) and the stream holds at most ``max_response_bytes``: an upstream that
+        drips, or sends one endless line, is cut off instead of holding memory and a slot for ever."""
+        loop = asyncio.get_running_loop()
+        chunks, buf, seen = r.aiter_bytes(), b"", 0
+        deadline = loop.time() + u.cfg.timeout_s
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), max(deadline - loop.time(), 0.0))
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise httpx.ReadTimeout("no complete event in time") from None
+            seen += len(chunk)
+            if seen > u.cfg.max_response_bytes:
+                raise u.too_large()
+            *done, buf = (buf + chunk).split(b"\n")
+            for line in done:
+                deadline = loop.time() + u.cfg.timeout_s
+                if line.strip():
+                    yield line.decode(errors="replace").rstrip("\r")
+        if buf.strip():
+            yield buf.decode(errors="replace")
 
     async def _stream(self, branch: str, path: str, body: dict[str, Any]) -> AsyncIterator[str]:
         """Open the upstream stream (errors before the first byte become API errors) and pass it through."""
@@ -286,11 +335,11 @@ class GatewayService:
 
         async def events() -> AsyncIterator[str]:
             try:
-                async for line in r.aiter_lines():
-                    if line.strip():
-                        yield line + "\n\n"
-            except httpx.HTTPError as e:  # the upstream died mid-stream: an error event, then the end
-                yield P.sse({"error": u.error(e).body()["error"]})
+                async for line in self._lines(u, r):
+                    yield line + "\n\n"
+            except (httpx.HTTPError, P.APIError) as e:  # the upstream died or misbehaved mid-stream: an error
+                err = e if isinstance(e, P.APIError) else u.error(e)  # event, then the end
+                yield P.sse({"error": err.body()["error"]})
                 yield P.DONE
             finally:  # also when our client went away: closing stops the upstream's work
                 await r.aclose()
@@ -299,7 +348,8 @@ class GatewayService:
         return events()
 
     # ---- endpoints ----------------------------------------------------------------------------------
-    async def _pipeline(self, name: str, question: str, model: str, kind: str) -> dict[str, Any]:
+    async def _pipeline(self, name: str, question: str, model: str, kind: str, disconnected: Disconnected | None
+                        ) -> dict[str, Any]:
         pipe = self.pipelines.get(name)
         previous, stages, pt, ct = "", [], 0, 0
         for k, st in enumerate(pipe.stages, 1):
@@ -308,15 +358,24 @@ class GatewayService:
                 {"role": "user", "content": fill(st.user, question, previous)}]
             body = {"messages": msgs, "max_tokens": st.max_tokens, "temperature": st.temperature,
                     **({"stop": st.stop} if st.stop else {})}
-            out = await self._post(branch, "/chat/completions", body, None)
-            previous = postprocess(out["choices"][0]["message"]["content"] or "", st)
-            usage = out.get("usage") or {}
-            pt = pt or usage.get("prompt_tokens", 0)
-            ct += usage.get("completion_tokens", 0)
+            out = await self._post(branch, "/chat/completions", body, disconnected)
+            previous = postprocess(self._text(branch, out), st)
+            usage = out.get("usage") if isinstance(out.get("usage"), dict) else {}
+            pt = pt or _count(usage, "prompt_tokens")
+            ct += _count(usage, "completion_tokens")
             stages.append({"stage": k, "branch": branch, "text": previous})
         res = P.body(kind, P.new_id(kind), model, [(previous, "stop")], pt, ct, stages[-1]["branch"])
         res["stages"] = stages
         return res
+
+    def _text(self, branch: str, out: dict[str, Any]) -> str:
+        """The text of a chat answer's first choice (a 502 naming the upstream when there is none)."""
+        try:
+            text = out["choices"][0]["message"]["content"]
+            assert text is None or isinstance(text, str)
+        except (LookupError, TypeError, AssertionError):
+            raise self._target(branch)[0].bad_response("a chat answer without a text first choice") from None
+        return text or ""
 
     async def _answer(self, req: P._Req, kind: str, text: str, body: dict[str, Any],
                       disconnected: Disconnected | None) -> Reply:
@@ -325,7 +384,7 @@ class GatewayService:
         if pipeline is not None:
             if req.n > 1 or req.stream:
                 raise P.APIError(400, f"pipeline {pipeline!r} answers one choice, not streamed", param="model")
-            out = await self._pipeline(pipeline, text, req.model, kind)
+            out = await self._pipeline(pipeline, text, req.model, kind, disconnected)
             return Reply(body=out, headers=P.branch_header(out["branch"]))
         if req.stream:
             return Reply(stream=await self._stream(branch, path, body), headers=P.branch_header(branch))
