@@ -13,7 +13,7 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="BRANCHMERGE_API_KEY",
-                                       help="Require 'Authorization: Bearer KEY' on /v1/*."),
+                                       help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics."),
     pipelines: Path | None = typer.Option(None, "--pipelines", help="Pipelines YAML (default: BUNDLE/pipelines.yaml)."),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most requests gathered into one generate call (1 = no batching)."),
     wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="How long the first request waits for others."),
@@ -23,7 +23,8 @@ def serve_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bf16, fp16 (default: the bundle's)."),
 ) -> None:
-    """Serve GET /v1/models, POST /v1/chat/completions and /v1/completions (streaming too) and /health.
+    """Serve GET /v1/models, POST /v1/chat/completions and /v1/completions (streaming too), /health and
+    /metrics (Prometheus).
 
     Every request is bounded (max_tokens, prompts, prompts × n, characters, body size) and the engine
     takes turns between requests; a client that disconnects stops its generation.
@@ -42,7 +43,7 @@ def gateway_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
     port: int = typer.Option(8080, "--port", help="TCP port."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="BRANCHMERGE_API_KEY",
-                                       help="Require 'Authorization: Bearer KEY' on /v1/*."),
+                                       help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics."),
 ) -> None:
     """An OpenAI-compatible gateway in front of OpenAI-compatible backends (vLLM, branchmerge serve): each branch
     maps to an upstream, `auto` routes with a bundle's stored router, pipelines run their stages across

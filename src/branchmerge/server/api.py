@@ -21,6 +21,7 @@ from branchmerge.runtime.bundle import ContextLengthError
 from branchmerge.runtime.text import cut_at_stop
 from branchmerge.server import protocol as P
 from branchmerge.server.engine import Busy, Engine, Job
+from branchmerge.server.metrics import EngineMetrics, Registry
 
 logger = logging.getLogger(__name__)
 Disconnected = Callable[[], Awaitable[bool]]
@@ -96,9 +97,16 @@ class OpenAIService:
         return {"status": "ok", "branches": self.bundle.branch_names, "batches": self.engine.batches,
                 "queued": self.engine.queued()}
 
+    def model_ids(self) -> list[str]:
+        return self.front.model_ids()
+
     def models(self, created: int) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "branchmerge"}
-                                           for i in self.front.model_ids()]}
+                                           for i in self.model_ids()]}
+
+    def register_metrics(self, registry: Registry) -> None:
+        """The engine's metrics on ``/metrics``: jobs waiting and running, tokens by branch, batches."""
+        self.engine.metrics = EngineMetrics(registry, self.engine)
 
     # ---- shared steps -------------------------------------------------------------------------------
     def _max_tokens(self, req: P._Req, *, scoring: bool = False) -> int:

@@ -11,14 +11,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from branchmerge.errors import BranchmergeError
 from branchmerge.server import protocol as P
 from branchmerge.server.api import ClientGone, OpenAIService, Reply, ServerLimits
+from branchmerge.server.metrics import HTTPMetrics, Registry
 
 logger = logging.getLogger(__name__)
 _OPEN_PATHS = ("/health",)  # answered without the key, and then saying nothing about the bundle
+_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")  # metric labels
 
 
 def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: int = 16, wait_ms: float = 10.0,
@@ -46,6 +48,11 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
     app = FastAPI(title=title, version="1", **docs)
     app.state.service = service
     created = int(time.time())
+    registry = Registry()
+    http = HTTPMetrics(registry, _ROUTES, service.model_ids)
+    if hasattr(service, "register_metrics"):
+        service.register_metrics(registry)
+    app.state.metrics = registry
     expected = f"Bearer {api_key}".encode() if api_key else None
 
     def error(e: P.APIError) -> JSONResponse:
@@ -88,9 +95,15 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
     async def models():
         return service.models(created)
 
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(registry.render(), media_type=Registry.CONTENT_TYPE)
+
     async def run(endpoint, req, request: Request) -> JSONResponse | StreamingResponse:
         try:
-            return answer(await endpoint(req, request.is_disconnected))
+            reply = await endpoint(req, request.is_disconnected)
+            http.answered(req.model, reply.headers.get("X-Branchmerge-Branch", ""))
+            return answer(reply)
         except ClientGone:  # nobody reads this; its work was cancelled
             return JSONResponse(status_code=499, content=P.error_body("client closed the request"))
 
@@ -102,7 +115,7 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
     async def completions(req: P.CompletionRequest, request: Request):
         return await run(service.completions, req, request)
 
-    app.add_middleware(Guard, expected=expected, limit=service.limits.max_body_bytes)
+    app.add_middleware(Guard, expected=expected, limit=service.limits.max_body_bytes, http=http)
     return app
 
 
@@ -120,10 +133,28 @@ class Guard:
     app reads the real channel, so a client that goes away is seen (``request.is_disconnected()``).
     (Starlette's ``@app.middleware("http")`` wraps ``receive`` so that a disconnect is never seen.)"""
 
-    def __init__(self, app, expected: bytes | None, limit: int) -> None:
-        self.app, self.expected, self.limit = app, expected, limit
+    def __init__(self, app, expected: bytes | None, limit: int, http: HTTPMetrics | None = None) -> None:
+        self.app, self.expected, self.limit, self.http = app, expected, limit, http
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.http is None:
+            return await self._guard(scope, receive, send)
+        status, t = "none", time.monotonic()
+
+        async def counted(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = str(msg["status"])
+            await send(msg)
+
+        try:
+            await self._guard(scope, receive, counted)
+        finally:  # the request's last byte is out (a stream's too), or it failed
+            route = self.http.route(scope["path"])
+            self.http.requests.inc(route, status)
+            self.http.duration.observe(time.monotonic() - t, route)
+
+    async def _guard(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])

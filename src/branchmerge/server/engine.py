@@ -156,6 +156,8 @@ class Engine:
         self.bundle, self.max_batch, self.wait, self.max_queued = bundle, max_batch, wait_ms / 1000, max_queued
         self.batches = 0  # batches run (tests and /health read it)
         self.cancelled_jobs = 0
+        self.running = 0  # jobs in the batch running now
+        self.metrics: Any = None  # an EngineMetrics (serve's /metrics), told of each finished batch
         self._queues: OrderedDict[Any, deque[Job]] = OrderedDict()
         self._n = 0
         self._cv = threading.Condition()
@@ -285,9 +287,14 @@ class Engine:
     def _run(self, jobs: list[Job]) -> None:
         self.batches += 1
         with self.bundle.weights_lock:  # materialize() waits for the batch, and the batch for it
-            self._run_locked(jobs)
+            self.running = len(jobs)
+            try:
+                self._run_locked(jobs)
+            finally:
+                self.running = 0
 
     def _run_locked(self, jobs: list[Job]) -> None:
+        t = time.monotonic()
         try:
             if jobs[0].score is not None:
                 top, greedy = jobs[0].score
@@ -309,6 +316,11 @@ class Engine:
             logger.exception("%s failed for a batch of %d", "scoring" if jobs[0].score else "generation", len(jobs))
             for j in jobs:
                 j.error = e
+        if self.metrics is not None:  # before the answers go out: a client that reads /metrics next sees them
+            try:
+                self.metrics.batch(jobs, time.monotonic() - t)
+            except Exception:  # noqa: BLE001 - counting must never fail a batch
+                logger.exception("metrics for a batch failed")
         for j in jobs:
             j._finish()
 

@@ -40,6 +40,7 @@ from branchmerge.config import read_yaml, validate
 from branchmerge.errors import ConfigError
 from branchmerge.server import protocol as P
 from branchmerge.server.api import ClientGone, Disconnected, Reply, ServerLimits
+from branchmerge.server.metrics import Family, Registry
 from branchmerge.staged import PipelinesConfig, fill, load_pipelines, postprocess
 
 logger = logging.getLogger(__name__)
@@ -112,24 +113,31 @@ class _Upstream:
         self.name, self.cfg = name, cfg
         self.slots = asyncio.Semaphore(cfg.max_concurrency)
         self.in_flight = 0
+        self.errors: Family | None = None  # upstream errors by code, on /metrics
         headers = {"Authorization": f"Bearer {cfg.key()}"} if cfg.key() else {}
         self.client = httpx.AsyncClient(base_url=cfg.base_url, headers=headers, timeout=httpx.Timeout(
             cfg.timeout_s, connect=cfg.connect_timeout_s), limits=httpx.Limits(max_connections=cfg.max_concurrency))
 
+    def _counted(self, e: P.APIError) -> P.APIError:
+        if self.errors is not None:
+            self.errors.inc(self.name, e.code or str(e.status))
+        return e
+
     def error(self, e: Exception) -> P.APIError:
         where = f"upstream {self.name!r} ({self.cfg.base_url})"
         if isinstance(e, httpx.TimeoutException):
-            return P.APIError(504, f"{where} did not answer within {self.cfg.timeout_s:g} s", type_="upstream_error",
-                              code="upstream_timeout")
-        return P.APIError(502, f"{where} is unreachable ({type(e).__name__})", type_="upstream_error",
-                          code="upstream_unreachable")
+            return self._counted(P.APIError(504, f"{where} did not answer within {self.cfg.timeout_s:g} s",
+                                            type_="upstream_error", code="upstream_timeout"))
+        return self._counted(P.APIError(502, f"{where} is unreachable ({type(e).__name__})", type_="upstream_error",
+                                        code="upstream_unreachable"))
 
     async def acquire(self) -> None:
         try:
             await asyncio.wait_for(self.slots.acquire(), self.cfg.queue_timeout_s)
         except TimeoutError:
-            raise P.APIError(503, f"upstream {self.name!r} is at its limit of {self.cfg.max_concurrency} requests; "
-                                  "try again later", type_="server_error", code="upstream_busy") from None
+            raise self._counted(P.APIError(
+                503, f"upstream {self.name!r} is at its limit of {self.cfg.max_concurrency} requests; try again later",
+                type_="server_error", code="upstream_busy")) from None
         self.in_flight += 1
 
     def release(self) -> None:
@@ -137,13 +145,13 @@ class _Upstream:
         self.slots.release()
 
     def bad_response(self, what: str) -> P.APIError:
-        return P.APIError(502, f"upstream {self.name!r} answered with {what}", type_="upstream_error",
-                          code="upstream_bad_response")
+        return self._counted(P.APIError(502, f"upstream {self.name!r} answered with {what}", type_="upstream_error",
+                                        code="upstream_bad_response"))
 
     def too_large(self) -> P.APIError:
-        return P.APIError(502, f"upstream {self.name!r} sent a response larger than its limit of "
-                               f"{self.cfg.max_response_bytes} bytes", type_="upstream_error",
-                          code="upstream_response_too_large")
+        return self._counted(P.APIError(502, f"upstream {self.name!r} sent a response larger than its limit of "
+                                             f"{self.cfg.max_response_bytes} bytes", type_="upstream_error",
+                                        code="upstream_response_too_large"))
 
     def status_error(self, r: httpx.Response, text: str) -> P.APIError:
         try:
@@ -151,6 +159,8 @@ class _Upstream:
             msg = err.get("message") or text[:300]
         except (ValueError, AttributeError):
             err, msg = {}, text[:300]
+        if self.errors is not None:  # by status: the upstream's own codes are not a bounded set
+            self.errors.inc(self.name, f"http_{r.status_code}")
         return P.APIError(r.status_code if 400 <= r.status_code < 600 else 502, f"upstream {self.name!r}: {msg}",
                           type_=err.get("type") or "upstream_error", code=err.get("code"))
 
@@ -190,6 +200,15 @@ class GatewayService:
         if cfg.pipelines:
             pipes = load_pipelines(cfg.pipelines)
         return cls(cfg, router=router, pipelines=pipes)
+
+    def register_metrics(self, registry: Registry) -> None:
+        """Each upstream's requests in flight and its errors by code, on ``/metrics``."""
+        registry.gauge("upstream_in_flight", "Requests in flight to each upstream.", ("upstream",),
+                       read=lambda: {(n,): u.in_flight for n, u in self.up.items()})
+        errors = registry.counter("upstream_errors_total", "Upstream failures by upstream and code.",
+                                  ("upstream", "code"))
+        for u in self.up.values():
+            u.errors = errors
 
     # ---- listing and health -------------------------------------------------------------------------
     def model_ids(self) -> list[str]:

@@ -1,0 +1,134 @@
+"""GET /metrics on `serve` and `gateway`, read with Prometheus' own parser (`prometheus_client`): counts
+that follow the requests made, bounded labels whatever a client sends, and the key required."""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+import branchmerge
+from branchmerge.server import create_app
+from branchmerge.server.app import build_app
+from branchmerge.server.gateway import GatewayService, load_gateway_config
+from tests.serving import serving, wait_queued
+
+KEY = "sk-metrics"
+
+
+def scrape(url: str, key: str | None = KEY) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value}, parsed (and so validated) by prometheus_client."""
+    r = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"} if key else {})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    out = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def delta(after, before, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+@pytest.fixture(scope="module")
+def served(bundles, tmp_path_factory):
+    d = tmp_path_factory.mktemp("metrics") / "bundle"
+    shutil.copytree(bundles[0.9], d)
+    bundle = branchmerge.load(d)
+    app = create_app(bundle, api_key=KEY, max_batch=16, wait_ms=20)
+    with serving(app) as url:
+        yield {"url": url, "app": app, "bundle": bundle,
+               "client": openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)}
+
+
+def test_metrics_need_the_key(served):
+    assert httpx.get(served["url"] + "/metrics").status_code == 401
+    assert httpx.get(served["url"] + "/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_token_and_request_counts_follow_the_requests(served):
+    url, c = served["url"], served["client"]
+    before = scrape(url)
+    r1 = c.chat.completions.create(model="b", messages=[{"role": "user", "content": "rev abc="}], max_tokens=6)
+    r2 = c.completions.create(model="b", prompt="rev hello=", max_tokens=5)
+    streamed = list(c.completions.create(model="a", prompt="add 1+2=", max_tokens=4, stream=True,
+                                         stream_options={"include_usage": True}))
+    usage_a = streamed[-1].usage
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    assert httpx.get(url + "/no/such/path", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    after = scrape(url)
+
+    gen = r1.usage.completion_tokens + r2.usage.completion_tokens
+    assert delta(after, before, "branchmerge_generation_tokens_total", branch="b") == gen
+    assert delta(after, before, "branchmerge_prompt_tokens_total", branch="b") == \
+        r1.usage.prompt_tokens + r2.usage.prompt_tokens
+    assert delta(after, before, "branchmerge_generation_tokens_total", branch="a") == usage_a.completion_tokens
+    assert delta(after, before, "branchmerge_answers_total", model="b", branch="b") == 2
+    assert delta(after, before, "branchmerge_answers_total", model="a", branch="a") == 1
+    assert delta(after, before, "branchmerge_http_requests_total", route="/v1/completions", status="200") == 2
+    assert delta(after, before, "branchmerge_http_requests_total", route="/v1/completions", status="404") == 1
+    assert delta(after, before, "branchmerge_http_requests_total", route="/v1/chat/completions", status="200") == 1
+    assert delta(after, before, "branchmerge_http_requests_total", route="other", status="404") == 1
+    # a stream is timed to its last byte: its duration sample is in the histogram like any other
+    assert delta(after, before, "branchmerge_http_request_duration_seconds_count", route="/v1/completions") == 3
+    # what a client names never becomes a label: only the server's own routes, models and branches
+    labels = {v for (_, ls) in after for _, v in ls}
+    assert not any("no-such" in v or "/no/" in v for v in labels)
+    assert after[("branchmerge_num_requests_waiting", ())] == 0
+
+
+def test_a_mixed_batch_is_seen_as_one(served):
+    """Twelve rows over three branches run as one batch: one sample of 12 rows and 3 branches."""
+    url, c, engine = served["url"], served["client"], served["app"].state.engine
+    prompts = [("add 1+1=", "a"), ("rev abc=", "b"), ("key zz=", "c")] * 4
+    before = scrape(url)
+    with ThreadPoolExecutor(12) as ex:
+        with engine.paused():
+            futs = [ex.submit(c.completions.create, model=b, prompt=p, max_tokens=3) for p, b in prompts]
+            wait_queued(engine, 12)
+            assert scrape(url)[("branchmerge_num_requests_waiting", ())] == 12
+        [f.result() for f in futs]
+    after = scrape(url)
+    hist = "branchmerge_batch_branches_bucket"
+    assert delta(after, before, "branchmerge_batch_branches_count", kind="generate") == 1
+    assert delta(after, before, hist, kind="generate", le="2.0") == 0
+    assert delta(after, before, hist, kind="generate", le="4.0") == 1
+    assert delta(after, before, "branchmerge_batch_size_bucket", kind="generate", le="8.0") == 0
+    assert delta(after, before, "branchmerge_batch_size_bucket", kind="generate", le="16.0") == 1
+    assert delta(after, before, "branchmerge_batch_size_sum", kind="generate") == 12
+    for name, labels in after:  # histograms are cumulative and end at their count
+        if name.endswith("_bucket") and dict(labels)["le"] == "+Inf":
+            rest = tuple(kv for kv in labels if kv[0] != "le")
+            assert after[(name.replace("_bucket", "_count"), rest)] == after[(name, labels)]
+
+
+def test_gateway_metrics_count_upstreams(served, tmp_path):
+    cfg = {"upstreams": {"u": {"base_url": served["url"] + "/v1", "api_key_env": "BM_METRICS_KEY"},
+                         "down": {"base_url": "http://127.0.0.1:9/v1", "connect_timeout_s": 1}},
+           "branches": {"a": {"upstream": "u"}, "b": {"upstream": "down"}}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
+    import os
+
+    os.environ["BM_METRICS_KEY"] = KEY
+    try:
+        service = GatewayService.from_config(load_gateway_config(tmp_path / "g.yaml"))
+    finally:
+        del os.environ["BM_METRICS_KEY"]
+    with serving(build_app(service)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        c.completions.create(model="a", prompt="add 1+1=", max_tokens=3)
+        with pytest.raises(openai.APIStatusError):
+            c.completions.create(model="b", prompt="rev abc=", max_tokens=3)
+        m = scrape(url, key=None)  # this gateway has no key of its own
+    assert m[("branchmerge_answers_total", (("branch", "a"), ("model", "a")))] == 1
+    assert m[("branchmerge_upstream_errors_total", (("code", "upstream_unreachable"), ("upstream", "down")))] == 1
+    assert m[("branchmerge_upstream_in_flight", (("upstream", "u"),))] == 0
+    assert m[("branchmerge_http_requests_total", (("route", "/v1/completions"), ("status", "502")))] == 1
