@@ -70,7 +70,8 @@ def gw(bundles, tmp_path_factory):
                              "small": {"base_url": f"http://127.0.0.1:{p1}/v1", "max_response_bytes": 1024}},
                "branches": {"a": {"upstream": "u1"}, "b": {"upstream": "u1"}, "c": {"upstream": "u2"},
                             "b-slow": {"upstream": "slow", "model": "b"},
-                            "a-small": {"upstream": "small", "model": "a"}},
+                            "a-small": {"upstream": "small", "model": "a"},
+                            "a-alias": {"upstream": "u2", "model": "a"}},
                "router": "bundle", "pipelines": "pipes.yaml"}
         (root / "gateway.yaml").write_text(yaml.safe_dump(cfg))
         service = GatewayService.from_config(load_gateway_config(root / "gateway.yaml"))
@@ -85,9 +86,10 @@ def gw(bundles, tmp_path_factory):
 
 
 def test_models_and_health(gw):
-    assert {m.id for m in gw["client"].models.list().data} == {"a", "b", "c", "b-slow", "a-small", "cross", "auto"}
+    assert {m.id for m in gw["client"].models.list().data} == {"a", "b", "c", "b-slow", "a-small", "a-alias", "cross",
+                                                                  "auto"}
     h = httpx.get(gw["url"] + "/health").json()
-    assert h["status"] == "ok" and h["upstreams"]["u1"]["ok"] and h["upstreams"]["u2"]["branches"] == ["c"]
+    assert h["status"] == "ok" and h["upstreams"]["u1"]["ok"] and sorted(h["upstreams"]["u2"]["branches"]) == ["a-alias", "c"]
 
 
 def test_answers_equal_the_upstreams_and_auto_routes(gw):
@@ -112,6 +114,11 @@ def test_streaming_passes_through(gw):
     chunks = list(c.chat.completions.create(model="c", messages=msgs, max_tokens=10, stream=True))
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == full.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    # each event names the model the client asked for and the branch, not the upstream's own model name
+    chunks = list(c.completions.create(model="a-alias", prompt="add 1+1=", max_tokens=3, stream=True))
+    assert chunks and all(ch.model == "a-alias" and ch.model_extra["branch"] == "a-alias" for ch in chunks)
+    chunks = list(c.completions.create(model="auto", prompt="rev hello=", max_tokens=3, stream=True))
+    assert chunks and all(ch.model == "auto" and ch.model_extra["branch"] == "b" for ch in chunks)
 
 
 def test_pipeline_runs_across_upstreams(gw):

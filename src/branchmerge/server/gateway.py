@@ -334,7 +334,21 @@ class GatewayService:
         if buf.strip():
             yield buf.decode(errors="replace")
 
-    async def _stream(self, branch: str, path: str, body: dict[str, Any]) -> AsyncIterator[str]:
+    @staticmethod
+    def _relabel(line: str, model: str, branch: str) -> str:
+        """A stream event as the client asked for it: ``model`` its own name (not the upstream's, say a LoRA
+        module's), and the ``branch`` that answers, as in a non-streamed answer. Other lines pass as sent."""
+        if not line.startswith("data:"):
+            return line
+        try:
+            event = json.loads(line[5:])
+        except ValueError:  # [DONE], or something the client may make sense of
+            return line
+        if not isinstance(event, dict) or "choices" not in event:
+            return line
+        return P.sse({**event, "model": model, "branch": branch}).rstrip("\n")
+
+    async def _stream(self, branch: str, path: str, body: dict[str, Any], model: str) -> AsyncIterator[str]:
         """Open the upstream stream (errors before the first byte become API errors) and pass it through."""
         u, name = self._target(branch)
         await u.acquire()
@@ -355,7 +369,7 @@ class GatewayService:
         async def events() -> AsyncIterator[str]:
             try:
                 async for line in self._lines(u, r):
-                    yield line + "\n\n"
+                    yield self._relabel(line, model, branch) + "\n\n"
             except (httpx.HTTPError, P.APIError) as e:  # the upstream died or misbehaved mid-stream: an error
                 err = e if isinstance(e, P.APIError) else u.error(e)  # event, then the end
                 yield P.sse({"error": err.body()["error"]})
@@ -406,7 +420,7 @@ class GatewayService:
             out = await self._pipeline(pipeline, text, req.model, kind, disconnected)
             return Reply(body=out, headers=P.branch_header(out["branch"]))
         if req.stream:
-            return Reply(stream=await self._stream(branch, path, body), headers=P.branch_header(branch))
+            return Reply(stream=await self._stream(branch, path, body, req.model), headers=P.branch_header(branch))
         out = await self._post(branch, path, body, disconnected)
         out["model"] = req.model
         return Reply(body=out, headers=P.branch_header(branch))
