@@ -69,6 +69,10 @@ def _drop(key: str):
     (_set("b.a|model.embed_tokens.weight", lambda e: e[:10].contiguous()), r"embed_tokens\.weight has shape "
                                                                            r"\[10, 32\]"),
     (_drop(f"b.a|{DOWN}|U"), r"has no tensor b\.a\|.*\|U \(the weight map names it\)"),
+    (_set(f"g.main|{DOWN}|mean", lambda w: w.index_fill(1, torch.tensor([0, 5]), float("nan"))),
+     r"mean holds 64 non-finite value\(s\) \(NaN or Inf\)"),
+    (_set("b.b|lm_head.weight", lambda w: w.index_fill(0, torch.tensor([3]), float("inf"))),
+     r"b\.b\|lm_head\.weight holds 32 non-finite"),
 ])
 def test_tensors_that_disagree_with_the_manifest(bundles, tmp_path, edit, message):
     d = _copy(bundles, tmp_path)
@@ -157,6 +161,18 @@ def test_a_chat_template_that_reaches_for_python_internals(bundles, tmp_path):
     b = load(d)
     with pytest.raises(ConfigError, match=r"the chat template of branch 'a' refused these messages \(SecurityError"):
         b.encode_messages([{"role": "user", "content": "hi"}], "a")
+
+
+def test_a_branch_config_that_breaks_the_tokenizer_loader(bundles, tmp_path):
+    """AutoTokenizer reads the branch's config.json too; a config whose validator divides by zero was a
+    ZeroDivisionError traceback (a 500 in the server), now it is the bundle's error naming the branch."""
+    d = _copy(bundles, tmp_path)
+    p = d / "branches" / "a" / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg["num_attention_heads"] = 0
+    p.write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match=r"branch 'a': the tokenizer in .* cannot be loaded .*ZeroDivisionError"):
+        load(d).tokenizer("a")
 
 
 def _with_router(bundles, tmp_path) -> Path:

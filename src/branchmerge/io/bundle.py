@@ -67,6 +67,15 @@ def key_part(branch: str, tensor: str, part: str) -> str:
     return f"b.{branch}|{tensor}|{part}"
 
 
+def _nonfinite(t: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """How many NaN/Inf values a floating-point tensor holds (0 for other dtypes), in chunks of ``chunk``
+    elements so that the check needs little memory beside the tensor."""
+    if not t.is_floating_point():
+        return 0
+    flat = t.reshape(-1)
+    return sum(int((~torch.isfinite(flat[i:i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
+
+
 class BundleReader:
     """Reads a bundle's manifest (typed and validated, once) and its tensors; verifies every shard's
     sha256 on open by default.
@@ -166,7 +175,12 @@ class BundleReader:
                 raise BundleError(f"bundle {self.path}: shard {fname} has no tensor {key} (the weight map names it)")
             meta = h.get_slice(key)
             self._check(key, list(meta.get_shape()), meta.get_dtype())
-            return h.get_tensor(key).to(device)
+            t = h.get_tensor(key)
+            bad = _nonfinite(t)
+            if bad:  # a merge refuses to write them: the file was damaged or edited after it was signed
+                raise BundleError(f"bundle {self.path}: tensor {key} holds {bad} non-finite value(s) (NaN or "
+                                  "Inf); branchmerge never writes them, so the bundle is damaged")
+            return t.to(device)
         except SafetensorError as e:
             raise BundleError(f"bundle {self.path}: shard {fname} cannot be read ({key}): {e}") from None
 

@@ -127,9 +127,11 @@ class Bundle:
             folder = self.reader.branch_dir(branch)
             try:  # never the bundle's own Python: an `auto_map` in its tokenizer config is an error here
                 tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-            except (ValueError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - transformers fails on bad files in many ways (a config whose
+                # validator divides by zero, say); each is this bundle's error, named, never a traceback
+                why = " ".join(f"{type(e).__name__}: {e}".split())[:500]
                 raise BundleError(f"branch {branch!r}: the tokenizer in {folder} cannot be loaded (its files are "
-                                  f"missing or invalid, or it needs code, which a bundle never runs): {e}") from None
+                                  f"missing or invalid, or it needs code, which a bundle never runs): {why}") from None
             self._tokenizers[branch] = ensure_pad_token(tok)
         return tok
 
