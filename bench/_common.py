@@ -50,7 +50,9 @@ def smollm2_folder() -> Path:
     out = CACHE / "smollm2"
     if not (out / "model.safetensors").is_file():
         from branchmerge.io.gguf import import_gguf
+        from branchmerge.io.writer import claim_output
 
+        claim_output(out)  # this cache's own output, whichever version wrote it
         import_gguf(smollm2_gguf(), out, dtype="float32", force=True)
     return out
 

@@ -17,6 +17,7 @@ from _common import CACHE, VENV_BIN
 from branchmerge.config import parse_config
 from branchmerge.family import SKILLS, build_family
 from branchmerge.merge.collapse import run_baseline_merge
+from branchmerge.io.writer import claim_output
 
 PARAMS = {"linear": {}, "ties": {"density": 0.5}, "task_arithmetic": {}}
 
@@ -40,6 +41,7 @@ def main() -> None:
             "branches": [{"name": s, "model": str(fam[s])} for s in SKILLS],
             "method": method, "base_model": base, "dtype": "float32", "parameters": params,
         })
+        claim_output(ours)  # this cache's own output, whichever version wrote it
         run_baseline_merge(cfg, ours, force=True, progress=False)
         mk = {
             "models": [{"model": str(fam[s]), "parameters": {"weight": 1.0, **params}} for s in SKILLS],

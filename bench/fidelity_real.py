@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from _common import CACHE, ROOT, smollm2_folder
 from branchmerge.config import parse_config
 from branchmerge.merge import run_merge
+from branchmerge.io.writer import claim_output
 
 ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
 TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
@@ -145,6 +146,7 @@ def main() -> None:
     branches = [{"name": t, "model": str(p)} for t, p in fts.items()]
     for method in ("linear", "ties"):
         out = work / f"merge-{method}"
+        claim_output(out)
         run_merge(parse_config({"branches": branches, "method": method, "base_model": str(base), "dtype": "float32",
                                 "parameters": {"density": 0.5} if method == "ties" else {}}), out, force=True,
                   progress=False)

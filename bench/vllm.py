@@ -41,6 +41,7 @@ import branchmerge  # noqa: E402
 from branchmerge.config import parse_config  # noqa: E402
 from branchmerge.export_vllm import export_vllm  # noqa: E402
 from branchmerge.merge import run_merge  # noqa: E402
+from branchmerge.io.writer import claim_output  # noqa: E402
 
 
 def wait_up(url: str, proc: subprocess.Popen, log: Path, limit: float = 900) -> None:
@@ -124,6 +125,7 @@ def export_choices(bundle_dir: Path, bundle, branches: list[str], work: Path) ->
     for scale in ("refactor", "ignore"):
         for pb in ("lora", "mean"):
             out = work / f"choice-{scale}-{pb}"
+            claim_output(out)
             rep = export_vllm(bundle_dir, out, scale=scale, per_branch=pb, force=True, progress=False)
             logit = peft_logit_error(out, bundle, branches)
             for b in branches:
@@ -173,6 +175,7 @@ def main() -> None:
     try:
         mode, vport = "lora", free_port()
         out = work / "export"
+        claim_output(out)
         report = export_vllm(bundle_dir, out, per_branch=args.per_branch, force=True, port=vport, progress=False)
         g = report["groups"]["main"]
         print(f"export (lora, --per-branch {args.per_branch}): rank {g['max_lora_rank']}; max relative weight error "
@@ -194,6 +197,7 @@ def main() -> None:
             procs[-1].kill()
             mode = "dense"
             out = work / "export-dense"
+            claim_output(out)
             report = export_vllm(bundle_dir, out, mode="dense", force=True, port=vport, progress=False)
             dense = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--dtype", "bfloat16",
                      "--enforce-eager", "--max-model-len", "1024"]

@@ -157,8 +157,13 @@ def test_output_exists_needs_force(capsys, tmp_path, family):
     assert code != 0 and "already exists" in err and "--force" in err
     assert (out / "keep.txt").read_text() == "mine"
     code, stdout, err = run_cli(capsys, "merge", cfg, "-o", out, "--no-progress", "--force")
-    assert code == 0, err
-    assert (out / "manifest.json").is_file() and not (out / "keep.txt").exists()
+    assert code == 1 and "a folder that branchmerge did not write (it holds keep.txt)" in err  # not ours to delete
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    code, stdout, err = run_cli(capsys, "merge", cfg, "-o", out, "--no-progress")  # an empty folder is taken
+    assert code != 0 and "already exists" in err
+    code, stdout, err = run_cli(capsys, "merge", cfg, "-o", out, "--no-progress", "--force")
+    assert code == 0 and (out / "manifest.json").is_file(), err
 
 
 def test_different_vocab_sizes_need_their_own_group(capsys, tmp_path, family):

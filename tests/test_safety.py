@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -126,12 +127,43 @@ def test_output_current_folder_and_file(capsys, family, tmp_path, monkeypatch):
         code, _, err = run_cli(capsys, "merge", cfg, "-o", out, "--force", "--no-progress")
         assert code == 1 and "current folder" in err
     assert (work / "notes.txt").read_text() == "mine" and sorted(p.name for p in work.iterdir()) == ["notes.txt"]
-    f = tmp_path / "afile"
-    f.write_text("x")
-    code, _, err = run_cli(capsys, "merge", cfg, "-o", f, "--force", "--no-progress")
-    assert code == 0, err
-    assert (f / "manifest.json").is_file()
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".afile.")]
+    # --force replaces only an earlier output (or an empty folder): never a file, such as the config itself
+    # after a typo, nor a folder of other things
+    others = tmp_path / "others"
+    others.mkdir()
+    (others / "thesis.txt").write_text("years of work")
+    for out, what in ((cfg, "is a file"), (others, r"is a folder that branchmerge did not write \(it holds thesis.txt\)")):
+        code, _, err = run_cli(capsys, "merge", cfg, "-o", out, "--force", "--no-progress")
+        assert code == 1 and re.search(f"{what}; --force replaces only an earlier branchmerge output", err), err
+    assert Path(cfg).read_text().startswith("branches") and (others / "thesis.txt").read_text() == "years of work"
+    out = _merge_out(capsys, cfg, tmp_path / "out")
+    (out / "notes.txt").write_text("kept until replaced")  # an earlier output, however it was added to, is ours
+    code, _, err = run_cli(capsys, "merge", cfg, "-o", out, "--force", "--no-progress")
+    assert code == 0 and (out / "manifest.json").is_file() and not (out / "notes.txt").exists(), err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "empty", "--force", "--no-progress")
+    assert code == 0 and (tmp_path / "empty" / "manifest.json").is_file(), err
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_a_caller_claims_its_own_output_from_before_markers(tmp_path):
+    """The demo and the benchmarks write fixed names in their own work folders; an output there written by
+    a version without markers (an HF folder: no manifest) is claimed, then replaced like any other."""
+    from branchmerge.errors import BranchmergeError
+    from branchmerge.io.writer import MARKER, atomic_output_dir, claim_output
+
+    old = tmp_path / "merge-linear"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    with pytest.raises(BranchmergeError, match="did not write"):
+        with atomic_output_dir(old, force=True):
+            pass
+    claim_output(old)
+    claim_output(tmp_path / "absent")  # nothing to claim: nothing made
+    assert (old / MARKER).is_file() and not (tmp_path / "absent").exists()
+    with atomic_output_dir(old, force=True) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"new")
+    assert sorted(p.name for p in old.iterdir()) == [MARKER, "model.safetensors"]
 
 
 def test_stale_temp_folders_of_dead_runs_are_removed(capsys, family, tmp_path):

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     from branchmerge.export import summarize
     from branchmerge.family import SKILLS, build_family, router_config, sample_prompts
     from branchmerge.front import build_bundle_router
+    from branchmerge.io.writer import claim_output
 
     family = build_family(args.family, progress=True)
     console.print(f"[bold]family[/bold] ready in {family['base'].parent} ({time.perf_counter() - t0:.0f}s)")
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         "compress_rate": args.compress_rate,
         "dtype": "float32",
     })
+    claim_output(bundle_dir)  # the demo's own output, whichever version wrote it
     branchmerge.run_merge(cfg, bundle_dir, force=True, progress=True)
     s = summarize(bundle_dir)
     console.print(

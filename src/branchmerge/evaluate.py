@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from branchmerge.config import parse_config
 from branchmerge.family import SKILLS, accuracy, hf_generate
+from branchmerge.io.writer import claim_output
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +79,14 @@ def fidelity_rows(
         cfg = parse_config({"branches": branches, "method": method, "base_model": str(family["base"]),
                             "dtype": "float32", "parameters": (params or {}).get(method, default)})
         out = work / f"merge-{method}"
+        claim_output(out)  # this work folder's own output, whichever version wrote it
         run_merge(cfg, out, force=True, progress=False)
         rows.append(_hf_row(method, "baseline", out, n))
         bar.update()
     for r in rates:
         cfg = parse_config({"branches": branches, "compress_rate": r, "dtype": "float32"})
         out = work / f"bundle-r{r}"
+        claim_output(out)
         run_merge(cfg, out, force=True, progress=False)
         bundle = branchmerge.load(out, verify=False)
         acc = {s: accuracy(lambda ps, s=s: bundle.generate(ps, s, max_new_tokens=12), s, n) for s in SKILLS}

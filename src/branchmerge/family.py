@@ -242,7 +242,7 @@ def build_family(folder: str | Path | None = None, *, base_steps: int = 150, ft_
     t0 = time.perf_counter()
     say = logger.warning if progress else logger.info  # the demo shows each step; a library user asked for quiet
     say("training the embedded family into %s (about 80 s on 2 cores, once; reused afterwards)", folder)
-    with atomic_output_dir(folder, force=True) as tmp:
+    with atomic_output_dir(folder, force=True, owned_only=False) as tmp:
         torch.manual_seed(0)
         base = LlamaForCausalLM(model_config())
         train(base, SKILLS, base_steps, 3e-3, seed=1, progress=progress, desc="base (mixture)", base=True)

@@ -291,7 +291,7 @@ def build_router(folder: Path, branches: Sequence[str], cfg: RouterConfig, make_
     embs = embedder.embed(texts)
     from safetensors.torch import save_file
 
-    with atomic_output_dir(folder, force=True) as tmp:
+    with atomic_output_dir(folder, force=True, owned_only=False) as tmp:
         save_file({"embeddings": embs.contiguous(), "branch": torch.tensor(ids)}, str(tmp / "samples.safetensors"))
         (tmp / "router.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         (tmp / "meta.json").write_text(json.dumps({"fingerprint": _fingerprint(ident, cfg), "embedder": ident,

@@ -83,7 +83,7 @@ def export_branch_cmd(
     name: str = typer.Argument(..., help="Branch to export."),
     out: Path = typer.Option(..., "--out", "-o", help="Output HF folder."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (bf16, fp16; default: the bundle's)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier branchmerge output."),
 ) -> None:
     """Write one branch as a plain Hugging Face folder (dense s_i·(W̄+U_iV_i) weights)."""
     from branchmerge.export import export_branch
@@ -97,7 +97,7 @@ def import_gguf_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output HF folder."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Dtype of the written weights: bfloat16 (the size a "
                               "merge stores), float16 or float32 (twice the bytes)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier branchmerge output."),
 ) -> None:
     """Dequantize a GGUF model into an HF safetensors folder that every command can read."""
     from branchmerge.io.gguf import import_gguf
@@ -139,7 +139,7 @@ def export_vllm_cmd(
     embed_rank: int = typer.Option(64, "--embed-rank", help="LoRA rank of embeddings/lm_head with --per-branch lora."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the bundle's)."),
     port: int = typer.Option(8000, "--port", help="First port in the generated vllm serve lines and gateway.yaml."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier branchmerge output."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
     """Export a bundle for vLLM (shared base + LoRA adapters, or dense folders), with the `vllm serve` line,

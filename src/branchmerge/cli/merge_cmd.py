@@ -20,7 +20,8 @@ def merge(
     device: str | None = typer.Option(None, "--device", help="Where the SVDs run: cpu, cuda, cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Storage dtype: float32, float16, bfloat16."),
     method: str | None = typer.Option(None, "--method", help="Override the merge method (see `methods`)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (never an input folder)."),
+    force: bool = typer.Option(False, "--force", help=("Replace OUT if it is an earlier branchmerge output or "
+                                                       "empty (never a file, other files or an input).")),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print ranks, bytes per part and the output size from "
                                  "the inputs' shapes alone; write nothing."),

@@ -34,12 +34,44 @@ def _contains(outer: Path, inner: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_output(out: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+MARKER = ".branchmerge-output"  # in every folder atomic_output_dir writes: what --force may replace
+
+
+def _ours(path: Path) -> bool:
+    """``path`` is a folder that ``--force`` may replace: one branchmerge wrote (its marker, or a bundle's
+    manifest from before markers), or an empty one. Never a file, a link or a folder of other things."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return (path / MARKER).is_file() or (path / "manifest.json").is_file() or not any(path.iterdir())
+
+
+def claim_output(path: str | Path) -> None:
+    """Declare ``path`` replaceable by ``force``: for a caller that owns it (a fixed name inside its own
+    working folder, as the demo's and the benchmarks' outputs), so that one written before markers existed
+    is replaced like any earlier output. Nothing happens when it does not exist."""
+    p = Path(path)
+    if p.is_dir() and not p.is_symlink() and not (p / MARKER).exists():
+        (p / MARKER).write_text("claimed by branchmerge; `--force` may replace this folder\n")
+
+
+def _describe(path: Path) -> str:
+    if path.is_symlink() or not path.is_dir():
+        return "a link" if path.is_symlink() else "a file"
+    names = sorted(p.name for p in path.iterdir())
+    return f"a folder that branchmerge did not write (it holds {', '.join(names[:3])}{', …' if names[3:] else ''})"
+
+
+def check_output(out: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = (),
+                 owned_only: bool = True) -> Path:
     """Check that ``out`` may be written (and, with ``force``, replaced); returns it resolved.
 
+    With ``owned_only`` (every user-named output), ``force`` replaces only a folder that branchmerge wrote,
+    or an empty one: a typo such as ``-o merge.yaml --force`` must not delete the config, nor
+    ``-o ~/models --force`` a folder of other work.
+
     Raises:
-        BranchmergeError: ``out`` exists without ``force``; or replacing it would delete an input, the
-            current folder, the home folder or a filesystem root.
+        BranchmergeError: ``out`` exists without ``force``, or with it is not a folder branchmerge wrote;
+            or replacing it would delete an input, the current folder, the home folder or a filesystem root.
     """
     path = Path(out).expanduser().resolve()
     for src in inputs:
@@ -50,8 +82,12 @@ def check_output(out: str | Path, *, force: bool = False, inputs: Iterable[str |
     if _contains(path, Path.cwd().resolve()) or path in (Path.home().resolve(), Path(path.anchor)):
         raise BranchmergeError(f"output {out} is the current folder, the home folder or one of their parents; "
                                "choose a new folder (e.g. -o ./bundle)")
-    if path.exists() and not force:
-        raise BranchmergeError(f"output folder {out} already exists; pass --force to replace it")
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise BranchmergeError(f"output folder {out} already exists; pass --force to replace it")
+        if owned_only and not _ours(path):
+            raise BranchmergeError(f"output {out} is {_describe(path)}; --force replaces only an earlier branchmerge "
+                                   "output or an empty folder: choose another output, or remove it yourself")
     return path
 
 
@@ -85,7 +121,8 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_output_dir(out: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+def atomic_output_dir(out: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = (),
+                      owned_only: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder that becomes ``out`` only if the block succeeds.
 
     On any exception (SIGTERM included, turned into one while the block runs in the main thread) the
@@ -96,7 +133,7 @@ def atomic_output_dir(out: str | Path, *, force: bool = False, inputs: Iterable[
     Raises:
         BranchmergeError: see :func:`check_output`.
     """
-    path = check_output(out, force=force, inputs=inputs)
+    path = check_output(out, force=force, inputs=inputs, owned_only=owned_only)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path.parent, path.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
@@ -106,6 +143,7 @@ def atomic_output_dir(out: str | Path, *, force: bool = False, inputs: Iterable[
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        (tmp / MARKER).write_text("written by branchmerge; `--force` may replace this folder\n")
         _apply_umask(tmp)
         if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}")
