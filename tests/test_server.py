@@ -1,6 +1,8 @@
 """The OpenAI-compatible server on a real loopback port, with the real `openai` SDK as the client."""
 
 import shutil
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -140,6 +142,52 @@ def test_auto_routing_and_pipeline(server):
                                             stream=True))
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == stages[-1]["text"]
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_pipelines_hold_no_thread_while_they_wait(server):
+    """Pipeline stages are engine jobs the request awaits: with the engine paused, three pipeline requests
+    and a routed one all queue (pipelines used to hold the two worker threads that routing needs, so
+    `auto` waited for them), and they batch together; the answers are the library's."""
+    c, engine = server["client"], server["app"].state.engine
+    msgs = [{"role": "user", "content": "add 1+1="}]
+    with ThreadPoolExecutor(4) as ex:
+        with engine.paused():
+            pipes = [ex.submit(c.chat.completions.create, model="two_step", messages=msgs) for _ in range(3)]
+            wait_queued(engine, 3)
+            auto = ex.submit(c.chat.completions.create, model="auto",
+                             messages=[{"role": "user", "content": "rev hello="}], max_tokens=4)
+            wait_queued(engine, 4)
+        lib = [s.text for s in answer(server["bundle"], ["add 1+1="], pipeline="two_step")[0]]
+        assert all([s["text"] for s in f.result().model_extra["stages"]] == lib for f in pipes)
+        assert auto.result().model_extra["branch"] == "b"
+
+
+def test_a_pipeline_whose_client_goes_away_stops(server):
+    """Its queued stage is withdrawn at once, and no later stage runs."""
+    engine = server["app"].state.engine
+    body = {"model": "two_step", "messages": [{"role": "user", "content": "add 1+1="}]}
+    gave_up = []
+
+    def client():
+        try:
+            httpx.post(server["url"] + "/v1/chat/completions", json=body, timeout=httpx.Timeout(1.0, connect=5),
+                       headers={"Authorization": f"Bearer {KEY}"})
+        except httpx.TimeoutException:
+            gave_up.append(True)
+
+    with engine.paused():
+        before = engine.cancelled_jobs
+        th = threading.Thread(target=client)
+        th.start()
+        wait_queued(engine, 1)
+        th.join(timeout=30)
+        end = time.monotonic() + 15
+        while engine.queued() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert gave_up and engine.queued() == 0  # withdrawn while the engine was still paused
+    batches = engine.batches
+    time.sleep(0.5)
+    assert engine.batches == batches and engine.cancelled_jobs == before  # nothing ran for it afterwards
 
 
 def test_bad_requests_get_openai_errors(server):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -167,17 +167,23 @@ def fill(template: str, question: str, previous: str) -> str:
     return _SLOT.sub(lambda m: question if m.group(1) == "question" else previous, template)
 
 
-def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str], *,
-                 generate: Generate | None = None) -> list[list[StageResult]]:
-    """Run every stage for all questions; each stage is one (mixed-branch) batch.
+@dataclass
+class StageBatch:
+    """What one stage asks to generate: a (mixed-branch) batch, one row per question."""
 
-    Args:
-        generate: how a stage's batch is generated (default ``bundle.generate_ids``).
+    stage: int
+    ids: list[list[int]]
+    branches: list[str]
+    max_new_tokens: int
+    sampling: dict[str, Any]
 
-    Returns:
-        per question, the result of each stage in order (the last is the final answer).
-    """
-    gen = generate or bundle.generate_ids
+
+def pipeline_steps(bundle: Bundle, pipeline: Pipeline, questions: list[str]
+                   ) -> Generator[StageBatch, list[GenerationResult], list[list[StageResult]]]:
+    """A pipeline as steps: yields each stage's :class:`StageBatch` and is sent back its generations; returns,
+    per question, the result of each stage in order. The caller decides how a batch is generated and when
+    (:func:`run_pipeline` at once; the server through its engine, without holding a thread while it waits).
+    Routing (``auto`` stages) and encoding happen inside the step, so a caller may run steps off its loop."""
     results: list[list[StageResult]] = [[] for _ in questions]
     previous = [""] * len(questions)
     for k, stage in enumerate(pipeline.stages, 1):
@@ -189,12 +195,32 @@ def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str], *,
                for p, b, q, prev in zip(prompts, branches, questions, previous)]
         for i, b in zip(ids, branches):
             bundle.check_context(b, len(i), stage.max_tokens)
-        outs = gen(ids, branches, max_new_tokens=stage.max_tokens, **sampling_kwargs(stage.temperature))
+        outs = yield StageBatch(k, ids, branches, stage.max_tokens, sampling_kwargs(stage.temperature))
         for r, (o, prompt) in enumerate(zip(outs, prompts)):
             text = postprocess(o.text, stage)
             results[r].append(StageResult(k, o.branch, prompt, text, len(o.prompt_ids), len(o.new_ids)))
             previous[r] = text
     return results
+
+
+def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str], *,
+                 generate: Generate | None = None) -> list[list[StageResult]]:
+    """Run every stage for all questions; each stage is one (mixed-branch) batch.
+
+    Args:
+        generate: how a stage's batch is generated (default ``bundle.generate_ids``).
+
+    Returns:
+        per question, the result of each stage in order (the last is the final answer).
+    """
+    gen = generate or bundle.generate_ids
+    steps = pipeline_steps(bundle, pipeline, questions)
+    try:
+        batch = next(steps)
+        while True:
+            batch = steps.send(gen(batch.ids, batch.branches, max_new_tokens=batch.max_new_tokens, **batch.sampling))
+    except StopIteration as done:
+        return done.value
 
 
 def answer(bundle: Bundle, questions: list[str], *, pipeline: str | None = None, branch: str = "auto",

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from branchmerge.errors import BranchmergeError, BranchNotFoundError
 from branchmerge.front import Front
-from branchmerge.runtime.bundle import ContextLengthError
+from branchmerge.runtime.bundle import ContextLengthError, GenerationResult
 from branchmerge.runtime.text import cut_at_stop
 from branchmerge.server import protocol as P
 from branchmerge.server.engine import Busy, Engine, Job
@@ -207,7 +207,7 @@ class OpenAIService:
         if pipeline is not None:
             if req.n > 1:
                 raise P.APIError(400, f"n={req.n} is not supported for pipeline {pipeline!r}", param="n")
-            final, stages, pt, ct = await self._pipeline(pipeline, text, request)
+            final, stages, pt, ct = await self._pipeline(pipeline, text, request, disconnected)
             answered = stages[-1]["branch"]
             if req.stream:
                 request.prompt_tokens += pt
@@ -226,19 +226,39 @@ class OpenAIService:
         return P.body(kind, rid, req.model, [self._finish(branch, j) for j in jobs], len(ids),
                       sum(len(j.new_ids) for j in jobs), branch)
 
-    async def _pipeline(self, name: str, question: str, request: Any) -> tuple[str, list[dict], int, int]:
-        from branchmerge.staged import run_pipeline
+    async def _pipeline(self, name: str, question: str, request: Any, disconnected: Disconnected | None
+                        ) -> tuple[str, list[dict], int, int]:
+        """Run a pipeline stage by stage through the engine. Each stage's routing and encoding run on a worker
+        thread, its generation as jobs this request waits for like any other: no thread is held while the
+        engine works, and a client that goes away withdraws the stage's jobs (nothing later runs)."""
+        from branchmerge.staged import pipeline_steps
 
-        def work():
-            gen = lambda ids, br, **kw: self.engine.generate_blocking(ids, br, request=request, **kw)  # noqa: E731
-            return run_pipeline(self.bundle, self.front.pipelines.get(name), [question], generate=gen)[0]
+        loop = asyncio.get_running_loop()
+        steps = pipeline_steps(self.bundle, self.front.pipelines.get(name), [question])
 
-        try:
-            stages = await asyncio.get_running_loop().run_in_executor(self._aux, work)
-        except Busy as e:
-            raise P.APIError(503, str(e), type_="server_error", code="server_busy") from None
-        except BranchmergeError as e:
-            raise P.APIError(400, str(e)) from None
+        def advance(sent: list | None) -> tuple[bool, Any]:  # StopIteration cannot cross a future
+            try:
+                return False, next(steps) if sent is None else steps.send(sent)
+            except StopIteration as done:
+                return True, done.value
+
+        sent: list | None = None
+        while True:
+            try:
+                finished, value = await loop.run_in_executor(self._aux, advance, sent)
+            except BranchmergeError as e:
+                raise P.APIError(400, str(e)) from None
+            if finished:
+                break
+            batch = value
+            t = float(batch.sampling.get("temperature") or 0.0) if batch.sampling.get("do_sample") else 0.0
+            jobs = self._submit([Job(list(ids), b, batch.max_new_tokens, temperature=t, request=request)
+                                 for ids, b in zip(batch.ids, batch.branches)])
+            await self._wait(jobs, disconnected)
+            sent = [GenerationResult(j.branch, j.ids, j.new_ids,
+                                     self.bundle.tokenizer(j.branch).decode(j.new_ids, skip_special_tokens=True),
+                                     "stop" if j.stop_id is not None else "length", j.stop_id) for j in jobs]
+        stages = value[0]
         info = [{"stage": s.stage, "branch": s.branch, "text": s.text} for s in stages]
         return stages[-1].text, info, stages[0].prompt_tokens, sum(s.completion_tokens for s in stages)
 

@@ -323,22 +323,3 @@ class Engine:
                 logger.exception("metrics for a batch failed")
         for j in jobs:
             j._finish()
-
-    def generate_blocking(self, ids_list: list[list[int]], branches: list[str], *, max_new_tokens: int,
-                          request: Any = None, **sampling: Any) -> list:
-        """``Bundle.generate_ids`` through the engine (for pipelines running on a worker thread): the rows
-        batch with other requests' and obey the same limits."""
-        from branchmerge.runtime.bundle import GenerationResult
-
-        t = float(sampling.get("temperature") or 0.0) if sampling.get("do_sample") else 0.0
-        jobs = self.submit_many([Job(list(ids), b, max_new_tokens, temperature=t, request=request)
-                                 for ids, b in zip(ids_list, branches)])
-        out = []
-        for j in jobs:
-            j.finished.wait()
-            if j.error is not None:
-                raise j.error
-            tok = self.bundle.tokenizer(j.branch)
-            out.append(GenerationResult(j.branch, j.ids, j.new_ids, tok.decode(j.new_ids, skip_special_tokens=True),
-                                        "stop" if j.stop_id is not None else "length", j.stop_id))
-        return out
