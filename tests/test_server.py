@@ -190,6 +190,58 @@ def test_a_pipeline_whose_client_goes_away_stops(server):
     assert engine.batches == batches and engine.cancelled_jobs == before  # nothing ran for it afterwards
 
 
+def test_concurrent_auto_requests_are_routed_in_one_batch(server, monkeypatch):
+    """Texts that arrive while routing is busy are embedded together (one forward), each request gets its
+    own route (the library's), and a text that cannot be routed fails alone, not its whole batch."""
+    service, bundle = server["app"].state.service, server["bundle"]
+    texts = ["rev hello=", "key zz=", "add 1+2=", "rev abc=", "poison", "key ab="]
+    real = service.front.route_many
+
+    def route_many(batch):  # an input the router refuses (as it refuses an empty one), inside a batch
+        if "poison" in batch:
+            raise ConfigError("cannot route this question")
+        return real(batch)
+
+    monkeypatch.setattr(service.front, "route_many", route_many)
+    sizes = server["app"].state.metrics.families["branchmerge_route_batch_size"]
+    before = sizes.get(), sizes.hist.get((), [0.0] * 11)[-2]
+    release = threading.Event()
+    busy = [service._aux.submit(release.wait) for _ in range(2)]  # both worker threads held: routing waits
+
+    def call(text):
+        return httpx.post(server["url"] + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": 2},
+                          timeout=60)
+
+    try:
+        with ThreadPoolExecutor(len(texts)) as ex:
+            futs = [ex.submit(call, texts[0])]
+            end = time.monotonic() + 30
+            while sizes.get() < before[0] + 1 and time.monotonic() < end:
+                time.sleep(0.01)  # the first text is taken as a batch of its own, and waits for a thread
+            futs += [ex.submit(call, t) for t in texts[1:]]
+            while len(service._routes.pending) < len(texts) - 1 and time.monotonic() < end:
+                time.sleep(0.01)
+            assert len(service._routes.pending) == len(texts) - 1
+            release.set()
+            got = [f.result() for f in futs]
+    finally:
+        release.set()  # never leave the server's worker threads held for the tests after this one
+    for b in busy:
+        b.result()
+    assert sizes.get() - before[0] == 2 and sizes.hist[()][-2] - before[1] == len(texts)  # 1 + 5 texts
+    for text, r in zip(texts, got):
+        if text != "poison":
+            routed = bundle.router.route([text])[0]
+            assert r.status_code == 200, r.text
+            if routed in service.front.pipelines.routes:  # `c` runs the pipeline that `routes` names
+                assert [st["branch"] for st in r.json()["stages"]] == ["a", "b"]
+            else:
+                assert r.json()["branch"] == routed
+        else:
+            assert r.status_code == 400 and "cannot route this question" in r.json()["error"]["message"]
+
+
 def test_bad_requests_get_openai_errors(server):
     c, url = server["client"], server["url"]
     with pytest.raises(openai.NotFoundError) as e:

@@ -149,6 +149,14 @@ class Front:
         self.bundle.reader.branch(model)
         return model, None
 
+    def route_many(self, texts: list[str]) -> list[tuple[str | None, str | None]]:
+        """:meth:`resolve` of ``auto`` for several texts in one embedding batch (the server gathers
+        concurrent requests' texts into one call)."""
+        if self.router is None:
+            raise BranchmergeError("model 'auto' needs a router; this bundle has none")
+        return [(None, self.pipelines.routes[b]) if b in self.pipelines.routes else (b, None)
+                for b in self.router.route(texts)]
+
 
 def open_front(path: str | Path, *, pipelines: PipelinesConfig | None = None, **load_kw: Any) -> Front:
     """Load a bundle (see :func:`load`) with its pipelines (``pipelines`` or ``BUNDLE/pipelines.yaml``)."""

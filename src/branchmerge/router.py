@@ -10,6 +10,7 @@ with a fingerprint of the embedder and template; a question goes to the branch o
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -167,6 +168,10 @@ class Embedder:
         self.template, self.phrase, self.pooling, self.layer = template, phrase, pooling, layer
         self.batch_size, self.max_input_chars = batch_size, max_input_chars
         self.select = select or nullcontext
+        # only hidden states are used: the LM head over every position (a [N, T, vocab] tensor) is skipped
+        # where the model's forward can be told so
+        params = inspect.signature(model.forward).parameters if hasattr(model, "forward") else {}
+        self._few_logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
         if isinstance(n_layers, int) and not -(n_layers + 1) <= layer <= n_layers:
             raise ConfigError(f"router `layer` {layer} is out of range: the embedder has {n_layers} layers, so "
@@ -218,7 +223,8 @@ class Embedder:
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
             with self.select():
                 hs = self.model(input_ids=enc["input_ids"].to(device), attention_mask=attn.to(device),
-                                position_ids=pos.to(device), output_hidden_states=True).hidden_states
+                                position_ids=pos.to(device), output_hidden_states=True, **self._few_logits
+                                ).hidden_states
             for how, layer in combos:
                 out[(how, layer)].append(pool(hs[layer], mask.to(device), how).cpu())
         return {c: torch.cat(v) for c, v in out.items()}

@@ -21,7 +21,7 @@ from branchmerge.runtime.bundle import ContextLengthError, GenerationResult
 from branchmerge.runtime.text import cut_at_stop
 from branchmerge.server import protocol as P
 from branchmerge.server.engine import Busy, Engine, Job
-from branchmerge.server.metrics import EngineMetrics, Registry
+from branchmerge.server.metrics import SIZE_BUCKETS, EngineMetrics, Registry
 
 logger = logging.getLogger(__name__)
 Disconnected = Callable[[], Awaitable[bool]]
@@ -78,16 +78,69 @@ class _Request:
         self.prompt_tokens = self.completion_tokens = 0  # what its streams sent, for `include_usage`
 
 
+class RouteBatcher:
+    """Routing for ``auto``, batched across requests: texts that arrive while a routing batch runs form the
+    next one (one embedding forward for all of them, on a worker thread), as the engine batches generation.
+    A batch that fails on one text's input is routed again text by text, so the error is that request's."""
+
+    def __init__(self, route_many: Callable[[list[str]], list], pool: ThreadPoolExecutor, max_batch: int = 64
+                 ) -> None:
+        """``route_many(texts)`` gives one route per text (a BranchmergeError for input it refuses)."""
+        self.route_many, self.pool, self.max_batch = route_many, pool, max_batch
+        self.pending: list[tuple[str, asyncio.Future]] = []
+        self.task: asyncio.Task | None = None
+        self.sizes: Any = None  # a histogram of batch sizes, on /metrics
+
+    async def route(self, text: str) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((text, fut))
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._drain())
+        return await fut
+
+    def _work(self, texts: list[str]) -> list:
+        try:
+            return list(self.route_many(texts))
+        except BranchmergeError as e:
+            if len(texts) == 1:
+                return [e]
+        out: list = []
+        for t in texts:
+            try:
+                out.append(self.route_many([t])[0])
+            except BranchmergeError as e:
+                out.append(e)
+        return out
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.pending:
+            batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch:]
+            batch = [(t, f) for t, f in batch if not f.done()]  # a request cancelled meanwhile routes nothing
+            if not batch:
+                continue
+            if self.sizes is not None:
+                self.sizes.observe(len(batch))
+            try:
+                results = await loop.run_in_executor(self.pool, self._work, [t for t, _ in batch])
+            except Exception as e:  # noqa: BLE001 - every waiting request gets it (a 500 each)
+                results = [e] * len(batch)
+            for (_, f), r in zip(batch, results):
+                if not f.done():
+                    f.set_exception(r) if isinstance(r, Exception) else f.set_result(r)
+
+
 class OpenAIService:
     """Chat and text completions, model listing and health over a front (bundle, router, pipelines)."""
 
     def __init__(self, front: Front, *, limits: ServerLimits | None = None, max_batch: int = 16,
-                 wait_ms: float = 10.0) -> None:
+                 wait_ms: float = 10.0, route_batch: int = 64) -> None:
         self.front, self.bundle = front, front.bundle
         self.limits = limits or ServerLimits()
         self.engine = Engine(self.bundle, max_batch=max_batch, wait_ms=wait_ms, max_queued=self.limits.max_queued)
         self._aux = ThreadPoolExecutor(2, thread_name_prefix="branchmerge-route")  # routing and pipelines
         self._shared_tok: Any = _UNSET  # see _shared_tokenizer
+        self._routes = RouteBatcher(lambda texts: self.front.route_many(texts), self._aux, route_batch)
 
     # ---- listing ------------------------------------------------------------------------------------
     async def health(self, full: bool) -> dict[str, Any]:
@@ -107,6 +160,8 @@ class OpenAIService:
     def register_metrics(self, registry: Registry) -> None:
         """The engine's metrics on ``/metrics``: jobs waiting and running, tokens by branch, batches."""
         self.engine.metrics = EngineMetrics(registry, self.engine)
+        self._routes.sizes = registry.histogram("route_batch_size", "Texts per routing batch (model auto).",
+                                                buckets=SIZE_BUCKETS)
 
     # ---- shared steps -------------------------------------------------------------------------------
     def _max_tokens(self, req: P._Req, *, scoring: bool = False) -> int:
@@ -127,7 +182,7 @@ class OpenAIService:
         """(branch, pipeline) for a model name; routing runs on a worker thread, after the length checks."""
         if model == "auto" and self.front.router is not None:
             try:
-                return await asyncio.get_running_loop().run_in_executor(self._aux, self.front.resolve, model, text)
+                return await self._routes.route(text)
             except BranchmergeError as e:
                 raise P.APIError(400, str(e)) from None
         try:

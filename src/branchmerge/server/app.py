@@ -24,16 +24,18 @@ _ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/com
 
 
 def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: int = 16, wait_ms: float = 10.0,
-               max_tokens_limit: int | None = None, pipelines=None, limits: ServerLimits | None = None) -> FastAPI:
+               max_tokens_limit: int | None = None, pipelines=None, limits: ServerLimits | None = None,
+               route_batch: int = 64) -> FastAPI:
     """The FastAPI app serving a bundle (or a :class:`~branchmerge.front.Front`): one engine thread,
-    concurrent requests batched. With ``api_key`` every path but a bare ``/health`` needs
-    ``Authorization: Bearer KEY`` and the interactive docs are off."""
+    concurrent requests batched (and their ``auto`` texts routed together, at most ``route_batch`` in one
+    embedding batch). With ``api_key`` every path but a bare ``/health`` needs ``Authorization: Bearer KEY``
+    and the interactive docs are off."""
     from branchmerge.front import Front, front_for
 
     front = bundle_or_front if isinstance(bundle_or_front, Front) else front_for(bundle_or_front, pipelines)
     if max_tokens_limit is not None:
         limits = (limits or ServerLimits()).model_copy(update={"max_tokens": max_tokens_limit})
-    service = OpenAIService(front, limits=limits, max_batch=max_batch, wait_ms=wait_ms)
+    service = OpenAIService(front, limits=limits, max_batch=max_batch, wait_ms=wait_ms, route_batch=route_batch)
     app = build_app(service, api_key=api_key)
     app.state.engine, app.state.bundle = service.engine, front.bundle
     return app

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from branchmerge.common import check_name
 from branchmerge.config import read_yaml, validate
-from branchmerge.errors import ConfigError
+from branchmerge.errors import BranchmergeError, ConfigError
 from branchmerge.server import protocol as P
-from branchmerge.server.api import ClientGone, Disconnected, Reply, ServerLimits
-from branchmerge.server.metrics import Family, Registry
+from branchmerge.server.api import ClientGone, Disconnected, Reply, RouteBatcher, ServerLimits
+from branchmerge.server.metrics import SIZE_BUCKETS, Family, Registry
 from branchmerge.staged import PipelinesConfig, fill, load_pipelines, postprocess
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ class GatewayService:
         self.pipelines = pipelines or PipelinesConfig()
         self.pipelines.check_branches(list(cfg.branches))
         self.up = {n: _Upstream(n, u) for n, u in cfg.upstreams.items()}
+        self._routes = RouteBatcher(lambda texts: router.route(texts), ThreadPoolExecutor(1, "gateway-route"))
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig) -> GatewayService:
@@ -209,6 +211,8 @@ class GatewayService:
                                   ("upstream", "code"))
         for u in self.up.values():
             u.errors = errors
+        self._routes.sizes = registry.histogram("route_batch_size", "Texts per routing batch (model auto).",
+                                                buckets=SIZE_BUCKETS)
 
     # ---- listing and health -------------------------------------------------------------------------
     def model_ids(self) -> list[str]:
@@ -238,7 +242,10 @@ class GatewayService:
         if model == "auto":
             if self.router is None:
                 raise P.APIError(400, "model 'auto' needs a router; this gateway has none", param="model")
-            branch = (await asyncio.to_thread(self.router.route, [text]))[0]
+            try:
+                branch = await self._routes.route(text)  # batched with other requests' texts
+            except BranchmergeError as e:
+                raise P.APIError(400, str(e)) from None
             return branch, self.pipelines.routes.get(branch)
         if model in self.cfg.branches:
             return model, None

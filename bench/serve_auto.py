@@ -1,0 +1,103 @@
+"""`model: auto` under concurrent load: routing batched across requests vs one request at a time, and
+both vs naming the branch (no routing), side by side in one run, rounds interleaved (this machine is noisy).
+
+A bundle of three SmolLM2-135M-based branches (r=0.95) with a stored router (the bundle's first branch
+embeds; the write-up's template), served in-process on loopback. `--clients` threads send
+/v1/completions (8 new tokens) for `--seconds` per round.
+
+    python bench/serve_auto.py [--seconds 15] [--clients 16] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from _common import CACHE, perturbed_copies, smollm2_folder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.serving: a uvicorn server in a thread
+
+import branchmerge  # noqa: E402
+from branchmerge.config import parse_config  # noqa: E402
+from branchmerge.front import build_bundle_router  # noqa: E402
+from branchmerge.merge import run_merge  # noqa: E402
+from branchmerge.router import RouterConfig  # noqa: E402
+from branchmerge.server import create_app  # noqa: E402
+from tests.serving import serving  # noqa: E402
+
+PROMPTS = ["What is 7 times 8?", "Write a haiku about rain.", "What causes tides?", "Compute 12+30.",
+           "Name a prime above 50.", "Describe a cat in one line.", "Why is the sky blue?", "Sort 3, 1, 2."]
+SAMPLES = {"m0": ["What is 2+2?", "Solve 3x=9.", "Compute 15*4."], "m1": ["Write a poem.", "Tell a story."],
+           "m2": ["What is DNA?", "Explain photosynthesis.", "Why do seasons change?"]}
+
+
+def bundle_with_router() -> Path:
+    base = smollm2_folder()
+    models = [base, *perturbed_copies(base, 2)]
+    bdir = CACHE / "auto-bundle"
+    if not (bdir / "router").is_dir():
+        run_merge(parse_config({"branches": [{"name": f"m{i}", "model": str(p)} for i, p in enumerate(models)],
+                                "compress_rate": 0.95, "dtype": "float32"}), bdir, force=True, progress=False)
+        build_bundle_router(branchmerge.load(bdir), RouterConfig(samples=SAMPLES))
+    return bdir
+
+
+def load_round(url: str, model: str, clients: int, seconds: float) -> tuple[float, float]:
+    """(requests/s, median latency s) of ``clients`` threads sending requests for ``seconds``."""
+    lat: list[float] = []
+    stop = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=300) as c:
+            k = i
+            while time.monotonic() < stop:
+                t = time.monotonic()
+                r = c.post(url + "/v1/completions", json={"model": model, "prompt": PROMPTS[k % len(PROMPTS)],
+                                                          "max_tokens": 8})
+                r.raise_for_status()
+                lat.append(time.monotonic() - t)
+                k += clients
+
+    t0 = time.monotonic()
+    ths = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    return len(lat) / (time.monotonic() - t0), statistics.median(lat)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    bundle = branchmerge.load(bundle_with_router())
+    setups = {"branch m0 (no routing)": (64, "m0"), "auto, routing batched": (64, "auto"),
+              "auto, routed one by one": (1, "auto")}
+    apps = {name: create_app(bundle, max_batch=16, wait_ms=20, route_batch=rb) for name, (rb, _) in setups.items()}
+    got: dict[str, list[tuple[float, float]]] = {n: [] for n in setups}
+    for r in range(args.rounds):
+        for name, (_, model) in setups.items():
+            with serving(apps[name]) as url:
+                load_round(url, model, 2, 2)  # warm
+                got[name].append(load_round(url, model, args.clients, args.seconds))
+            print(f"round {r + 1}: {name}: {got[name][-1][0]:.2f} req/s, median {got[name][-1][1]:.2f} s", flush=True)
+    ref = statistics.mean(x[0] for x in got["branch m0 (no routing)"])
+    print(f"\n{args.clients} clients, {args.seconds:g} s × {args.rounds} rounds each, 8 new tokens, SmolLM2-135M bundle "
+          "r=0.95 float32, in-process server on 127.0.0.1\n")
+    print("| setup | requests/s | median latency (s) | throughput vs naming the branch |\n|---|---|---|---|")
+    for name in setups:
+        rps = statistics.mean(x[0] for x in got[name])
+        print(f"| {name} | {rps:.2f} | {statistics.mean(x[1] for x in got[name]):.2f} | {rps / ref:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
