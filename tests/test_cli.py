@@ -69,3 +69,11 @@ def test_import_gguf_bad_file(capsys, tmp_path):
     f.write_bytes(b"nope" * 10)
     code, _, err = run_cli(capsys, "import-gguf", f, "-o", tmp_path / "o")
     assert code != 0 and "not a GGUF file" in err and not (tmp_path / "o").exists()
+
+
+def test_out_of_range_server_options_are_refused_before_loading(capsys, tmp_path):
+    """A port past 65535 was an OverflowError traceback from the socket, after the bundle had loaded."""
+    for args in (["serve", tmp_path, "--port", "99999"], ["gateway", tmp_path / "g.yaml", "--port", "70000"],
+                 ["serve", tmp_path, "--batch-wait-ms", "-5"]):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and "Invalid value for '--" in err, (args, err)

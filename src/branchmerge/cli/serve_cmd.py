@@ -11,12 +11,12 @@ import typer
 def serve_cmd(
     bundle_dir: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder."),
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
-    port: int = typer.Option(8000, "--port", help="TCP port."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="BRANCHMERGE_API_KEY",
                                        help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics."),
     pipelines: Path | None = typer.Option(None, "--pipelines", help="Pipelines YAML (default: BUNDLE/pipelines.yaml)."),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most requests gathered into one generate call (1 = no batching)."),
-    wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="How long the first request waits for others."),
+    wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0, help="How long the first request waits for others."),
     max_tokens_limit: int = typer.Option(2048, "--max-tokens-limit", min=1, help="Largest max_tokens accepted."),
     max_prompts: int = typer.Option(64, "--max-prompts", min=1, help="Most prompts in one request."),
     max_choices: int = typer.Option(128, "--max-choices", min=1, help="Most prompts × n in one request."),
@@ -41,7 +41,7 @@ def serve_cmd(
 def gateway_cmd(
     config: Path = typer.Argument(..., metavar="GATEWAY_YAML", help="Upstreams, branch → upstream, router, pipelines."),
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
-    port: int = typer.Option(8080, "--port", help="TCP port."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="BRANCHMERGE_API_KEY",
                                        help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics."),
 ) -> None:

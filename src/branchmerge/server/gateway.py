@@ -180,7 +180,8 @@ class GatewayService:
         self.pipelines = pipelines or PipelinesConfig()
         self.pipelines.check_branches(list(cfg.branches))
         self.up = {n: _Upstream(n, u) for n, u in cfg.upstreams.items()}
-        self._routes = RouteBatcher(lambda texts: router.route(texts), ThreadPoolExecutor(1, "gateway-route"))
+        self._pool = ThreadPoolExecutor(1, "gateway-route")
+        self._routes = RouteBatcher(lambda texts: router.route(texts), self._pool)
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig) -> GatewayService:
@@ -466,6 +467,7 @@ class GatewayService:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(u.client.aclose() for u in self.up.values()))
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def gateway(config: str | Path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None) -> None:
