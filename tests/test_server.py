@@ -45,8 +45,10 @@ def server(bundles, tmp_path_factory):
 
 def test_health_and_models(server):
     assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
-    ids = {m.id for m in server["client"].models.list().data}
-    assert ids == {"a", "b", "c", "two_step", "auto"}
+    models = server["client"].models.list().data
+    assert {m.id for m in models} == {"a", "b", "c", "two_step", "auto"}
+    ctx = server["bundle"].reader.hf_config("a")["max_position_embeddings"]
+    assert all(m.model_extra["max_model_len"] == ctx for m in models)  # as vLLM lists it
 
 
 def test_chat_and_completion_match_library(server):

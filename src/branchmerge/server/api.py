@@ -154,8 +154,15 @@ class OpenAIService:
         return self.front.model_ids()
 
     def models(self, created: int) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "branchmerge"}
-                                           for i in self.model_ids()]}
+        """``/v1/models``; each entry has ``max_model_len`` as vLLM's do (a branch's context; for ``auto`` and
+        pipelines, the smallest of all branches', which any of them fits) when the configs give one."""
+        names = self.bundle.branch_names
+        data = []
+        for i in self.model_ids():
+            ctx = self.bundle.context_limit(i) if i in names else self.bundle.tightest_context(names)
+            data.append({"id": i, "object": "model", "created": created, "owned_by": "branchmerge",
+                         **({"max_model_len": ctx} if ctx else {})})
+        return {"object": "list", "data": data}
 
     def register_metrics(self, registry: Registry) -> None:
         """The engine's metrics on ``/metrics``: jobs waiting and running, tokens by branch, batches."""
