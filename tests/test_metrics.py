@@ -71,6 +71,11 @@ def test_token_and_request_counts_follow_the_requests(served):
     assert delta(after, before, "branchmerge_prompt_tokens_total", branch="b") == \
         r1.usage.prompt_tokens + r2.usage.prompt_tokens
     assert delta(after, before, "branchmerge_generation_tokens_total", branch="a") == usage_a.completion_tokens
+    # the streamed request's first token: one sample, for its branch, within the request's own duration
+    assert delta(after, before, "branchmerge_time_to_first_token_seconds_count", branch="a") == 1
+    assert 0 < delta(after, before, "branchmerge_time_to_first_token_seconds_sum", branch="a") < \
+        delta(after, before, "branchmerge_http_request_duration_seconds_sum", route="/v1/completions")
+    assert delta(after, before, "branchmerge_time_to_first_token_seconds_count", branch="b") == 0  # not streamed
     assert delta(after, before, "branchmerge_answers_total", model="b", branch="b") == 2
     assert delta(after, before, "branchmerge_answers_total", model="a", branch="a") == 1
     assert delta(after, before, "branchmerge_http_requests_total", route="/v1/completions", status="200") == 2

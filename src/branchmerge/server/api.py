@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +75,7 @@ class _Request:
     """The jobs one HTTP request queued (the engine takes turns between requests)."""
 
     def __init__(self) -> None:
+        self.t0 = time.monotonic()  # arrival, for the time to a stream's first token
         self.jobs: list[Job] = []
         self.prompt_tokens = self.completion_tokens = 0  # what its streams sent, for `include_usage`
 
@@ -140,6 +142,7 @@ class OpenAIService:
         self.engine = Engine(self.bundle, max_batch=max_batch, wait_ms=wait_ms, max_queued=self.limits.max_queued)
         self._aux = ThreadPoolExecutor(2, thread_name_prefix="branchmerge-route")  # routing and pipelines
         self._shared_tok: Any = _UNSET  # see _shared_tokenizer
+        self._ttft: Any = None  # a histogram on /metrics
         self._routes = RouteBatcher(lambda texts: self.front.route_many(texts), self._aux, route_batch)
 
     # ---- listing ------------------------------------------------------------------------------------
@@ -169,6 +172,8 @@ class OpenAIService:
         self.engine.metrics = EngineMetrics(registry, self.engine)
         self._routes.sizes = registry.histogram("route_batch_size", "Texts per routing batch (model auto).",
                                                 buckets=SIZE_BUCKETS)
+        self._ttft = registry.histogram("time_to_first_token_seconds", "From a streamed request's arrival to "
+                                        "its first generated token, by branch.", ("branch",))
 
     # ---- shared steps -------------------------------------------------------------------------------
     def _max_tokens(self, req: P._Req, *, scoring: bool = False) -> int:
@@ -338,6 +343,8 @@ class OpenAIService:
                 t = await job.next_token()
                 if t is None:
                     break
+                if not ids and reason is None and self._ttft is not None and isinstance(job.request, _Request):
+                    self._ttft.observe(time.monotonic() - job.request.t0, branch)
                 if reason is not None:
                     continue  # drain the rest of the batch's steps
                 if t in eos:
