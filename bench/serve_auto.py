@@ -91,8 +91,8 @@ def main() -> None:
                 got[name].append(load_round(url, model, args.clients, args.seconds))
             print(f"round {r + 1}: {name}: {got[name][-1][0]:.2f} req/s, median {got[name][-1][1]:.2f} s", flush=True)
     ref = statistics.mean(x[0] for x in got["branch m0 (no routing)"])
-    print(f"\n{args.clients} clients, {args.seconds:g} s × {args.rounds} rounds each, 8 new tokens, SmolLM2-135M bundle "
-          "r=0.95 float32, in-process server on 127.0.0.1\n")
+    print(f"\n{args.clients} clients, {args.seconds:g} s × {args.rounds} rounds each, 8 new tokens, "
+          "SmolLM2-135M bundle r=0.95 float32, in-process server on 127.0.0.1\n")
     print("| setup | requests/s | median latency (s) | throughput vs naming the branch |\n|---|---|---|---|")
     for name in setups:
         rps = statistics.mean(x[0] for x in got[name])

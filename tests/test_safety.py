@@ -132,7 +132,8 @@ def test_output_current_folder_and_file(capsys, family, tmp_path, monkeypatch):
     others = tmp_path / "others"
     others.mkdir()
     (others / "thesis.txt").write_text("years of work")
-    for out, what in ((cfg, "is a file"), (others, r"is a folder that branchmerge did not write \(it holds thesis.txt\)")):
+    folder = r"is a folder that branchmerge did not write \(it holds thesis.txt\)"
+    for out, what in ((cfg, "is a file"), (others, folder)):
         code, _, err = run_cli(capsys, "merge", cfg, "-o", out, "--force", "--no-progress")
         assert code == 1 and re.search(f"{what}; --force replaces only an earlier branchmerge output", err), err
     assert Path(cfg).read_text().startswith("branches") and (others / "thesis.txt").read_text() == "years of work"

@@ -138,7 +138,8 @@ def export_vllm_cmd(
                                    "of --embed-rank; norms averaged) or refuse."),
     embed_rank: int = typer.Option(64, "--embed-rank", help="LoRA rank of embeddings/lm_head with --per-branch lora."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the bundle's)."),
-    port: int = typer.Option(8000, "--port", min=1, max=65535, help="First port in the generated vllm serve lines and gateway.yaml."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535,
+                             help="First port in the generated vllm serve lines and gateway.yaml."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier branchmerge output."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
