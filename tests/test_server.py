@@ -244,6 +244,28 @@ def test_concurrent_auto_requests_are_routed_in_one_batch(server, monkeypatch):
             assert r.status_code == 400 and "cannot route this question" in r.json()["error"]["message"]
 
 
+def test_auto_scores_a_question_and_its_answers_on_one_branch(server):
+    """lm_eval batches a question with each answer (context + continuation, one prompt each). With `auto`,
+    prompts that share at least half of themselves are routed on that shared context, as the in-process
+    backend routes on the context: every answer is scored on one branch, even one whose whole text alone
+    routes elsewhere."""
+    bundle = server["bundle"]
+    ctx, answers = "key abcd=", [" key zz", " add 1+2", " rev ab"]
+    whole = [bundle.router.route([ctx + a])[0] for a in answers]
+    assert len(set(whole)) > 1  # the case this test is about: alone, the answers would split
+    app = create_app(bundle, pipelines=PipelinesConfig())  # no routes to pipelines: scoring needs a branch
+    with serving(app) as url:
+        body = {"model": "auto", "prompt": [ctx + a for a in answers], "max_tokens": 1, "logprobs": 1, "echo": True}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert [ch["branch"] for ch in r.json()["choices"]] == [bundle.router.route([ctx])[0]] * len(answers)
+        one = httpx.post(url + "/v1/completions", json={**body, "prompt": ctx + answers[1]}, timeout=60).json()
+        assert one["branch"] == whole[1]  # a prompt alone is routed on its whole text, as before
+        unrelated = {**body, "prompt": ["key abcd= add 1+2 add 3+4", "key zz= rev abc rev hello"]}
+        got = httpx.post(url + "/v1/completions", json=unrelated, timeout=60).json()
+        assert [ch["branch"] for ch in got["choices"]] == [bundle.router.route([p])[0] for p in unrelated["prompt"]]
+
+
 def test_bad_requests_get_openai_errors(server):
     c, url = server["client"], server["url"]
     with pytest.raises(openai.NotFoundError) as e:

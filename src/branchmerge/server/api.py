@@ -80,6 +80,21 @@ class _Request:
         self.prompt_tokens = self.completion_tokens = 0  # what its streams sent, for `include_usage`
 
 
+def _common_prefix(a: str | list[int], b: str | list[int]) -> int:
+    """Length of the longest common prefix of two strings or id lists (0 for a string and a list); a binary
+    search over slices, so that 100,000-character prompts cost C-speed comparisons, not a Python loop."""
+    if isinstance(a, str) != isinstance(b, str):
+        return 0
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 class RouteBatcher:
     """Routing for ``auto``, batched across requests: texts that arrive while a routing batch runs form the
     next one (one embedding forward for all of them, on a worker thread), as the engine batches generation.
@@ -488,10 +503,26 @@ class OpenAIService:
             raise P.APIError(400, str(e), param="prompt") from None
         return list(ids)
 
+    def _scoring_route_texts(self, req: P.CompletionRequest, prompts: list) -> list[str | None]:
+        """What ``auto`` routes for each prompt of a scoring request: a prompt sharing at least half of itself
+        with another prompt of the request (a question with each answer, as lm_eval batches them) is routed
+        on that shared context, so all answers of one question are scored on one branch, as the in-process
+        backend does; any other prompt on its whole text (None)."""
+        if req.model != "auto" or (req.logprobs is None and not req.echo) or len(prompts) < 2:
+            return [None] * len(prompts)
+        # sorted, a prompt's longest shared prefix is with a neighbour (strings and id lists kept apart)
+        order = sorted(range(len(prompts)), key=lambda i: (isinstance(prompts[i], str), prompts[i]))
+        best = [0] * len(prompts)
+        for a, b in zip(order, order[1:]):
+            n = _common_prefix(prompts[a], prompts[b])
+            best[a], best[b] = max(best[a], n), max(best[b], n)
+        return [self._route_text(p[:n]) if n and 2 * n >= len(p) else None for p, n in zip(prompts, best)]
+
     async def _completion(self, req: P.CompletionRequest, prompt: str | list[int], *, rid: str, index: int,
-                          disconnected: Disconnected | None, request: Any) -> dict | tuple:
+                          disconnected: Disconnected | None, request: Any, route_text: str | None = None
+                          ) -> dict | tuple:
         if req.logprobs is not None or req.echo:
-            return await self._scored(req, prompt, disconnected, request)
+            return await self._scored(req, prompt, disconnected, request, route_text)
         if isinstance(prompt, list):
             encode = lambda b: self._token_ids(b, prompt)  # noqa: E731
             text = self._route_text(prompt) if req.model == "auto" else ""
@@ -518,21 +549,24 @@ class OpenAIService:
                                                      request=request) for i, p in enumerate(prompts)],
                              self._usage(req, "completion", rid, request))
         # every prompt is its own job; the engine batches them (and scoring shares their common prefixes)
+        routes = self._scoring_route_texts(req, prompts)
         bodies = await asyncio.gather(*(self._completion(req, p, rid=rid, index=0, disconnected=disconnected,
-                                                         request=request) for p in prompts))
+                                                         request=request, route_text=r)
+                                        for p, r in zip(prompts, routes)))
         if len(bodies) == 1:
             return self._reply(bodies[0])
         merged = P.merge_bodies(list(bodies))
         return Reply(body=merged, headers=P.branch_header(merged["branch"]))
 
     async def _scored(self, req: P.CompletionRequest, prompt: str | list[int], disconnected: Disconnected | None,
-                      request: Any) -> dict:
+                      request: Any, route_text: str | None = None) -> dict:
         """A completion with ``logprobs`` and/or ``echo`` (how lm-evaluation-harness scores loglikelihoods):
         generate as usual, then one forward over prompt + completion gives every token's log-probability."""
         if req.stream:
             raise P.APIError(400, "logprobs and echo are not supported with stream=true", param="stream")
         mt = self._max_tokens(req, scoring=True)
-        branch, pipeline = await self._resolve(req.model, self._route_text(prompt) if req.model == "auto" else "")
+        text = (route_text if route_text is not None else self._route_text(prompt)) if req.model == "auto" else ""
+        branch, pipeline = await self._resolve(req.model, text)
         if pipeline is not None or branch is None:
             raise P.APIError(400, "logprobs and echo need a branch, not a pipeline", param="model")
         tok = self.bundle.tokenizer(branch)
