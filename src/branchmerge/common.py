@@ -1,4 +1,4 @@
-"""Leaf helpers shared by every stage: dtype names, JSON dumping, safe names. Imports nothing of ours
+"""Leaf helpers shared by every stage: dtype names, JSON dumping, safe names, NaN/Inf counts. Imports nothing of ours
 but :mod:`branchmerge.errors`."""
 
 from __future__ import annotations
@@ -65,6 +65,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if d.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
     return d
+
+
+def nonfinite(t: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """How many NaN/Inf values a floating-point tensor holds (0 for other dtypes), counted in chunks of
+    ``chunk`` elements so that the check needs little memory beside the tensor."""
+    if not t.is_floating_point():
+        return 0
+    flat = t.reshape(-1)
+    return sum(int((~torch.isfinite(flat[i:i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
 
 
 def json_dumps(obj: Any) -> str:

@@ -142,10 +142,7 @@ class Front:
         if self.pipelines.get(model) is not None:
             return None, model
         if model == "auto":
-            if self.router is None:
-                raise BranchmergeError("model 'auto' needs a router; this bundle has none")
-            b = self.router.route([text])[0]
-            return (None, self.pipelines.routes[b]) if b in self.pipelines.routes else (b, None)
+            return self.route_many([text])[0]
         self.bundle.reader.branch(model)
         return model, None
 

@@ -175,7 +175,7 @@ class StageBatch:
     ids: list[list[int]]
     branches: list[str]
     max_new_tokens: int
-    sampling: dict[str, Any]
+    temperature: float  # 0: greedy
 
 
 def pipeline_steps(bundle: Bundle, pipeline: Pipeline, questions: list[str]
@@ -195,7 +195,7 @@ def pipeline_steps(bundle: Bundle, pipeline: Pipeline, questions: list[str]
                for p, b, q, prev in zip(prompts, branches, questions, previous)]
         for i, b in zip(ids, branches):
             bundle.check_context(b, len(i), stage.max_tokens)
-        outs = yield StageBatch(k, ids, branches, stage.max_tokens, sampling_kwargs(stage.temperature))
+        outs = yield StageBatch(k, ids, branches, stage.max_tokens, stage.temperature)
         for r, (o, prompt) in enumerate(zip(outs, prompts)):
             text = postprocess(o.text, stage)
             results[r].append(StageResult(k, o.branch, prompt, text, len(o.prompt_ids), len(o.new_ids)))
@@ -218,7 +218,8 @@ def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str], *,
     try:
         batch = next(steps)
         while True:
-            batch = steps.send(gen(batch.ids, batch.branches, max_new_tokens=batch.max_new_tokens, **batch.sampling))
+            batch = steps.send(gen(batch.ids, batch.branches, max_new_tokens=batch.max_new_tokens,
+                                   **sampling_kwargs(batch.temperature)))
     except StopIteration as done:
         return done.value
 

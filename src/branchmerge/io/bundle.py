@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from branchmerge.common import json_dumps
+from branchmerge.common import json_dumps, nonfinite
 from branchmerge.compress import Difference
 from branchmerge.compress.quant import QuantizedFactors, QuantizedRows
 from branchmerge.errors import BranchNotFoundError, BundleError
@@ -65,15 +65,6 @@ def key_own(branch: str, tensor: str) -> str:
 def key_part(branch: str, tensor: str, part: str) -> str:
     """``part`` is ``U``, ``V``, ``delta``, or a quantized part (``sigma``, ``U.q8``, ``V.s4``…)."""
     return f"b.{branch}|{tensor}|{part}"
-
-
-def _nonfinite(t: torch.Tensor, chunk: int = 1 << 24) -> int:
-    """How many NaN/Inf values a floating-point tensor holds (0 for other dtypes), in chunks of ``chunk``
-    elements so that the check needs little memory beside the tensor."""
-    if not t.is_floating_point():
-        return 0
-    flat = t.reshape(-1)
-    return sum(int((~torch.isfinite(flat[i:i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
 
 
 class BundleReader:
@@ -176,7 +167,7 @@ class BundleReader:
             meta = h.get_slice(key)
             self._check(key, list(meta.get_shape()), meta.get_dtype())
             t = h.get_tensor(key)
-            bad = _nonfinite(t)
+            bad = nonfinite(t)
             if bad:  # a merge refuses to write them: the file was damaged or edited after it was signed
                 raise BundleError(f"bundle {self.path}: tensor {key} holds {bad} non-finite value(s) (NaN or "
                                   "Inf); branchmerge never writes them, so the bundle is damaged")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from branchmerge.common import nonfinite
 from branchmerge.errors import ModelInputError
 
 logger = logging.getLogger(__name__)
@@ -131,8 +132,7 @@ class ModelSource:
             raise ModelInputError(
                 f"branch {self.name!r}: tensor {tensor} in {shard} could not be read: {e}"
             ) from None
-        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
+        if check_finite and (bad := nonfinite(t)):
             raise ModelInputError(
                 f"branch {self.name!r}: tensor {tensor} in {shard} has {bad} NaN/Inf value(s)"
             )

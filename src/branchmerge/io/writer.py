@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from branchmerge.common import nonfinite
 from branchmerge.errors import BranchmergeError, ModelInputError
 
 logger = logging.getLogger(__name__)
@@ -208,10 +209,10 @@ class ShardWriter:
         if name in self.weight_map or name in self._buffer:
             raise ValueError(f"tensor {name} written twice")
         t = tensor.detach().to("cpu").contiguous()
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if bad := nonfinite(t):
             hint = " (its values overflow float16's range of ±65504: use dtype bfloat16 or float32)" \
                 if t.dtype == torch.float16 else ""
-            raise ModelInputError(f"tensor {name} would be stored with {int((~torch.isfinite(t)).sum())} "
+            raise ModelInputError(f"tensor {name} would be stored with {bad} "
                                   f"non-finite value(s) as {str(t.dtype).removeprefix('torch.')}{hint}")
         nbytes = t.numel() * t.element_size()
         if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:

@@ -44,12 +44,21 @@ def shared_lengths(clusters: Sequence[PrefixCluster], n: int) -> list[int]:
     return out
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def common_prefix(a: Sequence[int] | str, b: Sequence[int] | str) -> int:
+    """Length of the longest common prefix of two token-id sequences or two strings (0 for a string and ids);
+    a binary search over slices, so that 100,000-token prompts cost C-speed comparisons, not a Python loop."""
+    if isinstance(a, str) != isinstance(b, str):
+        return 0
+    if not isinstance(a, str):
+        a, b = list(a), list(b)
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def prefix_clusters(seqs: Sequence[Sequence[int]], keys: Sequence[Hashable], *,
@@ -79,7 +88,7 @@ def prefix_clusters(seqs: Sequence[Sequence[int]], keys: Sequence[Hashable], *,
     shared = 0
     for i in order:
         if cur and keys[i] == keys[cur[0]]:
-            q = min(shared, _common_prefix(seqs[cur[0]], seqs[i]), len(seqs[i]) - 1)
+            q = min(shared, common_prefix(seqs[cur[0]], seqs[i]), len(seqs[i]) - 1)
             lens = [len(seqs[j]) for j in cur]
             cost_now = (shared + sum(n - shared for n in lens)) if len(cur) > 1 else lens[0]
             cost_joined = q + sum(n - q for n in lens) + len(seqs[i]) - q

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from branchmerge.errors import BranchmergeError, BranchNotFoundError
 from branchmerge.front import Front
 from branchmerge.runtime.bundle import ContextLengthError, GenerationResult
+from branchmerge.runtime.scoring import common_prefix
 from branchmerge.runtime.text import cut_at_stop
 from branchmerge.server import protocol as P
 from branchmerge.server.engine import Busy, Engine, Job
@@ -78,21 +79,6 @@ class _Request:
         self.t0 = time.monotonic()  # arrival, for the time to a stream's first token
         self.jobs: list[Job] = []
         self.prompt_tokens = self.completion_tokens = 0  # what its streams sent, for `include_usage`
-
-
-def _common_prefix(a: str | list[int], b: str | list[int]) -> int:
-    """Length of the longest common prefix of two strings or id lists (0 for a string and a list); a binary
-    search over slices, so that 100,000-character prompts cost C-speed comparisons, not a Python loop."""
-    if isinstance(a, str) != isinstance(b, str):
-        return 0
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 class RouteBatcher:
@@ -333,9 +319,8 @@ class OpenAIService:
             if finished:
                 break
             batch = value
-            t = float(batch.sampling.get("temperature") or 0.0) if batch.sampling.get("do_sample") else 0.0
-            jobs = self._submit([Job(list(ids), b, batch.max_new_tokens, temperature=t, request=request)
-                                 for ids, b in zip(batch.ids, batch.branches)])
+            jobs = self._submit([Job(list(ids), b, batch.max_new_tokens, temperature=batch.temperature,
+                                     request=request) for ids, b in zip(batch.ids, batch.branches)])
             await self._wait(jobs, disconnected)
             sent = [GenerationResult(j.branch, j.ids, j.new_ids,
                                      self.bundle.tokenizer(j.branch).decode(j.new_ids, skip_special_tokens=True),
@@ -514,7 +499,7 @@ class OpenAIService:
         order = sorted(range(len(prompts)), key=lambda i: (isinstance(prompts[i], str), prompts[i]))
         best = [0] * len(prompts)
         for a, b in zip(order, order[1:]):
-            n = _common_prefix(prompts[a], prompts[b])
+            n = common_prefix(prompts[a], prompts[b])
             best[a], best[b] = max(best[a], n), max(best[b], n)
         return [self._route_text(p[:n]) if n and 2 * n >= len(p) else None for p, n in zip(prompts, best)]
 
