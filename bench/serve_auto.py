@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from _common import CACHE, perturbed_copies, smollm2_folder
+from _common import CACHE, fan_out, perturbed_copies, smollm2_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.serving: a uvicorn server in a thread
 
@@ -64,13 +63,8 @@ def load_round(url: str, model: str, clients: int, seconds: float) -> tuple[floa
                 lat.append(time.monotonic() - t)
                 k += clients
 
-    t0 = time.monotonic()
-    ths = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
-    return len(lat) / (time.monotonic() - t0), statistics.median(lat)
+    wall = fan_out(client, clients)
+    return len(lat) / wall, statistics.median(lat)
 
 
 def main() -> None:
