@@ -47,8 +47,10 @@ def bundle_with_router() -> Path:
     return bdir
 
 
-def load_round(url: str, model: str, clients: int, seconds: float) -> tuple[float, float]:
-    """(requests/s, median latency s) of ``clients`` threads sending requests for ``seconds``."""
+def load_round(url: str, model: str, clients: int, seconds: float,
+               body=lambda i: {}) -> tuple[float, float]:
+    """(requests/s, median latency s) of ``clients`` threads sending requests for ``seconds``; client i
+    adds ``body(i)`` to each of its requests."""
     lat: list[float] = []
     stop = time.monotonic() + seconds
 
@@ -58,7 +60,7 @@ def load_round(url: str, model: str, clients: int, seconds: float) -> tuple[floa
             while time.monotonic() < stop:
                 t = time.monotonic()
                 r = c.post(url + "/v1/completions", json={"model": model, "prompt": PROMPTS[k % len(PROMPTS)],
-                                                          "max_tokens": 8})
+                                                          "max_tokens": 8, **body(i)})
                 r.raise_for_status()
                 lat.append(time.monotonic() - t)
                 k += clients

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -247,7 +248,7 @@ def _misbehaving_upstream():
             return StreamingResponse(streams[model](), media_type="text/event-stream")
         if model == "no-choices":
             return JSONResponse({"id": "x", "object": "chat.completion"})
-        content = 5 if model == "bad-content" else "fine"
+        content = {"bad-content": 5, "wordy": "the quick brown fox jumps over the lazy dog " * 3}.get(model, "fine")
         return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                           "finish_reason": "stop"}], "usage": "lots"})
 
@@ -257,12 +258,13 @@ def _misbehaving_upstream():
 def test_a_misbehaving_upstream_is_cut_off_and_named(tmp_path):
     """An upstream that drips bytes, sends an endless line, or answers with the wrong shape: each is a 502 or
     504 naming it (or an error event, in a stream), within its timeout and byte limit, never a hang or a 500."""
-    names = ["drip", "endless", "slow", "no-choices", "bad-content", "fine"]
+    names = ["drip", "endless", "slow", "no-choices", "bad-content", "fine", "wordy"]
     with serving(_misbehaving_upstream()) as up:
         cfg = {"upstreams": {"u": {"base_url": up + "/v1", "timeout_s": 0.8, "max_response_bytes": 1 << 20}},
                "branches": {n: {"upstream": "u"} for n in names}, "pipelines": "p.yaml"}
         (tmp_path / "p.yaml").write_text(yaml.safe_dump({"pipelines": [
-            {"name": f"via-{n}", "stages": [{"branch": n, "user": "{question}"}]} for n in names]}))
+            *({"name": f"via-{n}", "stages": [{"branch": n, "user": "{question}"}]} for n in names),
+            {"name": "runaway", "stages": [{"branch": "wordy", "extract": r"(?:(\w)|.)*\p{Han}"}]}]}))
         (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
         service = GatewayService.from_config(load_gateway_config(tmp_path / "g.yaml"))
         with serving(build_app(service)) as url:
@@ -278,6 +280,13 @@ def test_a_misbehaving_upstream_is_cut_off_and_named(tmp_path):
                 r, _ = post(model)
                 assert r.status_code == 502, (model, r.text)
                 assert r.json()["error"]["code"] == "upstream_bad_response" and "upstream 'u'" in r.text
+            with ThreadPoolExecutor(1) as ex:  # a runaway extract regex: stopped, and off the event loop
+                slow = ex.submit(post, "runaway")
+                time.sleep(0.3)
+                t = time.monotonic()
+                assert httpx.get(url + "/health", timeout=5).status_code == 200 and time.monotonic() - t < 0.5
+                r, took = slow.result()
+            assert r.status_code == 500 and r.json()["error"]["code"] == "extract_timeout" and took < 10
             r, _ = post("via-fine")  # an unreadable `usage` counts nothing, the answer stands
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
             assert r.json()["usage"]["completion_tokens"] == 0

@@ -24,6 +24,8 @@ PIPES = {
     "pipelines": [{"name": "two_step", "stages": [
         {"branch": "a", "user": "{question}", "max_tokens": 6},
         {"branch": "b", "user": "{previous}=", "max_tokens": 4},
+    ]}, {"name": "runaway", "stages": [  # 2^n backtracking on any output of n word characters without Han
+        {"branch": "b", "user": "{question}", "max_tokens": 40, "chat": False, "extract": r"(?:(\w)|.)*\p{Han}"},
     ]}],
     "routes": {"c": "two_step"},
 }
@@ -46,7 +48,7 @@ def server(bundles, tmp_path_factory):
 def test_health_and_models(server):
     assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
     models = server["client"].models.list().data
-    assert {m.id for m in models} == {"a", "b", "c", "two_step", "auto"}
+    assert {m.id for m in models} == {"a", "b", "c", "two_step", "runaway", "auto"}
     ctx = server["bundle"].reader.hf_config("a")["max_position_embeddings"]
     assert all(m.model_extra["max_model_len"] == ctx for m in models)  # as vLLM lists it
 
@@ -106,10 +108,8 @@ def test_streams_end_with_usage_when_asked(server):
 
 
 def test_a_seed_makes_sampling_reproducible(server):
-    """A sampled request with a ``seed`` runs as its own batch under that seed: the same text each time,
-    whatever else the server samples meanwhile; choice k of ``n`` samples under seed + k."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """A sampled request with a ``seed`` gives the same text whatever else the server samples meanwhile;
+    choice k of ``n`` samples under seed + k."""
     c = server["client"]
 
     def sample(seed=None, n=1, prompt="rev abcdef="):
@@ -124,6 +124,30 @@ def test_a_seed_makes_sampling_reproducible(server):
         [f.result() for f in noise]
     assert sample(7, n=2) == first + sample(8)
     assert len({sample(s)[0] for s in range(7, 13)}) > 1  # the seed is what fixes it
+
+
+def test_different_sampling_settings_share_one_batch(server):
+    """Greedy, seeded and unseeded requests at different temperatures and top-p run as one batch, each
+    row with its own settings: each seeded one equals its answer alone, the greedy one the library's."""
+    c, bundle, engine = server["client"], server["bundle"], server["app"].state.engine
+    reqs = [dict(prompt="rev abcdef=", temperature=2.0, seed=3), dict(prompt="add 1+2=", temperature=0.7, seed=4),
+            dict(prompt="key zz=", temperature=1.3, top_p=0.5, seed=5), dict(prompt="rev hello=", temperature=0.0),
+            dict(prompt="add 3+3=", temperature=1.0), dict(prompt="rev abcdef=", temperature=2.0, seed=3)]
+    branch = {"r": "b", "a": "a", "k": "c"}
+
+    def call(kw):
+        return c.completions.create(model=branch[kw["prompt"][0]], max_tokens=10, **kw).choices[0].text
+
+    alone = [call(kw) for kw in reqs[:3]]
+    before = engine.batches
+    with ThreadPoolExecutor(len(reqs)) as ex:
+        with engine.paused():
+            futs = [ex.submit(call, kw) for kw in reqs]
+            wait_queued(engine, len(reqs))
+        got = [f.result() for f in futs]
+    assert engine.batches - before == 1
+    assert got[:3] == alone and got[5] == got[0]
+    assert got[3] == bundle.generate("rev hello=", "b", max_new_tokens=10)[0]
 
 
 def test_auto_routing_and_pipeline(server):
@@ -371,6 +395,23 @@ def test_stage_extract_and_plain_completion(server):
     assert res[1].text == (m.group(1) if m else raw)
     with pytest.raises(ValueError, match="not a valid regular expression"):
         Pipeline.model_validate({"name": "y", "stages": [{"extract": "(["}]})
+
+
+def test_a_runaway_extract_regex_is_stopped(server):
+    """A stage's ``extract`` pattern that backtracks for ever stops after its time limit: a 500 naming the
+    pattern (the operator's config, not the request), and the server goes on answering."""
+    from branchmerge.staged import EXTRACT_TIMEOUT_S, ExtractTimeoutError, bundle_pipelines, run_pipeline
+
+    c, bundle = server["client"], server["bundle"]
+    raw = bundle.generate("rev abcdefghij=", "b", max_new_tokens=40, chat=False)[0]
+    assert sum(ch.isalnum() for ch in raw) >= 30  # long enough to stall the pattern for years
+    t = time.monotonic()
+    with pytest.raises(openai.InternalServerError, match="ran past") as e:
+        c.chat.completions.create(model="runaway", messages=[{"role": "user", "content": "rev abcdefghij="}])
+    assert e.value.body["code"] == "extract_timeout" and time.monotonic() - t < 10 * EXTRACT_TIMEOUT_S
+    assert c.completions.create(model="b", prompt="rev abc=", max_tokens=3).choices[0].text is not None
+    with pytest.raises(ExtractTimeoutError, match=r"p\{Han\}"):
+        run_pipeline(bundle, bundle_pipelines(bundle).get("runaway"), ["rev abcdefghij="])
 
 
 def test_logprobs_and_echo_match_library(server):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import regex
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from branchmerge.config import read_yaml, validate
@@ -60,8 +61,8 @@ class Stage(BaseModel):
     def _regex(cls, v: str | None) -> str | None:
         if v is not None:
             try:
-                re.compile(v)
-            except re.error as e:
+                regex.compile(v)
+            except regex.error as e:
                 raise ValueError(f"`extract` {v!r} is not a valid regular expression: {e}") from None
         return v
 
@@ -148,11 +149,29 @@ class StageResult:
     completion_tokens: int
 
 
+EXTRACT_TIMEOUT_S = 1.0  # an ``extract`` pattern that backtracks catastrophically stops here
+
+
+class ExtractTimeoutError(ConfigError):
+    """A stage's ``extract`` regex ran past :data:`EXTRACT_TIMEOUT_S` on an output (an operator's config
+    fault, not the client's)."""
+
+
 def postprocess(text: str, stage: Stage) -> str:
-    """A stage's output cut at its stop strings, stripped, and narrowed by its ``extract`` regex."""
+    """A stage's output cut at its stop strings, stripped, and narrowed by its ``extract`` regex.
+
+    Raises:
+        ExtractTimeoutError: the regex ran past :data:`EXTRACT_TIMEOUT_S` (Python's ``re`` has no time
+            limit, so a pattern such as ``(a+)+$`` could hold a thread for ever; ``regex`` stops it).
+    """
     text = cut_at_stop(text, stage.stop)[0].strip()
     if stage.extract:
-        m = re.search(stage.extract, text)
+        try:
+            m = regex.search(stage.extract, text, timeout=EXTRACT_TIMEOUT_S, concurrent=True)  # GIL released
+        except TimeoutError:
+            raise ExtractTimeoutError(
+                f"the stage's `extract` regex {stage.extract!r} ran past {EXTRACT_TIMEOUT_S:g} s on a "
+                f"{len(text)}-character output; simplify it in the pipelines file") from None
         if m:
             text = m.group(1) if m.re.groups else m.group(0)
     return text

@@ -299,7 +299,7 @@ class OpenAIService:
         """Run a pipeline stage by stage through the engine. Each stage's routing and encoding run on a worker
         thread, its generation as jobs this request waits for like any other: no thread is held while the
         engine works, and a client that goes away withdraws the stage's jobs (nothing later runs)."""
-        from branchmerge.staged import pipeline_steps
+        from branchmerge.staged import ExtractTimeoutError, pipeline_steps
 
         loop = asyncio.get_running_loop()
         steps = pipeline_steps(self.bundle, self.front.pipelines.get(name), [question])
@@ -314,6 +314,8 @@ class OpenAIService:
         while True:
             try:
                 finished, value = await loop.run_in_executor(self._aux, advance, sent)
+            except ExtractTimeoutError as e:  # the operator's pipelines file, not the request
+                raise P.APIError(500, str(e), type_="server_error", code="extract_timeout") from None
             except BranchmergeError as e:
                 raise P.APIError(400, str(e)) from None
             if finished:

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from branchmerge.runtime.text import sampling_kwargs
+from branchmerge.runtime.sampling import RowSampler
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Job:
     stream: bool = False
     request: Any = None  # jobs of one request share a queue (fairness)
     score: tuple[int, bool] | None = None  # a scoring job: (top-k, greedy next token)
-    seed: int | None = None  # a sampled job with a seed runs as a batch of its own, under that seed
+    seed: int | None = None  # a sampled job with a seed draws from its own generator, seeded with it
     # results
     new_ids: list[int] = field(default_factory=list)
     stop_id: int | None = None  # end-of-sequence token that ended generation (not in new_ids)
@@ -76,10 +76,7 @@ class Job:
         """Jobs with equal keys can share one batch."""
         if self.score is not None:
             return ("score", self.group, *self.score)
-        sampling = tuple(sorted(sampling_kwargs(self.temperature, self.top_p).items()))
-        if self.seed is not None and sampling:  # reproducible whatever else is served: never shares a batch
-            return ("seeded", id(self))
-        return ("generate", self.group, sampling)
+        return ("generate", self.group)  # each row samples with its own settings (RowSampler)
 
     def _emit(self, token: int | None) -> None:
         if self.stream and self._loop is not None:  # streamed ids, then None, into the bound event loop
@@ -103,18 +100,6 @@ class Job:
 
     async def next_token(self) -> int | None:
         return await self._aqueue.get()
-
-
-@contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Sample under ``seed`` (nothing when None), leaving the process's random state as it was."""
-    if seed is None:
-        yield
-        return
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed % (1 << 63))
-        yield
 
 
 class _RowStreamer(BaseStreamer):
@@ -304,11 +289,12 @@ class Engine:
                     j.scored = o
             else:
                 streamer = _RowStreamer(jobs) if any(j.stream for j in jobs) else None
-                sampling = sampling_kwargs(jobs[0].temperature, jobs[0].top_p)
-                with _seeded(jobs[0].seed if sampling else None, self.bundle.device):
-                    outs = self.bundle.generate_ids(
-                        [j.ids for j in jobs], [j.branch for j in jobs], max_new_tokens=max(j.max_tokens for j in jobs),
-                        streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowStop(jobs)]), **sampling)
+                sampler = RowSampler([j.temperature for j in jobs], [j.top_p for j in jobs], [j.seed for j in jobs],
+                                     self.bundle.device)
+                extra = {"logits_processor": LogitsProcessorList([sampler])} if sampler.samples else {}
+                outs = self.bundle.generate_ids(
+                    [j.ids for j in jobs], [j.branch for j in jobs], max_new_tokens=max(j.max_tokens for j in jobs),
+                    streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowStop(jobs)]), **extra)
                 for j, o in zip(jobs, outs):
                     j.new_ids = o.new_ids[: j.max_tokens]
                     j.stop_id = o.stop_id if len(o.new_ids) < j.max_tokens else None

@@ -42,7 +42,7 @@ from branchmerge.errors import BranchmergeError, ConfigError
 from branchmerge.server import protocol as P
 from branchmerge.server.api import ClientGone, Disconnected, Reply, RouteBatcher, ServerLimits
 from branchmerge.server.metrics import SIZE_BUCKETS, Family, Registry
-from branchmerge.staged import PipelinesConfig, fill, load_pipelines, postprocess
+from branchmerge.staged import ExtractTimeoutError, PipelinesConfig, fill, load_pipelines, postprocess
 
 logger = logging.getLogger(__name__)
 
@@ -400,7 +400,10 @@ class GatewayService:
             body = {"messages": msgs, "max_tokens": st.max_tokens, "temperature": st.temperature,
                     **({"stop": st.stop} if st.stop else {})}
             out = await self._post(branch, "/chat/completions", body, disconnected)
-            previous = postprocess(self._text(branch, out), st)
+            try:  # off the event loop: an extract regex may take up to its time limit
+                previous = await asyncio.to_thread(postprocess, self._text(branch, out), st)
+            except ExtractTimeoutError as e:
+                raise P.APIError(500, str(e), type_="server_error", code="extract_timeout") from None
             usage = out.get("usage") if isinstance(out.get("usage"), dict) else {}
             pt = pt or _count(usage, "prompt_tokens")
             ct += _count(usage, "completion_tokens")

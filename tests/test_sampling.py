@@ -1,0 +1,77 @@
+"""Per-row sampling: each row's draws follow its own temperature and top-p, and a seeded row's tokens
+depend on its seed alone, not on the rows beside it."""
+
+import pytest
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from branchmerge.runtime.sampling import RowSampler, sample_rows
+
+N = 20_000  # stratified uniforms (i + 0.5) / N: the empirical distribution is exact up to ~1/N
+
+
+def _frequencies(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    u = (torch.arange(N, dtype=torch.float64) + 0.5) / N
+    rows = scores.expand(N, -1)
+    tok = sample_rows(rows, torch.full((N,), temperature), torch.full((N,), top_p), u.float())
+    return torch.bincount(tok, minlength=scores.shape[-1]).double() / N
+
+
+def _hf(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution transformers' own warpers (in generate's order) sample from."""
+    warp = LogitsProcessorList([TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    return warp(torch.zeros(1, 1, dtype=torch.long), scores.clone()).softmax(-1)[0].double()
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.5, 1.0), (2.0, 1.0), (1.0, 0.6), (0.7, 0.9)])
+def test_draws_follow_the_warped_distribution(temperature, top_p):
+    scores = torch.tensor([[2.0, -1.0, 0.5, 1.7, -3.0, 0.0, 1.0]])
+    want = _hf(scores, temperature, top_p)
+    got = _frequencies(scores, temperature, top_p)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+    if top_p < 1:
+        assert set(got.nonzero().flatten().tolist()) == set(want.nonzero().flatten().tolist())
+
+
+def test_rows_of_one_batch_use_their_own_settings():
+    torch.manual_seed(0)
+    scores = torch.randn(4, 50)
+    u = torch.tensor([0.999, 0.3, 0.999, 0.5])
+    tok = sample_rows(scores, torch.tensor([0.0, 1.0, 1.0, 1e-6]), torch.tensor([1.0, 1.0, 0.05, 0.5]), u)
+    assert tok[0] == scores[0].argmax() and tok[3] == scores[3].argmax()  # greedy rows, whatever u says
+    assert scores[2].softmax(-1).max() >= 0.05  # so a top-p of 0.05 keeps only the likeliest token
+    assert tok[2] == scores[2].argmax()
+    half_bf16 = sample_rows(scores.bfloat16(), torch.ones(4), torch.ones(4), u)
+    assert half_bf16.dtype == torch.long and half_bf16.shape == (4,)
+
+
+def test_a_row_draws_the_same_token_whatever_its_neighbours_settings():
+    torch.manual_seed(2)
+    scores, u = torch.randn(3, 64), torch.rand(3)
+    alone = [int(sample_rows(scores[r:r + 1], torch.tensor([1.2]), torch.ones(1), u[r:r + 1])) for r in range(3)]
+    for temps, tops in [([1.2, 0.0, 1.2], [1.0, 1.0, 1.0]), ([1.2, 1.2, 1.2], [1.0, 0.3, 1.0]),
+                        ([1.2, 2.0, 1.2], [1.0, 0.9, 1.0])]:
+        got = sample_rows(scores, torch.tensor(temps), torch.tensor(tops), u)
+        assert [int(got[0]), int(got[2])] == [alone[0], alone[2]]
+
+
+def test_a_seeded_row_does_not_depend_on_its_neighbours():
+    torch.manual_seed(1)
+    scores = [torch.randn(3, 40) for _ in range(6)]
+
+    def run(temps, seeds, col):
+        s = RowSampler(temps, [1.0, 0.9, 1.0], seeds)
+        out = []
+        for sc in scores:
+            got = s(torch.zeros(3, 1, dtype=torch.long), sc.clone())
+            assert torch.isfinite(got).sum(-1).eq(1).all()  # exactly one token left per row
+            out.append(int(got[col].argmax()))
+        return out
+
+    a = run([1.5, 0.8, 2.0], [11, None, 5], col=0)
+    b = run([1.5, 3.0, 0.0], [11, 4, None], col=0)  # different neighbours, same seed and settings
+    assert a == b
+    assert run([1.5, 0.8, 2.0], [12, None, 5], col=0) != a  # and the seed is what fixes it
+    assert not RowSampler([0.0, 0.0], [1.0, 1.0], [1, None]).samples
+    with pytest.raises(ValueError, match="one temperature, top_p and seed per row"):
+        RowSampler([1.0], [1.0, 1.0], [None])
