@@ -129,11 +129,18 @@ def test_gateway_metrics_count_upstreams(served, tmp_path):
         del os.environ["BM_METRICS_KEY"]
     with serving(build_app(service)) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-        c.completions.create(model="a", prompt="add 1+1=", max_tokens=3)
+        r = c.completions.create(model="a", prompt="add 1+1=", max_tokens=3)
+        last = list(c.completions.create(model="a", prompt="add 2+2=", max_tokens=4, stream=True,
+                                         stream_options={"include_usage": True}))[-1]
+        list(c.completions.create(model="a", prompt="add 3+3=", max_tokens=2, stream=True))  # no usage: not counted
         with pytest.raises(openai.APIStatusError):
             c.completions.create(model="b", prompt="rev abc=", max_tokens=3)
         m = scrape(url, key=None)  # this gateway has no key of its own
-    assert m[("branchmerge_answers_total", (("branch", "a"), ("model", "a")))] == 1
+    assert m[("branchmerge_answers_total", (("branch", "a"), ("model", "a")))] == 3
+    # tokens as the upstream reported them: the answer's usage and the stream's closing usage event
+    assert m[("branchmerge_generation_tokens_total", (("branch", "a"),))] == \
+        r.usage.completion_tokens + last.usage.completion_tokens > 0
+    assert m[("branchmerge_prompt_tokens_total", (("branch", "a"),))] == r.usage.prompt_tokens + last.usage.prompt_tokens
     assert m[("branchmerge_upstream_errors_total", (("code", "upstream_unreachable"), ("upstream", "down")))] == 1
     assert m[("branchmerge_upstream_in_flight", (("upstream", "u"),))] == 0
     assert m[("branchmerge_http_requests_total", (("route", "/v1/completions"), ("status", "502")))] == 1
