@@ -3,7 +3,8 @@ both vs naming the branch (no routing), side by side in one run, rounds interlea
 
 A bundle of three SmolLM2-135M-based branches (r=0.95) with a stored router (the bundle's first branch
 embeds; the write-up's template), served in-process on loopback. `--clients` threads send
-/v1/completions (8 new tokens) for `--seconds` per round.
+/v1/completions (8 new tokens) for `--seconds` per round. Every question is new (a serial number is
+appended), except in the last setup, where 8 questions repeat and the router's memory answers them.
 
     python bench/serve_auto.py [--seconds 15] [--clients 16] [--rounds 2]
 """
@@ -11,6 +12,7 @@ embeds; the write-up's template), served in-process on loopback. `--clients` thr
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -47,10 +49,14 @@ def bundle_with_router() -> Path:
     return bdir
 
 
+_SERIAL = itertools.count()
+
+
 def load_round(url: str, model: str, clients: int, seconds: float,
-               body=lambda i: {}) -> tuple[float, float]:
+               body=lambda i: {}, distinct: bool = False) -> tuple[float, float]:
     """(requests/s, median latency s) of ``clients`` threads sending requests for ``seconds``; client i
-    adds ``body(i)`` to each of its requests."""
+    adds ``body(i)`` to each of its requests. With ``distinct``, each request's text is new (a serial
+    number after the question), so the router's memory of past questions never answers."""
     lat: list[float] = []
     stop = time.monotonic() + seconds
 
@@ -59,7 +65,8 @@ def load_round(url: str, model: str, clients: int, seconds: float,
             k = i
             while time.monotonic() < stop:
                 t = time.monotonic()
-                r = c.post(url + "/v1/completions", json={"model": model, "prompt": PROMPTS[k % len(PROMPTS)],
+                prompt = PROMPTS[k % len(PROMPTS)] + (f" (#{next(_SERIAL)})" if distinct else "")
+                r = c.post(url + "/v1/completions", json={"model": model, "prompt": prompt,
                                                           "max_tokens": 8, **body(i)})
                 r.raise_for_status()
                 lat.append(time.monotonic() - t)
@@ -76,19 +83,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     bundle = branchmerge.load(bundle_with_router())
-    setups = {"branch m0 (no routing)": (64, "m0"), "auto, routing batched": (64, "auto"),
-              "auto, routed one by one": (1, "auto")}
-    apps = {name: create_app(bundle, max_batch=16, wait_ms=20, route_batch=rb) for name, (rb, _) in setups.items()}
+    setups = {"branch m0 (no routing)": (64, "m0", True), "auto, routing batched": (64, "auto", True),
+              "auto, routed one by one": (1, "auto", True),
+              "auto, routing batched, 8 questions repeated": (64, "auto", False)}
+    apps = {name: create_app(bundle, max_batch=16, wait_ms=20, route_batch=rb) for name, (rb, _, _) in setups.items()}
     got: dict[str, list[tuple[float, float]]] = {n: [] for n in setups}
     for r in range(args.rounds):
-        for name, (_, model) in setups.items():
+        for name, (_, model, distinct) in setups.items():
             with serving(apps[name]) as url:
-                load_round(url, model, 2, 2)  # warm
-                got[name].append(load_round(url, model, args.clients, args.seconds))
+                load_round(url, model, 2, 2, distinct=distinct)  # warm
+                got[name].append(load_round(url, model, args.clients, args.seconds, distinct=distinct))
             print(f"round {r + 1}: {name}: {got[name][-1][0]:.2f} req/s, median {got[name][-1][1]:.2f} s", flush=True)
     ref = statistics.mean(x[0] for x in got["branch m0 (no routing)"])
     print(f"\n{args.clients} clients, {args.seconds:g} s × {args.rounds} rounds each, 8 new tokens, "
-          "SmolLM2-135M bundle r=0.95 float32, in-process server on 127.0.0.1\n")
+          "SmolLM2-135M bundle r=0.95 float32, in-process server on 127.0.0.1; every question new except in the "
+          "last row (the router remembers 1,024 routed questions)\n")
     print("| setup | requests/s | median latency (s) | throughput vs naming the branch |\n|---|---|---|---|")
     for name in setups:
         rps = statistics.mean(x[0] for x in got[name])

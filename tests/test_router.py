@@ -41,20 +41,43 @@ def _cfg(**kw):
     return RouterConfig(samples=samples, **kw)
 
 
-def test_embeddings_same_for_left_and_right_padding(loaded):
+def test_embeddings_of_a_batch_equal_each_alone_and_leave_the_tokenizer_alone(loaded):
+    """Padding a batch does not change an embedding; and embedding never switches padding on in the
+    tokenizer's shared state: a request encoding with the same tokenizer on another thread at that moment
+    switched it off again, and the batch came out ragged (a 500 under load)."""
     from branchmerge.router import Embedder
 
     b = loaded[0.9]
     with b.use("a") as m:
         tok = b.tokenizer("a")
-        qs = ["add 1+2=", "rev something longer="]
-        tok.padding_side = "right"
-        r = Embedder(m, tok, template="{input} field of", phrase="field of").embed(qs)
-        tok.padding_side = "left"
-        left = Embedder(m, tok, template="{input} field of", phrase="field of").embed(qs)
-        tok.padding_side = "right"
-    torch.testing.assert_close(r, left, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(r.norm(dim=-1), torch.ones(2))
+        emb = Embedder(m, tok, template="{input} field of", phrase="field of")
+        qs = ["add 1+2=", "rev something longer=", "key q="]
+        together = emb.embed(qs)
+        alone = torch.cat([emb.embed([q]) for q in qs])
+        assert tok._tokenizer.padding is None and tok._tokenizer.truncation is None
+        errors: list[BaseException] = []
+
+        def encode_meanwhile():
+            for k in range(300):
+                assert len(tok("rev " + "x" * (k % 40) + "=")["input_ids"]) > 0
+
+        def embed_meanwhile():
+            try:
+                for k in range(30):
+                    emb.embed([f"add {k}+{'9' * (k % 13)}=", "rev a=", "key " + "z" * (k % 17) + "="])
+            except BaseException as e:  # noqa: BLE001 - collected for the assertion below
+                errors.append(e)
+
+        import threading
+
+        threads = [threading.Thread(target=encode_meanwhile) for _ in range(2)] + [threading.Thread(target=embed_meanwhile)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(together.norm(dim=-1), torch.ones(3))
+    assert errors == []
 
 
 def test_build_store_reload_and_route(bundles, tmp_path):
@@ -75,6 +98,34 @@ def test_build_store_reload_and_route(bundles, tmp_path):
         branchmerge.load(d, router=_cfg(template="{input} area of", phrase="area of"))
     code, out, err = run_cli_route(d)
     assert code == 0 and json.loads(out)["branch"] == "b"
+
+
+def test_routed_questions_are_remembered(bundles, tmp_path):
+    """A question routed before is answered from memory (same branch and scores, no forward); distinct
+    questions of one call are embedded once each; the least recently used go first past ``cache_size``;
+    ``cache_size: 0`` embeds every time."""
+    import shutil
+
+    d = tmp_path / "bundle"
+    shutil.copytree(bundles[0.9], d)
+    b = branchmerge.load(d)
+    r = build_router(b, _cfg(template="{input} field of", phrase="field of", cache_size=2))
+    qs = ["add 4+4=", "rev xyz=", "add 4+4="]
+    names, scores = r.scores(qs)
+    assert r.embedded == 2 and names[0] == names[2] and torch.equal(scores[0], scores[2])
+    fresh = branchmerge.load(d, router=_cfg(template="{input} field of", phrase="field of", cache_size=0))
+    want_names, want = fresh.router.scores(qs)
+    assert names == want_names and torch.allclose(scores, want, atol=1e-5)  # what embedding each gives
+    n1, s1 = r.scores(["rev xyz="])
+    assert n1 == [names[1]] and torch.equal(s1[0], scores[1]) and r.embedded == 2  # from memory
+    r.route(["key aa="])  # a third question: the least recently used ("add 4+4=") goes
+    assert r.embedded == 3
+    r.route(["rev xyz="])
+    assert r.embedded == 3
+    r.route(["add 4+4="])
+    assert r.embedded == 4
+    fresh.router.route(["add 4+4=", "add 4+4="])
+    assert fresh.router.embedded == 2 + 1  # no memory: embedded again (once for the two copies)
 
 
 def run_cli_route(d):

@@ -13,6 +13,8 @@ import hashlib
 import inspect
 import json
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -26,7 +28,7 @@ from torch import Tensor
 from branchmerge.config import read_yaml, safe_load, validate
 from branchmerge.errors import BundleError, ConfigError
 from branchmerge.io.writer import atomic_output_dir
-from branchmerge.runtime.text import ensure_pad_token
+from branchmerge.runtime.text import ensure_pad_token, pad_rows
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,10 @@ class RouterConfig(BaseModel):
     max_input_chars: int = Field(
         default=2000, ge=1, description="Longer questions are cut to this many characters before embedding "
         "(the field of a question shows early; a 1 MB prompt must not hold the router for minutes)."
+    )
+    cache_size: int = Field(
+        default=1024, ge=0, le=1_000_000, description="Routed questions remembered (least recently used "
+        "dropped first): a repeated question, or a pipeline's next `auto` stage, is not embedded again. 0: off."
     )
 
     @field_validator("template")
@@ -213,16 +219,21 @@ class Embedder:
         device = next(self.model.parameters()).device
         for i in range(0, len(inputs), self.batch_size):
             texts, spans = self._spans(inputs[i:i + self.batch_size], templated)
-            enc = self.tok(texts, return_tensors="pt", padding=True, return_offsets_mapping=True)
-            offsets = enc.pop("offset_mapping")
-            attn = enc["attention_mask"]
+            # unpadded, then padded here: asking the tokenizer to pad switches padding on in its shared Rust
+            # state, and a request encoding with it on another thread at that moment switches it off again
+            enc = self.tok(texts, return_offsets_mapping=True)
+            ids, attn = pad_rows(enc["input_ids"], pad=self.tok.pad_token_id or 0)
+            offsets = torch.zeros(*ids.shape, 2, dtype=torch.long)  # padding: (0, 0), in no span
+            for r, o in enumerate(enc["offset_mapping"]):
+                if o:
+                    offsets[r, :len(o)] = torch.tensor(o, dtype=torch.long)
             mask = phrase_mask(offsets, spans) & attn.bool()
             if not bool(mask.any(1).all()):
                 raise ConfigError("the phrase produced no tokens for some input; check `phrase`/`template`")
             # positions count real tokens only, so left and right padding embed alike
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
             with self.select():
-                hs = self.model(input_ids=enc["input_ids"].to(device), attention_mask=attn.to(device),
+                hs = self.model(input_ids=ids.to(device), attention_mask=attn.to(device),
                                 position_ids=pos.to(device), output_hidden_states=True, **self._few_logits
                                 ).hidden_states
             for how, layer in combos:
@@ -260,15 +271,38 @@ class Router:
                  sample_branch: Tensor) -> None:
         self.cfg, self.embedder, self.branches = cfg, embedder, list(branches)
         self.sample_embs, self.sample_branch = sample_embs, sample_branch
+        # question (as embedded: cut to max_input_chars) -> (branch index, [B] scores); least recent first
+        self._cache: OrderedDict[str, tuple[int, Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.embedded = 0  # questions embedded so far (cache misses)
 
     def scores(self, questions: Sequence[str]) -> tuple[list[str], Tensor]:
-        """Branch name per question and the ``[Q, B]`` per-branch scores (columns in ``branches`` order)."""
-        q = self.embedder.embed(list(questions))
-        fb = self.branches.index(self.cfg.fallback) if self.cfg.fallback else None
-        choice, scores = route(q, self.sample_embs, self.sample_branch, len(self.branches),
-                               aggregate=self.cfg.aggregate, top_k=self.cfg.top_k,
-                               threshold=self.cfg.threshold, fallback=fb)
-        return [self.branches[i] for i in choice.tolist()], scores
+        """Branch name per question and the ``[Q, B]`` per-branch scores (columns in ``branches`` order).
+
+        Questions seen recently (up to ``cache_size``) are answered from memory; the others, each distinct
+        one once, are embedded in one pass."""
+        keys = [q[:self.cfg.max_input_chars] for q in questions]
+        with self._lock:
+            known = {k: self._cache[k] for k in keys if k in self._cache}
+            for k in known:
+                self._cache.move_to_end(k)
+        new = list(dict.fromkeys(k for k in keys if k not in known))
+        if new:
+            fb = self.branches.index(self.cfg.fallback) if self.cfg.fallback else None
+            choice, scores = route(self.embedder.embed(new), self.sample_embs, self.sample_branch,
+                                   len(self.branches), aggregate=self.cfg.aggregate, top_k=self.cfg.top_k,
+                                   threshold=self.cfg.threshold, fallback=fb)
+            fresh = {k: (int(c), s.clone()) for k, c, s in zip(new, choice.tolist(), scores)}
+            known.update(fresh)
+            with self._lock:
+                self.embedded += len(new)
+                for k, v in fresh.items():
+                    self._cache[k] = v
+                while len(self._cache) > self.cfg.cache_size:
+                    self._cache.popitem(last=False)
+        got = [known[k] for k in keys]
+        rows = torch.stack([s for _, s in got]) if got else torch.zeros(0, len(self.branches))
+        return [self.branches[c] for c, _ in got], rows
 
     def route(self, questions: Sequence[str]) -> list[str]:
         return self.scores(questions)[0]
