@@ -193,3 +193,27 @@ def test_cli_output_is_quiet_and_plain(capsys, bundles):
     assert not hf_logging.is_progress_bar_enabled()  # a command turns transformers' bars off
     code, out, _ = run_cli(capsys, "merge", "--help")
     assert code == 0 and "--dry-run" in out and "<bool>" not in out
+
+
+def test_cli_samples_as_the_server_does(capsys, bundles):
+    """`generate -t T --seed S` gives the text the server gives a request with that seed (one sampler for
+    both); another seed gives another text; a tiny `--top-p` keeps only the likeliest token (greedy)."""
+    from transformers import LogitsProcessorList
+
+    from branchmerge.runtime.sampling import RowSampler
+
+    b = branchmerge.load(bundles[0.9])
+    ids = b.encode("rev abcdef=", "b")
+
+    def cli(*extra):
+        code, out, err = run_cli(capsys, "generate", bundles[0.9], "rev abcdef=", "--branch", "b", "-n", "12", *extra)
+        assert code == 0, err
+        return out.rstrip("\n")
+
+    served = b.generate_ids([ids], ["b"], max_new_tokens=12,
+                            logits_processor=LogitsProcessorList([RowSampler([1.5], [1.0], [4])]))[0].text
+    assert cli("-t", "1.5", "--seed", "4") == served == cli("-t", "1.5", "--seed", "4")
+    assert len({cli("-t", "1.5", "--seed", str(s)) for s in range(5, 9)} | {served}) > 1
+    assert cli("-t", "2", "--top-p", "1e-6", "--seed", "1") == b.generate("rev abcdef=", "b", max_new_tokens=12)[0]
+    code, _, err = run_cli(capsys, "generate", bundles[0.9], "x", "--branch", "b", "--top-p", "1.5")
+    assert code == 2 and "not in (0, 1]" in err

@@ -117,6 +117,14 @@ def test_a_seed_makes_sampling_reproducible(server):
         return [ch.text for ch in r.choices]
 
     first = sample(7)
+    from transformers import LogitsProcessorList
+
+    from branchmerge.runtime.sampling import RowSampler
+
+    b = server["bundle"]
+    lib = b.generate_ids([b.encode("rev abcdef=", "b", chat=False)], ["b"], max_new_tokens=12,
+                         logits_processor=LogitsProcessorList([RowSampler([2.0], [1.0], [7])]))[0].text
+    assert first == [lib]  # the library's sampler, as `branchmerge generate --seed` uses it
     with ThreadPoolExecutor(6) as pool:  # others sampling at the same time, unseeded and seeded
         noise = [pool.submit(sample, None, 2, "key xyz=") for _ in range(4)] + [pool.submit(sample, 9)]
         again = pool.submit(sample, 7)

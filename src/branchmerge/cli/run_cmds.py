@@ -20,6 +20,7 @@ class _Stop:
 
 
 def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperature: float, *,
+            top_p: float = 1.0, seed: int | None = None,
             interruptible: bool = False) -> str:
     """Generate in a worker thread and echo its tokens as they come; returns the text.
 
@@ -30,22 +31,23 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperatur
     import threading
 
     import torch
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
+    from transformers import LogitsProcessorList, StoppingCriteriaList, TextIteratorStreamer
 
-    from branchmerge.runtime.text import sampling_kwargs
+    from branchmerge.runtime.sampling import RowSampler
 
     tok = bundle.tokenizer(branch)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     stop = threading.Event()
     result: list[str] = []
     failure: list[BaseException] = []
+    sampler = RowSampler([temperature], [top_p], [seed], bundle.device)  # as the server samples each row
+    sampling = {"logits_processor": LogitsProcessorList([sampler])} if sampler.samples else {}
 
     def work() -> None:
         try:
             with torch.inference_mode():
                 r = bundle.generate_ids([ids], [branch], max_new_tokens=max_new_tokens, streamer=streamer,
-                                        stopping_criteria=StoppingCriteriaList([_Stop(stop)]),
-                                        **sampling_kwargs(temperature))
+                                        stopping_criteria=StoppingCriteriaList([_Stop(stop)]), **sampling)
             result.append(r[0].text)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
             failure.append(e)
@@ -80,6 +82,12 @@ def _load(bundle_dir: Path, routing: bool, **kw):
     return load(bundle_dir, **kw)
 
 
+def _top_p(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value:g} is not in (0, 1]")
+    return value
+
+
 def generate(
     bundle_dir: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder."),
     prompt: str = typer.Argument(..., help="The prompt."),
@@ -87,6 +95,10 @@ def generate(
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", "-n", min=1,
                                               help="Tokens to generate [default: 64, or what the context leaves]."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", callback=_top_p,
+                                help="Nucleus sampling, in (0, 1]: keep the likeliest tokens up to this mass."),
+    seed: int | None = typer.Option(None, "--seed", help="Sample reproducibly (with -t > 0); the server's `seed` "
+                                    "gives the same text."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype (default: the bundle's)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
@@ -110,7 +122,7 @@ def generate(
     ids_list, names, mt = bundle.prepare([prompt], branch, chat=False if no_chat else None,
                                          max_new_tokens=max_new_tokens)
     typer.secho(f"[branch: {names[0]}]", err=True, fg="cyan")
-    _stream(bundle, names[0], ids_list[0], mt, temperature)
+    _stream(bundle, names[0], ids_list[0], mt, temperature, top_p=top_p, seed=seed)
 
 
 def chat(
@@ -119,6 +131,8 @@ def chat(
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", "-n", min=1,
                                               help="Tokens per reply [default: 64, or what the context leaves]."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", callback=_top_p,
+                                help="Nucleus sampling, in (0, 1]: keep the likeliest tokens up to this mass."),
     dtype: str | None = typer.Option(None, "--dtype"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
@@ -144,7 +158,7 @@ def chat(
             history.clear()
             continue
         typer.secho(f"{name}> ", nl=False, fg="cyan")
-        reply = _stream(bundle, name, ids, mt, temperature, interruptible=True)
+        reply = _stream(bundle, name, ids, mt, temperature, top_p=top_p, interruptible=True)
         history.append({"role": "assistant", "content": reply})
 
 
