@@ -31,7 +31,7 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperatur
     import threading
 
     import torch
-    from transformers import LogitsProcessorList, StoppingCriteriaList, TextIteratorStreamer
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     from branchmerge.runtime.sampling import RowSampler
 
@@ -41,13 +41,12 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperatur
     result: list[str] = []
     failure: list[BaseException] = []
     sampler = RowSampler([temperature], [top_p], [seed], bundle.device)  # as the server samples each row
-    sampling = {"logits_processor": LogitsProcessorList([sampler])} if sampler.samples else {}
 
     def work() -> None:
         try:
             with torch.inference_mode():
                 r = bundle.generate_ids([ids], [branch], max_new_tokens=max_new_tokens, streamer=streamer,
-                                        stopping_criteria=StoppingCriteriaList([_Stop(stop)]), **sampling)
+                                        stopping_criteria=StoppingCriteriaList([_Stop(stop)]), row_sampler=sampler)
             result.append(r[0].text)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
             failure.append(e)

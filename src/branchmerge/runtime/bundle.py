@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from branchmerge.architectures import registry
 from branchmerge.common import resolve_device, resolve_dtype
@@ -27,6 +27,7 @@ from branchmerge.io.bundle import BundleReader
 from branchmerge.runtime.build import build_group_model
 from branchmerge.runtime.modules import BranchedLinear, BranchState
 from branchmerge.runtime.siblings import group_siblings
+from branchmerge.runtime.sampling import RowSampler
 from branchmerge.runtime.scoring import (PrefixCluster, TokenLogprobs, prefix_clusters, score_cluster, score_row,
                                          shared_lengths)
 from branchmerge.runtime.text import encode_messages, ensure_pad_token, pad_rows
@@ -428,8 +429,13 @@ class Bundle:
                                        f"(size {vocab})")
 
     def generate_ids(self, ids_list: list[list[int]], names: list[str], *, max_new_tokens: int = 64,
-                     share_prefix: bool = True, **generation_kwargs: Any) -> list[GenerationResult]:
+                     share_prefix: bool = True, row_sampler: RowSampler | None = None,
+                     **generation_kwargs: Any) -> list[GenerationResult]:
         """Generate from token ids; returns per row the new ids, text, branch and stop reason.
+
+        ``row_sampler`` samples each row with its own temperature, top-p and seed (one row per prompt);
+        rows of different groups, or that do not fit one context together, run as separate ``generate``
+        calls, and each call gets its rows' part of it.
 
         With ``share_prefix``, rows of one branch whose prompts share a long prefix (a system prompt, or
         ``n`` samples of one prompt) prefill it once: the prefixes run as one batch, each row takes its
@@ -440,9 +446,15 @@ class Bundle:
         by_group: dict[str, list[int]] = {}
         for i, b in enumerate(names):
             by_group.setdefault(self._group_of(b).name, []).append(i)
+        if row_sampler is not None and len(row_sampler) != len(ids_list):
+            raise ValueError(f"row_sampler has {len(row_sampler)} rows for {len(ids_list)} prompts")
         for idx in by_group.values():
             for chunk in self._context_chunks(idx, ids_list, names, max_new_tokens):
-                outs = self._generate_group(chunk, ids_list, names, max_new_tokens, share_prefix, generation_kwargs)
+                kw = generation_kwargs
+                if row_sampler is not None and row_sampler.samples:
+                    kw = {**kw, "logits_processor": LogitsProcessorList(
+                        [*kw.get("logits_processor", []), row_sampler.rows(chunk)])}
+                outs = self._generate_group(chunk, ids_list, names, max_new_tokens, share_prefix, kw)
                 for i, r in zip(chunk, outs):
                     results[i] = r
         return [r for r in results if r is not None]

@@ -84,6 +84,18 @@ class RowSampler(LogitsProcessor):
         self.generators = [None if s is None else torch.Generator(self.device).manual_seed(s % (1 << 63))
                            for s in seeds]
 
+    def rows(self, idx: Sequence[int]) -> RowSampler:
+        """The sampler of rows ``idx`` (in that order), for a ``generate`` call over only those rows: it
+        shares their generators, so each seeded row's draws go on where they were."""
+        sub = RowSampler.__new__(RowSampler)
+        pick = torch.tensor(list(idx), dtype=torch.long, device=self.device)
+        sub.device, sub.temperature, sub.top_p = self.device, self.temperature[pick], self.top_p[pick]
+        sub.generators = [self.generators[i] for i in idx]
+        return sub
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
     @property
     def samples(self) -> bool:
         """Whether any row samples (otherwise the batch is plain greedy decoding)."""
@@ -98,6 +110,9 @@ class RowSampler(LogitsProcessor):
         return u
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[0] != len(self):
+            raise ValueError(f"this sampler has {len(self)} rows, the batch {scores.shape[0]}: pass it to "
+                             "Bundle.generate_ids as row_sampler (which splits it with the batch)")
         tok = sample_rows(scores, self.temperature, self.top_p, self.uniforms())
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, tok[:, None], 0.0)

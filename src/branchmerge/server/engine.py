@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from branchmerge.runtime.sampling import RowSampler
@@ -291,10 +291,9 @@ class Engine:
                 streamer = _RowStreamer(jobs) if any(j.stream for j in jobs) else None
                 sampler = RowSampler([j.temperature for j in jobs], [j.top_p for j in jobs], [j.seed for j in jobs],
                                      self.bundle.device)
-                extra = {"logits_processor": LogitsProcessorList([sampler])} if sampler.samples else {}
                 outs = self.bundle.generate_ids(
                     [j.ids for j in jobs], [j.branch for j in jobs], max_new_tokens=max(j.max_tokens for j in jobs),
-                    streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowStop(jobs)]), **extra)
+                    streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowStop(jobs)]), row_sampler=sampler)
                 for j, o in zip(jobs, outs):
                     j.new_ids = o.new_ids[: j.max_tokens]
                     j.stop_id = o.stop_id if len(o.new_ids) < j.max_tokens else None
