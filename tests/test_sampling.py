@@ -3,34 +3,39 @@ depend on its seed alone, not on the rows beside it."""
 
 import pytest
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
 
 from branchmerge.runtime.sampling import RowSampler, sample_rows
 
 N = 20_000  # stratified uniforms (i + 0.5) / N: the empirical distribution is exact up to ~1/N
 
 
-def _frequencies(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def _frequencies(scores: torch.Tensor, temperature: float, top_p: float, top_k: int, min_p: float) -> torch.Tensor:
     u = (torch.arange(N, dtype=torch.float64) + 0.5) / N
     rows = scores.expand(N, -1)
-    tok = sample_rows(rows, torch.full((N,), temperature), torch.full((N,), top_p), u.float())
+    tok = sample_rows(rows, torch.full((N,), temperature), torch.full((N,), top_p), u.float(),
+                      torch.full((N,), top_k), torch.full((N,), min_p))
     return torch.bincount(tok, minlength=scores.shape[-1]).double() / N
 
 
-def _hf(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def _hf(scores: torch.Tensor, temperature: float, top_p: float, top_k: int, min_p: float) -> torch.Tensor:
     """The distribution transformers' own warpers (in generate's order) sample from."""
-    warp = LogitsProcessorList([TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    warp = LogitsProcessorList([TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k > 0 else [])
+                               + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+                               + ([MinPLogitsWarper(min_p)] if min_p > 0 else []))
     return warp(torch.zeros(1, 1, dtype=torch.long), scores.clone()).softmax(-1)[0].double()
 
 
-@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.5, 1.0), (2.0, 1.0), (1.0, 0.6), (0.7, 0.9)])
-def test_draws_follow_the_warped_distribution(temperature, top_p):
+@pytest.mark.parametrize(("temperature", "top_p", "top_k", "min_p"), [
+    (1.0, 1.0, 0, 0.0), (0.5, 1.0, 0, 0.0), (2.0, 1.0, 0, 0.0), (1.0, 0.6, 0, 0.0), (0.7, 0.9, 0, 0.0),
+    (1.0, 1.0, 3, 0.0), (1.5, 0.8, 4, 0.0), (1.0, 1.0, 0, 0.2), (2.0, 0.95, 5, 0.1), (1.0, 1.0, 1, 0.0)])
+def test_draws_follow_the_warped_distribution(temperature, top_p, top_k, min_p):
     scores = torch.tensor([[2.0, -1.0, 0.5, 1.7, -3.0, 0.0, 1.0]])
-    want = _hf(scores, temperature, top_p)
-    got = _frequencies(scores, temperature, top_p)
+    want = _hf(scores, temperature, top_p, top_k, min_p)
+    got = _frequencies(scores, temperature, top_p, top_k, min_p)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
-    if top_p < 1:
-        assert set(got.nonzero().flatten().tolist()) == set(want.nonzero().flatten().tolist())
+    assert set(got.nonzero().flatten().tolist()) == set(want.nonzero().flatten().tolist())
 
 
 def test_rows_of_one_batch_use_their_own_settings():
@@ -49,9 +54,11 @@ def test_a_row_draws_the_same_token_whatever_its_neighbours_settings():
     torch.manual_seed(2)
     scores, u = torch.randn(3, 64), torch.rand(3)
     alone = [int(sample_rows(scores[r:r + 1], torch.tensor([1.2]), torch.ones(1), u[r:r + 1])) for r in range(3)]
-    for temps, tops in [([1.2, 0.0, 1.2], [1.0, 1.0, 1.0]), ([1.2, 1.2, 1.2], [1.0, 0.3, 1.0]),
-                        ([1.2, 2.0, 1.2], [1.0, 0.9, 1.0])]:
-        got = sample_rows(scores, torch.tensor(temps), torch.tensor(tops), u)
+    for temps, tops, ks, mins in [([1.2, 0.0, 1.2], [1.0, 1.0, 1.0], [0, 0, 0], [0, 0, 0]),
+                                  ([1.2, 1.2, 1.2], [1.0, 0.3, 1.0], [0, 0, 0], [0, 0, 0]),
+                                  ([1.2, 2.0, 1.2], [1.0, 0.9, 1.0], [0, 5, 0], [0, 0, 0]),
+                                  ([1.2, 1.0, 1.2], [1.0, 1.0, 1.0], [0, 0, 0], [0, 0.3, 0])]:
+        got = sample_rows(scores, torch.tensor(temps), torch.tensor(tops), u, torch.tensor(ks), torch.tensor(mins))
         assert [int(got[0]), int(got[2])] == [alone[0], alone[2]]
 
 

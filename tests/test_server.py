@@ -156,6 +156,16 @@ def test_different_sampling_settings_share_one_batch(server):
     assert engine.batches - before == 1
     assert got[:3] == alone and got[5] == got[0]
     assert got[3] == bundle.generate("rev hello=", "b", max_new_tokens=10)[0]
+    # vLLM's top_k and min_p: top_k=1, or min_p=1, keeps only the likeliest token, so even at temperature 2
+    # the answer is the greedy one; a top_k of -1 (vLLM's "all") is accepted, -2 is not
+    greedy = bundle.generate("rev abcdef=", "b", max_new_tokens=10, chat=False)[0]
+    for extra in ({"top_k": 1}, {"min_p": 1.0}, {"top_k": 1, "min_p": 0.5, "top_p": 0.9}):
+        r = c.completions.create(model="b", prompt="rev abcdef=", max_tokens=10, temperature=2.0, seed=9,
+                                 extra_body=extra)
+        assert r.choices[0].text == greedy, extra
+    assert call(dict(prompt="rev abcdef=", temperature=2.0, seed=3, extra_body={"top_k": -1})) == got[0]
+    with pytest.raises(openai.BadRequestError, match="top_k"):
+        call(dict(prompt="rev a=", temperature=1.0, extra_body={"top_k": -2}))
 
 
 def test_auto_routing_and_pipeline(server):

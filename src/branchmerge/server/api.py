@@ -214,8 +214,9 @@ class OpenAIService:
         except ContextLengthError as e:
             raise P.APIError(400, f"this model's maximum context length is exceeded: {e}", param=param,
                              code="context_length_exceeded") from None
-        return Job(ids, branch, mt, temperature=req.temperature or 0.0, top_p=req.top_p or 1.0, stop=req.stops(),
-                   stream=stream, request=request, seed=None if req.seed is None else req.seed + choice)
+        return Job(ids, branch, mt, temperature=req.temperature or 0.0, top_p=req.top_p or 1.0, top_k=req.top_k or 0,
+                   min_p=req.min_p or 0.0, stop=req.stops(), stream=stream, request=request,
+                   seed=None if req.seed is None else req.seed + choice)
 
     def _submit(self, jobs: list[Job]) -> list[Job]:
         loop = asyncio.get_running_loop()

@@ -44,6 +44,8 @@ class Job:
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 or less: no top-k
+    min_p: float = 0.0
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     request: Any = None  # jobs of one request share a queue (fairness)
@@ -290,7 +292,7 @@ class Engine:
             else:
                 streamer = _RowStreamer(jobs) if any(j.stream for j in jobs) else None
                 sampler = RowSampler([j.temperature for j in jobs], [j.top_p for j in jobs], [j.seed for j in jobs],
-                                     self.bundle.device)
+                                     self.bundle.device, top_ks=[j.top_k for j in jobs], min_ps=[j.min_p for j in jobs])
                 outs = self.bundle.generate_ids(
                     [j.ids for j in jobs], [j.branch for j in jobs], max_new_tokens=max(j.max_tokens for j in jobs),
                     streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowStop(jobs)]), row_sampler=sampler)

@@ -87,6 +87,9 @@ class _Req(BaseModel):
     max_completion_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, description="vLLM's: the k likeliest tokens (-1 or 0: all).")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0,
+                                description="vLLM's: tokens at least this fraction as likely as the likeliest.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -134,6 +137,14 @@ _NEUTRAL: dict[str, Any] = {
     "logit_bias": lambda v: not v,
     "presence_penalty": lambda v: v in (None, 0), "frequency_penalty": lambda v: v in (None, 0),
     "best_of": lambda v: v in (None, 1), "suffix": lambda v: not v,
+    # vLLM's sampling extensions that this server does not implement (top_k and min_p it does)
+    "repetition_penalty": lambda v: v in (None, 1), "length_penalty": lambda v: v in (None, 1),
+    "min_tokens": lambda v: v in (None, 0), "ignore_eos": lambda v: not v, "stop_token_ids": lambda v: not v,
+    "bad_words": lambda v: not v, "allowed_token_ids": lambda v: v is None, "use_beam_search": lambda v: not v,
+    "include_stop_str_in_output": lambda v: not v, "skip_special_tokens": lambda v: v in (None, True),
+    "prompt_logprobs": lambda v: v is None, "truncate_prompt_tokens": lambda v: v is None,
+    "guided_json": lambda v: v is None, "guided_regex": lambda v: v is None, "guided_choice": lambda v: v is None,
+    "guided_grammar": lambda v: v is None, "structured_outputs": lambda v: v is None,
 }
 _NEUTRAL_CHAT: dict[str, Any] = {"logprobs": lambda v: not v, "top_logprobs": lambda v: not v}
 
