@@ -128,6 +128,43 @@ def test_routed_questions_are_remembered(bundles, tmp_path):
     assert fresh.router.embedded == 2 + 1  # no memory: embedded again (once for the two copies)
 
 
+def test_a_remembered_question_does_not_wait_behind_a_routing_batch(bundles, tmp_path):
+    """The server's routing batcher answers a question the router remembers at once, while a batch of new
+    questions is still embedding; the front maps a remembered branch through its routing rules."""
+    import asyncio
+    import shutil
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from branchmerge.front import front_for
+    from branchmerge.server.api import RouteBatcher
+    from branchmerge.staged import PipelinesConfig
+
+    def slow(texts):
+        time.sleep(0.8)
+        return ["new"] * len(texts)
+
+    async def run():
+        rb = RouteBatcher(slow, ThreadPoolExecutor(1), cached=lambda t: "known" if t == "seen" else None)
+        first = asyncio.ensure_future(rb.route("unseen"))
+        await asyncio.sleep(0.1)  # its batch is embedding now
+        t = time.monotonic()
+        assert await rb.route("seen") == "known" and time.monotonic() - t < 0.3
+        assert await first == "new"
+
+    asyncio.run(run())
+    d = tmp_path / "bundle"
+    shutil.copytree(bundles[0.9], d)
+    b = branchmerge.load(d)
+    build_router(b, _cfg(template="{input} field of", phrase="field of"))
+    front = front_for(b, PipelinesConfig.model_validate(
+        {"pipelines": [{"name": "p", "stages": [{"branch": "a"}]}], "routes": {"c": "p"}}))
+    assert front.route_cached("key zz=") is None  # not routed yet
+    assert front.route_many(["key zz=", "rev abc="]) == [(None, "p"), ("b", None)]
+    assert front.route_cached("key zz=") == (None, "p") and front.route_cached("rev abc=") == ("b", None)
+    assert b.router.cached("add 1+2=") is None
+
+
 def run_cli_route(d):
     import subprocess
     import sys

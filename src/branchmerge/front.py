@@ -151,8 +151,16 @@ class Front:
         concurrent requests' texts into one call)."""
         if self.router is None:
             raise BranchmergeError("model 'auto' needs a router; this bundle has none")
-        return [(None, self.pipelines.routes[b]) if b in self.pipelines.routes else (b, None)
-                for b in self.router.route(texts)]
+        return [self._target(b) for b in self.router.route(texts)]
+
+    def route_cached(self, text: str) -> tuple[str | None, str | None] | None:
+        """:meth:`route_many` of one text the router remembers, without a forward; None when it does not."""
+        b = self.router.cached(text) if self.router is not None else None
+        return None if b is None else self._target(b)
+
+    def _target(self, branch: str) -> tuple[str | None, str | None]:
+        """(branch, None), or (None, pipeline) when a routing rule sends ``branch`` to a pipeline."""
+        return (None, self.pipelines.routes[branch]) if branch in self.pipelines.routes else (branch, None)
 
 
 def open_front(path: str | Path, *, pipelines: PipelinesConfig | None = None, **load_kw: Any) -> Front:

@@ -307,6 +307,15 @@ class Router:
     def route(self, questions: Sequence[str]) -> list[str]:
         return self.scores(questions)[0]
 
+    def cached(self, question: str) -> str | None:
+        """The branch ``question`` was routed to, if the router still remembers it (no forward; None else)."""
+        key = question[:self.cfg.max_input_chars]
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+        return None if hit is None else self.branches[hit[0]]
+
 
 def build_router(folder: Path, branches: Sequence[str], cfg: RouterConfig, make_embedder: EmbedderFactory) -> Router:
     """Embed every sample once and store them in ``folder`` (written atomically).

@@ -86,15 +86,19 @@ class RouteBatcher:
     next one (one embedding forward for all of them, on a worker thread), as the engine batches generation.
     A batch that fails on one text's input is routed again text by text, so the error is that request's."""
 
-    def __init__(self, route_many: Callable[[list[str]], list], pool: ThreadPoolExecutor, max_batch: int = 64
-                 ) -> None:
-        """``route_many(texts)`` gives one route per text (a BranchmergeError for input it refuses)."""
-        self.route_many, self.pool, self.max_batch = route_many, pool, max_batch
+    def __init__(self, route_many: Callable[[list[str]], list], pool: ThreadPoolExecutor, max_batch: int = 64,
+                 cached: Callable[[str], Any] | None = None) -> None:
+        """``route_many(texts)`` gives one route per text (a BranchmergeError for input it refuses);
+        ``cached(text)``, the route of a text the router remembers (None otherwise), answered at once
+        instead of waiting behind a routing batch."""
+        self.route_many, self.pool, self.max_batch, self.cached = route_many, pool, max_batch, cached
         self.pending: list[tuple[str, asyncio.Future]] = []
         self.task: asyncio.Task | None = None
         self.sizes: Any = None  # a histogram of batch sizes, on /metrics
 
     async def route(self, text: str) -> Any:
+        if self.cached is not None and (hit := self.cached(text)) is not None:
+            return hit
         fut = asyncio.get_running_loop().create_future()
         self.pending.append((text, fut))
         if self.task is None or self.task.done():
@@ -144,7 +148,8 @@ class OpenAIService:
         self._aux = ThreadPoolExecutor(2, thread_name_prefix="branchmerge-route")  # routing and pipelines
         self._shared_tok: Any = _UNSET  # see _shared_tokenizer
         self._ttft: Any = None  # a histogram on /metrics
-        self._routes = RouteBatcher(lambda texts: self.front.route_many(texts), self._aux, route_batch)
+        self._routes = RouteBatcher(lambda texts: self.front.route_many(texts), self._aux, route_batch,
+                                    cached=lambda text: self.front.route_cached(text))
 
     # ---- listing ------------------------------------------------------------------------------------
     async def health(self, full: bool) -> dict[str, Any]:

@@ -181,7 +181,8 @@ class GatewayService:
         self.pipelines.check_branches(list(cfg.branches))
         self.up = {n: _Upstream(n, u) for n, u in cfg.upstreams.items()}
         self._pool = ThreadPoolExecutor(1, "gateway-route")
-        self._routes = RouteBatcher(lambda texts: router.route(texts), self._pool)
+        self._routes = RouteBatcher(lambda texts: router.route(texts), self._pool,
+                                    cached=lambda text: router.cached(text) if hasattr(router, "cached") else None)
         self._tokens: tuple[Family, Family] | None = None  # prompt and generated tokens by branch, on /metrics
 
     @classmethod
