@@ -80,5 +80,8 @@ def test_a_seeded_row_does_not_depend_on_its_neighbours():
     assert a == b
     assert run([1.5, 0.8, 2.0], [12, None, 5], col=0) != a  # and the seed is what fixes it
     assert not RowSampler([0.0, 0.0], [1.0, 1.0], [1, None]).samples
+    huge = RowSampler([1.0], [1.0], [3], top_ks=[10**30])  # no top-k at all, not an overflow
+    assert int(huge(torch.zeros(1, 1, dtype=torch.long), scores[0][:1].clone()).argmax()) == \
+        int(RowSampler([1.0], [1.0], [3])(torch.zeros(1, 1, dtype=torch.long), scores[0][:1].clone()).argmax())
     with pytest.raises(ValueError, match="one temperature, top_p and seed per row"):
         RowSampler([1.0], [1.0, 1.0], [None])

@@ -35,7 +35,7 @@ def sample_rows(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
         temperature: ``[B]`` per-row temperatures.
         top_p: ``[B]`` per-row nucleus mass in (0, 1].
         uniform: ``[B]`` per-row draws in [0, 1).
-        top_k: ``[B]`` per-row token counts (0 or less: no top-k), or None.
+        top_k: ``[B]`` per-row token counts (0 or less, or the vocabulary or more: no top-k), or None.
         min_p: ``[B]`` per-row fractions in [0, 1] (0: no min-p), or None.
 
     Returns:
@@ -48,6 +48,7 @@ def sample_rows(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     n = scores.shape[0]
     top_k = torch.zeros(n, dtype=torch.long, device=scores.device) if top_k is None else top_k
     min_p = torch.zeros(n, device=scores.device) if min_p is None else min_p
+    top_k = torch.where(top_k < scores.shape[1], top_k, 0)  # k at or past the vocabulary: no top-k
     filtered = (top_p < 1.0) | (top_k > 0) | (min_p > 0)  # these rows search the sorted distribution
     for rows in ((sampled & filtered).nonzero().squeeze(1), (sampled & ~filtered).nonzero().squeeze(1)):
         if len(rows):
@@ -99,7 +100,7 @@ class RowSampler(LogitsProcessor):
         self.device = torch.device(device)
         self.temperature = torch.tensor([float(t or 0.0) for t in temperatures], device=self.device)
         self.top_p = torch.tensor([1.0 if p is None else float(p) for p in top_ps], device=self.device)
-        self.top_k = torch.tensor([int(k or 0) for k in top_ks], dtype=torch.long, device=self.device)
+        self.top_k = torch.tensor([min(int(k or 0), 1 << 62) for k in top_ks], dtype=torch.long, device=self.device)
         self.min_p = torch.tensor([float(m or 0.0) for m in min_ps], device=self.device)
         self.generators = [None if s is None else torch.Generator(self.device).manual_seed(s % (1 << 63))
                            for s in seeds]

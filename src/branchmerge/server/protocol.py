@@ -87,7 +87,8 @@ class _Req(BaseModel):
     max_completion_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1, description="vLLM's: the k likeliest tokens (-1 or 0: all).")
+    top_k: int | None = Field(default=None, ge=-1, le=1 << 31,
+                              description="vLLM's: the k likeliest tokens (-1 or 0: all).")
     min_p: float | None = Field(default=None, ge=0.0, le=1.0,
                                 description="vLLM's: tokens at least this fraction as likely as the likeliest.")
     stream: bool = False
