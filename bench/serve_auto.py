@@ -76,32 +76,43 @@ def load_round(url: str, model: str, clients: int, seconds: float,
     return len(lat) / wall, statistics.median(lat)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def compare(setups: dict[str, tuple], args: argparse.Namespace, ref: str, header: str, vs: str) -> None:
+    """Rounds of ``load_round`` over ``setups`` (name -> (app, model, load_round keywords)), interleaved, then a
+    markdown table of the mean requests/s and median latency of each, with its throughput against ``ref``."""
+    got: dict[str, list[tuple[float, float]]] = {n: [] for n in setups}
+    for r in range(args.rounds):
+        for name, (app, model, kw) in setups.items():
+            with serving(app) as url:
+                load_round(url, model, 2, 2, **kw)  # warm
+                got[name].append(load_round(url, model, args.clients, args.seconds, **kw))
+            print(f"round {r + 1}: {name}: {got[name][-1][0]:.2f} req/s, median {got[name][-1][1]:.2f} s", flush=True)
+    base = statistics.mean(x[0] for x in got[ref])
+    print(f"\n{args.clients} clients, {args.seconds:g} s × {args.rounds} rounds each, 8 new tokens, {header}\n")
+    print(f"| setup | requests/s | median latency (s) | throughput vs {vs} |\n|---|---|---|---|")
+    for name in setups:
+        rps = statistics.mean(x[0] for x in got[name])
+        print(f"| {name} | {rps:.2f} | {statistics.mean(x[1] for x in got[name]):.2f} | {rps / base:.2f}× |")
+
+
+def arguments(doc: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = arguments(__doc__)
     bundle = branchmerge.load(bundle_with_router())
-    setups = {"branch m0 (no routing)": (64, "m0", True), "auto, routing batched": (64, "auto", True),
-              "auto, routed one by one": (1, "auto", True),
-              "auto, routing batched, 8 questions repeated": (64, "auto", False)}
-    apps = {name: create_app(bundle, max_batch=16, wait_ms=20, route_batch=rb) for name, (rb, _, _) in setups.items()}
-    got: dict[str, list[tuple[float, float]]] = {n: [] for n in setups}
-    for r in range(args.rounds):
-        for name, (_, model, distinct) in setups.items():
-            with serving(apps[name]) as url:
-                load_round(url, model, 2, 2, distinct=distinct)  # warm
-                got[name].append(load_round(url, model, args.clients, args.seconds, distinct=distinct))
-            print(f"round {r + 1}: {name}: {got[name][-1][0]:.2f} req/s, median {got[name][-1][1]:.2f} s", flush=True)
-    ref = statistics.mean(x[0] for x in got["branch m0 (no routing)"])
-    print(f"\n{args.clients} clients, {args.seconds:g} s × {args.rounds} rounds each, 8 new tokens, "
-          "SmolLM2-135M bundle r=0.95 float32, in-process server on 127.0.0.1; every question new except in the "
-          "last row (the router remembers 1,024 routed questions)\n")
-    print("| setup | requests/s | median latency (s) | throughput vs naming the branch |\n|---|---|---|---|")
-    for name in setups:
-        rps = statistics.mean(x[0] for x in got[name])
-        print(f"| {name} | {rps:.2f} | {statistics.mean(x[1] for x in got[name]):.2f} | {rps / ref:.2f}× |")
+    setups = {name: (create_app(bundle, max_batch=16, wait_ms=20, route_batch=rb), model, {"distinct": distinct})
+              for name, (rb, model, distinct) in {
+                  "branch m0 (no routing)": (64, "m0", True), "auto, routing batched": (64, "auto", True),
+                  "auto, routed one by one": (1, "auto", True),
+                  "auto, routing batched, 8 questions repeated": (64, "auto", False)}.items()}
+    compare(setups, args, "branch m0 (no routing)", "SmolLM2-135M bundle r=0.95 float32, in-process server on "
+            "127.0.0.1; every question new except in the last row (the router remembers 1,024 routed questions)",
+            "naming the branch")
 
 
 if __name__ == "__main__":
