@@ -200,7 +200,7 @@ def test_cli_samples_as_the_server_does(capsys, bundles):
     both); another seed gives another text; a tiny `--top-p` keeps only the likeliest token (greedy)."""
     from transformers import LogitsProcessorList
 
-    from branchmerge.runtime.sampling import RowSampler
+    from branchmerge.runtime.sampling import RowSampler, RowSettings
 
     b = branchmerge.load(bundles[0.9])
     ids = b.encode("rev abcdef=", "b")
@@ -211,7 +211,7 @@ def test_cli_samples_as_the_server_does(capsys, bundles):
         return out.rstrip("\n")
 
     served = b.generate_ids([ids], ["b"], max_new_tokens=12,
-                            logits_processor=LogitsProcessorList([RowSampler([1.5], [1.0], [4])]))[0].text
+                            logits_processor=LogitsProcessorList([RowSampler([RowSettings(1.5, seed=4)])]))[0].text
     assert cli("-t", "1.5", "--seed", "4") == served == cli("-t", "1.5", "--seed", "4")
     assert len({cli("-t", "1.5", "--seed", str(s)) for s in range(5, 9)} | {served}) > 1
     assert cli("-t", "2", "--top-p", "1e-6", "--seed", "1") == b.generate("rev abcdef=", "b", max_new_tokens=12)[0]

@@ -53,9 +53,6 @@ def test_request_validation():
 @pytest.mark.parametrize("kind,field,value", [
     ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("chat", "response_format", {"type": "json_object"}),
-    ("chat", "presence_penalty", 0.5),
-    ("chat", "frequency_penalty", -1),
-    ("chat", "logit_bias", {"5": 100}),
     ("chat", "logprobs", True),
     ("chat", "top_logprobs", 2),
     ("completion", "best_of", 3),
@@ -88,3 +85,13 @@ def test_non_text_content_parts_are_named():
     with pytest.raises(ValidationError, match="a content part of type 'image_url' is not supported"):
         P.ChatRequest.model_validate({"model": "a", "messages": [
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+
+
+@pytest.mark.parametrize(("bias", "msg"), [({"x": 1}, "keys are token ids"), ({"5": 101}, r"in \[-100, 100\]"),
+                                           ({str(i): 1 for i in range(P.MAX_LOGIT_BIAS + 1)}, "at most"),
+                                           ({"9" * 40: 1}, "keys are token ids")])
+def test_logit_bias_is_checked(bias, msg):
+    with pytest.raises(ValidationError, match=msg):
+        P.CompletionRequest.model_validate({"model": "a", "prompt": "x", "logit_bias": bias})
+    ok = P.CompletionRequest.model_validate({"model": "a", "prompt": "x", "logit_bias": {"5": -100, "7": 2.5}})
+    assert ok.bias() == {5: -100.0, 7: 2.5}

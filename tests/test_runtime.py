@@ -116,18 +116,18 @@ def test_standalone_and_tied_embeddings(family, tmp_path):
     both = b.generate(["hi", "yo"], ["solo", "a"], max_new_tokens=4)
     assert both == [b.generate("hi", "solo", max_new_tokens=4)[0], b.generate("yo", "a", max_new_tokens=4)[0]]
     # sampled rows of both groups (as the server batches them): each group's call gets its own rows' settings
-    from branchmerge.runtime.sampling import RowSampler
+    from branchmerge.runtime.sampling import RowSampler, RowSettings
 
     rows = [(b.encode("hi", "solo"), "solo", 1.5, 3), (b.encode("yo", "a"), "a", 0.0, None),
             (b.encode("ab", "solo"), "solo", 0.7, 5), (b.encode("yo", "a"), "a", 1.2, 6)]
     mixed = b.generate_ids([r[0] for r in rows], [r[1] for r in rows], max_new_tokens=6,
-                           row_sampler=RowSampler([r[2] for r in rows], [1.0] * 4, [r[3] for r in rows]))
-    alone = [b.generate_ids([i], [n], max_new_tokens=6, row_sampler=RowSampler([t], [1.0], [s]))[0]
+                           row_sampler=RowSampler([RowSettings(r[2], seed=r[3]) for r in rows]))
+    alone = [b.generate_ids([i], [n], max_new_tokens=6, row_sampler=RowSampler([RowSettings(t, seed=s)]))[0]
              for i, n, t, s in rows]
     assert [m.new_ids for m in mixed] == [a.new_ids for a in alone]
     assert alone[1].text == b.generate("yo", "a", max_new_tokens=6)[0]  # the greedy row
     with pytest.raises(ValueError, match="row_sampler has 1 rows for 2 prompts"):
-        b.generate_ids([rows[0][0], rows[1][0]], ["solo", "a"], row_sampler=RowSampler([1.0], [1.0], [1]))
+        b.generate_ids([rows[0][0], rows[1][0]], ["solo", "a"], row_sampler=RowSampler([RowSettings(1.0, seed=1)]))
     # scoring with shared prefixes on both groups (a context with two answers each) equals plain scoring
     ctx = torch.randint(3, 64, (20,)).tolist()
     seqs, names = [ctx + [5], ctx + [6, 7]] * 2, ["solo", "solo", "a", "a"]

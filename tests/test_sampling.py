@@ -6,7 +6,7 @@ import torch
 from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
 
-from branchmerge.runtime.sampling import RowSampler, sample_rows
+from branchmerge.runtime.sampling import RowSampler, RowSettings, penalize, sample_rows
 
 N = 20_000  # stratified uniforms (i + 0.5) / N: the empirical distribution is exact up to ~1/N
 
@@ -67,7 +67,7 @@ def test_a_seeded_row_does_not_depend_on_its_neighbours():
     scores = [torch.randn(3, 40) for _ in range(6)]
 
     def run(temps, seeds, col):
-        s = RowSampler(temps, [1.0, 0.9, 1.0], seeds)
+        s = RowSampler([RowSettings(t, p, seed=sd) for t, p, sd in zip(temps, [1.0, 0.9, 1.0], seeds)])
         out = []
         for sc in scores:
             got = s(torch.zeros(3, 1, dtype=torch.long), sc.clone())
@@ -79,9 +79,27 @@ def test_a_seeded_row_does_not_depend_on_its_neighbours():
     b = run([1.5, 3.0, 0.0], [11, 4, None], col=0)  # different neighbours, same seed and settings
     assert a == b
     assert run([1.5, 0.8, 2.0], [12, None, 5], col=0) != a  # and the seed is what fixes it
-    assert not RowSampler([0.0, 0.0], [1.0, 1.0], [1, None]).samples
-    huge = RowSampler([1.0], [1.0], [3], top_ks=[10**30])  # no top-k at all, not an overflow
+    assert not RowSampler([RowSettings(seed=1), RowSettings()]).needed
+    huge = RowSampler([RowSettings(1.0, seed=3, top_k=10**30)])  # no top-k at all, not an overflow
     assert int(huge(torch.zeros(1, 1, dtype=torch.long), scores[0][:1].clone()).argmax()) == \
-        int(RowSampler([1.0], [1.0], [3])(torch.zeros(1, 1, dtype=torch.long), scores[0][:1].clone()).argmax())
-    with pytest.raises(ValueError, match="one temperature, top_p and seed per row"):
-        RowSampler([1.0], [1.0, 1.0], [None])
+        int(RowSampler([RowSettings(1.0, seed=3)])(torch.zeros(1, 1, dtype=torch.long), scores[0][:1].clone()).argmax())
+
+
+def test_penalties_and_logit_bias_follow_openai():
+    """OpenAI's formula: logit - frequency * count - presence * (count > 0), over the generated tokens
+    only (not the prompt); logit_bias adds to its tokens first. Greedy rows change too."""
+    scores = torch.zeros(2, 6)
+    generated = torch.tensor([[1, 1, 4], [5, 5, 5]])
+    got = penalize(scores.clone(), generated, torch.tensor([0.5, 0.0]), torch.tensor([0.25, 1.0]))
+    want = torch.zeros(2, 6)
+    want[0, 1], want[0, 4], want[1, 5] = -0.5 - 0.5, -0.5 - 0.25, -3.0
+    torch.testing.assert_close(got, want)
+    prompt = torch.tensor([[3, 3], [3, 3]])  # a prompt of the token the scores like best: no penalty for it
+    s = RowSampler([RowSettings(presence_penalty=2.0), RowSettings(logit_bias={2: 100.0})])
+    assert s.needed
+    logits = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]] * 2)
+    first = s(prompt, logits.clone()).argmax(-1).tolist()
+    assert first == [3, 2]  # row 0: nothing generated yet; row 1: the bias wins
+    second = s(torch.cat([prompt, torch.tensor([[3], [2]])], 1), logits.clone()).argmax(-1).tolist()
+    assert second[0] != 3 and second[1] == 2  # row 0 generated 3 once: 1.0 - 2.0 < 0
+    assert RowSampler([RowSettings(logit_bias={3: -100.0})])(prompt[:1], logits[:1].clone()).argmax() != 3

@@ -98,16 +98,17 @@ def test_odd_values_get_clear_400s(server, bundle):
 
 
 def test_the_openai_sdk_hears_which_field_is_not_supported(server):
-    """A penalty the server would not apply is a 400 naming it, through the real SDK; the gateway in front
+    """A field the server would not apply is a 400 naming it, through the real SDK; the gateway in front
     of vLLM forwards the same field (vLLM does apply it)."""
     import openai
 
     client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0)
     msgs = [{"role": "user", "content": "add 1+2="}]
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="a", messages=msgs, max_tokens=2, presence_penalty=1.0)
-    assert e.value.body["param"] == "presence_penalty" and "is not supported" in e.value.body["message"]
-    ok = client.chat.completions.create(model="a", messages=msgs, max_tokens=2, presence_penalty=0, seed=3)
+        client.chat.completions.create(model="a", messages=msgs, max_tokens=2, extra_body={"repetition_penalty": 1.3})
+    assert e.value.body["param"] == "repetition_penalty" and "is not supported" in e.value.body["message"]
+    ok = client.chat.completions.create(model="a", messages=msgs, max_tokens=2, presence_penalty=0, seed=3,
+                                        extra_body={"repetition_penalty": 1.0})
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from branchmerge.errors import ConfigError
-from branchmerge.runtime.sampling import RowSampler
+from branchmerge.runtime.sampling import RowSampler, RowSettings
 from branchmerge.runtime.text import cut_at_stop
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class BranchmergeLM(TemplateLM):
                     chunk = [rows[i] for i in order[s:s + self.batch_size]]
                     gens = self.bundle.generate_ids(
                         [c[0] for c in chunk], [self._current] * len(chunk), max_new_tokens=max(c[1] for c in chunk),
-                        row_sampler=RowSampler([c[3] for c in chunk], [1.0] * len(chunk), [None] * len(chunk)),
+                        row_sampler=RowSampler([RowSettings(temperature=c[3]) for c in chunk]),
                         stopping_criteria=StoppingCriteriaList([UntilStop(self.tokenizer, [c[2] for c in chunk],
                                                                           [c[1] for c in chunk])]))
                     for i, c, g in zip(order[s:s + self.batch_size], chunk, gens):

@@ -33,14 +33,14 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperatur
     import torch
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-    from branchmerge.runtime.sampling import RowSampler
+    from branchmerge.runtime.sampling import RowSampler, RowSettings
 
     tok = bundle.tokenizer(branch)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     stop = threading.Event()
     result: list[str] = []
     failure: list[BaseException] = []
-    sampler = RowSampler([temperature], [top_p], [seed], bundle.device)  # as the server samples each row
+    sampler = RowSampler([RowSettings(temperature, top_p, seed=seed)], bundle.device)  # as the server samples
 
     def work() -> None:
         try:

@@ -446,12 +446,16 @@ class Bundle:
         by_group: dict[str, list[int]] = {}
         for i, b in enumerate(names):
             by_group.setdefault(self._group_of(b).name, []).append(i)
-        if row_sampler is not None and len(row_sampler) != len(ids_list):
-            raise ValueError(f"row_sampler has {len(row_sampler)} rows for {len(ids_list)} prompts")
+        if row_sampler is not None:
+            if len(row_sampler) != len(ids_list):
+                raise ValueError(f"row_sampler has {len(row_sampler)} rows for {len(ids_list)} prompts")
+            for i, (st, b) in enumerate(zip(row_sampler.settings, names)):  # an index past the logits is fatal
+                if st.logit_bias:
+                    self.check_ids([list(st.logit_bias)], [b], rows=[f"logit_bias of row {i}"])
         for idx in by_group.values():
             for chunk in self._context_chunks(idx, ids_list, names, max_new_tokens):
                 kw = generation_kwargs
-                if row_sampler is not None and row_sampler.samples:
+                if row_sampler is not None and row_sampler.needed:
                     kw = {**kw, "logits_processor": LogitsProcessorList(
                         [*kw.get("logits_processor", []), row_sampler.rows(chunk)])}
                 outs = self._generate_group(chunk, ids_list, names, max_new_tokens, share_prefix, kw)

@@ -11,7 +11,8 @@ last logits processor, with greedy decoding picking the sampled token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor
@@ -81,47 +82,75 @@ def _draw(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, min_p:
     return order.gather(1, idx)[:, 0]
 
 
+@dataclass(frozen=True)
+class RowSettings:
+    """How one row samples: OpenAI's and vLLM's sampling parameters (defaults: greedy, nothing changed)."""
+
+    temperature: float = 0.0  # at or below MIN_TEMPERATURE: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or less: no top-k
+    min_p: float = 0.0
+    seed: int | None = None  # its own generator, seeded with it (None: the process's random state)
+    presence_penalty: float = 0.0  # OpenAI's: minus this from each token already generated (once)
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often a token was generated
+    logit_bias: Mapping[int, float] | None = None  # OpenAI's: token id -> added to its logit
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether the row changes logits before choosing (so even a greedy row needs the sampler)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+
+def penalize(scores: torch.Tensor, generated: torch.Tensor, presence: torch.Tensor,
+             frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's penalties: ``scores[j] - frequency * count[j] - presence * (count[j] > 0)`` per row.
+
+    Args:
+        scores: ``[B, V]`` logits (float32, changed in place and returned).
+        generated: ``[B, T]`` the tokens each row generated so far.
+        presence, frequency: ``[B]`` per-row penalties.
+    """
+    if generated.shape[1] == 0:
+        return scores
+    counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+    return scores.sub_(frequency[:, None] * counts + presence[:, None] * (counts > 0).to(scores.dtype))
+
+
 class RowSampler(LogitsProcessor):
     """The last logits processor of a batch whose rows sample differently: returns scores that are 0 at
-    each row's drawn token and -inf elsewhere, so ``generate(do_sample=False)`` emits the draw.
+    each row's chosen token and -inf elsewhere, so ``generate(do_sample=False)`` emits it.
 
-    Rows with a seed draw from their own ``torch.Generator`` seeded with it; the others from the
-    process's random state. A row with temperature at or below :data:`MIN_TEMPERATURE` is greedy.
+    Per row, in vLLM's order: the logit bias and the presence and frequency penalties (on the tokens it
+    generated), then :func:`sample_rows`. Rows with a seed draw from their own ``torch.Generator`` seeded
+    with it; the others from the process's random state.
     """
 
-    def __init__(self, temperatures: Sequence[float], top_ps: Sequence[float], seeds: Sequence[int | None],
-                 device: torch.device | str = "cpu", *, top_ks: Sequence[int | None] | None = None,
-                 min_ps: Sequence[float | None] | None = None) -> None:
-        n = len(temperatures)
-        top_ks, min_ps = [None] * n if top_ks is None else top_ks, [None] * n if min_ps is None else min_ps
-        if not n == len(top_ps) == len(seeds) == len(top_ks) == len(min_ps):
-            raise ValueError(f"one temperature, top_p and seed per row: got {n}, {len(top_ps)} and {len(seeds)} "
-                             f"(top_k {len(top_ks)}, min_p {len(min_ps)})")
-        self.device = torch.device(device)
-        self.temperature = torch.tensor([float(t or 0.0) for t in temperatures], device=self.device)
-        self.top_p = torch.tensor([1.0 if p is None else float(p) for p in top_ps], device=self.device)
-        self.top_k = torch.tensor([min(int(k or 0), 1 << 62) for k in top_ks], dtype=torch.long, device=self.device)
-        self.min_p = torch.tensor([float(m or 0.0) for m in min_ps], device=self.device)
-        self.generators = [None if s is None else torch.Generator(self.device).manual_seed(s % (1 << 63))
-                           for s in seeds]
+    def __init__(self, rows: Sequence[RowSettings], device: torch.device | str = "cpu") -> None:
+        self.settings, self.device = list(rows), torch.device(device)
+        f = lambda attr, dtype=torch.float32: torch.tensor(  # noqa: E731
+            [getattr(r, attr) for r in self.settings], dtype=dtype, device=self.device)
+        self.temperature, self.top_p, self.min_p = f("temperature"), f("top_p"), f("min_p")
+        self.top_k = torch.tensor([min(int(r.top_k), 1 << 62) for r in self.settings], dtype=torch.long,
+                                  device=self.device)
+        self.presence, self.frequency = f("presence_penalty"), f("frequency_penalty")
+        self.generators = [None if r.seed is None else torch.Generator(self.device).manual_seed(r.seed % (1 << 63))
+                           for r in self.settings]
+        self.start: int | None = None  # the prompt width, at the first call
 
     def rows(self, idx: Sequence[int]) -> RowSampler:
         """The sampler of rows ``idx`` (in that order), for a ``generate`` call over only those rows: it
         shares their generators, so each seeded row's draws go on where they were."""
-        sub = RowSampler.__new__(RowSampler)
-        pick = torch.tensor(list(idx), dtype=torch.long, device=self.device)
-        sub.device, sub.temperature, sub.top_p = self.device, self.temperature[pick], self.top_p[pick]
-        sub.top_k, sub.min_p = self.top_k[pick], self.min_p[pick]
+        sub = RowSampler([self.settings[i] for i in idx], self.device)
         sub.generators = [self.generators[i] for i in idx]
         return sub
 
     def __len__(self) -> int:
-        return len(self.generators)
+        return len(self.settings)
 
     @property
-    def samples(self) -> bool:
-        """Whether any row samples (otherwise the batch is plain greedy decoding)."""
-        return bool((self.temperature > MIN_TEMPERATURE).any())
+    def needed(self) -> bool:
+        """Whether any row samples or changes its logits (otherwise the batch is plain greedy decoding)."""
+        return bool((self.temperature > MIN_TEMPERATURE).any()) or any(r.adjusts for r in self.settings)
 
     def uniforms(self) -> torch.Tensor:
         """``[B]`` draws in [0, 1): each seeded row's from its generator, the rest from the process."""
@@ -135,6 +164,16 @@ class RowSampler(LogitsProcessor):
         if scores.shape[0] != len(self):
             raise ValueError(f"this sampler has {len(self)} rows, the batch {scores.shape[0]}: pass it to "
                              "Bundle.generate_ids as row_sampler (which splits it with the batch)")
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        if any(r.adjusts for r in self.settings):
+            scores = scores.float().clone()
+            for i, r in enumerate(self.settings):
+                if r.logit_bias:
+                    ids = torch.tensor(list(r.logit_bias), dtype=torch.long, device=scores.device)
+                    scores[i, ids] += torch.tensor(list(r.logit_bias.values()), device=scores.device)
+            scores = penalize(scores, input_ids[:, self.start:], self.presence.to(scores.device),
+                              self.frequency.to(scores.device))
         tok = sample_rows(scores, self.temperature, self.top_p, self.uniforms(), self.top_k, self.min_p)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, tok[:, None], 0.0)

@@ -219,9 +219,16 @@ class OpenAIService:
         except ContextLengthError as e:
             raise P.APIError(400, f"this model's maximum context length is exceeded: {e}", param=param,
                              code="context_length_exceeded") from None
+        bias = req.bias() or None
+        if bias:
+            try:
+                self.bundle.check_ids([list(bias)], [branch], rows=["logit_bias"])
+            except BranchmergeError as e:
+                raise P.APIError(400, str(e), param="logit_bias") from None
         return Job(ids, branch, mt, temperature=req.temperature or 0.0, top_p=req.top_p or 1.0, top_k=req.top_k or 0,
-                   min_p=req.min_p or 0.0, stop=req.stops(), stream=stream, request=request,
-                   seed=None if req.seed is None else req.seed + choice)
+                   min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
+                   frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias, stop=req.stops(), stream=stream,
+                   request=request, seed=None if req.seed is None else req.seed + choice)
 
     def _submit(self, jobs: list[Job]) -> list[Job]:
         loop = asyncio.get_running_loop()
@@ -568,7 +575,7 @@ class OpenAIService:
         text, reason, new_ids = "", "length", []
         # one greedy token (lm-evaluation-harness's loglikelihood requests): a single forward pass scores the
         # prompt and picks the token; otherwise generate as usual, then score prompt + completion
-        one_greedy = mt == 1 and not (req.temperature or 0.0) > 0
+        one_greedy = mt == 1 and not (req.temperature or 0.0) > 0 and not job.settings().adjusts
         if mt > 0 and not one_greedy:
             await self._wait(self._submit([job]), disconnected)
             (text, reason), new_ids = self._finish(branch, job), job.new_ids

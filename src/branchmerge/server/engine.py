@@ -26,7 +26,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from branchmerge.runtime.sampling import RowSampler
+from branchmerge.runtime.sampling import RowSampler, RowSettings
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class Job:
     top_p: float = 1.0
     top_k: int = 0  # 0 or less: no top-k
     min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     request: Any = None  # jobs of one request share a queue (fairness)
@@ -72,6 +75,11 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def settings(self) -> RowSettings:
+        """How this job's row samples, for the batch's :class:`RowSampler`."""
+        return RowSettings(self.temperature, self.top_p, self.top_k, self.min_p, self.seed, self.presence_penalty,
+                           self.frequency_penalty, self.logit_bias)
 
     @property
     def key(self) -> tuple:
@@ -291,8 +299,7 @@ class Engine:
                     j.scored = o
             else:
                 streamer = _RowStreamer(jobs) if any(j.stream for j in jobs) else None
-                sampler = RowSampler([j.temperature for j in jobs], [j.top_p for j in jobs], [j.seed for j in jobs],
-                                     self.bundle.device, top_ks=[j.top_k for j in jobs], min_ps=[j.min_p for j in jobs])
+                sampler = RowSampler([j.settings() for j in jobs], self.bundle.device)
                 outs = self.bundle.generate_ids(
                     [j.ids for j in jobs], [j.branch for j in jobs], max_new_tokens=max(j.max_tokens for j in jobs),
                     streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowStop(jobs)]), row_sampler=sampler)

@@ -74,6 +74,9 @@ class Message(BaseModel):
         return self.content or ""
 
 
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
@@ -91,6 +94,9 @@ class _Req(BaseModel):
                               description="vLLM's: the k likeliest tokens (-1 or 0: all).")
     min_p: float | None = Field(default=None, ge=0.0, le=1.0,
                                 description="vLLM's: tokens at least this fraction as likely as the likeliest.")
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(default=None, description="Token id -> bias in [-100, 100].")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -104,6 +110,24 @@ class _Req(BaseModel):
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
         return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries, got {len(v)}")
+        for k, b in v.items():
+            if not k.strip().lstrip("-").isdigit() or len(k) > 12:
+                raise ValueError(f"logit_bias keys are token ids, got {k[:20]!r}")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias values are in [-100, 100], got {b} for token {k}")
+        return v
+
+    def bias(self) -> dict[int, float]:
+        """``logit_bias`` with integer token ids."""
+        return {int(k): float(b) for k, b in (self.logit_bias or {}).items()}
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -135,8 +159,6 @@ class CompletionRequest(_Req):
 _NEUTRAL: dict[str, Any] = {
     "tools": lambda v: not v, "functions": lambda v: not v, "tool_choice": lambda v: v in (None, "none", "auto"),
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-    "logit_bias": lambda v: not v,
-    "presence_penalty": lambda v: v in (None, 0), "frequency_penalty": lambda v: v in (None, 0),
     "best_of": lambda v: v in (None, 1), "suffix": lambda v: not v,
     # vLLM's sampling extensions that this server does not implement (top_k and min_p it does)
     "repetition_penalty": lambda v: v in (None, 1), "length_penalty": lambda v: v in (None, 1),
