@@ -30,7 +30,7 @@ from branchmerge.runtime.siblings import group_siblings
 from branchmerge.runtime.sampling import RowSampler
 from branchmerge.runtime.scoring import (PrefixCluster, TokenLogprobs, prefix_clusters, score_cluster, score_row,
                                          shared_lengths)
-from branchmerge.runtime.text import encode_messages, ensure_pad_token, pad_rows
+from branchmerge.runtime.text import context_chunks, encode_messages, ensure_pad_token, pad_rows
 
 logger = logging.getLogger(__name__)
 
@@ -453,7 +453,8 @@ class Bundle:
                 if st.logit_bias:
                     self.check_ids([list(st.logit_bias)], [b], rows=[f"logit_bias of row {i}"])
         for idx in by_group.values():
-            for chunk in self._context_chunks(idx, ids_list, names, max_new_tokens):
+            limit = self.tightest_context(names[i] for i in idx)
+            for chunk in context_chunks(idx, [len(q) for q in ids_list], max_new_tokens, limit):
                 kw = generation_kwargs
                 if row_sampler is not None and row_sampler.needed:
                     kw = {**kw, "logits_processor": LogitsProcessorList(
@@ -462,21 +463,6 @@ class Bundle:
                 for i, r in zip(chunk, outs):
                     results[i] = r
         return [r for r in results if r is not None]
-
-    def _context_chunks(self, idx: list[int], ids_list: Sequence[Sequence[int]], names: Sequence[str],
-                        max_new_tokens: int) -> list[list[int]]:
-        """Rows of one group split so that each batch's padded width plus ``max_new_tokens`` fits every
-        member's context (two prompts that fit alone may not fit padded together); by length, in order."""
-        limit = self.tightest_context(names[i] for i in idx)
-        if limit is None or max(len(ids_list[i]) for i in idx) + max_new_tokens <= limit:
-            return [idx]
-        chunks: list[list[int]] = []
-        for i in sorted(idx, key=lambda i: len(ids_list[i])):
-            if chunks and max(len(ids_list[j]) for j in chunks[-1] + [i]) + max_new_tokens <= limit:
-                chunks[-1].append(i)
-            else:
-                chunks.append([i])
-        return chunks
 
     def _generate_group(self, idx: list[int], ids_list: Sequence[Sequence[int]], names: Sequence[str],
                         max_new_tokens: int, share_prefix: bool, generation_kwargs: dict[str, Any]

@@ -76,3 +76,18 @@ def pad_rows(seqs: Sequence[Sequence[int]], *, pad: int = 0, left: bool = False,
         ids[r, sl] = torch.as_tensor(list(q), dtype=torch.long)
         mask[r, sl] = 1
     return ids, mask
+
+
+def context_chunks(idx: list[int], lengths: Sequence[int], max_new_tokens: int, limit: int | None) -> list[list[int]]:
+    """Rows ``idx`` split so that each batch's padded width (its longest prompt, ``lengths[i]``) plus
+    ``max_new_tokens`` fits the ``limit`` context (two prompts that fit alone may not fit padded
+    together); by length, in order. One chunk when there is no limit or everything fits."""
+    if limit is None or max(lengths[i] for i in idx) + max_new_tokens <= limit:
+        return [idx]
+    chunks: list[list[int]] = []
+    for i in sorted(idx, key=lambda i: lengths[i]):
+        if chunks and max(lengths[j] for j in chunks[-1] + [i]) + max_new_tokens <= limit:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
