@@ -58,9 +58,7 @@ def test_request_validation():
     ("completion", "best_of", 3),
     ("completion", "suffix", "end"),
     ("completion", "repetition_penalty", 1.2),  # vLLM's extensions, which clients of vLLM send
-    ("chat", "ignore_eos", True),
-    ("completion", "min_tokens", 4),
-    ("chat", "stop_token_ids", [2]),
+    ("chat", "bad_words", ["x"]),
     ("chat", "guided_json", {"type": "object"}),
     ("completion", "use_beam_search", True),
 ])
@@ -75,7 +73,7 @@ def test_fields_this_server_does_not_do_are_refused_not_ignored(kind, field, val
     # their neutral values, which clients send by default, and `seed` (lm-evaluation-harness sends one) pass
     for neutral in ({"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "tools": [],
                      "tool_choice": "none", "response_format": {"type": "text"}, "seed": 1234, "best_of": 1,
-                     "repetition_penalty": 1.0, "ignore_eos": False, "min_tokens": 0, "skip_special_tokens": True,
+                     "repetition_penalty": 1.0, "skip_special_tokens": True,
                      "top_k": 5, "min_p": 0.1},):
         assert P.unsupported(cls.model_validate({**base, **neutral})) is None
     assert P.unsupported(P.CompletionRequest.model_validate({"model": "a", "prompt": "x", "logprobs": 2})) is None

@@ -137,6 +137,32 @@ def test_standalone_and_tied_embeddings(family, tmp_path):
         assert x.token_ids == y.token_ids and x.logprobs[1:] == pytest.approx(y.logprobs[1:], abs=1e-4)
 
 
+def test_rows_end_their_own_way(loaded):
+    """vLLM's stopping settings, per row of one batch, beside a row that ends at its end of text as usual:
+    ignore_eos runs past the end of text, min_tokens suppresses it until then, stop_token_ids adds one."""
+    from branchmerge.runtime.sampling import RowSampler, RowSettings
+
+    b = loaded[0.9]
+    ids = b.encode("add 5+5=", "a", chat=False)
+    plain = b.generate_ids([ids], ["a"], max_new_tokens=20)[0]
+    n = len(plain.new_ids)
+    assert plain.finish_reason == "stop" and plain.stop_id in b.stop_ids("a") and 1 < n < 16  # the setting
+    k = next(i for i, t in enumerate(plain.new_ids) if i and t not in plain.new_ids[:i])
+    longer = b.generate_ids([ids], ["a"], max_new_tokens=20, row_sampler=RowSampler([RowSettings(ignore_eos=True)]))
+    never = next(t for t in range(3, 64) if t not in longer[0].new_ids)
+    kinds = [RowSettings(), RowSettings(ignore_eos=True), RowSettings(min_tokens=n + 2),
+             RowSettings(stop_token_ids=(plain.new_ids[k],)), RowSettings(ignore_eos=True, stop_token_ids=(never,))]
+    got = b.generate_ids([ids] * 5, ["a"] * 5, max_new_tokens=20, row_sampler=RowSampler(kinds))
+    assert (got[0].new_ids, got[0].stop_id, got[0].finish_reason) == (plain.new_ids, plain.stop_id, "stop")
+    assert len(got[1].new_ids) == 20 and got[1].finish_reason == "length" and got[1].stop_id is None
+    assert got[1].new_ids[:n + 1] == plain.new_ids + [plain.stop_id]  # its end of text is just a token
+    assert len(got[2].new_ids) >= n + 2 and got[2].new_ids[:n] == plain.new_ids
+    assert (got[3].new_ids, got[3].stop_id, got[3].finish_reason) == (plain.new_ids[:k], plain.new_ids[k], "stop")
+    assert got[4].new_ids == got[1].new_ids == longer[0].new_ids  # a stop id that never comes
+    with pytest.raises(BranchmergeError, match="stop_token_ids of row 0: token id 999 is outside the vocabulary"):
+        b.generate_ids([ids], ["a"], row_sampler=RowSampler([RowSettings(stop_token_ids=(999,), min_tokens=2)]))
+
+
 def test_unknown_branch_lists_valid(loaded):
     with pytest.raises(BranchNotFoundError, match="unknown branch 'zzz'.*a, b, c"):
         loaded[0.9].generate("x", "zzz")

@@ -211,6 +211,37 @@ def test_penalties_and_logit_bias_equal_a_reference_decoder(server):
     assert e.value.body["param"] == "logit_bias"
 
 
+def test_vllm_stopping_settings(server):
+    """ignore_eos, min_tokens and stop_token_ids per request, streamed or not, as the library runs them; bad
+    values are 400s that name the field."""
+    c, b = server["client"], server["bundle"]
+    ids = b.encode("add 5+5=", "a", chat=False)
+    plain = b.generate_ids([ids], ["a"], max_new_tokens=20)[0]
+    assert plain.finish_reason == "stop"  # ends with its end of text within 20 tokens
+
+    def both(**extra):
+        r = c.completions.create(model="a", prompt="add 5+5=", max_tokens=20, extra_body=extra)
+        events = list(c.completions.create(model="a", prompt="add 5+5=", max_tokens=20, stream=True, extra_body=extra))
+        streamed = "".join(e.choices[0].text for e in events if e.choices)
+        assert streamed == r.choices[0].text and events[-1].choices[0].finish_reason == r.choices[0].finish_reason
+        return r.choices[0], r.usage.completion_tokens
+
+    first, n = both()
+    assert (first.text, first.finish_reason, n) == (plain.text, "stop", len(plain.new_ids))
+    longer, n = both(ignore_eos=True)
+    assert n == 20 and longer.finish_reason == "length" and longer.text.startswith(plain.text)
+    k = next(i for i, t in enumerate(plain.new_ids) if i and t not in plain.new_ids[:i])
+    cut, n = both(stop_token_ids=[plain.new_ids[k]])
+    assert n == k and cut.finish_reason == "stop" and cut.text == b.tokenizer("a").decode(plain.new_ids[:k])
+    late, n = both(min_tokens=len(plain.new_ids) + 2)
+    assert n >= len(plain.new_ids) + 2 and late.text.startswith(plain.text)
+    for extra, field in (({"min_tokens": 30}, "min_tokens"), ({"stop_token_ids": [999]}, "stop_token_ids"),
+                         ({"stop_token_ids": list(range(65))}, "stop_token_ids")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="a", prompt="add 5+5=", max_tokens=20, extra_body=extra)
+        assert field in str(e.value.body), e.value.body
+
+
 def test_auto_routing_and_pipeline(server):
     c = server["client"]
     r = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": "rev hello="}], max_tokens=4)

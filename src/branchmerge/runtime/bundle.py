@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from transformers import AutoTokenizer, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoTokenizer, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
+                          StoppingCriteriaList)
 
 from branchmerge.architectures import registry
 from branchmerge.common import resolve_device, resolve_dtype
@@ -27,7 +28,7 @@ from branchmerge.io.bundle import BundleReader
 from branchmerge.runtime.build import build_group_model
 from branchmerge.runtime.modules import BranchedLinear, BranchState
 from branchmerge.runtime.siblings import group_siblings
-from branchmerge.runtime.sampling import RowSampler
+from branchmerge.runtime.sampling import RowSampler, StopTokens
 from branchmerge.runtime.scoring import (PrefixCluster, TokenLogprobs, prefix_clusters, score_cluster, score_row,
                                          shared_lengths)
 from branchmerge.runtime.text import context_chunks, encode_messages, ensure_pad_token, pad_rows
@@ -450,25 +451,31 @@ class Bundle:
             if len(row_sampler) != len(ids_list):
                 raise ValueError(f"row_sampler has {len(row_sampler)} rows for {len(ids_list)} prompts")
             for i, (st, b) in enumerate(zip(row_sampler.settings, names)):  # an index past the logits is fatal
-                if st.logit_bias:
-                    self.check_ids([list(st.logit_bias)], [b], rows=[f"logit_bias of row {i}"])
+                for what, tokens in (("logit_bias", list(st.logit_bias or ())), ("stop_token_ids", st.stop_token_ids)):
+                    if tokens:
+                        self.check_ids([list(tokens)], [b], rows=[f"{what} of row {i}"])
         for idx in by_group.values():
             limit = self.tightest_context(names[i] for i in idx)
             for chunk in context_chunks(idx, [len(q) for q in ids_list], max_new_tokens, limit):
                 kw = generation_kwargs
+                stops = None
                 if row_sampler is not None and row_sampler.needed:
-                    kw = {**kw, "logits_processor": LogitsProcessorList(
-                        [*kw.get("logits_processor", []), row_sampler.rows(chunk)])}
-                outs = self._generate_group(chunk, ids_list, names, max_new_tokens, share_prefix, kw)
+                    sub = row_sampler.rows(chunk)
+                    sub.stops = [st.stop_set(self.stop_ids(names[i])) for i, st in zip(chunk, sub.settings)]
+                    kw = {**kw, "logits_processor": LogitsProcessorList([*kw.get("logits_processor", []), sub])}
+                    if any(st.stops_own_way for st in sub.settings):
+                        stops = sub.stops
+                outs = self._generate_group(chunk, ids_list, names, max_new_tokens, share_prefix, kw, stops)
                 for i, r in zip(chunk, outs):
                     results[i] = r
         return [r for r in results if r is not None]
 
     def _generate_group(self, idx: list[int], ids_list: Sequence[Sequence[int]], names: Sequence[str],
-                        max_new_tokens: int, share_prefix: bool, generation_kwargs: dict[str, Any]
-                        ) -> list[GenerationResult]:
+                        max_new_tokens: int, share_prefix: bool, generation_kwargs: dict[str, Any],
+                        stops: list[set[int]] | None = None) -> list[GenerationResult]:
         """One ``generate`` call over rows ``idx`` of one group: a mixed-branch batch, left-padded (after a
-        right-padded cached prefix when prompts share one)."""
+        right-padded cached prefix when prompts share one). ``stops``: the tokens that end each row, when
+        they are not its branch's end of text (then each row ends on its own, not through ``generate``)."""
         g, rows = self._rows_for([names[i] for i in idx])
         pad = self.tokenizer(names[idx[0]]).pad_token_id
         pad = 0 if pad is None else pad
@@ -498,6 +505,10 @@ class Bundle:
             generation_kwargs = {**generation_kwargs, _cache_arg(g.model): cache}
         eos = set().union(*(self.stop_ids(b) for b in {names[i] for i in idx}))
         kwargs = {"do_sample": False, "pad_token_id": pad, "eos_token_id": sorted(eos) or None, **generation_kwargs}
+        if stops is not None:
+            kwargs["eos_token_id"] = None
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []),
+                                                                StopTokens(stops)])
         if not kwargs.get("do_sample"):
             kwargs.setdefault("temperature", None)
             kwargs.setdefault("top_p", None)
@@ -510,7 +521,7 @@ class Bundle:
             new = out[r, width:].tolist()
             reason, stop_id = "length", None
             for j, t in enumerate(new):
-                if t in eos:
+                if t in (eos if stops is None else stops[r]):
                     new, reason, stop_id = new[:j], "stop", t
                     break
             text = self.tokenizer(names[i]).decode(new, skip_special_tokens=True)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, StoppingCriteria
 
 from branchmerge.runtime.text import MIN_TEMPERATURE
 
@@ -94,11 +94,35 @@ class RowSettings:
     presence_penalty: float = 0.0  # OpenAI's: minus this from each token already generated (once)
     frequency_penalty: float = 0.0  # OpenAI's: minus this times how often a token was generated
     logit_bias: Mapping[int, float] | None = None  # OpenAI's: token id -> added to its logit
+    stop_token_ids: tuple[int, ...] = ()  # vLLM's: more tokens that end the row, besides end of text
+    ignore_eos: bool = False  # vLLM's: end of text does not end the row
+    min_tokens: int = 0  # vLLM's: the row's stop tokens are suppressed until it has this many
 
     @property
     def adjusts(self) -> bool:
         """Whether the row changes logits before choosing (so even a greedy row needs the sampler)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_tokens)
+
+    @property
+    def stops_own_way(self) -> bool:
+        """Whether the row ends on other tokens than its branch's end of text."""
+        return bool(self.stop_token_ids or self.ignore_eos)
+
+    def stop_set(self, eos: set[int]) -> set[int]:
+        """The tokens that end this row, given its branch's end-of-text ids."""
+        return (set() if self.ignore_eos else set(eos)) | set(self.stop_token_ids)
+
+
+class StopTokens(StoppingCriteria):
+    """Per row of a ``generate`` batch: done once its last token is one of its own stop tokens (the batch
+    goes on until every row is done or ``max_new_tokens``; the caller cuts each row at its stop)."""
+
+    def __init__(self, stops: Sequence[set[int]]) -> None:
+        self.stops = [set(s) for s in stops]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kw) -> torch.BoolTensor:
+        last = input_ids[:, -1].tolist()
+        return torch.tensor([t in s for t, s in zip(last, self.stops)], dtype=torch.bool, device=input_ids.device)
 
 
 def penalize(scores: torch.Tensor, generated: torch.Tensor, presence: torch.Tensor,
@@ -136,6 +160,7 @@ class RowSampler(LogitsProcessor):
         self.generators = [None if r.seed is None else torch.Generator(self.device).manual_seed(r.seed % (1 << 63))
                            for r in self.settings]
         self.start: int | None = None  # the prompt width, at the first call
+        self.stops: list[set[int]] = [set(r.stop_token_ids) for r in self.settings]  # set by generate_ids
 
     def rows(self, idx: Sequence[int]) -> RowSampler:
         """The sampler of rows ``idx`` (in that order), for a ``generate`` call over only those rows: it
@@ -149,8 +174,9 @@ class RowSampler(LogitsProcessor):
 
     @property
     def needed(self) -> bool:
-        """Whether any row samples or changes its logits (otherwise the batch is plain greedy decoding)."""
-        return bool((self.temperature > MIN_TEMPERATURE).any()) or any(r.adjusts for r in self.settings)
+        """Whether any row samples, changes its logits or ends its own way (else: plain greedy decoding)."""
+        return bool((self.temperature > MIN_TEMPERATURE).any()) or any(r.adjusts or r.stops_own_way
+                                                                        for r in self.settings)
 
     def uniforms(self) -> torch.Tensor:
         """``[B]`` draws in [0, 1): each seeded row's from its generator, the rest from the process."""
@@ -174,6 +200,11 @@ class RowSampler(LogitsProcessor):
                     scores[i, ids] += torch.tensor(list(r.logit_bias.values()), device=scores.device)
             scores = penalize(scores, input_ids[:, self.start:], self.presence.to(scores.device),
                               self.frequency.to(scores.device))
+            n = input_ids.shape[1] - self.start
+            for i, r in enumerate(self.settings):
+                if n < r.min_tokens and self.stops[i]:  # too early to end
+                    ended = torch.tensor(sorted(self.stops[i]), dtype=torch.long, device=scores.device)
+                    scores[i, ended] = -float("inf")
         tok = sample_rows(scores, self.temperature, self.top_p, self.uniforms(), self.top_k, self.min_p)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, tok[:, None], 0.0)

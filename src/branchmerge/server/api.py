@@ -220,15 +220,20 @@ class OpenAIService:
             raise P.APIError(400, f"this model's maximum context length is exceeded: {e}", param=param,
                              code="context_length_exceeded") from None
         bias = req.bias() or None
-        if bias:
+        for name, ids_ in (("logit_bias", list(bias or ())), ("stop_token_ids", req.stop_token_ids or [])):
             try:
-                self.bundle.check_ids([list(bias)], [branch], rows=["logit_bias"])
+                if ids_:
+                    self.bundle.check_ids([ids_], [branch], rows=[name])
             except BranchmergeError as e:
-                raise P.APIError(400, str(e), param="logit_bias") from None
+                raise P.APIError(400, str(e), param=name) from None
+        if req.min_tokens > mt:
+            raise P.APIError(400, f"min_tokens={req.min_tokens} is more than max_tokens={mt}", param="min_tokens")
         return Job(ids, branch, mt, temperature=req.temperature or 0.0, top_p=req.top_p or 1.0, top_k=req.top_k or 0,
                    min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
-                   frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias, stop=req.stops(), stream=stream,
-                   request=request, seed=None if req.seed is None else req.seed + choice)
+                   frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias,
+                   stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+                   min_tokens=req.min_tokens, stop=req.stops(), stream=stream, request=request,
+                   seed=None if req.seed is None else req.seed + choice)
 
     def _submit(self, jobs: list[Job]) -> list[Job]:
         loop = asyncio.get_running_loop()
@@ -350,7 +355,7 @@ class OpenAIService:
 
     async def _stream(self, kind, rid, model, branch, job: Job, index: int = 0) -> AsyncIterator[str]:
         tok = self.bundle.tokenizer(branch)
-        eos = self.bundle.stop_ids(branch)
+        eos = job.settings().stop_set(self.bundle.stop_ids(branch))  # the tokens that end this row
         sent, ids, reason = "", [], None
         try:
             yield P.chunk(kind, rid, model, None, None, branch, first=True, index=index)
@@ -575,7 +580,9 @@ class OpenAIService:
         text, reason, new_ids = "", "length", []
         # one greedy token (lm-evaluation-harness's loglikelihood requests): a single forward pass scores the
         # prompt and picks the token; otherwise generate as usual, then score prompt + completion
-        one_greedy = mt == 1 and not (req.temperature or 0.0) > 0 and not job.settings().adjusts
+        settings = job.settings()
+        one_greedy = (mt == 1 and not (req.temperature or 0.0) > 0 and not settings.adjusts
+                      and not settings.stops_own_way)
         if mt > 0 and not one_greedy:
             await self._wait(self._submit([job]), disconnected)
             (text, reason), new_ids = self._finish(branch, job), job.new_ids

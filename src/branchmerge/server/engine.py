@@ -49,6 +49,9 @@ class Job:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     request: Any = None  # jobs of one request share a queue (fairness)
@@ -79,7 +82,8 @@ class Job:
     def settings(self) -> RowSettings:
         """How this job's row samples, for the batch's :class:`RowSampler`."""
         return RowSettings(self.temperature, self.top_p, self.top_k, self.min_p, self.seed, self.presence_penalty,
-                           self.frequency_penalty, self.logit_bias)
+                           self.frequency_penalty, self.logit_bias, self.stop_token_ids, self.ignore_eos,
+                           self.min_tokens)
 
     @property
     def key(self) -> tuple:

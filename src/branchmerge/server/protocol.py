@@ -97,6 +97,10 @@ class _Req(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(default=None, description="Token id -> bias in [-100, 100].")
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64,
+                                             description="vLLM's: more tokens that end the answer.")
+    ignore_eos: bool = Field(default=False, description="vLLM's: end of text does not end the answer.")
+    min_tokens: int = Field(default=0, ge=0, description="vLLM's: no stop token before this many tokens.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -162,7 +166,6 @@ _NEUTRAL: dict[str, Any] = {
     "best_of": lambda v: v in (None, 1), "suffix": lambda v: not v,
     # vLLM's sampling extensions that this server does not implement (top_k and min_p it does)
     "repetition_penalty": lambda v: v in (None, 1), "length_penalty": lambda v: v in (None, 1),
-    "min_tokens": lambda v: v in (None, 0), "ignore_eos": lambda v: not v, "stop_token_ids": lambda v: not v,
     "bad_words": lambda v: not v, "allowed_token_ids": lambda v: v is None, "use_beam_search": lambda v: not v,
     "include_stop_str_in_output": lambda v: not v, "skip_special_tokens": lambda v: v in (None, True),
     "prompt_logprobs": lambda v: v is None, "truncate_prompt_tokens": lambda v: v is None,
