@@ -137,7 +137,7 @@ def test_a_remembered_question_does_not_wait_behind_a_routing_batch(bundles, tmp
     from concurrent.futures import ThreadPoolExecutor
 
     from branchmerge.front import front_for
-    from branchmerge.server.api import RouteBatcher
+    from branchmerge.server.routing import RouteBatcher
     from branchmerge.staged import PipelinesConfig
 
     def slow(texts):

@@ -40,8 +40,9 @@ from branchmerge.common import check_name
 from branchmerge.config import read_yaml, validate
 from branchmerge.errors import BranchmergeError, ConfigError
 from branchmerge.server import protocol as P
-from branchmerge.server.api import ClientGone, Disconnected, Reply, RouteBatcher, ServerLimits
+from branchmerge.server.api import ClientGone, Disconnected, Reply, ServerLimits
 from branchmerge.server.metrics import SIZE_BUCKETS, Family, Registry
+from branchmerge.server.routing import RouteBatcher
 from branchmerge.staged import ExtractTimeoutError, PipelinesConfig, fill, load_pipelines, postprocess
 
 logger = logging.getLogger(__name__)
