@@ -57,7 +57,7 @@ def test_request_validation():
     ("chat", "top_logprobs", 2),
     ("completion", "best_of", 3),
     ("completion", "suffix", "end"),
-    ("completion", "repetition_penalty", 1.2),  # vLLM's extensions, which clients of vLLM send
+    ("completion", "length_penalty", 1.2),  # vLLM's extensions, which clients of vLLM send
     ("chat", "bad_words", ["x"]),
     ("chat", "guided_json", {"type": "object"}),
     ("completion", "use_beam_search", True),

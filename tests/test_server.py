@@ -211,6 +211,29 @@ def test_penalties_and_logit_bias_equal_a_reference_decoder(server):
     assert e.value.body["param"] == "logit_bias"
 
 
+def test_repetition_penalty_equals_transformers(server):
+    """vLLM's repetition_penalty (on the prompt's and the answer's tokens), in a batch with a plain request,
+    gives what transformers' own RepetitionPenaltyLogitsProcessor gives the branch's model alone."""
+    c, b = server["client"], server["bundle"]
+    ids = b.encode("rev abcabc=", "b", chat=False)
+    want = []
+    for penalty in (1.3, 0.7):
+        with b.use("b") as m, torch.no_grad():
+            out = m.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, repetition_penalty=penalty,
+                             eos_token_id=sorted(b.stop_ids("b")), pad_token_id=0, temperature=None, top_p=None,
+                             top_k=None)
+        want.append(b.tokenizer("b").decode(out[0, len(ids):], skip_special_tokens=True))
+    with ThreadPoolExecutor(3) as ex:
+        futs = [ex.submit(c.completions.create, model="b", prompt="rev abcabc=", max_tokens=12,
+                          extra_body={"repetition_penalty": p}) for p in (1.3, 0.7)]
+        futs.append(ex.submit(c.completions.create, model="b", prompt="rev abcabc=", max_tokens=12))
+        got = [f.result().choices[0].text for f in futs]
+    assert got[:2] == want and got[2] == b.generate("rev abcabc=", "b", max_new_tokens=12, chat=False)[0]
+    assert len(set(got)) == 3  # the penalty changes the answer, both ways
+    with pytest.raises(openai.BadRequestError, match="repetition_penalty"):
+        c.completions.create(model="b", prompt="rev a=", max_tokens=2, extra_body={"repetition_penalty": 0})
+
+
 def test_vllm_stopping_settings(server):
     """ignore_eos, min_tokens and stop_token_ids per request, streamed or not, as the library runs them; bad
     values are 400s that name the field."""

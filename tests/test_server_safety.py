@@ -105,10 +105,10 @@ def test_the_openai_sdk_hears_which_field_is_not_supported(server):
     client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0)
     msgs = [{"role": "user", "content": "add 1+2="}]
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="a", messages=msgs, max_tokens=2, extra_body={"repetition_penalty": 1.3})
-    assert e.value.body["param"] == "repetition_penalty" and "is not supported" in e.value.body["message"]
+        client.chat.completions.create(model="a", messages=msgs, max_tokens=2, extra_body={"bad_words": ["x"]})
+    assert e.value.body["param"] == "bad_words" and "is not supported" in e.value.body["message"]
     ok = client.chat.completions.create(model="a", messages=msgs, max_tokens=2, presence_penalty=0, seed=3,
-                                        extra_body={"repetition_penalty": 1.0})
+                                        extra_body={"bad_words": []})
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 

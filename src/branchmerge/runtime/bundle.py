@@ -462,6 +462,7 @@ class Bundle:
                 if row_sampler is not None and row_sampler.needed:
                     sub = row_sampler.rows(chunk)
                     sub.stops = [st.stop_set(self.stop_ids(names[i])) for i, st in zip(chunk, sub.settings)]
+                    sub.prompts = [ids_list[i] for i in chunk]
                     kw = {**kw, "logits_processor": LogitsProcessorList([*kw.get("logits_processor", []), sub])}
                     if any(st.stops_own_way for st in sub.settings):
                         stops = sub.stops

@@ -97,11 +97,13 @@ class RowSettings:
     stop_token_ids: tuple[int, ...] = ()  # vLLM's: more tokens that end the row, besides end of text
     ignore_eos: bool = False  # vLLM's: end of text does not end the row
     min_tokens: int = 0  # vLLM's: the row's stop tokens are suppressed until it has this many
+    repetition_penalty: float = 1.0  # vLLM's and transformers': logits of prompt and output tokens / it (< 0: *)
 
     @property
     def adjusts(self) -> bool:
         """Whether the row changes logits before choosing (so even a greedy row needs the sampler)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_tokens)
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_tokens
+                    or self.repetition_penalty != 1.0)
 
     @property
     def stops_own_way(self) -> bool:
@@ -144,9 +146,10 @@ class RowSampler(LogitsProcessor):
     """The last logits processor of a batch whose rows sample differently: returns scores that are 0 at
     each row's chosen token and -inf elsewhere, so ``generate(do_sample=False)`` emits it.
 
-    Per row, in vLLM's order: the logit bias and the presence and frequency penalties (on the tokens it
-    generated), then :func:`sample_rows`. Rows with a seed draw from their own ``torch.Generator`` seeded
-    with it; the others from the process's random state.
+    Per row, in vLLM's order: the logit bias, the repetition penalty (on its prompt's and its generated
+    tokens), the presence and frequency penalties (on the tokens it generated), then :func:`sample_rows`.
+    Rows with a seed draw from their own ``torch.Generator`` seeded with it; the others from the process's
+    random state. Rows end on their own stop tokens when ``generate_ids`` gives them (:class:`StopTokens`).
     """
 
     def __init__(self, rows: Sequence[RowSettings], device: torch.device | str = "cpu") -> None:
@@ -161,6 +164,7 @@ class RowSampler(LogitsProcessor):
                            for r in self.settings]
         self.start: int | None = None  # the prompt width, at the first call
         self.stops: list[set[int]] = [set(r.stop_token_ids) for r in self.settings]  # set by generate_ids
+        self.prompts: list[Sequence[int]] | None = None  # each row's prompt, unpadded (set by generate_ids)
 
     def rows(self, idx: Sequence[int]) -> RowSampler:
         """The sampler of rows ``idx`` (in that order), for a ``generate`` call over only those rows: it
@@ -198,6 +202,13 @@ class RowSampler(LogitsProcessor):
                 if r.logit_bias:
                     ids = torch.tensor(list(r.logit_bias), dtype=torch.long, device=scores.device)
                     scores[i, ids] += torch.tensor(list(r.logit_bias.values()), device=scores.device)
+            for i, r in enumerate(self.settings):
+                if r.repetition_penalty != 1.0:
+                    prompt = self.prompts[i] if self.prompts is not None else input_ids[i, :self.start].tolist()
+                    seen = torch.tensor(sorted({*prompt, *input_ids[i, self.start:].tolist()}), dtype=torch.long,
+                                        device=scores.device)
+                    v = scores[i, seen]
+                    scores[i, seen] = torch.where(v < 0, v * r.repetition_penalty, v / r.repetition_penalty)
             scores = penalize(scores, input_ids[:, self.start:], self.presence.to(scores.device),
                               self.frequency.to(scores.device))
             n = input_ids.shape[1] - self.start

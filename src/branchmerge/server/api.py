@@ -177,7 +177,8 @@ class OpenAIService:
                    min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
                    frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias,
                    stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-                   min_tokens=req.min_tokens, stop=req.stops(), stream=stream, request=request,
+                   min_tokens=req.min_tokens, repetition_penalty=req.repetition_penalty or 1.0, stop=req.stops(),
+                   stream=stream, request=request,
                    seed=None if req.seed is None else req.seed + choice)
 
     def _submit(self, jobs: list[Job]) -> list[Job]:

@@ -52,6 +52,7 @@ class Job:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     request: Any = None  # jobs of one request share a queue (fairness)
@@ -83,7 +84,7 @@ class Job:
         """How this job's row samples, for the batch's :class:`RowSampler`."""
         return RowSettings(self.temperature, self.top_p, self.top_k, self.min_p, self.seed, self.presence_penalty,
                            self.frequency_penalty, self.logit_bias, self.stop_token_ids, self.ignore_eos,
-                           self.min_tokens)
+                           self.min_tokens, self.repetition_penalty)
 
     @property
     def key(self) -> tuple:

@@ -100,6 +100,8 @@ class _Req(BaseModel):
     stop_token_ids: list[int] | None = Field(default=None, max_length=64,
                                              description="vLLM's: more tokens that end the answer.")
     ignore_eos: bool = Field(default=False, description="vLLM's: end of text does not end the answer.")
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0,
+                                             description="vLLM's: logits of tokens seen (prompt and answer) / it.")
     min_tokens: int = Field(default=0, ge=0, description="vLLM's: no stop token before this many tokens.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -165,7 +167,7 @@ _NEUTRAL: dict[str, Any] = {
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     "best_of": lambda v: v in (None, 1), "suffix": lambda v: not v,
     # vLLM's sampling extensions that this server does not implement (top_k and min_p it does)
-    "repetition_penalty": lambda v: v in (None, 1), "length_penalty": lambda v: v in (None, 1),
+    "length_penalty": lambda v: v in (None, 1),
     "bad_words": lambda v: not v, "allowed_token_ids": lambda v: v is None, "use_beam_search": lambda v: not v,
     "include_stop_str_in_output": lambda v: not v, "skip_special_tokens": lambda v: v in (None, True),
     "prompt_logprobs": lambda v: v is None, "truncate_prompt_tokens": lambda v: v is None,
