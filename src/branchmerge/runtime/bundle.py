@@ -434,9 +434,8 @@ class Bundle:
                      **generation_kwargs: Any) -> list[GenerationResult]:
         """Generate from token ids; returns per row the new ids, text, branch and stop reason.
 
-        ``row_sampler`` samples each row with its own temperature, top-p and seed (one row per prompt);
-        rows of different groups, or that do not fit one context together, run as separate ``generate``
-        calls, and each call gets its rows' part of it.
+        ``row_sampler`` runs each row with its own :class:`~.sampling.RowSettings` (sampling, penalties, stop
+        tokens); each ``generate`` call (per group, per context chunk) gets its rows' part of it.
 
         With ``share_prefix``, rows of one branch whose prompts share a long prefix (a system prompt, or
         ``n`` samples of one prompt) prefill it once: the prefixes run as one batch, each row takes its
@@ -450,22 +449,18 @@ class Bundle:
         if row_sampler is not None:
             if len(row_sampler) != len(ids_list):
                 raise ValueError(f"row_sampler has {len(row_sampler)} rows for {len(ids_list)} prompts")
-            for i, (st, b) in enumerate(zip(row_sampler.settings, names)):  # an index past the logits is fatal
-                for what, tokens in (("logit_bias", list(st.logit_bias or ())), ("stop_token_ids", st.stop_token_ids)):
-                    if tokens:
-                        self.check_ids([list(tokens)], [b], rows=[f"{what} of row {i}"])
+            for i, what, tokens in row_sampler.token_ids():
+                self.check_ids([tokens], [names[i]], rows=[f"{what} of row {i}"])
         for idx in by_group.values():
             limit = self.tightest_context(names[i] for i in idx)
             for chunk in context_chunks(idx, [len(q) for q in ids_list], max_new_tokens, limit):
                 kw = generation_kwargs
                 stops = None
                 if row_sampler is not None and row_sampler.needed:
-                    sub = row_sampler.rows(chunk)
-                    sub.stops = [st.stop_set(self.stop_ids(names[i])) for i, st in zip(chunk, sub.settings)]
-                    sub.prompts = [ids_list[i] for i in chunk]
+                    sub = row_sampler.rows(chunk, eos=[self.stop_ids(names[i]) for i in chunk],
+                                           prompts=[ids_list[i] for i in chunk])
                     kw = {**kw, "logits_processor": LogitsProcessorList([*kw.get("logits_processor", []), sub])}
-                    if any(st.stops_own_way for st in sub.settings):
-                        stops = sub.stops
+                    stops = sub.stops if sub.ends_own_way else None
                 outs = self._generate_group(chunk, ids_list, names, max_new_tokens, share_prefix, kw, stops)
                 for i, r in zip(chunk, outs):
                     results[i] = r

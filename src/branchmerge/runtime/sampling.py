@@ -11,7 +11,7 @@ last logits processor, with greedy decoding picking the sampled token.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -166,12 +166,30 @@ class RowSampler(LogitsProcessor):
         self.stops: list[set[int]] = [set(r.stop_token_ids) for r in self.settings]  # set by generate_ids
         self.prompts: list[Sequence[int]] | None = None  # each row's prompt, unpadded (set by generate_ids)
 
-    def rows(self, idx: Sequence[int]) -> RowSampler:
+    def rows(self, idx: Sequence[int], *, eos: Sequence[set[int]] | None = None,
+             prompts: Sequence[Sequence[int]] | None = None) -> RowSampler:
         """The sampler of rows ``idx`` (in that order), for a ``generate`` call over only those rows: it
-        shares their generators, so each seeded row's draws go on where they were."""
+        shares their generators, so each seeded row's draws go on where they were. ``eos``: each row's
+        branch's end-of-text ids (its stop set is made of them); ``prompts``: each row's unpadded prompt."""
         sub = RowSampler([self.settings[i] for i in idx], self.device)
         sub.generators = [self.generators[i] for i in idx]
+        if eos is not None:
+            sub.stops = [st.stop_set(e) for st, e in zip(sub.settings, eos)]
+        sub.prompts = prompts
         return sub
+
+    def token_ids(self) -> Iterator[tuple[int, str, list[int]]]:
+        """``(row, field, ids)`` for each row that names token ids (``logit_bias``, ``stop_token_ids``), to be
+        checked against its vocabulary: an index past the logits fails the batch (a device assert on GPUs)."""
+        for i, st in enumerate(self.settings):
+            for what, ids in (("logit_bias", list(st.logit_bias or ())), ("stop_token_ids", list(st.stop_token_ids))):
+                if ids:
+                    yield i, what, ids
+
+    @property
+    def ends_own_way(self) -> bool:
+        """Whether some row ends on other tokens than its branch's end of text."""
+        return any(st.stops_own_way for st in self.settings)
 
     def __len__(self) -> int:
         return len(self.settings)
