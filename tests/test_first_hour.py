@@ -215,5 +215,11 @@ def test_cli_samples_as_the_server_does(capsys, bundles):
     assert cli("-t", "1.5", "--seed", "4") == served == cli("-t", "1.5", "--seed", "4")
     assert len({cli("-t", "1.5", "--seed", str(s)) for s in range(5, 9)} | {served}) > 1
     assert cli("-t", "2", "--top-p", "1e-6", "--seed", "1") == b.generate("rev abcdef=", "b", max_new_tokens=12)[0]
+    assert cli("-t", "2", "--top-k", "1") == cli("-t", "2", "--min-p", "1") == cli()  # only the likeliest token left
+    with b.use("b") as m, torch.no_grad():  # transformers' own repetition penalty on the same prompt
+        out = m.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, repetition_penalty=1.5,
+                         eos_token_id=sorted(b.stop_ids("b")), pad_token_id=0, temperature=None, top_p=None, top_k=None)
+    assert cli("--repetition-penalty", "1.5") == b.tokenizer("b").decode(out[0, len(ids):], skip_special_tokens=True)
+    assert cli("--repetition-penalty", "1.5") != cli()
     code, _, err = run_cli(capsys, "generate", bundles[0.9], "x", "--branch", "b", "--top-p", "1.5")
     assert code == 2 and "not in (0, 1]" in err

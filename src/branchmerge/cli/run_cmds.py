@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from branchmerge.runtime.sampling import RowSettings
 
 
 class _Stop:
@@ -19,8 +23,7 @@ class _Stop:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperature: float, *,
-            top_p: float = 1.0, seed: int | None = None,
+def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: RowSettings, *,
             interruptible: bool = False) -> str:
     """Generate in a worker thread and echo its tokens as they come; returns the text.
 
@@ -33,14 +36,14 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, temperatur
     import torch
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-    from branchmerge.runtime.sampling import RowSampler, RowSettings
+    from branchmerge.runtime.sampling import RowSampler
 
     tok = bundle.tokenizer(branch)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     stop = threading.Event()
     result: list[str] = []
     failure: list[BaseException] = []
-    sampler = RowSampler([RowSettings(temperature, top_p, seed=seed)], bundle.device)  # as the server samples
+    sampler = RowSampler([settings], bundle.device)  # as the server samples each row
 
     def work() -> None:
         try:
@@ -96,6 +99,11 @@ def generate(
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", callback=_top_p,
                                 help="Nucleus sampling, in (0, 1]: keep the likeliest tokens up to this mass."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k likeliest tokens only (0: all)."),
+    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0,
+                                help="Drop tokens less likely than this fraction of the likeliest."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.01, max=2.0,
+                                             help="Logits of tokens already seen (prompt and answer) / this."),
     seed: int | None = typer.Option(None, "--seed", help="Sample reproducibly (with -t > 0); the server's `seed` "
                                     "gives the same text."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
@@ -121,7 +129,10 @@ def generate(
     ids_list, names, mt = bundle.prepare([prompt], branch, chat=False if no_chat else None,
                                          max_new_tokens=max_new_tokens)
     typer.secho(f"[branch: {names[0]}]", err=True, fg="cyan")
-    _stream(bundle, names[0], ids_list[0], mt, temperature, top_p=top_p, seed=seed)
+    from branchmerge.runtime.sampling import RowSettings
+
+    _stream(bundle, names[0], ids_list[0], mt, RowSettings(temperature, top_p, top_k, min_p, seed,
+                                                           repetition_penalty=repetition_penalty))
 
 
 def chat(
@@ -132,11 +143,17 @@ def chat(
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", callback=_top_p,
                                 help="Nucleus sampling, in (0, 1]: keep the likeliest tokens up to this mass."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k likeliest tokens only (0: all)."),
+    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0,
+                                help="Drop tokens less likely than this fraction of the likeliest."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.01, max=2.0,
+                                             help="Logits of tokens already seen (prompt and answer) / this."),
     dtype: str | None = typer.Option(None, "--dtype"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
     """Interactive chat with a branch; Ctrl-C stops a reply, an empty line or Ctrl-D ends the chat."""
     from branchmerge.errors import BranchmergeError
+    from branchmerge.runtime.sampling import RowSettings
 
     bundle = _load(bundle_dir, branch == "auto", device=device, dtype=dtype)
     history: list[dict[str, str]] = []
@@ -157,7 +174,8 @@ def chat(
             history.clear()
             continue
         typer.secho(f"{name}> ", nl=False, fg="cyan")
-        reply = _stream(bundle, name, ids, mt, temperature, top_p=top_p, interruptible=True)
+        reply = _stream(bundle, name, ids, mt, RowSettings(temperature, top_p, top_k, min_p,
+                                                           repetition_penalty=repetition_penalty), interruptible=True)
         history.append({"role": "assistant", "content": reply})
 
 
