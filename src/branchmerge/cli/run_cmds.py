@@ -90,20 +90,28 @@ def _top_p(value: float) -> float:
     return value
 
 
+# sampling options of both `generate` and `chat` (the server's parameters of the same names)
+_TEMPERATURE = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy.")
+_TOP_P = typer.Option(1.0, "--top-p", callback=_top_p,
+                      help="Nucleus sampling, in (0, 1]: keep the likeliest tokens up to this mass.")
+_TOP_K = typer.Option(0, "--top-k", min=0, help="Sample from the k likeliest tokens only (0: all).")
+_MIN_P = typer.Option(0.0, "--min-p", min=0.0, max=1.0,
+                      help="Drop tokens less likely than this fraction of the likeliest.")
+_REPETITION_PENALTY = typer.Option(1.0, "--repetition-penalty", min=0.01, max=2.0,
+                                   help="Logits of tokens already seen (prompt and answer) / this.")
+
+
 def generate(
     bundle_dir: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder."),
     prompt: str = typer.Argument(..., help="The prompt."),
     branch: str = typer.Option("auto", "--branch", "-b", help="Branch name, or 'auto' to route."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", "-n", min=1,
                                               help="Tokens to generate [default: 64, or what the context leaves]."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", callback=_top_p,
-                                help="Nucleus sampling, in (0, 1]: keep the likeliest tokens up to this mass."),
-    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k likeliest tokens only (0: all)."),
-    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0,
-                                help="Drop tokens less likely than this fraction of the likeliest."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.01, max=2.0,
-                                             help="Logits of tokens already seen (prompt and answer) / this."),
+    temperature: float = _TEMPERATURE,
+    top_p: float = _TOP_P,
+    top_k: int = _TOP_K,
+    min_p: float = _MIN_P,
+    repetition_penalty: float = _REPETITION_PENALTY,
     seed: int | None = typer.Option(None, "--seed", help="Sample reproducibly (with -t > 0); the server's `seed` "
                                     "gives the same text."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
@@ -140,14 +148,11 @@ def chat(
     branch: str = typer.Option("auto", "--branch", "-b", help="Branch name, or 'auto' to route each turn."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", "-n", min=1,
                                               help="Tokens per reply [default: 64, or what the context leaves]."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", callback=_top_p,
-                                help="Nucleus sampling, in (0, 1]: keep the likeliest tokens up to this mass."),
-    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k likeliest tokens only (0: all)."),
-    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0,
-                                help="Drop tokens less likely than this fraction of the likeliest."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.01, max=2.0,
-                                             help="Logits of tokens already seen (prompt and answer) / this."),
+    temperature: float = _TEMPERATURE,
+    top_p: float = _TOP_P,
+    top_k: int = _TOP_K,
+    min_p: float = _MIN_P,
+    repetition_penalty: float = _REPETITION_PENALTY,
     dtype: str | None = typer.Option(None, "--dtype"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
