@@ -110,6 +110,13 @@ class RowSettings:
         """Whether the row ends on other tokens than its branch's end of text."""
         return bool(self.stop_token_ids or self.ignore_eos)
 
+    def token_ids(self) -> Iterator[tuple[str, list[int]]]:
+        """``(field, ids)`` for each field that names token ids (``logit_bias``, ``stop_token_ids``), to be
+        checked against the vocabulary: an index past the logits fails a batch (a device assert on GPUs)."""
+        for what, ids in (("logit_bias", list(self.logit_bias or ())), ("stop_token_ids", list(self.stop_token_ids))):
+            if ids:
+                yield what, ids
+
     def stop_set(self, eos: set[int]) -> set[int]:
         """The tokens that end this row, given its branch's end-of-text ids."""
         return (set() if self.ignore_eos else set(eos)) | set(self.stop_token_ids)
@@ -179,12 +186,10 @@ class RowSampler(LogitsProcessor):
         return sub
 
     def token_ids(self) -> Iterator[tuple[int, str, list[int]]]:
-        """``(row, field, ids)`` for each row that names token ids (``logit_bias``, ``stop_token_ids``), to be
-        checked against its vocabulary: an index past the logits fails the batch (a device assert on GPUs)."""
+        """``(row, field, ids)``: :meth:`RowSettings.token_ids` of every row."""
         for i, st in enumerate(self.settings):
-            for what, ids in (("logit_bias", list(st.logit_bias or ())), ("stop_token_ids", list(st.stop_token_ids))):
-                if ids:
-                    yield i, what, ids
+            for what, ids in st.token_ids():
+                yield i, what, ids
 
     @property
     def ends_own_way(self) -> bool:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from branchmerge.errors import BranchmergeError, BranchNotFoundError
 from branchmerge.front import Front
 from branchmerge.runtime.bundle import ContextLengthError, GenerationResult
+from branchmerge.runtime.sampling import RowSettings
 from branchmerge.runtime.scoring import common_prefix
 from branchmerge.runtime.text import cut_at_stop
 from branchmerge.server import protocol as P
@@ -164,22 +165,20 @@ class OpenAIService:
         except ContextLengthError as e:
             raise P.APIError(400, f"this model's maximum context length is exceeded: {e}", param=param,
                              code="context_length_exceeded") from None
-        bias = req.bias() or None
-        for name, ids_ in (("logit_bias", list(bias or ())), ("stop_token_ids", req.stop_token_ids or [])):
-            try:
-                if ids_:
-                    self.bundle.check_ids([ids_], [branch], rows=[name])
-            except BranchmergeError as e:
-                raise P.APIError(400, str(e), param=name) from None
         if req.min_tokens > mt:
             raise P.APIError(400, f"min_tokens={req.min_tokens} is more than max_tokens={mt}", param="min_tokens")
-        return Job(ids, branch, mt, temperature=req.temperature or 0.0, top_p=req.top_p or 1.0, top_k=req.top_k or 0,
-                   min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
-                   frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias,
-                   stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-                   min_tokens=req.min_tokens, repetition_penalty=req.repetition_penalty or 1.0, stop=req.stops(),
-                   stream=stream, request=request,
-                   seed=None if req.seed is None else req.seed + choice)
+        sampling = RowSettings(
+            temperature=req.temperature or 0.0, top_p=req.top_p or 1.0, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+            seed=None if req.seed is None else req.seed + choice, presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.bias() or None,
+            stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+            repetition_penalty=req.repetition_penalty or 1.0)
+        for name, ids_ in sampling.token_ids():  # here, a 400 for this request; in its batch, a failed batch
+            try:
+                self.bundle.check_ids([ids_], [branch], rows=[name])
+            except BranchmergeError as e:
+                raise P.APIError(400, str(e), param=name) from None
+        return Job(ids, branch, mt, sampling=sampling, stop=req.stops(), stream=stream, request=request)
 
     def _submit(self, jobs: list[Job]) -> list[Job]:
         loop = asyncio.get_running_loop()
@@ -285,7 +284,7 @@ class OpenAIService:
             if finished:
                 break
             batch = value
-            jobs = self._submit([Job(list(ids), b, batch.max_new_tokens, temperature=batch.temperature,
+            jobs = self._submit([Job(list(ids), b, batch.max_new_tokens, sampling=RowSettings(batch.temperature),
                                      request=request) for ids, b in zip(batch.ids, batch.branches)])
             await self._wait(jobs, disconnected)
             sent = [GenerationResult(j.branch, j.ids, j.new_ids,
@@ -301,7 +300,7 @@ class OpenAIService:
 
     async def _stream(self, kind, rid, model, branch, job: Job, index: int = 0) -> AsyncIterator[str]:
         tok = self.bundle.tokenizer(branch)
-        eos = job.settings().stop_set(self.bundle.stop_ids(branch))  # the tokens that end this row
+        eos = job.sampling.stop_set(self.bundle.stop_ids(branch))  # the tokens that end this row
         sent, ids, reason = "", [], None
         try:
             yield P.chunk(kind, rid, model, None, None, branch, first=True, index=index)
@@ -526,8 +525,8 @@ class OpenAIService:
         text, reason, new_ids = "", "length", []
         # one greedy token (lm-evaluation-harness's loglikelihood requests): a single forward pass scores the
         # prompt and picks the token; otherwise generate as usual, then score prompt + completion
-        settings = job.settings()
-        one_greedy = (mt == 1 and not (req.temperature or 0.0) > 0 and not settings.adjusts
+        settings = job.sampling
+        one_greedy = (mt == 1 and not settings.temperature > 0 and not settings.adjusts
                       and not settings.stops_own_way)
         if mt > 0 and not one_greedy:
             await self._wait(self._submit([job]), disconnected)

@@ -42,22 +42,11 @@ class Job:
     ids: list[int]
     branch: str
     max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or less: no top-k
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    repetition_penalty: float = 1.0
+    sampling: RowSettings = field(default_factory=RowSettings)  # how its row samples and ends (greedy default)
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     request: Any = None  # jobs of one request share a queue (fairness)
     score: tuple[int, bool] | None = None  # a scoring job: (top-k, greedy next token)
-    seed: int | None = None  # a sampled job with a seed draws from its own generator, seeded with it
     # results
     new_ids: list[int] = field(default_factory=list)
     stop_id: int | None = None  # end-of-sequence token that ended generation (not in new_ids)
@@ -79,12 +68,6 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
-
-    def settings(self) -> RowSettings:
-        """How this job's row samples, for the batch's :class:`RowSampler`."""
-        return RowSettings(self.temperature, self.top_p, self.top_k, self.min_p, self.seed, self.presence_penalty,
-                           self.frequency_penalty, self.logit_bias, self.stop_token_ids, self.ignore_eos,
-                           self.min_tokens, self.repetition_penalty)
 
     @property
     def key(self) -> tuple:
@@ -304,7 +287,7 @@ class Engine:
                     j.scored = o
             else:
                 streamer = _RowStreamer(jobs) if any(j.stream for j in jobs) else None
-                sampler = RowSampler([j.settings() for j in jobs], self.bundle.device)
+                sampler = RowSampler([j.sampling for j in jobs], self.bundle.device)
                 outs = self.bundle.generate_ids(
                     [j.ids for j in jobs], [j.branch for j in jobs], max_new_tokens=max(j.max_tokens for j in jobs),
                     streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowStop(jobs)]), row_sampler=sampler)
