@@ -53,10 +53,11 @@ _SERIAL = itertools.count()
 
 
 def load_round(url: str, model: str, clients: int, seconds: float,
-               body=lambda i: {}, distinct: bool = False) -> tuple[float, float]:
+               body=lambda i: {}, distinct: bool = False, form: str = "{}") -> tuple[float, float]:
     """(requests/s, median latency s) of ``clients`` threads sending requests for ``seconds``; client i
     adds ``body(i)`` to each of its requests. With ``distinct``, each request's text is new (a serial
-    number after the question), so the router's memory of past questions never answers."""
+    number after the question), so the router's memory of past questions never answers. ``form``: the
+    prompt around each question."""
     lat: list[float] = []
     stop = time.monotonic() + seconds
 
@@ -65,7 +66,7 @@ def load_round(url: str, model: str, clients: int, seconds: float,
             k = i
             while time.monotonic() < stop:
                 t = time.monotonic()
-                prompt = PROMPTS[k % len(PROMPTS)] + (f" (#{next(_SERIAL)})" if distinct else "")
+                prompt = form.format(PROMPTS[k % len(PROMPTS)] + (f" (#{next(_SERIAL)})" if distinct else ""))
                 r = c.post(url + "/v1/completions", json={"model": model, "prompt": prompt,
                                                           "max_tokens": 8, **body(i)})
                 r.raise_for_status()
@@ -76,7 +77,8 @@ def load_round(url: str, model: str, clients: int, seconds: float,
     return len(lat) / wall, statistics.median(lat)
 
 
-def compare(setups: dict[str, tuple], args: argparse.Namespace, ref: str, header: str, vs: str) -> None:
+def compare(setups: dict[str, tuple], args: argparse.Namespace, ref: str, header: str, vs: str,
+            tokens: str = "8 new tokens") -> None:
     """Rounds of ``load_round`` over ``setups`` (name -> (app, model, load_round keywords)), interleaved, then a
     markdown table of the mean requests/s and median latency of each, with its throughput against ``ref``."""
     got: dict[str, list[tuple[float, float]]] = {n: [] for n in setups}
@@ -87,7 +89,7 @@ def compare(setups: dict[str, tuple], args: argparse.Namespace, ref: str, header
                 got[name].append(load_round(url, model, args.clients, args.seconds, **kw))
             print(f"round {r + 1}: {name}: {got[name][-1][0]:.2f} req/s, median {got[name][-1][1]:.2f} s", flush=True)
     base = statistics.mean(x[0] for x in got[ref])
-    print(f"\n{args.clients} clients, {args.seconds:g} s × {args.rounds} rounds each, 8 new tokens, {header}\n")
+    print(f"\n{args.clients} clients, {args.seconds:g} s × {args.rounds} rounds each, {tokens}, {header}\n")
     print(f"| setup | requests/s | median latency (s) | throughput vs {vs} |\n|---|---|---|---|")
     for name in setups:
         rps = statistics.mean(x[0] for x in got[name])

@@ -113,28 +113,6 @@ def test_cli_wrapper_and_bad_input(capsys, bundles, tasks, tmp_path):
     assert code == 1 and "error: lm_eval: Tasks not found: bm_mc_typo" in err and "Traceback" not in err
 
 
-def test_until_stop_ends_each_row_at_its_own_stop_string_or_length(bundles):
-    """The batched backend's stopping rule, step by step: a row is done once its new text holds one of its
-    own stop strings (not one in its prompt) or it has its own max_gen_toks; the others go on."""
-    import torch
-
-    import branchmerge
-    from branchmerge.harness import UntilStop
-
-    tok = branchmerge.load(bundles[0.9]).tokenizer("a")
-    prompt = tok.encode("ab=")
-    new = tok.encode("xyz=uv", add_special_tokens=False)
-    stop = UntilStop(tok, [["="], ["uv"], ["q"]], [10, 10, 3])
-    flags = []
-    for k in range(1, len(new) + 1):
-        ids = torch.tensor([prompt + new[:k]] * 3)
-        flags.append(stop(ids, None).tolist())
-    eq, uv = "xyz=uv".index("=") + 1, len("xyz=uv")  # characters are tokens here
-    assert [f[0] for f in flags] == [k >= eq for k in range(1, len(new) + 1)]  # "=" in the prompt does not count
-    assert [f[1] for f in flags] == [k >= uv for k in range(1, len(new) + 1)]
-    assert [f[2] for f in flags] == [k >= 3 for k in range(1, len(new) + 1)]  # never "q": its max_gen_toks
-
-
 def test_batched_generation_equals_one_at_a_time(bundles):
     from lm_eval.api.instance import Instance
 

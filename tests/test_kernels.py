@@ -10,7 +10,6 @@ import torch
 
 import branchmerge
 from branchmerge.runtime import kernels
-from branchmerge.runtime.bundle import resolve_kernels
 
 
 def _layer(n: int, rank: int, kp: int, k_in: int, n_out: int, dtype: torch.dtype, bias: bool, seed: int = 0):
@@ -182,12 +181,12 @@ def test_whole_model_triton_equals_torch(bundles):
 
 def test_kernels_choice_is_checked(monkeypatch):
     cpu = torch.device("cpu")
-    assert resolve_kernels("auto", cpu) == "torch"  # the interpreter is never picked by itself
+    assert kernels.resolve("auto", cpu) == "torch"  # the interpreter is never picked by itself
     with pytest.raises(ValueError, match="kernels must be"):
-        resolve_kernels("cuda", cpu)
+        kernels.resolve("cuda", cpu)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="need CUDA, or TRITON_INTERPRET=1"):
-        resolve_kernels("triton", cpu)
+        kernels.resolve("triton", cpu)
 
 
 def test_static_cache_generate_equals_the_eager_path(bundles):

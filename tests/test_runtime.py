@@ -340,3 +340,41 @@ def test_head_gets_one_gemm_on_batched_prefill(loaded):
         h.remove()
     assert seen and all(seen)
     torch.testing.assert_close(got, torch.nn.functional.linear(hidden.contiguous(), m.get_output_embeddings().weight))
+
+
+def test_rows_end_at_their_own_stop_strings_and_lengths(loaded):
+    """generate_ids(stop=…, max_new_tokens=[…]): each row ends where its text first holds one of its stop
+    strings (text cut before it, new_ids up to the token that completed it) or at its own length; the
+    others are as without them, and the batch ends when its rows do, not at the largest length."""
+    from transformers import StoppingCriteria
+
+    class Steps(StoppingCriteria):
+        n = 0
+
+        def __call__(self, input_ids, scores, **kw):
+            Steps.n += 1
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    b = loaded[0.9]
+    tok = b.tokenizer("a")
+    prompts = ["rev hello=", "add 12+30=", "key zz="]
+    ids, names = [tok.encode(p) for p in prompts], ["a", "c", "b"]
+    full = b.generate_ids(ids, names, max_new_tokens=16)
+    assert all(len(r.new_ids) == 16 for r in full[:2])
+    text0 = full[0].text
+    stop0 = text0[4:7]  # a stop string that first ends in the middle of row 0's text
+    k = next(k for k in range(1, 17) if stop0 in tok.decode(full[0].new_ids[:k], skip_special_tokens=True))
+    out = b.generate_ids(ids[:2], names[:2], max_new_tokens=[16, 5], stop=[[stop0, "never§"], []],
+                         stopping_criteria=[Steps()])
+    assert out[0].new_ids == full[0].new_ids[:k] and k < 16
+    assert (out[0].text, out[0].finish_reason, out[0].stop_id) == (text0[:text0.index(stop0)], "stop", None)
+    assert (out[1].new_ids, out[1].finish_reason) == (full[1].new_ids[:5], "length")
+    assert Steps.n == max(k, 5)  # not 16
+    # a row without a stop or limit of its own is untouched by its neighbours'
+    mixed = b.generate_ids(ids, names, max_new_tokens=[16, 5, 16], stop=[[stop0], [], []])
+    assert (mixed[2].new_ids, mixed[2].text) == (full[2].new_ids, full[2].text)
+    assert b.generate(prompts[0], "a", max_new_tokens=16, stop=stop0, chat=False) == [out[0].text]
+    with pytest.raises(ValueError, match="max_new_tokens has 2 rows"):
+        b.generate_ids(ids, names, max_new_tokens=[4, 4])
+    with pytest.raises(ValueError, match="at least 1"):
+        b.generate_ids(ids[:1], names[:1], max_new_tokens=[0])

@@ -103,3 +103,29 @@ def test_penalties_and_logit_bias_follow_openai():
     second = s(torch.cat([prompt, torch.tensor([[3], [2]])], 1), logits.clone()).argmax(-1).tolist()
     assert second[0] != 3 and second[1] == 2  # row 0 generated 3 once: 1.0 - 2.0 < 0
     assert RowSampler([RowSettings(logit_bias={3: -100.0})])(prompt[:1], logits[:1].clone()).argmax() != 3
+
+
+def test_stop_strings_end_each_row_at_its_own_stop_or_length():
+    """The stopping rule step by step: a row is done once its new text (not its prompt) holds one of its
+    own stop strings, or it has its own number of tokens; the others go on. Tokens here are UTF-8 bytes: a
+    two-character stop string of six bytes is still found (a window of characters would miss it)."""
+    from branchmerge.runtime.sampling import StopStrings
+
+    def decode(ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    prompt = list("ab=".encode())
+    new = list("xy=日本uv".encode())
+    stop = StopStrings([decode] * 4, [["="], ["日本"], ["q"], []], [None, None, 3, None])
+    flags = []
+    for k in range(1, len(new) + 1):
+        ids = torch.tensor([prompt + new[:k]] * 4)
+        flags.append(stop(ids, None).tolist())
+    steps = range(1, len(new) + 1)
+    assert [f[0] for f in flags] == [k >= 3 for k in steps]  # "=" in the prompt does not count
+    assert [f[1] for f in flags] == [k >= 9 for k in steps]  # "xy=" + 6 bytes
+    assert [f[2] for f in flags] == [k >= 3 for k in steps]  # never "q": its length
+    assert not any(f[3] for f in flags)  # neither: the call's max_new_tokens ends it
+    assert stop.ended == [3, 9, 3, None]
+    # a batch that generate expanded (beam search, n > 1) is left to max_new_tokens
+    assert not StopStrings([decode], [["x"]])(torch.tensor([prompt + new] * 2), None).any()

@@ -265,6 +265,23 @@ def test_vllm_stopping_settings(server):
         assert field in str(e.value.body), e.value.body
 
 
+def test_a_stop_string_ends_its_rows_generation(server):
+    """A request's ``stop`` ends its row's generation where the text first holds one (the tokens counted are
+    those up to it, not max_tokens); the text is cut before it, streamed or not."""
+    c, b = server["client"], server["bundle"]
+    tok = b.tokenizer("a")
+    full = b.generate_ids([b.encode("rev hello=", "a", chat=False)], ["a"], max_new_tokens=16)[0]
+    assert len(full.new_ids) == 16
+    stop = full.text[4:7]
+    k = next(k for k in range(1, 17) if stop in tok.decode(full.new_ids[:k], skip_special_tokens=True))
+    r = c.completions.create(model="a", prompt="rev hello=", max_tokens=16, stop=[stop, "never§"])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (full.text[:full.text.index(stop)], "stop")
+    assert r.usage.completion_tokens == k < 16
+    events = list(c.completions.create(model="a", prompt="rev hello=", max_tokens=16, stop=stop, stream=True))
+    assert "".join(e.choices[0].text for e in events if e.choices) == r.choices[0].text
+    assert events[-1].choices[0].finish_reason == "stop"
+
+
 def test_auto_routing_and_pipeline(server):
     c = server["client"]
     r = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": "rev hello="}], max_tokens=4)

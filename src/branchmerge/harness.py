@@ -24,11 +24,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from branchmerge.errors import ConfigError
 from branchmerge.runtime.sampling import RowSampler, RowSettings
-from branchmerge.runtime.text import cut_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -157,14 +155,11 @@ class BranchmergeLM(TemplateLM):
         backend batches), each row stopping at its own ``until`` strings, ``max_gen_toks`` or end of text."""
         def run(rs):
             rows = []
-            eos = self.tokenizer.decode(self.eot_token_id)
             for r in rs:
                 context, kw = r.args
                 kw = dict(kw or {})
                 until = kw.pop("until", None) or []
                 until = [until] if isinstance(until, str) else list(until)
-                if eos and eos not in until:
-                    until.append(eos)
                 mt = int(kw.pop("max_gen_toks", self._max_gen_toks))
                 temperature = float(kw.get("temperature", 0.0) or 0.0) if kw.get("do_sample", False) else 0.0
                 rows.append((self.tok_encode(context)[-(self.max_length - mt):], mt, until, temperature))
@@ -174,40 +169,15 @@ class BranchmergeLM(TemplateLM):
                 for s in range(0, len(order), self.batch_size):
                     chunk = [rows[i] for i in order[s:s + self.batch_size]]
                     gens = self.bundle.generate_ids(
-                        [c[0] for c in chunk], [self._current] * len(chunk), max_new_tokens=max(c[1] for c in chunk),
-                        row_sampler=RowSampler([RowSettings(temperature=c[3]) for c in chunk]),
-                        stopping_criteria=StoppingCriteriaList([UntilStop(self.tokenizer, [c[2] for c in chunk],
-                                                                          [c[1] for c in chunk])]))
-                    for i, c, g in zip(order[s:s + self.batch_size], chunk, gens):
-                        text = self.tokenizer.decode(g.new_ids[:c[1]], skip_special_tokens=False)
-                        res[i] = cut_at_stop(text, c[2])[0]
+                        [c[0] for c in chunk], [self._current] * len(chunk), max_new_tokens=[c[1] for c in chunk],
+                        stop=[c[2] for c in chunk], row_sampler=RowSampler([RowSettings(temperature=c[3])
+                                                                            for c in chunk]))
+                    for i, g in zip(order[s:s + self.batch_size], gens):
+                        res[i] = g.text  # decoded without special tokens, as lm_eval's hf backend
                     bar.update(len(chunk))
             return res
 
         return self._per_branch(requests, lambda r: r.args[0], run)
-
-
-class UntilStop(StoppingCriteria):
-    """Per row of a ``generate`` batch: done once its new text holds one of its stop strings, or it has
-    its own ``max_tokens`` (the batch runs to the largest); ``generate`` ends when every row is done."""
-
-    def __init__(self, tokenizer, until: Sequence[Sequence[str]], max_tokens: Sequence[int]) -> None:
-        self.tok, self.until, self.max_tokens = tokenizer, [list(u) for u in until], list(max_tokens)
-        # a stop string spans at most this many new tokens (every token decodes to a character or more)
-        self.window = [max((len(x) for x in u), default=0) + 2 for u in self.until]
-        self.start: int | None = None
-
-    def __call__(self, input_ids, scores, **kw: Any):
-        import torch
-
-        if self.start is None:  # the first call comes after the first new token
-            self.start = input_ids.shape[1] - 1
-        n = input_ids.shape[1] - self.start
-        done = []
-        for r, row in enumerate(input_ids.tolist()):
-            tail = self.tok.decode(row[max(self.start, len(row) - self.window[r]):], skip_special_tokens=False)
-            done.append(n >= self.max_tokens[r] or any(x and x in tail for x in self.until[r]))
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def run_cli(bundle: str, branch: str, args: Sequence[str], *, dtype: str | None = None, batch_size: int = 8,

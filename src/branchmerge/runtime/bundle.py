@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,10 +29,10 @@ from branchmerge.io.bundle import BundleReader
 from branchmerge.runtime.build import build_group_model
 from branchmerge.runtime.modules import BranchedLinear, BranchState
 from branchmerge.runtime.siblings import group_siblings
-from branchmerge.runtime.sampling import RowSampler, StopTokens
+from branchmerge.runtime.sampling import RowSampler, StopStrings, StopTokens
 from branchmerge.runtime.scoring import (PrefixCluster, TokenLogprobs, prefix_clusters, score_cluster, score_row,
                                          shared_lengths)
-from branchmerge.runtime.text import context_chunks, encode_messages, ensure_pad_token, pad_rows
+from branchmerge.runtime.text import context_chunks, cut_at_stop, encode_messages, ensure_pad_token, pad_rows
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +68,16 @@ class Bundle:
         self.path = Path(path)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, default=self.reader.manifest.dtype)
-        self.kernels = resolve_kernels(kernels, self.device)
-        if self.kernels == "triton" and not kernels_state()["ok"]:  # turned off earlier in this process
+        from branchmerge.runtime import kernels as k  # imports triton, when installed: only once a bundle loads
+
+        self.kernels = k.resolve(kernels, self.device)
+        if self.kernels == "triton" and not k.STATE["ok"]:  # turned off earlier in this process
             self.kernels = "torch"
         self.groups = self._build_groups(fused, factors or "dequantize")
-        if self.kernels == "triton" and not kernels_state()["ok"]:
+        if self.kernels == "triton" and not k.STATE["ok"]:
             # the kernels failed or disagreed at load: rebuild in the torch paths' own best layout (fused on
             # CUDA) rather than serve the kernels' split layout through the slower torch fallback
-            logger.warning("Triton kernels are off (%s): loading %s for the torch paths", kernels_state()["why"],
+            logger.warning("Triton kernels are off (%s): loading %s for the torch paths", k.STATE["why"],
                            self.path)
             self.kernels = "torch"
             self.groups = self._build_groups(fused, factors or "dequantize")
@@ -367,6 +370,7 @@ class Bundle:
         chat: bool | None = None,
         system: str | None = None,
         max_new_tokens: int | None = None,
+        stop: str | Sequence[str] | None = None,
         **generation_kwargs: Any,
     ) -> list[str]:
         """Generate a completion per prompt; rows of one group run as one mixed-branch batch.
@@ -376,13 +380,15 @@ class Bundle:
             branch: a branch name, ``"auto"`` (router), or one name per prompt.
             chat: apply the tokenizer's chat template (default: when it has one).
             max_new_tokens: tokens to generate; default: 64, or what the context leaves when that is less.
+            stop: a string (or strings) that ends a completion once it appears; the text stops before it.
             generation_kwargs: passed to ``transformers``' ``generate`` (e.g. ``do_sample``).
 
         Returns:
             The decoded new text of each prompt, in order.
         """
         ids_list, names, mt = self.prepare(prompts, branch, chat=chat, system=system, max_new_tokens=max_new_tokens)
-        return [r.text for r in self.generate_ids(ids_list, names, max_new_tokens=mt, **generation_kwargs)]
+        stops = None if stop is None else [[stop] if isinstance(stop, str) else list(stop)] * len(ids_list)
+        return [r.text for r in self.generate_ids(ids_list, names, max_new_tokens=mt, stop=stops, **generation_kwargs)]
 
     default_max_new_tokens = 64
 
@@ -429,11 +435,14 @@ class Bundle:
                 raise BranchmergeError(f"{row}: token id {bad} is outside the vocabulary of branch {b!r} "
                                        f"(size {vocab})")
 
-    def generate_ids(self, ids_list: list[list[int]], names: list[str], *, max_new_tokens: int = 64,
-                     share_prefix: bool = True, row_sampler: RowSampler | None = None,
-                     **generation_kwargs: Any) -> list[GenerationResult]:
+    def generate_ids(self, ids_list: list[list[int]], names: list[str], *, max_new_tokens: int | Sequence[int] = 64,
+                     stop: Sequence[Sequence[str]] | None = None, share_prefix: bool = True,
+                     row_sampler: RowSampler | None = None, **generation_kwargs: Any) -> list[GenerationResult]:
         """Generate from token ids; returns per row the new ids, text, branch and stop reason.
 
+        ``max_new_tokens``: one number, or one per row (the batch runs to the largest; each row ends at its
+        own). ``stop``: per row, strings that end it once its new text holds one (its ``text`` is cut before
+        it; its ``new_ids`` end with the token that completed it), as vLLM's ``stop``.
         ``row_sampler`` runs each row with its own :class:`~.sampling.RowSettings` (sampling, penalties, stop
         tokens); each ``generate`` call (per group, per context chunk) gets its rows' part of it.
 
@@ -442,6 +451,13 @@ class Bundle:
         prefix's KV cache row, and ``generate`` runs only the rest (padding between the two is masked).
         """
         self.check_ids(ids_list, names)
+        limits = [max_new_tokens] * len(ids_list) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != len(ids_list) or stop is not None and len(stop) != len(ids_list):
+            raise ValueError(f"{len(ids_list)} prompts, but max_new_tokens has {len(limits)} rows and stop "
+                             f"{'none' if stop is None else len(stop)}")
+        if any(m < 1 for m in limits):
+            raise ValueError(f"max_new_tokens must be at least 1 for every row, got {limits}")
+        max_new_tokens = max(limits, default=1)
         results: list[GenerationResult | None] = [None] * len(ids_list)
         by_group: dict[str, list[int]] = {}
         for i, b in enumerate(names):
@@ -461,17 +477,26 @@ class Bundle:
                                            prompts=[ids_list[i] for i in chunk])
                     kw = {**kw, "logits_processor": LogitsProcessorList([*kw.get("logits_processor", []), sub])}
                     stops = sub.stops if sub.ends_own_way else None
-                outs = self._generate_group(chunk, ids_list, names, max_new_tokens, share_prefix, kw, stops)
+                until = None
+                if stop is not None and any(stop[i] for i in chunk) or any(limits[i] < max_new_tokens for i in chunk):
+                    until = StopStrings([partial(self.tokenizer(names[i]).decode, skip_special_tokens=True)
+                                         for i in chunk], [stop[i] if stop else [] for i in chunk],
+                                        [limits[i] for i in chunk])
+                    kw = {**kw, "stopping_criteria": StoppingCriteriaList([*kw.get("stopping_criteria", []), until])}
+                outs = self._generate_group(chunk, ids_list, names, max_new_tokens, share_prefix, kw, stops, until)
                 for i, r in zip(chunk, outs):
                     results[i] = r
         return [r for r in results if r is not None]
 
     def _generate_group(self, idx: list[int], ids_list: Sequence[Sequence[int]], names: Sequence[str],
                         max_new_tokens: int, share_prefix: bool, generation_kwargs: dict[str, Any],
-                        stops: list[set[int]] | None = None) -> list[GenerationResult]:
+                        stops: list[set[int]] | None = None,
+                        until: StopStrings | None = None) -> list[GenerationResult]:
         """One ``generate`` call over rows ``idx`` of one group: a mixed-branch batch, left-padded (after a
         right-padded cached prefix when prompts share one). ``stops``: the tokens that end each row, when
-        they are not its branch's end of text (then each row ends on its own, not through ``generate``)."""
+        they are not its branch's end of text (then each row ends on its own, not through ``generate``);
+        ``until``: the criterion (already in ``generation_kwargs``) that ends rows at their stop strings and
+        own lengths."""
         g, rows = self._rows_for([names[i] for i in idx])
         pad = self.tokenizer(names[idx[0]]).pad_token_id
         pad = 0 if pad is None else pad
@@ -515,12 +540,17 @@ class Bundle:
         results = []
         for r, i in enumerate(idx):
             new = out[r, width:].tolist()
+            if until is not None and until.ended[r] is not None:
+                new = new[:until.ended[r]]  # the tokens after are padding
             reason, stop_id = "length", None
             for j, t in enumerate(new):
                 if t in (eos if stops is None else stops[r]):
                     new, reason, stop_id = new[:j], "stop", t
                     break
             text = self.tokenizer(names[i]).decode(new, skip_special_tokens=True)
+            if until is not None:
+                text, hit = cut_at_stop(text, until.stops[r])
+                reason = "stop" if hit else reason
             results.append(GenerationResult(names[i], list(ids_list[i]), new, text, reason, stop_id))
         return results
 
@@ -543,35 +573,6 @@ def _cache_arg(model: PreTrainedModel) -> str:
 
 class ContextLengthError(BranchmergeError):
     """A prompt plus the tokens to generate does not fit a branch's context."""
-
-
-def kernels_state() -> dict:
-    """The Triton kernels' process-wide state (``ok``, ``checked``, ``why``)."""
-    from branchmerge.runtime import kernels as k
-
-    return k.STATE
-
-
-def resolve_kernels(kernels: str, device: torch.device) -> str:
-    """``auto`` → ``triton`` on CUDA when triton is installed, else ``torch``.
-
-    Raises:
-        ValueError: an unknown name, or ``triton`` where its kernels cannot run (saying why).
-    """
-    from branchmerge.runtime import kernels as k
-
-    if kernels not in ("auto", "triton", "torch"):
-        raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {kernels!r}")
-    if kernels == "auto":
-        return "triton" if device.type == "cuda" and k.available() else "torch"
-    if kernels == "triton" and not k.usable_on(device):
-        why = ("triton is not installed (pip install triton)" if not k.available() else
-               f"the device is {device.type}: Triton kernels need CUDA, or TRITON_INTERPRET=1 to run them in "
-               "Triton's (slow) interpreter")
-        raise ValueError(f"kernels='triton' cannot run here: {why}")
-    if kernels == "triton":
-        k.prepare(device)
-    return kernels
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,

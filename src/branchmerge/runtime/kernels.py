@@ -72,6 +72,26 @@ PREFILL_CONFIGS = [(bn, 64, w, st) for bn in (64, 128) for w in (4, 8) for st in
 EXPAND_CONFIGS = DECODE_CONFIGS + PREFILL_CONFIGS
 
 
+def resolve(kernels: str, device: torch.device) -> str:
+    """``auto`` → ``triton`` on CUDA when triton is installed, else ``torch``.
+
+    Raises:
+        ValueError: an unknown name, or ``triton`` where its kernels cannot run (saying why).
+    """
+    if kernels not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {kernels!r}")
+    if kernels == "auto":
+        return "triton" if device.type == "cuda" and available() else "torch"
+    if kernels == "triton" and not usable_on(device):
+        why = ("triton is not installed (pip install triton)" if not available() else
+               f"the device is {device.type}: Triton kernels need CUDA, or TRITON_INTERPRET=1 to run them in "
+               "Triton's (slow) interpreter")
+        raise ValueError(f"kernels='triton' cannot run here: {why}")
+    if kernels == "triton":
+        prepare(device)
+    return kernels
+
+
 def expand_configs(m_bucket: int) -> list[tuple[int, int, int, int]]:
     """The configs autotuning tries for row tiles of ``m_bucket`` rows."""
     return DECODE_CONFIGS if m_bucket <= 32 else PREFILL_CONFIGS

@@ -11,7 +11,7 @@ last logits processor, with greedy decoding picking the sampled token.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +132,49 @@ class StopTokens(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kw) -> torch.BoolTensor:
         last = input_ids[:, -1].tolist()
         return torch.tensor([t in s for t, s in zip(last, self.stops)], dtype=torch.bool, device=input_ids.device)
+
+
+class StopStrings(StoppingCriteria):
+    """Per row of a ``generate`` batch: done once its new text holds one of its own stop strings, or it has
+    its own number of new tokens (the batch runs to the largest); ``generate`` ends when every row is done.
+
+    Each step decodes only a row's last few tokens: a stop string spans at most as many tokens as it has
+    UTF-8 bytes (every token decodes to a byte or more), and two more give the decoder the context before
+    it. ``ended[r]``: how many new tokens row ``r`` had when it was done (None: not done).
+
+    Args:
+        decode: per row, token ids → text (its branch's tokenizer, as its text is decoded).
+        stops: per row, its stop strings (empty: none).
+        max_tokens: per row, its new tokens at most (None: the call's ``max_new_tokens``).
+    """
+
+    def __init__(self, decode: Sequence[Callable[[list[int]], str]], stops: Sequence[Sequence[str]],
+                 max_tokens: Sequence[int | None] | None = None) -> None:
+        self.decode, self.stops = list(decode), [[s for s in row if s] for row in stops]
+        self.max_tokens = list(max_tokens) if max_tokens is not None else [None] * len(self.stops)
+        self.window = [max((len(s.encode()) for s in row), default=0) + 2 for row in self.stops]
+        self.ended: list[int | None] = [None] * len(self.stops)
+        self.start: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kw) -> torch.BoolTensor:
+        if input_ids.shape[0] != len(self.stops):  # the batch expanded (beam search, n): leave it to max_new_tokens
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.start is None:  # the first call comes after the first new token
+            self.start = input_ids.shape[1] - 1
+        n = input_ids.shape[1] - self.start
+        tails = None
+        for r, stops in enumerate(self.stops):
+            if self.ended[r] is not None:
+                continue
+            if self.max_tokens[r] is not None and n >= self.max_tokens[r]:
+                self.ended[r] = n
+            elif stops:
+                if tails is None:  # only the last tokens leave the device
+                    tails = input_ids[:, -min(n, max(self.window)):].tolist()
+                text = self.decode[r](tails[r][-min(n, self.window[r]):])
+                if any(s in text for s in stops):
+                    self.ended[r] = n
+        return torch.tensor([e is not None for e in self.ended], dtype=torch.bool, device=input_ids.device)
 
 
 def penalize(scores: torch.Tensor, generated: torch.Tensor, presence: torch.Tensor,

@@ -5,8 +5,8 @@
 - **Bounded**: at most ``max_batch`` rows a batch, ``max_queued`` jobs waiting in all (then
   :class:`Busy`), and a batch's padded width plus its ``max_tokens`` fits every member's context.
 - **Cancellable**: a job whose client went away is cancelled; its row stops at the next decoding step
-  (and so does every row that reached its own ``max_tokens``), and a batch of only cancelled jobs is
-  skipped.
+  (and so does every row that reached its own ``max_tokens`` or one of its stop strings), and a batch of
+  only cancelled jobs is skipped.
 """
 
 from __future__ import annotations
@@ -117,16 +117,15 @@ class _RowStreamer(BaseStreamer):
         pass
 
 
-class _RowStop(StoppingCriteria):
-    """Per row: done once its job is cancelled or has its own ``max_tokens`` (the batch runs to the
-    largest); ``generate`` ends when every row is done."""
+class _Cancelled(StoppingCriteria):
+    """Per row: done once its job is cancelled (its own ``max_tokens`` and stop strings end it in
+    ``generate_ids``); ``generate`` ends when every row is done."""
 
     def __init__(self, jobs: list[Job]) -> None:
-        self.jobs, self.steps = jobs, 0
+        self.jobs = jobs
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
-        self.steps += 1
-        done = [j.cancelled.is_set() or self.steps >= j.max_tokens for j in self.jobs]
+        done = [j.cancelled.is_set() for j in self.jobs]
         if len(done) != input_ids.shape[0]:  # batch expanded or split: leave stopping to max_new_tokens
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
@@ -289,11 +288,11 @@ class Engine:
                 streamer = _RowStreamer(jobs) if any(j.stream for j in jobs) else None
                 sampler = RowSampler([j.sampling for j in jobs], self.bundle.device)
                 outs = self.bundle.generate_ids(
-                    [j.ids for j in jobs], [j.branch for j in jobs], max_new_tokens=max(j.max_tokens for j in jobs),
-                    streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowStop(jobs)]), row_sampler=sampler)
+                    [j.ids for j in jobs], [j.branch for j in jobs], max_new_tokens=[j.max_tokens for j in jobs],
+                    stop=[j.stop for j in jobs], streamer=streamer, row_sampler=sampler,
+                    stopping_criteria=StoppingCriteriaList([_Cancelled(jobs)]))
                 for j, o in zip(jobs, outs):
-                    j.new_ids = o.new_ids[: j.max_tokens]
-                    j.stop_id = o.stop_id if len(o.new_ids) < j.max_tokens else None
+                    j.new_ids, j.stop_id = o.new_ids, o.stop_id
         except Exception as e:  # noqa: BLE001 - reported to each waiting request
             logger.exception("%s failed for a batch of %d", "scoring" if jobs[0].score else "generation", len(jobs))
             for j in jobs:
