@@ -53,11 +53,12 @@ _SERIAL = itertools.count()
 
 
 def load_round(url: str, model: str, clients: int, seconds: float,
-               body=lambda i: {}, distinct: bool = False, form: str = "{}") -> tuple[float, float]:
+               body=lambda i: {}, distinct: bool = False, form: str = "{}",
+               prompts: list[str] = PROMPTS) -> tuple[float, float]:
     """(requests/s, median latency s) of ``clients`` threads sending requests for ``seconds``; client i
     adds ``body(i)`` to each of its requests. With ``distinct``, each request's text is new (a serial
     number after the question), so the router's memory of past questions never answers. ``form``: the
-    prompt around each question."""
+    prompt around each of ``prompts``."""
     lat: list[float] = []
     stop = time.monotonic() + seconds
 
@@ -66,7 +67,7 @@ def load_round(url: str, model: str, clients: int, seconds: float,
             k = i
             while time.monotonic() < stop:
                 t = time.monotonic()
-                prompt = form.format(PROMPTS[k % len(PROMPTS)] + (f" (#{next(_SERIAL)})" if distinct else ""))
+                prompt = form.format(prompts[k % len(prompts)] + (f" (#{next(_SERIAL)})" if distinct else ""))
                 r = c.post(url + "/v1/completions", json={"model": model, "prompt": prompt,
                                                           "max_tokens": 8, **body(i)})
                 r.raise_for_status()

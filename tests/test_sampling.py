@@ -129,3 +129,44 @@ def test_stop_strings_end_each_row_at_its_own_stop_or_length():
     assert stop.ended == [3, 9, 3, None]
     # a batch that generate expanded (beam search, n > 1) is left to max_new_tokens
     assert not StopStrings([decode], [["x"]])(torch.tensor([prompt + new] * 2), None).any()
+
+
+def test_a_batch_adjusts_each_row_as_it_would_alone():
+    """Logit bias, repetition penalty (its own prompt, not its padding), penalties and min_tokens applied to
+    a batch at once give each row the scores it gets alone; the repetition penalty is transformers'."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(0)
+    rows = [RowSettings(logit_bias={3: 5.0, 7: -2.0}, repetition_penalty=1.4),
+            RowSettings(repetition_penalty=0.8, presence_penalty=0.5, min_tokens=3),
+            RowSettings(repetition_penalty=1.5),
+            RowSettings(min_tokens=2, frequency_penalty=0.3, logit_bias={1: 0.5}),
+            RowSettings()]
+    prompts = [[4, 5, 5], [6], [], [9, 8, 1, 0], [2, 2]]  # an empty prompt: nothing seen before it generates
+    stops = [{0}, {0, 11}, {0}, {11}, {0}]
+
+    def sampler(idx):
+        s = RowSampler([rows[i] for i in idx])
+        s.stops, s.prompts = [stops[i] for i in idx], [prompts[i] for i in idx]
+        return s
+
+    batch, alone = sampler(range(5)), [sampler([i]) for i in range(5)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(q)) + q for q in prompts])  # left-padded with 0
+    for step in range(4):
+        scores = torch.randn(5, 12, generator=g)
+        got = batch.adjust(ids, scores.clone())
+        for i in range(5):
+            row = torch.tensor([prompts[i] + ids[i, width:].tolist()], dtype=torch.long)
+            one = alone[i].adjust(row, scores[i:i + 1].clone())
+            torch.testing.assert_close(got[i:i + 1], one)
+        if step == 0:
+            seen = torch.tensor([prompts[0]])
+            torch.testing.assert_close(got[0:1] - torch.tensor([[0, 0, 0, 5.0, 0, 0, 0, -2.0, 0, 0, 0, 0]]),
+                                       RepetitionPenaltyLogitsProcessor(1.4)(seen, scores[0:1].clone()))
+        assert got[1, 11] == -float("inf") if step < 3 else got[1, 11] > -float("inf")
+        if step == 0:
+            torch.testing.assert_close(got[2], scores[2])  # its -1 padding touched nothing
+        else:
+            assert got[2, 7] == scores[2, 7] / 1.5 or got[2, 7] == scores[2, 7] * 1.5  # it generated 7
+        ids = torch.cat([ids, torch.tensor([[3], [5], [7], [11], [2]])], 1)

@@ -256,33 +256,87 @@ class RowSampler(LogitsProcessor):
                 u[r] = torch.rand((), generator=g, device=self.device)
         return u
 
+    def _index(self, input_ids: torch.Tensor, vocab: int) -> None:
+        """At the first call (``stops`` and ``prompts`` are set after ``__init__``): the per-row adjustments
+        as index tensors, so each step applies them to the whole batch at once.
+
+        ``_bias``: (rows, token ids, values) of the logit biases; ``_repetition``: ``[B, 1]`` penalties and
+        ``_prompt_idx``: ``[B, P]`` each row's prompt tokens; ``_counts``: ``[B, V]`` how often each row
+        generated each token, counted as they come (OpenAI's penalties read it only at the tokens generated);
+        ``_early``: (rows, token ids, min_tokens) of the stop tokens that rows short of min_tokens may not draw.
+        """
+        dev, n = input_ids.device, len(self.settings)
+        self._adjusts = any(r.adjusts for r in self.settings)
+
+        def pairs(table: list[tuple[int, int, float]], dtype: torch.dtype):
+            if not table:
+                return None
+            rows, cols, vals = zip(*table)
+            return (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev),
+                    torch.tensor(vals, dtype=dtype, device=dev))
+
+        self._bias = pairs([(i, t, v) for i, r in enumerate(self.settings) for t, v in (r.logit_bias or {}).items()],
+                           torch.float32)
+        self._early = pairs([(i, t, r.min_tokens) for i, r in enumerate(self.settings) if r.min_tokens > 0
+                             for t in sorted(self.stops[i])], torch.long)
+        self._repetition = self._prompt_idx = None
+        if any(r.repetition_penalty != 1.0 for r in self.settings):
+            self._repetition = torch.tensor([[r.repetition_penalty] for r in self.settings], device=dev)
+            prompts = self.prompts if self.prompts is not None else input_ids.tolist()
+            width = max(1, *map(len, prompts))
+            # each row's prompt tokens, padded with its first (a duplicate changes nothing); -1 for an empty one
+            self._prompt_idx = torch.tensor([list(q) + [q[0] if q else -1] * (width - len(q)) for q in prompts],
+                                            dtype=torch.long, device=dev)
+        self._counts, self._counted_to = None, self.start
+        if bool((self.presence != 0).any() or (self.frequency != 0).any()):
+            self._counts = torch.zeros(n, vocab, device=dev)  # how often each row generated each token
+            self._penalties = self.frequency.to(dev)[:, None], self.presence.to(dev)[:, None]
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = self.adjust(input_ids, scores)
+        tok = sample_rows(scores, self.temperature, self.top_p, self.uniforms(), self.top_k, self.min_p)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, tok[:, None], 0.0)
+        return out
+
+    def adjust(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """``[B, V]`` logits after each row's bias, penalties and min_tokens (a new tensor when any applies).
+
+        Args:
+            input_ids: ``[B, T]`` the batch so far; the first call's width is the prompts'.
+            scores: ``[B, V]`` the next token's logits.
+        """
         if scores.shape[0] != len(self):
             raise ValueError(f"this sampler has {len(self)} rows, the batch {scores.shape[0]}: pass it to "
                              "Bundle.generate_ids as row_sampler (which splits it with the batch)")
         if self.start is None:
             self.start = input_ids.shape[1]
-        if any(r.adjusts for r in self.settings):
+            self._index(input_ids, scores.shape[1])
+        if self._adjusts:
             scores = scores.float().clone()
-            for i, r in enumerate(self.settings):
-                if r.logit_bias:
-                    ids = torch.tensor(list(r.logit_bias), dtype=torch.long, device=scores.device)
-                    scores[i, ids] += torch.tensor(list(r.logit_bias.values()), device=scores.device)
-            for i, r in enumerate(self.settings):
-                if r.repetition_penalty != 1.0:
-                    prompt = self.prompts[i] if self.prompts is not None else input_ids[i, :self.start].tolist()
-                    seen = torch.tensor(sorted({*prompt, *input_ids[i, self.start:].tolist()}), dtype=torch.long,
-                                        device=scores.device)
-                    v = scores[i, seen]
-                    scores[i, seen] = torch.where(v < 0, v * r.repetition_penalty, v / r.repetition_penalty)
-            scores = penalize(scores, input_ids[:, self.start:], self.presence.to(scores.device),
-                              self.frequency.to(scores.device))
-            n = input_ids.shape[1] - self.start
-            for i, r in enumerate(self.settings):
-                if n < r.min_tokens and self.stops[i]:  # too early to end
-                    ended = torch.tensor(sorted(self.stops[i]), dtype=torch.long, device=scores.device)
-                    scores[i, ended] = -float("inf")
-        tok = sample_rows(scores, self.temperature, self.top_p, self.uniforms(), self.top_k, self.min_p)
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, tok[:, None], 0.0)
-        return out
+            if self._bias is not None:
+                rows, cols, values = self._bias
+                scores.index_put_((rows, cols), values, accumulate=True)
+            gen = input_ids[:, self.start:]  # [B, n] the tokens generated so far
+            if self._repetition is not None:  # logits of tokens in a row's prompt or answer: / or × its penalty
+                idx = torch.cat([self._prompt_idx, gen], 1)
+                # an empty prompt's -1: a token it generated, or, before any, its own column 0 left as it is
+                idx = torch.where(idx < 0, gen[:, :1], idx) if gen.shape[1] else idx.clamp(min=0)
+                v = scores.gather(1, idx)
+                p = self._repetition
+                new = torch.where(v < 0, v * p, v / p)
+                if not gen.shape[1]:
+                    new = torch.where(self._prompt_idx >= 0, new, v)
+                scores.scatter_(1, idx, new)  # duplicates write equal values
+            if self._counts is not None and gen.shape[1]:  # penalize(), on the generated tokens only
+                for col in input_ids[:, self._counted_to:].split(1, dim=1):
+                    self._counts.scatter_add_(1, col, torch.ones_like(col, dtype=self._counts.dtype))
+                self._counted_to = input_ids.shape[1]
+                c = self._counts.gather(1, gen)
+                frequency, presence = self._penalties
+                scores.scatter_(1, gen, scores.gather(1, gen) - (frequency * c + presence * (c > 0).to(c.dtype)))
+            if self._early is not None:  # rows short of their min_tokens cannot end yet
+                rows, cols, least = self._early
+                early = least > input_ids.shape[1] - self.start  # (no boolean indexing: no device sync)
+                scores.index_put_((rows, cols), torch.where(early, -float("inf"), 0.0), accumulate=True)
+        return scores
