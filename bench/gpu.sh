@@ -13,7 +13,7 @@
 # $OUT (they come back) and in bench/.cache/gpu-logs otherwise. First the kernel cases compiled on the GPU
 # (kernel_tests.log, ~1 min), then the 8B rows, the issue's targets (batch 1 <= 1.08x dense, a batch of 8
 # over 3 branches <= 1.15x, prefill <= 1.08x; in_memory.log ends with a met/missed table), then the
-# SmolLM2 and 1B bundles (bundles.log).
+# SmolLM2 and 1B bundles (bundles.log), then the sampler's logit adjustments (sampler.log).
 # Rehearse it on the CPU with DEVICE=cpu SHAPES=tiny IN_MEMORY=tiny LAYOUTS=split,fused bash bench/gpu.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,4 +51,8 @@ if [ -n "$SHAPES" ]; then
   timeout "${SHAPES_LIMIT:-200}" $PY runtime_gpu.py --device "$DEVICE" --shapes "$SHAPES" --layouts "$LAYOUTS" \
     --repeat "$REPEAT" 2>&1 | tee "$LOGS/bundles.log" || status=1
 fi
+# the per-row logit adjustments of sampled requests on the device (a few seconds): batch-wide against the
+# loop over rows, which synchronized with the device for every row
+timeout "${SAMPLER_LIMIT:-30}" $PY sampler.py --device "$DEVICE" --rows 64 --prompt 1024 2>&1 | tee "$LOGS/sampler.log" \
+  || status=1
 exit $status

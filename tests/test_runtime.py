@@ -199,6 +199,20 @@ def test_cli_generate_streams(capsys, bundles):
     assert code != 0 and "unknown branch 'nope'" in err
 
 
+def test_cli_generate_stops_at_its_stop_strings(capsys, bundles):
+    """`generate --stop` shows the text up to the first stop string: text that may begin one waits until it
+    cannot (a stop string that never completes shows everything)."""
+    full = branchmerge.load(bundles[0.9]).generate("rev hello=", "a", max_new_tokens=16)[0]
+    stop = full[4:7]
+    code, out, err = run_cli(capsys, "generate", bundles[0.9], "rev hello=", "-b", "a", "-n", "16", "--stop", stop)
+    assert code == 0, err
+    assert out == full[:full.index(stop)] + "\n"
+    code, out, err = run_cli(capsys, "generate", bundles[0.9], "rev hello=", "-b", "a", "-n", "16",
+                             "-s", full[1] + "§", "-s", full[-1] + "§")  # begun, never completed
+    assert code == 0, err
+    assert out == full + "\n"
+
+
 def test_cli_chat(capsys, bundles, monkeypatch):
     import io
 

@@ -512,6 +512,26 @@ def test_lm_eval_client_generate_until(server, monkeypatch, batch):
     assert got == [server["bundle"].generate(p, "b", max_new_tokens=6)[0] for p in prompts]
 
 
+def test_a_stage_ends_at_its_stop_strings(server):
+    """A pipeline stage's ``stop`` ends its rows' generation there, in process and through the server: the
+    tokens counted are those up to the stop, and the answer is the text before it."""
+    from branchmerge.staged import run_pipeline
+
+    bundle = server["bundle"]
+    full = run_pipeline(bundle, PipelinesConfig.model_validate({"pipelines": [{"name": "s", "stages": [
+        {"branch": "a", "max_tokens": 16, "chat": False}]}]}).get("s"), ["rev hello="])[0][0]
+    assert full.completion_tokens == 16
+    stop = full.text[4:7]
+    cfg = PipelinesConfig.model_validate({"pipelines": [{"name": "s", "stages": [
+        {"branch": "a", "max_tokens": 16, "chat": False, "stop": [stop]}]}]})
+    got = run_pipeline(bundle, cfg.get("s"), ["rev hello="])[0][0]
+    assert got.text == full.text[:full.text.index(stop)].strip() and got.completion_tokens < 16
+    with serving(create_app(bundle, pipelines=cfg)) as url:
+        r = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).completions.create(
+            model="s", prompt="rev hello=")
+    assert r.choices[0].text == got.text and r.usage.completion_tokens == got.completion_tokens
+
+
 def test_stage_extract_and_plain_completion(server):
     from branchmerge.staged import Pipeline, run_pipeline
 

@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from branchmerge.config import read_yaml, validate
 from branchmerge.errors import ConfigError
-from branchmerge.runtime.text import cut_at_stop, sampling_kwargs
+from branchmerge.runtime.sampling import RowSampler, RowSettings
+from branchmerge.runtime.text import cut_at_stop
 
 if TYPE_CHECKING:
     from branchmerge.runtime.bundle import Bundle, GenerationResult
@@ -195,6 +196,7 @@ class StageBatch:
     branches: list[str]
     max_new_tokens: int
     temperature: float  # 0: greedy
+    stop: list[str]  # each row ends once its text holds one
 
 
 def pipeline_steps(bundle: Bundle, pipeline: Pipeline, questions: list[str]
@@ -214,7 +216,7 @@ def pipeline_steps(bundle: Bundle, pipeline: Pipeline, questions: list[str]
                for p, b, q, prev in zip(prompts, branches, questions, previous)]
         for i, b in zip(ids, branches):
             bundle.check_context(b, len(i), stage.max_tokens)
-        outs = yield StageBatch(k, ids, branches, stage.max_tokens, stage.temperature)
+        outs = yield StageBatch(k, ids, branches, stage.max_tokens, stage.temperature, list(stage.stop))
         for r, (o, prompt) in enumerate(zip(outs, prompts)):
             text = postprocess(o.text, stage)
             results[r].append(StageResult(k, o.branch, prompt, text, len(o.prompt_ids), len(o.new_ids)))
@@ -227,7 +229,8 @@ def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str], *,
     """Run every stage for all questions; each stage is one (mixed-branch) batch.
 
     Args:
-        generate: how a stage's batch is generated (default ``bundle.generate_ids``).
+        generate: how a stage's batch is generated (default ``bundle.generate_ids``; called as it is, with
+            ``max_new_tokens``, ``stop`` and ``row_sampler``).
 
     Returns:
         per question, the result of each stage in order (the last is the final answer).
@@ -237,8 +240,10 @@ def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str], *,
     try:
         batch = next(steps)
         while True:
+            n = len(batch.ids)  # sampled as the server samples a stage's rows
             batch = steps.send(gen(batch.ids, batch.branches, max_new_tokens=batch.max_new_tokens,
-                                   **sampling_kwargs(batch.temperature)))
+                                   stop=[batch.stop] * n,
+                                   row_sampler=RowSampler([RowSettings(batch.temperature)] * n, bundle.device)))
     except StopIteration as done:
         return done.value
 

@@ -23,14 +23,22 @@ class _Stop:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+def _held_back(text: str, stop: list[str]) -> int:
+    """How many characters at the end of ``text`` may begin a stop string (not shown until they cannot)."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
 def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: RowSettings, *,
-            interruptible: bool = False) -> str:
+            interruptible: bool = False, stop: list[str] | None = None) -> str:
     """Generate in a worker thread and echo its tokens as they come; returns the text.
 
-    An error in the worker ends the stream and is raised here (the loop over the streamer would otherwise
-    wait for ever). Ctrl-C stops the generation; with ``interruptible`` (chat) the reply so far is
-    returned, otherwise the interrupt is raised once the worker has stopped.
+    With ``stop`` strings, generation ends at the first, which is not shown: text that may begin one is
+    held back until it cannot. An error in the worker ends the stream and is raised here (the loop over
+    the streamer would otherwise wait for ever). Ctrl-C stops the generation; with ``interruptible``
+    (chat) the reply so far is returned, otherwise the interrupt is raised once the worker has stopped.
     """
+    from branchmerge.runtime.text import cut_at_stop
+
     import threading
 
     import torch
@@ -40,7 +48,8 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: 
 
     tok = bundle.tokenizer(branch)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    stop = threading.Event()
+    interrupt = threading.Event()
+    stops = [x for x in stop or [] if x]
     result: list[str] = []
     failure: list[BaseException] = []
     sampler = RowSampler([settings], bundle.device)  # as the server samples each row
@@ -49,7 +58,8 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: 
         try:
             with torch.inference_mode():
                 r = bundle.generate_ids([ids], [branch], max_new_tokens=max_new_tokens, streamer=streamer,
-                                        stopping_criteria=StoppingCriteriaList([_Stop(stop)]), row_sampler=sampler)
+                                        stop=[stops], stopping_criteria=StoppingCriteriaList([_Stop(interrupt)]),
+                                        row_sampler=sampler)
             result.append(r[0].text)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
             failure.append(e)
@@ -57,15 +67,24 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: 
 
     t = threading.Thread(target=work, daemon=True)
     t.start()
+    text, shown, ended = "", 0, False
     try:
         for piece in streamer:
-            typer.echo(piece, nl=False)
+            text += piece
+            if ended:
+                continue
+            cut, ended = cut_at_stop(text, stops)
+            end = len(cut) if ended else len(text) - _held_back(text, stops)
+            typer.echo(text[shown:end], nl=False)
+            shown = max(shown, end)
+        if not ended:
+            typer.echo(text[shown:], nl=False)
     except KeyboardInterrupt:
         if not interruptible:
             raise
         typer.secho(" [stopped]", nl=False, err=True, fg="yellow")
     finally:
-        stop.set()
+        interrupt.set()
         t.join()
     typer.echo("")
     if failure:
@@ -114,6 +133,8 @@ def generate(
     repetition_penalty: float = _REPETITION_PENALTY,
     seed: int | None = typer.Option(None, "--seed", help="Sample reproducibly (with -t > 0); the server's `seed` "
                                     "gives the same text."),
+    stop: list[str] = typer.Option([], "--stop", "-s", help="End the text where it first holds this string (not "
+                                   "shown); repeat for several. \\n and \\t are a line break and a tab."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype (default: the bundle's)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
@@ -140,7 +161,8 @@ def generate(
     from branchmerge.runtime.sampling import RowSettings
 
     _stream(bundle, names[0], ids_list[0], mt, RowSettings(temperature, top_p, top_k, min_p, seed,
-                                                           repetition_penalty=repetition_penalty))
+                                                           repetition_penalty=repetition_penalty),
+            stop=[x.replace("\\n", "\n").replace("\\t", "\t") for x in stop])
 
 
 def chat(

@@ -1,5 +1,5 @@
 """Text-side helpers used by every front end (library, CLI, server, pipelines), written once: chat
-encoding, pad-token fallback, stop strings, sampling settings and right/left padded batches."""
+encoding, pad-token fallback, stop strings and right/left padded batches."""
 
 from __future__ import annotations
 
@@ -49,17 +49,6 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """``text`` up to the earliest stop string, and whether one occurred."""
     cut = min((text.find(s) for s in stop if s and s in text), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def sampling_kwargs(temperature: float | None, top_p: float | None = None) -> dict[str, Any]:
-    """``generate`` keyword arguments for a temperature (greedy at or below :data:`MIN_TEMPERATURE`)."""
-    t = float(temperature or 0.0)
-    if t <= MIN_TEMPERATURE:
-        return {}
-    kw: dict[str, Any] = {"do_sample": True, "temperature": t}
-    if top_p is not None and top_p < 1.0:
-        kw["top_p"] = float(top_p)
-    return kw
 
 
 def pad_rows(seqs: Sequence[Sequence[int]], *, pad: int = 0, left: bool = False,

@@ -285,7 +285,8 @@ class OpenAIService:
                 break
             batch = value
             jobs = self._submit([Job(list(ids), b, batch.max_new_tokens, sampling=RowSettings(batch.temperature),
-                                     request=request) for ids, b in zip(batch.ids, batch.branches)])
+                                     stop=list(batch.stop), request=request)
+                                 for ids, b in zip(batch.ids, batch.branches)])
             await self._wait(jobs, disconnected)
             sent = [GenerationResult(j.branch, j.ids, j.new_ids,
                                      self.bundle.tokenizer(j.branch).decode(j.new_ids, skip_special_tokens=True),
