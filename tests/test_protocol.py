@@ -39,12 +39,15 @@ def test_request_validation():
     assert r.messages[0].text() == "ab" and r.stops() == ["x"] and r.max_new() is None
     assert P.CompletionRequest.model_validate({"model": "a", "prompt": [[1, 2], [3]], "max_completion_tokens": 5,
                                               "max_tokens": 9}).max_new() == 5
+    assert P.ChatRequest.model_validate({"model": "a", "messages": [], "stop": "x" * 512}).stops() == ["x" * 512]
     for bad in ({"model": "a", "messages": [{"role": "user", "content": "\ud800"}]},
                 {"model": "a", "messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
                 {"model": "a", "messages": [{"role": "robot", "content": "x"}]},
                 {"model": "a", "messages": [], "n": 17},
                 {"model": "a", "messages": [], "temperature": 2.5},
                 {"model": "a", "messages": [], "stop": ["1", "2", "3", "4", "5"]},
+                {"model": "a", "messages": [], "stop": "x" * 513},  # decoded back over every step
+                {"model": "a", "messages": [], "stop": ["ok", "\ud800"]},
                 {"model": "x" * 300, "messages": []}):
         with pytest.raises(ValidationError):
             P.ChatRequest.model_validate(bad)

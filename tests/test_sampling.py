@@ -141,22 +141,24 @@ def test_a_batch_adjusts_each_row_as_it_would_alone():
             RowSettings(repetition_penalty=0.8, presence_penalty=0.5, min_tokens=3),
             RowSettings(repetition_penalty=1.5),
             RowSettings(min_tokens=2, frequency_penalty=0.3, logit_bias={1: 0.5}),
-            RowSettings()]
-    prompts = [[4, 5, 5], [6], [], [9, 8, 1, 0], [2, 2]]  # an empty prompt: nothing seen before it generates
-    stops = [{0}, {0, 11}, {0}, {11}, {0}]
+            RowSettings(),
+            RowSettings(allowed_token_ids=(2, 9), logit_bias={9: 1.0, 4: 3.0})]
+    prompts = [[4, 5, 5], [6], [], [9, 8, 1, 0], [2, 2], [1]]  # an empty prompt: nothing seen before it generates
+    stops = [{0}, {0, 11}, {0}, {11}, {0}, {0}]
 
     def sampler(idx):
         s = RowSampler([rows[i] for i in idx])
         s.stops, s.prompts = [stops[i] for i in idx], [prompts[i] for i in idx]
         return s
 
-    batch, alone = sampler(range(5)), [sampler([i]) for i in range(5)]
+    batch, alone = sampler(range(6)), [sampler([i]) for i in range(6)]
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(q)) + q for q in prompts])  # left-padded with 0
     for step in range(4):
-        scores = torch.randn(5, 12, generator=g)
+        scores = torch.randn(6, 12, generator=g)
         got = batch.adjust(ids, scores.clone())
-        for i in range(5):
+        assert torch.isfinite(got[5]).tolist() == [t in (2, 9) for t in range(12)]  # only its allowed tokens
+        for i in range(6):
             row = torch.tensor([prompts[i] + ids[i, width:].tolist()], dtype=torch.long)
             one = alone[i].adjust(row, scores[i:i + 1].clone())
             torch.testing.assert_close(got[i:i + 1], one)
@@ -169,4 +171,4 @@ def test_a_batch_adjusts_each_row_as_it_would_alone():
             torch.testing.assert_close(got[2], scores[2])  # its -1 padding touched nothing
         else:
             assert got[2, 7] == scores[2, 7] / 1.5 or got[2, 7] == scores[2, 7] * 1.5  # it generated 7
-        ids = torch.cat([ids, torch.tensor([[3], [5], [7], [11], [2]])], 1)
+        ids = torch.cat([ids, torch.tensor([[3], [5], [7], [11], [2], [9]])], 1)

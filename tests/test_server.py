@@ -15,6 +15,7 @@ import branchmerge
 from branchmerge.errors import ConfigError
 from branchmerge.front import build_bundle_router as build_router
 from branchmerge.router import RouterConfig
+from branchmerge.runtime.text import cut_at_stop
 from branchmerge.server import create_app
 from branchmerge.staged import PipelinesConfig, answer, load_pipelines
 from tests.serving import serving, wait_queued
@@ -280,6 +281,14 @@ def test_a_stop_string_ends_its_rows_generation(server):
     events = list(c.completions.create(model="a", prompt="rev hello=", max_tokens=16, stop=stop, stream=True))
     assert "".join(e.choices[0].text for e in events if e.choices) == r.choices[0].text
     assert events[-1].choices[0].finish_reason == "stop"
+    # a stop string of three tokens: a stream sends neither of the first two; one that never completes
+    # (its first character ends the text) is sent at the end
+    for stops, reason in (([tok.decode(full.new_ids[4:7])], "stop"), ([full.text[-1] + "§"], "length")):
+        r = c.completions.create(model="a", prompt="rev hello=", max_tokens=16, stop=stops)
+        events = list(c.completions.create(model="a", prompt="rev hello=", max_tokens=16, stop=stops, stream=True))
+        streamed = "".join(e.choices[0].text for e in events if e.choices)
+        assert streamed == r.choices[0].text == cut_at_stop(full.text, stops)[0], stops
+        assert events[-1].choices[0].finish_reason == r.choices[0].finish_reason == reason
 
 
 def test_auto_routing_and_pipeline(server):
@@ -510,6 +519,34 @@ def test_lm_eval_client_generate_until(server, monkeypatch, batch):
             for i, p in enumerate(prompts)]
     got = lm.generate_until(reqs, disable_tqdm=True)
     assert got == [server["bundle"].generate(p, "b", max_new_tokens=6)[0] for p in prompts]
+
+
+def test_vllm_prompt_and_output_settings(server):
+    """vLLM's include_stop_str_in_output (streamed or not), allowed_token_ids and truncate_prompt_tokens, as
+    the library computes them; bad values are 400s that name the field."""
+    c, b = server["client"], server["bundle"]
+    tok = b.tokenizer("a")
+    ids = b.encode("rev hello=", "a", chat=False)
+    full = b.generate_ids([ids], ["a"], max_new_tokens=16)[0]
+    stop = tok.decode(full.new_ids[4:7])
+    kw = {"model": "a", "prompt": "rev hello=", "max_tokens": 16, "stop": [stop],
+          "extra_body": {"include_stop_str_in_output": True}}
+    r = c.completions.create(**kw)
+    streamed = "".join(e.choices[0].text for e in c.completions.create(**kw, stream=True) if e.choices)
+    assert r.choices[0].text == streamed == full.text[:full.text.index(stop) + len(stop)]
+    allowed = tok.convert_tokens_to_ids(["a", "b"])
+    r = c.completions.create(model="a", prompt="rev hello=", max_tokens=8, extra_body={"allowed_token_ids": allowed})
+    assert set(r.choices[0].text) <= {"a", "b"} and r.usage.completion_tokens == 8  # end of text is not allowed
+    assert r.choices[0].finish_reason == "length"
+    long = "key zz=" * 3 + "rev hello="
+    r = c.completions.create(model="a", prompt=long, max_tokens=6, extra_body={"truncate_prompt_tokens": 5})
+    last = b.generate_ids([b.encode(long, "a", chat=False)[-5:]], ["a"], max_new_tokens=6)[0]
+    assert (r.choices[0].text, r.usage.prompt_tokens) == (last.text, 5)
+    for extra, field in (({"allowed_token_ids": [999]}, "allowed_token_ids"), ({"allowed_token_ids": []}, "allowed"),
+                         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="a", prompt="rev a=", max_tokens=2, extra_body=extra)
+        assert field in str(e.value.body), e.value.body
 
 
 def test_a_stage_ends_at_its_stop_strings(server):

@@ -23,11 +23,6 @@ class _Stop:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _held_back(text: str, stop: list[str]) -> int:
-    """How many characters at the end of ``text`` may begin a stop string (not shown until they cannot)."""
-    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-
-
 def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: RowSettings, *,
             interruptible: bool = False, stop: list[str] | None = None) -> str:
     """Generate in a worker thread and echo its tokens as they come; returns the text.
@@ -37,7 +32,7 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: 
     the streamer would otherwise wait for ever). Ctrl-C stops the generation; with ``interruptible``
     (chat) the reply so far is returned, otherwise the interrupt is raised once the worker has stopped.
     """
-    from branchmerge.runtime.text import cut_at_stop
+    from branchmerge.runtime.text import cut_at_stop, stop_prefix
 
     import threading
 
@@ -74,7 +69,7 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: 
             if ended:
                 continue
             cut, ended = cut_at_stop(text, stops)
-            end = len(cut) if ended else len(text) - _held_back(text, stops)
+            end = len(cut) if ended else len(text) - stop_prefix(text, stops)
             typer.echo(text[shown:end], nl=False)
             shown = max(shown, end)
         if not ended:

@@ -98,12 +98,13 @@ class RowSettings:
     ignore_eos: bool = False  # vLLM's: end of text does not end the row
     min_tokens: int = 0  # vLLM's: the row's stop tokens are suppressed until it has this many
     repetition_penalty: float = 1.0  # vLLM's and transformers': logits of prompt and output tokens / it (< 0: *)
+    allowed_token_ids: tuple[int, ...] = ()  # vLLM's: the row draws only these (empty: any)
 
     @property
     def adjusts(self) -> bool:
         """Whether the row changes logits before choosing (so even a greedy row needs the sampler)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_tokens
-                    or self.repetition_penalty != 1.0)
+                    or self.repetition_penalty != 1.0 or self.allowed_token_ids)
 
     @property
     def stops_own_way(self) -> bool:
@@ -111,9 +112,11 @@ class RowSettings:
         return bool(self.stop_token_ids or self.ignore_eos)
 
     def token_ids(self) -> Iterator[tuple[str, list[int]]]:
-        """``(field, ids)`` for each field that names token ids (``logit_bias``, ``stop_token_ids``), to be
-        checked against the vocabulary: an index past the logits fails a batch (a device assert on GPUs)."""
-        for what, ids in (("logit_bias", list(self.logit_bias or ())), ("stop_token_ids", list(self.stop_token_ids))):
+        """``(field, ids)`` for each field that names token ids (``logit_bias``, ``stop_token_ids``,
+        ``allowed_token_ids``), to be checked against the vocabulary: an index past the logits fails a batch
+        (a device assert on GPUs)."""
+        for what, ids in (("logit_bias", list(self.logit_bias or ())), ("stop_token_ids", list(self.stop_token_ids)),
+                          ("allowed_token_ids", list(self.allowed_token_ids))):
             if ids:
                 yield what, ids
 
@@ -152,7 +155,8 @@ class StopStrings(StoppingCriteria):
                  max_tokens: Sequence[int | None] | None = None) -> None:
         self.decode, self.stops = list(decode), [[s for s in row if s] for row in stops]
         self.max_tokens = list(max_tokens) if max_tokens is not None else [None] * len(self.stops)
-        self.window = [max((len(s.encode()) for s in row), default=0) + 2 for row in self.stops]
+        self.window = [max((len(s.encode("utf-8", "surrogatepass")) for s in row), default=0) + 2
+                       for row in self.stops]
         self.ended: list[int | None] = [None] * len(self.stops)
         self.start: int | None = None
 
@@ -196,7 +200,7 @@ class RowSampler(LogitsProcessor):
     """The last logits processor of a batch whose rows sample differently: returns scores that are 0 at
     each row's chosen token and -inf elsewhere, so ``generate(do_sample=False)`` emits it.
 
-    Per row, in vLLM's order: the logit bias, the repetition penalty (on its prompt's and its generated
+    Per row, in vLLM's order: its allowed tokens, the logit bias, the repetition penalty (on its prompt's and its generated
     tokens), the presence and frequency penalties (on the tokens it generated), then :func:`sample_rows`.
     Rows with a seed draw from their own ``torch.Generator`` seeded with it; the others from the process's
     random state. Rows end on their own stop tokens when ``generate_ids`` gives them (:class:`StopTokens`).
@@ -260,6 +264,7 @@ class RowSampler(LogitsProcessor):
         """At the first call (``stops`` and ``prompts`` are set after ``__init__``): the per-row adjustments
         as index tensors, so each step applies them to the whole batch at once.
 
+        ``_allowed``: ``[B, V]`` the tokens each row may draw (all, unless it names some);
         ``_bias``: (rows, token ids, values) of the logit biases; ``_repetition``: ``[B, 1]`` penalties and
         ``_prompt_idx``: ``[B, P]`` each row's prompt tokens; ``_counts``: ``[B, V]`` how often each row
         generated each token, counted as they come (OpenAI's penalties read it only at the tokens generated);
@@ -279,6 +284,13 @@ class RowSampler(LogitsProcessor):
                            torch.float32)
         self._early = pairs([(i, t, r.min_tokens) for i, r in enumerate(self.settings) if r.min_tokens > 0
                              for t in sorted(self.stops[i])], torch.long)
+        self._allowed = None
+        if any(r.allowed_token_ids for r in self.settings):  # [B, V]: True where a row may draw
+            self._allowed = torch.ones(n, vocab, dtype=torch.bool, device=dev)
+            for i, r in enumerate(self.settings):
+                if r.allowed_token_ids:
+                    self._allowed[i] = False
+                    self._allowed[i, torch.tensor(r.allowed_token_ids, device=dev)] = True
         self._repetition = self._prompt_idx = None
         if any(r.repetition_penalty != 1.0 for r in self.settings):
             self._repetition = torch.tensor([[r.repetition_penalty] for r in self.settings], device=dev)
@@ -314,6 +326,8 @@ class RowSampler(LogitsProcessor):
             self._index(input_ids, scores.shape[1])
         if self._adjusts:
             scores = scores.float().clone()
+            if self._allowed is not None:
+                scores.masked_fill_(~self._allowed, -float("inf"))
             if self._bias is not None:
                 rows, cols, values = self._bias
                 scores.index_put_((rows, cols), values, accumulate=True)

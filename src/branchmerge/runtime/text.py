@@ -45,10 +45,18 @@ def encode_messages(tok: Any, messages: Sequence[Mapping[str, str]], *, chat: bo
     return list(tok("\n".join(m["content"] for m in msgs if m["content"]))["input_ids"])
 
 
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """``text`` up to the earliest stop string, and whether one occurred."""
-    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+def cut_at_stop(text: str, stop: Sequence[str], *, keep: bool = False) -> tuple[str, bool]:
+    """``text`` up to the earliest stop string (with ``keep``, up to its end), and whether one occurred."""
+    found = min(((text.find(s), -len(s)) for s in stop if s and s in text), default=None)
+    if found is None:
+        return text, False
+    return text[:found[0] - found[1] if keep else found[0]], True
+
+
+def stop_prefix(text: str, stop: Sequence[str]) -> int:
+    """How many characters at the end of ``text`` may begin a stop string: a stream holds them back until
+    the next tokens show whether the string completes (then they are cut) or not."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def pad_rows(seqs: Sequence[Sequence[int]], *, pad: int = 0, left: bool = False,

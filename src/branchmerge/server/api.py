@@ -21,7 +21,7 @@ from branchmerge.front import Front
 from branchmerge.runtime.bundle import ContextLengthError, GenerationResult
 from branchmerge.runtime.sampling import RowSettings
 from branchmerge.runtime.scoring import common_prefix
-from branchmerge.runtime.text import cut_at_stop
+from branchmerge.runtime.text import cut_at_stop, stop_prefix
 from branchmerge.server import protocol as P
 from branchmerge.server.engine import Busy, Engine, Job
 from branchmerge.server.metrics import SIZE_BUCKETS, EngineMetrics, Registry
@@ -172,13 +172,14 @@ class OpenAIService:
             seed=None if req.seed is None else req.seed + choice, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.bias() or None,
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-            repetition_penalty=req.repetition_penalty or 1.0)
+            repetition_penalty=req.repetition_penalty or 1.0, allowed_token_ids=tuple(req.allowed_token_ids or ()))
         for name, ids_ in sampling.token_ids():  # here, a 400 for this request; in its batch, a failed batch
             try:
                 self.bundle.check_ids([ids_], [branch], rows=[name])
             except BranchmergeError as e:
                 raise P.APIError(400, str(e), param=name) from None
-        return Job(ids, branch, mt, sampling=sampling, stop=req.stops(), stream=stream, request=request)
+        return Job(ids, branch, mt, sampling=sampling, stop=req.stops(), keep_stop=req.include_stop_str_in_output,
+                   stream=stream, request=request)
 
     def _submit(self, jobs: list[Job]) -> list[Job]:
         loop = asyncio.get_running_loop()
@@ -224,7 +225,7 @@ class OpenAIService:
 
     def _finish(self, branch: str, job: Job) -> tuple[str, str]:
         text = self.bundle.tokenizer(branch).decode(job.new_ids, skip_special_tokens=True)
-        text, hit = cut_at_stop(text, job.stop)
+        text, hit = cut_at_stop(text, job.stop, keep=job.keep_stop)
         if hit:
             return text, "stop"
         return text, "length" if len(job.new_ids) >= job.max_tokens else "stop"
@@ -247,7 +248,7 @@ class OpenAIService:
             out = P.body(kind, rid, req.model, [(final, "stop")], pt, ct, answered)
             out["stages"] = stages
             return out
-        ids = encode(branch)
+        ids = self._truncate(req, encode(branch))
         jobs = self._submit([self._job(branch, ids, req, mt, stream=req.stream, request=request, choice=k)
                              for k in range(req.n)])
         if req.stream:
@@ -302,7 +303,7 @@ class OpenAIService:
     async def _stream(self, kind, rid, model, branch, job: Job, index: int = 0) -> AsyncIterator[str]:
         tok = self.bundle.tokenizer(branch)
         eos = job.sampling.stop_set(self.bundle.stop_ids(branch))  # the tokens that end this row
-        sent, ids, reason = "", [], None
+        sent, text, ids, reason = "", "", [], None
         try:
             yield P.chunk(kind, rid, model, None, None, branch, first=True, index=index)
             while True:
@@ -317,16 +318,19 @@ class OpenAIService:
                     reason = "stop"
                     continue
                 ids.append(t)
-                text = tok.decode(ids, skip_special_tokens=True)
-                text, hit = cut_at_stop(text, job.stop)
+                text, hit = cut_at_stop(tok.decode(ids, skip_special_tokens=True), job.stop, keep=job.keep_stop)
                 if hit:
                     reason = "stop"
                     job.cancel()  # the client has its answer: free the row
                 if len(ids) >= job.max_tokens and reason is None:
                     reason = "length"
-                if len(text) > len(sent) and not text.endswith("\ufffd"):
-                    yield P.chunk(kind, rid, model, text[len(sent):], None, branch, index=index)
-                    sent = text
+                # text that may begin a stop string, or a character still being decoded, waits for more
+                end = len(text) if reason is not None else len(text) - stop_prefix(text, job.stop)
+                if end > len(sent) and (reason is not None or not text[:end].endswith("\ufffd")):
+                    yield P.chunk(kind, rid, model, text[len(sent):end], None, branch, index=index)
+                    sent = text[:end]
+            if len(text) > len(sent) and job.error is None:  # held back when end of text came
+                yield P.chunk(kind, rid, model, text[len(sent):], None, branch, index=index)
             if isinstance(job.request, _Request):
                 job.request.completion_tokens += len(ids)
             if job.error is not None:
@@ -446,6 +450,11 @@ class OpenAIService:
         tok = self._shared_tokenizer()
         return tok.decode(prompt, skip_special_tokens=True) if tok is not None else ""
 
+    @staticmethod
+    def _truncate(req: P._Req, ids: list[int]) -> list[int]:
+        """vLLM's ``truncate_prompt_tokens``: only the prompt's last k tokens."""
+        return ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else ids
+
     def _token_ids(self, branch: str, ids: list[int]) -> list[int]:
         """A token-id prompt, checked here so that it is refused alone rather than failing its batch."""
         try:
@@ -522,6 +531,7 @@ class OpenAIService:
             raise P.APIError(400, "logprobs and echo need a branch, not a pipeline", param="model")
         tok = self.bundle.tokenizer(branch)
         ids = self._token_ids(branch, prompt) if isinstance(prompt, list) else list(tok(prompt)["input_ids"])
+        ids = self._truncate(req, ids)
         job = self._job(branch, ids, req, mt, stream=False, request=request, param="prompt")  # context checked first
         text, reason, new_ids = "", "length", []
         # one greedy token (lm-evaluation-harness's loglikelihood requests): a single forward pass scores the

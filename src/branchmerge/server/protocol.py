@@ -75,6 +75,8 @@ class Message(BaseModel):
 
 
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
+MAX_STOP_CHARS = 512  # characters of one stop sequence
+MAX_ALLOWED_TOKENS = 1 << 16  # entries of one request's allowed_token_ids
 
 
 class StreamOptions(BaseModel):
@@ -103,6 +105,11 @@ class _Req(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0,
                                              description="vLLM's: logits of tokens seen (prompt and answer) / it.")
     min_tokens: int = Field(default=0, ge=0, description="vLLM's: no stop token before this many tokens.")
+    allowed_token_ids: list[int] | None = Field(default=None, min_length=1, max_length=MAX_ALLOWED_TOKENS,
+                                                description="vLLM's: the answer draws only these tokens.")
+    include_stop_str_in_output: bool = Field(default=False, description="vLLM's: the text ends with the stop string.")
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1,
+                                               description="vLLM's: only the prompt's last k tokens are read.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -115,6 +122,10 @@ class _Req(BaseModel):
     def _stop(cls, v: Any) -> Any:
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
+        for s in [v] if isinstance(v, str) else v or []:  # each decoding step looks this far back per row
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters, got {len(s)}")
+            _no_surrogates(s, "stop")
         return v
 
     @field_validator("logit_bias")
@@ -168,9 +179,8 @@ _NEUTRAL: dict[str, Any] = {
     "best_of": lambda v: v in (None, 1), "suffix": lambda v: not v,
     # vLLM's sampling extensions that this server does not implement (top_k and min_p it does)
     "length_penalty": lambda v: v in (None, 1),
-    "bad_words": lambda v: not v, "allowed_token_ids": lambda v: v is None, "use_beam_search": lambda v: not v,
-    "include_stop_str_in_output": lambda v: not v, "skip_special_tokens": lambda v: v in (None, True),
-    "prompt_logprobs": lambda v: v is None, "truncate_prompt_tokens": lambda v: v is None,
+    "bad_words": lambda v: not v, "use_beam_search": lambda v: not v,
+    "skip_special_tokens": lambda v: v in (None, True), "prompt_logprobs": lambda v: v is None,
     "guided_json": lambda v: v is None, "guided_regex": lambda v: v is None, "guided_choice": lambda v: v is None,
     "guided_grammar": lambda v: v is None, "structured_outputs": lambda v: v is None,
 }
