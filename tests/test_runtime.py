@@ -392,3 +392,31 @@ def test_rows_end_at_their_own_stop_strings_and_lengths(loaded):
         b.generate_ids(ids, names, max_new_tokens=[4, 4])
     with pytest.raises(ValueError, match="at least 1"):
         b.generate_ids(ids[:1], names[:1], max_new_tokens=[0])
+
+
+def test_a_row_goes_on_where_it_stopped(loaded):
+    """generate_ids(generated=…): a row given its text so far goes on as if it had not stopped: the same
+    tokens for greedy and seeded rows (their generators carried over), with penalties, min_tokens and a
+    stop string that begins before the break and ends after it. (The server's continuous batching runs
+    rows this way.)"""
+    from branchmerge.runtime.sampling import RowSampler, RowSettings
+
+    b = loaded[0.9]
+    tok = b.tokenizer("a")
+    prompts, names = ["rev hello=", "add 5+5=", "key zz=", "add 12+30="], ["a", "a", "b", "c"]
+    ids = [tok.encode(p) for p in prompts]
+    settings = [RowSettings(), RowSettings(min_tokens=13, presence_penalty=0.5),
+                RowSettings(temperature=0.9, seed=5, frequency_penalty=0.4, repetition_penalty=1.3),
+                RowSettings(temperature=1.2, top_p=0.9, seed=7)]
+    plain = b.generate_ids(ids[:1], names[:1], max_new_tokens=16)[0]
+    stops = [[tok.decode(plain.new_ids[4:8])], [], [], []]  # completes at token 8 of row 0
+    whole = b.generate_ids(ids, names, max_new_tokens=16, stop=stops, row_sampler=RowSampler(settings))
+    assert len(whole[0].new_ids) == 8 and whole[0].finish_reason == "stop"
+    assert len(whole[1].new_ids) >= 13  # it ends with its end of text only after min_tokens
+    first_sampler = RowSampler(settings)
+    first = b.generate_ids(ids, names, max_new_tokens=6, stop=stops, row_sampler=first_sampler)
+    assert all(len(f.new_ids) == 6 and f.finish_reason == "length" for f in first)
+    rest = b.generate_ids([i + f.new_ids for i, f in zip(ids, first)], names, max_new_tokens=10, stop=stops,
+                          generated=[6] * 4, row_sampler=RowSampler(settings, generators=first_sampler.generators))
+    for w, f, r in zip(whole, first, rest):
+        assert (f.new_ids + r.new_ids, r.finish_reason, r.stop_id) == (w.new_ids, w.finish_reason, w.stop_id)

@@ -436,13 +436,16 @@ class Bundle:
                                        f"(size {vocab})")
 
     def generate_ids(self, ids_list: list[list[int]], names: list[str], *, max_new_tokens: int | Sequence[int] = 64,
-                     stop: Sequence[Sequence[str]] | None = None, share_prefix: bool = True,
-                     row_sampler: RowSampler | None = None, **generation_kwargs: Any) -> list[GenerationResult]:
+                     stop: Sequence[Sequence[str]] | None = None, generated: Sequence[int] | None = None,
+                     share_prefix: bool = True, row_sampler: RowSampler | None = None,
+                     **generation_kwargs: Any) -> list[GenerationResult]:
         """Generate from token ids; returns per row the new ids, text, branch and stop reason.
 
         ``max_new_tokens``: one number, or one per row (the batch runs to the largest; each row ends at its
         own). ``stop``: per row, strings that end it once its new text holds one (its ``text`` is cut before
-        it; its ``new_ids`` end with the token that completed it), as vLLM's ``stop``.
+        it; its ``new_ids`` end with the token that completed it), as vLLM's ``stop``. ``generated``: per row,
+        how many of its ids it generated in an earlier call (a row going on): they count for its stop
+        strings, penalties and ``min_tokens``, and ``max_new_tokens`` is what it has left.
         ``row_sampler`` runs each row with its own :class:`~.sampling.RowSettings` (sampling, penalties, stop
         tokens); each ``generate`` call (per group, per context chunk) gets its rows' part of it.
 
@@ -474,14 +477,16 @@ class Bundle:
                 stops = None
                 if row_sampler is not None and row_sampler.needed:
                     sub = row_sampler.rows(chunk, eos=[self.stop_ids(names[i]) for i in chunk],
-                                           prompts=[ids_list[i] for i in chunk])
+                                           prompts=[ids_list[i] for i in chunk],
+                                           generated=None if generated is None else [generated[i] for i in chunk])
                     kw = {**kw, "logits_processor": LogitsProcessorList([*kw.get("logits_processor", []), sub])}
                     stops = sub.stops if sub.ends_own_way else None
                 until = None
                 if stop is not None and any(stop[i] for i in chunk) or any(limits[i] < max_new_tokens for i in chunk):
                     until = StopStrings([partial(self.tokenizer(names[i]).decode, skip_special_tokens=True)
                                          for i in chunk], [stop[i] if stop else [] for i in chunk],
-                                        [limits[i] for i in chunk])
+                                        [limits[i] for i in chunk],
+                                        None if generated is None else [generated[i] for i in chunk])
                     kw = {**kw, "stopping_criteria": StoppingCriteriaList([*kw.get("stopping_criteria", []), until])}
                 outs = self._generate_group(chunk, ids_list, names, max_new_tokens, share_prefix, kw, stops, until)
                 for i, r in zip(chunk, outs):
@@ -550,7 +555,7 @@ class Bundle:
             text = self.tokenizer(names[i]).decode(new, skip_special_tokens=True)
             if until is not None:
                 text, hit = cut_at_stop(text, until.stops[r])
-                reason = "stop" if hit else reason
+                reason = "stop" if hit or until.hit[r] else reason  # (a stop string may begin before new_ids)
             results.append(GenerationResult(names[i], list(ids_list[i]), new, text, reason, stop_id))
         return results
 

@@ -120,6 +120,10 @@ class RowSettings:
             if ids:
                 yield what, ids
 
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """A random generator seeded with ``seed`` (None without one: the process's random state)."""
+        return None if self.seed is None else torch.Generator(device).manual_seed(self.seed % (1 << 63))
+
     def stop_set(self, eos: set[int]) -> set[int]:
         """The tokens that end this row, given its branch's end-of-text ids."""
         return (set() if self.ignore_eos else set(eos)) | set(self.stop_token_ids)
@@ -143,18 +147,23 @@ class StopStrings(StoppingCriteria):
 
     Each step decodes only a row's last few tokens: a stop string spans at most as many tokens as it has
     UTF-8 bytes (every token decodes to a byte or more), and two more give the decoder the context before
-    it. ``ended[r]``: how many new tokens row ``r`` had when it was done (None: not done).
+    it. ``ended[r]``: how many new tokens row ``r`` had when it was done (None: not done); ``hit[r]``:
+    whether a stop string ended it.
 
     Args:
         decode: per row, token ids → text (its branch's tokenizer, as its text is decoded).
         stops: per row, its stop strings (empty: none).
         max_tokens: per row, its new tokens at most (None: the call's ``max_new_tokens``).
+        generated: per row, how many of its prompt's last tokens it generated before (a row continuing):
+            its text is those and the new ones.
     """
 
     def __init__(self, decode: Sequence[Callable[[list[int]], str]], stops: Sequence[Sequence[str]],
-                 max_tokens: Sequence[int | None] | None = None) -> None:
+                 max_tokens: Sequence[int | None] | None = None, generated: Sequence[int] | None = None) -> None:
         self.decode, self.stops = list(decode), [[s for s in row if s] for row in stops]
         self.max_tokens = list(max_tokens) if max_tokens is not None else [None] * len(self.stops)
+        self.generated = list(generated) if generated is not None else [0] * len(self.stops)
+        self.hit = [False] * len(self.stops)
         self.window = [max((len(s.encode("utf-8", "surrogatepass")) for s in row), default=0) + 2
                        for row in self.stops]
         self.ended: list[int | None] = [None] * len(self.stops)
@@ -174,10 +183,10 @@ class StopStrings(StoppingCriteria):
                 self.ended[r] = n
             elif stops:
                 if tails is None:  # only the last tokens leave the device
-                    tails = input_ids[:, -min(n, max(self.window)):].tolist()
-                text = self.decode[r](tails[r][-min(n, self.window[r]):])
+                    tails = input_ids[:, -min(n + max(self.generated), max(self.window)):].tolist()
+                text = self.decode[r](tails[r][-min(n + self.generated[r], self.window[r]):])
                 if any(s in text for s in stops):
-                    self.ended[r] = n
+                    self.ended[r], self.hit[r] = n, True
         return torch.tensor([e is not None for e in self.ended], dtype=torch.bool, device=input_ids.device)
 
 
@@ -200,13 +209,15 @@ class RowSampler(LogitsProcessor):
     """The last logits processor of a batch whose rows sample differently: returns scores that are 0 at
     each row's chosen token and -inf elsewhere, so ``generate(do_sample=False)`` emits it.
 
-    Per row, in vLLM's order: its allowed tokens, the logit bias, the repetition penalty (on its prompt's and its generated
-    tokens), the presence and frequency penalties (on the tokens it generated), then :func:`sample_rows`.
+    Per row, in vLLM's order: its allowed tokens, the logit bias, the repetition penalty (on its prompt's
+    and its generated tokens), the presence and frequency penalties (on the tokens it generated), then
+    :func:`sample_rows`.
     Rows with a seed draw from their own ``torch.Generator`` seeded with it; the others from the process's
     random state. Rows end on their own stop tokens when ``generate_ids`` gives them (:class:`StopTokens`).
     """
 
-    def __init__(self, rows: Sequence[RowSettings], device: torch.device | str = "cpu") -> None:
+    def __init__(self, rows: Sequence[RowSettings], device: torch.device | str = "cpu", *,
+                 generators: Sequence[torch.Generator | None] | None = None) -> None:
         self.settings, self.device = list(rows), torch.device(device)
         f = lambda attr, dtype=torch.float32: torch.tensor(  # noqa: E731
             [getattr(r, attr) for r in self.settings], dtype=dtype, device=self.device)
@@ -214,22 +225,27 @@ class RowSampler(LogitsProcessor):
         self.top_k = torch.tensor([min(int(r.top_k), 1 << 62) for r in self.settings], dtype=torch.long,
                                   device=self.device)
         self.presence, self.frequency = f("presence_penalty"), f("frequency_penalty")
-        self.generators = [None if r.seed is None else torch.Generator(self.device).manual_seed(r.seed % (1 << 63))
-                           for r in self.settings]
+        # each row's draws go on where ``generators`` left them (a row continuing), else from its seed
+        self.generators = list(generators) if generators is not None else [r.generator(self.device)
+                                                                            for r in self.settings]
         self.start: int | None = None  # the prompt width, at the first call
         self.stops: list[set[int]] = [set(r.stop_token_ids) for r in self.settings]  # set by generate_ids
         self.prompts: list[Sequence[int]] | None = None  # each row's prompt, unpadded (set by generate_ids)
+        self.generated = [0] * len(self.settings)  # how many of each prompt's last tokens the row generated
 
     def rows(self, idx: Sequence[int], *, eos: Sequence[set[int]] | None = None,
-             prompts: Sequence[Sequence[int]] | None = None) -> RowSampler:
+             prompts: Sequence[Sequence[int]] | None = None, generated: Sequence[int] | None = None) -> RowSampler:
         """The sampler of rows ``idx`` (in that order), for a ``generate`` call over only those rows: it
         shares their generators, so each seeded row's draws go on where they were. ``eos``: each row's
-        branch's end-of-text ids (its stop set is made of them); ``prompts``: each row's unpadded prompt."""
-        sub = RowSampler([self.settings[i] for i in idx], self.device)
-        sub.generators = [self.generators[i] for i in idx]
+        branch's end-of-text ids (its stop set is made of them); ``prompts``: each row's unpadded prompt;
+        ``generated``: how many of each prompt's last tokens the row generated before (they count for its
+        penalties and ``min_tokens``)."""
+        sub = RowSampler([self.settings[i] for i in idx], self.device, generators=[self.generators[i] for i in idx])
         if eos is not None:
             sub.stops = [st.stop_set(e) for st, e in zip(sub.settings, eos)]
         sub.prompts = prompts
+        if generated is not None:
+            sub.generated = list(generated)
         return sub
 
     def token_ids(self) -> Iterator[tuple[int, str, list[int]]]:
@@ -282,8 +298,8 @@ class RowSampler(LogitsProcessor):
 
         self._bias = pairs([(i, t, v) for i, r in enumerate(self.settings) for t, v in (r.logit_bias or {}).items()],
                            torch.float32)
-        self._early = pairs([(i, t, r.min_tokens) for i, r in enumerate(self.settings) if r.min_tokens > 0
-                             for t in sorted(self.stops[i])], torch.long)
+        self._early = pairs([(i, t, r.min_tokens - self.generated[i]) for i, r in enumerate(self.settings)
+                             if r.min_tokens > self.generated[i] for t in sorted(self.stops[i])], torch.long)
         self._allowed = None
         if any(r.allowed_token_ids for r in self.settings):  # [B, V]: True where a row may draw
             self._allowed = torch.ones(n, vocab, dtype=torch.bool, device=dev)
@@ -299,10 +315,19 @@ class RowSampler(LogitsProcessor):
             # each row's prompt tokens, padded with its first (a duplicate changes nothing); -1 for an empty one
             self._prompt_idx = torch.tensor([list(q) + [q[0] if q else -1] * (width - len(q)) for q in prompts],
                                             dtype=torch.long, device=dev)
-        self._counts, self._counted_to = None, self.start
+        self._counts, self._counted_to, self._earlier = None, self.start, None
         if bool((self.presence != 0).any() or (self.frequency != 0).any()):
             self._counts = torch.zeros(n, vocab, device=dev)  # how often each row generated each token
             self._penalties = self.frequency.to(dev)[:, None], self.presence.to(dev)[:, None]
+            if any(self.generated):  # tokens generated before this call: counted now, read with the new ones
+                prompts = self.prompts if self.prompts is not None else input_ids.tolist()
+                earlier = [list(q[len(q) - g:]) if g else [] for q, g in zip(prompts, self.generated)]
+                width = max(map(len, earlier))
+                # padded with token 0: a token's penalty depends only on its own count (0: none)
+                self._earlier = torch.tensor([e + [0] * (width - len(e)) for e in earlier], dtype=torch.long,
+                                             device=dev)
+                real = torch.tensor([[1.0] * len(e) + [0.0] * (width - len(e)) for e in earlier], device=dev)
+                self._counts.scatter_add_(1, self._earlier, real)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = self.adjust(input_ids, scores)
@@ -342,6 +367,8 @@ class RowSampler(LogitsProcessor):
                 if not gen.shape[1]:
                     new = torch.where(self._prompt_idx >= 0, new, v)
                 scores.scatter_(1, idx, new)  # duplicates write equal values
+            if self._earlier is not None:
+                gen = torch.cat([self._earlier, gen], 1)
             if self._counts is not None and gen.shape[1]:  # penalize(), on the generated tokens only
                 for col in input_ids[:, self._counted_to:].split(1, dim=1):
                     self._counts.scatter_add_(1, col, torch.ones_like(col, dtype=self._counts.dtype))

@@ -16,7 +16,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,6 +53,8 @@ class Job:
     stop_id: int | None = None  # end-of-sequence token that ended generation (not in new_ids)
     scored: Any = None  # TokenLogprobs of a scoring job
     error: Exception | None = None
+    generator: Any = None  # its row's random generator, kept from one segment to the next
+    started: bool = False
     # signalling
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -132,11 +134,56 @@ class _Cancelled(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class Engine:
-    """One worker thread; jobs waiting together run as one mixed-branch ``generate`` (or scoring) call."""
+class _Yield(StoppingCriteria):
+    """Ends a generation segment (every row; those that did not end go on in the next) once it ran
+    ``min_steps`` and either a row ended (its job can be answered now) or the batch has a free row and only
+    jobs that may join it are waiting.
 
-    def __init__(self, bundle, *, max_batch: int = 16, wait_ms: float = 10.0, max_queued: int = 4096) -> None:
+    A row counts as ended when its last token is one of its stop tokens or the padding that ``generate``
+    gives rows it ended (at a stop string), or it reached its ``max_tokens``; a wrong guess costs one
+    segment more, not a wrong answer."""
+
+    def __init__(self, engine: Engine, jobs: list[Job], key: tuple, stops: list[set[int]], min_steps: int) -> None:
+        self.engine, self.jobs, self.key, self.stops, self.min_steps = engine, jobs, key, stops, min_steps
+        self.left = [j.max_tokens - len(j.new_ids) for j in jobs]
+        self.ended = [False] * len(jobs)
+        self.steps = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
+        self.steps += 1
+        if input_ids.shape[0] == len(self.jobs):
+            for r, t in enumerate(input_ids[:, -1].tolist()):
+                self.ended[r] = (self.ended[r] or t in self.stops[r] or self.steps >= self.left[r]
+                                 or self.jobs[r].cancelled.is_set())
+        e = self.engine
+        if self.steps < self.min_steps or e._paused or all(self.ended):  # (all ended: generate ends by itself)
+            go = False
+        else:
+            free = len(self.jobs) < e.max_batch or any(self.ended)
+            go = any(self.ended) or (free and 0 < e._n == e._keys[self.key])
+        return torch.full((input_ids.shape[0],), go, dtype=torch.bool, device=input_ids.device)
+
+
+class Engine:
+    """One worker thread; jobs waiting together run as one mixed-branch ``generate`` (or scoring) call.
+
+    Generation is continuous: a batch runs in segments, and a segment ends early (after ``min_segment``
+    steps) when one of its rows ended, or when it has a free row and jobs that may join it are waiting.
+    Then the jobs that ended are answered, waiting ones join, and the next segment prefills their prompts
+    with the others' text so far (each row's sampling, penalties and stop strings go on where they were). A
+    long answer no longer holds back the short ones of its batch, nor the requests that arrive while it
+    runs. With other jobs waiting (another group, or scoring), the batch takes no one in, so it ends and
+    they get their turn.
+    """
+
+    def __init__(self, bundle, *, max_batch: int = 16, wait_ms: float = 10.0, max_queued: int = 4096,
+                 min_segment: int = 8, continuous: bool = True) -> None:
         self.bundle, self.max_batch, self.wait, self.max_queued = bundle, max_batch, wait_ms / 1000, max_queued
+        # jobs join running batches (not with a static KV cache, whose compiled graphs want one batch shape)
+        self.continuous = continuous and not getattr(bundle, "static_cache", False)
+        self.min_segment = min_segment
+        self.segments = 0  # generation segments run (a batch is one or more)
+        self._keys: Counter = Counter()  # jobs waiting, per key
         self.batches = 0  # batches run (tests and /health read it)
         self.cancelled_jobs = 0
         self.running = 0  # jobs in the batch running now
@@ -163,6 +210,7 @@ class Engine:
             key = job.request if job.request is not None else ("job", next(self._ids))
             self._queues.setdefault(key, deque()).append(job)
             self._n += 1
+            self._keys[job.key] += 1
             self._cv.notify()
         return job
 
@@ -184,6 +232,7 @@ class Engine:
                 if q is not None and j in q:
                     q.remove(j)
                     self._n -= 1
+                    self._keys[j.key] -= 1
                     if not q:
                         del self._queues[key]
                     j._finish()
@@ -221,6 +270,7 @@ class Engine:
                 continue
             q.remove(pick)
             self._n -= 1
+            self._keys[pick.key] -= 1
             del self._queues[key]
             if q:
                 self._queues[key] = q  # to the back: the next request goes first next time
@@ -228,11 +278,12 @@ class Engine:
         return None
 
     def _fits(self, batch: list[Job]) -> bool:
-        """Padded to its longest prompt plus its largest ``max_tokens``, ``batch`` fits every member's context."""
+        """Padded to its longest text so far plus its most tokens left, ``batch`` fits every member's context."""
         limit = self.bundle.tightest_context(j.branch for j in batch)
         if limit is None:
             return True
-        return max(len(j.ids) for j in batch) + max(j.max_tokens for j in batch) <= limit
+        return (max(len(j.ids) + len(j.new_ids) for j in batch)
+                + max(j.max_tokens - len(j.new_ids) for j in batch) <= limit)
 
     def _loop(self) -> None:
         while True:
@@ -269,15 +320,19 @@ class Engine:
     # ---- running ------------------------------------------------------------------------------------
     def _run(self, jobs: list[Job]) -> None:
         self.batches += 1
-        with self.bundle.weights_lock:  # materialize() waits for the batch, and the batch for it
-            self.running = len(jobs)
-            try:
-                self._run_locked(jobs)
-            finally:
-                self.running = 0
+        while jobs:  # segments: the batch's jobs that go on, and those that joined
+            with self.bundle.weights_lock:  # materialize() waits for a segment, and a segment for it
+                self.running = len(jobs)
+                try:
+                    jobs = self._segment(jobs)
+                finally:
+                    self.running = 0
 
-    def _run_locked(self, jobs: list[Job]) -> None:
+    def _segment(self, jobs: list[Job]) -> list[Job]:
+        """Run ``jobs`` (scoring, or a generation segment); finish those that ended; returns the others,
+        with the waiting jobs that join them."""
         t = time.monotonic()
+        ended = jobs
         try:
             if jobs[0].score is not None:
                 top, greedy = jobs[0].score
@@ -286,22 +341,65 @@ class Engine:
                 for j, o in zip(jobs, outs):
                     j.scored = o
             else:
-                streamer = _RowStreamer(jobs) if any(j.stream for j in jobs) else None
-                sampler = RowSampler([j.sampling for j in jobs], self.bundle.device)
-                outs = self.bundle.generate_ids(
-                    [j.ids for j in jobs], [j.branch for j in jobs], max_new_tokens=[j.max_tokens for j in jobs],
-                    stop=[j.stop for j in jobs], streamer=streamer, row_sampler=sampler,
-                    stopping_criteria=StoppingCriteriaList([_Cancelled(jobs)]))
-                for j, o in zip(jobs, outs):
-                    j.new_ids, j.stop_id = o.new_ids, o.stop_id
+                ended = self._generate(jobs)
         except Exception as e:  # noqa: BLE001 - reported to each waiting request
             logger.exception("%s failed for a batch of %d", "scoring" if jobs[0].score else "generation", len(jobs))
             for j in jobs:
                 j.error = e
+            ended = jobs
         if self.metrics is not None:  # before the answers go out: a client that reads /metrics next sees them
             try:
-                self.metrics.batch(jobs, time.monotonic() - t)
+                self.metrics.batch(jobs, time.monotonic() - t, finished=ended)
             except Exception:  # noqa: BLE001 - counting must never fail a batch
                 logger.exception("metrics for a batch failed")
-        for j in jobs:
+        done = {id(j) for j in ended}
+        for j in ended:
             j._finish()
+        going = [j for j in jobs if id(j) not in done]
+        return [*going, *self._admit(going)] if going else []
+
+    def _generate(self, jobs: list[Job]) -> list[Job]:
+        """One segment of ``jobs``' generation, each row going on from its text so far; returns those that
+        ended (end of text, a stop string or token, their ``max_tokens``, or cancelled)."""
+        for j in jobs:
+            if not j.started:
+                j.generator, j.started = j.sampling.generator(self.bundle.device), True
+        criteria: list[StoppingCriteria] = [_Cancelled(jobs)]
+        if self.continuous:
+            stops = [j.sampling.stop_set(self.bundle.stop_ids(j.branch))  # and the padding of rows generate ended
+                     | {self.bundle.tokenizer(j.branch).pad_token_id or 0} for j in jobs]
+            criteria.append(_Yield(self, jobs, jobs[0].key, stops, self.min_segment))
+        sampler = RowSampler([j.sampling for j in jobs], self.bundle.device, generators=[j.generator for j in jobs])
+        outs = self.bundle.generate_ids(
+            [j.ids + j.new_ids for j in jobs], [j.branch for j in jobs],
+            max_new_tokens=[j.max_tokens - len(j.new_ids) for j in jobs], stop=[j.stop for j in jobs],
+            generated=[len(j.new_ids) for j in jobs], row_sampler=sampler,
+            streamer=_RowStreamer(jobs) if any(j.stream for j in jobs) else None,
+            stopping_criteria=StoppingCriteriaList(criteria))
+        self.segments += 1
+        ended = []
+        for j, o in zip(jobs, outs):
+            j.new_ids, j.stop_id = j.new_ids + o.new_ids, o.stop_id
+            if o.finish_reason == "stop" or len(j.new_ids) >= j.max_tokens or j.cancelled.is_set():
+                ended.append(j)
+        return ended
+
+    def _admit(self, going: list[Job]) -> list[Job]:
+        """Waiting jobs that join the running ``going`` (continuous batching): none while the engine is
+        paused or jobs that may not join are waiting (the batch then ends, and they get their turn)."""
+        if not self.continuous or going[0].score is not None:
+            return []
+        out: list[Job] = []
+        with self._cv:
+            if self._paused or self._n != self._keys[going[0].key]:
+                return []
+            while len(going) + len(out) < self.max_batch:
+                j = self._take([*going, *out])
+                if j is None:
+                    break
+                out.append(j)
+        for j in out:
+            if j.cancelled.is_set():
+                self.cancelled_jobs += 1
+                j._finish()
+        return [j for j in out if not j.cancelled.is_set()]

@@ -180,13 +180,14 @@ class EngineMetrics:
                                         buckets=SIZE_BUCKETS)
         self.seconds = registry.histogram("batch_duration_seconds", "Time one engine batch took.", ("kind",))
 
-    def batch(self, jobs: list, seconds: float) -> None:
-        """Record a finished batch of :class:`~.engine.Job`."""
+    def batch(self, jobs: list, seconds: float, finished: list | None = None) -> None:
+        """Record a batch (or a generation segment) of :class:`~.engine.Job`; the tokens of those that
+        ``finished`` in it (default: all)."""
         kind = "score" if jobs[0].score is not None else "generate"
         self.rows.observe(len(jobs), kind)
         self.mixed.observe(len({j.branch for j in jobs}), kind)
         self.seconds.observe(seconds, kind)
-        for j in jobs:
+        for j in jobs if finished is None else finished:
             if j.error is not None:
                 self.failed.inc(j.branch)
                 continue

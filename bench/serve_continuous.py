@@ -1,0 +1,40 @@
+"""Continuous batching under concurrent load: jobs join a running batch and leave it when they end
+(`Engine(continuous=True)`, the default), against static batches that run until their longest row ends
+(`continuous=False`, what the engine did before), side by side in one run, rounds interleaved.
+
+The SmolLM2-135M bundle of `serve_auto.py` (three branches, r=0.95), branch m0 named, served in-process
+on loopback. `--clients` threads send /v1/completions for `--seconds` per round: "Question: …\\nAnswer:"
+with up to 64 new tokens, answers from 0 to 64 tokens long (one of the 8 questions runs to 64). Two
+workloads: stop at a blank line or "Question:" (lm_eval's GSM8K `until`), and no stop strings.
+
+    python bench/serve_continuous.py [--seconds 15] [--clients 16] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+from serve_auto import arguments, bundle_with_router, compare
+from serve_stop import FORM, MAX_TOKENS, STOP
+
+import branchmerge
+from branchmerge.server import create_app
+
+
+def app(bundle, continuous: bool):
+    a = create_app(bundle, max_batch=16, wait_ms=20)
+    a.state.engine.continuous = continuous
+    return a
+
+
+def main() -> None:
+    args = arguments(__doc__)
+    bundle = branchmerge.load(bundle_with_router())
+    for load, body in (("stop strings", {"max_tokens": MAX_TOKENS, "stop": STOP}),
+                       ("no stop strings", {"max_tokens": MAX_TOKENS})):
+        setups = {name: (app(bundle, on), "m0", {"body": lambda i, b=body: b, "form": FORM})
+                  for name, on in (("continuous batching (now)", True), ("static batches (before)", False))}
+        compare(setups, args, "static batches (before)", f"{load}, SmolLM2-135M bundle r=0.95 float32, branch m0, "
+                "in-process server on 127.0.0.1", "before", tokens=f"up to {MAX_TOKENS} new tokens")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The serving engine on its own (no HTTP): continuous batching, jobs joining and leaving a running batch."""
+
+from __future__ import annotations
+
+import time
+
+from branchmerge.runtime.sampling import RowSampler, RowSettings
+from branchmerge.server.engine import Engine, Job
+
+
+def _alone(bundle, job: Job):
+    return bundle.generate_ids([job.ids], [job.branch], max_new_tokens=job.max_tokens, stop=[job.stop],
+                               row_sampler=RowSampler([job.sampling]))[0]
+
+
+def _started(engine: Engine, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while engine.running == 0:
+        assert time.monotonic() < end, "the engine did not start the batch"
+        time.sleep(0.001)
+
+
+def test_short_jobs_join_a_long_one_and_leave_before_it(loaded):
+    """Jobs that arrive while a long answer runs join its batch at the next segment and are answered when
+    they end, not when it does; every answer is the one the job gets alone (greedy, seeded with penalties,
+    a stop string), the long one's too."""
+    b = loaded[0.9]
+    tok = b.tokenizer("a")
+    engine = Engine(b, max_batch=4, wait_ms=0, min_segment=2)
+    long = engine.submit(Job(tok.encode("rev hello="), "a", 100, sampling=RowSettings(ignore_eos=True)))
+    _started(engine)
+    stop = _alone(b, Job(tok.encode("add 12+30="), "c", 12)).text[3:5]
+    shorts = engine.submit_many([
+        Job(tok.encode("add 5+5="), "a", 5),
+        Job(tok.encode("key zz="), "b", 6, sampling=RowSettings(temperature=0.8, seed=3, presence_penalty=0.5)),
+        Job(tok.encode("add 12+30="), "c", 12, stop=[stop])])
+    for j in shorts:
+        assert j.finished.wait(60)
+    assert not long.finished.is_set()  # answered while the long one still runs
+    assert long.finished.wait(120)
+    assert engine.batches == 1 and engine.segments >= 3
+    for j in [long, *shorts]:
+        ref = _alone(b, j)
+        assert (j.error, j.new_ids, j.stop_id) == (None, ref.new_ids, ref.stop_id)
+    assert len(long.new_ids) == 100 and len(shorts[2].new_ids) < 12  # it ended at its stop string
+
+
+def test_no_job_joins_while_others_wait_for_their_turn(loaded):
+    """With a job of another kind waiting (scoring here), a running batch takes no one in: it ends, the
+    waiting job runs, then the generation that arrived after it (round-robin, as without joining)."""
+    b = loaded[0.9]
+    tok = b.tokenizer("a")
+    engine = Engine(b, max_batch=4, wait_ms=0, min_segment=2)
+    order: list[str] = []
+
+    def watch(job: Job, name: str) -> Job:
+        finish = job._finish
+        job._finish = lambda: (order.append(name), finish())
+        return job
+
+    long = engine.submit(watch(Job(tok.encode("rev hello="), "a", 60, sampling=RowSettings(ignore_eos=True)), "long"))
+    _started(engine)
+    engine.submit(watch(Job(tok.encode("add 1+2=3"), "a", 0, score=(0, False)), "score"))
+    short = engine.submit(watch(Job(tok.encode("add 5+5="), "a", 4), "short"))
+    assert short.finished.wait(120) and long.finished.is_set()
+    assert order == ["long", "score", "short"] and engine.batches == 3
+    assert short.new_ids == _alone(b, short).new_ids
