@@ -5,18 +5,23 @@
 The SmolLM2-135M bundle of `serve_auto.py` (three branches, r=0.95), branch m0 named, served in-process
 on loopback. `--clients` threads send /v1/completions for `--seconds` per round: "Question: …\\nAnswer:"
 with up to 64 new tokens, answers from 0 to 64 tokens long (one of the 8 questions runs to 64). Two
-workloads: stop at a blank line or "Question:" (lm_eval's GSM8K `until`), and no stop strings.
+workloads: stop at a blank line or "Question:" (lm_eval's GSM8K `until`), and no stop strings. Then one
+request of all 16 prompts at once (each question twice; no one joins, rows only leave), timed.
 
     python bench/serve_continuous.py [--seconds 15] [--clients 16] [--rounds 2]
 """
 
 from __future__ import annotations
 
-from serve_auto import arguments, bundle_with_router, compare
+import time
+
+import httpx
+from serve_auto import PROMPTS, arguments, bundle_with_router, compare
 from serve_stop import FORM, MAX_TOKENS, STOP
 
 import branchmerge
 from branchmerge.server import create_app
+from tests.serving import serving
 
 
 def app(bundle, continuous: bool):
@@ -34,6 +39,17 @@ def main() -> None:
                   for name, on in (("continuous batching (now)", True), ("static batches (before)", False))}
         compare(setups, args, "static batches (before)", f"{load}, SmolLM2-135M bundle r=0.95 float32, branch m0, "
                 "in-process server on 127.0.0.1", "before", tokens=f"up to {MAX_TOKENS} new tokens")
+    body = {"model": "m0", "prompt": [FORM.format(p) for p in PROMPTS * 2], "max_tokens": MAX_TOKENS}
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(args.rounds):
+        for on in (True, False):
+            with serving(app(bundle, on)) as url, httpx.Client(timeout=600) as c:
+                t = time.perf_counter()
+                c.post(url + "/v1/completions", json=body).raise_for_status()
+                times[on].append(time.perf_counter() - t)
+    print(f"\none request of {len(body['prompt'])} prompts (up to {MAX_TOKENS} new tokens), best of {args.rounds}: "
+          f"continuous {min(times[True]):.2f} s, static {min(times[False]):.2f} s "
+          f"({min(times[False]) / min(times[True]):.2f}× faster)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
   request of 1,000 prompts cannot hold back one of a single prompt.
 - **Bounded**: at most ``max_batch`` rows a batch, ``max_queued`` jobs waiting in all (then
   :class:`Busy`), and a batch's padded width plus its ``max_tokens`` fits every member's context.
+- **Continuous**: a batch runs in segments; jobs that ended leave it and waiting ones join it between
+  two (see :class:`Engine`).
 - **Cancellable**: a job whose client went away is cancelled; its row stops at the next decoding step
   (and so does every row that reached its own ``max_tokens`` or one of its stop strings), and a batch of
   only cancelled jobs is skipped.
