@@ -15,7 +15,8 @@ def serve_cmd(
     api_key: str | None = typer.Option(None, "--api-key", envvar="BRANCHMERGE_API_KEY",
                                        help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics."),
     pipelines: Path | None = typer.Option(None, "--pipelines", help="Pipelines YAML (default: BUNDLE/pipelines.yaml)."),
-    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most requests gathered into one generate call (1 = no batching)."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most rows decoding together; requests join and leave a running batch "
+                                   "(continuous batching; 1 = one at a time)."),
     wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0, help="How long the first request waits for others."),
     max_tokens_limit: int = typer.Option(2048, "--max-tokens-limit", min=1, help="Largest max_tokens accepted."),
     max_prompts: int = typer.Option(64, "--max-prompts", min=1, help="Most prompts in one request."),
