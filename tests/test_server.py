@@ -522,8 +522,8 @@ def test_lm_eval_client_generate_until(server, monkeypatch, batch):
 
 
 def test_vllm_prompt_and_output_settings(server):
-    """vLLM's include_stop_str_in_output (streamed or not), allowed_token_ids and truncate_prompt_tokens, as
-    the library computes them; bad values are 400s that name the field."""
+    """vLLM's include_stop_str_in_output (streamed or not), allowed_token_ids, truncate_prompt_tokens and
+    skip_special_tokens, as the library computes them; bad values are 400s that name the field."""
     c, b = server["client"], server["bundle"]
     tok = b.tokenizer("a")
     ids = b.encode("rev hello=", "a", chat=False)
@@ -542,6 +542,12 @@ def test_vllm_prompt_and_output_settings(server):
     r = c.completions.create(model="a", prompt=long, max_tokens=6, extra_body={"truncate_prompt_tokens": 5})
     last = b.generate_ids([b.encode(long, "a", chat=False)[-5:]], ["a"], max_new_tokens=6)[0]
     assert (r.choices[0].text, r.usage.prompt_tokens) == (last.text, 5)
+    bos = {str(tok.bos_token_id): 100.0}  # special tokens only: text only with skip_special_tokens=false
+    for skip, text in ((True, ""), (False, tok.bos_token * 3)):
+        kw = {"model": "a", "prompt": "rev hello=", "max_tokens": 3, "logit_bias": bos,
+              "extra_body": {"skip_special_tokens": skip}}
+        streamed = "".join(e.choices[0].text for e in c.completions.create(**kw, stream=True) if e.choices)
+        assert c.completions.create(**kw).choices[0].text == streamed == text
     for extra, field in (({"allowed_token_ids": [999]}, "allowed_token_ids"), ({"allowed_token_ids": []}, "allowed"),
                          ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens")):
         with pytest.raises(openai.BadRequestError) as e:

@@ -179,7 +179,7 @@ class OpenAIService:
             except BranchmergeError as e:
                 raise P.APIError(400, str(e), param=name) from None
         return Job(ids, branch, mt, sampling=sampling, stop=req.stops(), keep_stop=req.include_stop_str_in_output,
-                   stream=stream, request=request)
+                   skip_special=req.skip_special_tokens, stream=stream, request=request)
 
     def _submit(self, jobs: list[Job]) -> list[Job]:
         loop = asyncio.get_running_loop()
@@ -224,7 +224,7 @@ class OpenAIService:
         return jobs
 
     def _finish(self, branch: str, job: Job) -> tuple[str, str]:
-        text = self.bundle.tokenizer(branch).decode(job.new_ids, skip_special_tokens=True)
+        text = self.bundle.tokenizer(branch).decode(job.new_ids, skip_special_tokens=job.skip_special)
         text, hit = cut_at_stop(text, job.stop, keep=job.keep_stop)
         if hit:
             return text, "stop"
@@ -318,7 +318,8 @@ class OpenAIService:
                     reason = "stop"
                     continue
                 ids.append(t)
-                text, hit = cut_at_stop(tok.decode(ids, skip_special_tokens=True), job.stop, keep=job.keep_stop)
+                text, hit = cut_at_stop(tok.decode(ids, skip_special_tokens=job.skip_special), job.stop,
+                                        keep=job.keep_stop)
                 if hit:
                     reason = "stop"
                     job.cancel()  # the client has its answer: free the row

@@ -47,6 +47,7 @@ class Job:
     sampling: RowSettings = field(default_factory=RowSettings)  # how its row samples and ends (greedy default)
     stop: list[str] = field(default_factory=list)
     keep_stop: bool = False  # the text ends with the stop string that ended it (vLLM's include_stop_str_in_output)
+    skip_special: bool = True  # special tokens are left out of its text (stop strings are found without them)
     stream: bool = False
     request: Any = None  # jobs of one request share a queue (fairness)
     score: tuple[int, bool] | None = None  # a scoring job: (top-k, greedy next token)

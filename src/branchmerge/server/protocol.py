@@ -108,6 +108,7 @@ class _Req(BaseModel):
     allowed_token_ids: list[int] | None = Field(default=None, min_length=1, max_length=MAX_ALLOWED_TOKENS,
                                                 description="vLLM's: the answer draws only these tokens.")
     include_stop_str_in_output: bool = Field(default=False, description="vLLM's: the text ends with the stop string.")
+    skip_special_tokens: bool = Field(default=True, description="vLLM's: special tokens are left out of the text.")
     truncate_prompt_tokens: int | None = Field(default=None, ge=1,
                                                description="vLLM's: only the prompt's last k tokens are read.")
     stream: bool = False
@@ -180,7 +181,7 @@ _NEUTRAL: dict[str, Any] = {
     # vLLM's sampling extensions that this server does not implement (top_k and min_p it does)
     "length_penalty": lambda v: v in (None, 1),
     "bad_words": lambda v: not v, "use_beam_search": lambda v: not v,
-    "skip_special_tokens": lambda v: v in (None, True), "prompt_logprobs": lambda v: v is None,
+    "prompt_logprobs": lambda v: v is None,
     "guided_json": lambda v: v is None, "guided_regex": lambda v: v is None, "guided_choice": lambda v: v is None,
     "guided_grammar": lambda v: v is None, "structured_outputs": lambda v: v is None,
 }
