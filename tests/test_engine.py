@@ -65,3 +65,18 @@ def test_no_job_joins_while_others_wait_for_their_turn(loaded):
     assert short.finished.wait(120) and long.finished.is_set()
     assert order == ["long", "score", "short"] and engine.batches == 3
     assert short.new_ids == _alone(b, short).new_ids
+
+
+def test_a_waiting_job_that_does_not_fit_does_not_break_segments(loaded):
+    """A job that would not fit the running batch's context waits for it without making every segment end
+    (each would prefill the batch again for nothing); it runs when the batch ends, with its own answer."""
+    b = loaded[0.9]
+    tok = b.tokenizer("a")
+    engine = Engine(b, max_batch=4, wait_ms=0, min_segment=2)
+    ids = tok.encode("rev hello=")
+    long = engine.submit(Job(ids, "a", 100, sampling=RowSettings(ignore_eos=True)))
+    _started(engine)
+    big = engine.submit(Job(ids, "a", 128 - len(ids), sampling=RowSettings(ignore_eos=True)))  # all the context
+    assert big.finished.wait(120) and long.finished.is_set()
+    assert engine.batches == 2 and engine.segments <= 3  # not one per 2 steps of the long job
+    assert (big.error, len(big.new_ids)) == (None, 128 - len(ids)) and long.new_ids == _alone(b, long).new_ids

@@ -163,7 +163,7 @@ class _Yield(StoppingCriteria):
             go = False
         else:
             free = len(self.jobs) < e.max_batch or any(self.ended)
-            go = any(self.ended) or (free and 0 < e._n == e._keys[self.key])
+            go = any(self.ended) or (free and e._stalled != self.key and 0 < e._n == e._keys[self.key])
         return torch.full((input_ids.shape[0],), go, dtype=torch.bool, device=input_ids.device)
 
 
@@ -187,6 +187,9 @@ class Engine:
         self.min_segment = min_segment
         self.segments = 0  # generation segments run (a batch is one or more)
         self._keys: Counter = Counter()  # jobs waiting, per key
+        # the key of a running batch whose waiting jobs did not fit it: no segment ends to take them in
+        # until one of its rows ends
+        self._stalled: tuple | None = None
         self.batches = 0  # batches run (tests and /health read it)
         self.cancelled_jobs = 0
         self.running = 0  # jobs in the batch running now
@@ -356,6 +359,8 @@ class Engine:
             except Exception:  # noqa: BLE001 - counting must never fail a batch
                 logger.exception("metrics for a batch failed")
         done = {id(j) for j in ended}
+        if ended:
+            self._stalled = None  # a row left: the waiting jobs may fit now
         for j in ended:
             j._finish()
         going = [j for j in jobs if id(j) not in done]
@@ -401,6 +406,8 @@ class Engine:
                 if j is None:
                     break
                 out.append(j)
+            # waiting jobs that do not fit: wait for a row to end rather than break segments for them
+            self._stalled = going[0].key if not out and self._keys[going[0].key] else None
         for j in out:
             if j.cancelled.is_set():
                 self.cancelled_jobs += 1
