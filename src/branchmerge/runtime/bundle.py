@@ -487,7 +487,6 @@ class Bundle:
                                          for i in chunk], [stop[i] if stop else [] for i in chunk],
                                         [limits[i] for i in chunk],
                                         None if generated is None else [generated[i] for i in chunk])
-                    kw = {**kw, "stopping_criteria": StoppingCriteriaList([*kw.get("stopping_criteria", []), until])}
                 outs = self._generate_group(chunk, ids_list, names, max_new_tokens, share_prefix, kw, stops, until)
                 for i, r in zip(chunk, outs):
                     results[i] = r
@@ -500,8 +499,7 @@ class Bundle:
         """One ``generate`` call over rows ``idx`` of one group: a mixed-branch batch, left-padded (after a
         right-padded cached prefix when prompts share one). ``stops``: the tokens that end each row, when
         they are not its branch's end of text (then each row ends on its own, not through ``generate``);
-        ``until``: the criterion (already in ``generation_kwargs``) that ends rows at their stop strings and
-        own lengths."""
+        ``until``: the criterion that ends rows at their stop strings and own lengths."""
         g, rows = self._rows_for([names[i] for i in idx])
         pad = self.tokenizer(names[idx[0]]).pad_token_id
         pad = 0 if pad is None else pad
@@ -533,8 +531,9 @@ class Bundle:
         kwargs = {"do_sample": False, "pad_token_id": pad, "eos_token_id": sorted(eos) or None, **generation_kwargs}
         if stops is not None:
             kwargs["eos_token_id"] = None
-            kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []),
-                                                                StopTokens(stops)])
+        own = [c for c in (StopTokens(stops) if stops is not None else None, until) if c is not None]
+        if own:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []), *own])
         if not kwargs.get("do_sample"):
             kwargs.setdefault("temperature", None)
             kwargs.setdefault("top_p", None)

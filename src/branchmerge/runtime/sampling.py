@@ -202,7 +202,13 @@ def penalize(scores: torch.Tensor, generated: torch.Tensor, presence: torch.Tens
     if generated.shape[1] == 0:
         return scores
     counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-    return scores.sub_(frequency[:, None] * counts + presence[:, None] * (counts > 0).to(scores.dtype))
+    return scores.sub_(_penalty(counts, frequency[:, None], presence[:, None]))
+
+
+def _penalty(counts: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """What OpenAI's penalties take from a logit, for tokens generated ``counts`` times (``[B, 1]``
+    penalties broadcast over ``counts``)."""
+    return frequency * counts + presence * (counts > 0).to(counts.dtype)
 
 
 class RowSampler(LogitsProcessor):
@@ -288,6 +294,7 @@ class RowSampler(LogitsProcessor):
         """
         dev, n = input_ids.device, len(self.settings)
         self._adjusts = any(r.adjusts for r in self.settings)
+        prompts = self.prompts if self.prompts is not None else input_ids.tolist()
 
         def pairs(table: list[tuple[int, int, float]], dtype: torch.dtype):
             if not table:
@@ -310,7 +317,6 @@ class RowSampler(LogitsProcessor):
         self._repetition = self._prompt_idx = None
         if any(r.repetition_penalty != 1.0 for r in self.settings):
             self._repetition = torch.tensor([[r.repetition_penalty] for r in self.settings], device=dev)
-            prompts = self.prompts if self.prompts is not None else input_ids.tolist()
             width = max(1, *map(len, prompts))
             # each row's prompt tokens, padded with its first (a duplicate changes nothing); -1 for an empty one
             self._prompt_idx = torch.tensor([list(q) + [q[0] if q else -1] * (width - len(q)) for q in prompts],
@@ -320,7 +326,6 @@ class RowSampler(LogitsProcessor):
             self._counts = torch.zeros(n, vocab, device=dev)  # how often each row generated each token
             self._penalties = self.frequency.to(dev)[:, None], self.presence.to(dev)[:, None]
             if any(self.generated):  # tokens generated before this call: counted now, read with the new ones
-                prompts = self.prompts if self.prompts is not None else input_ids.tolist()
                 earlier = [list(q[len(q) - g:]) if g else [] for q, g in zip(prompts, self.generated)]
                 width = max(map(len, earlier))
                 # padded with token 0: a token's penalty depends only on its own count (0: none)
@@ -374,8 +379,7 @@ class RowSampler(LogitsProcessor):
                     self._counts.scatter_add_(1, col, torch.ones_like(col, dtype=self._counts.dtype))
                 self._counted_to = input_ids.shape[1]
                 c = self._counts.gather(1, gen)
-                frequency, presence = self._penalties
-                scores.scatter_(1, gen, scores.gather(1, gen) - (frequency * c + presence * (c > 0).to(c.dtype)))
+                scores.scatter_(1, gen, scores.gather(1, gen) - _penalty(c, *self._penalties))
             if self._early is not None:  # rows short of their min_tokens cannot end yet
                 rows, cols, least = self._early
                 early = least > input_ids.shape[1] - self.start  # (no boolean indexing: no device sync)

@@ -56,8 +56,7 @@ class Job:
     stop_id: int | None = None  # end-of-sequence token that ended generation (not in new_ids)
     scored: Any = None  # TokenLogprobs of a scoring job
     error: Exception | None = None
-    generator: Any = None  # its row's random generator, kept from one segment to the next
-    started: bool = False
+    generator: Any = None  # its row's random generator (set when queued), kept from one segment to the next
     # signalling
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -210,6 +209,7 @@ class Engine:
             Busy: ``max_queued`` jobs are already waiting.
         """
         job.group = self.bundle.reader.branch(job.branch).group
+        job.generator = job.sampling.generator(self.bundle.device)
         with self._cv:
             if self._n >= self.max_queued:
                 raise Busy(f"the server has {self._n} jobs waiting (its limit); retry later")
@@ -369,9 +369,6 @@ class Engine:
     def _generate(self, jobs: list[Job]) -> list[Job]:
         """One segment of ``jobs``' generation, each row going on from its text so far; returns those that
         ended (end of text, a stop string or token, their ``max_tokens``, or cancelled)."""
-        for j in jobs:
-            if not j.started:
-                j.generator, j.started = j.sampling.generator(self.bundle.device), True
         criteria: list[StoppingCriteria] = [_Cancelled(jobs)]
         if self.continuous:
             stops = [j.sampling.stop_set(self.bundle.stop_ids(j.branch))  # and the padding of rows generate ended
