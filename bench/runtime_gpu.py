@@ -326,14 +326,38 @@ def bench_in_memory(shape: str, dev: torch.device, args, layout: str) -> list[st
             MEDIANS[(shape, layout, label)] = statistics.median(r)
             rows.append(line)
             print(line, flush=True)
+            if layout.startswith("triton") and label in PROFILE_STEPS:
+                profile(ours, f"{shape} {layout} {label}")
             del ours
         except Exception as e:
             print(f"{label}: failed: {type(e).__name__}: {e}"[:400], flush=True)
         finally:
             state.set_rows(None)
+    if layout.startswith("triton") and kernels.triton is not None and hasattr(kernels, "_expand_tuned"):
+        picks = {tuple(k[:6]): str(v) for k, v in getattr(kernels._expand_tuned, "cache", {}).items()}
+        print(f"expand tiles picked by autotuning (K_IN, N_OUT, KP, M_BUCKET, M, MIXED): {picks}"[:3000], flush=True)
     del dense, kept, model
     torch.cuda.empty_cache() if dev.type == "cuda" else None
     return rows
+
+
+PROFILE_STEPS = ("decode, batch 1", "decode, batch 8 mixed")
+
+
+def profile(step: "GraphedStep", title: str, top: int = 12) -> None:
+    """Each kernel's device time in 5 uncaptured steps (where the time of a branched step goes), best effort."""
+    try:
+        from torch.profiler import ProfilerActivity, profile as prof
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with torch.no_grad(), prof(activities=acts) as p:
+            for _ in range(5):
+                step.step()
+            sync()
+        key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        print(f"\nkernels of 5 uncaptured steps, {title} (by {key}):\n"
+              + p.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60), flush=True)
+    except Exception as e:  # a profiler problem must not cost the measurements
+        print(f"profile of {title} failed: {type(e).__name__}: {e}"[:300], flush=True)
 
 
 MEDIANS: dict[tuple[str, str, str], float] = {}  # (shape, layout, step) → median time ratio, in-memory rows
