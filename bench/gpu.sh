@@ -18,8 +18,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
-SHAPES=${SHAPES:-smollm2,1b}
-IN_MEMORY=${IN_MEMORY:-8b}
+SHAPES=${SHAPES-smollm2,1b}  # set but empty: skipped
+IN_MEMORY=${IN_MEMORY-8b}
 LAYOUTS=${LAYOUTS:-split,fused,triton}
 REPEAT=${REPEAT:-4}
 LOGS=${OUT:-bench/.cache/gpu-logs}

@@ -170,6 +170,8 @@ def bench_shape(shape: str, dev: torch.device, args) -> list[str]:
     print(f"\n## {shape}: {n_dense / 1e6:.0f} M parameters per model, 3 branches at r={args.rate}, bfloat16, "
           f"{dev}; models made and merged in {time.perf_counter() - t0:.0f} s; floor from bytes {floor:+.1%}; "
           f"bundle holds {held} vs {3 * n_dense * 2 / 1e9:.2f} GB for 3 dense", flush=True)
+    if any(f.startswith("triton") for f in layouts) and not kernels.STATE["ok"]:
+        print(f"the triton layouts run the torch path here: the kernels are off ({kernels.STATE['why']})", flush=True)
     rows = []
     branch, n = "m1", args.repeat
     ids = torch.randint(3, vocab, (1, 16), device=dev)
@@ -312,6 +314,9 @@ def bench_in_memory(shape: str, dev: torch.device, args, layout: str) -> list[st
         on = "on" if kernels.STATE["ok"] else f"OFF ({kernels.STATE['why']})"
         print(f"triton vs torch logits, {shape} in memory, mixed batch of 8: relative error "
               f"{((got - want).norm() / want.norm()).item():.2e}; kernels {on}", flush=True)
+        if not kernels.STATE["ok"]:  # its rows would time the torch path under the triton name
+            print(f"{shape} {layout}: no rows, the kernels are off", flush=True)
+            return []
     rows = []
     for label, (b, p, t) in steps.items():
         if b == 1:

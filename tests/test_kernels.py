@@ -92,6 +92,9 @@ def test_shrink_split_over_the_input_dimension():
     assert kernels.split_k(100, 1, 64, torch.device("cpu")) == (1, 128)  # too short to split
     # an 8B down_proj decode step on a 132-SM GPU: 7 rank chunks, 16 splits (the cap) of 896 columns
     assert kernels.split_k(14336, 7, 64, torch.device("cuda")) == (16, 896)
+    # 32-row tiles (a batch of 17 to 32 rows) load at most 8 slices at once, 64-row tiles 4 (registers)
+    assert kernels.split_k(14336, 7, 64, torch.device("cuda"), rows=32) == (8, 1792)
+    assert kernels.split_k(14336, 3, 64, torch.device("cuda"), rows=64) == (4, 3584)
 
 
 def _check_siblings(rows, outs, ranks, kps, dtype, bias, ids, splits=None, k_in=56):
@@ -370,3 +373,31 @@ def test_kernels_that_fail_at_load_leave_the_torch_layout(bundles, monkeypatch, 
     ref = branchmerge.load(bundles[0.9], dtype="float32", kernels="torch")
     ids = torch.tensor([[1, 5, 9, 14], [1, 7, 7, 30]])
     assert torch.allclose(b.logits(ids, ["a", "c"]), ref.logits(ids, ["a", "c"]), atol=1e-5)
+
+
+def _shared_memory_check(which: str, arch: int) -> str:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    cmd = [sys.executable, str(root / "bench" / "kernel_smem.py"), "--which", which, "--arch", str(arch)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_largest_tiles_fit_in_a_hopper_sms_shared_memory():
+    """Compiled for sm_90 (no GPU needed): the biggest autotuning config of each row bucket, with every
+    split-K slice of ``h`` to sum, fits in an H100/H200's 227 KB, and the slices do not multiply it (the
+    first GPU run lost its kernels to that: the pipeliner multi-buffered the slices' loads, 288 KB)."""
+    out = _shared_memory_check("largest", 90)
+    assert "every case fits" in out and out.count("| fits") == 5, out
+
+
+@pytest.mark.kernels_full
+@pytest.mark.parametrize("arch", [90, 80])
+def test_every_tile_config_fits_in_shared_memory(arch):
+    out = _shared_memory_check("all", arch)
+    assert "every case fits" in out and "OVER" not in out, out

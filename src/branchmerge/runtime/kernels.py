@@ -152,7 +152,9 @@ if triton is not None:
                      s_split, SP: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr):
         """``acc += h[:, koff:koff+kp] · UT[b·kp:(b+1)·kp, cols - cstart]`` (``UT`` rows ``ustride`` apart),
         ``h`` the sum of the shrink's ``S`` slices (``SP``: ``S`` rounded up to a power of two)."""
-        for r0 in range(0, kp, BR):
+        # not pipelined: multi-buffering the [SP, BM, BR] slices of h (and UT) took 288-448 KB of shared memory
+        # per program at 16 slices, over any SM's (bench/kernel_smem.py); the K loop over W̄ stays pipelined
+        for r0 in tl.range(0, kp, BR, num_stages=1):
             rr = r0 + tl.arange(0, BR)
             mr = rr < kp
             if SP == 1:
@@ -317,15 +319,18 @@ def prepare(device: torch.device) -> None:
 
 
 MAX_SPLITS = 16  # the expand kernel loads every split's slice of h at once: [S, rows, rank chunk] registers
+H_SLICE_VALUES = 8192  # at most this many float32 values of h's slices per expand program (64 per thread at 4 warps)
 
 
-def split_k(k_in: int, programs: int, bk: int, device: torch.device) -> tuple[int, int]:
+def split_k(k_in: int, programs: int, bk: int, device: torch.device, rows: int = 16, br: int = 32) -> tuple[int, int]:
     """``(splits, columns per split)`` for the shrink: enough programs to fill the GPU twice over when the
     row tiles × rank chunks alone would leave most SMs idle (decode: a handful of programs over a long
-    ``k_in``), at least four ``bk`` steps per split, at most :data:`MAX_SPLITS`. The interpreter counts 4
-    SMs, so tests split too."""
+    ``k_in``), at least four ``bk`` steps per split, at most :data:`MAX_SPLITS`, and at most as many as
+    keep the expand's ``[splits, rows, br]`` load of the slices within :data:`H_SLICE_VALUES` (``rows``:
+    its row tile). The interpreter counts 4 SMs, so tests split too."""
     sms = 4 if device.type != "cuda" else SMS.get(device.index if device.index is not None else 0, 132)
-    return _even_split(k_in, max(1, min(_cdiv(k_in, 4 * bk), (2 * sms) // max(programs, 1), MAX_SPLITS)), bk)
+    cap = max(1, min(MAX_SPLITS, H_SLICE_VALUES // (rows * br)))
+    return _even_split(k_in, max(1, min(_cdiv(k_in, 4 * bk), (2 * sms) // max(programs, 1), cap)), bk)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -380,7 +385,7 @@ def branched_linear(x: Tensor, mean: Tensor, v_cat: Tensor, ut_cat: Tensor, scal
     br = 16 if kp <= 16 else 32
     bk = 32 if upcast else 64
     chunks = triton.cdiv(kp, br)
-    splits, per = (split_k(k_in, tb.numel() * chunks, bk, x.device) if splits is None
+    splits, per = (split_k(k_in, tb.numel() * chunks, bk, x.device, bm, br) if splits is None
                    else _even_split(k_in, splits, bk))
     h = torch.empty(splits, r, kp, device=x.device, dtype=torch.float32)  # [S, R, KP]: every element written
     _shrink_kernel[(tb.numel(), chunks, splits)](x, idx, v_cat, h, members, tb, ts, te, k_in, kp, per, x.stride(0),
