@@ -24,7 +24,10 @@ def test_merge_inspect_export(capsys, family, family_config, tmp_path):
     out = tmp_path / "bundle"
     code, stdout, err = run_cli(capsys, "merge", family_config(0.9), "-o", out, "--no-progress", "--dtype", "float32")
     assert code == 0, err
-    assert "3 branches" in stdout
+    assert "3 branches" in stdout and (out / "README.md").is_file()
+    code, _, err = run_cli(capsys, "merge", family_config(0.9), "-o", tmp_path / "bare", "--no-progress",
+                           "--no-model-card")
+    assert code == 0 and not (tmp_path / "bare" / "README.md").exists(), err
     code, stdout, err = run_cli(capsys, "inspect", out, "--json")
     assert code == 0, err
     s = json.loads(stdout)
@@ -37,6 +40,8 @@ def test_merge_inspect_export(capsys, family, family_config, tmp_path):
     assert code == 0, err
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "exp")
     assert m.config.hidden_size == 32
+    card = (tmp_path / "exp" / "README.md").read_text()
+    assert "Branch `a` of the branchmerge bundle `bundle`" in card and str(family["a"][0]) in card
 
 
 def smollm2_gguf() -> Path:

@@ -121,3 +121,61 @@ def test_standalone_branch_kept_whole(family, tmp_path):
     exp = dict(BundleReader(bundle).iter_branch_tensors("big"))
     for k, v in ref.state_dict().items():
         assert torch.equal(exp[k], v), k
+
+
+def _front_matter(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def _blocks(card: str, lang: str) -> list[str]:
+    return [b.split("```")[0] for b in card.split(f"```{lang}\n")[1:]]
+
+
+def test_a_bundle_has_a_model_card_whose_example_runs(bundles, family):
+    """README.md, as mergekit writes one: front matter naming the input models, a row per branch, the
+    config (which parses back to merge_config.yaml), and a Python example that runs as printed."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    folder = bundles[0.9]
+    card = (folder / "README.md").read_text()
+    meta = _front_matter(card)
+    assert meta["library_name"] == "branchmerge" and meta["base_model"] == [str(family[n][0]) for n in "abc"]
+    rows = [ln for ln in card.splitlines() if ln.startswith("| ") and " | g" not in ln]
+    for n in "abc":
+        assert any(ln.startswith(f"| {n} | ") and str(family[n][0]) in ln for ln in rows), n
+    assert yaml.safe_load(_blocks(card, "yaml")[0]) == yaml.safe_load((folder / "merge_config.yaml").read_text())
+    assert f"{summarize(folder)['bundle_bytes'] / 1e6:,.1f} MB" in card
+    code = _blocks(card, "python")[0]
+    done = subprocess.run([sys.executable, "-c", code], cwd=folder.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr[-2000:]
+
+
+def test_no_model_card_and_a_baseline_merge_card(family, tmp_path):
+    from tests.conftest import write_config
+
+    pipe = tmp_path / "we|ird\nname"  # a path Markdown would read as table structure
+    pipe.mkdir()
+    import shutil
+
+    shutil.copytree(family["b"][0], pipe / "b")
+    cfg = load_config(write_config(tmp_path / "c.yaml", [{"name": "a", "model": str(family["a"][0])},
+                                                         {"name": "b", "model": str(pipe / "b")}], compress_rate=0.9))
+    run_merge(cfg, tmp_path / "none", progress=False, model_card=False)
+    assert not (tmp_path / "none" / "README.md").exists() and (tmp_path / "none" / "manifest.json").exists()
+    run_merge(cfg, tmp_path / "card", progress=False)
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert _front_matter(card)["base_model"][1] == str(pipe / "b")  # YAML keeps it exact
+    row = next(ln for ln in card.splitlines() if ln.startswith("| b | "))
+    assert row.count(" | ") == 4 and "we\\|ird name" in row  # escaped: still five cells on one line
+    data = cfg.model_dump(mode="json")
+    linear = load_config(write_config(tmp_path / "l.yaml", data["branches"], method="linear"))
+    run_merge(linear, tmp_path / "lin", progress=False)
+    card = (tmp_path / "lin" / "README.md").read_text()
+    assert _front_matter(card)["tags"] == ["branchmerge", "merge", "linear"] and "`linear` method" in card
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "lin") is not None  # the card does not get in the way

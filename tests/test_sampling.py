@@ -131,6 +131,33 @@ def test_stop_strings_end_each_row_at_its_own_stop_or_length():
     assert not StopStrings([decode], [["x"]])(torch.tensor([prompt + new] * 2), None).any()
 
 
+def test_min_tokens_holds_back_stop_strings_as_in_vllm():
+    """vLLM's min_tokens covers stop strings: no row ends with one before it has min_tokens tokens, and a
+    string its first min_tokens - 1 tokens completed does not end it later either (it is still in the
+    decoded window then); one the min_tokens-th or a later token completes does. Earlier tokens (a row
+    going on after a break) count."""
+    from branchmerge.runtime.sampling import StopStrings
+    from branchmerge.runtime.text import cut_at_stop, min_tokens_start
+
+    def decode(ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    prompt = list(b"p:")
+    new = list(b"axbcxdxe")  # "x" completes at tokens 2, 5 and 7
+    stop = StopStrings([decode] * 5, [["x"], ["x"], ["x"], ["x"], ["xd"]], [None] * 5, [0, 0, 0, 2, 0],
+                       [0, 2, 3, 4, 3])
+    ended = []
+    for k in range(1, len(new) + 1):
+        ended = stop(torch.tensor([prompt + new[:k]] * 5), None).tolist()
+    assert stop.ended == [2, 2, 5, 2, 6]  # row 3 had 2 tokens before: its 4th token is its 2nd new one
+    assert all(ended)
+    text = decode(new)
+    assert cut_at_stop(text, ["x"], start=min_tokens_start(decode, new, 3)) == ("axbc", True)
+    assert cut_at_stop(text, ["x"], start=min_tokens_start(decode, new, 2)) == ("a", True)  # token 2 may end it
+    assert cut_at_stop(text, ["x"], start=min_tokens_start(decode, new, 8)) == (text, False)
+    assert cut_at_stop(text, ["xd"], start=5) == ("axbc", True)  # "xd" begins before start, ends after
+
+
 def test_a_batch_adjusts_each_row_as_it_would_alone():
     """Logit bias, repetition penalty (its own prompt, not its padding), penalties and min_tokens applied to
     a batch at once give each row the scores it gets alone; the repetition penalty is transformers'."""

@@ -291,6 +291,29 @@ def test_a_stop_string_ends_its_rows_generation(server):
         assert events[-1].choices[0].finish_reason == r.choices[0].finish_reason == reason
 
 
+def test_min_tokens_holds_back_a_stop_string(server):
+    """vLLM's min_tokens with a stop string: the string in the first min_tokens - 1 tokens neither ends the
+    row nor cuts its text; the first one a later token completes does, streamed or not."""
+    c, b = server["client"], server["bundle"]
+    tok = b.tokenizer("a")
+    full = b.generate_ids([b.encode("rev hello=", "a", chat=False)], ["a"], max_new_tokens=24)[0]
+    texts = [tok.decode(full.new_ids[:k], skip_special_tokens=True) for k in range(25)]
+    # a character that occurs early and again after the 4th token
+    stop = next(ch for ch in full.text[:3] if ch in texts[24][len(texts[4]):] and ch.strip())
+    first = next(k for k in range(1, 25) if stop in texts[k])
+    again = next(k for k in range(5, 25) if stop in texts[k][len(texts[4]):])
+    assert first < 5 <= again
+    r = c.completions.create(model="a", prompt="rev hello=", max_tokens=24, stop=[stop],
+                             extra_body={"min_tokens": 5})
+    want = full.text[:full.text.index(stop, len(texts[4]))]
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (want, "stop", again)
+    events = list(c.completions.create(model="a", prompt="rev hello=", max_tokens=24, stop=[stop], stream=True,
+                                       extra_body={"min_tokens": 5}))
+    assert "".join(e.choices[0].text for e in events if e.choices) == want
+    plain = c.completions.create(model="a", prompt="rev hello=", max_tokens=24, stop=[stop])
+    assert plain.usage.completion_tokens == first and plain.choices[0].text == full.text[:full.text.index(stop)]
+
+
 def test_auto_routing_and_pipeline(server):
     c = server["client"]
     r = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": "rev hello="}], max_tokens=4)

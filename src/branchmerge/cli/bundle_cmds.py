@@ -84,11 +84,13 @@ def export_branch_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output HF folder."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (bf16, fp16; default: the bundle's)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier branchmerge output."),
+    model_card: bool = typer.Option(True, "--model-card/--no-model-card",
+                                    help="Write a README.md saying where it came from."),
 ) -> None:
     """Write one branch as a plain Hugging Face folder (dense s_i·(W̄+U_iV_i) weights)."""
     from branchmerge.export import export_branch
 
-    export_branch(bundle, name, out, dtype=dtype, force=force)
+    export_branch(bundle, name, out, dtype=dtype, force=force, model_card=model_card)
     typer.echo(f"exported branch {name} to {out}")
 
 

@@ -23,6 +23,9 @@ def merge(
     force: bool = typer.Option(False, "--force", help=("Replace OUT if it is an earlier branchmerge output or "
                                                        "empty (never a file, other files or an input).")),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    model_card: bool = typer.Option(True, "--model-card/--no-model-card",
+                                    help="Write a README.md model card into OUT (what it is, how to use it, "
+                                         "the config)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print ranks, bytes per part and the output size from "
                                  "the inputs' shapes alone; write nothing."),
 ) -> None:
@@ -46,7 +49,7 @@ def merge(
                       factor_bits=bits)
     if dry_run:
         return _print_plan(cfg)
-    run_merge(cfg, out, force=force, progress=not no_progress)
+    run_merge(cfg, out, force=force, progress=not no_progress, model_card=model_card)
     if cfg.method == "branch":
         s = summarize(out, verify=False)
         typer.echo(

@@ -5,6 +5,7 @@ Layout::
     BUNDLE/
       manifest.json              format version, config, branches, groups, per-tensor records, shard sha256
       merge_config.yaml          the config that produced it
+      README.md                  a model card (:mod:`branchmerge.io.card`; documentation, never read back)
       shard-00001.safetensors ...
       branches/NAME/config.json  each branch's HF config, tokenizer and generation config files
 

@@ -29,6 +29,8 @@ from branchmerge.compress import (
 from branchmerge.config import BranchConfig, MergeConfig
 from branchmerge.errors import ModelInputError
 from branchmerge.io.bundle import FORMAT, FORMAT_VERSION, key_part, write_manifest
+from branchmerge.io.card import CARD, bundle_card
+from branchmerge.io.summary import summarize
 from branchmerge.io.models import ModelSource
 from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, copy_side_files
 from branchmerge.merge.budget import merge_with_budget
@@ -49,7 +51,7 @@ class _Group:
 
 
 def run_branch_merge(config: MergeConfig, out: str | Path, *, force: bool = False, progress: bool = True,
-                     check_load: bool = True) -> dict[str, Any]:
+                     check_load: bool = True, model_card: bool = True) -> dict[str, Any]:
     """Merge the config's models into a bundle at ``out`` and return its manifest.
 
     With ``check_load``, the finished bundle is loaded (configs, then one forward of a tiny input per
@@ -127,6 +129,9 @@ def run_branch_merge(config: MergeConfig, out: str | Path, *, force: bool = Fals
             from branchmerge.runtime.check import check_bundle_loads
 
             check_bundle_loads(tmp)
+        if model_card:
+            card = bundle_card(Path(out).name, summarize(tmp, verify=False), config.model_dump(mode="json"))
+            (tmp / CARD).write_text(card)
     logger.debug("wrote bundle %s (%.1f MB in %d shards)", out, writer.total_bytes / 1e6, len(writer.shards))
     return manifest
 

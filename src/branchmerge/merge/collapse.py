@@ -14,6 +14,7 @@ from branchmerge.common import resolve_dtype
 from branchmerge.compress import tensor_seed
 from branchmerge.config import MergeConfig
 from branchmerge.errors import ConfigError, ModelInputError
+from branchmerge.io.card import CARD, merged_card
 from branchmerge.io.hf import finish_hf_shards, write_hf_config
 from branchmerge.io.models import ModelSource
 from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, copy_side_files
@@ -22,7 +23,8 @@ from branchmerge.methods import METHODS
 logger = logging.getLogger(__name__)
 
 
-def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = False, progress: bool = True) -> dict:
+def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = False, progress: bool = True,
+                       model_card: bool = True) -> dict:
     """Collapse the config's models into one HF folder with ``config.method``.
 
     Raises:
@@ -70,4 +72,6 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
         finish_hf_shards(tmp, writer)
         copy_side_files(sources[0].side_files(), tmp)
         write_hf_config(tmp, sources[0].hf_config, config.dtype)
+        if model_card:
+            (tmp / CARD).write_text(merged_card(Path(out).name, method.name, config.model_dump(mode="json")))
     return {"method": method.name, "out": str(out)}

@@ -32,7 +32,8 @@ from branchmerge.runtime.siblings import group_siblings
 from branchmerge.runtime.sampling import RowSampler, StopStrings, StopTokens
 from branchmerge.runtime.scoring import (PrefixCluster, TokenLogprobs, prefix_clusters, score_cluster, score_row,
                                          shared_lengths)
-from branchmerge.runtime.text import context_chunks, cut_at_stop, encode_messages, ensure_pad_token, pad_rows
+from branchmerge.runtime.text import (context_chunks, cut_at_stop, encode_messages, ensure_pad_token,
+                                      min_tokens_start, pad_rows)
 
 logger = logging.getLogger(__name__)
 
@@ -486,7 +487,9 @@ class Bundle:
                     until = StopStrings([partial(self.tokenizer(names[i]).decode, skip_special_tokens=True)
                                          for i in chunk], [stop[i] if stop else [] for i in chunk],
                                         [limits[i] for i in chunk],
-                                        None if generated is None else [generated[i] for i in chunk])
+                                        None if generated is None else [generated[i] for i in chunk],
+                                        None if row_sampler is None else [row_sampler.settings[i].min_tokens
+                                                                          for i in chunk])
                 outs = self._generate_group(chunk, ids_list, names, max_new_tokens, share_prefix, kw, stops, until)
                 for i, r in zip(chunk, outs):
                     results[i] = r
@@ -551,9 +554,11 @@ class Bundle:
                 if t in (eos if stops is None else stops[r]):
                     new, reason, stop_id = new[:j], "stop", t
                     break
-            text = self.tokenizer(names[i]).decode(new, skip_special_tokens=True)
+            decode = partial(self.tokenizer(names[i]).decode, skip_special_tokens=True)
+            text = decode(new)
             if until is not None:
-                text, hit = cut_at_stop(text, until.stops[r])
+                start = min_tokens_start(decode, new, until.min_tokens[r] - until.generated[r])
+                text, hit = cut_at_stop(text, until.stops[r], start=start)
                 reason = "stop" if hit or until.hit[r] else reason  # (a stop string may begin before new_ids)
             results.append(GenerationResult(names[i], list(ids_list[i]), new, text, reason, stop_id))
         return results

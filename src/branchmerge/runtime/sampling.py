@@ -156,13 +156,17 @@ class StopStrings(StoppingCriteria):
         max_tokens: per row, its new tokens at most (None: the call's ``max_new_tokens``).
         generated: per row, how many of its prompt's last tokens it generated before (a row continuing):
             its text is those and the new ones.
+        min_tokens: per row, vLLM's ``min_tokens``: no stop string ends it before it has this many tokens
+            (earlier ones counted), nor one that its first ``min_tokens - 1`` tokens completed.
     """
 
     def __init__(self, decode: Sequence[Callable[[list[int]], str]], stops: Sequence[Sequence[str]],
-                 max_tokens: Sequence[int | None] | None = None, generated: Sequence[int] | None = None) -> None:
+                 max_tokens: Sequence[int | None] | None = None, generated: Sequence[int] | None = None,
+                 min_tokens: Sequence[int] | None = None) -> None:
         self.decode, self.stops = list(decode), [[s for s in row if s] for row in stops]
         self.max_tokens = list(max_tokens) if max_tokens is not None else [None] * len(self.stops)
         self.generated = list(generated) if generated is not None else [0] * len(self.stops)
+        self.min_tokens = list(min_tokens) if min_tokens is not None else [0] * len(self.stops)
         self.hit = [False] * len(self.stops)
         self.window = [max((len(s.encode("utf-8", "surrogatepass")) for s in row), default=0) + 2
                        for row in self.stops]
@@ -181,11 +185,18 @@ class StopStrings(StoppingCriteria):
                 continue
             if self.max_tokens[r] is not None and n >= self.max_tokens[r]:
                 self.ended[r] = n
-            elif stops:
+            elif stops and self.generated[r] + n >= self.min_tokens[r]:
                 if tails is None:  # only the last tokens leave the device
                     tails = input_ids[:, -min(n + max(self.generated), max(self.window)):].tolist()
-                text = self.decode[r](tails[r][-min(n + self.generated[r], self.window[r]):])
-                if any(s in text for s in stops):
+                tail = tails[r][-min(n + self.generated[r], self.window[r]):]
+                text = self.decode[r](tail)
+                after = self.generated[r] + n - max(self.min_tokens[r] - 1, 0)  # tokens that may complete one
+                if after < len(tail):  # a string its first min_tokens - 1 tokens completed does not count
+                    start = len(self.decode[r](tail[:-after]))
+                    found = any(text.find(s, max(0, start - len(s) + 1)) >= 0 for s in stops)
+                else:
+                    found = any(s in text for s in stops)
+                if found:
                     self.ended[r], self.hit[r] = n, True
         return torch.tensor([e is not None for e in self.ended], dtype=torch.bool, device=input_ids.device)
 

@@ -3,7 +3,7 @@ encoding, pad-token fallback, stop strings and right/left padded batches."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,12 +45,22 @@ def encode_messages(tok: Any, messages: Sequence[Mapping[str, str]], *, chat: bo
     return list(tok("\n".join(m["content"] for m in msgs if m["content"]))["input_ids"])
 
 
-def cut_at_stop(text: str, stop: Sequence[str], *, keep: bool = False) -> tuple[str, bool]:
-    """``text`` up to the earliest stop string (with ``keep``, up to its end), and whether one occurred."""
-    found = min(((text.find(s), -len(s)) for s in stop if s and s in text), default=None)
+def cut_at_stop(text: str, stop: Sequence[str], *, keep: bool = False, start: int = 0) -> tuple[str, bool]:
+    """``text`` up to the earliest stop string (with ``keep``, up to its end), and whether one occurred.
+
+    ``start``: only a stop string that ends after ``text[:start]`` counts (vLLM's ``min_tokens``: the text
+    of a row's first ``min_tokens - 1`` tokens cannot end it)."""
+    hits = ((text.find(s, max(0, start - len(s) + 1)), -len(s)) for s in stop if s)
+    found = min((h for h in hits if h[0] >= 0), default=None)
     if found is None:
         return text, False
     return text[:found[0] - found[1] if keep else found[0]], True
+
+
+def min_tokens_start(decode: Callable[[list[int]], str], new_ids: Sequence[int], min_tokens: int) -> int:
+    """The ``start`` of :func:`cut_at_stop` for a row that must have ``min_tokens`` tokens: the length of the
+    text of its first ``min_tokens - 1`` (0 when it has no minimum)."""
+    return len(decode(list(new_ids[:min_tokens - 1]))) if min_tokens > 1 else 0
 
 
 def stop_prefix(text: str, stop: Sequence[str]) -> int:

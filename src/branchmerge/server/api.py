@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from itertools import accumulate
 from typing import Any
 
@@ -21,7 +22,7 @@ from branchmerge.front import Front
 from branchmerge.runtime.bundle import ContextLengthError, GenerationResult
 from branchmerge.runtime.sampling import RowSettings
 from branchmerge.runtime.scoring import common_prefix
-from branchmerge.runtime.text import cut_at_stop, stop_prefix
+from branchmerge.runtime.text import cut_at_stop, min_tokens_start, stop_prefix
 from branchmerge.server import protocol as P
 from branchmerge.server.engine import Busy, Engine, Job
 from branchmerge.server.metrics import SIZE_BUCKETS, EngineMetrics, Registry
@@ -224,8 +225,10 @@ class OpenAIService:
         return jobs
 
     def _finish(self, branch: str, job: Job) -> tuple[str, str]:
-        text = self.bundle.tokenizer(branch).decode(job.new_ids, skip_special_tokens=job.skip_special)
-        text, hit = cut_at_stop(text, job.stop, keep=job.keep_stop)
+        decode = partial(self.bundle.tokenizer(branch).decode, skip_special_tokens=job.skip_special)
+        text = decode(job.new_ids)
+        start = min_tokens_start(decode, job.new_ids, job.sampling.min_tokens)
+        text, hit = cut_at_stop(text, job.stop, keep=job.keep_stop, start=start)
         if hit:
             return text, "stop"
         return text, "length" if len(job.new_ids) >= job.max_tokens else "stop"
@@ -303,7 +306,7 @@ class OpenAIService:
     async def _stream(self, kind, rid, model, branch, job: Job, index: int = 0) -> AsyncIterator[str]:
         tok = self.bundle.tokenizer(branch)
         eos = job.sampling.stop_set(self.bundle.stop_ids(branch))  # the tokens that end this row
-        sent, text, ids, reason = "", "", [], None
+        sent, text, ids, reason, start = "", "", [], None, 0
         try:
             yield P.chunk(kind, rid, model, None, None, branch, first=True, index=index)
             while True:
@@ -318,8 +321,14 @@ class OpenAIService:
                     reason = "stop"
                     continue
                 ids.append(t)
-                text, hit = cut_at_stop(tok.decode(ids, skip_special_tokens=job.skip_special), job.stop,
-                                        keep=job.keep_stop)
+                if len(ids) < job.sampling.min_tokens:  # no stop string ends it yet
+                    text, hit = tok.decode(ids, skip_special_tokens=job.skip_special), False
+                else:
+                    if len(ids) == max(job.sampling.min_tokens, 1):  # where a stop string may end from now on
+                        start = min_tokens_start(partial(tok.decode, skip_special_tokens=job.skip_special), ids,
+                                                 job.sampling.min_tokens)
+                    text, hit = cut_at_stop(tok.decode(ids, skip_special_tokens=job.skip_special), job.stop,
+                                            keep=job.keep_stop, start=start)
                 if hit:
                     reason = "stop"
                     job.cancel()  # the client has its answer: free the row

@@ -104,7 +104,8 @@ class _Req(BaseModel):
     ignore_eos: bool = Field(default=False, description="vLLM's: end of text does not end the answer.")
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0,
                                              description="vLLM's: logits of tokens seen (prompt and answer) / it.")
-    min_tokens: int = Field(default=0, ge=0, description="vLLM's: no stop token before this many tokens.")
+    min_tokens: int = Field(default=0, ge=0,
+                            description="vLLM's: no stop token or stop string before this many tokens.")
     allowed_token_ids: list[int] | None = Field(default=None, min_length=1, max_length=MAX_ALLOWED_TOKENS,
                                                 description="vLLM's: the answer draws only these tokens.")
     include_stop_str_in_output: bool = Field(default=False, description="vLLM's: the text ends with the stop string.")
