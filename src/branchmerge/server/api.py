@@ -304,7 +304,7 @@ class OpenAIService:
         yield P.chunk(kind, rid, model, None, "stop", branch, index=index)
 
     async def _stream(self, kind, rid, model, branch, job: Job, index: int = 0) -> AsyncIterator[str]:
-        tok = self.bundle.tokenizer(branch)
+        decode = partial(self.bundle.tokenizer(branch).decode, skip_special_tokens=job.skip_special)
         eos = job.sampling.stop_set(self.bundle.stop_ids(branch))  # the tokens that end this row
         sent, text, ids, reason, start = "", "", [], None, 0
         try:
@@ -321,14 +321,11 @@ class OpenAIService:
                     reason = "stop"
                     continue
                 ids.append(t)
-                if len(ids) < job.sampling.min_tokens:  # no stop string ends it yet
-                    text, hit = tok.decode(ids, skip_special_tokens=job.skip_special), False
-                else:
+                text, hit = decode(ids), False
+                if len(ids) >= job.sampling.min_tokens:  # before, no stop string ends it
                     if len(ids) == max(job.sampling.min_tokens, 1):  # where a stop string may end from now on
-                        start = min_tokens_start(partial(tok.decode, skip_special_tokens=job.skip_special), ids,
-                                                 job.sampling.min_tokens)
-                    text, hit = cut_at_stop(tok.decode(ids, skip_special_tokens=job.skip_special), job.stop,
-                                            keep=job.keep_stop, start=start)
+                        start = min_tokens_start(decode, ids, job.sampling.min_tokens)
+                    text, hit = cut_at_stop(text, job.stop, keep=job.keep_stop, start=start)
                 if hit:
                     reason = "stop"
                     job.cancel()  # the client has its answer: free the row
