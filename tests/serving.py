@@ -1,4 +1,5 @@
-"""A real uvicorn server on a free loopback port, in a thread, for the duration of a block."""
+"""A real uvicorn server on a free loopback port, in a thread, for the duration of a block; and a record of
+a model's forward passes (what a batch prefilled)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,15 @@ def wait_queued(engine, n: int, timeout: float = 30.0) -> None:
     while engine.queued() < n:
         assert time.monotonic() < end, f"only {engine.queued()} of {n} jobs queued"
         time.sleep(0.01)
+
+
+@contextmanager
+def forwards(model) -> Iterator[list[tuple[int, int]]]:
+    """Record ``(rows, width)`` of every forward of ``model`` (its ``input_ids``) in the block."""
+    seen: list[tuple[int, int]] = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                             with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()

@@ -6,6 +6,7 @@ import time
 
 from branchmerge.runtime.sampling import RowSampler, RowSettings
 from branchmerge.server.engine import Engine, Job
+from tests.serving import forwards
 
 
 def _alone(bundle, job: Job):
@@ -27,18 +28,22 @@ def test_short_jobs_join_a_long_one_and_leave_before_it(loaded):
     b = loaded[0.9]
     tok = b.tokenizer("a")
     engine = Engine(b, max_batch=4, wait_ms=0, min_segment=2)
-    long = engine.submit(Job(tok.encode("rev hello="), "a", 100, sampling=RowSettings(ignore_eos=True)))
-    _started(engine)
     stop = _alone(b, Job(tok.encode("add 12+30="), "c", 12)).text[3:5]
-    shorts = engine.submit_many([
-        Job(tok.encode("add 5+5="), "a", 5),
-        Job(tok.encode("key zz="), "b", 6, sampling=RowSettings(temperature=0.8, seed=3, presence_penalty=0.5)),
-        Job(tok.encode("add 12+30="), "c", 12, stop=[stop])])
-    for j in shorts:
-        assert j.finished.wait(60)
-    assert not long.finished.is_set()  # answered while the long one still runs
-    assert long.finished.wait(120)
+    with forwards(b.model("a")) as seen:
+        long = engine.submit(Job(tok.encode("rev hello="), "a", 100, sampling=RowSettings(ignore_eos=True)))
+        _started(engine)
+        shorts = engine.submit_many([
+            Job(tok.encode("add 5+5="), "a", 5),
+            Job(tok.encode("key zz="), "b", 6, sampling=RowSettings(temperature=0.8, seed=3, presence_penalty=0.5)),
+            Job(tok.encode("add 12+30="), "c", 12, stop=[stop])])
+        for j in shorts:
+            assert j.finished.wait(60)
+        assert not long.finished.is_set()  # answered while the long one still runs
+        assert long.finished.wait(120)
     assert engine.batches == 1 and engine.segments >= 3
+    # each prompt is prefilled once: the rows going on keep their KV cache from one segment to the next
+    prefilled = sum(rows * width for rows, width in seen if width > 1)
+    assert prefilled <= len(long.ids) + 3 * max(len(j.ids) for j in shorts)
     for j in [long, *shorts]:
         ref = _alone(b, j)
         assert (j.error, j.new_ids, j.stop_id) == (None, ref.new_ids, ref.stop_id)

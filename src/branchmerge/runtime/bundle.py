@@ -8,32 +8,28 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from transformers import (AutoTokenizer, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
-                          StoppingCriteriaList)
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from branchmerge.architectures import registry
 from branchmerge.common import resolve_device, resolve_dtype
 from branchmerge.errors import BranchmergeError, BranchNotFoundError, BundleError
 from branchmerge.io.bundle import BundleReader
 from branchmerge.runtime.build import build_group_model
+from branchmerge.runtime.generation import BatchGeneration, GenerationResult, cache_arg
 from branchmerge.runtime.modules import BranchedLinear, BranchState
 from branchmerge.runtime.siblings import group_siblings
-from branchmerge.runtime.sampling import RowSampler, StopStrings, StopTokens
 from branchmerge.runtime.scoring import (PrefixCluster, TokenLogprobs, prefix_clusters, score_cluster, score_row,
                                          shared_lengths)
-from branchmerge.runtime.text import (context_chunks, cut_at_stop, encode_messages, ensure_pad_token,
-                                      min_tokens_start, pad_rows)
+from branchmerge.runtime.text import encode_messages, ensure_pad_token, pad_rows
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +48,7 @@ class BranchRouter(Protocol):
     def route(self, texts: Sequence[str]) -> list[str]: ...
 
 
-class Bundle:
+class Bundle(BatchGeneration):
     """Every branch of a bundle, loaded once; shared weights are held once per group.
 
     The runtime does no routing of its own: ``branch="auto"`` asks :attr:`router`, which the front end
@@ -294,11 +290,9 @@ class Bundle:
         pos = torch.tensor(shared).view(-1, 1) + torch.arange(y.shape[1])
         with g.state.select(rows), torch.no_grad():
             post = g.model(input_ids=y.to(self.device), attention_mask=mask.to(self.device),
-                           position_ids=pos.to(self.device), use_cache=True, **{_cache_arg(g.model): cache})
+                           position_ids=pos.to(self.device), use_cache=True, **{cache_arg(g.model): cache})
         return [(pre_logits[r, :c.shared], [post.logits[m, :len(mseqs[m]) - c.shared] for m in c.members])
                 for r, c in enumerate(local)]
-
-    min_shared_prefix = 16  # generation shares a prompt prefix of at least this many tokens
 
     def _prefill_clusters(self, g: _GroupRuntime, clusters: Sequence[PrefixCluster], seqs: Sequence[Sequence[int]],
                           rows: Sequence[int], *, all_logits: bool = False) -> tuple[Any, list[int], torch.Tensor]:
@@ -317,7 +311,7 @@ class Bundle:
         with g.state.select([rows[c.members[0]] for c in clusters]), torch.no_grad():
             pre = g.model(input_ids=x.to(self.device), attention_mask=m.to(self.device), use_cache=True,
                           logits_to_keep=0 if all_logits else 1)
-        cache = pre[_cache_arg(g.model)]
+        cache = pre[cache_arg(g.model)]
         cache.batch_select_indices(torch.tensor(owner, device=self.device))
         return cache, shared_lengths(clusters, len(seqs)), pre.logits
 
@@ -435,149 +429,6 @@ class Bundle:
             if bad is not None:
                 raise BranchmergeError(f"{row}: token id {bad} is outside the vocabulary of branch {b!r} "
                                        f"(size {vocab})")
-
-    def generate_ids(self, ids_list: list[list[int]], names: list[str], *, max_new_tokens: int | Sequence[int] = 64,
-                     stop: Sequence[Sequence[str]] | None = None, generated: Sequence[int] | None = None,
-                     share_prefix: bool = True, row_sampler: RowSampler | None = None,
-                     **generation_kwargs: Any) -> list[GenerationResult]:
-        """Generate from token ids; returns per row the new ids, text, branch and stop reason.
-
-        ``max_new_tokens``: one number, or one per row (the batch runs to the largest; each row ends at its
-        own). ``stop``: per row, strings that end it once its new text holds one (its ``text`` is cut before
-        it; its ``new_ids`` end with the token that completed it), as vLLM's ``stop``. ``generated``: per row,
-        how many of its ids it generated in an earlier call (a row going on): they count for its stop
-        strings, penalties and ``min_tokens``, and ``max_new_tokens`` is what it has left.
-        ``row_sampler`` runs each row with its own :class:`~.sampling.RowSettings` (sampling, penalties, stop
-        tokens); each ``generate`` call (per group, per context chunk) gets its rows' part of it.
-
-        With ``share_prefix``, rows of one branch whose prompts share a long prefix (a system prompt, or
-        ``n`` samples of one prompt) prefill it once: the prefixes run as one batch, each row takes its
-        prefix's KV cache row, and ``generate`` runs only the rest (padding between the two is masked).
-        """
-        self.check_ids(ids_list, names)
-        limits = [max_new_tokens] * len(ids_list) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        if len(limits) != len(ids_list) or stop is not None and len(stop) != len(ids_list):
-            raise ValueError(f"{len(ids_list)} prompts, but max_new_tokens has {len(limits)} rows and stop "
-                             f"{'none' if stop is None else len(stop)}")
-        if any(m < 1 for m in limits):
-            raise ValueError(f"max_new_tokens must be at least 1 for every row, got {limits}")
-        max_new_tokens = max(limits, default=1)
-        results: list[GenerationResult | None] = [None] * len(ids_list)
-        by_group: dict[str, list[int]] = {}
-        for i, b in enumerate(names):
-            by_group.setdefault(self._group_of(b).name, []).append(i)
-        if row_sampler is not None:
-            if len(row_sampler) != len(ids_list):
-                raise ValueError(f"row_sampler has {len(row_sampler)} rows for {len(ids_list)} prompts")
-            for i, what, tokens in row_sampler.token_ids():
-                self.check_ids([tokens], [names[i]], rows=[f"{what} of row {i}"])
-        for idx in by_group.values():
-            limit = self.tightest_context(names[i] for i in idx)
-            for chunk in context_chunks(idx, [len(q) for q in ids_list], max_new_tokens, limit):
-                kw = generation_kwargs
-                stops = None
-                if row_sampler is not None and row_sampler.needed:
-                    sub = row_sampler.rows(chunk, eos=[self.stop_ids(names[i]) for i in chunk],
-                                           prompts=[ids_list[i] for i in chunk],
-                                           generated=None if generated is None else [generated[i] for i in chunk])
-                    kw = {**kw, "logits_processor": LogitsProcessorList([*kw.get("logits_processor", []), sub])}
-                    stops = sub.stops if sub.ends_own_way else None
-                until = None
-                if stop is not None and any(stop[i] for i in chunk) or any(limits[i] < max_new_tokens for i in chunk):
-                    until = StopStrings([partial(self.tokenizer(names[i]).decode, skip_special_tokens=True)
-                                         for i in chunk], [stop[i] if stop else [] for i in chunk],
-                                        [limits[i] for i in chunk],
-                                        None if generated is None else [generated[i] for i in chunk],
-                                        None if row_sampler is None else [row_sampler.settings[i].min_tokens
-                                                                          for i in chunk])
-                outs = self._generate_group(chunk, ids_list, names, max_new_tokens, share_prefix, kw, stops, until)
-                for i, r in zip(chunk, outs):
-                    results[i] = r
-        return [r for r in results if r is not None]
-
-    def _generate_group(self, idx: list[int], ids_list: Sequence[Sequence[int]], names: Sequence[str],
-                        max_new_tokens: int, share_prefix: bool, generation_kwargs: dict[str, Any],
-                        stops: list[set[int]] | None = None,
-                        until: StopStrings | None = None) -> list[GenerationResult]:
-        """One ``generate`` call over rows ``idx`` of one group: a mixed-branch batch, left-padded (after a
-        right-padded cached prefix when prompts share one). ``stops``: the tokens that end each row, when
-        they are not its branch's end of text (then each row ends on its own, not through ``generate``);
-        ``until``: the criterion that ends rows at their stop strings and own lengths."""
-        g, rows = self._rows_for([names[i] for i in idx])
-        pad = self.tokenizer(names[idx[0]]).pad_token_id
-        pad = 0 if pad is None else pad
-        seqs = [list(ids_list[i]) for i in idx]
-        cache, shared = None, [0] * len(seqs)
-        # beam search and num_return_sequences expand the batch inside generate, past a given cache; a
-        # caller's own cache (or cache kind) is left alone
-        expands = max(generation_kwargs.get("num_beams") or 1, generation_kwargs.get("num_return_sequences") or 1) > 1
-        if self.static_cache and not any(k in generation_kwargs for k in ("past_key_values", "cache")):
-            generation_kwargs = {"cache_implementation": "static", **generation_kwargs}
-        own_cache = any(k in generation_kwargs for k in ("past_key_values", "cache", "cache_implementation"))
-        limit = self.tightest_context(names[i] for i in idx)
-        if share_prefix and not expands and not own_cache:
-            clusters, _ = prefix_clusters(seqs, [names[i] for i in idx], min_shared=self.min_shared_prefix)
-            sh = shared_lengths(clusters, len(seqs))
-            # positions computed: the prefix batch plus every row's own part, against every full row
-            width = max(sh) + max(len(q) - k for q, k in zip(seqs, sh)) if clusters else 0
-            cost = len(clusters) * max(sh) + len(seqs) * max(len(q) - k for q, k in zip(seqs, sh))
-            fits = limit is None or width + max_new_tokens <= limit
-            if clusters and fits and cost < 0.8 * len(seqs) * max(map(len, seqs)):
-                cache, shared, _ = self._prefill_clusters(g, clusters, seqs, rows)
-        head_ids, head_mask = pad_rows([q[:sh] for q, sh in zip(seqs, shared)], pad=pad, width=max(shared))
-        own_ids, own_mask = pad_rows([q[sh:] for q, sh in zip(seqs, shared)], pad=pad, left=True)
-        input_ids, mask = torch.cat([head_ids, own_ids], 1), torch.cat([head_mask, own_mask], 1)
-        width = input_ids.shape[1]
-        if cache is not None:
-            generation_kwargs = {**generation_kwargs, _cache_arg(g.model): cache}
-        eos = set().union(*(self.stop_ids(b) for b in {names[i] for i in idx}))
-        kwargs = {"do_sample": False, "pad_token_id": pad, "eos_token_id": sorted(eos) or None, **generation_kwargs}
-        if stops is not None:
-            kwargs["eos_token_id"] = None
-        own = [c for c in (StopTokens(stops) if stops is not None else None, until) if c is not None]
-        if own:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []), *own])
-        if not kwargs.get("do_sample"):
-            kwargs.setdefault("temperature", None)
-            kwargs.setdefault("top_p", None)
-            kwargs.setdefault("top_k", None)
-        with g.state.select(rows), torch.no_grad():
-            out = g.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                   max_new_tokens=max_new_tokens, **kwargs)
-        results = []
-        for r, i in enumerate(idx):
-            new = out[r, width:].tolist()
-            if until is not None and until.ended[r] is not None:
-                new = new[:until.ended[r]]  # the tokens after are padding
-            reason, stop_id = "length", None
-            for j, t in enumerate(new):
-                if t in (eos if stops is None else stops[r]):
-                    new, reason, stop_id = new[:j], "stop", t
-                    break
-            decode = partial(self.tokenizer(names[i]).decode, skip_special_tokens=True)
-            text = decode(new)
-            if until is not None:
-                start = min_tokens_start(decode, new, until.min_tokens[r] - until.generated[r])
-                text, hit = cut_at_stop(text, until.stops[r], start=start)
-                reason = "stop" if hit or until.hit[r] else reason  # (a stop string may begin before new_ids)
-            results.append(GenerationResult(names[i], list(ids_list[i]), new, text, reason, stop_id))
-        return results
-
-
-@dataclass
-class GenerationResult:
-    branch: str
-    prompt_ids: list[int]
-    new_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" or "length"
-    stop_id: int | None = None  # the end-of-sequence token that ended it (not in new_ids)
-
-
-def _cache_arg(model: PreTrainedModel) -> str:
-    """The name of the KV-cache argument and output of ``model``: ``past_key_values``, renamed ``cache``
-    in transformers 5.2x."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class ContextLengthError(BranchmergeError):

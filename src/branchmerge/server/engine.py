@@ -5,7 +5,7 @@
 - **Bounded**: at most ``max_batch`` rows a batch, ``max_queued`` jobs waiting in all (then
   :class:`Busy`), and a batch's padded width plus its ``max_tokens`` fits every member's context.
 - **Continuous**: a batch runs in segments; jobs that ended leave it and waiting ones join it between
-  two (see :class:`Engine`).
+  two, the others going on from their KV cache (see :class:`Engine`).
 - **Cancellable**: a job whose client went away is cancelled; its row stops at the next decoding step
   (and so does every row that reached its own ``max_tokens`` or one of its stop strings), and a batch of
   only cancelled jobs is skipped.
@@ -57,6 +57,7 @@ class Job:
     scored: Any = None  # TokenLogprobs of a scoring job
     error: Exception | None = None
     generator: Any = None  # its row's random generator (set when queued), kept from one segment to the next
+    kv: Any = None  # its row's KV cache (a CachedRow) from the last segment: the next one goes on from it
     # signalling
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -92,6 +93,7 @@ class Job:
             self.cancelled.set()
 
     def _finish(self) -> None:
+        self.kv = None  # (its batch's cache is freed once no row going on holds it)
         self._emit(None)
         self.finished.set()
         if self._loop is not None:
@@ -171,19 +173,21 @@ class Engine:
 
     Generation is continuous: a batch runs in segments, and a segment ends early (after ``min_segment``
     steps) when one of its rows ended, or when it has a free row and jobs that may join it are waiting.
-    Then the jobs that ended are answered, waiting ones join, and the next segment prefills their prompts
-    with the others' text so far (each row's sampling, penalties and stop strings go on where they were). A
-    long answer no longer holds back the short ones of its batch, nor the requests that arrive while it
-    runs. With other jobs waiting (another group, or scoring), the batch takes no one in, so it ends and
-    they get their turn.
+    Then the jobs that ended are answered, waiting ones join, and the next segment prefills only their
+    prompts: the rows that go on keep their KV cache (:mod:`~branchmerge.runtime.kvcache`), and each row's
+    sampling, penalties and stop strings go on where they were. A long answer no longer holds back the
+    short ones of its batch, nor the requests that arrive while it runs. With other jobs waiting (another
+    group, or scoring), the batch takes no one in, so it ends and they
+    get their turn.
     """
 
     def __init__(self, bundle, *, max_batch: int = 16, wait_ms: float = 10.0, max_queued: int = 4096,
-                 min_segment: int = 8, continuous: bool = True) -> None:
+                 min_segment: int = 8, continuous: bool = True, keep_kv: bool = True) -> None:
         self.bundle, self.max_batch, self.wait, self.max_queued = bundle, max_batch, wait_ms / 1000, max_queued
         # jobs join running batches (not with a static KV cache, whose compiled graphs want one batch shape)
         self.continuous = continuous and not getattr(bundle, "static_cache", False)
         self.min_segment = min_segment
+        self.keep_kv = keep_kv  # rows going on keep their KV cache between segments (else their text is prefilled)
         self.segments = 0  # generation segments run (a batch is one or more)
         self._keys: Counter = Counter()  # jobs waiting, per key
         # the key of a running batch whose waiting jobs did not fit it: no segment ends to take them in
@@ -379,12 +383,13 @@ class Engine:
             [j.ids + j.new_ids for j in jobs], [j.branch for j in jobs],
             max_new_tokens=[j.max_tokens - len(j.new_ids) for j in jobs], stop=[j.stop for j in jobs],
             generated=[len(j.new_ids) for j in jobs], row_sampler=sampler,
+            past=[j.kv for j in jobs] if self.continuous else None, keep_cache=self.continuous and self.keep_kv,
             streamer=_RowStreamer(jobs) if any(j.stream for j in jobs) else None,
             stopping_criteria=StoppingCriteriaList(criteria))
         self.segments += 1
         ended = []
         for j, o in zip(jobs, outs):
-            j.new_ids, j.stop_id = j.new_ids + o.new_ids, o.stop_id
+            j.new_ids, j.stop_id, j.kv = j.new_ids + o.new_ids, o.stop_id, o.cache
             if o.finish_reason == "stop" or len(j.new_ids) >= j.max_tokens or j.cancelled.is_set():
                 ended.append(j)
         return ended

@@ -1,0 +1,237 @@
+"""Batched generation over a bundle's branches: mixed-branch rows of one group as one ``generate`` call.
+
+:class:`BatchGeneration` is mixed into :class:`~branchmerge.runtime.bundle.Bundle` (which gives it the
+groups, tokenizers, context limits and prefix prefill it uses): per row its own ``max_new_tokens``, stop
+strings (vLLM's ``stop``), sampling settings (:class:`~.sampling.RowSampler`), a text generated in an
+earlier call going on (``generated``), shared prompt prefixes prefilled once, and KV caches kept from one
+call to the next (:mod:`~.kvcache`: the serving engine's continuous batching).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
+
+from branchmerge.runtime import kvcache
+from branchmerge.runtime.kvcache import CachedRow
+from branchmerge.runtime.sampling import RowSampler, StopStrings, StopTokens
+from branchmerge.runtime.scoring import prefix_clusters, shared_lengths
+from branchmerge.runtime.text import context_chunks, cut_at_stop, min_tokens_start, pad_rows
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    branch: str
+    prompt_ids: list[int]
+    new_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" or "length"
+    stop_id: int | None = None  # the end-of-sequence token that ended it (not in new_ids)
+    cache: CachedRow | None = field(default=None, repr=False)  # its KV cache, with generate_ids(keep_cache=True)
+
+
+def cache_arg(model: PreTrainedModel) -> str:
+    """The name of the KV-cache argument and output of ``model``: ``past_key_values``, renamed ``cache``
+    in transformers 5.2x."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class BatchGeneration:
+    """:meth:`generate_ids` and its parts, for :class:`~branchmerge.runtime.bundle.Bundle`."""
+
+    min_shared_prefix = 16  # generation shares a prompt prefix of at least this many tokens
+
+    def generate_ids(self, ids_list: list[list[int]], names: list[str], *, max_new_tokens: int | Sequence[int] = 64,
+                     stop: Sequence[Sequence[str]] | None = None, generated: Sequence[int] | None = None,
+                     share_prefix: bool = True, row_sampler: RowSampler | None = None,
+                     past: Sequence[CachedRow | None] | None = None, keep_cache: bool = False,
+                     **generation_kwargs: Any) -> list[GenerationResult]:
+        """Generate from token ids; returns per row the new ids, text, branch and stop reason.
+
+        ``max_new_tokens``: one number, or one per row (the batch runs to the largest; each row ends at its
+        own). ``stop``: per row, strings that end it once its new text holds one (its ``text`` is cut before
+        it; its ``new_ids`` end with the token that completed it), as vLLM's ``stop``. ``generated``: per row,
+        how many of its ids it generated in an earlier call (a row going on): they count for its stop
+        strings, penalties and ``min_tokens``, and ``max_new_tokens`` is what it has left.
+        ``row_sampler`` runs each row with its own :class:`~.sampling.RowSettings` (sampling, penalties, stop
+        tokens); each ``generate`` call (per group, per context chunk) gets its rows' part of it.
+
+        With ``share_prefix``, rows of one branch whose prompts share a long prefix (a system prompt, or
+        ``n`` samples of one prompt) prefill it once: the prefixes run as one batch, each row takes its
+        prefix's KV cache row, and ``generate`` runs only the rest (padding between the two is masked).
+
+        ``keep_cache``: each result's ``cache`` is the KV cache its row ended with (a
+        :class:`~.kvcache.CachedRow`; None where the model's cache kind cannot be kept). ``past``: per row,
+        such a cache from an earlier call; a row whose cache holds exactly its ids but the last one goes on
+        from it (no prefill), the others are prefilled, and all run as one batch (continuous batching).
+        """
+        self.check_ids(ids_list, names)
+        if past is not None and len(past) != len(ids_list):
+            raise ValueError(f"past has {len(past)} rows for {len(ids_list)} prompts")
+        limits = [max_new_tokens] * len(ids_list) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != len(ids_list) or stop is not None and len(stop) != len(ids_list):
+            raise ValueError(f"{len(ids_list)} prompts, but max_new_tokens has {len(limits)} rows and stop "
+                             f"{'none' if stop is None else len(stop)}")
+        if any(m < 1 for m in limits):
+            raise ValueError(f"max_new_tokens must be at least 1 for every row, got {limits}")
+        max_new_tokens = max(limits, default=1)
+        results: list[GenerationResult | None] = [None] * len(ids_list)
+        by_group: dict[str, list[int]] = {}
+        for i, b in enumerate(names):
+            by_group.setdefault(self._group_of(b).name, []).append(i)
+        if row_sampler is not None:
+            if len(row_sampler) != len(ids_list):
+                raise ValueError(f"row_sampler has {len(row_sampler)} rows for {len(ids_list)} prompts")
+            for i, what, tokens in row_sampler.token_ids():
+                self.check_ids([tokens], [names[i]], rows=[f"{what} of row {i}"])
+        for idx in by_group.values():
+            limit = self.tightest_context(names[i] for i in idx)
+            for chunk in context_chunks(idx, [len(q) for q in ids_list], max_new_tokens, limit):
+                kw = generation_kwargs
+                stops = None
+                if row_sampler is not None and row_sampler.needed:
+                    sub = row_sampler.rows(chunk, eos=[self.stop_ids(names[i]) for i in chunk],
+                                           prompts=[ids_list[i] for i in chunk],
+                                           generated=None if generated is None else [generated[i] for i in chunk])
+                    kw = {**kw, "logits_processor": LogitsProcessorList([*kw.get("logits_processor", []), sub])}
+                    stops = sub.stops if sub.ends_own_way else None
+                until = None
+                if stop is not None and any(stop[i] for i in chunk) or any(limits[i] < max_new_tokens for i in chunk):
+                    until = StopStrings([partial(self.tokenizer(names[i]).decode, skip_special_tokens=True)
+                                         for i in chunk], [stop[i] if stop else [] for i in chunk],
+                                        [limits[i] for i in chunk],
+                                        None if generated is None else [generated[i] for i in chunk],
+                                        None if row_sampler is None else [row_sampler.settings[i].min_tokens
+                                                                          for i in chunk])
+                outs = self._generate_group(chunk, ids_list, names, max_new_tokens, share_prefix, kw, stops, until,
+                                            past=None if past is None else [past[i] for i in chunk],
+                                            keep_cache=keep_cache)
+                for i, r in zip(chunk, outs):
+                    results[i] = r
+        return [r for r in results if r is not None]
+
+    def _generate_group(self, idx: list[int], ids_list: Sequence[Sequence[int]], names: Sequence[str],
+                        max_new_tokens: int, share_prefix: bool, generation_kwargs: dict[str, Any],
+                        stops: list[set[int]] | None = None, until: StopStrings | None = None, *,
+                        past: Sequence[CachedRow | None] | None = None,
+                        keep_cache: bool = False) -> list[GenerationResult]:
+        """One ``generate`` call over rows ``idx`` of one group: a mixed-branch batch, left-padded (after a
+        right-padded cached prefix when prompts share one). ``stops``: the tokens that end each row, when
+        they are not its branch's end of text (then each row ends on its own, not through ``generate``);
+        ``until``: the criterion that ends rows at their stop strings and own lengths; ``past``/``keep_cache``:
+        as :meth:`generate_ids`."""
+        g, rows = self._rows_for([names[i] for i in idx])
+        pad = self.tokenizer(names[idx[0]]).pad_token_id
+        pad = 0 if pad is None else pad
+        seqs = [list(ids_list[i]) for i in idx]
+        cache, shared = None, [0] * len(seqs)
+        # beam search and num_return_sequences expand the batch inside generate, past a given cache; a
+        # caller's own cache (or cache kind) is left alone
+        expands = max(generation_kwargs.get("num_beams") or 1, generation_kwargs.get("num_return_sequences") or 1) > 1
+        if self.static_cache and not any(k in generation_kwargs for k in ("past_key_values", "cache")):
+            generation_kwargs = {"cache_implementation": "static", **generation_kwargs}
+        own_cache = any(k in generation_kwargs for k in ("past_key_values", "cache", "cache_implementation"))
+        limit = self.tightest_context(names[i] for i in idx)
+        keep_cache = keep_cache and not expands and not own_cache
+        carried = None
+        if past is not None and any(p is not None for p in past) and not expands and not own_cache:
+            carried = self._carry(g, rows, seqs, past, pad, None if limit is None else limit - max_new_tokens)
+        if carried is not None:
+            cache, input_ids, mask = carried
+        elif share_prefix and not expands and not own_cache:
+            clusters, _ = prefix_clusters(seqs, [names[i] for i in idx], min_shared=self.min_shared_prefix)
+            sh = shared_lengths(clusters, len(seqs))
+            # positions computed: the prefix batch plus every row's own part, against every full row
+            width = max(sh) + max(len(q) - k for q, k in zip(seqs, sh)) if clusters else 0
+            cost = len(clusters) * max(sh) + len(seqs) * max(len(q) - k for q, k in zip(seqs, sh))
+            fits = limit is None or width + max_new_tokens <= limit
+            if clusters and fits and cost < 0.8 * len(seqs) * max(map(len, seqs)):
+                cache, shared, _ = self._prefill_clusters(g, clusters, seqs, rows)
+        if carried is None:
+            head_ids, head_mask = pad_rows([q[:sh] for q, sh in zip(seqs, shared)], pad=pad, width=max(shared))
+            own_ids, own_mask = pad_rows([q[sh:] for q, sh in zip(seqs, shared)], pad=pad, left=True)
+            input_ids, mask = torch.cat([head_ids, own_ids], 1), torch.cat([head_mask, own_mask], 1)
+        width = input_ids.shape[1]
+        if cache is not None:
+            generation_kwargs = {**generation_kwargs, cache_arg(g.model): cache}
+        eos = set().union(*(self.stop_ids(b) for b in {names[i] for i in idx}))
+        kwargs = {"do_sample": False, "pad_token_id": pad, "eos_token_id": sorted(eos) or None, **generation_kwargs}
+        if stops is not None:
+            kwargs["eos_token_id"] = None
+        own = [c for c in (StopTokens(stops) if stops is not None else None, until) if c is not None]
+        if own:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []), *own])
+        if not kwargs.get("do_sample"):
+            kwargs.setdefault("temperature", None)
+            kwargs.setdefault("top_p", None)
+            kwargs.setdefault("top_k", None)
+        if keep_cache:
+            kwargs["return_dict_in_generate"] = True
+        with g.state.select(rows), torch.no_grad():
+            out = g.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                   max_new_tokens=max_new_tokens, **kwargs)
+        out_cache = None
+        if keep_cache:
+            out_cache, out = getattr(out, "cache", None) or getattr(out, "past_key_values", None), out.sequences
+        results = []
+        for r, i in enumerate(idx):
+            new = out[r, width:].tolist()
+            if until is not None and until.ended[r] is not None:
+                new = new[:until.ended[r]]  # the tokens after are padding
+            reason, stop_id = "length", None
+            for j, t in enumerate(new):
+                if t in (eos if stops is None else stops[r]):
+                    new, reason, stop_id = new[:j], "stop", t
+                    break
+            decode = partial(self.tokenizer(names[i]).decode, skip_special_tokens=True)
+            text = decode(new)
+            if until is not None:
+                start = min_tokens_start(decode, new, until.min_tokens[r] - until.generated[r])
+                text, hit = cut_at_stop(text, until.stops[r], start=start)
+                reason = "stop" if hit or until.hit[r] else reason  # (a stop string may begin before new_ids)
+            results.append(GenerationResult(names[i], list(ids_list[i]), new, text, reason, stop_id))
+        if out_cache is not None:  # each row's cache: its ids and new_ids but the last (the padding after, masked)
+            kept = kvcache.keep(out_cache, out, mask, [len(r.new_ids) for r in results])
+            for r, res in enumerate(results):
+                res.cache = None if kept is None else CachedRow(kept, r)
+        return results
+
+    def _carry(self, g: Any, rows: Sequence[int], seqs: Sequence[Sequence[int]],
+               past: Sequence[CachedRow | None], pad: int, max_width: int | None
+               ) -> tuple[Any, torch.Tensor, torch.Tensor] | None:
+        """``(cache, input_ids [B, W+1], attention_mask [B, W+1])`` for rows that go on from ``past`` (those
+        whose cache holds their ids but the last) and rows prefilled now (the others, but their last
+        token); None when no row can go on, or the merged batch would be wider than ``max_width``."""
+        going = [r for r, p in enumerate(past) if p is not None and p.covers(seqs[r])]
+        if not going:
+            return None
+        parts: dict[int, tuple[kvcache.SegmentCache, list[int], list[int]]] = {}
+        for r in going:
+            part = parts.setdefault(id(past[r].source), (past[r].source, [], []))
+            part[1].append(past[r].row)
+            part[2].append(r)
+        fresh = [r for r in range(len(seqs)) if r not in set(going) and len(seqs[r]) > 1]
+        if fresh:  # their ids but the last, as one left-padded batch
+            x, m = pad_rows([seqs[r][:-1] for r in fresh], pad=pad, left=True)
+            with g.state.select([rows[r] for r in fresh]), torch.no_grad():
+                pre = g.model(input_ids=x.to(self.device), attention_mask=m.to(self.device), use_cache=True,
+                              logits_to_keep=1)
+            snap = kvcache.snapshot(pre[cache_arg(g.model)], x, m)
+            if snap is None:
+                return None
+            parts[-1] = (snap, list(range(len(fresh))), fresh)
+        cache, ids, mask = kvcache.merge(list(parts.values()), len(seqs))
+        if max_width is not None and ids.shape[1] + 1 > max_width:
+            return None
+        input_ids, attention = kvcache.layout(seqs, ids, mask, pad)
+        logger.debug("continuing %d rows from their KV cache, prefilling %d", len(going), len(fresh))
+        return cache, input_ids, attention

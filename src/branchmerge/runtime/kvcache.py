@@ -1,0 +1,137 @@
+"""KV caches kept from one ``generate`` call to the next: continuous batching without re-prefilling.
+
+A serving engine runs a batch in segments (rows leave when they end, waiting ones join). Without this, each
+segment prefilled every row's whole text again. Now a call that keeps its cache gives each row a
+:class:`CachedRow` (the cache the call ended with, and which of its columns are that row's tokens); the next
+call takes the rows that go on from there, prefills only the rows that join, and runs them as one batch.
+
+Layout: a cache's columns hold, per row, its text but the last token (the last one is the next step's
+input), in order, with masked columns (padding, or the gap between a shared prefix and the rest) wherever
+the call that made it put them. Merging rows of several caches left-pads each to the widest; a row is
+carried only if its cached tokens are exactly its text but the last one (:meth:`CachedRow.covers`), so a
+stale or foreign cache is never used: that row is prefilled instead.
+
+Only full-attention ``DynamicCache`` layers are kept (sliding-window, quantized or offloaded layers keep
+other state); for any other cache, :func:`keep` returns None and rows are prefilled as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+@dataclass(eq=False)
+class SegmentCache:
+    """The KV cache one call ended with: ``layers`` ``[(keys, values)]`` each ``[B, heads, W, head_dim]``;
+    ``ids`` ``[B, W]`` the token in each column and ``mask`` ``[B, W]`` (1: a token of that row), on CPU."""
+
+    layers: list[tuple[Tensor, Tensor]]
+    ids: Tensor
+    mask: Tensor
+
+    @property
+    def width(self) -> int:
+        return self.ids.shape[1]
+
+
+@dataclass(eq=False)
+class CachedRow:
+    """Row ``row`` of ``source``: what a later call needs to go on from this row's text without prefilling it."""
+
+    source: SegmentCache = field(repr=False)
+    row: int
+
+    def tokens(self) -> list[int]:
+        """The row's cached tokens, in order."""
+        return self.source.ids[self.row][self.source.mask[self.row].bool()].tolist()
+
+    def covers(self, text: Sequence[int]) -> bool:
+        """Whether the cache holds exactly ``text`` but its last token (then only that one needs a forward)."""
+        return len(text) >= 1 and int(self.source.mask[self.row].sum()) == len(text) - 1 \
+            and self.tokens() == list(text[:-1])
+
+
+def snapshot(cache: Any, ids: Tensor, mask: Tensor) -> SegmentCache | None:
+    """A cache of ``ids`` ``[B, W]`` under ``mask`` ``[B, W]`` as a :class:`SegmentCache`; None if it is not
+    a plain full-attention ``DynamicCache`` of ``B`` rows and ``W`` columns."""
+    if type(cache) is not DynamicCache or not getattr(cache, "layers", None):
+        return None
+    if any(type(layer) is not DynamicLayer or getattr(layer, "keys", None) is None for layer in cache.layers):
+        return None
+    if any(tuple(layer.keys.shape[:1]) + tuple(layer.keys.shape[2:3]) != tuple(ids.shape) for layer in cache.layers):
+        return None
+    return SegmentCache([(layer.keys, layer.values) for layer in cache.layers], ids.cpu(), mask.cpu().long())
+
+
+def keep(cache: Any, sequences: Tensor, input_mask: Tensor, new_tokens: Sequence[int]) -> SegmentCache | None:
+    """The cache a ``generate`` call ended with (:func:`snapshot`), each row's columns after its own
+    ``new_tokens`` masked (the padding ``generate`` gave a row it ended before the others, and the last
+    token kept: a later call feeds it again).
+
+    Args:
+        cache: ``generate``'s output cache (``out.cache`` / ``out.past_key_values``).
+        sequences: ``[B, T]`` its output ids (the input's ``W₀`` columns, then the new tokens).
+        input_mask: ``[B, W₀]`` the attention mask it was given.
+        new_tokens: per row, how many of its new tokens are its text.
+    """
+    width = sequences.shape[1] - 1  # the last token was sampled, never fed
+    steps = width - input_mask.shape[1]
+    if steps < 0 or len(new_tokens) != sequences.shape[0]:
+        return None
+    real = (torch.arange(steps)[None, :] < torch.tensor(list(new_tokens))[:, None] - 1).long()
+    return snapshot(cache, sequences[:, :width], torch.cat([input_mask.cpu().long(), real], 1))
+
+
+def merge(parts: Sequence[tuple[SegmentCache, Sequence[int], Sequence[int]]], rows: int
+          ) -> tuple[DynamicCache, Tensor, Tensor]:
+    """One batch of ``rows`` rows from rows of several caches: each part ``(cache, its rows, their rows in
+    the batch)`` left-padded to the widest; batch rows no part fills have no cached token. Columns no row
+    uses are dropped.
+
+    Returns:
+        ``(cache, ids [rows, W], mask [rows, W])``; ``ids``/``mask`` on CPU.
+    """
+    if not parts:
+        raise ValueError("merge needs at least one cache")
+    n_layers = len(parts[0][0].layers)
+    if any(len(p.layers) != n_layers for p, _, _ in parts):
+        raise ValueError(f"caches of {sorted({len(p.layers) for p, _, _ in parts})} layers cannot be merged")
+    width = max(p.width for p, _, _ in parts)
+    ids = torch.zeros(rows, width, dtype=torch.long)
+    mask = torch.zeros(rows, width, dtype=torch.long)
+    for src, src_rows, dest in parts:
+        ids[list(dest), width - src.width:] = src.ids[list(src_rows)]
+        mask[list(dest), width - src.width:] = src.mask[list(src_rows)]
+    used = mask.any(0).nonzero()
+    first = int(used[0]) if used.numel() else width - 1  # (one column at least: a cache is never empty)
+    w = width - first
+    data = []
+    for layer in range(n_layers):
+        k0, v0 = parts[0][0].layers[layer]
+        keys = k0.new_zeros(rows, k0.shape[1], w, k0.shape[3])
+        values = v0.new_zeros(rows, v0.shape[1], w, v0.shape[3])
+        for src, src_rows, dest in parts:
+            k, v = src.layers[layer]
+            lo = max(0, src.width - w)  # the columns of this part that stay (the dropped ones are masked)
+            sel = torch.as_tensor(list(src_rows), dtype=torch.long, device=k.device)
+            at = torch.as_tensor(list(dest), dtype=torch.long, device=k.device)
+            keys[at, :, w - (src.width - lo):] = k.index_select(0, sel)[:, :, lo:]
+            values[at, :, w - (src.width - lo):] = v.index_select(0, sel)[:, :, lo:]
+        data.append((keys, values))
+    return DynamicCache(data), ids[:, first:], mask[:, first:]
+
+
+def layout(texts: Sequence[Sequence[int]], ids: Tensor, mask: Tensor, pad: int) -> tuple[Tensor, Tensor]:
+    """``generate``'s input for rows whose texts but their last token are cached as ``ids``/``mask``
+    ``[B, W]``: ``(input_ids [B, W+1], attention_mask [B, W+1])``, each row's last token in the last column.
+    The cached columns keep their tokens (penalties and stop strings read them); masked ones get ``pad``."""
+    last = torch.tensor([[t[-1]] for t in texts], dtype=torch.long)
+    body = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
+    return torch.cat([body, last], 1), torch.cat([mask, torch.ones_like(last)], 1)
