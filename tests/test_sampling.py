@@ -199,3 +199,32 @@ def test_a_batch_adjusts_each_row_as_it_would_alone():
         else:
             assert got[2, 7] == scores[2, 7] / 1.5 or got[2, 7] == scores[2, 7] * 1.5  # it generated 7
         ids = torch.cat([ids, torch.tensor([[3], [5], [7], [11], [2], [9]])], 1)
+
+
+def test_held_text_holds_back_what_may_begin_a_stop_string():
+    """HeldText, fed a growing text: what may begin a stop string (or a character still being decoded) waits
+    until the next piece shows; the text stops at a completed stop string (through it with keep), nothing
+    after; a text that ends gives out what it held; start keeps an early stop string from ending it."""
+    from branchmerge.runtime.text import HeldText
+
+    def run(pieces, stop, **kw):
+        held, text, out = HeldText(stop, **kw), "", []
+        for p in pieces:
+            text += p
+            out.append(held.feed(text))
+        return out, held
+
+    out, held = run(["He", "llo E", "N", "D!", " more"], ["END"])
+    assert out == ["He", "llo ", "", "", ""] and held.hit and held.text == "Hello " and held.finish() == ""
+    out, held = run(["ab", "E", "Nx", "y"], ["END"])  # "EN" was not the stop string after all
+    assert "".join(out) == "abENxy" and out[1:3] == ["", "ENx"] and not held.hit
+    out, held = run(["ab", "E"], ["END"])
+    assert out == ["ab", ""] and held.finish() == "E"  # the text ended: what it held goes out
+    out, held = run(["a", "EN", "D", "z"], ["END"], keep=True)
+    assert "".join(out) == "aEND"
+    held = HeldText([])  # a character still being decoded waits; the next decode of the ids completes it
+    assert [held.feed("caf"), held.feed("caf\ufffd"), held.feed("café!")] == ["caf", "", "é!"]
+    held = HeldText(["x"])
+    assert held.feed("ax", start=2) == "ax" and not held.hit  # "x" ends inside text[:start]: no stop
+    assert held.feed("axbx", start=2) == "b" and held.hit and held.finish() == ""
+    assert HeldText(["xy"]).feed("ax", final=True) == "ax"  # nothing more comes: nothing held back

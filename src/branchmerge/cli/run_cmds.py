@@ -32,7 +32,7 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: 
     the streamer would otherwise wait for ever). Ctrl-C stops the generation; with ``interruptible``
     (chat) the reply so far is returned, otherwise the interrupt is raised once the worker has stopped.
     """
-    from branchmerge.runtime.text import cut_at_stop, stop_prefix
+    from branchmerge.runtime.text import HeldText
 
     import threading
 
@@ -62,18 +62,12 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: 
 
     t = threading.Thread(target=work, daemon=True)
     t.start()
-    text, shown, ended = "", 0, False
+    text, held = "", HeldText(stops)
     try:
         for piece in streamer:
             text += piece
-            if ended:
-                continue
-            cut, ended = cut_at_stop(text, stops)
-            end = len(cut) if ended else len(text) - stop_prefix(text, stops)
-            typer.echo(text[shown:end], nl=False)
-            shown = max(shown, end)
-        if not ended:
-            typer.echo(text[shown:], nl=False)
+            typer.echo(held.feed(text), nl=False)
+        typer.echo(held.finish(), nl=False)
     except KeyboardInterrupt:
         if not interruptible:
             raise

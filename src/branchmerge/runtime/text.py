@@ -69,6 +69,37 @@ def stop_prefix(text: str, stop: Sequence[str]) -> int:
     return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
+class HeldText:
+    """A streamed text watched for stop strings: what can go out now, and whether one ended it.
+
+    :meth:`feed` takes the whole text so far and returns the characters that can go out: all but a tail
+    that may begin a stop string (or a character still being decoded, ``\ufffd``), held back until the next
+    tokens show; once a stop string completes, the text up to it (with ``keep``, through it) and never more.
+    :meth:`finish` gives what is still held back when the text ends.
+    """
+
+    def __init__(self, stop: Sequence[str], *, keep: bool = False) -> None:
+        self.stop, self.keep = [s for s in stop if s], keep
+        self.text, self.hit, self.sent = "", False, 0
+
+    def feed(self, text: str, *, start: int = 0, final: bool = False) -> str:
+        """``text``: the whole text so far (ignored once a stop string ended it); ``start``: as
+        :func:`cut_at_stop` (``len(text)``: no stop string may end it yet). ``final``: nothing more comes."""
+        if not self.hit:
+            self.text, self.hit = cut_at_stop(text, self.stop, keep=self.keep, start=start)
+        final = final or self.hit
+        end = len(self.text) if final else len(self.text) - stop_prefix(self.text, self.stop)
+        if end <= self.sent or not final and self.text[:end].endswith("\ufffd"):
+            return ""
+        piece, self.sent = self.text[self.sent:end], end
+        return piece
+
+    def finish(self) -> str:
+        """What is still held back, once the text ended without (another) stop string."""
+        piece, self.sent = self.text[self.sent:], len(self.text)
+        return piece
+
+
 def pad_rows(seqs: Sequence[Sequence[int]], *, pad: int = 0, left: bool = False,
              width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids [B, W], mask [B, W])`` of token sequences padded to ``width`` (default: the longest),

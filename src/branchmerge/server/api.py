@@ -22,7 +22,7 @@ from branchmerge.front import Front
 from branchmerge.runtime.bundle import ContextLengthError, GenerationResult
 from branchmerge.runtime.sampling import RowSettings
 from branchmerge.runtime.scoring import common_prefix
-from branchmerge.runtime.text import cut_at_stop, min_tokens_start, stop_prefix
+from branchmerge.runtime.text import HeldText, cut_at_stop, min_tokens_start
 from branchmerge.server import protocol as P
 from branchmerge.server.engine import Busy, Engine, Job
 from branchmerge.server.metrics import SIZE_BUCKETS, EngineMetrics, Registry
@@ -306,7 +306,7 @@ class OpenAIService:
     async def _stream(self, kind, rid, model, branch, job: Job, index: int = 0) -> AsyncIterator[str]:
         decode = partial(self.bundle.tokenizer(branch).decode, skip_special_tokens=job.skip_special)
         eos = job.sampling.stop_set(self.bundle.stop_ids(branch))  # the tokens that end this row
-        sent, text, ids, reason, start = "", "", [], None, 0
+        held, ids, reason, start = HeldText(job.stop, keep=job.keep_stop), [], None, 0
         try:
             yield P.chunk(kind, rid, model, None, None, branch, first=True, index=index)
             while True:
@@ -321,23 +321,21 @@ class OpenAIService:
                     reason = "stop"
                     continue
                 ids.append(t)
-                text, hit = decode(ids), False
-                if len(ids) >= job.sampling.min_tokens:  # before, no stop string ends it
-                    if len(ids) == max(job.sampling.min_tokens, 1):  # where a stop string may end from now on
-                        start = min_tokens_start(decode, ids, job.sampling.min_tokens)
-                    text, hit = cut_at_stop(text, job.stop, keep=job.keep_stop, start=start)
-                if hit:
+                text = decode(ids)
+                if len(ids) == max(job.sampling.min_tokens, 1):  # where a stop string may end from now on
+                    start = min_tokens_start(decode, ids, job.sampling.min_tokens)
+                piece = held.feed(text, start=start if len(ids) >= job.sampling.min_tokens else len(text),
+                                  final=len(ids) >= job.max_tokens)
+                if held.hit:
                     reason = "stop"
                     job.cancel()  # the client has its answer: free the row
-                if len(ids) >= job.max_tokens and reason is None:
+                elif len(ids) >= job.max_tokens:
                     reason = "length"
-                # text that may begin a stop string, or a character still being decoded, waits for more
-                end = len(text) if reason is not None else len(text) - stop_prefix(text, job.stop)
-                if end > len(sent) and (reason is not None or not text[:end].endswith("\ufffd")):
-                    yield P.chunk(kind, rid, model, text[len(sent):end], None, branch, index=index)
-                    sent = text[:end]
-            if len(text) > len(sent) and job.error is None:  # held back when end of text came
-                yield P.chunk(kind, rid, model, text[len(sent):], None, branch, index=index)
+                if piece:
+                    yield P.chunk(kind, rid, model, piece, None, branch, index=index)
+            rest = held.finish() if job.error is None else ""  # held back when end of text came
+            if rest:
+                yield P.chunk(kind, rid, model, rest, None, branch, index=index)
             if isinstance(job.request, _Request):
                 job.request.completion_tokens += len(ids)
             if job.error is not None:
