@@ -44,6 +44,34 @@ def test_rows_go_on_from_their_cache_and_new_rows_join(loaded):
     assert going and all(r.cache.covers(r.prompt_ids + r.new_ids) for r in going)
 
 
+def test_the_merged_batch_scores_each_row_as_its_text_alone(loaded):
+    """The next step over a merged batch — rows carried from a cache, joining rows of different lengths and branches prefilled together (left-padded), a row of one token — gives
+    each row the logits of its whole text run alone (positions count from each row's own first token)."""
+    from branchmerge.runtime.generation import cache_arg
+    from branchmerge.runtime.text import pad_rows
+
+    b = loaded[0.9]
+    tok = b.tokenizer("a")
+    head = "rev the quick brown fox="
+    first_ids = [tok.encode(head + "ab"), tok.encode(head + "xyz")]
+    first = b.generate_ids(first_ids, ["a", "a"], max_new_tokens=5, keep_cache=True)
+    texts = [i + f.new_ids for i, f in zip(first_ids, first)]
+    texts += [tok.encode("add 5+5="), tok.encode("key longer than the other one="), tok.encode("k")]
+    names = ["a", "a", "b", "c", "a"]
+    g, rows = b._rows_for(names)
+    cache, input_ids, attention = b._carry(g, rows, texts, [first[0].cache, first[1].cache, None, None, None],
+                                           0, None)
+    assert attention[4, :-1].sum() == 0 and attention[2, 0] == 0  # a row of one token; a left-padded one
+    pos = (attention.cumsum(1) - 1)[:, -1:]
+    with g.state.select(rows), torch.no_grad():
+        step = g.model(input_ids=input_ids[:, -1:], attention_mask=attention, position_ids=pos,
+                       **{cache_arg(g.model): cache}).logits[:, -1]
+    for r, (text, name) in enumerate(zip(texts, names)):
+        x, _ = pad_rows([text])
+        alone = b.logits(x, [name])[0, -1]
+        assert torch.allclose(step[r], alone, atol=1e-4), (r, (step[r] - alone).abs().max())
+
+
 def test_a_cache_that_does_not_hold_the_rows_text_is_not_used(loaded):
     """A row whose cache holds other tokens (a stale one, or another row's) is prefilled instead; its
     answer is its own."""

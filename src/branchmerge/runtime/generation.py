@@ -220,11 +220,12 @@ class BatchGeneration:
             part[1].append(past[r].row)
             part[2].append(r)
         fresh = [r for r in range(len(seqs)) if r not in set(going) and len(seqs[r]) > 1]
-        if fresh:  # their ids but the last, as one left-padded batch
+        if fresh:  # their ids but the last, as one left-padded batch (positions counted from each row's first)
             x, m = pad_rows([seqs[r][:-1] for r in fresh], pad=pad, left=True)
+            pos = (m.cumsum(1) - 1).clamp(min=0)
             with g.state.select([rows[r] for r in fresh]), torch.no_grad():
-                pre = g.model(input_ids=x.to(self.device), attention_mask=m.to(self.device), use_cache=True,
-                              logits_to_keep=1)
+                pre = g.model(input_ids=x.to(self.device), attention_mask=m.to(self.device),
+                              position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1)
             snap = kvcache.snapshot(pre[cache_arg(g.model)], x, m)
             if snap is None:
                 return None
