@@ -44,6 +44,7 @@ def test_short_jobs_join_a_long_one_and_leave_before_it(loaded):
     # each prompt is prefilled once: the rows going on keep their KV cache from one segment to the next
     prefilled = sum(rows * width for rows, width in seen if width > 1)
     assert prefilled <= len(long.ids) + 3 * max(len(j.ids) for j in shorts)
+    assert engine.reused_tokens >= len(long.ids) + 2  # at least the long row's text, once (/metrics reads it)
     for j in [long, *shorts]:
         ref = _alone(b, j)
         assert (j.error, j.new_ids, j.stop_id) == (None, ref.new_ids, ref.stop_id)

@@ -45,23 +45,33 @@ def test_rows_go_on_from_their_cache_and_new_rows_join(loaded):
 
 
 def test_the_merged_batch_scores_each_row_as_its_text_alone(loaded):
-    """The next step over a merged batch — rows carried from a cache, joining rows of different lengths and branches prefilled together (left-padded), a row of one token — gives
-    each row the logits of its whole text run alone (positions count from each row's own first token)."""
+    """The next step over a merged batch — rows carried from a cache, a row whose cache holds the start of
+    its ids (a conversation's next turn), one whose cache holds more than its ids share (cut there), joining
+    rows of different lengths and branches prefilled together (left-padded), a row of one token — gives each
+    row the logits of its whole text run alone (positions count from each row's own first token)."""
     from branchmerge.runtime.generation import cache_arg
     from branchmerge.runtime.text import pad_rows
 
     b = loaded[0.9]
     tok = b.tokenizer("a")
     head = "rev the quick brown fox="
-    first_ids = [tok.encode(head + "ab"), tok.encode(head + "xyz")]
-    first = b.generate_ids(first_ids, ["a", "a"], max_new_tokens=5, keep_cache=True)
+    first_ids = [tok.encode(head + "ab"), tok.encode(head + "xyz"), tok.encode("add 12+30="),
+                 tok.encode("key zz=abcdefgh")]
+    first = b.generate_ids(first_ids, ["a", "a", "b", "c"], max_new_tokens=5, keep_cache=True)
     texts = [i + f.new_ids for i, f in zip(first_ids, first)]
+    texts[2] = texts[2] + tok.encode(" next: add 1+1=")  # the next turn: its cache holds the start
+    texts[3] = first_ids[3][:-3] + tok.encode("XY")  # its cache holds 3 more prompt tokens and the answer
     texts += [tok.encode("add 5+5="), tok.encode("key longer than the other one="), tok.encode("k")]
-    names = ["a", "a", "b", "c", "a"]
+    names = ["a", "a", "b", "c", "b", "c", "a"]
     g, rows = b._rows_for(names)
-    cache, input_ids, attention = b._carry(g, rows, texts, [first[0].cache, first[1].cache, None, None, None],
-                                           0, None)
-    assert attention[4, :-1].sum() == 0 and attention[2, 0] == 0  # a row of one token; a left-padded one
+    past = [f.cache for f in first] + [None] * 3
+    assert [p.shared(t) if p else 0 for p, t in zip(past, texts)][:4] == [len(t) - 1 for t in texts[:2]] + [
+        len(texts[2]) - len(tok.encode(" next: add 1+1=")) - 1, len(first_ids[3]) - 3]  # (not the last answer token)
+    with forwards(g.model) as seen:
+        cache, input_ids, attention, going = b._carry(g, rows, texts, past, 0, None)
+    assert going == {0, 1, 2, 3} and len(seen) == 1 and seen[0][0] == 4  # one prefill: rows 2 to 5 (6 has one token)
+    assert seen[0][1] == max(len(t) - 1 - (p.shared(t) if p else 0) for p, t in zip(past[2:], texts[2:]))
+    assert attention[6, :-1].sum() == 0 and attention[4, 0] == 0  # a row of one token; a left-padded one
     pos = (attention.cumsum(1) - 1)[:, -1:]
     with g.state.select(rows), torch.no_grad():
         step = g.model(input_ids=input_ids[:, -1:], attention_mask=attention, position_ids=pos,
@@ -73,8 +83,8 @@ def test_the_merged_batch_scores_each_row_as_its_text_alone(loaded):
 
 
 def test_a_cache_that_does_not_hold_the_rows_text_is_not_used(loaded):
-    """A row whose cache holds other tokens (a stale one, or another row's) is prefilled instead; its
-    answer is its own."""
+    """A row whose cache holds other tokens (a stale one, or another row's), or was made by another branch,
+    is prefilled instead; its answer is its own."""
     b = loaded[0.9]
     tok = b.tokenizer("a")
     ids = [tok.encode("rev hello="), tok.encode("add 5+5=")]
@@ -87,6 +97,10 @@ def test_a_cache_that_does_not_hold_the_rows_text_is_not_used(loaded):
         out = b.generate_ids(texts, ["a", "a"], max_new_tokens=6, generated=[4, 4], past=swapped)
     assert seen[0][1] > 1  # prefilled, as without a cache
     assert [o.new_ids for o in out] == [r.new_ids for r in ref]
+    other = b.generate_ids(texts[:1], ["b"], max_new_tokens=6, generated=[4])[0]
+    with forwards(b.model("a")) as seen:  # branch a's cache, for a row of branch b: not used
+        out = b.generate_ids(texts[:1], ["b"], max_new_tokens=6, generated=[4], past=[first[0].cache])
+    assert seen[0][1] > 1 and out[0].new_ids == other.new_ids and first[0].cache.branch == "a"
     edited = list(texts[0])
     edited[2] = (edited[2] + 1) % 60  # one token changed before the end
     assert not first[0].cache.covers(edited) and not first[0].cache.covers(texts[0][:-1])

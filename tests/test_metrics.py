@@ -115,6 +115,26 @@ def test_a_mixed_batch_is_seen_as_one(served):
             assert after[(name.replace("_bucket", "_count"), rest)] == after[(name, labels)]
 
 
+def test_kept_kv_tokens_are_counted(served):
+    """A request that joins a running one: the running row's text is not prefilled again, and
+    kv_reused_tokens_total says how many tokens that saved (the engine's own count)."""
+    import time
+
+    url, c, engine = served["url"], served["client"], served["app"].state.engine
+    before, reused = scrape(url), engine.reused_tokens
+    with ThreadPoolExecutor(1) as ex:
+        long = ex.submit(c.completions.create, model="a", prompt="rev hello=", max_tokens=100,
+                         extra_body={"ignore_eos": True})
+        end = time.monotonic() + 30
+        while engine.running == 0:
+            assert time.monotonic() < end
+            time.sleep(0.001)
+        c.completions.create(model="b", prompt="add 2+2=", max_tokens=3)
+        assert long.result().usage.completion_tokens == 100
+    saved = delta(scrape(url), before, "branchmerge_kv_reused_tokens_total")
+    assert saved == engine.reused_tokens - reused >= len("rev hello=")  # at least the running row's prompt
+
+
 def test_gateway_metrics_count_upstreams(served, tmp_path):
     cfg = {"upstreams": {"u": {"base_url": served["url"] + "/v1", "api_key_env": "BM_METRICS_KEY"},
                          "down": {"base_url": "http://127.0.0.1:9/v1", "connect_timeout_s": 1}},

@@ -214,12 +214,27 @@ def test_cli_generate_stops_at_its_stop_strings(capsys, bundles):
 
 
 def test_cli_chat(capsys, bundles, monkeypatch):
+    """Two turns; the second goes on from the first reply's KV cache (prefilling only what it adds) and
+    answers as it does without it."""
     import io
 
+    from branchmerge.runtime.generation import BatchGeneration
+
+    carry, used = BatchGeneration._carry, []
+
+    def spy(self, *a, **kw):
+        got = carry(self, *a, **kw)
+        used.append(got is not None and got[3] == {0})
+        return got
+
+    monkeypatch.setattr(BatchGeneration, "_carry", spy)
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\nagain\n\n"))
     code, out, err = run_cli(capsys, "chat", bundles[0.9], "--branch", "c", "-n", "3")
     assert code == 0, err
-    assert out.count("c> ") == 2
+    assert out.count("c> ") == 2 and used == [True]  # (the first turn had no cache)
+    monkeypatch.setattr(BatchGeneration, "_carry", lambda self, *a, **kw: None)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nagain\n\n"))
+    assert run_cli(capsys, "chat", bundles[0.9], "--branch", "c", "-n", "3")[1] == out
 
 
 def test_cli_chat_ctrl_c_stops_the_reply_not_the_chat(capsys, bundles, monkeypatch):

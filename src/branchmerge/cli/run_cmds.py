@@ -24,8 +24,11 @@ class _Stop:
 
 
 def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: RowSettings, *,
-            interruptible: bool = False, stop: list[str] | None = None) -> str:
-    """Generate in a worker thread and echo its tokens as they come; returns the text.
+            interruptible: bool = False, stop: list[str] | None = None, past=None,
+            keep_cache: bool = False) -> tuple[str, object]:
+    """Generate in a worker thread and echo its tokens as they come; returns the text and, with
+    ``keep_cache``, the KV cache its row ended with (``past`` of a chat's next turn, which then prefills
+    only the tokens it adds).
 
     With ``stop`` strings, generation ends at the first, which is not shown: text that may begin one is
     held back until it cannot. An error in the worker ends the stream and is raised here (the loop over
@@ -54,8 +57,8 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: 
             with torch.inference_mode():
                 r = bundle.generate_ids([ids], [branch], max_new_tokens=max_new_tokens, streamer=streamer,
                                         stop=[stops], stopping_criteria=StoppingCriteriaList([_Stop(interrupt)]),
-                                        row_sampler=sampler)
-            result.append(r[0].text)
+                                        row_sampler=sampler, past=[past], keep_cache=keep_cache)
+            result.append(r[0])
         except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
             failure.append(e)
             streamer.end()
@@ -78,7 +81,7 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: 
     typer.echo("")
     if failure:
         raise failure[0]
-    return result[0] if result else ""
+    return (result[0].text, result[0].cache) if result else ("", None)
 
 
 def _load(bundle_dir: Path, routing: bool, **kw):
@@ -173,6 +176,7 @@ def chat(
 
     bundle = _load(bundle_dir, branch == "auto", device=device, dtype=dtype)
     history: list[dict[str, str]] = []
+    cache = None  # the last reply's KV cache: the next turn prefills only what it adds
     while True:
         try:
             line = input("you> ").strip()
@@ -188,10 +192,12 @@ def chat(
         except BranchmergeError as e:
             typer.secho(f"error: {e}", err=True, fg="red")
             history.clear()
+            cache = None
             continue
         typer.secho(f"{name}> ", nl=False, fg="cyan")
-        reply = _stream(bundle, name, ids, mt, RowSettings(temperature, top_p, top_k, min_p,
-                                                           repetition_penalty=repetition_penalty), interruptible=True)
+        reply, cache = _stream(bundle, name, ids, mt, RowSettings(temperature, top_p, top_k, min_p,
+                                                                  repetition_penalty=repetition_penalty),
+                               interruptible=True, past=cache, keep_cache=True)
         history.append({"role": "assistant", "content": reply})
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -37,6 +37,7 @@ class GenerationResult:
     finish_reason: str  # "stop" or "length"
     stop_id: int | None = None  # the end-of-sequence token that ended it (not in new_ids)
     cache: CachedRow | None = field(default=None, repr=False)  # its KV cache, with generate_ids(keep_cache=True)
+    reused: int = 0  # tokens of its ids not prefilled: they were in its cache from an earlier call (``past``)
 
 
 def cache_arg(model: PreTrainedModel) -> str:
@@ -142,11 +143,12 @@ class BatchGeneration:
         own_cache = any(k in generation_kwargs for k in ("past_key_values", "cache", "cache_implementation"))
         limit = self.tightest_context(names[i] for i in idx)
         keep_cache = keep_cache and not expands and not own_cache
-        carried = None
+        carried, going = None, set()
         if past is not None and any(p is not None for p in past) and not expands and not own_cache:
-            carried = self._carry(g, rows, seqs, past, pad, None if limit is None else limit - max_new_tokens)
+            mine = [p if p is not None and p.branch == names[i] else None for p, i in zip(past, idx)]
+            carried = self._carry(g, rows, seqs, mine, pad, None if limit is None else limit - max_new_tokens)
         if carried is not None:
-            cache, input_ids, mask = carried
+            cache, input_ids, mask, going = carried
         elif share_prefix and not expands and not own_cache:
             clusters, _ = prefix_clusters(seqs, [names[i] for i in idx], min_shared=self.min_shared_prefix)
             sh = shared_lengths(clusters, len(seqs))
@@ -198,41 +200,79 @@ class BatchGeneration:
                 start = min_tokens_start(decode, new, until.min_tokens[r] - until.generated[r])
                 text, hit = cut_at_stop(text, until.stops[r], start=start)
                 reason = "stop" if hit or until.hit[r] else reason  # (a stop string may begin before new_ids)
-            results.append(GenerationResult(names[i], list(ids_list[i]), new, text, reason, stop_id))
+            results.append(GenerationResult(names[i], list(ids_list[i]), new, text, reason, stop_id,
+                                            reused=len(seqs[r]) - 1 if r in going else 0))
         if out_cache is not None:  # each row's cache: its ids and new_ids but the last (the padding after, masked)
             kept = kvcache.keep(out_cache, out, mask, [len(r.new_ids) for r in results])
             for r, res in enumerate(results):
-                res.cache = None if kept is None else CachedRow(kept, r)
+                res.cache = None if kept is None else CachedRow(kept, r, res.branch)
         return results
 
     def _carry(self, g: Any, rows: Sequence[int], seqs: Sequence[Sequence[int]],
                past: Sequence[CachedRow | None], pad: int, max_width: int | None
-               ) -> tuple[Any, torch.Tensor, torch.Tensor] | None:
-        """``(cache, input_ids [B, W+1], attention_mask [B, W+1])`` for rows that go on from ``past`` (those
-        whose cache holds their ids but the last) and rows prefilled now (the others, but their last
-        token); None when no row can go on, or the merged batch would be wider than ``max_width``."""
-        going = [r for r, p in enumerate(past) if p is not None and p.covers(seqs[r])]
-        if not going:
+               ) -> tuple[Any, torch.Tensor, torch.Tensor, set[int]] | None:
+        """``(cache, input_ids [B, W+1], attention_mask [B, W+1], rows going on)`` for rows that go on from
+        ``past`` and rows prefilled now; None when no row's cache holds a useful part of its ids, or the
+        merged batch would be wider than ``max_width``.
+
+        A row's cache is used up to where it agrees with the row's ids (:meth:`~.kvcache.CachedRow.shared`),
+        when that is at least half of what it holds; the rest of its ids but the last (all of them for a
+        row without a cache) run as one left-padded prefill over those caches, then every row's last token
+        goes to ``generate``. A row whose cache holds all its ids but the last (a running row of the
+        serving engine) needs no prefill."""
+        held = [0] * len(seqs)
+        for r, p in enumerate(past):
+            if p is not None:
+                n = p.shared(seqs[r])
+                held[r] = n if n and 2 * n >= int(p.source.mask[p.row].sum()) else 0
+        if not any(held):
             return None
-        parts: dict[int, tuple[kvcache.SegmentCache, list[int], list[int]]] = {}
-        for r in going:
-            part = parts.setdefault(id(past[r].source), (past[r].source, [], []))
-            part[1].append(past[r].row)
-            part[2].append(r)
-        fresh = [r for r in range(len(seqs)) if r not in set(going) and len(seqs[r]) > 1]
-        if fresh:  # their ids but the last, as one left-padded batch (positions counted from each row's first)
-            x, m = pad_rows([seqs[r][:-1] for r in fresh], pad=pad, left=True)
-            pos = (m.cumsum(1) - 1).clamp(min=0)
-            with g.state.select([rows[r] for r in fresh]), torch.no_grad():
-                pre = g.model(input_ids=x.to(self.device), attention_mask=m.to(self.device),
-                              position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1)
-            snap = kvcache.snapshot(pre[cache_arg(g.model)], x, m)
-            if snap is None:
+        going = [r for r in range(len(seqs)) if held[r]]
+        todo = [r for r in range(len(seqs)) if len(seqs[r]) - 1 > held[r]]  # ids to prefill (from their cache on)
+        parts = self._parts([r for r in going if r not in set(todo)], past, held)
+        if todo:
+            part = self._extend(g, [rows[r] for r in todo], [seqs[r][held[r]:-1] for r in todo], pad,
+                                self._parts(range(len(todo)), [past[r] for r in todo], [held[r] for r in todo]))
+            if part is None:
                 return None
-            parts[-1] = (snap, list(range(len(fresh))), fresh)
-        cache, ids, mask = kvcache.merge(list(parts.values()), len(seqs))
+            parts.append((part, list(range(len(todo))), todo))
+        cache, ids, mask = kvcache.merge(parts, len(seqs))
         if max_width is not None and ids.shape[1] + 1 > max_width:
             return None
         input_ids, attention = kvcache.layout(seqs, ids, mask, pad)
-        logger.debug("continuing %d rows from their KV cache, prefilling %d", len(going), len(fresh))
-        return cache, input_ids, attention
+        logger.debug("%d rows go on from their KV cache (%d tokens), %d prefilled", len(going), sum(held), len(todo))
+        return cache, input_ids, attention, set(going)
+
+    @staticmethod
+    def _parts(which: Iterable[int], past: Sequence[CachedRow | None], held: Sequence[int]
+               ) -> list[tuple[kvcache.SegmentCache, list[int], list[int]]]:
+        """:func:`~.kvcache.merge`'s parts for rows ``which`` (those with ``held`` > 0), each row's cache cut
+        to the ``held`` tokens it shares with the row's ids; rows of one uncut cache make one part."""
+        parts: dict[int, tuple[kvcache.SegmentCache, list[int], list[int]]] = {}
+        for r in which:
+            if not held[r]:
+                continue
+            row = past[r]
+            if int(row.source.mask[row.row].sum()) > held[r]:
+                row = row.prefix(held[r])
+            part = parts.setdefault(id(row.source), (row.source, [], []))
+            part[1].append(row.row)
+            part[2].append(r)
+        return list(parts.values())
+
+    def _extend(self, g: Any, rows: Sequence[int], tails: Sequence[Sequence[int]], pad: int,
+                parts: list[tuple[kvcache.SegmentCache, list[int], list[int]]]) -> kvcache.SegmentCache | None:
+        """One forward of ``tails`` (left-padded) over the rows' merged caches (``parts``; rows in none start
+        from nothing), positions counted from each row's first token; its cache as a SegmentCache."""
+        x, m = pad_rows(tails, pad=pad, left=True)
+        kw: dict[str, Any] = {}
+        if parts:
+            cache, ids, mask = kvcache.merge(parts, len(tails))
+            kw[cache_arg(g.model)] = cache
+            x, m = torch.cat([torch.where(mask.bool(), ids, pad), x], 1), torch.cat([mask, m], 1)
+        width = x.shape[1] - (ids.shape[1] if parts else 0)
+        pos = (m.cumsum(1) - 1).clamp(min=0)[:, -width:]
+        with g.state.select(list(rows)), torch.no_grad():
+            out = g.model(input_ids=x[:, -width:].to(self.device), attention_mask=m.to(self.device),
+                          position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1, **kw)
+        return kvcache.snapshot(out[cache_arg(g.model)], x, m)

@@ -26,6 +26,8 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from branchmerge.runtime.scoring import common_prefix
+
 
 @dataclass(eq=False)
 class SegmentCache:
@@ -47,6 +49,7 @@ class CachedRow:
 
     source: SegmentCache = field(repr=False)
     row: int
+    branch: str = ""  # the branch whose weights made it: another branch's rows never use it
 
     def tokens(self) -> list[int]:
         """The row's cached tokens, in order."""
@@ -56,6 +59,21 @@ class CachedRow:
         """Whether the cache holds exactly ``text`` but its last token (then only that one needs a forward)."""
         return len(text) >= 1 and int(self.source.mask[self.row].sum()) == len(text) - 1 \
             and self.tokens() == list(text[:-1])
+
+    def shared(self, text: Sequence[int]) -> int:
+        """How many of ``text``'s first tokens (never its last) the cache holds, in order: those need no
+        forward; a cache that holds more (the end of an earlier answer, re-tokenized otherwise) is used up
+        to there."""
+        held = self.tokens()
+        return common_prefix(held[:max(0, len(text) - 1)], list(text))
+
+    def prefix(self, n: int) -> CachedRow:
+        """This row with only its first ``n`` cached tokens (the later columns masked; no copy of keys and
+        values, a copy of the mask)."""
+        mask = self.source.mask.clone()
+        real = mask[self.row].nonzero()[:, 0]
+        mask[self.row, real[n:]] = 0
+        return CachedRow(SegmentCache(self.source.layers, self.source.ids, mask), self.row, self.branch)
 
 
 def snapshot(cache: Any, ids: Tensor, mask: Tensor) -> SegmentCache | None:

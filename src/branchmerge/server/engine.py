@@ -195,6 +195,7 @@ class Engine:
         self._stalled: tuple | None = None
         self.batches = 0  # batches run (tests and /health read it)
         self.cancelled_jobs = 0
+        self.reused_tokens = 0  # tokens of running rows not prefilled again at a segment: their KV cache was kept
         self.running = 0  # jobs in the batch running now
         self.metrics: Any = None  # an EngineMetrics (serve's /metrics), told of each finished batch
         self._queues: OrderedDict[Any, deque[Job]] = OrderedDict()
@@ -390,6 +391,7 @@ class Engine:
         ended = []
         for j, o in zip(jobs, outs):
             j.new_ids, j.stop_id, j.kv = j.new_ids + o.new_ids, o.stop_id, o.cache
+            self.reused_tokens += o.reused
             if o.finish_reason == "stop" or len(j.new_ids) >= j.max_tokens or j.cancelled.is_set():
                 ended.append(j)
         return ended

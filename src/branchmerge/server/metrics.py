@@ -171,6 +171,8 @@ class EngineMetrics:
         registry.gauge("num_requests_running", "Jobs in the batch running now.", read=lambda: {(): engine.running})
         registry.counter("cancelled_jobs_total", "Jobs dropped before running because their client went away.",
                          read=lambda: {(): engine.cancelled_jobs})
+        registry.counter("kv_reused_tokens_total", "Tokens of running rows not prefilled again when a batch "
+                         "took someone in: their KV cache was kept.", read=lambda: {(): engine.reused_tokens})
         self.prompt = registry.counter("prompt_tokens_total", "Prompt tokens run, by branch (once per choice).",
                                        ("branch",))
         self.generated = registry.counter("generation_tokens_total", "Tokens generated, by branch.", ("branch",))
