@@ -86,3 +86,25 @@ def test_a_waiting_job_that_does_not_fit_does_not_break_segments(loaded):
     assert big.finished.wait(120) and long.finished.is_set()
     assert engine.batches == 2 and engine.segments <= 3  # not one per 2 steps of the long job
     assert (big.error, len(big.new_ids)) == (None, 128 - len(ids)) and long.new_ids == _alone(b, long).new_ids
+
+
+def test_a_job_that_begins_as_a_finished_one_prefills_only_the_rest(loaded):
+    """With a prefix cache, a job whose prompt begins with a finished job's text (a conversation's next
+    turn) goes on from that job's cache: only its new tokens are prefilled, and it answers as alone."""
+    b = loaded[0.9]
+    tok = b.tokenizer("a")
+    engine = Engine(b, max_batch=4, wait_ms=0, min_segment=2, prefix_cache_tokens=1000)
+    first = engine.submit(Job(tok.encode("rev the quick brown fox="), "a", 8))
+    assert first.finished.wait(60) and engine.prefix.tokens > 0
+    turn = first.ids + first.new_ids + tok.encode(" and rev abc=")
+    with forwards(b.model("a")) as seen:
+        second = engine.submit(Job(turn, "a", 6))
+        assert second.finished.wait(60)
+    assert seen[0] == (1, len(tok.encode(" and rev abc=")))  # the new tokens only (the last answer token too)
+    assert engine.reused_tokens == len(first.ids) + len(first.new_ids) - 1
+    assert second.new_ids == _alone(b, second).new_ids
+    other = engine.submit(Job(turn, "b", 6))  # another branch: no cache of its own
+    assert other.finished.wait(60) and engine.reused_tokens == len(first.ids) + len(first.new_ids) - 1
+    salted = engine.submit(Job(turn, "a", 6, salt="tenant-2"))  # another tenant's salt: not first's cache
+    assert salted.finished.wait(60) and engine.reused_tokens == len(first.ids) + len(first.new_ids) - 1
+    assert salted.new_ids == second.new_ids

@@ -69,7 +69,7 @@ def test_the_merged_batch_scores_each_row_as_its_text_alone(loaded):
         len(texts[2]) - len(tok.encode(" next: add 1+1=")) - 1, len(first_ids[3]) - 3]  # (not the last answer token)
     with forwards(g.model) as seen:
         cache, input_ids, attention, going = b._carry(g, rows, texts, past, 0, None)
-    assert going == {0, 1, 2, 3} and len(seen) == 1 and seen[0][0] == 4  # one prefill: rows 2 to 5 (6 has one token)
+    assert set(going) == {0, 1, 2, 3} and len(seen) == 1 and seen[0][0] == 4  # one prefill: rows 2 to 5 (6 has one token)
     assert seen[0][1] == max(len(t) - 1 - (p.shared(t) if p else 0) for p, t in zip(past[2:], texts[2:]))
     assert attention[6, :-1].sum() == 0 and attention[4, 0] == 0  # a row of one token; a left-padded one
     pos = (attention.cumsum(1) - 1)[:, -1:]
@@ -146,3 +146,41 @@ def test_only_plain_full_attention_caches_are_kept():
     sliding = DynamicCache(config=cfg)
     sliding.update(torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4, 8), 0)
     assert kvcache.snapshot(sliding, ids, mask) is None
+
+
+def test_prefix_store_keeps_finished_rows_within_its_budget(loaded):
+    """PrefixStore: a finished row's cache (its own columns, copied) serves a later row that begins the
+    same way, cut to what they share (never the later row's last token); another branch's row, or one
+    sharing fewer than min_tokens, gets nothing; a row extending a stored one replaces it; past the budget
+    the least recently used go first."""
+    b = loaded[0.9]
+    tok = b.tokenizer("a")
+    head = "rev the quick brown fox jumps="
+    ids = [tok.encode(head + "ab"), tok.encode("add 12+30= and then some"), tok.encode("key zz=abc")]
+    out = b.generate_ids(ids, ["a", "b", "a"], max_new_tokens=4, keep_cache=True)
+    store = kvcache.PrefixStore(max_tokens=200, min_tokens=8)
+    for o in out:
+        store.add(o.cache)
+    assert len(store) == 3 and store.tokens == sum(len(i) + 3 for i in ids)
+    assert all(s.seg.layers[0][0].shape[0] == 1 for s in store._rows.values())  # a row, not its batch
+    later = tok.encode(head + "zz")
+    got = store.lookup("a", later)
+    shared = kvcache.common_prefix(ids[0], later)
+    assert got.branch == "a" and got.tokens() == later[:shared] and got.source.layers[0][0].shape[2] == shared
+    assert store.lookup("b", later) is None  # branch a's cache
+    assert store.lookup("a", tok.encode("rev t")) is None  # shares fewer than min_tokens
+    whole = ids[0] + out[0].new_ids
+    assert store.lookup("a", whole).tokens() == whole[:-1]  # all of it: the last token is fed again
+    cached = b.generate_ids([later], ["a"], max_new_tokens=5, past=[got])[0]
+    assert cached.reused == shared and cached.new_ids == b.generate_ids([later], ["a"], max_new_tokens=5)[0].new_ids
+    longer = b.generate_ids([whole], ["a"], max_new_tokens=3, generated=[4], keep_cache=True)[0]
+    store.add(longer.cache)  # extends row 0's entry: replaces it
+    assert len(store) == 3 and store.lookup("a", whole + longer.new_ids).tokens() == whole + longer.new_ids[:-1]
+    store.lookup("b", ids[1] + [5])  # row 1 used: row 2 is now the least recently used
+    small = kvcache.PrefixStore(max_tokens=len(ids[1]) + 3 + len(ids[2]) + 3, min_tokens=8)
+    for o in out[1:]:
+        small.add(o.cache)
+    small.lookup("b", ids[1] + [5])
+    small.add(out[0].cache)  # over the budget: the least recently used (row 2) goes, then row 1
+    assert small.tokens <= small.max_tokens and small.lookup("a", ids[2] + [5]) is None
+    assert small.lookup("a", ids[0] + [5]) is not None

@@ -135,6 +135,26 @@ def test_kept_kv_tokens_are_counted(served):
     assert saved == engine.reused_tokens - reused >= len("rev hello=")  # at least the running row's prompt
 
 
+def test_a_conversations_next_turn_reuses_its_cache_within_its_salt(served):
+    """The prefix cache through the API: a chat's next turn prefills only what it adds (kv_reused_tokens_total
+    grows, prefix_cache_tokens holds the turns); with another cache_salt (vLLM's) it finds nothing; the
+    answers are the same either way."""
+    url, c = served["url"], served["client"]
+    msgs = [{"role": "user", "content": "rev the quick brown fox jumps over="}]
+    first = c.chat.completions.create(model="a", messages=msgs, max_tokens=6, extra_body={"cache_salt": "t1"})
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "add 1+2="}]
+    before = scrape(url)
+    other = c.chat.completions.create(model="a", messages=msgs, max_tokens=6, extra_body={"cache_salt": "t2"})
+    mid = scrape(url)
+    same = c.chat.completions.create(model="a", messages=msgs, max_tokens=6, extra_body={"cache_salt": "t1"})
+    after = scrape(url)
+    assert delta(mid, before, "branchmerge_kv_reused_tokens_total") == 0
+    assert delta(after, mid, "branchmerge_kv_reused_tokens_total") >= len(msgs[0]["content"])
+    assert after[("branchmerge_prefix_cache_tokens", ())] > 0
+    assert same.choices[0].message.content == other.choices[0].message.content
+
+
 def test_gateway_metrics_count_upstreams(served, tmp_path):
     cfg = {"upstreams": {"u": {"base_url": served["url"] + "/v1", "api_key_env": "BM_METRICS_KEY"},
                          "down": {"base_url": "http://127.0.0.1:9/v1", "connect_timeout_s": 1}},

@@ -224,7 +224,7 @@ def test_cli_chat(capsys, bundles, monkeypatch):
 
     def spy(self, *a, **kw):
         got = carry(self, *a, **kw)
-        used.append(got is not None and got[3] == {0})
+        used.append(got is not None and list(got[3]) == [0])
         return got
 
     monkeypatch.setattr(BatchGeneration, "_carry", spy)

@@ -21,6 +21,10 @@ def serve_cmd(
     max_tokens_limit: int = typer.Option(2048, "--max-tokens-limit", min=1, help="Largest max_tokens accepted."),
     max_prompts: int = typer.Option(64, "--max-prompts", min=1, help="Most prompts in one request."),
     max_choices: int = typer.Option(128, "--max-choices", min=1, help="Most prompts × n in one request."),
+    prefix_cache_tokens: int = typer.Option(8192, "--prefix-cache-tokens", min=0,
+                                            help="Finished requests' KV caches kept, in tokens, for later requests "
+                                            "that begin the same way (a chat's next turn, a shared system "
+                                            "prompt): they prefill only what they add. 0: off."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bf16, fp16 (default: the bundle's)."),
 ) -> None:
@@ -36,7 +40,7 @@ def serve_cmd(
     limits = ServerLimits(max_tokens=max_tokens_limit, max_prompts=max_prompts, max_choices=max_choices)
     serve(str(bundle_dir), host=host, port=port, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms,
           device=device, dtype=dtype, pipelines=load_pipelines(pipelines) if pipelines is not None else None,
-          limits=limits)
+          limits=limits, prefix_cache_tokens=prefix_cache_tokens)
 
 
 def gateway_cmd(

@@ -143,7 +143,7 @@ class BatchGeneration:
         own_cache = any(k in generation_kwargs for k in ("past_key_values", "cache", "cache_implementation"))
         limit = self.tightest_context(names[i] for i in idx)
         keep_cache = keep_cache and not expands and not own_cache
-        carried, going = None, set()
+        carried, going = None, {}
         if past is not None and any(p is not None for p in past) and not expands and not own_cache:
             mine = [p if p is not None and p.branch == names[i] else None for p, i in zip(past, idx)]
             carried = self._carry(g, rows, seqs, mine, pad, None if limit is None else limit - max_new_tokens)
@@ -201,7 +201,7 @@ class BatchGeneration:
                 text, hit = cut_at_stop(text, until.stops[r], start=start)
                 reason = "stop" if hit or until.hit[r] else reason  # (a stop string may begin before new_ids)
             results.append(GenerationResult(names[i], list(ids_list[i]), new, text, reason, stop_id,
-                                            reused=len(seqs[r]) - 1 if r in going else 0))
+                                            reused=going.get(r, 0)))
         if out_cache is not None:  # each row's cache: its ids and new_ids but the last (the padding after, masked)
             kept = kvcache.keep(out_cache, out, mask, [len(r.new_ids) for r in results])
             for r, res in enumerate(results):
@@ -210,10 +210,10 @@ class BatchGeneration:
 
     def _carry(self, g: Any, rows: Sequence[int], seqs: Sequence[Sequence[int]],
                past: Sequence[CachedRow | None], pad: int, max_width: int | None
-               ) -> tuple[Any, torch.Tensor, torch.Tensor, set[int]] | None:
-        """``(cache, input_ids [B, W+1], attention_mask [B, W+1], rows going on)`` for rows that go on from
-        ``past`` and rows prefilled now; None when no row's cache holds a useful part of its ids, or the
-        merged batch would be wider than ``max_width``.
+               ) -> tuple[Any, torch.Tensor, torch.Tensor, dict[int, int]] | None:
+        """``(cache, input_ids [B, W+1], attention_mask [B, W+1], {row going on: its tokens cached})`` for
+        rows that go on from ``past`` and rows prefilled now; None when no row's cache holds a useful part of
+        its ids, or the merged batch would be wider than ``max_width``.
 
         A row's cache is used up to where it agrees with the row's ids (:meth:`~.kvcache.CachedRow.shared`),
         when that is at least half of what it holds; the rest of its ids but the last (all of them for a
@@ -241,7 +241,7 @@ class BatchGeneration:
             return None
         input_ids, attention = kvcache.layout(seqs, ids, mask, pad)
         logger.debug("%d rows go on from their KV cache (%d tokens), %d prefilled", len(going), sum(held), len(todo))
-        return cache, input_ids, attention, set(going)
+        return cache, input_ids, attention, {r: held[r] for r in going}
 
     @staticmethod
     def _parts(which: Iterable[int], past: Sequence[CachedRow | None], held: Sequence[int]

@@ -11,12 +11,17 @@ the call that made it put them. Merging rows of several caches left-pads each to
 carried only if its cached tokens are exactly its text but the last one (:meth:`CachedRow.covers`), so a
 stale or foreign cache is never used: that row is prefilled instead.
 
+:class:`PrefixStore` keeps finished rows' caches for later rows that begin with the same tokens (a
+conversation's next turn, a shared system prompt): they prefill only what they add.
+
 Only full-attention ``DynamicCache`` layers are kept (sliding-window, quantized or offloaded layers keep
 other state); for any other cache, :func:`keep` returns None and rows are prefilled as before.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,3 +158,81 @@ def layout(texts: Sequence[Sequence[int]], ids: Tensor, mask: Tensor, pad: int) 
     last = torch.tensor([[t[-1]] for t in texts], dtype=torch.long)
     body = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
     return torch.cat([body, last], 1), torch.cat([mask, torch.ones_like(last)], 1)
+
+
+@dataclass(eq=False)
+class _Stored:
+    branch: str
+    salt: str
+    tokens: list[int]
+    seg: SegmentCache  # one row, every column a token
+
+
+class PrefixStore:
+    """Finished rows' KV caches, kept for later rows whose ids begin the same way (a conversation's next
+    turn, one system prompt before many questions): vLLM's automatic prefix caching, per finished row
+    rather than per block. A new row takes the stored cache sharing the most of its first tokens (at least
+    ``min_tokens``), cut there, and prefills only the rest (:meth:`BatchGeneration._carry`).
+
+    Bounded by ``max_tokens`` cached tokens in all, the least recently used out first; a row that extends
+    a stored one replaces it. A ``salt`` (vLLM's ``cache_salt``) keeps rows apart: a lookup finds only
+    rows added with the same one, so tenants who must not learn whether others sent a prompt (its answer
+    comes sooner when cached) each give their own. Not thread-safe: one engine thread uses it.
+    """
+
+    def __init__(self, max_tokens: int, min_tokens: int = 16) -> None:
+        self.max_tokens, self.min_tokens = max_tokens, min_tokens
+        self._rows: OrderedDict[int, _Stored] = OrderedDict()
+        self._ids = itertools.count()
+        self.tokens = 0  # cached tokens held now
+        self.hits = 0  # lookups that found a shared prefix
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, row: CachedRow, salt: str = "") -> None:
+        """Keep a copy of ``row``'s cached tokens (its own columns only, not the rest of its batch)."""
+        tokens = row.tokens()
+        if not self.min_tokens <= len(tokens) <= self.max_tokens:
+            return
+        for key, got in list(self._rows.items()):
+            if (got.branch, got.salt) != (row.branch, salt):
+                continue
+            if tokens[:len(got.tokens)] == got.tokens:  # this row extends it: it goes
+                self._drop(key)
+            elif got.tokens[:len(tokens)] == tokens:  # it holds all of this row already
+                self._rows.move_to_end(key)
+                return
+        real = row.source.mask[row.row].nonzero()[:, 0]
+        layers = []
+        for k, v in row.source.layers:
+            at = real.to(k.device)
+            layers.append((k[row.row:row.row + 1][:, :, at].clone(), v[row.row:row.row + 1][:, :, at].clone()))
+        n = len(tokens)
+        seg = SegmentCache(layers, torch.tensor([tokens], dtype=torch.long), torch.ones(1, n, dtype=torch.long))
+        self._rows[next(self._ids)] = _Stored(row.branch, salt, tokens, seg)
+        self.tokens += n
+        while self.tokens > self.max_tokens:
+            self._drop(next(iter(self._rows)))
+
+    def _drop(self, key: int) -> None:
+        self.tokens -= len(self._rows.pop(key).tokens)
+
+    def lookup(self, branch: str, ids: Sequence[int], salt: str = "") -> CachedRow | None:
+        """The stored cache of ``branch`` (added with ``salt``) sharing the most of ``ids``' first tokens
+        (never its last), cut to them (views, no copy); None when none shares ``min_tokens``."""
+        best, best_n = None, 0
+        for key, got in self._rows.items():
+            if got.branch == branch and got.salt == salt:
+                n = common_prefix(got.tokens, list(ids[:max(0, len(ids) - 1)]))
+                if n > best_n:
+                    best, best_n = key, n
+        if best is None or best_n < self.min_tokens:
+            return None
+        self._rows.move_to_end(best)
+        self.hits += 1
+        seg = self._rows[best].seg
+        if best_n < seg.width:
+            seg = SegmentCache([(k[:, :, :best_n], v[:, :, :best_n]) for k, v in seg.layers], seg.ids[:, :best_n],
+                               seg.mask[:, :best_n])
+        return CachedRow(seg, 0, branch)

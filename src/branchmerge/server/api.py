@@ -69,6 +69,7 @@ class Reply:
 
 
 _UNSET = object()
+PREFIX_CACHE_TOKENS = 8192  # finished requests' KV caches kept for later ones that begin the same way, in tokens
 
 
 class ClientGone(Exception):
@@ -88,10 +89,11 @@ class OpenAIService:
     """Chat and text completions, model listing and health over a front (bundle, router, pipelines)."""
 
     def __init__(self, front: Front, *, limits: ServerLimits | None = None, max_batch: int = 16,
-                 wait_ms: float = 10.0, route_batch: int = 64) -> None:
+                 wait_ms: float = 10.0, route_batch: int = 64, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS) -> None:
         self.front, self.bundle = front, front.bundle
         self.limits = limits or ServerLimits()
-        self.engine = Engine(self.bundle, max_batch=max_batch, wait_ms=wait_ms, max_queued=self.limits.max_queued)
+        self.engine = Engine(self.bundle, max_batch=max_batch, wait_ms=wait_ms, max_queued=self.limits.max_queued,
+                             prefix_cache_tokens=prefix_cache_tokens)
         self._aux = ThreadPoolExecutor(2, thread_name_prefix="branchmerge-route")  # routing and pipelines
         self._shared_tok: Any = _UNSET  # see _shared_tokenizer
         self._ttft: Any = None  # a histogram on /metrics
@@ -180,7 +182,7 @@ class OpenAIService:
             except BranchmergeError as e:
                 raise P.APIError(400, str(e), param=name) from None
         return Job(ids, branch, mt, sampling=sampling, stop=req.stops(), keep_stop=req.include_stop_str_in_output,
-                   skip_special=req.skip_special_tokens, stream=stream, request=request)
+                   skip_special=req.skip_special_tokens, stream=stream, request=request, salt=req.cache_salt or "")
 
     def _submit(self, jobs: list[Job]) -> list[Job]:
         loop = asyncio.get_running_loop()

@@ -28,6 +28,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from branchmerge.runtime.kvcache import PrefixStore
 from branchmerge.runtime.sampling import RowSampler, RowSettings
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Job:
     max_tokens: int
     sampling: RowSettings = field(default_factory=RowSettings)  # how its row samples and ends (greedy default)
     stop: list[str] = field(default_factory=list)
+    salt: str = ""  # vLLM's cache_salt: only finished jobs of the same salt lend it their KV cache
     keep_stop: bool = False  # the text ends with the stop string that ended it (vLLM's include_stop_str_in_output)
     skip_special: bool = True  # special tokens are left out of its text (stop strings are found without them)
     stream: bool = False
@@ -182,12 +184,15 @@ class Engine:
     """
 
     def __init__(self, bundle, *, max_batch: int = 16, wait_ms: float = 10.0, max_queued: int = 4096,
-                 min_segment: int = 8, continuous: bool = True, keep_kv: bool = True) -> None:
+                 min_segment: int = 8, continuous: bool = True, keep_kv: bool = True,
+                 prefix_cache_tokens: int = 0) -> None:
         self.bundle, self.max_batch, self.wait, self.max_queued = bundle, max_batch, wait_ms / 1000, max_queued
         # jobs join running batches (not with a static KV cache, whose compiled graphs want one batch shape)
         self.continuous = continuous and not getattr(bundle, "static_cache", False)
         self.min_segment = min_segment
         self.keep_kv = keep_kv  # rows going on keep their KV cache between segments (else their text is prefilled)
+        # finished rows' caches, for later jobs that begin the same way (0 tokens: none kept)
+        self.prefix = PrefixStore(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.segments = 0  # generation segments run (a batch is one or more)
         self._keys: Counter = Counter()  # jobs waiting, per key
         # the key of a running batch whose waiting jobs did not fit it: no segment ends to take them in
@@ -380,11 +385,16 @@ class Engine:
                      | {self.bundle.tokenizer(j.branch).pad_token_id or 0} for j in jobs]
             criteria.append(_Yield(self, jobs, jobs[0].key, stops, self.min_segment))
         sampler = RowSampler([j.sampling for j in jobs], self.bundle.device, generators=[j.generator for j in jobs])
+        keep = self.continuous and self.keep_kv
+        if keep and self.prefix is not None:  # a new job that begins as a finished one: from its cache
+            for j in jobs:
+                if j.kv is None and not j.new_ids:
+                    j.kv = self.prefix.lookup(j.branch, j.ids, j.salt)
         outs = self.bundle.generate_ids(
             [j.ids + j.new_ids for j in jobs], [j.branch for j in jobs],
             max_new_tokens=[j.max_tokens - len(j.new_ids) for j in jobs], stop=[j.stop for j in jobs],
             generated=[len(j.new_ids) for j in jobs], row_sampler=sampler,
-            past=[j.kv for j in jobs] if self.continuous else None, keep_cache=self.continuous and self.keep_kv,
+            past=[j.kv for j in jobs] if self.continuous else None, keep_cache=keep,
             streamer=_RowStreamer(jobs) if any(j.stream for j in jobs) else None,
             stopping_criteria=StoppingCriteriaList(criteria))
         self.segments += 1
@@ -394,6 +404,8 @@ class Engine:
             self.reused_tokens += o.reused
             if o.finish_reason == "stop" or len(j.new_ids) >= j.max_tokens or j.cancelled.is_set():
                 ended.append(j)
+                if self.prefix is not None and o.cache is not None and not j.cancelled.is_set():
+                    self.prefix.add(o.cache, j.salt)
         return ended
 
     def _admit(self, going: list[Job]) -> list[Job]:

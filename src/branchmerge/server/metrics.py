@@ -171,8 +171,11 @@ class EngineMetrics:
         registry.gauge("num_requests_running", "Jobs in the batch running now.", read=lambda: {(): engine.running})
         registry.counter("cancelled_jobs_total", "Jobs dropped before running because their client went away.",
                          read=lambda: {(): engine.cancelled_jobs})
-        registry.counter("kv_reused_tokens_total", "Tokens of running rows not prefilled again when a batch "
-                         "took someone in: their KV cache was kept.", read=lambda: {(): engine.reused_tokens})
+        registry.counter("kv_reused_tokens_total", "Tokens not prefilled because a kept KV cache held them: a "
+                         "running row's (continuous batching) or a finished request's (prefix cache).",
+                         read=lambda: {(): engine.reused_tokens})
+        registry.gauge("prefix_cache_tokens", "Tokens of finished requests' KV caches kept for later requests.",
+                       read=lambda: {(): engine.prefix.tokens if engine.prefix is not None else 0})
         self.prompt = registry.counter("prompt_tokens_total", "Prompt tokens run, by branch (once per choice).",
                                        ("branch",))
         self.generated = registry.counter("generation_tokens_total", "Tokens generated, by branch.", ("branch",))

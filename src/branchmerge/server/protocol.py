@@ -118,6 +118,9 @@ class _Req(BaseModel):
     n: int = Field(default=1, ge=1, le=16)
     seed: int | None = Field(default=None, description="Sampled choices are reproducible under it (choice k: seed+k).")
     user: str | None = None
+    cache_salt: str | None = Field(default=None, max_length=256,
+                                   description="vLLM's: this request reuses only the prefix-cached KV of requests "
+                                               "that gave the same salt (tenants kept apart).")
 
     @field_validator("stop")
     @classmethod
