@@ -25,6 +25,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def closed_loop(send, clients: int, seconds: float) -> tuple[float, list[float]]:
+    """``clients`` threads, each calling ``send(http, i, k)`` (an httpx client, its index, ``k`` = i, then
+    +clients each call) again as soon as its call returns, until ``seconds`` have passed:
+    ``(wall seconds until the last returns, each call's seconds)``. ``send`` may return a list of
+    seconds to record instead of its own (several requests in one call)."""
+    import httpx
+
+    lat: list[float] = []
+    stop = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=300) as http:
+            k = i
+            while time.monotonic() < stop:
+                t = time.monotonic()
+                got = send(http, i, k)
+                lat.extend(got if isinstance(got, list) else [time.monotonic() - t])
+                k += clients
+
+    return fan_out(client, clients), lat
+
+
 def fan_out(client, clients: int) -> float:
     """Run ``client(i)`` on ``clients`` threads at once; the wall seconds until the last one ends."""
     import threading

@@ -15,12 +15,9 @@ import argparse
 import itertools
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
-from _common import CACHE, fan_out, perturbed_copies, smollm2_folder
+from _common import CACHE, closed_loop, perturbed_copies, smollm2_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.serving: a uvicorn server in a thread
 
@@ -59,22 +56,12 @@ def load_round(url: str, model: str, clients: int, seconds: float,
     adds ``body(i)`` to each of its requests. With ``distinct``, each request's text is new (a serial
     number after the question), so the router's memory of past questions never answers. ``form``: the
     prompt around each of ``prompts``."""
-    lat: list[float] = []
-    stop = time.monotonic() + seconds
+    def send(http, i: int, k: int) -> None:
+        prompt = form.format(prompts[k % len(prompts)] + (f" (#{next(_SERIAL)})" if distinct else ""))
+        http.post(url + "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 8,
+                                                 **body(i)}).raise_for_status()
 
-    def client(i: int) -> None:
-        with httpx.Client(timeout=300) as c:
-            k = i
-            while time.monotonic() < stop:
-                t = time.monotonic()
-                prompt = form.format(prompts[k % len(prompts)] + (f" (#{next(_SERIAL)})" if distinct else ""))
-                r = c.post(url + "/v1/completions", json={"model": model, "prompt": prompt,
-                                                          "max_tokens": 8, **body(i)})
-                r.raise_for_status()
-                lat.append(time.monotonic() - t)
-                k += clients
-
-    wall = fan_out(client, clients)
+    wall, lat = closed_loop(send, clients, seconds)
     return len(lat) / wall, statistics.median(lat)
 
 

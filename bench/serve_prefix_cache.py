@@ -11,8 +11,9 @@ Two chat workloads, `--clients` closed-loop clients each:
 - **shared system prompt**: a long system prompt (about 400 tokens) before each client's own question,
   8 new tokens: every request begins the same way.
 
-Reported: conversations (or requests) per second, the median time to a whole answer, and the prompt
-tokens not prefilled (from /metrics' `kv_reused_tokens_total`).
+Reported: requests (turns) per second, the median time to a whole answer, and the prompt tokens not
+prefilled (from /metrics' `kv_reused_tokens_total`, which also counts running rows' caches kept between
+segments: that part is in both setups).
 
     python bench/serve_prefix_cache.py [--seconds 20] [--clients 8] [--rounds 2] [--turns 4]
 """
@@ -25,7 +26,8 @@ import statistics
 import time
 
 import httpx
-from serve_auto import PROMPTS, bundle_with_router, fan_out
+from _common import closed_loop
+from serve_auto import PROMPTS, bundle_with_router
 
 import branchmerge
 from branchmerge.server import create_app
@@ -45,48 +47,31 @@ def reused(url: str) -> float:
 
 
 def conversations(url: str, clients: int, seconds: float, turns: int) -> tuple[float, float, int]:
-    """(conversations/s, median seconds a turn, conversations) of closed-loop clients."""
-    lat: list[float] = []
-    done = [0]
-    stop = time.monotonic() + seconds
+    """(requests/s, median seconds a request, requests) of closed-loop clients holding conversations."""
+    def send(http, i: int, k: int) -> list[float]:
+        msgs, lat = [], []
+        for t in range(turns):
+            msgs.append({"role": "user", "content": f"{PROMPTS[(k + t) % len(PROMPTS)]} (#{next(_SERIAL)})"})
+            t0 = time.monotonic()
+            r = http.post(url + "/v1/chat/completions", json={"model": "m0", "messages": msgs, "max_tokens": 16})
+            r.raise_for_status()
+            lat.append(time.monotonic() - t0)
+            msgs.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]})
+        return lat
 
-    def client(i: int) -> None:
-        with httpx.Client(timeout=300) as c:
-            k = i
-            while time.monotonic() < stop:
-                msgs = []
-                for t in range(turns):
-                    msgs.append({"role": "user", "content": f"{PROMPTS[(k + t) % len(PROMPTS)]} (#{next(_SERIAL)})"})
-                    t0 = time.monotonic()
-                    r = c.post(url + "/v1/chat/completions", json={"model": "m0", "messages": msgs, "max_tokens": 16})
-                    r.raise_for_status()
-                    lat.append(time.monotonic() - t0)
-                    msgs.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]})
-                done[0] += 1
-                k += clients
-
-    wall = fan_out(client, clients)
-    return done[0] / wall, statistics.median(lat), done[0]
+    wall, lat = closed_loop(send, clients, seconds)
+    return len(lat) / wall, statistics.median(lat), len(lat)
 
 
 def system_prompt(url: str, clients: int, seconds: float) -> tuple[float, float, int]:
-    """(requests/s, median latency, requests) of closed-loop clients, one long system prompt for all."""
-    lat: list[float] = []
-    stop = time.monotonic() + seconds
+    """(requests/s, median seconds a request, requests) of closed-loop clients, one long system prompt."""
+    def send(http, i: int, k: int) -> None:
+        msgs = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"{PROMPTS[k % len(PROMPTS)]} (#{next(_SERIAL)})"}]
+        http.post(url + "/v1/chat/completions", json={"model": "m0", "messages": msgs, "max_tokens": 8}
+                  ).raise_for_status()
 
-    def client(i: int) -> None:
-        with httpx.Client(timeout=300) as c:
-            k = i
-            while time.monotonic() < stop:
-                msgs = [{"role": "system", "content": SYSTEM},
-                        {"role": "user", "content": f"{PROMPTS[k % len(PROMPTS)]} (#{next(_SERIAL)})"}]
-                t0 = time.monotonic()
-                c.post(url + "/v1/chat/completions",
-                       json={"model": "m0", "messages": msgs, "max_tokens": 8}).raise_for_status()
-                lat.append(time.monotonic() - t0)
-                k += clients
-
-    wall = fan_out(client, clients)
+    wall, lat = closed_loop(send, clients, seconds)
     return len(lat) / wall, statistics.median(lat), len(lat)
 
 
@@ -108,12 +93,11 @@ def main() -> None:
                 with serving(create_app(bundle, max_batch=16, wait_ms=20, prefix_cache_tokens=tokens)) as url:
                     rate, med, n = run(url)
                     got[name].append((rate, med, n, reused(url)))
-                print(f"round {r + 1}, {load}: {name}: {rate:.3f}/s, median {med:.2f} s, {n} done, "
+                print(f"round {r + 1}, {load}: {name}: {rate:.3f} req/s, median {med:.2f} s, {n} done, "
                       f"{got[name][-1][3]:.0f} tokens not prefilled", flush=True)
         base = statistics.mean(x[0] for x in got["no prefix cache"])
-        unit = "conversations/s" if load == "conversations" else "requests/s"
         print(f"\n{load}: {args.clients} clients, {args.seconds:g} s × {args.rounds} rounds, SmolLM2-135M bundle "
-              f"r=0.95 float32, branch m0\n\n| setup | {unit} | median s a request | prompt tokens not prefilled "
+              f"r=0.95 float32, branch m0\n\n| setup | requests/s | median s a request | prompt tokens not prefilled "
               f"(per round) | vs no cache |\n|---|---|---|---|---|")
         for name in setups:
             rate = statistics.mean(x[0] for x in got[name])

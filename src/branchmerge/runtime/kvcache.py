@@ -221,10 +221,10 @@ class PrefixStore:
     def lookup(self, branch: str, ids: Sequence[int], salt: str = "") -> CachedRow | None:
         """The stored cache of ``branch`` (added with ``salt``) sharing the most of ``ids``' first tokens
         (never its last), cut to them (views, no copy); None when none shares ``min_tokens``."""
-        best, best_n = None, 0
+        best, best_n, head = None, 0, list(ids[:max(0, len(ids) - 1)])
         for key, got in self._rows.items():
             if got.branch == branch and got.salt == salt:
-                n = common_prefix(got.tokens, list(ids[:max(0, len(ids) - 1)]))
+                n = common_prefix(got.tokens, head)
                 if n > best_n:
                     best, best_n = key, n
         if best is None or best_n < self.min_tokens:
