@@ -22,6 +22,7 @@ import threading
 import time
 
 import httpx
+from _common import fan_out
 from serve_auto import PROMPTS, arguments, bundle_with_router, compare
 from serve_stop import FORM, MAX_TOKENS, STOP
 
@@ -45,8 +46,8 @@ SETUPS = {"continuous, KV kept (now)": (True, True), "continuous, re-prefill": (
 LENGTHS = [64, 6, 12, 20, 9, 30, 15, 40]  # answer lengths of the closed-loop engine run (end of text ignored)
 
 
-def closed_loop(bundle, keep_kv: bool, continuous: bool = True, jobs: int = 48, clients: int = 16
-                ) -> tuple[float, int, int]:
+def engine_run(bundle, keep_kv: bool, continuous: bool = True, jobs: int = 48, clients: int = 16
+               ) -> tuple[float, int, int]:
     """``(seconds, segments, tokens)`` of ``jobs`` jobs sent by ``clients`` threads straight to an engine
     (no HTTP), each client sending its next job when its last is answered; job ``k`` asks for
     ``LENGTHS[3k mod 8]`` tokens of question ``k mod 8`` with end of text ignored, so every setup does the
@@ -55,7 +56,7 @@ def closed_loop(bundle, keep_kv: bool, continuous: bool = True, jobs: int = 48, 
     engine = Engine(bundle, max_batch=16, wait_ms=20, continuous=continuous, keep_kv=keep_kv)
     sent, tokens, lock = [0], [0], threading.Lock()
 
-    def client() -> None:
+    def client(_: int) -> None:
         while True:
             with lock:
                 if sent[0] >= jobs:
@@ -68,13 +69,8 @@ def closed_loop(bundle, keep_kv: bool, continuous: bool = True, jobs: int = 48, 
             with lock:
                 tokens[0] += len(job.new_ids)
 
-    t = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return time.perf_counter() - t, engine.segments, tokens[0]
+    wall = fan_out(client, clients)
+    return wall, engine.segments, tokens[0]
 
 
 def main() -> None:
@@ -83,7 +79,7 @@ def main() -> None:
     got: dict[str, list[tuple[float, int, int]]] = {name: [] for name in SETUPS}
     for _ in range(args.rounds):
         for name, (on, keep) in SETUPS.items():
-            got[name].append(closed_loop(bundle, keep, on))
+            got[name].append(engine_run(bundle, keep, on))
     ref = statistics.median(x[0] for x in got["continuous, re-prefill"])
     print(f"\nengine alone, closed loop: 48 jobs from 16 clients, answers of {sorted(set(LENGTHS))} tokens, median of "
           f"{args.rounds}\n\n| setup | seconds | segments | tokens | speed vs re-prefill |\n|---|---|---|---|---|")

@@ -72,8 +72,9 @@ class BatchGeneration:
 
         ``keep_cache``: each result's ``cache`` is the KV cache its row ended with (a
         :class:`~.kvcache.CachedRow`; None where the model's cache kind cannot be kept). ``past``: per row,
-        such a cache from an earlier call; a row whose cache holds exactly its ids but the last one goes on
-        from it (no prefill), the others are prefilled, and all run as one batch (continuous batching).
+        such a cache from an earlier call (of the row's branch); a row goes on from it as far as it agrees
+        with the row's ids and prefills only the rest (nothing, for a running row of continuous batching),
+        and all rows run as one batch (see :meth:`_carry`).
         """
         self.check_ids(ids_list, names)
         if past is not None and len(past) != len(ids_list):
@@ -141,15 +142,16 @@ class BatchGeneration:
         if self.static_cache and not any(k in generation_kwargs for k in ("past_key_values", "cache")):
             generation_kwargs = {"cache_implementation": "static", **generation_kwargs}
         own_cache = any(k in generation_kwargs for k in ("past_key_values", "cache", "cache_implementation"))
+        plain = not expands and not own_cache  # our caches may be given and kept
         limit = self.tightest_context(names[i] for i in idx)
-        keep_cache = keep_cache and not expands and not own_cache
+        keep_cache = keep_cache and plain
         carried, going = None, {}
-        if past is not None and any(p is not None for p in past) and not expands and not own_cache:
+        if past is not None and any(p is not None for p in past) and plain:
             mine = [p if p is not None and p.branch == names[i] else None for p, i in zip(past, idx)]
             carried = self._carry(g, rows, seqs, mine, pad, None if limit is None else limit - max_new_tokens)
         if carried is not None:
             cache, input_ids, mask, going = carried
-        elif share_prefix and not expands and not own_cache:
+        elif share_prefix and plain:
             clusters, _ = prefix_clusters(seqs, [names[i] for i in idx], min_shared=self.min_shared_prefix)
             sh = shared_lengths(clusters, len(seqs))
             # positions computed: the prefix batch plus every row's own part, against every full row
@@ -224,7 +226,7 @@ class BatchGeneration:
         for r, p in enumerate(past):
             if p is not None:
                 n = p.shared(seqs[r])
-                held[r] = n if n and 2 * n >= int(p.source.mask[p.row].sum()) else 0
+                held[r] = n if n and 2 * n >= p.size else 0
         if not any(held):
             return None
         going = [r for r in range(len(seqs)) if held[r]]
@@ -253,7 +255,7 @@ class BatchGeneration:
             if not held[r]:
                 continue
             row = past[r]
-            if int(row.source.mask[row.row].sum()) > held[r]:
+            if row.size > held[r]:
                 row = row.prefix(held[r])
             part = parts.setdefault(id(row.source), (row.source, [], []))
             part[1].append(row.row)
@@ -265,12 +267,12 @@ class BatchGeneration:
         """One forward of ``tails`` (left-padded) over the rows' merged caches (``parts``; rows in none start
         from nothing), positions counted from each row's first token; its cache as a SegmentCache."""
         x, m = pad_rows(tails, pad=pad, left=True)
+        width = x.shape[1]  # the columns this forward runs (after those cached)
         kw: dict[str, Any] = {}
         if parts:
             cache, ids, mask = kvcache.merge(parts, len(tails))
             kw[cache_arg(g.model)] = cache
             x, m = torch.cat([torch.where(mask.bool(), ids, pad), x], 1), torch.cat([mask, m], 1)
-        width = x.shape[1] - (ids.shape[1] if parts else 0)
         pos = (m.cumsum(1) - 1).clamp(min=0)[:, -width:]
         with g.state.select(list(rows)), torch.no_grad():
             out = g.model(input_ids=x[:, -width:].to(self.device), attention_mask=m.to(self.device),

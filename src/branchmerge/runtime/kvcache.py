@@ -7,9 +7,9 @@ call takes the rows that go on from there, prefills only the rows that join, and
 
 Layout: a cache's columns hold, per row, its text but the last token (the last one is the next step's
 input), in order, with masked columns (padding, or the gap between a shared prefix and the rest) wherever
-the call that made it put them. Merging rows of several caches left-pads each to the widest; a row is
-carried only if its cached tokens are exactly its text but the last one (:meth:`CachedRow.covers`), so a
-stale or foreign cache is never used: that row is prefilled instead.
+the call that made it put them. Merging rows of several caches left-pads each to the widest; a row's cache
+is used only as far as its tokens agree with the row's ids (:meth:`CachedRow.shared`), so a stale or
+foreign cache is never used: the rest of the row is prefilled instead.
 
 :class:`PrefixStore` keeps finished rows' caches for later rows that begin with the same tokens (a
 conversation's next turn, a shared system prompt): they prefill only what they add.
@@ -56,14 +56,14 @@ class CachedRow:
     row: int
     branch: str = ""  # the branch whose weights made it: another branch's rows never use it
 
+    @property
+    def size(self) -> int:
+        """How many tokens the row's cache holds."""
+        return int(self.source.mask[self.row].sum())
+
     def tokens(self) -> list[int]:
         """The row's cached tokens, in order."""
         return self.source.ids[self.row][self.source.mask[self.row].bool()].tolist()
-
-    def covers(self, text: Sequence[int]) -> bool:
-        """Whether the cache holds exactly ``text`` but its last token (then only that one needs a forward)."""
-        return len(text) >= 1 and int(self.source.mask[self.row].sum()) == len(text) - 1 \
-            and self.tokens() == list(text[:-1])
 
     def shared(self, text: Sequence[int]) -> int:
         """How many of ``text``'s first tokens (never its last) the cache holds, in order: those need no
@@ -185,7 +185,6 @@ class PrefixStore:
         self._rows: OrderedDict[int, _Stored] = OrderedDict()
         self._ids = itertools.count()
         self.tokens = 0  # cached tokens held now
-        self.hits = 0  # lookups that found a shared prefix
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -230,7 +229,6 @@ class PrefixStore:
         if best is None or best_n < self.min_tokens:
             return None
         self._rows.move_to_end(best)
-        self.hits += 1
         seg = self._rows[best].seg
         if best_n < seg.width:
             seg = SegmentCache([(k[:, :, :best_n], v[:, :, :best_n]) for k, v in seg.layers], seg.ids[:, :best_n],

@@ -179,8 +179,7 @@ class Engine:
     prompts: the rows that go on keep their KV cache (:mod:`~branchmerge.runtime.kvcache`), and each row's
     sampling, penalties and stop strings go on where they were. A long answer no longer holds back the
     short ones of its batch, nor the requests that arrive while it runs. With other jobs waiting (another
-    group, or scoring), the batch takes no one in, so it ends and they
-    get their turn.
+    group, or scoring), the batch takes no one in, so it ends and they get their turn.
     """
 
     def __init__(self, bundle, *, max_batch: int = 16, wait_ms: float = 10.0, max_queued: int = 4096,
