@@ -51,6 +51,7 @@ from branchmerge.family import save_tokenizer
 from branchmerge.compress import rank_for
 from branchmerge.merge import run_merge
 from branchmerge.runtime import kernels
+from branchmerge.runtime.generation import cache_arg
 from branchmerge.runtime.modules import BranchedLinear, BranchState
 from branchmerge.runtime.siblings import group_siblings
 from runtime import decode, mixed_decoder, paired, prefill, spread
@@ -107,7 +108,8 @@ class GraphedStep:
         self.cache = StaticCache(config=model.config, max_cache_len=prompt + tokens + 8)
         ids = torch.randint(3, vocab, (batch, prompt), device=dev)
         with torch.no_grad():
-            model(input_ids=ids, past_key_values=self.cache, cache_position=torch.arange(prompt, device=dev))
+            self.arg = cache_arg(model)  # past_key_values, or cache where transformers renamed it
+            model(input_ids=ids, **{self.arg: self.cache}, cache_position=torch.arange(prompt, device=dev))
             self.tok = torch.randint(3, vocab, (batch, tokens), device=dev)
             self.pos = torch.arange(prompt, prompt + tokens, device=dev)
             self.model, self.graph = model, None
@@ -130,7 +132,7 @@ class GraphedStep:
     def step(self) -> torch.Tensor:
         for t in self.lengths:
             t.fill_(self.prompt)
-        return self.model(input_ids=self.tok, past_key_values=self.cache, cache_position=self.pos).logits
+        return self.model(input_ids=self.tok, **{self.arg: self.cache}, cache_position=self.pos).logits
 
     def __call__(self, steps: int = 20) -> None:
         with torch.no_grad():

@@ -55,14 +55,14 @@ def test_request_validation():
 
 @pytest.mark.parametrize("kind,field,value", [
     ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("chat", "response_format", {"type": "json_object"}),
+    ("chat", "structural_tag", {"type": "structural_tag"}),
     ("chat", "logprobs", True),
     ("chat", "top_logprobs", 2),
     ("completion", "best_of", 3),
     ("completion", "suffix", "end"),
     ("completion", "length_penalty", 1.2),  # vLLM's extensions, which clients of vLLM send
     ("chat", "bad_words", ["x"]),
-    ("chat", "guided_json", {"type": "object"}),
+    ("chat", "guided_whitespace_pattern", " "),
     ("completion", "use_beam_search", True),
 ])
 def test_fields_this_server_does_not_do_are_refused_not_ignored(kind, field, value):

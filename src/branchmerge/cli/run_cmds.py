@@ -132,12 +132,23 @@ def generate(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
     pipeline: str | None = typer.Option(None, "--pipeline", "-p", help="Run a staged pipeline by name."),
     pipelines_file: Path | None = typer.Option(None, "--pipelines", help="Pipelines YAML (default: BUNDLE/pipelines.yaml)."),
+    json_schema: Path | None = typer.Option(None, "--json-schema", help="The answer is JSON that follows this JSON "
+                                            "schema file (structured outputs; also --regex, --choice, --grammar)."),
+    regex: str | None = typer.Option(None, "--regex", help="The answer matches this regular expression."),
+    choice: list[str] = typer.Option([], "--choice", help="The answer is one of these; repeat for each."),
+    grammar: Path | None = typer.Option(None, "--grammar", help="The answer follows this EBNF grammar file "
+                                        "(root rule `root`, xgrammar's syntax)."),
 ) -> None:
     """Generate from one branch (or the routed one), streaming tokens to stdout; or run a staged pipeline."""
+    structure = _structure(json_schema, regex, choice, grammar)
     bundle = _load(bundle_dir, branch == "auto" or pipeline is not None or pipelines_file is not None,
                    device=device, dtype=dtype)
     if pipeline is not None or pipelines_file is not None:
         from branchmerge.staged import answer, bundle_pipelines, load_pipelines
+
+        if structure is not None:
+            raise typer.BadParameter("a structure (--json-schema, --regex, --choice, --grammar) needs a branch, "
+                                     "not a pipeline", param_hint="--pipeline")
 
         pipes = load_pipelines(pipelines_file) if pipelines_file else bundle_pipelines(bundle)
         pipes.check_branches(bundle.branch_names)
@@ -153,8 +164,30 @@ def generate(
     from branchmerge.runtime.sampling import RowSettings
 
     _stream(bundle, names[0], ids_list[0], mt, RowSettings(temperature, top_p, top_k, min_p, seed,
-                                                           repetition_penalty=repetition_penalty),
+                                                           repetition_penalty=repetition_penalty, structure=structure),
             stop=[x.replace("\\n", "\n").replace("\\t", "\t") for x in stop])
+
+
+def _structure(json_schema: Path | None, regex: str | None, choice: list[str], grammar: Path | None):
+    """The answer's structure from ``generate``'s options (at most one), checked: a bad one fails here, before
+    the bundle loads."""
+    from branchmerge.runtime.structured import MAX_SPEC_CHARS, Structure
+
+    given = [(n, v) for n, v in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice or None),
+                                 ("--grammar", grammar)) if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise typer.BadParameter(f"give one of {', '.join(n for n, _ in given)}", param_hint=given[1][0])
+    name, value = given[0]
+    if isinstance(value, Path):
+        if not value.is_file() or value.stat().st_size > MAX_SPEC_CHARS * 4:
+            raise typer.BadParameter(f"{value} is not a file of at most {MAX_SPEC_CHARS:,} characters", param_hint=name)
+        value = value.read_text(encoding="utf-8", errors="replace")
+    st = (Structure("json", value, name) if name == "--json-schema" else Structure("regex", value, name)
+          if name == "--regex" else Structure.choices(value, name) if name == "--choice" else
+          Structure("grammar", value, name))
+    return st.check()
 
 
 def chat(

@@ -9,6 +9,7 @@ call to the next (:mod:`~.kvcache`: the serving engine's continuous batching).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 from collections.abc import Iterable, Sequence
@@ -23,6 +24,7 @@ from branchmerge.runtime import kvcache
 from branchmerge.runtime.kvcache import CachedRow
 from branchmerge.runtime.sampling import RowSampler, StopStrings, StopTokens
 from branchmerge.runtime.scoring import prefix_clusters, shared_lengths
+from branchmerge.runtime.structured import Structurer
 from branchmerge.runtime.text import context_chunks, cut_at_stop, min_tokens_start, pad_rows
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,23 @@ class BatchGeneration:
     """:meth:`generate_ids` and its parts, for :class:`~branchmerge.runtime.bundle.Bundle`."""
 
     min_shared_prefix = 16  # generation shares a prompt prefix of at least this many tokens
+
+    def structurer(self, branch: str) -> Structurer:
+        """The :class:`~.structured.Structurer` of ``branch``'s vocabulary, made at its first use (~0.15 s for
+        a 49k-token vocabulary) and shared by branches with the same tokenizer, vocabulary size and end of text."""
+        mine = self.__dict__.setdefault("_structurers", {})
+        if branch not in mine:
+            tok = self.tokenizer(branch)
+            vocab = self.reader.hf_config(branch).get("vocab_size") or len(tok)
+            words = (tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False)
+                     else repr(sorted(tok.get_vocab().items())))
+            stops = tuple(sorted(self.stop_ids(branch)))
+            key = (hashlib.sha256(words.encode()).hexdigest(), vocab, stops)
+            same = next((s for k, s in self.__dict__.setdefault("_structurer_keys", []) if k == key), None)
+            mine[branch] = same or Structurer(tok, vocab, stops)
+            if same is None:
+                self._structurer_keys.append((key, mine[branch]))
+        return mine[branch]
 
     def generate_ids(self, ids_list: list[list[int]], names: list[str], *, max_new_tokens: int | Sequence[int] = 64,
                      stop: Sequence[Sequence[str]] | None = None, generated: Sequence[int] | None = None,
@@ -103,7 +122,10 @@ class BatchGeneration:
                 if row_sampler is not None and row_sampler.needed:
                     sub = row_sampler.rows(chunk, eos=[self.stop_ids(names[i]) for i in chunk],
                                            prompts=[ids_list[i] for i in chunk],
-                                           generated=None if generated is None else [generated[i] for i in chunk])
+                                           generated=None if generated is None else [generated[i] for i in chunk],
+                                           structurers=[self.structurer(names[i])
+                                                        if row_sampler.settings[i].structure is not None else None
+                                                        for i in chunk])
                     kw = {**kw, "logits_processor": LogitsProcessorList([*kw.get("logits_processor", []), sub])}
                     stops = sub.stops if sub.ends_own_way else None
                 until = None

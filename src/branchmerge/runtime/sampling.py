@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
+from branchmerge.runtime.structured import Constraint, Structure, Structurer, apply_bitmask, new_bitmask
 from branchmerge.runtime.text import MIN_TEMPERATURE
 
 
@@ -99,12 +100,13 @@ class RowSettings:
     min_tokens: int = 0  # vLLM's: the row's stop tokens are suppressed until it has this many
     repetition_penalty: float = 1.0  # vLLM's and transformers': logits of prompt and output tokens / it (< 0: *)
     allowed_token_ids: tuple[int, ...] = ()  # vLLM's: the row draws only these (empty: any)
+    structure: Structure | None = None  # the answer follows this schema, pattern, grammar or choice
 
     @property
     def adjusts(self) -> bool:
         """Whether the row changes logits before choosing (so even a greedy row needs the sampler)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_tokens
-                    or self.repetition_penalty != 1.0 or self.allowed_token_ids)
+                    or self.repetition_penalty != 1.0 or self.allowed_token_ids or self.structure)
 
     @property
     def stops_own_way(self) -> bool:
@@ -227,14 +229,17 @@ class RowSampler(LogitsProcessor):
     each row's chosen token and -inf elsewhere, so ``generate(do_sample=False)`` emits it.
 
     Per row, in vLLM's order: its allowed tokens, the logit bias, the repetition penalty (on its prompt's
-    and its generated tokens), the presence and frequency penalties (on the tokens it generated), then
+    and its generated tokens), the presence and frequency penalties (on the tokens it generated), its
+    structure's grammar (:mod:`.structured`: only tokens that keep its answer valid), then
     :func:`sample_rows`.
     Rows with a seed draw from their own ``torch.Generator`` seeded with it; the others from the process's
     random state. Rows end on their own stop tokens when ``generate_ids`` gives them (:class:`StopTokens`).
+    A row's generator and grammar state (``constraints``) go on from one ``generate`` call to the next.
     """
 
     def __init__(self, rows: Sequence[RowSettings], device: torch.device | str = "cpu", *,
-                 generators: Sequence[torch.Generator | None] | None = None) -> None:
+                 generators: Sequence[torch.Generator | None] | None = None,
+                 constraints: Sequence[Constraint | None] | None = None) -> None:
         self.settings, self.device = list(rows), torch.device(device)
         f = lambda attr, dtype=torch.float32: torch.tensor(  # noqa: E731
             [getattr(r, attr) for r in self.settings], dtype=dtype, device=self.device)
@@ -249,17 +254,29 @@ class RowSampler(LogitsProcessor):
         self.stops: list[set[int]] = [set(r.stop_token_ids) for r in self.settings]  # set by generate_ids
         self.prompts: list[Sequence[int]] | None = None  # each row's prompt, unpadded (set by generate_ids)
         self.generated = [0] * len(self.settings)  # how many of each prompt's last tokens the row generated
+        # each structured row's grammar state (made by rows(), from its branch's Structurer, at its first call)
+        self.constraints = list(constraints) if constraints is not None else [None] * len(self.settings)
 
     def rows(self, idx: Sequence[int], *, eos: Sequence[set[int]] | None = None,
-             prompts: Sequence[Sequence[int]] | None = None, generated: Sequence[int] | None = None) -> RowSampler:
+             prompts: Sequence[Sequence[int]] | None = None, generated: Sequence[int] | None = None,
+             structurers: Sequence[Structurer | None] | None = None) -> RowSampler:
         """The sampler of rows ``idx`` (in that order), for a ``generate`` call over only those rows: it
-        shares their generators, so each seeded row's draws go on where they were. ``eos``: each row's
-        branch's end-of-text ids (its stop set is made of them); ``prompts``: each row's unpadded prompt;
-        ``generated``: how many of each prompt's last tokens the row generated before (they count for its
-        penalties and ``min_tokens``)."""
-        sub = RowSampler([self.settings[i] for i in idx], self.device, generators=[self.generators[i] for i in idx])
-        if eos is not None:
-            sub.stops = [st.stop_set(e) for st, e in zip(sub.settings, eos)]
+        shares their generators and grammar states, so each row's draws and structure go on where they were.
+        ``eos``: each row's branch's end-of-text ids (its stop set is made of them); ``prompts``: each row's
+        unpadded prompt; ``generated``: how many of each prompt's last tokens the row generated before (they
+        count for its penalties and ``min_tokens``); ``structurers``: each row's branch's, to compile the
+        structure of a row that has none yet."""
+        sub_stops = [st.stop_set(e) for st, e in zip((self.settings[i] for i in idx), eos)] if eos is not None else None
+        for k, i in enumerate(idx):
+            st = self.settings[i].structure
+            if st is not None and self.constraints[i] is None:
+                if structurers is None or structurers[k] is None:
+                    raise ValueError(f"row {i} has a structure but no Structurer was given to compile it")
+                self.constraints[i] = structurers[k].constraint(st, None if sub_stops is None else sub_stops[k])
+        sub = RowSampler([self.settings[i] for i in idx], self.device, generators=[self.generators[i] for i in idx],
+                         constraints=[self.constraints[i] for i in idx])
+        if sub_stops is not None:
+            sub.stops = sub_stops
         sub.prompts = prompts
         if generated is not None:
             sub.generated = list(generated)
@@ -332,6 +349,8 @@ class RowSampler(LogitsProcessor):
             # each row's prompt tokens, padded with its first (a duplicate changes nothing); -1 for an empty one
             self._prompt_idx = torch.tensor([list(q) + [q[0] if q else -1] * (width - len(q)) for q in prompts],
                                             dtype=torch.long, device=dev)
+        self._constrained = [i for i, c in enumerate(self.constraints) if c is not None]
+        self._bitmask = new_bitmask(n, vocab) if self._constrained else None
         self._counts, self._counted_to, self._earlier = None, self.start, None
         if bool((self.presence != 0).any() or (self.frequency != 0).any()):
             self._counts = torch.zeros(n, vocab, device=dev)  # how often each row generated each token
@@ -395,4 +414,21 @@ class RowSampler(LogitsProcessor):
                 rows, cols, least = self._early
                 early = least > input_ids.shape[1] - self.start  # (no boolean indexing: no device sync)
                 scores.index_put_((rows, cols), torch.where(early, -float("inf"), 0.0), accumulate=True)
+            if self._bitmask is not None:
+                self._constrain(input_ids, scores)
         return scores
+
+    def _constrain(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """Feed each structured row's grammar the tokens it generated since the last step, then mask
+        ``scores`` (``[B, V]``, in place) to the tokens its grammar allows next."""
+        width = input_ids.shape[1]
+        rows = []
+        for r in self._constrained:
+            c = self.constraints[r]
+            missing = self.generated[r] + width - self.start - c.accepted  # generated, not yet fed
+            if missing > 0:
+                c.feed(input_ids[r, width - missing:].tolist())
+            if c.fill(self._bitmask, r):
+                rows.append(r)
+        if rows:
+            apply_bitmask(scores, self._bitmask, rows)

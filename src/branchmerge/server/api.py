@@ -22,6 +22,7 @@ from branchmerge.front import Front
 from branchmerge.runtime.bundle import ContextLengthError, GenerationResult
 from branchmerge.runtime.sampling import RowSettings
 from branchmerge.runtime.scoring import common_prefix
+from branchmerge.runtime.structured import Structure, StructureError
 from branchmerge.runtime.text import HeldText, cut_at_stop, min_tokens_start
 from branchmerge.server import protocol as P
 from branchmerge.server.engine import Busy, Engine, Job
@@ -175,7 +176,8 @@ class OpenAIService:
             seed=None if req.seed is None else req.seed + choice, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.bias() or None,
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-            repetition_penalty=req.repetition_penalty or 1.0, allowed_token_ids=tuple(req.allowed_token_ids or ()))
+            repetition_penalty=req.repetition_penalty or 1.0, allowed_token_ids=tuple(req.allowed_token_ids or ()),
+            structure=self._structure(req))
         for name, ids_ in sampling.token_ids():  # here, a 400 for this request; in its batch, a failed batch
             try:
                 self.bundle.check_ids([ids_], [branch], rows=[name])
@@ -183,6 +185,16 @@ class OpenAIService:
                 raise P.APIError(400, str(e), param=name) from None
         return Job(ids, branch, mt, sampling=sampling, stop=req.stops(), keep_stop=req.include_stop_str_in_output,
                    skip_special=req.skip_special_tokens, stream=stream, request=request, salt=req.cache_salt or "")
+
+    @staticmethod
+    def _structure(req: P._Req) -> Structure | None:
+        """The request's answer structure, its schema, pattern or grammar parsed (a 400 naming the field
+        when it cannot be used)."""
+        st = req.structure()
+        try:
+            return None if st is None else st.check()
+        except StructureError as e:
+            raise P.APIError(400, str(e), param=st.field) from None
 
     def _submit(self, jobs: list[Job]) -> list[Job]:
         loop = asyncio.get_running_loop()
@@ -242,6 +254,9 @@ class OpenAIService:
         mt = self._max_tokens(req)
         branch, pipeline = await self._resolve(req.model, text)
         if pipeline is not None:
+            if (st := req.structure()) is not None:
+                raise P.APIError(400, f"{st.field}: structured outputs need a branch, not pipeline {pipeline!r}",
+                                 param=st.field)
             if req.n > 1:
                 raise P.APIError(400, f"n={req.n} is not supported for pipeline {pipeline!r}", param="n")
             final, stages, pt, ct = await self._pipeline(pipeline, text, request, disconnected)
@@ -254,6 +269,9 @@ class OpenAIService:
             out["stages"] = stages
             return out
         ids = self._truncate(req, encode(branch))
+        if (st := req.structure()) is not None:  # compiled here, off the engine's thread (then cached)
+            compile_ = lambda: self.bundle.structurer(branch).compile(st)  # noqa: E731
+            await asyncio.get_running_loop().run_in_executor(self._aux, compile_)
         jobs = self._submit([self._job(branch, ids, req, mt, stream=req.stream, request=request, choice=k)
                              for k in range(req.n)])
         if req.stream:
@@ -399,6 +417,7 @@ class OpenAIService:
     async def chat(self, req: P.ChatRequest, disconnected: Disconnected | None = None) -> Reply:
         if (refused := P.unsupported(req)) is not None:
             raise refused
+        self._structure(req)  # a bad schema, pattern or grammar: a 400 before any routing
         if not req.messages:
             raise P.APIError(400, "messages must be a non-empty list", param="messages")
         self.limits.check_chars("".join(m.text() for m in req.messages), "messages")
@@ -502,6 +521,7 @@ class OpenAIService:
     async def completions(self, req: P.CompletionRequest, disconnected: Disconnected | None = None) -> Reply:
         if (refused := P.unsupported(req)) is not None:
             raise refused
+        self._structure(req)  # a bad schema, pattern or grammar: a 400 before any routing
         prompts = self._prompts(req)
         request = _Request()
         return await self._guarded(request, self._completions(req, prompts, request, disconnected))

@@ -60,6 +60,7 @@ class Job:
     error: Exception | None = None
     generator: Any = None  # its row's random generator (set when queued), kept from one segment to the next
     kv: Any = None  # its row's KV cache (a CachedRow) from the last segment: the next one goes on from it
+    constraint: Any = None  # its structure's grammar state (a structured.Constraint), kept between segments
     # signalling
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -96,6 +97,7 @@ class Job:
 
     def _finish(self) -> None:
         self.kv = None  # (its batch's cache is freed once no row going on holds it)
+        self.constraint = None
         self._emit(None)
         self.finished.set()
         if self._loop is not None:
@@ -383,7 +385,8 @@ class Engine:
             stops = [j.sampling.stop_set(self.bundle.stop_ids(j.branch))  # and the padding of rows generate ended
                      | {self.bundle.tokenizer(j.branch).pad_token_id or 0} for j in jobs]
             criteria.append(_Yield(self, jobs, jobs[0].key, stops, self.min_segment))
-        sampler = RowSampler([j.sampling for j in jobs], self.bundle.device, generators=[j.generator for j in jobs])
+        sampler = RowSampler([j.sampling for j in jobs], self.bundle.device, generators=[j.generator for j in jobs],
+                             constraints=[j.constraint for j in jobs])
         keep = self.continuous and self.keep_kv
         if keep and self.prefix is not None:  # a new job that begins as a finished one: from its cache
             for j in jobs:
@@ -398,6 +401,8 @@ class Engine:
             stopping_criteria=StoppingCriteriaList(criteria))
         self.segments += 1
         ended = []
+        for j, c in zip(jobs, sampler.constraints):
+            j.constraint = c
         for j, o in zip(jobs, outs):
             j.new_ids, j.stop_id, j.kv = j.new_ids + o.new_ids, o.stop_id, o.cache
             self.reused_tokens += o.reused

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from branchmerge.runtime.structured import Structure
+
 
 class APIError(Exception):
     """An error answered as OpenAI's error JSON with an HTTP status."""
@@ -157,6 +159,29 @@ class _Req(BaseModel):
     def max_new(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def structure(self) -> Structure | None:
+        """The structure the answer must follow (not yet checked against its grammar), from OpenAI's
+        ``response_format``, vLLM's ``structured_outputs`` or its older ``guided_*`` fields (one of them)."""
+        extra = self.model_extra or {}
+        found: list[Structure] = []
+        rf = extra.get("response_format")
+        if rf is not None and (st := _response_format(rf)) is not None:
+            found.append(st)
+        so = extra.get("structured_outputs")
+        if so is not None:
+            found.append(_structured_outputs(so, "structured_outputs"))
+        guided = {k[len("guided_"):]: extra[k] for k in ("guided_json", "guided_regex", "guided_choice",
+                                                         "guided_grammar") if extra.get(k) is not None}
+        if guided:
+            if len(guided) > 1:
+                raise APIError(400, f"give one of {', '.join('guided_' + k for k in guided)}",
+                               param="guided_" + next(iter(guided)))
+            found.append(_structured_outputs(guided, "guided_"))
+        if len(found) > 1:
+            raise APIError(400, f"the answer's structure is given twice ({found[0].field} and {found[1].field}); "
+                                "give one", param=found[1].field)
+        return found[0] if found else None
+
 
 class ChatRequest(_Req):
     messages: list[Message]
@@ -180,14 +205,12 @@ class CompletionRequest(_Req):
 # that sets one otherwise is refused with a 400 naming it rather than answered as if it were not there.
 _NEUTRAL: dict[str, Any] = {
     "tools": lambda v: not v, "functions": lambda v: not v, "tool_choice": lambda v: v in (None, "none", "auto"),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     "best_of": lambda v: v in (None, 1), "suffix": lambda v: not v,
     # vLLM's sampling extensions that this server does not implement (top_k and min_p it does)
     "length_penalty": lambda v: v in (None, 1),
     "bad_words": lambda v: not v, "use_beam_search": lambda v: not v,
     "prompt_logprobs": lambda v: v is None,
-    "guided_json": lambda v: v is None, "guided_regex": lambda v: v is None, "guided_choice": lambda v: v is None,
-    "guided_grammar": lambda v: v is None, "structured_outputs": lambda v: v is None,
+    "guided_whitespace_pattern": lambda v: v is None, "structural_tag": lambda v: v is None,
 }
 _NEUTRAL_CHAT: dict[str, Any] = {"logprobs": lambda v: not v, "top_logprobs": lambda v: not v}
 
@@ -202,6 +225,59 @@ def unsupported(req: _Req) -> APIError | None:
             return APIError(400, f"`{name}` is not supported by this server (got {json.dumps(value)[:80]}); "
                                  f"leave it out{hint}", param=name)
     return None
+
+
+def _response_format(v: Any) -> Structure | None:
+    """OpenAI's ``response_format``: ``{"type": "text" | "json_object" | "json_schema", "json_schema":
+    {"name", "schema", "strict"?, "description"?}}`` (``text``: no structure)."""
+    kind = v.get("type") if isinstance(v, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Structure("json_object", field="response_format")
+    if kind == "json_schema":
+        js = v.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema", {}), (dict, bool)):
+            raise APIError(400, "response_format.json_schema must be an object with a `schema` object",
+                           param="response_format.json_schema")
+        return Structure.json_schema(js.get("schema", {}), "response_format.json_schema.schema")
+    raise APIError(400, f"response_format.type must be text, json_object or json_schema, got {json.dumps(kind)[:40]}",
+                   param="response_format")
+
+
+# vLLM's StructuredOutputsParams fields this server reads (one of them); its others are refused by name
+_STRUCTURED_KEYS = {"json", "regex", "choice", "grammar", "json_object"}
+
+
+def _structured_outputs(v: Any, where: str) -> Structure:
+    """vLLM's ``structured_outputs`` (``{"json" | "regex" | "choice" | "grammar" | "json_object": ...}``), or
+    its older ``guided_*`` fields (``where`` = ``guided_``)."""
+    if not isinstance(v, dict):
+        raise APIError(400, f"{where} must be an object, such as {{\"regex\": \"[0-9]+\"}}", param=where)
+    name = (lambda k: where + k) if where.endswith("_") else (lambda k: f"{where}.{k}")
+    given = {k: x for k, x in v.items() if x is not None and x is not False}
+    unknown = sorted(set(given) - _STRUCTURED_KEYS)
+    if unknown:
+        raise APIError(400, f"`{name(unknown[0])}` is not supported by this server; use one of "
+                            f"{', '.join(sorted(_STRUCTURED_KEYS))}", param=name(unknown[0]))
+    if len(given) != 1:
+        raise APIError(400, f"{where.rstrip('_')} needs exactly one of {', '.join(sorted(_STRUCTURED_KEYS))}, got "
+                            f"{len(given)}", param=where.rstrip("_"))
+    (key, x), = given.items()
+    field = name(key)
+    if key == "json_object":
+        return Structure("json_object", field=field)
+    if key == "json":
+        if not isinstance(x, (dict, str)):
+            raise APIError(400, f"{field} must be a JSON schema (an object or its JSON text)", param=field)
+        return Structure.json_schema(x, field)
+    if key == "choice":
+        if not isinstance(x, list) or not all(isinstance(c, str) for c in x):
+            raise APIError(400, f"{field} must be a list of strings", param=field)
+        return Structure.choices(x, field)
+    if not isinstance(x, str):
+        raise APIError(400, f"{field} must be a string", param=field)
+    return Structure(key, x, field)
 
 
 def new_id(kind: str) -> str:
