@@ -54,7 +54,8 @@ def test_request_validation():
 
 
 @pytest.mark.parametrize("kind,field,value", [
-    ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("completion", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("chat", "functions", [{"name": "f"}]),
     ("chat", "structural_tag", {"type": "structural_tag"}),
     ("chat", "logprobs", True),
     ("chat", "top_logprobs", 2),

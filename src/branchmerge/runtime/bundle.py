@@ -332,9 +332,11 @@ class Bundle(BatchGeneration):
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return encode_messages(tok, msgs, chat=True, what=f"the chat template of branch {branch!r}")
 
-    def encode_messages(self, messages: Sequence[Mapping[str, str]], branch: str, *, chat: bool | None = None) -> list[int]:
-        """Token ids of a conversation (``{"role", "content"}`` dicts) for ``branch``, ready for its answer."""
-        return encode_messages(self.tokenizer(branch), messages, chat=chat,
+    def encode_messages(self, messages: Sequence[Mapping[str, Any]], branch: str, *, chat: bool | None = None,
+                        tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation (``{"role", "content"}`` dicts, OpenAI ``tools`` for the template) for
+        ``branch``, ready for its answer."""
+        return encode_messages(self.tokenizer(branch), messages, chat=chat, tools=tools,
                                what=f"the chat template of branch {branch!r}")
 
     def context_limit(self, branch: str) -> int | None:

@@ -3,6 +3,7 @@ encoding, pad-token fallback, stop strings and right/left padded batches."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,24 +22,48 @@ def ensure_pad_token(tok: Any) -> Any:
     return tok
 
 
-def encode_messages(tok: Any, messages: Sequence[Mapping[str, str]], *, chat: bool | None = None,
-                    what: str = "the chat template") -> list[int]:
-    """Token ids of chat ``messages`` (``{"role", "content"}``), ending where the assistant answers.
+def describe_tools(tools: Sequence[Mapping[str, Any]]) -> str:
+    """A system message's text listing OpenAI ``tools`` (``{"type": "function", "function": {...}}``)."""
+    listed = [{k: t.get("function", {}).get(k) for k in ("name", "description", "parameters")
+               if t.get("function", {}).get(k) is not None} for t in tools]
+    return "You can call these functions (JSON schema of each one's parameters):\n" + json.dumps(listed)
+
+
+def encode_messages(tok: Any, messages: Sequence[Mapping[str, Any]], *, chat: bool | None = None,
+                    what: str = "the chat template", tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+    """Token ids of chat ``messages`` (``{"role", "content"}``, and an assistant's ``tool_calls``, a tool
+    result's ``tool_call_id`` and ``name``), ending where the assistant answers.
 
     Uses the tokenizer's chat template when it has one (or ``chat`` is True); otherwise the contents
-    joined by newlines. ``developer`` messages count as ``system``.
+    joined by newlines. ``developer`` messages count as ``system``. ``tools`` (OpenAI's ``tools``) go to the
+    template; one that does not render them (nor ``tool_calls``) gets them described in a system message
+    and each call as its message's JSON content instead.
 
     Raises:
         ConfigError: the chat template (named by ``what``) raised: roles it does not accept, or code its
             sandbox refuses.
     """
-    msgs = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
-    use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
+    msgs = [{**m, "role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+            for m in messages]
+    template = str(getattr(tok, "chat_template", None) or "")
+    if tools and "tools" not in template:  # described where every template reads them: a system message
+        head = describe_tools(tools)
+        if msgs and msgs[0]["role"] == "system":
+            msgs[0] = {**msgs[0], "content": f"{msgs[0]['content']}\n\n{head}"}
+        else:
+            msgs.insert(0, {"role": "system", "content": head})
+    if "tool_calls" not in template:
+        msgs = [{**m, "content": json.dumps([{"name": c.get("function", {}).get("name"),
+                                              "arguments": c.get("function", {}).get("arguments")}
+                                             for c in m["tool_calls"]])} if m.get("tool_calls") and not m["content"]
+                else m for m in msgs]
+    use_chat = bool(template) if chat is None else chat
     if use_chat:
         from jinja2 import TemplateError
 
         try:
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                          **({"tools": list(tools)} if tools else {}))
         except TemplateError as e:  # the template's own raise_exception, or the sandbox refusing unsafe code
             raise ConfigError(f"{what} refused these messages ({type(e).__name__}: {e})") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

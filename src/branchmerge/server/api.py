@@ -5,6 +5,7 @@ requests over a :class:`~branchmerge.front.Front` and an :class:`~.engine.Engine
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -22,12 +23,12 @@ from branchmerge.front import Front
 from branchmerge.runtime.bundle import ContextLengthError, GenerationResult
 from branchmerge.runtime.sampling import RowSettings
 from branchmerge.runtime.scoring import common_prefix
-from branchmerge.runtime.structured import Structure, StructureError
 from branchmerge.runtime.text import HeldText, cut_at_stop, min_tokens_start
 from branchmerge.server import protocol as P
 from branchmerge.server.engine import Busy, Engine, Job
 from branchmerge.server.metrics import SIZE_BUCKETS, EngineMetrics, Registry
 from branchmerge.server.routing import RouteBatcher
+from branchmerge.server.tools import answer_calls, stream_calls
 
 logger = logging.getLogger(__name__)
 Disconnected = Callable[[], Awaitable[bool]]
@@ -177,7 +178,7 @@ class OpenAIService:
             frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.bias() or None,
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
             repetition_penalty=req.repetition_penalty or 1.0, allowed_token_ids=tuple(req.allowed_token_ids or ()),
-            structure=self._structure(req))
+            structure=P.checked_structure(req))
         for name, ids_ in sampling.token_ids():  # here, a 400 for this request; in its batch, a failed batch
             try:
                 self.bundle.check_ids([ids_], [branch], rows=[name])
@@ -185,16 +186,6 @@ class OpenAIService:
                 raise P.APIError(400, str(e), param=name) from None
         return Job(ids, branch, mt, sampling=sampling, stop=req.stops(), keep_stop=req.include_stop_str_in_output,
                    skip_special=req.skip_special_tokens, stream=stream, request=request, salt=req.cache_salt or "")
-
-    @staticmethod
-    def _structure(req: P._Req) -> Structure | None:
-        """The request's answer structure, its schema, pattern or grammar parsed (a 400 naming the field
-        when it cannot be used)."""
-        st = req.structure()
-        try:
-            return None if st is None else st.check()
-        except StructureError as e:
-            raise P.APIError(400, str(e), param=st.field) from None
 
     def _submit(self, jobs: list[Job]) -> list[Job]:
         loop = asyncio.get_running_loop()
@@ -417,22 +408,31 @@ class OpenAIService:
     async def chat(self, req: P.ChatRequest, disconnected: Disconnected | None = None) -> Reply:
         if (refused := P.unsupported(req)) is not None:
             raise refused
-        self._structure(req)  # a bad schema, pattern or grammar: a 400 before any routing
+        P.checked_structure(req)  # a bad schema, pattern or grammar: a 400 before any routing
         if not req.messages:
             raise P.APIError(400, "messages must be a non-empty list", param="messages")
-        self.limits.check_chars("".join(m.text() for m in req.messages), "messages")
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+        self.limits.check_chars("".join(m.text() for m in req.messages) + (json.dumps(tools) if tools else ""),
+                                "messages")
         last_user = next((m.text() for m in reversed(req.messages) if m.role == "user"), req.messages[-1].text())
         if not last_user.strip():
             raise P.APIError(400, "the last user message is empty", param="messages")
-        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            msgs = [m.as_dict() for m in req.messages]
+        except ValueError as e:
+            raise P.APIError(400, str(e), param="messages") from None
+        calls = req.calls()  # None, "required" or the function to call
         request = _Request()
 
         rid = P.new_id("chat")
 
         async def work() -> Reply:
-            return self._reply(await self._one(req, "chat", last_user, lambda b: self.bundle.encode_messages(msgs, b),
-                                               rid=rid, index=0, disconnected=disconnected, request=request),
-                               self._usage(req, "chat", rid, request))
+            out = await self._one(req, "chat", last_user, lambda b: self.bundle.encode_messages(msgs, b, tools=tools),
+                                  rid=rid, index=0, disconnected=disconnected, request=request)
+            if calls is not None:  # the answers as tool calls
+                out = (out[0], [stream_calls(s, calls) for s in out[1]]) if isinstance(out, tuple) else \
+                    answer_calls(out, calls)
+            return self._reply(out, self._usage(req, "chat", rid, request))
 
         return await self._guarded(request, work())
 
@@ -521,7 +521,7 @@ class OpenAIService:
     async def completions(self, req: P.CompletionRequest, disconnected: Disconnected | None = None) -> Reply:
         if (refused := P.unsupported(req)) is not None:
             raise refused
-        self._structure(req)  # a bad schema, pattern or grammar: a 400 before any routing
+        P.checked_structure(req)  # a bad schema, pattern or grammar: a 400 before any routing
         prompts = self._prompts(req)
         request = _Request()
         return await self._guarded(request, self._completions(req, prompts, request, disconnected))

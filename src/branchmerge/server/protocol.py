@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from branchmerge.runtime.structured import Structure
+from branchmerge.runtime.structured import Structure, StructureError
+from branchmerge.server.tools import MAX_TOOLS, Tool, ToolError, chosen, tool_structure
 
 
 class APIError(Exception):
@@ -74,6 +75,26 @@ class Message(BaseModel):
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message for a chat template: role, text, and an assistant's ``tool_calls`` (each a function's
+        name and arguments) or a tool result's ``tool_call_id`` and ``name``."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        extra = self.model_extra or {}
+        calls = extra.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+                    and isinstance(c["function"].get("arguments", ""), str) for c in calls):
+                raise ValueError("an assistant message's tool_calls are {\"type\": \"function\", \"function\": "
+                                 "{\"name\": str, \"arguments\": str}} objects")
+            out["tool_calls"] = [{"id": str(c.get("id", "")), "type": "function",
+                                  "function": {"name": c["function"]["name"],
+                                               "arguments": c["function"].get("arguments", "")}} for c in calls]
+        for k in ("tool_call_id", "name"):
+            if isinstance(extra.get(k), str):
+                out[k] = extra[k]
+        return out
 
 
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
@@ -185,6 +206,26 @@ class _Req(BaseModel):
 
 class ChatRequest(_Req):
     messages: list[Message]
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def calls(self) -> str | None:
+        """None (answer in text), ``"required"`` or the name of the function the answer must call."""
+        try:
+            return chosen(self.tools, self.tool_choice)
+        except ToolError as e:
+            raise APIError(400, str(e), param=e.param) from None
+
+    def structure(self) -> Structure | None:
+        st = super().structure()
+        choice = self.calls()
+        if choice is None:
+            return st
+        if st is not None:
+            raise APIError(400, f"tool_choice and {st.field} both set the answer's structure; give one",
+                           param=st.field)
+        return tool_structure(self.tools or [], choice, self.parallel_tool_calls is not False)
 
 
 class CompletionRequest(_Req):
@@ -204,7 +245,7 @@ class CompletionRequest(_Req):
 # OpenAI request fields this server does not implement, each with the test of its neutral value. A request
 # that sets one otherwise is refused with a 400 naming it rather than answered as if it were not there.
 _NEUTRAL: dict[str, Any] = {
-    "tools": lambda v: not v, "functions": lambda v: not v, "tool_choice": lambda v: v in (None, "none", "auto"),
+    "functions": lambda v: not v, "function_call": lambda v: v in (None, "none"),
     "best_of": lambda v: v in (None, 1), "suffix": lambda v: not v,
     # vLLM's sampling extensions that this server does not implement (top_k and min_p it does)
     "length_penalty": lambda v: v in (None, 1),
@@ -213,11 +254,12 @@ _NEUTRAL: dict[str, Any] = {
     "guided_whitespace_pattern": lambda v: v is None, "structural_tag": lambda v: v is None,
 }
 _NEUTRAL_CHAT: dict[str, Any] = {"logprobs": lambda v: not v, "top_logprobs": lambda v: not v}
+_NEUTRAL_COMPLETION: dict[str, Any] = {"tools": lambda v: not v, "tool_choice": lambda v: v in (None, "none")}
 
 
 def unsupported(req: _Req) -> APIError | None:
     """The 400 for the first field of ``req`` that asks for something this server does not do, if any."""
-    table = {**_NEUTRAL, **(_NEUTRAL_CHAT if isinstance(req, ChatRequest) else {})}
+    table = {**_NEUTRAL, **(_NEUTRAL_CHAT if isinstance(req, ChatRequest) else _NEUTRAL_COMPLETION)}
     for name, neutral in table.items():
         value = (req.model_extra or {}).get(name, getattr(req, name, None))
         if not neutral(value):
@@ -225,6 +267,16 @@ def unsupported(req: _Req) -> APIError | None:
             return APIError(400, f"`{name}` is not supported by this server (got {json.dumps(value)[:80]}); "
                                  f"leave it out{hint}", param=name)
     return None
+
+
+def checked_structure(req: _Req) -> Structure | None:
+    """The request's answer structure, its schema, pattern or grammar parsed (a 400 naming the field when it
+    cannot be used)."""
+    st = req.structure()
+    try:
+        return None if st is None else st.check()
+    except StructureError as e:
+        raise APIError(400, str(e), param=st.field) from None
 
 
 def _response_format(v: Any) -> Structure | None:

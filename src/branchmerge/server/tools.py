@@ -1,0 +1,139 @@
+"""Tool calling (OpenAI's ``tools`` and ``tool_choice``) through structured outputs, as vLLM does it without
+a tool-call parser: ``tool_choice: "required"`` constrains the answer to a JSON list of calls
+(``[{"name": ..., "parameters": {...}}, ...]``, each a tool's name and arguments of its ``parameters``
+schema), a named function to that function's arguments; the answer comes back as the message's
+``tool_calls``. ``"auto"`` (the model decides whether to call) needs a parser of the model's own call format,
+which this server does not have: it is refused, as vLLM refuses it unless started with one. Pure: wire
+format in, structures and response parts out."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from branchmerge.runtime.structured import Structure
+
+MAX_TOOLS = 128  # as OpenAI
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = Field(default=None, max_length=16_384)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class ToolError(ValueError):
+    """A ``tools``/``tool_choice`` combination this server cannot answer; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _parameters(f: FunctionDef) -> dict[str, Any]:
+    return f.parameters if f.parameters is not None else {"type": "object", "properties": {}}
+
+
+def chosen(tools: list[Tool] | None, tool_choice: Any) -> str | None:
+    """What the request asks of the tools: None (answer in text: no tools, or ``"none"``), ``"required"``,
+    or the name of the function it must call. Raises :class:`ToolError` for ``"auto"`` and a choice that
+    names no tool."""
+    if not tools:
+        if tool_choice not in (None, "none", "auto"):
+            raise ToolError("tool_choice needs tools", "tool_choice")
+        return None
+    if tool_choice == "none":
+        return None
+    if tool_choice in (None, "auto"):
+        raise ToolError('tool_choice "auto" (the default with tools) needs a parser of the model\'s own tool-call '
+                        'format, which this server does not have; set tool_choice to "required" or to '
+                        '{"type": "function", "function": {"name": ...}}', "tool_choice")
+    if tool_choice == "required":
+        return "required"
+    name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
+    if not isinstance(name, str) or (isinstance(tool_choice, dict) and tool_choice.get("type", "function") != "function"):
+        raise ToolError('tool_choice is "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+                        "tool_choice")
+    if name not in {t.function.name for t in tools}:
+        raise ToolError(f"tool_choice names {name[:64]!r}, which is not among the tools", "tool_choice")
+    return name
+
+
+def tool_structure(tools: list[Tool], choice: str, parallel: bool = True) -> Structure:
+    """The structure of an answer that calls tools: the named function's arguments, or for ``"required"`` a
+    JSON list of ``{"name", "parameters"}`` calls (one at most unless ``parallel``)."""
+    if choice != "required":
+        f = next(t.function for t in tools if t.function.name == choice)
+        return Structure.json_schema(_parameters(f), f"tools[{f.name}].parameters")
+    call = {"anyOf": [{"type": "object", "properties": {"name": {"const": t.function.name},
+                                                        "parameters": _parameters(t.function)},
+                       "required": ["name", "parameters"], "additionalProperties": False} for t in tools]}
+    schema: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
+    if not parallel:
+        schema["maxItems"] = 1
+    return Structure.json_schema(schema, "tools")
+
+
+def tool_calls(text: str, choice: str) -> list[dict[str, Any]] | None:
+    """OpenAI's ``tool_calls`` of an answer made under :func:`tool_structure` (None when the answer is not
+    complete JSON, as when ``max_tokens`` cut it)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    calls = [{"name": choice, "parameters": value}] if choice != "required" else value
+    if not isinstance(calls, list):
+        return None
+    return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+             "function": {"name": c.get("name"), "arguments": json.dumps(c.get("parameters", {}))}}
+            for c in calls if isinstance(c, dict)]
+
+
+def answer_calls(body: dict[str, Any], choice: str) -> dict[str, Any]:
+    """A chat response whose answers were made under :func:`tool_structure`, each complete one as its
+    message's ``tool_calls`` (``content`` null; finish reason ``tool_calls`` for ``"required"``, ``stop``
+    for a named function, as vLLM and OpenAI give them). An answer cut short stays text."""
+    for c in body["choices"]:
+        calls = tool_calls(c["message"].get("content") or "", choice)
+        if calls:
+            c["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+            if choice == "required" and c["finish_reason"] == "stop":
+                c["finish_reason"] = "tool_calls"
+    return body
+
+
+async def stream_calls(chunks: AsyncIterator[str], choice: str) -> AsyncIterator[str]:
+    """A chat completion's event stream (one choice) with its text held back: at the end one delta carries
+    the tool calls (or, for an answer cut short, the text), then the finish reason as :func:`answer_calls`."""
+    text: list[str] = []
+    async for event in chunks:
+        data = json.loads(event[len("data: "):]) if event.startswith("data: {") else None
+        if not data or not data.get("choices"):
+            yield event  # an error body
+            continue
+        ch = data["choices"][0]
+        text.append(ch["delta"].pop("content", None) or "")
+        if ch["finish_reason"] is None:
+            if ch["delta"]:  # the first chunk's role
+                yield "data: " + json.dumps(data) + "\n\n"
+            continue
+        reason = ch["finish_reason"]
+        calls = tool_calls("".join(text), choice)
+        delta: dict[str, Any] = ({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]} if calls
+                                 else {"content": "".join(text)})
+        yield "data: " + json.dumps({**data, "choices": [{**ch, "delta": delta, "finish_reason": None}]}) + "\n\n"
+        if calls and choice == "required" and reason == "stop":
+            reason = "tool_calls"
+        yield "data: " + json.dumps({**data, "choices": [{**ch, "delta": {}, "finish_reason": reason}]}) + "\n\n"

@@ -1,0 +1,145 @@
+"""Tool calling (OpenAI's ``tools``/``tool_choice``) through structured outputs, with the real ``openai``
+SDK: a named function or ``"required"`` calls come back as ``tool_calls`` (streamed too), a conversation
+goes on with the call and its result, and what this server cannot do is refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+import branchmerge
+from branchmerge.config import load_config
+from branchmerge.merge import run_merge
+from branchmerge.runtime.text import describe_tools, encode_messages
+from branchmerge.server import create_app
+from tests.conftest import make_finetune, make_tiny_llama, save_char_tokenizer, write_config
+from tests.serving import serving
+
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                        "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+       "required": ["a", "b"], "additionalProperties": False}
+NEG = {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "add two numbers", "parameters": ADD}},
+         {"type": "function", "function": {"name": "neg", "parameters": NEG}}]
+ASK = [{"role": "user", "content": "add 1+2="}]
+
+
+def _valid_call(call) -> None:
+    args = json.loads(call.function.arguments)
+    if call.function.name == "add":
+        assert set(args) == {"a", "b"} and all(isinstance(v, int) and 0 <= v <= 99 for v in args.values()), args
+    else:
+        assert call.function.name == "neg" and set(args) == {"x"} and isinstance(args["x"], bool), args
+    assert call.type == "function" and call.id.startswith("call_")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Two branches of a tiny model with a 2,048-token context (tool descriptions are long) and a chat
+    template that renders neither tools nor tool calls."""
+    root = tmp_path_factory.mktemp("tools")
+    base = make_tiny_llama(root / "base", max_position_embeddings=2048)
+    for i, n in enumerate("ab"):
+        make_finetune(base, root / n, seed=200 + i)
+        save_char_tokenizer(root / n, chat=True)
+    cfg = write_config(root / "c.yaml", [{"name": n, "model": str(root / n)} for n in "ab"], compress_rate=0.5)
+    run_merge(load_config(cfg), root / "bundle", progress=False)
+    bundle = branchmerge.load(root / "bundle")
+    with serving(create_app(bundle, max_batch=8, wait_ms=20, max_tokens_limit=256)) as url:
+        yield {"url": url, "bundle": bundle,
+               "client": openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)}
+
+
+def test_a_template_without_tools_gets_them_in_a_system_message(server):
+    tok = server["bundle"].tokenizer("a")
+    assert "tools" not in tok.chat_template
+    with_tools = encode_messages(tok, ASK, tools=TOOLS)
+    assert with_tools == encode_messages(tok, [{"role": "system", "content": describe_tools(TOOLS)}, *ASK])
+    sys_first = [{"role": "system", "content": "be brief"}, *ASK]
+    assert encode_messages(tok, sys_first, tools=TOOLS) == encode_messages(
+        tok, [{"role": "system", "content": "be brief\n\n" + describe_tools(TOOLS)}, *ASK])
+    # a template that renders tools gets them as they are
+    tok2 = type(tok).from_pretrained(tok.name_or_path)
+    tok2.chat_template = "{% for t in tools %}{{ t['function']['name'] }},{% endfor %}" + tok.chat_template
+    assert tok2.decode(encode_messages(tok2, ASK, tools=TOOLS)).startswith("add,neg,")
+
+
+def test_named_and_required_tool_calls(server):
+    c = server["client"]
+    r = c.chat.completions.create(model="a", messages=ASK, tools=TOOLS, max_tokens=80,
+                                  tool_choice={"type": "function", "function": {"name": "neg"}})
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "stop" and msg.content is None and len(msg.tool_calls) == 1
+    assert msg.tool_calls[0].function.name == "neg"
+    _valid_call(msg.tool_calls[0])
+    r = c.chat.completions.create(model="b", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200,
+                                  parallel_tool_calls=False)
+    assert r.choices[0].finish_reason == "tool_calls" and len(r.choices[0].message.tool_calls) == 1
+    _valid_call(r.choices[0].message.tool_calls[0])
+    # streamed: the same calls, in one delta before the finish reason
+    chunks = list(c.chat.completions.create(model="b", messages=ASK, tools=TOOLS, tool_choice="required",
+                                            max_tokens=200, parallel_tool_calls=False, stream=True))
+    deltas = [ch.choices[0].delta.tool_calls for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert [(d.function.name, d.function.arguments) for d in deltas[0]] == \
+        [(t.function.name, t.function.arguments) for t in r.choices[0].message.tool_calls]
+    assert not any(ch.choices[0].delta.content for ch in chunks if ch.choices)
+
+
+def test_a_conversation_goes_on_with_the_call_and_its_result(server):
+    """The call and the tool's result are part of the next prompt (here, a template that does not render
+    tool_calls: the call as the assistant message's JSON)."""
+    c, b = server["client"], server["bundle"]
+    r = c.chat.completions.create(model="a", messages=ASK, tools=TOOLS, max_tokens=80,
+                                  tool_choice={"type": "function", "function": {"name": "add"}})
+    call = r.choices[0].message.tool_calls[0]
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+               {"role": "tool", "tool_call_id": call.id, "content": "3"}]
+    r2 = c.chat.completions.create(model="a", messages=history, max_tokens=6)
+    as_text = [*ASK, {"role": "assistant", "content": json.dumps([{"name": "add", "arguments": call.function.arguments}])},
+               {"role": "tool", "content": "3"}]
+    assert r2.choices[0].message.content == b.generate_ids([b.encode_messages(as_text, "a")], ["a"],
+                                                           max_new_tokens=6)[0].text
+
+
+def test_an_answer_cut_short_stays_text(server):
+    r = server["client"].chat.completions.create(model="a", messages=ASK, tools=TOOLS, max_tokens=3,
+                                                 tool_choice={"type": "function", "function": {"name": "add"}})
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls is None
+    assert r.choices[0].message.content.startswith("{")
+
+
+@pytest.mark.parametrize(("body", "param", "msg"), [
+    ({"tools": TOOLS}, "tool_choice", 'tool_choice "auto"'),
+    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", "parser"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "mul"}}}, "tool_choice",
+     "not among the tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function"}}, "tool_choice", '"required"'),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
+     "both set"),
+    ({"tools": [{"type": "function", "function": {"name": "bad", "parameters": {"type": "nope"}}}],
+      "tool_choice": "required"}, "tools", "not a usable JSON schema"),
+    ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "nope"}}}],
+      "tool_choice": {"type": "function", "function": {"name": "x"}}}, "tools[x].parameters", "JSON schema"),
+    ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": 5}}]}]},
+     "messages", "tool_calls are"),
+])
+def test_bad_tool_requests_get_a_400_that_names_the_field(server, body, param, msg):
+    r = httpx.post(server["url"] + "/v1/chat/completions",
+                   json={"model": "a", "messages": ASK, "max_tokens": 5, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and msg in err["message"], err
+
+
+@pytest.mark.parametrize("tools", [[{"type": "function", "function": {"name": "has space"}}],
+                                   [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)],
+                                   [{"type": "code_interpreter"}]])
+def test_malformed_tools_are_refused(server, tools):
+    r = httpx.post(server["url"] + "/v1/chat/completions",
+                   json={"model": "a", "messages": ASK, "max_tokens": 5, "tools": tools, "tool_choice": "required"})
+    assert r.status_code == 400 and "tools" in r.text, r.text
