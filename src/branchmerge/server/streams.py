@@ -1,0 +1,139 @@
+"""The event streams of streamed responses (server-sent events): one choice's chunks as its tokens come,
+stop strings held back, and several choices' streams interleaved into one reply; and the reply type."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from branchmerge.runtime.text import HeldText, min_tokens_start
+from branchmerge.server import protocol as P
+from branchmerge.server.engine import Job
+
+
+@dataclass
+class Reply:
+    """A response: a JSON ``body``, or an event ``stream`` (ending with ``[DONE]``); ``headers`` either way."""
+
+    body: dict[str, Any] | None = None
+    stream: AsyncIterator[str] | None = None
+    headers: dict[str, str] | None = None
+
+
+class ClientGone(Exception):
+    """The client disconnected; its work was cancelled."""
+
+
+class _Request:
+    """The jobs one HTTP request queued (the engine takes turns between requests)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()  # arrival, for the time to a stream's first token
+        self.jobs: list[Job] = []
+        self.prompt_tokens = self.completion_tokens = 0  # what its streams sent, for `include_usage`
+
+
+class StreamReplies:
+    """Streaming parts of :class:`~branchmerge.server.api.OpenAIService` (which gives ``bundle`` and the
+    time-to-first-token histogram ``_ttft``)."""
+
+    bundle: Any
+    _ttft: Any
+
+    async def _once(self, kind, rid, model, text, branch, index: int) -> AsyncIterator[str]:
+        yield P.chunk(kind, rid, model, text, None, branch, first=True, index=index)
+        yield P.chunk(kind, rid, model, None, "stop", branch, index=index)
+
+    async def _stream(self, kind, rid, model, branch, job: Job, index: int = 0) -> AsyncIterator[str]:
+        decode = partial(self.bundle.tokenizer(branch).decode, skip_special_tokens=job.skip_special)
+        eos = job.sampling.stop_set(self.bundle.stop_ids(branch))  # the tokens that end this row
+        held, ids, reason, start = HeldText(job.stop, keep=job.keep_stop), [], None, 0
+        try:
+            yield P.chunk(kind, rid, model, None, None, branch, first=True, index=index)
+            while True:
+                t = await job.next_token()
+                if t is None:
+                    break
+                if not ids and reason is None and self._ttft is not None and isinstance(job.request, _Request):
+                    self._ttft.observe(time.monotonic() - job.request.t0, branch)
+                if reason is not None:
+                    continue  # drain the rest of the batch's steps
+                if t in eos:
+                    reason = "stop"
+                    continue
+                ids.append(t)
+                text = decode(ids)
+                if len(ids) == max(job.sampling.min_tokens, 1):  # where a stop string may end from now on
+                    start = min_tokens_start(decode, ids, job.sampling.min_tokens)
+                piece = held.feed(text, start=start if len(ids) >= job.sampling.min_tokens else len(text),
+                                  final=len(ids) >= job.max_tokens)
+                if held.hit:
+                    reason = "stop"
+                    job.cancel()  # the client has its answer: free the row
+                elif len(ids) >= job.max_tokens:
+                    reason = "length"
+                if piece:
+                    yield P.chunk(kind, rid, model, piece, None, branch, index=index)
+            rest = held.finish() if job.error is None else ""  # held back when end of text came
+            if rest:
+                yield P.chunk(kind, rid, model, rest, None, branch, index=index)
+            if isinstance(job.request, _Request):
+                job.request.completion_tokens += len(ids)
+            if job.error is not None:
+                yield P.sse(P.error_body("generation failed (see the server log)", type_="server_error"))
+            yield P.chunk(kind, rid, model, None, reason or "stop", branch, index=index)
+        finally:  # the client went away (the generator is closed early) or the stream ended
+            job.cancel()
+
+    def _sse(self, parts: list[tuple[str, list[AsyncIterator[str]]]], usage: Callable[[], str] | None = None) -> Reply:
+        """One event stream from the choices' streams, chunks interleaved as they come, then the ``usage``
+        chunk when asked for (``stream_options.include_usage``), then ``[DONE]``."""
+        gens = [g for _, gs in parts for g in gs]
+
+        async def merged() -> AsyncIterator[str]:
+            q: asyncio.Queue[str | None] = asyncio.Queue()
+
+            async def pump(g: AsyncIterator[str]) -> None:
+                try:
+                    async for c in g:
+                        await q.put(c)
+                finally:
+                    await q.put(None)
+
+            tasks = [asyncio.create_task(pump(g)) for g in gens]
+            try:
+                left = len(tasks)
+                while left:
+                    c = await q.get()
+                    if c is None:
+                        left -= 1
+                    else:
+                        yield c
+                if usage is not None:
+                    yield usage()
+                yield P.DONE
+            finally:  # closed early by a disconnect: stop every choice (their generators cancel their jobs)
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for g in gens:
+                    await g.aclose()
+
+        return Reply(stream=merged(), headers=P.branch_header([b for b, _ in parts]))
+
+    def _reply(self, out: dict | tuple, usage: Callable[[], str] | None = None) -> Reply:
+        if isinstance(out, tuple):
+            return self._sse([out], usage)
+        return Reply(body=out, headers=P.branch_header(out["branch"]))
+
+    @staticmethod
+    def _usage(req: P._Req, kind: str, rid: str, request: _Request) -> Callable[[], str] | None:
+        """The last chunk of a stream that asked for ``stream_options.include_usage``: the tokens its
+        streams took and sent, counted as they ended."""
+        if not (req.stream and req.stream_options is not None and req.stream_options.include_usage):
+            return None
+        return lambda: P.usage_chunk(kind, rid, req.model, request.prompt_tokens, request.completion_tokens)
