@@ -57,8 +57,7 @@ def test_request_validation():
     ("completion", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("chat", "functions", [{"name": "f"}]),
     ("chat", "structural_tag", {"type": "structural_tag"}),
-    ("chat", "logprobs", True),
-    ("chat", "top_logprobs", 2),
+    ("completion", "prompt_logprobs", 2),
     ("completion", "best_of", 3),
     ("completion", "suffix", "end"),
     ("completion", "length_penalty", 1.2),  # vLLM's extensions, which clients of vLLM send

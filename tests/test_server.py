@@ -659,6 +659,34 @@ def test_logprobs_and_echo_match_library(server):
         c.completions.create(model="b", prompt="rev a=", max_tokens=0, logprobs=1)
 
 
+def test_chat_logprobs_score_the_answer(server):
+    """Chat ``logprobs``/``top_logprobs`` (OpenAI's form): each answer token's log-probability under the
+    branch, the library's; each choice of ``n`` its own; refused where they cannot be given."""
+    b, c = server["bundle"], server["client"]
+    msgs = [{"role": "user", "content": "rev hello="}]
+    r = c.chat.completions.create(model="b", messages=msgs, max_tokens=6, logprobs=True, top_logprobs=3, n=2,
+                                  temperature=1.0, seed=5)
+    ids = b.encode_messages(msgs, "b")
+    tok = b.tokenizer("b")
+    for ch in r.choices:
+        content = ch.logprobs.content
+        new = [tok.convert_tokens_to_ids(e.token) for e in content]  # (a character tokenizer: token = text)
+        assert "".join(e.token for e in content) == ch.message.content and len(new) == 6
+        ref = b.token_logprobs(ids + new, "b", top=3)
+        assert [e.logprob for e in content] == pytest.approx(ref.logprobs[len(ids):], abs=1e-5)
+        assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in content)
+        assert all(e.bytes == list(e.token.encode()) for e in content)
+    plain = c.chat.completions.create(model="b", messages=msgs, max_tokens=6)
+    assert plain.choices[0].logprobs is None
+    for kw, param in [({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "stream": True}, "stream"),
+                      ({"logprobs": True, "model": "two_step"}, "logprobs")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(**{"model": "b", "messages": msgs, "max_tokens": 3, **kw})
+        assert e.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="b", messages=msgs, max_tokens=3, logprobs=True, top_logprobs=21)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_lm_eval_client_loglikelihood(server, monkeypatch, batch):
     """lm-evaluation-harness's completions client scores (context, continuation) pairs through the

@@ -227,6 +227,8 @@ class OpenAIService(StreamReplies):
                                  param=st.field)
             if req.n > 1:
                 raise P.APIError(400, f"n={req.n} is not supported for pipeline {pipeline!r}", param="n")
+            if getattr(req, "logprobs", None):
+                raise P.APIError(400, f"logprobs need a branch, not pipeline {pipeline!r}", param="logprobs")
             final, stages, pt, ct = await self._pipeline(pipeline, text, request, disconnected)
             answered = stages[-1]["branch"]
             if req.stream:
@@ -246,8 +248,26 @@ class OpenAIService(StreamReplies):
             request.prompt_tokens += len(ids)
             return branch, [self._stream(kind, rid, req.model, branch, j, index + k) for k, j in enumerate(jobs)]
         await self._wait(jobs, disconnected)
-        return P.body(kind, rid, req.model, [self._finish(branch, j) for j in jobs], len(ids),
-                      sum(len(j.new_ids) for j in jobs), branch)
+        out = P.body(kind, rid, req.model, [self._finish(branch, j) for j in jobs], len(ids),
+                     sum(len(j.new_ids) for j in jobs), branch)
+        if kind == "chat" and getattr(req, "logprobs", None):
+            await self._chat_logprobs(out, branch, ids, jobs, getattr(req, "top_logprobs", None) or 0, request,
+                                      disconnected)
+        return out
+
+    async def _chat_logprobs(self, body: dict, branch: str, ids: list[int], jobs: list[Job], top: int, request: Any,
+                             disconnected: Disconnected | None) -> None:
+        """Each choice's ``logprobs.content``: its answer tokens' log-probabilities under the branch (and the
+        ``top`` likeliest tokens at each), from one scoring pass over prompt and answer."""
+        scoring = [Job(ids + j.new_ids, branch, 0, request=request, score=(top, False)) for j in jobs if j.new_ids]
+        scored = iter(await self._wait(self._submit(scoring), disconnected) if scoring else [])
+        tok = self.bundle.tokenizer(branch)
+        piece = lambda t: tok.decode([t])  # noqa: E731
+        for choice, j in zip(body["choices"], jobs):
+            sc = next(scored).scored if j.new_ids else None
+            content = [P.logprob_entry(piece(t), sc.logprobs[p], [(piece(i), v) for i, v in (sc.top[p] or [])[:top]])
+                       for p, t in enumerate(j.new_ids, start=len(ids))]
+            choice["logprobs"] = {"content": content, "refusal": None}
 
     async def _pipeline(self, name: str, question: str, request: Any, disconnected: Disconnected | None
                         ) -> tuple[str, list[dict], int, int]:
@@ -292,6 +312,10 @@ class OpenAIService(StreamReplies):
         if (refused := P.unsupported(req)) is not None:
             raise refused
         P.checked_structure(req)  # a bad schema, pattern or grammar: a 400 before any routing
+        if req.top_logprobs and not req.logprobs:
+            raise P.APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if req.logprobs and req.stream:
+            raise P.APIError(400, "logprobs are not supported with stream=true", param="stream")
         if not req.messages:
             raise P.APIError(400, "messages must be a non-empty list", param="messages")
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]

@@ -209,6 +209,9 @@ class ChatRequest(_Req):
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool | None = Field(default=None, description="Each answer token's log-probability under the branch.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20,
+                                     description="With logprobs: this many likeliest tokens at each position.")
 
     def calls(self) -> str | None:
         """None (answer in text), ``"required"`` or the name of the function the answer must call."""
@@ -253,7 +256,7 @@ _NEUTRAL: dict[str, Any] = {
     "prompt_logprobs": lambda v: v is None,
     "guided_whitespace_pattern": lambda v: v is None, "structural_tag": lambda v: v is None,
 }
-_NEUTRAL_CHAT: dict[str, Any] = {"logprobs": lambda v: not v, "top_logprobs": lambda v: not v}
+_NEUTRAL_CHAT: dict[str, Any] = {}
 _NEUTRAL_COMPLETION: dict[str, Any] = {"tools": lambda v: not v, "tool_choice": lambda v: v in (None, "none")}
 
 
@@ -263,7 +266,7 @@ def unsupported(req: _Req) -> APIError | None:
     for name, neutral in table.items():
         value = (req.model_extra or {}).get(name, getattr(req, name, None))
         if not neutral(value):
-            hint = " or use /v1/completions with `logprobs`" if name.endswith("logprobs") else ""
+            hint = " or use /v1/completions with `logprobs`" if name.endswith("logprobs") else ""  # (prompt_)
             return APIError(400, f"`{name}` is not supported by this server (got {json.dumps(value)[:80]}); "
                                  f"leave it out{hint}", param=name)
     return None
@@ -330,6 +333,13 @@ def _structured_outputs(v: Any, where: str) -> Structure:
     if not isinstance(x, str):
         raise APIError(400, f"{field} must be a string", param=field)
     return Structure(key, x, field)
+
+
+def logprob_entry(token: str, logprob: float, top: list[tuple[str, float]] | None) -> dict[str, Any]:
+    """One token of a chat answer's ``logprobs.content``, as OpenAI gives it."""
+    out = {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    out["top_logprobs"] = [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for t, v in top or []]
+    return out
 
 
 def new_id(kind: str) -> str:
