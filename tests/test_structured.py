@@ -245,3 +245,25 @@ def test_cli_generate_follows_a_structure(capsys, bundles, tmp_path):
                          (["--grammar", tmp_path / "missing.ebnf"], "is not a file")]:
         code, out, err = run_cli(capsys, "generate", bundles[0.9], "x", "--branch", "a", *args)
         assert code != 0 and needle in " ".join(err.split()) and not out, (args, err)
+
+
+def test_a_grammar_that_compiles_too_long_gets_a_400_and_holds_nothing(server, monkeypatch):
+    """Compiling runs on its own threads, within a time limit: a request whose pattern takes longer gets a
+    400 ``structure_timeout``, and the server answers others meanwhile."""
+    from branchmerge.runtime.structured import Structurer
+    from branchmerge.server import api
+
+    real = Structurer.compile
+
+    def slow(self, structure):  # as a pattern that takes a second to compile against a large vocabulary
+        time.sleep(1.0)
+        return real(self, structure)
+
+    monkeypatch.setattr(api, "COMPILE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(Structurer, "compile", slow)
+    r = httpx.post(server["url"] + "/v1/completions", json={
+        "model": "a", "prompt": "add 1+2=", "max_tokens": 5, "structured_outputs": {"regex": "[0-9]+x"}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "structure_timeout", r.text
+    assert "structured_outputs.regex" in r.json()["error"]["message"]
+    ok = server["client"].completions.create(model="b", prompt="add 1+1=", max_tokens=3)
+    assert ok.choices[0].text == server["bundle"].generate("add 1+1=", "b", max_new_tokens=3)[0]

@@ -61,6 +61,7 @@ class ServerLimits(BaseModel):
 
 
 _UNSET = object()
+COMPILE_TIMEOUT_S = 10.0  # a structured output's grammar compiles within this, or its request gets a 400
 PREFIX_CACHE_TOKENS = 8192  # finished requests' KV caches kept for later ones that begin the same way, in tokens
 
 
@@ -74,6 +75,9 @@ class OpenAIService(StreamReplies):
         self.engine = Engine(self.bundle, max_batch=max_batch, wait_ms=wait_ms, max_queued=self.limits.max_queued,
                              prefix_cache_tokens=prefix_cache_tokens)
         self._aux = ThreadPoolExecutor(2, thread_name_prefix="branchmerge-route")  # routing and pipelines
+        # structured outputs' grammars, compiled before their jobs reach the engine (its own threads: a slow
+        # one holds neither routing nor the engine)
+        self._grammars = ThreadPoolExecutor(2, thread_name_prefix="branchmerge-grammar")
         self._shared_tok: Any = _UNSET  # see _shared_tokenizer
         self._ttft: Any = None  # a histogram on /metrics
         self._routes = RouteBatcher(lambda texts: self.front.route_many(texts), self._aux, route_batch,
@@ -241,7 +245,12 @@ class OpenAIService(StreamReplies):
         ids = self._truncate(req, encode(branch))
         if (st := req.structure()) is not None:  # compiled here, off the engine's thread (then cached)
             compile_ = lambda: self.bundle.structurer(branch).compile(st)  # noqa: E731
-            await asyncio.get_running_loop().run_in_executor(self._aux, compile_)
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._grammars, compile_),
+                                       COMPILE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise P.APIError(400, f"{st.field} did not compile within {COMPILE_TIMEOUT_S:g} s; simplify it",
+                                 param=st.field, code="structure_timeout") from None
         jobs = self._submit([self._job(branch, ids, req, mt, stream=req.stream, request=request, choice=k)
                              for k in range(req.n)])
         if req.stream:
