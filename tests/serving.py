@@ -4,8 +4,10 @@ a model's forward passes (what a batch prefilled)."""
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,12 +38,20 @@ def serving(app) -> Iterator[str]:
         th.join(timeout=10)
 
 
-def wait_queued(engine, n: int, timeout: float = 120.0) -> None:
+def wait_queued(engine, n: int, timeout: float = 120.0, futures=()) -> None:
     """Wait until ``n`` jobs wait in ``engine`` (used with ``engine.paused()``). Generous: once, in a full run
-    on two cores, three of twelve requests took over 30 s to reach a paused engine (and then answered)."""
+    on two cores, three of twelve requests took over 30 s to reach a paused engine (and then answered).
+    ``futures``: the requests' own; one that failed (it will never queue) raises its error at once."""
     end = time.monotonic() + timeout
     while engine.queued() < n:
-        assert time.monotonic() < end, f"only {engine.queued()} of {n} jobs queued"
+        for f in futures:
+            if f.done() and f.exception() is not None:
+                raise AssertionError(f"a request failed before its job queued ({engine.queued()} of {n} "
+                                     f"queued)") from f.exception()
+        if time.monotonic() >= end:  # where every thread is (the server's event loop among them), to see why
+            stacks = "\n".join(f"--- {t.name}\n" + "".join(traceback.format_stack(sys._current_frames()[t.ident]))
+                               for t in threading.enumerate() if t.ident in sys._current_frames())
+            raise AssertionError(f"only {engine.queued()} of {n} jobs queued; threads:\n{stacks}")
         time.sleep(0.01)
 
 

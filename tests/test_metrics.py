@@ -98,7 +98,7 @@ def test_a_mixed_batch_is_seen_as_one(served):
     with ThreadPoolExecutor(12) as ex:
         with engine.paused():
             futs = [ex.submit(c.completions.create, model=b, prompt=p, max_tokens=3) for p, b in prompts]
-            wait_queued(engine, 12)
+            wait_queued(engine, 12, futures=futs)
             assert scrape(url)[("branchmerge_num_requests_waiting", ())] == 12
         [f.result() for f in futs]
     after = scrape(url)

@@ -61,7 +61,6 @@ def test_request_validation():
     ("completion", "best_of", 3),
     ("completion", "suffix", "end"),
     ("completion", "length_penalty", 1.2),  # vLLM's extensions, which clients of vLLM send
-    ("chat", "bad_words", ["x"]),
     ("chat", "guided_whitespace_pattern", " "),
     ("completion", "use_beam_search", True),
 ])

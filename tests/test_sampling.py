@@ -228,3 +228,29 @@ def test_held_text_holds_back_what_may_begin_a_stop_string():
     assert held.feed("ax", start=2) == "ax" and not held.hit  # "x" ends inside text[:start]: no stop
     assert held.feed("axbx", start=2) == "b" and held.hit and held.finish() == ""
     assert HeldText(["xy"]).feed("ax", final=True) == "ax"  # nothing more comes: nothing held back
+
+
+def test_bad_words_never_complete_and_change_nothing_before(loaded):
+    """vLLM's ``bad_words``: a row never generates a banned token sequence (nor a banned single token); up to
+    where the plain answer would first complete one, its answer is the plain one, and a row beside it
+    without bad words is unchanged."""
+    from branchmerge.runtime.text import bad_word_ids
+
+    b = loaded[0.9]
+    tok = b.tokenizer("a")
+    ids = tok.encode("rev hello=")
+    plain = b.generate_ids([ids], ["a"], max_new_tokens=30)[0].new_ids
+    pair = plain[3:5]  # two tokens the plain answer generates
+    word = tok.decode(pair)
+    banned = bad_word_ids(tok, [word, tok.decode(plain[:1])])
+    assert tuple(pair) in banned and (plain[0],) in banned
+    rows = [RowSettings(bad_words=banned), RowSettings()]
+    got = b.generate_ids([ids, tok.encode("add 1+2=")], ["a", "a"], max_new_tokens=30, row_sampler=RowSampler(rows))
+    new = got[0].new_ids
+    assert plain[0] not in new and all(new[i:i + 2] != pair for i in range(len(new) - 1))
+    assert got[1].new_ids == b.generate_ids([tok.encode("add 1+2=")], ["a"], max_new_tokens=30)[0].new_ids
+    # with only the pair banned: the same answer up to where it would complete it
+    only = b.generate_ids([ids], ["a"], max_new_tokens=30,
+                          row_sampler=RowSampler([RowSettings(bad_words=(tuple(pair),))]))[0].new_ids
+    first = next(i for i in range(len(plain) - 1) if plain[i:i + 2] == pair)
+    assert only[:first + 1] == plain[:first + 1] and only[first + 1] != pair[1]

@@ -152,7 +152,7 @@ def test_different_sampling_settings_share_one_batch(server):
     with ThreadPoolExecutor(len(reqs)) as ex:
         with engine.paused():
             futs = [ex.submit(call, kw) for kw in reqs]
-            wait_queued(engine, len(reqs))
+            wait_queued(engine, len(reqs), futures=futs)
         got = [f.result() for f in futs]
     assert engine.batches - before == 1
     assert got[:3] == alone and got[5] == got[0]
@@ -494,7 +494,7 @@ def test_concurrent_requests_are_batched(server):
     with ThreadPoolExecutor(16) as ex:
         with engine.paused():  # all 16 queue up first, whatever the timing
             futs = [ex.submit(call, pb) for pb in prompts]
-            wait_queued(engine, 16)
+            wait_queued(engine, 16, futures=futs)
         got = [f.result() for f in futs]
     assert got == expected
     assert engine.batches - before == 1  # one mixed-branch batch of 16 rows over three branches
@@ -687,6 +687,20 @@ def test_chat_logprobs_score_the_answer(server):
         c.chat.completions.create(model="b", messages=msgs, max_tokens=3, logprobs=True, top_logprobs=21)
 
 
+def test_bad_words_are_never_written(server):
+    """vLLM's ``bad_words`` through the API: the answer never holds the word the plain answer holds;
+    an empty word or more than 64 are refused."""
+    c = server["client"]
+    plain = c.completions.create(model="a", prompt="rev hello=", max_tokens=20).choices[0].text
+    word = plain[2:4]
+    got = c.completions.create(model="a", prompt="rev hello=", max_tokens=20, extra_body={"bad_words": [word]})
+    assert word in plain and word not in got.choices[0].text
+    assert got.choices[0].text[:2] == plain[:2]
+    for bad in ([" "], ["x"] * 65, [""]):
+        with pytest.raises(openai.BadRequestError, match="bad"):
+            c.completions.create(model="a", prompt="rev hello=", max_tokens=3, extra_body={"bad_words": bad})
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_lm_eval_client_loglikelihood(server, monkeypatch, batch):
     """lm-evaluation-harness's completions client scores (context, continuation) pairs through the
@@ -749,7 +763,7 @@ def test_concurrent_scoring_requests_are_batched(server):
     with ThreadPoolExecutor(12) as ex:
         with engine.paused():
             futs = [ex.submit(call, pb) for pb in prompts]
-            wait_queued(engine, len(prompts))
+            wait_queued(engine, len(prompts), futures=futs)
         got = [f.result() for f in futs]
     for lp, want in zip(got, expected):
         assert lp.token_logprobs[0] is None and lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)

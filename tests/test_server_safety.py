@@ -105,10 +105,10 @@ def test_the_openai_sdk_hears_which_field_is_not_supported(server):
     client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0)
     msgs = [{"role": "user", "content": "add 1+2="}]
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="a", messages=msgs, max_tokens=2, extra_body={"bad_words": ["x"]})
-    assert e.value.body["param"] == "bad_words" and "is not supported" in e.value.body["message"]
+        client.chat.completions.create(model="a", messages=msgs, max_tokens=2, extra_body={"length_penalty": 0.5})
+    assert e.value.body["param"] == "length_penalty" and "is not supported" in e.value.body["message"]
     ok = client.chat.completions.create(model="a", messages=msgs, max_tokens=2, presence_penalty=0, seed=3,
-                                        extra_body={"bad_words": []})
+                                        extra_body={"length_penalty": 1})
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 

@@ -101,12 +101,14 @@ class RowSettings:
     repetition_penalty: float = 1.0  # vLLM's and transformers': logits of prompt and output tokens / it (< 0: *)
     allowed_token_ids: tuple[int, ...] = ()  # vLLM's: the row draws only these (empty: any)
     structure: Structure | None = None  # the answer follows this schema, pattern, grammar or choice
+    # vLLM's bad_words, as token sequences: the last token of each is never drawn where it would complete it
+    bad_words: tuple[tuple[int, ...], ...] = ()
 
     @property
     def adjusts(self) -> bool:
         """Whether the row changes logits before choosing (so even a greedy row needs the sampler)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_tokens
-                    or self.repetition_penalty != 1.0 or self.allowed_token_ids or self.structure)
+                    or self.repetition_penalty != 1.0 or self.allowed_token_ids or self.structure or self.bad_words)
 
     @property
     def stops_own_way(self) -> bool:
@@ -118,7 +120,8 @@ class RowSettings:
         ``allowed_token_ids``), to be checked against the vocabulary: an index past the logits fails a batch
         (a device assert on GPUs)."""
         for what, ids in (("logit_bias", list(self.logit_bias or ())), ("stop_token_ids", list(self.stop_token_ids)),
-                          ("allowed_token_ids", list(self.allowed_token_ids))):
+                          ("allowed_token_ids", list(self.allowed_token_ids)),
+                          ("bad_words", [t for w in self.bad_words for t in w])):
             if ids:
                 yield what, ids
 
@@ -349,6 +352,15 @@ class RowSampler(LogitsProcessor):
             # each row's prompt tokens, padded with its first (a duplicate changes nothing); -1 for an empty one
             self._prompt_idx = torch.tensor([list(q) + [q[0] if q else -1] * (width - len(q)) for q in prompts],
                                             dtype=torch.long, device=dev)
+        # bad words: one-token words are never drawn (in _allowed); longer ones checked each step (_bad)
+        self._bad = {i: [w for w in r.bad_words if len(w) > 1] for i, r in enumerate(self.settings) if r.bad_words}
+        self._bad = {i: ws for i, ws in self._bad.items() if ws}
+        singles = [(i, w[0]) for i, r in enumerate(self.settings) for w in r.bad_words if len(w) == 1]
+        if singles:
+            if self._allowed is None:
+                self._allowed = torch.ones(n, vocab, dtype=torch.bool, device=dev)
+            rows, cols = zip(*singles)
+            self._allowed[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = False
         self._constrained = [i for i, c in enumerate(self.constraints) if c is not None]
         self._bitmask = new_bitmask(n, vocab) if self._constrained else None
         self._counts, self._counted_to, self._earlier = None, self.start, None
@@ -414,9 +426,26 @@ class RowSampler(LogitsProcessor):
                 rows, cols, least = self._early
                 early = least > input_ids.shape[1] - self.start  # (no boolean indexing: no device sync)
                 scores.index_put_((rows, cols), torch.where(early, -float("inf"), 0.0), accumulate=True)
+            if self._bad:
+                self._ban_bad_words(input_ids, scores)
             if self._bitmask is not None:
                 self._constrain(input_ids, scores)
         return scores
+
+    def _ban_bad_words(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """vLLM's ``bad_words``: for each row's words of several tokens, -inf at the last token where the row's
+        generated tokens end with the ones before it (``scores`` ``[B, V]``, in place)."""
+        width = input_ids.shape[1]
+        bans: list[tuple[int, int]] = []
+        for r, words in self._bad.items():
+            made = self.generated[r] + width - self.start  # tokens the row generated (the prompt's last ones)
+            longest = min(made, max(len(w) for w in words) - 1)
+            tail = input_ids[r, width - longest:].tolist() if longest else []
+            bans += [(r, w[-1]) for w in words
+                     if len(w) - 1 <= len(tail) and tail[len(tail) - len(w) + 1:] == list(w[:-1])]
+        if bans:
+            rows, cols = zip(*bans)
+            scores[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = -float("inf")
 
     def _constrain(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
         """Feed each structured row's grammar the tokens it generated since the last step, then mask

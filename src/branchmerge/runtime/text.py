@@ -70,6 +70,18 @@ def encode_messages(tok: Any, messages: Sequence[Mapping[str, Any]], *, chat: bo
     return list(tok("\n".join(m["content"] for m in msgs if m["content"]))["input_ids"])
 
 
+def bad_word_ids(tok: Any, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """vLLM's ``bad_words`` as token sequences: each word as it tokenizes alone and, where that differs in its
+    first token but not in length, after a space (a word at the start of the text and in its middle)."""
+    out: list[tuple[int, ...]] = []
+    for w in words:
+        alone = tuple(tok.encode(w.lstrip(), add_special_tokens=False))
+        spaced = tuple(tok.encode(" " + w.lstrip(), add_special_tokens=False))
+        out += [s for s in (alone, spaced if spaced and alone and spaced[0] != alone[0] and len(spaced) == len(alone)
+                            else ()) if s]
+    return tuple(dict.fromkeys(out))
+
+
 def cut_at_stop(text: str, stop: Sequence[str], *, keep: bool = False, start: int = 0) -> tuple[str, bool]:
     """``text`` up to the earliest stop string (with ``keep``, up to its end), and whether one occurred.
 

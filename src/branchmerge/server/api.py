@@ -21,7 +21,7 @@ from branchmerge.front import Front
 from branchmerge.runtime.bundle import ContextLengthError, GenerationResult
 from branchmerge.runtime.sampling import RowSettings
 from branchmerge.runtime.scoring import common_prefix
-from branchmerge.runtime.text import cut_at_stop, min_tokens_start
+from branchmerge.runtime.text import bad_word_ids, cut_at_stop, min_tokens_start
 from branchmerge.server import protocol as P
 from branchmerge.server.engine import Busy, Engine, Job
 from branchmerge.server.metrics import SIZE_BUCKETS, EngineMetrics, Registry
@@ -159,7 +159,8 @@ class OpenAIService(StreamReplies):
             frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.bias() or None,
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
             repetition_penalty=req.repetition_penalty or 1.0, allowed_token_ids=tuple(req.allowed_token_ids or ()),
-            structure=P.checked_structure(req))
+            structure=P.checked_structure(req),
+            bad_words=bad_word_ids(self.bundle.tokenizer(branch), req.bad_words) if req.bad_words else ())
         for name, ids_ in sampling.token_ids():  # here, a 400 for this request; in its batch, a failed batch
             try:
                 self.bundle.check_ids([ids_], [branch], rows=[name])

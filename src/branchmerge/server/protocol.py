@@ -131,6 +131,9 @@ class _Req(BaseModel):
                             description="vLLM's: no stop token or stop string before this many tokens.")
     allowed_token_ids: list[int] | None = Field(default=None, min_length=1, max_length=MAX_ALLOWED_TOKENS,
                                                 description="vLLM's: the answer draws only these tokens.")
+    bad_words: list[str] | None = Field(default=None, max_length=64,
+                                        description="vLLM's: words the answer never contains (each as it tokenizes "
+                                                    "alone and after a space).")
     include_stop_str_in_output: bool = Field(default=False, description="vLLM's: the text ends with the stop string.")
     skip_special_tokens: bool = Field(default=True, description="vLLM's: special tokens are left out of the text.")
     truncate_prompt_tokens: int | None = Field(default=None, ge=1,
@@ -154,6 +157,15 @@ class _Req(BaseModel):
             if len(s) > MAX_STOP_CHARS:
                 raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters, got {len(s)}")
             _no_surrogates(s, "stop")
+        return v
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words(cls, v: list[str] | None) -> list[str] | None:
+        for w in v or []:
+            if not w.strip() or len(w) > MAX_STOP_CHARS:
+                raise ValueError(f"a bad word has 1 to {MAX_STOP_CHARS} characters (not only spaces), got {w[:40]!r}")
+            _no_surrogates(w, "bad_words")
         return v
 
     @field_validator("logit_bias")
@@ -252,7 +264,7 @@ _NEUTRAL: dict[str, Any] = {
     "best_of": lambda v: v in (None, 1), "suffix": lambda v: not v,
     # vLLM's sampling extensions that this server does not implement (top_k and min_p it does)
     "length_penalty": lambda v: v in (None, 1),
-    "bad_words": lambda v: not v, "use_beam_search": lambda v: not v,
+    "use_beam_search": lambda v: not v,
     "prompt_logprobs": lambda v: v is None,
     "guided_whitespace_pattern": lambda v: v is None, "structural_tag": lambda v: v is None,
 }
