@@ -267,3 +267,18 @@ def test_a_grammar_that_compiles_too_long_gets_a_400_and_holds_nothing(server, m
     assert "structured_outputs.regex" in r.json()["error"]["message"]
     ok = server["client"].completions.create(model="b", prompt="add 1+1=", max_tokens=3)
     assert ok.choices[0].text == server["bundle"].generate("add 1+1=", "b", max_new_tokens=3)[0]
+
+
+def test_the_structure_wins_over_min_tokens_and_bad_words(loaded):
+    """Where a row's other settings leave none of the tokens its grammar allows (its end of text before
+    ``min_tokens``, a choice's letters banned), it draws among the grammar's tokens by the model's logits: the
+    answer still follows the structure, instead of going on unconstrained from a token nothing allowed."""
+    b = loaded[0.9]
+    tok = b.tokenizer("a")
+    ids = tok.encode("add 1+2=")
+    no = Structure.choices(["no"])
+    for st in (RowSettings(structure=no, min_tokens=5),
+               RowSettings(structure=no, bad_words=((tok.convert_tokens_to_ids("o"),),)),
+               RowSettings(structure=no, allowed_token_ids=(tok.convert_tokens_to_ids("x"),), temperature=1.0)):
+        out = b.generate_ids([ids], ["a"], max_new_tokens=10, row_sampler=RowSampler([st]))[0]
+        assert (out.text, out.finish_reason) == ("no", "stop"), st

@@ -232,8 +232,8 @@ class RowSampler(LogitsProcessor):
     each row's chosen token and -inf elsewhere, so ``generate(do_sample=False)`` emits it.
 
     Per row, in vLLM's order: its allowed tokens, the logit bias, the repetition penalty (on its prompt's
-    and its generated tokens), the presence and frequency penalties (on the tokens it generated), its
-    structure's grammar (:mod:`.structured`: only tokens that keep its answer valid), then
+    and its generated tokens), the presence and frequency penalties (on the tokens it generated), its bad
+    words, its structure's grammar (:mod:`.structured`: only tokens that keep its answer valid), then
     :func:`sample_rows`.
     Rows with a seed draw from their own ``torch.Generator`` seeded with it; the others from the process's
     random state. Rows end on their own stop tokens when ``generate_ids`` gives them (:class:`StopTokens`).
@@ -397,7 +397,7 @@ class RowSampler(LogitsProcessor):
             self.start = input_ids.shape[1]
             self._index(input_ids, scores.shape[1])
         if self._adjusts:
-            scores = scores.float().clone()
+            raw, scores = scores, scores.float().clone()
             if self._allowed is not None:
                 scores.masked_fill_(~self._allowed, -float("inf"))
             if self._bias is not None:
@@ -429,7 +429,7 @@ class RowSampler(LogitsProcessor):
             if self._bad:
                 self._ban_bad_words(input_ids, scores)
             if self._bitmask is not None:
-                self._constrain(input_ids, scores)
+                self._constrain(input_ids, scores, raw)
         return scores
 
     def _ban_bad_words(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
@@ -447,9 +447,11 @@ class RowSampler(LogitsProcessor):
             rows, cols = zip(*bans)
             scores[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = -float("inf")
 
-    def _constrain(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+    def _constrain(self, input_ids: torch.Tensor, scores: torch.Tensor, raw: torch.Tensor) -> None:
         """Feed each structured row's grammar the tokens it generated since the last step, then mask
-        ``scores`` (``[B, V]``, in place) to the tokens its grammar allows next."""
+        ``scores`` (``[B, V]``, in place) to the tokens its grammar allows next. The grammar wins: a row whose
+        other adjustments (``min_tokens``, bad words, allowed tokens) leave none of those draws among them by
+        the model's own logits ``raw`` (so its answer still follows its structure)."""
         width = input_ids.shape[1]
         rows = []
         for r in self._constrained:
@@ -461,3 +463,8 @@ class RowSampler(LogitsProcessor):
                 rows.append(r)
         if rows:
             apply_bitmask(scores, self._bitmask, rows)
+            dead = torch.isneginf(scores[rows]).all(1)
+            for k in dead.nonzero().flatten().tolist():  # (one device sync a step, structured rows only)
+                row = raw[rows[k]:rows[k] + 1].float().clone()
+                apply_bitmask(row, self._bitmask[rows[k]:rows[k] + 1], [0])
+                scores[rows[k]] = row[0]
