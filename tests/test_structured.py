@@ -199,6 +199,7 @@ def test_vllm_fields_stream_and_batch(server):
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
     ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs.whitespace_pattern", "not supported"),
     ({"structured_outputs": "json"}, "structured_outputs", "must be an object"),
+    ({"structured_outputs": {"json_object": "yes"}}, "structured_outputs.json_object", "must be true"),
     ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "non-empty"),
     ({"structured_outputs": {"choice": [1, 2]}}, "structured_outputs.choice", "list of strings"),
     ({"structured_outputs": {"json": "x" * (MAX_SPEC_CHARS + 10)}}, "structured_outputs.json", "at most"),
@@ -282,3 +283,14 @@ def test_the_structure_wins_over_min_tokens_and_bad_words(loaded):
                RowSettings(structure=no, allowed_token_ids=(tok.convert_tokens_to_ids("x"),), temperature=1.0)):
         out = b.generate_ids([ids], ["a"], max_new_tokens=10, row_sampler=RowSampler([st]))[0]
         assert (out.text, out.finish_reason) == ("no", "stop"), st
+
+
+def test_a_row_that_ignores_its_end_of_text_draws_only_stop_tokens_once_complete(loaded):
+    """With ``ignore_eos`` the row goes on past its complete answer, drawing only its end of text (as in vLLM),
+    so its text stays the answer instead of going on unconstrained."""
+    b = loaded[0.9]
+    tok = b.tokenizer("a")
+    st = RowSettings(structure=Structure.choices(["ab"]), ignore_eos=True)
+    out = b.generate_ids([tok.encode("add 1+2=")], ["a"], max_new_tokens=8, row_sampler=RowSampler([st]))[0]
+    assert (out.text, out.finish_reason) == ("ab", "length")
+    assert out.new_ids == tok.encode("ab") + [tok.eos_token_id] * 6

@@ -118,6 +118,8 @@ def test_an_answer_cut_short_stays_text(server):
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "mul"}}}, "tool_choice",
      "not among the tools"),
     ({"tools": TOOLS, "tool_choice": {"type": "function"}}, "tool_choice", '"required"'),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": "add"}}, "tool_choice", '"required"'),
+    ({"tools": [*TOOLS, TOOLS[0]], "tool_choice": "required"}, "tools", "'add' twice"),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
      "both set"),

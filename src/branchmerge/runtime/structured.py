@@ -145,33 +145,40 @@ class Structurer:
         compiled = self.compile(structure)
         stops = sorted(set(stops or ())) or self.stop_ids
         return Constraint(xgr.GrammarMatcher(compiled, override_stop_tokens=stops or None,
-                                             terminate_without_stop_token=not stops))
+                                             terminate_without_stop_token=not stops), stops)
 
 
 class Constraint:
     """One row's grammar state. ``accepted``: how many of the row's generated tokens it has taken;
-    ``done``: the row ended (a stop token, or a token from outside the grammar, such as the padding of an
-    ended row); a done row is no longer masked."""
+    ``complete``: the grammar took one of the row's ``stops`` (the answer is whole; a row that goes on, with
+    ``ignore_eos``, may draw only stop tokens, as in vLLM); ``done``: a token from outside the grammar came
+    (the padding of an ended row): the row is no longer masked."""
 
-    def __init__(self, matcher: Any) -> None:
-        self.matcher, self.accepted, self.done = matcher, 0, False
+    def __init__(self, matcher: Any, stops: Sequence[int] = ()) -> None:
+        self.matcher, self.stops, self.accepted, self.complete, self.done = matcher, list(stops), 0, False, False
 
     def feed(self, tokens: Sequence[int]) -> None:
         """Take the row's next generated tokens, in order."""
         for t in tokens:
             self.accepted += 1
-            if self.done:
+            if self.done or (self.complete and int(t) in self.stops):
                 continue
-            if self.matcher.is_terminated() or not self.matcher.accept_token(int(t)):
+            if self.complete or not self.matcher.accept_token(int(t)):
                 self.done = True
             elif self.matcher.is_terminated():
-                self.done = True
+                self.complete = True
 
     def fill(self, bitmask: torch.Tensor, row: int) -> bool:
         """Write the tokens the row may draw next into row ``row`` of ``bitmask`` (``[B, ceil(V/32)]``
         int32); False when the row is done (its row of the mask is left as it is)."""
         if self.done:
             return False
+        if self.complete:  # only its stop tokens
+            words = [0] * bitmask.shape[1]
+            for t in self.stops:
+                words[t // 32] |= 1 << (t % 32)
+            bitmask[row] = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+            return bool(self.stops)
         self.matcher.fill_next_token_bitmask(bitmask, row)
         return True
 

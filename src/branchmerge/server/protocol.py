@@ -333,6 +333,8 @@ def _structured_outputs(v: Any, where: str) -> Structure:
     (key, x), = given.items()
     field = name(key)
     if key == "json_object":
+        if x is not True:
+            raise APIError(400, f"{field} must be true", param=field)
         return Structure("json_object", field=field)
     if key == "json":
         if not isinstance(x, (dict, str)):

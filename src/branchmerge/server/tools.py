@@ -54,6 +54,10 @@ def chosen(tools: list[Tool] | None, tool_choice: Any) -> str | None:
         if tool_choice not in (None, "none", "auto"):
             raise ToolError("tool_choice needs tools", "tool_choice")
         return None
+    names = [t.function.name for t in tools]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ToolError(f"tools name the function {twice!r} twice", "tools")
     if tool_choice == "none":
         return None
     if tool_choice in (None, "auto"):
@@ -62,7 +66,8 @@ def chosen(tools: list[Tool] | None, tool_choice: Any) -> str | None:
                         '{"type": "function", "function": {"name": ...}}', "tool_choice")
     if tool_choice == "required":
         return "required"
-    name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(name, str) or (isinstance(tool_choice, dict) and tool_choice.get("type", "function") != "function"):
         raise ToolError('tool_choice is "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
                         "tool_choice")
