@@ -70,7 +70,7 @@ def make_finetune(base: LlamaForCausalLM, path: Path, seed: int, rank: int = 2, 
 
 def save_char_tokenizer(folder, chat: bool = False):
     """A real fast tokenizer over single characters (vocab 64), saved into a model folder."""
-    chars = list(" abcdefghijklmnopqrstuvwxyz0123456789+-=.,?!:{}[]\"_")  # (JSON's too: structured outputs)
+    chars = list(" abcdefghijklmnopqrstuvwxyz0123456789+-=.,?!:{}[]\"_<>/")  # (JSON's and tags: structured outputs)
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
     for c in chars:
         vocab[c] = len(vocab)

@@ -623,7 +623,7 @@ def test_a_runaway_extract_regex_is_stopped(server):
 
     c, bundle = server["client"], server["bundle"]
     raw = bundle.generate("rev abcdefghij=", "b", max_new_tokens=40, chat=False)[0]
-    assert sum(ch.isalnum() for ch in raw) >= 30  # long enough to stall the pattern for years
+    assert sum(ch.isalnum() for ch in raw) >= 25  # long enough to stall the pattern for hours (2^n steps)
     t = time.monotonic()
     with pytest.raises(openai.InternalServerError, match="ran past") as e:
         c.chat.completions.create(model="runaway", messages=[{"role": "user", "content": "rev abcdefghij="}])

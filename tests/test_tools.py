@@ -15,6 +15,7 @@ from branchmerge.config import load_config
 from branchmerge.merge import run_merge
 from branchmerge.runtime.text import describe_tools, encode_messages
 from branchmerge.server import create_app
+from branchmerge.server.tools import parse_hermes
 from tests.conftest import make_finetune, make_tiny_llama, save_char_tokenizer, write_config
 from tests.serving import serving
 
@@ -48,9 +49,11 @@ def server(tmp_path_factory):
     cfg = write_config(root / "c.yaml", [{"name": n, "model": str(root / n)} for n in "ab"], compress_rate=0.5)
     run_merge(load_config(cfg), root / "bundle", progress=False)
     bundle = branchmerge.load(root / "bundle")
-    with serving(create_app(bundle, max_batch=8, wait_ms=20, max_tokens_limit=256)) as url:
+    with serving(create_app(bundle, max_batch=8, wait_ms=20, max_tokens_limit=256)) as url, \
+            serving(create_app(bundle, max_batch=8, wait_ms=20, max_tokens_limit=256, tool_call_parser="hermes")) as h:
         yield {"url": url, "bundle": bundle,
-               "client": openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)}
+               "client": openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60),
+               "hermes": openai.OpenAI(base_url=h + "/v1", api_key="x", max_retries=0, timeout=60)}
 
 
 def test_a_template_without_tools_gets_them_in_a_system_message(server):
@@ -99,7 +102,8 @@ def test_a_conversation_goes_on_with_the_call_and_its_result(server):
     history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                {"role": "tool", "tool_call_id": call.id, "content": "3"}]
     r2 = c.chat.completions.create(model="a", messages=history, max_tokens=6)
-    as_text = [*ASK, {"role": "assistant", "content": json.dumps([{"name": "add", "arguments": call.function.arguments}])},
+    as_text = [*ASK, {"role": "assistant",
+                      "content": json.dumps([{"name": "add", "arguments": call.function.arguments}])},
                {"role": "tool", "content": "3"}]
     assert r2.choices[0].message.content == b.generate_ids([b.encode_messages(as_text, "a")], ["a"],
                                                            max_new_tokens=6)[0].text
@@ -145,3 +149,41 @@ def test_malformed_tools_are_refused(server, tools):
     r = httpx.post(server["url"] + "/v1/chat/completions",
                    json={"model": "a", "messages": ASK, "max_tokens": 5, "tools": tools, "tool_choice": "required"})
     assert r.status_code == 400 and "tools" in r.text, r.text
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), [
+    ("no call here", "no call here", []),
+    ('ok <tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>', "ok", [("add", {"a": 1})]),
+    ('<tool_call>\n{"name": "add", "arguments": "{\\"a\\": 2}"}\n</tool_call>\n<tool_call>{"name": "neg", '
+     '"arguments": {"x": true}}</tool_call>', None, [("add", {"a": 2}), ("neg", {"x": True})]),
+    ('<tool_call>{"name": "add", "arguments": {}}', None, [("add", {})]),  # cut before its closing tag
+    ('<tool_call>{"name": "add", "argu', '<tool_call>{"name": "add", "argu', []),  # not JSON: all text
+    ('<tool_call>["add"]</tool_call>', '<tool_call>["add"]</tool_call>', []),
+])
+def test_hermes_calls_are_read_out_of_an_answer(text, content, calls):
+    got_content, got = parse_hermes(text)
+    assert got_content == content and [(c["name"], c["parameters"]) for c in got] == calls
+
+
+def test_auto_tool_choice_with_the_hermes_parser(server):
+    """With ``--tool-call-parser hermes``, ``tool_choice: "auto"`` (the default with tools) answers freely: an
+    answer without ``<tool_call>`` blocks is text, one with them comes back as ``tool_calls`` (here the model
+    is made to write one with a regular expression), streamed too."""
+    h, b = server["hermes"], server["bundle"]
+    plain = h.chat.completions.create(model="a", messages=ASK, tools=TOOLS, max_tokens=8)
+    msgs = [{"role": "system", "content": describe_tools(TOOLS)}, *ASK]
+    assert plain.choices[0].message.tool_calls is None
+    assert plain.choices[0].message.content == b.generate_ids([b.encode_messages(msgs, "a")], ["a"],
+                                                              max_new_tokens=8)[0].text
+    forced = {"structured_outputs": {"regex": r'ok <tool_call>\{"name": "add", "arguments": \{"a": 1, "b": 2\}\}'
+                                              r'</tool_call>'}}
+    r = h.chat.completions.create(model="a", messages=ASK, tools=TOOLS, max_tokens=80, extra_body=forced)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and msg.content == "ok"
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in msg.tool_calls] == [("add", {"a": 1, "b": 2})]
+    chunks = list(h.chat.completions.create(model="a", messages=ASK, tools=TOOLS, max_tokens=80, extra_body=forced,
+                                            stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    assert "".join(d.content or "" for d in deltas) == "ok" and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert [(t.function.name, t.function.arguments) for d in deltas for t in d.tool_calls or []] == \
+        [(t.function.name, t.function.arguments) for t in msg.tool_calls]

@@ -25,6 +25,11 @@ def serve_cmd(
                                             help="Finished requests' KV caches kept, in tokens, for later requests "
                                             "that begin the same way (a chat's next turn, a shared system "
                                             "prompt): they prefill only what they add. 0: off."),
+    tool_call_parser: str | None = typer.Option(None, "--tool-call-parser",
+                                                help="hermes: tool_choice \"auto\" (the default with tools) answers "
+                                                "freely and reads <tool_call> blocks out of the answer as tool_calls "
+                                                "(Qwen2.5/Qwen3, Hermes). Without: auto is refused; required and "
+                                                "named functions work either way."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bf16, fp16 (default: the bundle's)."),
 ) -> None:
@@ -35,12 +40,17 @@ def serve_cmd(
     takes turns between requests; a client that disconnects stops its generation.
     """
     from branchmerge.server import ServerLimits, serve
+    from branchmerge.server.tools import PARSERS
     from branchmerge.staged import load_pipelines
+
+    if tool_call_parser is not None and tool_call_parser not in PARSERS:
+        raise typer.BadParameter(f"one of {', '.join(PARSERS)}, got {tool_call_parser!r}",
+                                 param_hint="--tool-call-parser")
 
     limits = ServerLimits(max_tokens=max_tokens_limit, max_prompts=max_prompts, max_choices=max_choices)
     serve(str(bundle_dir), host=host, port=port, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms,
           device=device, dtype=dtype, pipelines=load_pipelines(pipelines) if pipelines is not None else None,
-          limits=limits, prefix_cache_tokens=prefix_cache_tokens)
+          limits=limits, prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser)
 
 
 def gateway_cmd(

@@ -27,7 +27,7 @@ from branchmerge.server.engine import Busy, Engine, Job
 from branchmerge.server.metrics import SIZE_BUCKETS, EngineMetrics, Registry
 from branchmerge.server.routing import RouteBatcher
 from branchmerge.server.streams import ClientGone, Reply, StreamReplies, _Request
-from branchmerge.server.tools import answer_calls, stream_calls
+from branchmerge.server.tools import PARSERS, answer_calls, stream_calls
 
 logger = logging.getLogger(__name__)
 Disconnected = Callable[[], Awaitable[bool]]
@@ -69,7 +69,11 @@ class OpenAIService(StreamReplies):
     """Chat and text completions, model listing and health over a front (bundle, router, pipelines)."""
 
     def __init__(self, front: Front, *, limits: ServerLimits | None = None, max_batch: int = 16,
-                 wait_ms: float = 10.0, route_batch: int = 64, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS) -> None:
+                 wait_ms: float = 10.0, route_batch: int = 64, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
+                 tool_call_parser: str | None = None) -> None:
+        if tool_call_parser not in (None, *PARSERS):
+            raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got {tool_call_parser!r}")
+        self.tool_call_parser = tool_call_parser  # tool_choice "auto": calls read out of free answers
         self.front, self.bundle = front, front.bundle
         self.limits = limits or ServerLimits()
         self.engine = Engine(self.bundle, max_batch=max_batch, wait_ms=wait_ms, max_queued=self.limits.max_queued,
@@ -319,6 +323,7 @@ class OpenAIService(StreamReplies):
 
     # ---- endpoints ----------------------------------------------------------------------------------
     async def chat(self, req: P.ChatRequest, disconnected: Disconnected | None = None) -> Reply:
+        req._tool_parser = self.tool_call_parser
         if (refused := P.unsupported(req)) is not None:
             raise refused
         P.checked_structure(req)  # a bad schema, pattern or grammar: a 400 before any routing

@@ -25,19 +25,21 @@ _ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/com
 
 def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: int = 16, wait_ms: float = 10.0,
                max_tokens_limit: int | None = None, pipelines=None, limits: ServerLimits | None = None,
-               route_batch: int = 64, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS) -> FastAPI:
+               route_batch: int = 64, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
+               tool_call_parser: str | None = None) -> FastAPI:
     """The FastAPI app serving a bundle (or a :class:`~branchmerge.front.Front`): one engine thread,
     concurrent requests batched (and their ``auto`` texts routed together, at most ``route_batch`` in one
     embedding batch). With ``api_key`` every path but a bare ``/health`` needs ``Authorization: Bearer KEY``
     and the interactive docs are off. ``prefix_cache_tokens``: finished requests' KV caches kept (in
-    tokens, least recently used out first) for later requests that begin the same way; 0 keeps none."""
+    tokens, least recently used out first) for later requests that begin the same way; 0 keeps none.
+    ``tool_call_parser`` (``"hermes"``): ``tool_choice: "auto"`` answers freely and its calls are read out."""
     from branchmerge.front import Front, front_for
 
     front = bundle_or_front if isinstance(bundle_or_front, Front) else front_for(bundle_or_front, pipelines)
     if max_tokens_limit is not None:
         limits = (limits or ServerLimits()).model_copy(update={"max_tokens": max_tokens_limit})
     service = OpenAIService(front, limits=limits, max_batch=max_batch, wait_ms=wait_ms, route_batch=route_batch,
-                            prefix_cache_tokens=prefix_cache_tokens)
+                            prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser)
     app = build_app(service, api_key=api_key)
     app.state.engine, app.state.bundle = service.engine, front.bundle
     return app
@@ -207,7 +209,7 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 def serve(bundle_dir: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, wait_ms: float = 10.0, device: str = "cpu", dtype: str | None = None,
           pipelines=None, limits: ServerLimits | None = None,
-          prefix_cache_tokens: int = PREFIX_CACHE_TOKENS) -> None:
+          prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, tool_call_parser: str | None = None) -> None:
     """Load a bundle and serve it with uvicorn (blocking); the one entry point the CLI uses."""
     import uvicorn
 
@@ -218,5 +220,5 @@ def serve(bundle_dir: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
         logger.warning(warning)
     front = open_front(bundle_dir, device=device, dtype=dtype, pipelines=pipelines)
     app = create_app(front, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms, limits=limits,
-                     prefix_cache_tokens=prefix_cache_tokens)
+                     prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

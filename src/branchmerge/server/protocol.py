@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from branchmerge.runtime.structured import Structure, StructureError
 from branchmerge.server.tools import MAX_TOOLS, Tool, ToolError, chosen, tool_structure
@@ -84,7 +84,8 @@ class Message(BaseModel):
         calls = extra.get("tool_calls")
         if calls:
             if not isinstance(calls, list) or not all(
-                    isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+                    isinstance(c, dict) and isinstance(c.get("function"), dict)
+                    and isinstance(c["function"].get("name"), str)
                     and isinstance(c["function"].get("arguments", ""), str) for c in calls):
                 raise ValueError("an assistant message's tool_calls are {\"type\": \"function\", \"function\": "
                                  "{\"name\": str, \"arguments\": str}} objects")
@@ -224,18 +225,20 @@ class ChatRequest(_Req):
     logprobs: bool | None = Field(default=None, description="Each answer token's log-probability under the branch.")
     top_logprobs: int | None = Field(default=None, ge=0, le=20,
                                      description="With logprobs: this many likeliest tokens at each position.")
+    _tool_parser: str | None = PrivateAttr(default=None)  # the server's (tools.PARSERS), set before reading calls
 
     def calls(self) -> str | None:
-        """None (answer in text), ``"required"`` or the name of the function the answer must call."""
+        """None (answer in text), ``"required"``, ``"auto"`` (with the server's tool-call parser) or the name
+        of the function the answer must call."""
         try:
-            return chosen(self.tools, self.tool_choice)
+            return chosen(self.tools, self.tool_choice, self._tool_parser)
         except ToolError as e:
             raise APIError(400, str(e), param=e.param) from None
 
     def structure(self) -> Structure | None:
         st = super().structure()
         choice = self.calls()
-        if choice is None:
+        if choice in (None, "auto"):  # (auto: answered freely, its calls read out of it)
             return st
         if st is not None:
             raise APIError(400, f"tool_choice and {st.field} both set the answer's structure; give one",

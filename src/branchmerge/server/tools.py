@@ -1,14 +1,16 @@
-"""Tool calling (OpenAI's ``tools`` and ``tool_choice``) through structured outputs, as vLLM does it without
-a tool-call parser: ``tool_choice: "required"`` constrains the answer to a JSON list of calls
+"""Tool calling (OpenAI's ``tools`` and ``tool_choice``). ``tool_choice: "required"`` and a named function go
+through structured outputs, as vLLM does them: the answer is constrained to a JSON list of calls
 (``[{"name": ..., "parameters": {...}}, ...]``, each a tool's name and arguments of its ``parameters``
-schema), a named function to that function's arguments; the answer comes back as the message's
-``tool_calls``. ``"auto"`` (the model decides whether to call) needs a parser of the model's own call format,
-which this server does not have: it is refused, as vLLM refuses it unless started with one. Pure: wire
-format in, structures and response parts out."""
+schema), or to the named function's arguments, and comes back as the message's ``tool_calls``. ``"auto"``
+(the model decides whether to call) needs a parser of the model's own call format: with one
+(``serve --tool-call-parser hermes``: ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, the
+format of Qwen2.5/Qwen3 and Hermes models) the answer is generated freely and its calls read out of it;
+without, ``"auto"`` is refused, as vLLM refuses it. Pure: wire format in, structures and response parts out."""
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -46,10 +48,34 @@ def _parameters(f: FunctionDef) -> dict[str, Any]:
     return f.parameters if f.parameters is not None else {"type": "object", "properties": {}}
 
 
-def chosen(tools: list[Tool] | None, tool_choice: Any) -> str | None:
+PARSERS = ("hermes",)  # tool-call formats read out of free answers (tool_choice "auto")
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def parse_hermes(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """``(content, calls)`` of an answer in the Hermes format: the text before the first ``<tool_call>``
+    (None when empty) and each ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` as
+    ``{"name", "parameters"}``. No call is read unless every block is such JSON (else: all text, no calls)."""
+    start = text.find("<tool_call>")
+    if start < 0:
+        return text, []
+    calls = []
+    for block in _HERMES.findall(text[start:]):
+        try:
+            c = json.loads(block)
+        except json.JSONDecodeError:
+            return text, []
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+            return text, []
+        args = c.get("arguments", c.get("parameters", {}))
+        calls.append({"name": c["name"], "parameters": json.loads(args) if isinstance(args, str) else args})
+    return text[:start].strip() or None, calls
+
+
+def chosen(tools: list[Tool] | None, tool_choice: Any, parser: str | None = None) -> str | None:
     """What the request asks of the tools: None (answer in text: no tools, or ``"none"``), ``"required"``,
-    or the name of the function it must call. Raises :class:`ToolError` for ``"auto"`` and a choice that
-    names no tool."""
+    ``"auto"`` (only with a ``parser``) or the name of the function it must call. Raises :class:`ToolError`
+    for ``"auto"`` without a parser and a choice that names no tool."""
     if not tools:
         if tool_choice not in (None, "none", "auto"):
             raise ToolError("tool_choice needs tools", "tool_choice")
@@ -60,15 +86,19 @@ def chosen(tools: list[Tool] | None, tool_choice: Any) -> str | None:
         raise ToolError(f"tools name the function {twice!r} twice", "tools")
     if tool_choice == "none":
         return None
+    if tool_choice in (None, "auto") and parser is not None:
+        return "auto"
     if tool_choice in (None, "auto"):
         raise ToolError('tool_choice "auto" (the default with tools) needs a parser of the model\'s own tool-call '
-                        'format, which this server does not have; set tool_choice to "required" or to '
-                        '{"type": "function", "function": {"name": ...}}', "tool_choice")
+                        'format (serve --tool-call-parser hermes, for models that write <tool_call> blocks); or set '
+                        'tool_choice to "required" or to {"type": "function", "function": {"name": ...}}',
+                        "tool_choice")
     if tool_choice == "required":
         return "required"
     fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
     name = fn.get("name") if isinstance(fn, dict) else None
-    if not isinstance(name, str) or (isinstance(tool_choice, dict) and tool_choice.get("type", "function") != "function"):
+    if not isinstance(name, str) or (isinstance(tool_choice, dict)
+                                     and tool_choice.get("type", "function") != "function"):
         raise ToolError('tool_choice is "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
                         "tool_choice")
     if name not in {t.function.name for t in tools}:
@@ -91,30 +121,38 @@ def tool_structure(tools: list[Tool], choice: str, parallel: bool = True) -> Str
     return Structure.json_schema(schema, "tools")
 
 
-def tool_calls(text: str, choice: str) -> list[dict[str, Any]] | None:
-    """OpenAI's ``tool_calls`` of an answer made under :func:`tool_structure` (None when the answer is not
-    complete JSON, as when ``max_tokens`` cut it)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    calls = [{"name": choice, "parameters": value}] if choice != "required" else value
-    if not isinstance(calls, list):
-        return None
-    return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+def tool_calls(text: str, choice: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+    """``(content, tool_calls)`` of an answer: made under :func:`tool_structure` (content None; no calls
+    when the answer is not complete JSON, as when ``max_tokens`` cut it), or for ``"auto"`` read with the
+    Hermes parser (content: the text before the calls)."""
+    if choice == "auto":
+        content, calls = parse_hermes(text)
+        if not calls:
+            return text, None
+    else:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return text, None
+        calls = [{"name": choice, "parameters": value}] if choice != "required" else value
+        content = None
+        if not isinstance(calls, list):
+            return text, None
+    return content, [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
              "function": {"name": c.get("name"), "arguments": json.dumps(c.get("parameters", {}))}}
             for c in calls if isinstance(c, dict)]
 
 
 def answer_calls(body: dict[str, Any], choice: str) -> dict[str, Any]:
-    """A chat response whose answers were made under :func:`tool_structure`, each complete one as its
-    message's ``tool_calls`` (``content`` null; finish reason ``tool_calls`` for ``"required"``, ``stop``
-    for a named function, as vLLM and OpenAI give them). An answer cut short stays text."""
+    """A chat response whose answers were made under :func:`tool_structure` (or, for ``"auto"``, freely),
+    each one with calls as its message's ``tool_calls`` (``content`` null, or for ``"auto"`` the text before
+    the calls; finish reason ``tool_calls`` for ``"required"`` and ``"auto"``, ``stop`` for a named
+    function, as vLLM and OpenAI give them). An answer cut short, or without calls, stays text."""
     for c in body["choices"]:
-        calls = tool_calls(c["message"].get("content") or "", choice)
+        content, calls = tool_calls(c["message"].get("content") or "", choice)
         if calls:
-            c["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
-            if choice == "required" and c["finish_reason"] == "stop":
+            c["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+            if choice in ("required", "auto") and c["finish_reason"] == "stop":
                 c["finish_reason"] = "tool_calls"
     return body
 
@@ -135,10 +173,12 @@ async def stream_calls(chunks: AsyncIterator[str], choice: str) -> AsyncIterator
                 yield "data: " + json.dumps(data) + "\n\n"
             continue
         reason = ch["finish_reason"]
-        calls = tool_calls("".join(text), choice)
-        delta: dict[str, Any] = ({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]} if calls
-                                 else {"content": "".join(text)})
-        yield "data: " + json.dumps({**data, "choices": [{**ch, "delta": delta, "finish_reason": None}]}) + "\n\n"
-        if calls and choice == "required" and reason == "stop":
+        content, calls = tool_calls("".join(text), choice)
+        delta: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+        if delta:
+            yield "data: " + json.dumps({**data, "choices": [{**ch, "delta": delta, "finish_reason": None}]}) + "\n\n"
+        if calls and choice in ("required", "auto") and reason == "stop":
             reason = "tool_calls"
         yield "data: " + json.dumps({**data, "choices": [{**ch, "delta": {}, "finish_reason": reason}]}) + "\n\n"
