@@ -64,10 +64,10 @@ class BatchGeneration:
                      else repr(sorted(tok.get_vocab().items())))
             stops = tuple(sorted(self.stop_ids(branch)))
             key = (hashlib.sha256(words.encode()).hexdigest(), vocab, stops)
-            same = next((s for k, s in self.__dict__.setdefault("_structurer_keys", []) if k == key), None)
-            mine[branch] = same or Structurer(tok, vocab, stops)
-            if same is None:
-                self._structurer_keys.append((key, mine[branch]))
+            shared = self.__dict__.setdefault("_structurers_by_vocab", {})
+            if key not in shared:
+                shared[key] = Structurer(tok, vocab, stops)
+            mine[branch] = shared[key]
         return mine[branch]
 
     def generate_ids(self, ids_list: list[list[int]], names: list[str], *, max_new_tokens: int | Sequence[int] = 64,

@@ -353,8 +353,8 @@ class RowSampler(LogitsProcessor):
             self._prompt_idx = torch.tensor([list(q) + [q[0] if q else -1] * (width - len(q)) for q in prompts],
                                             dtype=torch.long, device=dev)
         # bad words: one-token words are never drawn (in _allowed); longer ones checked each step (_bad)
-        self._bad = {i: [w for w in r.bad_words if len(w) > 1] for i, r in enumerate(self.settings) if r.bad_words}
-        self._bad = {i: ws for i, ws in self._bad.items() if ws}
+        self._bad = {i: longer for i, r in enumerate(self.settings)
+                     if (longer := [w for w in r.bad_words if len(w) > 1])}
         singles = [(i, w[0]) for i, r in enumerate(self.settings) for w in r.bad_words if len(w) == 1]
         if singles:
             if self._allowed is None:

@@ -17,21 +17,18 @@ as in vLLM. JSON is written on one line, as Python's ``json.dumps`` writes it (o
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
 from branchmerge.errors import BranchmergeError
 
-logger = logging.getLogger(__name__)
-
 Kind = Literal["json", "json_object", "regex", "choice", "grammar"]
-KINDS: tuple[str, ...] = ("json", "json_object", "regex", "choice", "grammar")
+KINDS: tuple[str, ...] = get_args(Kind)
 MAX_SPEC_CHARS = 65_536  # characters of one schema, regular expression, grammar or list of choices (as JSON)
 MAX_CHOICES = 1024
 
@@ -156,6 +153,7 @@ class Constraint:
 
     def __init__(self, matcher: Any, stops: Sequence[int] = ()) -> None:
         self.matcher, self.stops, self.accepted, self.complete, self.done = matcher, list(stops), 0, False, False
+        self._stop_words: torch.Tensor | None = None  # the bitmask row of only its stop tokens, once complete
 
     def feed(self, tokens: Sequence[int]) -> None:
         """Take the row's next generated tokens, in order."""
@@ -174,10 +172,13 @@ class Constraint:
         if self.done:
             return False
         if self.complete:  # only its stop tokens
-            words = [0] * bitmask.shape[1]
-            for t in self.stops:
-                words[t // 32] |= 1 << (t % 32)
-            bitmask[row] = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+            if self._stop_words is None:
+                words = [0] * bitmask.shape[1]
+                for t in self.stops:
+                    words[t // 32] |= 1 << (t % 32)
+                self._stop_words = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words],
+                                                dtype=torch.int32)
+            bitmask[row] = self._stop_words
             return bool(self.stops)
         self.matcher.fill_next_token_bitmask(bitmask, row)
         return True

@@ -26,8 +26,8 @@ from branchmerge.server import protocol as P
 from branchmerge.server.engine import Busy, Engine, Job
 from branchmerge.server.metrics import SIZE_BUCKETS, EngineMetrics, Registry
 from branchmerge.server.routing import RouteBatcher
-from branchmerge.server.streams import ClientGone, Reply, StreamReplies, _Request
-from branchmerge.server.tools import PARSERS, answer_calls, stream_calls
+from branchmerge.server.streams import ClientGone, Reply, StreamReplies, _Request, stream_calls
+from branchmerge.server.tools import PARSERS, answer_calls
 
 logger = logging.getLogger(__name__)
 Disconnected = Callable[[], Awaitable[bool]]
@@ -231,7 +231,7 @@ class OpenAIService(StreamReplies):
         mt = self._max_tokens(req)
         branch, pipeline = await self._resolve(req.model, text)
         if pipeline is not None:
-            if (st := req.structure()) is not None:
+            if (st := P.checked_structure(req)) is not None:
                 raise P.APIError(400, f"{st.field}: structured outputs need a branch, not pipeline {pipeline!r}",
                                  param=st.field)
             if req.n > 1:
@@ -248,7 +248,7 @@ class OpenAIService(StreamReplies):
             out["stages"] = stages
             return out
         ids = self._truncate(req, encode(branch))
-        if (st := req.structure()) is not None:  # compiled here, off the engine's thread (then cached)
+        if (st := P.checked_structure(req)) is not None:  # compiled here, off the engine's thread (then cached)
             compile_ = lambda: self.bundle.structurer(branch).compile(st)  # noqa: E731
             try:
                 await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._grammars, compile_),

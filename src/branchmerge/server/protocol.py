@@ -148,6 +148,7 @@ class _Req(BaseModel):
     cache_salt: str | None = Field(default=None, max_length=256,
                                    description="vLLM's: this request reuses only the prefix-cached KV of requests "
                                                "that gave the same salt (tenants kept apart).")
+    _checked: Any = PrivateAttr(default=None)  # (structure,) once checked_structure has read it
 
     @field_validator("stop")
     @classmethod
@@ -289,12 +290,14 @@ def unsupported(req: _Req) -> APIError | None:
 
 def checked_structure(req: _Req) -> Structure | None:
     """The request's answer structure, its schema, pattern or grammar parsed (a 400 naming the field when it
-    cannot be used)."""
-    st = req.structure()
-    try:
-        return None if st is None else st.check()
-    except StructureError as e:
-        raise APIError(400, str(e), param=st.field) from None
+    cannot be used); read once per request, then remembered on it."""
+    if req._checked is None:
+        st = req.structure()
+        try:
+            req._checked = (None if st is None else st.check(),)
+        except StructureError as e:
+            raise APIError(400, str(e), param=st.field) from None
+    return req._checked[0]
 
 
 def _response_format(v: Any) -> Structure | None:

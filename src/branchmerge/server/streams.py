@@ -1,9 +1,11 @@
 """The event streams of streamed responses (server-sent events): one choice's chunks as its tokens come,
-stop strings held back, and several choices' streams interleaved into one reply; and the reply type."""
+stop strings held back, several choices' streams interleaved into one reply, an answer's tool calls
+read out at its end; and the reply type."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from typing import Any
 from branchmerge.runtime.text import HeldText, min_tokens_start
 from branchmerge.server import protocol as P
 from branchmerge.server.engine import Job
+from branchmerge.server.tools import finish_reason, tool_calls
 
 
 @dataclass
@@ -137,3 +140,29 @@ class StreamReplies:
         if not (req.stream and req.stream_options is not None and req.stream_options.include_usage):
             return None
         return lambda: P.usage_chunk(kind, rid, req.model, request.prompt_tokens, request.completion_tokens)
+
+
+async def stream_calls(chunks: AsyncIterator[str], choice: str) -> AsyncIterator[str]:
+    """A chat completion's event stream (one choice) with its text held back: at the end one delta carries
+    the tool calls (or, for an answer cut short, the text), then the finish reason as
+    :func:`~.tools.answer_calls` gives it."""
+    text: list[str] = []
+    async for event in chunks:
+        data = json.loads(event[len("data: "):]) if event.startswith("data: {") else None
+        if not data or not data.get("choices"):
+            yield event  # an error body
+            continue
+        ch = data["choices"][0]
+        text.append(ch["delta"].pop("content", None) or "")
+        if ch["finish_reason"] is None:
+            if ch["delta"]:  # the first chunk's role
+                yield P.sse(data)
+            continue
+        reason = ch["finish_reason"]
+        content, calls = tool_calls("".join(text), choice)
+        delta: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+        if delta:
+            yield P.sse({**data, "choices": [{**ch, "delta": delta, "finish_reason": None}]})
+        yield P.sse({**data, "choices": [{**ch, "delta": {}, "finish_reason": finish_reason(choice, calls, reason)}]})

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -101,7 +100,7 @@ def chosen(tools: list[Tool] | None, tool_choice: Any, parser: str | None = None
                                      and tool_choice.get("type", "function") != "function"):
         raise ToolError('tool_choice is "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
                         "tool_choice")
-    if name not in {t.function.name for t in tools}:
+    if name not in names:
         raise ToolError(f"tool_choice names {name[:64]!r}, which is not among the tools", "tool_choice")
     return name
 
@@ -139,8 +138,14 @@ def tool_calls(text: str, choice: str) -> tuple[str | None, list[dict[str, Any]]
         if not isinstance(calls, list):
             return text, None
     return content, [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-             "function": {"name": c.get("name"), "arguments": json.dumps(c.get("parameters", {}))}}
-            for c in calls if isinstance(c, dict)]
+                      "function": {"name": c.get("name"), "arguments": json.dumps(c.get("parameters", {}))}}
+                     for c in calls if isinstance(c, dict)]
+
+
+def finish_reason(choice: str, calls: list | None, reason: str) -> str:
+    """An answer's finish reason: ``tool_calls`` for calls made under ``"required"`` or ``"auto"`` that ended
+    by themselves (a named function's stays ``stop``, as OpenAI gives it)."""
+    return "tool_calls" if calls and choice in ("required", "auto") and reason == "stop" else reason
 
 
 def answer_calls(body: dict[str, Any], choice: str) -> dict[str, Any]:
@@ -152,33 +157,5 @@ def answer_calls(body: dict[str, Any], choice: str) -> dict[str, Any]:
         content, calls = tool_calls(c["message"].get("content") or "", choice)
         if calls:
             c["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
-            if choice in ("required", "auto") and c["finish_reason"] == "stop":
-                c["finish_reason"] = "tool_calls"
+            c["finish_reason"] = finish_reason(choice, calls, c["finish_reason"])
     return body
-
-
-async def stream_calls(chunks: AsyncIterator[str], choice: str) -> AsyncIterator[str]:
-    """A chat completion's event stream (one choice) with its text held back: at the end one delta carries
-    the tool calls (or, for an answer cut short, the text), then the finish reason as :func:`answer_calls`."""
-    text: list[str] = []
-    async for event in chunks:
-        data = json.loads(event[len("data: "):]) if event.startswith("data: {") else None
-        if not data or not data.get("choices"):
-            yield event  # an error body
-            continue
-        ch = data["choices"][0]
-        text.append(ch["delta"].pop("content", None) or "")
-        if ch["finish_reason"] is None:
-            if ch["delta"]:  # the first chunk's role
-                yield "data: " + json.dumps(data) + "\n\n"
-            continue
-        reason = ch["finish_reason"]
-        content, calls = tool_calls("".join(text), choice)
-        delta: dict[str, Any] = {"content": content} if content else {}
-        if calls:
-            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
-        if delta:
-            yield "data: " + json.dumps({**data, "choices": [{**ch, "delta": delta, "finish_reason": None}]}) + "\n\n"
-        if calls and choice in ("required", "auto") and reason == "stop":
-            reason = "tool_calls"
-        yield "data: " + json.dumps({**data, "choices": [{**ch, "delta": {}, "finish_reason": reason}]}) + "\n\n"
