@@ -53,6 +53,6 @@ if [ -n "$SHAPES" ]; then
 fi
 # the per-row logit adjustments of sampled requests on the device (a few seconds): batch-wide against the
 # loop over rows, which synchronized with the device for every row
-timeout "${SAMPLER_LIMIT:-30}" $PY sampler.py --device "$DEVICE" --rows 64 --prompt 1024 2>&1 | tee "$LOGS/sampler.log" \
-  || status=1
+timeout "${SAMPLER_LIMIT:-30}" $PY sampler.py --device "$DEVICE" --rows "${SAMPLER_ROWS:-64}" --prompt "${SAMPLER_PROMPT:-1024}" \
+  2>&1 | tee "$LOGS/sampler.log" || status=1
 exit $status

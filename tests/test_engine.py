@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from branchmerge.runtime.sampling import RowSampler, RowSettings
 from branchmerge.server.engine import Engine, Job
 from tests.serving import forwards
@@ -108,3 +110,32 @@ def test_a_job_that_begins_as_a_finished_one_prefills_only_the_rest(loaded):
     salted = engine.submit(Job(turn, "a", 6, salt="tenant-2"))  # another tenant's salt: not first's cache
     assert salted.finished.wait(60) and engine.reused_tokens == len(first.ids) + len(first.new_ids) - 1
     assert salted.new_ids == second.new_ids
+
+
+def test_logprobs_recorded_as_drawn_go_on_across_segments(loaded):
+    """A job asking for logprobs has each new token's log-probability under the model's own logits (before
+    its bias and temperature, as vLLM gives them) and its likeliest tokens, recorded as drawn; one that joins
+    a running batch keeps them aligned with its tokens from one segment to the next (and none for the
+    padding steps of a row that ended), equal to scoring its text in one pass."""
+    b = loaded[0.9]
+    tok = b.tokenizer("a")
+    engine = Engine(b, max_batch=4, wait_ms=0, min_segment=2)
+    long = engine.submit(Job(tok.encode("rev hello="), "a", 60, sampling=RowSettings(ignore_eos=True, logprobs=0)))
+    _started(engine)
+    forced = tok.convert_tokens_to_ids("z")
+    jobs = engine.submit_many([
+        Job(tok.encode("add 5+5="), "b", 4, sampling=RowSettings(logprobs=3)),
+        Job(tok.encode("key zz="), "c", 30, sampling=RowSettings(temperature=0.9, seed=2, logprobs=2)),
+        Job(tok.encode("add 1+1="), "a", 5, sampling=RowSettings(logprobs=1, logit_bias={forced: 100.0}))])
+    for j in [long, *jobs]:
+        assert j.finished.wait(120) and j.error is None
+    assert engine.segments >= 3
+    for j in [long, *jobs]:
+        k = j.sampling.logprobs
+        assert len(j.record) == len(j.new_ids) > 0
+        ref = b.token_logprobs(j.ids + j.new_ids, j.branch, top=max(k, 1))
+        assert [e.logprob for e in j.record] == pytest.approx(ref.logprobs[len(j.ids):], abs=1e-4)
+        for e, top in zip(j.record, ref.top[len(j.ids):]):
+            assert len(e.top) == k and [i for i, _ in e.top] == [i for i, _ in top[:k]]
+    assert jobs[2].new_ids == [forced] * 5 and max(e.logprob for e in jobs[2].record) < -1.0  # the model's own
+    assert long.new_ids == _alone(b, Job(long.ids, "a", 60, sampling=RowSettings(ignore_eos=True))).new_ids

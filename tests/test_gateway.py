@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,31 @@ def test_pipeline_runs_across_upstreams(gw):
     first = gw["client"].chat.completions.create(model="c", messages=[{"role": "user", "content": "key zz="}],
                                                  max_tokens=5, temperature=0.0)
     assert stages[0]["text"] == first.choices[0].message.content.strip()
+
+
+def test_a_pipeline_through_the_gateway_formats_its_last_stage(gw):
+    """The request's structure goes with the pipeline's last stage to its upstream (that upstream's own answer to
+    that stage's prompt); earlier stages answer freely; a bad structure or tools are refused before any stage."""
+    c, direct = gw["client"], gw["direct"]
+    so = {"structured_outputs": {"regex": "[0-9]{3}"}}
+    p = c.chat.completions.create(model="cross", messages=[{"role": "user", "content": "key zz="}], extra_body=so)
+    stages = p.model_extra["stages"]
+    free = c.chat.completions.create(model="cross", messages=[{"role": "user", "content": "key zz="}])
+    assert stages[0] == free.model_extra["stages"][0] and stages[-1]["text"] != free.model_extra["stages"][-1]["text"]
+    want = direct.chat.completions.create(model="a", messages=[{"role": "user", "content": stages[0]["text"] + "="}],
+                                          max_tokens=4, temperature=0.0, extra_body=so).choices[0]
+    assert p.choices[0].message.content == stages[-1]["text"] == want.message.content
+    assert re.fullmatch("[0-9]{3}", want.message.content) and p.choices[0].finish_reason == want.finish_reason
+    cut = c.chat.completions.create(model="cross", messages=[{"role": "user", "content": "key zz="}],
+                                    extra_body={"guided_regex": "[a-c]{9}"})  # more than the stage's 4 tokens
+    assert re.fullmatch("[a-c]{4}", cut.choices[0].message.content) and cut.choices[0].finish_reason == "length"
+    for extra, param in [({"structured_outputs": {"regex": "[a-"}}, "structured_outputs.regex"),
+                         ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+                          "tools")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="cross", messages=[{"role": "user", "content": "key zz="}],
+                                      extra_body=extra)
+        assert e.value.body["param"] == param, e.value.body
 
 
 def test_upstream_errors_and_timeouts_name_the_upstream(gw):

@@ -248,7 +248,9 @@ def test_gpu_bench_script_rehearses_on_cpu(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "SHAPES": "tiny", "IN_MEMORY": "tiny",
-           "LAYOUTS": "split,fused", "IN_MEMORY_LAYOUTS": "split,fused", "REPEAT": "1", "OUT": str(tmp_path)}
+           "LAYOUTS": "split,fused", "IN_MEMORY_LAYOUTS": "split,fused", "REPEAT": "1", "OUT": str(tmp_path),
+           # the GPU's sampler shape (64 rows, 1024-token prompts) took over its 30 s on two busy CPU cores
+           "SAMPLER_ROWS": "16", "SAMPLER_PROMPT": "256", "SAMPLER_LIMIT": "120", "KERNEL_TESTS_LIMIT": "300"}
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run(["bash", str(root / "bench" / "gpu.sh")], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -265,6 +267,7 @@ def test_gpu_bench_script_rehearses_on_cpu(tmp_path):
     err = float(re.search(r"fused vs split logits, mixed batch: relative error (\S+)", bundles).group(1))
     assert err < 2e-2
     assert "static cache + graphs gives the eager tokens: True" in bundles
+    assert re.search(r"\| whole batch \(RowSampler.adjust\) \| \d+\.\d+ \|", (tmp_path / "sampler.log").read_text())
     for layout in ("split", "fused"):  # the targets' verdicts, one per layout and step with a target
         assert len(re.findall(rf"\| tiny \| {layout} \| (decode, batch 1|decode, batch 8 mixed|prefill, \d+ tokens) \| "
                               r"\d+\.\d+ \| ≤ 1\.\d+ \| (met|missed) \|", in_memory)) == 3

@@ -57,7 +57,6 @@ def test_request_validation():
     ("completion", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("chat", "functions", [{"name": "f"}]),
     ("chat", "structural_tag", {"type": "structural_tag"}),
-    ("completion", "prompt_logprobs", 2),
     ("completion", "best_of", 3),
     ("completion", "suffix", "end"),
     ("completion", "length_penalty", 1.2),  # vLLM's extensions, which clients of vLLM send

@@ -327,11 +327,13 @@ def test_auto_routing_and_pipeline(server):
     assert [s["branch"] for s in routed.model_extra["stages"]] == ["a", "b"]
     lib = answer(server["bundle"], ["add 1+1="], pipeline="two_step")[0]
     assert [s.text for s in lib] == [s["text"] for s in stages]
+    # the finish reason is the last stage's (here it ran out of its max_tokens)
+    assert lib[-1].finish_reason == "length" and p.choices[0].finish_reason == "length"
     # streamed, the pipeline's final answer comes as one chunk, then the finish reason
     chunks = list(c.chat.completions.create(model="two_step", messages=[{"role": "user", "content": "add 1+1="}],
                                             stream=True))
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == stages[-1]["text"]
-    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_pipelines_hold_no_thread_while_they_wait(server):
@@ -653,8 +655,8 @@ def test_logprobs_and_echo_match_library(server):
     assert r2.choices[0].logprobs.token_logprobs[-1] == pytest.approx(max(r2.choices[0].logprobs.top_logprobs[-1].values()))
     with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
         c.completions.create(model="b", prompt=[1, 99999], max_tokens=1)
-    with pytest.raises(openai.BadRequestError, match="stream"):
-        c.completions.create(model="b", prompt="rev a=", max_tokens=2, logprobs=1, stream=True)
+    with pytest.raises(openai.BadRequestError, match="echo is not supported with stream"):
+        c.completions.create(model="b", prompt="rev a=", max_tokens=2, logprobs=1, echo=True, stream=True)
     with pytest.raises(openai.BadRequestError, match="0 only with echo"):
         c.completions.create(model="b", prompt="rev a=", max_tokens=0, logprobs=1)
 
@@ -678,13 +680,85 @@ def test_chat_logprobs_score_the_answer(server):
         assert all(e.bytes == list(e.token.encode()) for e in content)
     plain = c.chat.completions.create(model="b", messages=msgs, max_tokens=6)
     assert plain.choices[0].logprobs is None
-    for kw, param in [({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "stream": True}, "stream"),
-                      ({"logprobs": True, "model": "two_step"}, "logprobs")]:
+    for kw, param in [({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "model": "two_step"}, "logprobs")]:
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(**{"model": "b", "messages": msgs, "max_tokens": 3, **kw})
         assert e.value.body["param"] == param
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model="b", messages=msgs, max_tokens=3, logprobs=True, top_logprobs=21)
+
+
+def test_logprobs_stream_with_their_tokens(server):
+    """Streamed chat and completions carry each chunk's tokens' logprobs (vLLM's form): together the chat
+    ones equal the answer's unstreamed logprobs and the completion ones equal its scored ones (one pass over
+    prompt and answer), with ``text_offset`` counting the text sent; a stop string's tokens are not sent."""
+    c = server["client"]
+    msgs = [{"role": "user", "content": "rev hello="}]
+    whole = c.chat.completions.create(model="b", messages=msgs, max_tokens=8, logprobs=True, top_logprobs=2)
+    chunks = [ch.choices[0] for ch in c.chat.completions.create(model="b", messages=msgs, max_tokens=8, logprobs=True,
+                                                                 top_logprobs=2, stream=True) if ch.choices]
+    got = [e for ch in chunks if ch.logprobs for e in ch.logprobs.content]
+    assert "".join(ch.delta.content or "" for ch in chunks) == whole.choices[0].message.content
+    assert [e.token for e in got] == [e.token for e in whole.choices[0].logprobs.content]
+    assert [e.logprob for e in got] == pytest.approx([e.logprob for e in whole.choices[0].logprobs.content], abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 for e in got)
+    assert all(ch.logprobs is None for ch in chunks if not ch.delta.content)  # (the role and finish chunks)
+    scored = c.completions.create(model="a", prompt="add 12+34=", max_tokens=6, logprobs=2).choices[0]
+    parts = [ch.choices[0] for ch in c.completions.create(model="a", prompt="add 12+34=", max_tokens=6, logprobs=2,
+                                                           stream=True) if ch.choices]
+    tokens = [t for p in parts if p.logprobs for t in p.logprobs.tokens]
+    assert "".join(p.text for p in parts) == scored.text and tokens == scored.logprobs.tokens
+    assert [v for p in parts if p.logprobs for v in p.logprobs.token_logprobs] == \
+        pytest.approx(scored.logprobs.token_logprobs, abs=1e-4)
+    assert [o for p in parts if p.logprobs for o in p.logprobs.text_offset] == scored.logprobs.text_offset
+    # a stop string: the text before it, and only its tokens' logprobs
+    text = scored.text
+    cut = [ch.choices[0] for ch in c.completions.create(model="a", prompt="add 12+34=", max_tokens=6, logprobs=0,
+                                                         stop=[text[2:4]], stream=True) if ch.choices]
+    assert "".join(p.text for p in cut) == text[:2]
+    assert "".join(t for p in cut if p.logprobs for t in p.logprobs.tokens) == text[:2]
+
+
+def test_prompt_logprobs_as_vllm_gives_them(server):
+    """vLLM's ``prompt_logprobs``: per prompt token (None first) its log-probability and rank under the branch,
+    with the likeliest tokens at its position, keyed by token id; on completions (with or without
+    ``logprobs``) and on chat (the prompt its template renders); refused streamed, on pipelines and past 20."""
+    b, c = server["bundle"], server["client"]
+    tok = b.tokenizer("b")
+    ids = tok("rev hello=")["input_ids"]
+    ref = b.token_logprobs(ids, "b", top=3)
+    r = c.completions.create(model="b", prompt="rev hello=", max_tokens=3, extra_body={"prompt_logprobs": 3})
+    got = r.choices[0].model_extra["prompt_logprobs"]
+    assert r.choices[0].text == b.generate("rev hello=", "b", max_new_tokens=3)[0] and r.choices[0].logprobs is None
+    assert len(got) == len(ids) and got[0] is None
+    for p in range(1, len(ids)):
+        own = got[p][str(ids[p])]
+        assert own["logprob"] == pytest.approx(ref.logprobs[p], abs=1e-4) and own["decoded_token"] == tok.decode([ids[p]])
+        tops = [(int(i), e["logprob"], e["rank"]) for i, e in got[p].items() if e["rank"] <= 3 and int(i) != ids[p]]
+        ranked = {i: r for r, (i, _) in enumerate(ref.top[p], 1)}
+        assert own["rank"] == ranked.get(ids[p], own["rank"]) and own["rank"] >= 1
+        assert all(ranked[i] == rank for i, _, rank in tops) and len(got[p]) in (3, 4)
+        assert (own["rank"] <= 3) == (ids[p] in ranked)
+    both = c.completions.create(model="b", prompt="rev hello=", max_tokens=2, logprobs=1,
+                                extra_body={"prompt_logprobs": 0}).choices[0]
+    assert all(len(t) == 1 for t in both.logprobs.top_logprobs) and all(len(d) == 1 for d in both.prompt_logprobs[1:])
+    msgs = [{"role": "user", "content": "rev abc="}]
+    chat = c.chat.completions.create(model="b", messages=msgs, max_tokens=3, extra_body={"prompt_logprobs": 1})
+    cids = b.encode_messages(msgs, "b")
+    cref = b.token_logprobs(cids, "b")
+    assert [d and d[str(t)]["logprob"] for d, t in zip(chat.model_extra["prompt_logprobs"], cids)] == \
+        pytest.approx([None, *cref.logprobs[1:]], abs=1e-4)
+    for call, param in [(lambda: c.completions.create(model="b", prompt="x=", max_tokens=2, stream=True,
+                                                      extra_body={"prompt_logprobs": 1}), "stream"),
+                        (lambda: c.chat.completions.create(model="b", messages=msgs, max_tokens=2, stream=True,
+                                                           extra_body={"prompt_logprobs": 1}), "stream"),
+                        (lambda: c.chat.completions.create(model="two_step", messages=msgs, max_tokens=2,
+                                                           extra_body={"prompt_logprobs": 1}), "prompt_logprobs"),
+                        (lambda: c.completions.create(model="b", prompt="x=", max_tokens=2,
+                                                      extra_body={"prompt_logprobs": 21}), "prompt_logprobs")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert param in (e.value.body.get("param") or e.value.message), e.value.body
 
 
 def test_bad_words_are_never_written(server):

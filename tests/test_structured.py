@@ -147,10 +147,10 @@ def server(bundles, tmp_path_factory):
     bundle = branchmerge.load(bundles[0.9])
     pipes = PipelinesConfig.model_validate({"pipelines": [{"name": "two", "stages": [
         {"branch": "a", "user": "{question}", "max_tokens": 4},
-        {"branch": "b", "user": "{previous}", "max_tokens": 4}]}]})
+        {"branch": "b", "user": "{previous}", "max_tokens": 16}]}]})
     app = create_app(bundle, pipelines=pipes, max_batch=8, wait_ms=20, max_tokens_limit=64)
     with serving(app) as url:
-        yield {"url": url, "bundle": bundle,
+        yield {"url": url, "bundle": bundle, "pipes": pipes,
                "client": openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)}
 
 
@@ -207,7 +207,7 @@ def test_vllm_fields_stream_and_batch(server):
     ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_regex", "give one of"),
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
      "structured_outputs.regex", "given twice"),
-    ({"model": "two", "structured_outputs": {"regex": "a"}}, "structured_outputs.regex", "not pipeline"),
+    ({"model": "two", "structured_outputs": {"regex": "[a-"}}, "structured_outputs.regex", "regular expression"),
 ])
 def test_bad_structures_get_a_400_that_names_the_field(server, body, param, msg):
     r = httpx.post(server["url"] + "/v1/chat/completions",
@@ -217,6 +217,67 @@ def test_bad_structures_get_a_400_that_names_the_field(server, body, param, msg)
     assert err["param"] == param and msg in err["message"], err
     ok = server["client"].completions.create(model="a", prompt="add 1+1=", max_tokens=3)  # still serving
     assert ok.choices[0].text == server["bundle"].generate("add 1+1=", "a", max_new_tokens=3)[0]
+
+
+def test_a_pipeline_formats_its_final_answer_to_the_request_structure(server):
+    """A pipeline's last stage (the one that formats) follows the request's structure, stage 1 answers freely:
+    the server's stages equal the library's ``run_pipeline`` with the same structure, through chat and
+    completions, streamed too; tool calls come out of a pipeline as from a branch."""
+    from branchmerge.staged import run_pipeline
+
+    c, b, pipe = server["client"], server["bundle"], server["pipes"].get("two")
+    st = Structure.from_options({"regex": r"[0-9]{2}-[a-c]"})
+    want = run_pipeline(b, pipe, ["rev abc="], structure=st)[0]
+    free = run_pipeline(b, pipe, ["rev abc="])[0]
+    assert [s.text for s in want][:1] == [s.text for s in free][:1]  # stage 1 unconstrained
+    assert re.fullmatch(r"[0-9]{2}-[a-c]", want[1].text) and want[1].text != free[1].text
+    r = c.chat.completions.create(model="two", messages=[{"role": "user", "content": "rev abc="}], max_tokens=8,
+                                  extra_body={"structured_outputs": {"regex": r"[0-9]{2}-[a-c]"}})
+    assert r.choices[0].message.content == want[1].text and r.choices[0].finish_reason == "stop"
+    assert [s["text"] for s in r.model_extra["stages"]] == [s.text for s in want]
+    chunks = [ch.choices[0] for ch in c.completions.create(model="two", prompt="rev abc=", max_tokens=8, stream=True,
+                                                            extra_body={"guided_regex": r"[0-9]{2}-[a-c]"})
+              if ch.choices]
+    assert "".join(ch.text for ch in chunks) == want[1].text and chunks[-1].finish_reason == "stop"
+    r = c.chat.completions.create(model="two", messages=[{"role": "user", "content": "add 1+2="}], max_tokens=8,
+                                  extra_body={"structured_outputs": {"regex": "[a-c]{20}"}})  # past the stage's 16
+    assert re.fullmatch("[a-c]{16}", r.choices[0].message.content) and r.choices[0].finish_reason == "length"
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"n": {"enum": ["x", "y"]}}, "required": ["n"]}}}
+    r = c.chat.completions.create(model="two", messages=[{"role": "user", "content": "add 1+2="}], max_tokens=30,
+                                  tools=[tool], tool_choice={"type": "function", "function": {"name": "pick"}})
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "pick" and json.loads(call.function.arguments)["n"] in ("x", "y")
+
+
+def test_a_stage_of_the_pipelines_file_has_its_own_structure(bundles, tmp_path, capsys):
+    """``structured_outputs`` on a stage in the YAML: its answer follows it (a request's structure replaces it on
+    the last stage); a bad one is refused when the file is read, naming the stage and the field."""
+    from branchmerge.errors import ConfigError
+    from branchmerge.staged import load_pipelines, run_pipeline
+    from tests.cli_util import run_cli
+
+    b = branchmerge.load(bundles[0.9])
+    f = tmp_path / "pipes.yaml"
+    f.write_text("pipelines:\n  - name: vote\n    stages:\n"
+                 "      - {branch: a, user: '{question}', max_tokens: 6, structured_outputs: {choice: ['yes', 'no']}}\n"
+                 "      - {branch: c, user: 'q {previous}', max_tokens: 6}\n")
+    pipe = load_pipelines(f).get("vote")
+    got = run_pipeline(b, pipe, ["rev abc=", "add 1+1=", "key zz="])
+    assert all(r[0].text in ("yes", "no") for r in got)
+    last = run_pipeline(b, pipe, ["rev abc="], structure=Structure.choices(["left", "right"]))[0]
+    assert last[0].text in ("yes", "no") and last[1].text in ("left", "right")
+    code, out, err = run_cli(capsys, "generate", bundles[0.9], "rev abc=", "--pipelines", f, "--pipeline", "vote",
+                             "--choice", "left", "--choice", "right")
+    assert code == 0 and out.split() == [last[0].text, last[1].text], err
+    for bad, needle in [("{regex: '[a-'}", "structured_outputs.regex is not a usable regular expression"),
+                        ("{regex: a, choice: [b]}", "needs exactly one of"), ("{xml: a}", "not supported"),
+                        ("regex", "valid dictionary"), ("{choice: [yes, no]}", "item 0 is true (YAML reads")]:
+        f.write_text("pipelines:\n  - name: p\n    stages:\n"
+                     f"      - {{branch: a, structured_outputs: {bad}}}\n")
+        with pytest.raises(ConfigError, match="stages") as e:
+            load_pipelines(f)
+        assert needle in str(e.value) and str(f) in str(e.value), str(e.value)
 
 
 def test_text_response_format_changes_nothing(server):

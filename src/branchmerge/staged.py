@@ -9,9 +9,12 @@ format without re-reasoning (the write-up's two-stage method).
             system: "Rewrite the answer. Output only the final answer."
             user: "Question: {question}\\nDraft answer: {previous}\\nFinal answer:"
             max_tokens: 32
+            structured_outputs: {regex: "[0-9]+"}   # optional: the stage's answer follows it
     routes: {reasoner: reason_then_format}   # questions routed to `reasoner` run this pipeline
 
-Every stage's output is returned, not only the last.
+Every stage's output is returned, not only the last. A structure given with the request (a JSON schema,
+regex, choice or grammar) constrains the last stage, the one that formats the answer: it replaces that stage's
+own ``structured_outputs``, and that stage's ``stop`` and ``extract`` are not applied (they could break it).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from branchmerge.config import read_yaml, validate
 from branchmerge.errors import ConfigError
 from branchmerge.runtime.sampling import RowSampler, RowSettings
+from branchmerge.runtime.structured import Structure, StructureError
 from branchmerge.runtime.text import cut_at_stop
 
 if TYPE_CHECKING:
@@ -56,6 +60,24 @@ class Stage(BaseModel):
     extract: str | None = Field(
         default=None, description="Regex applied to the output: its first match (group 1 if any) becomes the answer."
     )
+    structured_outputs: dict[str, Any] | None = Field(
+        default=None, description="The stage's answer follows this structure, as vLLM's `structured_outputs`: one "
+        "of {json: SCHEMA}, {regex: PATTERN}, {choice: [..]}, {grammar: EBNF}, {json_object: true}.")
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _structure(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            try:
+                Structure.from_options(v).check()
+            except StructureError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @property
+    def structure(self) -> Structure | None:
+        """The stage's own structure (checked when the config was read)."""
+        return None if self.structured_outputs is None else Structure.from_options(self.structured_outputs)
 
     @field_validator("extract")
     @classmethod
@@ -148,6 +170,7 @@ class StageResult:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    finish_reason: str = "stop"  # "length": the stage ran out of max_tokens
 
 
 EXTRACT_TIMEOUT_S = 1.0  # an ``extract`` pattern that backtracks catastrophically stops here
@@ -158,13 +181,16 @@ class ExtractTimeoutError(ConfigError):
     fault, not the client's)."""
 
 
-def postprocess(text: str, stage: Stage) -> str:
-    """A stage's output cut at its stop strings, stripped, and narrowed by its ``extract`` regex.
+def postprocess(text: str, stage: Stage, *, raw: bool = False) -> str:
+    """A stage's output cut at its stop strings, stripped, and narrowed by its ``extract`` regex (``raw``:
+    only stripped; a structured final answer is left as its structure made it).
 
     Raises:
         ExtractTimeoutError: the regex ran past :data:`EXTRACT_TIMEOUT_S` (Python's ``re`` has no time
             limit, so a pattern such as ``(a+)+$`` could hold a thread for ever; ``regex`` stops it).
     """
+    if raw:
+        return text.strip()
     text = cut_at_stop(text, stage.stop)[0].strip()
     if stage.extract:
         try:
@@ -197,14 +223,16 @@ class StageBatch:
     max_new_tokens: int
     temperature: float  # 0: greedy
     stop: list[str]  # each row ends once its text holds one
+    structure: Structure | None = None  # each row's answer follows it
 
 
-def pipeline_steps(bundle: Bundle, pipeline: Pipeline, questions: list[str]
+def pipeline_steps(bundle: Bundle, pipeline: Pipeline, questions: list[str], structure: Structure | None = None
                    ) -> Generator[StageBatch, list[GenerationResult], list[list[StageResult]]]:
     """A pipeline as steps: yields each stage's :class:`StageBatch` and is sent back its generations; returns,
     per question, the result of each stage in order. The caller decides how a batch is generated and when
     (:func:`run_pipeline` at once; the server through its engine, without holding a thread while it waits).
-    Routing (``auto`` stages) and encoding happen inside the step, so a caller may run steps off its loop."""
+    Routing (``auto`` stages) and encoding happen inside the step, so a caller may run steps off its loop.
+    ``structure``: the final answer's (the last stage's, in place of its own; its stop and extract left out)."""
     results: list[list[StageResult]] = [[] for _ in questions]
     previous = [""] * len(questions)
     for k, stage in enumerate(pipeline.stages, 1):
@@ -216,48 +244,54 @@ def pipeline_steps(bundle: Bundle, pipeline: Pipeline, questions: list[str]
                for p, b, q, prev in zip(prompts, branches, questions, previous)]
         for i, b in zip(ids, branches):
             bundle.check_context(b, len(i), stage.max_tokens)
-        outs = yield StageBatch(k, ids, branches, stage.max_tokens, stage.temperature, list(stage.stop))
+        given = structure is not None and k == len(pipeline.stages)
+        outs = yield StageBatch(k, ids, branches, stage.max_tokens, stage.temperature,
+                                [] if given else list(stage.stop), structure if given else stage.structure)
         for r, (o, prompt) in enumerate(zip(outs, prompts)):
-            text = postprocess(o.text, stage)
-            results[r].append(StageResult(k, o.branch, prompt, text, len(o.prompt_ids), len(o.new_ids)))
+            text = postprocess(o.text, stage, raw=given)
+            results[r].append(StageResult(k, o.branch, prompt, text, len(o.prompt_ids), len(o.new_ids),
+                                          o.finish_reason))
             previous[r] = text
     return results
 
 
 def run_pipeline(bundle: Bundle, pipeline: Pipeline, questions: list[str], *,
-                 generate: Generate | None = None) -> list[list[StageResult]]:
+                 generate: Generate | None = None, structure: Structure | None = None) -> list[list[StageResult]]:
     """Run every stage for all questions; each stage is one (mixed-branch) batch.
 
     Args:
         generate: how a stage's batch is generated (default ``bundle.generate_ids``; called as it is, with
             ``max_new_tokens``, ``stop`` and ``row_sampler``).
+        structure: the final answers' (see :func:`pipeline_steps`).
 
     Returns:
         per question, the result of each stage in order (the last is the final answer).
     """
     gen = generate or bundle.generate_ids
-    steps = pipeline_steps(bundle, pipeline, questions)
+    steps = pipeline_steps(bundle, pipeline, questions, structure)
     try:
         batch = next(steps)
         while True:
             n = len(batch.ids)  # sampled as the server samples a stage's rows
+            settings = RowSettings(batch.temperature, structure=batch.structure)
             batch = steps.send(gen(batch.ids, batch.branches, max_new_tokens=batch.max_new_tokens,
-                                   stop=[batch.stop] * n,
-                                   row_sampler=RowSampler([RowSettings(batch.temperature)] * n, bundle.device)))
+                                   stop=[batch.stop] * n, row_sampler=RowSampler([settings] * n, bundle.device)))
     except StopIteration as done:
         return done.value
 
 
 def answer(bundle: Bundle, questions: list[str], *, pipeline: str | None = None, branch: str = "auto",
-           max_tokens: int | None = None, pipelines: PipelinesConfig | None = None, **generation: Any) -> list[list[StageResult]]:
+           max_tokens: int | None = None, pipelines: PipelinesConfig | None = None, structure: Structure | None = None,
+           **generation: Any) -> list[list[StageResult]]:
     """Answer questions with a named pipeline, or with ``branch`` (routing rules may send a routed
-    branch to its pipeline). Every stage's result is returned."""
+    branch to its pipeline). Every stage's result is returned. ``structure``: every final answer's (a
+    pipeline's last stage; a branch's answer, greedy)."""
     cfg = pipelines if pipelines is not None else bundle_pipelines(bundle)
     if pipeline is not None:
         p = cfg.get(pipeline)
         if p is None:
             raise ConfigError(f"unknown pipeline {pipeline!r}; pipelines: {', '.join(x.name for x in cfg.pipelines) or 'none'}")
-        return run_pipeline(bundle, p, questions)
+        return run_pipeline(bundle, p, questions, structure=structure)
     routed = bundle.resolve_branches(questions, branch)
     out: list[list[StageResult] | None] = [None] * len(questions)
     by_pipe: dict[str, list[int]] = {}
@@ -265,12 +299,15 @@ def answer(bundle: Bundle, questions: list[str], *, pipeline: str | None = None,
     for i, b in enumerate(routed):
         (by_pipe.setdefault(cfg.routes[b], []) if b in cfg.routes and branch == "auto" else single).append(i)
     for name, idx in by_pipe.items():
-        for i, r in zip(idx, run_pipeline(bundle, cfg.get(name), [questions[i] for i in idx])):
+        for i, r in zip(idx, run_pipeline(bundle, cfg.get(name), [questions[i] for i in idx], structure=structure)):
             out[i] = r
     if single:
         ids = [bundle.encode(questions[i], routed[i]) for i in single]
         mt = bundle.fit_max_new_tokens(ids, [routed[i] for i in single], max_tokens)
+        if structure is not None:
+            generation["row_sampler"] = RowSampler([RowSettings(structure=structure)] * len(ids), bundle.device)
         gens = bundle.generate_ids(ids, [routed[i] for i in single], max_new_tokens=mt, **generation)
         for i, g in zip(single, gens):
-            out[i] = [StageResult(1, g.branch, questions[i], g.text.strip(), len(g.prompt_ids), len(g.new_ids))]
+            out[i] = [StageResult(1, g.branch, questions[i], g.text.strip(), len(g.prompt_ids), len(g.new_ids),
+                                  g.finish_reason)]
     return [o for o in out if o is not None]

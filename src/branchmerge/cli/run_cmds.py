@@ -133,7 +133,8 @@ def generate(
     pipeline: str | None = typer.Option(None, "--pipeline", "-p", help="Run a staged pipeline by name."),
     pipelines_file: Path | None = typer.Option(None, "--pipelines", help="Pipelines YAML (default: BUNDLE/pipelines.yaml)."),
     json_schema: Path | None = typer.Option(None, "--json-schema", help="The answer is JSON that follows this JSON "
-                                            "schema file (structured outputs; also --regex, --choice, --grammar)."),
+                                            "schema file (structured outputs; also --regex, --choice, --grammar). "
+                                            "With --pipeline, the last stage's answer follows it."),
     regex: str | None = typer.Option(None, "--regex", help="The answer matches this regular expression."),
     choice: list[str] = typer.Option([], "--choice", help="The answer is one of these; repeat for each."),
     grammar: Path | None = typer.Option(None, "--grammar", help="The answer follows this EBNF grammar file "
@@ -146,14 +147,10 @@ def generate(
     if pipeline is not None or pipelines_file is not None:
         from branchmerge.staged import answer, bundle_pipelines, load_pipelines
 
-        if structure is not None:
-            raise typer.BadParameter("a structure (--json-schema, --regex, --choice, --grammar) needs a branch, "
-                                     "not a pipeline", param_hint="--pipeline")
-
         pipes = load_pipelines(pipelines_file) if pipelines_file else bundle_pipelines(bundle)
         pipes.check_branches(bundle.branch_names)
         stages = answer(bundle, [prompt], pipeline=pipeline, branch=branch, max_tokens=max_new_tokens,
-                        pipelines=pipes)[0]
+                        pipelines=pipes, structure=structure)[0]
         for s in stages:
             typer.secho(f"[stage {s.stage}: {s.branch}]", err=True, fg="cyan")
             typer.echo(s.text)

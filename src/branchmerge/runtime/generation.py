@@ -22,7 +22,7 @@ from transformers import LogitsProcessorList, PreTrainedModel, StoppingCriteriaL
 
 from branchmerge.runtime import kvcache
 from branchmerge.runtime.kvcache import CachedRow
-from branchmerge.runtime.sampling import RowSampler, StopStrings, StopTokens
+from branchmerge.runtime.sampling import RowSampler, StopStrings, StopTokens, TokenLogprob
 from branchmerge.runtime.scoring import prefix_clusters, shared_lengths
 from branchmerge.runtime.structured import Structurer
 from branchmerge.runtime.text import context_chunks, cut_at_stop, min_tokens_start, pad_rows
@@ -40,6 +40,8 @@ class GenerationResult:
     stop_id: int | None = None  # the end-of-sequence token that ended it (not in new_ids)
     cache: CachedRow | None = field(default=None, repr=False)  # its KV cache, with generate_ids(keep_cache=True)
     reused: int = 0  # tokens of its ids not prefilled: they were in its cache from an earlier call (``past``)
+    # with a RowSettings.logprobs: each of new_ids' log-probability and likeliest tokens (TokenLogprob)
+    logprobs: list[TokenLogprob] | None = field(default=None, repr=False)
 
 
 def cache_arg(model: PreTrainedModel) -> str:
@@ -83,7 +85,9 @@ class BatchGeneration:
         how many of its ids it generated in an earlier call (a row going on): they count for its stop
         strings, penalties and ``min_tokens``, and ``max_new_tokens`` is what it has left.
         ``row_sampler`` runs each row with its own :class:`~.sampling.RowSettings` (sampling, penalties, stop
-        tokens); each ``generate`` call (per group, per context chunk) gets its rows' part of it.
+        tokens); each ``generate`` call (per group, per context chunk) gets its rows' part of it. A row whose
+        settings ask for ``logprobs`` gets its tokens' log-probabilities in its result's ``logprobs`` (and in
+        ``row_sampler.records``, which go on from one call to the next).
 
         With ``share_prefix``, rows of one branch whose prompts share a long prefix (a system prompt, or
         ``n`` samples of one prompt) prefill it once: the prefixes run as one batch, each row takes its
@@ -114,6 +118,7 @@ class BatchGeneration:
                 raise ValueError(f"row_sampler has {len(row_sampler)} rows for {len(ids_list)} prompts")
             for i, what, tokens in row_sampler.token_ids():
                 self.check_ids([tokens], [names[i]], rows=[f"{what} of row {i}"])
+            before = [None if rec is None else len(rec) for rec in row_sampler.records]
         for idx in by_group.values():
             limit = self.tightest_context(names[i] for i in idx)
             for chunk in context_chunks(idx, [len(q) for q in ids_list], max_new_tokens, limit):
@@ -141,6 +146,11 @@ class BatchGeneration:
                                             keep_cache=keep_cache)
                 for i, r in zip(chunk, outs):
                     results[i] = r
+        if row_sampler is not None:  # each record keeps its row's own tokens' entries (not the padding steps')
+            for i, (rec, start) in enumerate(zip(row_sampler.records, before)):
+                if rec is not None and results[i] is not None:
+                    del rec[start + len(results[i].new_ids):]
+                    results[i].logprobs = rec[start:]
         return [r for r in results if r is not None]
 
     def _generate_group(self, idx: list[int], ids_list: Sequence[Sequence[int]], names: Sequence[str],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
@@ -83,6 +84,14 @@ def _draw(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, min_p:
     return order.gather(1, idx)[:, 0]
 
 
+class TokenLogprob(NamedTuple):
+    """A drawn token's log-probability, and the ``(token id, log-probability)`` of the likeliest tokens at that
+    step, likeliest first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class RowSettings:
     """How one row samples: OpenAI's and vLLM's sampling parameters (defaults: greedy, nothing changed)."""
@@ -103,6 +112,9 @@ class RowSettings:
     structure: Structure | None = None  # the answer follows this schema, pattern, grammar or choice
     # vLLM's bad_words, as token sequences: the last token of each is never drawn where it would complete it
     bad_words: tuple[tuple[int, ...], ...] = ()
+    # OpenAI's logprobs: record each drawn token's log-probability under the model's own logits (before any
+    # adjustment, as vLLM's default) and this many likeliest tokens' (None: nothing recorded)
+    logprobs: int | None = None
 
     @property
     def adjusts(self) -> bool:
@@ -242,7 +254,8 @@ class RowSampler(LogitsProcessor):
 
     def __init__(self, rows: Sequence[RowSettings], device: torch.device | str = "cpu", *,
                  generators: Sequence[torch.Generator | None] | None = None,
-                 constraints: Sequence[Constraint | None] | None = None) -> None:
+                 constraints: Sequence[Constraint | None] | None = None,
+                 records: Sequence[list[TokenLogprob] | None] | None = None) -> None:
         self.settings, self.device = list(rows), torch.device(device)
         f = lambda attr, dtype=torch.float32: torch.tensor(  # noqa: E731
             [getattr(r, attr) for r in self.settings], dtype=dtype, device=self.device)
@@ -259,6 +272,10 @@ class RowSampler(LogitsProcessor):
         self.generated = [0] * len(self.settings)  # how many of each prompt's last tokens the row generated
         # each structured row's grammar state (made by rows(), from its branch's Structurer, at its first call)
         self.constraints = list(constraints) if constraints is not None else [None] * len(self.settings)
+        # each recording row's drawn tokens' log-probabilities, one entry a step (``generate_ids`` keeps only
+        # the row's own tokens' entries); shared with sub-samplers and kept from one call to the next
+        self.records = list(records) if records is not None else [
+            [] if r.logprobs is not None else None for r in self.settings]
 
     def rows(self, idx: Sequence[int], *, eos: Sequence[set[int]] | None = None,
              prompts: Sequence[Sequence[int]] | None = None, generated: Sequence[int] | None = None,
@@ -277,7 +294,7 @@ class RowSampler(LogitsProcessor):
                     raise ValueError(f"row {i} has a structure but no Structurer was given to compile it")
                 self.constraints[i] = structurers[k].constraint(st, None if sub_stops is None else sub_stops[k])
         sub = RowSampler([self.settings[i] for i in idx], self.device, generators=[self.generators[i] for i in idx],
-                         constraints=[self.constraints[i] for i in idx])
+                         constraints=[self.constraints[i] for i in idx], records=[self.records[i] for i in idx])
         if sub_stops is not None:
             sub.stops = sub_stops
         sub.prompts = prompts
@@ -302,8 +319,8 @@ class RowSampler(LogitsProcessor):
     @property
     def needed(self) -> bool:
         """Whether any row samples, changes its logits or ends its own way (else: plain greedy decoding)."""
-        return bool((self.temperature > MIN_TEMPERATURE).any()) or any(r.adjusts or r.stops_own_way
-                                                                        for r in self.settings)
+        return bool((self.temperature > MIN_TEMPERATURE).any()) or any(
+            r.adjusts or r.stops_own_way or r.logprobs is not None for r in self.settings)
 
     def uniforms(self) -> torch.Tensor:
         """``[B]`` draws in [0, 1): each seeded row's from its generator, the rest from the process."""
@@ -362,6 +379,7 @@ class RowSampler(LogitsProcessor):
             rows, cols = zip(*singles)
             self._allowed[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = False
         self._constrained = [i for i, c in enumerate(self.constraints) if c is not None]
+        self._recording = [i for i, r in enumerate(self.records) if r is not None]
         self._bitmask = new_bitmask(n, vocab) if self._constrained else None
         self._counts, self._counted_to, self._earlier = None, self.start, None
         if bool((self.presence != 0).any() or (self.frequency != 0).any()):
@@ -377,11 +395,27 @@ class RowSampler(LogitsProcessor):
                 self._counts.scatter_add_(1, self._earlier, real)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        raw = scores
         scores = self.adjust(input_ids, scores)
         tok = sample_rows(scores, self.temperature, self.top_p, self.uniforms(), self.top_k, self.min_p)
+        if self._recording:
+            self._record(raw, tok)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, tok[:, None], 0.0)
         return out
+
+    def _record(self, raw: torch.Tensor, tok: torch.Tensor) -> None:
+        """Append to each recording row's record its drawn token's log-probability under ``raw`` (``[B, V]``
+        logits) and its ``logprobs`` likeliest tokens' (one device sync a step, recording rows only)."""
+        rows = self._recording
+        idx = torch.tensor(rows, device=raw.device)
+        lp = torch.log_softmax(raw.index_select(0, idx).float(), dim=-1)
+        chosen = lp.gather(1, tok.index_select(0, idx)[:, None])[:, 0].tolist()
+        k = min(max(self.settings[r].logprobs for r in rows), lp.shape[-1])
+        vals, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        for r, c, v, i in zip(rows, chosen, vals.tolist(), ids.tolist()):
+            n = self.settings[r].logprobs
+            self.records[r].append(TokenLogprob(c, tuple(zip(i[:n], v[:n]))))
 
     def adjust(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """``[B, V]`` logits after each row's bias, penalties and min_tokens (a new tensor when any applies).

@@ -19,12 +19,14 @@ from torch import Tensor
 class TokenLogprobs:
     """Per-token scores of a sequence: ``logprobs[t]`` = log p(token t | tokens < t); entry 0 is None.
 
-    ``top[t]`` lists ``(token id, logprob)`` of the most likely tokens at position t (None at 0).
+    ``top[t]`` lists ``(token id, logprob)`` of the most likely tokens at position t (None at 0);
+    ``ranks[t]`` is token t's rank among all tokens at t (1: the likeliest; None at 0).
     """
 
     token_ids: list[int]
     logprobs: list[float | None]
     top: list[list[tuple[int, float]] | None]
+    ranks: list[int | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,15 +106,18 @@ def prefix_clusters(seqs: Sequence[Sequence[int]], keys: Sequence[Hashable], *,
     return clusters, sorted(singles)
 
 
-def _score(logits: Tensor, targets: Sequence[int], top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
-    """Log-probabilities of ``targets`` under ``logits`` ``[R, vocab]`` (one target per row), and each
-    row's ``top`` most likely ``(token, logprob)``."""
+def _score(logits: Tensor, targets: Sequence[int], top: int
+           ) -> tuple[list[float], list[list[tuple[int, float]]], list[int]]:
+    """Log-probabilities of ``targets`` under ``logits`` ``[R, vocab]`` (one target per row), each row's
+    ``top`` most likely ``(token, logprob)``, and each target's rank (1: the likeliest)."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp.gather(1, torch.tensor(list(targets), device=lp.device)[:, None])[:, 0].tolist()
+    picked = lp.gather(1, torch.tensor(list(targets), device=lp.device, dtype=torch.long)[:, None])
+    ranks = ((lp > picked).sum(-1) + 1).tolist()
+    chosen = picked[:, 0].tolist()
     if top <= 0:
-        return chosen, [[] for _ in chosen]
+        return chosen, [[] for _ in chosen], ranks
     vals, ids = lp.topk(min(top, lp.shape[-1]), dim=-1)
-    return chosen, [list(zip(a, v)) for a, v in zip(ids.tolist(), vals.tolist())]
+    return chosen, [list(zip(a, v)) for a, v in zip(ids.tolist(), vals.tolist())], ranks
 
 
 def score_row(logits: Tensor, seq: Sequence[int], *, top: int = 0, greedy_next: bool = False) -> TokenLogprobs:
@@ -123,8 +128,8 @@ def score_row(logits: Tensor, seq: Sequence[int], *, top: int = 0, greedy_next: 
     n = len(seq)
     rows = logits[: n if greedy_next else n - 1]  # [T or T-1, vocab]
     tokens = list(seq) + ([int(rows[-1].argmax())] if greedy_next else [])
-    chosen, best = _score(rows, tokens[1:], top)
-    return TokenLogprobs(tokens, [None, *chosen], [None, *best])
+    chosen, best, ranks = _score(rows, tokens[1:], top)
+    return TokenLogprobs(tokens, [None, *chosen], [None, *best], [None, *ranks])
 
 
 def score_cluster(prefix_logits: Tensor, suffix_logits: Sequence[Tensor], seqs: Sequence[Sequence[int]], shared: int,
@@ -137,10 +142,10 @@ def score_cluster(prefix_logits: Tensor, suffix_logits: Sequence[Tensor], seqs: 
     """
     # rows 0..shared-2 predict tokens 1..shared-1, the same for every member; row shared-1 predicts each
     # member's first own token
-    head, head_best = _score(prefix_logits[: shared - 1], seqs[0][1:shared], top)
+    head, head_best, head_ranks = _score(prefix_logits[: shared - 1], seqs[0][1:shared], top)
     out = []
     for seq, suf in zip(seqs, suffix_logits):
         t = score_row(torch.cat([prefix_logits[shared - 1:], suf]), seq[shared - 1:], top=top, greedy_next=greedy_next)
         out.append(TokenLogprobs(list(seq[:shared - 1]) + t.token_ids, [None, *head, *t.logprobs[1:]],
-                                 [None, *head_best, *t.top[1:]]))
+                                 [None, *head_best, *t.top[1:]], [None, *head_ranks, *t.ranks[1:]]))
     return out

@@ -34,7 +34,15 @@ MAX_CHOICES = 1024
 
 
 class StructureError(BranchmergeError, ValueError):
-    """A schema, regular expression, grammar or choice list that cannot constrain an answer."""
+    """A schema, regular expression, grammar or choice list that cannot constrain an answer; ``field``: where
+    it was given (a request's or a config's field), when known."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+OPTION_KEYS = ("choice", "grammar", "json", "json_object", "regex")  # vLLM's StructuredOutputsParams fields read
 
 
 def _xgrammar():
@@ -71,6 +79,46 @@ class Structure:
     def json_schema(cls, schema: dict[str, Any] | str, field: str = "structured_outputs.json") -> Structure:
         return cls("json", schema if isinstance(schema, str) else json.dumps(schema), field)
 
+    @classmethod
+    def from_options(cls, options: Any, where: str = "structured_outputs") -> Structure:
+        """vLLM's ``structured_outputs`` object (``{"json" | "regex" | "choice" | "grammar" | "json_object":
+        ...}``, exactly one; falsy values count as absent), as a request or a pipelines file gives it; with
+        ``where`` ending in ``_`` the keys are vLLM's older ``guided_*`` fields. Not yet checked
+        (:meth:`check`). Raises :class:`StructureError` naming the field."""
+        if not isinstance(options, dict):
+            raise StructureError(f"{where} must be an object, such as {{\"regex\": \"[0-9]+\"}}", where)
+        name = (lambda k: where + k) if where.endswith("_") else (lambda k: f"{where}.{k}")
+        given = {k: x for k, x in options.items() if x is not None and x is not False}
+        unknown = sorted(set(given) - set(OPTION_KEYS))
+        if unknown:
+            raise StructureError(f"`{name(unknown[0])}` is not supported; use one of {', '.join(OPTION_KEYS)}",
+                                 name(unknown[0]))
+        if len(given) != 1:
+            raise StructureError(f"{where.rstrip('_')} needs exactly one of {', '.join(OPTION_KEYS)}, got "
+                                 f"{len(given)}", where.rstrip("_"))
+        (key, x), = given.items()
+        field = name(key)
+        if key == "json_object":
+            if x is not True:
+                raise StructureError(f"{field} must be true", field)
+            return cls("json_object", field=field)
+        if key == "json":
+            if not isinstance(x, (dict, str)):
+                raise StructureError(f"{field} must be a JSON schema (an object or its JSON text)", field)
+            return cls.json_schema(x, field)
+        if key == "choice":
+            if not isinstance(x, list):
+                raise StructureError(f"{field} must be a list of strings", field)
+            if (bad := next((i for i, c in enumerate(x) if not isinstance(c, str)), None)) is not None:
+                hint = " (YAML reads yes, no, on, off unquoted as booleans: quote them)" \
+                    if isinstance(x[bad], bool) else ""
+                raise StructureError(f"{field} must be a list of strings; item {bad} is "
+                                     f"{json.dumps(x[bad])[:40]}{hint}", field)
+            return cls.choices(x, field)
+        if not isinstance(x, str):
+            raise StructureError(f"{field} must be a string", field)
+        return cls(key, x, field)
+
     def check(self) -> Structure:
         """Parse the spec (cached); raises :class:`StructureError` naming ``field`` and what is wrong."""
         _grammar(self.kind, self.spec, self.field)
@@ -81,9 +129,9 @@ class Structure:
 def _grammar(kind: str, spec: str, field: str) -> Any:
     """The xgrammar ``Grammar`` of a spec (parsed once per distinct spec)."""
     if kind not in KINDS:
-        raise StructureError(f"{field}: unknown structure kind {kind!r} (one of {', '.join(KINDS)})")
+        raise StructureError(f"{field}: unknown structure kind {kind!r} (one of {', '.join(KINDS)})", field)
     if len(spec) > MAX_SPEC_CHARS:
-        raise StructureError(f"{field} has {len(spec):,} characters; at most {MAX_SPEC_CHARS:,}")
+        raise StructureError(f"{field} has {len(spec):,} characters; at most {MAX_SPEC_CHARS:,}", field)
     xgr = _xgrammar()
     try:
         if kind == "json_object":
@@ -93,30 +141,30 @@ def _grammar(kind: str, spec: str, field: str) -> Any:
             try:
                 schema = json.loads(spec)
             except json.JSONDecodeError as e:
-                raise StructureError(f"{field} is not valid JSON: {e}") from None
+                raise StructureError(f"{field} is not valid JSON: {e}", field) from None
             if not isinstance(schema, (dict, bool)):
-                raise StructureError(f"{field} must be a JSON schema (an object), got {type(schema).__name__}")
+                raise StructureError(f"{field} must be a JSON schema (an object), got {type(schema).__name__}", field)
             return xgr.Grammar.from_json_schema(spec, any_whitespace=False)
         if kind == "regex":
             if not spec:
-                raise StructureError(f"{field} is an empty regular expression")
+                raise StructureError(f"{field} is an empty regular expression", field)
             return xgr.Grammar.from_regex(spec)
         if kind == "choice":
             options = json.loads(spec)
             if not isinstance(options, list) or not options or not all(isinstance(o, str) and o for o in options):
-                raise StructureError(f"{field} must be a non-empty list of non-empty strings")
+                raise StructureError(f"{field} must be a non-empty list of non-empty strings", field)
             if len(options) > MAX_CHOICES:
-                raise StructureError(f"{field} has {len(options)} choices; at most {MAX_CHOICES}")
+                raise StructureError(f"{field} has {len(options)} choices; at most {MAX_CHOICES}", field)
             # EBNF string literals take JSON's escapes
             return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(o) for o in dict.fromkeys(options)))
         if not spec.strip():
-            raise StructureError(f"{field} is an empty grammar")
+            raise StructureError(f"{field} is an empty grammar", field)
         return xgr.Grammar.from_ebnf(spec)
     except StructureError:
         raise
     except Exception as e:  # xgrammar raises RuntimeError (and ValueError/TypeError) for a bad spec
         what = {"json": "JSON schema", "regex": "regular expression", "grammar": "EBNF grammar"}.get(kind, "spec")
-        raise StructureError(f"{field} is not a usable {what}: {_clean(e)}") from None
+        raise StructureError(f"{field} is not a usable {what}: {_clean(e)}", field) from None
 
 
 class Structurer:

@@ -21,6 +21,7 @@ from branchmerge.front import Front
 from branchmerge.runtime.bundle import ContextLengthError, GenerationResult
 from branchmerge.runtime.sampling import RowSettings
 from branchmerge.runtime.scoring import common_prefix
+from branchmerge.runtime.structured import Structure
 from branchmerge.runtime.text import bad_word_ids, cut_at_stop, min_tokens_start
 from branchmerge.server import protocol as P
 from branchmerge.server.engine import Busy, Engine, Job
@@ -163,7 +164,7 @@ class OpenAIService(StreamReplies):
             frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.bias() or None,
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
             repetition_penalty=req.repetition_penalty or 1.0, allowed_token_ids=tuple(req.allowed_token_ids or ()),
-            structure=P.checked_structure(req),
+            structure=P.checked_structure(req), logprobs=self._recorded_logprobs(req),
             bad_words=bad_word_ids(self.bundle.tokenizer(branch), req.bad_words) if req.bad_words else ())
         for name, ids_ in sampling.token_ids():  # here, a 400 for this request; in its batch, a failed batch
             try:
@@ -172,6 +173,15 @@ class OpenAIService(StreamReplies):
                 raise P.APIError(400, str(e), param=name) from None
         return Job(ids, branch, mt, sampling=sampling, stop=req.stops(), keep_stop=req.include_stop_str_in_output,
                    skip_special=req.skip_special_tokens, stream=stream, request=request, salt=req.cache_salt or "")
+
+    @staticmethod
+    def _recorded_logprobs(req: P._Req) -> int | None:
+        """How many likeliest tokens each generated token's log-probability comes with (None: none recorded):
+        chat's ``logprobs``/``top_logprobs``; a streamed completion's ``logprobs`` (one not streamed is scored
+        in one pass over prompt and answer instead, as ``echo`` needs)."""
+        if isinstance(req, P.ChatRequest):
+            return (req.top_logprobs or 0) if req.logprobs else None
+        return req.logprobs if req.stream else None
 
     def _submit(self, jobs: list[Job]) -> list[Job]:
         loop = asyncio.get_running_loop()
@@ -230,68 +240,75 @@ class OpenAIService(StreamReplies):
         """One prompt: its response body, or with ``req.stream`` its branch and one event stream per choice."""
         mt = self._max_tokens(req)
         branch, pipeline = await self._resolve(req.model, text)
+        st = P.checked_structure(req)
         if pipeline is not None:
-            if (st := P.checked_structure(req)) is not None:
-                raise P.APIError(400, f"{st.field}: structured outputs need a branch, not pipeline {pipeline!r}",
-                                 param=st.field)
             if req.n > 1:
                 raise P.APIError(400, f"n={req.n} is not supported for pipeline {pipeline!r}", param="n")
-            if getattr(req, "logprobs", None):
-                raise P.APIError(400, f"logprobs need a branch, not pipeline {pipeline!r}", param="logprobs")
-            final, stages, pt, ct = await self._pipeline(pipeline, text, request, disconnected)
+            for name in ("logprobs", "prompt_logprobs"):
+                if getattr(req, name, None) not in (None, False):
+                    raise P.APIError(400, f"{name} need a branch, not pipeline {pipeline!r}", param=name)
+            final, stages, pt, ct, reason = await self._pipeline(pipeline, text, request, disconnected, st)
             answered = stages[-1]["branch"]
             if req.stream:
                 request.prompt_tokens += pt
                 request.completion_tokens += ct
-                return answered, [self._once(kind, rid, req.model, final, answered, index)]
-            out = P.body(kind, rid, req.model, [(final, "stop")], pt, ct, answered)
+                return answered, [self._once(kind, rid, req.model, final, answered, index, reason)]
+            out = P.body(kind, rid, req.model, [(final, reason)], pt, ct, answered)
             out["stages"] = stages
             return out
         ids = self._truncate(req, encode(branch))
-        if (st := P.checked_structure(req)) is not None:  # compiled here, off the engine's thread (then cached)
-            compile_ = lambda: self.bundle.structurer(branch).compile(st)  # noqa: E731
+        await self._compile(st, [branch])
+        jobs = self._submit([self._job(branch, ids, req, mt, stream=req.stream, request=request, choice=k)
+                             for k in range(req.n)])
+        k = req.prompt_logprobs
+        prompt_job = None if k is None else self._submit([Job(ids, branch, 0, request=request, score=(k, False))])
+        if req.stream:
+            request.prompt_tokens += len(ids)
+            return branch, [self._stream(kind, rid, req.model, branch, j, index + k) for k, j in enumerate(jobs)]
+        await self._wait(jobs + (prompt_job or []), disconnected)
+        out = P.body(kind, rid, req.model, [self._finish(branch, j) for j in jobs], len(ids),
+                     sum(len(j.new_ids) for j in jobs), branch)
+        if kind == "chat" and getattr(req, "logprobs", None):
+            for choice, j in zip(out["choices"], jobs):
+                choice["logprobs"] = self._logprobs_of(kind, branch, j.new_ids, j.record or [])
+        if prompt_job:
+            out["prompt_logprobs"] = self._prompt_logprobs(branch, ids, prompt_job[0].scored, k)
+        return out
+
+    async def _compile(self, st: Structure | None, branches: list[str]) -> None:
+        """Compile ``st`` for each branch's vocabulary here, off the engine's thread (then cached), within
+        :data:`COMPILE_TIMEOUT_S` (a 400 ``structure_timeout`` past it)."""
+        if st is None:
+            return
+        loop = asyncio.get_running_loop()
+        for b in dict.fromkeys(branches):
             try:
-                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._grammars, compile_),
+                await asyncio.wait_for(loop.run_in_executor(self._grammars, self.bundle.structurer(b).compile, st),
                                        COMPILE_TIMEOUT_S)
             except asyncio.TimeoutError:
                 raise P.APIError(400, f"{st.field} did not compile within {COMPILE_TIMEOUT_S:g} s; simplify it",
                                  param=st.field, code="structure_timeout") from None
-        jobs = self._submit([self._job(branch, ids, req, mt, stream=req.stream, request=request, choice=k)
-                             for k in range(req.n)])
-        if req.stream:
-            request.prompt_tokens += len(ids)
-            return branch, [self._stream(kind, rid, req.model, branch, j, index + k) for k, j in enumerate(jobs)]
-        await self._wait(jobs, disconnected)
-        out = P.body(kind, rid, req.model, [self._finish(branch, j) for j in jobs], len(ids),
-                     sum(len(j.new_ids) for j in jobs), branch)
-        if kind == "chat" and getattr(req, "logprobs", None):
-            await self._chat_logprobs(out, branch, ids, jobs, getattr(req, "top_logprobs", None) or 0, request,
-                                      disconnected)
-        return out
 
-    async def _chat_logprobs(self, body: dict, branch: str, ids: list[int], jobs: list[Job], top: int, request: Any,
-                             disconnected: Disconnected | None) -> None:
-        """Each choice's ``logprobs.content``: its answer tokens' log-probabilities under the branch (and the
-        ``top`` likeliest tokens at each), from one scoring pass over prompt and answer."""
-        scoring = [Job(ids + j.new_ids, branch, 0, request=request, score=(top, False)) for j in jobs if j.new_ids]
-        scored = iter(await self._wait(self._submit(scoring), disconnected) if scoring else [])
+    def _logprobs_of(self, kind: str, branch: str, ids: list[int], record: list, offset: int = 0) -> dict:
+        """The ``logprobs`` of new tokens ``ids`` from ``record``, what their job's sampler recorded as they were
+        drawn (the model's own log-probabilities, before any sampling setting; vLLM's default)."""
         tok = self.bundle.tokenizer(branch)
         piece = lambda t: tok.decode([t])  # noqa: E731
-        for choice, j in zip(body["choices"], jobs):
-            sc = next(scored).scored if j.new_ids else None
-            content = [P.logprob_entry(piece(t), sc.logprobs[p], [(piece(i), v) for i, v in (sc.top[p] or [])[:top]])
-                       for p, t in enumerate(j.new_ids, start=len(ids))]
-            choice["logprobs"] = {"content": content, "refusal": None}
+        got = record[:len(ids)]
+        return P.token_logprobs(kind, [piece(t) for t in ids[:len(got)]], [e.logprob for e in got],
+                                [[(piece(i), v) for i, v in e.top] for e in got], offset)
 
-    async def _pipeline(self, name: str, question: str, request: Any, disconnected: Disconnected | None
-                        ) -> tuple[str, list[dict], int, int]:
+    async def _pipeline(self, name: str, question: str, request: Any, disconnected: Disconnected | None,
+                        structure: Structure | None = None) -> tuple[str, list[dict], int, int, str]:
         """Run a pipeline stage by stage through the engine. Each stage's routing and encoding run on a worker
         thread, its generation as jobs this request waits for like any other: no thread is held while the
-        engine works, and a client that goes away withdraws the stage's jobs (nothing later runs)."""
+        engine works, and a client that goes away withdraws the stage's jobs (nothing later runs).
+        ``structure``: the request's, for the final answer (the last stage). Returns the final answer, each
+        stage's branch and text, the prompt and completion tokens, and the last stage's finish reason."""
         from branchmerge.staged import ExtractTimeoutError, pipeline_steps
 
         loop = asyncio.get_running_loop()
-        steps = pipeline_steps(self.bundle, self.front.pipelines.get(name), [question])
+        steps = pipeline_steps(self.bundle, self.front.pipelines.get(name), [question], structure)
 
         def advance(sent: list | None) -> tuple[bool, Any]:  # StopIteration cannot cross a future
             try:
@@ -310,16 +327,20 @@ class OpenAIService(StreamReplies):
             if finished:
                 break
             batch = value
-            jobs = self._submit([Job(list(ids), b, batch.max_new_tokens, sampling=RowSettings(batch.temperature),
+            await self._compile(batch.structure, batch.branches)
+            settings = RowSettings(batch.temperature, structure=batch.structure)
+            jobs = self._submit([Job(list(ids), b, batch.max_new_tokens, sampling=settings,
                                      stop=list(batch.stop), request=request)
                                  for ids, b in zip(batch.ids, batch.branches)])
             await self._wait(jobs, disconnected)
             sent = [GenerationResult(j.branch, j.ids, j.new_ids,
                                      self.bundle.tokenizer(j.branch).decode(j.new_ids, skip_special_tokens=True),
-                                     "stop" if j.stop_id is not None else "length", j.stop_id) for j in jobs]
+                                     "length" if j.stop_id is None and len(j.new_ids) >= batch.max_new_tokens
+                                     else "stop", j.stop_id) for j in jobs]
         stages = value[0]
         info = [{"stage": s.stage, "branch": s.branch, "text": s.text} for s in stages]
-        return stages[-1].text, info, stages[0].prompt_tokens, sum(s.completion_tokens for s in stages)
+        return (stages[-1].text, info, stages[0].prompt_tokens, sum(s.completion_tokens for s in stages),
+                stages[-1].finish_reason)
 
     # ---- endpoints ----------------------------------------------------------------------------------
     async def chat(self, req: P.ChatRequest, disconnected: Disconnected | None = None) -> Reply:
@@ -329,8 +350,8 @@ class OpenAIService(StreamReplies):
         P.checked_structure(req)  # a bad schema, pattern or grammar: a 400 before any routing
         if req.top_logprobs and not req.logprobs:
             raise P.APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        if req.logprobs and req.stream:
-            raise P.APIError(400, "logprobs are not supported with stream=true", param="stream")
+        if req.prompt_logprobs is not None and req.stream:
+            raise P.APIError(400, "prompt_logprobs is not supported with stream=true", param="stream")
         if not req.messages:
             raise P.APIError(400, "messages must be a non-empty list", param="messages")
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
@@ -429,7 +450,7 @@ class OpenAIService(StreamReplies):
     async def _completion(self, req: P.CompletionRequest, prompt: str | list[int], *, rid: str, index: int,
                           disconnected: Disconnected | None, request: Any, route_text: str | None = None
                           ) -> dict | tuple:
-        if req.logprobs is not None or req.echo:
+        if req.echo or req.prompt_logprobs is not None or (req.logprobs is not None and not req.stream):
             return await self._scored(req, prompt, disconnected, request, route_text)
         if isinstance(prompt, list):
             encode = lambda b: self._token_ids(b, prompt)  # noqa: E731
@@ -452,8 +473,9 @@ class OpenAIService(StreamReplies):
                            disconnected: Disconnected | None) -> Reply:
         rid = P.new_id("completion")
         if req.stream:  # every prompt's n choices in one event stream, indexed prompt by prompt
-            if req.logprobs is not None or req.echo:
-                raise P.APIError(400, "logprobs and echo are not supported with stream=true", param="stream")
+            if req.echo or req.prompt_logprobs is not None:
+                what = "echo" if req.echo else "prompt_logprobs"
+                raise P.APIError(400, f"{what} is not supported with stream=true", param="stream")
             return self._sse([await self._completion(req, p, rid=rid, index=i * req.n, disconnected=disconnected,
                                                      request=request) for i, p in enumerate(prompts)],
                              self._usage(req, "completion", rid, request))
@@ -472,7 +494,7 @@ class OpenAIService(StreamReplies):
         """A completion with ``logprobs`` and/or ``echo`` (how lm-evaluation-harness scores loglikelihoods):
         generate as usual, then one forward over prompt + completion gives every token's log-probability."""
         if req.stream:
-            raise P.APIError(400, "logprobs and echo are not supported with stream=true", param="stream")
+            raise P.APIError(400, "echo is not supported with stream=true", param="stream")
         mt = self._max_tokens(req, scoring=True)
         text = (route_text if route_text is not None else self._route_text(prompt)) if req.model == "auto" else ""
         branch, pipeline = await self._resolve(req.model, text)
@@ -493,7 +515,8 @@ class OpenAIService(StreamReplies):
             (text, reason), new_ids = self._finish(branch, job), job.new_ids
             if job.stop_id is not None:  # the end-of-sequence token is scored too, as vLLM does
                 new_ids = [*new_ids, job.stop_id]
-        scoring = Job(ids + new_ids, branch, 0, request=request, score=(req.logprobs or 0, one_greedy))
+        top = max(req.logprobs or 0, req.prompt_logprobs or 0)
+        scoring = Job(ids + new_ids, branch, 0, request=request, score=(top, one_greedy))
         sc = (await self._wait(self._submit([scoring]), disconnected))[0].scored
         if one_greedy:
             nxt = sc.token_ids[-1]
@@ -506,8 +529,19 @@ class OpenAIService(StreamReplies):
         offsets = list(accumulate(map(len, pieces), initial=0))[:-1]
         logprobs = None if req.logprobs is None else {
             "tokens": pieces, "token_logprobs": sc.logprobs[start:], "text_offset": offsets,
-            "top_logprobs": [None if t is None else {tok.decode([i]): v for i, v in t} for t in sc.top[start:]]}
+            "top_logprobs": [None if t is None else {tok.decode([i]): v for i, v in t[:req.logprobs]}
+                             for t in sc.top[start:]]}
         out = ((prompt if isinstance(prompt, str) else tok.decode(ids)) + text) if req.echo else text
         b = P.body("completion", P.new_id("completion"), req.model, [(out, reason)], len(ids), len(new_ids), branch)
         b["choices"][0]["logprobs"] = logprobs
+        if req.prompt_logprobs is not None:
+            b["choices"][0]["prompt_logprobs"] = self._prompt_logprobs(branch, ids, sc, req.prompt_logprobs)
         return b
+
+    def _prompt_logprobs(self, branch: str, ids: list[int], sc: Any, top: int) -> list:
+        """vLLM's ``prompt_logprobs`` of prompt ``ids`` from their scores ``sc`` (a TokenLogprobs that begins
+        with them)."""
+        tok = self.bundle.tokenizer(branch)
+        n = len(ids)
+        return P.prompt_logprobs(lambda t: tok.decode([t]), ids, sc.logprobs[:n], (sc.ranks or [None] * n)[:n],
+                                 [None if t is None else t[:top] for t in sc.top[:n]])

@@ -61,6 +61,7 @@ class Job:
     generator: Any = None  # its row's random generator (set when queued), kept from one segment to the next
     kv: Any = None  # its row's KV cache (a CachedRow) from the last segment: the next one goes on from it
     constraint: Any = None  # its structure's grammar state (a structured.Constraint), kept between segments
+    record: list | None = None  # with sampling.logprobs: each new id's TokenLogprob, as they come (streams read it)
     # signalling
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -221,6 +222,7 @@ class Engine:
         """
         job.group = self.bundle.reader.branch(job.branch).group
         job.generator = job.sampling.generator(self.bundle.device)
+        job.record = [] if job.sampling.logprobs is not None else None
         with self._cv:
             if self._n >= self.max_queued:
                 raise Busy(f"the server has {self._n} jobs waiting (its limit); retry later")
@@ -386,7 +388,7 @@ class Engine:
                      | {self.bundle.tokenizer(j.branch).pad_token_id or 0} for j in jobs]
             criteria.append(_Yield(self, jobs, jobs[0].key, stops, self.min_segment))
         sampler = RowSampler([j.sampling for j in jobs], self.bundle.device, generators=[j.generator for j in jobs],
-                             constraints=[j.constraint for j in jobs])
+                             constraints=[j.constraint for j in jobs], records=[j.record for j in jobs])
         keep = self.continuous and self.keep_kv
         if keep and self.prefix is not None:  # a new job that begins as a finished one: from its cache
             for j in jobs:

@@ -80,6 +80,11 @@ class BranchRoute(_Frozen):
     model: str | None = Field(default=None, description="Model name at the upstream (default: the branch name).")
 
 
+# a request's fields that give its answer's structure (OpenAI's and vLLM's), passed on with a pipeline's last stage
+STRUCTURE_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                    "guided_grammar")
+
+
 class GatewayConfig(_Frozen):
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     branches: dict[str, BranchRoute] = Field(min_length=1)
@@ -406,28 +411,44 @@ class GatewayService:
         return events()
 
     # ---- endpoints ----------------------------------------------------------------------------------
-    async def _pipeline(self, name: str, question: str, model: str, kind: str, disconnected: Disconnected | None
-                        ) -> dict[str, Any]:
+    async def _pipeline(self, name: str, question: str, model: str, kind: str, disconnected: Disconnected | None,
+                        structure: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run a pipeline's stages one after the other, each on its branch's upstream. ``structure``: the
+        request's structure fields, sent with the last stage in place of its own (whose stop and extract are
+        then left out), as the bundle server does."""
         pipe = self.pipelines.get(name)
-        previous, stages, pt, ct = "", [], 0, 0
+        previous, stages, pt, ct, reason = "", [], 0, 0, "stop"
         for k, st in enumerate(pipe.stages, 1):
             branch = (await self._resolve("auto", question))[0] if st.branch == "auto" else st.branch
             msgs = ([{"role": "system", "content": fill(st.system, question, previous)}] if st.system else []) + [
                 {"role": "user", "content": fill(st.user, question, previous)}]
+            given = structure is not None and k == len(pipe.stages)
             body = {"messages": msgs, "max_tokens": st.max_tokens, "temperature": st.temperature,
-                    **({"stop": st.stop} if st.stop else {})}
+                    **({"stop": st.stop} if st.stop and not given else {}),
+                    **(structure if given else {"structured_outputs": st.structured_outputs}
+                       if st.structured_outputs else {})}
             out = await self._post(branch, "/chat/completions", body, disconnected)
+            reason = self._finish_reason(out)
             try:  # off the event loop: an extract regex may take up to its time limit
-                previous = await asyncio.to_thread(postprocess, self._text(branch, out), st)
+                previous = await asyncio.to_thread(postprocess, self._text(branch, out), st, raw=given)
             except ExtractTimeoutError as e:
                 raise P.APIError(500, str(e), type_="server_error", code="extract_timeout") from None
             usage = out.get("usage") if isinstance(out.get("usage"), dict) else {}
             pt = pt or _count(usage, "prompt_tokens")
             ct += _count(usage, "completion_tokens")
             stages.append({"stage": k, "branch": branch, "text": previous})
-        res = P.body(kind, P.new_id(kind), model, [(previous, "stop")], pt, ct, stages[-1]["branch"])
+        res = P.body(kind, P.new_id(kind), model, [(previous, reason)], pt, ct, stages[-1]["branch"])
         res["stages"] = stages
         return res
+
+    @staticmethod
+    def _finish_reason(out: dict[str, Any]) -> str:
+        """An upstream answer's first finish reason, when it is one of OpenAI's (else ``stop``)."""
+        try:
+            reason = out["choices"][0]["finish_reason"]
+        except (LookupError, TypeError):
+            return "stop"
+        return reason if reason in ("stop", "length", "content_filter") else "stop"
 
     def _text(self, branch: str, out: dict[str, Any]) -> str:
         """The text of a chat answer's first choice (a 502 naming the upstream when there is none)."""
@@ -445,7 +466,13 @@ class GatewayService:
         if pipeline is not None:
             if req.n > 1 or req.stream:
                 raise P.APIError(400, f"pipeline {pipeline!r} answers one choice, not streamed", param="model")
-            out = await self._pipeline(pipeline, text, req.model, kind, disconnected)
+            if getattr(req, "tools", None):
+                raise P.APIError(400, f"tools are not supported with pipeline {pipeline!r} through the gateway; "
+                                      "name a branch", param="tools")
+            given = {k: body[k] for k in STRUCTURE_FIELDS if body.get(k) is not None}
+            if given:
+                P.checked_structure(req)  # a bad or doubled structure: a 400 here, before any stage runs
+            out = await self._pipeline(pipeline, text, req.model, kind, disconnected, given or None)
             return Reply(body=out, headers=P.branch_header(out["branch"]))
         if req.stream:
             return Reply(stream=await self._stream(branch, path, body, req.model), headers=P.branch_header(branch))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
+from itertools import accumulate
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
@@ -143,6 +145,8 @@ class _Req(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=16)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20, description="vLLM's: each prompt token's "
+                                        "log-probability and rank, with this many likeliest tokens (not streamed).")
     seed: int | None = Field(default=None, description="Sampled choices are reproducible under it (choice k: seed+k).")
     user: str | None = None
     cache_salt: str | None = Field(default=None, max_length=256,
@@ -269,7 +273,6 @@ _NEUTRAL: dict[str, Any] = {
     # vLLM's sampling extensions that this server does not implement (top_k and min_p it does)
     "length_penalty": lambda v: v in (None, 1),
     "use_beam_search": lambda v: not v,
-    "prompt_logprobs": lambda v: v is None,
     "guided_whitespace_pattern": lambda v: v is None, "structural_tag": lambda v: v is None,
 }
 _NEUTRAL_CHAT: dict[str, Any] = {}
@@ -296,7 +299,7 @@ def checked_structure(req: _Req) -> Structure | None:
         try:
             req._checked = (None if st is None else st.check(),)
         except StructureError as e:
-            raise APIError(400, str(e), param=st.field) from None
+            raise APIError(400, str(e), param=e.field or st.field) from None
     return req._checked[0]
 
 
@@ -318,41 +321,27 @@ def _response_format(v: Any) -> Structure | None:
                    param="response_format")
 
 
-# vLLM's StructuredOutputsParams fields this server reads (one of them); its others are refused by name
-_STRUCTURED_KEYS = {"json", "regex", "choice", "grammar", "json_object"}
-
-
 def _structured_outputs(v: Any, where: str) -> Structure:
     """vLLM's ``structured_outputs`` (``{"json" | "regex" | "choice" | "grammar" | "json_object": ...}``), or
     its older ``guided_*`` fields (``where`` = ``guided_``)."""
-    if not isinstance(v, dict):
-        raise APIError(400, f"{where} must be an object, such as {{\"regex\": \"[0-9]+\"}}", param=where)
-    name = (lambda k: where + k) if where.endswith("_") else (lambda k: f"{where}.{k}")
-    given = {k: x for k, x in v.items() if x is not None and x is not False}
-    unknown = sorted(set(given) - _STRUCTURED_KEYS)
-    if unknown:
-        raise APIError(400, f"`{name(unknown[0])}` is not supported by this server; use one of "
-                            f"{', '.join(sorted(_STRUCTURED_KEYS))}", param=name(unknown[0]))
-    if len(given) != 1:
-        raise APIError(400, f"{where.rstrip('_')} needs exactly one of {', '.join(sorted(_STRUCTURED_KEYS))}, got "
-                            f"{len(given)}", param=where.rstrip("_"))
-    (key, x), = given.items()
-    field = name(key)
-    if key == "json_object":
-        if x is not True:
-            raise APIError(400, f"{field} must be true", param=field)
-        return Structure("json_object", field=field)
-    if key == "json":
-        if not isinstance(x, (dict, str)):
-            raise APIError(400, f"{field} must be a JSON schema (an object or its JSON text)", param=field)
-        return Structure.json_schema(x, field)
-    if key == "choice":
-        if not isinstance(x, list) or not all(isinstance(c, str) for c in x):
-            raise APIError(400, f"{field} must be a list of strings", param=field)
-        return Structure.choices(x, field)
-    if not isinstance(x, str):
-        raise APIError(400, f"{field} must be a string", param=field)
-    return Structure(key, x, field)
+    try:
+        return Structure.from_options(v, where)
+    except StructureError as e:
+        raise APIError(400, str(e), param=e.field) from None
+
+
+def prompt_logprobs(decode: Callable[[int], str], ids: list[int], logprobs: list[float | None],
+                    ranks: list[int | None], tops: list[list[tuple[int, float]] | None]
+                    ) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token (None for the first), its own ``{"logprob", "rank",
+    "decoded_token"}`` and those of its position's likeliest tokens, keyed by token id."""
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for p in range(1, len(ids)):
+        d = {str(ids[p]): {"logprob": logprobs[p], "rank": ranks[p], "decoded_token": decode(ids[p])}}
+        for r, (i, v) in enumerate(tops[p] or [], 1):
+            d.setdefault(str(i), {"logprob": v, "rank": r, "decoded_token": decode(i)})
+        out.append(d)
+    return out
 
 
 def logprob_entry(token: str, logprob: float, top: list[tuple[str, float]] | None) -> dict[str, Any]:
@@ -405,19 +394,30 @@ def merge_bodies(bodies: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def token_logprobs(kind: str, pieces: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]],
+                   offset: int = 0) -> dict[str, Any]:
+    """The ``logprobs`` of a choice (or of a streamed chunk) for answer tokens ``pieces`` (their text), each
+    with its log-probability and likeliest tokens: chat's ``{"content": [...]}`` or the completions form
+    (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset`` from ``offset``)."""
+    if kind == "chat":
+        return {"content": [logprob_entry(p, v, t) for p, v, t in zip(pieces, logprobs, tops)], "refusal": None}
+    return {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": [dict(t) for t in tops],
+            "text_offset": list(accumulate(map(len, pieces), initial=offset))[:-1]}
+
+
 def chunk(kind: str, rid: str, model: str, delta: str | None, reason: str | None, branch: str, *, first: bool = False,
-          index: int = 0) -> str:
-    """One server-sent event of a streamed response."""
+          index: int = 0, logprobs: dict[str, Any] | None = None) -> str:
+    """One server-sent event of a streamed response (``logprobs``: those of the tokens it carries)."""
     if kind == "chat":
         d: dict[str, Any] = {}
         if first:
             d["role"] = "assistant"
         if delta:
             d["content"] = delta
-        choice: dict[str, Any] = {"index": index, "delta": d, "finish_reason": reason, "logprobs": None}
+        choice: dict[str, Any] = {"index": index, "delta": d, "finish_reason": reason, "logprobs": logprobs}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": delta or "", "finish_reason": reason, "logprobs": None}
+        choice = {"index": index, "text": delta or "", "finish_reason": reason, "logprobs": logprobs}
         obj = "text_completion"
     return sse({"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice],
                 "branch": branch})

@@ -46,15 +46,25 @@ class StreamReplies:
 
     bundle: Any
     _ttft: Any
+    _logprobs_of: Callable[..., dict]
 
-    async def _once(self, kind, rid, model, text, branch, index: int) -> AsyncIterator[str]:
+    async def _once(self, kind, rid, model, text, branch, index: int, reason: str = "stop") -> AsyncIterator[str]:
         yield P.chunk(kind, rid, model, text, None, branch, first=True, index=index)
-        yield P.chunk(kind, rid, model, None, "stop", branch, index=index)
+        yield P.chunk(kind, rid, model, None, reason, branch, index=index)
 
     async def _stream(self, kind, rid, model, branch, job: Job, index: int = 0) -> AsyncIterator[str]:
         decode = partial(self.bundle.tokenizer(branch).decode, skip_special_tokens=job.skip_special)
         eos = job.sampling.stop_set(self.bundle.stop_ids(branch))  # the tokens that end this row
         held, ids, reason, start = HeldText(job.stop, keep=job.keep_stop), [], None, 0
+        sent, offset = 0, 0  # tokens whose logprobs went out; characters of text sent (completions' text_offset)
+
+        def logprobs() -> dict | None:  # the logprobs of the tokens not yet sent (None: not asked for)
+            nonlocal sent
+            if job.record is None:
+                return None
+            out = self._logprobs_of(kind, branch, ids[sent:], job.record[sent:len(ids)], offset)
+            sent = len(ids)
+            return out
         try:
             yield P.chunk(kind, rid, model, None, None, branch, first=True, index=index)
             while True:
@@ -80,10 +90,11 @@ class StreamReplies:
                 elif len(ids) >= job.max_tokens:
                     reason = "length"
                 if piece:
-                    yield P.chunk(kind, rid, model, piece, None, branch, index=index)
+                    yield P.chunk(kind, rid, model, piece, None, branch, index=index, logprobs=logprobs())
+                    offset += len(piece)
             rest = held.finish() if job.error is None else ""  # held back when end of text came
-            if rest:
-                yield P.chunk(kind, rid, model, rest, None, branch, index=index)
+            if rest:  # (the logprobs of tokens whose text a stop string cut are not sent)
+                yield P.chunk(kind, rid, model, rest, None, branch, index=index, logprobs=logprobs())
             if isinstance(job.request, _Request):
                 job.request.completion_tokens += len(ids)
             if job.error is not None:
