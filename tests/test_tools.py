@@ -15,7 +15,7 @@ from branchmerge.config import load_config
 from branchmerge.merge import run_merge
 from branchmerge.runtime.text import describe_tools, encode_messages
 from branchmerge.server import create_app
-from branchmerge.server.tools import parse_hermes
+from branchmerge.server.tool_parsers import PARSERS, parse_hermes
 from tests.conftest import make_finetune, make_tiny_llama, save_char_tokenizer, write_config
 from tests.serving import serving
 
@@ -50,10 +50,13 @@ def server(tmp_path_factory):
     run_merge(load_config(cfg), root / "bundle", progress=False)
     bundle = branchmerge.load(root / "bundle")
     with serving(create_app(bundle, max_batch=8, wait_ms=20, max_tokens_limit=256)) as url, \
-            serving(create_app(bundle, max_batch=8, wait_ms=20, max_tokens_limit=256, tool_call_parser="hermes")) as h:
+            serving(create_app(bundle, max_batch=8, wait_ms=20, max_tokens_limit=256, tool_call_parser="hermes")) as h, \
+            serving(create_app(bundle, max_batch=8, wait_ms=20, max_tokens_limit=256,
+                               tool_call_parser="llama3_json")) as j:
         yield {"url": url, "bundle": bundle,
                "client": openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60),
-               "hermes": openai.OpenAI(base_url=h + "/v1", api_key="x", max_retries=0, timeout=60)}
+               "hermes": openai.OpenAI(base_url=h + "/v1", api_key="x", max_retries=0, timeout=60),
+               "llama3_json": openai.OpenAI(base_url=j + "/v1", api_key="x", max_retries=0, timeout=60)}
 
 
 def test_a_template_without_tools_gets_them_in_a_system_message(server):
@@ -184,6 +187,77 @@ def test_auto_tool_choice_with_the_hermes_parser(server):
     chunks = list(h.chat.completions.create(model="a", messages=ASK, tools=TOOLS, max_tokens=80, extra_body=forced,
                                             stream=True))
     deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
-    assert "".join(d.content or "" for d in deltas) == "ok" and chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the text before the call streams as it comes (then the call is held until it is whole)
+    texts = [d.content for d in deltas if d.content]
+    assert "".join(texts).strip() == "ok" and len(texts) >= 2 and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(d.tool_calls for d in deltas[:-1] if d.content)
     assert [(t.function.name, t.function.arguments) for d in deltas for t in d.tool_calls or []] == \
         [(t.function.name, t.function.arguments) for t in msg.tool_calls]
+    # a free answer with no call streams token by token, as without tools
+    free = [ch.choices[0].delta.content for ch in h.chat.completions.create(
+        model="a", messages=ASK, tools=TOOLS, max_tokens=8, stream=True) if ch.choices and ch.choices[0].delta.content]
+    assert "".join(free) == plain.choices[0].message.content and len(free) >= 4
+
+
+def test_auto_tool_choice_with_the_llama3_json_parser(server):
+    """``--tool-call-parser llama3_json``: an answer that is call objects (here made so by a regular expression;
+    the test vocabulary has no ``;`` to separate them) comes back as ``tool_calls`` with no content, streamed with none of it as text; one that is not streams."""
+    j = server["llama3_json"]
+    forced = {"structured_outputs": {"regex": r'\{"name": "add", "parameters": \{"a": 1, "b": 2\}\} '
+                                              r'\{"name": "neg", "parameters": \{"x": true\}\}'}}
+    r = j.chat.completions.create(model="b", messages=ASK, tools=TOOLS, max_tokens=120, extra_body=forced)
+    msg = r.choices[0].message
+    assert msg.content is None and r.choices[0].finish_reason == "tool_calls"
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in msg.tool_calls] == \
+        [("add", {"a": 1, "b": 2}), ("neg", {"x": True})]
+    chunks = [ch.choices[0] for ch in j.chat.completions.create(model="b", messages=ASK, tools=TOOLS, max_tokens=120,
+                                                                 extra_body=forced, stream=True) if ch.choices]
+    assert not any(ch.delta.content for ch in chunks)
+    assert [t.function.name for ch in chunks for t in ch.delta.tool_calls or []] == ["add", "neg"]
+    half = {"structured_outputs": {"regex": r'\{"name": "add", "parameters": \{"a": 1'}}  # not a whole call: text
+    r = j.chat.completions.create(model="b", messages=ASK, tools=TOOLS, max_tokens=60, extra_body=half)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == '{"name": "add", "parameters": {"a": 1'
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in j.chat.completions.create(
+        model="b", messages=ASK, tools=TOOLS, max_tokens=60, extra_body=half, stream=True) if ch.choices)
+    assert streamed == r.choices[0].message.content
+
+
+@pytest.mark.parametrize(("parser", "text", "content", "calls"), [
+    ("llama3_json", '{"name": "add", "parameters": {"a": 1}}', None, [("add", {"a": 1})]),
+    ("llama3_json", '<|python_tag|>{"name": "add", "arguments": {"a": 1}}; {"name": "neg", "parameters": {}}', None,
+     [("add", {"a": 1}), ("neg", {})]),
+    ("llama3_json", 'The sum is {"name": "add"}', 'The sum is {"name": "add"}', []),  # not at the start
+    ("llama3_json", '{"name": "add", "parameters": {"a": 1}} and more', '{"name": "add", "parameters": {"a": 1}} and '
+     'more', []),
+    ("llama3_json", '{"nom": "add"}', '{"nom": "add"}', []),
+    ("mistral", 'Sure. [TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}, {"name": "neg", "arguments": "{}"}]',
+     "Sure.", [("add", {"a": 1}), ("neg", {})]),
+    ("mistral", '[TOOL_CALLS]add[ARGS]{"a": 1}[TOOL_CALLS]neg[ARGS]{"x": true}', None,
+     [("add", {"a": 1}), ("neg", {"x": True})]),
+    ("mistral", '[TOOL_CALLS][{"name": "add", "argu', '[TOOL_CALLS][{"name": "add", "argu', []),
+    ("mistral", "no calls", "no calls", []),
+    ("pythonic", '[add(a=1, b=2), neg(x=True)]', None, [("add", {"a": 1, "b": 2}), ("neg", {"x": True})]),
+    ("pythonic", '[get.weather(city="Paris", opts={"unit": "c", "days": [1, 2]})]', None,
+     [("get.weather", {"city": "Paris", "opts": {"unit": "c", "days": [1, 2]}})]),
+    # hostile or broken: read as text, never run
+    ("pythonic", '[add(a=__import__("os").system("echo hi"))]', '[add(a=__import__("os").system("echo hi"))]', []),
+    ("pythonic", "[add(1, 2)]", "[add(1, 2)]", []),  # positional arguments: not a call we can name
+    ("pythonic", "[add(**{'a': 1})]", "[add(**{'a': 1})]", []),
+    ("pythonic", "[add(a={1, 2})]", "[add(a={1, 2})]", []),  # a set is not JSON
+    ("pythonic", "[" * 5000, "[" * 5000, []),
+    ("pythonic", "[add(a=1)", "[add(a=1)", []),
+    ("pythonic", "I'd call [add(a=1)]", "I'd call [add(a=1)]", []),
+])
+def test_other_parsers_read_their_formats(parser, text, content, calls):
+    got_content, got = PARSERS[parser].parse(text)
+    assert got_content == content and [(c["name"], c["parameters"]) for c in got] == calls
+
+
+@pytest.mark.parametrize(("parser", "text", "safe"), [
+    ("hermes", "hello <tool", 6), ("hermes", "hello <tool_call>{", 6), ("hermes", "hello", 5), ("hermes", "a <b", 4), ("hermes", "a <t", 2),
+    ("mistral", "ok [TOOL", 3), ("mistral", "ok [x", 5),
+    ("llama3_json", "  ", 0), ("llama3_json", ' {"na', 0), ("llama3_json", "<|pyth", 0), ("llama3_json", "Hi {", 4),
+    ("pythonic", "[ad", 0), ("pythonic", "<|python_st", 0), ("pythonic", "The answer", 10),
+])
+def test_what_streams_before_a_call_may_begin(parser, text, safe):
+    assert PARSERS[parser].safe(text) == safe

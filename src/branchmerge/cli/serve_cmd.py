@@ -26,9 +26,11 @@ def serve_cmd(
                                             "that begin the same way (a chat's next turn, a shared system "
                                             "prompt): they prefill only what they add. 0: off."),
     tool_call_parser: str | None = typer.Option(None, "--tool-call-parser",
-                                                help="hermes: tool_choice \"auto\" (the default with tools) answers "
-                                                "freely and reads <tool_call> blocks out of the answer as tool_calls "
-                                                "(Qwen2.5/Qwen3, Hermes). Without: auto is refused; required and "
+                                                help="tool_choice \"auto\" (the default with tools) answers "
+                                                "freely and reads the calls out of the answer as tool_calls, in the "
+                                                "model's format: hermes (<tool_call> blocks: Qwen2.5/Qwen3, Hermes), "
+                                                "llama3_json (Llama 3.1/3.3), mistral ([TOOL_CALLS]), pythonic "
+                                                "([f(a=1)]: Llama 3.2/4). Without: auto is refused; required and "
                                                 "named functions work either way."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bf16, fp16 (default: the bundle's)."),

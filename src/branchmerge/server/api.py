@@ -171,8 +171,11 @@ class OpenAIService(StreamReplies):
                 self.bundle.check_ids([ids_], [branch], rows=[name])
             except BranchmergeError as e:
                 raise P.APIError(400, str(e), param=name) from None
+        # a parser whose calls begin with a special token ([TOOL_CALLS]) reads answers with special tokens kept
+        special = (self.tool_call_parser is not None and PARSERS[self.tool_call_parser].special
+                   and isinstance(req, P.ChatRequest) and req.calls() == "auto")
         return Job(ids, branch, mt, sampling=sampling, stop=req.stops(), keep_stop=req.include_stop_str_in_output,
-                   skip_special=req.skip_special_tokens, stream=stream, request=request, salt=req.cache_salt or "")
+                   skip_special=req.skip_special_tokens and not special, stream=stream, request=request, salt=req.cache_salt or "")
 
     @staticmethod
     def _recorded_logprobs(req: P._Req) -> int | None:
@@ -373,8 +376,9 @@ class OpenAIService(StreamReplies):
             out = await self._one(req, "chat", last_user, lambda b: self.bundle.encode_messages(msgs, b, tools=tools),
                                   rid=rid, index=0, disconnected=disconnected, request=request)
             if calls is not None:  # the answers as tool calls
-                out = (out[0], [stream_calls(s, calls) for s in out[1]]) if isinstance(out, tuple) else \
-                    answer_calls(out, calls)
+                parser = self.tool_call_parser or "hermes"
+                out = (out[0], [stream_calls(s, calls, parser) for s in out[1]]) if isinstance(out, tuple) else \
+                    answer_calls(out, calls, parser)
             return self._reply(out, self._usage(req, "chat", rid, request))
 
         return await self._guarded(request, work())

@@ -15,6 +15,7 @@ from typing import Any
 from branchmerge.runtime.text import HeldText, min_tokens_start
 from branchmerge.server import protocol as P
 from branchmerge.server.engine import Job
+from branchmerge.server.tool_parsers import PARSERS
 from branchmerge.server.tools import finish_reason, tool_calls
 
 
@@ -153,11 +154,15 @@ class StreamReplies:
         return lambda: P.usage_chunk(kind, rid, req.model, request.prompt_tokens, request.completion_tokens)
 
 
-async def stream_calls(chunks: AsyncIterator[str], choice: str) -> AsyncIterator[str]:
-    """A chat completion's event stream (one choice) with its text held back: at the end one delta carries
-    the tool calls (or, for an answer cut short, the text), then the finish reason as
+async def stream_calls(chunks: AsyncIterator[str], choice: str, parser: str = "hermes") -> AsyncIterator[str]:
+    """A chat completion's event stream (one choice) whose answer may hold tool calls: for ``"auto"`` its text
+    streams as content up to where a call may begin (:meth:`~.tool_parsers.ToolParser.safe`), the rest is held;
+    otherwise (an answer made under a call structure) all of it is held. At the end one delta carries the
+    calls (or the held text, when the answer has none or was cut short), then the finish reason as
     :func:`~.tools.answer_calls` gives it."""
     text: list[str] = []
+    sent = 0  # characters of the text streamed as content
+    reader = PARSERS[parser] if choice == "auto" else None
     async for event in chunks:
         data = json.loads(event[len("data: "):]) if event.startswith("data: {") else None
         if not data or not data.get("choices"):
@@ -165,15 +170,25 @@ async def stream_calls(chunks: AsyncIterator[str], choice: str) -> AsyncIterator
             continue
         ch = data["choices"][0]
         text.append(ch["delta"].pop("content", None) or "")
+        ch.pop("logprobs", None)
         if ch["finish_reason"] is None:
-            if ch["delta"]:  # the first chunk's role
+            whole = "".join(text)
+            safe = reader.safe(whole) if reader is not None else 0
+            if safe > sent:
+                ch["delta"]["content"] = whole[sent:safe]
+                sent = safe
+            if ch["delta"]:  # the first chunk's role, or text
                 yield P.sse(data)
             continue
-        reason = ch["finish_reason"]
-        content, calls = tool_calls("".join(text), choice)
-        delta: dict[str, Any] = {"content": content} if content else {}
+        reason, whole = ch["finish_reason"], "".join(text)
+        content, calls = tool_calls(whole, choice, parser)
+        delta: dict[str, Any] = {}
         if calls:
+            if content and sent == 0:
+                delta["content"] = content
             delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+        elif whole[sent:]:
+            delta["content"] = whole[sent:]
         if delta:
             yield P.sse({**data, "choices": [{**ch, "delta": delta, "finish_reason": None}]})
         yield P.sse({**data, "choices": [{**ch, "delta": {}, "finish_reason": finish_reason(choice, calls, reason)}]})

@@ -3,20 +3,19 @@ through structured outputs, as vLLM does them: the answer is constrained to a JS
 (``[{"name": ..., "parameters": {...}}, ...]``, each a tool's name and arguments of its ``parameters``
 schema), or to the named function's arguments, and comes back as the message's ``tool_calls``. ``"auto"``
 (the model decides whether to call) needs a parser of the model's own call format: with one
-(``serve --tool-call-parser hermes``: ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, the
-format of Qwen2.5/Qwen3 and Hermes models) the answer is generated freely and its calls read out of it;
-without, ``"auto"`` is refused, as vLLM refuses it. Pure: wire format in, structures and response parts out."""
+(``serve --tool-call-parser hermes|llama3_json|mistral|pythonic``, :mod:`.tool_parsers`) the answer is
+generated freely and its calls read out of it; without, ``"auto"`` is refused, as vLLM refuses it. Pure: wire format in, structures and response parts out."""
 
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from branchmerge.runtime.structured import Structure
+from branchmerge.server.tool_parsers import PARSERS
 
 MAX_TOOLS = 128  # as OpenAI
 
@@ -47,30 +46,6 @@ def _parameters(f: FunctionDef) -> dict[str, Any]:
     return f.parameters if f.parameters is not None else {"type": "object", "properties": {}}
 
 
-PARSERS = ("hermes",)  # tool-call formats read out of free answers (tool_choice "auto")
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
-
-
-def parse_hermes(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """``(content, calls)`` of an answer in the Hermes format: the text before the first ``<tool_call>``
-    (None when empty) and each ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` as
-    ``{"name", "parameters"}``. No call is read unless every block is such JSON (else: all text, no calls)."""
-    start = text.find("<tool_call>")
-    if start < 0:
-        return text, []
-    calls = []
-    for block in _HERMES.findall(text[start:]):
-        try:
-            c = json.loads(block)
-        except json.JSONDecodeError:
-            return text, []
-        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
-            return text, []
-        args = c.get("arguments", c.get("parameters", {}))
-        calls.append({"name": c["name"], "parameters": json.loads(args) if isinstance(args, str) else args})
-    return text[:start].strip() or None, calls
-
-
 def chosen(tools: list[Tool] | None, tool_choice: Any, parser: str | None = None) -> str | None:
     """What the request asks of the tools: None (answer in text: no tools, or ``"none"``), ``"required"``,
     ``"auto"`` (only with a ``parser``) or the name of the function it must call. Raises :class:`ToolError`
@@ -89,7 +64,7 @@ def chosen(tools: list[Tool] | None, tool_choice: Any, parser: str | None = None
         return "auto"
     if tool_choice in (None, "auto"):
         raise ToolError('tool_choice "auto" (the default with tools) needs a parser of the model\'s own tool-call '
-                        'format (serve --tool-call-parser hermes, for models that write <tool_call> blocks); or set '
+                        f'format (serve --tool-call-parser {"|".join(PARSERS)}); or set '
                         'tool_choice to "required" or to {"type": "function", "function": {"name": ...}}',
                         "tool_choice")
     if tool_choice == "required":
@@ -120,12 +95,12 @@ def tool_structure(tools: list[Tool], choice: str, parallel: bool = True) -> Str
     return Structure.json_schema(schema, "tools")
 
 
-def tool_calls(text: str, choice: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+def tool_calls(text: str, choice: str, parser: str = "hermes") -> tuple[str | None, list[dict[str, Any]] | None]:
     """``(content, tool_calls)`` of an answer: made under :func:`tool_structure` (content None; no calls
-    when the answer is not complete JSON, as when ``max_tokens`` cut it), or for ``"auto"`` read with the
-    Hermes parser (content: the text before the calls)."""
+    when the answer is not complete JSON, as when ``max_tokens`` cut it), or for ``"auto"`` read with
+    ``parser`` (one of :data:`~.tool_parsers.PARSERS`; content: the text before the calls)."""
     if choice == "auto":
-        content, calls = parse_hermes(text)
+        content, calls = PARSERS[parser].parse(text)
         if not calls:
             return text, None
     else:
@@ -148,13 +123,13 @@ def finish_reason(choice: str, calls: list | None, reason: str) -> str:
     return "tool_calls" if calls and choice in ("required", "auto") and reason == "stop" else reason
 
 
-def answer_calls(body: dict[str, Any], choice: str) -> dict[str, Any]:
+def answer_calls(body: dict[str, Any], choice: str, parser: str = "hermes") -> dict[str, Any]:
     """A chat response whose answers were made under :func:`tool_structure` (or, for ``"auto"``, freely),
     each one with calls as its message's ``tool_calls`` (``content`` null, or for ``"auto"`` the text before
     the calls; finish reason ``tool_calls`` for ``"required"`` and ``"auto"``, ``stop`` for a named
     function, as vLLM and OpenAI give them). An answer cut short, or without calls, stays text."""
     for c in body["choices"]:
-        content, calls = tool_calls(c["message"].get("content") or "", choice)
+        content, calls = tool_calls(c["message"].get("content") or "", choice, parser)
         if calls:
             c["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
             c["finish_reason"] = finish_reason(choice, calls, c["finish_reason"])
