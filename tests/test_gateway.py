@@ -31,7 +31,7 @@ from tests.serving import free_port, serving
 PIPES = {"pipelines": [{"name": "cross", "stages": [
     {"branch": "c", "user": "{question}", "max_tokens": 5},
     {"branch": "a", "user": "{previous}=", "max_tokens": 4},
-]}]}
+]}, {"name": "first", "stages": [{"branch": "b", "user": "{question}", "max_tokens": 6, "extract": "[0-9a-z]"}]}]}
 
 
 def _start(bundle, port: int, *extra: str) -> subprocess.Popen:
@@ -89,7 +89,7 @@ def gw(bundles, tmp_path_factory):
 
 def test_models_and_health(gw):
     assert {m.id for m in gw["client"].models.list().data} == {"a", "b", "c", "b-slow", "a-small", "a-alias", "cross",
-                                                                  "auto"}
+                                                                  "first", "auto"}
     h = httpx.get(gw["url"] + "/health").json()
     assert h["status"] == "ok" and h["upstreams"]["u1"]["ok"]
     assert sorted(h["upstreams"]["u2"]["branches"]) == ["a-alias", "c"]
@@ -131,6 +131,32 @@ def test_pipeline_runs_across_upstreams(gw):
     first = gw["client"].chat.completions.create(model="c", messages=[{"role": "user", "content": "key zz="}],
                                                  max_tokens=5, temperature=0.0)
     assert stages[0]["text"] == first.choices[0].message.content.strip()
+
+
+def test_a_pipeline_streams_its_last_stage_through_the_gateway(gw):
+    """Streamed, a pipeline's last stage comes as its upstream writes it, in chat and completions form, named
+    as the client asked; the text and the usage equal the unstreamed answer's."""
+    c = gw["client"]
+    whole = c.chat.completions.create(model="cross", messages=[{"role": "user", "content": "key zz="}])
+    chunks = list(c.chat.completions.create(model="cross", messages=[{"role": "user", "content": "key zz="}],
+                                            stream=True, stream_options={"include_usage": True}))
+    texts = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    assert "".join(texts) == whole.choices[0].message.content and len(texts) >= 2
+    assert all(ch.model == "cross" and ch.model_extra["branch"] == "a" for ch in chunks)
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    done = c.completions.create(model="cross", prompt="key zz=")
+    parts = list(c.completions.create(model="cross", prompt="key zz=", stream=True))
+    assert all(p.choices for p in parts)  # (no usage event: not asked for)
+    assert "".join(p.choices[0].text for p in parts) == done.choices[0].text
+    assert all(p.object == "text_completion" for p in parts) and parts[-1].choices[0].finish_reason is not None
+    # a last stage with `extract`: its answer as one chunk, after the whole output
+    one = c.chat.completions.create(model="first", messages=[{"role": "user", "content": "rev abc="}])
+    got = list(c.chat.completions.create(model="first", messages=[{"role": "user", "content": "rev abc="}],
+                                         stream=True, stream_options={"include_usage": True}))
+    assert [ch.choices[0].delta.content for ch in got if ch.choices and ch.choices[0].delta.content] == \
+        [one.choices[0].message.content] and len(one.choices[0].message.content) == 1
+    assert got[-1].usage.model_dump() == one.usage.model_dump()
 
 
 def test_a_pipeline_through_the_gateway_formats_its_last_stage(gw):

@@ -25,6 +25,8 @@ PIPES = {
     "pipelines": [{"name": "two_step", "stages": [
         {"branch": "a", "user": "{question}", "max_tokens": 6},
         {"branch": "b", "user": "{previous}=", "max_tokens": 4},
+    ]}, {"name": "digit", "stages": [
+        {"branch": "a", "user": "{question}", "max_tokens": 8, "extract": r"[0-9a-z]"},
     ]}, {"name": "runaway", "stages": [  # 2^n backtracking on any output of n word characters without Han
         {"branch": "b", "user": "{question}", "max_tokens": 40, "chat": False, "extract": r"(?:(\w)|.)*\p{Han}"},
     ]}],
@@ -49,7 +51,7 @@ def server(bundles, tmp_path_factory):
 def test_health_and_models(server):
     assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
     models = server["client"].models.list().data
-    assert {m.id for m in models} == {"a", "b", "c", "two_step", "runaway", "auto"}
+    assert {m.id for m in models} == {"a", "b", "c", "two_step", "digit", "runaway", "auto"}
     ctx = server["bundle"].reader.hf_config("a")["max_position_embeddings"]
     assert all(m.model_extra["max_model_len"] == ctx for m in models)  # as vLLM lists it
 
@@ -314,6 +316,10 @@ def test_min_tokens_holds_back_a_stop_string(server):
     assert plain.usage.completion_tokens == first and plain.choices[0].text == full.text[:full.text.index(stop)]
 
 
+def lib_text(bundle, pipeline: str, question: str) -> str:
+    return answer(bundle, [question], pipeline=pipeline)[0][-1].text
+
+
 def test_auto_routing_and_pipeline(server):
     c = server["client"]
     r = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": "rev hello="}], max_tokens=4)
@@ -329,11 +335,22 @@ def test_auto_routing_and_pipeline(server):
     assert [s.text for s in lib] == [s["text"] for s in stages]
     # the finish reason is the last stage's (here it ran out of its max_tokens)
     assert lib[-1].finish_reason == "length" and p.choices[0].finish_reason == "length"
-    # streamed, the pipeline's final answer comes as one chunk, then the finish reason
+    # streamed, the last stage's tokens come as they are made (the stages before run first), then the finish
+    # reason; through completions too
     chunks = list(c.chat.completions.create(model="two_step", messages=[{"role": "user", "content": "add 1+1="}],
                                             stream=True))
-    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == stages[-1]["text"]
-    assert chunks[-1].choices[0].finish_reason == "length"
+    texts = [ch.choices[0].delta.content for ch in chunks if ch.choices[0].delta.content]
+    assert "".join(texts) == stages[-1]["text"] and len(texts) >= 2
+    assert chunks[-1].choices[0].finish_reason == "length" and all(ch.model_extra["branch"] == "b" for ch in chunks)
+    parts = [ch.choices[0].text for ch in c.completions.create(model="two_step", prompt="add 1+1=", stream=True)]
+    assert "".join(parts) == lib_text(server["bundle"], "two_step", "add 1+1=") and len([p for p in parts if p]) >= 2
+    # a last stage with `extract` must see its whole output: its answer comes as one chunk
+    whole = c.chat.completions.create(model="digit", messages=[{"role": "user", "content": "rev abc="}])
+    one = [ch.choices[0] for ch in c.chat.completions.create(model="digit", messages=[{"role": "user",
+                                                                                       "content": "rev abc="}],
+                                                             stream=True)]
+    assert [ch.delta.content for ch in one if ch.delta.content] == [whole.choices[0].message.content]
+    assert len(whole.choices[0].message.content) == 1
 
 
 def test_pipelines_hold_no_thread_while_they_wait(server):
@@ -980,3 +997,4 @@ def test_mixed_concurrent_load_is_all_answered_and_consistent(server):
     assert not bad, bad
     assert len(kinds) == 9 and sum(kinds.values()) > 50, kinds
     assert seeded and all(len(v) == 1 for v in seeded.values()), seeded
+

@@ -175,7 +175,8 @@ class OpenAIService(StreamReplies):
         special = (self.tool_call_parser is not None and PARSERS[self.tool_call_parser].special
                    and isinstance(req, P.ChatRequest) and req.calls() == "auto")
         return Job(ids, branch, mt, sampling=sampling, stop=req.stops(), keep_stop=req.include_stop_str_in_output,
-                   skip_special=req.skip_special_tokens and not special, stream=stream, request=request, salt=req.cache_salt or "")
+                   skip_special=req.skip_special_tokens and not special, stream=stream, request=request,
+                   salt=req.cache_salt or "")
 
     @staticmethod
     def _recorded_logprobs(req: P._Req) -> int | None:
@@ -250,7 +251,12 @@ class OpenAIService(StreamReplies):
             for name in ("logprobs", "prompt_logprobs"):
                 if getattr(req, name, None) not in (None, False):
                     raise P.APIError(400, f"{name} need a branch, not pipeline {pipeline!r}", param=name)
-            final, stages, pt, ct, reason = await self._pipeline(pipeline, text, request, disconnected, st)
+            final, stages, pt, ct, reason, live = await self._pipeline(pipeline, text, request, disconnected, st,
+                                                                       live=req.stream)
+            if live is not None:  # the last stage's tokens stream as they come
+                request.prompt_tokens += pt
+                request.completion_tokens += ct
+                return live.branch, [self._stream(kind, rid, req.model, live.branch, live, index, lstrip=True)]
             answered = stages[-1]["branch"]
             if req.stream:
                 request.prompt_tokens += pt
@@ -302,16 +308,22 @@ class OpenAIService(StreamReplies):
                                 [[(piece(i), v) for i, v in e.top] for e in got], offset)
 
     async def _pipeline(self, name: str, question: str, request: Any, disconnected: Disconnected | None,
-                        structure: Structure | None = None) -> tuple[str, list[dict], int, int, str]:
+                        structure: Structure | None = None, live: bool = False
+                        ) -> tuple[str, list[dict], int, int, str, Job | None]:
         """Run a pipeline stage by stage through the engine. Each stage's routing and encoding run on a worker
         thread, its generation as jobs this request waits for like any other: no thread is held while the
         engine works, and a client that goes away withdraws the stage's jobs (nothing later runs).
         ``structure``: the request's, for the final answer (the last stage). Returns the final answer, each
-        stage's branch and text, the prompt and completion tokens, and the last stage's finish reason."""
+        stage's branch and text, the prompt and completion tokens, the last stage's finish reason, and None;
+        with ``live`` (a streamed request) and a last stage without ``extract`` (which must see its whole
+        output), it returns once the last stage is queued, as a streaming job (the rest empty but the tokens
+        of the stages before)."""
         from branchmerge.staged import ExtractTimeoutError, pipeline_steps
 
         loop = asyncio.get_running_loop()
-        steps = pipeline_steps(self.bundle, self.front.pipelines.get(name), [question], structure)
+        pipe = self.front.pipelines.get(name)
+        steps = pipeline_steps(self.bundle, pipe, [question], structure)
+        pt = ct = 0
 
         def advance(sent: list | None) -> tuple[bool, Any]:  # StopIteration cannot cross a future
             try:
@@ -332,10 +344,17 @@ class OpenAIService(StreamReplies):
             batch = value
             await self._compile(batch.structure, batch.branches)
             settings = RowSettings(batch.temperature, structure=batch.structure)
+            pt = pt or len(batch.ids[0])
+            stream = (live and batch.stage == len(pipe.stages)
+                      and (structure is not None or not pipe.stages[-1].extract))
             jobs = self._submit([Job(list(ids), b, batch.max_new_tokens, sampling=settings,
-                                     stop=list(batch.stop), request=request)
+                                     stop=list(batch.stop), request=request, stream=stream)
                                  for ids, b in zip(batch.ids, batch.branches)])
+            if stream:
+                steps.close()
+                return "", [], pt, ct, "", jobs[0]
             await self._wait(jobs, disconnected)
+            ct += sum(len(j.new_ids) for j in jobs)
             sent = [GenerationResult(j.branch, j.ids, j.new_ids,
                                      self.bundle.tokenizer(j.branch).decode(j.new_ids, skip_special_tokens=True),
                                      "length" if j.stop_id is None and len(j.new_ids) >= batch.max_new_tokens
@@ -343,7 +362,7 @@ class OpenAIService(StreamReplies):
         stages = value[0]
         info = [{"stage": s.stage, "branch": s.branch, "text": s.text} for s in stages]
         return (stages[-1].text, info, stages[0].prompt_tokens, sum(s.completion_tokens for s in stages),
-                stages[-1].finish_reason)
+                stages[-1].finish_reason, None)
 
     # ---- endpoints ----------------------------------------------------------------------------------
     async def chat(self, req: P.ChatRequest, disconnected: Disconnected | None = None) -> Reply:

@@ -412,10 +412,14 @@ class GatewayService:
 
     # ---- endpoints ----------------------------------------------------------------------------------
     async def _pipeline(self, name: str, question: str, model: str, kind: str, disconnected: Disconnected | None,
-                        structure: dict[str, Any] | None = None) -> dict[str, Any]:
+                        structure: dict[str, Any] | None = None, live: bool = False, usage: bool = False
+                        ) -> dict[str, Any] | tuple[str, AsyncIterator[str]]:
         """Run a pipeline's stages one after the other, each on its branch's upstream. ``structure``: the
         request's structure fields, sent with the last stage in place of its own (whose stop and extract are
-        then left out), as the bundle server does."""
+        then left out), as the bundle server does. With ``live`` (a streamed request) the answer is an event
+        stream, with the branch that answers: the last stage's, passed through as its upstream writes it (unless
+        its ``extract`` must see its whole output: then it comes as one chunk); ``usage``: it ends with the
+        usage of every stage."""
         pipe = self.pipelines.get(name)
         previous, stages, pt, ct, reason = "", [], 0, 0, "stop"
         for k, st in enumerate(pipe.stages, 1):
@@ -427,19 +431,75 @@ class GatewayService:
                     **({"stop": st.stop} if st.stop and not given else {}),
                     **(structure if given else {"structured_outputs": st.structured_outputs}
                        if st.structured_outputs else {})}
+            if live and k == len(pipe.stages) and (given or not st.extract):
+                if usage:
+                    body["stream_options"] = {"include_usage": True}
+                return branch, self._stage_events(await self._stream(branch, "/chat/completions", body, model),
+                                                  kind, pt, ct)
             out = await self._post(branch, "/chat/completions", body, disconnected)
             reason = self._finish_reason(out)
             try:  # off the event loop: an extract regex may take up to its time limit
                 previous = await asyncio.to_thread(postprocess, self._text(branch, out), st, raw=given)
             except ExtractTimeoutError as e:
                 raise P.APIError(500, str(e), type_="server_error", code="extract_timeout") from None
-            usage = out.get("usage") if isinstance(out.get("usage"), dict) else {}
-            pt = pt or _count(usage, "prompt_tokens")
-            ct += _count(usage, "completion_tokens")
+            used = out.get("usage") if isinstance(out.get("usage"), dict) else {}
+            pt = pt or _count(used, "prompt_tokens")
+            ct += _count(used, "completion_tokens")
             stages.append({"stage": k, "branch": branch, "text": previous})
         res = P.body(kind, P.new_id(kind), model, [(previous, reason)], pt, ct, stages[-1]["branch"])
         res["stages"] = stages
+        if live:  # (a last stage with `extract`: its answer as one chunk)
+            return res["branch"], self._whole_events(res, kind, usage)
         return res
+
+    @staticmethod
+    async def _stage_events(events: AsyncIterator[str], kind: str, pt: int, ct: int) -> AsyncIterator[str]:
+        """A pipeline's last stage streamed (chat chunks from its upstream, relabelled) as the client's ``kind``
+        of stream: leading whitespace left out, as a stage's answer is stripped; the usage event, if any,
+        counting the stages before (their completion tokens, the first stage's prompt)."""
+        started = False
+        async for line in events:
+            try:
+                event = json.loads(line[len("data: "):]) if line.startswith("data: {") else None
+            except ValueError:
+                event = None
+            if not isinstance(event, dict) or not isinstance(event.get("choices"), list):
+                yield line
+                continue
+            if event["choices"] == [] and isinstance(event.get("usage"), dict):
+                u = event["usage"]
+                done = _count(u, "completion_tokens") + ct
+                event["usage"] = {"prompt_tokens": pt or _count(u, "prompt_tokens"), "completion_tokens": done,
+                                  "total_tokens": (pt or _count(u, "prompt_tokens")) + done}
+            for ch in event["choices"]:
+                delta = ch.get("delta") if isinstance(ch, dict) and isinstance(ch.get("delta"), dict) else {}
+                text = delta.get("content") if isinstance(delta.get("content"), str) else None
+                if text is not None and not started:
+                    text = text.lstrip()
+                    started = bool(text)
+                    if text:
+                        delta["content"] = text
+                    else:
+                        delta.pop("content", None)
+                if kind != "chat" and isinstance(ch, dict):
+                    reason = ch.get("finish_reason")
+                    ch.clear()
+                    ch.update({"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None})
+            if kind != "chat":
+                event["object"] = "text_completion"
+            yield P.sse(event)
+
+    @staticmethod
+    async def _whole_events(res: dict[str, Any], kind: str, usage: bool) -> AsyncIterator[str]:
+        """A pipeline's whole answer as an event stream: one text chunk, the finish reason (and the usage)."""
+        ch = res["choices"][0]
+        text = ch["message"]["content"] if kind == "chat" else ch["text"]
+        yield P.chunk(kind, res["id"], res["model"], text, None, res["branch"], first=True)
+        yield P.chunk(kind, res["id"], res["model"], None, ch["finish_reason"], res["branch"])
+        if usage:
+            yield P.sse({"id": res["id"], "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                         "created": res["created"], "model": res["model"], "choices": [], "usage": res["usage"]})
+        yield P.DONE
 
     @staticmethod
     def _finish_reason(out: dict[str, Any]) -> str:
@@ -464,16 +524,20 @@ class GatewayService:
         branch, pipeline = await self._resolve(req.model, text)
         path = "/chat/completions" if kind == "chat" else "/completions"
         if pipeline is not None:
-            if req.n > 1 or req.stream:
-                raise P.APIError(400, f"pipeline {pipeline!r} answers one choice, not streamed", param="model")
+            if req.n > 1:
+                raise P.APIError(400, f"pipeline {pipeline!r} answers one choice (n=1)", param="n")
             if getattr(req, "tools", None):
                 raise P.APIError(400, f"tools are not supported with pipeline {pipeline!r} through the gateway; "
                                       "name a branch", param="tools")
             given = {k: body[k] for k in STRUCTURE_FIELDS if body.get(k) is not None}
             if given:
                 P.checked_structure(req)  # a bad or doubled structure: a 400 here, before any stage runs
-            out = await self._pipeline(pipeline, text, req.model, kind, disconnected, given or None)
-            return Reply(body=out, headers=P.branch_header(out["branch"]))
+            usage = bool(req.stream and req.stream_options is not None and req.stream_options.include_usage)
+            out = await self._pipeline(pipeline, text, req.model, kind, disconnected, given or None, live=req.stream,
+                                       usage=usage)
+            if isinstance(out, dict):
+                return Reply(body=out, headers=P.branch_header(out["branch"]))
+            return Reply(stream=out[1], headers=P.branch_header(out[0]))
         if req.stream:
             return Reply(stream=await self._stream(branch, path, body, req.model), headers=P.branch_header(branch))
         out = await self._post(branch, path, body, disconnected)

@@ -53,7 +53,10 @@ class StreamReplies:
         yield P.chunk(kind, rid, model, text, None, branch, first=True, index=index)
         yield P.chunk(kind, rid, model, None, reason, branch, index=index)
 
-    async def _stream(self, kind, rid, model, branch, job: Job, index: int = 0) -> AsyncIterator[str]:
+    async def _stream(self, kind, rid, model, branch, job: Job, index: int = 0, lstrip: bool = False
+                      ) -> AsyncIterator[str]:
+        """One choice's chunks as its job's tokens come (``lstrip``: its leading whitespace left out, as a
+        pipeline stage's answer is stripped)."""
         decode = partial(self.bundle.tokenizer(branch).decode, skip_special_tokens=job.skip_special)
         eos = job.sampling.stop_set(self.bundle.stop_ids(branch))  # the tokens that end this row
         held, ids, reason, start = HeldText(job.stop, keep=job.keep_stop), [], None, 0
@@ -90,10 +93,13 @@ class StreamReplies:
                     job.cancel()  # the client has its answer: free the row
                 elif len(ids) >= job.max_tokens:
                     reason = "length"
+                if lstrip and not offset:
+                    piece = piece.lstrip()
                 if piece:
                     yield P.chunk(kind, rid, model, piece, None, branch, index=index, logprobs=logprobs())
                     offset += len(piece)
             rest = held.finish() if job.error is None else ""  # held back when end of text came
+            rest = rest.lstrip() if lstrip and not offset else rest
             if rest:  # (the logprobs of tokens whose text a stop string cut are not sent)
                 yield P.chunk(kind, rid, model, rest, None, branch, index=index, logprobs=logprobs())
             if isinstance(job.request, _Request):
