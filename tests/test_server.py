@@ -998,3 +998,36 @@ def test_mixed_concurrent_load_is_all_answered_and_consistent(server):
     assert len(kinds) == 9 and sum(kinds.values()) > 50, kinds
     assert seeded and all(len(v) == 1 for v in seeded.values()), seeded
 
+
+def test_tokenize_and_detokenize_as_vllm(server):
+    """vLLM's ``/tokenize`` (a prompt, or a conversation through the branch's chat template; ``auto`` gives the
+    routed branch's) and ``/detokenize``: the library's token ids and text; bad input is a 400 naming it."""
+    b, url = server["bundle"], server["url"]
+    h = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url + "/tokenize", headers=h, json={"model": "b", "prompt": "rev hello=", "return_token_strs": True})
+    tok = b.tokenizer("b")
+    assert r.status_code == 200 and r.json()["tokens"] == tok("rev hello=")["input_ids"]
+    assert r.json()["count"] == len(r.json()["tokens"]) and r.json()["token_strs"] == list("rev hello=")
+    assert r.json()["max_model_len"] == b.context_limit("b")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "rev hello="}]
+    r = httpx.post(url + "/tokenize", headers=h, json={"model": "auto", "messages": msgs})
+    assert r.json()["branch"] == "b" and r.json()["tokens"] == b.encode_messages(msgs, "b")
+    back = httpx.post(url + "/detokenize", headers=h, json={"model": "a", "tokens": r.json()["tokens"]})
+    assert back.status_code == 200 and back.json()["prompt"] == b.tokenizer("a").decode(r.json()["tokens"])
+    assert httpx.post(url + "/tokenize", json={"model": "b", "prompt": "x"}).status_code == 401  # the API key
+    for path, body, param in [
+        ("/tokenize", {"model": "b"}, "prompt"),
+        ("/tokenize", {"model": "b", "prompt": "x", "messages": msgs}, "prompt"),
+        ("/tokenize", {"model": "two_step", "prompt": "x"}, "model"),
+        ("/tokenize", {"model": "nope", "prompt": "x"}, "model"),
+        ("/tokenize", {"model": "b", "prompt": "x", "add_generation_prompt": False}, "add_generation_prompt"),
+        ("/tokenize", {"model": "b", "prompt": "x", "truncate": 3}, "truncate"),
+        ("/tokenize", {"model": "b", "prompt": "x" * 2_000_000}, "prompt"),
+        ("/detokenize", {"model": "b", "tokens": [1, 10 ** 6]}, "tokens"),
+        ("/detokenize", {"model": "b", "tokens": [-1]}, "tokens"),
+        ("/detokenize", {"model": "auto", "tokens": [1]}, "model"),
+        ("/detokenize", {"model": "b", "tokens": "abc"}, "tokens"),
+    ]:
+        r = httpx.post(url + path, headers=h, json=body)
+        assert r.status_code in (400, 404, 413) and (r.status_code == 413 or r.json()["error"]["param"] == param), \
+            (path, body, r.text[:300])

@@ -28,6 +28,7 @@ from branchmerge.server.engine import Busy, Engine, Job
 from branchmerge.server.metrics import SIZE_BUCKETS, EngineMetrics, Registry
 from branchmerge.server.routing import RouteBatcher
 from branchmerge.server.streams import ClientGone, Reply, StreamReplies, _Request, stream_calls
+from branchmerge.server.tokens import TokenReplies
 from branchmerge.server.tools import PARSERS, answer_calls
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ COMPILE_TIMEOUT_S = 10.0  # a structured output's grammar compiles within this, 
 PREFIX_CACHE_TOKENS = 8192  # finished requests' KV caches kept for later ones that begin the same way, in tokens
 
 
-class OpenAIService(StreamReplies):
+class OpenAIService(StreamReplies, TokenReplies):
     """Chat and text completions, model listing and health over a front (bundle, router, pipelines)."""
 
     def __init__(self, front: Front, *, limits: ServerLimits | None = None, max_batch: int = 16,

@@ -17,10 +17,12 @@ from branchmerge.errors import BranchmergeError
 from branchmerge.server import protocol as P
 from branchmerge.server.api import PREFIX_CACHE_TOKENS, ClientGone, OpenAIService, Reply, ServerLimits
 from branchmerge.server.metrics import HTTPMetrics, Registry
+from branchmerge.server.tokens import DetokenizeRequest, TokenizeRequest
 
 logger = logging.getLogger(__name__)
 _OPEN_PATHS = ("/health",)  # answered without the key, and then saying nothing about the bundle
-_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")  # metric labels
+_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",  # metric labels
+           "/tokenize", "/detokenize")
 
 
 def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: int = 16, wait_ms: float = 10.0,
@@ -120,6 +122,15 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request):
         return await run(service.completions, req, request)
+
+    if hasattr(service, "tokenize"):  # vLLM's (the gateway has none: its upstreams' tokenizers are theirs)
+        @app.post("/tokenize")
+        async def tokenize(req: TokenizeRequest):
+            return await service.tokenize(req)
+
+        @app.post("/detokenize")
+        async def detokenize(req: DetokenizeRequest):
+            return await service.detokenize(req)
 
     app.add_middleware(Guard, expected=expected, limit=service.limits.max_body_bytes, http=http)
     return app

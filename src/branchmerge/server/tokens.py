@@ -1,0 +1,93 @@
+"""vLLM's ``/tokenize`` and ``/detokenize``: a prompt or a conversation as the token ids of the branch that
+would answer it, and token ids back to text. Clients use them to count tokens against ``max_model_len``
+and to build token-id prompts.
+
+    POST /tokenize    {"model": "medical", "prompt": "..."}          -> {"count", "max_model_len", "tokens",
+                      {"model": "auto", "messages": [...]}              "token_strs"}
+    POST /detokenize  {"model": "medical", "tokens": [1, 2, 3]}      -> {"prompt": "..."}
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from branchmerge.errors import BranchmergeError
+from branchmerge.server import protocol as P
+
+MAX_DETOKENIZE = 1 << 20  # token ids in one /detokenize request
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(max_length=256)
+    prompt: str | None = None
+    messages: list[P.Message] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = Field(default=True, description="With a prompt: the tokenizer's BOS/EOS tokens.")
+    add_generation_prompt: Literal[True] = Field(default=True, description="With messages: ready for the answer.")
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(max_length=256)
+    tokens: list[int] = Field(max_length=MAX_DETOKENIZE)
+
+
+class TokenReplies:
+    """``/tokenize`` and ``/detokenize`` of :class:`~branchmerge.server.api.OpenAIService` (which gives
+    ``bundle``, ``limits`` and ``_resolve``)."""
+
+    bundle: Any
+    limits: Any
+
+    async def _branch_of(self, model: str, text: str, what: str) -> str:
+        branch, pipeline = await self._resolve(model, text)  # type: ignore[attr-defined]
+        if pipeline is not None or branch is None:
+            raise P.APIError(400, f"{what} needs a branch, not pipeline {pipeline!r} (its stages may use "
+                                  "different tokenizers)", param="model")
+        return branch
+
+    async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        if (req.prompt is None) == (req.messages is None):
+            raise P.APIError(400, "give one of prompt and messages", param="prompt")
+        if req.prompt is not None:
+            text = req.prompt
+            self.limits.check_chars(text, "prompt")
+        else:
+            try:
+                msgs = [m.as_dict() for m in req.messages]
+            except ValueError as e:
+                raise P.APIError(400, str(e), param="messages") from None
+            text = next((m.text() for m in reversed(req.messages) if m.role == "user"), req.messages[-1].text())
+            self.limits.check_chars("".join(m.text() for m in req.messages), "messages")
+        branch = await self._branch_of(req.model, text, "tokenize")
+        tok = self.bundle.tokenizer(branch)
+
+        def encode() -> list[int]:  # (off the event loop: a long prompt, a chat template)
+            if req.prompt is not None:
+                return list(tok(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])
+            return self.bundle.encode_messages(msgs, branch)
+
+        try:
+            ids = await asyncio.to_thread(encode)
+        except BranchmergeError as e:
+            raise P.APIError(400, str(e), param="messages") from None
+        return {"count": len(ids), "max_model_len": self.bundle.context_limit(branch), "tokens": ids,
+                "token_strs": tok.convert_ids_to_tokens(ids) if req.return_token_strs else None,
+                "branch": branch}
+
+    async def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        if req.model == "auto":
+            raise P.APIError(400, "detokenize needs a branch: token ids name no question to route", param="model")
+        branch = await self._branch_of(req.model, "", "detokenize")
+        try:
+            self.bundle.check_ids([req.tokens], [branch], rows=["tokens"])
+        except BranchmergeError as e:
+            raise P.APIError(400, str(e), param="tokens") from None
+        text = await asyncio.to_thread(self.bundle.tokenizer(branch).decode, req.tokens)
+        return {"prompt": text, "branch": branch}
