@@ -59,9 +59,7 @@ def test_request_validation():
     ("chat", "structural_tag", {"type": "structural_tag"}),
     ("completion", "best_of", 3),
     ("completion", "suffix", "end"),
-    ("completion", "length_penalty", 1.2),  # vLLM's extensions, which clients of vLLM send
     ("chat", "guided_whitespace_pattern", " "),
-    ("completion", "use_beam_search", True),
 ])
 def test_fields_this_server_does_not_do_are_refused_not_ignored(kind, field, value):
     """Answering as if a penalty, a JSON mode or a tool list were not there would be silently wrong."""

@@ -1031,3 +1031,44 @@ def test_tokenize_and_detokenize_as_vllm(server):
         r = httpx.post(url + path, headers=h, json=body)
         assert r.status_code in (400, 404, 413) and (r.status_code == 413 or r.json()["error"]["param"] == param), \
             (path, body, r.text[:300])
+
+
+def test_beam_search_as_vllm(server, bundles, family):
+    """vLLM's ``use_beam_search``: ``n`` beams, the ``n`` best answers best first, equal to transformers' beam
+    search on the original model (r=0) and to the library's on the served bundle; sampling settings, stop
+    strings, structures, streams and scoring are refused with it, by name."""
+    import torch
+
+    b0 = branchmerge.load(bundles[0.0])
+    ids = b0.encode("rev hello=", "a")
+    model = family["a"][1]
+    x = torch.tensor([ids])
+    ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8, num_beams=3,
+                         num_return_sequences=3, early_stopping=True, do_sample=False, length_penalty=0.5,
+                         pad_token_id=0, eos_token_id=sorted(b0.stop_ids("a")))
+    got = b0.beam_search(ids, "a", beams=3, max_new_tokens=8, length_penalty=0.5)
+    eos = b0.stop_ids("a")
+    want = [[t for t in row[len(ids):]] for row in ref.tolist()]
+    want = [row[:next((i for i, t in enumerate(row) if t in eos), len(row))] for row in want]
+    assert [g.new_ids for g in got] == want and len({tuple(w) for w in want}) == 3
+    c, b = server["client"], server["bundle"]
+    beams = b.beam_search(b.encode("rev hello=", "b"), "b", beams=4, max_new_tokens=6)
+    r = c.chat.completions.create(model="b", messages=[{"role": "user", "content": "rev hello="}], max_tokens=6, n=4,
+                                  extra_body={"use_beam_search": True})
+    assert [ch.message.content for ch in r.choices] == [g.text for g in beams]
+    assert [ch.finish_reason for ch in r.choices] == [g.finish_reason for g in beams]
+    assert r.usage.completion_tokens == sum(len(g.new_ids) for g in beams)
+    t = c.completions.create(model="b", prompt=["rev hello=", "add 1+1="], max_tokens=6, n=2,
+                             extra_body={"use_beam_search": True, "length_penalty": 0.0})
+    assert len(t.choices) == 4 and t.choices[0].text == b.beam_search(
+        b.tokenizer("b")("rev hello=")["input_ids"], "b", beams=2, max_new_tokens=6, length_penalty=0.0)[0].text
+    for extra, param in [({"temperature": 0.8}, "temperature"), ({"stop": ["x"]}, "stop"),
+                         ({"presence_penalty": 0.5}, "presence_penalty"), ({"stream": True}, "stream"),
+                         ({"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs.regex"),
+                         ({"length_penalty": 99}, "length_penalty")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="b", prompt="rev a=", max_tokens=4, n=2,
+                                 extra_body={"use_beam_search": True, **extra})
+        assert e.value.body["param"] == param, e.value.body
+    with pytest.raises(openai.BadRequestError, match="use_beam_search"):
+        c.completions.create(model="b", prompt="rev a=", max_tokens=2, logprobs=1, extra_body={"use_beam_search": True})

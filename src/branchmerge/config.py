@@ -53,6 +53,25 @@ class BranchConfig(_Frozen):
         description="Compression group; defaults to 'main'. Branches in one group must share architecture.",
     )
     revision: str | None = Field(default=None, description="Hub revision when `model` is a hub id.")
+    base: str | None = Field(
+        default=None,
+        description="When `model` is a PEFT LoRA adapter folder: the model it was trained on (defaults to the "
+                    "config's `base_model`, then to the adapter's base_model_name_or_path when that is a hub id). "
+                    "`model: BASE+ADAPTER` (mergekit's form) sets both.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plus(cls, data: Any) -> Any:
+        """``model: BASE+ADAPTER``, as mergekit writes a LoRA over its base."""
+        if isinstance(data, dict) and isinstance(data.get("model"), str) and "+" in data["model"]:
+            base, _, adapter = data["model"].rpartition("+")
+            if not base or not adapter:
+                raise ValueError(f"`model` {data['model']!r}: write BASE+ADAPTER with both parts")
+            if data.get("base") is not None:
+                raise ValueError(f"`model` {data['model']!r} names a base with '+' and `base` names another; "
+                                 "give one")
+            data = {**data, "model": adapter, "base": base}
+        return data
 
     @field_validator("group")
     @classmethod
@@ -246,6 +265,11 @@ class MergeConfig(_Frozen):
                 rate = o.compress_rate
         return rate
 
+    def inputs(self) -> list[str]:
+        """Every model the merge reads: each branch's model (and base, for an adapter) and ``base_model``."""
+        out = [m for b in self.branches for m in (b.model, b.base) if m is not None]
+        return out + ([self.base_model] if self.base_model else [])
+
     def groups(self) -> dict[str, list[BranchConfig]]:
         """Branches by group name, in config order (a standalone branch is a group of its own)."""
         out: dict[str, list[BranchConfig]] = {}
@@ -255,16 +279,18 @@ class MergeConfig(_Frozen):
 
     def resolve_paths(self, base: Path) -> MergeConfig:
         """Make relative local model paths relative to `base` (the config file's folder)."""
-        branches = []
-        for b in self.branches:
-            p = Path(b.model).expanduser()
-            if not p.is_absolute() and (b.model.startswith(".") or (base / p).exists()):
-                p = (base / p).resolve()
-                b = b.model_copy(update={"model": str(p)})
-            branches.append(b)
+        def local(model: str) -> str:
+            p = Path(model).expanduser()
+            if not p.is_absolute() and (model.startswith(".") or (base / p).exists()):
+                return str((base / p).resolve())
+            return model
+
+        branches = [b.model_copy(update={"model": local(b.model),
+                                         "base": None if b.base is None else local(b.base)})
+                    for b in self.branches]
         update: dict[str, Any] = {"branches": branches}
-        if self.base_model and self.base_model.startswith("."):
-            update["base_model"] = str((base / self.base_model).resolve())
+        if self.base_model:
+            update["base_model"] = local(self.base_model)
         return self.model_copy(update=update)
 
 

@@ -31,6 +31,7 @@ from branchmerge.errors import ModelInputError
 from branchmerge.io.bundle import FORMAT, FORMAT_VERSION, key_part, write_manifest
 from branchmerge.io.card import CARD, bundle_card
 from branchmerge.io.summary import summarize
+from branchmerge.io.adapters import open_model
 from branchmerge.io.models import ModelSource
 from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, copy_side_files
 from branchmerge.merge.budget import merge_with_budget
@@ -64,7 +65,7 @@ def run_branch_merge(config: MergeConfig, out: str | Path, *, force: bool = Fals
         BundleError: the written bundle does not load.
     """
     out = Path(out)
-    inputs = [b.model for b in config.branches]
+    inputs = config.inputs()
     check_output(out, force=force, inputs=inputs)  # before opening any input; atomic_output_dir checks again
     groups = open_groups(config)
     dtype = resolve_dtype(config.dtype)
@@ -144,7 +145,7 @@ def open_groups(config: MergeConfig) -> list[_Group]:
     """
     out = []
     for gname, members in config.groups().items():
-        sources = [ModelSource.open(b.name, b.model, b.revision) for b in members]
+        sources = [open_model(b.name, b.model, b.revision, b.base, default_base=config.base_model) for b in members]
         standalone = members[0].standalone
         arch = for_hf_config(sources[0].hf_config, source=str(sources[0].path))
         if not standalone:

@@ -16,6 +16,7 @@ from branchmerge.config import MergeConfig
 from branchmerge.errors import ConfigError, ModelInputError
 from branchmerge.io.card import CARD, merged_card
 from branchmerge.io.hf import finish_hf_shards, write_hf_config
+from branchmerge.io.adapters import open_model
 from branchmerge.io.models import ModelSource
 from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, copy_side_files
 from branchmerge.methods import METHODS
@@ -42,9 +43,9 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
         params = method.parse_params(config.parameters).model_dump()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    inputs = [b.model for b in config.branches] + ([config.base_model] if config.base_model else [])
+    inputs = config.inputs()
     check_output(out, force=force, inputs=inputs)
-    sources = [ModelSource.open(b.name, b.model, b.revision) for b in config.branches]
+    sources = [open_model(b.name, b.model, b.revision, b.base, default_base=config.base_model) for b in config.branches]
     base = ModelSource.open("base_model", config.base_model) if config.base_model else None
     weights = [b.weight for b in config.branches]
     dtype = resolve_dtype(config.dtype)

@@ -153,6 +153,37 @@ class BatchGeneration:
                     results[i].logprobs = rec[start:]
         return [r for r in results if r is not None]
 
+    def beam_search(self, ids: Sequence[int], branch: str, *, beams: int, max_new_tokens: int,
+                    length_penalty: float = 1.0, **generation_kwargs: Any) -> list[GenerationResult]:
+        """Beam search (vLLM's ``use_beam_search``) for one prompt on ``branch``: the ``beams`` best
+        continuations found with that many beams, best first, ranked as transformers and vLLM rank them
+        (sum of log-probabilities / length ** ``length_penalty``). Each ends at the branch's end of text or
+        after ``max_new_tokens``. ``generation_kwargs`` go to ``generate`` (``stopping_criteria``, say)."""
+        if beams < 1:
+            raise ValueError(f"beams must be at least 1, got {beams}")
+        self.check_ids([ids], [branch])
+        self.check_context(branch, len(ids), max_new_tokens)
+        g, rows = self._rows_for([branch])
+        tok = self.tokenizer(branch)
+        eos = sorted(self.stop_ids(branch))
+        x = torch.tensor([list(ids)], device=self.device)
+        with g.state.select(rows), torch.no_grad():  # (the one row's branch serves every beam)
+            out = g.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                   num_beams=beams, num_return_sequences=beams, length_penalty=length_penalty,
+                                   early_stopping=True, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                   pad_token_id=0 if tok.pad_token_id is None else tok.pad_token_id,
+                                   eos_token_id=eos or None, **generation_kwargs)
+        results = []
+        for row in out[:, x.shape[1]:].tolist():
+            new, reason, stop_id = row, "length", None
+            for j, t in enumerate(row):
+                if t in eos:  # (and the padding after it)
+                    new, reason, stop_id = row[:j], "stop", t
+                    break
+            results.append(GenerationResult(branch, list(ids), new, tok.decode(new, skip_special_tokens=True),
+                                            reason, stop_id))
+        return results
+
     def _generate_group(self, idx: list[int], ids_list: Sequence[Sequence[int]], names: Sequence[str],
                         max_new_tokens: int, share_prefix: bool, generation_kwargs: dict[str, Any],
                         stops: list[set[int]] | None = None, until: StopStrings | None = None, *,

@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from itertools import accumulate
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,13 +19,13 @@ from branchmerge.errors import BranchmergeError, BranchNotFoundError
 from branchmerge.front import Front
 from branchmerge.runtime.bundle import ContextLengthError, GenerationResult
 from branchmerge.runtime.sampling import RowSettings
-from branchmerge.runtime.scoring import common_prefix
 from branchmerge.runtime.structured import Structure
 from branchmerge.runtime.text import bad_word_ids, cut_at_stop, min_tokens_start
 from branchmerge.server import protocol as P
 from branchmerge.server.engine import Busy, Engine, Job
 from branchmerge.server.metrics import SIZE_BUCKETS, EngineMetrics, Registry
 from branchmerge.server.routing import RouteBatcher
+from branchmerge.server.scored import ScoringReplies
 from branchmerge.server.streams import ClientGone, Reply, StreamReplies, _Request, stream_calls
 from branchmerge.server.tokens import TokenReplies
 from branchmerge.server.tools import PARSERS, answer_calls
@@ -67,7 +66,7 @@ COMPILE_TIMEOUT_S = 10.0  # a structured output's grammar compiles within this, 
 PREFIX_CACHE_TOKENS = 8192  # finished requests' KV caches kept for later ones that begin the same way, in tokens
 
 
-class OpenAIService(StreamReplies, TokenReplies):
+class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
     """Chat and text completions, model listing and health over a front (bundle, router, pipelines)."""
 
     def __init__(self, front: Front, *, limits: ServerLimits | None = None, max_batch: int = 16,
@@ -267,6 +266,8 @@ class OpenAIService(StreamReplies, TokenReplies):
             out["stages"] = stages
             return out
         ids = self._truncate(req, encode(branch))
+        if req.use_beam_search:
+            return await self._beam(req, kind, branch, ids, mt, rid=rid, disconnected=disconnected, request=request)
         await self._compile(st, [branch])
         jobs = self._submit([self._job(branch, ids, req, mt, stream=req.stream, request=request, choice=k)
                              for k in range(req.n)])
@@ -284,6 +285,31 @@ class OpenAIService(StreamReplies, TokenReplies):
         if prompt_job:
             out["prompt_logprobs"] = self._prompt_logprobs(branch, ids, prompt_job[0].scored, k)
         return out
+
+    # what beam search leaves as it is: any other value of these is a 400 (beams are ranked by the model's
+    # own log-probabilities, and every beam ends at end of text or max_tokens)
+    _BEAM_NEUTRAL = {"temperature": (None, 0, 0.0), "top_p": (None, 1, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0),
+                     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
+                     "repetition_penalty": (None, 1), "stop": (None, [], ""), "stop_token_ids": (None, []),
+                     "ignore_eos": (False,), "min_tokens": (0,), "allowed_token_ids": (None,), "bad_words": (None, []),
+                     "logprobs": (None, False), "prompt_logprobs": (None,), "stream": (False,)}
+
+    async def _beam(self, req: P._Req, kind: str, branch: str, ids: list[int], mt: int, *, rid: str,
+                    disconnected: Disconnected | None, request: Any) -> dict:
+        """vLLM's ``use_beam_search``: one job that runs ``n`` beams alone; its ``n`` best answers, best first."""
+        for name, neutral in self._BEAM_NEUTRAL.items():
+            if getattr(req, name, None) not in neutral:
+                raise P.APIError(400, f"`{name}` is not supported with use_beam_search (beams are ranked by the "
+                                      "model's own log-probabilities); leave it out", param=name)
+        if (st := P.checked_structure(req)) is not None:
+            raise P.APIError(400, f"{st.field}: structured outputs are not supported with use_beam_search",
+                             param=st.field)
+        job = self._job(branch, ids, req, mt, stream=False, request=request)  # (the context checked)
+        job.beams = (req.n, req.length_penalty)
+        await self._wait(self._submit([job]), disconnected)
+        beams = job.beamed or []
+        return P.body(kind, rid, req.model, [(g.text, g.finish_reason) for g in beams], len(ids),
+                      sum(len(g.new_ids) for g in beams), branch)
 
     async def _compile(self, st: Structure | None, branches: list[str]) -> None:
         """Compile ``st`` for each branch's vocabulary here, off the engine's thread (then cached), within
@@ -456,21 +482,6 @@ class OpenAIService(StreamReplies, TokenReplies):
             raise P.APIError(400, str(e), param="prompt") from None
         return list(ids)
 
-    def _scoring_route_texts(self, req: P.CompletionRequest, prompts: list) -> list[str | None]:
-        """What ``auto`` routes for each prompt of a scoring request: a prompt sharing at least half of itself
-        with another prompt of the request (a question with each answer, as lm_eval batches them) is routed
-        on that shared context, so all answers of one question are scored on one branch, as the in-process
-        backend does; any other prompt on its whole text (None)."""
-        if req.model != "auto" or (req.logprobs is None and not req.echo) or len(prompts) < 2:
-            return [None] * len(prompts)
-        # sorted, a prompt's longest shared prefix is with a neighbour (strings and id lists kept apart)
-        order = sorted(range(len(prompts)), key=lambda i: (isinstance(prompts[i], str), prompts[i]))
-        best = [0] * len(prompts)
-        for a, b in zip(order, order[1:]):
-            n = common_prefix(prompts[a], prompts[b])
-            best[a], best[b] = max(best[a], n), max(best[b], n)
-        return [self._route_text(p[:n]) if n and 2 * n >= len(p) else None for p, n in zip(prompts, best)]
-
     async def _completion(self, req: P.CompletionRequest, prompt: str | list[int], *, rid: str, index: int,
                           disconnected: Disconnected | None, request: Any, route_text: str | None = None
                           ) -> dict | tuple:
@@ -512,60 +523,3 @@ class OpenAIService(StreamReplies, TokenReplies):
             return self._reply(bodies[0])
         merged = P.merge_bodies(list(bodies))
         return Reply(body=merged, headers=P.branch_header(merged["branch"]))
-
-    async def _scored(self, req: P.CompletionRequest, prompt: str | list[int], disconnected: Disconnected | None,
-                      request: Any, route_text: str | None = None) -> dict:
-        """A completion with ``logprobs`` and/or ``echo`` (how lm-evaluation-harness scores loglikelihoods):
-        generate as usual, then one forward over prompt + completion gives every token's log-probability."""
-        if req.stream:
-            raise P.APIError(400, "echo is not supported with stream=true", param="stream")
-        mt = self._max_tokens(req, scoring=True)
-        text = (route_text if route_text is not None else self._route_text(prompt)) if req.model == "auto" else ""
-        branch, pipeline = await self._resolve(req.model, text)
-        if pipeline is not None or branch is None:
-            raise P.APIError(400, "logprobs and echo need a branch, not a pipeline", param="model")
-        tok = self.bundle.tokenizer(branch)
-        ids = self._token_ids(branch, prompt) if isinstance(prompt, list) else list(tok(prompt)["input_ids"])
-        ids = self._truncate(req, ids)
-        job = self._job(branch, ids, req, mt, stream=False, request=request, param="prompt")  # context checked first
-        text, reason, new_ids = "", "length", []
-        # one greedy token (lm-evaluation-harness's loglikelihood requests): a single forward pass scores the
-        # prompt and picks the token; otherwise generate as usual, then score prompt + completion
-        settings = job.sampling
-        one_greedy = (mt == 1 and not settings.temperature > 0 and not settings.adjusts
-                      and not settings.stops_own_way)
-        if mt > 0 and not one_greedy:
-            await self._wait(self._submit([job]), disconnected)
-            (text, reason), new_ids = self._finish(branch, job), job.new_ids
-            if job.stop_id is not None:  # the end-of-sequence token is scored too, as vLLM does
-                new_ids = [*new_ids, job.stop_id]
-        top = max(req.logprobs or 0, req.prompt_logprobs or 0)
-        scoring = Job(ids + new_ids, branch, 0, request=request, score=(top, one_greedy))
-        sc = (await self._wait(self._submit([scoring]), disconnected))[0].scored
-        if one_greedy:
-            nxt = sc.token_ids[-1]
-            stopped = nxt in self.bundle.stop_ids(branch)  # scored, but not part of the text
-            job.new_ids = [] if stopped else [nxt]
-            text, reason = self._finish(branch, job)
-            reason, new_ids = "stop" if stopped else reason, [nxt]
-        start = 0 if req.echo else len(ids)
-        pieces = [tok.decode([t]) for t in sc.token_ids[start:]]
-        offsets = list(accumulate(map(len, pieces), initial=0))[:-1]
-        logprobs = None if req.logprobs is None else {
-            "tokens": pieces, "token_logprobs": sc.logprobs[start:], "text_offset": offsets,
-            "top_logprobs": [None if t is None else {tok.decode([i]): v for i, v in t[:req.logprobs]}
-                             for t in sc.top[start:]]}
-        out = ((prompt if isinstance(prompt, str) else tok.decode(ids)) + text) if req.echo else text
-        b = P.body("completion", P.new_id("completion"), req.model, [(out, reason)], len(ids), len(new_ids), branch)
-        b["choices"][0]["logprobs"] = logprobs
-        if req.prompt_logprobs is not None:
-            b["choices"][0]["prompt_logprobs"] = self._prompt_logprobs(branch, ids, sc, req.prompt_logprobs)
-        return b
-
-    def _prompt_logprobs(self, branch: str, ids: list[int], sc: Any, top: int) -> list:
-        """vLLM's ``prompt_logprobs`` of prompt ``ids`` from their scores ``sc`` (a TokenLogprobs that begins
-        with them)."""
-        tok = self.bundle.tokenizer(branch)
-        n = len(ids)
-        return P.prompt_logprobs(lambda t: tok.decode([t]), ids, sc.logprobs[:n], (sc.ranks or [None] * n)[:n],
-                                 [None if t is None else t[:top] for t in sc.top[:n]])

@@ -53,10 +53,12 @@ class Job:
     stream: bool = False
     request: Any = None  # jobs of one request share a queue (fairness)
     score: tuple[int, bool] | None = None  # a scoring job: (top-k, greedy next token)
+    beams: tuple[int, float] | None = None  # a beam search job: (beams, length penalty); its answers in `beamed`
     # results
     new_ids: list[int] = field(default_factory=list)
     stop_id: int | None = None  # end-of-sequence token that ended generation (not in new_ids)
     scored: Any = None  # TokenLogprobs of a scoring job
+    beamed: list | None = None  # a beam search job's GenerationResults, best first
     error: Exception | None = None
     generator: Any = None  # its row's random generator (set when queued), kept from one segment to the next
     kv: Any = None  # its row's KV cache (a CachedRow) from the last segment: the next one goes on from it
@@ -84,6 +86,8 @@ class Job:
         """Jobs with equal keys can share one batch."""
         if self.score is not None:
             return ("score", self.group, *self.score)
+        if self.beams is not None:
+            return ("beam", self.group)  # (each runs alone: its beams are its batch)
         return ("generate", self.group)  # each row samples with its own settings (RowSampler)
 
     def _emit(self, token: int | None) -> None:
@@ -141,6 +145,17 @@ class _Cancelled(StoppingCriteria):
         if len(done) != input_ids.shape[0]:  # batch expanded or split: leave stopping to max_new_tokens
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _Gone(StoppingCriteria):
+    """Every row (a beam search's beams): done once ``job`` is cancelled."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.job.cancelled.is_set(), dtype=torch.bool,
+                          device=input_ids.device)
 
 
 class _Yield(StoppingCriteria):
@@ -353,7 +368,13 @@ class Engine:
         t = time.monotonic()
         ended = jobs
         try:
-            if jobs[0].score is not None:
+            if jobs[0].beams is not None:
+                for j in jobs:
+                    j.beamed = self.bundle.beam_search(j.ids, j.branch, beams=j.beams[0], max_new_tokens=j.max_tokens,
+                                                       length_penalty=j.beams[1],
+                                                       stopping_criteria=StoppingCriteriaList([_Gone(j)]))
+                    j.new_ids = j.beamed[0].new_ids
+            elif jobs[0].score is not None:
                 top, greedy = jobs[0].score
                 outs = self.bundle.token_logprobs_many([j.ids for j in jobs], [j.branch for j in jobs],
                                                        top=top, greedy_next=greedy)

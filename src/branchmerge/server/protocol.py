@@ -145,6 +145,9 @@ class _Req(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=16)
+    use_beam_search: bool = Field(default=False, description="vLLM's: beam search with n beams; the n best answers.")
+    length_penalty: float = Field(default=1.0, ge=-10.0, le=10.0,
+                                  description="vLLM's, with beam search: answers ranked by sum logprob / length ** it.")
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20, description="vLLM's: each prompt token's "
                                         "log-probability and rank, with this many likeliest tokens (not streamed).")
     seed: int | None = Field(default=None, description="Sampled choices are reproducible under it (choice k: seed+k).")
@@ -271,8 +274,6 @@ _NEUTRAL: dict[str, Any] = {
     "functions": lambda v: not v, "function_call": lambda v: v in (None, "none"),
     "best_of": lambda v: v in (None, 1), "suffix": lambda v: not v,
     # vLLM's sampling extensions that this server does not implement (top_k and min_p it does)
-    "length_penalty": lambda v: v in (None, 1),
-    "use_beam_search": lambda v: not v,
     "guided_whitespace_pattern": lambda v: v is None, "structural_tag": lambda v: v is None,
 }
 _NEUTRAL_CHAT: dict[str, Any] = {}
@@ -281,6 +282,9 @@ _NEUTRAL_COMPLETION: dict[str, Any] = {"tools": lambda v: not v, "tool_choice": 
 
 def unsupported(req: _Req) -> APIError | None:
     """The 400 for the first field of ``req`` that asks for something this server does not do, if any."""
+    if req.length_penalty != 1 and not req.use_beam_search:  # (it ranks beams: without them it would do nothing)
+        return APIError(400, "`length_penalty` is not supported without use_beam_search (it ranks beams); leave it "
+                             "out or set use_beam_search", param="length_penalty")
     table = {**_NEUTRAL, **(_NEUTRAL_CHAT if isinstance(req, ChatRequest) else _NEUTRAL_COMPLETION)}
     for name, neutral in table.items():
         value = (req.model_extra or {}).get(name, getattr(req, name, None))

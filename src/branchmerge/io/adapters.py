@@ -1,0 +1,334 @@
+"""PEFT LoRA adapters as merge inputs: an adapter folder read as the model its base becomes with it merged
+(``W + scaling·B·A``, as PEFT's ``merge_and_unload`` computes it), one tensor at a time.
+
+A team that fine-tunes with LoRA has an adapter folder per task (``adapter_config.json`` and
+``adapter_model.safetensors``), not whole models. :class:`LoraSource` reads such a folder over its base
+model's folder and gives the same interface as :class:`~branchmerge.io.models.ModelSource`, so every merge
+method takes adapters and full fine-tunes alike. What it reads: LoRA and rsLoRA scaling, ``rank_pattern`` and
+``alpha_pattern``, ``fan_in_fan_out`` (GPT-2's Conv1D), embedding LoRAs, DoRA's magnitude vectors,
+``lora_bias``, and whole tensors the adapter stores (``modules_to_save``, trained biases). Anything else
+(another ``peft_type``, ``layer_replication``, a key that names no base tensor, a shape that does not fit)
+is refused by name. The adapter's file is only ever read as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import regex
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from safetensors import safe_open
+
+from branchmerge.common import nonfinite
+from branchmerge.errors import ModelInputError
+from branchmerge.io.models import EXTRA_CONFIG_FILES, TOKENIZER_FILES, ModelSource, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_PATTERN_TIMEOUT_S = 1.0  # a pattern in rank_pattern/alpha_pattern is a regular expression from a file
+
+
+def is_adapter(folder: Path) -> bool:
+    """Whether ``folder`` is a PEFT adapter folder (it holds ``adapter_config.json``)."""
+    return (folder / ADAPTER_CONFIG).is_file()
+
+
+class AdapterConfig(BaseModel):
+    """The fields of PEFT's ``adapter_config.json`` that decide the merged weights (the rest is ignored)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    peft_type: str = "LORA"
+    r: int = 8
+    lora_alpha: float = 8
+    use_rslora: bool = False
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    base_model_name_or_path: str | None = None
+    layer_replication: list | None = None
+
+    @field_validator("peft_type")
+    @classmethod
+    def _lora(cls, v: str) -> str:
+        if v != "LORA":
+            raise ValueError(f"only LORA adapters can be merged, got peft_type {v!r}")
+        return v
+
+    @field_validator("r")
+    @classmethod
+    def _rank(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"must be a positive integer, got {v}")
+        return v
+
+    @field_validator("layer_replication")
+    @classmethod
+    def _no_replication(cls, v: list | None) -> list | None:
+        if v:
+            raise ValueError("layer_replication changes the model's layers; such adapters cannot be merged")
+        return v
+
+    def pattern_key(self, patterns: dict[str, Any], module: str, where: str) -> str | None:
+        """The key of ``patterns`` that applies to ``module`` as PEFT picks it: the module's own name, else the
+        first key that matches its end (``(.*\\.)?KEY``, KEY a regular expression)."""
+        if module in patterns:
+            return module
+        for key in patterns:
+            try:
+                if regex.fullmatch(rf"(.*\.)?({key})", module, timeout=_PATTERN_TIMEOUT_S):
+                    return key
+            except regex.error as e:
+                raise ModelInputError(f"{where}: pattern {key!r} is not a valid regular expression: {e}") from None
+            except TimeoutError:
+                raise ModelInputError(f"{where}: pattern {key!r} took over {_PATTERN_TIMEOUT_S:.0f} s to match "
+                                      f"{module!r}") from None
+        return None
+
+    def scaling(self, module: str, rank: int, where: str) -> float:
+        """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) for ``module``, whose factors have rank ``rank``."""
+        key = self.pattern_key(self.alpha_pattern, module, f"{where} alpha_pattern")
+        alpha = self.alpha_pattern[key] if key is not None else self.lora_alpha
+        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, *, embedding: bool = False,
+               fan_in_fan_out: bool = False) -> torch.Tensor:
+    """The weight change of one LoRA module, in float32.
+
+    Args:
+        a: ``[r, in]`` (``lora_A``; ``[r, num_embeddings]`` for an embedding's ``lora_embedding_A``).
+        b: ``[out, r]`` (``lora_B``; ``[embedding_dim, r]`` for an embedding).
+        embedding: the factors of an embedding: the change is ``(B·A)ᵀ``, ``[num_embeddings, embedding_dim]``.
+        fan_in_fan_out: the base weight is stored ``[in, out]`` (GPT-2's Conv1D): the change is transposed.
+
+    Returns:
+        ``scaling·B·A`` as the base weight is stored: ``[out, in]`` for a linear layer.
+    """
+    d = (b.float() @ a.float()) * scaling
+    return d.T if embedding or fan_in_fan_out else d
+
+
+def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, *,
+                fan_in_fan_out: bool = False) -> torch.Tensor:
+    """DoRA's merged weight ``m · (W + ΔW) / ‖W + ΔW‖`` (norms of each output row), in float32.
+
+    Args:
+        weight, delta: ``[out, in]`` (``[in, out]`` with ``fan_in_fan_out``).
+        magnitude: ``[out]``, the adapter's ``lora_magnitude_vector``.
+    """
+    w = weight.float() + delta
+    rows = w.T if fan_in_fan_out else w
+    factor = magnitude.float() / torch.linalg.vector_norm(rows, dim=1)
+    return w * (factor.view(1, -1) if fan_in_fan_out else factor.view(-1, 1))
+
+
+@dataclass
+class _Module:
+    """What the adapter changes in one base tensor."""
+
+    a: str | None = None  # adapter keys
+    b: str | None = None
+    magnitude: str | None = None
+    embedding: bool = False
+    bias_of: str | None = None  # this entry is the lora_B bias added to that module's base bias
+
+
+@dataclass
+class LoraSource(ModelSource):
+    """A PEFT LoRA adapter over its base model, read as the merged model (same interface as ModelSource:
+    the base's tensor names, shapes and config; ``get`` returns a changed tensor in float32)."""
+
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    base: ModelSource | None = None
+    adapter_file: Path = Path()
+    changes: dict[str, _Module] = field(default_factory=dict)  # base tensor → what changes it
+    replaced: dict[str, str] = field(default_factory=dict)  # base tensor → adapter key holding it whole
+    _adapter_handle: Any = field(default=None, repr=False)
+
+    @classmethod
+    def open_adapter(cls, name: str, folder: Path, base: str | None) -> LoraSource:
+        """Open the adapter in ``folder`` over ``base`` (a model folder or hub id; None: the adapter's own
+        ``base_model_name_or_path`` when that is a hub id) and check that every key fits a base tensor.
+
+        Raises:
+            ModelInputError: naming the branch, file, field or key at fault.
+        """
+        where = f"branch {name!r}: {folder / ADAPTER_CONFIG}"
+        try:
+            raw = json.loads((folder / ADAPTER_CONFIG).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelInputError(f"{where} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ModelInputError(f"{where} must hold a JSON object, got a JSON {type(raw).__name__}")
+        try:
+            cfg = AdapterConfig.model_validate(raw)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg'].removeprefix('Value error, ')}"
+                                 for x in e.errors())
+            raise ModelInputError(f"{where}: {problems}") from None
+        base = base or _hub_base(cfg.base_model_name_or_path, where)
+        base_src = ModelSource.open(f"{name} (base)", base)
+        weights = folder / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            pickled = [p.name for p in folder.glob("adapter_model.*")]
+            hint = f" (found {', '.join(pickled)}: pickled adapters are not loaded; save with safetensors)" \
+                if pickled else ""
+            raise ModelInputError(f"branch {name!r}: {folder} has no {ADAPTER_WEIGHTS}{hint}")
+        src = cls(name=name, path=folder, hf_config=base_src.hf_config, weight_map=base_src.weight_map,
+                  adapter=cfg, base=base_src, adapter_file=weights)
+        src._handles = base_src._handles
+        src._index()
+        return src
+
+    def _adapter(self) -> Any:
+        if self._adapter_handle is None:
+            try:
+                self._adapter_handle = safe_open(str(self.adapter_file), framework="pt", device="cpu")
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types
+                raise ModelInputError(f"branch {self.name!r}: {self.adapter_file} is not a readable safetensors "
+                                      f"file (corrupt or truncated?): {e}") from None
+        return self._adapter_handle
+
+    def _index(self) -> None:
+        """Sort the adapter's keys into changes and replacements of base tensors, checking shapes."""
+        h = self._adapter()
+        where = f"branch {self.name!r}: {self.adapter_file}"
+        suffixes = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_embedding_A": "ea",
+                    ".lora_embedding_B": "eb", ".lora_magnitude_vector": "magnitude",
+                    ".lora_magnitude_vector.weight": "magnitude", ".lora_B.bias": "bias"}
+        for key in h.keys():
+            if not key.startswith(_PREFIX):
+                raise ModelInputError(f"{where}: key {key!r} does not start with {_PREFIX!r} (not a PEFT adapter key)")
+            rest = key[len(_PREFIX):]
+            kind = next((k for s, k in suffixes.items() if rest.endswith(s)), None)
+            if kind is None:
+                rest = rest.replace(".base_layer.", ".")  # (a LoRA-wrapped layer's own weight: save_embedding_layers)
+                if ".lora_" in rest:
+                    raise ModelInputError(f"{where}: key {key!r} is a LoRA part this reader does not know")
+                if rest not in self.weight_map:
+                    raise ModelInputError(f"{where}: key {key!r} stores {rest!r}, which the base model "
+                                          f"{self.base.path} does not have")
+                self.replaced[rest] = key
+                continue
+            module = rest[: -len(next(s for s, k in suffixes.items() if rest.endswith(s) and k == kind))]
+            if kind == "bias":
+                self.changes.setdefault(f"{module}.bias", _Module(bias_of=module))
+                continue
+            m = self.changes.setdefault(f"{module}.weight", _Module())
+            if kind in ("a", "ea"):
+                m.a, m.embedding = key, kind == "ea"
+            elif kind in ("b", "eb"):
+                m.b = key
+            else:
+                m.magnitude = key
+        for tensor, m in self.changes.items():
+            if tensor not in self.weight_map:
+                raise ModelInputError(f"{where}: the adapter changes {tensor!r}, which the base model "
+                                      f"{self.base.path} does not have")
+            if m.bias_of is not None:
+                continue
+            if m.a is None or m.b is None:
+                raise ModelInputError(f"{where}: {tensor!r} has only one of its two LoRA factors "
+                                      f"({m.a or m.b}); the file is incomplete")
+            a, b = h.get_slice(m.a).get_shape(), h.get_slice(m.b).get_shape()
+            shape = self.shape(tensor)
+            if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+                raise ModelInputError(f"{where}: {m.a} {list(a)} and {m.b} {list(b)} are not LoRA factors of one "
+                                      "rank (A [r, in], B [out, r])")
+            fan = self.adapter.fan_in_fan_out and not m.embedding
+            want = (a[1], b[0]) if m.embedding or fan else (b[0], a[1])
+            if tuple(shape) != want:
+                raise ModelInputError(f"{where}: factors {m.a} {list(a)} and {m.b} {list(b)} make a {list(want)} "
+                                      f"change, but {tensor} is {list(shape)} in the base model")
+            if m.magnitude is not None:
+                if m.embedding:
+                    raise ModelInputError(f"{where}: DoRA on an embedding ({m.magnitude}) is not supported")
+                mag = h.get_slice(m.magnitude).get_shape()
+                if list(mag) != [want[0]]:
+                    raise ModelInputError(f"{where}: {m.magnitude} is {list(mag)}, expected [{want[0]}]")
+            elif self.adapter.use_dora:
+                raise ModelInputError(f"{where}: use_dora is set but {tensor!r} has no lora_magnitude_vector")
+        for tensor, key in self.replaced.items():
+            if tuple(h.get_slice(key).get_shape()) != tuple(self.shape(tensor)):
+                raise ModelInputError(f"{where}: {key} is {list(h.get_slice(key).get_shape())}, but {tensor} is "
+                                      f"{list(self.shape(tensor))} in the base model")
+        logger.info("branch %r: LoRA adapter changes %d and replaces %d tensors of %s", self.name,
+                    len(self.changes), len(self.replaced), self.base.path)
+
+    def _read(self, key: str) -> torch.Tensor:
+        t = self._adapter().get_tensor(key)
+        if bad := nonfinite(t):
+            raise ModelInputError(f"branch {self.name!r}: tensor {key} in {self.adapter_file} has {bad} NaN/Inf "
+                                  "value(s)")
+        return t
+
+    def get(self, tensor: str, *, check_finite: bool = True) -> torch.Tensor:
+        """The merged model's tensor: the base's (or the adapter's own copy of it), changed by the adapter's
+        factors (then in float32)."""
+        if tensor in self.replaced:
+            t = self._read(self.replaced[tensor])
+        else:
+            t = super().get(tensor, check_finite=check_finite)
+        m = self.changes.get(tensor)
+        if m is None:
+            return t
+        if m.bias_of is not None:  # lora_bias: B's bias, scaled, adds to the base's bias
+            w = self.changes[f"{m.bias_of}.weight"]
+            rank = self._adapter().get_slice(w.a).get_shape()[0]
+            scale = self.adapter.scaling(m.bias_of, rank, f"branch {self.name!r}")
+            return t.float() + scale * self._read(f"{_PREFIX}{m.bias_of}.lora_B.bias").float()
+        a, b = self._read(m.a), self._read(m.b)
+        module = tensor.removesuffix(".weight")
+        delta = lora_delta(a, b, self.adapter.scaling(module, a.shape[0], f"branch {self.name!r}"),
+                           embedding=m.embedding, fan_in_fan_out=self.adapter.fan_in_fan_out)
+        if m.magnitude is not None:
+            return dora_weight(t, delta, self._read(m.magnitude), fan_in_fan_out=self.adapter.fan_in_fan_out)
+        return t.float() + delta
+
+    def nbytes(self) -> int:
+        return self.base.nbytes() + self.adapter_file.stat().st_size
+
+    def side_files(self) -> dict[str, Path]:
+        """The base's tokenizer and generation files, each replaced by the adapter folder's own where it has one."""
+        own = {f: self.path / f for f in TOKENIZER_FILES + EXTRA_CONFIG_FILES if (self.path / f).is_file()}
+        return {**self.base.side_files(), **own}
+
+
+def _hub_base(named: str | None, where: str) -> str:
+    """The adapter's own ``base_model_name_or_path`` when it is a hub id; a path in a file is not followed."""
+    hint = "give the branch's `base:` (or the config's `base_model`, or write `model: BASE+ADAPTER`)"
+    if not named:
+        raise ModelInputError(f"{where} names no base_model_name_or_path: {hint}")
+    p = Path(named).expanduser()
+    if named.count("/") != 1 or named.startswith((".", "/", "~")) or p.is_absolute():
+        raise ModelInputError(f"{where} names its base as the path {named!r}; a path read from a file is not "
+                              f"followed: {hint}")
+    return named
+
+
+def open_model(name: str, model: str, revision: str | None = None, base: str | None = None, *,
+               default_base: str | None = None) -> ModelSource:
+    """An input model: a model folder (or hub id) as :class:`ModelSource`, or a PEFT LoRA adapter folder over
+    ``base`` (else ``default_base``, a config's ``base_model``) as :class:`LoraSource`.
+
+    Raises:
+        ModelInputError: ``base`` given for a folder that is not an adapter, or any input problem.
+    """
+    path = resolve_model_path(model, revision)
+    if is_adapter(path):
+        return LoraSource.open_adapter(name, path, base or default_base)
+    if base is not None:
+        raise ModelInputError(f"branch {name!r}: `base` ({base}) is given but {model} is not a PEFT adapter "
+                              f"folder (it has no {ADAPTER_CONFIG})")
+    return ModelSource.open(name, model, revision)

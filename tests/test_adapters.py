@@ -1,0 +1,215 @@
+"""PEFT LoRA adapters as merge inputs: each adapter, read over its base, is the model PEFT's
+``merge_and_unload`` makes (LoRA, rsLoRA, rank/alpha patterns, embeddings, DoRA, lora_bias, modules_to_save,
+GPT-2's Conv1D), it becomes a branch like a full fine-tune, and bad adapters are refused by name."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from branchmerge.config import parse_config
+from branchmerge.errors import ModelInputError
+from branchmerge.io.adapters import LoraSource, open_model
+from branchmerge.merge import run_merge
+from tests.cli_util import run_cli
+from tests.conftest import make_tiny_llama, write_config
+
+CASES = {
+    "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    "rich": dict(r=4, lora_alpha=16, use_rslora=True, rank_pattern={"o_proj": 2},
+                 alpha_pattern={"layers.1.self_attn.q_proj": 3}, target_modules=["q_proj", "o_proj", "embed_tokens"]),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["k_proj", "down_proj"]),
+}
+
+
+def make_adapter(base, folder, seed: int, **lora_kw):
+    """A real PEFT adapter over ``base`` whose factors are random (B starts at zero in PEFT), saved in
+    ``folder``; returns PEFT's merged model."""
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(folder)
+    return model.merge_and_unload().eval()
+
+
+@pytest.fixture(scope="module")
+def adapters(family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    base = family["base"][1]
+    return {name: (root / name, make_adapter(base, root / name, i, **kw)) for i, (name, kw) in enumerate(CASES.items())}
+
+
+def _same_as_peft(src: LoraSource, merged) -> float:
+    sd = merged.state_dict()
+    assert set(src.names()) <= set(sd)
+    return max(float((src.get(k).float() - sd[k].float()).abs().max()) for k in src.names())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_an_adapter_reads_as_peft_merges_it(family, adapters, case):
+    folder, merged = adapters[case]
+    src = open_model(case, str(folder), base=str(family["base"][0]))
+    assert isinstance(src, LoraSource) and src.changes
+    assert _same_as_peft(src, merged) < 1e-6
+    moved = max(float((merged.state_dict()[k] - family["base"][1].state_dict()[k]).abs().max()) for k in src.names())
+    assert moved > 0.01  # (the adapter changes the model: the comparison above could fail)
+
+
+def test_lora_bias_and_gpt2_conv1d(tmp_path):
+    """``lora_bias`` adds B's scaled bias to the base's; GPT-2's Conv1D weights are stored [in, out]."""
+    llama = make_tiny_llama(tmp_path / "llama", seed=3, attention_bias=True)
+    merged = make_adapter(llama, tmp_path / "bias", 1, r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True)
+    src = open_model("bias", str(tmp_path / "bias"), base=str(tmp_path / "llama"))
+    assert "model.layers.0.self_attn.q_proj.bias" in src.changes
+    assert _same_as_peft(src, merged) < 1e-6
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=64)).eval()
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    merged = make_adapter(gpt2, tmp_path / "g", 2, r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                          fan_in_fan_out=True)
+    src = open_model("g", str(tmp_path / "g"), base=str(tmp_path / "gpt2"))
+    assert _same_as_peft(src, merged) < 1e-6
+
+
+def test_adapters_become_branches_at_r0_and_generate(capsys, family, adapters, tmp_path):
+    """A base and three adapters (given with `base:`, mergekit's `BASE+ADAPTER` and the config's
+    `base_model`) merge at r=0 into branches whose logits are PEFT's merged models'."""
+    base = str(family["base"][0])
+    cfg = write_config(tmp_path / "m.yaml", [
+        {"name": "base", "model": base},
+        {"name": "plain", "model": str(adapters["plain"][0]), "base": base},
+        {"name": "rich", "model": f"{base}+{adapters['rich'][0]}"},
+        {"name": "dora", "model": str(adapters["dora"][0])},
+    ], compress_rate=0.0, base_model=base)
+    code, _, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "b", "--no-progress")
+    assert code == 0, err
+    import branchmerge
+
+    bundle = branchmerge.load(tmp_path / "b", dtype="float32")
+    x = torch.randint(3, 64, (2, 10))
+    want = {"base": family["base"][1], **{n: m for n, (_, m) in adapters.items()}}
+    for name, model in want.items():
+        with bundle.use(name) as m, torch.no_grad():
+            torch.testing.assert_close(m(x).logits, model(x).logits, atol=1e-4, rtol=0, msg=name)
+    assert len(bundle.generate(["abc"], branch="rich", max_new_tokens=4)) == 1
+    assert (tmp_path / "b" / "branches" / "rich" / "tokenizer.json").is_file()  # the base's tokenizer
+
+
+def test_a_baseline_method_takes_adapters(family, adapters, tmp_path):
+    base = str(family["base"][0])
+    cfg = parse_config({"method": "linear", "dtype": "float32", "base_model": base,
+                        "branches": [{"name": n, "model": str(adapters[n][0])} for n in ("plain", "dora")]})
+    run_merge(cfg, tmp_path / "lin", progress=False)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "lin").state_dict()
+    a, b = adapters["plain"][1].state_dict(), adapters["dora"][1].state_dict()
+    for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
+        assert torch.allclose(got[k], (a[k] + b[k]) / 2, atol=1e-6), k
+
+
+# --- bad adapters: a clear error naming the culprit, and no output -------------------------------------------
+
+
+def _adapter_copy(adapters, tmp_path, case="plain"):
+    return shutil.copytree(adapters[case][0], tmp_path / f"ad-{case}")
+
+
+def _edit_config(folder, **changes):
+    p = folder / "adapter_config.json"
+    cfg = json.loads(p.read_text())
+    cfg.update(changes)
+    p.write_text(json.dumps(cfg))
+
+
+def _merge_fails(capsys, tmp_path, branches, *needles, **kw):
+    cfg = write_config(tmp_path / "bad.yaml", branches, **kw)
+    code, _, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "out", "--no-progress")
+    assert code != 0
+    for n in needles:
+        assert n in err, (n, err)
+    assert not (tmp_path / "out").exists()
+    return err
+
+
+def test_a_base_path_written_in_the_adapter_is_not_followed(capsys, family, adapters, tmp_path):
+    ad = _adapter_copy(adapters, tmp_path)
+    _edit_config(ad, base_model_name_or_path=str(family["base"][0]))  # an absolute path: refused
+    _merge_fails(capsys, tmp_path, [{"name": "p", "model": str(ad)}], "'p'", "is not followed", "base:")
+    _edit_config(ad, base_model_name_or_path=None)
+    _merge_fails(capsys, tmp_path, [{"name": "p", "model": str(ad)}], "names no base_model_name_or_path")
+
+
+def test_base_for_a_model_that_is_no_adapter(capsys, family, tmp_path):
+    _merge_fails(capsys, tmp_path, [{"name": "a", "model": str(family["a"][0]), "base": str(family["base"][0])}],
+                 "'a'", "not a PEFT adapter folder")
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"peft_type": "IA3"}, "peft_type 'IA3'"),
+    ({"r": 0}, "r: "),
+    ({"layer_replication": [[0, 2]]}, "layer_replication"),
+    ({"lora_alpha": "big"}, "lora_alpha"),
+    ({"alpha_pattern": {"(q_proj": 2}}, "not a valid regular expression"),
+])
+def test_bad_adapter_configs(capsys, family, adapters, tmp_path, changes, needle):
+    ad = _adapter_copy(adapters, tmp_path)
+    _edit_config(ad, **changes)
+    _merge_fails(capsys, tmp_path, [{"name": "p", "model": str(ad), "base": str(family["base"][0])}], needle)
+
+
+def test_a_pattern_that_never_ends_is_stopped(family, adapters, tmp_path):
+    ad = _adapter_copy(adapters, tmp_path)
+    _edit_config(ad, alpha_pattern={"(.|..|...)*(?<=x)": 2})  # exponential backtracking on every module name
+    src = open_model("p", str(ad), base=str(family["base"][0]))
+    with pytest.raises(ModelInputError, match="took over 1 s"):
+        src.get("model.layers.0.self_attn.q_proj.weight")
+
+
+def test_bad_adapter_weights(capsys, family, adapters, tmp_path):
+    base = str(family["base"][0])
+    ad = _adapter_copy(adapters, tmp_path)
+    f = ad / "adapter_model.safetensors"
+    sd = load_file(f)
+    key_b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+    def write(tensors):
+        save_file(tensors, f)
+
+    write({k: v for k, v in sd.items() if k != key_b})
+    _merge_fails(capsys, tmp_path, [{"name": "p", "model": str(ad), "base": base}], "only one of its two")
+    write({**sd, key_b: torch.full_like(sd[key_b], float("nan"))})
+    _merge_fails(capsys, tmp_path, [{"name": "p", "model": str(ad), "base": base}], key_b, "NaN")
+    write({**sd, "base_model.model.model.layers.9.mlp.up_proj.lora_A.weight": sd[key_b.replace("B", "A")].clone(),
+           "base_model.model.model.layers.9.mlp.up_proj.lora_B.weight": sd[key_b].clone()})
+    _merge_fails(capsys, tmp_path, [{"name": "p", "model": str(ad), "base": base}],
+                 "model.layers.9.mlp.up_proj.weight", "does not have")
+    write({**sd, key_b: torch.zeros(7, 4)})
+    _merge_fails(capsys, tmp_path, [{"name": "p", "model": str(ad), "base": base}], "make a [7, ", "[32, 32]")
+    write({**sd, "base_model.model.model.norm.weight": torch.ones(5)})
+    _merge_fails(capsys, tmp_path, [{"name": "p", "model": str(ad), "base": base}], "norm.weight is [5]")
+    f.write_bytes(b"not safetensors")
+    _merge_fails(capsys, tmp_path, [{"name": "p", "model": str(ad), "base": base}], "not a readable safetensors")
+    f.unlink()
+    (ad / "adapter_model.bin").write_bytes(b"pickle")
+    _merge_fails(capsys, tmp_path, [{"name": "p", "model": str(ad), "base": base}], "adapter_model.bin", "pickled")
+
+
+def test_plus_form_needs_both_parts(family, adapters):
+    from branchmerge.errors import ConfigError
+
+    for model in ("+x", "x+"):
+        with pytest.raises(ConfigError, match="BASE\\+ADAPTER"):
+            parse_config({"branches": [{"name": "p", "model": model}]})
+    with pytest.raises(ConfigError, match="give one"):
+        parse_config({"branches": [{"name": "p", "model": "a+b", "base": "c"}]})
+    cfg = parse_config({"branches": [{"name": "p", "model": "base/dir+ad/dir"}]})
+    assert (cfg.branches[0].base, cfg.branches[0].model) == ("base/dir", "ad/dir")
