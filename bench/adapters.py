@@ -3,7 +3,8 @@ adapter folders (no merged copies written first), against PEFT's own merged mode
 
 The script trains its adapters on CPU (bench/fidelity_real.py's tasks: ``facts``, 40 invented capitals;
 ``words``, numbers in hyphenated words scored on numbers never trained on; cached under
-bench/.cache/lora/), then merges base + both adapters at several rates and reports, side by side in one run:
+bench/.cache/lora/), then merges both adapters as exact LoRA branches (``lora: exact``) and as merged models compressed at several
+rates (``lora: merged``), and reports, side by side in one run:
 each task's exact-match score of the PEFT model and of its branch, the largest logit difference on the test
 prompts, the bundle's bytes against base + adapters, and the merge's time against PEFT's
 ``merge_and_unload`` + ``save_pretrained`` of each adapter (what a user had to do before).
@@ -106,10 +107,12 @@ def main() -> None:
     base_mb = (base / "model.safetensors").stat().st_size / 2e6  # float32 on disk: its size at bfloat16
 
     rows = []
-    for rate in [float(r) for r in args.rates.split(",")]:
-        out = work / f"bundle-{rate}"
+    runs = [("exact (lora: exact, any rate)", {"lora": "exact", "compress_rate": 0.95})] + [
+        (f"merged, r={r}", {"lora": "merged", "compress_rate": float(r)}) for r in args.rates.split(",")]
+    for label, over in runs:
+        out = work / f"bundle-{len(rows)}"
         cfg = parse_config({"branches": [{"name": n, "model": f"{base}+{a}"} for n, a in adapters.items()],
-                            "compress_rate": rate, "dtype": "float32"})
+                            "dtype": "float32", **over})
         t = time.perf_counter()
         claim_output(out)
         run_merge(cfg, out, force=True, progress=False)
@@ -121,8 +124,8 @@ def main() -> None:
                 diff = max(diff, float((m(**enc).logits - ref[name]).abs().max()))
             got[name] = score(lambda qs, n=name: bundle.generate(qs, n, max_new_tokens=12), name)
         mb = sum(p.stat().st_size for p in out.rglob("*.safetensors")) / 2e6  # stored float32: bf16 size
-        rows.append((rate, got, diff, mb, merge_s))
-        print(f"r={rate}: {got} max |Δlogit| {diff:.4f} {mb:.0f} MB at bf16, merge {merge_s:.1f}s", flush=True)
+        rows.append((label, got, diff, mb, merge_s))
+        print(f"{label}: {got} max |Δlogit| {diff:.4f} {mb:.0f} MB at bf16, merge {merge_s:.1f}s", flush=True)
 
     print(f"\nPEFT merge_and_unload + save_pretrained of both adapters: {peft_s:.1f}s; base {base_mb:.0f} MB "
           f"at bf16, adapters {adapter_mb / 2:.1f} MB at bf16 (rank {args.rank}, {args.steps} steps)\n")
@@ -130,8 +133,10 @@ def main() -> None:
     print("|---|" + "---|" * (len(TASKS) + 3))
     print("| PEFT merged (one dense model per adapter) | " + " | ".join(f"{scores[t]:.2f}" for t in TASKS)
           + f" | 0 | {base_mb * len(TASKS):.0f} | {peft_s:.1f} |")
-    for rate, got, diff, mb, merge_s in rows:
-        print(f"| branchmerge r={rate} | " + " | ".join(f"{got[t]:.2f}" for t in TASKS)
+    print("| base + adapters, unmerged (multi-LoRA serving) | " + " | ".join(f"{scores[t]:.2f}" for t in TASKS)
+          + f" | 0 | {base_mb + adapter_mb / 2:.0f} | - |")
+    for label, got, diff, mb, merge_s in rows:
+        print(f"| branchmerge {label} | " + " | ".join(f"{got[t]:.2f}" for t in TASKS)
               + f" | {diff:.4f} | {mb:.0f} | {merge_s:.1f} |")
 
 

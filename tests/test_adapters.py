@@ -32,6 +32,7 @@ CASES = {
 def make_adapter(base, folder, seed: int, **lora_kw):
     """A real PEFT adapter over ``base`` whose factors are random (B starts at zero in PEFT), saved in
     ``folder``; returns PEFT's merged model."""
+    torch.manual_seed(seed)  # (PEFT draws A from the global generator)
     model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kw))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -213,3 +214,84 @@ def test_plus_form_needs_both_parts(family, adapters):
         parse_config({"branches": [{"name": "p", "model": "a+b", "base": "c"}]})
     cfg = parse_config({"branches": [{"name": "p", "model": "base/dir+ad/dir"}]})
     assert (cfg.branches[0].base, cfg.branches[0].model) == ("base/dir", "ad/dir")
+
+
+def test_select_measures_adapter_candidates(capsys, family, adapters, tmp_path):
+    """`select` takes LoRA adapters as fine-tune candidates of their base: measured through lm_eval as the
+    model PEFT's merge makes (`pretrained=BASE,peft=ADAPTER`), written into merge.yaml with their base, and that
+    merge.yaml merges; an adapter without its base candidate is reported by name, the others go on."""
+    import yaml
+
+    from branchmerge.selection.config import load_select_config
+    from branchmerge.selection.run import Selection, evaluate
+
+    items = [{"question": f"add {i}+1=", "choices": [str(i + 1), str(i + 2)], "answer": 0} for i in range(8)]
+    (tmp_path / "adds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    cands = [{"name": "base", "model": str(family["base"][0]), "role": "base"},
+             {"name": "plain", "model": str(adapters["plain"][0]), "role": "finetune", "base": "base"},
+             {"name": "dora", "model": str(adapters["dora"][0]), "role": "finetune", "base": "base"},
+             {"name": "stray", "model": str(adapters["rich"][0])}]
+    data = {"candidates": cands, "tasks": [{"name": "adds", "path": str(tmp_path / "adds.jsonl")}],
+            "budget_gb": 1, "limit": 6, "dev_items": 2, "dtype": "float32", "compress_rates": [0.0]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    code, out, err = run_cli(capsys, "select", tmp_path / "s.yaml", "-o", tmp_path / "sel", "--no-progress")
+    assert code == 0, err
+    res = json.loads((tmp_path / "sel" / "select.json").read_text())
+    assert "stray" in res["errors"] and "role: finetune" in res["errors"]["stray"]
+    sel = Selection(load_select_config(tmp_path / "s.yaml"), tmp_path / "ref")
+    for name in ("plain",):  # the same score as PEFT's merged model saved as a plain folder
+        adapters[name][1].save_pretrained(tmp_path / f"merged-{name}")
+        shutil.copy(family["base"][0] / "tokenizer.json", tmp_path / f"merged-{name}")
+        for f in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (family["base"][0] / f).is_file():
+                shutil.copy(family["base"][0] / f, tmp_path / f"merged-{name}")
+        want = evaluate({"pretrained": str(tmp_path / f"merged-{name}")}, ["adds"], sel.include, 6)
+        assert res["candidates"][name]["accuracy"] == want, name
+        assert res["candidates"][name]["params"] == res["candidates"]["base"]["params"]
+    merge = yaml.safe_load((tmp_path / "sel" / "merge.yaml").read_text())
+    chosen = [b for b in merge["branches"] if b["name"] in ("plain", "dora")]
+    assert chosen and all(b["base"] == str(family["base"][0]) for b in chosen), merge  # (plain: 4/6 vs 3/6)
+    run_merge(parse_config(merge), tmp_path / "bundle", progress=False)
+    assert (tmp_path / "bundle" / "branches" / chosen[0]["name"]).is_dir()
+
+
+def test_adapters_of_one_base_are_kept_exactly_at_any_rate(capsys, family, adapters, tmp_path):
+    """`lora: exact` (the default): adapters of one base keep their own factors over it, so even r=0.99 gives
+    PEFT's models exactly, in about the bytes of base + adapters; DoRA's tensors are compressed at the rate;
+    `lora: merged` compresses the merged models instead (lossy at r=0.99); a budget asks for `lora: merged`."""
+    import branchmerge
+    from branchmerge.io.bundle import BundleReader
+
+    base = str(family["base"][0])
+    names = ("plain", "rich", "dora")
+    branches = [{"name": "base", "model": base}] + [{"name": n, "model": str(adapters[n][0])} for n in names]
+    x = torch.randint(3, 64, (2, 10))
+    want = {"base": family["base"][1], **{n: adapters[n][1] for n in names}}
+
+    def merged(mode):
+        out = tmp_path / f"b-{mode}"
+        run_merge(parse_config({"branches": branches, "base_model": base, "compress_rate": 0.99, "dtype": "float32",
+                                "lora": mode}), out, progress=False)
+        b = branchmerge.load(out, dtype="float32")
+        with torch.no_grad():
+            diffs = {}
+            for n in want:
+                with b.use(n) as m:
+                    diffs[n] = float((m(x).logits - want[n](x).logits).abs().max())
+        return BundleReader(out).manifest, diffs
+
+    manifest, diffs = merged("exact")
+    assert diffs["base"] < 1e-4 and diffs["plain"] < 1e-4 and diffs["rich"] < 1e-4, diffs
+    recs = manifest.tensors["main"]
+    q0 = recs["model.layers.0.self_attn.q_proj.weight"]
+    assert q0.rank == 4 and max(q0.rel_error.values()) < 1e-6  # plain and rich: rank 4; dora and base: zeros
+    assert recs["model.layers.0.self_attn.o_proj.weight"].rank == 2  # rich's rank_pattern
+    k0 = recs["model.layers.0.self_attn.k_proj.weight"]  # dora's: compressed at r=0.99 (rank 0 of 32)
+    assert k0.rank == 0 and k0.rel_error["dora"] > 1e-3
+    _, merged_diffs = merged("merged")
+    assert min(merged_diffs[n] for n in ("plain", "rich")) > 1e-3, merged_diffs
+    with pytest.raises(Exception, match="lora: merged"):
+        run_merge(parse_config({"branches": branches, "base_model": base, "budget": {"branch_bytes": 0.5},
+                                "dtype": "float32"}),
+                  tmp_path / "budget", progress=False)
+    assert not (tmp_path / "budget").exists()

@@ -6,6 +6,7 @@ Example::
       - {name: general, model: ./models/instruct}
       - {name: medical, model: ./models/med}
       - {name: reasoner, model: ./models/other-arch, standalone: true}
+      - {name: legal, model: ./adapters/legal-lora, base: ./models/instruct}   # a PEFT LoRA adapter
     compress_rate: 0.95
     compress_overrides:
       - {pattern: "*.mlp.down_proj.weight", compress_rate: 0.9}
@@ -14,6 +15,7 @@ Example::
     factor_bits: 16                    # 16 (the dtype), 8, 4, or mixed (8-bit top triplets, 4-bit tail)
     group_size: 64                     # entries per quantization scale
     rsvd: {oversample: 10, n_iter: 2, seed: 0}
+    lora: exact                        # adapters of one base keep their own factors (or merged: compress them)
     dtype: bfloat16
     device: cpu
 """
@@ -192,6 +194,12 @@ class MergeConfig(_Frozen):
         default=16, description="Bits of the stored factors: 16 (the dtype), 8, 4, or mixed 8/4 (needs a budget).")
     group_size: Literal[32, 64, 128, 256] = Field(default=64, description="Entries per quantization scale.")
     rsvd: RSVDConfig = Field(default_factory=RSVDConfig)
+    lora: Literal["exact", "merged"] = Field(
+        default="exact",
+        description="A group of PEFT LoRA adapters of one base (and that base): `exact` keeps each adapter's factors "
+                    "over the base (W̄ = the base, s_i = 1; exact, the size of base + adapters; the rate applies "
+                    "only to tensors an adapter changes otherwise, such as DoRA's); `merged` compresses them as "
+                    "merged models, like full fine-tunes (what a `budget` needs).")
     dtype: DType = "bfloat16"
     device: str = "cpu"
     max_shard_bytes: int = Field(default=1 << 30, gt=0, description="Output shard size limit.")

@@ -42,6 +42,7 @@ class BranchmergeLM(TemplateLM):
     """An lm_eval model over one branch of a bundle, ``auto``, or a plain HF folder (``pretrained=``)."""
 
     def __init__(self, bundle: str | None = None, branch: str = "auto", pretrained: str | None = None,
+                 peft: str | None = None,
                  dtype: str | None = "float32", device: str = "cpu", batch_size: int | str = 8,
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
                  **_: Any) -> None:
@@ -52,7 +53,9 @@ class BranchmergeLM(TemplateLM):
             raise ConfigError("the branchmerge lm_eval model needs exactly one of bundle=DIR or pretrained=DIR")
         if pretrained is not None:  # a plain HF folder: a one-branch bundle at r=0 is that model, exactly
             self._tmp = tempfile.TemporaryDirectory(prefix="branchmerge-lm-eval-")  # removed with this object
-            bundle, branch = self._bundle_of(pretrained, Path(self._tmp.name) / "bundle"), "model"
+            bundle, branch = self._bundle_of(pretrained, Path(self._tmp.name) / "bundle", peft), "model"
+        elif peft is not None:
+            raise ConfigError("the branchmerge lm_eval model's peft=ADAPTER goes with pretrained=BASE, not a bundle")
         self.bundle = branchmerge.load(bundle, dtype=dtype, device=device)
         if branch != "auto":
             self.bundle.reader.branch(branch)  # BranchNotFoundError lists the branches
@@ -65,12 +68,16 @@ class BranchmergeLM(TemplateLM):
         self._current = self.bundle.branch_names[0] if branch == "auto" else branch
 
     @staticmethod
-    def _bundle_of(folder: str, out: Path) -> str:
+    def _bundle_of(folder: str, out: Path, peft: str | None = None) -> str:
+        """A one-branch r=0 bundle of ``folder`` (with the PEFT LoRA adapter ``peft`` over it, as lm_eval's
+        ``hf`` backend takes ``pretrained=BASE,peft=ADAPTER``): that model exactly."""
         from branchmerge.config import parse_config
         from branchmerge.merge import run_merge
 
-        run_merge(parse_config({"branches": [{"name": "model", "model": str(folder)}], "compress_rate": 0.0,
-                                "dtype": "float32"}), out, progress=False)
+        branch = {"name": "model", "model": str(folder)} if peft is None else \
+            {"name": "model", "model": str(peft), "base": str(folder)}
+        run_merge(parse_config({"branches": [branch], "compress_rate": 0.0, "dtype": "float32"}), out,
+                  progress=False)
         return str(out)
 
     # ---- what TemplateLM asks ------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from safetensors import safe_open
 
 from branchmerge.common import nonfinite
+from branchmerge.compress.lora import dora_weight, lora_delta, lora_factors
 from branchmerge.errors import ModelInputError
 from branchmerge.io.models import EXTRA_CONFIG_FILES, TOKENIZER_FILES, ModelSource, resolve_model_path
 
@@ -100,37 +101,6 @@ class AdapterConfig(BaseModel):
         key = self.pattern_key(self.alpha_pattern, module, f"{where} alpha_pattern")
         alpha = self.alpha_pattern[key] if key is not None else self.lora_alpha
         return alpha / (math.sqrt(rank) if self.use_rslora else rank)
-
-
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, *, embedding: bool = False,
-               fan_in_fan_out: bool = False) -> torch.Tensor:
-    """The weight change of one LoRA module, in float32.
-
-    Args:
-        a: ``[r, in]`` (``lora_A``; ``[r, num_embeddings]`` for an embedding's ``lora_embedding_A``).
-        b: ``[out, r]`` (``lora_B``; ``[embedding_dim, r]`` for an embedding).
-        embedding: the factors of an embedding: the change is ``(B·A)ᵀ``, ``[num_embeddings, embedding_dim]``.
-        fan_in_fan_out: the base weight is stored ``[in, out]`` (GPT-2's Conv1D): the change is transposed.
-
-    Returns:
-        ``scaling·B·A`` as the base weight is stored: ``[out, in]`` for a linear layer.
-    """
-    d = (b.float() @ a.float()) * scaling
-    return d.T if embedding or fan_in_fan_out else d
-
-
-def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, *,
-                fan_in_fan_out: bool = False) -> torch.Tensor:
-    """DoRA's merged weight ``m · (W + ΔW) / ‖W + ΔW‖`` (norms of each output row), in float32.
-
-    Args:
-        weight, delta: ``[out, in]`` (``[in, out]`` with ``fan_in_fan_out``).
-        magnitude: ``[out]``, the adapter's ``lora_magnitude_vector``.
-    """
-    w = weight.float() + delta
-    rows = w.T if fan_in_fan_out else w
-    factor = magnitude.float() / torch.linalg.vector_norm(rows, dim=1)
-    return w * (factor.view(1, -1) if fan_in_fan_out else factor.view(-1, 1))
 
 
 @dataclass
@@ -237,6 +207,11 @@ class LoraSource(ModelSource):
                 raise ModelInputError(f"{where}: the adapter changes {tensor!r}, which the base model "
                                       f"{self.base.path} does not have")
             if m.bias_of is not None:
+                if f"{m.bias_of}.weight" not in self.changes:
+                    raise ModelInputError(f"{where}: {m.bias_of}.lora_B.bias comes without the module's LoRA factors")
+                if tuple(h.get_slice(f"{_PREFIX}{m.bias_of}.lora_B.bias").get_shape()) != tuple(self.shape(tensor)):
+                    raise ModelInputError(f"{where}: {m.bias_of}.lora_B.bias does not have the shape of {tensor} "
+                                          f"{list(self.shape(tensor))}")
                 continue
             if m.a is None or m.b is None:
                 raise ModelInputError(f"{where}: {tensor!r} has only one of its two LoRA factors "
@@ -295,6 +270,26 @@ class LoraSource(ModelSource):
         if m.magnitude is not None:
             return dora_weight(t, delta, self._read(m.magnitude), fan_in_fan_out=self.adapter.fan_in_fan_out)
         return t.float() + delta
+
+    def change_kind(self, tensor: str) -> str:
+        """How the adapter changes ``tensor``: ``"none"``, ``"lora"`` (by factors alone: low rank) or ``"dense"``
+        (a stored copy, DoRA's rescaling, a bias)."""
+        m = self.changes.get(tensor)
+        if tensor in self.replaced or (m is not None and (m.magnitude or m.bias_of or m.embedding)):
+            return "dense"
+        return "none" if m is None else "lora"
+
+    def lora_rank(self, tensor: str) -> int:
+        """The rank of the factors that change ``tensor`` (a ``"lora"`` change), from the file's header."""
+        return int(self._adapter().get_slice(self.changes[tensor].a).get_shape()[0])
+
+    def factors(self, tensor: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U [m, rank]``, ``V [rank, n]`` (float32, zero-padded) whose product is the adapter's change of
+        ``tensor`` as stored (a ``"lora"`` change)."""
+        m = self.changes[tensor]
+        a, b = self._read(m.a), self._read(m.b)
+        scaling = self.adapter.scaling(tensor.removesuffix(".weight"), a.shape[0], f"branch {self.name!r}")
+        return lora_factors(a, b, scaling, rank, fan_in_fan_out=self.adapter.fan_in_fan_out)
 
     def nbytes(self) -> int:
         return self.base.nbytes() + self.adapter_file.stat().st_size

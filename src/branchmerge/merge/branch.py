@@ -27,7 +27,7 @@ from branchmerge.compress import (
     tensor_seed,
 )
 from branchmerge.config import BranchConfig, MergeConfig
-from branchmerge.errors import ModelInputError
+from branchmerge.errors import ConfigError, ModelInputError
 from branchmerge.io.bundle import FORMAT, FORMAT_VERSION, key_part, write_manifest
 from branchmerge.io.card import CARD, bundle_card
 from branchmerge.io.summary import summarize
@@ -35,6 +35,7 @@ from branchmerge.io.adapters import open_model
 from branchmerge.io.models import ModelSource
 from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, copy_side_files
 from branchmerge.merge.budget import merge_with_budget
+from branchmerge.merge.lora import lora_base, lora_tensor
 from branchmerge.merge.parts import check_shapes, keep_tensor, role_of, store_factors, write_mean
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class _Group:
     sources: list[ModelSource]
     arch: Architecture
     standalone: bool
+    lora_base: ModelSource | None = None  # adapters of one base, stored as exact factors (merge.lora)
 
 
 def run_branch_merge(config: MergeConfig, out: str | Path, *, force: bool = False, progress: bool = True,
@@ -150,7 +152,13 @@ def open_groups(config: MergeConfig) -> list[_Group]:
         arch = for_hf_config(sources[0].hf_config, source=str(sources[0].path))
         if not standalone:
             _check_compatible(gname, members, sources)
-        out.append(_Group(gname, sources, arch, standalone))
+        base = lora_base(sources) if config.lora == "exact" and not standalone else None
+        if base is not None and config.budget is not None:
+            raise ConfigError(f"group {gname!r} holds LoRA adapters of one base, which `lora: exact` keeps as they "
+                              "are; a `budget` compresses them as merged models: add `lora: merged`")
+        if base is not None:
+            logger.info("group %r: LoRA adapters of %s, kept as exact factors over it", gname, base.path)
+        out.append(_Group(gname, sources, arch, standalone, base))
     return out
 
 
@@ -187,6 +195,10 @@ def _merge_tensor(
     role = role_of(g, tensor, shapes[0])
     check_shapes(g, tensor, shapes)
     if role == "compress":
+        if g.lora_base is not None:
+            rec = lora_tensor(g, g.lora_base, tensor, shapes[0], config, writer, dtype, device)
+            if rec is not None:
+                return rec
         return _compress_tensor(g, tensor, shapes[0], config, writer, dtype, device)
     return keep_tensor(g, tensor, writer, dtype)
 

@@ -15,6 +15,7 @@ from branchmerge.common import DTYPES
 from branchmerge.compress import rank_for, stored_bytes
 from branchmerge.config import MergeConfig
 from branchmerge.merge.branch import open_groups
+from branchmerge.merge.lora import lora_ranks
 from branchmerge.merge.parts import check_shapes
 
 
@@ -46,6 +47,12 @@ def plan_merge(config: MergeConfig) -> dict[str, Any]:
                 parts["mean"] += numel * esize + 4 * n
                 continue
             rank = rank_for(shape, config.rate_for(tensor))
+            if g.lora_base is not None:  # adapters' factors kept exactly (merge.lora): their ranks, from headers
+                lr = lora_ranks(g.sources, tensor)
+                if lr is None:  # no adapter changes it: stored once
+                    parts["mean"] += numel * esize
+                    continue
+                rank = max([r or 0 for r in lr] + [rank if None in lr else 0])
             ranks.add(rank)
             mean, factors, dense = stored_bytes(shape, rank, n, esize)
             parts["mean"] += mean

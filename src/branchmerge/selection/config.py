@@ -17,7 +17,8 @@ class _Frozen(BaseModel):
 
 class CandidateSpec(_Frozen):
     name: str
-    model: str = Field(description="HF folder (a GGUF file: import it first with `branchmerge import-gguf`).")
+    model: str = Field(description="HF folder, GGUF file (imported once), or PEFT LoRA adapter folder (a fine-tune: "
+                                   "`role: finetune` with `base` naming the candidate it was trained on).")
     role: Literal["base", "finetune", "other"] = "other"
     base: str | None = Field(default=None, description="For a fine-tune: the name of its base candidate.")
     domain: str | None = Field(default=None, description="What it was tuned for (reported; the choice goes by "

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from branchmerge.architectures import for_hf_config
 from branchmerge.common import DTYPES
 from branchmerge.errors import BranchmergeError, ConfigError, ModelInputError
-from branchmerge.io.models import ModelSource
+from branchmerge.io.adapters import ADAPTER_CONFIG, is_adapter, open_model
 from branchmerge.io.writer import sha256_file
 from branchmerge.selection.choose import Choice, NothingFits, Profile, bundle_bytes, choose
 from branchmerge.selection.config import CandidateSpec, SelectConfig
@@ -30,9 +30,10 @@ from branchmerge.selection.tasks import LocalTask, read_local_task, write_lm_eva
 logger = logging.getLogger(__name__)
 
 
-def shape_profile(spec: CandidateSpec) -> tuple[tuple[tuple[int, int], ...], int, int]:
-    """``(compressed weight shapes, other parameters, weight-file bytes)`` from the safetensors headers."""
-    src = ModelSource.open(spec.name, spec.model)
+def shape_profile(spec: CandidateSpec, base: str | None = None) -> tuple[tuple[tuple[int, int], ...], int, int]:
+    """``(compressed weight shapes, other parameters, weight-file bytes)`` from the safetensors headers (of
+    ``base`` with the adapter, for a LoRA adapter candidate: the model it makes has its base's shapes)."""
+    src = open_model(spec.name, spec.model, base=base)
     arch = for_hf_config(src.hf_config, source=str(src.path))
     comp, other = [], 0
     for t in src.names():
@@ -41,13 +42,17 @@ def shape_profile(spec: CandidateSpec) -> tuple[tuple[tuple[int, int], ...], int
             comp.append((int(shape[0]), int(shape[1])))
         else:
             other += math.prod(shape)
-    return tuple(comp), other, src.nbytes()
+    return tuple(comp), other, src.base.nbytes() if base else src.nbytes()  # (an adapter merged: base-sized)
 
 
-def model_digest(folder: str) -> str:
+def model_digest(folder: str, base: str | None = None) -> str:
+    """What a measurement is cached under: the folder's weights and config (an adapter's, with its base's)."""
     h = hashlib.sha256()
-    for f in sorted(Path(folder).glob("*.safetensors")) + [Path(folder) / "config.json"]:
+    files = sorted(Path(folder).glob("*.safetensors"))
+    for f in files + [Path(folder) / ("config.json" if base is None else ADAPTER_CONFIG)]:
         h.update(f.name.encode() + sha256_file(f).encode())
+    if base is not None:
+        h.update(model_digest(base).encode())
     return h.hexdigest()
 
 
@@ -118,21 +123,34 @@ class Selection:
     def task_names(self) -> list[str]:
         return [t.lm_eval or t.name for t in self.cfg.tasks]
 
+    def base_of(self, spec: CandidateSpec) -> str | None:
+        """The base model folder of a LoRA adapter candidate (its ``base`` candidate's), else None."""
+        if not is_adapter(Path(spec.model)):
+            return None
+        base = next((c for c in self.cfg.candidates if c.name == spec.base), None)
+        if spec.role != "finetune" or base is None:
+            raise ConfigError(f"candidate {spec.name!r}: {spec.model} is a PEFT adapter: give it `role: finetune` "
+                              "and `base:` naming the candidate it was trained on")
+        return base.model
+
     def measure(self, spec: CandidateSpec) -> dict[str, Any]:
-        """Accuracy per task (cached per model digest, task content and limit), shapes, bytes, peak RSS."""
-        comp, other, nbytes = shape_profile(spec)
-        digest = model_digest(spec.model)
+        """Accuracy per task (cached per model digest, task content and limit), shapes, bytes, peak RSS (an
+        adapter candidate's peak is its base's: merged, it is a model of its base's size)."""
+        base = self.base_of(spec)
+        comp, other, nbytes = shape_profile(spec, base)
+        digest = model_digest(spec.model, base)
         self.cache.mkdir(parents=True, exist_ok=True)
         f = self.cache / f"{digest[:24]}-{self.task_key}.json"
         acc = (_read_cache(f) or {}).get("accuracy")
         if not isinstance(acc, dict) or not set(self.task_names()) <= set(acc):
-            acc = evaluate({"pretrained": spec.model, "device": self.cfg.device}, self.task_names(), self.include,
-                           self.cfg.limit)
+            args = {"pretrained": spec.model} if base is None else {"pretrained": base, "peft": spec.model}
+            acc = evaluate({**args, "device": self.cfg.device}, self.task_names(), self.include, self.cfg.limit)
             _write_atomic(f, json.dumps({"accuracy": acc}))
-        m = self.cache / f"{digest[:24]}-mem2-{self.cfg.dtype}-{self.cfg.device.replace(':', '')}.json"
+        dense = base or spec.model
+        m = self.cache / f"{model_digest(dense)[:24]}-mem2-{self.cfg.dtype}-{self.cfg.device.replace(':', '')}.json"
         mem = _read_cache(m)
         if mem is None or not isinstance(mem.get("peak_rss_mb"), (int, float)):
-            mem = peak_memory(spec.model, self.cfg.dtype, self.cfg.device)
+            mem = peak_memory(dense, self.cfg.dtype, self.cfg.device)
             _write_atomic(m, json.dumps(mem))
         return {"accuracy": acc, "compress_shapes": comp, "other_numel": other, "file_bytes": nbytes,
                 "params": sum(a * b for a, b in comp) + other, **mem}
@@ -243,6 +261,8 @@ def _write_configs(sel: Selection, cfg: SelectConfig, choice: Choice, profiles: 
     branches = []
     for n in choice.members:
         entry: dict[str, Any] = {"name": n, "model": spec[n].model}
+        if (base := sel.base_of(spec[n])) is not None:
+            entry["base"] = base
         if len(groups[by[n].group]) == 1 and spec[n].role == "other":
             entry["standalone"] = True
         else:
@@ -251,7 +271,8 @@ def _write_configs(sel: Selection, cfg: SelectConfig, choice: Choice, profiles: 
     merge = {"branches": branches, "compress_rate": choice.rate, "dtype": cfg.dtype}
     _write_atomic(sel.out / "merge.yaml", yaml.safe_dump(merge, sort_keys=False))
     dev, test = _routing_items(sel, cfg, choice, profiles, domains)
-    curve = routing_curve(spec[choice.members[0]].model, dev, test, cfg.router_counts) if len(dev) > 1 else {}
+    first = spec[choice.members[0]]  # (an adapter's curve is measured on its base: close, and no merged copy)
+    curve = routing_curve(sel.base_of(first) or first.model, dev, test, cfg.router_counts) if len(dev) > 1 else {}
     n = recommended_count(curve) or cfg.samples_per_branch
     router = {"samples": {b: qs[:n] or ["TODO: a representative question"] for b, qs in dev.items()},
               "embedder": choice.members[0], "pooling": ROUTER_POOLING, "layer": ROUTER_LAYER}
