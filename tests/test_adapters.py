@@ -295,3 +295,24 @@ def test_adapters_of_one_base_are_kept_exactly_at_any_rate(capsys, family, adapt
                                 "dtype": "float32"}),
                   tmp_path / "budget", progress=False)
     assert not (tmp_path / "budget").exists()
+
+
+def test_adapters_round_trip_through_the_vllm_export(family, adapters, tmp_path):
+    """PEFT adapters → an exact-LoRA bundle → `export-vllm` → PEFT adapters over the exported base that make
+    the original adapters' models again (the scales are all 1, so nothing is refactored)."""
+    from peft import PeftModel
+
+    from branchmerge.export_vllm import export_vllm
+
+    base = str(family["base"][0])
+    run_merge(parse_config({"branches": [{"name": n, "model": str(adapters[n][0])} for n in ("plain", "rich")],
+                            "base_model": base, "compress_rate": 0.95, "dtype": "float32"}), tmp_path / "b",
+              progress=False)
+    report = export_vllm(tmp_path / "b", tmp_path / "v", per_branch="lora", dtype="float32", progress=False)
+    x = torch.randint(3, 64, (2, 10))
+    for n in ("plain", "rich"):
+        assert report["groups"]["main"]["branches"][n]["max_rel_error_lora_tensors"] < 1e-5
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "v" / "base"),
+                                          tmp_path / "v" / "adapters" / n).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).logits, adapters[n][1](x).logits, atol=1e-3, rtol=0, msg=n)
