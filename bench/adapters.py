@@ -7,9 +7,11 @@ bench/.cache/lora/), then merges both adapters as exact LoRA branches (``lora: e
 rates (``lora: merged``), and reports, side by side in one run:
 each task's exact-match score of the PEFT model and of its branch, the largest logit difference on the test
 prompts, the bundle's bytes against base + adapters, and the merge's time against PEFT's
-``merge_and_unload`` + ``save_pretrained`` of each adapter (what a user had to do before).
+``merge_and_unload`` + ``save_pretrained`` of each adapter (what a user had to do before); then the decode
+time of an exact LoRA branch, of PEFT's unmerged adapter and of a batch mixed over both branches, each
+interleaved against the dense merged model.
 
-    python bench/adapters.py [--steps 60] [--rank 16]
+    python bench/adapters.py [--steps 60] [--rank 16] [--tokens 16] [--repeat 8]
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--rates", default="0,0.9,0.95,0.99")
+    ap.add_argument("--tokens", type=int, default=16, help="decoded tokens per timed run")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=8, help="interleaved rounds per decode ratio")
     args = ap.parse_args()
     base = smollm2_folder()
     root = CACHE / "lora"
@@ -127,6 +132,8 @@ def main() -> None:
         rows.append((label, got, diff, mb, merge_s))
         print(f"{label}: {got} max |Δlogit| {diff:.4f} {mb:.0f} MB at bf16, merge {merge_s:.1f}s", flush=True)
 
+    speed = decode_speed(work / "bundle-0", dense, adapters, base, tok, args)
+
     print(f"\nPEFT merge_and_unload + save_pretrained of both adapters: {peft_s:.1f}s; base {base_mb:.0f} MB "
           f"at bf16, adapters {adapter_mb / 2:.1f} MB at bf16 (rank {args.rank}, {args.steps} steps)\n")
     print("| model | " + " | ".join(TASKS) + " | max abs logit diff vs PEFT | MB at bf16 | merge s |")
@@ -138,6 +145,48 @@ def main() -> None:
     for label, got, diff, mb, merge_s in rows:
         print(f"| branchmerge {label} | " + " | ".join(f"{got[t]:.2f}" for t in TASKS)
               + f" | {diff:.4f} | {mb:.0f} | {merge_s:.1f} |")
+    print(f"\n| decode time ({args.tokens} tokens after {args.prompt_len}, float32, CPU) | ratio: median "
+          "(quartiles) |\n|---|---|")
+    print("\n".join(speed))
+
+
+def decode_speed(bundle_dir: Path, dense: dict, adapters: dict, base: Path, tok, args) -> list[str]:
+    """Greedy decode time (``--tokens`` tokens after a ``--prompt-len`` prompt), interleaved against the dense
+    merged model (bench/runtime.py's pairing): one exact LoRA branch, PEFT's unmerged adapter (LoRA applied
+    on the fly, as serving adapters without merging runs them), and a batch of 8 rows over both branches in one
+    pass against 8 rows on one dense model."""
+    from peft import PeftModel
+
+    from runtime import decode, mixed_decoder, paired, spread
+
+    bundle = branchmerge.load(bundle_dir, dtype="float32")
+    names = list(adapters)
+    first = names[0]
+    g = bundle.groups["main"]
+    ids = torch.randint(100, 20000, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    batch = ids.repeat(8, 1)
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                         adapters[first]).eval()
+    ref = dense[first]
+
+    def branch_run() -> None:
+        with g.state.select([g.state.index(first)]):
+            decode(g.model, ids, args.tokens)
+
+    out = []
+    for label, ours, reference in (
+            (f"one exact LoRA branch ({first}) vs the dense merged model, batch 1", branch_run,
+             lambda: decode(ref, ids, args.tokens)),
+            ("PEFT's unmerged adapter vs the dense merged model, batch 1", lambda: decode(unmerged, ids, args.tokens),
+             lambda: decode(ref, ids, args.tokens)),
+            ("8 rows over both branches in one pass vs 8 rows on one dense model",
+             mixed_decoder(bundle, [names[i % 2] for i in range(8)], batch, args.tokens),
+             lambda: decode(ref, batch, args.tokens))):
+        decode(ref, ids, 2)
+        ratios, _ = paired(reference, ours, args.repeat)
+        out.append(f"| {label} | {spread(ratios)} |")
+        print(out[-1], flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_PATTERN_TIMEOUT_S = 1.0  # a pattern in rank_pattern/alpha_pattern is a regular expression from a file
+_PATTERN_BUDGET_S = 2.0  # alpha_pattern's keys are regular expressions from a file: all of an adapter's matching
 
 
 def is_adapter(folder: Path) -> bool:
@@ -80,25 +81,26 @@ class AdapterConfig(BaseModel):
             raise ValueError("layer_replication changes the model's layers; such adapters cannot be merged")
         return v
 
-    def pattern_key(self, patterns: dict[str, Any], module: str, where: str) -> str | None:
+    def pattern_key(self, patterns: dict[str, Any], module: str, where: str, deadline: float) -> str | None:
         """The key of ``patterns`` that applies to ``module`` as PEFT picks it: the module's own name, else the
-        first key that matches its end (``(.*\\.)?KEY``, KEY a regular expression)."""
+        first key that matches its end (``(.*\\.)?KEY``, KEY a regular expression), all matching done by
+        ``deadline`` (``time.monotonic()``)."""
         if module in patterns:
             return module
         for key in patterns:
             try:
-                if regex.fullmatch(rf"(.*\.)?({key})", module, timeout=_PATTERN_TIMEOUT_S):
+                if regex.fullmatch(rf"(.*\.)?({key})", module, timeout=max(deadline - time.monotonic(), 1e-3)):
                     return key
             except regex.error as e:
                 raise ModelInputError(f"{where}: pattern {key!r} is not a valid regular expression: {e}") from None
             except TimeoutError:
-                raise ModelInputError(f"{where}: pattern {key!r} took over {_PATTERN_TIMEOUT_S:.0f} s to match "
-                                      f"{module!r}") from None
+                raise ModelInputError(f"{where}: matching its patterns took over {_PATTERN_BUDGET_S:.0f} s (at "
+                                      f"{key!r} on {module!r})") from None
         return None
 
-    def scaling(self, module: str, rank: int, where: str) -> float:
+    def scaling(self, module: str, rank: int, where: str, deadline: float) -> float:
         """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) for ``module``, whose factors have rank ``rank``."""
-        key = self.pattern_key(self.alpha_pattern, module, f"{where} alpha_pattern")
+        key = self.pattern_key(self.alpha_pattern, module, f"{where} alpha_pattern", deadline)
         alpha = self.alpha_pattern[key] if key is not None else self.lora_alpha
         return alpha / (math.sqrt(rank) if self.use_rslora else rank)
 
@@ -124,6 +126,7 @@ class LoraSource(ModelSource):
     adapter_file: Path = Path()
     changes: dict[str, _Module] = field(default_factory=dict)  # base tensor → what changes it
     replaced: dict[str, str] = field(default_factory=dict)  # base tensor → adapter key holding it whole
+    scalings: dict[str, float] = field(default_factory=dict)  # module → its factors' scaling
     _adapter_handle: Any = field(default=None, repr=False)
 
     @classmethod
@@ -238,6 +241,13 @@ class LoraSource(ModelSource):
             if tuple(h.get_slice(key).get_shape()) != tuple(self.shape(tensor)):
                 raise ModelInputError(f"{where}: {key} is {list(h.get_slice(key).get_shape())}, but {tensor} is "
                                       f"{list(self.shape(tensor))} in the base model")
+        deadline = time.monotonic() + _PATTERN_BUDGET_S  # (the patterns are matched now, before any work)
+        for tensor, m in self.changes.items():
+            if m.bias_of is None:
+                module = tensor.removesuffix(".weight")
+                self.scalings[module] = self.adapter.scaling(module, h.get_slice(m.a).get_shape()[0],
+                                                             f"branch {self.name!r}: {self.path / ADAPTER_CONFIG}",
+                                                             deadline)
         logger.info("branch %r: LoRA adapter changes %d and replaces %d tensors of %s", self.name,
                     len(self.changes), len(self.replaced), self.base.path)
 
@@ -259,13 +269,9 @@ class LoraSource(ModelSource):
         if m is None:
             return t
         if m.bias_of is not None:  # lora_bias: B's bias, scaled, adds to the base's bias
-            w = self.changes[f"{m.bias_of}.weight"]
-            rank = self._adapter().get_slice(w.a).get_shape()[0]
-            scale = self.adapter.scaling(m.bias_of, rank, f"branch {self.name!r}")
-            return t.float() + scale * self._read(f"{_PREFIX}{m.bias_of}.lora_B.bias").float()
+            return t.float() + self.scalings[m.bias_of] * self._read(f"{_PREFIX}{m.bias_of}.lora_B.bias").float()
         a, b = self._read(m.a), self._read(m.b)
-        module = tensor.removesuffix(".weight")
-        delta = lora_delta(a, b, self.adapter.scaling(module, a.shape[0], f"branch {self.name!r}"),
+        delta = lora_delta(a, b, self.scalings[tensor.removesuffix(".weight")],
                            embedding=m.embedding, fan_in_fan_out=self.adapter.fan_in_fan_out)
         if m.magnitude is not None:
             return dora_weight(t, delta, self._read(m.magnitude), fan_in_fan_out=self.adapter.fan_in_fan_out)
@@ -288,8 +294,7 @@ class LoraSource(ModelSource):
         ``tensor`` as stored (a ``"lora"`` change)."""
         m = self.changes[tensor]
         a, b = self._read(m.a), self._read(m.b)
-        scaling = self.adapter.scaling(tensor.removesuffix(".weight"), a.shape[0], f"branch {self.name!r}")
-        return lora_factors(a, b, scaling, rank, fan_in_fan_out=self.adapter.fan_in_fan_out)
+        return lora_factors(a, b, self.scalings[tensor.removesuffix(".weight")], rank, fan_in_fan_out=self.adapter.fan_in_fan_out)
 
     def nbytes(self) -> int:
         return self.base.nbytes() + self.adapter_file.stat().st_size

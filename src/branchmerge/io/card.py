@@ -44,7 +44,9 @@ def bundle_card(name: str, summary: dict[str, Any], config: dict[str, Any]) -> s
         config: the merge config as plain data (``MergeConfig.model_dump(mode="json")``).
     """
     branches = config.get("branches", [])
-    lines = [_front([str(b.get("model")) for b in branches], ["branchmerge", "merge", "branched"], "branchmerge"),
+    models = [str(m) for b in branches for m in (b.get("base"), b.get("model")) if m] + (
+        [str(config["base_model"])] if config.get("base_model") else [])  # (an adapter's base, then the adapter)
+    lines = [_front(list(dict.fromkeys(models)), ["branchmerge", "merge", "branched"], "branchmerge"),
              f"# {_cell(name)}\n",
              f"A branched model made with branchmerge from {len(summary['branches'])} models. Each model is a "
              "*branch*: in a group of one architecture every weight matrix is stored once as the mean of the "
