@@ -349,3 +349,79 @@ def test_gpt2_adapters_are_kept_exactly_in_a_transposed_group(tmp_path):
         mixed = bundle.logits(x, ["base", "x", "y"])
         for i, name in enumerate(("base", "x", "y")):
             torch.testing.assert_close(mixed[i], want[name](x[i:i + 1]).logits[0], atol=1e-4, rtol=0, msg=name)
+
+
+def test_dry_run_plans_adapter_ranks_and_the_lora_flag(capsys, family, adapters, tmp_path):
+    from branchmerge.merge.plan import plan_merge
+
+    base = str(family["base"][0])
+    data = {"branches": [{"name": n, "model": str(adapters[n][0])} for n in ("plain", "rich")], "base_model": base,
+            "compress_rate": 0.5, "dtype": "float32"}
+    assert plan_merge(parse_config(data))["groups"]["main"]["ranks"] == [2, 4]  # the adapters' own (from headers)
+    assert plan_merge(parse_config({**data, "lora": "merged"}))["groups"]["main"]["ranks"] == [8, 16]  # the rate's
+    cfg = write_config(tmp_path / "m.yaml", data["branches"], base_model=base)
+    code, _, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "out", "--lora", "nope")
+    assert code != 0 and "lora" in err and "'exact'" in err and not (tmp_path / "out").exists()
+    code, out, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "out", "--lora", "merged", "--no-progress")
+    assert code == 0, err
+    assert BundleReader(tmp_path / "out").manifest.tensors["main"]["model.layers.0.self_attn.q_proj.weight"].rank == 2
+
+
+def test_serve_adapters_as_vllm_does(capsys, family, adapters, tmp_path):
+    """vLLM's `serve BASE --lora-modules NAME=PATH`: the base and its adapters become one exact bundle, served
+    under the adapters' names (and the base's); an answer is PEFT's model's own greedy answer."""
+    import openai
+
+    import branchmerge
+    from branchmerge.merge import merge_adapters
+    from branchmerge.server import create_app
+    from tests.serving import serving
+
+    base = str(family["base"][0])
+    merge_adapters(base, {"plain": str(adapters["plain"][0]), "rich": str(adapters["rich"][0])}, tmp_path / "b",
+                   base_name="tiny", progress=False)
+    bundle = branchmerge.load(tmp_path / "b", dtype="float32")
+    prompt = [1, 5, 9, 14, 3, 22]
+    with torch.no_grad():
+        want = adapters["rich"][1].generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                            pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+    with serving(create_app(bundle)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
+        assert {"tiny", "plain", "rich"} <= {m.id for m in client.models.list().data}
+        got = client.completions.create(model="rich", prompt=prompt, max_tokens=6, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert got.choices[0].text == bundle.tokenizer("rich").decode(want)
+    # the command itself, as a process: it answers under the adapters' names, and SIGTERM removes its bundle
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.serving import free_port
+
+    port, tmp = free_port(), tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "branchmerge.cli.main", "serve", base, "--port", str(port),
+                             "--lora-modules", f"plain={adapters['plain'][0]}", "--served-model-name", "tiny"],
+                            env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < end, proc.stderr.read() if proc.poll() else "timeout"
+            try:
+                ids = [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]]
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert {"tiny", "plain"} <= set(ids) and [p.name for p in tmp.iterdir() if "lora" in p.name]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode != 0 and not list(tmp.iterdir())  # (stopped, and its temporary bundle is gone)
+    # a bad --lora-modules value is refused by name before anything is merged
+    for bad in ("nope", "=x", "a="):
+        code, _, err = run_cli(capsys, "serve", base, "--lora-modules", bad)
+        assert code == 2 and "--lora-modules" in err, (bad, err)

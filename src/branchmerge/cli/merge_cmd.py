@@ -20,6 +20,9 @@ def merge(
     device: str | None = typer.Option(None, "--device", help="Where the SVDs run: cpu, cuda, cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Storage dtype: float32, float16, bfloat16."),
     method: str | None = typer.Option(None, "--method", help="Override the merge method (see `methods`)."),
+    lora: str | None = typer.Option(None, "--lora", help="Override lora: exact (adapters of one base keep their "
+                                    "own factors over it: exact, base + adapters in size) or merged (compress them "
+                                    "as merged models, like full fine-tunes)."),
     force: bool = typer.Option(False, "--force", help=("Replace OUT if it is an earlier branchmerge output or "
                                                        "empty (never a file, other files or an input).")),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
@@ -30,6 +33,9 @@ def merge(
                                  "the inputs' shapes alone; write nothing."),
 ) -> None:
     """Merge the models of CONFIG into a branched bundle at OUT.
+
+    A branch's model is a Hugging Face folder or a PEFT LoRA adapter folder (with `base:`, or `model:
+    BASE+ADAPTER`), read one tensor at a time.
 
     The bundle is written to a temporary folder, loaded once to check that every branch runs, then
     renamed into place: a failed or interrupted merge leaves nothing behind.
@@ -46,7 +52,7 @@ def merge(
             bud = {"total_bytes": budget}
     bits = int(factor_bits) if factor_bits is not None and factor_bits.isdigit() else factor_bits
     cfg = load_config(config, compress_rate=compress_rate, device=device, dtype=dtype, method=method, budget=bud,
-                      factor_bits=bits)
+                      factor_bits=bits, lora=lora)
     if dry_run:
         return _print_plan(cfg)
     run_merge(cfg, out, force=force, progress=not no_progress, model_card=model_card)

@@ -8,8 +8,32 @@ from pathlib import Path
 import typer
 
 
+def _lora_modules(values: list[str]) -> dict[str, str]:
+    """vLLM's ``--lora-modules`` values: ``NAME=PATH`` or ``{"name": ..., "path": ...}``."""
+    import json
+
+    out: dict[str, str] = {}
+    for v in values:
+        if v.lstrip().startswith("{"):
+            try:
+                d = json.loads(v)
+                name, path = d["name"], d["path"]
+            except (ValueError, KeyError, TypeError):
+                raise typer.BadParameter(f'expected {{"name": ..., "path": ...}}, got {v!r}',
+                                         param_hint="--lora-modules") from None
+        else:
+            name, _, path = v.partition("=")
+        if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
+            raise typer.BadParameter(f"expected NAME=PATH, got {v!r}", param_hint="--lora-modules")
+        if name in out:
+            raise typer.BadParameter(f"{name!r} is given twice", param_hint="--lora-modules")
+        out[name] = path
+    return out
+
+
 def serve_cmd(
-    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder."),
+    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder (with --lora-modules: the base "
+                                      "model's folder)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="BRANCHMERGE_API_KEY",
@@ -34,6 +58,13 @@ def serve_cmd(
                                                 "named functions work either way."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bf16, fp16 (default: the bundle's)."),
+    lora_modules: list[str] = typer.Option([], "--lora-modules", help="As vLLM: serve BUNDLE, a base model folder, "
+                                           "with the PEFT LoRA adapter at PATH as model NAME (NAME=PATH or "
+                                           "{\"name\": ..., \"path\": ...}; repeat the flag for more). They are "
+                                           "merged at start into a temporary bundle, each kept exactly, removed "
+                                           "at exit."),
+    served_model_name: str = typer.Option("base", "--served-model-name",
+                                          help="With --lora-modules: the base model's name."),
 ) -> None:
     """Serve GET /v1/models, POST /v1/chat/completions and /v1/completions (streaming too), /health and
     /metrics (Prometheus).
@@ -49,10 +80,29 @@ def serve_cmd(
         raise typer.BadParameter(f"one of {', '.join(PARSERS)}, got {tool_call_parser!r}",
                                  param_hint="--tool-call-parser")
 
+    adapters = _lora_modules(lora_modules)
     limits = ServerLimits(max_tokens=max_tokens_limit, max_prompts=max_prompts, max_choices=max_choices)
-    serve(str(bundle_dir), host=host, port=port, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms,
-          device=device, dtype=dtype, pipelines=load_pipelines(pipelines) if pipelines is not None else None,
-          limits=limits, prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser)
+    pipes = load_pipelines(pipelines) if pipelines is not None else None
+    kw = dict(host=host, port=port, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms, device=device, dtype=dtype,
+              pipelines=pipes, limits=limits, prefix_cache_tokens=prefix_cache_tokens,
+              tool_call_parser=tool_call_parser)
+    if not adapters:
+        return serve(str(bundle_dir), **kw)
+    import signal
+    import sys
+    import tempfile
+
+    from branchmerge.merge import merge_adapters
+
+    # uvicorn re-raises the SIGTERM that stopped it once it has shut down: exit through Python then, so the
+    # temporary bundle is removed (SIGTERM's default action would end the process without cleanup)
+    prev = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        with tempfile.TemporaryDirectory(prefix="branchmerge-lora-") as tmp:
+            merge_adapters(bundle_dir, adapters, Path(tmp) / "bundle", base_name=served_model_name)
+            serve(str(Path(tmp) / "bundle"), **kw)
+    finally:
+        signal.signal(signal.SIGTERM, prev)
 
 
 def gateway_cmd(

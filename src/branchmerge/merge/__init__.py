@@ -26,4 +26,30 @@ def run_merge(config: MergeConfig, out: str | Path, *, force: bool = False, prog
                             model_card=model_card)
 
 
-__all__ = ["run_merge"]
+def merge_adapters(base: str | Path, adapters: dict[str, str | Path], out: str | Path, *, base_name: str = "base",
+                   dtype: str | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """A bundle of ``base`` (branch ``base_name``) and its PEFT LoRA ``adapters`` (branch name → adapter
+    folder), each kept exactly (``lora: exact``): what ``serve BASE --lora-modules NAME=PATH`` serves, as vLLM
+    serves a base with its adapters. ``dtype``: the bundle's (default: the base's own, else bfloat16).
+
+    Raises:
+        ConfigError: a bad or repeated branch name. ModelInputError: as the merge's.
+    """
+    import json
+
+    from branchmerge.config import parse_config
+
+    if dtype is None:
+        try:
+            cfg = json.loads((Path(base) / "config.json").read_text())
+            named = cfg.get("torch_dtype") or cfg.get("dtype")
+        except (OSError, ValueError, AttributeError):
+            named = None
+        dtype = named if named in ("float32", "float16", "bfloat16") else "bfloat16"
+    branches = [{"name": base_name, "model": str(base)}] + [
+        {"name": n, "model": str(p), "base": str(base)} for n, p in adapters.items()]
+    config = parse_config({"branches": branches, "lora": "exact", "dtype": dtype}, "--lora-modules")
+    return run_merge(config, out, force=force, progress=progress, model_card=False)
+
+
+__all__ = ["merge_adapters", "run_merge"]
