@@ -213,16 +213,24 @@ def test_bad_adapter_weights(capsys, family, adapters, tmp_path):
     _merge_fails(capsys, tmp_path, [{"name": "p", "model": str(ad), "base": base}], "adapter_model.bin", "pickled")
 
 
-def test_plus_form_needs_both_parts(family, adapters):
-    from branchmerge.errors import ConfigError
-
-    for model in ("+x", "x+"):
-        with pytest.raises(ConfigError, match="BASE\\+ADAPTER"):
-            parse_config({"branches": [{"name": "p", "model": model}]})
-    with pytest.raises(ConfigError, match="give one"):
-        parse_config({"branches": [{"name": "p", "model": "a+b", "base": "c"}]})
+def test_plus_form_and_folders_with_a_plus_in_their_name(capsys, family, adapters, tmp_path, monkeypatch):
+    """`BASE+ADAPTER` is read as two paths only when the whole is not a path that exists: a model folder
+    named with a '+' merges as it is; a half-given form is a missing path, named."""
     cfg = parse_config({"branches": [{"name": "p", "model": "base/dir+ad/dir"}]})
-    assert (cfg.branches[0].base, cfg.branches[0].model) == ("base/dir", "ad/dir")
+    assert cfg.branches[0].model_and_base() == ("ad/dir", "base/dir") and set(cfg.inputs()) == {"ad/dir", "base/dir"}
+    plus = shutil.copytree(family["a"][0], tmp_path / "c++model")
+    (tmp_path / "bad").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "m.yaml", [{"name": "a", "model": "c++model"}, {"name": "b", "model": "./c++model"},
+                                             {"name": "c", "model": f"{family['base'][0]}+{adapters['plain'][0]}"}],
+                       compress_rate=0.0)
+    code, _, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "out", "--no-progress")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["branches"]["a"]["source"] == str(plus) and manifest["branches"]["c"]["source"] == str(
+        adapters["plain"][0])
+    for model in ("+x", "x+"):
+        _merge_fails(capsys, tmp_path / "bad", [{"name": "p", "model": model}], model, "does not exist")
 
 
 def test_select_measures_adapter_candidates(capsys, family, adapters, tmp_path):

@@ -61,19 +61,10 @@ class BranchConfig(_Frozen):
                     "config's `base_model`, then to the adapter's base_model_name_or_path when that is a hub id). "
                     "`model: BASE+ADAPTER` (mergekit's form) sets both.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _plus(cls, data: Any) -> Any:
-        """``model: BASE+ADAPTER``, as mergekit writes a LoRA over its base."""
-        if isinstance(data, dict) and isinstance(data.get("model"), str) and "+" in data["model"]:
-            base, _, adapter = data["model"].rpartition("+")
-            if not base or not adapter:
-                raise ValueError(f"`model` {data['model']!r}: write BASE+ADAPTER with both parts")
-            if data.get("base") is not None:
-                raise ValueError(f"`model` {data['model']!r} names a base with '+' and `base` names another; "
-                                 "give one")
-            data = {**data, "model": adapter, "base": base}
-        return data
+    def model_and_base(self) -> tuple[str, str | None]:
+        """``(model, base)``, mergekit's ``model: BASE+ADAPTER`` read as two paths when ``model`` itself is not
+        a path that exists (a folder may have a '+' in its name) and no ``base`` is given."""
+        return split_plus(self.model) if self.base is None else (self.model, self.base)
 
     @field_validator("group")
     @classmethod
@@ -96,6 +87,16 @@ class BranchConfig(_Frozen):
     @property
     def group_name(self) -> str:
         return self.name if self.standalone else (self.group or "main")
+
+
+def split_plus(model: str, root: Path | None = None) -> tuple[str, str | None]:
+    """``"BASE+ADAPTER"`` → ``(ADAPTER, BASE)`` when ``model`` (under ``root``, else the current folder) does
+    not exist as it is written and both parts are given; else ``(model, None)``."""
+    p = Path(model).expanduser()
+    if "+" not in model or (p if p.is_absolute() or root is None else root / p).exists():
+        return model, None
+    base, _, adapter = model.rpartition("+")
+    return (adapter, base) if base and adapter else (model, None)
 
 
 class RSVDConfig(_Frozen):
@@ -275,7 +276,7 @@ class MergeConfig(_Frozen):
 
     def inputs(self) -> list[str]:
         """Every model the merge reads: each branch's model (and base, for an adapter) and ``base_model``."""
-        out = [m for b in self.branches for m in (b.model, b.base) if m is not None]
+        out = [m for b in self.branches for m in b.model_and_base() if m is not None]
         return out + ([self.base_model] if self.base_model else [])
 
     def groups(self) -> dict[str, list[BranchConfig]]:
@@ -293,9 +294,11 @@ class MergeConfig(_Frozen):
                 return str((base / p).resolve())
             return model
 
-        branches = [b.model_copy(update={"model": local(b.model),
-                                         "base": None if b.base is None else local(b.base)})
-                    for b in self.branches]
+        branches = []
+        for b in self.branches:
+            model, given = (b.model, b.base) if b.base is not None else split_plus(b.model, base)
+            branches.append(b.model_copy(update={"model": local(model),
+                                                 "base": None if given is None else local(given)}))
         update: dict[str, Any] = {"branches": branches}
         if self.base_model:
             update["base_model"] = local(self.base_model)

@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 from branchmerge.common import nonfinite
 from branchmerge.compress.lora import dora_weight, lora_delta, lora_factors
+from branchmerge.config import split_plus
 from branchmerge.errors import ModelInputError
 from branchmerge.io.models import EXTRA_CONFIG_FILES, TOKENIZER_FILES, ModelSource, resolve_model_path
 
@@ -325,6 +326,8 @@ def open_model(name: str, model: str, revision: str | None = None, base: str | N
     Raises:
         ModelInputError: ``base`` given for a folder that is not an adapter, or any input problem.
     """
+    if base is None:
+        model, base = split_plus(model)  # (mergekit's BASE+ADAPTER, when not a path as written)
     path = resolve_model_path(model, revision)
     if is_adapter(path):
         return LoraSource.open_adapter(name, path, base or default_base)
