@@ -433,3 +433,28 @@ def test_serve_adapters_as_vllm_does(capsys, family, adapters, tmp_path):
     for bad in ("nope", "=x", "a="):
         code, _, err = run_cli(capsys, "serve", base, "--lora-modules", bad)
         assert code == 2 and "--lora-modules" in err, (bad, err)
+
+
+def test_mixed_groups_say_so_and_exact_factors_quantize(family, adapters, tmp_path, caplog):
+    """Adapters beside a full fine-tune are compressed as merged models, with a warning naming the group and
+    what keeps them exact; exact adapter factors can be stored at 8 bits (close, not exact)."""
+    import logging
+
+    import branchmerge
+
+    base = str(family["base"][0])
+    with caplog.at_level(logging.WARNING, logger="branchmerge"):
+        run_merge(parse_config({"branches": [{"name": "a", "model": str(family["a"][0])},
+                                             {"name": "plain", "model": str(adapters["plain"][0]), "base": base}],
+                                "compress_rate": 0.5, "dtype": "float32"}), tmp_path / "mixed", progress=False)
+    assert "group 'main' holds LoRA adapters with a full fine-tune" in caplog.text
+    scales = BundleReader(tmp_path / "mixed").get("g.main|model.layers.0.self_attn.q_proj.weight|scales")
+    assert not torch.allclose(scales, torch.ones(2))  # (the method's norms, not exact mode's ones)
+    run_merge(parse_config({"branches": [{"name": n, "model": str(adapters[n][0])} for n in ("plain", "rich")],
+                            "base_model": base, "factor_bits": 8, "dtype": "float32"}), tmp_path / "q8", progress=False)
+    rec = BundleReader(tmp_path / "q8").manifest.tensors["main"]["model.layers.0.self_attn.q_proj.weight"]
+    assert rec.bits == [(8, 4)] and 0 < max(rec.rel_error.values()) < 0.01
+    bundle = branchmerge.load(tmp_path / "q8", dtype="float32")
+    x = torch.randint(3, 64, (2, 10))
+    with bundle.use("rich") as m, torch.no_grad():
+        torch.testing.assert_close(m(x).logits, adapters["rich"][1](x).logits, atol=0.05, rtol=0)

@@ -31,7 +31,7 @@ from branchmerge.errors import ConfigError, ModelInputError
 from branchmerge.io.bundle import FORMAT, FORMAT_VERSION, key_part, write_manifest
 from branchmerge.io.card import CARD, bundle_card
 from branchmerge.io.summary import summarize
-from branchmerge.io.adapters import open_model
+from branchmerge.io.adapters import LoraSource, open_model
 from branchmerge.io.models import ModelSource
 from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, copy_side_files
 from branchmerge.merge.budget import merge_with_budget
@@ -158,6 +158,10 @@ def open_groups(config: MergeConfig) -> list[_Group]:
                               "are; a `budget` compresses them as merged models: add `lora: merged`")
         if base is not None:
             logger.info("group %r: LoRA adapters of %s, kept as exact factors over it", gname, base.path)
+        elif config.lora == "exact" and not standalone and any(isinstance(s, LoraSource) for s in sources):
+            logger.warning("group %r holds LoRA adapters with a full fine-tune or with adapters of another base: "
+                           "all are compressed as merged models; a `group` of their own keeps adapters of one base "
+                           "exact", gname)
         out.append(_Group(gname, sources, arch, standalone, base))
     return out
 
