@@ -110,6 +110,29 @@ def test_answers_equal_the_upstreams_and_auto_routes(gw):
     assert [ch.model_extra["branch"] for ch in two.choices] == ["b", "c"]
 
 
+def test_tokenize_and_detokenize_pass_to_the_branchs_upstream(gw):
+    """vLLM's /tokenize and /detokenize go to the branch's upstream (at its root, under its model name), auto
+    routed on the text; pipelines, auto detokenize and an upstream past its time limit are named errors."""
+    url, direct = gw["url"], f"http://127.0.0.1:{gw['p2']}"
+    want = httpx.post(direct + "/tokenize", json={"model": "a", "prompt": "add 2+3=", "return_token_strs": True}).json()
+    via = httpx.post(url + "/tokenize", json={"model": "a-alias", "prompt": "add 2+3=", "return_token_strs": True})
+    assert via.status_code == 200 and via.json()["tokens"] == want["tokens"] and via.json()["branch"] == "a-alias"
+    assert via.json()["token_strs"] == want["token_strs"] and len(want["tokens"]) >= 8
+    auto = httpx.post(url + "/tokenize", json={"model": "auto", "messages": [{"role": "user", "content": "rev hello="}]})
+    assert auto.json()["branch"] == "b" and auto.json()["count"] == len(auto.json()["tokens"]) > 0
+    back = httpx.post(url + "/detokenize", json={"model": "a", "tokens": want["tokens"]})
+    assert back.status_code == 200 and back.json()["prompt"] == httpx.post(
+        direct + "/detokenize", json={"model": "a", "tokens": want["tokens"]}).json()["prompt"]
+    for path, body, status, needle in (
+            ("/tokenize", {"model": "cross", "prompt": "x"}, 400, "pipeline 'cross'"),
+            ("/detokenize", {"model": "auto", "tokens": [1]}, 400, "needs a branch"),
+            ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "'nope' does not exist"),
+            ("/tokenize", {"model": "b-slow", "prompt": "x"}, 504, "slow"),
+            ("/tokenize", {"model": "a", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 400, "one of")):
+        r = httpx.post(url + path, json=body)
+        assert r.status_code == status and needle in r.json()["error"]["message"], (path, body, r.text)
+
+
 def test_streaming_passes_through(gw):
     c = gw["client"]
     msgs = [{"role": "user", "content": "add 2+3="}]

@@ -23,7 +23,7 @@ from typing import Any
 
 import regex
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import safe_open
 
 from branchmerge.common import nonfinite
@@ -51,7 +51,7 @@ class AdapterConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     peft_type: str = "LORA"
-    r: int = 8
+    r: int = Field(default=8, gt=0)
     lora_alpha: float = 8
     use_rslora: bool = False
     use_dora: bool = False
@@ -66,13 +66,6 @@ class AdapterConfig(BaseModel):
     def _lora(cls, v: str) -> str:
         if v != "LORA":
             raise ValueError(f"only LORA adapters can be merged, got peft_type {v!r}")
-        return v
-
-    @field_validator("r")
-    @classmethod
-    def _rank(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError(f"must be a positive integer, got {v}")
         return v
 
     @field_validator("layer_replication")

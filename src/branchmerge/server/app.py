@@ -123,7 +123,7 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
     async def completions(req: P.CompletionRequest, request: Request):
         return await run(service.completions, req, request)
 
-    if hasattr(service, "tokenize"):  # vLLM's (the gateway has none: its upstreams' tokenizers are theirs)
+    if hasattr(service, "tokenize"):  # vLLM's (the gateway passes them to the branch's upstream)
         @app.post("/tokenize")
         async def tokenize(req: TokenizeRequest):
             return await service.tokenize(req)

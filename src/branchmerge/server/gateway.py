@@ -41,6 +41,7 @@ from branchmerge.config import read_yaml, validate
 from branchmerge.errors import BranchmergeError, ConfigError
 from branchmerge.server import protocol as P
 from branchmerge.server.api import ClientGone, Disconnected, Reply, ServerLimits
+from branchmerge.server.gateway_tokens import GatewayTokenReplies
 from branchmerge.server.metrics import SIZE_BUCKETS, Family, Registry
 from branchmerge.server.routing import RouteBatcher
 from branchmerge.staged import ExtractTimeoutError, PipelinesConfig, fill, load_pipelines, postprocess
@@ -178,7 +179,7 @@ def _count(usage: dict[str, Any], key: str) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
 
-class GatewayService:
+class GatewayService(GatewayTokenReplies):
     """The API surface of :func:`~branchmerge.server.app.build_app` over upstreams (no local model)."""
 
     def __init__(self, cfg: GatewayConfig, *, router: Any = None, pipelines: PipelinesConfig | None = None) -> None:
