@@ -270,6 +270,8 @@ def test_select_measures_adapter_candidates(capsys, family, adapters, tmp_path):
     assert chosen and all(b["base"] == str(family["base"][0]) for b in chosen), merge  # (plain: 4/6 vs 3/6)
     run_merge(parse_config(merge), tmp_path / "bundle", progress=False)
     assert (tmp_path / "bundle" / "branches" / chosen[0]["name"]).is_dir()
+    stored = sum(r.bytes for g in BundleReader(tmp_path / "bundle").manifest.tensors.values() for r in g.values())
+    assert stored <= res["choice"]["bytes"] and stored > 0.9 * res["choice"]["bytes"]  # (predicted from headers)
 
 
 def test_adapters_of_one_base_are_kept_exactly_at_any_rate(capsys, family, adapters, tmp_path):
@@ -458,3 +460,46 @@ def test_mixed_groups_say_so_and_exact_factors_quantize(family, adapters, tmp_pa
     x = torch.randint(3, 64, (2, 10))
     with bundle.use("rich") as m, torch.no_grad():
         torch.testing.assert_close(m(x).logits, adapters["rich"][1](x).logits, atol=0.05, rtol=0)
+
+
+def test_the_chooser_predicts_exact_adapter_groups():
+    """`select`'s arithmetic for a group of adapters and their base: weights no adapter changes once, the
+    others with every branch's factors at the largest rank (the rate's where one changes it otherwise); a
+    group with a full fine-tune is predicted as the method compresses it."""
+    from branchmerge.compress import rank_for
+    from branchmerge.selection.choose import Profile, bundle_bytes
+
+    shapes = ((64, 32), (32, 32), (48, 32))
+    base = Profile("base", "g", {}, shapes, 100, lora_ranks=(0, 0, 0))
+    a = Profile("a", "g", {}, shapes, 100, lora_ranks=(4, 0, 0))
+    b = Profile("b", "g", {}, shapes, 100, lora_ranks=(8, 0, -1))
+    dora_rank = rank_for((48, 32), 0.5)
+    want = ((64 * 32 + 3 * 8 * (64 + 32)) + 32 * 32 + (48 * 32 + 3 * dora_rank * (48 + 32))) * 2 + 3 * 4 * 2 + 300 * 2
+    assert bundle_bytes([base, a, b], 0.5, 2) == want
+    assert bundle_bytes([a], 0.5, 2) == (sum(m * n for m, n in shapes) + 100) * 2  # one alone: its dense model
+    from branchmerge.compress import stored_bytes
+
+    full = Profile("full", "g", {}, shapes, 100)  # (the rate's ranks for every weight)
+    assert bundle_bytes([a, full], 0.9, 2) == sum(sum(stored_bytes(s, rank_for(s, 0.9), 2, 2)) for s in shapes) + 400
+
+
+def test_the_chooser_predicts_an_exact_merge_from_headers(family, adapters, tmp_path):
+    from branchmerge.selection.choose import Profile, bundle_bytes
+    from branchmerge.selection.config import CandidateSpec
+    from branchmerge.selection.run import shape_profile
+
+    base = str(family["base"][0])
+    profiles = []
+    for name, model, b in (("base", base, None), ("plain", str(adapters["plain"][0]), base),
+                           ("rich", str(adapters["rich"][0]), base)):
+        spec = CandidateSpec(name=name, model=model, role="base" if b is None else "finetune",
+                             base=None if b is None else "base")
+        comp, other, _, lora = shape_profile(spec, b)
+        profiles.append(Profile(name, "base", {}, comp, other, tuple(lora)))
+    assert max(profiles[1].lora_ranks) == 4 and 2 in profiles[2].lora_ranks and not any(profiles[0].lora_ranks)
+    run_merge(parse_config({"branches": [{"name": "base", "model": base}] + [
+        {"name": n, "model": str(adapters[n][0]), "base": base} for n in ("plain", "rich")],
+        "compress_rate": 0.95, "dtype": "float32"}), tmp_path / "b", progress=False)
+    stored = sum(r.bytes for g in BundleReader(tmp_path / "b").manifest.tensors.values() for r in g.values())
+    predicted = bundle_bytes(profiles, 0.95, 4)
+    assert 0.8 * predicted < stored <= predicted, (stored, predicted)  # (an upper bound: equal tensors stored once)

@@ -31,7 +31,7 @@ def lora_base(sources: list[ModelSource]) -> ModelSource | None:
     """The base of a group whose sources are LoRA adapters of one base folder (or that folder itself), else
     None (the group holds a full fine-tune, or adapters of different bases)."""
     bases = {s.base.path.resolve(): s.base for s in sources if isinstance(s, LoraSource)}
-    if len(bases) != 1:
+    if len(bases) != 1 or len(sources) < 2:  # (one adapter alone: its merged weights, stored once, are smaller)
         return None
     (path, base), = bases.items()
     if any(not isinstance(s, LoraSource) and s.path.resolve() != path for s in sources):

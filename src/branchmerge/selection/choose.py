@@ -21,6 +21,9 @@ class Profile:
         accuracy: per domain, the candidate's accuracy (mean over that domain's tasks).
         compress_shapes: ``[m, n]`` of each weight the merge compresses.
         other_numel: parameters kept per branch (embeddings, norms, head, biases).
+        lora_ranks: a LoRA adapter's rank on each compressed weight (0: unchanged, -1: changed otherwise, as
+            DoRA does); zeros for a base model; None for any other model. A group whose members all have them
+            keeps the adapters exactly (the merge's ``lora: exact``).
     """
 
     name: str
@@ -28,6 +31,7 @@ class Profile:
     accuracy: Mapping[str, float]
     compress_shapes: tuple[tuple[int, int], ...] = ()
     other_numel: int = 0
+    lora_ranks: tuple[int, ...] | None = None
 
     @property
     def numel(self) -> int:
@@ -37,8 +41,10 @@ class Profile:
 def bundle_bytes(members: Sequence[Profile], rate: float, esize: int) -> int:
     """Bytes of a bundle holding ``members`` at ``rate``, stored with ``esize``-byte elements: per group of
     two or more, one ``W̄`` and N scales per compressed weight plus each branch's factors (or dense
-    difference where factors would not be smaller) and kept tensors; a group of one is its dense model.
-    An upper bound: tensors identical across branches are stored once by the real merge."""
+    difference where factors would not be smaller) and kept tensors; a group of one is its dense model. A
+    group of LoRA adapters (and their base) as the merge keeps them exactly: a weight none changes once, any
+    other with every branch's factors at the largest adapter rank (or the rate's, where one changes it
+    otherwise). An upper bound: tensors identical across branches are stored once by the real merge."""
     groups: dict[str, list[Profile]] = {}
     for p in members:
         groups.setdefault(p.group, []).append(p)
@@ -48,8 +54,17 @@ def bundle_bytes(members: Sequence[Profile], rate: float, esize: int) -> int:
         if n == 1:
             total += ps[0].numel * esize
             continue
-        for shape in ps[0].compress_shapes:
-            total += sum(stored_bytes(shape, rank_for(shape, rate), n, esize))
+        exact = all(p.lora_ranks is not None for p in ps)
+        for i, shape in enumerate(ps[0].compress_shapes):
+            if not exact:
+                total += sum(stored_bytes(shape, rank_for(shape, rate), n, esize))
+                continue
+            ranks = [p.lora_ranks[i] for p in ps]
+            if not any(ranks):
+                total += shape[0] * shape[1] * esize
+                continue
+            rank = max(ranks + [rank_for(shape, rate) if -1 in ranks else 0])
+            total += sum(stored_bytes(shape, rank, n, esize))
         total += sum(p.other_numel for p in ps) * esize
     return total
 

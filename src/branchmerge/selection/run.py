@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from branchmerge.architectures import for_hf_config
 from branchmerge.common import DTYPES
 from branchmerge.errors import BranchmergeError, ConfigError, ModelInputError
-from branchmerge.io.adapters import ADAPTER_CONFIG, is_adapter, open_model
+from branchmerge.io.adapters import ADAPTER_CONFIG, LoraSource, is_adapter, open_model
 from branchmerge.io.writer import sha256_file
 from branchmerge.selection.choose import Choice, NothingFits, Profile, bundle_bytes, choose
 from branchmerge.selection.config import CandidateSpec, SelectConfig
@@ -30,19 +30,25 @@ from branchmerge.selection.tasks import LocalTask, read_local_task, write_lm_eva
 logger = logging.getLogger(__name__)
 
 
-def shape_profile(spec: CandidateSpec, base: str | None = None) -> tuple[tuple[tuple[int, int], ...], int, int]:
-    """``(compressed weight shapes, other parameters, weight-file bytes)`` from the safetensors headers (of
-    ``base`` with the adapter, for a LoRA adapter candidate: the model it makes has its base's shapes)."""
+def shape_profile(spec: CandidateSpec, base: str | None = None
+                  ) -> tuple[tuple[tuple[int, int], ...], int, int, list[int] | None]:
+    """``(compressed weight shapes, other parameters, weight-file bytes, LoRA ranks)`` from the safetensors
+    headers (of ``base`` with the adapter, for a LoRA adapter candidate: the model it makes has its base's
+    shapes; its rank on each compressed weight, as :class:`~branchmerge.selection.choose.Profile` takes
+    them; zeros for a base candidate, None for another)."""
     src = open_model(spec.name, spec.model, base=base)
     arch = for_hf_config(src.hf_config, source=str(src.path))
-    comp, other = [], 0
+    comp, other, ranks = [], 0, []
     for t in src.names():
         shape = src.shape(t)
         if arch.role(t, shape) == "compress":
             comp.append((int(shape[0]), int(shape[1])))
+            kind = src.change_kind(t) if isinstance(src, LoraSource) else "none"
+            ranks.append(src.lora_rank(t) if kind == "lora" else -1 if kind == "dense" else 0)
         else:
             other += math.prod(shape)
-    return tuple(comp), other, src.base.nbytes() if base else src.nbytes()  # (an adapter merged: base-sized)
+    lora = ranks if isinstance(src, LoraSource) or spec.role == "base" else None
+    return tuple(comp), other, src.base.nbytes() if base else src.nbytes(), lora  # (an adapter: base-sized)
 
 
 def model_digest(folder: str, base: str | None = None) -> str:
@@ -137,7 +143,7 @@ class Selection:
         """Accuracy per task (cached per model digest, task content and limit), shapes, bytes, peak RSS (an
         adapter candidate's peak is its base's: merged, it is a model of its base's size)."""
         base = self.base_of(spec)
-        comp, other, nbytes = shape_profile(spec, base)
+        comp, other, nbytes, lora = shape_profile(spec, base)
         digest = model_digest(spec.model, base)
         self.cache.mkdir(parents=True, exist_ok=True)
         f = self.cache / f"{digest[:24]}-{self.task_key}.json"
@@ -152,7 +158,7 @@ class Selection:
         if mem is None or not isinstance(mem.get("peak_rss_mb"), (int, float)):
             mem = peak_memory(dense, self.cfg.dtype, self.cfg.device)
             _write_atomic(m, json.dumps(mem))
-        return {"accuracy": acc, "compress_shapes": comp, "other_numel": other, "file_bytes": nbytes,
+        return {"accuracy": acc, "compress_shapes": comp, "other_numel": other, "file_bytes": nbytes, "lora_ranks": lora,
                 "params": sum(a * b for a, b in comp) + other, **mem}
 
     def profile(self, spec: CandidateSpec, rec: dict[str, Any]) -> Profile:
@@ -161,7 +167,8 @@ class Selection:
             by_domain.setdefault(t.area, []).append(rec["accuracy"][t.lm_eval or t.name])
         group = spec.base if spec.role == "finetune" else spec.name
         return Profile(spec.name, group, {d: sum(v) / len(v) for d, v in by_domain.items()},
-                       tuple(map(tuple, rec["compress_shapes"])), rec["other_numel"])
+                       tuple(map(tuple, rec["compress_shapes"])), rec["other_numel"],
+                       None if rec.get("lora_ranks") is None else tuple(rec["lora_ranks"]))
 
 
 def _read_cache(path: Path) -> dict[str, Any] | None:
