@@ -161,6 +161,17 @@ class _Upstream:
                                              f"{self.cfg.max_response_bytes} bytes", type_="upstream_error",
                                         code="upstream_response_too_large"))
 
+    def answer(self, r: httpx.Response, text: str, key: str, what: str) -> dict[str, Any]:
+        """The upstream's JSON object answer holding ``key`` (a list for ``choices``); else its error, or a 502."""
+        if r.status_code != 200:
+            raise self.status_error(r, text)
+        try:
+            out = json.loads(text)
+            assert isinstance(out, dict) and key in out and (key != "choices" or isinstance(out[key], list))
+        except (ValueError, AssertionError):
+            raise self.bad_response(f"something that is not {what} (a JSON object with `{key}`)") from None
+        return out
+
     def status_error(self, r: httpx.Response, text: str) -> P.APIError:
         try:
             err = json.loads(text).get("error") or {}
@@ -310,14 +321,7 @@ class GatewayService(GatewayTokenReplies):
             raise u.error(e) from None
         finally:
             u.release()
-        if r.status_code != 200:
-            raise u.status_error(r, text)
-        try:
-            out = json.loads(text)
-            assert isinstance(out, dict) and isinstance(out.get("choices"), list)
-        except (ValueError, AssertionError):
-            raise u.bad_response("something that is not an OpenAI answer (a JSON object with a `choices` list)"
-                                 ) from None
+        out = u.answer(r, text, "choices", "an OpenAI answer")
         out["branch"] = branch
         self._count_usage(branch, out.get("usage"))
         return out

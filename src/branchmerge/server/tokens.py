@@ -10,6 +10,7 @@ and to build token-id prompts.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +39,33 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(max_length=MAX_DETOKENIZE)
 
 
+def routed_text(req: TokenizeRequest, limits: Any) -> str:
+    """What ``auto`` routes a tokenize request on (its prompt, or its conversation's last user message), its
+    text checked against ``limits``' character limit.
+
+    Raises:
+        APIError: neither or both of prompt and messages; too long.
+    """
+    if (req.prompt is None) == (req.messages is None):
+        raise P.APIError(400, "give one of prompt and messages", param="prompt")
+    if req.prompt is not None:
+        limits.check_chars(req.prompt, "prompt")
+        return req.prompt
+    limits.check_chars("".join(m.text() for m in req.messages), "messages")
+    return next((m.text() for m in reversed(req.messages) if m.role == "user"), req.messages[-1].text())
+
+
+async def branch_of(resolve: Callable[[str, str], Awaitable[tuple[str | None, str | None]]], model: str, text: str,
+                    what: str) -> str:
+    """The branch ``model`` names (``auto``: routed on ``text``) by a service's ``_resolve``; a pipeline is a
+    400: its stages may use different tokenizers."""
+    branch, pipeline = await resolve(model, text)
+    if pipeline is not None or branch is None:
+        raise P.APIError(400, f"{what} needs a branch, not pipeline {pipeline!r} (its stages may use "
+                              "different tokenizers)", param="model")
+    return branch
+
+
 class TokenReplies:
     """``/tokenize`` and ``/detokenize`` of :class:`~branchmerge.server.api.OpenAIService` (which gives
     ``bundle``, ``limits`` and ``_resolve``)."""
@@ -45,27 +73,13 @@ class TokenReplies:
     bundle: Any
     limits: Any
 
-    async def _branch_of(self, model: str, text: str, what: str) -> str:
-        branch, pipeline = await self._resolve(model, text)  # type: ignore[attr-defined]
-        if pipeline is not None or branch is None:
-            raise P.APIError(400, f"{what} needs a branch, not pipeline {pipeline!r} (its stages may use "
-                                  "different tokenizers)", param="model")
-        return branch
-
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
-        if (req.prompt is None) == (req.messages is None):
-            raise P.APIError(400, "give one of prompt and messages", param="prompt")
-        if req.prompt is not None:
-            text = req.prompt
-            self.limits.check_chars(text, "prompt")
-        else:
-            try:
-                msgs = [m.as_dict() for m in req.messages]
-            except ValueError as e:
-                raise P.APIError(400, str(e), param="messages") from None
-            text = next((m.text() for m in reversed(req.messages) if m.role == "user"), req.messages[-1].text())
-            self.limits.check_chars("".join(m.text() for m in req.messages), "messages")
-        branch = await self._branch_of(req.model, text, "tokenize")
+        text = routed_text(req, self.limits)
+        try:
+            msgs = None if req.messages is None else [m.as_dict() for m in req.messages]
+        except ValueError as e:
+            raise P.APIError(400, str(e), param="messages") from None
+        branch = await branch_of(self._resolve, req.model, text, "tokenize")  # type: ignore[attr-defined]
         tok = self.bundle.tokenizer(branch)
 
         def encode() -> list[int]:  # (off the event loop: a long prompt, a chat template)
@@ -84,7 +98,7 @@ class TokenReplies:
     async def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
         if req.model == "auto":
             raise P.APIError(400, "detokenize needs a branch: token ids name no question to route", param="model")
-        branch = await self._branch_of(req.model, "", "detokenize")
+        branch = await branch_of(self._resolve, req.model, "", "detokenize")  # type: ignore[attr-defined]
         try:
             self.bundle.check_ids([req.tokens], [branch], rows=["tokens"])
         except BranchmergeError as e:
