@@ -300,13 +300,17 @@ def test_adapters_of_one_base_are_kept_exactly_at_any_rate(capsys, family, adapt
 
     manifest, diffs = merged("exact")
     assert diffs["base"] < 1e-4 and diffs["plain"] < 1e-4 and diffs["rich"] < 1e-4, diffs
+    assert manifest.groups["main"].lora_base == base  # (`inspect` says so)
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "b-exact")
+    assert code == 0 and "main (exact LoRA)" in out, out + err
     recs = manifest.tensors["main"]
     q0 = recs["model.layers.0.self_attn.q_proj.weight"]
     assert q0.rank == 4 and max(q0.rel_error.values()) < 1e-6  # plain and rich: rank 4; dora and base: zeros
     assert recs["model.layers.0.self_attn.o_proj.weight"].rank == 2  # rich's rank_pattern
     k0 = recs["model.layers.0.self_attn.k_proj.weight"]  # dora's: compressed at r=0.99 (rank 0 of 32)
     assert k0.rank == 0 and k0.rel_error["dora"] > 1e-3
-    _, merged_diffs = merged("merged")
+    merged_manifest, merged_diffs = merged("merged")
+    assert merged_manifest.groups["main"].lora_base is None
     assert min(merged_diffs[n] for n in ("plain", "rich")) > 1e-3, merged_diffs
     with pytest.raises(Exception, match="lora: merged"):
         run_merge(parse_config({"branches": branches, "base_model": base, "budget": {"branch_bytes": 0.5},

@@ -33,7 +33,8 @@ def inspect_cmd(
     for g, d in s["groups"].items():
         ranks = d["ranks"]
         rank_s = "-" if not ranks else (str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}")
-        t.add_row(g + (" (standalone)" if d["standalone"] else ""), d["architecture"], ", ".join(d["branches"]),
+        kind = " (standalone)" if d["standalone"] else " (exact LoRA)" if d.get("lora_base") else ""
+        t.add_row(g + kind, d["architecture"], ", ".join(d["branches"]),
                   str(d["compressed"]), str(d["shared"]), str(d["per_branch"]), str(d["deduplicated"]),
                   str(d["dense_deltas"]), rank_s, mb(d["bytes"]), mb(d["input_bytes"]))
     c.print(t)

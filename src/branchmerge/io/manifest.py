@@ -66,6 +66,8 @@ class GroupInfo(_Frozen):
     architecture: str
     standalone: bool
     transposed: bool = False
+    lora_base: str | None = Field(default=None, description="The base model the group's LoRA adapters were kept "
+                                  "exactly over (W̄ its weights, every s_i 1), as the merge read it.")
 
 
 class BranchInfo(_Frozen):

@@ -28,6 +28,7 @@ def summarize(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
             "branches": g.branches,
             "architecture": g.architecture,
             "standalone": g.standalone,
+            "lora_base": g.lora_base,
             "tensors": len(recs),
             "compressed": len(comp),
             "shared": sum(r.role == "shared" for r in recs.values()),

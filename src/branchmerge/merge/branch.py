@@ -106,6 +106,7 @@ def run_branch_merge(config: MergeConfig, out: str | Path, *, force: bool = Fals
                 "architecture": g.arch.name,
                 "standalone": g.standalone,
                 "transposed": g.arch.transposed,
+                **({"lora_base": str(g.lora_base.path)} if g.lora_base is not None else {}),
             }
             for s in g.sources:
                 dest = tmp / "branches" / s.name
