@@ -178,8 +178,8 @@ class LoraSource(ModelSource):
             if not key.startswith(_PREFIX):
                 raise ModelInputError(f"{where}: key {key!r} does not start with {_PREFIX!r} (not a PEFT adapter key)")
             rest = key[len(_PREFIX):]
-            kind = next((k for s, k in suffixes.items() if rest.endswith(s)), None)
-            if kind is None:
+            suffix = next((s for s in suffixes if rest.endswith(s)), None)
+            if suffix is None:
                 rest = rest.replace(".base_layer.", ".")  # (a LoRA-wrapped layer's own weight: save_embedding_layers)
                 if ".lora_" in rest:
                     raise ModelInputError(f"{where}: key {key!r} is a LoRA part this reader does not know")
@@ -188,7 +188,7 @@ class LoraSource(ModelSource):
                                           f"{self.base.path} does not have")
                 self.replaced[rest] = key
                 continue
-            module = rest[: -len(next(s for s, k in suffixes.items() if rest.endswith(s) and k == kind))]
+            module, kind = rest.removesuffix(suffix), suffixes[suffix]
             if kind == "bias":
                 self.changes.setdefault(f"{module}.bias", _Module(bias_of=module))
                 continue
@@ -271,24 +271,21 @@ class LoraSource(ModelSource):
             return dora_weight(t, delta, self._read(m.magnitude), fan_in_fan_out=self.adapter.fan_in_fan_out)
         return t.float() + delta
 
-    def change_kind(self, tensor: str) -> str:
-        """How the adapter changes ``tensor``: ``"none"``, ``"lora"`` (by factors alone: low rank) or ``"dense"``
-        (a stored copy, DoRA's rescaling, a bias)."""
+    def change_rank(self, tensor: str) -> int | None:
+        """How the adapter changes ``tensor``: 0 not at all, the rank of its factors where they alone change it
+        (from the file's header), None where it changes it otherwise (a stored copy, DoRA's rescaling, a bias)."""
         m = self.changes.get(tensor)
         if tensor in self.replaced or (m is not None and (m.magnitude or m.bias_of or m.embedding)):
-            return "dense"
-        return "none" if m is None else "lora"
-
-    def lora_rank(self, tensor: str) -> int:
-        """The rank of the factors that change ``tensor`` (a ``"lora"`` change), from the file's header."""
-        return int(self._adapter().get_slice(self.changes[tensor].a).get_shape()[0])
+            return None
+        return 0 if m is None else int(self._adapter().get_slice(m.a).get_shape()[0])
 
     def factors(self, tensor: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``U [m, rank]``, ``V [rank, n]`` (float32, zero-padded) whose product is the adapter's change of
         ``tensor`` as stored (a ``"lora"`` change)."""
         m = self.changes[tensor]
         a, b = self._read(m.a), self._read(m.b)
-        return lora_factors(a, b, self.scalings[tensor.removesuffix(".weight")], rank, fan_in_fan_out=self.adapter.fan_in_fan_out)
+        return lora_factors(a, b, self.scalings[tensor.removesuffix(".weight")], rank,
+                            fan_in_fan_out=self.adapter.fan_in_fan_out)
 
     def nbytes(self) -> int:
         return self.base.nbytes() + self.adapter_file.stat().st_size

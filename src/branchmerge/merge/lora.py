@@ -42,10 +42,8 @@ def lora_base(sources: list[ModelSource]) -> ModelSource | None:
 def lora_ranks(sources: list[ModelSource], tensor: str) -> list[int | None] | None:
     """Each branch's adapter rank for ``tensor`` (0: unchanged; None: changed otherwise, as DoRA does), or
     None when no adapter changes it (then the usual path stores it once)."""
-    kinds = [s.change_kind(tensor) if isinstance(s, LoraSource) else "none" for s in sources]
-    if all(k == "none" for k in kinds):
-        return None
-    return [s.lora_rank(tensor) if k == "lora" else 0 if k == "none" else None for s, k in zip(sources, kinds)]
+    ranks = [s.change_rank(tensor) if isinstance(s, LoraSource) else 0 for s in sources]
+    return None if all(r == 0 for r in ranks) else ranks
 
 
 def lora_tensor(g: Any, base: ModelSource, tensor: str, shape: tuple[int, ...], config: MergeConfig,

@@ -43,8 +43,8 @@ def shape_profile(spec: CandidateSpec, base: str | None = None
         shape = src.shape(t)
         if arch.role(t, shape) == "compress":
             comp.append((int(shape[0]), int(shape[1])))
-            kind = src.change_kind(t) if isinstance(src, LoraSource) else "none"
-            ranks.append(src.lora_rank(t) if kind == "lora" else -1 if kind == "dense" else 0)
+            r = src.change_rank(t) if isinstance(src, LoraSource) else 0
+            ranks.append(-1 if r is None else r)
         else:
             other += math.prod(shape)
     lora = ranks if isinstance(src, LoraSource) or spec.role == "base" else None

@@ -297,10 +297,10 @@ class GatewayService(GatewayTokenReplies):
         r = self.cfg.branches[branch]
         return self.up[r.upstream], r.model or branch
 
-    async def _post(self, branch: str, path: str, body: dict[str, Any], disconnected: Disconnected | None
-                    ) -> dict[str, Any]:
-        """POST to the branch's upstream and return its JSON answer; ``timeout_s`` bounds the whole answer
-        (an upstream that sends a byte now and then is cut off too), a client that goes away cancels it."""
+    async def _post(self, branch: str, path: str, body: dict[str, Any], disconnected: Disconnected | None,
+                    key: str = "choices", what: str = "an OpenAI answer") -> dict[str, Any]:
+        """POST to the branch's upstream (``path`` under its base_url, or a URL); its JSON answer, holding ``key``.
+        ``timeout_s`` bounds the whole answer (a trickle too); a client that goes away cancels it."""
         u, name = self._target(branch)
         await u.acquire()
         try:
@@ -321,7 +321,7 @@ class GatewayService(GatewayTokenReplies):
             raise u.error(e) from None
         finally:
             u.release()
-        out = u.answer(r, text, "choices", "an OpenAI answer")
+        out = u.answer(r, text, key, what)
         out["branch"] = branch
         self._count_usage(branch, out.get("usage"))
         return out

@@ -4,10 +4,7 @@ on its text) goes to that branch's upstream under the upstream's model name; the
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
-
-import httpx
 
 from branchmerge.server import protocol as P
 from branchmerge.server.tokens import DetokenizeRequest, TokenizeRequest, branch_of, routed_text
@@ -15,26 +12,16 @@ from branchmerge.server.tokens import DetokenizeRequest, TokenizeRequest, branch
 
 class GatewayTokenReplies:
     """The tokenizer routes of :class:`~branchmerge.server.gateway.GatewayService` (which gives ``_resolve``,
-    ``_target``, ``_read`` and ``limits``)."""
+    ``_target``, ``_post`` and ``limits``)."""
 
     limits: Any
 
     async def _forward(self, branch: str, path: str, body: dict[str, Any], key: str) -> dict[str, Any]:
-        """POST ``body`` to ``path`` at the root of the branch's upstream within its ``timeout_s`` (its
-        concurrency limit held); its JSON answer must carry ``key``."""
-        u, name = self._target(branch)  # type: ignore[attr-defined]
-        root = str(u.cfg.base_url).rstrip("/").removesuffix("/v1")
-        await u.acquire()
-        try:
-            r, text = await asyncio.wait_for(self._read(u, root + path, {**body, "model": name}),  # type: ignore[attr-defined]
-                                             timeout=u.cfg.timeout_s)
-        except TimeoutError:
-            raise u.error(httpx.ReadTimeout("total")) from None
-        except httpx.HTTPError as e:
-            raise u.error(e) from None
-        finally:
-            u.release()
-        return {**u.answer(r, text, key, f"a {path} answer"), "branch": branch}
+        """POST ``body`` to ``path`` at the root of the branch's upstream (as the gateway's other calls: within
+        its concurrency and time limits); its JSON answer must carry ``key``."""
+        u, _ = self._target(branch)  # type: ignore[attr-defined]
+        url = str(u.cfg.base_url).rstrip("/").removesuffix("/v1") + path
+        return await self._post(branch, url, body, None, key, f"a {path} answer")  # type: ignore[attr-defined]
 
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         branch = await branch_of(self._resolve, req.model, routed_text(req, self.limits), "tokenize")  # type: ignore[attr-defined]
