@@ -51,14 +51,15 @@ def shape_profile(spec: CandidateSpec, base: str | None = None
     return tuple(comp), other, src.base.nbytes() if base else src.nbytes(), lora  # (an adapter: base-sized)
 
 
-def model_digest(folder: str, base: str | None = None) -> str:
-    """What a measurement is cached under: the folder's weights and config (an adapter's, with its base's)."""
+def model_digest(folder: str, base_digest: str | None = None) -> str:
+    """What a measurement is cached under: the folder's weights and config (an adapter's, with its base's
+    digest)."""
     h = hashlib.sha256()
     files = sorted(Path(folder).glob("*.safetensors"))
-    for f in files + [Path(folder) / ("config.json" if base is None else ADAPTER_CONFIG)]:
+    for f in files + [Path(folder) / ("config.json" if base_digest is None else ADAPTER_CONFIG)]:
         h.update(f.name.encode() + sha256_file(f).encode())
-    if base is not None:
-        h.update(model_digest(base).encode())
+    if base_digest is not None:
+        h.update(base_digest.encode())
     return h.hexdigest()
 
 
@@ -144,7 +145,8 @@ class Selection:
         adapter candidate's peak is its base's: merged, it is a model of its base's size)."""
         base = self.base_of(spec)
         comp, other, nbytes, lora = shape_profile(spec, base)
-        digest = model_digest(spec.model, base)
+        dense = model_digest(base) if base else None  # (each model's weights are hashed once)
+        digest = model_digest(spec.model, dense)
         self.cache.mkdir(parents=True, exist_ok=True)
         f = self.cache / f"{digest[:24]}-{self.task_key}.json"
         acc = (_read_cache(f) or {}).get("accuracy")
@@ -152,13 +154,13 @@ class Selection:
             args = {"pretrained": spec.model} if base is None else {"pretrained": base, "peft": spec.model}
             acc = evaluate({**args, "device": self.cfg.device}, self.task_names(), self.include, self.cfg.limit)
             _write_atomic(f, json.dumps({"accuracy": acc}))
-        dense = base or spec.model
-        m = self.cache / f"{model_digest(dense)[:24]}-mem2-{self.cfg.dtype}-{self.cfg.device.replace(':', '')}.json"
+        m = self.cache / f"{(dense or digest)[:24]}-mem2-{self.cfg.dtype}-{self.cfg.device.replace(':', '')}.json"
         mem = _read_cache(m)
         if mem is None or not isinstance(mem.get("peak_rss_mb"), (int, float)):
-            mem = peak_memory(dense, self.cfg.dtype, self.cfg.device)
+            mem = peak_memory(base or spec.model, self.cfg.dtype, self.cfg.device)
             _write_atomic(m, json.dumps(mem))
-        return {"accuracy": acc, "compress_shapes": comp, "other_numel": other, "file_bytes": nbytes, "lora_ranks": lora,
+        return {"accuracy": acc, "compress_shapes": comp, "other_numel": other, "file_bytes": nbytes,
+                "lora_ranks": lora,
                 "params": sum(a * b for a, b in comp) + other, **mem}
 
     def profile(self, spec: CandidateSpec, rec: dict[str, Any]) -> Profile:
