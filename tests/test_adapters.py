@@ -417,8 +417,10 @@ def test_serve_adapters_as_vllm_does(capsys, family, adapters, tmp_path):
 
     port, tmp = free_port(), tmp_path / "tmp"
     tmp.mkdir()
+    make_adapter(family["base"][1], tmp_path / "loras" / "qv", 7, r=2, lora_alpha=4, target_modules=["q_proj"])
     proc = subprocess.Popen([sys.executable, "-m", "branchmerge.cli.main", "serve", base, "--port", str(port),
-                             "--lora-modules", f"plain={adapters['plain'][0]}", "--served-model-name", "tiny"],
+                             "--lora-modules", f"plain={adapters['plain'][0]}", "--served-model-name", "tiny",
+                             "--lora-dir", str(tmp_path / "loras")],
                             env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -431,6 +433,12 @@ def test_serve_adapters_as_vllm_does(capsys, family, adapters, tmp_path):
             except httpx.TransportError:
                 time.sleep(0.2)
         assert {"tiny", "plain"} <= set(ids) and [p.name for p in tmp.iterdir() if "lora" in p.name]
+        # --lora-dir: vLLM's runtime loading, over the base (named by --served-model-name)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/load_lora_adapter", json={"lora_name": "qv", "lora_path": "qv"},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        models = {m["id"]: m for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]}
+        assert models["qv"]["parent"] == "tiny" and "parent" not in models["plain"]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from branchmerge.errors import BranchmergeError, ConfigError
+from branchmerge.errors import BranchmergeError, BranchNotFoundError, ConfigError
 from branchmerge.router import ROUTER_DIR, Embedder, Router, RouterConfig, build_router, folder_identity, load_router
 from branchmerge.runtime.bundle import Bundle
 from branchmerge.staged import PipelinesConfig, bundle_pipelines
@@ -129,7 +129,8 @@ class Front:
 
     def model_ids(self) -> list[str]:
         """Every name a request may use as its model: branches, pipelines, and ``auto`` with a router."""
-        return [*self.bundle.branch_names, *(p.name for p in self.pipelines.pipelines),
+        return [*(b for b in self.bundle.branch_names if b not in self.bundle.retiring),
+                *(p.name for p in self.pipelines.pipelines),
                 *(["auto"] if self.router is not None else [])]
 
     def resolve(self, model: str, text: str) -> tuple[str | None, str | None]:
@@ -144,6 +145,8 @@ class Front:
         if model == "auto":
             return self.route_many([text])[0]
         self.bundle.reader.branch(model)
+        if model in self.bundle.retiring:
+            raise BranchNotFoundError(f"adapter {model!r} is being unloaded")
         return model, None
 
     def route_many(self, texts: list[str]) -> list[tuple[str | None, str | None]]:

@@ -64,7 +64,16 @@ def serve_cmd(
                                            "merged at start into a temporary bundle, each kept exactly, removed "
                                            "at exit."),
     served_model_name: str = typer.Option("base", "--served-model-name",
-                                          help="With --lora-modules: the base model's name."),
+                                          help="With --lora-modules or --lora-dir: the base model's name."),
+    lora_dir: Path | None = typer.Option(None, "--lora-dir", help="Turn on vLLM's POST /v1/load_lora_adapter and "
+                                         "/v1/unload_lora_adapter: clients load PEFT LoRA adapters from inside "
+                                         "this folder (links resolved; nothing outside it) as new models, kept "
+                                         "exactly, in memory only. BUNDLE may be a base model folder."),
+    max_loras: int = typer.Option(8, "--max-loras", min=1, help="With --lora-dir: most adapters loaded at once."),
+    max_lora_rank: int = typer.Option(64, "--max-lora-rank", min=1, help="With --lora-dir: largest LoRA rank "
+                                      "accepted."),
+    lora_base: str | None = typer.Option(None, "--lora-base", help="With --lora-dir: the branch adapters are "
+                                         "loaded over (default: the bundle's one base branch)."),
 ) -> None:
     """Serve GET /v1/models, POST /v1/chat/completions and /v1/completions (streaming too), /health and
     /metrics (Prometheus).
@@ -85,9 +94,14 @@ def serve_cmd(
     pipes = load_pipelines(pipelines) if pipelines is not None else None
     kw = dict(host=host, port=port, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms, device=device, dtype=dtype,
               pipelines=pipes, limits=limits, prefix_cache_tokens=prefix_cache_tokens,
-              tool_call_parser=tool_call_parser)
-    if not adapters:
+              tool_call_parser=tool_call_parser, lora_dir=lora_dir, max_loras=max_loras, max_lora_rank=max_lora_rank,
+              lora_base=lora_base)
+    from branchmerge.io.manifest import MANIFEST
+
+    if not adapters and (lora_dir is None or (bundle_dir / MANIFEST).is_file()):
         return serve(str(bundle_dir), **kw)
+    if lora_base is None:
+        kw["lora_base"] = served_model_name
     import signal
     import sys
     import tempfile

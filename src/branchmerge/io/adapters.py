@@ -132,20 +132,37 @@ class LoraSource(ModelSource):
             ModelInputError: naming the branch, file, field or key at fault.
         """
         where = f"branch {name!r}: {folder / ADAPTER_CONFIG}"
+        cfg = cls.read_config(name, folder)
+        base = base or _hub_base(cfg.base_model_name_or_path, where)
+        return cls.over(name, folder, cfg, ModelSource.open(f"{name} (base)", base))
+
+    @classmethod
+    def read_config(cls, name: str, folder: Path) -> AdapterConfig:
+        """The adapter's validated ``adapter_config.json``.
+
+        Raises:
+            ModelInputError: naming the file and field at fault.
+        """
+        where = f"branch {name!r}: {folder / ADAPTER_CONFIG}"
         try:
             raw = json.loads((folder / ADAPTER_CONFIG).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelInputError(f"{where} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise ModelInputError(f"{where} cannot be read: {e.strerror}") from None
         if not isinstance(raw, dict):
             raise ModelInputError(f"{where} must hold a JSON object, got a JSON {type(raw).__name__}")
         try:
-            cfg = AdapterConfig.model_validate(raw)
+            return AdapterConfig.model_validate(raw)
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg'].removeprefix('Value error, ')}"
                                  for x in e.errors())
             raise ModelInputError(f"{where}: {problems}") from None
-        base = base or _hub_base(cfg.base_model_name_or_path, where)
-        base_src = ModelSource.open(f"{name} (base)", base)
+
+    @classmethod
+    def over(cls, name: str, folder: Path, cfg: AdapterConfig, base_src: ModelSource) -> LoraSource:
+        """The adapter in ``folder`` (config ``cfg``) over an opened base (a model folder, or any source with
+        its tensors' names, shapes and values), every key checked against it."""
         weights = folder / ADAPTER_WEIGHTS
         if not weights.is_file():
             pickled = [p.name for p in folder.glob("adapter_model.*")]
@@ -252,13 +269,16 @@ class LoraSource(ModelSource):
                                   "value(s)")
         return t
 
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        return self.base.shape(tensor)
+
     def get(self, tensor: str, *, check_finite: bool = True) -> torch.Tensor:
         """The merged model's tensor: the base's (or the adapter's own copy of it), changed by the adapter's
         factors (then in float32)."""
         if tensor in self.replaced:
             t = self._read(self.replaced[tensor])
         else:
-            t = super().get(tensor, check_finite=check_finite)
+            t = self.base.get(tensor, check_finite=check_finite)
         m = self.changes.get(tensor)
         if m is None:
             return t

@@ -90,6 +90,8 @@ class BundleReader:
             raise BundleError(f"{mpath} is not valid JSON: {e}") from None
         self.manifest: Manifest = parse_manifest(data, str(mpath))
         self._handles: dict[str, Any] = {}
+        self._runtime: dict[str, str] = {}  # branches added in memory (runtime LoRA adapters) → branch they read files of
+        self._views: tuple[dict[str, BranchInfo], dict[str, GroupInfo]] | None = None
         for fname, digest in self.manifest.shards.items():
             f = self.path / fname
             if not f.is_file() or f.is_symlink():
@@ -105,11 +107,46 @@ class BundleReader:
     # ---- manifest views -------------------------------------------------------------------------
     @property
     def branches(self) -> dict[str, BranchInfo]:
-        return self.manifest.branches
+        return self.manifest.branches if not self._runtime else self._overlay()[0]
 
     @property
     def groups(self) -> dict[str, GroupInfo]:
-        return self.manifest.groups
+        return self.manifest.groups if not self._runtime else self._overlay()[1]
+
+    def _overlay(self) -> tuple[dict[str, BranchInfo], dict[str, GroupInfo]]:
+        if self._views is None:
+            branches, groups = dict(self.manifest.branches), dict(self.manifest.groups)
+            for name, like in self._runtime.items():
+                info = branches[like]
+                branches[name] = info.model_copy(update={"source": f"runtime adapter over {like}"})
+                g = groups[info.group]
+                groups[info.group] = g.model_copy(update={"branches": [*g.branches, name]})
+            self._views = branches, groups
+        return self._views
+
+    def add_runtime_branch(self, name: str, like: str) -> None:
+        """A branch held only in memory (a LoRA adapter loaded into a running bundle): it is of ``like``'s
+        group and reads ``like``'s files (config, tokenizer, generation config). Never written to disk."""
+        self.branch(like)
+        if name in self.branches:
+            raise BundleError(f"branch {name!r} exists already")
+        self._runtime[name] = self._runtime.get(like, like)
+        self._views = None
+
+    def remove_runtime_branch(self, name: str) -> None:
+        """Forget a branch :meth:`add_runtime_branch` added.
+
+        Raises:
+            BundleError: ``name`` is a branch of the bundle on disk (or no branch).
+        """
+        if name not in self._runtime:
+            raise BundleError(f"branch {name!r} was not added at runtime")
+        del self._runtime[name]
+        self._views = None
+
+    def runtime_branches(self) -> dict[str, str]:
+        """Branches added in memory → the branch whose files each reads."""
+        return dict(self._runtime)
 
     def branch(self, name: str) -> BranchInfo:
         """The manifest entry of ``name``.
@@ -130,6 +167,7 @@ class BundleReader:
             BundleError: the folder, or a file in it, is a symbolic link (it could read files from anywhere).
         """
         self.branch(name)
+        name = self._runtime.get(name, name)
         d = self.path / "branches" / name
         links = [p for p in (d.parent, d) if p.is_symlink()]
         if not links and d.is_dir():

@@ -23,6 +23,7 @@ from branchmerge.architectures import registry
 from branchmerge.common import resolve_device, resolve_dtype
 from branchmerge.errors import BranchmergeError, BranchNotFoundError, BundleError
 from branchmerge.io.bundle import BundleReader
+from branchmerge.runtime.adapters import LoadedAdapter
 from branchmerge.runtime.build import build_group_model
 from branchmerge.runtime.generation import BatchGeneration, GenerationResult, cache_arg
 from branchmerge.runtime.modules import BranchedLinear, BranchState
@@ -84,6 +85,8 @@ class Bundle(BatchGeneration):
         # changes between hot and factored in the middle of someone's forward pass
         self.weights_lock = threading.RLock()
         self.router: BranchRouter | None = None
+        self.loras: dict[str, LoadedAdapter] = {}  # PEFT LoRA adapters loaded at runtime (load_lora)
+        self.retiring: set[str] = set()  # adapters being unloaded: no new work is taken for them
 
     def _build_groups(self, fused: bool | None, factors: str) -> dict[str, _GroupRuntime]:
         """Every group's model; with the Triton kernels, sibling layers grouped and the kernels warmed up."""
@@ -177,6 +180,43 @@ class Bundle(BatchGeneration):
                 if isinstance(m, BranchedLinear):
                     m.dematerialize(i)
             self._hot.discard(branch)
+
+    def load_lora(self, name: str, folder: str | Path, *, base: str | None = None,
+                  max_rank: int | None = None) -> LoadedAdapter:
+        """Load the PEFT LoRA adapter in ``folder`` as the new branch ``name`` over the branch ``base`` (default:
+        the bundle's one base branch), kept exactly; it is served at once, in mixed batches too, and lives in
+        memory only (:mod:`branchmerge.runtime.adapters`). The adapter is read and checked before the model
+        changes, which then waits for a running forward of its group to end.
+
+        Raises:
+            ModelInputError: a bad adapter, or one changing what a loaded adapter may not (the message says).
+            BundleError: a taken name, a base that cannot take adapters, or a static-cache bundle.
+        """
+        from branchmerge.runtime import adapters
+
+        if self.static_cache:
+            raise BundleError("adapters cannot be loaded into a bundle loaded with static_cache=True")
+        prep = adapters.prepare(self, name, Path(folder), base=base, max_rank=max_rank)
+        with self.weights_lock:
+            loaded = adapters.apply(self, prep)
+        self.loras[name] = loaded
+        return loaded
+
+    def unload_lora(self, name: str) -> None:
+        """Take out an adapter :meth:`load_lora` loaded (its slot is reused by the next one). Generations of it
+        must have ended (the server waits for them).
+
+        Raises:
+            BranchNotFoundError: ``name`` is no adapter loaded at runtime.
+        """
+        from branchmerge.runtime import adapters
+
+        with self.weights_lock:
+            adapters.remove(self, name)
+        self.loras.pop(name, None)
+        self._tokenizers.pop(name, None)
+        self._hot.discard(name)
+        self.retiring.discard(name)
 
     def memory_bytes(self) -> int:
         """Bytes of every parameter and buffer held, counting shared storage once."""

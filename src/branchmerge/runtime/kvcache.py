@@ -214,6 +214,11 @@ class PrefixStore:
         while self.tokens > self.max_tokens:
             self._drop(next(iter(self._rows)))
 
+    def forget(self, branch: str) -> None:
+        """Drop every stored row of ``branch`` (an adapter unloaded: a later one of that name computes otherwise)."""
+        for key in [k for k, got in self._rows.items() if got.branch == branch]:
+            self._drop(key)
+
     def _drop(self, key: int) -> None:
         self.tokens -= len(self._rows.pop(key).tokens)
 

@@ -85,6 +85,7 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
         self._grammars = ThreadPoolExecutor(2, thread_name_prefix="branchmerge-grammar")
         self._shared_tok: Any = _UNSET  # see _shared_tokenizer
         self._ttft: Any = None  # a histogram on /metrics
+        self.loras: Any = None  # a server.lora.RuntimeLoras when adapters may be loaded at runtime
         self._routes = RouteBatcher(lambda texts: self.front.route_many(texts), self._aux, route_batch,
                                     cached=lambda text: self.front.route_cached(text))
 
@@ -106,8 +107,9 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
         data = []
         for i in self.model_ids():
             ctx = self.bundle.context_limit(i) if i in names else self.bundle.tightest_context(names)
+            lora = self.bundle.loras.get(i)  # an adapter loaded at runtime: its base, as vLLM lists it
             data.append({"id": i, "object": "model", "created": created, "owned_by": "branchmerge",
-                         **({"max_model_len": ctx} if ctx else {})})
+                         **({"max_model_len": ctx} if ctx else {}), **({"parent": lora.base} if lora else {})})
         return {"object": "list", "data": data}
 
     def register_metrics(self, registry: Registry) -> None:
@@ -142,8 +144,9 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
                 raise P.APIError(400, str(e)) from None
         try:
             return self.front.resolve(model, text)
-        except BranchNotFoundError:
-            raise P.APIError(404, f"the model {model!r} does not exist; available: {', '.join(self.front.model_ids())}",
+        except BranchNotFoundError as e:
+            why = str(e) if model in self.bundle.retiring else f"the model {model!r} does not exist"
+            raise P.APIError(404, f"{why}; available: {', '.join(self.front.model_ids())}",
                              param="model", code="model_not_found") from None
         except BranchmergeError as e:
             raise P.APIError(400, str(e), param="model", code="model_not_found") from None

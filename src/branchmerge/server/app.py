@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,24 +18,29 @@ from branchmerge.errors import BranchmergeError
 from branchmerge.server import protocol as P
 from branchmerge.server.api import PREFIX_CACHE_TOKENS, ClientGone, OpenAIService, Reply, ServerLimits
 from branchmerge.server.metrics import HTTPMetrics, Registry
+from branchmerge.server.lora import LoadLoraRequest, UnloadLoraRequest
 from branchmerge.server.tokens import DetokenizeRequest, TokenizeRequest
 
 logger = logging.getLogger(__name__)
 _OPEN_PATHS = ("/health",)  # answered without the key, and then saying nothing about the bundle
 _ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",  # metric labels
-           "/tokenize", "/detokenize")
+           "/tokenize", "/detokenize", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: int = 16, wait_ms: float = 10.0,
                max_tokens_limit: int | None = None, pipelines=None, limits: ServerLimits | None = None,
                route_batch: int = 64, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
-               tool_call_parser: str | None = None) -> FastAPI:
+               tool_call_parser: str | None = None, lora_dir: str | Path | None = None, max_loras: int = 8,
+               max_lora_rank: int = 64, lora_base: str | None = None) -> FastAPI:
     """The FastAPI app serving a bundle (or a :class:`~branchmerge.front.Front`): one engine thread,
     concurrent requests batched (and their ``auto`` texts routed together, at most ``route_batch`` in one
     embedding batch). With ``api_key`` every path but a bare ``/health`` needs ``Authorization: Bearer KEY``
     and the interactive docs are off. ``prefix_cache_tokens``: finished requests' KV caches kept (in
     tokens, least recently used out first) for later requests that begin the same way; 0 keeps none.
-    ``tool_call_parser`` (``"hermes"``): ``tool_choice: "auto"`` answers freely and its calls are read out."""
+    ``tool_call_parser`` (``"hermes"``): ``tool_choice: "auto"`` answers freely and its calls are read out.
+    ``lora_dir``: vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` load PEFT LoRA adapters from
+    inside this folder (at most ``max_loras``, of rank ≤ ``max_lora_rank``) over the branch ``lora_base`` (by
+    default the bundle's one base branch); see :mod:`branchmerge.server.lora`."""
     from branchmerge.front import Front, front_for
 
     front = bundle_or_front if isinstance(bundle_or_front, Front) else front_for(bundle_or_front, pipelines)
@@ -42,6 +48,18 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
         limits = (limits or ServerLimits()).model_copy(update={"max_tokens": max_tokens_limit})
     service = OpenAIService(front, limits=limits, max_batch=max_batch, wait_ms=wait_ms, route_batch=route_batch,
                             prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser)
+    if lora_dir is not None:
+        from branchmerge.runtime.adapters import base_branches
+        from branchmerge.server.lora import RuntimeLoras
+
+        if not Path(lora_dir).expanduser().is_dir():
+            raise BranchmergeError(f"--lora-dir {lora_dir} is not a folder")
+        bases = base_branches(front.bundle.reader)
+        if (lora_base is None and len(bases) != 1) or (lora_base is not None and lora_base not in bases):
+            raise BranchmergeError(f"runtime LoRA loading needs one base branch (--lora-base) of a group of the base "
+                                   f"model and its exact adapters; this bundle's: {', '.join(bases) or 'none'}")
+        service.loras = RuntimeLoras(service, lora_dir, max_loras=max_loras, max_rank=max_lora_rank,
+                                     base=lora_base)
     app = build_app(service, api_key=api_key)
     app.state.engine, app.state.bundle = service.engine, front.bundle
     return app
@@ -132,6 +150,15 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
         async def detokenize(req: DetokenizeRequest):
             return await service.detokenize(req)
 
+    if getattr(service, "loras", None) is not None:  # vLLM's runtime LoRA endpoints (serve --lora-dir)
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(req: LoadLoraRequest):
+            return PlainTextResponse(await service.loras.load(req))
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(req: UnloadLoraRequest):
+            return PlainTextResponse(await service.loras.unload(req))
+
     app.add_middleware(Guard, expected=expected, limit=service.limits.max_body_bytes, http=http)
     return app
 
@@ -220,7 +247,9 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 def serve(bundle_dir: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, wait_ms: float = 10.0, device: str = "cpu", dtype: str | None = None,
           pipelines=None, limits: ServerLimits | None = None,
-          prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, tool_call_parser: str | None = None) -> None:
+          prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, tool_call_parser: str | None = None,
+          lora_dir: str | Path | None = None, max_loras: int = 8, max_lora_rank: int = 64,
+          lora_base: str | None = None) -> None:
     """Load a bundle and serve it with uvicorn (blocking); the one entry point the CLI uses."""
     import uvicorn
 
@@ -231,5 +260,6 @@ def serve(bundle_dir: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
         logger.warning(warning)
     front = open_front(bundle_dir, device=device, dtype=dtype, pipelines=pipelines)
     app = create_app(front, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms, limits=limits,
-                     prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser)
+                     prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser, lora_dir=lora_dir,
+                     max_loras=max_loras, max_lora_rank=max_lora_rank, lora_base=lora_base)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

@@ -28,6 +28,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from branchmerge.errors import BranchNotFoundError
 from branchmerge.runtime.kvcache import PrefixStore
 from branchmerge.runtime.sampling import RowSampler, RowSettings
 
@@ -219,6 +220,7 @@ class Engine:
         self.cancelled_jobs = 0
         self.reused_tokens = 0  # tokens of running rows not prefilled again at a segment: their KV cache was kept
         self.running = 0  # jobs in the batch running now
+        self._current: list[Job] = []  # and those jobs
         self.metrics: Any = None  # an EngineMetrics (serve's /metrics), told of each finished batch
         self._queues: OrderedDict[Any, deque[Job]] = OrderedDict()
         self._n = 0
@@ -236,6 +238,8 @@ class Engine:
             Busy: ``max_queued`` jobs are already waiting.
         """
         job.group = self.bundle.reader.branch(job.branch).group
+        if job.branch in self.bundle.retiring:
+            raise BranchNotFoundError(f"adapter {job.branch!r} is being unloaded")
         job.generator = job.sampling.generator(self.bundle.device)
         job.record = [] if job.sampling.logprobs is not None else None
         with self._cv:
@@ -285,6 +289,21 @@ class Engine:
                 self._paused = False
                 self._cv.notify_all()
 
+    def uses(self, branch: str) -> int:
+        """Jobs of ``branch`` waiting or running."""
+        with self._cv:
+            waiting = sum(j.branch == branch for q in self._queues.values() for j in q)
+        return waiting + sum(j.branch == branch for j in self._current)
+
+    def cancel_branch(self, branch: str) -> None:
+        """Cancel every job of ``branch``: waiting ones leave the queue, running ones end at their next token."""
+        with self._cv:
+            waiting = [j for q in self._queues.values() for j in q if j.branch == branch]
+        self.withdraw(waiting)
+        for j in list(self._current):
+            if j.branch == branch:
+                j.cancel()
+
     def queued(self) -> int:
         with self._cv:
             return self._n
@@ -332,35 +351,40 @@ class Engine:
             while self._n == 0 or self._paused:
                 self._cv.wait()
             jobs = [self._take([])]
-        deadline = time.monotonic() + self.wait
-        while len(jobs) < self.max_batch:
-            with self._cv:
-                j = self._take(jobs)
-                if j is None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cv.wait(timeout=left)
-                    continue
-            jobs.append(j)
-        live = [j for j in jobs if not j.cancelled.is_set()]
-        self.cancelled_jobs += len(jobs) - len(live)
-        for j in jobs:
-            if j.cancelled.is_set():
-                j._finish()
-        if live:
-            self._run(live)
+            self._current = jobs  # (taken jobs are no longer queued: uses() sees them here)
+        try:
+            deadline = time.monotonic() + self.wait
+            while len(jobs) < self.max_batch:
+                with self._cv:
+                    j = self._take(jobs)
+                    if j is None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cv.wait(timeout=left)
+                        continue
+                    jobs.append(j)
+            live = [j for j in jobs if not j.cancelled.is_set()]
+            self.cancelled_jobs += len(jobs) - len(live)
+            for j in jobs:
+                if j.cancelled.is_set():
+                    j._finish()
+            if live:
+                self._run(live)
+        finally:
+            self._current = []
 
     # ---- running ------------------------------------------------------------------------------------
     def _run(self, jobs: list[Job]) -> None:
         self.batches += 1
         while jobs:  # segments: the batch's jobs that go on, and those that joined
             with self.bundle.weights_lock:  # materialize() waits for a segment, and a segment for it
-                self.running = len(jobs)
+                self.running, self._current = len(jobs), jobs
                 try:
                     jobs = self._segment(jobs)
                 finally:
                     self.running = 0
+                self._current = jobs  # (between segments too: uses() sees the jobs going on)
 
     def _segment(self, jobs: list[Job]) -> list[Job]:
         """Run ``jobs`` (scoring, or a generation segment); finish those that ended; returns the others,

@@ -1,0 +1,336 @@
+"""PEFT LoRA adapters loaded into a running bundle, as vLLM's ``/v1/load_lora_adapter`` loads them onto its base.
+
+An adapter joins the group of its base branch as one more branch, kept exactly as the merge keeps adapters
+(:mod:`branchmerge.merge.lora`): ``U = scaling·B``, ``V = A`` over ``W̄`` = the base's weight, ``s = 1``.
+That holds for a group the merge made of adapters of that base (its ``lora_base``) and for a group of the
+base alone (a bundle of one model), so only those take adapters. Every branched layer gets a slot for the
+new branch (zeros where the adapter leaves the layer alone, so the fused and mixed-batch layouts stay
+uniform; ranks zero-padded to the largest); a base layer the adapter changes becomes a branched layer;
+per-branch modules (norms, embeddings) get the base's copy, sharing its tensors. Unloading zeroes the
+branch's slot, and the next adapter loaded into that group reuses it in place.
+
+What an adapter may change here: linear layers' weights by LoRA factors (rsLoRA, ``rank_pattern`` and
+``alpha_pattern`` included) and their biases (``lora_bias``). Whole stored tensors (``modules_to_save``),
+DoRA, LoRA on embeddings or the output head, and GPT-2's transposed layers are refused by name: merge such
+adapters into a bundle instead (``serve BASE --lora-modules``, ``merge``), which keeps every one of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from branchmerge.common import check_name
+from branchmerge.errors import BranchNotFoundError, BundleError, ModelInputError
+from branchmerge.io.adapters import LoraSource
+from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
+from branchmerge.io.models import ModelSource
+from branchmerge.runtime.modules import BranchedLinear, PerBranch
+from branchmerge.runtime.quantized import QuantizedBranchedLinear
+
+logger = logging.getLogger(__name__)
+
+FREE = "<free slot {}>"  # the branch-state name of an unloaded adapter's slot (never a valid branch name)
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """An adapter loaded into a running bundle."""
+
+    name: str
+    base: str  # the branch it is an adapter of
+    group: str
+    slot: int  # its branch id in the group's model
+    rank: int  # its largest LoRA rank
+    path: str
+
+
+@dataclass
+class Prepared:
+    """An adapter read and checked, not yet in the model: its factors ``U [out, r]``, ``V [r, in]`` (float32)
+    per weight, and its changed biases ``[out]``."""
+
+    name: str
+    base: str
+    group: str
+    path: Path
+    factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    biases: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return max((u.shape[1] for u, _ in self.factors.values()), default=0)
+
+
+@dataclass
+class _BundleBase(ModelSource):
+    """A bundle's base branch as the base an adapter is read over: names and shapes from the manifest,
+    values from the bundle's shards."""
+
+    reader: BundleReader | None = None
+    group: str = ""
+
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        return tuple(self._record(tensor).shape)
+
+    def _record(self, tensor: str):
+        rec = self.reader.manifest.tensors[self.group].get(tensor)
+        if rec is None:
+            raise ModelInputError(f"branch {self.name!r}: the bundle has no tensor {tensor}")
+        return rec
+
+    def get(self, tensor: str, *, check_finite: bool = True) -> Tensor:
+        rec, r, b = self._record(tensor), self.reader, self.name
+        if rec.role == "shared":
+            return r.get(key_shared(self.group, tensor))
+        if rec.role == "per_branch":
+            return r.get(key_own(rec.holder(b), tensor))
+        i = r.groups[self.group].branches.index(b)  # compressed: s_b·(W̄ + U_b V_b)
+        d = r.difference(b, tensor)
+        w = r.get(key_mean(self.group, tensor)).float()
+        if d.dense is not None:
+            w = w + d.dense.float()
+        elif d.u is not None:
+            w = w + d.u.float() @ d.v.float()
+        return w * float(r.get(key_scales(self.group, tensor))[i])
+
+    def nbytes(self) -> int:
+        return 0
+
+
+def base_branches(reader: BundleReader) -> list[str]:
+    """The branches adapters can be loaded over: each exact-LoRA group's base (the branch that is its
+    ``lora_base``), and the branch of a one-branch group that stores every tensor whole."""
+    out = []
+    for gname, g in reader.manifest.groups.items():
+        if g.standalone or g.transposed:
+            continue
+        if g.lora_base is not None:
+            out += [b for b in g.branches if reader.manifest.branches[b].source == g.lora_base]
+        elif len(g.branches) == 1 and all(r.role != "compressed" for r in reader.manifest.tensors[gname].values()):
+            out.append(g.branches[0])
+    return out
+
+
+def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_rank: int | None = None) -> Prepared:
+    """Read and check the adapter in ``folder`` for ``bundle`` as branch ``name`` over the branch ``base`` (by
+    default the bundle's one base branch); nothing in the model changes yet.
+
+    Raises:
+        ModelInputError: the adapter is unreadable, does not fit the base, changes what a runtime adapter may
+            not, or has a rank over ``max_rank``. BundleError: the name is taken, or ``base`` cannot take adapters.
+    """
+    reader: BundleReader = bundle.reader
+    try:
+        check_name(name, "adapter name")
+    except ValueError as e:
+        raise BundleError(str(e)) from None
+    if name == "auto" or name in reader.branches:
+        raise BundleError(f"the name {name!r} is taken (a branch of the bundle, or 'auto')")
+    bases = base_branches(reader)
+    if base is None:
+        if len(bases) != 1:
+            raise BundleError(f"name the base branch the adapter is over; candidates: {', '.join(bases) or 'none'}")
+        base = bases[0]
+    if base not in bases:
+        reader.branch(base)  # (an unknown name says so)
+        raise BundleError(f"branch {base!r} cannot take adapters: its group is not the base model with exact LoRA "
+                          f"adapters (or the base alone); branches that can: {', '.join(bases) or 'none'}")
+    group = reader.branch(base).group
+    src = LoraSource.over(name, folder, LoraSource.read_config(name, folder), _BundleBase(
+        name=base, path=reader.path, hf_config=reader.hf_config(base),
+        weight_map={t: reader.path for t in reader.manifest.tensors[group]}, reader=reader, group=group))
+    where = f"adapter {name!r} ({folder})"
+    model = bundle.groups[group].model
+    head = model.get_output_embeddings()
+    prep = Prepared(name, base, group, folder)
+    ranks: dict[str, int] = {}
+    for tensor, m in src.changes.items():
+        if m.bias_of is not None:
+            continue
+        if m.magnitude is not None or m.embedding:
+            raise ModelInputError(f"{where} changes {tensor} by {'DoRA' if m.magnitude else 'an embedding LoRA'}, "
+                                  "which a loaded adapter cannot; merge it into a bundle instead")
+        mod = _module(model, tensor)
+        if isinstance(mod, QuantizedBranchedLinear) or not isinstance(mod, (BranchedLinear, nn.Linear)) \
+                or mod is head or (isinstance(mod, BranchedLinear) and not mod.uniform):
+            raise ModelInputError(f"{where} changes {tensor}, a {type(mod).__name__} this bundle does not keep as "
+                                  "a linear layer adapters can join (the output head, or quantized factors)")
+        rank = src.change_rank(tensor)
+        if max_rank is not None and rank > max_rank:
+            raise ModelInputError(f"{where} has rank {rank} at {tensor}, above this server's limit of {max_rank} "
+                                  "(--max-lora-rank)")
+        ranks[tensor] = rank
+    if src.replaced:
+        raise ModelInputError(f"{where} stores whole tensors ({', '.join(sorted(src.replaced)[:3])}: "
+                              "modules_to_save), which a loaded adapter cannot add; merge it into a bundle instead")
+    for tensor, rank in ranks.items():  # (read only once every check passed)
+        prep.factors[tensor] = src.factors(tensor, rank)
+    for tensor, m in src.changes.items():
+        if m.bias_of is not None:
+            prep.biases[tensor] = src.get(tensor)
+    return prep
+
+
+def _module(model: nn.Module, tensor: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(tensor.rpartition(".")[0])
+    except AttributeError:
+        return None
+
+
+def apply(bundle, prep: Prepared) -> LoadedAdapter:
+    """Add ``prep`` to its group's model (call with ``bundle.weights_lock`` held: no forward of that model
+    may run meanwhile). Returns where it went."""
+    from branchmerge.architectures import registry
+    from branchmerge.runtime.siblings import group_siblings
+
+    reader: BundleReader = bundle.reader
+    if prep.name in reader.branches:
+        raise BundleError(f"the name {prep.name!r} is taken")
+    g = bundle.groups[prep.group]
+    model, state = g.model, g.state
+    n, base = len(state.names), state.index(prep.base)
+    slot = next((i for i, s in enumerate(state.names) if s == FREE.format(i)), n)
+    layers = [(mn, m) for mn, m in model.named_modules() if isinstance(m, BranchedLinear)]
+    fused = any(m.fused for _, m in layers) if layers else (bundle.device.type == "cuda" and bundle.kernels != "triton")
+    triton = bundle.kernels == "triton"
+    in_place = slot < n and all(m.rank >= prep.factors[f"{mn}.weight"][0].shape[1]
+                                for mn, m in layers if f"{mn}.weight" in prep.factors)
+    converted = False
+    with torch.no_grad():
+        if not in_place:
+            for _, m in layers:  # every layer is rebuilt: the siblings are grouped again afterwards
+                if m.sibling is not None:
+                    m.sibling.dissolve()
+        for mn, m in list(model.named_modules()):
+            w, b = f"{mn}.weight", f"{mn}.bias"
+            if isinstance(m, BranchedLinear):
+                if in_place:
+                    _write_slot(m, slot, prep.factors.get(w), prep.biases.get(b), base)
+                else:
+                    _replace(model, mn, _rebuild(m, slot, n, prep.factors.get(w), prep.biases.get(b), base))
+            elif type(m) is nn.Linear and w in prep.factors:
+                new = _branched(m, state, slot, max(n, slot + 1), prep.factors[w], prep.biases.get(b), fused)
+                new.use_triton = triton
+                _replace(model, mn, new)
+                converted = True
+            elif isinstance(m, PerBranch) and slot == n:
+                _replace(model, mn, PerBranch(state, [*m._copies, _shallow(m._copies[base])]))
+        if slot == n:
+            state.names.append(prep.name)
+        else:
+            state.names[slot] = prep.name
+        reader.add_runtime_branch(prep.name, prep.base)
+        arch = registry().get(reader.groups[prep.group].architecture)
+        if triton and (converted or not in_place) and arch is not None and arch.siblings:
+            group_siblings(model, arch.siblings)
+    logger.info("adapter %r loaded over %r (group %r, slot %d, rank %d, %d layers)", prep.name, prep.base,
+                prep.group, slot, prep.rank, len(prep.factors))
+    return LoadedAdapter(prep.name, prep.base, prep.group, slot, prep.rank, str(prep.path))
+
+
+def remove(bundle, name: str) -> None:
+    """Take the runtime adapter ``name`` out (call with ``bundle.weights_lock`` held): its slot is zeroed in
+    place, to be reused by the next adapter loaded into its group.
+
+    Raises:
+        BranchNotFoundError: ``name`` is no adapter loaded at runtime.
+    """
+    reader: BundleReader = bundle.reader
+    base = reader.runtime_branches().get(name)
+    if base is None:
+        raise BranchNotFoundError(f"no adapter {name!r} was loaded at runtime; loaded: "
+                                  f"{', '.join(reader.runtime_branches()) or 'none'}")
+    g = bundle.groups[reader.branch(name).group]
+    i, b = g.state.index(name), g.state.index(base)
+    with torch.no_grad():
+        for m in g.model.modules():
+            if isinstance(m, BranchedLinear):
+                if str(i) in m.hot:
+                    m.dematerialize(i)
+                _write_slot(m, i, None, None, b)
+    g.state.names[i] = FREE.format(i)
+    reader.remove_runtime_branch(name)
+    logger.info("adapter %r unloaded (slot %d of group %r is free)", name, i, g.name)
+
+
+def _pad(u: Tensor, v: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``U [out, r]``, ``V [r, in]`` zero-padded to rank ``k``."""
+    r = u.shape[1]
+    if r == k:
+        return u, v
+    pu, pv = u.new_zeros(u.shape[0], k), v.new_zeros(k, v.shape[1])
+    pu[:, :r], pv[:r] = u, v
+    return pu, pv
+
+
+def _write_slot(m: BranchedLinear, i: int, factors: tuple[Tensor, Tensor] | None, bias: Tensor | None,
+                base: int) -> None:
+    """Branch ``i`` of ``m`` (a uniform layer of rank ≥ the factors') becomes ``factors`` (None: zeros) and
+    ``bias`` (None: the base's), written into the stored tensors (sibling buffers included)."""
+    v, ut = m._v[i], m._ut[i]  # [k, in], [k, out] views
+    v.zero_()
+    ut.zero_()
+    if factors is not None:
+        u, a = factors
+        r = u.shape[1]
+        v[:r] = a.to(v.dtype)
+        ut[:r] = u.T.to(ut.dtype)
+    if m.has_bias:
+        m.bias_cat[i] = m.bias_cat[base] if bias is None else bias.to(m.bias_cat.dtype)
+
+
+def _rebuild(m: BranchedLinear, slot: int, n: int, factors: tuple[Tensor, Tensor] | None, bias: Tensor | None,
+             base: int) -> BranchedLinear:
+    """``m`` with branch ``slot`` (``n``: a new one) set to ``factors`` and ``bias``; the other branches' factors,
+    biases and hot weights kept; every rank padded to the largest."""
+    if not m.uniform or any(s != 1.0 for s in m.scales):
+        raise BundleError(f"layer {m.extra_repr()} is not an exact LoRA layer (uniform factors, every scale 1)")
+    count = max(n, slot + 1)
+    k = max(m.rank, 0 if factors is None else factors[0].shape[1])
+    zero = (m.weight_mean.new_zeros(m.out_features, 0), m.weight_mean.new_zeros(0, m.in_features))
+    diffs = []
+    for i in range(count):
+        u, v = (factors or zero) if i == slot else (m._ut[i].T, m._v[i])
+        diffs.append(("lowrank", *_pad(u, v, k)))
+    biases = None
+    if m.has_bias or bias is not None:
+        own = m._bias(base) if bias is None else bias
+        biases = [own if i == slot else m._bias(i) for i in range(count)]
+    new = BranchedLinear(m.state, m.weight_mean.detach(), [1.0] * count, diffs, biases, fused=m.fused)
+    new.use_triton = m.use_triton
+    for key, w in m.hot.items():
+        if int(key) != slot:
+            new.hot[key] = w
+    new._index_factors()
+    return new
+
+
+def _branched(lin: nn.Linear, state, slot: int, count: int, factors: tuple[Tensor, Tensor], bias: Tensor | None,
+              fused: bool) -> BranchedLinear:
+    """A base ``nn.Linear`` as a branched layer: zeros for every branch but ``slot``."""
+    u, v = factors
+    zero = ("lowrank", u.new_zeros(u.shape), v.new_zeros(v.shape))
+    diffs = [("lowrank", u, v) if i == slot else zero for i in range(count)]
+    biases = None
+    if lin.bias is not None:
+        biases = [bias if i == slot and bias is not None else lin.bias.detach() for i in range(count)]
+    return BranchedLinear(state, lin.weight.detach(), [1.0] * count, diffs, biases, fused=fused)
+
+
+def _shallow(m: nn.Module) -> nn.Module:
+    """A copy of ``m`` that shares its tensors (a new branch's copy of the base's norm or embedding)."""
+    c = copy.copy(m)
+    c._parameters, c._buffers, c._modules = dict(m._parameters), dict(m._buffers), dict(m._modules)
+    return c
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -1,0 +1,125 @@
+"""vLLM's runtime LoRA endpoints, ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``, over a
+served bundle (:meth:`~branchmerge.runtime.bundle.Bundle.load_lora`).
+
+On only with ``serve --lora-dir DIR`` (vLLM gates them behind ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``): a
+request's ``lora_path`` is read inside DIR only, after every link is resolved, so a client can load what the
+operator put there and nothing else. At most ``max_loras`` adapters are loaded at once and none of a rank
+over ``max_rank``; loads and unloads run one at a time, off the event loop. Unloading stops taking
+requests for the adapter, lets its running ones finish (cancelling them after ``drain_s``), then frees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from branchmerge.errors import BranchmergeError
+from branchmerge.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from branchmerge.server import protocol as P
+
+logger = logging.getLogger(__name__)
+
+
+class LoadLoraRequest(BaseModel):
+    """vLLM's ``LoadLoRAAdapterRequest``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_path: str = Field(min_length=1, max_length=4096)
+    load_inplace: bool = Field(default=False, description="Replace an adapter of this name that is loaded.")
+
+
+class UnloadLoraRequest(BaseModel):
+    """vLLM's ``UnloadLoRAAdapterRequest``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_int_id: int | None = None  # (vLLM's; names identify adapters here)
+
+
+class RuntimeLoras:
+    """Loads and unloads adapters of a served bundle for HTTP requests."""
+
+    def __init__(self, service, folder: str | Path, *, max_loras: int = 8, max_rank: int = 64,
+                 base: str | None = None, drain_s: float = 30.0) -> None:
+        self.service, self.bundle, self.engine = service, service.bundle, service.engine
+        self.root = Path(folder).expanduser().resolve()
+        if not self.root.is_dir():
+            raise BranchmergeError(f"--lora-dir {folder} is not a folder")
+        self.max_loras, self.max_rank, self.base, self.drain_s = max_loras, max_rank, base, drain_s
+        self._lock = asyncio.Lock()
+
+    def _folder(self, raw: str) -> Path:
+        """``raw`` (relative to the LoRA folder, or absolute) as an adapter folder inside it, links resolved.
+
+        Raises:
+            APIError: 400 for a path outside the folder or no adapter folder.
+        """
+        if "\x00" in raw:
+            raise P.APIError(400, "lora_path holds a NUL character", param="lora_path")
+        p = Path(raw).expanduser()
+        real = (p if p.is_absolute() else self.root / p).resolve()
+        files = [real, (real / ADAPTER_CONFIG).resolve(), (real / ADAPTER_WEIGHTS).resolve()]
+        if any(f != self.root and not f.is_relative_to(self.root) for f in files):
+            raise P.APIError(400, f"lora_path {raw!r} is outside this server's LoRA folder (--lora-dir)",
+                             param="lora_path")
+        if not (real / ADAPTER_CONFIG).is_file():
+            raise P.APIError(400, f"lora_path {raw!r} is not a PEFT adapter folder (no {ADAPTER_CONFIG})",
+                             param="lora_path")
+        return real
+
+    async def load(self, req: LoadLoraRequest) -> str:
+        folder = self._folder(req.lora_path)
+        async with self._lock:
+            if req.lora_name in self.bundle.loras:
+                if not req.load_inplace:
+                    raise P.APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded.",
+                                     param="lora_name")
+                await self._unload(req.lora_name)
+            if len(self.bundle.loras) >= self.max_loras:
+                raise P.APIError(400, f"{len(self.bundle.loras)} adapters are loaded, this server's limit "
+                                 f"(--max-loras); unload one first", param="lora_name")
+            t = time.monotonic()
+            try:
+                got = await asyncio.to_thread(self.bundle.load_lora, req.lora_name, folder, base=self.base,
+                                              max_rank=self.max_rank)
+            except BranchmergeError as e:
+                raise P.APIError(400, str(e), param="lora_path") from None
+        logger.info("loaded adapter %r from %s in %.2f s (rank %d)", got.name, folder, time.monotonic() - t, got.rank)
+        return f"Success: LoRA adapter '{req.lora_name}' added successfully."
+
+    async def unload(self, req: UnloadLoraRequest) -> str:
+        async with self._lock:
+            if req.lora_name not in self.bundle.loras:
+                raise P.APIError(404, f"The lora adapter '{req.lora_name}' cannot be found.", param="lora_name",
+                                 code="model_not_found")
+            await self._unload(req.lora_name)
+        return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
+
+    async def _unload(self, name: str) -> None:
+        """Stop taking work for ``name``, let its jobs end (cancelled after ``drain_s``), then free it."""
+        self.bundle.retiring.add(name)
+        try:
+            end = time.monotonic() + self.drain_s
+            while self.engine.uses(name) and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+            if self.engine.uses(name):
+                logger.warning("unloading adapter %r: cancelling its %d unfinished jobs", name, self.engine.uses(name))
+                self.engine.cancel_branch(name)
+                while self.engine.uses(name):
+                    await asyncio.sleep(0.02)
+            await asyncio.to_thread(self._free, name)
+        finally:
+            self.bundle.retiring.discard(name)
+
+    def _free(self, name: str) -> None:
+        with self.bundle.weights_lock:  # (the engine's prefix cache is used only under this lock)
+            self.bundle.unload_lora(name)
+            if self.engine.prefix is not None:
+                self.engine.prefix.forget(name)

@@ -1,0 +1,255 @@
+"""PEFT LoRA adapters loaded into a running bundle (vLLM's /v1/load_lora_adapter): each loaded adapter's
+logits are PEFT's model's, the branches already there do not change, mixed batches take it, unloading frees
+its slot for the next one, and what a loaded adapter cannot be (or a client may not load) is refused by name
+with nothing changed."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+import branchmerge
+from branchmerge.errors import BranchNotFoundError, BundleError, ModelInputError
+from branchmerge.merge import merge_adapters
+from branchmerge.server import create_app
+from tests.serving import serving, wait_queued
+from tests.test_adapters import make_adapter
+
+SPECS = {  # name -> LoraConfig
+    "qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "wide": dict(r=8, lora_alpha=16, use_rslora=True, rank_pattern={"o_proj": 3},
+                 target_modules=["q_proj", "o_proj", "gate_proj", "down_proj"]),
+    "k": dict(r=2, lora_alpha=4, target_modules=["k_proj"]),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"]),
+    "saved": dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    "emb": dict(r=4, lora_alpha=8, target_modules=["embed_tokens"]),
+}
+X = torch.tensor([[1, 5, 9, 14, 3, 22, 7, 30]])
+
+
+@pytest.fixture(scope="module")
+def loras(family, tmp_path_factory):
+    """Each adapter of SPECS in ``root/NAME``, with PEFT's merged model."""
+    root = tmp_path_factory.mktemp("loras")
+    return root, {n: make_adapter(family["base"][1], root / n, 10 + i, **kw) for i, (n, kw) in enumerate(SPECS.items())}
+
+
+def _logits(bundle, name):
+    with torch.no_grad(), bundle.use(name) as m:
+        return m(input_ids=X).logits
+
+
+def _greedy(model, ids, n=5):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("start", [["qv"], []], ids=["exact-group", "base-alone"])
+def test_loaded_adapters_are_pefts_models_and_leave_the_others_alone(family, loras, tmp_path, start):
+    root, peft = loras
+    base = family["base"][1]
+    merge_adapters(family["base"][0], {n: root / n for n in start}, tmp_path / "b", base_name="base", progress=False)
+    bundle = branchmerge.load(tmp_path / "b", dtype="float32")
+    before = {n: _logits(bundle, n) for n in bundle.branch_names}
+    bytes0 = bundle.memory_bytes()
+
+    got = bundle.load_lora("wide", root / "wide")  # rank 8: above the group's 4, every layer re-padded
+    assert (got.base, got.rank, got.slot) == ("base", 8, len(start) + 1)
+    assert "wide" in bundle.branch_names and bundle.reader.hf_config("wide") == bundle.reader.hf_config("base")
+    torch.testing.assert_close(_logits(bundle, "wide"), peft["wide"](X).logits, atol=1e-5, rtol=0)
+    for n, t in before.items():  # the branches already there compute as before
+        torch.testing.assert_close(_logits(bundle, n), t, atol=1e-6, rtol=0, msg=n)
+    assert bundle.memory_bytes() > bytes0
+    bundle.load_lora("k", root / "k")
+    torch.testing.assert_close(_logits(bundle, "k"), peft["k"](X).logits, atol=1e-5, rtol=0)
+
+    # one mixed batch over the base, the start adapter and both loaded ones: each row its own model's answer
+    names = ["base", *start, "wide", "k"]
+    models = {"base": base, **{n: peft[n] for n in names[1:]}}
+    prompts = [[3 + i, 8, 12 + i, 2] for i in range(len(names))]
+    outs = bundle.generate_ids(prompts, names, max_new_tokens=[5] * len(names))
+    for n, p, o in zip(names, prompts, outs):
+        assert o.new_ids == _greedy(models[n], p), n
+
+    # unloaded: gone by name, its slot zeroed and reused (in place) by the next adapter of a rank that fits
+    slot = bundle.loras["wide"].slot
+    bundle.unload_lora("wide")
+    assert "wide" not in bundle.branch_names and "wide" not in bundle.loras
+    with pytest.raises(BranchNotFoundError):
+        bundle.tokenizer("wide")
+    with pytest.raises(BranchNotFoundError, match="no adapter 'base' was loaded at runtime"):
+        bundle.unload_lora("base")
+    again = bundle.load_lora("qv2", root / "qv")
+    assert again.slot == slot
+    torch.testing.assert_close(_logits(bundle, "qv2"), peft["qv"](X).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(bundle, "k"), peft["k"](X).logits, atol=1e-5, rtol=0)
+    for n, t in before.items():
+        torch.testing.assert_close(_logits(bundle, n), t, atol=1e-6, rtol=0, msg=n)
+    bundle.materialize("qv2")  # a hot loaded branch is exactly its factored self
+    torch.testing.assert_close(_logits(bundle, "qv2"), peft["qv"](X).logits, atol=1e-5, rtol=0)
+
+
+def test_what_a_loaded_adapter_cannot_be_is_refused_and_nothing_changes(family, loras, bundles, tmp_path):
+    root, _ = loras
+    merge_adapters(family["base"][0], {"qv": root / "qv"}, tmp_path / "b", base_name="base", progress=False)
+    bundle = branchmerge.load(tmp_path / "b", dtype="float32")
+    names, logits = list(bundle.branch_names), _logits(bundle, "qv")
+    cases = [
+        ("d", root / "dora", {}, ModelInputError, "by DoRA"),
+        ("s", root / "saved", {}, ModelInputError, "modules_to_save"),
+        ("e", root / "emb", {}, ModelInputError, "embedding LoRA"),
+        ("w", root / "wide", {"max_rank": 4}, ModelInputError, "rank 8 .* above this server's limit of 4"),
+        ("qv", root / "k", {}, BundleError, "is taken"),
+        ("auto", root / "k", {}, BundleError, "is taken"),
+        ("../x", root / "k", {}, BundleError, "not a safe name"),
+        ("k", tmp_path, {}, ModelInputError, "adapter_config.json cannot be read"),
+        ("k", root / "k", {"base": "qv"}, BundleError, "cannot take adapters"),
+        ("k", root / "k", {"base": "nope"}, BranchNotFoundError, "unknown branch"),
+    ]
+    for name, folder, kw, err, needle in cases:
+        with pytest.raises(err, match=needle):
+            bundle.load_lora(name, folder, **kw)
+        assert bundle.branch_names == names and not bundle.loras, name
+    bad = tmp_path / "bad"  # a corrupt weights file, and factors that do not fit the base
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((root / "k" / "adapter_config.json").read_text())
+    (bad / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(ModelInputError, match="not a readable safetensors"):
+        bundle.load_lora("bad", bad)
+    torch.testing.assert_close(_logits(bundle, "qv"), logits, atol=0, rtol=0)
+    # a compressed bundle's W̄ is no base's weight: its branches cannot take adapters
+    other = branchmerge.load(bundles[0.9], dtype="float32")
+    with pytest.raises(BundleError, match="candidates: none"):
+        other.load_lora("k", root / "k")
+
+
+def _post(url, path, **body):
+    return httpx.post(f"{url}{path}", json=body, timeout=60)
+
+
+def test_the_server_loads_and_unloads_adapters_as_vllm_does(family, loras, tmp_path):
+    import openai
+
+    root, peft = loras
+    merge_adapters(family["base"][0], {}, tmp_path / "b", base_name="base", progress=False)
+    bundle = branchmerge.load(tmp_path / "b", dtype="float32")
+    outside = tmp_path / "outside"  # an adapter folder the operator did not put in the LoRA folder
+    outside.mkdir()
+    (outside / "adapter_config.json").write_text((root / "k" / "adapter_config.json").read_text())
+    (outside / "adapter_model.safetensors").write_bytes((root / "k" / "adapter_model.safetensors").read_bytes())
+    os.symlink(outside, root / "link")
+    app = create_app(bundle, lora_dir=root, max_loras=2, max_lora_rank=8)
+    prompt = [4, 9, 2, 17, 5]
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
+        r = _post(url, "/v1/load_lora_adapter", lora_name="wide", lora_path="wide")
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'wide' added successfully.", r.text
+        listed = {m.id: m for m in client.models.list().data}
+        assert listed["wide"].model_extra["parent"] == "base"
+        got = client.completions.create(model="wide", prompt=prompt, max_tokens=5, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert got.choices[0].text == bundle.tokenizer("wide").decode(_greedy(peft["wide"], prompt))
+        refused = {  # each: status, words of the error
+            ("wide", "wide"): (400, "already been loaded"),
+            ("x", "../outside"): (400, "outside this server's LoRA folder"),
+            ("x", str(outside)): (400, "outside this server's LoRA folder"),
+            ("x", "link"): (400, "outside this server's LoRA folder"),
+            ("x", "nope"): (400, "not a PEFT adapter folder"),
+            ("x", "dora"): (400, "by DoRA"),
+            ("x y", "k"): (400, "not a safe name"),
+        }
+        for (name, path), (status, words) in refused.items():
+            r = _post(url, "/v1/load_lora_adapter", lora_name=name, lora_path=path)
+            assert r.status_code == status and words in r.json()["error"]["message"], (name, path, r.text)
+        assert _post(url, "/v1/load_lora_adapter", lora_name="x", lora_path="k", extra=1).status_code == 400
+        assert _post(url, "/v1/load_lora_adapter", lora_name="k", lora_path=str(root / "k")).status_code == 200
+        r = _post(url, "/v1/load_lora_adapter", lora_name="qv", lora_path="qv")
+        assert r.status_code == 400 and "--max-loras" in r.json()["error"]["message"]
+        # load_inplace replaces an adapter of that name
+        r = _post(url, "/v1/load_lora_adapter", lora_name="k", lora_path="qv", load_inplace=True)
+        assert r.status_code == 200
+        got = client.completions.create(model="k", prompt=prompt, max_tokens=5, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert got.choices[0].text == bundle.tokenizer("k").decode(_greedy(peft["qv"], prompt))
+
+        # unloading while a request of it waits: no new ones are taken, it ends whole, then the adapter goes
+        lines: list[str] = []
+        unloaded: list[httpx.Response] = []
+
+        def stream():
+            with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
+                    "model": "wide", "prompt": prompt, "max_tokens": 40, "temperature": 0, "stream": True,
+                    "ignore_eos": True}) as s:
+                lines.extend(line for line in s.iter_lines() if line.startswith("data: "))
+
+        engine = app.state.engine
+        threads = [threading.Thread(target=stream),
+                   threading.Thread(target=lambda: unloaded.append(_post(url, "/v1/unload_lora_adapter",
+                                                                         lora_name="wide")))]
+        with engine.paused():
+            threads[0].start()
+            wait_queued(engine, 1)
+            threads[1].start()
+            end = time.monotonic() + 30
+            while "wide" not in bundle.retiring:
+                assert time.monotonic() < end
+                time.sleep(0.01)
+            r = _post(url, "/v1/completions", model="wide", prompt=prompt, max_tokens=2)
+            assert r.status_code == 404 and "being unloaded" in r.json()["error"]["message"]
+            assert "wide" not in {m.id for m in client.models.list().data} and not unloaded
+        for th in threads:
+            th.join(timeout=120)
+        r = unloaded[0]
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'wide' removed successfully."
+        assert lines[-1] == "data: [DONE]"
+        text = "".join(json.loads(x[6:])["choices"][0]["text"] for x in lines[:-1])
+        assert text == bundle.tokenizer("base").decode(_greedy(peft["wide"], prompt, 40))
+        assert "wide" not in {m.id for m in client.models.list().data}
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="wide", prompt=prompt, max_tokens=2)
+        r = _post(url, "/v1/unload_lora_adapter", lora_name="wide")
+        assert r.status_code == 404 and "cannot be found" in r.json()["error"]["message"]
+        r = _post(url, "/v1/unload_lora_adapter", lora_name="base")
+        assert r.status_code == 404
+        assert _post(url, "/v1/load_lora_adapter", lora_name="qv", lora_path="qv").status_code == 200  # room again
+    # without --lora-dir there are no such endpoints
+    with serving(create_app(bundle)) as url:
+        assert _post(url, "/v1/load_lora_adapter", lora_name="z", lora_path="k").status_code == 404
+
+
+def test_loaded_adapters_run_in_the_triton_kernels(family, loras, tmp_path):
+    """With the kernels (Triton's interpreter here), a loaded adapter's layers are grouped with their siblings
+    again and a mixed batch through the kernels gives PEFT's logits; unload and reload write in place."""
+    root, peft = loras
+    merge_adapters(family["base"][0], {"qv": root / "qv"}, tmp_path / "b", base_name="base", progress=False)
+    bundle = branchmerge.load(tmp_path / "b", dtype="float32", kernels="triton")
+    assert bundle.kernels == "triton"
+    bundle.load_lora("wide", root / "wide")
+    layer = bundle.groups["main"].model.model.layers[0]
+    assert layer.self_attn.q_proj.use_triton and layer.mlp.gate_proj.use_triton  # (k_proj, up_proj: base layers)
+    ids = X.repeat(3, 1)
+    names = ["wide", "base", "qv"]
+    want = torch.cat([peft["wide"](X).logits, family["base"][1](X).logits, peft["qv"](X).logits])
+    torch.testing.assert_close(bundle.logits(ids, names), want, atol=1e-4, rtol=1e-4)
+    bundle.unload_lora("wide")
+    bundle.load_lora("k", root / "k")  # rank 2 fits the freed slot: written in place; k_proj becomes branched
+    attn = bundle.groups["main"].model.model.layers[0].self_attn
+    assert attn.q_proj.sibling is attn.k_proj.sibling is attn.v_proj.sibling is not None  # q/k/v as one call now
+    want = torch.cat([peft["k"](X).logits, family["base"][1](X).logits, peft["qv"](X).logits])
+    torch.testing.assert_close(bundle.logits(ids, ["k", "base", "qv"]), want, atol=1e-4, rtol=1e-4)
+
+
+def test_serve_refuses_a_lora_folder_it_cannot_use(capsys, bundles, tmp_path):
+    from tests.cli_util import run_cli
+
+    code, _, err = run_cli(capsys, "serve", bundles[0.9], "--lora-dir", tmp_path)
+    assert code == 1 and "needs one base branch" in err and "none" in err
+    code, _, err = run_cli(capsys, "serve", bundles[0.9], "--lora-dir", tmp_path / "nope")
+    assert code == 1 and "is not a folder" in err
