@@ -219,9 +219,35 @@ def test_the_server_loads_and_unloads_adapters_as_vllm_does(family, loras, tmp_p
         r = _post(url, "/v1/unload_lora_adapter", lora_name="base")
         assert r.status_code == 404
         assert _post(url, "/v1/load_lora_adapter", lora_name="qv", lora_path="qv").status_code == 200  # room again
-    # without --lora-dir there are no such endpoints
+    # without --lora-dir there are no such endpoints; with an API key they need it
     with serving(create_app(bundle)) as url:
         assert _post(url, "/v1/load_lora_adapter", lora_name="z", lora_path="k").status_code == 404
+    with serving(create_app(bundle, lora_dir=root, api_key="sesame")) as url:
+        assert _post(url, "/v1/load_lora_adapter", lora_name="z", lora_path="k").status_code == 401
+        r = _post(url, "/v1/load_lora_adapter", lora_name="base", lora_path="k")  # a name served already
+        assert r.status_code == 401
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "base", "lora_path": "k"},
+                       headers={"Authorization": "Bearer sesame"}, timeout=60)
+        assert r.status_code == 400 and "is taken" in r.json()["error"]["message"]
+
+
+def test_fused_layout_takes_loaded_adapters(family, loras, tmp_path):
+    """The fused layout (CUDA's default: W̄ and every V in one weight) grows and reuses slots the same way."""
+    root, peft = loras
+    merge_adapters(family["base"][0], {"qv": root / "qv"}, tmp_path / "b", base_name="base", progress=False)
+    bundle = branchmerge.load(tmp_path / "b", dtype="float32", fused=True)
+    assert bundle.groups["main"].model.model.layers[0].self_attn.q_proj.fused
+    bundle.load_lora("wide", root / "wide")
+    assert bundle.groups["main"].model.model.layers[0].self_attn.q_proj.fused
+    for n, m in (("wide", peft["wide"]), ("qv", peft["qv"]), ("base", family["base"][1])):
+        torch.testing.assert_close(_logits(bundle, n), m(X).logits, atol=1e-5, rtol=0, msg=n)
+    bundle.unload_lora("wide")
+    bundle.load_lora("k", root / "k")
+    torch.testing.assert_close(_logits(bundle, "k"), peft["k"](X).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(bundle, "qv"), peft["qv"](X).logits, atol=1e-5, rtol=0)
+    static = branchmerge.load(tmp_path / "b", dtype="float32", static_cache=True)
+    with pytest.raises(BundleError, match="static_cache"):
+        static.load_lora("k", root / "k")
 
 
 def test_loaded_adapters_run_in_the_triton_kernels(family, loras, tmp_path):

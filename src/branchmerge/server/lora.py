@@ -77,6 +77,9 @@ class RuntimeLoras:
     async def load(self, req: LoadLoraRequest) -> str:
         folder = self._folder(req.lora_path)
         async with self._lock:
+            if req.lora_name not in self.bundle.loras and req.lora_name in self.service.front.model_ids():
+                raise P.APIError(400, f"the name {req.lora_name!r} is taken (a branch, a pipeline or 'auto')",
+                                 param="lora_name")
             if req.lora_name in self.bundle.loras:
                 if not req.load_inplace:
                     raise P.APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded.",
