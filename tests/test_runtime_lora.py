@@ -279,3 +279,34 @@ def test_serve_refuses_a_lora_folder_it_cannot_use(capsys, bundles, tmp_path):
     assert code == 1 and "needs one base branch" in err and "none" in err
     code, _, err = run_cli(capsys, "serve", bundles[0.9], "--lora-dir", tmp_path / "nope")
     assert code == 1 and "is not a folder" in err
+
+
+def test_a_qwen2_base_with_biases_takes_adapters_that_train_them(tmp_path):
+    """Qwen2's q/k/v carry biases: a loaded adapter's ``lora_bias`` changes its own branch's bias only, in a
+    base layer turned branched and in a layer branched already (an adapter merged at start)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.conftest import save_char_tokenizer
+
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                        max_position_embeddings=64, tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        for n, p in qwen.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    qwen.save_pretrained(tmp_path / "qwen")
+    save_char_tokenizer(tmp_path / "qwen")
+    start = make_adapter(qwen, tmp_path / "a" / "v", 1, r=4, lora_alpha=8, target_modules=["v_proj"])
+    biased = make_adapter(qwen, tmp_path / "a" / "qk", 2, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                          lora_bias=True)
+    merge_adapters(tmp_path / "qwen", {"v": tmp_path / "a" / "v"}, tmp_path / "b", base_name="qwen", progress=False)
+    bundle = branchmerge.load(tmp_path / "b", dtype="float32")
+    bundle.load_lora("qk", tmp_path / "a" / "qk")
+    attn = bundle.groups["main"].model.model.layers[0].self_attn
+    assert attn.q_proj.has_bias and attn.k_proj.__class__.__name__ == "Linear"  # q: base layer made branched
+    for name, model in (("qk", biased), ("v", start), ("qwen", qwen)):
+        torch.testing.assert_close(_logits(bundle, name), model(X).logits, atol=1e-5, rtol=0, msg=name)
+    outs = bundle.generate_ids([[3, 4, 5], [3, 4, 5], [3, 4, 5]], ["qk", "v", "qwen"], max_new_tokens=[4] * 3)
+    assert [o.new_ids for o in outs] == [_greedy(m, [3, 4, 5], 4) for m in (biased, start, qwen)]
