@@ -310,3 +310,53 @@ def test_a_qwen2_base_with_biases_takes_adapters_that_train_them(tmp_path):
         torch.testing.assert_close(_logits(bundle, name), model(X).logits, atol=1e-5, rtol=0, msg=name)
     outs = bundle.generate_ids([[3, 4, 5], [3, 4, 5], [3, 4, 5]], ["qk", "v", "qwen"], max_new_tokens=[4] * 3)
     assert [o.new_ids for o in outs] == [_greedy(m, [3, 4, 5], 4) for m in (biased, start, qwen)]
+
+
+def test_adapters_load_on_demand_and_the_least_recently_used_makes_room(family, loras, tmp_path):
+    """--lora-on-demand (vLLM's filesystem resolver): a request naming an adapter folder of the LoRA folder
+    loads it; when the slots are full the least recently used idle adapter is unloaded, unless every one
+    was asked for just now (then a 503 to retry)."""
+    import openai
+
+    root, peft = loras
+    merge_adapters(family["base"][0], {}, tmp_path / "b", base_name="base", progress=False)
+    bundle = branchmerge.load(tmp_path / "b", dtype="float32")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (outside / f).write_bytes((root / "k" / f).read_bytes())
+    if not (root / "away").exists():
+        os.symlink(outside, root / "away")
+    app = create_app(bundle, lora_dir=root, max_loras=2, lora_on_demand=True)
+    loader = app.state.service.loras
+    loader.grace_s = 0.0
+    prompt = [6, 2, 11, 3]
+
+    def ask(client, model):
+        got = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert got.choices[0].text == bundle.tokenizer("base").decode(_greedy(peft[model], prompt, 4)), model
+
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
+        ask(client, "qv")
+        ask(client, "k")
+        assert {"qv", "k"} <= {m.id for m in client.models.list().data}
+        ask(client, "k")  # k is now the most recently used: qv makes room for wide
+        ask(client, "wide")
+        assert set(bundle.loras) == {"k", "wide"}
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "branchmerge_lora_evictions_total 1" in metrics and "branchmerge_lora_loads_total 3" in metrics
+        for model, err in (("nope", openai.NotFoundError), ("away", openai.NotFoundError),
+                           ("dora", openai.BadRequestError)):
+            with pytest.raises(err):
+                client.completions.create(model=model, prompt=prompt, max_tokens=2)
+        loader.grace_s = 600.0  # both loaded adapters were asked for "just now": none may go
+        with pytest.raises(openai.InternalServerError, match="adapter slots"):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).completions.create(
+                model="qv", prompt=prompt, max_tokens=2)
+        assert set(bundle.loras) == {"k", "wide"}
+    with serving(create_app(bundle, lora_dir=root)) as url:  # without on-demand: unknown names stay unknown
+        with pytest.raises(openai.NotFoundError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="x").completions.create(model="qv", prompt=prompt,
+                                                                               max_tokens=2)

@@ -74,6 +74,10 @@ def serve_cmd(
                                       "accepted."),
     lora_base: str | None = typer.Option(None, "--lora-base", help="With --lora-dir: the branch adapters are "
                                          "loaded over (default: the bundle's one base branch)."),
+    lora_on_demand: bool = typer.Option(False, "--lora-on-demand", help="With --lora-dir: a request whose model "
+                                        "is a folder of DIR holding an adapter loads it first (vLLM's filesystem "
+                                        "LoRA resolver); when --max-loras are loaded, the least recently used idle "
+                                        "one is unloaded."),
 ) -> None:
     """Serve GET /v1/models, POST /v1/chat/completions and /v1/completions (streaming too), /health and
     /metrics (Prometheus).
@@ -95,7 +99,9 @@ def serve_cmd(
     kw = dict(host=host, port=port, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms, device=device, dtype=dtype,
               pipelines=pipes, limits=limits, prefix_cache_tokens=prefix_cache_tokens,
               tool_call_parser=tool_call_parser, lora_dir=lora_dir, max_loras=max_loras, max_lora_rank=max_lora_rank,
-              lora_base=lora_base)
+              lora_base=lora_base, lora_on_demand=lora_on_demand)
+    if lora_on_demand and lora_dir is None:
+        raise typer.BadParameter("needs --lora-dir", param_hint="--lora-on-demand")
     from branchmerge.io.manifest import MANIFEST
 
     if not adapters and (lora_dir is None or (bundle_dir / MANIFEST).is_file()):

@@ -23,7 +23,7 @@ from branchmerge.architectures import registry
 from branchmerge.common import resolve_device, resolve_dtype
 from branchmerge.errors import BranchmergeError, BranchNotFoundError, BundleError
 from branchmerge.io.bundle import BundleReader
-from branchmerge.runtime.adapters import LoadedAdapter
+from branchmerge.runtime.adapters import LoadedAdapter, Prepared
 from branchmerge.runtime.build import build_group_model
 from branchmerge.runtime.generation import BatchGeneration, GenerationResult, cache_arg
 from branchmerge.runtime.modules import BranchedLinear, BranchState
@@ -192,14 +192,25 @@ class Bundle(BatchGeneration):
             ModelInputError: a bad adapter, or one changing what a loaded adapter may not (the message says).
             BundleError: a taken name, a base that cannot take adapters, or a static-cache bundle.
         """
+        return self.add_lora(self.read_lora(name, folder, base=base, max_rank=max_rank))
+
+    def read_lora(self, name: str, folder: str | Path, *, base: str | None = None,
+                  max_rank: int | None = None) -> Prepared:
+        """:meth:`load_lora`'s first half: the adapter read and checked (every error it can raise), the model
+        untouched."""
         from branchmerge.runtime import adapters
 
         if self.static_cache:
             raise BundleError("adapters cannot be loaded into a bundle loaded with static_cache=True")
-        prep = adapters.prepare(self, name, Path(folder), base=base, max_rank=max_rank)
+        return adapters.prepare(self, name, Path(folder), base=base, max_rank=max_rank)
+
+    def add_lora(self, prep: Prepared) -> LoadedAdapter:
+        """:meth:`load_lora`'s second half: a read adapter added to its group's model."""
+        from branchmerge.runtime import adapters
+
         with self.weights_lock:
             loaded = adapters.apply(self, prep)
-        self.loras[name] = loaded
+        self.loras[prep.name] = loaded
         return loaded
 
     def unload_lora(self, name: str) -> None:

@@ -119,6 +119,8 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
                                                 buckets=SIZE_BUCKETS)
         self._ttft = registry.histogram("time_to_first_token_seconds", "From a streamed request's arrival to "
                                         "its first generated token, by branch.", ("branch",))
+        if self.loras is not None:
+            self.loras.register_metrics(registry)
 
     # ---- shared steps -------------------------------------------------------------------------------
     def _max_tokens(self, req: P._Req, *, scoring: bool = False) -> int:
@@ -143,8 +145,12 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
             except BranchmergeError as e:
                 raise P.APIError(400, str(e)) from None
         try:
+            if self.loras is not None:
+                self.loras.touch(model)
             return self.front.resolve(model, text)
         except BranchNotFoundError as e:
+            if model not in self.bundle.retiring and self.loras is not None and await self.loras.demand(model):
+                return self.front.resolve(model, text)  # (an adapter of --lora-dir, loaded now)
             why = str(e) if model in self.bundle.retiring else f"the model {model!r} does not exist"
             raise P.APIError(404, f"{why}; available: {', '.join(self.front.model_ids())}",
                              param="model", code="model_not_found") from None

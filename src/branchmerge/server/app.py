@@ -31,7 +31,7 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
                max_tokens_limit: int | None = None, pipelines=None, limits: ServerLimits | None = None,
                route_batch: int = 64, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
                tool_call_parser: str | None = None, lora_dir: str | Path | None = None, max_loras: int = 8,
-               max_lora_rank: int = 64, lora_base: str | None = None) -> FastAPI:
+               max_lora_rank: int = 64, lora_base: str | None = None, lora_on_demand: bool = False) -> FastAPI:
     """The FastAPI app serving a bundle (or a :class:`~branchmerge.front.Front`): one engine thread,
     concurrent requests batched (and their ``auto`` texts routed together, at most ``route_batch`` in one
     embedding batch). With ``api_key`` every path but a bare ``/health`` needs ``Authorization: Bearer KEY``
@@ -40,7 +40,8 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
     ``tool_call_parser`` (``"hermes"``): ``tool_choice: "auto"`` answers freely and its calls are read out.
     ``lora_dir``: vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` load PEFT LoRA adapters from
     inside this folder (at most ``max_loras``, of rank ≤ ``max_lora_rank``) over the branch ``lora_base`` (by
-    default the bundle's one base branch); see :mod:`branchmerge.server.lora`."""
+    default the bundle's one base branch); with ``lora_on_demand`` a request naming an adapter folder of
+    ``lora_dir`` loads it (least recently used ones unloaded when full); see :mod:`branchmerge.server.lora`."""
     from branchmerge.front import Front, front_for
 
     front = bundle_or_front if isinstance(bundle_or_front, Front) else front_for(bundle_or_front, pipelines)
@@ -59,7 +60,7 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
             raise BranchmergeError(f"runtime LoRA loading needs one base branch (--lora-base) of a group of the base "
                                    f"model and its exact adapters; this bundle's: {', '.join(bases) or 'none'}")
         service.loras = RuntimeLoras(service, lora_dir, max_loras=max_loras, max_rank=max_lora_rank,
-                                     base=lora_base)
+                                     base=lora_base, on_demand=lora_on_demand)
     app = build_app(service, api_key=api_key)
     app.state.engine, app.state.bundle = service.engine, front.bundle
     return app
@@ -249,7 +250,7 @@ def serve(bundle_dir: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
           pipelines=None, limits: ServerLimits | None = None,
           prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, tool_call_parser: str | None = None,
           lora_dir: str | Path | None = None, max_loras: int = 8, max_lora_rank: int = 64,
-          lora_base: str | None = None) -> None:
+          lora_base: str | None = None, lora_on_demand: bool = False) -> None:
     """Load a bundle and serve it with uvicorn (blocking); the one entry point the CLI uses."""
     import uvicorn
 
@@ -261,5 +262,6 @@ def serve(bundle_dir: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     front = open_front(bundle_dir, device=device, dtype=dtype, pipelines=pipelines)
     app = create_app(front, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms, limits=limits,
                      prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser, lora_dir=lora_dir,
-                     max_loras=max_loras, max_lora_rank=max_lora_rank, lora_base=lora_base)
+                     max_loras=max_loras, max_lora_rank=max_lora_rank, lora_base=lora_base,
+                     lora_on_demand=lora_on_demand)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

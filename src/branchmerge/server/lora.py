@@ -6,12 +6,18 @@ request's ``lora_path`` is read inside DIR only, after every link is resolved, s
 operator put there and nothing else. At most ``max_loras`` adapters are loaded at once and none of a rank
 over ``max_rank``; loads and unloads run one at a time, off the event loop. Unloading stops taking
 requests for the adapter, lets its running ones finish (cancelling them after ``drain_s``), then frees it.
+
+With ``on_demand`` (``--lora-on-demand``, vLLM's filesystem LoRA resolver), a request whose model is no
+served name but a folder ``DIR/MODEL`` holding an adapter loads it first; when ``max_loras`` are loaded, the
+least recently requested one with no work running (and none asked for in the last ``grace_s``) is unloaded
+to make room, else the request gets a 503 to retry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -22,6 +28,7 @@ from branchmerge.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from branchmerge.server import protocol as P
 
 logger = logging.getLogger(__name__)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # a model name that may name a folder of DIR
 
 
 class LoadLoraRequest(BaseModel):
@@ -47,13 +54,62 @@ class RuntimeLoras:
     """Loads and unloads adapters of a served bundle for HTTP requests."""
 
     def __init__(self, service, folder: str | Path, *, max_loras: int = 8, max_rank: int = 64,
-                 base: str | None = None, drain_s: float = 30.0) -> None:
+                 base: str | None = None, drain_s: float = 30.0, on_demand: bool = False,
+                 grace_s: float = 2.0) -> None:
         self.service, self.bundle, self.engine = service, service.bundle, service.engine
         self.root = Path(folder).expanduser().resolve()
         if not self.root.is_dir():
             raise BranchmergeError(f"--lora-dir {folder} is not a folder")
         self.max_loras, self.max_rank, self.base, self.drain_s = max_loras, max_rank, base, drain_s
+        self.on_demand, self.grace_s = on_demand, grace_s
         self._lock = asyncio.Lock()
+        self._used: dict[str, float] = {}  # adapter → when a request last named it
+        self.loads = self.unloads = self.evictions = 0
+
+    def register_metrics(self, registry) -> None:
+        registry.gauge("lora_adapters_loaded", "LoRA adapters loaded at runtime now.",
+                       read=lambda: {(): len(self.bundle.loras)})
+        registry.counter("lora_loads_total", "LoRA adapters loaded at runtime (on request or on demand).",
+                         read=lambda: {(): self.loads})
+        registry.counter("lora_unloads_total", "LoRA adapters unloaded (on request or evicted).",
+                         read=lambda: {(): self.unloads})
+        registry.counter("lora_evictions_total", "LoRA adapters unloaded to make room for one requested "
+                         "on demand.", read=lambda: {(): self.evictions})
+
+    def touch(self, name: str) -> None:
+        """A request named ``name``: it is the most recently used adapter."""
+        if name in self.bundle.loras:
+            self._used[name] = time.monotonic()
+
+    async def demand(self, name: str) -> bool:
+        """Load the adapter ``DIR/name`` for a request naming it (on demand only), evicting the least recently
+        used idle one when full. False when ``name`` is no adapter folder there.
+
+        Raises:
+            APIError: 400 for a bad adapter, 503 when every slot is busy.
+        """
+        if not self.on_demand or not _NAME.match(name) or name in (".", ".."):
+            return False
+        try:
+            folder = self._folder(name)
+        except P.APIError:
+            return False
+        async with self._lock:
+            if name not in self.bundle.loras:
+                await self._load(name, folder, "model", evict=True)
+        self.touch(name)
+        return True
+
+    async def _evict(self) -> None:
+        now = time.monotonic()
+        idle = [n for n in self.bundle.loras if not self.engine.uses(n) and now - self._used.get(n, 0) > self.grace_s]
+        if not idle:
+            raise P.APIError(503, f"all {self.max_loras} adapter slots (--max-loras) are in use; retry later",
+                             type_="server_error", code="server_busy")
+        victim = min(idle, key=lambda n: self._used.get(n, 0))
+        logger.info("evicting adapter %r (least recently used) to make room", victim)
+        await self._unload(victim)
+        self.evictions += 1
 
     def _folder(self, raw: str) -> Path:
         """``raw`` (relative to the LoRA folder, or absolute) as an adapter folder inside it, links resolved.
@@ -88,14 +144,23 @@ class RuntimeLoras:
             if len(self.bundle.loras) >= self.max_loras:
                 raise P.APIError(400, f"{len(self.bundle.loras)} adapters are loaded, this server's limit "
                                  f"(--max-loras); unload one first", param="lora_name")
-            t = time.monotonic()
-            try:
-                got = await asyncio.to_thread(self.bundle.load_lora, req.lora_name, folder, base=self.base,
-                                              max_rank=self.max_rank)
-            except BranchmergeError as e:
-                raise P.APIError(400, str(e), param="lora_path") from None
-        logger.info("loaded adapter %r from %s in %.2f s (rank %d)", got.name, folder, time.monotonic() - t, got.rank)
+            await self._load(req.lora_name, folder, "lora_path")
         return f"Success: LoRA adapter '{req.lora_name}' added successfully."
+
+    async def _load(self, name: str, folder: Path, param: str, *, evict: bool = False) -> None:
+        """Read and check the adapter, make room (``evict``: once it proved good), then add it."""
+        t = time.monotonic()
+        try:
+            prep = await asyncio.to_thread(self.bundle.read_lora, name, folder, base=self.base,
+                                           max_rank=self.max_rank)
+            if evict and len(self.bundle.loras) >= self.max_loras:
+                await self._evict()
+            got = await asyncio.to_thread(self.bundle.add_lora, prep)
+        except BranchmergeError as e:
+            raise P.APIError(400, str(e), param=param) from None
+        self.loads += 1
+        self._used[name] = time.monotonic()
+        logger.info("loaded adapter %r from %s in %.2f s (rank %d)", got.name, folder, time.monotonic() - t, got.rank)
 
     async def unload(self, req: UnloadLoraRequest) -> str:
         async with self._lock:
@@ -118,6 +183,8 @@ class RuntimeLoras:
                 while self.engine.uses(name):
                     await asyncio.sleep(0.02)
             await asyncio.to_thread(self._free, name)
+            self.unloads += 1
+            self._used.pop(name, None)
         finally:
             self.bundle.retiring.discard(name)
 
