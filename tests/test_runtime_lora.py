@@ -279,6 +279,8 @@ def test_serve_refuses_a_lora_folder_it_cannot_use(capsys, bundles, tmp_path):
     assert code == 1 and "needs one base branch" in err and "none" in err
     code, _, err = run_cli(capsys, "serve", bundles[0.9], "--lora-dir", tmp_path / "nope")
     assert code == 1 and "is not a folder" in err
+    code, _, err = run_cli(capsys, "serve", bundles[0.9], "--lora-on-demand")
+    assert code == 2 and "needs --lora-dir" in err
 
 
 def test_a_qwen2_base_with_biases_takes_adapters_that_train_them(tmp_path):
