@@ -1,9 +1,11 @@
 """Adapters loaded into a running server vs merged at start: two real PEFT LoRAs of SmolLM2-135M-Instruct
 (bench/adapters.py trains and caches them), side by side in one run.
 
-- start: ``serve BASE --lora-modules`` as it starts (merge_adapters into a bundle, then load it);
-- runtime: the base alone as a bundle, loaded, then ``load_lora`` of each adapter (what
-  ``/v1/load_lora_adapter`` runs), an unload and a reload into the freed slot (written in place);
+- start: merged at start (merge_adapters of base + adapters into a bundle, then load it: how
+  ``serve BASE --lora-modules`` started before it loaded adapters);
+- runtime: ``open_adapters_front`` (how it starts now: the base alone as a bundle, loaded, then
+  ``load_lora`` of each adapter, what ``/v1/load_lora_adapter`` runs), then an unload and a reload into the
+  freed slot (written in place);
 
 then each adapter's logits in both (max abs difference, and against PEFT's unmerged model), the bytes held,
 and a decode step of a batch mixed over base + both adapters, interleaved between the two bundles.
@@ -23,6 +25,7 @@ import torch
 
 from _common import CACHE, smollm2_folder
 import branchmerge
+from branchmerge.front import open_adapters_front
 from branchmerge.merge import merge_adapters
 
 torch.set_num_threads(2)
@@ -55,15 +58,21 @@ def main() -> None:
         _, t_merge = timed(lambda: merge_adapters(base, adapters, tmp / "start", base_name="base", dtype="float32",
                                                   progress=False))
         start, t_load = timed(lambda: branchmerge.load(tmp / "start", dtype="float32"))
+        front, t_front = timed(lambda: open_adapters_front(base, adapters, tmp / "front", base_name="base",
+                                                           dtype="float32"))
+        live = front.bundle
         _, t_merge0 = timed(lambda: merge_adapters(base, {}, tmp / "alone", base_name="base", dtype="float32",
                                                    progress=False))
-        live, t_load0 = timed(lambda: branchmerge.load(tmp / "alone", dtype="float32"))
-        t_adapters = {n: timed(lambda n=n, p=p: live.load_lora(n, p))[1] for n, p in adapters.items()}
+        alone, t_load0 = timed(lambda: branchmerge.load(tmp / "alone", dtype="float32"))
+        t_adapters = {n: timed(lambda n=n, p=p: alone.load_lora(n, p))[1] for n, p in adapters.items()}
+        del alone
         _, t_unload = timed(lambda: live.unload_lora("facts"))
         again, t_reload = timed(lambda: live.load_lora("facts", adapters["facts"]))
 
-        print(f"serve --lora-modules start: merge {t_merge:.2f} s + load {t_load:.2f} s = {t_merge + t_load:.2f} s")
-        print(f"base alone: merge {t_merge0:.2f} s + load {t_load0:.2f} s; then per adapter: "
+        print(f"merged at start (before this change): merge {t_merge:.2f} s + load {t_load:.2f} s = "
+              f"{t_merge + t_load:.2f} s")
+        print(f"serve --lora-modules start now (open_adapters_front: base alone + load_lora each): {t_front:.2f} s")
+        print(f"  its parts: merge the base alone {t_merge0:.2f} s + load {t_load0:.2f} s; "
               + ", ".join(f"{n} load_lora {t:.2f} s" for n, t in t_adapters.items())
               + f"; unload {t_unload * 1000:.0f} ms; reload into the freed slot {t_reload:.2f} s "
               f"(slot {again.slot}, in place)")

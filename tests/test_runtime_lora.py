@@ -362,3 +362,33 @@ def test_adapters_load_on_demand_and_the_least_recently_used_makes_room(family, 
         with pytest.raises(openai.NotFoundError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="x").completions.create(model="qv", prompt=prompt,
                                                                                max_tokens=2)
+
+
+def test_serve_lora_modules_loads_adapters_into_the_base_or_merges_them(family, loras, tmp_path):
+    """`serve BASE --lora-modules`: adapters a loaded one can be are loaded into the base alone (fast); one that
+    cannot (DoRA) makes the start merge them all. Either way each answers as PEFT's model; adapters given at
+    start count toward no --max-loras and are never evicted."""
+    from branchmerge.front import open_adapters_front
+
+    root, peft = loras
+    fast = open_adapters_front(family["base"][0], {"qv": root / "qv", "wide": root / "wide"}, tmp_path / "fast",
+                               base_name="tiny", dtype="float32")
+    assert set(fast.bundle.loras) == {"qv", "wide"} and not (tmp_path / "fast" / "merged").exists()
+    for n in ("qv", "wide"):
+        torch.testing.assert_close(_logits(fast.bundle, n), peft[n](X).logits, atol=1e-5, rtol=0, msg=n)
+    slow = open_adapters_front(family["base"][0], {"qv": root / "qv", "dora": root / "dora"}, tmp_path / "slow",
+                               base_name="tiny", dtype="float32")
+    assert not slow.bundle.loras and {"tiny", "qv", "dora"} <= set(slow.bundle.branch_names)
+    assert not (tmp_path / "slow" / "base").exists()
+    torch.testing.assert_close(_logits(slow.bundle, "qv"), peft["qv"](X).logits, atol=1e-5, rtol=0)
+    assert float((_logits(slow.bundle, "dora") - peft["dora"](X).logits).abs().max()) < 0.05
+
+    app = create_app(fast, lora_dir=root, max_loras=1, lora_on_demand=True)
+    app.state.service.loras.grace_s = 0.0
+    with serving(app) as url:
+        assert _post(url, "/v1/completions", model="k", prompt=[3, 4], max_tokens=2).status_code == 200
+        assert _post(url, "/v1/completions", model="emb", prompt=[3, 4], max_tokens=2).status_code == 400
+        r = _post(url, "/v1/load_lora_adapter", lora_name="k2", lora_path="k")
+        assert r.status_code == 400 and "--max-loras" in r.text  # one runtime slot: k holds it
+        assert set(fast.bundle.loras) == {"qv", "wide", "k"}
+        assert _post(url, "/v1/unload_lora_adapter", lora_name="qv").status_code == 200  # (as vLLM allows)

@@ -172,6 +172,39 @@ def open_front(path: str | Path, *, pipelines: PipelinesConfig | None = None, **
     return front_for(bundle, pipelines)
 
 
+def open_adapters_front(base: str | Path, adapters: dict[str, str | Path], work: Path, *, base_name: str = "base",
+                        pipelines: PipelinesConfig | None = None, **load_kw: Any) -> Front:
+    """A base model folder and its PEFT LoRA ``adapters`` (name → folder) as one served bundle, in ``work``
+    (a temporary folder the caller removes): what ``serve BASE --lora-modules`` serves.
+
+    The base alone becomes a bundle and each adapter is loaded into it (:meth:`Bundle.load_lora`: a tenth of
+    a second each, where merging them costs a read of the base per adapter). An adapter a loaded one cannot
+    be (DoRA, ``modules_to_save``, an embedding LoRA) makes it merge them all at start instead
+    (:func:`~branchmerge.merge.merge_adapters`), which keeps every kind; both give the same answers.
+
+    Raises:
+        ModelInputError, ConfigError: as the merge's, for adapters that neither way takes.
+    """
+    import gc
+    import shutil
+
+    from branchmerge.merge import merge_adapters
+
+    merge_adapters(base, {}, work / "base", base_name=base_name, progress=False)
+    front = open_front(work / "base", pipelines=pipelines, **load_kw)
+    try:
+        for name, path in adapters.items():
+            front.bundle.load_lora(name, path, base=base_name)
+        return front
+    except BranchmergeError as e:
+        logger.info("merging the adapters at start (%s)", e)
+    del front
+    gc.collect()
+    shutil.rmtree(work / "base", ignore_errors=True)
+    merge_adapters(base, adapters, work / "merged", base_name=base_name)
+    return open_front(work / "merged", pipelines=pipelines, **load_kw)
+
+
 def front_for(bundle: Bundle, pipelines: PipelinesConfig | None = None) -> Front:
     """A :class:`Front` over a loaded bundle; pipelines are checked against its branches."""
     pipes = pipelines if pipelines is not None else bundle_pipelines(bundle)

@@ -60,9 +60,9 @@ def serve_cmd(
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bf16, fp16 (default: the bundle's)."),
     lora_modules: list[str] = typer.Option([], "--lora-modules", help="As vLLM: serve BUNDLE, a base model folder, "
                                            "with the PEFT LoRA adapter at PATH as model NAME (NAME=PATH or "
-                                           "{\"name\": ..., \"path\": ...}; repeat the flag for more). They are "
-                                           "merged at start into a temporary bundle, each kept exactly, removed "
-                                           "at exit."),
+                                           "{\"name\": ..., \"path\": ...}; repeat the flag for more), each "
+                                           "kept exactly: loaded into the base in a temporary bundle (merged "
+                                           "with it, for DoRA and modules_to_save), removed at exit."),
     served_model_name: str = typer.Option("base", "--served-model-name",
                                           help="With --lora-modules or --lora-dir: the base model's name."),
     lora_dir: Path | None = typer.Option(None, "--lora-dir", help="Turn on vLLM's POST /v1/load_lora_adapter and "
@@ -112,15 +112,16 @@ def serve_cmd(
     import sys
     import tempfile
 
-    from branchmerge.merge import merge_adapters
+    from branchmerge.front import open_adapters_front
 
     # uvicorn re-raises the SIGTERM that stopped it once it has shut down: exit through Python then, so the
     # temporary bundle is removed (SIGTERM's default action would end the process without cleanup)
     prev = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         with tempfile.TemporaryDirectory(prefix="branchmerge-lora-") as tmp:
-            merge_adapters(bundle_dir, adapters, Path(tmp) / "bundle", base_name=served_model_name)
-            serve(str(Path(tmp) / "bundle"), **kw)
+            front = open_adapters_front(bundle_dir, adapters, Path(tmp), base_name=served_model_name, device=device,
+                                        dtype=dtype, pipelines=pipes)
+            serve(front, **kw)
     finally:
         signal.signal(signal.SIGTERM, prev)
 

@@ -245,21 +245,23 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
             "pass --api-key (or BRANCHMERGE_API_KEY)")
 
 
-def serve(bundle_dir: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+def serve(bundle_dir: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, wait_ms: float = 10.0, device: str = "cpu", dtype: str | None = None,
           pipelines=None, limits: ServerLimits | None = None,
           prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, tool_call_parser: str | None = None,
           lora_dir: str | Path | None = None, max_loras: int = 8, max_lora_rank: int = 64,
           lora_base: str | None = None, lora_on_demand: bool = False) -> None:
-    """Load a bundle and serve it with uvicorn (blocking); the one entry point the CLI uses."""
+    """Load a bundle (or take a loaded :class:`~branchmerge.front.Front`) and serve it with uvicorn
+    (blocking); the one entry point the CLI uses."""
     import uvicorn
 
-    from branchmerge.front import open_front
+    from branchmerge.front import Front, open_front
 
     warning = exposure_warning(host, api_key)
     if warning:
         logger.warning(warning)
-    front = open_front(bundle_dir, device=device, dtype=dtype, pipelines=pipelines)
+    front = bundle_dir if isinstance(bundle_dir, Front) else open_front(bundle_dir, device=device, dtype=dtype,
+                                                                        pipelines=pipelines)
     app = create_app(front, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms, limits=limits,
                      prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser, lora_dir=lora_dir,
                      max_loras=max_loras, max_lora_rank=max_lora_rank, lora_base=lora_base,

@@ -64,6 +64,7 @@ class RuntimeLoras:
         self.on_demand, self.grace_s = on_demand, grace_s
         self._lock = asyncio.Lock()
         self._used: dict[str, float] = {}  # adapter → when a request last named it
+        self.pinned = set(self.bundle.loras)  # loaded before serving (--lora-modules): never counted nor evicted
         self.loads = self.unloads = self.evictions = 0
 
     def register_metrics(self, registry) -> None:
@@ -75,6 +76,10 @@ class RuntimeLoras:
                          read=lambda: {(): self.unloads})
         registry.counter("lora_evictions_total", "LoRA adapters unloaded to make room for one requested "
                          "on demand.", read=lambda: {(): self.evictions})
+
+    def count(self) -> int:
+        """Adapters loaded at runtime (those loaded before serving aside)."""
+        return len(set(self.bundle.loras) - self.pinned)
 
     def touch(self, name: str) -> None:
         """A request named ``name``: it is the most recently used adapter."""
@@ -102,7 +107,8 @@ class RuntimeLoras:
 
     async def _evict(self) -> None:
         now = time.monotonic()
-        idle = [n for n in self.bundle.loras if not self.engine.uses(n) and now - self._used.get(n, 0) > self.grace_s]
+        idle = [n for n in self.bundle.loras if n not in self.pinned and not self.engine.uses(n)
+                and now - self._used.get(n, 0) > self.grace_s]
         if not idle:
             raise P.APIError(503, f"all {self.max_loras} adapter slots (--max-loras) are in use; retry later",
                              type_="server_error", code="server_busy")
@@ -141,8 +147,8 @@ class RuntimeLoras:
                     raise P.APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded.",
                                      param="lora_name")
                 await self._unload(req.lora_name)
-            if len(self.bundle.loras) >= self.max_loras:
-                raise P.APIError(400, f"{len(self.bundle.loras)} adapters are loaded, this server's limit "
+            if self.count() >= self.max_loras:
+                raise P.APIError(400, f"{self.count()} adapters are loaded, this server's limit "
                                  f"(--max-loras); unload one first", param="lora_name")
             await self._load(req.lora_name, folder, "lora_path")
         return f"Success: LoRA adapter '{req.lora_name}' added successfully."
@@ -153,7 +159,7 @@ class RuntimeLoras:
         try:
             prep = await asyncio.to_thread(self.bundle.read_lora, name, folder, base=self.base,
                                            max_rank=self.max_rank)
-            if evict and len(self.bundle.loras) >= self.max_loras:
+            if evict and self.count() >= self.max_loras:
                 await self._evict()
             got = await asyncio.to_thread(self.bundle.add_lora, prep)
         except BranchmergeError as e:
@@ -185,6 +191,7 @@ class RuntimeLoras:
             await asyncio.to_thread(self._free, name)
             self.unloads += 1
             self._used.pop(name, None)
+            self.pinned.discard(name)
         finally:
             self.bundle.retiring.discard(name)
 
