@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 from branchmerge.config import load_config
 from branchmerge.errors import ConfigError
 from branchmerge.merge import run_merge
-from branchmerge.methods import METHODS, dare_ties, linear, magnitude_sparsify, merge_method, task_arithmetic, ties
+from branchmerge.methods import (METHODS, dare_ties, evaluate_setting, linear, magnitude_sparsify, merge_method, slerp,
+                                 task_arithmetic, ties)
 from tests.cli_util import run_cli
 from tests.conftest import write_config
 
@@ -103,3 +104,62 @@ def test_method_errors(family, tmp_path, capsys):
     assert code != 0 and "unknown merge method 'soup'" in err and "linear" in err
     code, out, _ = run_cli(capsys, "methods")
     assert code == 0 and "dare_ties" in out and "arxiv" in out
+
+
+def test_settings_resolve_per_tensor_as_mergekit_does():
+    """Scalars, gradients (interpolated over the layers), and {filter, value} rules (first match wins)."""
+    assert evaluate_setting(0.3, "x", 0.7) == 0.3
+    grad = [0, 0.5, 0.3, 0.7, 1]
+    assert evaluate_setting(grad, "x", 0.0) == 0 and evaluate_setting(grad, "x", 1.0) == 1
+    assert evaluate_setting(grad, "x", 0.5) == pytest.approx(0.3)
+    assert evaluate_setting(grad, "x", 1 / 3) == pytest.approx(0.5 * (2 / 3) + 0.3 * (1 / 3))  # layer 1 of 4
+    assert evaluate_setting(["a", "b"], "x", 0.99) == "a"  # non-numbers are picked, not interpolated
+    rules = [{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": 0.9}, {"value": 0.5}]
+    assert evaluate_setting(rules, "model.layers.1.self_attn.q_proj.weight", 0.25) == pytest.approx(0.25)
+    assert evaluate_setting(rules, "model.layers.1.mlp.up_proj.weight", 0.25) == 0.9
+    assert evaluate_setting(rules, "model.norm.weight", 0.0) == 0.5
+    assert evaluate_setting(rules[:2], "model.norm.weight", 0.0) is None  # no rule applies: the default
+    assert evaluate_setting({"filter": "*", "value": 2}, "y", 0) == 2
+    for bad in ({"filt": "mlp", "value": 1}, [{"filter": "mlp"}], [1, {"value": 2}], None):
+        with pytest.raises(ValueError, match="setting|rule"):
+            evaluate_setting(bad, "x", 0.0)
+
+
+def test_slerp_math():
+    a, b = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(2, 2), torch.tensor([0.0, 3.0, 0.0, 0.0]).view(2, 2)
+    torch.testing.assert_close(slerp([b], base=a, t=0.0), a)
+    torch.testing.assert_close(slerp([b], base=a, t=1.0), b)
+    half = slerp([b], base=a, t=0.5)  # orthogonal: the arc's middle, sin(π/4)/sin(π/2) of each
+    torch.testing.assert_close(half, (a + b) * 2 ** -0.5)
+    torch.testing.assert_close(slerp([2 * a], base=a, t=0.25), 1.25 * a)  # collinear: linear
+    with pytest.raises(ValueError, match="one other model"):
+        slerp([a, b], base=a, t=0.5)
+
+
+def test_slerp_merge_with_gradients_per_filter(family, tmp_path, capsys):
+    """mergekit's slerp example: t climbs over the layers for attention, falls for the MLP, 0.5 elsewhere;
+    the base may be listed among the branches or not."""
+    base, a = family["base"], family["a"]
+    t = [{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": [1, 0]}, {"value": 0.5}]
+    for branches in ([{"name": "a", "model": str(a[0])}],
+                     [{"name": "base", "model": str(base[0])}, {"name": "a", "model": str(a[0])}]):
+        cfg = write_config(tmp_path / "s.yaml", branches, method="slerp", base_model=str(base[0]), parameters={"t": t})
+        code, _, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "s", "--no-progress", "--force")
+        assert code == 0, err
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "s").state_dict()
+        sb, sa = base[1].state_dict(), a[1].state_dict()
+        last = base[1].config.num_hidden_layers - 1
+        for key, want in [("model.layers.0.self_attn.q_proj.weight", sb), (f"model.layers.{last}.self_attn.q_proj.weight", sa),
+                          ("model.layers.0.mlp.up_proj.weight", sa), (f"model.layers.{last}.mlp.up_proj.weight", sb)]:
+            torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0, msg=key)
+        key = "model.embed_tokens.weight"
+        torch.testing.assert_close(got[key], slerp([sa[key]], base=sb[key], t=0.5), atol=1e-6, rtol=0)
+        assert not torch.allclose(got[key], sb[key], atol=1e-4)
+    three = [{"name": n, "model": str(family[n][0])} for n in "ab"]
+    for params, needle in [({"t": t}, "one other model; the branches list 2"), ({}, "parameters.t: Field required"),
+                           ({"t": [{"filter": "mlp", "value": 1.5}]}, "parameters.t"),
+                           ({"t": [{"filt": "mlp", "value": 0.5}]}, "a rule is")]:
+        cfg = write_config(tmp_path / "bad.yaml", three if "branches list" in needle else branches, method="slerp",
+                           base_model=str(base[0]), parameters=params)
+        code, _, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "bad", "--no-progress")
+        assert code != 0 and needle in err and not (tmp_path / "bad").exists(), (params, err)

@@ -263,7 +263,7 @@ class MergeConfig(_Frozen):
         if method.fn is None and self.parameters:
             raise ValueError(f"method {self.method!r} takes no `parameters`, got {sorted(self.parameters)}")
         if method.fn is not None:
-            method.parse_params(self.parameters)
+            method.check_settings(self.parameters)
         return self
 
     def rate_for(self, tensor_name: str) -> float:

@@ -41,6 +41,43 @@ class TiesParams(MethodParams):
     normalize: bool = Field(default=True, description="Divide by the weights of the agreeing entries.")
 
 
+_SCALAR = (bool, int, float, str)
+
+
+def evaluate_setting(setting: Any, tensor: str, t: float) -> Any:
+    """A parameter's value for one tensor, as mergekit resolves its settings: a scalar; a list of numbers, a
+    gradient interpolated at ``t`` (0 at the first layer, 1 at the last; embeddings and the head take 0);
+    ``{filter, value}`` rules (or a list of them), the first whose ``filter`` is in the tensor's name (or is
+    absent or ``*``) giving the value. None when no rule applies (the parameter's default then).
+
+    Raises:
+        ValueError: a setting of another shape.
+    """
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, _SCALAR):
+        return setting
+    if not isinstance(setting, list):
+        raise ValueError(f"a setting is a value, a list of values (a gradient) or {{filter, value}} rules, got "
+                         f"{setting!r}")
+    if not setting:
+        return None
+    if all(isinstance(e, _SCALAR) for e in setting):
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        return (1 - (scaled - i0)) * setting[i0] + (scaled - i0) * setting[i1]
+    for rule in setting:
+        if not isinstance(rule, dict) or "value" not in rule or set(rule) - {"filter", "value"}:
+            raise ValueError(f"a rule is {{filter: TEXT, value: SETTING}} (filter optional), got {rule!r}")
+        f = rule.get("filter")
+        if f is None or f == "*" or (tensor and isinstance(f, str) and f in tensor):
+            return evaluate_setting(rule["value"], tensor, t)
+    return None
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
@@ -50,6 +87,37 @@ class MergeMethod:
     description: str
     params: type[MethodParams] = MethodParams
     seeded: bool = False  # takes a ``generator`` (seeded per tensor by the orchestrator)
+    pairwise: bool = False  # the base model and exactly one other (slerp)
+
+    def check_settings(self, data: dict[str, Any]) -> None:
+        """Validate a config's ``parameters:`` whose values may be mergekit settings (gradients, filters):
+        each is resolved at the first, middle and last layer and under each of its filters, and validated.
+
+        Raises:
+            ValueError: naming the parameter at fault.
+        """
+        names: set[str] = {""}
+
+        def filters(v: Any) -> None:
+            for r in v if isinstance(v, list) else [v]:
+                if isinstance(r, dict):
+                    if isinstance(r.get("filter"), str):
+                        names.add(r["filter"])
+                    filters(r.get("value"))
+
+        for v in data.values():
+            filters(v)
+        for tensor in names:
+            for t in (0.0, 0.5, 1.0):
+                self.params_for(data, tensor, t)
+
+    def params_for(self, data: dict[str, Any], tensor: str, t: float) -> dict[str, Any]:
+        """The validated parameters of ``tensor`` at layer position ``t`` (see :func:`evaluate_setting`)."""
+        try:
+            values = {k: evaluate_setting(v, tensor, t) for k, v in data.items()}
+        except ValueError as e:
+            raise ValueError(f"method {self.name!r}: parameters: {e}") from None
+        return self.parse_params({k: v for k, v in values.items() if v is not None}).model_dump()
 
     def parse_params(self, data: dict[str, Any]) -> MethodParams:
         """Validate a config's ``parameters:`` for this method.
@@ -71,7 +139,7 @@ METHODS: dict[str, MergeMethod] = {}
 
 
 def merge_method(name: str, *, reference_url: str, needs_base: bool = False,
-                 params: type[MethodParams] = MethodParams, seeded: bool = False):
+                 params: type[MethodParams] = MethodParams, seeded: bool = False, pairwise: bool = False):
     """Register a pure merge function ``fn(tensors, *, weights, [base], [generator], **params) -> Tensor``."""
     if not re.match(r"^[a-z][a-z0-9_]*$", name):
         raise ValueError(f"merge method name {name!r} must be lower_snake_case")
@@ -80,7 +148,8 @@ def merge_method(name: str, *, reference_url: str, needs_base: bool = False,
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is already registered")
         doc = (fn.__doc__ or "").strip().splitlines()
-        METHODS[name] = MergeMethod(name, fn, reference_url, needs_base, doc[0] if doc else "", params, seeded)
+        METHODS[name] = MergeMethod(name, fn, reference_url, needs_base, doc[0] if doc else "", params, seeded,
+                                    pairwise)
         return fn
 
     return deco
@@ -178,3 +247,27 @@ def dare_ties(
     w = _weights(weights, len(tensors), tensors[0])
     tv = torch.stack([dare_sparsify(t.float() - base.float(), density, generator) for t in tensors])
     return base.float() + _sign_consensus(tv * w, w, lambda_, normalize)
+
+
+class SlerpParams(MethodParams):
+    t: float = Field(ge=0.0, le=1.0, description="Where between the base model (0) and the other model (1).")
+
+
+@merge_method("slerp", reference_url="https://en.wikipedia.org/wiki/Slerp", needs_base=True, params=SlerpParams,
+              pairwise=True)
+def slerp(tensors: list[Tensor], *, base: Tensor, t: float, weights: list[float] | None = None,
+          dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    """Spherical interpolation from the base model (t=0) to one other model (t=1), each tensor as one vector
+    (mergekit's ``slerp``; linear where the two are nearly collinear)."""
+    if len(tensors) != 1:
+        raise ValueError(f"slerp interpolates the base and one other model, got {len(tensors)} others")
+    a, b = base.float().flatten(), tensors[0].float().flatten()
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    na, nb = torch.where(na > eps, na, 1.0), torch.where(nb > eps, nb, 1.0)
+    dot = ((a / na) * (b / nb)).sum().clamp(-1, 1)
+    if dot.abs() > dot_threshold:
+        ca, cb = 1 - t, t
+    else:
+        theta = torch.acos(dot)
+        ca, cb = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
+    return (ca * a + cb * b).view(base.shape)

@@ -4,6 +4,7 @@ a time (what branchmerge exists to avoid; here to be measured against)."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,21 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
     if method.needs_base and not config.base_model:
         raise ConfigError(f"method {method.name!r} needs `base_model` (the model the fine-tunes started from)")
     try:
-        params = method.parse_params(config.parameters).model_dump()
+        method.check_settings(config.parameters)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     inputs = config.inputs()
     check_output(out, force=force, inputs=inputs)
     sources = [open_model(b.name, b.model, b.revision, b.base, default_base=config.base_model) for b in config.branches]
     base = ModelSource.open("base_model", config.base_model) if config.base_model else None
-    weights = [b.weight for b in config.branches]
+    if method.pairwise:  # the base and one other model; the base may be listed among the branches too
+        sources = [s for s in sources if s.path.resolve() != base.path.resolve()]
+        if len(sources) != 1:
+            raise ConfigError(f"method {method.name!r} interpolates `base_model` and one other model; the branches "
+                              f"list {len(sources)} models besides the base")
+    weights = [b.weight for b in config.branches if not method.pairwise]
+    layers = _layer_count(sources[0].hf_config)
+    resolved: dict[tuple, dict[str, Any]] = {}
     dtype = resolve_dtype(config.dtype)
     names = sources[0].names()
     for s in [*sources[1:], *([base] if base else [])]:
@@ -62,7 +70,11 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
                 if t.shape != ts[0].shape:
                     raise ModelInputError(f"tensor {name} has shape {list(t.shape)} in branch {s.name!r} but "
                                           f"{list(ts[0].shape)} in {sources[0].name!r}")
-            kw: dict[str, Any] = {"weights": weights, **params}
+            t = _position(name, layers)
+            key = (name if _mentions_filter(config.parameters) else "", t)
+            if key not in resolved:
+                resolved[key] = method.params_for(config.parameters, name, t)
+            kw: dict[str, Any] = {"weights": weights or None, **resolved[key]}
             if base is not None and method.needs_base:
                 kw["base"] = base.get(name)
             if method.seeded:
@@ -76,3 +88,24 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
         if model_card:
             (tmp / CARD).write_text(merged_card(Path(out).name, method.name, config.model_dump(mode="json")))
     return {"method": method.name, "out": str(out)}
+
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _layer_count(cfg: dict) -> int:
+    n = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    return n if isinstance(n, int) and n > 0 else 1
+
+
+def _position(tensor: str, layers: int) -> float:
+    """Where ``tensor`` sits for a gradient, as mergekit places it: layer ``i`` of ``L`` at ``i / (L - 1)``
+    (1 for a one-layer model); tensors outside the layers (embeddings, final norm, head) at 0."""
+    m = _LAYER.search(tensor)
+    if m is None:
+        return 0.0
+    return int(m.group(1)) / (layers - 1) if layers > 1 else 1.0
+
+
+def _mentions_filter(parameters: dict[str, Any]) -> bool:
+    return "filter" in str(parameters)
