@@ -34,6 +34,11 @@ CASES = {  # label: (method, parameters)
     "ties, density gradient + filter": ("ties", {"density": [{"filter": "mlp", "value": [0.2, 0.9]},
                                                               {"value": [0.7, 0.3, 0.5]}]}),
     "slerp, t gradients per filter": ("slerp", {"t": GRADIENT_T}),
+    "breadcrumbs (density 0.8, gamma 0.05)": ("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
+    "breadcrumbs_ties (density 0.7, gamma 0.02, rescale)": ("breadcrumbs_ties", {"density": 0.7, "gamma": 0.02,
+                                                                                 "rescale": True, "normalize": True}),
+    "model_stock": ("model_stock", {}),
+    "model_stock, filter_wise": ("model_stock", {"filter_wise": True}),
 }
 
 
@@ -59,7 +64,7 @@ def main() -> None:
         })
         claim_output(ours)  # this cache's own output, whichever version wrote it
         run_baseline_merge(cfg, ours, force=True, progress=False)
-        weight = {} if method == "slerp" else {"weight": 1.0}
+        weight = {} if method in ("slerp", "model_stock") else {"weight": 1.0}
         mk = {
             "models": [{"model": str(fam[s]), "parameters": weight} for s in skills],
             "merge_method": method,

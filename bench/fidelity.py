@@ -1,7 +1,8 @@
 """Fidelity benchmark on the embedded skills family (the project's main quality benchmark).
 
 Per-skill exact-match accuracy (greedy generate, 100 held-out prompts per skill) for the base, each
-original fine-tune, each baseline merge (linear, task_arithmetic, ties, dare_ties), and branchmerge at
+original fine-tune, each baseline merge (linear, task_arithmetic, ties, dare_ties, dare_linear,
+breadcrumbs_ties, model_stock), and branchmerge at
 r ∈ {0, 0.5, 0.8, 0.9, 0.95, 0.99, 1}, with the bytes each needs. Writes bench/fidelity.md and the
 Pareto picture bench/fidelity.png.
 
@@ -14,7 +15,7 @@ import argparse
 import time
 
 from _common import CACHE, ROOT
-from branchmerge.evaluate import fidelity_rows, markdown_table, pareto_plot
+from branchmerge.evaluate import BASELINES, fidelity_rows, markdown_table, pareto_plot
 from branchmerge.family import SKILLS, build_family, router_config, sample_prompts
 
 
@@ -25,7 +26,9 @@ def main() -> None:
     t0 = time.perf_counter()
     fam = build_family(progress=True)  # the shared cache (make demo and the tests build the same)
     t_fam = time.perf_counter() - t0
-    rows = fidelity_rows(fam, CACHE / "fidelity", n=args.n)
+    more = ("dare_linear", "breadcrumbs_ties", "model_stock")  # (mergekit's other methods; make demo runs the first four)
+    rows = fidelity_rows(fam, CACHE / "fidelity", n=args.n, baselines=(*BASELINES, *more),
+                         params={"breadcrumbs_ties": {"density": 0.9, "gamma": 0.01}})
     table = markdown_table(rows)
     (ROOT / "fidelity.md").write_text(table + "\n")
     pareto_plot(rows, ROOT / "fidelity.png")

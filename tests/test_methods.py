@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 from branchmerge.config import load_config
 from branchmerge.errors import ConfigError
 from branchmerge.merge import run_merge
-from branchmerge.methods import (METHODS, dare_ties, evaluate_setting, linear, magnitude_sparsify, merge_method, slerp,
+from branchmerge.methods import (METHODS, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, evaluate_setting, linear,
+                                 magnitude_sparsify, merge_method, model_stock, outlier_sparsify, slerp,
                                  task_arithmetic, ties)
 from tests.cli_util import run_cli
 from tests.conftest import write_config
@@ -163,3 +164,57 @@ def test_slerp_merge_with_gradients_per_filter(family, tmp_path, capsys):
                            base_model=str(base[0]), parameters=params)
         code, _, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "bad", "--no-progress")
         assert code != 0 and needle in err and not (tmp_path / "bad").exists(), (params, err)
+
+
+def test_breadcrumbs_drop_outliers_and_the_smallest():
+    tv = torch.arange(1.0, 101.0) * torch.tensor([1.0, -1.0]).repeat(50)  # |entries| 1..100
+    kept = outlier_sparsify(tv, density=0.9, gamma=0.05)
+    assert torch.equal(kept != 0, (tv.abs() > 5) & (tv.abs() <= 95))  # 5 largest and 5 smallest gone
+    assert torch.equal(outlier_sparsify(tv, 0.98, 0.05) != 0, tv.abs() <= 98)  # density first: 2 outliers dropped
+    assert torch.equal(outlier_sparsify(tv, 1.0, 0.05), tv)
+    re = outlier_sparsify(tv, 0.5, 0.1, rescale=True)
+    assert float(re.abs().sum()) == pytest.approx(float(tv.abs().sum()))
+    base = torch.zeros(100)
+    torch.testing.assert_close(breadcrumbs([base + tv], base=base, density=0.9, gamma=0.05), kept)
+    a, b = torch.tensor([1.0, 2.0, -3.0]), torch.tensor([-1.0, 1.0, -1.0])
+    torch.testing.assert_close(breadcrumbs_ties([a, b], base=torch.zeros(3), density=1.0),
+                               torch.tensor([1.0, 3.0, -4.0]))  # ties at zero count as positive: +1 kept, -1 not
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    once, again = dare_linear([a, b], base=torch.zeros(3), generator=g()), dare_linear([a, b], base=torch.zeros(3),
+                                                                                      generator=g())
+    assert torch.equal(once, again)
+
+
+def test_model_stock_ratio():
+    base = torch.zeros(2, 3)
+    same = torch.ones(2, 3)
+    torch.testing.assert_close(model_stock([same, same], base=base), same)  # agreeing fine-tunes: their average
+    torch.testing.assert_close(model_stock([same, -same], base=base), base)  # opposite: no finite ratio, the base
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # cos 0.5 overall
+    t = 2 * 0.5 / (1 + 0.5)  # N·cos / (1 + (N−1)·cos)
+    torch.testing.assert_close(model_stock([a, b], base=torch.zeros(2, 2)), t * (a + b) / 2)
+    rows = model_stock([a, b], base=torch.zeros(2, 2), filter_wise=True)  # row 2 agrees fully, row 1 not at all
+    torch.testing.assert_close(rows, torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="at least two"):
+        model_stock([same], base=base)
+
+
+def test_new_baselines_merge_and_the_base_listed_is_the_base(family, tmp_path, capsys):
+    """breadcrumbs_ties, model_stock and dare_linear merge loadable models; a branch that is the base model is
+    not counted as a fine-tune (the same weights as without it); model_stock refuses one fine-tune."""
+    fts = [{"name": n, "model": str(family[n][0])} for n in "abc"]
+    with_base = [{"name": "base", "model": str(family["base"][0])}, *fts]
+    for method, params in [("breadcrumbs_ties", {"density": 0.8, "gamma": 0.05, "normalize": True}),
+                           ("model_stock", {}), ("dare_linear", {"density": 0.7})]:
+        got = []
+        for i, branches in enumerate((fts, with_base)):
+            cfg = write_config(tmp_path / "c.yaml", branches, method=method, base_model=str(family["base"][0]),
+                               parameters=params)
+            run_merge(load_config(cfg), tmp_path / f"{method}{i}", progress=False)
+            got.append(AutoModelForCausalLM.from_pretrained(tmp_path / f"{method}{i}").state_dict())
+        key = "model.layers.1.mlp.down_proj.weight"
+        assert torch.equal(got[0][key], got[1][key]), method
+        assert not torch.allclose(got[0][key], family["base"][1].state_dict()[key]), method
+    cfg = write_config(tmp_path / "one.yaml", with_base[:2], method="model_stock", base_model=str(family["base"][0]))
+    code, _, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "one", "--no-progress")
+    assert code != 0 and "needs at least 2 models besides the base, got 1" in err

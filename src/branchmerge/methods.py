@@ -88,6 +88,7 @@ class MergeMethod:
     params: type[MethodParams] = MethodParams
     seeded: bool = False  # takes a ``generator`` (seeded per tensor by the orchestrator)
     pairwise: bool = False  # the base model and exactly one other (slerp)
+    min_models: int = 1  # fine-tunes (besides the base) it needs
 
     def check_settings(self, data: dict[str, Any]) -> None:
         """Validate a config's ``parameters:`` whose values may be mergekit settings (gradients, filters):
@@ -139,7 +140,8 @@ METHODS: dict[str, MergeMethod] = {}
 
 
 def merge_method(name: str, *, reference_url: str, needs_base: bool = False,
-                 params: type[MethodParams] = MethodParams, seeded: bool = False, pairwise: bool = False):
+                 params: type[MethodParams] = MethodParams, seeded: bool = False, pairwise: bool = False,
+                 min_models: int = 1):
     """Register a pure merge function ``fn(tensors, *, weights, [base], [generator], **params) -> Tensor``."""
     if not re.match(r"^[a-z][a-z0-9_]*$", name):
         raise ValueError(f"merge method name {name!r} must be lower_snake_case")
@@ -149,7 +151,7 @@ def merge_method(name: str, *, reference_url: str, needs_base: bool = False,
             raise ValueError(f"merge method {name!r} is already registered")
         doc = (fn.__doc__ or "").strip().splitlines()
         METHODS[name] = MergeMethod(name, fn, reference_url, needs_base, doc[0] if doc else "", params, seeded,
-                                    pairwise)
+                                    pairwise, min_models)
         return fn
 
     return deco
@@ -271,3 +273,129 @@ def slerp(tensors: list[Tensor], *, base: Tensor, t: float, weights: list[float]
         theta = torch.acos(dot)
         ca, cb = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
     return (ca * a + cb * b).view(base.shape)
+
+
+class DareLinearParams(MethodParams):
+    density: float = Field(default=0.5, gt=0.0, le=1.0, description="Fraction of each task vector kept.")
+    lambda_: float = Field(default=1.0, alias="lambda", description="Scale of the merged task vector.")
+    normalize: bool = Field(default=False, description="Divide the task vectors' sum by the sum of weights.")
+
+
+class BreadcrumbsParams(MethodParams):
+    density: float = Field(default=1.0, gt=0.0, le=1.0, description="Fraction of each task vector kept.")
+    gamma: float = Field(default=0.01, ge=0.0, lt=1.0, description="Fraction of largest-magnitude entries "
+                         "dropped first (outliers).")
+    lambda_: float = Field(default=1.0, alias="lambda", description="Scale of the merged task vector.")
+    normalize: bool = Field(default=False, description="Divide by the (agreeing) weights.")
+    rescale: bool = Field(default=False, description="Rescale each trimmed task vector to its L1 norm.")
+
+
+class ModelStockParams(MethodParams):
+    filter_wise: bool = Field(default=False, description="One interpolation ratio per output row, not per tensor.")
+
+
+def _combine(deltas: Tensor, w: Tensor, lambda_: float, normalize: bool) -> Tensor:
+    """``λ · Σ w_i Δ_i`` (over the weights' sum with ``normalize``) for weighted ``deltas`` ``[N, ...]``."""
+    mixed = deltas.sum(0)
+    if normalize:
+        divisor = w.sum(0)
+        mixed = mixed / (divisor if divisor.abs().item() >= 1e-8 else 1.0)
+    return lambda_ * mixed
+
+
+@merge_method("dare_linear", reference_url="https://arxiv.org/abs/2311.03099", needs_base=True,
+              params=DareLinearParams, seeded=True)
+def dare_linear(
+    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: float = 0.5,
+    lambda_: float = 1.0, normalize: bool = False, generator: torch.Generator | None = None,
+) -> Tensor:
+    """DARE random drop-and-rescale of task vectors, then their weighted sum (Yu et al. 2024)."""
+    w = _weights(weights, len(tensors), tensors[0])
+    tv = torch.stack([dare_sparsify(t.float() - base.float(), density, generator) for t in tensors])
+    return base.float() + _combine(tv * w, w, lambda_, normalize)
+
+
+def outlier_sparsify(tv: Tensor, density: float, gamma: float, rescale: bool = False) -> Tensor:
+    """Model Breadcrumbs' trim: drop the ``gamma`` fraction of largest-magnitude entries, then the smallest, so
+    that ``density`` of them stay (fewer outliers dropped where both do not fit); ``rescale`` brings the
+    result back to the task vector's L1 norm."""
+    if density >= 1.0:
+        return tv
+    n = tv.numel()
+    keep, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - keep - top)
+    order = torch.sort(tv.abs().reshape(-1).float(), descending=False).indices
+    mask = torch.zeros(n, dtype=tv.dtype, device=tv.device)
+    mask[order[bottom:bottom + keep]] = 1
+    out = tv * mask.view_as(tv)
+    if rescale:
+        before, after = tv.abs().sum(), out.abs().sum()
+        if before >= 1e-7 and after >= 1e-7:
+            out = out * (before / after)
+    return out
+
+
+def _breadcrumbs(tensors: list[Tensor], base: Tensor, weights: list[float] | None, density: float, gamma: float,
+                 lambda_: float, normalize: bool, rescale: bool, ties: bool) -> Tensor:
+    w = _weights(weights, len(tensors), tensors[0])
+    tv = torch.stack([outlier_sparsify(t.float() - base.float(), density, gamma, rescale) for t in tensors]) * w
+    if not ties:
+        return base.float() + _combine(tv, w, lambda_, normalize)
+    majority = torch.where(tv.sum(0) >= 0, 1.0, -1.0)  # (ties at zero count as positive, as mergekit's)
+    mask = (torch.sign(tv) == majority).to(tv.dtype)
+    mixed = (tv * mask).sum(0)
+    if normalize:
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+        mixed = mixed / divisor
+    return base.float() + lambda_ * mixed
+
+
+@merge_method("breadcrumbs", reference_url="https://arxiv.org/abs/2312.06795", needs_base=True,
+              params=BreadcrumbsParams)
+def breadcrumbs(
+    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: float = 1.0,
+    gamma: float = 0.01, lambda_: float = 1.0, normalize: bool = False, rescale: bool = False,
+) -> Tensor:
+    """Model Breadcrumbs: task vectors trimmed of their largest and smallest entries, summed (Davari & Belilovsky
+    2023)."""
+    return _breadcrumbs(tensors, base, weights, density, gamma, lambda_, normalize, rescale, ties=False)
+
+
+@merge_method("breadcrumbs_ties", reference_url="https://arxiv.org/abs/2312.06795", needs_base=True,
+              params=BreadcrumbsParams)
+def breadcrumbs_ties(
+    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: float = 1.0,
+    gamma: float = 0.01, lambda_: float = 1.0, normalize: bool = False, rescale: bool = False,
+) -> Tensor:
+    """Model Breadcrumbs' trim, then TIES' sign election over the trimmed task vectors."""
+    return _breadcrumbs(tensors, base, weights, density, gamma, lambda_, normalize, rescale, ties=True)
+
+
+@merge_method("model_stock", reference_url="https://arxiv.org/abs/2403.19522", needs_base=True,
+              params=ModelStockParams, min_models=2)
+def model_stock(tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None,
+                filter_wise: bool = False) -> Tensor:
+    """Model Stock: the fine-tunes' average pulled toward the base by how much their task vectors agree
+    (mean pairwise cosine), per tensor or per output row (Jang et al. 2024)."""
+    if len(tensors) < 2:
+        raise ValueError(f"model_stock needs at least two fine-tunes besides the base, got {len(tensors)}")
+    w0 = base.float()
+    ws = [t.float() for t in tensors]
+    if filter_wise:
+        if w0.dim() == 1:
+            w0, ws = w0.unsqueeze(0), [x.unsqueeze(0) for x in ws]
+    else:
+        w0, ws = w0.reshape(-1), [x.reshape(-1) for x in ws]
+    off = [x - w0 for x in ws]
+    cos = []
+    for i, a in enumerate(off):
+        for b in off[i + 1:]:
+            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cos.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    den = 1 + (n - 1) * c
+    singular = den.abs() < 1e-6  # no finite ratio: the base, rather than opposing updates amplified
+    t = torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(den), den))
+    return (t * (sum(ws) / n) + (1 - t) * w0).reshape(base.shape)

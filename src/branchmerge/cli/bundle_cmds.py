@@ -116,7 +116,8 @@ def methods_cmd() -> None:
 
     t = table("merge methods", ["method", "needs base_model", "parameters", "what it does", "reference"])
     for m in METHODS.values():
-        params = ", ".join(f"{f.alias or n}={f.default}" for n, f in m.params.model_fields.items()) or "-"
+        params = ", ".join(f"{f.alias or n} (required)" if f.is_required() else f"{f.alias or n}={f.default}"
+                           for n, f in m.params.model_fields.items()) or "-"
         t.add_row(m.name, "yes" if m.needs_base else "no", params, m.description, m.reference_url)
     console().print(t)
     from branchmerge.compress.baselines import DELTA_CODECS

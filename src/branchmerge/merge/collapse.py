@@ -48,12 +48,16 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
     check_output(out, force=force, inputs=inputs)
     sources = [open_model(b.name, b.model, b.revision, b.base, default_base=config.base_model) for b in config.branches]
     base = ModelSource.open("base_model", config.base_model) if config.base_model else None
-    if method.pairwise:  # the base and one other model; the base may be listed among the branches too
-        sources = [s for s in sources if s.path.resolve() != base.path.resolve()]
-        if len(sources) != 1:
-            raise ConfigError(f"method {method.name!r} interpolates `base_model` and one other model; the branches "
-                              f"list {len(sources)} models besides the base")
-    weights = [b.weight for b in config.branches if not method.pairwise]
+    weights = [b.weight for b in config.branches]
+    if method.needs_base:  # the base listed among the branches too is the base, no fine-tune (as mergekit's)
+        kept = [i for i, s in enumerate(sources) if s.path.resolve() != base.path.resolve()]
+        sources, weights = [sources[i] for i in kept], [weights[i] for i in kept]
+    if method.pairwise and len(sources) != 1:
+        raise ConfigError(f"method {method.name!r} interpolates `base_model` and one other model; the branches "
+                          f"list {len(sources)} models besides the base")
+    if len(sources) < method.min_models:
+        raise ConfigError(f"method {method.name!r} needs at least {method.min_models} models besides the base, "
+                          f"got {len(sources)}")
     layers = _layer_count(sources[0].hf_config)
     resolved: dict[tuple, dict[str, Any]] = {}
     dtype = resolve_dtype(config.dtype)
@@ -74,7 +78,7 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
             key = (name if _mentions_filter(config.parameters) else "", t)
             if key not in resolved:
                 resolved[key] = method.params_for(config.parameters, name, t)
-            kw: dict[str, Any] = {"weights": weights or None, **resolved[key]}
+            kw: dict[str, Any] = {"weights": weights, **resolved[key]}
             if base is not None and method.needs_base:
                 kw["base"] = base.get(name)
             if method.seeded:
