@@ -218,3 +218,44 @@ def test_new_baselines_merge_and_the_base_listed_is_the_base(family, tmp_path, c
     cfg = write_config(tmp_path / "one.yaml", with_base[:2], method="model_stock", base_model=str(family["base"][0]))
     code, _, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "one", "--no-progress")
     assert code != 0 and "needs at least 2 models besides the base, got 1" in err
+
+
+def test_a_mergekit_config_merges_as_the_same_native_one(family, tmp_path, capsys):
+    """mergekit's own YAML (models with per-model weight and density, the base listed among them) merges to the
+    same weights as the branchmerge config it stands for; what has no counterpart is refused by name."""
+    import yaml
+
+    base, a, b = (str(family[n][0]) for n in ("base", "a", "b"))
+    mk = {"models": [{"model": base}, {"model": a, "parameters": {"weight": 0.7, "density": 0.6}},
+                     {"model": b, "parameters": {"weight": 0.3, "density": 0.6}}],
+          "merge_method": "ties", "base_model": base, "parameters": {"normalize": True}, "dtype": "float32"}
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(mk))
+    code, _, err = run_cli(capsys, "merge", tmp_path / "mk.yaml", "-o", tmp_path / "from-mk", "--no-progress")
+    assert code == 0, err
+    native = write_config(tmp_path / "n.yaml", [{"name": "a", "model": a, "weight": 0.7},
+                                                {"name": "b", "model": b, "weight": 0.3}],
+                          method="ties", base_model=base, parameters={"density": 0.6, "normalize": True}, dtype="float32")
+    run_merge(load_config(native), tmp_path / "native", progress=False)
+    x = AutoModelForCausalLM.from_pretrained(tmp_path / "from-mk").state_dict()
+    y = AutoModelForCausalLM.from_pretrained(tmp_path / "native").state_dict()
+    assert all(torch.equal(x[k], y[k]) for k in y)
+    cfg = load_config(tmp_path / "mk.yaml")
+    assert [br.name for br in cfg.branches] == ["base", "a", "b"] and cfg.parameters["density"] == 0.6
+    bad = [({"slices": []}, "`slices` (layer slices"), ({"tokenizer_source": "union"}, "tokenizer merging"),
+           ({"merge_method": None}, "`merge_method` is missing"), ({"extra": 1}, "unknown key `extra`"),
+           ({"models": [{"model": a, "parameters": {"density": 0.5}}, {"model": b, "parameters": {"density": 0.7}}]},
+            "per-model `density` must be the same"),
+           ({"models": [{"model": a, "parameters": {"weight": [0, 1]}}]}, "`weight` must be a number"),
+           ({"models": [{"model": a, "lora": 1}]}, "models[0] must be")]
+    for change, needle in bad:
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**mk, **change}))
+        code, _, err = run_cli(capsys, "merge", tmp_path / "bad.yaml", "-o", tmp_path / "bad", "--no-progress")
+        assert code != 0 and needle in err and not (tmp_path / "bad").exists(), (change, err)
+    same = {**mk, "models": [{"model": a}, {"model": str(tmp_path / "x" / "a")}], "merge_method": "linear"}
+    (tmp_path / "x").mkdir()
+    (tmp_path / "same.yaml").write_text(yaml.safe_dump(same))
+    assert [br.name for br in load_config(tmp_path / "same.yaml").branches] == ["a", "a-2"]  # names made unique
+    ours = {"models": [{"model": a}, {"model": b}], "merge_method": "branch", "compress_rate": 0.5}
+    (tmp_path / "branch.yaml").write_text(yaml.safe_dump(ours))  # the branch method, with its own keys
+    cfg = load_config(tmp_path / "branch.yaml")
+    assert cfg.method == "branch" and cfg.compress_rate == 0.5 and [br.name for br in cfg.branches] == ["a", "b"]

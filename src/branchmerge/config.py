@@ -316,10 +316,98 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def parse_config(data: Any, source: str = "<dict>") -> MergeConfig:
-    """Validate a dict into a MergeConfig, turning pydantic errors into a ConfigError."""
+    """Validate a dict into a MergeConfig (a mergekit config is read as one: :func:`from_mergekit`), turning
+    pydantic errors into a ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {source}: expected a mapping at top level, got {type(data).__name__}")
+    if "branches" not in data and ("merge_method" in data or "models" in data):
+        data = from_mergekit(data, source)
     return validate(MergeConfig, data, source)
+
+
+_MERGEKIT_REFUSED = {
+    "slices": "layer slices (passthrough and frankenmerges)", "modules": "per-module definitions",
+    "tokenizer_source": "tokenizer merging (the output takes the first model's tokenizer)",
+    "tokenizer": "tokenizer merging (the output takes the first model's tokenizer)",
+    "chat_template": "a chat template chosen by the merge (the first model's is kept)",
+}
+_MERGEKIT_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "name"}
+
+
+def from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A mergekit config (``merge_method``, ``models: [{model, parameters}]``, ``base_model``, ``parameters``,
+    ``dtype``/``out_dtype``) as branchmerge's. Each model becomes a branch named after its folder; its
+    ``weight`` becomes the branch's; another per-model parameter (``density``…) becomes the method's when every
+    model gives the same value. What has no counterpart here (``slices``, tokenizer merging, per-model values
+    that differ) is refused by name.
+
+    Raises:
+        ConfigError: naming the key or model at fault.
+    """
+    where = f"{source} (a mergekit config)"
+    for key in data:
+        if key in _MERGEKIT_REFUSED:
+            raise ConfigError(f"{where}: `{key}` ({_MERGEKIT_REFUSED[key]}) is not supported")
+        if key not in _MERGEKIT_KEYS and key not in _OWN_KEYS:
+            raise ConfigError(f"{where}: unknown key `{key}`; a mergekit config here has "
+                              f"{', '.join(sorted(_MERGEKIT_KEYS))} (and branchmerge's {', '.join(sorted(_OWN_KEYS))})")
+    if not isinstance(data.get("merge_method"), str):
+        raise ConfigError(f"{where}: `merge_method` is missing (one of {', '.join(METHODS)})")
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise ConfigError(f"{where}: `models` must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+    params = dict(data.get("parameters") or {})
+    branches: list[dict[str, Any]] = []
+    per_model: dict[str, dict[str, Any]] = {}
+    tuned = 0
+    for i, m in enumerate(models):
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or not isinstance(m.get("model"), str) or set(m) - {"model", "parameters"}:
+            raise ConfigError(f"{where}: models[{i}] must be {{model: PATH, parameters: {{...}}}}, got {m!r}")
+        own = m.get("parameters") or {}
+        if not isinstance(own, dict):
+            raise ConfigError(f"{where}: models[{i}].parameters must be a mapping, got {own!r}")
+        name = _branch_name(m["model"], {b["name"] for b in branches})
+        weight = own.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"{where}: models[{i}] ({m['model']}): `weight` must be a number here (a gradient or "
+                              f"filtered weight per model is not supported), got {weight!r}")
+        branches.append({"name": name, "model": m["model"], "weight": float(weight)})
+        if m["model"] == data.get("base_model"):
+            continue  # (the base listed among the models: its own parameters are not a fine-tune's)
+        tuned += 1
+        for k, v in own.items():
+            if k != "weight":
+                per_model.setdefault(k, {})[m["model"]] = v
+    for k, values in per_model.items():
+        distinct = {repr(v) for v in values.values()}
+        if len(values) != tuned or len(distinct) != 1 or (k in params and repr(params[k]) not in distinct):
+            given = ", ".join(f"{m}: {v!r}" for m, v in values.items())
+            raise ConfigError(f"{where}: per-model `{k}` must be the same for every model ({given}); branchmerge "
+                              f"takes one value for all: set it under `parameters`")
+        params[k] = next(iter(values.values()))
+    out: dict[str, Any] = {"branches": branches, "method": data["merge_method"], "parameters": params,
+                           **{k: v for k, v in data.items() if k in _OWN_KEYS}}
+    if data.get("base_model") is not None:
+        out["base_model"] = data["base_model"]
+    if (data.get("out_dtype") or data.get("dtype")) is not None:
+        out["dtype"] = data.get("out_dtype") or data.get("dtype")
+    return out
+
+
+_OWN_KEYS = {"compress_rate", "compress_overrides", "budget", "factor_bits", "group_size", "rsvd", "lora", "device",
+             "max_shard_bytes"}  # (merge_method: branch in a mergekit config takes these too)
+
+
+def _branch_name(model: str, taken: set[str]) -> str:
+    """A branch name from a model path or hub id (its last part, made safe), unique among ``taken``."""
+    last = Path(model.split("+")[0].rstrip("/")).name or "model"
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", last).lstrip("-_.") or "model"
+    out, k = name, 2
+    while out in taken:
+        out, k = f"{name}-{k}", k + 1
+    return out
 
 
 class _StrictLoader(yaml.SafeLoader):
