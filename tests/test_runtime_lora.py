@@ -110,7 +110,6 @@ def test_what_a_loaded_adapter_cannot_be_is_refused_and_nothing_changes(family, 
         ("auto", root / "k", {}, BundleError, "is taken"),
         ("../x", root / "k", {}, BundleError, "not a safe name"),
         ("k", tmp_path, {}, ModelInputError, "adapter_config.json cannot be read"),
-        ("k", root / "k", {"base": "qv"}, BundleError, "cannot take adapters"),
         ("k", root / "k", {"base": "nope"}, BranchNotFoundError, "unknown branch"),
     ]
     for name, folder, kw, err, needle in cases:
@@ -124,10 +123,52 @@ def test_what_a_loaded_adapter_cannot_be_is_refused_and_nothing_changes(family, 
     with pytest.raises(ModelInputError, match="not a readable safetensors"):
         bundle.load_lora("bad", bad)
     torch.testing.assert_close(_logits(bundle, "qv"), logits, atol=0, rtol=0)
-    # a compressed bundle's W̄ is no base's weight: its branches cannot take adapters
+    # a bundle of several fine-tunes has no one base: the adapter's must be named; never a runtime branch
     other = branchmerge.load(bundles[0.9], dtype="float32")
-    with pytest.raises(BundleError, match="candidates: none"):
+    with pytest.raises(BundleError, match="name the branch the adapter was trained on"):
         other.load_lora("k", root / "k")
+    bundle.load_lora("k", root / "k")
+    with pytest.raises(BundleError, match="it was loaded at runtime"):
+        bundle.load_lora("k2", root / "k", base="k")
+
+
+def test_an_adapter_over_a_compressed_fine_tune_applies_to_it_as_stored(family, bundles, tmp_path):
+    """Over branch ``a`` of a compressed bundle (r=0.9, ``s_a ≠ 1``) the adapter's branch is exactly PEFT's
+    adapter on ``a`` as the bundle stores it (the branch exported); ``a`` and the others do not change."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from branchmerge.export import export_branch
+
+    bundle = branchmerge.load(bundles[0.9], dtype="float32")
+    before = {n: _logits(bundle, n) for n in "abc"}
+    make_adapter(family["a"][1], tmp_path / "ad", 5, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    got = bundle.load_lora("a-lora", tmp_path / "ad", base="a")
+    assert got.base == "a" and bundle.groups["main"].model.model.layers[0].self_attn.q_proj.scales[got.slot] != 1.0
+    export_branch(bundles[0.9], "a", tmp_path / "a-stored", progress=False, dtype="float32")
+    want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "a-stored"), tmp_path / "ad")
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(bundle, "a-lora"), want.eval()(X).logits, atol=1e-5, rtol=0)
+    for n, t in before.items():
+        torch.testing.assert_close(_logits(bundle, n), t, atol=1e-6, rtol=0, msg=n)
+    ids = [[3, 9, 4], [3, 9, 4], [3, 9, 4]]
+    outs = bundle.generate_ids(ids, ["a-lora", "a", "b"], max_new_tokens=[4] * 3)  # one mixed batch
+    solo = [bundle.generate_ids([ids[0]], [n], max_new_tokens=[4])[0].new_ids for n in ("a-lora", "a", "b")]
+    assert [o.new_ids for o in outs] == solo
+    with serving(create_app(bundle, lora_dir=tmp_path, lora_base="b")) as url:  # the base per request
+        r = _post(url, "/v1/load_lora_adapter", lora_name="a-lora2", lora_path="ad", base="a")
+        assert r.status_code == 200, r.text
+        assert bundle.loras["a-lora2"].base == "a"
+        torch.testing.assert_close(_logits(bundle, "a-lora2"), _logits(bundle, "a-lora"), atol=1e-6, rtol=0)
+        assert _post(url, "/v1/unload_lora_adapter", lora_name="a-lora2").status_code == 200
+    bundle.unload_lora("a-lora")  # the freed slot takes the next adapter in place, over another branch
+    make_adapter(family["b"][1], tmp_path / "bd", 6, r=2, lora_alpha=4, target_modules=["q_proj"])
+    again = bundle.load_lora("b-lora", tmp_path / "bd", base="b")
+    assert again.slot == got.slot
+    export_branch(bundles[0.9], "b", tmp_path / "b-stored", progress=False, dtype="float32")
+    want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "b-stored"), tmp_path / "bd")
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(bundle, "b-lora"), want.eval()(X).logits, atol=1e-5, rtol=0)
 
 
 def _post(url, path, **body):
@@ -276,7 +317,9 @@ def test_serve_refuses_a_lora_folder_it_cannot_use(capsys, bundles, tmp_path):
     from tests.cli_util import run_cli
 
     code, _, err = run_cli(capsys, "serve", bundles[0.9], "--lora-dir", tmp_path)
-    assert code == 1 and "needs one base branch" in err and "none" in err
+    assert code == 1 and "name it with --lora-base (one of a, b, c)" in err
+    code, _, err = run_cli(capsys, "serve", bundles[0.9], "--lora-dir", tmp_path, "--lora-base", "z")
+    assert code == 1 and "--lora-base 'z' is not a branch" in err
     code, _, err = run_cli(capsys, "serve", bundles[0.9], "--lora-dir", tmp_path / "nope")
     assert code == 1 and "is not a folder" in err
     code, _, err = run_cli(capsys, "serve", bundles[0.9], "--lora-on-demand")

@@ -1,18 +1,21 @@
 """PEFT LoRA adapters loaded into a running bundle, as vLLM's ``/v1/load_lora_adapter`` loads them onto its base.
 
-An adapter joins the group of its base branch as one more branch, kept exactly as the merge keeps adapters
-(:mod:`branchmerge.merge.lora`): ``U = scaling·B``, ``V = A`` over ``W̄`` = the base's weight, ``s = 1``.
-That holds for a group the merge made of adapters of that base (its ``lora_base``) and for a group of the
-base alone (a bundle of one model), so only those take adapters. Every branched layer gets a slot for the
-new branch (zeros where the adapter leaves the layer alone, so the fused and mixed-batch layouts stay
-uniform; ranks zero-padded to the largest); a base layer the adapter changes becomes a branched layer;
+An adapter joins the group of the branch it was trained on (its base) as one more branch, exactly: where the
+base branch computes ``s_b·(x W̄ᵀ + (x V_bᵀ) U_bᵀ)``, the new branch has the same ``s_b`` and the factors
+``[U_b | scaling·B / s_b]``, ``[V_b ; A]``, so its weight is the base branch's plus ``scaling·B·A``. In a group
+the merge made of adapters of one base (``lora_base``), the base's own factors are zeros and ``s_b`` is 1:
+the adapter's factors alone, as the merge keeps adapters (:mod:`branchmerge.merge.lora`). Over a compressed
+fine-tune, the adapter applies to the fine-tune as the bundle stores it. Every branched layer gets a slot for
+the new branch (zeros where the adapter leaves the layer alone, so the fused and mixed-batch layouts stay
+uniform; ranks zero-padded to the largest); a shared layer the adapter changes becomes a branched layer;
 per-branch modules (norms, embeddings) get the base's copy, sharing its tensors. Unloading zeroes the
-branch's slot, and the next adapter loaded into that group reuses it in place.
+branch's slot, and the next adapter loaded into that group reuses it in place when its rank fits.
 
 What an adapter may change here: linear layers' weights by LoRA factors (rsLoRA, ``rank_pattern`` and
 ``alpha_pattern`` included) and their biases (``lora_bias``). Whole stored tensors (``modules_to_save``),
-DoRA, LoRA on embeddings or the output head, and GPT-2's transposed layers are refused by name: merge such
-adapters into a bundle instead (``serve BASE --lora-modules``, ``merge``), which keeps every one of them.
+DoRA, LoRA on embeddings or the output head, GPT-2's transposed layers and layers stored as dense
+differences or quantized factors are refused by name: merge such adapters into a bundle instead
+(``serve BASE --lora-modules``, ``merge``), which keeps every one of them.
 """
 
 from __future__ import annotations
@@ -104,17 +107,23 @@ class _BundleBase(ModelSource):
 
 
 def base_branches(reader: BundleReader) -> list[str]:
-    """The branches adapters can be loaded over: each exact-LoRA group's base (the branch that is its
-    ``lora_base``), and the branch of a one-branch group that stores every tensor whole."""
+    """The branches adapters are loaded over by default: each exact-LoRA group's base (the branch that is its
+    ``lora_base``), and the branch of a one-branch group (a base model alone)."""
     out = []
-    for gname, g in reader.manifest.groups.items():
-        if g.standalone or g.transposed:
+    for g in reader.manifest.groups.values():
+        if g.transposed:
             continue
         if g.lora_base is not None:
             out += [b for b in g.branches if reader.manifest.branches[b].source == g.lora_base]
-        elif len(g.branches) == 1 and all(r.role != "compressed" for r in reader.manifest.tensors[gname].values()):
+        elif len(g.branches) == 1:
             out.append(g.branches[0])
     return out
+
+
+def adapter_bases(reader: BundleReader) -> list[str]:
+    """Every branch an adapter may be loaded over (named): each branch stored in the bundle whose layers are
+    not transposed (GPT-2's)."""
+    return [b for g in reader.manifest.groups.values() if not g.transposed for b in g.branches]
 
 
 def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_rank: int | None = None) -> Prepared:
@@ -132,15 +141,16 @@ def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_ran
         raise BundleError(str(e)) from None
     if name == "auto" or name in reader.branches:
         raise BundleError(f"the name {name!r} is taken (a branch of the bundle, or 'auto')")
-    bases = base_branches(reader)
     if base is None:
+        bases = base_branches(reader)
         if len(bases) != 1:
-            raise BundleError(f"name the base branch the adapter is over; candidates: {', '.join(bases) or 'none'}")
+            raise BundleError(f"name the branch the adapter was trained on (its base); the bundle's branches: "
+                              f"{', '.join(adapter_bases(reader)) or 'none'}")
         base = bases[0]
-    if base not in bases:
+    if base not in adapter_bases(reader):
         reader.branch(base)  # (an unknown name says so)
-        raise BundleError(f"branch {base!r} cannot take adapters: its group is not the base model with exact LoRA "
-                          f"adapters (or the base alone); branches that can: {', '.join(bases) or 'none'}")
+        raise BundleError(f"branch {base!r} cannot take adapters: it was loaded at runtime, or its layers are "
+                          f"transposed (GPT-2's); branches that can: {', '.join(adapter_bases(reader)) or 'none'}")
     group = reader.branch(base).group
     src = LoraSource.over(name, folder, LoraSource.read_config(name, folder), _BundleBase(
         name=base, path=reader.path, hf_config=reader.hf_config(base),
@@ -148,6 +158,11 @@ def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_ran
     where = f"adapter {name!r} ({folder})"
     model = bundle.groups[group].model
     head = model.get_output_embeddings()
+    odd = next((n for n, m in model.named_modules() if isinstance(m, QuantizedBranchedLinear)
+                or (isinstance(m, BranchedLinear) and not m.uniform)), None)
+    if odd is not None:  # (a new branch adds a slot to every layer: all must have the uniform factor layout)
+        raise BundleError(f"group {group!r} cannot take adapters: layer {odd} holds quantized factors or dense "
+                          "differences (load the bundle with factors='dequantize', or merge the adapter instead)")
     prep = Prepared(name, base, group, folder)
     ranks: dict[str, int] = {}
     for tensor, m in src.changes.items():
@@ -198,10 +213,10 @@ def apply(bundle, prep: Prepared) -> LoadedAdapter:
     n, base = len(state.names), state.index(prep.base)
     slot = next((i for i, s in enumerate(state.names) if s == FREE.format(i)), n)
     layers = [(mn, m) for mn, m in model.named_modules() if isinstance(m, BranchedLinear)]
+    rows = {mn: _slot_rows(m, base, prep.factors.get(f"{mn}.weight")) for mn, m in layers}
     fused = any(m.fused for _, m in layers) if layers else (bundle.device.type == "cuda" and bundle.kernels != "triton")
     triton = bundle.kernels == "triton"
-    in_place = slot < n and all(m.rank >= prep.factors[f"{mn}.weight"][0].shape[1]
-                                for mn, m in layers if f"{mn}.weight" in prep.factors)
+    in_place = slot < n and all(m.rank >= rows[mn][0].shape[0] for mn, m in layers)  # (views are k rows)
     converted = False
     with torch.no_grad():
         if not in_place:
@@ -211,17 +226,21 @@ def apply(bundle, prep: Prepared) -> LoadedAdapter:
         for mn, m in list(model.named_modules()):
             w, b = f"{mn}.weight", f"{mn}.bias"
             if isinstance(m, BranchedLinear):
+                scale = m.scales[base]
                 if in_place:
-                    _write_slot(m, slot, prep.factors.get(w), prep.biases.get(b), base)
+                    _write_slot(m, slot, *rows[mn], scale, prep.biases.get(b), base)
                 else:
-                    _replace(model, mn, _rebuild(m, slot, n, prep.factors.get(w), prep.biases.get(b), base))
+                    _replace(model, mn, _rebuild(m, slot, n, rows[mn], scale, prep.biases.get(b), base))
             elif type(m) is nn.Linear and w in prep.factors:
                 new = _branched(m, state, slot, max(n, slot + 1), prep.factors[w], prep.biases.get(b), fused)
                 new.use_triton = triton
                 _replace(model, mn, new)
                 converted = True
-            elif isinstance(m, PerBranch) and slot == n:
-                _replace(model, mn, PerBranch(state, [*m._copies, _shallow(m._copies[base])]))
+            elif isinstance(m, PerBranch):  # the base's norms, embeddings…, in a new slot or a reused one
+                copies = list(m._copies)
+                own = _shallow(copies[base])
+                copies[slot:slot + 1] = [own]
+                _replace(model, mn, PerBranch(state, copies))
         if slot == n:
             state.names.append(prep.name)
         else:
@@ -254,10 +273,27 @@ def remove(bundle, name: str) -> None:
             if isinstance(m, BranchedLinear):
                 if str(i) in m.hot:
                     m.dematerialize(i)
-                _write_slot(m, i, None, None, b)
+                _write_slot(m, i, None, None, 1.0, None, b)
     g.state.names[i] = FREE.format(i)
     reader.remove_runtime_branch(name)
     logger.info("adapter %r unloaded (slot %d of group %r is free)", name, i, g.name)
+
+
+def _slot_rows(m: BranchedLinear, base: int, factors: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """The new branch's rows of ``m``: ``s·Uᵀ`` ``[k, out]`` and ``V`` ``[k, in]`` — the base branch's own (none
+    when they are zeros, as an exact-LoRA base's are) followed by the adapter's ``scaling·Bᵀ`` and ``A``. With
+    the base's scale they make the base branch's weight plus ``scaling·B·A``."""
+    ut, v = [], []
+    if m._ut[base].numel() and bool(m._ut[base].any()):
+        ut.append(m._ut[base].float())
+        v.append(m._v[base].float())
+    if factors is not None:
+        ut.append(factors[0].T.float())
+        v.append(factors[1].float())
+    if not ut:
+        return m.weight_mean.new_zeros(0, m.out_features, dtype=torch.float32), \
+            m.weight_mean.new_zeros(0, m.in_features, dtype=torch.float32)
+    return torch.cat(ut), torch.cat(v)
 
 
 def _pad(u: Tensor, v: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -270,40 +306,45 @@ def _pad(u: Tensor, v: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return pu, pv
 
 
-def _write_slot(m: BranchedLinear, i: int, factors: tuple[Tensor, Tensor] | None, bias: Tensor | None,
-                base: int) -> None:
-    """Branch ``i`` of ``m`` (a uniform layer of rank ≥ the factors') becomes ``factors`` (None: zeros) and
-    ``bias`` (None: the base's), written into the stored tensors (sibling buffers included)."""
-    v, ut = m._v[i], m._ut[i]  # [k, in], [k, out] views
-    v.zero_()
+def _write_slot(m: BranchedLinear, i: int, ut_rows: Tensor | None, v_rows: Tensor | None, scale: float,
+                bias: Tensor | None, base: int) -> None:
+    """Branch ``i`` of ``m`` (a uniform layer whose rank fits the rows) becomes ``ut_rows`` ``[k, out]``,
+    ``v_rows`` ``[k, in]`` (None: zeros), ``scale`` and ``bias`` (None: the base's), written into the stored
+    tensors (sibling buffers included)."""
+    kp = m.stride
+    ut, v = m.ut_cat[i * kp:(i + 1) * kp], m.v_cat[i * kp:(i + 1) * kp]  # the padded rows: [kp, out], [kp, in]
     ut.zero_()
-    if factors is not None:
-        u, a = factors
-        r = u.shape[1]
-        v[:r] = a.to(v.dtype)
-        ut[:r] = u.T.to(ut.dtype)
+    v.zero_()
+    if ut_rows is not None and ut_rows.shape[0]:
+        r = ut_rows.shape[0]
+        ut[:r] = ut_rows.to(ut.dtype)
+        v[:r] = v_rows.to(v.dtype)
+    m.scales[i] = float(scale)
+    m.scale_t[i] = float(scale)
     if m.has_bias:
         m.bias_cat[i] = m.bias_cat[base] if bias is None else bias.to(m.bias_cat.dtype)
+    m._index_factors()
 
 
-def _rebuild(m: BranchedLinear, slot: int, n: int, factors: tuple[Tensor, Tensor] | None, bias: Tensor | None,
+def _rebuild(m: BranchedLinear, slot: int, n: int, rows: tuple[Tensor, Tensor], scale: float, bias: Tensor | None,
              base: int) -> BranchedLinear:
-    """``m`` with branch ``slot`` (``n``: a new one) set to ``factors`` and ``bias``; the other branches' factors,
-    biases and hot weights kept; every rank padded to the largest."""
-    if not m.uniform or any(s != 1.0 for s in m.scales):
-        raise BundleError(f"layer {m.extra_repr()} is not an exact LoRA layer (uniform factors, every scale 1)")
+    """``m`` with branch ``slot`` (``n``: a new one) set to ``rows`` (``s·Uᵀ``, ``V``), ``scale`` and ``bias``; the
+    other branches' factors, scales, biases and hot weights kept; every rank padded to the largest."""
     count = max(n, slot + 1)
-    k = max(m.rank, 0 if factors is None else factors[0].shape[1])
-    zero = (m.weight_mean.new_zeros(m.out_features, 0), m.weight_mean.new_zeros(0, m.in_features))
-    diffs = []
+    k = max(m.rank, rows[0].shape[0])
+    diffs, scales = [], []
     for i in range(count):
-        u, v = (factors or zero) if i == slot else (m._ut[i].T, m._v[i])
-        diffs.append(("lowrank", *_pad(u, v, k)))
+        ut, v = rows if i == slot else (m._ut[i], m._v[i])
+        diffs.append(("lowrank", *_pad(ut.T, v, k)))
+        scales.append(scale if i == slot else m.scales[i])
     biases = None
     if m.has_bias or bias is not None:
         own = m._bias(base) if bias is None else bias
         biases = [own if i == slot else m._bias(i) for i in range(count)]
+    # the rows are s·Uᵀ already: built with scales 1 (stored as given), then the real scales set
     new = BranchedLinear(m.state, m.weight_mean.detach(), [1.0] * count, diffs, biases, fused=m.fused)
+    new.scales = scales
+    new.scale_t.copy_(torch.tensor(scales, dtype=new.scale_t.dtype))
     new.use_triton = m.use_triton
     for key, w in m.hot.items():
         if int(key) != slot:

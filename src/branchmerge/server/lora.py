@@ -39,6 +39,8 @@ class LoadLoraRequest(BaseModel):
     lora_name: str = Field(min_length=1, max_length=128)
     lora_path: str = Field(min_length=1, max_length=4096)
     load_inplace: bool = Field(default=False, description="Replace an adapter of this name that is loaded.")
+    base: str | None = Field(default=None, max_length=128, description="branchmerge's: the branch the adapter was "
+                             "trained on (default: the server's --lora-base).")
 
 
 class UnloadLoraRequest(BaseModel):
@@ -150,14 +152,14 @@ class RuntimeLoras:
             if self.count() >= self.max_loras:
                 raise P.APIError(400, f"{self.count()} adapters are loaded, this server's limit "
                                  f"(--max-loras); unload one first", param="lora_name")
-            await self._load(req.lora_name, folder, "lora_path")
+            await self._load(req.lora_name, folder, "lora_path", base=req.base)
         return f"Success: LoRA adapter '{req.lora_name}' added successfully."
 
-    async def _load(self, name: str, folder: Path, param: str, *, evict: bool = False) -> None:
+    async def _load(self, name: str, folder: Path, param: str, *, evict: bool = False, base: str | None = None) -> None:
         """Read and check the adapter, make room (``evict``: once it proved good), then add it."""
         t = time.monotonic()
         try:
-            prep = await asyncio.to_thread(self.bundle.read_lora, name, folder, base=self.base,
+            prep = await asyncio.to_thread(self.bundle.read_lora, name, folder, base=base or self.base,
                                            max_rank=self.max_rank)
             if evict and self.count() >= self.max_loras:
                 await self._evict()
