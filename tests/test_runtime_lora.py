@@ -186,6 +186,9 @@ def test_the_server_loads_and_unloads_adapters_as_vllm_does(family, loras, tmp_p
     (outside / "adapter_config.json").write_text((root / "k" / "adapter_config.json").read_text())
     (outside / "adapter_model.safetensors").write_bytes((root / "k" / "adapter_model.safetensors").read_bytes())
     os.symlink(outside, root / "link")
+    (root / "filelink").mkdir()  # a folder inside whose weights file links out of it
+    (root / "filelink" / "adapter_config.json").write_text((root / "k" / "adapter_config.json").read_text())
+    os.symlink(outside / "adapter_model.safetensors", root / "filelink" / "adapter_model.safetensors")
     app = create_app(bundle, lora_dir=root, max_loras=2, max_lora_rank=8)
     prompt = [4, 9, 2, 17, 5]
     with serving(app) as url:
@@ -202,6 +205,8 @@ def test_the_server_loads_and_unloads_adapters_as_vllm_does(family, loras, tmp_p
             ("x", "../outside"): (400, "outside this server's LoRA folder"),
             ("x", str(outside)): (400, "outside this server's LoRA folder"),
             ("x", "link"): (400, "outside this server's LoRA folder"),
+            ("x", "filelink"): (400, "outside this server's LoRA folder"),
+            ("x", "k\u0000"): (400, "NUL character"),
             ("x", "nope"): (400, "not a PEFT adapter folder"),
             ("x", "dora"): (400, "by DoRA"),
             ("x y", "k"): (400, "not a safe name"),
