@@ -515,3 +515,47 @@ def test_the_chooser_predicts_an_exact_merge_from_headers(family, adapters, tmp_
     stored = sum(r.bytes for g in BundleReader(tmp_path / "b").manifest.tensors.values() for r in g.values())
     predicted = bundle_bytes(profiles, 0.95, 4)
     assert 0.8 * predicted < stored <= predicted, (stored, predicted)  # (an upper bound: equal tensors stored once)
+
+
+def test_an_adapter_that_resizes_the_vocabulary(capsys, family, tmp_path):
+    """An adapter trained after ``resize_token_embeddings`` (its embeddings and head stored at 72 rows over a
+    64-token base) is read as PEFT merges it; `serve --lora-modules` puts it in a group of its own (a merged
+    model); in the base's group it is refused by name, as is a resize that leaves the head behind or a loaded one."""
+    import branchmerge
+    from branchmerge.merge import merge_adapters
+
+    base = family["base"]
+    grown = copy.deepcopy(base[1])
+    grown.resize_token_embeddings(72, mean_resizing=False)
+    want = make_adapter(grown, tmp_path / "big", 4, r=4, lora_alpha=8, target_modules=["q_proj"],
+                        modules_to_save=["embed_tokens", "lm_head"])
+    make_adapter(base[1], tmp_path / "small", 5, r=2, lora_alpha=4, target_modules=["v_proj"])
+    src = open_model("big", str(tmp_path / "big"), base=str(base[0]))
+    assert src.hf_config["vocab_size"] == 72 and src.shape("lm_head.weight") == (72, 32)
+    assert _same_as_peft(src, want) < 1e-6
+    merge_adapters(base[0], {"small": tmp_path / "small", "big": tmp_path / "big"}, tmp_path / "b", base_name="tiny",
+                   progress=False)
+    bundle = branchmerge.load(tmp_path / "b", dtype="float32")
+    assert bundle.reader.branch("big").group == "big" and bundle.reader.branch("small").group == "main"
+    x = torch.tensor([[1, 70, 9, 71, 3]])  # (ids past the base's vocabulary: the new tokens)
+    with bundle.use("big") as m, torch.no_grad():
+        torch.testing.assert_close(m(x).logits, want(x).logits, atol=1e-5, rtol=0)
+    outs = bundle.generate_ids([[1, 70, 9], [1, 5, 9]], ["big", "tiny"], max_new_tokens=[4, 4])
+    with torch.no_grad():
+        greedy = want.generate(torch.tensor([[1, 70, 9]]), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)[0, 3:].tolist()
+    assert outs[0].new_ids == greedy and len(outs[1].new_ids) == 4
+    with pytest.raises(ModelInputError, match="resizes the vocabulary"):
+        bundle.load_lora("big2", tmp_path / "big", base="tiny")
+    cfg = write_config(tmp_path / "one.yaml", [{"name": "tiny", "model": str(base[0])},
+                                               {"name": "big", "model": str(tmp_path / "big"), "base": str(base[0])}],
+                       compress_rate=0.0)
+    code, _, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "one", "--no-progress")
+    assert code == 1 and "give 'big' its own `group`" in err and not (tmp_path / "one").exists()
+    half = tmp_path / "half"  # the head left at 64 rows while the embeddings grew
+    shutil.copytree(tmp_path / "big", half)
+    sd = load_file(half / "adapter_model.safetensors")
+    sd = {k: v for k, v in sd.items() if "lm_head" not in k}
+    save_file(sd, half / "adapter_model.safetensors")
+    with pytest.raises(ModelInputError, match="resizes the vocabulary .* but not lm_head.weight"):
+        open_model("half", str(half), base=str(base[0]))

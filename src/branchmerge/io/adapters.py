@@ -121,6 +121,7 @@ class LoraSource(ModelSource):
     changes: dict[str, _Module] = field(default_factory=dict)  # base tensor → what changes it
     replaced: dict[str, str] = field(default_factory=dict)  # base tensor → adapter key holding it whole
     scalings: dict[str, float] = field(default_factory=dict)  # module → its factors' scaling
+    resized: dict[str, tuple[int, ...]] = field(default_factory=dict)  # vocabulary tensors stored at a new size
     _adapter_handle: Any = field(default=None, repr=False)
 
     @classmethod
@@ -249,9 +250,10 @@ class LoraSource(ModelSource):
             elif self.adapter.use_dora:
                 raise ModelInputError(f"{where}: use_dora is set but {tensor!r} has no lora_magnitude_vector")
         for tensor, key in self.replaced.items():
-            if tuple(h.get_slice(key).get_shape()) != tuple(self.shape(tensor)):
-                raise ModelInputError(f"{where}: {key} is {list(h.get_slice(key).get_shape())}, but {tensor} is "
-                                      f"{list(self.shape(tensor))} in the base model")
+            got, want = tuple(h.get_slice(key).get_shape()), tuple(self.shape(tensor))
+            if got != want and not self._vocab_row_change(tensor, got, want):
+                raise ModelInputError(f"{where}: {key} is {list(got)}, but {tensor} is {list(want)} in the base model")
+        self._check_resized(where)
         deadline = time.monotonic() + _PATTERN_BUDGET_S  # (the patterns are matched now, before any work)
         for tensor, m in self.changes.items():
             if m.bias_of is None:
@@ -262,6 +264,45 @@ class LoraSource(ModelSource):
         logger.info("branch %r: LoRA adapter changes %d and replaces %d tensors of %s", self.name,
                     len(self.changes), len(self.replaced), self.base.path)
 
+    def _vocab_row_change(self, tensor: str, got: tuple, want: tuple) -> bool:
+        """Whether a stored copy of ``tensor`` differs from the base's only in its vocabulary rows (an adapter
+        trained after ``resize_token_embeddings``); records it."""
+        from branchmerge.architectures import for_hf_config
+
+        vocab = self.base.hf_config.get("vocab_size")
+        if len(got) != 2 or len(want) != 2 or got[1] != want[1] or want[0] != vocab or got[0] < 1:
+            return False
+        if for_hf_config(self.base.hf_config).role(tensor, want) == "compress":
+            return False
+        self.resized[tensor] = got
+        return True
+
+    def _check_resized(self, where: str) -> None:
+        """A resized vocabulary: one new size, every vocabulary tensor of the base stored at it (embeddings and an
+        untied head), no LoRA factors on them; the adapter's config then says ``vocab_size``."""
+        if not self.resized:
+            return
+        sizes = {shape[0] for shape in self.resized.values()}
+        vocab = self.base.hf_config.get("vocab_size")
+        if len(sizes) != 1:
+            raise ModelInputError(f"{where}: its stored copies resize the vocabulary to different sizes "
+                                  f"({', '.join(f'{t} {list(v)}' for t, v in self.resized.items())})")
+        from branchmerge.architectures import for_hf_config
+
+        arch = for_hf_config(self.base.hf_config)
+        rows = [t for t in self.weight_map if len(self.base.shape(t)) == 2 and self.base.shape(t)[0] == vocab
+                and arch.role(t, self.base.shape(t)) != "compress"]
+        left = [t for t in rows if t not in self.resized]
+        if left:
+            raise ModelInputError(f"{where}: it resizes the vocabulary ({vocab} → {sizes.pop()} rows in "
+                                  f"{', '.join(self.resized)}) but not {', '.join(left)}")
+        changed = [t for t in self.resized if t in self.changes]
+        if changed:
+            raise ModelInputError(f"{where}: LoRA factors on {changed[0]}, whose vocabulary it resizes, are not supported")
+        self.hf_config = {**self.hf_config, "vocab_size": next(iter(self.resized.values()))[0]}
+        logger.info("branch %r: the adapter resizes the vocabulary from %d to %d rows", self.name, vocab,
+                    self.hf_config["vocab_size"])
+
     def _read(self, key: str) -> torch.Tensor:
         t = self._adapter().get_tensor(key)
         if bad := nonfinite(t):
@@ -270,7 +311,7 @@ class LoraSource(ModelSource):
         return t
 
     def shape(self, tensor: str) -> tuple[int, ...]:
-        return self.base.shape(tensor)
+        return self.resized.get(tensor) or self.base.shape(tensor)
 
     def get(self, tensor: str, *, check_finite: bool = True) -> torch.Tensor:
         """The merged model's tensor: the base's (or the adapter's own copy of it), changed by the adapter's

@@ -47,9 +47,22 @@ def merge_adapters(base: str | Path, adapters: dict[str, str | Path], out: str |
             named = None
         dtype = named if named in ("float32", "float16", "bfloat16") else "bfloat16"
     branches = [{"name": base_name, "model": str(base)}] + [
-        {"name": n, "model": str(p), "base": str(base)} for n, p in adapters.items()]
+        {"name": n, "model": str(p), "base": str(base), **_own_group(n, p, base)} for n, p in adapters.items()]
     config = parse_config({"branches": branches, "lora": "exact", "dtype": dtype}, "--lora-modules")
     return run_merge(config, out, force=force, progress=progress, model_card=False)
+
+
+def _own_group(name: str, adapter: str | Path, base: str | Path) -> dict[str, str]:
+    """``{"group": name}`` for an adapter that resizes the vocabulary (it cannot share the base's group: it is
+    kept as its own merged model), else nothing."""
+    from branchmerge.io.adapters import LoraSource, is_adapter
+    from branchmerge.io.models import ModelSource
+
+    if not is_adapter(Path(adapter)):
+        return {}
+    src = LoraSource.open_adapter(name, Path(adapter), str(base))
+    vocab = ModelSource.open("base", str(base)).hf_config.get("vocab_size")
+    return {"group": name} if src.hf_config.get("vocab_size") != vocab else {}
 
 
 __all__ = ["merge_adapters", "run_merge"]

@@ -156,6 +156,10 @@ def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_ran
         name=base, path=reader.path, hf_config=reader.hf_config(base),
         weight_map={t: reader.path for t in reader.manifest.tensors[group]}, reader=reader, group=group))
     where = f"adapter {name!r} ({folder})"
+    if src.resized:
+        raise ModelInputError(f"{where} resizes the vocabulary ({reader.hf_config(base).get('vocab_size')} → "
+                              f"{src.hf_config.get('vocab_size')} tokens), which a loaded adapter cannot; merge it "
+                              "into a bundle instead (it gets a group of its own)")
     model = bundle.groups[group].model
     head = model.get_output_embeddings()
     odd = next((n for n, m in model.named_modules() if isinstance(m, QuantizedBranchedLinear)
