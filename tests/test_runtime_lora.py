@@ -440,3 +440,48 @@ def test_serve_lora_modules_loads_adapters_into_the_base_or_merges_them(family, 
         assert r.status_code == 400 and "--max-loras" in r.text  # one runtime slot: k holds it
         assert set(fast.bundle.loras) == {"qv", "wide", "k"}
         assert _post(url, "/v1/unload_lora_adapter", lora_name="qv").status_code == 200  # (as vLLM allows)
+
+
+def test_the_gateway_loads_adapters_on_its_lora_upstream(family, loras, tmp_path):
+    """The gateway sends /v1/load_lora_adapter to its upstream with `lora: true` (a real `serve --lora-dir`
+    here) and routes the new name there; unload undoes both; names it serves already are refused."""
+    import openai
+
+    from branchmerge.server.app import build_app
+    from branchmerge.server.gateway import GatewayConfig, GatewayService
+
+    root, peft = loras
+    merge_adapters(family["base"][0], {}, tmp_path / "b", base_name="base", progress=False)
+    bundle = branchmerge.load(tmp_path / "b", dtype="float32")
+    prompt = [5, 8, 13, 2]
+    with serving(create_app(bundle, lora_dir=root)) as up, serving(create_app(bundle)) as plain:
+        cfg = GatewayConfig.model_validate({
+            "upstreams": {"lora": {"base_url": f"{up}/v1", "lora": True}, "plain": {"base_url": f"{plain}/v1"}},
+            "branches": {"base": {"upstream": "lora"}, "other": {"upstream": "plain", "model": "base"}}})
+        service = GatewayService(cfg)
+        with serving(build_app(service)) as gw:
+            client = openai.OpenAI(base_url=f"{gw}/v1", api_key="x")
+            r = _post(gw, "/v1/load_lora_adapter", lora_name="wide", lora_path="wide")
+            assert r.status_code == 200 and "added successfully" in r.text
+            assert "wide" in {m.id for m in client.models.list().data} and "wide" in bundle.loras
+            tok = bundle.tokenizer("base")
+            text = tok.decode(prompt)
+            got = client.completions.create(model="wide", prompt=text, max_tokens=5, temperature=0,
+                                            extra_body={"ignore_eos": True})
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert got.choices[0].text == tok.decode(_greedy(peft["wide"], ids))
+            for body, status, words in [
+                    ({"lora_name": "other", "lora_path": "k"}, 400, "is taken"),
+                    ({"lora_name": "k", "lora_path": "k", "upstream": "plain"}, 400, "does not take adapters"),
+                    ({"lora_name": "k", "lora_path": "../x"}, 400, "outside this server's LoRA folder"),
+                    ({"lora_name": "k", "lora_path": "dora"}, 400, "by DoRA")]:
+                r = httpx.post(f"{gw}/v1/load_lora_adapter", json=body, timeout=60)
+                assert r.status_code == status and words in r.json()["error"]["message"], (body, r.text)
+            assert "k" not in {m.id for m in client.models.list().data}
+            r = _post(gw, "/v1/unload_lora_adapter", lora_name="wide")
+            assert r.status_code == 200 and "wide" not in bundle.loras
+            with pytest.raises(openai.NotFoundError):
+                client.completions.create(model="wide", prompt=text, max_tokens=2)
+            assert _post(gw, "/v1/unload_lora_adapter", lora_name="base").status_code == 404
+        r = _post(up, "/v1/load_lora_adapter", lora_name="z", lora_path="k", upstream="x")
+        assert r.status_code == 400 and "gateway's field" in r.text

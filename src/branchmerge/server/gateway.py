@@ -41,6 +41,7 @@ from branchmerge.config import read_yaml, validate
 from branchmerge.errors import BranchmergeError, ConfigError
 from branchmerge.server import protocol as P
 from branchmerge.server.api import ClientGone, Disconnected, Reply, ServerLimits
+from branchmerge.server.gateway_lora import GatewayLoras, Route
 from branchmerge.server.gateway_tokens import GatewayTokenReplies
 from branchmerge.server.metrics import SIZE_BUCKETS, Family, Registry
 from branchmerge.server.routing import RouteBatcher
@@ -64,6 +65,7 @@ class UpstreamConfig(_Frozen):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     max_response_bytes: int = Field(default=64 << 20, ge=1024,
                                     description="Largest upstream response read (a stream's too).")
+    lora: bool = Field(default=False, description="Loads LoRA adapters at runtime (see server.gateway_lora).")
 
     @field_validator("base_url")
     @classmethod
@@ -202,6 +204,8 @@ class GatewayService(GatewayTokenReplies):
         self._routes = RouteBatcher(lambda texts: router.route(texts), self._pool,
                                     cached=lambda text: router.cached(text) if hasattr(router, "cached") else None)
         self._tokens: tuple[Family, Family] | None = None  # prompt and generated tokens by branch, on /metrics
+        self.dynamic: dict[str, Route] = {}  # adapters loaded on upstreams through the gateway
+        self.loras = GatewayLoras(self) if any(u.lora for u in cfg.upstreams.values()) else None
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig) -> GatewayService:
@@ -249,7 +253,8 @@ class GatewayService(GatewayTokenReplies):
 
     # ---- listing and health -------------------------------------------------------------------------
     def model_ids(self) -> list[str]:
-        return [*self.cfg.branches, *(p.name for p in self.pipelines.pipelines), *(["auto"] if self.router else [])]
+        return [*self.cfg.branches, *self.dynamic, *(p.name for p in self.pipelines.pipelines),
+                *(["auto"] if self.router else [])]
 
     def models(self, created: int) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": i, "object": "model", "created": created,
@@ -280,7 +285,7 @@ class GatewayService(GatewayTokenReplies):
             except BranchmergeError as e:
                 raise P.APIError(400, str(e)) from None
             return branch, self.pipelines.routes.get(branch)
-        if model in self.cfg.branches:
+        if model in self.cfg.branches or model in self.dynamic:
             return model, None
         if self.pipelines.get(model) is not None:
             return None, model
@@ -294,7 +299,7 @@ class GatewayService(GatewayTokenReplies):
 
     # ---- calling upstreams --------------------------------------------------------------------------
     def _target(self, branch: str) -> tuple[_Upstream, str]:
-        r = self.cfg.branches[branch]
+        r = self.cfg.branches.get(branch) or self.dynamic[branch]
         return self.up[r.upstream], r.model or branch
 
     async def _post(self, branch: str, path: str, body: dict[str, Any], disconnected: Disconnected | None,

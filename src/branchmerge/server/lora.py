@@ -41,6 +41,8 @@ class LoadLoraRequest(BaseModel):
     load_inplace: bool = Field(default=False, description="Replace an adapter of this name that is loaded.")
     base: str | None = Field(default=None, max_length=128, description="branchmerge's: the branch the adapter was "
                              "trained on (default: the server's --lora-base).")
+    upstream: str | None = Field(default=None, max_length=128, description="The gateway's: the upstream to load it "
+                                 "on (default: its one LoRA upstream).")
 
 
 class UnloadLoraRequest(BaseModel):
@@ -139,6 +141,9 @@ class RuntimeLoras:
         return real
 
     async def load(self, req: LoadLoraRequest) -> str:
+        if req.upstream is not None:
+            raise P.APIError(400, "`upstream` is the gateway's field; this server loads adapters itself",
+                             param="upstream")
         folder = self._folder(req.lora_path)
         async with self._lock:
             if req.lora_name not in self.bundle.loras and req.lora_name in self.service.front.model_ids():
