@@ -458,11 +458,19 @@ def test_the_gateway_loads_adapters_on_its_lora_upstream(family, loras, tmp_path
         cfg = GatewayConfig.model_validate({
             "upstreams": {"lora": {"base_url": f"{up}/v1", "lora": True}, "plain": {"base_url": f"{plain}/v1"}},
             "branches": {"base": {"upstream": "lora"}, "other": {"upstream": "plain", "model": "base"}}})
-        service = GatewayService(cfg)
+        from branchmerge.front import build_bundle_router
+        from branchmerge.router import RouterConfig
+
+        mine = branchmerge.load(tmp_path / "b", dtype="float32")  # the gateway's own router (over the base)
+        build_bundle_router(mine, RouterConfig(samples={"base": ["add 1+2="]}))
+        service = GatewayService(cfg, router=mine.router)
         with serving(build_app(service)) as gw:
             client = openai.OpenAI(base_url=f"{gw}/v1", api_key="x")
-            r = _post(gw, "/v1/load_lora_adapter", lora_name="wide", lora_path="wide")
+            r = _post(gw, "/v1/load_lora_adapter", lora_name="wide", lora_path="wide", samples=["rev abc="])
             assert r.status_code == 200 and "added successfully" in r.text
+            assert mine.router.branches == ["base", "wide"] and bundle.router is None  # (routed at the gateway)
+            r = _post(gw, "/v1/completions", model="auto", prompt="rev abc=", max_tokens=2)
+            assert r.status_code == 200 and r.json()["branch"] == "wide"
             assert "wide" in {m.id for m in client.models.list().data} and "wide" in bundle.loras
             tok = bundle.tokenizer("base")
             text = tok.decode(prompt)
@@ -479,9 +487,40 @@ def test_the_gateway_loads_adapters_on_its_lora_upstream(family, loras, tmp_path
                 assert r.status_code == status and words in r.json()["error"]["message"], (body, r.text)
             assert "k" not in {m.id for m in client.models.list().data}
             r = _post(gw, "/v1/unload_lora_adapter", lora_name="wide")
-            assert r.status_code == 200 and "wide" not in bundle.loras
+            assert r.status_code == 200 and "wide" not in bundle.loras and mine.router.branches == ["base"]
             with pytest.raises(openai.NotFoundError):
                 client.completions.create(model="wide", prompt=text, max_tokens=2)
             assert _post(gw, "/v1/unload_lora_adapter", lora_name="base").status_code == 404
         r = _post(up, "/v1/load_lora_adapter", lora_name="z", lora_path="k", upstream="x")
         assert r.status_code == 400 and "gateway's field" in r.text
+
+
+def test_a_loaded_adapter_with_samples_joins_auto_routing(family, loras, tmp_path):
+    """`samples` with the load: the bundle's router sends `auto` questions like them to the adapter, from then
+    until it is unloaded (remembered routes forgotten both times); a bundle without a router refuses them."""
+    from branchmerge.front import build_bundle_router
+    from branchmerge.router import RouterConfig
+
+    root, _ = loras
+    merge_adapters(family["base"][0], {}, tmp_path / "b", base_name="base", progress=False)
+    bundle = branchmerge.load(tmp_path / "b", dtype="float32")
+    with serving(create_app(bundle, lora_dir=root)) as url:
+        r = _post(url, "/v1/load_lora_adapter", lora_name="wide", lora_path="wide", samples=["rev abc="])
+        assert r.status_code == 400 and "no router" in r.text and not bundle.loras
+    build_bundle_router(bundle, RouterConfig(samples={"base": ["add 1+2=", "add 5+5="]}))
+    router = bundle.router
+    assert router.route(["rev abc="]) == ["base"]
+    with serving(create_app(bundle, lora_dir=root)) as url:
+        r = _post(url, "/v1/load_lora_adapter", lora_name="wide", lora_path="wide", samples=["rev abc=", "rev xyz="])
+        assert r.status_code == 200, r.text
+        assert router.route(["rev abc=", "add 1+2="]) == ["wide", "base"] and router.branches == ["base", "wide"]
+        r = _post(url, "/v1/completions", model="auto", prompt="rev xyz=", max_tokens=3)
+        assert r.status_code == 200 and r.headers["X-Branchmerge-Branch"] == "wide"
+        bad = _post(url, "/v1/load_lora_adapter", lora_name="k", lora_path="k", samples=[])
+        assert bad.status_code == 400 and "k" not in bundle.loras
+        assert _post(url, "/v1/unload_lora_adapter", lora_name="wide").status_code == 200
+        assert router.route(["rev abc="]) == ["base"] and router.branches == ["base"]
+        r = _post(url, "/v1/completions", model="auto", prompt="rev xyz=", max_tokens=3)
+        assert r.status_code == 200 and r.headers["X-Branchmerge-Branch"] == "base"
+    with pytest.raises(ValueError, match="fallback or its only branch"):
+        router.remove_branch("base")

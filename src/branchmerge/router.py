@@ -269,12 +269,57 @@ class Router:
 
     def __init__(self, cfg: RouterConfig, embedder: Embedder, branches: Sequence[str], sample_embs: Tensor,
                  sample_branch: Tensor) -> None:
-        self.cfg, self.embedder, self.branches = cfg, embedder, list(branches)
-        self.sample_embs, self.sample_branch = sample_embs, sample_branch
+        self.cfg, self.embedder = cfg, embedder
+        # (branches, [S, H] sample embeddings, [S] their branch ids): replaced whole when a branch joins or leaves
+        self._table: tuple[list[str], Tensor, Tensor] = (list(branches), sample_embs, sample_branch)
         # question (as embedded: cut to max_input_chars) -> (branch index, [B] scores); least recent first
         self._cache: OrderedDict[str, tuple[int, Tensor]] = OrderedDict()
         self._lock = threading.Lock()
         self.embedded = 0  # questions embedded so far (cache misses)
+
+    @property
+    def branches(self) -> list[str]:
+        return self._table[0]
+
+    @property
+    def sample_embs(self) -> Tensor:
+        return self._table[1]
+
+    @property
+    def sample_branch(self) -> Tensor:
+        return self._table[2]
+
+    def add_branch(self, name: str, samples: Sequence[str]) -> None:
+        """Route to ``name`` too, by its ``samples`` embedded now (a branch added at runtime, such as a loaded
+        adapter); the remembered routes are forgotten.
+
+        Raises:
+            ValueError: ``name`` is routed already, or no samples.
+        """
+        if not samples:
+            raise ValueError(f"branch {name!r} needs at least one router sample")
+        embs = self.embedder.embed(list(samples))  # [S, H]
+        with self._lock:
+            branches, e, ids = self._table
+            if name in branches:
+                raise ValueError(f"the router routes to {name!r} already")
+            self._table = ([*branches, name], torch.cat([e, embs.to(e)]),
+                           torch.cat([ids, torch.full((len(samples),), len(branches), dtype=ids.dtype)]))
+            self._cache.clear()
+
+    def remove_branch(self, name: str) -> None:
+        """Stop routing to ``name`` (added by :meth:`add_branch`, or any other but the fallback); the remembered
+        routes are forgotten. Nothing happens when it is not routed to."""
+        with self._lock:
+            branches, e, ids = self._table
+            if name not in branches:
+                return
+            if name == self.cfg.fallback or len(branches) == 1:
+                raise ValueError(f"branch {name!r} is the router's fallback or its only branch")
+            i = branches.index(name)
+            keep = ids != i
+            self._table = ([b for b in branches if b != name], e[keep], ids[keep] - (ids[keep] > i).to(ids.dtype))
+            self._cache.clear()
 
     def scores(self, questions: Sequence[str]) -> tuple[list[str], Tensor]:
         """Branch name per question and the ``[Q, B]`` per-branch scores (columns in ``branches`` order).
@@ -283,26 +328,28 @@ class Router:
         one once, are embedded in one pass."""
         keys = [q[:self.cfg.max_input_chars] for q in questions]
         with self._lock:
+            table = self._table  # (one table for the whole call: a branch may join or leave meanwhile)
             known = {k: self._cache[k] for k in keys if k in self._cache}
             for k in known:
                 self._cache.move_to_end(k)
+        branches, embs, ids = table
         new = list(dict.fromkeys(k for k in keys if k not in known))
         if new:
-            fb = self.branches.index(self.cfg.fallback) if self.cfg.fallback else None
-            choice, scores = route(self.embedder.embed(new), self.sample_embs, self.sample_branch,
-                                   len(self.branches), aggregate=self.cfg.aggregate, top_k=self.cfg.top_k,
-                                   threshold=self.cfg.threshold, fallback=fb)
+            fb = branches.index(self.cfg.fallback) if self.cfg.fallback else None
+            choice, scores = route(self.embedder.embed(new), embs, ids, len(branches), aggregate=self.cfg.aggregate,
+                                   top_k=self.cfg.top_k, threshold=self.cfg.threshold, fallback=fb)
             fresh = {k: (int(c), s.clone()) for k, c, s in zip(new, choice.tolist(), scores)}
             known.update(fresh)
             with self._lock:
                 self.embedded += len(new)
-                for k, v in fresh.items():
-                    self._cache[k] = v
-                while len(self._cache) > self.cfg.cache_size:
-                    self._cache.popitem(last=False)
+                if self._table is table:  # (else these indices are of a table that is gone)
+                    for k, v in fresh.items():
+                        self._cache[k] = v
+                    while len(self._cache) > self.cfg.cache_size:
+                        self._cache.popitem(last=False)
         got = [known[k] for k in keys]
-        rows = torch.stack([s for _, s in got]) if got else torch.zeros(0, len(self.branches))
-        return [self.branches[c] for c, _ in got], rows
+        rows = torch.stack([s for _, s in got]) if got else torch.zeros(0, len(branches))
+        return [branches[c] for c, _ in got], rows
 
     def route(self, questions: Sequence[str]) -> list[str]:
         return self.scores(questions)[0]
@@ -312,9 +359,10 @@ class Router:
         key = question[:self.cfg.max_input_chars]
         with self._lock:
             hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-        return None if hit is None else self.branches[hit[0]]
+            if hit is None:
+                return None
+            self._cache.move_to_end(key)
+            return self._table[0][hit[0]]
 
 
 def build_router(folder: Path, branches: Sequence[str], cfg: RouterConfig, make_embedder: EmbedderFactory) -> Router:

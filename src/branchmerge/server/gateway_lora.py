@@ -69,9 +69,14 @@ class GatewayLoras:
                 raise P.APIError(400, f"the name {req.lora_name!r} is taken (a branch, a pipeline, 'auto' or a loaded "
                                  "adapter)", param="lora_name")
             upstream = dynamic[req.lora_name].upstream if known else self._upstream(req.upstream)
-            body = req.model_dump(exclude={"upstream"}, exclude_none=True)
+            router = self.service.router  # (with one, the gateway routes `auto` itself: the samples stay here)
+            body = req.model_dump(exclude={"upstream", *(["samples"] if router is not None else [])},
+                                  exclude_none=True)
             text = await self._call(upstream, "/load_lora_adapter", body)
             dynamic[req.lora_name] = Route(upstream, req.lora_name)
+            if req.samples is not None and router is not None:
+                router.remove_branch(req.lora_name)
+                await asyncio.to_thread(router.add_branch, req.lora_name, req.samples)
         return text
 
     async def unload(self, req: UnloadLoraRequest) -> str:
@@ -89,4 +94,6 @@ class GatewayLoras:
                     raise
                 text = f"Success: LoRA adapter '{req.lora_name}' removed successfully."
             del dynamic[req.lora_name]
+            if self.service.router is not None:
+                self.service.router.remove_branch(req.lora_name)
         return text

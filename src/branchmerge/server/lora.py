@@ -21,6 +21,8 @@ import re
 import time
 from pathlib import Path
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from branchmerge.errors import BranchmergeError
@@ -43,6 +45,9 @@ class LoadLoraRequest(BaseModel):
                              "trained on (default: the server's --lora-base).")
     upstream: str | None = Field(default=None, max_length=128, description="The gateway's: the upstream to load it "
                                  "on (default: its one LoRA upstream).")
+    samples: list[Annotated[str, Field(min_length=1, max_length=4000)]] | None = Field(
+        default=None, min_length=1, max_length=64, description="branchmerge's: representative questions; the "
+        "router then sends `auto` questions like them to the adapter.")
 
 
 class UnloadLoraRequest(BaseModel):
@@ -145,6 +150,8 @@ class RuntimeLoras:
             raise P.APIError(400, "`upstream` is the gateway's field; this server loads adapters itself",
                              param="upstream")
         folder = self._folder(req.lora_path)
+        if req.samples is not None and self.bundle.router is None:
+            raise P.APIError(400, "samples route `auto` questions, but this bundle has no router", param="samples")
         async with self._lock:
             if req.lora_name not in self.bundle.loras and req.lora_name in self.service.front.model_ids():
                 raise P.APIError(400, f"the name {req.lora_name!r} is taken (a branch, a pipeline or 'auto')",
@@ -158,6 +165,12 @@ class RuntimeLoras:
                 raise P.APIError(400, f"{self.count()} adapters are loaded, this server's limit "
                                  f"(--max-loras); unload one first", param="lora_name")
             await self._load(req.lora_name, folder, "lora_path", base=req.base)
+            if req.samples is not None:
+                try:
+                    await asyncio.to_thread(self.bundle.router.add_branch, req.lora_name, req.samples)
+                except Exception:  # (the adapter goes again: a load is all or nothing)
+                    await self._unload(req.lora_name)
+                    raise
         return f"Success: LoRA adapter '{req.lora_name}' added successfully."
 
     async def _load(self, name: str, folder: Path, param: str, *, evict: bool = False, base: str | None = None) -> None:
@@ -184,8 +197,11 @@ class RuntimeLoras:
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
 
     async def _unload(self, name: str) -> None:
-        """Stop taking work for ``name``, let its jobs end (cancelled after ``drain_s``), then free it."""
+        """Stop taking work for ``name`` (and routing to it), let its jobs end (cancelled after ``drain_s``), then
+        free it."""
         self.bundle.retiring.add(name)
+        if self.bundle.router is not None:
+            self.bundle.router.remove_branch(name)
         try:
             end = time.monotonic() + self.drain_s
             while self.engine.uses(name) and time.monotonic() < end:
