@@ -524,3 +524,28 @@ def test_a_loaded_adapter_with_samples_joins_auto_routing(family, loras, tmp_pat
         assert r.status_code == 200 and r.headers["X-Branchmerge-Branch"] == "base"
     with pytest.raises(ValueError, match="fallback or its only branch"):
         router.remove_branch("base")
+
+
+def test_generate_and_chat_take_adapters_for_one_run(capsys, family, loras, bundles, tmp_path, monkeypatch):
+    """`generate BASE_FOLDER --lora NAME=PATH --branch NAME` (a base model folder: a temporary bundle) and
+    `chat BUNDLE --lora … --lora-base a` answer as the adapter's branch does; bad values are refused by name."""
+    import io
+
+    from tests.cli_util import run_cli
+
+    root, _ = loras
+    merge_adapters(family["base"][0], {}, tmp_path / "b", base_name="base", progress=False)
+    ref = branchmerge.load(tmp_path / "b", dtype="float32")
+    ref.load_lora("qv", root / "qv")
+    want = ref.generate(["abc"], branch="qv", max_new_tokens=6, chat=False)[0]
+    code, out, err = run_cli(capsys, "generate", family["base"][0], "abc", "--lora", f"qv={root / 'qv'}",
+                             "--branch", "qv", "-n", "6", "--no-chat", "--dtype", "float32")
+    assert code == 0 and "[branch: qv]" in err and out.strip() == want.strip(), (out, err)
+    monkeypatch.setattr("sys.stdin", io.StringIO("abc\n\n"))
+    code, out, err = run_cli(capsys, "chat", bundles[0.9], "--lora", f"x={root / 'k'}", "--lora-base", "a",
+                             "--branch", "x", "-n", "3")
+    assert code == 0 and "x> " in out, (out, err)
+    code, _, err = run_cli(capsys, "generate", bundles[0.9], "abc", "--lora", "nope", "--branch", "a")
+    assert code == 2 and "--lora" in err
+    code, _, err = run_cli(capsys, "generate", bundles[0.9], "abc", "--lora", f"x={root / 'dora'}", "--lora-base", "a")
+    assert code == 1 and "by DoRA" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,15 +85,38 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: 
     return (result[0].text, result[0].cache) if result else ("", None)
 
 
-def _load(bundle_dir: Path, routing: bool, **kw):
-    """The bundle, with its router only when this command may route (a named branch needs none)."""
+def _load(bundle_dir: Path, routing: bool, loras: list[str] = (), lora_base: str | None = None,
+          stack: ExitStack | None = None, **kw):
+    """The bundle, with its router only when this command may route (a named branch needs none), and the
+    ``--lora NAME=PATH`` adapters loaded into it. With adapters, ``bundle_dir`` may be a base model folder: it
+    becomes a bundle in a temporary folder (removed when ``stack`` closes), as ``serve --lora-modules`` does."""
+    from branchmerge.cli.serve_cmd import _lora_modules
+
+    adapters = _lora_modules(loras, "--lora")
+    if adapters and not (bundle_dir / "manifest.json").is_file():
+        import tempfile
+
+        from branchmerge.front import open_adapters_front
+
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="branchmerge-lora-"))
+        return open_adapters_front(bundle_dir, adapters, Path(tmp), base_name=lora_base or "base", **kw).bundle
     if routing:
         import branchmerge
 
-        return branchmerge.load(bundle_dir, **kw)
-    from branchmerge.runtime.bundle import load
+        bundle = branchmerge.load(bundle_dir, **kw)
+    else:
+        from branchmerge.runtime.bundle import load
 
-    return load(bundle_dir, **kw)
+        bundle = load(bundle_dir, **kw)
+    for name, path in adapters.items():
+        bundle.load_lora(name, path, base=lora_base)
+    return bundle
+
+
+_LORA = typer.Option([], "--lora", help="Load the PEFT LoRA adapter at PATH as branch NAME (NAME=PATH; repeat for "
+                     "more), kept exactly, for this run only; BUNDLE may then be a base model folder.")
+_LORA_BASE = typer.Option(None, "--lora-base", help="With --lora: the branch the adapters were trained on "
+                          "(default: the bundle's one base; with a base model folder, its branch name).")
 
 
 def _top_p(value: float) -> float:
@@ -139,11 +163,20 @@ def generate(
     choice: list[str] = typer.Option([], "--choice", help="The answer is one of these; repeat for each."),
     grammar: Path | None = typer.Option(None, "--grammar", help="The answer follows this EBNF grammar file "
                                         "(root rule `root`, xgrammar's syntax)."),
+    lora: list[str] = _LORA,
+    lora_base: str | None = _LORA_BASE,
 ) -> None:
     """Generate from one branch (or the routed one), streaming tokens to stdout; or run a staged pipeline."""
     structure = _structure(json_schema, regex, choice, grammar)
-    bundle = _load(bundle_dir, branch == "auto" or pipeline is not None or pipelines_file is not None,
-                   device=device, dtype=dtype)
+    with ExitStack() as stack:
+        bundle = _load(bundle_dir, branch == "auto" or pipeline is not None or pipelines_file is not None, lora,
+                       lora_base, stack, device=device, dtype=dtype)
+        _generate(bundle, prompt, branch, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
+                  stop, no_chat, pipeline, pipelines_file, structure)
+
+
+def _generate(bundle, prompt, branch, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
+              stop, no_chat, pipeline, pipelines_file, structure) -> None:
     if pipeline is not None or pipelines_file is not None:
         from branchmerge.staged import answer, bundle_pipelines, load_pipelines
 
@@ -199,12 +232,19 @@ def chat(
     repetition_penalty: float = _REPETITION_PENALTY,
     dtype: str | None = typer.Option(None, "--dtype"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    lora: list[str] = _LORA,
+    lora_base: str | None = _LORA_BASE,
 ) -> None:
     """Interactive chat with a branch; Ctrl-C stops a reply, an empty line or Ctrl-D ends the chat."""
+    with ExitStack() as stack:
+        bundle = _load(bundle_dir, branch == "auto", lora, lora_base, stack, device=device, dtype=dtype)
+        _chat(bundle, branch, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
+
+
+def _chat(bundle, branch, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty) -> None:
     from branchmerge.errors import BranchmergeError
     from branchmerge.runtime.sampling import RowSettings
 
-    bundle = _load(bundle_dir, branch == "auto", device=device, dtype=dtype)
     history: list[dict[str, str]] = []
     cache = None  # the last reply's KV cache: the next turn prefills only what it adds
     while True:

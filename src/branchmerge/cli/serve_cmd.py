@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 
-def _lora_modules(values: list[str]) -> dict[str, str]:
+def _lora_modules(values: list[str], flag: str = "--lora-modules") -> dict[str, str]:
     """vLLM's ``--lora-modules`` values: ``NAME=PATH`` or ``{"name": ..., "path": ...}``."""
     import json
 
@@ -20,13 +20,13 @@ def _lora_modules(values: list[str]) -> dict[str, str]:
                 name, path = d["name"], d["path"]
             except (ValueError, KeyError, TypeError):
                 raise typer.BadParameter(f'expected {{"name": ..., "path": ...}}, got {v!r}',
-                                         param_hint="--lora-modules") from None
+                                         param_hint=flag) from None
         else:
             name, _, path = v.partition("=")
         if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
-            raise typer.BadParameter(f"expected NAME=PATH, got {v!r}", param_hint="--lora-modules")
+            raise typer.BadParameter(f"expected NAME=PATH, got {v!r}", param_hint=flag)
         if name in out:
-            raise typer.BadParameter(f"{name!r} is given twice", param_hint="--lora-modules")
+            raise typer.BadParameter(f"{name!r} is given twice", param_hint=flag)
         out[name] = path
     return out
 
