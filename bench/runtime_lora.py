@@ -43,6 +43,44 @@ def decode_s(bundle, ids, names, tokens: int) -> float:
     return time.perf_counter() - t
 
 
+def stall(bundle, prompts, names, adapters, rounds: int = 6) -> None:
+    """Serving while adapters load: a thread decodes 4-token segments as the server's engine does (holding the
+    bundle's weights lock per segment); meanwhile an adapter is loaded and unloaded ``rounds`` times. The
+    longest wait between two segments, against the segments' own time, is what a load costs running requests."""
+    import statistics
+    import threading
+
+    gaps, segs, stop = [], [], threading.Event()
+
+    def serve() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            bundle.weights_lock.let_waiters_first()  # (as the engine does)
+            with bundle.weights_lock:
+                t = time.perf_counter()
+                gaps.append(t - last)
+                bundle.generate_ids(prompts, names, max_new_tokens=[4] * len(prompts))
+                last = time.perf_counter()
+                segs.append(last - t)
+
+    th = threading.Thread(target=serve)
+    th.start()
+    time.sleep(4.0)
+    quiet = len(gaps)
+    loads = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        bundle.load_lora("extra", adapters["facts"])
+        loads.append(time.perf_counter() - t)
+        bundle.unload_lora("extra")
+        time.sleep(0.3)
+    stop.set()
+    th.join()
+    print(f"while serving ({len(segs)} segments of 3 rows × 4 tokens, median {statistics.median(segs) * 1000:.0f} ms): "
+          f"load_lora {statistics.median(loads) * 1000:.0f} ms median; longest wait between segments "
+          f"{max(gaps[quiet:]) * 1000:.0f} ms during loads vs {max(gaps[1:quiet], default=0) * 1000:.0f} ms before")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=16, help="Tokens generated per decode measurement.")
@@ -64,8 +102,8 @@ def main() -> None:
         _, t_merge0 = timed(lambda: merge_adapters(base, {}, tmp / "alone", base_name="base", dtype="float32",
                                                    progress=False))
         alone, t_load0 = timed(lambda: branchmerge.load(tmp / "alone", dtype="float32"))
-        t_adapters = {n: timed(lambda n=n, p=p: alone.load_lora(n, p))[1] for n, p in adapters.items()}
-        del alone
+        t_adapters = {n: timed(lambda n=n, p=p, b=alone: b.load_lora(n, p))[1] for n, p in adapters.items()}
+        alone = None  # (its memory back before the decode measurements)
         _, t_unload = timed(lambda: live.unload_lora("facts"))
         again, t_reload = timed(lambda: live.load_lora("facts", adapters["facts"]))
 
@@ -109,6 +147,7 @@ def main() -> None:
         print(f"decode of 6 rows mixed over 3 branches, {args.tokens} tokens (best of {args.repeat}, interleaved): "
               f"start {best['start']:.3f} s, runtime-loaded {best['runtime']:.3f} s "
               f"(ratio {best['runtime'] / best['start']:.3f})")
+        stall(live, prompts[:3], ["base", "facts", "words"], adapters)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -549,3 +549,33 @@ def test_generate_and_chat_take_adapters_for_one_run(capsys, family, loras, bund
     assert code == 2 and "--lora" in err
     code, _, err = run_cli(capsys, "generate", bundles[0.9], "abc", "--lora", f"x={root / 'dora'}", "--lora-base", "a")
     assert code == 1 and "by DoRA" in err
+
+
+def test_a_busy_engine_lets_a_load_take_the_weights_lock():
+    """A loop that re-takes the weights lock at once (the engine's segments under traffic) lets a waiting
+    thread (a load, a materialize) in before its next turn, rather than keeping it out as long as it runs."""
+    from branchmerge.runtime.bundle import WeightsLock
+
+    lock, stop, turns = WeightsLock(), threading.Event(), []
+
+    def engine():
+        while not stop.is_set():
+            lock.let_waiters_first()
+            with lock:
+                turns.append(time.perf_counter())
+                time.sleep(0.005)
+
+    th = threading.Thread(target=engine)
+    th.start()
+    try:
+        time.sleep(0.1)
+        waits = []
+        for _ in range(20):
+            t = time.perf_counter()
+            with lock, lock:  # (reentrant)
+                waits.append(time.perf_counter() - t)
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        th.join()
+    assert max(waits) < 0.5 and len(turns) > 20  # (one segment's time at most, and the engine kept going)

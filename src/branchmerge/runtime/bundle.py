@@ -43,6 +43,37 @@ class _GroupRuntime:
     standalone: bool
 
 
+class WeightsLock:
+    """A reentrant lock around the weights of a running bundle (a server's engine holds it per generation
+    segment; ``materialize``, ``load_lora`` and ``unload_lora`` take it to change them). A loop that takes it
+    again right after releasing it would keep a waiting thread out for as long as traffic lasts (a lock has
+    no queue); such a loop calls :meth:`let_waiters_first` before each turn."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(threading.Lock())
+        self._waiting = 0
+
+    def __enter__(self) -> WeightsLock:
+        with self._cv:
+            self._waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._cv:
+                self._waiting -= 1
+                self._cv.notify_all()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def let_waiters_first(self, timeout: float = 60.0) -> None:
+        """Wait until every thread waiting for the lock has taken it (at most ``timeout`` seconds)."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._waiting == 0, timeout)
+
+
 class BranchRouter(Protocol):
     """What the runtime needs of a router (``branchmerge.router.Router``): a branch name per text."""
 
@@ -83,7 +114,7 @@ class Bundle(BatchGeneration):
         self._hot: set[str] = set()
         # held by a server's engine around each batch, and by materialize/dematerialize, so a branch never
         # changes between hot and factored in the middle of someone's forward pass
-        self.weights_lock = threading.RLock()
+        self.weights_lock = WeightsLock()
         self.router: BranchRouter | None = None
         self.loras: dict[str, LoadedAdapter] = {}  # PEFT LoRA adapters loaded at runtime (load_lora)
         self.retiring: set[str] = set()  # adapters being unloaded: no new work is taken for them

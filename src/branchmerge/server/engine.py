@@ -378,6 +378,7 @@ class Engine:
     def _run(self, jobs: list[Job]) -> None:
         self.batches += 1
         while jobs:  # segments: the batch's jobs that go on, and those that joined
+            self.bundle.weights_lock.let_waiters_first()  # (a load or materialize waiting goes before the next one)
             with self.bundle.weights_lock:  # materialize() waits for a segment, and a segment for it
                 self.running, self._current = len(jobs), jobs
                 try:
