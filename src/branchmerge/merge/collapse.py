@@ -59,6 +59,7 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
         raise ConfigError(f"method {method.name!r} needs at least {method.min_models} models besides the base, "
                           f"got {len(sources)}")
     layers = _layer_count(sources[0].hf_config)
+    by_name = _mentions_filter(config.parameters)  # (else a tensor's parameters depend on its layer alone)
     resolved: dict[tuple, dict[str, Any]] = {}
     dtype = resolve_dtype(config.dtype)
     names = sources[0].names()
@@ -75,7 +76,7 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
                     raise ModelInputError(f"tensor {name} has shape {list(t.shape)} in branch {s.name!r} but "
                                           f"{list(ts[0].shape)} in {sources[0].name!r}")
             t = _position(name, layers)
-            key = (name if _mentions_filter(config.parameters) else "", t)
+            key = (name if by_name else "", t)
             if key not in resolved:
                 resolved[key] = method.params_for(config.parameters, name, t)
             kw: dict[str, Any] = {"weights": weights, **resolved[key]}

@@ -23,6 +23,7 @@ from branchmerge.architectures import registry
 from branchmerge.common import resolve_device, resolve_dtype
 from branchmerge.errors import BranchmergeError, BranchNotFoundError, BundleError
 from branchmerge.io.bundle import BundleReader
+from branchmerge.runtime import adapters
 from branchmerge.runtime.adapters import LoadedAdapter, Prepared
 from branchmerge.runtime.build import build_group_model
 from branchmerge.runtime.generation import BatchGeneration, GenerationResult, cache_arg
@@ -229,16 +230,12 @@ class Bundle(BatchGeneration):
                   max_rank: int | None = None) -> Prepared:
         """:meth:`load_lora`'s first half: the adapter read and checked (every error it can raise), the model
         untouched."""
-        from branchmerge.runtime import adapters
-
         if self.static_cache:
             raise BundleError("adapters cannot be loaded into a bundle loaded with static_cache=True")
         return adapters.prepare(self, name, Path(folder), base=base, max_rank=max_rank)
 
     def add_lora(self, prep: Prepared) -> LoadedAdapter:
         """:meth:`load_lora`'s second half: a read adapter added to its group's model."""
-        from branchmerge.runtime import adapters
-
         with self.weights_lock:
             loaded = adapters.apply(self, prep)
         self.loras[prep.name] = loaded
@@ -251,8 +248,6 @@ class Bundle(BatchGeneration):
         Raises:
             BranchNotFoundError: ``name`` is no adapter loaded at runtime.
         """
-        from branchmerge.runtime import adapters
-
         with self.weights_lock:
             adapters.remove(self, name)
         self.loras.pop(name, None)

@@ -50,18 +50,8 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
     service = OpenAIService(front, limits=limits, max_batch=max_batch, wait_ms=wait_ms, route_batch=route_batch,
                             prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser)
     if lora_dir is not None:
-        from branchmerge.runtime.adapters import adapter_bases, base_branches
         from branchmerge.server.lora import RuntimeLoras
 
-        if not Path(lora_dir).expanduser().is_dir():
-            raise BranchmergeError(f"--lora-dir {lora_dir} is not a folder")
-        reader = front.bundle.reader
-        if lora_base is None and len(base_branches(reader)) != 1:
-            raise BranchmergeError("runtime LoRA loading needs the branch the adapters were trained on: name it "
-                                   f"with --lora-base (one of {', '.join(adapter_bases(reader)) or 'none'})")
-        if lora_base is not None and lora_base not in adapter_bases(reader):
-            raise BranchmergeError(f"--lora-base {lora_base!r} is not a branch adapters can be loaded over "
-                                   f"(one of {', '.join(adapter_bases(reader)) or 'none'})")
         service.loras = RuntimeLoras(service, lora_dir, max_loras=max_loras, max_rank=max_lora_rank,
                                      base=lora_base, on_demand=lora_on_demand)
     app = build_app(service, api_key=api_key)

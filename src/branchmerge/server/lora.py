@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from branchmerge.errors import BranchmergeError
 from branchmerge.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from branchmerge.runtime.adapters import adapter_bases, base_branches
 from branchmerge.server import protocol as P
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,13 @@ class RuntimeLoras:
         self.root = Path(folder).expanduser().resolve()
         if not self.root.is_dir():
             raise BranchmergeError(f"--lora-dir {folder} is not a folder")
+        reader = self.bundle.reader
+        if base is None and len(base_branches(reader)) != 1:
+            raise BranchmergeError("runtime LoRA loading needs the branch the adapters were trained on: name it "
+                                   f"with --lora-base (one of {', '.join(adapter_bases(reader)) or 'none'})")
+        if base is not None and base not in adapter_bases(reader):
+            raise BranchmergeError(f"--lora-base {base!r} is not a branch adapters can be loaded over "
+                                   f"(one of {', '.join(adapter_bases(reader)) or 'none'})")
         self.max_loras, self.max_rank, self.base, self.drain_s = max_loras, max_rank, base, drain_s
         self.on_demand, self.grace_s = on_demand, grace_s
         self._lock = asyncio.Lock()
