@@ -1,7 +1,9 @@
 """Check that our baselines agree with mergekit's output for the same inputs: the embedded skills family
 (base + 4 fine-tunes). `linear`, `ties` and `task_arithmetic` with scalar parameters; `ties` with a
 density gradient and filters, and `slerp` (the base and one fine-tune) with mergekit's example
-gradients per filter (parameters resolved per tensor as mergekit resolves them).
+gradients per filter (parameters resolved per tensor as mergekit resolves them); then every
+deterministic method mergekit has (the random ones, DARE and DELLA, draw from torch's global generator
+there and from a per-tensor seed here, so they cannot agree entry for entry).
 
     python bench/baselines_vs_mergekit.py
 
@@ -39,7 +41,19 @@ CASES = {  # label: (method, parameters)
                                                                                  "rescale": True, "normalize": True}),
     "model_stock": ("model_stock", {}),
     "model_stock, filter_wise": ("model_stock", {"filter_wise": True}),
+    "sce (select_topk 0.5)": ("sce", {"select_topk": 0.5}),
+    "sce (select_topk 1)": ("sce", {}),
+    "nuslerp of two fine-tunes' task vectors (weights 1, 2)": ("nuslerp", {}),
+    "nuslerp of two models, row-wise, no base": ("nuslerp", {"nuslerp_flatten": False}),
+    "multislerp of four task vectors (weights 1..4)": ("multislerp", {}),
+    "karcher mean of four models": ("karcher", {}),
+    "nearswap (t 0.001)": ("nearswap", {"t": 0.001}),
+    "arcee_fusion": ("arcee_fusion", {}),
 }
+PAIRWISE = {"slerp", "nearswap", "arcee_fusion"}  # the base and one fine-tune
+NO_BASE = {"linear", "karcher"}
+WEIGHTED = {"nuslerp", "multislerp"}  # mergekit requires their per-model weight; given 1, 2, … here
+UNWEIGHTED = {"slerp", "model_stock", "sce", "karcher", "nearswap", "arcee_fusion"}  # (no weight parameter)
 
 
 def load_all(folder: Path) -> dict:
@@ -49,43 +63,75 @@ def load_all(folder: Path) -> dict:
     return out
 
 
+def as_mergekit(fam: dict, label: str, method: str, params: dict) -> dict:
+    """One of CASES as a mergekit config."""
+    base = None if method in NO_BASE or "no base" in label else str(fam["base"])
+    skills = SKILLS[:1] if method in PAIRWISE else SKILLS[:2] if method == "nuslerp" else SKILLS
+    weights = [float(j + 1) if method in WEIGHTED else 1.0 for j in range(len(skills))]
+    mk = {
+        "models": [{"model": str(fam[s]), "parameters": {} if method in UNWEIGHTED else {"weight": w}}
+                   for s, w in zip(skills, weights)],
+        "merge_method": method,
+        "dtype": "float32",
+        "parameters": params,
+    }
+    if base:
+        mk["base_model"] = base
+        if method in PAIRWISE:
+            mk["models"].insert(0, {"model": base})
+    return mk
+
+
+def per_model_cases(fam: dict) -> dict[str, dict]:
+    """mergekit configs whose models each give their own parameters (read by ``parse_config`` as they are)."""
+    m = [str(fam[s]) for s in SKILLS[:3]]
+    readme = {  # mergekit README's TIES example, with three of our fine-tunes in place of its models
+        "models": [{"model": m[0], "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}},
+                   {"model": m[1], "parameters": {"density": 0.5, "weight": [0, 0.3, 0.7, 1]}},
+                   {"model": m[2], "parameters": {"density": 0.33, "weight": [{"filter": "mlp", "value": 0.5},
+                                                                                {"value": 0}]}}],
+        "merge_method": "ties", "base_model": str(fam["base"]),
+        "parameters": {"normalize": True, "int8_mask": True}, "dtype": "float32"}
+    crumbs = {
+        "models": [{"model": m[0], "parameters": {"density": 0.9, "gamma": 0.01, "weight": 0.5}},
+                   {"model": m[1], "parameters": {"density": 0.6, "gamma": [0.0, 0.1], "weight": 1.0}},
+                   {"model": m[2], "parameters": {"density": 0.8, "gamma": 0.05, "weight": 0.7}}],
+        "merge_method": "breadcrumbs_ties", "base_model": str(fam["base"]), "dtype": "float32"}
+    return {"mergekit README's TIES example (per-model densities, weight gradient and filter)": readme,
+            "breadcrumbs_ties, per-model density and gamma": crumbs}
+
+
+def compare(i: int, label: str, ours_cfg: dict, mk: dict) -> None:
+    ours = CACHE / f"ours-baseline-{i}"
+    theirs = CACHE / f"mergekit-baseline-{i}"
+    claim_output(ours)  # this cache's own output, whichever version wrote it
+    run_baseline_merge(parse_config(ours_cfg), ours, force=True, progress=False)
+    cfg_path = CACHE / f"mergekit-baseline-{i}.yaml"
+    cfg_path.write_text(yaml.safe_dump(mk))
+    shutil.rmtree(theirs, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(cfg_path), str(theirs),
+                    "--allow-crimes"], check=True, capture_output=True)
+    a, b = load_all(ours), load_all(theirs)
+    common = sorted(set(a) & set(b))
+    assert common, "no tensors in common"
+    max_abs = max(float((a[k] - b[k]).abs().max()) for k in common)
+    max_rel = max(float((a[k] - b[k]).norm() / max(b[k].norm(), 1e-12)) for k in common)
+    print(f"| {label} | {len(common)}/{len(b)} | {max_abs:.2e} | {max_rel:.2e} |", flush=True)
+
+
 def main() -> None:
     fam = build_family(progress=True)  # the shared cache (make demo and the tests build the same)
     print("| method | tensors | max abs diff | max rel diff (Frobenius) |")
     print("|---|---|---|---|")
     for i, (label, (method, params)) in enumerate(CASES.items()):
-        ours = CACHE / f"ours-baseline-{i}"
-        theirs = CACHE / f"mergekit-baseline-{i}"
-        base = None if method == "linear" else str(fam["base"])
-        skills = SKILLS[:1] if method == "slerp" else SKILLS  # (slerp: the base and one other model)
-        cfg = parse_config({
-            "branches": [{"name": s, "model": str(fam[s])} for s in skills],
-            "method": method, "base_model": base, "dtype": "float32", "parameters": params,
-        })
-        claim_output(ours)  # this cache's own output, whichever version wrote it
-        run_baseline_merge(cfg, ours, force=True, progress=False)
-        weight = {} if method in ("slerp", "model_stock") else {"weight": 1.0}
-        mk = {
-            "models": [{"model": str(fam[s]), "parameters": weight} for s in skills],
-            "merge_method": method,
-            "dtype": "float32",
-            "parameters": params,
-        }
-        if base:
-            mk["base_model"] = base
-            if method == "slerp":
-                mk["models"].insert(0, {"model": base})
-        cfg_path = CACHE / f"mergekit-baseline-{i}.yaml"
-        cfg_path.write_text(yaml.safe_dump(mk))
-        shutil.rmtree(theirs, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(cfg_path), str(theirs),
-                        "--allow-crimes"], check=True, capture_output=True)
-        a, b = load_all(ours), load_all(theirs)
-        common = sorted(set(a) & set(b))
-        assert common, "no tensors in common"
-        max_abs = max(float((a[k] - b[k]).abs().max()) for k in common)
-        max_rel = max(float((a[k] - b[k]).norm() / max(b[k].norm(), 1e-12)) for k in common)
-        print(f"| {label} | {len(common)}/{len(b)} | {max_abs:.2e} | {max_rel:.2e} |", flush=True)
+        mk = as_mergekit(fam, label, method, params)
+        models = [e for e in mk["models"] if e["model"] != mk.get("base_model")]
+        ours = {"branches": [{"name": f"m{j}", "model": e["model"], "weight": e["parameters"].get("weight", 1.0)}
+                             for j, e in enumerate(models)],
+                "method": method, "base_model": mk.get("base_model"), "dtype": "float32", "parameters": params}
+        compare(i, label, ours, mk)
+    for j, (label, mk) in enumerate(per_model_cases(fam).items()):
+        compare(len(CASES) + j, label, dict(mk), mk)  # (parse_config reads the mergekit config itself)
 
 
 if __name__ == "__main__":

@@ -49,15 +49,18 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
     sources = [open_model(b.name, b.model, b.revision, b.base, default_base=config.base_model) for b in config.branches]
     base = ModelSource.open("base_model", config.base_model) if config.base_model else None
     weights = [b.weight for b in config.branches]
-    if method.needs_base:  # the base listed among the branches too is the base, no fine-tune (as mergekit's)
+    takes_base = base is not None and (method.needs_base or method.optional_base)
+    if takes_base:  # the base listed among the branches too is the base, no fine-tune (as mergekit's)
         kept = [i for i, s in enumerate(sources) if s.path.resolve() != base.path.resolve()]
         sources, weights = [sources[i] for i in kept], [weights[i] for i in kept]
     if method.pairwise and len(sources) != 1:
         raise ConfigError(f"method {method.name!r} interpolates `base_model` and one other model; the branches "
                           f"list {len(sources)} models besides the base")
-    if len(sources) < method.min_models:
-        raise ConfigError(f"method {method.name!r} needs at least {method.min_models} models besides the base, "
-                          f"got {len(sources)}")
+    if len(sources) < method.min_models or len(sources) > (method.max_models or len(sources)):
+        count = (f"exactly {method.min_models}" if method.min_models == method.max_models else
+                 f"at least {method.min_models}" if method.max_models is None else
+                 f"{method.min_models} to {method.max_models}")
+        raise ConfigError(f"method {method.name!r} needs {count} models besides the base, got {len(sources)}")
     layers = _layer_count(sources[0].hf_config)
     by_name = _mentions_filter(config.parameters)  # (else a tensor's parameters depend on its layer alone)
     resolved: dict[tuple, dict[str, Any]] = {}
@@ -80,11 +83,17 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
             if key not in resolved:
                 resolved[key] = method.params_for(config.parameters, name, t)
             kw: dict[str, Any] = {"weights": weights, **resolved[key]}
-            if base is not None and method.needs_base:
+            if takes_base:
                 kw["base"] = base.get(name)
+                if kw["base"].shape != ts[0].shape:
+                    raise ModelInputError(f"tensor {name} has shape {list(kw['base'].shape)} in base_model but "
+                                          f"{list(ts[0].shape)} in {sources[0].name!r}")
             if method.seeded:
                 kw["generator"] = torch.Generator().manual_seed(tensor_seed(config.rsvd.seed, name))
-            merged = method.fn(ts, **kw) if ts[0].is_floating_point() else ts[0]
+            try:
+                merged = method.fn(ts, **kw) if ts[0].is_floating_point() else ts[0]
+            except ValueError as e:
+                raise ModelInputError(f"tensor {name}: method {method.name!r}: {e}") from None
             writer.add(name, merged.to(dtype) if merged.is_floating_point() else merged)
         writer.close()
         finish_hf_shards(tmp, writer)

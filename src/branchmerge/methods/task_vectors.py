@@ -1,29 +1,16 @@
-"""Merge methods registry: the branch method plus the baselines it is measured against.
-
-Baselines collapse N models into one plain model (what branchmerge exists to avoid); they are here so
-the fidelity benchmark compares like with like and users can pick them with ``method:`` in the config.
-Each is a pure function over the N tensors of one name (plus the base model's, where it needs one),
-registered with ``@merge_method`` like mergekit's methods, with its parameters declared as a pydantic
-model: a config's ``parameters:`` are validated against it, so a misspelt ``densty`` is an error.
-This module is math and a registry only; the orchestration lives in :mod:`branchmerge.merge`.
+"""Task-vector merge methods: the baselines that collapse N fine-tunes of one base into one plain model
+(what branchmerge exists to avoid; here so the fidelity benchmark compares like with like and users can
+pick them with ``method:``). Each is pure math over the N tensors of one name and the base model's, as
+mergekit's methods of the same names compute them.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, model_validator
 from torch import Tensor
 
-
-class MethodParams(BaseModel):
-    """Parameters of a merge method (none). Subclasses declare theirs; unknown keys are refused."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+from branchmerge.methods.registry import MethodParams, merge_method
 
 
 class LinearParams(MethodParams):
@@ -41,129 +28,7 @@ class TiesParams(MethodParams):
     normalize: bool = Field(default=True, description="Divide by the weights of the agreeing entries.")
 
 
-_SCALAR = (bool, int, float, str)
 
-
-def evaluate_setting(setting: Any, tensor: str, t: float) -> Any:
-    """A parameter's value for one tensor, as mergekit resolves its settings: a scalar; a list of numbers, a
-    gradient interpolated at ``t`` (0 at the first layer, 1 at the last; embeddings and the head take 0);
-    ``{filter, value}`` rules (or a list of them), the first whose ``filter`` is in the tensor's name (or is
-    absent or ``*``) giving the value. None when no rule applies (the parameter's default then).
-
-    Raises:
-        ValueError: a setting of another shape.
-    """
-    if isinstance(setting, dict):
-        setting = [setting]
-    if isinstance(setting, _SCALAR):
-        return setting
-    if not isinstance(setting, list):
-        raise ValueError(f"a setting is a value, a list of values (a gradient) or {{filter, value}} rules, got "
-                         f"{setting!r}")
-    if not setting:
-        return None
-    if all(isinstance(e, _SCALAR) for e in setting):
-        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-            return setting[int(t * (len(setting) - 1))]
-        scaled = t * (len(setting) - 1)
-        i0 = int(scaled)
-        i1 = min(len(setting) - 1, i0 + 1)
-        return (1 - (scaled - i0)) * setting[i0] + (scaled - i0) * setting[i1]
-    for rule in setting:
-        if not isinstance(rule, dict) or "value" not in rule or set(rule) - {"filter", "value"}:
-            raise ValueError(f"a rule is {{filter: TEXT, value: SETTING}} (filter optional), got {rule!r}")
-        f = rule.get("filter")
-        if f is None or f == "*" or (tensor and isinstance(f, str) and f in tensor):
-            return evaluate_setting(rule["value"], tensor, t)
-    return None
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    name: str
-    fn: Callable[..., Tensor] | None
-    reference_url: str
-    needs_base: bool
-    description: str
-    params: type[MethodParams] = MethodParams
-    seeded: bool = False  # takes a ``generator`` (seeded per tensor by the orchestrator)
-    pairwise: bool = False  # the base model and exactly one other (slerp)
-    min_models: int = 1  # fine-tunes (besides the base) it needs
-
-    def check_settings(self, data: dict[str, Any]) -> None:
-        """Validate a config's ``parameters:`` whose values may be mergekit settings (gradients, filters):
-        each is resolved at the first, middle and last layer and under each of its filters, and validated.
-
-        Raises:
-            ValueError: naming the parameter at fault.
-        """
-        names: set[str] = {""}
-
-        def filters(v: Any) -> None:
-            for r in v if isinstance(v, list) else [v]:
-                if isinstance(r, dict):
-                    if isinstance(r.get("filter"), str):
-                        names.add(r["filter"])
-                    filters(r.get("value"))
-
-        for v in data.values():
-            filters(v)
-        for tensor in names:
-            for t in (0.0, 0.5, 1.0):
-                self.params_for(data, tensor, t)
-
-    def params_for(self, data: dict[str, Any], tensor: str, t: float) -> dict[str, Any]:
-        """The validated parameters of ``tensor`` at layer position ``t`` (see :func:`evaluate_setting`)."""
-        try:
-            values = {k: evaluate_setting(v, tensor, t) for k, v in data.items()}
-        except ValueError as e:
-            raise ValueError(f"method {self.name!r}: parameters: {e}") from None
-        return self.parse_params({k: v for k, v in values.items() if v is not None}).model_dump()
-
-    def parse_params(self, data: dict[str, Any]) -> MethodParams:
-        """Validate a config's ``parameters:`` for this method.
-
-        Raises:
-            ValueError: naming the parameter at fault and the ones this method takes.
-        """
-        try:
-            return self.params.model_validate(data)
-        except ValidationError as e:
-            known = ", ".join(f.alias or n for n, f in self.params.model_fields.items()) or "none"
-            errs = "; ".join(f"parameters.{'.'.join(map(str, x['loc']))}: "
-                             f"{'unknown parameter' if x['type'] == 'extra_forbidden' else x['msg']}"
-                             for x in e.errors())
-            raise ValueError(f"method {self.name!r}: {errs} (parameters it takes: {known})") from None
-
-
-METHODS: dict[str, MergeMethod] = {}
-
-
-def merge_method(name: str, *, reference_url: str, needs_base: bool = False,
-                 params: type[MethodParams] = MethodParams, seeded: bool = False, pairwise: bool = False,
-                 min_models: int = 1):
-    """Register a pure merge function ``fn(tensors, *, weights, [base], [generator], **params) -> Tensor``."""
-    if not re.match(r"^[a-z][a-z0-9_]*$", name):
-        raise ValueError(f"merge method name {name!r} must be lower_snake_case")
-
-    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        if name in METHODS:
-            raise ValueError(f"merge method {name!r} is already registered")
-        doc = (fn.__doc__ or "").strip().splitlines()
-        METHODS[name] = MergeMethod(name, fn, reference_url, needs_base, doc[0] if doc else "", params, seeded,
-                                    pairwise, min_models)
-        return fn
-
-    return deco
-
-
-METHODS["branch"] = MergeMethod(
-    "branch",
-    None,
-    "https://llm-merging.github.io/ (NeurIPS 2024 LLM-Merging competition; Fang, Mo & Gao)",
-    False,
-    "Shared normalized average plus per-branch rSVD low-rank differences; keeps every model as a branch.",
-)
 
 
 def _weights(weights: list[float] | None, n: int, like: Tensor) -> Tensor:
@@ -217,13 +82,21 @@ def dare_sparsify(tv: Tensor, density: float, generator: torch.Generator | None 
     return tv * keep / density
 
 
+def sign_consensus_mask(deltas: Tensor) -> Tensor:
+    """TIES' sign election for weighted task vectors ``deltas`` ``[N, ...]``: where each entry agrees with the
+    sign of their sum (a zero sum counts as positive, as mergekit's ``get_mask``), ``[N, ...]`` bool."""
+    majority = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
+    return torch.sign(deltas) == majority
+
+
 def _sign_consensus(deltas: Tensor, w: Tensor, lambda_: float, normalize: bool) -> Tensor:
-    sign = torch.sign(deltas.sum(0))
-    mask = torch.sign(deltas) == sign  # [N, ...]
+    """``λ ·`` the sum of the weighted task vectors ``deltas`` ``[N, ...]`` that agree with the elected sign
+    (over the agreeing entries' weights with ``normalize``)."""
+    mask = sign_consensus_mask(deltas).to(deltas.dtype)
     mixed = (deltas * mask).sum(0)
     if normalize:
         divisor = (w * mask).sum(0)
-        divisor[divisor.abs() < 1e-8] = 1.0
+        divisor[divisor == 0] = 1
         mixed = mixed / divisor
     return lambda_ * mixed
 
@@ -249,30 +122,6 @@ def dare_ties(
     w = _weights(weights, len(tensors), tensors[0])
     tv = torch.stack([dare_sparsify(t.float() - base.float(), density, generator) for t in tensors])
     return base.float() + _sign_consensus(tv * w, w, lambda_, normalize)
-
-
-class SlerpParams(MethodParams):
-    t: float = Field(ge=0.0, le=1.0, description="Where between the base model (0) and the other model (1).")
-
-
-@merge_method("slerp", reference_url="https://en.wikipedia.org/wiki/Slerp", needs_base=True, params=SlerpParams,
-              pairwise=True)
-def slerp(tensors: list[Tensor], *, base: Tensor, t: float, weights: list[float] | None = None,
-          dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
-    """Spherical interpolation from the base model (t=0) to one other model (t=1), each tensor as one vector
-    (mergekit's ``slerp``; linear where the two are nearly collinear)."""
-    if len(tensors) != 1:
-        raise ValueError(f"slerp interpolates the base and one other model, got {len(tensors)} others")
-    a, b = base.float().flatten(), tensors[0].float().flatten()
-    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    na, nb = torch.where(na > eps, na, 1.0), torch.where(nb > eps, nb, 1.0)
-    dot = ((a / na) * (b / nb)).sum().clamp(-1, 1)
-    if dot.abs() > dot_threshold:
-        ca, cb = 1 - t, t
-    else:
-        theta = torch.acos(dot)
-        ca, cb = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
-    return (ca * a + cb * b).view(base.shape)
 
 
 class DareLinearParams(MethodParams):
@@ -341,14 +190,7 @@ def _breadcrumbs(tensors: list[Tensor], base: Tensor, weights: list[float] | Non
     tv = torch.stack([outlier_sparsify(t.float() - base.float(), density, gamma, rescale) for t in tensors]) * w
     if not ties:
         return base.float() + _combine(tv, w, lambda_, normalize)
-    majority = torch.where(tv.sum(0) >= 0, 1.0, -1.0)  # (ties at zero count as positive, as mergekit's)
-    mask = (torch.sign(tv) == majority).to(tv.dtype)
-    mixed = (tv * mask).sum(0)
-    if normalize:
-        divisor = (w * mask).sum(0)
-        divisor[divisor == 0] = 1
-        mixed = mixed / divisor
-    return base.float() + lambda_ * mixed
+    return base.float() + _sign_consensus(tv, w, lambda_, normalize)
 
 
 @merge_method("breadcrumbs", reference_url="https://arxiv.org/abs/2312.06795", needs_base=True,
@@ -399,3 +241,103 @@ def model_stock(tensors: list[Tensor], *, base: Tensor, weights: list[float] | N
     singular = den.abs() < 1e-6  # no finite ratio: the base, rather than opposing updates amplified
     t = torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(den), den))
     return (t * (sum(ws) / n) + (1 - t) * w0).reshape(base.shape)
+
+
+class DellaParams(MethodParams):
+    density: float = Field(default=0.5, gt=0.0, le=1.0, description="Mean fraction of each task vector kept.")
+    epsilon: float = Field(default=0.15, ge=0.0, lt=1.0, description="Spread of the keep probabilities: "
+                           "density ± epsilon from each row's smallest to its largest entry.")
+    lambda_: float = Field(default=1.0, alias="lambda", description="Scale of the merged task vector.")
+    normalize: bool = Field(default=True, description="Divide by the (agreeing) weights.")
+    rescale: bool = Field(default=True, description="Rescale each pruned task vector to its L1 norm.")
+
+    @model_validator(mode="after")
+    def _probabilities(self) -> DellaParams:
+        if self.density < 1.0 and not (0.0 < self.density - self.epsilon and self.density + self.epsilon < 1.0):
+            raise ValueError(f"epsilon {self.epsilon} with density {self.density}: density ± epsilon must lie "
+                             f"inside (0, 1)")
+        return self
+
+
+class DellaLinearParams(DellaParams):
+    normalize: bool = Field(default=False, description="Divide the task vectors' sum by the sum of weights.")
+
+
+def della_sparsify(tv: Tensor, density: float, epsilon: float, rescale: bool = True,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """DELLA's MagPrune: keep each entry with probability ``density − ε`` (the smallest of its row) rising to
+    ``density + ε`` (the largest), ranked by magnitude along each row of ``tv`` ``[out, in]`` (a vector is
+    one row); ``rescale`` brings the kept entries back to the task vector's L1 norm (mergekit's ``della``;
+    DELLA's paper rescales by ``1/p`` per entry instead)."""
+    if density >= 1.0:
+        return tv
+    rows = tv if tv.dim() >= 2 else tv.unsqueeze(0)
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).float() + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)  # (a one-entry row: 0/0 → nan → clamp → the smallest)
+    probs = (density - epsilon) + torch.nan_to_num(norm) * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=generator).to(rows.dtype)
+    out = rows * mask
+    if rescale:
+        before, after = rows.abs().sum(), out.abs().sum()
+        if before >= 1e-7 and after >= 1e-7:
+            out = out * (before / after)
+    return out.reshape(tv.shape)
+
+
+def _della(tensors: list[Tensor], base: Tensor, weights: list[float] | None, density: float, epsilon: float,
+           lambda_: float, normalize: bool, rescale: bool, generator: torch.Generator | None, ties: bool) -> Tensor:
+    w = _weights(weights, len(tensors), tensors[0])
+    tv = torch.stack([della_sparsify(t.float() - base.float(), density, epsilon, rescale, generator)
+                      for t in tensors]) * w
+    merged = _sign_consensus(tv, w, lambda_, normalize) if ties else _combine(tv, w, lambda_, normalize)
+    return base.float() + merged
+
+
+@merge_method("della", reference_url="https://arxiv.org/abs/2406.11617", needs_base=True, params=DellaParams,
+              seeded=True)
+def della(
+    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: float = 0.5,
+    epsilon: float = 0.15, lambda_: float = 1.0, normalize: bool = True, rescale: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DELLA: task vectors pruned at random, larger entries kept more often, then TIES' sign election (Deep et
+    al. 2024)."""
+    return _della(tensors, base, weights, density, epsilon, lambda_, normalize, rescale, generator, ties=True)
+
+
+@merge_method("della_linear", reference_url="https://arxiv.org/abs/2406.11617", needs_base=True,
+              params=DellaLinearParams, seeded=True)
+def della_linear(
+    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: float = 0.5,
+    epsilon: float = 0.15, lambda_: float = 1.0, normalize: bool = False, rescale: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DELLA's pruning, then the task vectors' weighted sum."""
+    return _della(tensors, base, weights, density, epsilon, lambda_, normalize, rescale, generator, ties=False)
+
+
+class SceParams(MethodParams):
+    select_topk: float = Field(default=1.0, ge=0.0, le=1.0, description="Fraction of the entries kept: those "
+                               "whose task vectors vary most across the models.")
+
+
+@merge_method("sce", reference_url="https://arxiv.org/abs/2408.07990", needs_base=True, params=SceParams)
+def sce(tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None,
+        select_topk: float = 1.0) -> Tensor:
+    """SCE: select the entries where the task vectors vary most, weight each model by its task vector's mean
+    square, erase entries against the elected sign (Wan et al. 2024; FuseChat). ``weights`` are unused."""
+    tv = torch.stack([t.float() - base.float() for t in tensors])  # [N, ...]
+    if select_topk < 1.0:
+        var = torch.var(tv, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(var).item() * select_topk)
+        mask = torch.zeros(var.numel(), dtype=tv.dtype, device=tv.device)
+        if k > 0:
+            mask[torch.topk(var.abs().reshape(-1), k=k, largest=True).indices] = 1
+        tv = tv * mask.view_as(var)
+    erase = sign_consensus_mask(tv).to(tv.dtype)
+    sq = tv.square().reshape(len(tensors), -1).mean(dim=1)
+    total = sq.sum().item()
+    mw = torch.full_like(sq, 1 / len(tensors)) if abs(total) < 1e-6 else sq / total
+    kept = mw.view(-1, *([1] * (tv.dim() - 1))) * erase
+    return base.float() + (tv * kept).sum(0) / kept.sum(0).clamp(min=1e-6)
