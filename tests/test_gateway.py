@@ -68,7 +68,7 @@ def gw(bundles, tmp_path_factory):
             _wait(proc, port)
         cfg = {"upstreams": {"u1": {"base_url": f"http://127.0.0.1:{p1}/v1", "max_concurrency": 4},
                              "u2": {"base_url": f"http://127.0.0.1:{p2}/v1", "timeout_s": 60},
-                             "slow": {"base_url": f"http://127.0.0.1:{p2}/v1", "timeout_s": 0.001},
+                             "slow": {"base_url": f"http://127.0.0.1:{p2}/v1", "timeout_s": 1e-6},
                              "small": {"base_url": f"http://127.0.0.1:{p1}/v1", "max_response_bytes": 1024}},
                "branches": {"a": {"upstream": "u1"}, "b": {"upstream": "u1"}, "c": {"upstream": "u2"},
                             "b-slow": {"upstream": "slow", "model": "b"},

@@ -243,9 +243,9 @@ def test_a_mergekit_config_merges_as_the_same_native_one(family, tmp_path, capsy
     assert [br.name for br in cfg.branches] == ["base", "a", "b"] and cfg.parameters["density"] == 0.6
     bad = [({"slices": []}, "`slices` (layer slices"), ({"tokenizer_source": "union"}, "tokenizer merging"),
            ({"merge_method": None}, "`merge_method` is missing"), ({"extra": 1}, "unknown key `extra`"),
-           ({"models": [{"model": a, "parameters": {"density": 0.5}}, {"model": b, "parameters": {"density": 0.7}}]},
-            "per-model `density` must be the same"),
-           ({"models": [{"model": a, "parameters": {"weight": [0, 1]}}]}, "`weight` must be a number"),
+           ({"models": [{"model": a, "parameters": {"lambda": 0.5}}, {"model": b, "parameters": {"lambda": 0.7}}]},
+            "lambda cannot differ per model"),
+           ({"models": [{"model": a, "parameters": {"weight": [0, "x"]}}]}, "`weight` must be a number"),
            ({"models": [{"model": a, "lora": 1}]}, "models[0] must be")]
     for change, needle in bad:
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**mk, **change}))

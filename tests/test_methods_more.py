@@ -202,3 +202,71 @@ def test_a_mergekit_nuslerp_config_takes_its_per_model_weights(family, tmp_path)
     a, b, base = (family[n][1].state_dict()[KEY] for n in ("a", "b", "base"))
     torch.testing.assert_close(got, nuslerp([a, b], weights=[1.0, 3.0], base=base), atol=1e-6, rtol=0)
     assert not torch.allclose(got, nuslerp([a, b], weights=[1.0, 1.0], base=base))
+
+
+def test_per_model_parameters_and_weight_settings(family, tmp_path):
+    """mergekit's per-model parameters: each model its own density, a weight gradient over the layers and
+    weight filter rules; the merge computes each tensor with them."""
+    base_m, a_m, b_m = (family[n][1].state_dict() for n in ("base", "a", "b"))
+    branches = [{"name": "a", "model": str(family["a"][0]), "parameters": {"density": 0.3}},
+                {"name": "b", "model": str(family["b"][0]), "parameters": {"density": 0.9}}]
+    cfg = write_config(tmp_path / "t.yaml", branches, method="ties", base_model=str(family["base"][0]),
+                       parameters={"density": 0.5})
+    run_merge(load_config(cfg), tmp_path / "ties", progress=False)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "ties").state_dict()[KEY]
+    want = ties([a_m[KEY], b_m[KEY]], base=base_m[KEY], density=[0.3, 0.9])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert not torch.allclose(got, ties([a_m[KEY], b_m[KEY]], base=base_m[KEY], density=0.5))
+    # the list is each model's own trim
+    from branchmerge.methods import magnitude_sparsify
+    tv = [magnitude_sparsify(x[KEY] - base_m[KEY], d) for x, d in ((a_m, 0.3), (b_m, 0.9))]
+    torch.testing.assert_close(want, ties([base_m[KEY] + t for t in tv], base=base_m[KEY], density=1.0))
+
+    layers = len({k.split(".")[2] for k in a_m if k.startswith("model.layers.")})
+    assert layers >= 2
+    grad = [{"name": "a", "model": str(family["a"][0]), "parameters": {"weight": [0.0, 1.0]}},
+            {"name": "b", "model": str(family["b"][0]),
+             "parameters": {"weight": [{"filter": "mlp", "value": 3.0}, {"value": 1.0}]}}]
+    run_merge(load_config(write_config(tmp_path / "g.yaml", grad, method="linear")), tmp_path / "lin", progress=False)
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "lin").state_dict()
+    first, last = "model.layers.0.self_attn.q_proj.weight", f"model.layers.{layers - 1}.self_attn.q_proj.weight"
+    torch.testing.assert_close(out[first], b_m[first])  # a weighs 0 at the first layer
+    torch.testing.assert_close(out[last], (a_m[last] + b_m[last]) / 2)  # 1 and 1 at the last
+    mlp = f"model.layers.{layers - 1}.mlp.up_proj.weight"
+    torch.testing.assert_close(out[mlp], (a_m[mlp] + 3 * b_m[mlp]) / 4)  # b's mlp rule: 3
+
+
+@pytest.mark.parametrize("method,own,needle", [
+    ("branch", {"density": 0.5}, "branches[0] (a): `parameters` are a baseline method's per-model values"),
+    ("ties", {"lambda": 2.0}, "branches[0] (a): method 'ties': lambda cannot differ per model"),
+    ("ties", {"density": 1.5}, "branches[0] (a): method 'ties': parameters.density"),
+    ("della", {"density": 0.1}, "branches[0] (a): method 'della': .*epsilon 0.15 with density 0.1"),
+    ("linear", {"weight": [{"filter": "mlp", "value": "heavy"}]}, "branches[0] (a): .*`weight` must be a number"),
+    ("linear", {"density": 0.5}, "density cannot differ per model \\(per model: weight\\)"),
+])
+def test_bad_per_model_parameters_are_named(family, tmp_path, method, own, needle):
+    branches = [{"name": "a", "model": str(family["a"][0]), "parameters": own},
+                {"name": "b", "model": str(family["b"][0])}]
+    cfg = write_config(tmp_path / "c.yaml", branches, method=method, base_model=str(family["base"][0]))
+    with pytest.raises(ConfigError, match=needle.replace("(a)", "\\(a\\)").replace("[0]", "\\[0\\]")):
+        load_config(cfg)
+
+
+def test_mergekit_readme_ties_example_reads_as_it_is(family, tmp_path):
+    import yaml
+    m = [str(family[n][0]) for n in ("a", "b", "c")]
+    mk = {"models": [{"model": m[0], "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}},
+                     {"model": m[1], "parameters": {"density": 0.5, "weight": [0, 0.3, 0.7, 1]}},
+                     {"model": m[2], "parameters": {"density": 0.33, "weight": [{"filter": "mlp", "value": 0.5},
+                                                                                  {"value": 0}]}}],
+          "merge_method": "ties", "base_model": str(family["base"][0]),
+          "parameters": {"normalize": True, "int8_mask": True}, "dtype": "float16"}
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(mk))
+    cfg = load_config(tmp_path / "mk.yml")
+    assert [b.parameters for b in cfg.branches] == [{"density": [1, 0.7, 0.1]},
+                                                     {"weight": [0, 0.3, 0.7, 1], "density": 0.5},
+                                                     {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}],
+                                                      "density": 0.33}]
+    assert cfg.parameters == {"normalize": True} and cfg.dtype == "float16"
+    run_merge(cfg, tmp_path / "out", progress=False)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.float16

@@ -73,6 +73,11 @@ class BranchConfig(_Frozen):
             raise ValueError(f"group name {v!r} is invalid: use letters, digits, '_', '-', '.'")
         return v
     weight: float = Field(default=1.0, description="Weight of this model in baseline methods (linear, ties…).")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="This model's own baseline-method parameters (mergekit's per-model `parameters`): `weight` "
+                    "and the method's per-model ones (`density`, `gamma`, `epsilon`), each a value, a gradient or "
+                    "filter rules; they override the merge's `parameters` for this model.")
 
     @field_validator("name")
     @classmethod
@@ -264,6 +269,16 @@ class MergeConfig(_Frozen):
             raise ValueError(f"method {self.method!r} takes no `parameters`, got {sorted(self.parameters)}")
         if method.fn is not None:
             method.check_settings(self.parameters)
+        for i, b in enumerate(self.branches):
+            if not b.parameters:
+                continue
+            if method.fn is None:
+                raise ValueError(f"branches[{i}] ({b.name}): `parameters` are a baseline method's per-model values; "
+                                 f"method 'branch' takes none")
+            try:
+                method.check_settings(self.parameters, b.parameters)
+            except ValueError as e:
+                raise ValueError(f"branches[{i}] ({b.name}): {e}") from None
         return self
 
     def rate_for(self, tensor_name: str) -> float:
@@ -331,15 +346,17 @@ _MERGEKIT_REFUSED = {
     "tokenizer": "tokenizer merging (the output takes the first model's tokenizer)",
     "chat_template": "a chat template chosen by the merge (the first model's is kept)",
 }
+_MERGEKIT_IGNORED = {"int8_mask"}  # mergekit's memory option; masks here are boolean
 _MERGEKIT_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "name"}
 
 
 def from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
     """A mergekit config (``merge_method``, ``models: [{model, parameters}]``, ``base_model``, ``parameters``,
     ``dtype``/``out_dtype``) as branchmerge's. Each model becomes a branch named after its folder; its
-    ``weight`` becomes the branch's; another per-model parameter (``density``…) becomes the method's when every
-    model gives the same value. What has no counterpart here (``slices``, tokenizer merging, per-model values
-    that differ) is refused by name.
+    ``weight`` becomes the branch's (a weight gradient or filter rules, its ``parameters.weight``); another
+    per-model parameter (``density``…) becomes the method's when every model gives the same value, else the
+    branch's own. ``int8_mask`` (a memory option of mergekit's) is dropped: masks here are boolean. What has
+    no counterpart here (``slices``, tokenizer merging) is refused by name.
 
     Raises:
         ConfigError: naming the key or model at fault.
@@ -356,7 +373,7 @@ def from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{where}: `models` must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
-    params = dict(data.get("parameters") or {})
+    params = {k: v for k, v in dict(data.get("parameters") or {}).items() if k not in _MERGEKIT_IGNORED}
     branches: list[dict[str, Any]] = []
     per_model: dict[str, dict[str, Any]] = {}
     tuned = 0
@@ -370,23 +387,26 @@ def from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: models[{i}].parameters must be a mapping, got {own!r}")
         name = _branch_name(m["model"], {b["name"] for b in branches})
         weight = own.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ConfigError(f"{where}: models[{i}] ({m['model']}): `weight` must be a number here (a gradient or "
-                              f"filtered weight per model is not supported), got {weight!r}")
-        branches.append({"name": name, "model": m["model"], "weight": float(weight)})
+        branch: dict[str, Any] = {"name": name, "model": m["model"]}
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+            branch["weight"] = float(weight)
+        else:  # a gradient or filter rules: resolved per tensor
+            branch["parameters"] = {"weight": weight}
+        branches.append(branch)
         if m["model"] == data.get("base_model"):
             continue  # (the base listed among the models: its own parameters are not a fine-tune's)
         tuned += 1
         for k, v in own.items():
-            if k != "weight":
-                per_model.setdefault(k, {})[m["model"]] = v
+            if k != "weight" and k not in _MERGEKIT_IGNORED:
+                per_model.setdefault(k, {})[name] = v
     for k, values in per_model.items():
         distinct = {repr(v) for v in values.values()}
-        if len(values) != tuned or len(distinct) != 1 or (k in params and repr(params[k]) not in distinct):
-            given = ", ".join(f"{m}: {v!r}" for m, v in values.items())
-            raise ConfigError(f"{where}: per-model `{k}` must be the same for every model ({given}); branchmerge "
-                              f"takes one value for all: set it under `parameters`")
-        params[k] = next(iter(values.values()))
+        if len(values) == tuned and len(distinct) == 1 and (k not in params or repr(params[k]) in distinct):
+            params[k] = next(iter(values.values()))  # (one value for every model: the method's)
+            continue
+        for b in branches:
+            if b["name"] in values:
+                b.setdefault("parameters", {})[k] = values[b["name"]]
     out: dict[str, Any] = {"branches": branches, "method": data["merge_method"], "parameters": params,
                            **{k: v for k, v in data.items() if k in _OWN_KEYS}}
     if data.get("base_model") is not None:

@@ -21,6 +21,7 @@ from branchmerge.io.adapters import open_model
 from branchmerge.io.models import ModelSource
 from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, copy_side_files
 from branchmerge.methods import METHODS
+from branchmerge.methods.registry import model_weight
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,12 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
     check_output(out, force=force, inputs=inputs)
     sources = [open_model(b.name, b.model, b.revision, b.base, default_base=config.base_model) for b in config.branches]
     base = ModelSource.open("base_model", config.base_model) if config.base_model else None
-    weights = [b.weight for b in config.branches]
+    specs = list(config.branches)
     takes_base = base is not None and (method.needs_base or method.optional_base)
     if takes_base:  # the base listed among the branches too is the base, no fine-tune (as mergekit's)
         kept = [i for i, s in enumerate(sources) if s.path.resolve() != base.path.resolve()]
-        sources, weights = [sources[i] for i in kept], [weights[i] for i in kept]
+        sources, specs = [sources[i] for i in kept], [specs[i] for i in kept]
+    own = [b.parameters for b in specs]
     if method.pairwise and len(sources) != 1:
         raise ConfigError(f"method {method.name!r} interpolates `base_model` and one other model; the branches "
                           f"list {len(sources)} models besides the base")
@@ -62,7 +64,7 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
                  f"{method.min_models} to {method.max_models}")
         raise ConfigError(f"method {method.name!r} needs {count} models besides the base, got {len(sources)}")
     layers = _layer_count(sources[0].hf_config)
-    by_name = _mentions_filter(config.parameters)  # (else a tensor's parameters depend on its layer alone)
+    by_name = any(map(_mentions_filter, [config.parameters, *own]))  # (else they depend on the layer alone)
     resolved: dict[tuple, dict[str, Any]] = {}
     dtype = resolve_dtype(config.dtype)
     names = sources[0].names()
@@ -81,8 +83,10 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
             t = _position(name, layers)
             key = (name if by_name else "", t)
             if key not in resolved:
-                resolved[key] = method.params_for(config.parameters, name, t)
-            kw: dict[str, Any] = {"weights": weights, **resolved[key]}
+                weights = [model_weight(b.parameters["weight"], name, t, b.weight) if "weight" in b.parameters
+                           else b.weight for b in specs]
+                resolved[key] = {"weights": weights, **method.model_params(config.parameters, own, name, t)}
+            kw: dict[str, Any] = dict(resolved[key])
             if takes_base:
                 kw["base"] = base.get(name)
                 if kw["base"].shape != ts[0].shape:

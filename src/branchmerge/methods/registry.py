@@ -7,16 +7,19 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
 
 class MethodParams(BaseModel):
-    """Parameters of a merge method (none). Subclasses declare theirs; unknown keys are refused."""
+    """Parameters of a merge method (none). Subclasses declare theirs; unknown keys are refused. Those named in
+    ``per_model`` may also be given per model (mergekit's per-model ``parameters``); the method then gets a
+    list of N values for them."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    per_model: ClassVar[frozenset[str]] = frozenset()
 
 
 _SCALAR = (bool, int, float, str)
@@ -56,6 +59,38 @@ def evaluate_setting(setting: Any, tensor: str, t: float) -> Any:
     return None
 
 
+def model_weight(setting: Any, tensor: str, t: float, default: float) -> float:
+    """One model's ``weight`` setting (a value, a gradient or filter rules) for ``tensor``; ``default`` (the
+    branch's weight) where no rule applies.
+
+    Raises:
+        ValueError: a weight that is not a number.
+    """
+    v = evaluate_setting(setting, tensor, t)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"a model's `weight` must be a number (or a gradient or rules of numbers), got {v!r}")
+    return float(v)
+
+
+def _filters(*settings: dict[str, Any]) -> set[str]:
+    """Every ``filter`` the settings name, and "" (a tensor no filter matches)."""
+    names: set[str] = {""}
+
+    def walk(v: Any) -> None:
+        for r in v if isinstance(v, list) else [v]:
+            if isinstance(r, dict):
+                if isinstance(r.get("filter"), str):
+                    names.add(r["filter"])
+                walk(r.get("value"))
+
+    for data in settings:
+        for v in data.values():
+            walk(v)
+    return names
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
@@ -70,27 +105,43 @@ class MergeMethod:
     max_models: int | None = None  # at most (nuslerp: two)
     optional_base: bool = False  # takes ``base`` when the config names one (nuslerp, multislerp)
 
-    def check_settings(self, data: dict[str, Any]) -> None:
+    def check_settings(self, data: dict[str, Any], own: dict[str, Any] | None = None) -> None:
         """Validate a config's ``parameters:`` whose values may be mergekit settings (gradients, filters):
         each is resolved at the first, middle and last layer and under each of its filters, and validated.
+        ``own``: one model's own parameters (its ``weight`` and this method's per-model ones), checked the
+        same way over the shared ones.
 
         Raises:
             ValueError: naming the parameter at fault.
         """
-        names: set[str] = {""}
-
-        def filters(v: Any) -> None:
-            for r in v if isinstance(v, list) else [v]:
-                if isinstance(r, dict):
-                    if isinstance(r.get("filter"), str):
-                        names.add(r["filter"])
-                    filters(r.get("value"))
-
-        for v in data.values():
-            filters(v)
-        for tensor in names:
+        own = own or {}
+        stray = set(own) - {"weight"} - self.params.per_model
+        if stray:
+            each = ", ".join(["weight", *sorted(self.params.per_model)])
+            raise ValueError(f"method {self.name!r}: {', '.join(sorted(stray))} cannot differ per model (per model: "
+                             f"{each}); set it under the merge's `parameters`")
+        merged = {**data, **{k: v for k, v in own.items() if k != "weight"}}
+        for tensor in _filters(merged, own):
             for t in (0.0, 0.5, 1.0):
-                self.params_for(data, tensor, t)
+                self.params_for(merged, tensor, t)
+                if "weight" in own:
+                    model_weight(own["weight"], tensor, t, 1.0)
+
+    def model_params(self, data: dict[str, Any], own: list[dict[str, Any]], tensor: str, t: float) -> dict[str, Any]:
+        """:meth:`params_for` when models give their own parameters (``own[i]``, ``weight`` aside): each model's
+        are validated whole over the shared ones, and a per-model parameter whose values differ becomes the
+        list of N values."""
+        shared = self.params_for(data, tensor, t)
+        mine = [{k: v for k, v in o.items() if k != "weight"} for o in own]
+        if not any(mine):
+            return shared
+        each = [self.params_for({**data, **o}, tensor, t) if o else shared for o in mine]
+        out = dict(shared)
+        for k in self.params.per_model:
+            values = [e[k] for e in each]
+            if len(set(values)) > 1:
+                out[k] = values
+        return out
 
     def params_for(self, data: dict[str, Any], tensor: str, t: float) -> dict[str, Any]:
         """The validated parameters of ``tensor`` at layer position ``t`` (see :func:`evaluate_setting`)."""

@@ -6,6 +6,8 @@ mergekit's methods of the same names compute them.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
@@ -23,12 +25,29 @@ class TaskArithmeticParams(MethodParams):
 
 
 class TiesParams(MethodParams):
+    per_model: ClassVar[frozenset[str]] = frozenset({"density"})
     density: float = Field(default=0.5, gt=0.0, le=1.0, description="Fraction of each task vector kept.")
     lambda_: float = Field(default=1.0, alias="lambda", description="Scale of the merged task vector.")
     normalize: bool = Field(default=True, description="Divide by the weights of the agreeing entries.")
 
 
 
+
+
+PerModel = float | list[float]  # one value for every model, or one per model (mergekit's per-model parameters)
+
+
+def each(value: PerModel, n: int) -> list[float]:
+    """A per-model parameter as ``n`` values.
+
+    Raises:
+        ValueError: a list of another length.
+    """
+    if isinstance(value, list | tuple):
+        if len(value) != n:
+            raise ValueError(f"{len(value)} per-model values for {n} models")
+        return [float(v) for v in value]
+    return [float(value)] * n
 
 
 def _weights(weights: list[float] | None, n: int, like: Tensor) -> Tensor:
@@ -103,34 +122,38 @@ def _sign_consensus(deltas: Tensor, w: Tensor, lambda_: float, normalize: bool) 
 
 @merge_method("ties", reference_url="https://arxiv.org/abs/2306.01708", needs_base=True, params=TiesParams)
 def ties(
-    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: float = 0.5,
+    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: PerModel = 0.5,
     lambda_: float = 1.0, normalize: bool = True,
 ) -> Tensor:
     """TIES: trim task vectors by magnitude, elect signs, merge the agreeing entries (Yadav et al. 2023)."""
     w = _weights(weights, len(tensors), tensors[0])
-    tv = torch.stack([magnitude_sparsify(t.float() - base.float(), density) for t in tensors])
+    tv = torch.stack([magnitude_sparsify(t.float() - base.float(), d)
+                      for t, d in zip(tensors, each(density, len(tensors)))])
     return base.float() + _sign_consensus(tv * w, w, lambda_, normalize)
 
 
 @merge_method("dare_ties", reference_url="https://arxiv.org/abs/2311.03099", needs_base=True, params=TiesParams,
               seeded=True)
 def dare_ties(
-    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: float = 0.5,
+    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: PerModel = 0.5,
     lambda_: float = 1.0, normalize: bool = True, generator: torch.Generator | None = None,
 ) -> Tensor:
     """DARE random drop-and-rescale of task vectors, then TIES sign consensus (Yu et al. 2024)."""
     w = _weights(weights, len(tensors), tensors[0])
-    tv = torch.stack([dare_sparsify(t.float() - base.float(), density, generator) for t in tensors])
+    tv = torch.stack([dare_sparsify(t.float() - base.float(), d, generator)
+                      for t, d in zip(tensors, each(density, len(tensors)))])
     return base.float() + _sign_consensus(tv * w, w, lambda_, normalize)
 
 
 class DareLinearParams(MethodParams):
+    per_model: ClassVar[frozenset[str]] = frozenset({"density"})
     density: float = Field(default=0.5, gt=0.0, le=1.0, description="Fraction of each task vector kept.")
     lambda_: float = Field(default=1.0, alias="lambda", description="Scale of the merged task vector.")
     normalize: bool = Field(default=False, description="Divide the task vectors' sum by the sum of weights.")
 
 
 class BreadcrumbsParams(MethodParams):
+    per_model: ClassVar[frozenset[str]] = frozenset({"density", "gamma"})
     density: float = Field(default=1.0, gt=0.0, le=1.0, description="Fraction of each task vector kept.")
     gamma: float = Field(default=0.01, ge=0.0, lt=1.0, description="Fraction of largest-magnitude entries "
                          "dropped first (outliers).")
@@ -155,12 +178,13 @@ def _combine(deltas: Tensor, w: Tensor, lambda_: float, normalize: bool) -> Tens
 @merge_method("dare_linear", reference_url="https://arxiv.org/abs/2311.03099", needs_base=True,
               params=DareLinearParams, seeded=True)
 def dare_linear(
-    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: float = 0.5,
+    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: PerModel = 0.5,
     lambda_: float = 1.0, normalize: bool = False, generator: torch.Generator | None = None,
 ) -> Tensor:
     """DARE random drop-and-rescale of task vectors, then their weighted sum (Yu et al. 2024)."""
     w = _weights(weights, len(tensors), tensors[0])
-    tv = torch.stack([dare_sparsify(t.float() - base.float(), density, generator) for t in tensors])
+    tv = torch.stack([dare_sparsify(t.float() - base.float(), d, generator)
+                      for t, d in zip(tensors, each(density, len(tensors)))])
     return base.float() + _combine(tv * w, w, lambda_, normalize)
 
 
@@ -184,10 +208,12 @@ def outlier_sparsify(tv: Tensor, density: float, gamma: float, rescale: bool = F
     return out
 
 
-def _breadcrumbs(tensors: list[Tensor], base: Tensor, weights: list[float] | None, density: float, gamma: float,
-                 lambda_: float, normalize: bool, rescale: bool, ties: bool) -> Tensor:
+def _breadcrumbs(tensors: list[Tensor], base: Tensor, weights: list[float] | None, density: PerModel,
+                 gamma: PerModel, lambda_: float, normalize: bool, rescale: bool, ties: bool) -> Tensor:
     w = _weights(weights, len(tensors), tensors[0])
-    tv = torch.stack([outlier_sparsify(t.float() - base.float(), density, gamma, rescale) for t in tensors]) * w
+    n = len(tensors)
+    tv = torch.stack([outlier_sparsify(t.float() - base.float(), d, g, rescale)
+                      for t, d, g in zip(tensors, each(density, n), each(gamma, n))]) * w
     if not ties:
         return base.float() + _combine(tv, w, lambda_, normalize)
     return base.float() + _sign_consensus(tv, w, lambda_, normalize)
@@ -196,8 +222,8 @@ def _breadcrumbs(tensors: list[Tensor], base: Tensor, weights: list[float] | Non
 @merge_method("breadcrumbs", reference_url="https://arxiv.org/abs/2312.06795", needs_base=True,
               params=BreadcrumbsParams)
 def breadcrumbs(
-    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: float = 1.0,
-    gamma: float = 0.01, lambda_: float = 1.0, normalize: bool = False, rescale: bool = False,
+    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: PerModel = 1.0,
+    gamma: PerModel = 0.01, lambda_: float = 1.0, normalize: bool = False, rescale: bool = False,
 ) -> Tensor:
     """Model Breadcrumbs: task vectors trimmed of their largest and smallest entries, summed (Davari & Belilovsky
     2023)."""
@@ -207,8 +233,8 @@ def breadcrumbs(
 @merge_method("breadcrumbs_ties", reference_url="https://arxiv.org/abs/2312.06795", needs_base=True,
               params=BreadcrumbsParams)
 def breadcrumbs_ties(
-    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: float = 1.0,
-    gamma: float = 0.01, lambda_: float = 1.0, normalize: bool = False, rescale: bool = False,
+    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: PerModel = 1.0,
+    gamma: PerModel = 0.01, lambda_: float = 1.0, normalize: bool = False, rescale: bool = False,
 ) -> Tensor:
     """Model Breadcrumbs' trim, then TIES' sign election over the trimmed task vectors."""
     return _breadcrumbs(tensors, base, weights, density, gamma, lambda_, normalize, rescale, ties=True)
@@ -244,6 +270,7 @@ def model_stock(tensors: list[Tensor], *, base: Tensor, weights: list[float] | N
 
 
 class DellaParams(MethodParams):
+    per_model: ClassVar[frozenset[str]] = frozenset({"density", "epsilon"})
     density: float = Field(default=0.5, gt=0.0, le=1.0, description="Mean fraction of each task vector kept.")
     epsilon: float = Field(default=0.15, ge=0.0, lt=1.0, description="Spread of the keep probabilities: "
                            "density ± epsilon from each row's smallest to its largest entry.")
@@ -285,11 +312,12 @@ def della_sparsify(tv: Tensor, density: float, epsilon: float, rescale: bool = T
     return out.reshape(tv.shape)
 
 
-def _della(tensors: list[Tensor], base: Tensor, weights: list[float] | None, density: float, epsilon: float,
+def _della(tensors: list[Tensor], base: Tensor, weights: list[float] | None, density: PerModel, epsilon: PerModel,
            lambda_: float, normalize: bool, rescale: bool, generator: torch.Generator | None, ties: bool) -> Tensor:
     w = _weights(weights, len(tensors), tensors[0])
-    tv = torch.stack([della_sparsify(t.float() - base.float(), density, epsilon, rescale, generator)
-                      for t in tensors]) * w
+    n = len(tensors)
+    tv = torch.stack([della_sparsify(t.float() - base.float(), d, e, rescale, generator)
+                      for t, d, e in zip(tensors, each(density, n), each(epsilon, n))]) * w
     merged = _sign_consensus(tv, w, lambda_, normalize) if ties else _combine(tv, w, lambda_, normalize)
     return base.float() + merged
 
@@ -297,8 +325,8 @@ def _della(tensors: list[Tensor], base: Tensor, weights: list[float] | None, den
 @merge_method("della", reference_url="https://arxiv.org/abs/2406.11617", needs_base=True, params=DellaParams,
               seeded=True)
 def della(
-    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: float = 0.5,
-    epsilon: float = 0.15, lambda_: float = 1.0, normalize: bool = True, rescale: bool = True,
+    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: PerModel = 0.5,
+    epsilon: PerModel = 0.15, lambda_: float = 1.0, normalize: bool = True, rescale: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """DELLA: task vectors pruned at random, larger entries kept more often, then TIES' sign election (Deep et
@@ -309,8 +337,8 @@ def della(
 @merge_method("della_linear", reference_url="https://arxiv.org/abs/2406.11617", needs_base=True,
               params=DellaLinearParams, seeded=True)
 def della_linear(
-    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: float = 0.5,
-    epsilon: float = 0.15, lambda_: float = 1.0, normalize: bool = False, rescale: bool = True,
+    tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: PerModel = 0.5,
+    epsilon: PerModel = 0.15, lambda_: float = 1.0, normalize: bool = False, rescale: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """DELLA's pruning, then the task vectors' weighted sum."""
