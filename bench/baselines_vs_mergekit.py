@@ -13,6 +13,7 @@ mergekit runs as ``python -m mergekit.scripts.run_yaml`` (the `bench` extra inst
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -97,8 +98,24 @@ def per_model_cases(fam: dict) -> dict[str, dict]:
                    {"model": m[1], "parameters": {"density": 0.6, "gamma": [0.0, 0.1], "weight": 1.0}},
                    {"model": m[2], "parameters": {"density": 0.8, "gamma": 0.05, "weight": 0.7}}],
         "merge_method": "breadcrumbs_ties", "base_model": str(fam["base"]), "dtype": "float32"}
+    base = str(fam["base"])
+    franken = {"merge_method": "passthrough", "dtype": "float32",
+               "slices": [{"sources": [{"model": m[0], "layer_range": [0, 3]}]},
+                          {"sources": [{"model": m[1], "layer_range": [1, 4]}]}]}
+    upscale = {"merge_method": "passthrough", "dtype": "float32",  # depth up-scaling, attention out scaled
+               "slices": [{"sources": [{"model": m[0], "layer_range": [0, 3]}]},
+                          {"sources": [{"model": m[0], "layer_range": [1, 4], "parameters": {
+                              "scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]}]}
+    per_slice = {"merge_method": "slerp", "base_model": base, "dtype": "float32",
+                 "parameters": {"t": 0.3},
+                 "slices": [{"sources": [{"model": base, "layer_range": [0, 2]}, {"model": m[0], "layer_range": [0, 2]}]},
+                            {"sources": [{"model": base, "layer_range": [1, 4]}, {"model": m[1], "layer_range": [1, 4]}],
+                             "parameters": {"t": [0.0, 0.5, 1.0]}}]}
     return {"mergekit README's TIES example (per-model densities, weight gradient and filter)": readme,
-            "breadcrumbs_ties, per-model density and gamma": crumbs}
+            "breadcrumbs_ties, per-model density and gamma": crumbs,
+            "slices: passthrough frankenmerge (a 0-3 + b 1-4)": franken,
+            "slices: depth up-scaling, o_proj scaled in the second copy": upscale,
+            "slices: slerp per slice, t gradient over the second": per_slice}
 
 
 def compare(i: int, label: str, ours_cfg: dict, mk: dict) -> None:
@@ -116,6 +133,8 @@ def compare(i: int, label: str, ours_cfg: dict, mk: dict) -> None:
     assert common, "no tensors in common"
     max_abs = max(float((a[k] - b[k]).abs().max()) for k in common)
     max_rel = max(float((a[k] - b[k]).norm() / max(b[k].norm(), 1e-12)) for k in common)
+    layers = [json.loads((f / "config.json").read_text())["num_hidden_layers"] for f in (ours, theirs)]
+    assert layers[0] == layers[1], f"{label}: {layers[0]} layers here, {layers[1]} in mergekit's"
     print(f"| {label} | {len(common)}/{len(b)} | {max_abs:.2e} | {max_rel:.2e} |", flush=True)
 
 

@@ -22,6 +22,9 @@ Role = Literal["compress", "per_branch"]
 _PER_BRANCH_HINTS = ("embed", "wte", "wpe", "lm_head", "norm", "ln_", "layernorm", "output.weight")
 
 
+_LAYER_FALLBACK = re.compile(r"^(?:.*\.)?(?:layers|h|blocks|block|layer)\.(\d+)\.")
+
+
 def _template_regex(template: str) -> re.Pattern[str]:
     parts = template.split("${layer_index}")
     return re.compile(r"\d+".join(re.escape(p) for p in parts) + "$")
@@ -40,6 +43,20 @@ class Architecture:
     # layers of one block that read the same input, in the order the block calls them (submodule paths
     # under the block): run as one call by the Triton kernels (runtime.siblings)
     siblings: tuple[tuple[str, ...], ...] = ()
+    layer_prefix: str = ""  # the blocks' tensors start with it (``${layer_index}`` the layer number)
+
+    def layer_of(self, tensor_name: str) -> tuple[int, str] | None:
+        """``(layer, template)`` of a tensor inside a block (``template``: its name with ``${layer_index}`` in
+        place of the number), None outside the blocks (embeddings, final norm, head)."""
+        if self.layer_prefix:
+            pre, _, post = self.layer_prefix.partition("${layer_index}")
+            m = re.match(re.escape(pre) + r"(\d+)" + re.escape(post) + r"\.", tensor_name)
+        else:
+            m = _LAYER_FALLBACK.match(tensor_name)
+        if m is None:
+            return None
+        a, b = m.span(1)
+        return int(m.group(1)), tensor_name[:a] + "${layer_index}" + tensor_name[b:]
 
     def role(self, tensor_name: str, shape: tuple[int, ...]) -> Role:
         """Whether a tensor is compressed (2-D block weight) or kept per branch.
@@ -89,6 +106,7 @@ def registry() -> dict[str, Architecture]:
             transposed=bool(data.get("transposed", False)),
             description=data.get("description", ""),
             siblings=tuple(tuple(g) for g in data.get("siblings", ())),
+            layer_prefix=data.get("layer_prefix", ""),
         )
         if arch.name in out:
             raise ValueError(f"duplicate architecture name {arch.name!r} in {entry.name}")

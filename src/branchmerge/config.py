@@ -184,6 +184,31 @@ class BudgetConfig(_Frozen):
         return self
 
 
+class SliceSource(_Frozen):
+    """Layers ``[start, end)`` of one branch's model, an input of a slice."""
+
+    branch: str = Field(description="A branch's name (its model is read).")
+    layer_range: tuple[int, int] = Field(description="[start, end): the layers taken, end excluded.")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="This source's own per-model "
+                                       "parameters (as a branch's), over the branch's.")
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(v)}")
+        return v
+
+
+class SliceConfig(_Frozen):
+    """Output layers made of the same number of layers from each source, merged with the method (mergekit's
+    slices: one source each with `passthrough` stacks layers, as frankenmerges and depth up-scaling do)."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict, description="The method's parameters for this "
+                                       "slice, over the merge's.")
+
+
 class MergeConfig(_Frozen):
     """A whole merge: which models, how strongly to compress, where the math runs."""
 
@@ -212,6 +237,9 @@ class MergeConfig(_Frozen):
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="Extra method parameters (e.g. density for ties)."
     )
+    slices: list[SliceConfig] | None = Field(
+        default=None, description="Build the output's layers slice by slice from layer ranges of the branches' "
+                                  "models (a baseline method; `passthrough` stacks them).")
 
     @field_validator("compress_rate")
     @classmethod
@@ -267,8 +295,10 @@ class MergeConfig(_Frozen):
             raise ValueError(f"`budget` and `factor_bits` apply to the branch method, not {self.method!r}")
         if method.fn is None and self.parameters:
             raise ValueError(f"method {self.method!r} takes no `parameters`, got {sorted(self.parameters)}")
-        if method.fn is not None:
-            method.check_settings(self.parameters)
+        if method.fn is not None and self.slices is None:
+            method.check_settings(self.parameters)  # (with slices: under each slice's, below)
+        if self.slices is not None:
+            self._check_slices(method)
         for i, b in enumerate(self.branches):
             if not b.parameters:
                 continue
@@ -280,6 +310,37 @@ class MergeConfig(_Frozen):
             except ValueError as e:
                 raise ValueError(f"branches[{i}] ({b.name}): {e}") from None
         return self
+
+    def _check_slices(self, method: Any) -> None:
+        if method.fn is None:
+            raise ValueError("`slices` build one plain model: they need a baseline method such as passthrough, not "
+                             "'branch'")
+        if not self.slices:
+            raise ValueError("`slices` must list at least one slice")
+        by_name = {b.name: b for b in self.branches}
+        used: set[str] = set()
+        for k, sl in enumerate(self.slices):
+            try:
+                method.check_settings({**self.parameters, **sl.parameters})
+            except ValueError as e:
+                raise ValueError(f"slices[{k}]: {e}") from None
+            lengths = {src.layer_range[1] - src.layer_range[0] for src in sl.sources}
+            if len(lengths) > 1:
+                raise ValueError(f"slices[{k}]: every source must give the same number of layers, got "
+                                 f"{[list(src.layer_range) for src in sl.sources]}")
+            for j, src in enumerate(sl.sources):
+                b = by_name.get(src.branch)
+                if b is None:
+                    raise ValueError(f"slices[{k}].sources[{j}]: no branch named {src.branch!r} (branches: "
+                                     f"{', '.join(by_name)})")
+                used.add(src.branch)
+                try:
+                    method.check_settings({**self.parameters, **sl.parameters}, {**b.parameters, **src.parameters})
+                except ValueError as e:
+                    raise ValueError(f"slices[{k}].sources[{j}]: {e}") from None
+        unused = [b.name for b in self.branches if b.name not in used]
+        if unused:
+            raise ValueError(f"branch(es) {unused} are in no slice: list them in a slice's sources or remove them")
 
     def rate_for(self, tensor_name: str) -> float:
         """Compress rate of one tensor: the last matching override wins, else the global rate."""
@@ -341,13 +402,13 @@ def parse_config(data: Any, source: str = "<dict>") -> MergeConfig:
 
 
 _MERGEKIT_REFUSED = {
-    "slices": "layer slices (passthrough and frankenmerges)", "modules": "per-module definitions",
+    "modules": "per-module definitions",
     "tokenizer_source": "tokenizer merging (the output takes the first model's tokenizer)",
     "tokenizer": "tokenizer merging (the output takes the first model's tokenizer)",
     "chat_template": "a chat template chosen by the merge (the first model's is kept)",
 }
 _MERGEKIT_IGNORED = {"int8_mask"}  # mergekit's memory option; masks here are boolean
-_MERGEKIT_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "name"}
+_MERGEKIT_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "name"}
 
 
 def from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
@@ -370,6 +431,10 @@ def from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
                               f"{', '.join(sorted(_MERGEKIT_KEYS))} (and branchmerge's {', '.join(sorted(_OWN_KEYS))})")
     if not isinstance(data.get("merge_method"), str):
         raise ConfigError(f"{where}: `merge_method` is missing (one of {', '.join(METHODS)})")
+    if "slices" in data:
+        if "models" in data:
+            raise ConfigError(f"{where}: give `models` or `slices`, not both")
+        return _mergekit_slices(data, where)
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{where}: `models` must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
@@ -407,12 +472,47 @@ def from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
         for b in branches:
             if b["name"] in values:
                 b.setdefault("parameters", {})[k] = values[b["name"]]
+    return _mergekit_common(data, branches, params)
+
+
+def _mergekit_common(data: dict[str, Any], branches: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"branches": branches, "method": data["merge_method"], "parameters": params,
                            **{k: v for k, v in data.items() if k in _OWN_KEYS}}
     if data.get("base_model") is not None:
         out["base_model"] = data["base_model"]
     if (data.get("out_dtype") or data.get("dtype")) is not None:
         out["dtype"] = data.get("out_dtype") or data.get("dtype")
+    return out
+
+
+def _mergekit_slices(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """mergekit's ``slices: [{sources: [{model, layer_range, parameters}], parameters}]``: a branch per model
+    (named after its folder), each source naming its branch."""
+    slices = data["slices"]
+    if not isinstance(slices, list) or not slices:
+        raise ConfigError(f"{where}: `slices` must be a non-empty list of {{sources: [{{model, layer_range}}]}}")
+    names: dict[str, str] = {}
+    out_slices: list[dict[str, Any]] = []
+    for k, sl in enumerate(slices):
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or set(sl) - {"sources", "parameters"}:
+            extra = sorted(set(sl) - {"sources", "parameters"}) if isinstance(sl, dict) else []
+            raise ConfigError(f"{where}: slices[{k}] must be {{sources: [...], parameters: {{...}}}}"
+                              + (f"; {', '.join(extra)} not supported" if extra else f", got {sl!r}"))
+        sources = []
+        for j, src in enumerate(sl["sources"]):
+            if (not isinstance(src, dict) or not isinstance(src.get("model"), str)
+                    or set(src) - {"model", "layer_range", "parameters"}):
+                raise ConfigError(f"{where}: slices[{k}].sources[{j}] must be {{model: PATH, layer_range: [START, "
+                                  f"END], parameters: {{...}}}}, got {src!r}")
+            if src["model"] not in names:
+                names[src["model"]] = _branch_name(src["model"], set(names.values()))
+            sources.append({"branch": names[src["model"]], "layer_range": src.get("layer_range"),
+                            "parameters": {k2: v for k2, v in (src.get("parameters") or {}).items()
+                                           if k2 not in _MERGEKIT_IGNORED}})
+        out_slices.append({"sources": sources, "parameters": dict(sl.get("parameters") or {})})
+    params = {k: v for k, v in dict(data.get("parameters") or {}).items() if k not in _MERGEKIT_IGNORED}
+    out = _mergekit_common(data, [{"name": n, "model": m} for m, n in names.items()], params)
+    out["slices"] = out_slices
     return out
 
 

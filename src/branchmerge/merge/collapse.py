@@ -4,7 +4,6 @@ a time (what branchmerge exists to avoid; here to be measured against)."""
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from branchmerge.io.models import ModelSource
 from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, copy_side_files
 from branchmerge.methods import METHODS
 from branchmerge.methods.registry import model_weight
+from branchmerge.merge.slices import sliced, whole_models
 
 logger = logging.getLogger(__name__)
 
@@ -42,87 +42,70 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
     if method.needs_base and not config.base_model:
         raise ConfigError(f"method {method.name!r} needs `base_model` (the model the fine-tunes started from)")
     try:
-        method.check_settings(config.parameters)
+        for sl in config.slices or [None]:
+            method.check_settings({**config.parameters, **(sl.parameters if sl else {})})
     except ValueError as e:
         raise ConfigError(str(e)) from None
     inputs = config.inputs()
     check_output(out, force=force, inputs=inputs)
-    sources = [open_model(b.name, b.model, b.revision, b.base, default_base=config.base_model) for b in config.branches]
-    base = ModelSource.open("base_model", config.base_model) if config.base_model else None
-    specs = list(config.branches)
-    takes_base = base is not None and (method.needs_base or method.optional_base)
-    if takes_base:  # the base listed among the branches too is the base, no fine-tune (as mergekit's)
-        kept = [i for i, s in enumerate(sources) if s.path.resolve() != base.path.resolve()]
-        sources, specs = [sources[i] for i in kept], [specs[i] for i in kept]
-    own = [b.parameters for b in specs]
-    if method.pairwise and len(sources) != 1:
-        raise ConfigError(f"method {method.name!r} interpolates `base_model` and one other model; the branches "
-                          f"list {len(sources)} models besides the base")
-    if len(sources) < method.min_models or len(sources) > (method.max_models or len(sources)):
-        count = (f"exactly {method.min_models}" if method.min_models == method.max_models else
-                 f"at least {method.min_models}" if method.max_models is None else
-                 f"{method.min_models} to {method.max_models}")
-        raise ConfigError(f"method {method.name!r} needs {count} models besides the base, got {len(sources)}")
-    layers = _layer_count(sources[0].hf_config)
-    by_name = any(map(_mentions_filter, [config.parameters, *own]))  # (else they depend on the layer alone)
+    models = [open_model(b.name, b.model, b.revision, b.base, default_base=config.base_model) for b in config.branches]
+    base_path = Path(config.base_model).resolve() if config.base_model else None
+    takes_base = base_path is not None and (method.needs_base or method.optional_base)
+    if config.slices is not None:
+        jobs, hf_config = sliced(config, method, models, base_path, takes_base)
+        first = models[[b.name for b in config.branches].index(config.slices[0].sources[0].branch)]
+    else:
+        base = None
+        if takes_base:  # the base listed among the branches too is the base, no fine-tune (as mergekit's)
+            models.append(ModelSource.open("base_model", config.base_model))
+            base = len(models) - 1
+        tuned = [i for i in range(len(config.branches))
+                 if base is None or models[i].path.resolve() != models[base].path.resolve()]
+        jobs = whole_models(config, method, models, tuned, base)
+        first = models[tuned[0]]
+        hf_config = first.hf_config
+    by_name = any(map(_mentions_filter, [config.parameters, *(b.parameters for b in config.branches),
+                                         *(sl.parameters for sl in config.slices or []),
+                                         *(src.parameters for sl in config.slices or [] for src in sl.sources)]))
     resolved: dict[tuple, dict[str, Any]] = {}
     dtype = resolve_dtype(config.dtype)
-    names = sources[0].names()
-    for s in [*sources[1:], *([base] if base else [])]:
-        missing = set(names) ^ set(s.names())
-        if missing:
-            raise ModelInputError(f"tensor {sorted(missing)[0]} is not in every model ({s.name!r} differs)")
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         writer = ShardWriter(tmp, config.max_shard_bytes, prefix="model")
-        for name in tqdm(names, desc=f"merging ({method.name})", disable=not progress):
-            ts = [s.get(name) for s in sources]
-            for s, t in zip(sources[1:], ts[1:]):
+        for job in tqdm(jobs, desc=f"merging ({method.name})", disable=not progress):
+            ts = [models[i].get(n) for i, n in job.inputs]
+            for t, m in zip(ts[1:], job.models[1:]):
                 if t.shape != ts[0].shape:
-                    raise ModelInputError(f"tensor {name} has shape {list(t.shape)} in branch {s.name!r} but "
-                                          f"{list(ts[0].shape)} in {sources[0].name!r}")
-            t = _position(name, layers)
-            key = (name if by_name else "", t)
+                    raise ModelInputError(f"tensor {job.inputs[0][1]} has shape {list(t.shape)} in branch {m!r} "
+                                          f"but {list(ts[0].shape)} in {job.models[0]!r}")
+            key = (job.group, job.out if by_name else "", job.t)
             if key not in resolved:
-                weights = [model_weight(b.parameters["weight"], name, t, b.weight) if "weight" in b.parameters
-                           else b.weight for b in specs]
-                resolved[key] = {"weights": weights, **method.model_params(config.parameters, own, name, t)}
+                specs = [config.branches[i] for i, _ in job.inputs]
+                weights = [model_weight(p["weight"], job.out, job.t, b.weight) if "weight" in p else b.weight
+                           for b, p in zip(specs, job.own)]
+                resolved[key] = {"weights": weights, **method.model_params(job.shared, job.own, job.out, job.t)}
             kw: dict[str, Any] = dict(resolved[key])
-            if takes_base:
-                kw["base"] = base.get(name)
+            if job.base is not None:
+                kw["base"] = models[job.base[0]].get(job.base[1])
                 if kw["base"].shape != ts[0].shape:
-                    raise ModelInputError(f"tensor {name} has shape {list(kw['base'].shape)} in base_model but "
-                                          f"{list(ts[0].shape)} in {sources[0].name!r}")
+                    raise ModelInputError(f"tensor {job.base[1]} has shape {list(kw['base'].shape)} in base_model "
+                                          f"but {list(ts[0].shape)} in {job.models[0]!r}")
             if method.seeded:
-                kw["generator"] = torch.Generator().manual_seed(tensor_seed(config.rsvd.seed, name))
+                kw["generator"] = torch.Generator().manual_seed(tensor_seed(config.rsvd.seed, job.out))
             try:
                 merged = method.fn(ts, **kw) if ts[0].is_floating_point() else ts[0]
             except ValueError as e:
-                raise ModelInputError(f"tensor {name}: method {method.name!r}: {e}") from None
-            writer.add(name, merged.to(dtype) if merged.is_floating_point() else merged)
+                raise ModelInputError(f"tensor {job.out}: method {method.name!r}: {e}") from None
+            merged = merged.to(dtype) if merged.is_floating_point() else merged
+            if any(merged.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in ts):
+                merged = merged.clone()  # (an input as it is: slices may write it twice, shards must not share)
+            writer.add(job.out, merged)
         writer.close()
         finish_hf_shards(tmp, writer)
-        copy_side_files(sources[0].side_files(), tmp)
-        write_hf_config(tmp, sources[0].hf_config, config.dtype)
+        copy_side_files(first.side_files(), tmp)
+        write_hf_config(tmp, hf_config, config.dtype)
         if model_card:
             (tmp / CARD).write_text(merged_card(Path(out).name, method.name, config.model_dump(mode="json")))
     return {"method": method.name, "out": str(out)}
-
-
-_LAYER = re.compile(r"\.(\d+)\.")
-
-
-def _layer_count(cfg: dict) -> int:
-    n = cfg.get("num_hidden_layers", cfg.get("n_layer"))
-    return n if isinstance(n, int) and n > 0 else 1
-
-
-def _position(tensor: str, layers: int) -> float:
-    """Where ``tensor`` sits for a gradient, as mergekit places it: layer ``i`` of ``L`` at ``i / (L - 1)``
-    (1 for a one-layer model); tensors outside the layers (embeddings, final norm, head) at 0."""
-    m = _LAYER.search(tensor)
-    if m is None:
-        return 0.0
-    return int(m.group(1)) / (layers - 1) if layers > 1 else 1.0
 
 
 def _mentions_filter(parameters: dict[str, Any]) -> bool:

@@ -12,11 +12,11 @@ from branchmerge.methods.registry import (METHODS, MergeMethod, MethodParams, ev
                                           merge_method)
 from branchmerge.methods.task_vectors import (breadcrumbs, breadcrumbs_ties, dare_linear, dare_sparsify, dare_ties,
                                               della, della_linear, della_sparsify, linear, magnitude_sparsify,
-                                              model_stock, outlier_sparsify, sce, sign_consensus_mask,
+                                              model_stock, outlier_sparsify, passthrough, sce, sign_consensus_mask,
                                               task_arithmetic, ties)
 from branchmerge.methods.interpolate import arcee_fusion, karcher, multislerp, nearswap, nuslerp, slerp
 
 __all__ = ["METHODS", "MergeMethod", "MethodParams", "evaluate_setting", "merge_method", "linear", "task_arithmetic",
            "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "model_stock", "della",
-           "della_linear", "sce", "slerp", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion",
+           "della_linear", "sce", "passthrough", "slerp", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion",
            "magnitude_sparsify", "dare_sparsify", "outlier_sparsify", "della_sparsify", "sign_consensus_mask"]

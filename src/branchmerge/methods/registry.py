@@ -139,8 +139,7 @@ class MergeMethod:
         out = dict(shared)
         for k in self.params.per_model:
             values = [e[k] for e in each]
-            if len(set(values)) > 1:
-                out[k] = values
+            out[k] = values if len(set(values)) > 1 else values[0]
         return out
 
     def params_for(self, data: dict[str, Any], tensor: str, t: float) -> dict[str, Any]:

@@ -64,6 +64,21 @@ def linear(tensors: list[Tensor], *, weights: list[float] | None = None, normali
     return out / w.sum() if normalize else out
 
 
+class PassthroughParams(MethodParams):
+    per_model: ClassVar[frozenset[str]] = frozenset({"scale"})
+    scale: float | None = Field(default=None, description="Multiply the tensor by this (none: unchanged).")
+
+
+@merge_method("passthrough", reference_url="https://github.com/arcee-ai/mergekit (passthrough)",
+              params=PassthroughParams, max_models=1)
+def passthrough(tensors: list[Tensor], *, weights: list[float] | None = None, scale: float | None = None) -> Tensor:
+    """One model's tensor as it is (times ``scale``): with `slices`, layers stacked from several models
+    (frankenmerges, depth up-scaling)."""
+    if len(tensors) != 1:
+        raise ValueError(f"passthrough takes one model per tensor, got {len(tensors)}")
+    return tensors[0].float() if scale is None else tensors[0].float() * scale
+
+
 @merge_method("task_arithmetic", reference_url="https://arxiv.org/abs/2212.04089", needs_base=True,
               params=TaskArithmeticParams)
 def task_arithmetic(
