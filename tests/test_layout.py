@@ -64,7 +64,8 @@ def test_no_import_circles():
             visit(m)
 
 
-ORDER = ["errors", "common", "architectures", "methods", "config", "io", "compress", "merge", "export", "export_vllm", "runtime",
+ORDER = ["errors", "common", "architectures", "methods", "config", "io", "compress", "merge", "export", "export_vllm",
+         "extract_lora", "runtime",
          "router", "staged", "front", "server", "family", "evaluate", "harness", "selection", "demo", "cli"]
 
 

@@ -166,7 +166,44 @@ def export_vllm_cmd(
         typer.echo("  " + line)
 
 
+def extract_lora_cmd(
+    model: Path = typer.Argument(..., help="The fine-tuned model folder."),
+    base: Path = typer.Option(..., "--base", "-b", help="The model it was fine-tuned from."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output adapter folder (written atomically)."),
+    rank: int = typer.Option(128, "--rank", "-r", help="Largest rank of a module's LoRA pair."),
+    target_error: float | None = typer.Option(
+        None, "--target-error", help="Per module, the smallest rank (up to --rank) whose relative error of the "
+        "difference is at most this, e.g. 0.1: ranks differ by module (rank_pattern)."),
+    sv_epsilon: float = typer.Option(0.0, "--sv-epsilon", help="Drop singular values at or below this."),
+    exact: bool = typer.Option(False, "--exact-svd", help="Full SVD instead of the randomized one (slower)."),
+    embed_lora: bool = typer.Option(False, "--embed-lora/--no-embed-lora",
+                                    help="Changed embeddings as LoRA pairs (default: saved whole)."),
+    save_module: list[str] = typer.Option([], "--save-module", help="A module saved whole (modules_to_save), "
+                                          "e.g. lm_head; repeat for more."),
+    include: list[str] = typer.Option([], "--include", "-i", help="Only modules matching this regex; repeat."),
+    exclude: list[str] = typer.Option([], "--exclude", "-e", help="Leave modules matching this regex as the "
+                                      "base's; repeat."),
+    skip_undecomposable: bool = typer.Option(False, "--skip-undecomposable", help="Drop changed norms and biases "
+                                             "(reported) instead of saving their modules whole."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the model's)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier branchmerge output."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+) -> None:
+    """Extract a PEFT LoRA adapter from a fine-tune: each changed linear's difference from the base as a
+    low-rank pair (as mergekit-extract-lora), with each module's rank and error in extract_report.json."""
+    from branchmerge.extract_lora import extract_lora
+
+    rep = extract_lora(base, model, out, rank=rank, sv_epsilon=sv_epsilon, target_error=target_error, exact=exact,
+                       embed_lora=embed_lora, modules_to_save=save_module, include=include, exclude=exclude,
+                       skip_undecomposable=skip_undecomposable, dtype=dtype, force=force, progress=not no_progress)
+    whole = f", {len(rep['modules_to_save'])} saved whole" if rep["modules_to_save"] else ""
+    typer.echo(f"wrote {out}: LoRA rank <= {rep['rank']} on {len(rep['modules'])} modules{whole}; "
+               f"{rep['adapter_bytes'] / 1e6:.1f} MB ({100 * rep['adapter_bytes'] / max(rep['model_bytes'], 1):.1f}% "
+               f"of the model); worst relative error of a difference {rep['max_rel_error_of_difference']:.3g}")
+
+
 def register(app: typer.Typer) -> None:
+    app.command("extract-lora")(extract_lora_cmd)
     app.command("export-vllm")(export_vllm_cmd)
     app.command("methods")(methods_cmd)
     app.command("inspect")(inspect_cmd)

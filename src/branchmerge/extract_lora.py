@@ -1,0 +1,204 @@
+"""Extract a PEFT LoRA adapter from a fine-tune: each changed linear's difference from the base as a
+low-rank pair (mergekit's ``mergekit-extract-lora``, PEFT's format), one tensor at a time.
+
+What a LoRA cannot carry is kept whole in ``modules_to_save`` (PEFT stores the module's tensors and uses
+them in place of the base's): embeddings (unless ``embed_lora``), and any module with a changed norm
+weight or bias. A head tied to the embeddings gets the embeddings' change too (PEFT's embedding LoRA
+changes only the lookup). ``skip_undecomposable`` drops those instead, and the report says what was lost.
+
+Writes ``OUT/adapter_config.json``, ``OUT/adapter_model.safetensors``, the fine-tune's tokenizer files and
+``OUT/extract_report.json`` (each module's rank and relative error), atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from branchmerge.common import DTYPES, dtype_name
+from branchmerge.compress import tensor_seed
+from branchmerge.compress.lora import extract_lora_factors
+from branchmerge.errors import BranchmergeError, ConfigError, ModelInputError
+from branchmerge.io.models import ModelSource
+from branchmerge.io.writer import atomic_output_dir, check_output, copy_side_files
+
+logger = logging.getLogger(__name__)
+
+_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embeddings)$")
+REPORT = "extract_report.json"
+
+
+def _compile(patterns: Sequence[str], flag: str) -> list[re.Pattern[str]]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ConfigError(f"{flag} {p!r} is not a regular expression: {e}") from None
+    return out
+
+
+def _matches(module: str, names: Sequence[str]) -> bool:
+    return any(module == n or module.endswith("." + n) for n in names)
+
+
+def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: int = 128, sv_epsilon: float = 0.0,
+                 target_error: float | None = None, exact: bool = False, embed_lora: bool = False,
+                 modules_to_save: Sequence[str] = (), include: Sequence[str] = (), exclude: Sequence[str] = (),
+                 skip_undecomposable: bool = False, dtype: str | None = None, force: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    """Write the LoRA adapter that turns ``base`` into (approximately) ``model``.
+
+    Args:
+        rank: the largest rank of a module's pair (each module gets at most this).
+        sv_epsilon: drop singular values at or below this.
+        target_error: the smallest rank whose relative error (of the difference) is at most this, per module.
+        exact: full SVD instead of the randomized one.
+        embed_lora: embeddings as LoRA pairs (``lora_embedding_A/B``) rather than saved whole.
+        modules_to_save: modules saved whole (names or suffixes, e.g. ``lm_head``).
+        include, exclude: regular expressions on module names: only modules matching ``include`` (when
+            given) and none of ``exclude`` are extracted; the others stay the base's.
+        dtype: of the written tensors (default: the fine-tune's).
+
+    Raises:
+        ConfigError: bad options. ModelInputError: models of different layouts (naming the tensor).
+    """
+    if not 1 <= rank <= 65536:
+        raise ConfigError(f"--rank must be in [1, 65536], got {rank}")
+    if target_error is not None and not 0.0 <= target_error < 1.0:
+        raise ConfigError(f"--target-error must be in [0, 1), got {target_error}")
+    if sv_epsilon < 0:
+        raise ConfigError(f"--sv-epsilon must be >= 0, got {sv_epsilon}")
+    inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
+    check_output(out, force=force, inputs=[str(base), str(model)])
+    b_src, m_src = ModelSource.open("base", str(base)), ModelSource.open("model", str(model))
+    archs = [s.hf_config.get("architectures") for s in (b_src, m_src)]
+    if archs[0] != archs[1]:
+        raise ModelInputError(f"the base is {archs[0]} but the model is {archs[1]}: a LoRA needs the same layout")
+    names = m_src.names()
+    for name in sorted(set(names) ^ set(b_src.names())):
+        where = "model" if name in names else "base"
+        raise ModelInputError(f"tensor {name} is only in the {where}; a LoRA needs the same tensors in both")
+    dt = dtype_name(dtype, field="--dtype") if dtype and dtype != "auto" else _model_dtype(m_src, names)
+    torch_dt = DTYPES[dt]
+    modules: dict[str, list[str]] = {}
+    for name in names:
+        modules.setdefault(name.rpartition(".")[0], []).append(name)
+
+    def wanted(module: str) -> bool:
+        return (not inc or any(p.search(module) for p in inc)) and not any(p.search(module) for p in exc)
+
+    # which modules a LoRA cannot carry: shape changes, changed 1-D tensors (norms, biases), embeddings
+    whole: set[str] = {m for m in modules if _matches(m, modules_to_save) and wanted(m)}
+    lost: dict[str, float] = {}
+    for name in names:
+        module = name.rpartition(".")[0]
+        if module in whole or not wanted(module):
+            continue
+        ms, bs = m_src.shape(name), b_src.shape(name)
+        if ms != bs:
+            vocab = len(ms) == 2 and ms[1:] == bs[1:] and (_EMBED.search(module) or "lm_head" in module)
+            raise ModelInputError(f"tensor {name} has shape {list(ms)} in the model but {list(bs)} in the base"
+                                  f"{' (a resized vocabulary)' if vocab else ''}; a LoRA cannot carry it")
+        if len(m_src.shape(name)) == 2 and not (_EMBED.search(module) and not embed_lora):
+            continue
+        mt, bt = m_src.get(name), b_src.get(name)
+        if torch.equal(mt, bt):
+            continue
+        if skip_undecomposable:
+            lost[name] = float(torch.linalg.vector_norm(mt.float() - bt.float()) /
+                               torch.linalg.vector_norm(mt.float()).clamp(min=1e-30))
+        else:
+            whole.add(module)
+    # a head tied to the embeddings (no lm_head tensor): PEFT changes the embedding lookup only, so the head
+    # gets the same change (saved whole, or the same LoRA pair on lm_head)
+    tied = not any(n.startswith("lm_head.") for n in names)
+    if tied and any(_EMBED.search(m) for m in whole):
+        whole.add("lm_head")
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    report: dict[str, Any] = {"base": str(base), "model": str(model), "modules": {}, "modules_to_save": sorted(whole),
+                              "lost": lost}
+    for name in tqdm(names, desc="extracting LoRA", disable=not progress):
+        module, _, param = name.rpartition(".")
+        key = f"base_model.model.{module}"
+        if module in whole:
+            tensors[f"{key}.{param}"] = m_src.get(name).to(torch_dt).contiguous()
+            if tied and _EMBED.search(module) and param == "weight":
+                tensors["base_model.model.lm_head.weight"] = tensors[f"{key}.{param}"].clone()
+            continue
+        if param != "weight" or len(m_src.shape(name)) != 2 or not wanted(module):
+            continue
+        mt, bt = m_src.get(name).float(), b_src.get(name).float()
+        delta = mt - bt
+        if not delta.any():
+            continue
+        embedding = bool(_EMBED.search(module))
+        gen = torch.Generator().manual_seed(tensor_seed(0, name, "extract-lora"))
+        lb, la, err = extract_lora_factors(delta, rank, sv_epsilon=sv_epsilon, target_error=target_error,
+                                           exact=exact, generator=gen)  # [out, k], [k, in]
+        k = la.shape[0]
+        if k == 0:
+            continue
+        if embedding:  # PEFT's embedding LoRA: Δ = (B A)ᵀ with lora_embedding_A [k, vocab], B [hidden, k]
+            tensors[f"{key}.lora_embedding_A"] = lb.T.to(torch_dt).contiguous()
+            tensors[f"{key}.lora_embedding_B"] = la.T.to(torch_dt).contiguous()
+            if tied:
+                tensors["base_model.model.lm_head.lora_A.weight"] = la.to(torch_dt).contiguous()
+                tensors["base_model.model.lm_head.lora_B.weight"] = lb.to(torch_dt).contiguous()
+                ranks["lm_head"] = k
+        else:
+            tensors[f"{key}.lora_A.weight"] = la.to(torch_dt).contiguous()
+            tensors[f"{key}.lora_B.weight"] = lb.to(torch_dt).contiguous()
+        ranks[module] = k
+        weight_err = float(torch.linalg.vector_norm(delta - lb @ la) / torch.linalg.vector_norm(mt).clamp(min=1e-30))
+        report["modules"][module] = {"rank": k, "rel_error_of_difference": err, "rel_error_of_weight": weight_err}
+        if embedding and tied:
+            report["modules"]["lm_head"] = dict(report["modules"][module])
+    if not tensors:
+        raise BranchmergeError(f"the model equals the base in every extracted tensor: no adapter to write "
+                               f"({model} vs {base})")
+    r = max(ranks.values(), default=1)
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "r": r,
+           "lora_alpha": r, "rank_pattern": {re.escape(m): k for m, k in ranks.items()},
+           "alpha_pattern": {re.escape(m): k for m, k in ranks.items()},
+           "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}), "lora_dropout": 0.0, "bias": "none",
+           "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": sorted(whole) or None,
+           "use_rslora": False, "use_dora": False, "init_lora_weights": True}
+    adapter_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    model_bytes = sum(_numel(m_src, n) for n in names) * torch_dt.itemsize
+    report.update({"rank": r, "dtype": dt, "adapter_bytes": adapter_bytes, "model_bytes": model_bytes,
+                   "max_rel_error_of_difference": max((v["rel_error_of_difference"]
+                                                       for v in report["modules"].values()), default=0.0)})
+    with atomic_output_dir(out, force=force, inputs=[str(base), str(model)]) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+        copy_side_files({k: v for k, v in m_src.side_files().items() if k != "generation_config.json"}, tmp)
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+    logger.info("LoRA of rank ≤ %d on %d modules (%d saved whole): %.1f MB, %.1f%% of the model; worst relative "
+                "error of a difference %.3g", r, len(ranks), len(whole), adapter_bytes / 1e6,
+                100 * adapter_bytes / max(model_bytes, 1), report["max_rel_error_of_difference"])
+    return report
+
+
+def _numel(src: ModelSource, name: str) -> int:
+    n = 1
+    for d in src.shape(name):
+        n *= d
+    return n
+
+
+def _model_dtype(src: ModelSource, names: list[str]) -> str:
+    for name in names:
+        t = src.get(name, check_finite=False)
+        if t.is_floating_point():
+            return dtype_name(t.dtype)
+    return "float32"
