@@ -65,7 +65,7 @@ def test_no_import_circles():
 
 
 ORDER = ["errors", "common", "architectures", "methods", "config", "io", "compress", "merge", "export", "export_vllm",
-         "extract_lora", "runtime",
+         "extract_lora", "moe", "runtime",
          "router", "staged", "front", "server", "family", "evaluate", "harness", "selection", "demo", "cli"]
 
 

@@ -98,5 +98,23 @@ def _print_plan(cfg) -> None:
             f"{p['ratio_at_dtype']:.3f}× the inputs at {p['dtype']} ({mb(p['input_bytes_at_dtype'])} MB)")
 
 
+def moe(
+    config: Path = typer.Argument(..., help="A mergekit-moe YAML: base_model, experts (source_model, "
+                                  "positive_prompts, negative_prompts), gate_mode, experts_per_token, dtype."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier branchmerge output."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    model_card: bool = typer.Option(True, "--model-card/--no-model-card", help="Write a README.md model card."),
+) -> None:
+    """Build a Mixtral mixture of experts from fine-tunes of one Llama/Mistral base (as mergekit-moe): each
+    fine-tune's MLPs become an expert of every layer, the routers start from the experts' prompts."""
+    from branchmerge.moe import build_moe, load_moe_config
+
+    rep = build_moe(load_moe_config(config), out, force=force, progress=not no_progress, model_card=model_card)
+    typer.echo(f"wrote {out}: MixtralForCausalLM, {rep['experts']} experts in each of {rep['layers']} layers "
+               f"({rep['dtype']})")
+
+
 def register(app: typer.Typer) -> None:
     app.command("merge")(merge)
+    app.command("moe")(moe)
