@@ -270,3 +270,29 @@ def test_mergekit_readme_ties_example_reads_as_it_is(family, tmp_path):
     assert cfg.parameters == {"normalize": True} and cfg.dtype == "float16"
     run_merge(cfg, tmp_path / "out", progress=False)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.float16
+
+
+def test_dare_and_ties_rescale_as_mergekit_by_default_or_as_the_paper():
+    from branchmerge.methods import dare_sparsify, dare_ties, magnitude_sparsify
+    tv = torch.randn(200, 50, generator=torch.Generator().manual_seed(0))
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731 - the same draw for each mode
+    paper, l1, none = (dare_sparsify(tv, 0.3, gen(), r) for r in ("density", True, False))
+    kept = none != 0
+    assert torch.equal(kept, paper != 0) and torch.equal(kept, l1 != 0) and 0.25 < kept.float().mean() < 0.35
+    torch.testing.assert_close(paper[kept], tv[kept] / 0.3)
+    torch.testing.assert_close(none[kept], tv[kept])
+    assert math.isclose(l1.abs().sum().item(), tv.abs().sum().item(), rel_tol=1e-5)
+    # mergekit's defaults: DARE rescales to the L1 norm and does not normalize; TIES does neither by default
+    assert METHODS["dare_ties"].parse_params({}).normalize is False
+    assert METHODS["dare_ties"].parse_params({}).rescale is True
+    assert METHODS["dare_linear"].parse_params({"rescale": "density"}).rescale == "density"
+    with pytest.raises(ValueError, match="rescale"):
+        METHODS["dare_ties"].parse_params({"rescale": "l2"})
+    base = torch.zeros_like(tv)
+    one = dare_ties([tv], base=base, density=0.3, generator=gen())
+    torch.testing.assert_close(one, l1)  # one model, no normalize: its pruned, L1-rescaled task vector
+    trimmed = magnitude_sparsify(tv, 0.1, rescale=True)
+    assert (trimmed != 0).sum() == 1000 and math.isclose(trimmed.abs().sum().item(), tv.abs().sum().item(),
+                                                         rel_tol=1e-5)
+    assert (magnitude_sparsify(torch.tensor([3.0, -1.0, 0.5]), 0.01) != 0).tolist() == [True, False, False]
+    torch.testing.assert_close(ties([tv], base=base, density=0.1, rescale=True), trimmed)

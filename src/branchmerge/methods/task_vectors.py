@@ -6,7 +6,7 @@ mergekit's methods of the same names compute them.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -29,6 +29,17 @@ class TiesParams(MethodParams):
     density: float = Field(default=0.5, gt=0.0, le=1.0, description="Fraction of each task vector kept.")
     lambda_: float = Field(default=1.0, alias="lambda", description="Scale of the merged task vector.")
     normalize: bool = Field(default=True, description="Divide by the weights of the agreeing entries.")
+    rescale: bool = Field(default=False, description="Rescale each trimmed task vector to its L1 norm.")
+
+
+DareRescale = bool | Literal["density"]
+
+
+class DareTiesParams(TiesParams):
+    normalize: bool = Field(default=False, description="Divide by the weights of the agreeing entries.")
+    rescale: DareRescale = Field(default=True, description="Bring each pruned task vector back to its L1 norm "
+                                 "(true, mergekit's), divide the kept entries by density (\"density\", DARE's "
+                                 "paper) or neither (false).")
 
 
 
@@ -94,26 +105,39 @@ def task_arithmetic(
     return base.float() + lambda_ * mixed
 
 
-def magnitude_sparsify(tv: Tensor, density: float) -> Tensor:
-    """Keep the ``density`` fraction of largest-magnitude entries of ``tv`` (TIES' trim step)."""
+def l1_rescaled(tv: Tensor, kept: Tensor) -> Tensor:
+    """``kept`` (a pruned ``tv``) scaled back to ``tv``'s L1 norm (unchanged when either is ~0)."""
+    before, after = tv.abs().sum(), kept.abs().sum()
+    return kept * (before / after) if before >= 1e-7 and after >= 1e-7 else kept
+
+
+def magnitude_sparsify(tv: Tensor, density: float, rescale: bool = False) -> Tensor:
+    """Keep the ``density`` fraction of largest-magnitude entries of ``tv`` (at least one; TIES' trim step);
+    ``rescale`` brings them back to ``tv``'s L1 norm."""
     if density >= 1.0:
         return tv
-    k = int(density * tv.numel())
-    if k <= 0:
-        return torch.zeros_like(tv)
+    if tv.numel() == 0:
+        return tv
+    k = max(1, int(density * tv.numel()))
     flat = tv.abs().flatten()
     topk = torch.topk(flat, k, largest=True, sorted=False).indices
     mask = torch.zeros_like(flat, dtype=torch.bool)
     mask[topk] = True
-    return tv * mask.view_as(tv)
+    out = tv * mask.view_as(tv)
+    return l1_rescaled(tv, out) if rescale else out
 
 
-def dare_sparsify(tv: Tensor, density: float, generator: torch.Generator | None = None) -> Tensor:
-    """Drop entries at random with probability ``1 − density`` and rescale the rest (DARE)."""
+def dare_sparsify(tv: Tensor, density: float, generator: torch.Generator | None = None,
+                  rescale: DareRescale = "density") -> Tensor:
+    """Drop entries at random with probability ``1 − density`` (DARE), then rescale the rest: by
+    ``1/density`` (``"density"``, the paper's), to ``tv``'s L1 norm (``True``, mergekit's) or not at all."""
     if density >= 1.0:
         return tv
     keep = torch.rand(tv.shape, generator=generator, device=tv.device) < density
-    return tv * keep / density
+    out = tv * keep
+    if rescale == "density":
+        return out / density
+    return l1_rescaled(tv, out) if rescale else out
 
 
 def sign_consensus_mask(deltas: Tensor) -> Tensor:
@@ -138,24 +162,25 @@ def _sign_consensus(deltas: Tensor, w: Tensor, lambda_: float, normalize: bool) 
 @merge_method("ties", reference_url="https://arxiv.org/abs/2306.01708", needs_base=True, params=TiesParams)
 def ties(
     tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: PerModel = 0.5,
-    lambda_: float = 1.0, normalize: bool = True,
+    lambda_: float = 1.0, normalize: bool = True, rescale: bool = False,
 ) -> Tensor:
     """TIES: trim task vectors by magnitude, elect signs, merge the agreeing entries (Yadav et al. 2023)."""
     w = _weights(weights, len(tensors), tensors[0])
-    tv = torch.stack([magnitude_sparsify(t.float() - base.float(), d)
+    tv = torch.stack([magnitude_sparsify(t.float() - base.float(), d, rescale)
                       for t, d in zip(tensors, each(density, len(tensors)))])
     return base.float() + _sign_consensus(tv * w, w, lambda_, normalize)
 
 
-@merge_method("dare_ties", reference_url="https://arxiv.org/abs/2311.03099", needs_base=True, params=TiesParams,
-              seeded=True)
+@merge_method("dare_ties", reference_url="https://arxiv.org/abs/2311.03099", needs_base=True,
+              params=DareTiesParams, seeded=True)
 def dare_ties(
     tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: PerModel = 0.5,
-    lambda_: float = 1.0, normalize: bool = True, generator: torch.Generator | None = None,
+    lambda_: float = 1.0, normalize: bool = False, rescale: DareRescale = True,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """DARE random drop-and-rescale of task vectors, then TIES sign consensus (Yu et al. 2024)."""
     w = _weights(weights, len(tensors), tensors[0])
-    tv = torch.stack([dare_sparsify(t.float() - base.float(), d, generator)
+    tv = torch.stack([dare_sparsify(t.float() - base.float(), d, generator, rescale)
                       for t, d in zip(tensors, each(density, len(tensors)))])
     return base.float() + _sign_consensus(tv * w, w, lambda_, normalize)
 
@@ -165,6 +190,7 @@ class DareLinearParams(MethodParams):
     density: float = Field(default=0.5, gt=0.0, le=1.0, description="Fraction of each task vector kept.")
     lambda_: float = Field(default=1.0, alias="lambda", description="Scale of the merged task vector.")
     normalize: bool = Field(default=False, description="Divide the task vectors' sum by the sum of weights.")
+    rescale: DareRescale = Field(default=True, description="As dare_ties': true (L1 norm), \"density\" or false.")
 
 
 class BreadcrumbsParams(MethodParams):
@@ -194,11 +220,12 @@ def _combine(deltas: Tensor, w: Tensor, lambda_: float, normalize: bool) -> Tens
               params=DareLinearParams, seeded=True)
 def dare_linear(
     tensors: list[Tensor], *, base: Tensor, weights: list[float] | None = None, density: PerModel = 0.5,
-    lambda_: float = 1.0, normalize: bool = False, generator: torch.Generator | None = None,
+    lambda_: float = 1.0, normalize: bool = False, rescale: DareRescale = True,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """DARE random drop-and-rescale of task vectors, then their weighted sum (Yu et al. 2024)."""
     w = _weights(weights, len(tensors), tensors[0])
-    tv = torch.stack([dare_sparsify(t.float() - base.float(), d, generator)
+    tv = torch.stack([dare_sparsify(t.float() - base.float(), d, generator, rescale)
                       for t, d in zip(tensors, each(density, len(tensors)))])
     return base.float() + _combine(tv * w, w, lambda_, normalize)
 
@@ -216,11 +243,7 @@ def outlier_sparsify(tv: Tensor, density: float, gamma: float, rescale: bool = F
     mask = torch.zeros(n, dtype=tv.dtype, device=tv.device)
     mask[order[bottom:bottom + keep]] = 1
     out = tv * mask.view_as(tv)
-    if rescale:
-        before, after = tv.abs().sum(), out.abs().sum()
-        if before >= 1e-7 and after >= 1e-7:
-            out = out * (before / after)
-    return out
+    return l1_rescaled(tv, out) if rescale else out
 
 
 def _breadcrumbs(tensors: list[Tensor], base: Tensor, weights: list[float] | None, density: PerModel,
@@ -320,11 +343,7 @@ def della_sparsify(tv: Tensor, density: float, epsilon: float, rescale: bool = T
     probs = (density - epsilon) + torch.nan_to_num(norm) * 2 * epsilon
     mask = torch.bernoulli(probs, generator=generator).to(rows.dtype)
     out = rows * mask
-    if rescale:
-        before, after = rows.abs().sum(), out.abs().sum()
-        if before >= 1e-7 and after >= 1e-7:
-            out = out * (before / after)
-    return out.reshape(tv.shape)
+    return (l1_rescaled(rows, out) if rescale else out).reshape(tv.shape)
 
 
 def _della(tensors: list[Tensor], base: Tensor, weights: list[float] | None, density: PerModel, epsilon: PerModel,
