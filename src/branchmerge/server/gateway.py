@@ -26,25 +26,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import re
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from branchmerge.common import check_name
 from branchmerge.config import read_yaml, validate
 from branchmerge.errors import BranchmergeError, ConfigError
 from branchmerge.server import protocol as P
-from branchmerge.server.api import ClientGone, Disconnected, Reply, ServerLimits
+from branchmerge.server.api import Disconnected, Reply, ServerLimits
 from branchmerge.server.gateway_lora import GatewayLoras, Route
 from branchmerge.server.gateway_tokens import GatewayTokenReplies
 from branchmerge.server.metrics import SIZE_BUCKETS, Family, Registry
 from branchmerge.server.routing import RouteBatcher
+from branchmerge.server.upstream import Upstream, UpstreamConfig
 from branchmerge.staged import ExtractTimeoutError, PipelinesConfig, fill, load_pipelines, postprocess
 
 logger = logging.getLogger(__name__)
@@ -52,30 +51,6 @@ logger = logging.getLogger(__name__)
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class UpstreamConfig(_Frozen):
-    base_url: str = Field(description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
-    api_key: str | None = Field(default=None, description="Bearer key sent upstream (prefer api_key_env).")
-    api_key_env: str | None = Field(default=None, description="Environment variable holding the key.")
-    max_concurrency: int = Field(default=16, ge=1, le=4096, description="Requests in flight to this upstream.")
-    queue_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a free slot before a 503.")
-    timeout_s: float = Field(default=120.0, gt=0, description=(
-        "Longest wait for the upstream's whole answer; in a stream, for each next event."))
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    max_response_bytes: int = Field(default=64 << 20, ge=1024,
-                                    description="Largest upstream response read (a stream's too).")
-    lora: bool = Field(default=False, description="Loads LoRA adapters at runtime (see server.gateway_lora).")
-
-    @field_validator("base_url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^\s/]+(/\S*)?$", v):
-            raise ValueError(f"base_url must be an http(s) URL, got {v!r}")
-        return v.rstrip("/")
-
-    def key(self) -> str | None:
-        return os.environ.get(self.api_key_env) if self.api_key_env else self.api_key
 
 
 class BranchRoute(_Frozen):
@@ -118,74 +93,6 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     return cfg.model_copy(update=upd) if upd else cfg
 
 
-class _Upstream:
-    def __init__(self, name: str, cfg: UpstreamConfig) -> None:
-        self.name, self.cfg = name, cfg
-        self.slots = asyncio.Semaphore(cfg.max_concurrency)
-        self.in_flight = 0
-        self.errors: Family | None = None  # upstream errors by code, on /metrics
-        headers = {"Authorization": f"Bearer {cfg.key()}"} if cfg.key() else {}
-        self.client = httpx.AsyncClient(base_url=cfg.base_url, headers=headers, timeout=httpx.Timeout(
-            cfg.timeout_s, connect=cfg.connect_timeout_s), limits=httpx.Limits(max_connections=cfg.max_concurrency))
-
-    def _counted(self, e: P.APIError) -> P.APIError:
-        if self.errors is not None:
-            self.errors.inc(self.name, e.code or str(e.status))
-        return e
-
-    def error(self, e: Exception) -> P.APIError:
-        where = f"upstream {self.name!r} ({self.cfg.base_url})"
-        if isinstance(e, httpx.TimeoutException):
-            return self._counted(P.APIError(504, f"{where} did not answer within {self.cfg.timeout_s:g} s",
-                                            type_="upstream_error", code="upstream_timeout"))
-        return self._counted(P.APIError(502, f"{where} is unreachable ({type(e).__name__})", type_="upstream_error",
-                                        code="upstream_unreachable"))
-
-    async def acquire(self) -> None:
-        try:
-            await asyncio.wait_for(self.slots.acquire(), self.cfg.queue_timeout_s)
-        except TimeoutError:
-            raise self._counted(P.APIError(
-                503, f"upstream {self.name!r} is at its limit of {self.cfg.max_concurrency} requests; try again later",
-                type_="server_error", code="upstream_busy")) from None
-        self.in_flight += 1
-
-    def release(self) -> None:
-        self.in_flight -= 1
-        self.slots.release()
-
-    def bad_response(self, what: str) -> P.APIError:
-        return self._counted(P.APIError(502, f"upstream {self.name!r} answered with {what}", type_="upstream_error",
-                                        code="upstream_bad_response"))
-
-    def too_large(self) -> P.APIError:
-        return self._counted(P.APIError(502, f"upstream {self.name!r} sent a response larger than its limit of "
-                                             f"{self.cfg.max_response_bytes} bytes", type_="upstream_error",
-                                        code="upstream_response_too_large"))
-
-    def answer(self, r: httpx.Response, text: str, key: str, what: str) -> dict[str, Any]:
-        """The upstream's JSON object answer holding ``key`` (a list for ``choices``); else its error, or a 502."""
-        if r.status_code != 200:
-            raise self.status_error(r, text)
-        try:
-            out = json.loads(text)
-            assert isinstance(out, dict) and key in out and (key != "choices" or isinstance(out[key], list))
-        except (ValueError, AssertionError):
-            raise self.bad_response(f"something that is not {what} (a JSON object with `{key}`)") from None
-        return out
-
-    def status_error(self, r: httpx.Response, text: str) -> P.APIError:
-        try:
-            err = json.loads(text).get("error") or {}
-            msg = err.get("message") or text[:300]
-        except (ValueError, AttributeError):
-            err, msg = {}, text[:300]
-        if self.errors is not None:  # by status: the upstream's own codes are not a bounded set
-            self.errors.inc(self.name, f"http_{r.status_code}")
-        return P.APIError(r.status_code if 400 <= r.status_code < 600 else 502, f"upstream {self.name!r}: {msg}",
-                          type_=err.get("type") or "upstream_error", code=err.get("code"))
-
-
 def _count(usage: dict[str, Any], key: str) -> int:
     """A token count from an upstream's ``usage`` (0 when it is missing or not a count)."""
     v = usage.get(key)
@@ -199,7 +106,7 @@ class GatewayService(GatewayTokenReplies):
         self.cfg, self.limits, self.router = cfg, cfg.limits, router
         self.pipelines = pipelines or PipelinesConfig()
         self.pipelines.check_branches(list(cfg.branches))
-        self.up = {n: _Upstream(n, u) for n, u in cfg.upstreams.items()}
+        self.up = {n: Upstream(n, u) for n, u in cfg.upstreams.items()}
         self._pool = ThreadPoolExecutor(1, "gateway-route")
         self._routes = RouteBatcher(lambda texts: router.route(texts), self._pool,
                                     cached=lambda text: router.cached(text) if hasattr(router, "cached") else None)
@@ -260,7 +167,7 @@ class GatewayService(GatewayTokenReplies):
         return {"object": "list", "data": [{"id": i, "object": "model", "created": created,
                                             "owned_by": "branchmerge-gateway"} for i in self.model_ids()]}
 
-    async def _probe(self, u: _Upstream) -> dict[str, Any]:
+    async def _probe(self, u: Upstream) -> dict[str, Any]:
         try:
             r = await u.client.get("/models", timeout=2.0)
             ok, err = r.status_code == 200, None if r.status_code == 200 else f"HTTP {r.status_code}"
@@ -298,80 +205,20 @@ class GatewayService(GatewayTokenReplies):
         self.limits.check_chars(text, param)
 
     # ---- calling upstreams --------------------------------------------------------------------------
-    def _target(self, branch: str) -> tuple[_Upstream, str]:
+    def _target(self, branch: str) -> tuple[Upstream, str]:
         r = self.cfg.branches.get(branch) or self.dynamic[branch]
         return self.up[r.upstream], r.model or branch
 
     async def _post(self, branch: str, path: str, body: dict[str, Any], disconnected: Disconnected | None,
                     key: str = "choices", what: str = "an OpenAI answer") -> dict[str, Any]:
-        """POST to the branch's upstream (``path`` under its base_url, or a URL); its JSON answer, holding ``key``.
-        ``timeout_s`` bounds the whole answer (a trickle too); a client that goes away cancels it."""
+        """POST to the branch's upstream (``path`` under its base_url, or a URL); its JSON answer, holding ``key``
+        (see :meth:`Upstream.exchange` for the limits)."""
         u, name = self._target(branch)
-        await u.acquire()
-        try:
-            call = asyncio.ensure_future(self._read(u, path, {**body, "model": name}))
-            deadline = asyncio.get_running_loop().time() + u.cfg.timeout_s
-            while not call.done():
-                await asyncio.wait({call}, timeout=0.25)
-                if call.done():
-                    break
-                if disconnected is not None and await disconnected():
-                    call.cancel()  # closes the upstream connection: the upstream stops its work
-                    raise ClientGone()
-                if asyncio.get_running_loop().time() > deadline:
-                    call.cancel()
-                    raise u.error(httpx.ReadTimeout("total"))
-            r, text = call.result()
-        except httpx.HTTPError as e:
-            raise u.error(e) from None
-        finally:
-            u.release()
+        r, text = await u.exchange(path, {**body, "model": name}, disconnected)
         out = u.answer(r, text, key, what)
         out["branch"] = branch
         self._count_usage(branch, out.get("usage"))
         return out
-
-    @staticmethod
-    async def _body(u: _Upstream, r: httpx.Response) -> str:
-        """The response's body, at most ``max_response_bytes`` of it (a 502 past that)."""
-        parts, seen = [], 0
-        async for chunk in r.aiter_bytes():
-            seen += len(chunk)
-            if seen > u.cfg.max_response_bytes:
-                raise u.too_large()
-            parts.append(chunk)
-        return b"".join(parts).decode(errors="replace")
-
-    async def _read(self, u: _Upstream, path: str, body: dict[str, Any]) -> tuple[httpx.Response, str]:
-        """POST and read the answer (capped)."""
-        async with u.client.stream("POST", path, json=body) as r:
-            return r, await self._body(u, r)
-
-    @staticmethod
-    async def _lines(u: _Upstream, r: httpx.Response) -> AsyncIterator[str]:
-        """A stream's non-empty lines. Each must come within ``timeout_s`` of the one before (bytes that never
-        end a line do not count) and the stream holds at most ``max_response_bytes``: an upstream that
-        drips, or sends one endless line, is cut off instead of holding memory and a slot for ever."""
-        loop = asyncio.get_running_loop()
-        chunks, buf, seen = r.aiter_bytes(), b"", 0
-        deadline = loop.time() + u.cfg.timeout_s
-        while True:
-            try:
-                chunk = await asyncio.wait_for(anext(chunks), max(deadline - loop.time(), 0.0))
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                raise httpx.ReadTimeout("no complete event in time") from None
-            seen += len(chunk)
-            if seen > u.cfg.max_response_bytes:
-                raise u.too_large()
-            *done, buf = (buf + chunk).split(b"\n")
-            for line in done:
-                deadline = loop.time() + u.cfg.timeout_s
-                if line.strip():
-                    yield line.decode(errors="replace").rstrip("\r")
-        if buf.strip():
-            yield buf.decode(errors="replace")
 
     def _relabel(self, line: str, model: str, branch: str) -> str:
         """A stream event as the client asked for it: ``model`` its own name (not the upstream's, say a LoRA
@@ -400,7 +247,7 @@ class GatewayService(GatewayTokenReplies):
             raise u.error(e) from None
         if r.status_code != 200:
             try:
-                text = await self._body(u, r)
+                text = await u.body(r)
             finally:
                 await r.aclose()
                 u.release()
@@ -408,7 +255,7 @@ class GatewayService(GatewayTokenReplies):
 
         async def events() -> AsyncIterator[str]:
             try:
-                async for line in self._lines(u, r):
+                async for line in u.lines(r):
                     yield self._relabel(line, model, branch) + "\n\n"
             except (httpx.HTTPError, P.APIError) as e:  # the upstream died or misbehaved mid-stream: an error
                 err = e if isinstance(e, P.APIError) else u.error(e)  # event, then the end

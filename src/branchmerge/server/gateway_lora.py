@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any, NamedTuple
 
-import httpx
 
 from branchmerge.common import check_name
 from branchmerge.server import protocol as P
@@ -44,15 +43,7 @@ class GatewayLoras:
 
     async def _call(self, upstream: str, path: str, body: dict[str, Any]) -> str:
         u = self.service.up[upstream]
-        await u.acquire()
-        try:
-            r, text = await asyncio.wait_for(self.service._read(u, path, body), u.cfg.timeout_s)
-        except TimeoutError:
-            raise u.error(httpx.ReadTimeout("total")) from None
-        except httpx.HTTPError as e:
-            raise u.error(e) from None
-        finally:
-            u.release()
+        r, text = await u.exchange(path, body)
         if r.status_code != 200:
             raise u.status_error(r, text)
         return text
