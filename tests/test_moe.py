@@ -106,3 +106,19 @@ def test_bad_configs_and_models_are_named(family, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
     code, out, err = run_cli(capsys, "moe", _write(tmp_path, family), "-o", tmp_path / "ok", "--no-progress")
     assert code == 0 and "2 experts" in out, err
+
+
+def test_many_long_prompts_run_in_bounded_batches(family, tmp_path, monkeypatch):
+    """Gates from prompts run 16 at a time and cut to the context give the same vectors as one batch."""
+    import branchmerge.moe as moe_mod
+    many = {"a": [f"add {i}+{i}=" for i in range(40)], "b": ["rev " + "ab" * 200 + "="] * 3 + ["rev x="]}
+    data = {"base_model": str(family["base"][0]), "gate_mode": "hidden_avg", "dtype": "float32",
+            "experts": [{"source_model": str(family[n][0]), "positive_prompts": many[n]} for n in "ab"]}
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(data))
+    cfg = load_moe_config(tmp_path / "m.yml")
+    from branchmerge.io.models import ModelSource
+    base = ModelSource.open("base", str(family["base"][0]))
+    small = moe_mod.gate_vectors(cfg, base)
+    monkeypatch.setattr(moe_mod, "PROMPT_BATCH", 1000)
+    whole = moe_mod.gate_vectors(cfg, base)
+    torch.testing.assert_close(small, whole, atol=1e-5, rtol=1e-5)

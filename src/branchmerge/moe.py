@@ -120,31 +120,40 @@ def _check_models(base: ModelSource, experts: list[ModelSource]) -> None:
                                       f"{base.hf_config.get(k)}: experts must be fine-tunes of the base")
 
 
+PROMPT_BATCH = 16  # prompts run through the base at once (memory stays bounded however many there are)
+
+
 def _prompts_vectors(cfg: MoEConfig, base: ModelSource, prompts: list[str]) -> torch.Tensor:
-    """``[L, H]``: what ``prompts`` look like entering each layer (or their mean embedding)."""
+    """``[L, H]``: what ``prompts`` look like entering each layer (or their mean embedding), averaged over the
+    prompts; each prompt is cut to the model's context."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base.path, trust_remote_code=False)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.bos_token or tok.eos_token
-    enc = tok([(tok.bos_token or "") + p for p in prompts], return_tensors="pt", padding=True,
-              add_special_tokens=False)
-    mask = enc["attention_mask"].unsqueeze(-1).float()  # [B, T, 1]
     layers = base.hf_config["num_hidden_layers"]
-    if cfg.gate_mode == "cheap_embed":
-        embed = base.get("model.embed_tokens.weight").float()
-        h = (embed[enc["input_ids"]] * mask).sum(dim=(0, 1))
-        return (h / h.norm().clamp(min=1e-8)).expand(layers, -1).clone()
-    model = _base_model(base.path)
-    with torch.no_grad():
-        out = model(**enc, output_hidden_states=True)
-    states = torch.stack(out.hidden_states[:-1]).float()  # [L, B, T, H]: what enters each layer
-    if cfg.gate_mode == "hidden_avg":  # the mean over each prompt's own tokens (padding left out)
-        per = (states * mask).sum(2) / mask.sum(1).clamp(min=1)
-    else:  # the last token (left padding: every prompt ends at the last position)
-        per = states[:, :, -1, :]
-    return per.mean(1)
+    limit = int(base.hf_config.get("max_position_embeddings") or 2048)
+    total: torch.Tensor | None = None
+    embed = base.get("model.embed_tokens.weight").float() if cfg.gate_mode == "cheap_embed" else None
+    for i in range(0, len(prompts), PROMPT_BATCH):
+        enc = tok([(tok.bos_token or "") + p for p in prompts[i:i + PROMPT_BATCH]], return_tensors="pt",
+                  padding=True, add_special_tokens=False, truncation=True, max_length=limit)
+        mask = enc["attention_mask"].unsqueeze(-1).float()  # [B, T, 1]
+        if embed is not None:
+            part = (embed[enc["input_ids"]] * mask).sum(dim=(0, 1)).expand(layers, -1)  # [L, H]
+        else:
+            with torch.no_grad():
+                out = _base_model(base.path)(**enc, output_hidden_states=True)
+            states = torch.stack(out.hidden_states[:-1]).float()  # [L, B, T, H]: what enters each layer
+            if cfg.gate_mode == "hidden_avg":  # the mean over each prompt's own tokens (padding left out)
+                part = ((states * mask).sum(2) / mask.sum(1).clamp(min=1)).sum(1)
+            else:  # the last token (left padding: every prompt ends at the last position)
+                part = states[:, :, -1, :].sum(1)
+        total = part if total is None else total + part
+    if embed is not None:  # (the sum over every token of every prompt, normalized: mergekit's cheap_embed)
+        return (total / total.norm(dim=-1, keepdim=True).clamp(min=1e-8)).clone()
+    return total / len(prompts)
 
 
 _MODELS: dict[str, Any] = {}

@@ -179,10 +179,15 @@ def dare_ties(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """DARE random drop-and-rescale of task vectors, then TIES sign consensus (Yu et al. 2024)."""
+    return _dare(tensors, base, weights, density, lambda_, normalize, rescale, generator, ties=True)
+
+
+def _dare(tensors: list[Tensor], base: Tensor, weights: list[float] | None, density: PerModel, lambda_: float,
+          normalize: bool, rescale: DareRescale, generator: torch.Generator | None, ties: bool) -> Tensor:
     w = _weights(weights, len(tensors), tensors[0])
     tv = torch.stack([dare_sparsify(t.float() - base.float(), d, generator, rescale)
-                      for t, d in zip(tensors, each(density, len(tensors)))])
-    return base.float() + _sign_consensus(tv * w, w, lambda_, normalize)
+                      for t, d in zip(tensors, each(density, len(tensors)))]) * w
+    return base.float() + (_sign_consensus(tv, w, lambda_, normalize) if ties else _combine(tv, w, lambda_, normalize))
 
 
 class DareLinearParams(MethodParams):
@@ -224,10 +229,7 @@ def dare_linear(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """DARE random drop-and-rescale of task vectors, then their weighted sum (Yu et al. 2024)."""
-    w = _weights(weights, len(tensors), tensors[0])
-    tv = torch.stack([dare_sparsify(t.float() - base.float(), d, generator, rescale)
-                      for t, d in zip(tensors, each(density, len(tensors)))])
-    return base.float() + _combine(tv * w, w, lambda_, normalize)
+    return _dare(tensors, base, weights, density, lambda_, normalize, rescale, generator, ties=False)
 
 
 def outlier_sparsify(tv: Tensor, density: float, gamma: float, rescale: bool = False) -> Tensor:
