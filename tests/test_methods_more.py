@@ -296,3 +296,51 @@ def test_dare_and_ties_rescale_as_mergekit_by_default_or_as_the_paper():
                                                          rel_tol=1e-5)
     assert (magnitude_sparsify(torch.tensor([3.0, -1.0, 0.5]), 0.01) != 0).tolist() == [True, False, False]
     torch.testing.assert_close(ties([tv], base=base, density=0.1, rescale=True), trimmed)
+
+
+def test_tokenizer_source_and_differing_vocabularies(family, tmp_path, caplog):
+    """mergekit's tokenizer_source: base, a model, or union when every model shares one vocabulary; models
+    whose vocabularies differ are refused when a source is named (their embeddings do not line up)."""
+    import json as _json
+    import shutil
+
+    import yaml as _yaml
+
+    base, a, b = (str(family[n][0]) for n in ("base", "a", "b"))
+    mk = {"merge_method": "linear", "dtype": "float32", "base_model": base, "tokenizer_source": a,
+          "models": [{"model": a}, {"model": b}]}
+    (tmp_path / "mk.yml").write_text(_yaml.safe_dump(mk))
+    cfg = load_config(tmp_path / "mk.yml")
+    assert cfg.tokenizer_source == "a"
+    run_merge(cfg, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (family["a"][0] / "tokenizer.json").read_bytes()
+    for source in ("base", "union", "b"):
+        run_merge(cfg.model_copy(update={"tokenizer_source": source}), tmp_path / source, progress=False)
+        assert (tmp_path / source / "tokenizer.json").is_file()
+    # a model whose vocabulary differs (a token renamed): refused with a source, a warning without
+    odd = tmp_path / "odd"
+    shutil.copytree(family["b"][0], odd)
+    tj = _json.loads((odd / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    vocab["Z"] = vocab.pop(next(k for k in vocab if k == "a"))
+    (odd / "tokenizer.json").write_text(_json.dumps(tj))
+    bad = cfg.model_copy(update={"branches": [cfg.branches[0], cfg.branches[1].model_copy(update={"model": str(odd)})]})
+    with pytest.raises(ConfigError, match="tokenizer_source 'a': the models' vocabularies differ"):
+        run_merge(bad, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+    run_merge(bad.model_copy(update={"tokenizer_source": None}), tmp_path / "warned", progress=False)
+    assert "vocabularies differ" in caplog.text
+    # only a template changed: the same vocabulary
+    same = tmp_path / "same"
+    shutil.copytree(family["b"][0], same)
+    tc = _json.loads((same / "tokenizer_config.json").read_text())
+    tc["chat_template"] = "{{ messages }}"
+    (same / "tokenizer_config.json").write_text(_json.dumps(tc))
+    ok = cfg.model_copy(update={"branches": [cfg.branches[0], cfg.branches[1].model_copy(update={"model": str(same)})]})
+    run_merge(ok, tmp_path / "same-out", progress=False)
+    for bad_source, needle in (("nope", "must be base, union or a branch's name"),):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(write_config(tmp_path / "t.yaml", [{"name": "a", "model": a}], method="linear",
+                                     tokenizer_source=bad_source))
+    with pytest.raises(ConfigError, match="applies to baseline methods"):
+        load_config(write_config(tmp_path / "t.yaml", [{"name": "a", "model": a}], tokenizer_source="a"))

@@ -237,6 +237,10 @@ class MergeConfig(_Frozen):
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="Extra method parameters (e.g. density for ties)."
     )
+    tokenizer_source: str | None = Field(
+        default=None, description="Whose tokenizer a baseline merge's output takes: `base` (base_model's), a branch's "
+                                  "name, or `union` (mergekit's; here only when every model has the same vocabulary). "
+                                  "Default: the first model's.")
     slices: list[SliceConfig] | None = Field(
         default=None, description="Build the output's layers slice by slice from layer ranges of the branches' "
                                   "models (a baseline method; `passthrough` stacks them).")
@@ -299,6 +303,15 @@ class MergeConfig(_Frozen):
             method.check_settings(self.parameters)  # (with slices: under each slice's, below)
         if self.slices is not None:
             self._check_slices(method)
+        if self.tokenizer_source is not None:
+            names = {b.name for b in self.branches}
+            if method.fn is None:
+                raise ValueError("`tokenizer_source` applies to baseline methods; a bundle keeps each branch's tokenizer")
+            if self.tokenizer_source == "base" and not self.base_model:
+                raise ValueError("`tokenizer_source: base` needs `base_model`")
+            if self.tokenizer_source not in ("base", "union", *names):
+                raise ValueError(f"`tokenizer_source` must be base, union or a branch's name ({', '.join(names)}), "
+                                 f"got {self.tokenizer_source!r}")
         for i, b in enumerate(self.branches):
             if not b.parameters:
                 continue
@@ -403,12 +416,11 @@ def parse_config(data: Any, source: str = "<dict>") -> MergeConfig:
 
 _MERGEKIT_REFUSED = {
     "modules": "per-module definitions",
-    "tokenizer_source": "tokenizer merging (the output takes the first model's tokenizer)",
     "tokenizer": "tokenizer merging (the output takes the first model's tokenizer)",
     "chat_template": "a chat template chosen by the merge (the first model's is kept)",
 }
 _MERGEKIT_IGNORED = {"int8_mask"}  # mergekit's memory option; masks here are boolean
-_MERGEKIT_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "name"}
+_MERGEKIT_KEYS = {"merge_method", "models", "slices", "tokenizer_source", "base_model", "parameters", "dtype", "out_dtype", "name"}
 
 
 def from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
@@ -478,6 +490,10 @@ def from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
 def _mergekit_common(data: dict[str, Any], branches: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"branches": branches, "method": data["merge_method"], "parameters": params,
                            **{k: v for k, v in data.items() if k in _OWN_KEYS}}
+    source = data.get("tokenizer_source")
+    if source is not None:  # mergekit names a model by its path: here, its branch
+        by_model = {b["model"]: b["name"] for b in branches}
+        out["tokenizer_source"] = by_model.get(source, "base" if source == data.get("base_model") else source)
     if data.get("base_model") is not None:
         out["base_model"] = data["base_model"]
     if (data.get("out_dtype") or data.get("dtype")) is not None:

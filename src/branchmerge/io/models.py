@@ -5,6 +5,7 @@ Only safetensors are read; pickled checkpoints (``*.bin``, ``*.pt``) are refused
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -143,6 +144,26 @@ class ModelSource:
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in set(self.weight_map.values()))
+
+    def vocabulary(self) -> str | None:
+        """A fingerprint of the tokenizer's vocabulary (its tokens, merges and added tokens, not its chat
+        template or other settings), or None without a tokenizer."""
+        h = hashlib.sha256()
+        found = False
+        for f in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model"):
+            path = self.path / f
+            if not path.is_file():
+                continue
+            found = True
+            data = path.read_bytes()
+            if f == "tokenizer.json":
+                try:
+                    tj = json.loads(data)
+                    data = json.dumps([tj.get("model"), tj.get("added_tokens")], sort_keys=True).encode()
+                except (ValueError, AttributeError):
+                    pass
+            h.update(f.encode() + b"\0" + data)
+        return h.hexdigest() if found else None
 
     def side_files(self) -> dict[str, Path]:
         """Tokenizer and generation-config files present in the folder, by file name."""

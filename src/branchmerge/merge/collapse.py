@@ -101,7 +101,7 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
             writer.add(job.out, merged)
         writer.close()
         finish_hf_shards(tmp, writer)
-        copy_side_files(first.side_files(), tmp)
+        copy_side_files(_tokenizer_source(config, models, first).side_files(), tmp)
         write_hf_config(tmp, hf_config, config.dtype)
         if model_card:
             (tmp / CARD).write_text(merged_card(Path(out).name, method.name, config.model_dump(mode="json")))
@@ -110,3 +110,32 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
 
 def _mentions_filter(parameters: dict[str, Any]) -> bool:
     return "filter" in str(parameters)
+
+
+def _tokenizer_source(config: MergeConfig, models: list[ModelSource], first: ModelSource) -> ModelSource:
+    """Whose tokenizer the output takes (``tokenizer_source``; default the first model's). The tensors were
+    merged entry by entry, so the models must share one vocabulary for any choice to be right: differing ones
+    are refused when a source is named, and warned about otherwise.
+
+    Raises:
+        ConfigError: models whose vocabularies differ, with ``tokenizer_source`` given.
+    """
+    names = [b.name for b in config.branches]
+    src = first
+    if config.tokenizer_source == "base":
+        src = next((m for m in models if config.base_model and m.path.resolve() == Path(config.base_model).resolve()),
+                   None) or ModelSource.open("base_model", config.base_model)
+    elif config.tokenizer_source in names:
+        src = models[names.index(config.tokenizer_source)]
+    vocab = {m.name: m.vocabulary() for m in {id(m): m for m in [*models, src]}.values()}
+    known = {k: v for k, v in vocab.items() if v is not None}
+    if len(set(known.values())) > 1:
+        a = src.name if src.name in known else next(iter(known))
+        b = next(k for k, v in known.items() if v != known[a])
+        msg = (f"the models' vocabularies differ ({a!r} and {b!r} have different tokenizers), so their embeddings "
+               f"do not line up entry by entry")
+        if config.tokenizer_source is not None:
+            raise ConfigError(f"tokenizer_source {config.tokenizer_source!r}: {msg}; merging vocabularies is not "
+                              f"supported (mergekit's tokenizer surgery): give the models one tokenizer first")
+        logger.warning("%s; the output takes %r's tokenizer", msg, src.name)
+    return src
