@@ -344,3 +344,42 @@ def test_tokenizer_source_and_differing_vocabularies(family, tmp_path, caplog):
                                      tokenizer_source=bad_source))
     with pytest.raises(ConfigError, match="applies to baseline methods"):
         load_config(write_config(tmp_path / "t.yaml", [{"name": "a", "model": a}], tokenizer_source="a"))
+
+
+def test_chat_template_auto_named_and_jinja(family, tmp_path):
+    """mergekit's chat_template: auto (the most common among the models), a packaged name, or Jinja text,
+    written as chat_template.jinja that transformers' tokenizer then uses."""
+    import json as _json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    a = str(family["a"][0])
+    with_t = []
+    for i, tpl in enumerate(["{{ 'A:' + messages[0]['content'] }}", "{{ 'A:' + messages[0]['content'] }}",
+                             "{{ 'B:' + messages[0]['content'] }}"]):
+        d = tmp_path / f"m{i}"
+        shutil.copytree(family["a"][0], d)
+        tc = _json.loads((d / "tokenizer_config.json").read_text())
+        tc["chat_template"] = tpl
+        (d / "tokenizer_config.json").write_text(_json.dumps(tc))
+        with_t.append(str(d))
+    msgs = [{"role": "user", "content": "hi"}]
+    branches = [{"name": f"m{i}", "model": m} for i, m in enumerate(with_t)]
+    for setting, want in (("auto", "A:hi"), ("chatml", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"),
+                          ("{{ 'custom ' + messages[0]['content'] }}", "custom hi")):
+        cfg = load_config(write_config(tmp_path / "c.yaml", branches, method="linear", chat_template=setting))
+        run_merge(cfg, tmp_path / "out", progress=False, force=True)
+        tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+        got = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=setting == "chatml")
+        assert got == want, (setting, got)
+    for bad, needle in (("llama9", "must be auto, one of alpaca, chatml, llama3, mistral"),):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(write_config(tmp_path / "c.yaml", branches, method="linear", chat_template=bad))
+    plain = load_config(write_config(tmp_path / "p.yaml", [{"name": "a", "model": a}], method="linear",
+                                     chat_template="auto"))
+    if not (family["a"][0] / "chat_template.jinja").exists() and "chat_template" not in (
+            family["a"][0] / "tokenizer_config.json").read_text():
+        with pytest.raises(ConfigError, match="none of the models has a chat template"):
+            run_merge(plain, tmp_path / "none", progress=False)
+        assert not (tmp_path / "none").exists()

@@ -209,6 +209,14 @@ class SliceConfig(_Frozen):
                                        "slice, over the merge's.")
 
 
+CHAT_TEMPLATES = ("alpaca", "chatml", "llama3", "mistral")  # packaged (_data/chat_templates), as mergekit's
+
+
+def is_chat_template(value: str) -> bool:
+    """Whether ``value`` is a chat template setting: ``auto``, a packaged name, or Jinja text."""
+    return value == "auto" or value in CHAT_TEMPLATES or ("{" in value and len(value) >= 20)
+
+
 class MergeConfig(_Frozen):
     """A whole merge: which models, how strongly to compress, where the math runs."""
 
@@ -241,6 +249,9 @@ class MergeConfig(_Frozen):
         default=None, description="Whose tokenizer a baseline merge's output takes: `base` (base_model's), a branch's "
                                   "name, or `union` (mergekit's; here only when every model has the same vocabulary). "
                                   "Default: the first model's.")
+    chat_template: str | None = Field(
+        default=None, description="A baseline merge's chat template: `auto` (the one most models have), alpaca, "
+                                  "chatml, llama3, mistral, or Jinja text. Default: the tokenizer source's.")
     slices: list[SliceConfig] | None = Field(
         default=None, description="Build the output's layers slice by slice from layer ranges of the branches' "
                                   "models (a baseline method; `passthrough` stacks them).")
@@ -303,6 +314,12 @@ class MergeConfig(_Frozen):
             method.check_settings(self.parameters)  # (with slices: under each slice's, below)
         if self.slices is not None:
             self._check_slices(method)
+        if self.chat_template is not None:
+            if method.fn is None:
+                raise ValueError("`chat_template` applies to baseline methods; a bundle keeps each branch's template")
+            if not is_chat_template(self.chat_template):
+                raise ValueError(f"`chat_template` must be auto, one of {', '.join(CHAT_TEMPLATES)}, or Jinja text; "
+                                 f"got {self.chat_template[:60]!r}")
         if self.tokenizer_source is not None:
             names = {b.name for b in self.branches}
             if method.fn is None:
@@ -417,10 +434,9 @@ def parse_config(data: Any, source: str = "<dict>") -> MergeConfig:
 _MERGEKIT_REFUSED = {
     "modules": "per-module definitions",
     "tokenizer": "tokenizer merging (the output takes the first model's tokenizer)",
-    "chat_template": "a chat template chosen by the merge (the first model's is kept)",
 }
 _MERGEKIT_IGNORED = {"int8_mask"}  # mergekit's memory option; masks here are boolean
-_MERGEKIT_KEYS = {"merge_method", "models", "slices", "tokenizer_source", "base_model", "parameters", "dtype", "out_dtype", "name"}
+_MERGEKIT_KEYS = {"merge_method", "models", "slices", "tokenizer_source", "chat_template", "base_model", "parameters", "dtype", "out_dtype", "name"}
 
 
 def from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
@@ -490,6 +506,8 @@ def from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
 def _mergekit_common(data: dict[str, Any], branches: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"branches": branches, "method": data["merge_method"], "parameters": params,
                            **{k: v for k, v in data.items() if k in _OWN_KEYS}}
+    if data.get("chat_template") is not None:
+        out["chat_template"] = data["chat_template"]
     source = data.get("tokenizer_source")
     if source is not None:  # mergekit names a model by its path: here, its branch
         by_model = {b["model"]: b["name"] for b in branches}

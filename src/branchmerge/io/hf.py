@@ -1,11 +1,17 @@
-"""Finishing a plain Hugging Face model folder: shard names, index, and ``config.json``."""
+"""Finishing a plain Hugging Face model folder: shard names, index, ``config.json``, and a merge's chat
+template."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from branchmerge.common import json_dumps
+from branchmerge.config import CHAT_TEMPLATES
+from branchmerge.errors import ConfigError
 from branchmerge.io.writer import ShardWriter
 
 
@@ -31,3 +37,44 @@ def write_hf_config(folder: Path, config: dict[str, Any], dtype: str) -> None:
     cfg.pop("quantization_config", None)
     cfg["torch_dtype"] = cfg["dtype"] = dtype
     (folder / "config.json").write_text(json_dumps(cfg))
+
+
+def model_chat_template(folder: Path) -> str | None:
+    """A model folder's chat template (``chat_template.jinja``, else ``tokenizer_config.json``'s), if any."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    cfg = folder / "tokenizer_config.json"
+    try:
+        t = json.loads(cfg.read_text()).get("chat_template") if cfg.is_file() else None
+    except (ValueError, AttributeError):
+        return None
+    return t if isinstance(t, str) else None
+
+
+def write_chat_template(folder: Path, setting: str, models: list[Path]) -> str:
+    """Give the tokenizer in ``folder`` the chat template ``setting`` (mergekit's ``chat_template``): ``auto``
+    (the one most of ``models`` have), a packaged name (:data:`CHAT_TEMPLATES`) or Jinja text. Written as
+    ``chat_template.jinja``, taking the place of any other. Returns the template.
+
+    Raises:
+        ConfigError: ``auto`` with no model that has one.
+    """
+    if setting == "auto":
+        found = [t for t in (model_chat_template(m) for m in models) if t]
+        if not found:
+            raise ConfigError("chat_template: auto, but none of the models has a chat template")
+        template = Counter(found).most_common(1)[0][0]
+    elif setting in CHAT_TEMPLATES:
+        template = (resources.files("branchmerge") / "_data" / "chat_templates" / f"{setting}.jinja").read_text()
+    else:
+        template = setting
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        data = json.loads(cfg.read_text())
+        if isinstance(data, dict) and "chat_template" in data:
+            del data["chat_template"]
+            cfg.write_text(json.dumps(data, indent=2))
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    (folder / "chat_template.jinja").write_text(template)
+    return template

@@ -15,7 +15,7 @@ from branchmerge.compress import tensor_seed
 from branchmerge.config import MergeConfig
 from branchmerge.errors import ConfigError, ModelInputError
 from branchmerge.io.card import CARD, merged_card
-from branchmerge.io.hf import finish_hf_shards, write_hf_config
+from branchmerge.io.hf import finish_hf_shards, write_chat_template, write_hf_config
 from branchmerge.io.adapters import open_model
 from branchmerge.io.models import ModelSource
 from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, copy_side_files
@@ -102,6 +102,8 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
         writer.close()
         finish_hf_shards(tmp, writer)
         copy_side_files(_tokenizer_source(config, models, first).side_files(), tmp)
+        if config.chat_template is not None:
+            write_chat_template(tmp, config.chat_template, [m.path for m in models])
         write_hf_config(tmp, hf_config, config.dtype)
         if model_card:
             (tmp / CARD).write_text(merged_card(Path(out).name, method.name, config.model_dump(mode="json")))
