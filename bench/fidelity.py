@@ -2,7 +2,7 @@
 
 Per-skill exact-match accuracy (greedy generate, 100 held-out prompts per skill) for the base, each
 original fine-tune, each baseline merge (linear, task_arithmetic, ties, dare_ties, dare_linear,
-breadcrumbs_ties, model_stock), and branchmerge at
+breadcrumbs_ties, model_stock, della, sce, karcher, multislerp), and branchmerge at
 r ∈ {0, 0.5, 0.8, 0.9, 0.95, 0.99, 1}, with the bytes each needs. Writes bench/fidelity.md and the
 Pareto picture bench/fidelity.png.
 
@@ -26,7 +26,8 @@ def main() -> None:
     t0 = time.perf_counter()
     fam = build_family(progress=True)  # the shared cache (make demo and the tests build the same)
     t_fam = time.perf_counter() - t0
-    more = ("dare_linear", "breadcrumbs_ties", "model_stock")  # (mergekit's other methods; make demo runs the first four)
+    more = ("dare_linear", "breadcrumbs_ties", "model_stock", "della", "sce", "karcher", "multislerp")  # (mergekit's
+    # other methods; make demo runs the first four)
     rows = fidelity_rows(fam, CACHE / "fidelity", n=args.n, baselines=(*BASELINES, *more),
                          params={"breadcrumbs_ties": {"density": 0.9, "gamma": 0.01}})
     table = markdown_table(rows)
