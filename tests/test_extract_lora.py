@@ -142,3 +142,25 @@ def test_a_tied_model_and_a_fine_tune_of_only_some_layers(tmp_path):
     rep = extract_lora(tmp_path / "base", tmp_path / "tune", tmp_path / "whole", rank=64, progress=False)
     assert rep["modules_to_save"] == ["lm_head", "model.embed_tokens"]
     torch.testing.assert_close(_logits(tmp_path / "base", tmp_path / "whole"), want, atol=1e-5, rtol=0)
+
+
+def test_a_fine_tune_with_added_tokens(tmp_path):
+    """A fine-tune whose vocabulary grew (chat tokens added): embeddings and head saved whole, the base resized
+    to it before PEFT loads the adapter, as PEFT expects; the logits are the fine-tune's."""
+    base = make_tiny_llama(tmp_path / "base", seed=4)
+    grown = make_finetune(base, tmp_path / "tmp", seed=8)
+    grown.resize_token_embeddings(70)
+    with torch.no_grad():
+        grown.get_input_embeddings().weight[64:] = torch.randn(6, 32)
+        grown.lm_head.weight[64:] = torch.randn(6, 32)
+    grown.save_pretrained(tmp_path / "tune")
+    rep = extract_lora(tmp_path / "base", tmp_path / "tune", tmp_path / "lora", rank=64, progress=False)
+    assert rep["resized_vocabulary"] == 70 and {"model.embed_tokens", "lm_head"} <= set(rep["modules_to_save"])
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    m.resize_token_embeddings(70)
+    m = PeftModel.from_pretrained(m, tmp_path / "lora").eval()
+    x = torch.tensor([[1, 5, 66, 9, 69]])  # new tokens too
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).logits, grown.eval()(x).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ModelInputError, match="a resized vocabulary.*it is excluded"):
+        extract_lora(tmp_path / "base", tmp_path / "tune", tmp_path / "ex", exclude=["embed"], progress=False)

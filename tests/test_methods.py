@@ -105,6 +105,7 @@ def test_method_errors(family, tmp_path, capsys):
     assert code != 0 and "unknown merge method 'soup'" in err and "linear" in err
     code, out, _ = run_cli(capsys, "methods")
     assert code == 0 and "dare_ties" in out and "arxiv" in out
+    assert "per model" in out and "epsilon" in out and "nuslerp" in out  # (which parameters a model may override)
 
 
 def test_settings_resolve_per_tensor_as_mergekit_does():

@@ -7,7 +7,9 @@ weight or bias. A head tied to the embeddings gets the embeddings' change too (P
 changes only the lookup). ``skip_undecomposable`` drops those instead, and the report says what was lost.
 
 Writes ``OUT/adapter_config.json``, ``OUT/adapter_model.safetensors``, the fine-tune's tokenizer files and
-``OUT/extract_report.json`` (each module's rank and relative error), atomically.
+``OUT/extract_report.json`` (each module's rank and relative error), atomically. A fine-tune whose vocabulary
+grew (added tokens) gets its embeddings and head saved whole; the base must be resized to it before loading
+(``model.resize_token_embeddings(N)``, as PEFT expects).
 """
 
 from __future__ import annotations
@@ -99,15 +101,21 @@ def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: 
     # which modules a LoRA cannot carry: shape changes, changed 1-D tensors (norms, biases), embeddings
     whole: set[str] = {m for m in modules if _matches(m, modules_to_save) and wanted(m)}
     lost: dict[str, float] = {}
+    resized: int | None = None
     for name in names:
         module = name.rpartition(".")[0]
+        ms, bs = m_src.shape(name), b_src.shape(name)
+        if ms != bs:  # only a resized vocabulary can be carried: the embeddings / head saved whole
+            vocab = len(ms) == 2 and ms[1:] == bs[1:] and bool(_EMBED.search(module) or "lm_head" in module)
+            if not vocab or not wanted(module):
+                why = "it is excluded" if vocab else "a LoRA cannot carry it"
+                raise ModelInputError(f"tensor {name} has shape {list(ms)} in the model but {list(bs)} in the base"
+                                      f"{' (a resized vocabulary)' if vocab else ''}; {why}")
+            resized = ms[0]
+            whole.add(module)
+            continue
         if module in whole or not wanted(module):
             continue
-        ms, bs = m_src.shape(name), b_src.shape(name)
-        if ms != bs:
-            vocab = len(ms) == 2 and ms[1:] == bs[1:] and (_EMBED.search(module) or "lm_head" in module)
-            raise ModelInputError(f"tensor {name} has shape {list(ms)} in the model but {list(bs)} in the base"
-                                  f"{' (a resized vocabulary)' if vocab else ''}; a LoRA cannot carry it")
         if len(m_src.shape(name)) == 2 and not (_EMBED.search(module) and not embed_lora):
             continue
         mt, bt = m_src.get(name), b_src.get(name)
@@ -126,7 +134,11 @@ def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: 
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     report: dict[str, Any] = {"base": str(base), "model": str(model), "modules": {}, "modules_to_save": sorted(whole),
-                              "lost": lost}
+                              "lost": lost, "resized_vocabulary": resized}
+    if resized is not None:
+        logger.warning("the fine-tune's vocabulary has %d entries: resize the base's embeddings to match before "
+                       "loading the adapter (model.resize_token_embeddings(%d)); its tokenizer is in the adapter "
+                       "folder", resized, resized)
     for name in tqdm(names, desc="extracting LoRA", disable=not progress):
         module, _, param = name.rpartition(".")
         key = f"base_model.model.{module}"

@@ -114,14 +114,16 @@ def methods_cmd() -> None:
     from branchmerge.cli._out import console, table
     from branchmerge.methods import METHODS
 
-    t = table("merge methods", ["method", "base_model", "models", "parameters", "what it does", "reference"])
+    t = table("merge methods", ["method", "base_model", "models", "parameters", "per model", "what it does",
+                                "reference"])
     for m in METHODS.values():
         params = ", ".join(f"{f.alias or n} (required)" if f.is_required() else f"{f.alias or n}={f.default}"
                            for n, f in m.params.model_fields.items()) or "-"
         base = "needed" if m.needs_base else "optional" if m.optional_base else "-"
         count = ("1" if m.pairwise else str(m.min_models) if m.min_models == m.max_models else
                  f"{m.min_models}+" if m.max_models is None else f"{m.min_models}-{m.max_models}")
-        t.add_row(m.name, base, count, params, m.description, m.reference_url)
+        own = ", ".join(["weight", *sorted(m.params.per_model)]) if m.fn is not None else "-"
+        t.add_row(m.name, base, count, params, own, m.description, m.reference_url)
     console().print(t)
     from branchmerge.compress.baselines import DELTA_CODECS
 
