@@ -170,7 +170,7 @@ def _base_model(path: Path):
     return _MODELS[key]
 
 
-def gate_vectors(cfg: MoEConfig, base: ModelSource) -> torch.Tensor:
+def gate_vectors(cfg: MoEConfig, base: ModelSource, *, progress: bool = True) -> torch.Tensor:
     """The routers' weights ``[L, E, H]`` (see the module's docstring)."""
     layers, hidden, n = base.hf_config["num_hidden_layers"], base.hf_config["hidden_size"], len(cfg.experts)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -181,7 +181,7 @@ def gate_vectors(cfg: MoEConfig, base: ModelSource) -> torch.Tensor:
         return torch.rand(layers, n, hidden, generator=g) * 2 * bound - bound
     out = []
     try:
-        for e in tqdm(cfg.experts, desc="expert prompts", disable=len(cfg.experts) < 2):
+        for e in tqdm(cfg.experts, desc="expert prompts", disable=not progress):
             v = _prompts_vectors(cfg, base, e.positive_prompts)
             if e.negative_prompts:
                 v = v - _prompts_vectors(cfg, base, e.negative_prompts)
@@ -215,7 +215,7 @@ def build_moe(cfg: MoEConfig, out: str | Path, *, force: bool = False, progress:
         logger.warning("every expert is the same model: the MoE answers as that model, at more cost")
     dt = cfg.dtype or dtype_name(base.hf_config.get("torch_dtype") or base.hf_config.get("dtype"), default="float32")
     torch_dt = DTYPES[dt]
-    gates = gate_vectors(cfg, base)
+    gates = gate_vectors(cfg, base, progress=progress)
     layers = base.hf_config["num_hidden_layers"]
     g = torch.Generator().manual_seed(cfg.seed + 1)
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
