@@ -132,7 +132,7 @@ def test_bad_inputs_are_named_and_write_nothing(family, tmp_path, capsys):
 
 def test_a_tied_model_and_a_fine_tune_of_only_some_layers(tmp_path):
     base = make_tiny_llama(tmp_path / "base", seed=2, tie_word_embeddings=True)
-    tune = make_finetune(base, tmp_path / "tune", seed=9, touch_norms=False)
+    make_finetune(base, tmp_path / "tune", seed=9, touch_norms=False)
     rep = extract_lora(tmp_path / "base", tmp_path / "tune", tmp_path / "lora", rank=64, embed_lora=True,
                        progress=False)
     assert rep["modules"]["lm_head"]["rank"] == rep["modules"]["model.embed_tokens"]["rank"]  # the tied head too

@@ -116,7 +116,7 @@ def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: 
             continue
         if module in whole or not wanted(module):
             continue
-        if len(m_src.shape(name)) == 2 and not (_EMBED.search(module) and not embed_lora):
+        if len(ms) == 2 and not (_EMBED.search(module) and not embed_lora):
             continue
         mt, bt = m_src.get(name), b_src.get(name)
         if torch.equal(mt, bt):

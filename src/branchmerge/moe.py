@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,10 +124,11 @@ def _check_models(base: ModelSource, experts: list[ModelSource]) -> None:
 PROMPT_BATCH = 16  # prompts run through the base at once (memory stays bounded however many there are)
 
 
-def _prompts_vectors(cfg: MoEConfig, base: ModelSource, prompts: list[str]) -> torch.Tensor:
-    """``[L, H]``: what ``prompts`` look like entering each layer (or their mean embedding), averaged over the
-    prompts; each prompt is cut to the model's context."""
-    from transformers import AutoTokenizer
+def _prompt_vectors(cfg: MoEConfig, base: ModelSource) -> Callable[[list[str]], torch.Tensor]:
+    """A function of prompts giving ``[L, H]``: what they look like entering each layer (or their mean
+    embedding), averaged over the prompts, each cut to the model's context. The tokenizer and the base model
+    (or its embeddings, for ``cheap_embed``) are loaded once, here."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base.path, trust_remote_code=False)
     tok.padding_side = "left"
@@ -134,40 +136,34 @@ def _prompts_vectors(cfg: MoEConfig, base: ModelSource, prompts: list[str]) -> t
         tok.pad_token = tok.bos_token or tok.eos_token
     layers = base.hf_config["num_hidden_layers"]
     limit = int(base.hf_config.get("max_position_embeddings") or 2048)
-    total: torch.Tensor | None = None
-    embed = base.get("model.embed_tokens.weight").float() if cfg.gate_mode == "cheap_embed" else None
-    for i in range(0, len(prompts), PROMPT_BATCH):
-        enc = tok([(tok.bos_token or "") + p for p in prompts[i:i + PROMPT_BATCH]], return_tensors="pt",
-                  padding=True, add_special_tokens=False, truncation=True, max_length=limit)
-        mask = enc["attention_mask"].unsqueeze(-1).float()  # [B, T, 1]
-        if embed is not None:
-            part = (embed[enc["input_ids"]] * mask).sum(dim=(0, 1)).expand(layers, -1)  # [L, H]
-        else:
-            with torch.no_grad():
-                out = _base_model(base.path)(**enc, output_hidden_states=True)
-            states = torch.stack(out.hidden_states[:-1]).float()  # [L, B, T, H]: what enters each layer
-            if cfg.gate_mode == "hidden_avg":  # the mean over each prompt's own tokens (padding left out)
-                part = ((states * mask).sum(2) / mask.sum(1).clamp(min=1)).sum(1)
-            else:  # the last token (left padding: every prompt ends at the last position)
-                part = states[:, :, -1, :].sum(1)
-        total = part if total is None else total + part
-    if embed is not None:  # (the sum over every token of every prompt, normalized: mergekit's cheap_embed)
-        return (total / total.norm(dim=-1, keepdim=True).clamp(min=1e-8)).clone()
-    return total / len(prompts)
+    embed = model = None
+    if cfg.gate_mode == "cheap_embed":
+        embed = base.get("model.embed_tokens.weight").float()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, trust_remote_code=False).eval()
 
+    def vectors(prompts: list[str]) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for i in range(0, len(prompts), PROMPT_BATCH):
+            enc = tok([(tok.bos_token or "") + p for p in prompts[i:i + PROMPT_BATCH]], return_tensors="pt",
+                      padding=True, add_special_tokens=False, truncation=True, max_length=limit)
+            mask = enc["attention_mask"].unsqueeze(-1).float()  # [B, T, 1]
+            if embed is not None:
+                part = (embed[enc["input_ids"]] * mask).sum(dim=(0, 1)).expand(layers, -1)  # [L, H]
+            else:
+                with torch.no_grad():
+                    out = model(**enc, output_hidden_states=True)
+                states = torch.stack(out.hidden_states[:-1]).float()  # [L, B, T, H]: what enters each layer
+                if cfg.gate_mode == "hidden_avg":  # the mean over each prompt's own tokens (padding left out)
+                    part = ((states * mask).sum(2) / mask.sum(1).clamp(min=1)).sum(1)
+                else:  # the last token (left padding: every prompt ends at the last position)
+                    part = states[:, :, -1, :].sum(1)
+            total = part if total is None else total + part
+        if embed is not None:  # (the sum over every token of every prompt, normalized: mergekit's cheap_embed)
+            return (total / total.norm(dim=-1, keepdim=True).clamp(min=1e-8)).clone()
+        return total / len(prompts)
 
-_MODELS: dict[str, Any] = {}
-
-
-def _base_model(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    key = str(path)
-    if key not in _MODELS:
-        _MODELS.clear()
-        _MODELS[key] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                            trust_remote_code=False).eval()
-    return _MODELS[key]
+    return vectors
 
 
 def gate_vectors(cfg: MoEConfig, base: ModelSource, *, progress: bool = True) -> torch.Tensor:
@@ -179,15 +175,13 @@ def gate_vectors(cfg: MoEConfig, base: ModelSource, *, progress: bool = True) ->
     if cfg.gate_mode == "uniform_random":
         bound = math.sqrt(1.0 / hidden)
         return torch.rand(layers, n, hidden, generator=g) * 2 * bound - bound
+    vectors = _prompt_vectors(cfg, base)
     out = []
-    try:
-        for e in tqdm(cfg.experts, desc="expert prompts", disable=not progress):
-            v = _prompts_vectors(cfg, base, e.positive_prompts)
-            if e.negative_prompts:
-                v = v - _prompts_vectors(cfg, base, e.negative_prompts)
-            out.append(v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8))
-    finally:
-        _MODELS.clear()
+    for e in tqdm(cfg.experts, desc="expert prompts", disable=not progress):
+        v = vectors(e.positive_prompts)
+        if e.negative_prompts:
+            v = v - vectors(e.negative_prompts)
+        out.append(v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8))
     gates = torch.stack(out, dim=1)  # [L, E, H]
     for layer in range(layers):
         cond = float(torch.linalg.cond(gates[layer])) if n > 1 else 1.0
