@@ -519,8 +519,8 @@ def test_the_chooser_predicts_an_exact_merge_from_headers(family, adapters, tmp_
 
 def test_an_adapter_that_resizes_the_vocabulary(capsys, family, tmp_path):
     """An adapter trained after ``resize_token_embeddings`` (its embeddings and head stored at 72 rows over a
-    64-token base) is read as PEFT merges it; `serve --lora-modules` puts it in a group of its own (a merged
-    model); in the base's group it is refused by name, as is a resize that leaves the head behind or a loaded one."""
+    64-token base) is read as PEFT merges it and joins its base's group, kept exactly (`serve --lora-modules`)
+    or compressed; a resize that leaves the head behind, or one loaded into a running bundle, is refused by name."""
     import branchmerge
     from branchmerge.merge import merge_adapters
 
@@ -536,7 +536,8 @@ def test_an_adapter_that_resizes_the_vocabulary(capsys, family, tmp_path):
     merge_adapters(base[0], {"small": tmp_path / "small", "big": tmp_path / "big"}, tmp_path / "b", base_name="tiny",
                    progress=False)
     bundle = branchmerge.load(tmp_path / "b", dtype="float32")
-    assert bundle.reader.branch("big").group == "big" and bundle.reader.branch("small").group == "main"
+    assert bundle.reader.branch("big").group == bundle.reader.branch("small").group == "main"
+    assert bundle.reader.manifest.groups["main"].lora_base is not None  # kept exactly, embeddings per branch
     x = torch.tensor([[1, 70, 9, 71, 3]])  # (ids past the base's vocabulary: the new tokens)
     with bundle.use("big") as m, torch.no_grad():
         torch.testing.assert_close(m(x).logits, want(x).logits, atol=1e-5, rtol=0)
@@ -551,7 +552,10 @@ def test_an_adapter_that_resizes_the_vocabulary(capsys, family, tmp_path):
                                                {"name": "big", "model": str(tmp_path / "big"), "base": str(base[0])}],
                        compress_rate=0.0)
     code, _, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "one", "--no-progress")
-    assert code == 1 and "give 'big' its own `group`" in err and not (tmp_path / "one").exists()
+    assert code == 0, err
+    one = branchmerge.load(tmp_path / "one", dtype="float32")
+    assert len(one.reader.manifest.groups) == 1
+    torch.testing.assert_close(one.logits(x, ["big"]), want(x).logits, atol=1e-5, rtol=0)
     half = tmp_path / "half"  # the head left at 64 rows while the embeddings grew
     shutil.copytree(tmp_path / "big", half)
     sd = load_file(half / "adapter_model.safetensors")

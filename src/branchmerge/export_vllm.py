@@ -112,6 +112,12 @@ def _export_group(reader: BundleReader, group: str, tmp: Path, base: str, scale:
                                "the LoRA export does not handle them: use --mode dense")
     members = info.branches
     records = reader.manifest.tensors[group]
+    grown = {b: rec.shape_of(b)[0] for rec in records.values() if rec.shapes for b in members}
+    if grown:
+        sizes = ", ".join(f"{b!r} {v}" for b, v in grown.items())
+        raise BranchmergeError(f"group {group!r}: its branches' vocabularies differ in size ({sizes} tokens); one "
+                               "vLLM base with a LoRA per branch needs one vocabulary (vLLM's LoRAs cannot add "
+                               "tokens): use --mode dense")
     torch_dt = DTYPES[dt]
     rep: dict[str, Any] = {"base": base, "branches": {b: {"tensors": {}, "base_tensors": {}} for b in members}}
     differing: list[str] = []

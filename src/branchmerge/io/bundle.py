@@ -225,7 +225,7 @@ class BundleReader:
         rec = self.manifest.tensors.get(group or "", {}).get(tensor)
         if rec is None:
             raise BundleError(f"bundle {self.path}: tensor {key} has no record in the manifest's `tensors`")
-        want: list[int | None] | None = list(rec.shape)
+        want: list[int | None] | None = list(rec.shape_of(owner) if kind == "b" else rec.shape)
         floating = bool(part)
         if part == ["scales"]:
             want = [len(self.groups[group].branches)]

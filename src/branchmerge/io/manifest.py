@@ -39,6 +39,9 @@ class TensorRecord(_Frozen):
     rel_error: dict[str, float] = Field(default_factory=dict)
     same_as: dict[str, str] = Field(default_factory=dict, description="Per-branch tensors: branch → an earlier "
                                     "branch of the group holding identical values (stored once).")
+    shapes: dict[str, list[int]] = Field(default_factory=dict, description="Per-branch tensors indexed by the "
+                                         "vocabulary (embeddings, head) of a branch whose vocabulary differs from "
+                                         "the first's: branch → its shape (the others have `shape`).")
     bits: list[tuple[Literal[8, 4], int]] | None = Field(
         default=None, description="Quantized factors: (bit width, triplets) in order, high width first.")
     group_size: Literal[32, 64, 128, 256] | None = None
@@ -54,11 +57,23 @@ class TensorRecord(_Frozen):
                 raise ValueError("`bits` needs a compressed 2-D low-rank record with a `group_size`")
             if any(c < 0 for _, c in self.bits) or sum(c for _, c in self.bits) != (self.rank or 0):
                 raise ValueError(f"`bits` {self.bits} must count the record's {self.rank} triplets")
+        for b, shape in self.shapes.items():
+            if self.role != "per_branch" or len(shape) != len(self.shape) or len(shape) < 2 or (
+                    shape[1:] != self.shape[1:] or shape[0] < 1):
+                raise ValueError(f"`shapes.{b}` {shape}: only a per-branch tensor's first dimension (its "
+                                 f"vocabulary) may differ from `shape` {self.shape}")
+        for b, h in self.same_as.items():
+            if self.shape_of(b) != self.shape_of(h):
+                raise ValueError(f"`same_as.{b}`: {h!r} holds a tensor of another shape")
         return self
 
     def holder(self, branch: str) -> str:
         """The branch whose stored copy ``branch`` reads."""
         return self.same_as.get(branch, branch)
+
+    def shape_of(self, branch: str) -> list[int]:
+        """``branch``'s shape of the tensor (its own vocabulary's, for embeddings and head)."""
+        return self.shapes.get(branch, self.shape)
 
 
 class GroupInfo(_Frozen):
@@ -137,6 +152,14 @@ class Manifest(_Frozen):
                     if b not in g.branches or h not in g.branches or h in rec.same_as or rec.role != "per_branch":
                         raise ValueError(f"tensors.{gname}.{t}.same_as: {b!r} → {h!r} is not a branch of the group "
                                          "pointing at a stored per-branch copy")
+                if set(rec.shapes) - set(g.branches[1:]):
+                    raise ValueError(f"tensors.{gname}.{t}.shapes names {sorted(set(rec.shapes) - set(g.branches[1:]))}"
+                                     ", not later branches of the group")
+                for b in g.branches if rec.shapes else ():
+                    vocab = self.branches[b].hf_config.get("vocab_size")
+                    if rec.shape_of(b)[0] != vocab:
+                        raise ValueError(f"tensors.{gname}.{t}: branch {b!r}'s rows ({rec.shape_of(b)[0]}) are not "
+                                         f"its config's vocab_size ({vocab!r}); only vocabularies may differ")
         extra = set(self.tensors) - set(self.groups)
         if extra:
             raise ValueError(f"tensors: group(s) {sorted(extra)} are not in `groups`")

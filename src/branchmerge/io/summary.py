@@ -43,7 +43,8 @@ def summarize(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
             "factor_bits": sorted({b for r in comp.values() for b, c in (r.bits or []) if c}) or [16],
             "tensor_records": {k: {"role": r.role, "shape": r.shape, "rank": r.rank, "dense": r.dense,
                                    "bits": r.bits, "bytes": r.bytes,
-                                   "max_rel_error": max(r.rel_error.values(), default=None)}
+                                   "max_rel_error": max(r.rel_error.values(), default=None),
+                                   **({"shapes": r.shapes} if r.shapes else {})}
                                for k, r in recs.items()},
         }
     input_bytes = sum(b.source_bytes for b in m.branches.values())

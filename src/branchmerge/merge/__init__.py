@@ -38,7 +38,6 @@ def merge_adapters(base: str | Path, adapters: dict[str, str | Path], out: str |
     import json
 
     from branchmerge.config import parse_config
-    from branchmerge.io.adapters import is_adapter
 
     if dtype is None:
         try:
@@ -47,27 +46,10 @@ def merge_adapters(base: str | Path, adapters: dict[str, str | Path], out: str |
         except (OSError, ValueError, AttributeError):
             named = None
         dtype = named if named in ("float32", "float16", "bfloat16") else "bfloat16"
-    base_src = None
-    if any(is_adapter(Path(p)) for p in adapters.values()):
-        from branchmerge.io.models import ModelSource
-
-        base_src = ModelSource.open(f"{base_name} (base)", str(base))
     branches = [{"name": base_name, "model": str(base)}] + [
-        {"name": n, "model": str(p), "base": str(base), **_own_group(n, Path(p), base_src)}
-        for n, p in adapters.items()]
+        {"name": n, "model": str(p), "base": str(base)} for n, p in adapters.items()]
     config = parse_config({"branches": branches, "lora": "exact", "dtype": dtype}, "--lora-modules")
     return run_merge(config, out, force=force, progress=progress, model_card=False)
-
-
-def _own_group(name: str, adapter: Path, base_src: Any) -> dict[str, str]:
-    """``{"group": name}`` for an adapter that resizes the vocabulary of ``base_src`` (the opened base; it cannot
-    share the base's group: it is kept as its own merged model), else nothing."""
-    from branchmerge.io.adapters import LoraSource, is_adapter
-
-    if not is_adapter(adapter):
-        return {}
-    src = LoraSource.over(name, adapter, LoraSource.read_config(name, adapter), base_src)
-    return {"group": name} if src.hf_config.get("vocab_size") != base_src.hf_config.get("vocab_size") else {}
 
 
 __all__ = ["merge_adapters", "run_merge"]

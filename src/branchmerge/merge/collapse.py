@@ -75,8 +75,13 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
             ts = [models[i].get(n) for i, n in job.inputs]
             for t, m in zip(ts[1:], job.models[1:]):
                 if t.shape != ts[0].shape:
+                    vocab = t.dim() == 2 and t.shape[1:] == ts[0].shape[1:]
                     raise ModelInputError(f"tensor {job.inputs[0][1]} has shape {list(t.shape)} in branch {m!r} "
-                                          f"but {list(ts[0].shape)} in {job.models[0]!r}")
+                                          f"but {list(ts[0].shape)} in {job.models[0]!r}" + (
+                                              "; if their vocabularies differ (added tokens), one merged model "
+                                              "cannot hold both (mergekit's tokenizer surgery is not built), but a "
+                                              "branched merge (`branches:` without `method`) keeps each branch's "
+                                              "own" if vocab else ""))
             key = (job.group, job.out if by_name else "", job.t)
             if key not in resolved:
                 specs = [config.branches[i] for i, _ in job.inputs]

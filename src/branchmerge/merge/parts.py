@@ -25,15 +25,32 @@ def role_of(g, tensor: str, shape: tuple[int, ...]) -> str:
 
 
 def check_shapes(g, tensor: str, shapes: list[tuple[int, ...]]) -> None:
+    """Raise unless every branch of group ``g`` holds ``tensor`` in one shape: branches of one group run as one
+    model. A per-branch tensor indexed by the vocabulary (embeddings, head) may differ in its first dimension
+    when that is each branch's own ``vocab_size`` (a fine-tune that added tokens keeps its group)."""
+    if all(shape == shapes[0] for shape in shapes[1:]):
+        return
+    if vocabulary_sized(g, tensor, shapes):
+        return
+    odd = [f"{s.name!r}'s config.json says vocab_size {s.hf_config.get('vocab_size')!r}"
+           for s, shape in zip(g.sources, shapes) if shape[0] != s.hf_config.get("vocab_size")]
     for s, shape in zip(g.sources[1:], shapes[1:]):
-        # branches of one group run as one model: every tensor must fit it, per-branch ones too (a
-        # different vocabulary needs a group of its own)
         if shape != shapes[0]:
+            why = f" ({'; '.join(odd)})" if odd and shape[1:] == shapes[0][1:] else ""
             raise ModelInputError(
                 f"tensor {tensor} has shape {list(shape)} in branch {s.name!r} but {list(shapes[0])} in branch "
-                f"{g.sources[0].name!r}; branches of group {g.name!r} must have the same shapes (give "
-                f"{s.name!r} its own `group` or `standalone: true`)"
+                f"{g.sources[0].name!r}{why}; branches of group {g.name!r} must have the same shapes, but for "
+                f"their vocabulary (give {s.name!r} its own `group` or `standalone: true`)"
             )
+
+
+def vocabulary_sized(g, tensor: str, shapes: list[tuple[int, ...]]) -> bool:
+    """Whether ``tensor`` is a per-branch tensor whose first dimension is each branch's ``vocab_size`` (and
+    its other dimensions the same in every branch)."""
+    if role_of(g, tensor, shapes[0]) != "per_branch":
+        return False
+    return all(len(shape) == len(shapes[0]) and shape[1:] == shapes[0][1:]
+               and shape[0] == s.hf_config.get("vocab_size") for s, shape in zip(g.sources, shapes))
 
 
 def digest(t: torch.Tensor) -> str:
@@ -67,6 +84,9 @@ def keep_tensor(g, tensor: str, writer: ShardWriter, dtype: torch.dtype) -> dict
     rec: dict[str, Any] = {"role": "per_branch", "shape": list(first.shape), "bytes": nbytes}
     if same_as:
         rec["same_as"] = same_as
+    shapes = {s.name: list(s.shape(tensor)) for s in src[1:] if tuple(s.shape(tensor)) != tuple(first.shape)}
+    if shapes:  # a vocabulary of another size (checked by check_shapes)
+        rec["shapes"] = shapes
     return rec
 
 

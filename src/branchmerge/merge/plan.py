@@ -39,7 +39,7 @@ def plan_merge(config: MergeConfig) -> dict[str, Any]:
             numel = math.prod(shape)
             role = "per_branch" if g.standalone else g.arch.role(tensor, shape)
             if role != "compress" or n == 1:
-                parts["per_branch"] += numel * esize * n
+                parts["per_branch"] += sum(math.prod(sh) for sh in shapes) * esize  # (vocabularies may differ)
                 counts["per_branch"] += 1
                 continue
             counts["compressed"] += 1

@@ -79,7 +79,7 @@ class _BundleBase(ModelSource):
     group: str = ""
 
     def shape(self, tensor: str) -> tuple[int, ...]:
-        return tuple(self._record(tensor).shape)
+        return tuple(self._record(tensor).shape_of(self.name))
 
     def _record(self, tensor: str):
         rec = self.reader.manifest.tensors[self.group].get(tensor)
@@ -159,7 +159,7 @@ def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_ran
     if src.resized:
         raise ModelInputError(f"{where} resizes the vocabulary ({reader.hf_config(base).get('vocab_size')} → "
                               f"{src.hf_config.get('vocab_size')} tokens), which a loaded adapter cannot; merge it "
-                              "into a bundle instead (it gets a group of its own)")
+                              "into a bundle instead (it joins its base's group there)")
     model = bundle.groups[group].model
     head = model.get_output_embeddings()
     odd = next((n for n, m in model.named_modules() if isinstance(m, QuantizedBranchedLinear)

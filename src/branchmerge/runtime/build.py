@@ -111,11 +111,13 @@ def build_group_model(
             copies = []
             for i in range(len(members)):
                 c = copy.deepcopy(orig)
+                _fit_vocabulary(c, {p: vals[i] for p, vals in values.items()}, module_name)
                 _assign(c, {p: vals[i] for p, vals in values.items()}, module_name)
                 copies.append(c)
             _set_module(model, module_name, PerBranch(state, copies))
 
     _tie_lm_head(model, records, state, len(members))
+    _check_vocabularies(model, reader, members)
     for mod in model.modules():  # computed buffers (rotary frequencies, embedding scales) were made on the CPU
         for name, buf in list(mod.named_buffers(recurse=False)):
             if buf is not None and buf.device != device:
@@ -215,6 +217,37 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> 
         p.requires_grad_(False)
 
 
+def _fit_vocabulary(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Resize ``module``'s (meta) parameters to a branch's own vocabulary: embeddings ``[V_i, H]`` or a head
+    ``[V_i, H]`` whose first dimension differs from the skeleton's (the manifest allows nothing else)."""
+    for p, t in tensors.items():
+        cur = module._parameters.get(p)
+        if cur is None or cur.shape == t.shape:
+            continue
+        if cur.dim() != t.dim() or cur.shape[1:] != t.shape[1:]:
+            raise BundleError(f"tensors for module {where} do not fit the model: {p} is {list(t.shape)}, "
+                              f"the model's {list(cur.shape)}")
+        module._parameters[p] = nn.Parameter(torch.empty(t.shape, dtype=cur.dtype, device="meta"), requires_grad=False)
+        for attr in ("num_embeddings", "out_features"):  # nn.Embedding, nn.Linear
+            if hasattr(module, attr):
+                setattr(module, attr, t.shape[0])
+
+
+def _check_vocabularies(model: PreTrainedModel, reader: BundleReader, members: list[str]) -> None:
+    """Raise unless each branch's embeddings and head have its config's ``vocab_size`` rows: the token ids a
+    branch accepts are checked against that number, so a smaller matrix would be indexed past its end."""
+    for mod, what in ((model.get_input_embeddings(), "embeddings"), (model.get_output_embeddings(), "output head")):
+        if mod is None:
+            continue
+        copies = mod.copies if isinstance(mod, PerBranch) else [mod] * len(members)
+        for b, c in zip(members, copies):
+            w = getattr(c, "weight", None)
+            vocab = reader.hf_config(b).get("vocab_size")
+            if isinstance(w, torch.Tensor) and isinstance(vocab, int) and w.shape[0] != vocab:
+                raise BundleError(f"branch {b!r}: its {what} have {w.shape[0]} rows but its config's vocab_size "
+                                  f"is {vocab}")
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -234,6 +267,8 @@ def _tie_lm_head(model: PreTrainedModel, records: dict, state: BranchState, n: i
         for c in emb.copies:
             lm = copy.deepcopy(out)
             lm.weight = c.weight
+            if hasattr(lm, "out_features"):  # a branch's own vocabulary
+                lm.out_features = c.weight.shape[0]
             copies.append(lm)
         for name, mod in model.named_modules():
             if mod is out:

@@ -287,7 +287,11 @@ class Bundle(BatchGeneration):
         return names
 
     def logits(self, input_ids: torch.Tensor, branches: Sequence[str], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """One forward pass over rows of different branches of one group: ``[B, T, vocab]``."""
+        """One forward pass over rows of different branches of one group: ``[B, T, vocab]``.
+
+        Branches whose vocabularies differ in size (a fine-tune that added tokens) give ``vocab`` = the
+        largest; a row's columns past its own vocabulary are ``-inf``.
+        """
         g, rows = self._rows_for(branches)
         with g.state.select(rows), torch.no_grad():
             out = g.model(input_ids=input_ids.to(self.device),
@@ -397,8 +401,6 @@ class Bundle(BatchGeneration):
         if len(groups) != 1:
             raise BranchmergeError(f"one forward pass needs branches of one group; got groups {sorted(groups)}")
         g = self.groups[groups.pop()]
-        if len({self.reader.hf_config(b).get("vocab_size") for b in set(branches)}) > 1:  # a bundle from before groups were checked
-            raise BranchmergeError("branches with different vocabularies cannot share one batch")
         return g, [g.state.index(b) for b in branches]
 
     def encode(self, prompt: str, branch: str, *, chat: bool | None = None, system: str | None = None) -> list[int]:

@@ -25,8 +25,8 @@ def check_shapes(reader: BundleReader) -> None:
             for tensor, rec in reader.manifest.tensors[gname].items():
                 if tensor not in shapes:
                     raise BundleError(f"branch {b!r}: tensor {tensor} is not a parameter of {type(model).__name__}")
-                if shapes[tensor] != rec.shape:
-                    raise BundleError(f"branch {b!r}: tensor {tensor} has shape {rec.shape} but its config makes "
+                if shapes[tensor] != rec.shape_of(b):
+                    raise BundleError(f"branch {b!r}: tensor {tensor} has shape {rec.shape_of(b)} but its config makes "
                                       f"it {shapes[tensor]} (does config.json match the weights?)")
 
 

@@ -533,11 +533,13 @@ class PerBranch(nn.Module):
             w = _cached(plan, (id(self), "w"),
                         lambda: self.stacked_norm[plan.row_ids].view(x.shape[0], *([1] * (x.ndim - 2)), -1))
             return self._rmsnorm(x, w)
-        out: Tensor | None = None
-        for i, rows in plan.groups:
-            y = self.copies[i](x[rows], *args, **kwargs)
-            if out is None:
-                out = y.new_empty((x.shape[0], *y.shape[1:]))
-            out[rows] = y
-        assert out is not None
+        ys = [(rows, self.copies[i](x[rows], *args, **kwargs)) for i, rows in plan.groups]
+        width = max(y.shape[-1] for _, y in ys)
+        y0 = ys[0][1]
+        if all(y.shape[-1] == width for _, y in ys):
+            out = y0.new_empty((x.shape[0], *y0.shape[1:]))
+        else:  # heads of branches with vocabularies of other sizes: a row's tokens past its own are impossible
+            out = y0.new_full((x.shape[0], *y0.shape[1:-1], width), float("-inf"))
+        for rows, y in ys:
+            out[rows, ..., :y.shape[-1]] = y
         return out

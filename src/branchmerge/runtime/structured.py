@@ -190,7 +190,8 @@ class Structurer:
         compiled = self.compile(structure)
         stops = sorted(set(stops or ())) or self.stop_ids
         return Constraint(xgr.GrammarMatcher(compiled, override_stop_tokens=stops or None,
-                                             terminate_without_stop_token=not stops), stops)
+                                             terminate_without_stop_token=not stops), stops,
+                          words=(self.vocab_size + 31) // 32)
 
 
 class Constraint:
@@ -199,8 +200,9 @@ class Constraint:
     ``ignore_eos``, may draw only stop tokens, as in vLLM); ``done``: a token from outside the grammar came
     (the padding of an ended row): the row is no longer masked."""
 
-    def __init__(self, matcher: Any, stops: Sequence[int] = ()) -> None:
+    def __init__(self, matcher: Any, stops: Sequence[int] = (), words: int | None = None) -> None:
         self.matcher, self.stops, self.accepted, self.complete, self.done = matcher, list(stops), 0, False, False
+        self.words = words  # the bitmask row of its own vocabulary, in int32 words (None: the batch's)
         self._stop_words: torch.Tensor | None = None  # the bitmask row of only its stop tokens, once complete
 
     def feed(self, tokens: Sequence[int]) -> None:
@@ -228,7 +230,14 @@ class Constraint:
                                                 dtype=torch.int32)
             bitmask[row] = self._stop_words
             return bool(self.stops)
-        self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.words is None or self.words == bitmask.shape[1]:
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+        else:  # a batch with another branch's larger vocabulary: this row's tokens past its own stay forbidden
+            own = torch.zeros((1, self.words), dtype=torch.int32)
+            self.matcher.fill_next_token_bitmask(own, 0)
+            bitmask[row].zero_()
+            n = min(self.words, bitmask.shape[1])
+            bitmask[row, :n] = own[0, :n]
         return True
 
 

@@ -1,0 +1,276 @@
+"""Fine-tunes that added tokens (chat or tool tokens: a vocabulary that grew) stay in their group: their
+embeddings and head are kept per branch at their own size, the rest is merged as usual. Each branch answers
+as its own model, alone and in mixed batches (where a row's tokens past its vocabulary are impossible), with
+structured outputs, through the server, and a bundle that lies about the sizes is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import branchmerge
+from branchmerge.config import load_config
+from branchmerge.errors import BranchmergeError, BundleError, ModelInputError
+from branchmerge.export_vllm import export_vllm
+from branchmerge.merge import run_merge
+from branchmerge.runtime.sampling import RowSampler, RowSettings
+from branchmerge.server import create_app
+from tests.cli_util import run_cli
+from tests.conftest import make_finetune, make_tiny_llama, save_char_tokenizer, write_config
+from tests.serving import serving, wait_queued
+from tests.test_structured import STRUCTURES, _check
+
+ADDED = ["<|q|>", "<|r|>", "<|tool|>"]  # 64 → 67 tokens: the last word of the structure bitmask grows too
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _grow(model, folder: Path, seed: int) -> None:
+    """Add ``ADDED`` to the tokenizer and model saved in ``folder``, with trained-looking rows for them."""
+    tok = save_char_tokenizer(folder)
+    tok.add_tokens(ADDED, special_tokens=True)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[64:] = torch.randn(len(ADDED), 32, generator=g)
+        if not model.config.tie_word_embeddings:
+            model.lm_head.weight[64:] = torch.randn(len(ADDED), 32, generator=g)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def _family(root: Path, tied: bool) -> dict[str, Path]:
+    """Base fine-tunes ``a`` and ``c`` (vocabulary 64) and ``g``, whose vocabulary grew to 67."""
+    base = make_tiny_llama(root / "base", seed=3, tie_word_embeddings=tied)
+    out = {}
+    for i, name in enumerate("acg"):
+        m = make_finetune(base, root / name, seed=40 + i)
+        if name == "g":
+            _grow(m, root / name, seed=7)
+        else:
+            save_char_tokenizer(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("grown")
+    models = _family(root, tied=False)
+    bundles = {}
+    for r in (0.0, 0.5):
+        cfg = write_config(root / f"c{r}.yaml", [{"name": n, "model": str(p)} for n, p in models.items()],
+                           compress_rate=r)
+        run_merge(load_config(cfg), root / f"b{r}", progress=False)
+        bundles[r] = root / f"b{r}"
+    return {"root": root, "models": models, "bundles": bundles,
+            "loaded": {r: branchmerge.load(p, dtype="float32") for r, p in bundles.items()}}
+
+
+def _hf(folder: Path):
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def test_the_grown_fine_tune_joins_its_group_and_each_branch_is_its_own_model(grown):
+    """One group; the embeddings and head records name g's own shape; at r=0 every branch's logits are its
+    original model's, alone and in one mixed batch (a's and c's padded with -inf past their 64 tokens)."""
+    b = grown["loaded"][0.0]
+    m = b.reader.manifest
+    assert len(m.groups) == 1 and m.groups[next(iter(m.groups))].branches == ["a", "c", "g"]
+    recs = m.tensors[next(iter(m.groups))]
+    assert recs[EMBED].shape == [64, 32] and recs[EMBED].shapes == {"g": [67, 32]}
+    assert recs[HEAD].shapes == {"g": [67, 32]}
+    assert all(not r.shapes for k, r in recs.items() if k not in (EMBED, HEAD))
+    ids = {"a": [1, 5, 7, 9, 11], "c": [1, 8, 8, 3, 2], "g": [1, 64, 7, 66, 65]}  # g's prompt has new tokens
+    x = torch.tensor(list(ids.values()))
+    mixed = b.logits(x, list(ids))
+    assert mixed.shape == (3, 5, 67)
+    with torch.no_grad():
+        for r, (name, row) in enumerate(ids.items()):
+            want = _hf(grown["models"][name])(torch.tensor([row])).logits[0]
+            alone = b.logits(torch.tensor([row]), [name])[0]
+            assert alone.shape == want.shape
+            torch.testing.assert_close(alone, want, atol=2e-5, rtol=0)
+            torch.testing.assert_close(mixed[r, :, :want.shape[1]], want, atol=2e-5, rtol=0)
+            assert bool(torch.isneginf(mixed[r, :, want.shape[1]:]).all())
+    assert recs[EMBED].bytes == (64 + 64 + 67) * 32 * 4  # each fine-tune's own rows, in float32
+
+
+def test_a_row_may_not_use_tokens_of_another_branchs_vocabulary(grown):
+    """Token 65 is g's; a's rows and a's request fields name it as outside a's vocabulary."""
+    b = grown["loaded"][0.5]
+    with pytest.raises(BranchmergeError, match=r"token id 65 is outside the vocabulary of branch 'a' \(size 64\)"):
+        b.generate_ids([[1, 65]], ["a"], max_new_tokens=2)
+    with pytest.raises(BranchmergeError, match="allowed_token_ids of row 0.*token id 66.*'c'"):
+        b.generate_ids([[1, 5]], ["c"], max_new_tokens=2, row_sampler=RowSampler([RowSettings(allowed_token_ids=(66,))]))
+    out = b.generate_ids([[1, 5], [1, 5]], ["a", "g"], max_new_tokens=2,
+                         row_sampler=RowSampler([RowSettings(), RowSettings(allowed_token_ids=(66,))]))
+    assert out[1].new_ids == [66, 66]
+
+
+def test_mixed_batches_answer_as_each_row_alone_with_sampling_and_structures(grown):
+    """Greedy, seeded and structured rows of both vocabularies in one batch: each row gets what it gets alone
+    (a seeded draw over -inf padding is the draw without it), each structured answer follows its structure,
+    and the grown branch draws its new tokens where its own model does."""
+    b = grown["loaded"][0.5]
+    names = ["a", "g", "c", "g", "a", "g"]
+    prompts = ["add 1+2=", "rev abc<|q|>", "key zz=", "add 12+30<|r|>", "rev hello=", "key ab<|tool|>"]
+    rows = [RowSettings(structure=STRUCTURES[0]), RowSettings(temperature=0.9, seed=7, top_k=5),
+            RowSettings(temperature=0.9, seed=7, structure=STRUCTURES[1]), RowSettings(structure=STRUCTURES[2]),
+            RowSettings(temperature=1.0, seed=3, top_p=0.9), RowSettings(temperature=0.7, seed=11, structure=STRUCTURES[3])]
+    ids = [b.tokenizer(n).encode(p) for n, p in zip(names, prompts)]
+    assert ids[1][-1] == 64 and ids[5][-1] == 66  # the added tokens are single tokens of g's tokenizer
+    out = b.generate_ids(ids, names, max_new_tokens=60, row_sampler=RowSampler(rows))
+    for i, (o, st) in enumerate(zip(out, rows)):
+        if st.structure is not None:
+            _check(st.structure, o.text)
+        alone = b.generate_ids([ids[i]], [names[i]], max_new_tokens=60, row_sampler=RowSampler([st]))[0]
+        assert (o.new_ids, o.finish_reason) == (alone.new_ids, alone.finish_reason), i
+    greedy = b.generate_ids([ids[1], ids[0]], ["g", "a"], max_new_tokens=8)
+    with torch.no_grad():  # at r=0.5 the grown branch still prefers its new tokens where its model does
+        want = _hf(grown["models"]["g"]).generate(torch.tensor([ids[1]]), max_new_tokens=8, do_sample=False)
+    assert any(t >= 64 for t in want[0, len(ids[1]):].tolist())
+    assert greedy[0].new_ids[:2] == want[0, len(ids[1]):len(ids[1]) + 2].tolist()
+    lp = b.token_logprobs_many([ids[1], ids[0]], ["g", "a"], top=3)
+    assert all(t < 64 for top in lp[1].top[1:] for t, _ in top)
+    assert lp[1].logprobs[1:] == pytest.approx(b.token_logprobs(ids[0], "a").logprobs[1:], abs=1e-5)
+
+
+def test_tied_embeddings_and_the_cli(tmp_path, capsys):
+    """A family with tied embeddings (the head is each branch's own embedding matrix, grown with it): at r=0 every
+    branch is its model; `merge --dry-run` plans it, `inspect` shows g's shape; exports write g with 67
+    tokens, while the LoRA export, which needs one vocabulary, says so."""
+    models = _family(tmp_path, tied=True)
+    cfg = write_config(tmp_path / "c.yaml", [{"name": n, "model": str(p)} for n, p in models.items()],
+                       compress_rate=0.0)
+    code, out, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "plan", "--dry-run")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "merge", cfg, "-o", tmp_path / "b", "--no-progress")
+    assert code == 0, err
+    b = branchmerge.load(tmp_path / "b", dtype="float32")
+    assert HEAD not in b.reader.manifest.tensors[next(iter(b.reader.manifest.groups))]
+    x = torch.tensor([[1, 5, 7, 9], [1, 66, 64, 3], [1, 2, 3, 4]])
+    mixed = b.logits(x, ["a", "g", "c"])
+    with torch.no_grad():
+        for r, n in enumerate("agc"):
+            want = _hf(models[n])(x[r:r + 1]).logits[0]
+            torch.testing.assert_close(mixed[r, :, :want.shape[1]], want, atol=2e-5, rtol=0)
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "b", "--json")
+    assert code == 0, err
+    info = json.loads(out)["groups"]
+    assert next(iter(info.values()))["tensor_records"][EMBED]["shapes"] == {"g": [67, 32]}
+    code, out, err = run_cli(capsys, "export-branch", tmp_path / "b", "g", "-o", tmp_path / "g-alone")
+    assert code == 0, err
+    export = tmp_path / "dense"
+    export_vllm(tmp_path / "b", export, mode="dense", progress=False)
+    g = _hf(export / "g")
+    assert _hf(tmp_path / "g-alone").config.vocab_size == 67
+    assert g.config.vocab_size == 67
+    with torch.no_grad():
+        torch.testing.assert_close(g(x[1:2]).logits[0], _hf(models["g"])(x[1:2]).logits[0], atol=2e-5, rtol=0)
+    with pytest.raises(BranchmergeError, match=r"vocabularies differ in size \('a' 64, 'c' 64, 'g' 67 tokens\).*--mode dense"):
+        export_vllm(tmp_path / "b", tmp_path / "lora", progress=False)
+    assert not (tmp_path / "lora").exists()
+
+
+def test_only_the_vocabulary_may_differ(grown, tmp_path):
+    """A norm of another width, or embeddings whose rows are not the branch's own vocab_size, still need a
+    group of their own; the error names the tensor and the branch."""
+    models = grown["models"]
+    bad = tmp_path / "bad"
+    shutil.copytree(models["g"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["vocab_size"] = 70  # config says 70, the weights hold 67 rows
+    (bad / "config.json").write_text(json.dumps(cfg))
+    conf = write_config(tmp_path / "c.yaml", [{"name": "a", "model": str(models["a"])},
+                                             {"name": "bad", "model": str(bad)}])
+    with pytest.raises(ModelInputError, match=r"tensor lm_head\.weight has shape \[67, 32\] in branch 'bad' but "
+                       r"\[64, 32\] in branch 'a' \('bad'\'s config\.json says vocab_size 70\).*but for their vocabulary"):
+        run_merge(load_config(conf), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    wide = tmp_path / "wide"  # a fine-tune of another hidden size: refused as before, by its first tensor
+    make_tiny_llama(wide, seed=1, hidden=48)
+    conf = write_config(tmp_path / "w.yaml", [{"name": "a", "model": str(models["a"])},
+                                             {"name": "wide", "model": str(wide)}])
+    with pytest.raises(ModelInputError, match="'a' and 'wide' differ in hidden_size"):
+        run_merge(load_config(conf), tmp_path / "out", progress=False)
+
+
+def _edit_manifest(d: Path, fn) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    fn(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def _group(m: dict) -> dict:
+    return m["tensors"][next(iter(m["groups"]))]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: _group(m)["model.norm.weight"].update(shapes={"g": [40]}), r"`shapes\.g` \[40\]: only a per-branch"),
+    (lambda m: _group(m)["model.layers.0.input_layernorm.weight"].update(shapes={"g": [67, 32]}, shape=[64, 32]),
+     r"b\.a\|model\.layers\.0\.input_layernorm\.weight has shape \[32\]; its manifest record implies \[64, 32\]"),
+    (lambda m: (_group(m)[EMBED].update(shapes={"g": [70, 32]}), _group(m)[HEAD].update(shapes={"g": [70, 32]})),
+     r"branch 'g'\'s rows \(70\) are not its config's vocab_size \(67\)"),
+    (lambda m: _group(m)[EMBED].update(shapes={"g": [67, 16]}), r"`shapes\.g` \[67, 16\]: only a per-branch"),
+    (lambda m: _group(m)[EMBED].update(shapes={"a": [67, 32], "g": [67, 32]}), r"shapes names \['a'\]"),
+    (lambda m: _group(m)[EMBED].update(shapes={"zz": [67, 32]}), r"shapes names \['zz'\]"),
+    (lambda m: _group(m)[EMBED].update(same_as={"g": "a"}), r"`same_as\.g`: 'a' holds a tensor of another shape"),
+    (lambda m: _group(m)[EMBED].pop("shapes"), r"b\.g\|model\.embed_tokens\.weight has shape \[67, 32\]; its "
+                                                r"manifest record implies \[64, 32\]"),
+])
+def test_a_manifest_that_lies_about_the_vocabularies_is_refused(grown, tmp_path, edit, message):
+    d = tmp_path / "bundle"
+    shutil.copytree(grown["bundles"][0.5], d)
+    _edit_manifest(d, edit)
+    with pytest.raises(BundleError, match=message):
+        branchmerge.load(d, dtype="float32")
+
+
+def test_grown_embeddings_swapped_in_the_shards_are_refused(grown, tmp_path):
+    """The config says 67 tokens, the shard holds (re-signed) 64 rows for g: refused at load, by name."""
+    d = tmp_path / "bundle"
+    shutil.copytree(grown["bundles"][0.5], d)
+    digests = {}
+    for p in sorted(d.glob("shard-*.safetensors")):
+        t = load_file(p)
+        if f"b.g|{EMBED}" in t:
+            t[f"b.g|{EMBED}"] = t[f"b.g|{EMBED}"][:64].contiguous()
+        save_file(t, p, metadata={"format": "pt"})
+        digests[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
+    _edit_manifest(d, lambda m: (m["shards"].update(digests), _group(m)[EMBED].pop("shapes")))
+    with pytest.raises(BundleError, match=r"branch 'g': its embeddings have 64 rows but its config's vocab_size is 67"):
+        branchmerge.load(d, dtype="float32")
+
+
+def test_the_server_batches_both_vocabularies_together(grown):
+    """Concurrent requests for a and g run as one batch through the real ``openai`` SDK and answer as each
+    does alone; g's chat can ask for its new tokens, a's cannot (400 naming the field)."""
+    bundle = grown["loaded"][0.5]
+    app = create_app(bundle, max_batch=8, wait_ms=20, max_tokens_limit=32)
+    engine = app.state.engine
+    with serving(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+        def call(model: str, prompt: str, **kw) -> str:
+            return c.completions.create(model=model, prompt=prompt, max_tokens=8, **kw).choices[0].text
+
+        reqs = [("a", "rev abc="), ("g", "rev abc<|q|>"), ("c", "key zz="), ("g", "add 1+2<|tool|>")]
+        alone = [call(*r) for r in reqs]
+        before = engine.batches
+        with ThreadPoolExecutor(len(reqs)) as ex, engine.paused():
+            futs = [ex.submit(call, *r) for r in reqs]
+            wait_queued(engine, len(reqs), futures=futs)
+        assert [f.result() for f in futs] == alone
+        assert engine.batches - before == 1
+        assert call("g", "rev abc=", extra_body={"allowed_token_ids": [65], "skip_special_tokens": False}) == "<|r|>" * 8
+        with pytest.raises(openai.BadRequestError, match="allowed_token_ids.*token id 65.*'a'"):
+            call("a", "rev abc=", extra_body={"allowed_token_ids": [65]})
