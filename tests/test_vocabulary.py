@@ -48,11 +48,19 @@ def _grow(model, folder: Path, seed: int) -> None:
 
 
 def _family(root: Path, tied: bool) -> dict[str, Path]:
-    """Base fine-tunes ``a`` and ``c`` (vocabulary 64) and ``g``, whose vocabulary grew to 67."""
+    """Base fine-tunes ``a`` and ``c`` (vocabulary 64; ``c`` with ``a``'s embeddings and head, stored once and
+    run as one in mixed batches) and ``g``, whose vocabulary grew to 67."""
     base = make_tiny_llama(root / "base", seed=3, tie_word_embeddings=tied)
-    out = {}
+    out, first = {}, None
     for i, name in enumerate("acg"):
         m = make_finetune(base, root / name, seed=40 + i)
+        if name == "a":
+            first = m
+        if name == "c":
+            with torch.no_grad():
+                m.get_input_embeddings().weight.copy_(first.get_input_embeddings().weight)
+                m.lm_head.weight.copy_(first.lm_head.weight)
+            m.save_pretrained(root / name)
         if name == "g":
             _grow(m, root / name, seed=7)
         else:
@@ -101,7 +109,9 @@ def test_the_grown_fine_tune_joins_its_group_and_each_branch_is_its_own_model(gr
             torch.testing.assert_close(alone, want, atol=2e-5, rtol=0)
             torch.testing.assert_close(mixed[r, :, :want.shape[1]], want, atol=2e-5, rtol=0)
             assert bool(torch.isneginf(mixed[r, :, want.shape[1]:]).all())
-    assert recs[EMBED].bytes == (64 + 64 + 67) * 32 * 4  # each fine-tune's own rows, in float32
+    assert recs[EMBED].bytes == (64 + 67) * 32 * 4 and recs[EMBED].same_as == {"c": "a"}  # float32
+    head = b.groups[m.branches["a"].group].model.lm_head
+    assert head._holder == [0, 0, 2]  # a's and c's rows run through one head matmul
 
 
 def test_a_row_may_not_use_tokens_of_another_branchs_vocabulary(grown):
@@ -221,7 +231,7 @@ def _group(m: dict) -> dict:
     (lambda m: (_group(m)[EMBED].update(shapes={"g": [70, 32]}), _group(m)[HEAD].update(shapes={"g": [70, 32]})),
      r"branch 'g'\'s rows \(70\) are not its config's vocab_size \(67\)"),
     (lambda m: _group(m)[EMBED].update(shapes={"g": [67, 16]}), r"`shapes\.g` \[67, 16\]: only a per-branch"),
-    (lambda m: _group(m)[EMBED].update(shapes={"a": [67, 32], "g": [67, 32]}), r"shapes names \['a'\]"),
+    (lambda m: _group(m)[EMBED].update(shapes={"a": [64, 32], "g": [67, 32]}), r"shapes names \['a'\]"),
     (lambda m: _group(m)[EMBED].update(shapes={"zz": [67, 32]}), r"shapes names \['zz'\]"),
     (lambda m: _group(m)[EMBED].update(same_as={"g": "a"}), r"`same_as\.g`: 'a' holds a tensor of another shape"),
     (lambda m: _group(m)[EMBED].pop("shapes"), r"b\.g\|model\.embed_tokens\.weight has shape \[67, 32\]; its "

@@ -484,6 +484,12 @@ class BranchedLinear(nn.Module):
         self._index_factors()
 
 
+def _tensors_key(m: nn.Module) -> tuple:
+    """What identifies the tensors a module computes with: their storage, offset, shape and stride."""
+    return tuple((n, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+                 for n, t in [*m.named_parameters(), *m.named_buffers()] if t is not None and not t.is_meta)
+
+
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "OlmoRMSNorm"}
 
 
@@ -498,6 +504,9 @@ class PerBranch(nn.Module):
         self.state = state
         self.copies = nn.ModuleList(copies)
         self._copies = list(copies)  # plain list: cheaper indexing on the decode hot path
+        # copies holding the same tensors (branches that left their embeddings or head alone) run as one
+        keys = [_tensors_key(c) for c in copies]
+        self._holder = [keys.index(k) for k in keys]
         c0 = copies[0]
         # Llama-style RMSNorm copies (``weight * x / rms(x)``) run inline, and gather weights for mixed rows
         self._rms_eps: float | None = None
@@ -506,6 +515,13 @@ class PerBranch(nn.Module):
             self.register_buffer("stacked_norm", torch.stack([c.weight for c in copies]), persistent=False)  # [N, H]
             for i, c in enumerate(copies):  # held once: each copy's weight is a row of the stack
                 c.weight = nn.Parameter(self.stacked_norm[i], requires_grad=False)
+
+    def _merged_groups(self, plan: MixedPlan) -> list[tuple[int, Tensor]]:
+        """``plan.groups`` with the rows of copies that share their tensors together (under the first)."""
+        rows: dict[int, list[Tensor]] = {}
+        for i, r in plan.groups:
+            rows.setdefault(self._holder[i], []).append(r)
+        return [(h, torch.cat(rs).sort().values if len(rs) > 1 else rs[0]) for h, rs in rows.items()]
 
     def _rmsnorm(self, x: Tensor, w: Tensor) -> Tensor:
         h = x.float()
@@ -533,7 +549,11 @@ class PerBranch(nn.Module):
             w = _cached(plan, (id(self), "w"),
                         lambda: self.stacked_norm[plan.row_ids].view(x.shape[0], *([1] * (x.ndim - 2)), -1))
             return self._rmsnorm(x, w)
-        ys = [(rows, self.copies[i](x[rows], *args, **kwargs)) for i, rows in plan.groups]
+        groups = _cached(plan, (id(self), "groups"), lambda: self._merged_groups(plan)) \
+            if len(set(self._holder)) < len(self._holder) else plan.groups
+        if len(groups) == 1:  # every row reads the same tensors
+            return self._copies[groups[0][0]](x, *args, **kwargs)
+        ys = [(rows, self._copies[i](x[rows], *args, **kwargs)) for i, rows in groups]
         width = max(y.shape[-1] for _, y in ys)
         y0 = ys[0][1]
         if all(y.shape[-1] == width for _, y in ys):
