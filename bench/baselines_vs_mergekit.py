@@ -2,7 +2,8 @@
 (base + 4 fine-tunes). `linear`, `ties` and `task_arithmetic` with scalar parameters; `ties` with a
 density gradient and filters, and `slerp` (the base and one fine-tune) with mergekit's example
 gradients per filter (parameters resolved per tensor as mergekit resolves them); then every
-deterministic method mergekit has (the random ones, DARE and DELLA, draw from torch's global generator
+deterministic method mergekit has; per-model parameters, slices, and fine-tunes whose vocabularies differ
+(tokenizer merging: the output vocabulary's tensors compared token by token) (the random ones, DARE and DELLA, draw from torch's global generator
 there and from a per-tensor seed here, so they cannot agree entry for entry).
 
     python bench/baselines_vs_mergekit.py
@@ -118,6 +119,75 @@ def per_model_cases(fam: dict) -> dict[str, dict]:
             "slices: slerp per slice, t gradient over the second": per_slice}
 
 
+def grown(fam: dict, skill: str, added: list[str], seed: int) -> Path:
+    """A copy of ``skill``'s fine-tune whose tokenizer adds ``added`` (special tokens) and whose embeddings and
+    head grow by as many rows (random, seeded): a fine-tune that added chat or tool tokens."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    out = CACHE / f"grown-{skill}-{'-'.join(t.strip('<|>') for t in added)}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(fam[skill], out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.add_tokens(added, special_tokens=True)
+    tok.save_pretrained(out)
+    sd, g = load_all(out), torch.Generator().manual_seed(seed)
+    cfg = json.loads((out / "config.json").read_text())
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        if k in sd:
+            w = sd[k]
+            sd[k] = torch.cat([w, torch.randn(len(tok) - w.shape[0], w.shape[1], generator=g) * w.std()])
+    cfg["vocab_size"] = len(tok)
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def vocabulary_cases(fam: dict) -> dict[str, dict]:
+    """mergekit configs over fine-tunes whose vocabularies differ (tokenizer merging)."""
+    chat = str(grown(fam, SKILLS[0], ["<|im_start|>", "<|im_end|>"], 1))
+    tool = str(grown(fam, SKILLS[1], ["<tool>", "<|im_end|>"], 2))
+    base = str(fam["base"])
+    return {
+        "vocabularies: linear, tokenizer_source union": {
+            "merge_method": "linear", "dtype": "float32", "tokenizer_source": "union",
+            "models": [{"model": chat, "parameters": {"weight": 1.0}}, {"model": tool, "parameters": {"weight": 0.5}}]},
+        "vocabularies: ties over the base, union": {
+            "merge_method": "ties", "base_model": base, "dtype": "float32", "tokenizer_source": "union",
+            "parameters": {"density": 0.7},
+            "models": [{"model": chat, "parameters": {"weight": 1.0}}, {"model": tool, "parameters": {"weight": 1.0}}]},
+        "vocabularies: tokenizer block (forced, model_token and zero rows, pad to 16)": {
+            "merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+            "models": [{"model": chat, "parameters": {"weight": 0.6}}, {"model": tool, "parameters": {"weight": 0.4}}],
+            "tokenizer": {"source": "union", "pad_to_multiple_of": 16, "tokens": {
+                "<|im_start|>": {"source": chat, "force": True},
+                "<tool>": {"source": {"kind": "model_token", "model": chat, "token": "<|im_end|>"}},
+                "<new>": {"source": {"kind": "zero"}}}}},
+        "vocabularies: slerp, tokenizer_source base (the grown model)": {
+            "merge_method": "slerp", "base_model": chat, "dtype": "float32", "tokenizer_source": "base",
+            "parameters": {"t": 0.3}, "models": [{"model": chat}, {"model": tool}]},
+    }
+
+
+def by_token(a: dict, b: dict, ours: Path, theirs: Path) -> None:
+    """Put the vocabulary tensors' rows of ``a`` (ours) and ``b`` (mergekit's) in one token order: mergekit adds
+    the non-base models' tokens in the order of a Python set (it varies from run to run)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    va, vb = (AutoTokenizer.from_pretrained(f).get_vocab() for f in (ours, theirs))
+    if va == vb or set(va) != set(vb):
+        return
+    order = sorted(va)
+    ia, ib = torch.tensor([va[t] for t in order]), torch.tensor([vb[t] for t in order])
+    rows = json.loads((ours / "config.json").read_text())["vocab_size"]
+    for k in set(a) & set(b):
+        if a[k].dim() == 2 and a[k].shape[0] == rows and a[k].shape == b[k].shape and "layers." not in k:
+            a[k] = torch.cat([a[k][ia], a[k][len(va):]])
+            b[k] = torch.cat([b[k][ib], b[k][len(vb):]])
+
+
 def compare(i: int, label: str, ours_cfg: dict, mk: dict) -> None:
     ours = CACHE / f"ours-baseline-{i}"
     theirs = CACHE / f"mergekit-baseline-{i}"
@@ -129,12 +199,14 @@ def compare(i: int, label: str, ours_cfg: dict, mk: dict) -> None:
     subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(cfg_path), str(theirs),
                     "--allow-crimes"], check=True, capture_output=True)
     a, b = load_all(ours), load_all(theirs)
+    by_token(a, b, ours, theirs)
     common = sorted(set(a) & set(b))
     assert common, "no tensors in common"
     max_abs = max(float((a[k] - b[k]).abs().max()) for k in common)
     max_rel = max(float((a[k] - b[k]).norm() / max(b[k].norm(), 1e-12)) for k in common)
-    layers = [json.loads((f / "config.json").read_text())["num_hidden_layers"] for f in (ours, theirs)]
-    assert layers[0] == layers[1], f"{label}: {layers[0]} layers here, {layers[1]} in mergekit's"
+    for key in ("num_hidden_layers", "vocab_size"):
+        got = [json.loads((f / "config.json").read_text())[key] for f in (ours, theirs)]
+        assert got[0] == got[1], f"{label}: {key} {got[0]} here, {got[1]} in mergekit's"
     print(f"| {label} | {len(common)}/{len(b)} | {max_abs:.2e} | {max_rel:.2e} |", flush=True)
 
 
@@ -149,7 +221,8 @@ def main() -> None:
                              for j, e in enumerate(models)],
                 "method": method, "base_model": mk.get("base_model"), "dtype": "float32", "parameters": params}
         compare(i, label, ours, mk)
-    for j, (label, mk) in enumerate(per_model_cases(fam).items()):
+    extra = {**per_model_cases(fam), **vocabulary_cases(fam)}
+    for j, (label, mk) in enumerate(extra.items()):
         compare(len(CASES) + j, label, dict(mk), mk)  # (parse_config reads the mergekit config itself)
 
 

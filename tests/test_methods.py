@@ -242,7 +242,8 @@ def test_a_mergekit_config_merges_as_the_same_native_one(family, tmp_path, capsy
     assert all(torch.equal(x[k], y[k]) for k in y)
     cfg = load_config(tmp_path / "mk.yaml")
     assert [br.name for br in cfg.branches] == ["base", "a", "b"] and cfg.parameters["density"] == 0.6
-    bad = [({"slices": []}, "give `models` or `slices`, not both"), ({"tokenizer": {"source": "union"}}, "tokenizer merging"),
+    bad = [({"slices": []}, "give `models` or `slices`, not both"), ({"modules": {"text": {}}}, "per-module definitions"),
+           ({"tokenizer": {"source": "union"}, "tokenizer_source": "union"}, "give `tokenizer_source` or `tokenizer`"),
            ({"merge_method": None}, "`merge_method` is missing"), ({"extra": 1}, "unknown key `extra`"),
            ({"models": [{"model": a, "parameters": {"lambda": 0.5}}, {"model": b, "parameters": {"lambda": 0.7}}]},
             "lambda cannot differ per model"),

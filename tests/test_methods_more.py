@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from branchmerge.config import load_config
 from branchmerge.errors import ConfigError, ModelInputError
@@ -299,8 +299,9 @@ def test_dare_and_ties_rescale_as_mergekit_by_default_or_as_the_paper():
 
 
 def test_tokenizer_source_and_differing_vocabularies(family, tmp_path, caplog):
-    """mergekit's tokenizer_source: base, a model, or union when every model shares one vocabulary; models
-    whose vocabularies differ are refused when a source is named (their embeddings do not line up)."""
+    """mergekit's tokenizer_source: base, a model, or union; models whose vocabularies differ have their
+    embeddings and head lined up token by token (a token one model lacks takes the other's row), and are
+    warned about without a source (entry by entry, as mergekit does)."""
     import json as _json
     import shutil
 
@@ -325,9 +326,20 @@ def test_tokenizer_source_and_differing_vocabularies(family, tmp_path, caplog):
     vocab["Z"] = vocab.pop(next(k for k in vocab if k == "a"))
     (odd / "tokenizer.json").write_text(_json.dumps(tj))
     bad = cfg.model_copy(update={"branches": [cfg.branches[0], cfg.branches[1].model_copy(update={"model": str(odd)})]})
-    with pytest.raises(ConfigError, match="tokenizer_source 'a': the models' vocabularies differ"):
-        run_merge(bad, tmp_path / "bad", progress=False)
-    assert not (tmp_path / "bad").exists()
+    from safetensors.torch import load_file
+
+    for source, size in (("a", 64), ("union", 65)):
+        run_merge(bad.model_copy(update={"tokenizer_source": source}), tmp_path / f"lined-{source}", progress=False)
+        out = load_file(tmp_path / f"lined-{source}" / "model.safetensors")["model.embed_tokens.weight"]
+        v = AutoTokenizer.from_pretrained(tmp_path / f"lined-{source}").get_vocab()  # (added tokens too)
+        assert out.shape[0] == size == _json.loads((tmp_path / f"lined-{source}" / "config.json").read_text())["vocab_size"]
+        wa, wb = family["a"][1].model.embed_tokens.weight, family["b"][1].model.embed_tokens.weight
+        own = _json.loads((family["a"][0] / "tokenizer.json").read_text())["model"]["vocab"]
+        torch.testing.assert_close(out[v["a"]], wa[own["a"]])  # only a has "a": its row, not a mean with a stranger's
+        torch.testing.assert_close(out[v["b"]], (wa[own["b"]] + wb[own["b"]]) / 2)  # both have "b"
+        assert ("Z" in v) == (source == "union")
+        if source == "union":
+            torch.testing.assert_close(out[v["Z"]], wb[vocab["Z"]])  # only odd has "Z" (b's row of "a")
     run_merge(bad.model_copy(update={"tokenizer_source": None}), tmp_path / "warned", progress=False)
     assert "vocabularies differ" in caplog.text
     # only a template changed: the same vocabulary
@@ -338,7 +350,7 @@ def test_tokenizer_source_and_differing_vocabularies(family, tmp_path, caplog):
     (same / "tokenizer_config.json").write_text(_json.dumps(tc))
     ok = cfg.model_copy(update={"branches": [cfg.branches[0], cfg.branches[1].model_copy(update={"model": str(same)})]})
     run_merge(ok, tmp_path / "same-out", progress=False)
-    for bad_source, needle in (("nope", "must be base, union or a branch's name"),):
+    for bad_source, needle in (("nope", "must be base or a branch's name"),):
         with pytest.raises(ConfigError, match=needle):
             load_config(write_config(tmp_path / "t.yaml", [{"name": "a", "model": a}], method="linear",
                                      tokenizer_source=bad_source))

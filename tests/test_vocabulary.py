@@ -284,3 +284,82 @@ def test_the_server_batches_both_vocabularies_together(grown):
         assert call("g", "rev abc=", extra_body={"allowed_token_ids": [65], "skip_special_tokens": False}) == "<|r|>" * 8
         with pytest.raises(openai.BadRequestError, match="allowed_token_ids.*token id 65.*'a'"):
             call("a", "rev abc=", extra_body={"allowed_token_ids": [65]})
+
+
+def _tokens_adapter(base_model, folder: Path, indices, *, save_embedding_layers: bool = False, seed: int = 0):
+    """A real PEFT adapter with LoRA on q_proj and ``trainable_token_indices``, its trained rows random;
+    returns PEFT's merged model."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                trainable_token_indices=indices))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n or "trainable_tokens_delta" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(folder, save_embedding_layers=save_embedding_layers)
+    return model.merge_and_unload().eval()
+
+
+def test_peft_trainable_tokens_read_as_peft_merges_them(tmp_path):
+    """PEFT's ``trainable_token_indices`` (new values for some embedding rows: chat tokens a base never
+    trained, or tokens just added) read as ``merge_and_unload`` makes them: a tied model (the head follows),
+    an untied one with its own rows for the head (the dict form), and a resized vocabulary saved with
+    ``save_embedding_layers``; such adapters join their base's group, kept exactly, and each branch answers
+    as PEFT's merged model."""
+    from branchmerge.io.adapters import LoraSource, open_model
+    from branchmerge.merge import merge_adapters
+
+    tied = make_tiny_llama(tmp_path / "tied", seed=5, tie_word_embeddings=True)
+    untied = make_tiny_llama(tmp_path / "untied", seed=6)
+    grown = make_tiny_llama(tmp_path / "unused", seed=6)
+    grown.resize_token_embeddings(67, mean_resizing=False)
+    cases = {  # name: (the model PEFT trained over, the base folder we read it over, PEFT's merged model)
+        "chat": (tied, "tied", _tokens_adapter(tied, tmp_path / "chat", [3, 5, 60])),
+        "both": (untied, "untied", _tokens_adapter(untied, tmp_path / "both", {"embed_tokens": [3, 4], "lm_head": [7]})),
+        "grown": (grown, "untied", _tokens_adapter(grown, tmp_path / "grown", [64, 65, 66], save_embedding_layers=True)),
+    }
+    for name, (trained_over, folder, want) in cases.items():
+        src = open_model(name, str(tmp_path / name), base=str(tmp_path / folder))
+        assert isinstance(src, LoraSource) and src.tokens, name
+        sd = want.state_dict()
+        assert max(float((src.get(k).float() - sd[k].float()).abs().max()) for k in src.names()) < 1e-6, name
+        before = trained_over.get_input_embeddings().weight
+        assert not torch.equal(src.get("model.embed_tokens.weight"), before), name  # (the check above could fail)
+    assert src.hf_config["vocab_size"] == 67
+    merge_adapters(tmp_path / "untied", {"both": tmp_path / "both", "grown": tmp_path / "grown"}, tmp_path / "b",
+                   dtype="float32", progress=False)
+    b = branchmerge.load(tmp_path / "b", dtype="float32")
+    assert len(b.reader.manifest.groups) == 1 and b.reader.manifest.groups["main"].lora_base is not None
+    x = torch.tensor([[1, 3, 7, 4, 9], [1, 66, 7, 64, 65]])
+    mixed = b.logits(x, ["both", "grown"])
+    with torch.no_grad():
+        torch.testing.assert_close(mixed[0, :, :64], cases["both"][2](x[:1]).logits[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(mixed[1], cases["grown"][2](x[1:]).logits[0], atol=1e-5, rtol=0)
+    with pytest.raises(ModelInputError, match=r"trains token rows of lm_head\.weight, model\.embed_tokens\.weight \(trainable_token_indices\)"):
+        b.load_lora("chat2", tmp_path / "both", base="base")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda cfg, t: cfg.update(trainable_token_indices=[3, 70]), r"trainable_token_indices \[70\] are outside "
+                                                                 r"model\.embed_tokens\.weight's 64 rows"),
+    (lambda cfg, t: cfg.update(trainable_token_indices=[3, 5, 9]), r"trainable_tokens_delta is \[2, 32\]; 3 "
+                                                                   r"trainable_token_indices"),
+    (lambda cfg, t: cfg.update(trainable_token_indices=[3, 3]), "repeat a token id"),
+    (lambda cfg, t: cfg.update(trainable_token_indices={"lm_head": [3, 5]}), r"names \['lm_head'\]"),
+    (lambda cfg, t: cfg.pop("trainable_token_indices"), "the config has no trainable_token_indices"),
+])
+def test_bad_trainable_tokens_are_named(tmp_path, edit, message):
+    from branchmerge.io.adapters import open_model
+
+    base = make_tiny_llama(tmp_path / "base", seed=5)
+    _tokens_adapter(base, tmp_path / "ad", [3, 5])
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    edit(cfg, None)
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelInputError, match=message):
+        open_model("ad", str(tmp_path / "ad"), base=str(tmp_path / "base"))

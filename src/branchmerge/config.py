@@ -217,6 +217,41 @@ def is_chat_template(value: str) -> bool:
     return value == "auto" or value in CHAT_TEMPLATES or ("{" in value and len(value) >= 20)
 
 
+class ModelToken(_Frozen):
+    """A token's row taken from another token of a model (mergekit's ``kind: model_token``)."""
+
+    kind: Literal["model_token"]
+    model: str = Field(description="A branch's name, or `base`.")
+    token: str | None = None
+    token_id: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelToken:
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("a model_token source gives `token` or `token_id`, exactly one")
+        return self
+
+
+class ZeroToken(_Frozen):
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(_Frozen):
+    """Where a token's embedding (and head) row comes from when a model lacks the token, or always with
+    ``force``: a model's own row (a branch's name, or `base`), another token's, or zeros."""
+
+    source: ModelToken | ZeroToken | str | None = None
+    force: bool = False
+
+
+class TokenizerConfig(_Frozen):
+    """mergekit's ``tokenizer:`` block for a baseline merge of models whose vocabularies differ."""
+
+    source: str = Field(default="union", description="`union` (every model's tokens), `base`, or a branch's name.")
+    tokens: dict[str, TokenEmbedding] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(default=None, ge=1, le=4096)
+
+
 class MergeConfig(_Frozen):
     """A whole merge: which models, how strongly to compress, where the math runs."""
 
@@ -249,6 +284,9 @@ class MergeConfig(_Frozen):
         default=None, description="Whose tokenizer a baseline merge's output takes: `base` (base_model's), a branch's "
                                   "name, or `union` (mergekit's; here only when every model has the same vocabulary). "
                                   "Default: the first model's.")
+    tokenizer: TokenizerConfig | None = Field(
+        default=None, description="mergekit's tokenizer merge for a baseline method: the output vocabulary (union, "
+                                  "base or a branch's), where missing tokens' rows come from, padding.")
     chat_template: str | None = Field(
         default=None, description="A baseline merge's chat template: `auto` (the one most models have), alpaca, "
                                   "chatml, llama3, mistral, or Jinja text. Default: the tokenizer source's.")
@@ -320,15 +358,8 @@ class MergeConfig(_Frozen):
             if not is_chat_template(self.chat_template):
                 raise ValueError(f"`chat_template` must be auto, one of {', '.join(CHAT_TEMPLATES)}, or Jinja text; "
                                  f"got {self.chat_template[:60]!r}")
-        if self.tokenizer_source is not None:
-            names = {b.name for b in self.branches}
-            if method.fn is None:
-                raise ValueError("`tokenizer_source` applies to baseline methods; a bundle keeps each branch's tokenizer")
-            if self.tokenizer_source == "base" and not self.base_model:
-                raise ValueError("`tokenizer_source: base` needs `base_model`")
-            if self.tokenizer_source not in ("base", "union", *names):
-                raise ValueError(f"`tokenizer_source` must be base, union or a branch's name ({', '.join(names)}), "
-                                 f"got {self.tokenizer_source!r}")
+        if self.tokenizer_source is not None or self.tokenizer is not None:
+            self._check_tokenizer(method)
         for i, b in enumerate(self.branches):
             if not b.parameters:
                 continue
@@ -340,6 +371,29 @@ class MergeConfig(_Frozen):
             except ValueError as e:
                 raise ValueError(f"branches[{i}] ({b.name}): {e}") from None
         return self
+
+    def _check_tokenizer(self, method) -> None:
+        names = [b.name for b in self.branches]
+        field = "tokenizer_source" if self.tokenizer is None else "tokenizer.source"
+        if method.fn is None:
+            raise ValueError(f"`{field}` applies to baseline methods; a bundle keeps each branch's tokenizer")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give `tokenizer_source` or `tokenizer`, not both")
+        source = self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+
+        def model(ref: str, where: str) -> None:
+            if ref == "base" and not self.base_model:
+                raise ValueError(f"`{where}: base` needs `base_model`")
+            if ref not in ("base", *names):
+                raise ValueError(f"`{where}` must be base or a branch's name ({', '.join(names)}), got {ref!r}")
+
+        if source != "union":
+            model(source, field)
+        for tok, emb in (self.tokenizer.tokens if self.tokenizer else {}).items():
+            if isinstance(emb.source, str):
+                model(emb.source, f"tokenizer.tokens[{tok!r}].source")
+            elif isinstance(emb.source, ModelToken):
+                model(emb.source.model, f"tokenizer.tokens[{tok!r}].source.model")
 
     def _check_slices(self, method: Any) -> None:
         if method.fn is None:

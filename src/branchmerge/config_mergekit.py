@@ -1,5 +1,5 @@
 """mergekit's YAML read as branchmerge's merge config: ``merge_method``, ``models`` (or ``slices``),
-``base_model``, per-model ``parameters``, ``tokenizer_source``, ``chat_template``, ``dtype``. The result is
+``base_model``, per-model ``parameters``, ``tokenizer_source`` or ``tokenizer``, ``chat_template``, ``dtype``. The result is
 validated as any config by :func:`branchmerge.config.parse_config`."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from branchmerge.methods import METHODS
 
 _MERGEKIT_REFUSED = {
     "modules": "per-module definitions",
-    "tokenizer": "tokenizer merging (the output takes the first model's tokenizer)",
 }
 _MERGEKIT_IGNORED = {"int8_mask"}  # mergekit's memory option; masks here are boolean
-_MERGEKIT_KEYS = {"merge_method", "models", "slices", "tokenizer_source", "chat_template", "base_model", "parameters", "dtype", "out_dtype", "name"}
+_MERGEKIT_KEYS = {"merge_method", "models", "slices", "tokenizer_source", "tokenizer", "chat_template", "base_model",
+                  "parameters", "dtype", "out_dtype", "name"}
 
 
 def from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
     ``weight`` becomes the branch's (a weight gradient or filter rules, its ``parameters.weight``); another
     per-model parameter (``density``…) becomes the method's when every model gives the same value, else the
     branch's own. ``int8_mask`` (a memory option of mergekit's) is dropped: masks here are boolean. What has
-    no counterpart here (``slices``, tokenizer merging) is refused by name.
+    no counterpart here (``modules``) is refused by name.
 
     Raises:
         ConfigError: naming the key or model at fault.
@@ -89,10 +89,27 @@ def _mergekit_common(data: dict[str, Any], branches: list[dict[str, Any]], param
                            **{k: v for k, v in data.items() if k in _OWN_KEYS}}
     if data.get("chat_template") is not None:
         out["chat_template"] = data["chat_template"]
-    source = data.get("tokenizer_source")
-    if source is not None:  # mergekit names a model by its path: here, its branch
-        by_model = {b["model"]: b["name"] for b in branches}
-        out["tokenizer_source"] = by_model.get(source, "base" if source == data.get("base_model") else source)
+    by_model = {b["model"]: b["name"] for b in branches}
+
+    def ref(model: Any) -> Any:  # mergekit names a model by its path: here, its branch (or `base`)
+        if not isinstance(model, str):
+            return model
+        return by_model.get(model, "base" if model == data.get("base_model") else model)
+
+    if data.get("tokenizer_source") is not None:
+        out["tokenizer_source"] = ref(data["tokenizer_source"])
+    tok = data.get("tokenizer")
+    if tok is not None:
+        if not isinstance(tok, dict):
+            raise ConfigError(f"`tokenizer` must be a mapping (source, tokens, pad_to_multiple_of), got {tok!r}")
+        tok = dict(tok)
+        if "source" in tok:
+            tok["source"] = ref(tok["source"])
+        tokens = tok.get("tokens")
+        if isinstance(tokens, dict):
+            tok["tokens"] = {t: {**e, "source": _token_source(e.get("source"), ref)} if isinstance(e, dict) else e
+                             for t, e in tokens.items()}
+        out["tokenizer"] = tok
     if data.get("base_model") is not None:
         out["base_model"] = data["base_model"]
     if (data.get("out_dtype") or data.get("dtype")) is not None:
@@ -143,3 +160,11 @@ def _branch_name(model: str, taken: set[str]) -> str:
     while out in taken:
         out, k = f"{name}-{k}", k + 1
     return out
+
+
+def _token_source(src: Any, ref) -> Any:
+    """A ``tokenizer.tokens`` entry's source with its model path (``source: PATH`` or a ``model_token``'s
+    ``model``) as the branch's name."""
+    if isinstance(src, dict):
+        return {**src, "model": ref(src["model"])} if "model" in src else src
+    return ref(src)

@@ -6,7 +6,8 @@ A team that fine-tunes with LoRA has an adapter folder per task (``adapter_confi
 model's folder and gives the same interface as :class:`~branchmerge.io.models.ModelSource`, so every merge
 method takes adapters and full fine-tunes alike. What it reads: LoRA and rsLoRA scaling, ``rank_pattern`` and
 ``alpha_pattern``, ``fan_in_fan_out`` (GPT-2's Conv1D), embedding LoRAs, DoRA's magnitude vectors,
-``lora_bias``, and whole tensors the adapter stores (``modules_to_save``, trained biases). Anything else
+``lora_bias``, trainable tokens (``trainable_token_indices``: new values of some embedding rows), and whole
+tensors the adapter stores (``modules_to_save``, trained biases). Anything else
 (another ``peft_type``, ``layer_replication``, a key that names no base tensor, a shape that does not fit)
 is refused by name. The adapter's file is only ever read as safetensors.
 """
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+_TOKENS = ".token_adapter.trainable_tokens_delta"
 _PATTERN_BUDGET_S = 2.0  # alpha_pattern's keys are regular expressions from a file: all of an adapter's matching
 
 
@@ -60,6 +62,24 @@ class AdapterConfig(BaseModel):
     alpha_pattern: dict[str, float] = {}
     base_model_name_or_path: str | None = None
     layer_replication: list | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+
+    def token_indices(self, module: str, where: str) -> list[int]:
+        """The token rows PEFT's trainable tokens replace in ``module``: the list, or the entry of the dict whose
+        key names the module's end (``embed_tokens``, ``lm_head``)."""
+        spec = self.trainable_token_indices
+        if isinstance(spec, dict):
+            key = next((k for k in spec if module == k or module.endswith("." + k)), None)
+            if key is None:
+                raise ModelInputError(f"{where}: trainable tokens are stored for {module}, but "
+                                      f"trainable_token_indices names {sorted(spec)}")
+            spec = spec[key]
+        if not spec:
+            raise ModelInputError(f"{where}: trainable tokens are stored for {module}, but the config has no "
+                                  "trainable_token_indices")
+        if len(set(spec)) != len(spec):
+            raise ModelInputError(f"{where}: trainable_token_indices for {module} repeat a token id")
+        return list(spec)
 
     @field_validator("peft_type")
     @classmethod
@@ -122,6 +142,7 @@ class LoraSource(ModelSource):
     replaced: dict[str, str] = field(default_factory=dict)  # base tensor → adapter key holding it whole
     scalings: dict[str, float] = field(default_factory=dict)  # module → its factors' scaling
     resized: dict[str, tuple[int, ...]] = field(default_factory=dict)  # vocabulary tensors stored at a new size
+    tokens: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # tensor → (key, rows): trainable tokens
     _adapter_handle: Any = field(default=None, repr=False)
 
     @classmethod
@@ -196,9 +217,14 @@ class LoraSource(ModelSource):
             if not key.startswith(_PREFIX):
                 raise ModelInputError(f"{where}: key {key!r} does not start with {_PREFIX!r} (not a PEFT adapter key)")
             rest = key[len(_PREFIX):]
+            if rest.endswith(_TOKENS):  # PEFT's trainable tokens: new values of some rows
+                module = rest.removesuffix(_TOKENS)
+                self.tokens[f"{module}.weight"] = (key, self.adapter.token_indices(module, where))
+                continue
             suffix = next((s for s in suffixes if rest.endswith(s)), None)
             if suffix is None:
-                rest = rest.replace(".base_layer.", ".")  # (a LoRA-wrapped layer's own weight: save_embedding_layers)
+                # (a wrapped layer's own weight, as save_embedding_layers stores it)
+                rest = rest.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".")
                 if ".lora_" in rest:
                     raise ModelInputError(f"{where}: key {key!r} is a LoRA part this reader does not know")
                 if rest not in self.weight_map:
@@ -254,6 +280,20 @@ class LoraSource(ModelSource):
             if got != want and not self._vocab_row_change(tensor, got, want):
                 raise ModelInputError(f"{where}: {key} is {list(got)}, but {tensor} is {list(want)} in the base model")
         self._check_resized(where)
+        for tensor, (key, rows) in self.tokens.items():
+            shape, got = self.shape(tensor), tuple(h.get_slice(key).get_shape())
+            if tensor not in self.weight_map or len(shape) != 2:
+                raise ModelInputError(f"{where}: {key} holds trainable tokens for {tensor!r}, which the base model "
+                                      f"{self.base.path} does not have as a matrix")
+            if tensor in self.changes:
+                raise ModelInputError(f"{where}: {tensor} has both LoRA factors and trainable tokens")
+            if got != (len(rows), shape[1]):
+                raise ModelInputError(f"{where}: {key} is {list(got)}; {len(rows)} trainable_token_indices of "
+                                      f"{tensor} {list(shape)} make [{len(rows)}, {shape[1]}]")
+            bad = [r for r in rows if not 0 <= r < shape[0]]
+            if bad:
+                raise ModelInputError(f"{where}: trainable_token_indices {bad[:5]} are outside {tensor}'s "
+                                      f"{shape[0]} rows")
         deadline = time.monotonic() + _PATTERN_BUDGET_S  # (the patterns are matched now, before any work)
         for tensor, m in self.changes.items():
             if m.bias_of is None:
@@ -261,8 +301,8 @@ class LoraSource(ModelSource):
                 self.scalings[module] = self.adapter.scaling(module, h.get_slice(m.a).get_shape()[0],
                                                              f"branch {self.name!r}: {self.path / ADAPTER_CONFIG}",
                                                              deadline)
-        logger.info("branch %r: LoRA adapter changes %d and replaces %d tensors of %s", self.name,
-                    len(self.changes), len(self.replaced), self.base.path)
+        logger.info("branch %r: LoRA adapter changes %d and replaces %d tensors of %s (trainable tokens in %d)",
+                    self.name, len(self.changes), len(self.replaced), self.base.path, len(self.tokens))
 
     def _vocab_row_change(self, tensor: str, got: tuple, want: tuple) -> bool:
         """Whether a stored copy of ``tensor`` differs from the base's only in its vocabulary rows (an adapter
@@ -320,6 +360,10 @@ class LoraSource(ModelSource):
             t = self._read(self.replaced[tensor])
         else:
             t = self.base.get(tensor, check_finite=check_finite)
+        if tensor in self.tokens:  # PEFT's TrainableTokensLayer merge: index_copy of the stored rows
+            key, rows = self.tokens[tensor]
+            t = t.clone()
+            t[torch.tensor(rows)] = self._read(key).to(t.dtype)
         m = self.changes.get(tensor)
         if m is None:
             return t
@@ -336,7 +380,7 @@ class LoraSource(ModelSource):
         """How the adapter changes ``tensor``: 0 not at all, the rank of its factors where they alone change it
         (from the file's header), None where it changes it otherwise (a stored copy, DoRA's rescaling, a bias)."""
         m = self.changes.get(tensor)
-        if tensor in self.replaced or (m is not None and (m.magnitude or m.bias_of or m.embedding)):
+        if tensor in self.replaced or tensor in self.tokens or (m is not None and (m.magnitude or m.bias_of or m.embedding)):
             return None
         return 0 if m is None else int(self._adapter().get_slice(m.a).get_shape()[0])
 

@@ -17,11 +17,12 @@ from branchmerge.errors import ConfigError, ModelInputError
 from branchmerge.io.card import CARD, merged_card
 from branchmerge.io.hf import finish_hf_shards, write_chat_template, write_hf_config
 from branchmerge.io.adapters import open_model
-from branchmerge.io.models import ModelSource
+from branchmerge.io.models import EXTRA_CONFIG_FILES, ModelSource
 from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, copy_side_files
 from branchmerge.methods import METHODS
 from branchmerge.methods.registry import model_weight
 from branchmerge.merge.slices import sliced, whole_models
+from branchmerge.merge.vocabulary import align_rows, plan_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
         jobs = whole_models(config, method, models, tuned, base)
         first = models[tuned[0]]
         hf_config = first.hf_config
+    vocab = _vocabulary(config, models) if config.tokenizer is not None or config.tokenizer_source else None
     by_name = any(map(_mentions_filter, [config.parameters, *(b.parameters for b in config.branches),
                                          *(sl.parameters for sl in config.slices or []),
                                          *(src.parameters for sl in config.slices or [] for src in sl.sources)]))
@@ -73,15 +75,22 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
         writer = ShardWriter(tmp, config.max_shard_bytes, prefix="model")
         for job in tqdm(jobs, desc=f"merging ({method.name})", disable=not progress):
             ts = [models[i].get(n) for i, n in job.inputs]
+            base_t = models[job.base[0]].get(job.base[1]) if job.base is not None else None
+            if vocab is not None and job.out in vocab[1]:  # embeddings, head: rows in the output's order
+                named = {models[i].name: t for (i, _), t in zip(job.inputs, ts)}
+                if base_t is not None:
+                    named.setdefault(models[job.base[0]].name, base_t)
+                lined = align_rows(vocab[0], named)
+                ts = [lined[models[i].name] for i, _ in job.inputs]
+                base_t = lined[models[job.base[0]].name] if base_t is not None else None
             for t, m in zip(ts[1:], job.models[1:]):
                 if t.shape != ts[0].shape:
                     vocab = t.dim() == 2 and t.shape[1:] == ts[0].shape[1:]
                     raise ModelInputError(f"tensor {job.inputs[0][1]} has shape {list(t.shape)} in branch {m!r} "
                                           f"but {list(ts[0].shape)} in {job.models[0]!r}" + (
-                                              "; if their vocabularies differ (added tokens), one merged model "
-                                              "cannot hold both (mergekit's tokenizer surgery is not built), but a "
-                                              "branched merge (`branches:` without `method`) keeps each branch's "
-                                              "own" if vocab else ""))
+                                              "; if their vocabularies differ (added tokens), `tokenizer_source: "
+                                              "union` lines them up (or a branched merge keeps each branch's own)"
+                                              if vocab else ""))
             key = (job.group, job.out if by_name else "", job.t)
             if key not in resolved:
                 specs = [config.branches[i] for i, _ in job.inputs]
@@ -90,7 +99,7 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
                 resolved[key] = {"weights": weights, **method.model_params(job.shared, job.own, job.out, job.t)}
             kw: dict[str, Any] = dict(resolved[key])
             if job.base is not None:
-                kw["base"] = models[job.base[0]].get(job.base[1])
+                kw["base"] = base_t
                 if kw["base"].shape != ts[0].shape:
                     raise ModelInputError(f"tensor {job.base[1]} has shape {list(kw['base'].shape)} in base_model "
                                           f"but {list(ts[0].shape)} in {job.models[0]!r}")
@@ -106,7 +115,12 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
             writer.add(job.out, merged)
         writer.close()
         finish_hf_shards(tmp, writer)
-        copy_side_files(_tokenizer_source(config, models, first).side_files(), tmp)
+        if vocab is not None:  # the merged vocabulary's tokenizer; the first model's generation config
+            copy_side_files({f: p for f, p in first.side_files().items() if f in EXTRA_CONFIG_FILES}, tmp)
+            vocab[0].tokenizer.save_pretrained(tmp)
+            hf_config = {**hf_config, "vocab_size": vocab[0].size}
+        else:
+            copy_side_files(_tokenizer_source(config, models, first).side_files(), tmp)
         if config.chat_template is not None:
             write_chat_template(tmp, config.chat_template, [m.path for m in models])
         write_hf_config(tmp, hf_config, config.dtype)
@@ -120,29 +134,47 @@ def _mentions_filter(parameters: dict[str, Any]) -> bool:
 
 
 def _tokenizer_source(config: MergeConfig, models: list[ModelSource], first: ModelSource) -> ModelSource:
-    """Whose tokenizer the output takes (``tokenizer_source``; default the first model's). The tensors were
-    merged entry by entry, so the models must share one vocabulary for any choice to be right: differing ones
-    are refused when a source is named, and warned about otherwise.
-
-    Raises:
-        ConfigError: models whose vocabularies differ, with ``tokenizer_source`` given.
-    """
-    names = [b.name for b in config.branches]
-    src = first
-    if config.tokenizer_source == "base":
-        src = next((m for m in models if config.base_model and m.path.resolve() == Path(config.base_model).resolve()),
-                   None) or ModelSource.open("base_model", config.base_model)
-    elif config.tokenizer_source in names:
-        src = models[names.index(config.tokenizer_source)]
-    vocab = {m.name: m.vocabulary() for m in {id(m): m for m in [*models, src]}.values()}
+    """The first model, whose tokenizer the output takes when no ``tokenizer_source`` or ``tokenizer`` is given
+    (mergekit's default); models whose vocabularies differ are warned about: their embeddings were merged
+    entry by entry."""
+    vocab = {m.name: m.vocabulary() for m in models}
     known = {k: v for k, v in vocab.items() if v is not None}
     if len(set(known.values())) > 1:
-        a = src.name if src.name in known else next(iter(known))
+        a = first.name if first.name in known else next(iter(known))
         b = next(k for k, v in known.items() if v != known[a])
-        msg = (f"the models' vocabularies differ ({a!r} and {b!r} have different tokenizers), so their embeddings "
-               f"do not line up entry by entry")
-        if config.tokenizer_source is not None:
-            raise ConfigError(f"tokenizer_source {config.tokenizer_source!r}: {msg}; merging vocabularies is not "
-                              f"supported (mergekit's tokenizer surgery): give the models one tokenizer first")
-        logger.warning("%s; the output takes %r's tokenizer", msg, src.name)
-    return src
+        logger.warning("the models' vocabularies differ (%r and %r have different tokenizers), so their embeddings "
+                       "do not line up entry by entry; the output takes %r's tokenizer (`tokenizer_source: union` "
+                       "lines them up)", a, b, first.name)
+    return first
+
+
+def _vocabulary(config: MergeConfig, models: list[ModelSource]):
+    """The merged vocabulary (``tokenizer_source`` or ``tokenizer``) and the tensors it orders (per-branch
+    tensors whose rows are the first model's ``vocab_size``: embeddings and head)."""
+    from branchmerge.architectures import for_hf_config
+    from branchmerge.config import ModelToken, TokenizerConfig
+
+    spec = config.tokenizer or TokenizerConfig(source=config.tokenizer_source)
+    base = None
+    if config.base_model:
+        base = next((m for m in models if m.path.resolve() == Path(config.base_model).resolve()), None) \
+            or ModelSource.open("base_model", config.base_model)
+    named = {m.name: m for m in models}
+    if base is not None:
+        named.setdefault(base.name, base)
+
+    def ref(r: str) -> str:
+        return base.name if r == "base" and base is not None else r
+
+    tokens = {t: e.model_copy(update={"source": (ref(e.source) if isinstance(e.source, str) else
+                                                 e.source.model_copy(update={"model": ref(e.source.model)})
+                                                 if isinstance(e.source, ModelToken) else e.source)})
+              for t, e in spec.tokens.items()}
+    spec = spec.model_copy(update={"source": ref(spec.source), "tokens": tokens})
+    plan = plan_vocabulary(spec, named, base.name if base is not None else None)
+    first = models[0]
+    arch = for_hf_config(first.hf_config)
+    rows = first.hf_config.get("vocab_size")
+    ordered = {n for n in first.names() if len(sh := tuple(first.shape(n))) >= 2 and sh[0] == rows
+               and arch.role(n, sh) != "compress"}
+    return plan, ordered

@@ -185,6 +185,10 @@ def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_ran
             raise ModelInputError(f"{where} has rank {rank} at {tensor}, above this server's limit of {max_rank} "
                                   "(--max-lora-rank)")
         ranks[tensor] = rank
+    if src.tokens:
+        raise ModelInputError(f"{where} trains token rows of {', '.join(sorted(src.tokens))} "
+                              "(trainable_token_indices), which a loaded adapter cannot add; merge it into a bundle "
+                              "instead")
     if src.replaced:
         raise ModelInputError(f"{where} stores whole tensors ({', '.join(sorted(src.replaced)[:3])}: "
                               "modules_to_save), which a loaded adapter cannot add; merge it into a bundle instead")
