@@ -47,20 +47,22 @@ def _grow(model, folder: Path, seed: int) -> None:
     tok.save_pretrained(folder)
 
 
-def _family(root: Path, tied: bool) -> dict[str, Path]:
+def _family(root: Path, tied: bool, frozen: bool = False) -> dict[str, Path]:
     """Base fine-tunes ``a`` and ``c`` (vocabulary 64; ``c`` with ``a``'s embeddings and head, stored once and
-    run as one in mixed batches) and ``g``, whose vocabulary grew to 67."""
+    run as one in mixed batches) and ``g``, whose vocabulary grew to 67 (``frozen``: over ``a``'s embeddings and
+    head, as a fine-tune that froze them and trained only its new rows)."""
     base = make_tiny_llama(root / "base", seed=3, tie_word_embeddings=tied)
     out, first = {}, None
     for i, name in enumerate("acg"):
         m = make_finetune(base, root / name, seed=40 + i)
         if name == "a":
             first = m
-        if name == "c":
+        if name == "c" or (name == "g" and frozen):
             with torch.no_grad():
                 m.get_input_embeddings().weight.copy_(first.get_input_embeddings().weight)
                 m.lm_head.weight.copy_(first.lm_head.weight)
-            m.save_pretrained(root / name)
+            if name == "c":
+                m.save_pretrained(root / name)
         if name == "g":
             _grow(m, root / name, seed=7)
         else:
@@ -335,6 +337,10 @@ def test_peft_trainable_tokens_read_as_peft_merges_them(tmp_path):
                    dtype="float32", progress=False)
     b = branchmerge.load(tmp_path / "b", dtype="float32")
     assert len(b.reader.manifest.groups) == 1 and b.reader.manifest.groups["main"].lora_base is not None
+    recs = b.reader.manifest.tensors["main"]  # the trained rows only, over the base's matrices
+    assert recs["model.embed_tokens.weight"].patches == recs["lm_head.weight"].patches == {"both": "base",
+                                                                                            "grown": "base"}
+    assert recs["lm_head.weight"].bytes == (64 + 1 + 3) * 32 * 4 + (1 + 3) * 8
     x = torch.tensor([[1, 3, 7, 4, 9], [1, 66, 7, 64, 65]])
     mixed = b.logits(x, ["both", "grown"])
     with torch.no_grad():
@@ -363,3 +369,104 @@ def test_bad_trainable_tokens_are_named(tmp_path, edit, message):
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelInputError, match=message):
         open_model("ad", str(tmp_path / "ad"), base=str(tmp_path / "base"))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_rows_a_fine_tune_left_alone_are_stored_and_held_once(tmp_path, capsys, tied):
+    """g froze a's embeddings (and head) and trained only its three new rows: the bundle stores those rows as a
+    patch of a's, the runtime holds them alone (a ``RowPatched`` over a's module, the tied head too), and every
+    branch still answers as its own model, alone and mixed; exports rebuild g's whole matrices."""
+    from branchmerge.runtime.patched import RowPatched
+
+    models = _family(tmp_path, tied=tied, frozen=True)
+    cfg = write_config(tmp_path / "c.yaml", [{"name": n, "model": str(p)} for n, p in models.items()],
+                       compress_rate=0.0)
+    run_merge(load_config(cfg), tmp_path / "b", progress=False)
+    b = branchmerge.load(tmp_path / "b", dtype="float32")
+    recs = b.reader.manifest.tensors["main"]
+    for key in (EMBED,) if tied else (EMBED, HEAD):
+        assert recs[key].patches == {"g": "a"} and recs[key].same_as == {"c": "a"}
+        assert recs[key].bytes == 64 * 32 * 4 + 3 * (32 * 4 + 8)  # a's matrix and g's three rows
+    model = b.groups["main"].model
+    for mod in (model.model.embed_tokens, model.lm_head):
+        first, _, third = mod._copies
+        assert mod._holder == [0, 0, 2] and isinstance(third, RowPatched) and third.of is first
+        assert third.rows.tolist() == [64, 65, 66] and third.size == 67
+    ids = {"a": [1, 5, 7, 9, 11], "c": [1, 8, 8, 3, 2], "g": [1, 64, 7, 66, 65]}
+    mixed = b.logits(torch.tensor(list(ids.values())), list(ids))
+    with torch.no_grad():
+        for r, (name, row) in enumerate(ids.items()):
+            want = _hf(models[name])(torch.tensor([row])).logits[0]
+            torch.testing.assert_close(b.logits(torch.tensor([row]), [name])[0], want, atol=2e-5, rtol=0)
+            torch.testing.assert_close(mixed[r, :, :want.shape[1]], want, atol=2e-5, rtol=0)
+    prompts = [[1, 5, 7], [1, 64, 66], [1, 8, 3]]
+    together = b.generate_ids(prompts, ["a", "g", "c"], max_new_tokens=6)
+    assert [o.new_ids for o in together] == [b.generate_ids([p], [n], max_new_tokens=6)[0].new_ids
+                                             for p, n in zip(prompts, "agc")]
+    code, _, err = run_cli(capsys, "export-branch", tmp_path / "b", "g", "-o", tmp_path / "g-out")
+    assert code == 0, err
+    assert torch.equal(_hf(tmp_path / "g-out").get_input_embeddings().weight, _hf(models["g"]).get_input_embeddings().weight)
+
+
+def _patched_bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("patched")
+    models = _family(root, tied=False, frozen=True)
+    cfg = write_config(root / "c.yaml", [{"name": n, "model": str(p)} for n, p in models.items()], compress_rate=0.5)
+    run_merge(load_config(cfg), root / "b", progress=False)
+    return root / "b"
+
+
+@pytest.fixture(scope="module")
+def patched(tmp_path_factory) -> Path:
+    return _patched_bundle(tmp_path_factory)
+
+
+def _edit_parts(d: Path, fn) -> None:
+    digests = {}
+    for p in sorted(d.glob("shard-*.safetensors")):
+        t = load_file(p)
+        fn(t)
+        save_file(t, p, metadata={"format": "pt"})
+        digests[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
+    _edit_manifest(d, lambda m: m["shards"].update(digests))
+
+
+def _part(name: str, fn):
+    def edit(t: dict) -> None:
+        key = f"b.g|{EMBED}|{name}"
+        if key in t:
+            t[key] = fn(t[key])
+    return edit
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_part("rows", lambda r: r.flip(0).contiguous()), r"rows must be 3 sorted, unique row indices below 67, covering "
+                                                       r"rows 64\.\.66"),
+    (_part("rows", lambda r: torch.tensor([3, 64, 65])), r"rows must be 3 sorted.*covering rows 64\.\.66"),
+    (_part("rows", lambda r: torch.tensor([64, 65, 67])), "rows must be 3 sorted"),
+    (_part("rows", lambda r: r.to(torch.int32)), "stored as I32; int64 row indices are expected"),
+    (_part("values", lambda v: v[:, :16].contiguous()), r"values has shape \[3, 16\]; its manifest record implies "
+                                                         r"\['k', 32\]"),
+    (_part("values", lambda v: v[:2].contiguous()), "rows must be 2 sorted"),
+])
+def test_a_patch_that_lies_is_refused(patched, tmp_path, edit, message):
+    d = tmp_path / "bundle"
+    shutil.copytree(patched, d)
+    _edit_parts(d, edit)
+    with pytest.raises(BundleError, match=message):
+        branchmerge.load(d, dtype="float32")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: _group(m)[EMBED].update(patches={"g": "c"}), r"`patches\.g`: only a per-branch matrix may patch "
+                                                            r"another branch's, stored whole \(got 'c'\)"),
+    (lambda m: _group(m)["model.norm.weight"].update(patches={"g": "a"}), r"`patches\.g`: only a per-branch matrix"),
+    (lambda m: _group(m)[EMBED].update(patches={"g": "zz"}), "patches names branches outside the group"),
+    (lambda m: _group(m)[EMBED].update(patches={"a": "g"}), r"'g''s \[67, 32\] cannot be patched into \[64, 32\]"),
+])
+def test_a_manifest_that_lies_about_patches_is_refused(patched, tmp_path, edit, message):
+    d = tmp_path / "bundle"
+    shutil.copytree(patched, d)
+    _edit_manifest(d, edit)
+    with pytest.raises(BundleError, match=message):
+        branchmerge.load(d, dtype="float32")

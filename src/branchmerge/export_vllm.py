@@ -37,7 +37,7 @@ from branchmerge.common import DTYPES, dtype_name, json_dumps
 from branchmerge.compress import low_rank_factors, relative_error, tensor_seed
 from branchmerge.errors import BranchmergeError
 from branchmerge.export import write_branch
-from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
+from branchmerge.io.bundle import BundleReader, key_mean, key_scales, key_shared
 from branchmerge.io.writer import atomic_output_dir
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _export_group(reader: BundleReader, group: str, tmp: Path, base: str, scale:
     vocab_mean: dict[str, torch.Tensor] = {}  # with per_branch "lora": the mean embeddings / lm_head, kept
 
     def own(tensor: str, b: str) -> torch.Tensor:
-        return reader.get(key_own(records[tensor].holder(b), tensor))
+        return reader.own(b, tensor)
 
     def base_stream():
         for tensor, rec in records.items():

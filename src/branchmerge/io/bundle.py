@@ -233,6 +233,13 @@ class BundleReader:
             want = [rec.shape[0], rec.rank]
         elif part == ["V"] and len(rec.shape) == 2:
             want = [rec.rank, rec.shape[1]]
+        elif part == ["rows"]:  # a patch's row indices: [k] int64 (checked against the rows in `own`)
+            want, floating = [None], False
+            if dtype != "I64":
+                raise BundleError(f"bundle {self.path}: tensor {key} is stored as {dtype}; int64 row indices are "
+                                  "expected")
+        elif part == ["values"]:  # a patch's rows: [k, n]
+            want = [None, *rec.shape_of(owner)[1:]]
         elif part not in ([], ["mean"], ["delta"]):
             want, floating = None, False
         if want is not None and (len(shape) != len(want) or any(w is not None and w != g for w, g in zip(want, shape))):
@@ -292,6 +299,47 @@ class BundleReader:
             return Difference(u=self.get(key_part(branch, tensor, "U")), v=self.get(key_part(branch, tensor, "V")))
         return Difference()
 
+    def own(self, branch: str, tensor: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """``branch``'s per-branch ``tensor``: stored whole, another branch's copy (``same_as``), or another
+        branch's with rows replaced or added (``patches``, checked by :meth:`patch`)."""
+        got = self.patch(branch, tensor, device)
+        if got is None:
+            rec = self.manifest.tensors[self.branch(branch).group][tensor]
+            return self.get(key_own(rec.holder(branch), tensor), device)
+        of, rows, values = got
+        base = self.get(key_own(of, tensor), device)
+        out = torch.zeros((self._patched_size(branch, tensor), *base.shape[1:]), dtype=base.dtype, device=base.device)
+        out[:base.shape[0]] = base
+        out[rows] = values.to(base.dtype)
+        return out
+
+    def _patched_size(self, branch: str, tensor: str) -> int:
+        rec = self.manifest.tensors[self.branch(branch).group][tensor]
+        return rec.shape_of(rec.holder(branch))[0]
+
+    def patch(self, branch: str, tensor: str, device: str | torch.device = "cpu"
+              ) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+        """``(patched branch, rows [k], values [k, n])`` when ``branch``'s ``tensor`` is stored as another
+        branch's with some rows replaced or added, else None.
+
+        Raises:
+            BundleError: rows that are not sorted, unique and within the branch's rows, or that leave a row past
+                the patched branch's end without a value.
+        """
+        rec = self.manifest.tensors[self.branch(branch).group][tensor]
+        h = rec.holder(branch)
+        if h not in rec.patches:
+            return None
+        of = rec.patches[h]
+        rows, values = self.get(key_part(h, tensor, "rows"), device), self.get(key_part(h, tensor, "values"), device)
+        size, start = rec.shape_of(h)[0], rec.shape_of(of)[0]
+        new = torch.arange(start, size, device=rows.device)
+        if (rows.numel() != values.shape[0] or (rows.numel() and (rows[0] < 0 or rows[-1] >= size))
+                or bool((rows[1:] <= rows[:-1]).any()) or not bool(torch.isin(new, rows).all())):
+            raise BundleError(f"bundle {self.path}: {key_part(h, tensor, 'rows')} must be {values.shape[0]} sorted, "
+                              f"unique row indices below {size}, covering rows {start}..{size - 1}")
+        return of, rows, values
+
     def iter_branch_tensors(self, name: str) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_tensor_name, dense float tensor)`` for one branch, one tensor at a time.
 
@@ -308,7 +356,7 @@ class BundleReader:
             elif role == "shared":
                 yield tensor, self.get(key_shared(group, tensor))
             else:
-                yield tensor, self.get(key_own(rec.holder(name), tensor))
+                yield tensor, self.own(name, tensor)
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

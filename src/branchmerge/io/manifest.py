@@ -39,6 +39,9 @@ class TensorRecord(_Frozen):
     rel_error: dict[str, float] = Field(default_factory=dict)
     same_as: dict[str, str] = Field(default_factory=dict, description="Per-branch tensors: branch → an earlier "
                                     "branch of the group holding identical values (stored once).")
+    patches: dict[str, str] = Field(default_factory=dict, description="Per-branch 2-D tensors stored as another "
+                                    "branch's (a fully stored one) with some rows replaced or added: branch → that "
+                                    "branch (the rows and their values are the branch's `rows` and `values` parts).")
     shapes: dict[str, list[int]] = Field(default_factory=dict, description="Per-branch tensors indexed by the "
                                          "vocabulary (embeddings, head) of a branch whose vocabulary differs from "
                                          "the first's: branch → its shape (the others have `shape`).")
@@ -65,6 +68,13 @@ class TensorRecord(_Frozen):
         for b, h in self.same_as.items():
             if self.shape_of(b) != self.shape_of(h):
                 raise ValueError(f"`same_as.{b}`: {h!r} holds a tensor of another shape")
+        for b, h in self.patches.items():
+            if (self.role != "per_branch" or len(self.shape) != 2 or h in self.patches or h in self.same_as
+                    or b in self.same_as or b == h):
+                raise ValueError(f"`patches.{b}`: only a per-branch matrix may patch another branch's, stored whole "
+                                 f"(got {h!r})")
+            if self.shape_of(h)[1:] != self.shape_of(b)[1:] or self.shape_of(h)[0] > self.shape_of(b)[0]:
+                raise ValueError(f"`patches.{b}`: {h!r}'s {self.shape_of(h)} cannot be patched into {self.shape_of(b)}")
         return self
 
     def holder(self, branch: str) -> str:
@@ -152,6 +162,8 @@ class Manifest(_Frozen):
                     if b not in g.branches or h not in g.branches or h in rec.same_as or rec.role != "per_branch":
                         raise ValueError(f"tensors.{gname}.{t}.same_as: {b!r} → {h!r} is not a branch of the group "
                                          "pointing at a stored per-branch copy")
+                if set(rec.patches) - set(g.branches) or set(rec.patches.values()) - set(g.branches):
+                    raise ValueError(f"tensors.{gname}.{t}.patches names branches outside the group")
                 if set(rec.shapes) - set(g.branches[1:]):
                     raise ValueError(f"tensors.{gname}.{t}.shapes names {sorted(set(rec.shapes) - set(g.branches[1:]))}"
                                      ", not later branches of the group")

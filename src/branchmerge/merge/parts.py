@@ -71,6 +71,7 @@ def keep_tensor(g, tensor: str, writer: ShardWriter, dtype: torch.dtype) -> dict
         writer.add(key_shared(g.name, tensor), first.to(target))
         return {"role": "shared", "shape": list(first.shape), "bytes": first.numel() * esize}
     same_as: dict[str, str] = {}
+    patches: dict[str, str] = {}
     nbytes = 0
     for i, s in enumerate(src):
         t = first if i == 0 else s.get(tensor)
@@ -79,15 +80,43 @@ def keep_tensor(g, tensor: str, writer: ShardWriter, dtype: torch.dtype) -> dict
         if holder is not None:  # (a standalone group has one branch: never here)
             same_as[s.name] = src[holder].name
             continue
+        whole = [src[j] for j in range(i) if src[j].name not in same_as and src[j].name not in patches]
+        patch = changed_rows(t, whole, tensor) if t.dim() == 2 and t.is_floating_point() else None
+        if patch is not None and patch[1].numel() * (t.shape[1] * esize + 8) * 2 <= t.numel() * esize:
+            of, rows = patch  # at most half the bytes: the changed (and added) rows only
+            patches[s.name] = of
+            writer.add(key_part(s.name, tensor, "rows"), rows)
+            writer.add(key_part(s.name, tensor, "values"), t[rows].to(target))
+            nbytes += rows.numel() * (t.shape[1] * esize + 8)
+            continue
         writer.add(key_own(s.name, tensor), t.to(target))
         nbytes += t.numel() * esize
     rec: dict[str, Any] = {"role": "per_branch", "shape": list(first.shape), "bytes": nbytes}
     if same_as:
         rec["same_as"] = same_as
+    if patches:
+        rec["patches"] = patches
     shapes = {s.name: list(s.shape(tensor)) for s in src[1:] if tuple(s.shape(tensor)) != tuple(first.shape)}
     if shapes:  # a vocabulary of another size (checked by check_shapes)
         rec["shapes"] = shapes
     return rec
+
+
+def changed_rows(t: torch.Tensor, earlier: list, tensor: str) -> tuple[str, torch.Tensor] | None:
+    """The earlier model (of ``earlier``, stored whole) whose ``tensor`` differs from ``t`` ``[V, n]`` in the
+    fewest rows (rows past its end counting as changed), and those rows ``[k]`` (sorted int64); None when no
+    earlier model has a ``tensor`` that fits (same ``n``, at most ``V`` rows). Fine-tunes that trained only some
+    token rows (PEFT's trainable tokens) or added tokens to embeddings they left alone differ in few."""
+    best: tuple[str, torch.Tensor] | None = None
+    for m in earlier:
+        o = m.get(tensor)
+        if o.dim() != 2 or o.shape[1] != t.shape[1] or o.shape[0] > t.shape[0]:
+            continue
+        diff = (t[:o.shape[0]] != o.to(t.dtype)).any(1)
+        rows = torch.cat([diff.nonzero().flatten(), torch.arange(o.shape[0], t.shape[0])])
+        if best is None or rows.numel() < best[1].numel():
+            best = (m.name, rows)
+    return best
 
 
 def write_mean(g, tensor: str, shape: tuple[int, ...], writer: ShardWriter, dtype: torch.dtype,

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from branchmerge.common import check_name
 from branchmerge.errors import BranchNotFoundError, BundleError, ModelInputError
 from branchmerge.io.adapters import LoraSource
-from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
+from branchmerge.io.bundle import BundleReader, key_mean, key_scales, key_shared
 from branchmerge.io.models import ModelSource
 from branchmerge.runtime.modules import BranchedLinear, PerBranch
 from branchmerge.runtime.quantized import QuantizedBranchedLinear
@@ -92,7 +92,7 @@ class _BundleBase(ModelSource):
         if rec.role == "shared":
             return r.get(key_shared(self.group, tensor))
         if rec.role == "per_branch":
-            return r.get(key_own(rec.holder(b), tensor))
+            return r.own(b, tensor)
         i = r.groups[self.group].branches.index(b)  # compressed: s_b·(W̄ + U_b V_b)
         d = r.difference(b, tensor)
         w = r.get(key_mean(self.group, tensor)).float()

@@ -12,7 +12,8 @@ import copy
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from branchmerge.errors import BundleError
 from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
 from branchmerge.runtime.modules import BranchedLinear, BranchState, PerBranch
+from branchmerge.runtime.patched import RowPatched
 from branchmerge.runtime.quantized import QuantizedBranchedLinear
 
 logger = logging.getLogger(__name__)
@@ -65,8 +67,15 @@ def build_group_model(
         if role == "per_branch":
             rec, got = records[tensor], {}  # branches that share a stored copy share one tensor
             for h in (rec.holder(b) for b in members):
-                if h not in got:
+                if h in got:
+                    continue
+                patch = reader.patch(h, tensor, device)
+                if patch is None:
                     got[h] = load(key_own(h, tensor))
+                else:  # another branch's rows with these replaced or added (made a module below)
+                    of, rows, values = patch
+                    got[h] = _Patch(members.index(of), rows, values.to(dtype), rec.shape_of(h)[0],
+                                    lambda h=h: reader.own(h, tensor, device).to(dtype))
             return [got[rec.holder(b)] for b in members]
         raise BundleError(f"tensor {tensor} of group {group!r} has unexpected role {role!r}")
 
@@ -108,11 +117,22 @@ def build_group_model(
         if same or len(members) == 1:
             _assign(orig, {p: vals[0] for p, vals in values.items()}, module_name)
         else:
-            copies = []
+            copies: list[nn.Module] = []
+            made: dict[int, nn.Module] = {}  # (a patch shared by branches with one stored copy: one module)
             for i in range(len(members)):
+                own = {p: vals[i] for p, vals in values.items()}
+                patch = next((v for v in own.values() if isinstance(v, _Patch)), None)
+                if patch is not None and id(patch) in made:
+                    copies.append(made[id(patch)])
+                    continue
+                if patch is not None and set(own) == {"weight"} and _patchable(copies[patch.of]):
+                    made[id(patch)] = RowPatched(copies[patch.of], patch.rows, patch.values, patch.size)
+                    copies.append(made[id(patch)])
+                    continue
+                own = {p: v.whole() if isinstance(v, _Patch) else v for p, v in own.items()}
                 c = copy.deepcopy(orig)
-                _fit_vocabulary(c, {p: vals[i] for p, vals in values.items()}, module_name)
-                _assign(c, {p: vals[i] for p, vals in values.items()}, module_name)
+                _fit_vocabulary(c, own, module_name)
+                _assign(c, own, module_name)
                 copies.append(c)
             _set_module(model, module_name, PerBranch(state, copies))
 
@@ -217,6 +237,22 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> 
         p.requires_grad_(False)
 
 
+@dataclass
+class _Patch:
+    """A branch's per-branch tensor stored as branch ``of``'s (its index) with ``rows`` replaced or added."""
+
+    of: int
+    rows: torch.Tensor
+    values: torch.Tensor
+    size: int
+    whole: Callable[[], torch.Tensor]  # the tensor itself, for a module that cannot hold a patch
+
+
+def _patchable(m: nn.Module) -> bool:
+    """Whether a :class:`RowPatched` can stand for a copy of ``m``: an embedding, or a head without a bias."""
+    return isinstance(m, nn.Embedding) or (type(m) is nn.Linear and m.bias is None)
+
+
 def _fit_vocabulary(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Resize ``module``'s (meta) parameters to a branch's own vocabulary: embeddings ``[V_i, H]`` or a head
     ``[V_i, H]`` whose first dimension differs from the skeleton's (the manifest allows nothing else)."""
@@ -242,9 +278,10 @@ def _check_vocabularies(model: PreTrainedModel, reader: BundleReader, members: l
         copies = mod.copies if isinstance(mod, PerBranch) else [mod] * len(members)
         for b, c in zip(members, copies):
             w = getattr(c, "weight", None)
+            rows = c.size if isinstance(c, RowPatched) else w.shape[0] if isinstance(w, torch.Tensor) else None
             vocab = reader.hf_config(b).get("vocab_size")
-            if isinstance(w, torch.Tensor) and isinstance(vocab, int) and w.shape[0] != vocab:
-                raise BundleError(f"branch {b!r}: its {what} have {w.shape[0]} rows but its config's vocab_size "
+            if rows is not None and isinstance(vocab, int) and rows != vocab:
+                raise BundleError(f"branch {b!r}: its {what} have {rows} rows but its config's vocab_size "
                                   f"is {vocab}")
 
 
@@ -263,13 +300,19 @@ def _tie_lm_head(model: PreTrainedModel, records: dict, state: BranchState, n: i
     if out is None or emb is None or not out.weight.is_meta:
         return
     if isinstance(emb, PerBranch):
-        copies = []
-        for c in emb.copies:
-            lm = copy.deepcopy(out)
-            lm.weight = c.weight
-            if hasattr(lm, "out_features"):  # a branch's own vocabulary
-                lm.out_features = c.weight.shape[0]
-            copies.append(lm)
+        copies: list[nn.Module] = []
+        heads: dict[int, nn.Module] = {}  # embedding copy → its head (one module for a shared copy)
+        for c in emb._copies:
+            if id(c) not in heads:
+                if isinstance(c, RowPatched):
+                    heads[id(c)] = RowPatched(heads[id(c.of)], c.rows, c.values, c.size)
+                else:
+                    lm = copy.deepcopy(out)
+                    lm.weight = c.weight
+                    if hasattr(lm, "out_features"):  # a branch's own vocabulary
+                        lm.out_features = c.weight.shape[0]
+                    heads[id(c)] = lm
+            copies.append(heads[id(c)])
         for name, mod in model.named_modules():
             if mod is out:
                 _set_module(model, name, PerBranch(state, copies))

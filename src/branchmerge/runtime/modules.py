@@ -507,6 +507,10 @@ class PerBranch(nn.Module):
         # copies holding the same tensors (branches that left their embeddings or head alone) run as one
         keys = [_tensors_key(c) for c in copies]
         self._holder = [keys.index(k) for k in keys]
+        # a copy that patches rows of another's (RowPatched) runs its rows through that one with the other's
+        of = [getattr(c, "_of", None) for c in copies]
+        at = [next((j for j, d in enumerate(copies) if o and d is o[0]), None) for o in of]
+        self._root = [h if j is None else self._holder[j] for j, h in zip(at, self._holder)]
         c0 = copies[0]
         # Llama-style RMSNorm copies (``weight * x / rms(x)``) run inline, and gather weights for mixed rows
         self._rms_eps: float | None = None
@@ -515,6 +519,27 @@ class PerBranch(nn.Module):
             self.register_buffer("stacked_norm", torch.stack([c.weight for c in copies]), persistent=False)  # [N, H]
             for i, c in enumerate(copies):  # held once: each copy's weight is a row of the stack
                 c.weight = nn.Parameter(self.stacked_norm[i], requires_grad=False)
+
+    def _through_roots(self, x: Tensor, groups: list[tuple[int, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """Rows of patched copies (:class:`~.patched.RowPatched`) and of the copy they patch, run through that
+        copy as one batch (one embedding lookup or head GEMM), then each patched copy's rows patched."""
+        by_root: dict[int, list[tuple[int, Tensor]]] = {}
+        for i, rows in groups:
+            by_root.setdefault(self._root[i], []).append((i, rows))
+        ys = []
+        for r, members in by_root.items():
+            root = self._copies[r]
+            xr = x[torch.cat([rows for _, rows in members])] if len(members) > 1 else x[members[0][1]]
+            if isinstance(root, nn.Embedding):  # (ids past the root's rows are patched rows)
+                yr = root(xr.clamp(max=root.weight.shape[0] - 1))
+            else:
+                yr = root(xr)
+            k = 0
+            for i, rows in members:
+                y = yr[k:k + rows.numel()]
+                k += rows.numel()
+                ys.append((rows, y if i == r else self._copies[i].over(x[rows], y)))
+        return ys
 
     def _merged_groups(self, plan: MixedPlan) -> list[tuple[int, Tensor]]:
         """``plan.groups`` with the rows of copies that share their tensors together (under the first)."""
@@ -553,7 +578,10 @@ class PerBranch(nn.Module):
             if len(set(self._holder)) < len(self._holder) else plan.groups
         if len(groups) == 1:  # every row reads the same tensors
             return self._copies[groups[0][0]](x, *args, **kwargs)
-        ys = [(rows, self._copies[i](x[rows], *args, **kwargs)) for i, rows in groups]
+        if self._root != self._holder:
+            ys = self._through_roots(x, groups)
+        else:
+            ys = [(rows, self._copies[i](x[rows], *args, **kwargs)) for i, rows in groups]
         width = max(y.shape[-1] for _, y in ys)
         y0 = ys[0][1]
         if all(y.shape[-1] == width for _, y in ys):
