@@ -5,7 +5,6 @@ structured outputs, through the server, and a bundle that lies about the sizes i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,6 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import branchmerge
@@ -28,6 +26,7 @@ from tests.cli_util import run_cli
 from tests.conftest import make_finetune, make_tiny_llama, save_char_tokenizer, write_config
 from tests.serving import serving, wait_queued
 from tests.test_structured import STRUCTURES, _check
+from tests.test_tampered_bundle import _edit_manifest, _edit_shards, _set
 
 ADDED = ["<|q|>", "<|r|>", "<|tool|>"]  # 64 → 67 tokens: the last word of the structure bitmask grows too
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -216,12 +215,6 @@ def test_only_the_vocabulary_may_differ(grown, tmp_path):
         run_merge(load_config(conf), tmp_path / "out", progress=False)
 
 
-def _edit_manifest(d: Path, fn) -> None:
-    m = json.loads((d / "manifest.json").read_text())
-    fn(m)
-    (d / "manifest.json").write_text(json.dumps(m))
-
-
 def _group(m: dict) -> dict:
     return m["tensors"][next(iter(m["groups"]))]
 
@@ -240,9 +233,14 @@ def _group(m: dict) -> dict:
                                                 r"manifest record implies \[64, 32\]"),
 ])
 def test_a_manifest_that_lies_about_the_vocabularies_is_refused(grown, tmp_path, edit, message):
+    _refused(grown["bundles"][0.5], tmp_path, _edit_manifest, edit, message)
+
+
+def _refused(bundle: Path, tmp_path: Path, editor, edit, message: str) -> None:
+    """A copy of ``bundle`` edited (``editor(folder, edit)``) fails to load with ``message``."""
     d = tmp_path / "bundle"
-    shutil.copytree(grown["bundles"][0.5], d)
-    _edit_manifest(d, edit)
+    shutil.copytree(bundle, d)
+    editor(d, edit)
     with pytest.raises(BundleError, match=message):
         branchmerge.load(d, dtype="float32")
 
@@ -251,14 +249,8 @@ def test_grown_embeddings_swapped_in_the_shards_are_refused(grown, tmp_path):
     """The config says 67 tokens, the shard holds (re-signed) 64 rows for g: refused at load, by name."""
     d = tmp_path / "bundle"
     shutil.copytree(grown["bundles"][0.5], d)
-    digests = {}
-    for p in sorted(d.glob("shard-*.safetensors")):
-        t = load_file(p)
-        if f"b.g|{EMBED}" in t:
-            t[f"b.g|{EMBED}"] = t[f"b.g|{EMBED}"][:64].contiguous()
-        save_file(t, p, metadata={"format": "pt"})
-        digests[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
-    _edit_manifest(d, lambda m: (m["shards"].update(digests), _group(m)[EMBED].pop("shapes")))
+    _edit_shards(d, _set(f"b.g|{EMBED}", lambda t: t[:64].contiguous()))
+    _edit_manifest(d, lambda m: _group(m)[EMBED].pop("shapes"))
     with pytest.raises(BundleError, match=r"branch 'g': its embeddings have 64 rows but its config's vocab_size is 67"):
         branchmerge.load(d, dtype="float32")
 
@@ -346,8 +338,24 @@ def test_peft_trainable_tokens_read_as_peft_merges_them(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(mixed[0, :, :64], cases["both"][2](x[:1]).logits[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(mixed[1], cases["grown"][2](x[1:]).logits[0], atol=1e-5, rtol=0)
-    with pytest.raises(ModelInputError, match=r"trains token rows of lm_head\.weight, model\.embed_tokens\.weight \(trainable_token_indices\)"):
-        b.load_lora("chat2", tmp_path / "both", base="base")
+    # loaded into a running bundle (vLLM's runtime LoRA API, which has no trainable tokens): its rows over the
+    # base's, in a bundle whose embeddings are per branch (this one) and in the base alone (shared, tied)
+    got = b.load_lora("both2", tmp_path / "both", base="base")
+    with torch.no_grad():
+        torch.testing.assert_close(b.logits(x[:1], ["both2"])[0], cases["both"][2](x[:1]).logits[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(b.logits(x[:1], ["both"]), mixed[:1, :, :64], atol=1e-5, rtol=0)
+    assert got.slot == 3
+    merge_adapters(tmp_path / "tied", {}, tmp_path / "t", dtype="float32", progress=False)
+    t = branchmerge.load(tmp_path / "t", dtype="float32")
+    t.load_lora("chat", tmp_path / "chat")
+    y = torch.tensor([[1, 3, 60, 5, 9], [1, 3, 60, 5, 9]])
+    with torch.no_grad():
+        both_rows = t.logits(y, ["chat", "base"])
+        torch.testing.assert_close(both_rows[0], cases["chat"][2](y[:1]).logits[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(both_rows[1], tied(y[1:]).logits[0], atol=1e-5, rtol=0)
+    t.unload_lora("chat")
+    t.load_lora("chat3", tmp_path / "chat")  # its slot, reused
+    torch.testing.assert_close(t.logits(y[:1], ["chat3"]), both_rows[:1], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -408,6 +416,9 @@ def test_rows_a_fine_tune_left_alone_are_stored_and_held_once(tmp_path, capsys, 
     assert torch.equal(_hf(tmp_path / "g-out").get_input_embeddings().weight, _hf(models["g"]).get_input_embeddings().weight)
 
 
+ROWS, VALUES = f"b.g|{EMBED}|rows", f"b.g|{EMBED}|values"
+
+
 def _patched_bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("patched")
     models = _family(root, tied=False, frozen=True)
@@ -421,40 +432,18 @@ def patched(tmp_path_factory) -> Path:
     return _patched_bundle(tmp_path_factory)
 
 
-def _edit_parts(d: Path, fn) -> None:
-    digests = {}
-    for p in sorted(d.glob("shard-*.safetensors")):
-        t = load_file(p)
-        fn(t)
-        save_file(t, p, metadata={"format": "pt"})
-        digests[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
-    _edit_manifest(d, lambda m: m["shards"].update(digests))
-
-
-def _part(name: str, fn):
-    def edit(t: dict) -> None:
-        key = f"b.g|{EMBED}|{name}"
-        if key in t:
-            t[key] = fn(t[key])
-    return edit
-
-
 @pytest.mark.parametrize("edit,message", [
-    (_part("rows", lambda r: r.flip(0).contiguous()), r"rows must be 3 sorted, unique row indices below 67, covering "
+    (_set(ROWS, lambda r: r.flip(0).contiguous()), r"rows must be 3 sorted, unique row indices below 67, covering "
                                                        r"rows 64\.\.66"),
-    (_part("rows", lambda r: torch.tensor([3, 64, 65])), r"rows must be 3 sorted.*covering rows 64\.\.66"),
-    (_part("rows", lambda r: torch.tensor([64, 65, 67])), "rows must be 3 sorted"),
-    (_part("rows", lambda r: r.to(torch.int32)), "stored as I32; int64 row indices are expected"),
-    (_part("values", lambda v: v[:, :16].contiguous()), r"values has shape \[3, 16\]; its manifest record implies "
+    (_set(ROWS, lambda r: torch.tensor([3, 64, 65])), r"rows must be 3 sorted.*covering rows 64\.\.66"),
+    (_set(ROWS, lambda r: torch.tensor([64, 65, 67])), "rows must be 3 sorted"),
+    (_set(ROWS, lambda r: r.to(torch.int32)), "stored as I32; int64 row indices are expected"),
+    (_set(VALUES, lambda v: v[:, :16].contiguous()), r"values has shape \[3, 16\]; its manifest record implies "
                                                          r"\['k', 32\]"),
-    (_part("values", lambda v: v[:2].contiguous()), "rows must be 2 sorted"),
+    (_set(VALUES, lambda v: v[:2].contiguous()), "rows must be 2 sorted"),
 ])
 def test_a_patch_that_lies_is_refused(patched, tmp_path, edit, message):
-    d = tmp_path / "bundle"
-    shutil.copytree(patched, d)
-    _edit_parts(d, edit)
-    with pytest.raises(BundleError, match=message):
-        branchmerge.load(d, dtype="float32")
+    _refused(patched, tmp_path, _edit_shards, edit, message)
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -465,8 +454,4 @@ def test_a_patch_that_lies_is_refused(patched, tmp_path, edit, message):
     (lambda m: _group(m)[EMBED].update(patches={"a": "g"}), r"'g''s \[67, 32\] cannot be patched into \[64, 32\]"),
 ])
 def test_a_manifest_that_lies_about_patches_is_refused(patched, tmp_path, edit, message):
-    d = tmp_path / "bundle"
-    shutil.copytree(patched, d)
-    _edit_manifest(d, edit)
-    with pytest.raises(BundleError, match=message):
-        branchmerge.load(d, dtype="float32")
+    _refused(patched, tmp_path, _edit_manifest, edit, message)

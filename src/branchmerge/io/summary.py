@@ -33,7 +33,7 @@ def summarize(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
             "compressed": len(comp),
             "shared": sum(r.role == "shared" for r in recs.values()),
             "per_branch": sum(r.role == "per_branch" for r in recs.values()),
-            "deduplicated": sum(bool(r.same_as) for r in recs.values()),
+            "deduplicated": sum(bool(r.same_as or r.patches) for r in recs.values()),  # stored once or as rows
             "dense_deltas": sum(r.dense for r in comp.values()),
             "ranks": ranks,
             "bytes": sum(r.bytes for r in recs.values()),

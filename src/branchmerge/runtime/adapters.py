@@ -34,6 +34,7 @@ from branchmerge.io.adapters import LoraSource
 from branchmerge.io.bundle import BundleReader, key_mean, key_scales, key_shared
 from branchmerge.io.models import ModelSource
 from branchmerge.runtime.modules import BranchedLinear, PerBranch
+from branchmerge.runtime.patched import RowPatched
 from branchmerge.runtime.quantized import QuantizedBranchedLinear
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Prepared:
     path: Path
     factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     biases: dict[str, Tensor] = field(default_factory=dict)
+    rows: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # trainable tokens: rows [k], values [k, n]
 
     @property
     def rank(self) -> int:
@@ -185,10 +187,14 @@ def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_ran
             raise ModelInputError(f"{where} has rank {rank} at {tensor}, above this server's limit of {max_rank} "
                                   "(--max-lora-rank)")
         ranks[tensor] = rank
-    if src.tokens:
-        raise ModelInputError(f"{where} trains token rows of {', '.join(sorted(src.tokens))} "
-                              "(trainable_token_indices), which a loaded adapter cannot add; merge it into a bundle "
-                              "instead")
+    tied = _tied_head(model, reader, group)
+    for tensor in src.tokens:
+        mod = _module(model, tensor)
+        own = mod._copies[mod.state.index(base)] if isinstance(mod, PerBranch) else mod
+        of = own.of if isinstance(own, RowPatched) else own
+        if not (isinstance(of, nn.Embedding) or (type(of) is nn.Linear and of.bias is None)):
+            raise ModelInputError(f"{where} trains token rows of {tensor}, a {type(of).__name__} this bundle does not "
+                                  "keep as an embedding or a head without bias; merge it into a bundle instead")
     if src.replaced:
         raise ModelInputError(f"{where} stores whole tensors ({', '.join(sorted(src.replaced)[:3])}: "
                               "modules_to_save), which a loaded adapter cannot add; merge it into a bundle instead")
@@ -197,7 +203,35 @@ def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_ran
     for tensor, m in src.changes.items():
         if m.bias_of is not None:
             prep.biases[tensor] = src.get(tensor)
+    for tensor, (key, rows) in src.tokens.items():  # PEFT's trainable tokens: new values of some rows
+        prep.rows[tensor] = (torch.tensor(rows, dtype=torch.long), src._read(key).float())
+        if tied is not None and tensor == tied[0] and tied[1] not in src.tokens:  # the tied head reads them too
+            prep.rows[tied[1]] = prep.rows[tensor]
     return prep
+
+
+def _tied_head(model: nn.Module, reader: BundleReader, group: str) -> tuple[str, str] | None:
+    """``(embedding tensor, head tensor)`` when the group's head is its embedding matrix (tied, no head stored)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    if emb is None or head is None or id(head) not in names:
+        return None
+    out = f"{names[id(head)]}.weight"
+    return (f"{names[id(emb)]}.weight", out) if out not in reader.manifest.tensors[group] else None
+
+
+def _with_rows(own: nn.Module, rows: Tensor, values: Tensor) -> RowPatched:
+    """A copy of ``own`` (a branch's embedding or head, itself maybe a patch of another's) with ``rows``
+    replaced by ``values``."""
+    if isinstance(own, RowPatched):  # the base's own rows, then the adapter's over them
+        by_row = dict(zip(own.rows.tolist(), own.values))
+        by_row.update(zip(rows.tolist(), values.to(own.values)))
+        of, size = own.of, own.size
+    else:
+        of, size = own, own.weight.shape[0]
+        by_row = dict(zip(rows.tolist(), values.to(own.weight)))
+    keys = sorted(by_row)
+    return RowPatched(of, torch.tensor(keys, dtype=torch.long), torch.stack([by_row[k] for k in keys]), size)
 
 
 def _module(model: nn.Module, tensor: str) -> nn.Module | None:
@@ -246,8 +280,12 @@ def apply(bundle, prep: Prepared) -> LoadedAdapter:
                 converted = True
             elif isinstance(m, PerBranch):  # the base's norms, embeddings…, in a new slot or a reused one
                 copies = list(m._copies)
-                own = _shallow(copies[base])
+                own = _with_rows(copies[base], *prep.rows[w]) if w in prep.rows else _shallow(copies[base])
                 copies[slot:slot + 1] = [own]
+                _replace(model, mn, PerBranch(state, copies))
+            elif w in prep.rows:  # an embedding or head every branch shares: per branch now, the slot's patched
+                copies = [m] * max(n, slot + 1)
+                copies[slot] = _with_rows(m, *prep.rows[w])
                 _replace(model, mn, PerBranch(state, copies))
         if slot == n:
             state.names.append(prep.name)
