@@ -164,3 +164,45 @@ def test_a_fine_tune_with_added_tokens(tmp_path):
         torch.testing.assert_close(m(x).logits, grown.eval()(x).logits, atol=1e-5, rtol=0)
     with pytest.raises(ModelInputError, match="a resized vocabulary.*it is excluded"):
         extract_lora(tmp_path / "base", tmp_path / "tune", tmp_path / "ex", exclude=["embed"], progress=False)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_fine_tune_that_trained_only_some_token_rows(tmp_path, tied):
+    """A fine-tune that added tokens to embeddings it left alone, and retrained two old rows: those rows only,
+    as PEFT's trainable tokens (the head's too when untied), not the whole matrices; PEFT over the resized base
+    gives the fine-tune's logits, and our reader reads the adapter as the fine-tune; --no-token-rows saves
+    them whole."""
+    from branchmerge.io.adapters import open_model
+
+    base = make_tiny_llama(tmp_path / "base", seed=4, tie_word_embeddings=tied)
+    tune = make_finetune(base, tmp_path / "tmp", seed=8)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        tune.get_input_embeddings().weight.copy_(base.get_input_embeddings().weight)
+        tune.lm_head.weight.copy_(base.lm_head.weight)
+        tune.resize_token_embeddings(67, mean_resizing=False)
+        tune.get_input_embeddings().weight[[5, 9, 64, 65, 66]] = torch.randn(5, 32, generator=g)
+        if not tied:
+            tune.lm_head.weight[[7, 64, 65, 66]] = torch.randn(4, 32, generator=g)
+    tune.save_pretrained(tmp_path / "tune")
+    rep = extract_lora(tmp_path / "base", tmp_path / "tune", tmp_path / "lora", rank=64, progress=False)
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    rows = {"embed_tokens": [5, 9, 64, 65, 66], "lm_head": [7, 64, 65, 66]}
+    assert cfg["trainable_token_indices"] == (rows["embed_tokens"] if tied else rows)
+    assert not any("embed" in m or "lm_head" in m for m in cfg["modules_to_save"] or [])
+    assert rep["trainable_tokens"] == ({"model.embed_tokens": 5} if tied else {"model.embed_tokens": 5, "lm_head": 4})
+    stored = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert stored["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"].shape == (5, 32)
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    m.resize_token_embeddings(67)
+    m = PeftModel.from_pretrained(m, tmp_path / "lora").eval()
+    x = torch.tensor([[1, 5, 66, 9, 64, 7]])
+    with torch.no_grad():
+        want = tune.eval()(x).logits
+        torch.testing.assert_close(m(x).logits, want, atol=1e-5, rtol=0)
+    src = open_model("t", str(tmp_path / "lora"), base=str(tmp_path / "base"))
+    assert max(float((src.get(k).float() - tune.state_dict()[k].float()).abs().max()) for k in src.names()) < 1e-5
+    whole = extract_lora(tmp_path / "base", tmp_path / "tune", tmp_path / "whole", rank=64, token_rows=False,
+                         progress=False)
+    assert "model.embed_tokens" in whole["modules_to_save"] and not whole["trainable_tokens"]
+    assert whole["adapter_bytes"] > rep["adapter_bytes"] + 64 * 32 * 4

@@ -359,8 +359,10 @@ def test_peft_trainable_tokens_read_as_peft_merges_them(tmp_path):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda cfg, t: cfg.update(trainable_token_indices=[3, 70]), r"trainable_token_indices \[70\] are outside "
-                                                                 r"model\.embed_tokens\.weight's 64 rows"),
+    (lambda cfg, t: cfg.update(trainable_token_indices=[3, 70]), r"trainable_token_indices reach row 70, past "
+                                                                 r"model\.embed_tokens\.weight's 64 rows, but do not "
+                                                                 r"give rows \[64, 65, 66, 67, 68\]"),
+    (lambda cfg, t: cfg.update(trainable_token_indices=[-1, 3]), r"trainable_token_indices \[-1\] are outside"),
     (lambda cfg, t: cfg.update(trainable_token_indices=[3, 5, 9]), r"trainable_tokens_delta is \[2, 32\]; 3 "
                                                                    r"trainable_token_indices"),
     (lambda cfg, t: cfg.update(trainable_token_indices=[3, 3]), "repeat a token id"),

@@ -2,7 +2,8 @@
 low-rank pair (mergekit's ``mergekit-extract-lora``, PEFT's format), one tensor at a time.
 
 What a LoRA cannot carry is kept whole in ``modules_to_save`` (PEFT stores the module's tensors and uses
-them in place of the base's): embeddings (unless ``embed_lora``), and any module with a changed norm
+them in place of the base's): embeddings (unless ``embed_lora``, or only some of their rows changed or were
+added: then those rows, as PEFT's trainable tokens), and any module with a changed norm
 weight or bias. A head tied to the embeddings gets the embeddings' change too (PEFT's embedding LoRA
 changes only the lookup). ``skip_undecomposable`` drops those instead, and the report says what was lost.
 
@@ -55,8 +56,8 @@ def _matches(module: str, names: Sequence[str]) -> bool:
 def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: int = 128, sv_epsilon: float = 0.0,
                  target_error: float | None = None, exact: bool = False, embed_lora: bool = False,
                  modules_to_save: Sequence[str] = (), include: Sequence[str] = (), exclude: Sequence[str] = (),
-                 skip_undecomposable: bool = False, dtype: str | None = None, force: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
+                 skip_undecomposable: bool = False, token_rows: bool = True, dtype: str | None = None,
+                 force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write the LoRA adapter that turns ``base`` into (approximately) ``model``.
 
     Args:
@@ -66,6 +67,9 @@ def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: 
         exact: full SVD instead of the randomized one.
         embed_lora: embeddings as LoRA pairs (``lora_embedding_A/B``) rather than saved whole.
         modules_to_save: modules saved whole (names or suffixes, e.g. ``lm_head``).
+        token_rows: embeddings (and an untied head) that differ from the base's in few rows (a fine-tune that
+            trained only some tokens, or added tokens to embeddings it left alone) are saved as those rows,
+            PEFT's trainable tokens (``trainable_token_indices``), when that at least halves them; else whole.
         include, exclude: regular expressions on module names: only modules matching ``include`` (when
             given) and none of ``exclude`` are extracted; the others stay the base's.
         dtype: of the written tensors (default: the fine-tune's).
@@ -126,14 +130,18 @@ def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: 
                                torch.linalg.vector_norm(mt.float()).clamp(min=1e-30))
         else:
             whole.add(module)
-    # a head tied to the embeddings (no lm_head tensor): PEFT changes the embedding lookup only, so the head
-    # gets the same change (saved whole, or the same LoRA pair on lm_head)
     tied = not any(n.startswith("lm_head.") for n in names)
+    rows = _token_rows(m_src, b_src, modules, whole - {m for m in whole if _matches(m, modules_to_save)},
+                       DTYPES[dt].itemsize) if token_rows else {}
+    whole -= set(rows)
+    # a head tied to the embeddings (no lm_head tensor): PEFT changes the embedding lookup only, so the head
+    # gets the same change (saved whole, or the same LoRA pair on lm_head; trainable tokens tie on their own)
     if tied and any(_EMBED.search(m) for m in whole):
         whole.add("lm_head")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     report: dict[str, Any] = {"base": str(base), "model": str(model), "modules": {}, "modules_to_save": sorted(whole),
+                              "trainable_tokens": {m: r.numel() for m, r in rows.items()},
                               "lost": lost, "resized_vocabulary": resized}
     if resized is not None:
         logger.warning("the fine-tune's vocabulary has %d entries: resize the base's embeddings to match before "
@@ -142,6 +150,9 @@ def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: 
     for name in tqdm(names, desc="extracting LoRA", disable=not progress):
         module, _, param = name.rpartition(".")
         key = f"base_model.model.{module}"
+        if module in rows:  # PEFT's TrainableTokensLayer: the rows' new values
+            tensors[f"{key}.token_adapter.trainable_tokens_delta"] = m_src.get(name)[rows[module]].to(torch_dt)
+            continue
         if module in whole:
             tensors[f"{key}.{param}"] = m_src.get(name).to(torch_dt).contiguous()
             if tied and _EMBED.search(module) and param == "weight":
@@ -185,6 +196,10 @@ def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: 
            "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}), "lora_dropout": 0.0, "bias": "none",
            "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": sorted(whole) or None,
            "use_rslora": False, "use_dora": False, "init_lora_weights": True}
+    if rows:  # the list form for the embeddings alone, else per module (its last name part, as PEFT matches)
+        short = {m.rsplit(".", 1)[-1]: r.tolist() for m, r in rows.items()}
+        only = next(iter(short.values())) if len(rows) == 1 and _EMBED.search(next(iter(rows))) else None
+        cfg["trainable_token_indices"] = only if only is not None else short
     adapter_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     model_bytes = sum(_numel(m_src, n) for n in names) * torch_dt.itemsize
     report.update({"rank": r, "dtype": dt, "adapter_bytes": adapter_bytes, "model_bytes": model_bytes,
@@ -199,6 +214,26 @@ def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: 
                 "error of a difference %.3g", r, len(ranks), len(whole), adapter_bytes / 1e6,
                 100 * adapter_bytes / max(model_bytes, 1), report["max_rel_error_of_difference"])
     return report
+
+
+def _token_rows(m_src: ModelSource, b_src: ModelSource, modules: dict[str, list[str]], candidates: set[str],
+                esize: int) -> dict[str, torch.Tensor]:
+    """Of the ``candidates`` saved whole, the embeddings and heads (a ``weight`` alone, rows = vocabulary) whose
+    rows that differ from the base's, and the rows the base lacks, take at most half their bytes: module → those
+    rows ``[k]``."""
+    out = {}
+    for module in sorted(candidates):
+        params = modules.get(module, [])
+        if params != [f"{module}.weight"] or not (_EMBED.search(module) or module.rsplit(".", 1)[-1] == "lm_head"):
+            continue
+        mt, bt = m_src.get(params[0]), b_src.get(params[0])
+        if mt.dim() != 2 or bt.shape[1:] != mt.shape[1:] or bt.shape[0] > mt.shape[0]:
+            continue
+        changed = (mt[:bt.shape[0]] != bt.to(mt.dtype)).any(1).nonzero().flatten()
+        r = torch.cat([changed, torch.arange(bt.shape[0], mt.shape[0])])
+        if 0 < r.numel() and r.numel() * (mt.shape[1] * esize + 8) * 2 <= mt.numel() * esize:
+            out[module] = r
+    return out
 
 
 def _numel(src: ModelSource, name: str) -> int:

@@ -187,6 +187,9 @@ def extract_lora_cmd(
                                       "base's; repeat."),
     skip_undecomposable: bool = typer.Option(False, "--skip-undecomposable", help="Drop changed norms and biases "
                                              "(reported) instead of saving their modules whole."),
+    token_rows: bool = typer.Option(True, "--token-rows/--no-token-rows", help="Embeddings (and an untied head) "
+                                    "that differ from the base's in few rows, or only by added tokens, saved as "
+                                    "those rows: PEFT's trainable tokens (peft>=0.15 loads them)."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the model's)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier branchmerge output."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
@@ -197,8 +200,10 @@ def extract_lora_cmd(
 
     rep = extract_lora(base, model, out, rank=rank, sv_epsilon=sv_epsilon, target_error=target_error, exact=exact,
                        embed_lora=embed_lora, modules_to_save=save_module, include=include, exclude=exclude,
-                       skip_undecomposable=skip_undecomposable, dtype=dtype, force=force, progress=not no_progress)
+                       skip_undecomposable=skip_undecomposable, token_rows=token_rows, dtype=dtype, force=force,
+                       progress=not no_progress)
     whole = f", {len(rep['modules_to_save'])} saved whole" if rep["modules_to_save"] else ""
+    whole += "".join(f", {k} rows of {m}" for m, k in rep["trainable_tokens"].items())
     typer.echo(f"wrote {out}: LoRA rank <= {rep['rank']} on {len(rep['modules'])} modules{whole}; "
                f"{rep['adapter_bytes'] / 1e6:.1f} MB ({100 * rep['adapter_bytes'] / max(rep['model_bytes'], 1):.1f}% "
                f"of the model); worst relative error of a difference {rep['max_rel_error_of_difference']:.3g}")

@@ -279,7 +279,6 @@ class LoraSource(ModelSource):
             got, want = tuple(h.get_slice(key).get_shape()), tuple(self.shape(tensor))
             if got != want and not self._vocab_row_change(tensor, got, want):
                 raise ModelInputError(f"{where}: {key} is {list(got)}, but {tensor} is {list(want)} in the base model")
-        self._check_resized(where)
         for tensor, (key, rows) in self.tokens.items():
             shape, got = self.shape(tensor), tuple(h.get_slice(key).get_shape())
             if tensor not in self.weight_map or len(shape) != 2:
@@ -290,10 +289,18 @@ class LoraSource(ModelSource):
             if got != (len(rows), shape[1]):
                 raise ModelInputError(f"{where}: {key} is {list(got)}; {len(rows)} trainable_token_indices of "
                                       f"{tensor} {list(shape)} make [{len(rows)}, {shape[1]}]")
-            bad = [r for r in rows if not 0 <= r < shape[0]]
-            if bad:
-                raise ModelInputError(f"{where}: trainable_token_indices {bad[:5]} are outside {tensor}'s "
-                                      f"{shape[0]} rows")
+            past = sorted(r for r in rows if r >= shape[0])
+            if any(r < 0 for r in rows) or (past and tensor in self.replaced):
+                raise ModelInputError(f"{where}: trainable_token_indices {[r for r in rows if r < 0 or r in past][:5]} "
+                                      f"are outside {tensor}'s {shape[0]} rows")
+            gaps = [r for r in range(shape[0], past[-1] + 1) if r not in set(past)] if past else []
+            if gaps:
+                raise ModelInputError(f"{where}: trainable_token_indices reach row {past[-1]}, past {tensor}'s "
+                                      f"{shape[0]} rows, but do not give rows {gaps[:5]}: each row a resized "
+                                      "vocabulary adds must be given")
+            if past:  # new tokens' rows (the base resized first, as PEFT expects): a resized vocabulary
+                self.resized[tensor] = (past[-1] + 1, shape[1])
+        self._check_resized(where)
         deadline = time.monotonic() + _PATTERN_BUDGET_S  # (the patterns are matched now, before any work)
         for tensor, m in self.changes.items():
             if m.bias_of is None:
@@ -362,8 +369,9 @@ class LoraSource(ModelSource):
             t = self.base.get(tensor, check_finite=check_finite)
         if tensor in self.tokens:  # PEFT's TrainableTokensLayer merge: index_copy of the stored rows
             key, rows = self.tokens[tensor]
-            t = t.clone()
-            t[torch.tensor(rows)] = self._read(key).to(t.dtype)
+            size = self.shape(tensor)[0]
+            t = torch.cat([t, t.new_zeros(size - t.shape[0], *t.shape[1:])]) if size > t.shape[0] else t.clone()
+            t[torch.tensor(rows)] = self._read(key).to(t.dtype)  # (every row past the base's is among them)
         m = self.changes.get(tensor)
         if m is None:
             return t

@@ -22,7 +22,7 @@ from branchmerge.io.writer import ShardWriter, atomic_output_dir, check_output, 
 from branchmerge.methods import METHODS
 from branchmerge.methods.registry import model_weight
 from branchmerge.merge.slices import sliced, whole_models
-from branchmerge.merge.vocabulary import align_rows, plan_vocabulary
+from branchmerge.merge.vocabulary import VocabularyPlan, align_rows, naming_base, plan_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
         jobs = whole_models(config, method, models, tuned, base)
         first = models[tuned[0]]
         hf_config = first.hf_config
-    vocab = _vocabulary(config, models) if config.tokenizer is not None or config.tokenizer_source else None
+    vocab, ordered = _vocabulary(config, models) if config.tokenizer is not None or config.tokenizer_source \
+        else (None, set())
     by_name = any(map(_mentions_filter, [config.parameters, *(b.parameters for b in config.branches),
                                          *(sl.parameters for sl in config.slices or []),
                                          *(src.parameters for sl in config.slices or [] for src in sl.sources)]))
@@ -76,21 +77,21 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
         for job in tqdm(jobs, desc=f"merging ({method.name})", disable=not progress):
             ts = [models[i].get(n) for i, n in job.inputs]
             base_t = models[job.base[0]].get(job.base[1]) if job.base is not None else None
-            if vocab is not None and job.out in vocab[1]:  # embeddings, head: rows in the output's order
+            if vocab is not None and job.out in ordered:  # embeddings, head: rows in the output's order
                 named = {models[i].name: t for (i, _), t in zip(job.inputs, ts)}
                 if base_t is not None:
                     named.setdefault(models[job.base[0]].name, base_t)
-                lined = align_rows(vocab[0], named)
+                lined = align_rows(vocab, named)
                 ts = [lined[models[i].name] for i, _ in job.inputs]
                 base_t = lined[models[job.base[0]].name] if base_t is not None else None
             for t, m in zip(ts[1:], job.models[1:]):
                 if t.shape != ts[0].shape:
-                    vocab = t.dim() == 2 and t.shape[1:] == ts[0].shape[1:]
+                    rows_only = t.dim() == 2 and t.shape[1:] == ts[0].shape[1:]
                     raise ModelInputError(f"tensor {job.inputs[0][1]} has shape {list(t.shape)} in branch {m!r} "
                                           f"but {list(ts[0].shape)} in {job.models[0]!r}" + (
                                               "; if their vocabularies differ (added tokens), `tokenizer_source: "
                                               "union` lines them up (or a branched merge keeps each branch's own)"
-                                              if vocab else ""))
+                                              if rows_only else ""))
             key = (job.group, job.out if by_name else "", job.t)
             if key not in resolved:
                 specs = [config.branches[i] for i, _ in job.inputs]
@@ -117,10 +118,10 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
         finish_hf_shards(tmp, writer)
         if vocab is not None:  # the merged vocabulary's tokenizer; the first model's generation config
             copy_side_files({f: p for f, p in first.side_files().items() if f in EXTRA_CONFIG_FILES}, tmp)
-            vocab[0].tokenizer.save_pretrained(tmp)
-            hf_config = {**hf_config, "vocab_size": vocab[0].size}
+            vocab.tokenizer.save_pretrained(tmp)
+            hf_config = {**hf_config, "vocab_size": vocab.size}
         else:
-            copy_side_files(_tokenizer_source(config, models, first).side_files(), tmp)
+            copy_side_files(_tokenizer_source(models, first).side_files(), tmp)
         if config.chat_template is not None:
             write_chat_template(tmp, config.chat_template, [m.path for m in models])
         write_hf_config(tmp, hf_config, config.dtype)
@@ -133,7 +134,7 @@ def _mentions_filter(parameters: dict[str, Any]) -> bool:
     return "filter" in str(parameters)
 
 
-def _tokenizer_source(config: MergeConfig, models: list[ModelSource], first: ModelSource) -> ModelSource:
+def _tokenizer_source(models: list[ModelSource], first: ModelSource) -> ModelSource:
     """The first model, whose tokenizer the output takes when no ``tokenizer_source`` or ``tokenizer`` is given
     (mergekit's default); models whose vocabularies differ are warned about: their embeddings were merged
     entry by entry."""
@@ -148,13 +149,12 @@ def _tokenizer_source(config: MergeConfig, models: list[ModelSource], first: Mod
     return first
 
 
-def _vocabulary(config: MergeConfig, models: list[ModelSource]):
+def _vocabulary(config: MergeConfig, models: list[ModelSource]) -> tuple[VocabularyPlan, set[str]]:
     """The merged vocabulary (``tokenizer_source`` or ``tokenizer``) and the tensors it orders (per-branch
     tensors whose rows are the first model's ``vocab_size``: embeddings and head)."""
     from branchmerge.architectures import for_hf_config
-    from branchmerge.config import ModelToken, TokenizerConfig
+    from branchmerge.config import TokenizerConfig
 
-    spec = config.tokenizer or TokenizerConfig(source=config.tokenizer_source)
     base = None
     if config.base_model:
         base = next((m for m in models if m.path.resolve() == Path(config.base_model).resolve()), None) \
@@ -162,15 +162,8 @@ def _vocabulary(config: MergeConfig, models: list[ModelSource]):
     named = {m.name: m for m in models}
     if base is not None:
         named.setdefault(base.name, base)
-
-    def ref(r: str) -> str:
-        return base.name if r == "base" and base is not None else r
-
-    tokens = {t: e.model_copy(update={"source": (ref(e.source) if isinstance(e.source, str) else
-                                                 e.source.model_copy(update={"model": ref(e.source.model)})
-                                                 if isinstance(e.source, ModelToken) else e.source)})
-              for t, e in spec.tokens.items()}
-    spec = spec.model_copy(update={"source": ref(spec.source), "tokens": tokens})
+    spec = naming_base(config.tokenizer or TokenizerConfig(source=config.tokenizer_source),
+                       base.name if base is not None else None)
     plan = plan_vocabulary(spec, named, base.name if base is not None else None)
     first = models[0]
     arch = for_hf_config(first.hf_config)

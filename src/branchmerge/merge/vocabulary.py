@@ -58,6 +58,22 @@ class VocabularyPlan:
         return sources, average
 
 
+def naming_base(spec: TokenizerConfig, base: str | None) -> TokenizerConfig:
+    """``spec`` with its models named ``base`` (the config's word for ``base_model``) by ``base``'s own name."""
+    def ref(r: str) -> str:
+        return base if r == "base" and base is not None else r
+
+    def source(e: TokenEmbedding) -> TokenEmbedding:
+        src = e.source
+        if isinstance(src, str):
+            return e.model_copy(update={"source": ref(src)})
+        if isinstance(src, ModelToken):
+            return e.model_copy(update={"source": src.model_copy(update={"model": ref(src.model)})})
+        return e
+
+    return spec.model_copy(update={"source": ref(spec.source), "tokens": {t: source(e) for t, e in spec.tokens.items()}})
+
+
 def _load_tokenizer(path, where: str):
     from transformers import AutoTokenizer
 
