@@ -178,6 +178,8 @@ def test_tied_embeddings_and_the_cli(tmp_path, capsys):
     assert code == 0, err
     info = json.loads(out)["groups"]
     assert next(iter(info.values()))["tensor_records"][EMBED]["shapes"] == {"g": [67, 32]}
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "b")
+    assert code == 0 and "each branch its own vocabulary (a 64, c 64, g 67 tokens)" in " ".join(out.split()), out
     code, out, err = run_cli(capsys, "export-branch", tmp_path / "b", "g", "-o", tmp_path / "g-alone")
     assert code == 0, err
     export = tmp_path / "dense"

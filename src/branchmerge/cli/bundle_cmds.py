@@ -38,6 +38,10 @@ def inspect_cmd(
                   str(d["compressed"]), str(d["shared"]), str(d["per_branch"]), str(d["deduplicated"]),
                   str(d["dense_deltas"]), rank_s, mb(d["bytes"]), mb(d["input_bytes"]))
     c.print(t)
+    for g, d in s["groups"].items():
+        if len(set(d["vocab_sizes"].values())) > 1:
+            c.print(f"group {g}: each branch its own vocabulary ("
+                    + ", ".join(f"{b} {v}" for b, v in d["vocab_sizes"].items()) + " tokens)")
     e = table("relative reconstruction error of compressed weights ‖W−Ŵ‖/‖W‖", ["branch", "group", "mean", "max"])
     for g, d in s["groups"].items():
         for b in d["branches"]:

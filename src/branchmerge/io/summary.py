@@ -40,6 +40,7 @@ def summarize(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
             "max_rel_error": errors,
             "mean_rel_error": mean_err,
             "input_bytes": sum(m.branches[b].source_bytes for b in g.branches),
+            "vocab_sizes": {b: m.branches[b].hf_config.get("vocab_size") for b in g.branches},
             "factor_bits": sorted({b for r in comp.values() for b, c in (r.bits or []) if c}) or [16],
             "tensor_records": {k: {"role": r.role, "shape": r.shape, "rank": r.rank, "dense": r.dense,
                                    "bits": r.bits, "bytes": r.bytes,
