@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import branchmerge
 from branchmerge.config import load_config
@@ -459,3 +459,29 @@ def test_a_patch_that_lies_is_refused(patched, tmp_path, edit, message):
 ])
 def test_a_manifest_that_lies_about_patches_is_refused(patched, tmp_path, edit, message):
     _refused(patched, tmp_path, _edit_manifest, edit, message)
+
+
+def test_each_row_ends_on_its_own_branchs_end_of_text(tmp_path):
+    """g ends on its chat token <|r|> (65) alone (its own generation config, not its group's first branch's),
+    a on </s> (2). Drawing </s>, only text to g, g's row goes on in a mixed batch as it does alone, and each
+    row stops on its own end token."""
+    models = _family(tmp_path, tied=False)
+    g = AutoModelForCausalLM.from_pretrained(models["g"])
+    g.generation_config.eos_token_id = 65
+    g.generation_config.save_pretrained(models["g"])
+    tok = AutoTokenizer.from_pretrained(models["g"])
+    tok.eos_token = "<|r|>"
+    tok.save_pretrained(models["g"])
+    cfg = write_config(tmp_path / "c.yaml", [{"name": n, "model": str(p)} for n, p in models.items()],
+                       compress_rate=0.0)
+    run_merge(load_config(cfg), tmp_path / "b", progress=False)
+    b = branchmerge.load(tmp_path / "b", dtype="float32")
+    assert b.stop_ids("g") == {65} and 2 in b.stop_ids("a")
+    prompts, names = [[1, 5, 7], [1, 64, 9], [1, 8, 3]], ["a", "g", "c"]
+    rows = [RowSettings(), RowSettings(allowed_token_ids=(2,)), RowSettings(allowed_token_ids=(5, 2))]
+    alone = [b.generate_ids([p], [n], max_new_tokens=6, row_sampler=RowSampler([r]))[0]
+             for p, n, r in zip(prompts, names, rows)]
+    assert alone[1].new_ids == [2] * 6 and alone[1].finish_reason == "length"  # </s> is text to g
+    together = b.generate_ids(prompts, names, max_new_tokens=6, row_sampler=RowSampler(rows))
+    assert [(o.new_ids, o.finish_reason) for o in together] == [(o.new_ids, o.finish_reason) for o in alone]
+    assert together[2].finish_reason == "stop" or together[2].new_ids == [5] * 6

@@ -252,6 +252,7 @@ class Bundle(BatchGeneration):
             adapters.remove(self, name)
         self.loras.pop(name, None)
         self._tokenizers.pop(name, None)
+        self.__dict__.get("_config_eos", {}).pop(name, None)
         self._hot.discard(name)
         self.retiring.discard(name)
 
@@ -299,14 +300,27 @@ class Bundle(BatchGeneration):
         return out.logits
 
     def stop_ids(self, branch: str) -> set[int]:
-        """End-of-sequence token ids of ``branch``: its tokenizer's and its generation config's."""
+        """End-of-sequence token ids of ``branch``: its tokenizer's and its own generation config's (its
+        group's model's when it has none; read once per branch)."""
         ids = set()
         e = self.tokenizer(branch).eos_token_id
         if e is not None:
             ids.add(e)
-        gc_eos = self._group_of(branch).model.generation_config.eos_token_id
-        ids.update(gc_eos if isinstance(gc_eos, list) else [gc_eos] if gc_eos is not None else [])
-        return ids
+        known = self.__dict__.setdefault("_config_eos", {})
+        if branch not in known:
+            folder = self.reader.branch_dir(branch)
+            gc = self._group_of(branch).model.generation_config
+            if (folder / "generation_config.json").is_file():
+                from transformers import GenerationConfig
+
+                try:
+                    gc = GenerationConfig.from_pretrained(folder, trust_remote_code=False)
+                except (ValueError, OSError) as err:
+                    raise BundleError(f"branch {branch!r}: {folder / 'generation_config.json'} is invalid: "
+                                      f"{err}") from None
+            eos = gc.eos_token_id
+            known[branch] = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids | known[branch]
 
     def token_logprobs(self, ids: Sequence[int], branch: str, *, top: int = 0, greedy_next: bool = False) -> TokenLogprobs:
         """Log-probability of every token of ``ids`` given the ones before it, on ``branch``.

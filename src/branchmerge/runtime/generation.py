@@ -231,6 +231,8 @@ class BatchGeneration:
         if cache is not None:
             generation_kwargs = {**generation_kwargs, cache_arg(g.model): cache}
         eos = set().union(*(self.stop_ids(b) for b in {names[i] for i in idx}))
+        if stops is None and len({frozenset(self.stop_ids(names[i])) for i in idx}) > 1:
+            stops = [self.stop_ids(names[i]) for i in idx]  # branches that end on other tokens: each row on its own
         kwargs = {"do_sample": False, "pad_token_id": pad, "eos_token_id": sorted(eos) or None, **generation_kwargs}
         if stops is not None:
             kwargs["eos_token_id"] = None
