@@ -365,6 +365,8 @@ def test_peft_trainable_tokens_read_as_peft_merges_them(tmp_path):
                                                                  r"model\.embed_tokens\.weight's 64 rows, but do not "
                                                                  r"give rows \[64, 65, 66, 67, 68\]"),
     (lambda cfg, t: cfg.update(trainable_token_indices=[-1, 3]), r"trainable_token_indices \[-1\] are outside"),
+    (lambda cfg, t: cfg.update(trainable_token_indices=[3, 10**12]),  # (not a loop to 10**12)
+     r"reach row 1000000000000, past model\.embed_tokens\.weight's 64 rows, but do not give rows \[64, 65"),
     (lambda cfg, t: cfg.update(trainable_token_indices=[3, 5, 9]), r"trainable_tokens_delta is \[2, 32\]; 3 "
                                                                    r"trainable_token_indices"),
     (lambda cfg, t: cfg.update(trainable_token_indices=[3, 3]), "repeat a token id"),
@@ -456,6 +458,9 @@ def test_a_patch_that_lies_is_refused(patched, tmp_path, edit, message):
     (lambda m: _group(m)["model.norm.weight"].update(patches={"g": "a"}), r"`patches\.g`: only a per-branch matrix"),
     (lambda m: _group(m)[EMBED].update(patches={"g": "zz"}), "patches names branches outside the group"),
     (lambda m: _group(m)[EMBED].update(patches={"a": "g"}), r"'g''s \[67, 32\] cannot be patched into \[64, 32\]"),
+    (lambda m: (_group(m)[EMBED].update(shapes={"g": [10**9, 32]}), _group(m)[HEAD].update(shapes={"g": [10**9, 32]}),
+                m["branches"]["g"]["hf_config"].update(vocab_size=10**9)),  # (nothing that large is allocated)
+     r"rows must be 3 sorted, unique row indices below 1000000000, covering rows 64\.\.999999999"),
 ])
 def test_a_manifest_that_lies_about_patches_is_refused(patched, tmp_path, edit, message):
     _refused(patched, tmp_path, _edit_manifest, edit, message)

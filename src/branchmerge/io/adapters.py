@@ -293,7 +293,10 @@ class LoraSource(ModelSource):
             if any(r < 0 for r in rows) or (past and tensor in self.replaced):
                 raise ModelInputError(f"{where}: trainable_token_indices {[r for r in rows if r < 0 or r in past][:5]} "
                                       f"are outside {tensor}'s {shape[0]} rows")
-            gaps = [r for r in range(shape[0], past[-1] + 1) if r not in set(past)] if past else []
+            # (sorted and unique: rows shape[0]..past[-1] are all given when there are as many; a row id from the
+            # file is never iterated up to)
+            gaps = [] if not past or past[-1] - shape[0] + 1 == len(past) else [
+                r for r in range(shape[0], shape[0] + len(past) + 5) if r not in set(past)]
             if gaps:
                 raise ModelInputError(f"{where}: trainable_token_indices reach row {past[-1]}, past {tensor}'s "
                                       f"{shape[0]} rows, but do not give rows {gaps[:5]}: each row a resized "
