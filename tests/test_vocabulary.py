@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import branchmerge
 from branchmerge.config import load_config
@@ -490,3 +490,30 @@ def test_each_row_ends_on_its_own_branchs_end_of_text(tmp_path):
     together = b.generate_ids(prompts, names, max_new_tokens=6, row_sampler=RowSampler(rows))
     assert [(o.new_ids, o.finish_reason) for o in together] == [(o.new_ids, o.finish_reason) for o in alone]
     assert together[2].finish_reason == "stop" or together[2].new_ids == [5] * 6
+
+
+def test_each_branch_generates_with_its_own_generation_config(tmp_path):
+    """a's generation config bans repeats (repetition_penalty, no_repeat_ngram_size), b's does not: each branch
+    generates as its own model's ``generate`` does, alone, in one call with the other (rows of branches whose
+    configs process logits differently run as separate batches), and by beam search; before, every branch of a
+    group took its first branch's config."""
+    base = make_tiny_llama(tmp_path / "base", seed=0)
+    for n, seed in (("a", 1), ("b", 2)):
+        make_finetune(base, tmp_path / n, seed=seed)
+        save_char_tokenizer(tmp_path / n)
+    gc = GenerationConfig.from_pretrained(tmp_path / "a")
+    gc.repetition_penalty, gc.no_repeat_ngram_size = 5.0, 1
+    gc.save_pretrained(tmp_path / "a")
+    cfg = write_config(tmp_path / "c.yaml", [{"name": n, "model": str(tmp_path / n)} for n in "ab"], compress_rate=0.0)
+    run_merge(load_config(cfg), tmp_path / "bundle", progress=False)
+    b = branchmerge.load(tmp_path / "bundle", dtype="float32")
+    p = [1, 5, 5, 5, 7]
+    want = {}
+    with torch.no_grad():
+        for n in "ab":
+            out = _hf(tmp_path / n).generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+            want[n] = out[0, len(p):].tolist()
+    assert len(set(want["a"])) == 12 and len(set(want["b"])) < 12  # (a's config does change its answer)
+    assert [b.generate_ids([p], [n], max_new_tokens=12)[0].new_ids for n in "ab"] == [want["a"], want["b"]]
+    assert [o.new_ids for o in b.generate_ids([p, p], ["b", "a"], max_new_tokens=12)] == [want["b"], want["a"]]
+    assert b.beam_search(p, "a", beams=1, max_new_tokens=12)[0].new_ids == want["a"]

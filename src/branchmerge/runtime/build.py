@@ -150,9 +150,13 @@ def build_group_model(
         raise BundleError(f"bundle group {group!r} lacks tensors for: {', '.join(leftovers[:5])}")
     if (first_dir / "generation_config.json").is_file():
         try:
-            model.generation_config = GenerationConfig.from_pretrained(first_dir, trust_remote_code=False)
+            gc = GenerationConfig.from_pretrained(first_dir, trust_remote_code=False)
         except (ValueError, OSError) as e:
             raise BundleError(f"branch {members[0]!r}: {first_dir / 'generation_config.json'} is invalid: {e}") from None
+        # the group's model keeps only its padding and start tokens: each branch's own config (its end tokens,
+        # penalties, bans…) is given per call, and a call's unset fields must not fall back to another branch's
+        model.generation_config = GenerationConfig(**{k: v for k, v in gc.to_dict().items()
+                                                      if k in ("pad_token_id", "bos_token_id")})
     model.eval()
     return model, state
 

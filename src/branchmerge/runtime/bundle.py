@@ -252,7 +252,7 @@ class Bundle(BatchGeneration):
             adapters.remove(self, name)
         self.loras.pop(name, None)
         self._tokenizers.pop(name, None)
-        self.__dict__.get("_config_eos", {}).pop(name, None)
+        self.__dict__.get("_generation_configs", {}).pop(name, None)
         self._hot.discard(name)
         self.retiring.discard(name)
 
@@ -299,28 +299,41 @@ class Bundle(BatchGeneration):
                           attention_mask=None if attention_mask is None else attention_mask.to(self.device))
         return out.logits
 
-    def stop_ids(self, branch: str) -> set[int]:
-        """End-of-sequence token ids of ``branch``: its tokenizer's and its own generation config's (its
-        group's model's when it has none; read once per branch)."""
-        ids = set()
-        e = self.tokenizer(branch).eos_token_id
-        if e is not None:
-            ids.add(e)
-        known = self.__dict__.setdefault("_config_eos", {})
-        if branch not in known:
-            folder = self.reader.branch_dir(branch)
-            gc = self._group_of(branch).model.generation_config
-            if (folder / "generation_config.json").is_file():
-                from transformers import GenerationConfig
+    def generation_config(self, branch: str) -> Any:
+        """``branch``'s own ``GenerationConfig`` (its ``generation_config.json``, else its ``config.json``'s token
+        ids), read once per branch.
 
+        Raises:
+            BundleError: the file is invalid (named).
+        """
+        known = self.__dict__.setdefault("_generation_configs", {})
+        if branch not in known:
+            from transformers import GenerationConfig
+
+            folder = self.reader.branch_dir(branch)
+            cfg = self.reader.hf_config(branch)  # (without a file: the token ids of config.json, as transformers does)
+            try:
+                gc = GenerationConfig(**{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg})
+            except (ValueError, TypeError) as err:
+                raise BundleError(f"branch {branch!r}: the token ids of its config.json are invalid: {err}") from None
+            if (folder / "generation_config.json").is_file():
                 try:
                     gc = GenerationConfig.from_pretrained(folder, trust_remote_code=False)
                 except (ValueError, OSError) as err:
                     raise BundleError(f"branch {branch!r}: {folder / 'generation_config.json'} is invalid: "
                                       f"{err}") from None
-            eos = gc.eos_token_id
-            known[branch] = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        return ids | known[branch]
+            known[branch] = gc
+        return known[branch]
+
+    def stop_ids(self, branch: str) -> set[int]:
+        """End-of-sequence token ids of ``branch``: its tokenizer's and its own generation config's."""
+        ids = set()
+        e = self.tokenizer(branch).eos_token_id
+        if e is not None:
+            ids.add(e)
+        eos = self.generation_config(branch).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids
 
     def token_logprobs(self, ids: Sequence[int], branch: str, *, top: int = 0, greedy_next: bool = False) -> TokenLogprobs:
         """Log-probability of every token of ``ids`` given the ones before it, on ``branch``.

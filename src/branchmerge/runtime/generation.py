@@ -9,7 +9,9 @@ call to the next (:mod:`~.kvcache`: the serving engine's continuous batching).
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import inspect
 import logging
 from collections.abc import Iterable, Sequence
@@ -42,6 +44,19 @@ class GenerationResult:
     reused: int = 0  # tokens of its ids not prefilled: they were in its cache from an earlier call (``past``)
     # with a RowSettings.logprobs: each of new_ids' log-probability and likeliest tokens (TokenLogprob)
     logprobs: list[TokenLogprob] | None = field(default=None, repr=False)
+
+
+# GenerationConfig fields that are tokens, lengths or sampling, which each call sets itself: the rest (penalties,
+# n-gram bans, suppressed or forced tokens…) change logits, so rows of branches that differ there are not batched
+_CALL_FIELDS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "do_sample", "temperature",
+                "top_p", "top_k", "min_p", "typical_p", "max_length", "max_new_tokens", "transformers_version",
+                "_from_model_config", "cache_implementation", "use_cache"}
+
+
+def processing(gc: Any) -> str:
+    """What of generation config ``gc`` changes logits beyond what a call sets (its penalties, bans…), as text:
+    equal for branches whose rows may share one ``generate``."""
+    return json.dumps({k: v for k, v in sorted(gc.to_diff_dict().items()) if k not in _CALL_FIELDS}, default=str)
 
 
 def cache_arg(model: PreTrainedModel) -> str:
@@ -110,9 +125,9 @@ class BatchGeneration:
             raise ValueError(f"max_new_tokens must be at least 1 for every row, got {limits}")
         max_new_tokens = max(limits, default=1)
         results: list[GenerationResult | None] = [None] * len(ids_list)
-        by_group: dict[str, list[int]] = {}
+        by_group: dict[tuple[str, str], list[int]] = {}  # rows of one group whose branches process logits alike
         for i, b in enumerate(names):
-            by_group.setdefault(self._group_of(b).name, []).append(i)
+            by_group.setdefault((self._group_of(b).name, processing(self.generation_config(b))), []).append(i)
         if row_sampler is not None:
             if len(row_sampler) != len(ids_list):
                 raise ValueError(f"row_sampler has {len(row_sampler)} rows for {len(ids_list)} prompts")
@@ -167,12 +182,13 @@ class BatchGeneration:
         tok = self.tokenizer(branch)
         eos = sorted(self.stop_ids(branch))
         x = torch.tensor([list(ids)], device=self.device)
+        gc = copy.deepcopy(self.generation_config(branch))  # the branch's own (penalties, bans…)
+        rest = gc.update(max_new_tokens=max_new_tokens, num_beams=beams, num_return_sequences=beams,
+                         length_penalty=length_penalty, early_stopping=True, do_sample=False, temperature=None,
+                         top_p=None, top_k=None, pad_token_id=0 if tok.pad_token_id is None else tok.pad_token_id,
+                         eos_token_id=eos or None, **generation_kwargs)
         with g.state.select(rows), torch.no_grad():  # (the one row's branch serves every beam)
-            out = g.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                   num_beams=beams, num_return_sequences=beams, length_penalty=length_penalty,
-                                   early_stopping=True, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                   pad_token_id=0 if tok.pad_token_id is None else tok.pad_token_id,
-                                   eos_token_id=eos or None, **generation_kwargs)
+            out = g.model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gc, **rest)
         results = []
         for row in out[:, x.shape[1]:].tolist():
             new, reason, stop_id = row, "length", None
@@ -245,9 +261,12 @@ class BatchGeneration:
             kwargs.setdefault("top_k", None)
         if keep_cache:
             kwargs["return_dict_in_generate"] = True
+        # the rows' branches process logits alike (see generate_ids): their own config, with this call's settings
+        gc = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config(names[idx[0]]))
+        rest = gc.update(max_new_tokens=max_new_tokens, **kwargs)  # (what is no config field goes to generate)
         with g.state.select(rows), torch.no_grad():
             out = g.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                   max_new_tokens=max_new_tokens, **kwargs)
+                                   generation_config=gc, **rest)
         out_cache = None
         if keep_cache:
             out_cache, out = getattr(out, "cache", None) or getattr(out, "past_key_values", None), out.sequences
