@@ -511,6 +511,7 @@ class PerBranch(nn.Module):
         of = [getattr(c, "_of", None) for c in copies]
         at = [next((j for j, d in enumerate(copies) if o and d is o[0]), None) for o in of]
         self._root = [h if j is None else self._holder[j] for j, h in zip(at, self._holder)]
+        self._shares, self._patched = len(set(self._holder)) < len(copies), self._root != self._holder
         c0 = copies[0]
         # Llama-style RMSNorm copies (``weight * x / rms(x)``) run inline, and gather weights for mixed rows
         self._rms_eps: float | None = None
@@ -574,11 +575,11 @@ class PerBranch(nn.Module):
             w = _cached(plan, (id(self), "w"),
                         lambda: self.stacked_norm[plan.row_ids].view(x.shape[0], *([1] * (x.ndim - 2)), -1))
             return self._rmsnorm(x, w)
-        groups = _cached(plan, (id(self), "groups"), lambda: self._merged_groups(plan)) \
-            if len(set(self._holder)) < len(self._holder) else plan.groups
+        groups = _cached(plan, (id(self), "groups"), lambda: self._merged_groups(plan)) if self._shares \
+            else plan.groups
         if len(groups) == 1:  # every row reads the same tensors
             return self._copies[groups[0][0]](x, *args, **kwargs)
-        if self._root != self._holder:
+        if self._patched:
             ys = self._through_roots(x, groups)
         else:
             ys = [(rows, self._copies[i](x[rows], *args, **kwargs)) for i, rows in groups]
