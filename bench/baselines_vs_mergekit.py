@@ -167,6 +167,10 @@ def vocabulary_cases(fam: dict) -> dict[str, dict]:
         "vocabularies: slerp, tokenizer_source base (the grown model)": {
             "merge_method": "slerp", "base_model": chat, "dtype": "float32", "tokenizer_source": "base",
             "parameters": {"t": 0.3}, "models": [{"model": chat}, {"model": tool}]},
+        "vocabularies: slices (chat 0-3 + tool 1-4), union": {
+            "merge_method": "passthrough", "dtype": "float32", "tokenizer_source": "union",
+            "slices": [{"sources": [{"model": chat, "layer_range": [0, 3]}]},
+                       {"sources": [{"model": tool, "layer_range": [1, 4]}]}]},
     }
 
 

@@ -116,3 +116,23 @@ def test_a_token_source_the_model_lacks_is_named_and_nothing_is_written(models, 
     with pytest.raises(ConfigError, match=r"token '<\|tool\|>' is not in model 'a''s vocabulary"):
         run_merge(load_config(cfg), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_slices_line_up_the_rows_of_the_models_each_tensor_comes_from(models, tmp_path):
+    """A frankenmerge of a's layers then g's (passthrough slices) with tokenizer_source union: the embeddings
+    come from a alone, so g's added tokens get zero rows there (as mergekit), and the head from g, with its
+    own rows; config.json has the union's 67 tokens and the layers of both slices."""
+    mk = {"merge_method": "passthrough", "dtype": "float32", "tokenizer_source": "union",
+          "slices": [{"sources": [{"model": str(models["a"]), "layer_range": [0, 2]}]},
+                     {"sources": [{"model": str(models["g"]), "layer_range": [1, 2]}]}]}
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(mk))
+    run_merge(load_config(tmp_path / "mk.yaml"), tmp_path / "out", progress=False)
+    out, a, g = _tensors(tmp_path / "out"), _tensors(models["a"]), _tensors(models["g"])
+    v, va, vg = _vocab(tmp_path / "out"), _vocab(models["a"]), _vocab(models["g"])
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert len(v) == 67 and cfg["vocab_size"] == 67 and cfg["num_hidden_layers"] == 3
+    for tok in ADDED:
+        assert not out[EMBED][v[tok]].any()
+        torch.testing.assert_close(out[HEAD][v[tok]], g[HEAD][vg[tok]])
+    torch.testing.assert_close(out[EMBED][v["a"]], a[EMBED][va["a"]])
+    torch.testing.assert_close(out[HEAD][v["a"]], g[HEAD][vg["a"]])

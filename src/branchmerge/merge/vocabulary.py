@@ -50,7 +50,8 @@ class VocabularyPlan:
                 sources[tok] = TokenEmbedding(source=models[has.index(True)])
             elif not any(has):
                 sources[tok] = TokenEmbedding(source=ZeroToken(kind="zero"))
-                logger.warning("token %r is in no model; its rows are zeros", tok)
+                logger.warning("token %r is in none of the models this tensor is merged from (%s); its rows are "
+                               "zeros", tok, ", ".join(models))
             elif self.base in models and self.rows[self.base][i] >= 0:
                 sources[tok] = TokenEmbedding(source=self.base)
             else:
