@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from branchmerge.common import DTYPES, dtype_name
 from branchmerge.compress import tensor_seed
 from branchmerge.compress.lora import extract_lora_factors
+from branchmerge.compress.rows import changed_rows, patch_pays
 from branchmerge.errors import BranchmergeError, ConfigError, ModelInputError
 from branchmerge.io.models import ModelSource
 from branchmerge.io.writer import atomic_output_dir, check_output, copy_side_files
@@ -110,7 +111,7 @@ def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: 
         module = name.rpartition(".")[0]
         ms, bs = m_src.shape(name), b_src.shape(name)
         if ms != bs:  # only a resized vocabulary can be carried: the embeddings / head saved whole
-            vocab = len(ms) == 2 and ms[1:] == bs[1:] and bool(_EMBED.search(module) or "lm_head" in module)
+            vocab = len(ms) == 2 and ms[1:] == bs[1:] and _vocabulary_module(module)
             if not vocab or not wanted(module):
                 why = "it is excluded" if vocab else "a LoRA cannot carry it"
                 raise ModelInputError(f"tensor {name} has shape {list(ms)} in the model but {list(bs)} in the base"
@@ -224,16 +225,18 @@ def _token_rows(m_src: ModelSource, b_src: ModelSource, modules: dict[str, list[
     out = {}
     for module in sorted(candidates):
         params = modules.get(module, [])
-        if params != [f"{module}.weight"] or not (_EMBED.search(module) or module.rsplit(".", 1)[-1] == "lm_head"):
+        if params != [f"{module}.weight"] or not _vocabulary_module(module):
             continue
-        mt, bt = m_src.get(params[0]), b_src.get(params[0])
-        if mt.dim() != 2 or bt.shape[1:] != mt.shape[1:] or bt.shape[0] > mt.shape[0]:
-            continue
-        changed = (mt[:bt.shape[0]] != bt.to(mt.dtype)).any(1).nonzero().flatten()
-        r = torch.cat([changed, torch.arange(bt.shape[0], mt.shape[0])])
-        if 0 < r.numel() and r.numel() * (mt.shape[1] * esize + 8) * 2 <= mt.numel() * esize:
-            out[module] = r
+        mt = m_src.get(params[0])
+        rows = changed_rows(mt, b_src.get(params[0]))
+        if rows is not None and rows.numel() and patch_pays(rows.numel(), mt.shape, esize):
+            out[module] = rows
     return out
+
+
+def _vocabulary_module(module: str) -> bool:
+    """Whether ``module`` is indexed by the vocabulary: the input embeddings or the output head."""
+    return bool(_EMBED.search(module)) or module.rsplit(".", 1)[-1] == "lm_head"
 
 
 def _numel(src: ModelSource, name: str) -> int:

@@ -2,6 +2,7 @@
 
 * :mod:`.lowrank` — scales, the normalized mean, rSVD factors of each difference (the method).
 * :mod:`.quant` — group-wise int8/int4 quantization of the factors.
+* :mod:`.rows` — the rows where one matrix differs from another (row patches).
 * :mod:`.allocate` — ranks (and bit widths) per tensor under a byte budget, from spectra.
 * :mod:`.baselines` — delta-compression baselines (BitDelta, DARE, top-k) at equal bytes, for benches.
 """

@@ -15,6 +15,7 @@ import torch
 
 from branchmerge.compress import Difference, frobenius_scale, normalize
 from branchmerge.compress.quant import quantize_factors
+from branchmerge.compress.rows import changed_rows, patch_pays
 from branchmerge.errors import ModelInputError
 from branchmerge.io.bundle import key_mean, key_own, key_part, key_scales, key_shared
 from branchmerge.io.writer import ShardWriter
@@ -81,8 +82,8 @@ def keep_tensor(g, tensor: str, writer: ShardWriter, dtype: torch.dtype) -> dict
             same_as[s.name] = src[holder].name
             continue
         whole = [src[j] for j in range(i) if src[j].name not in same_as and src[j].name not in patches]
-        patch = changed_rows(t, whole, tensor) if t.dim() == 2 and t.is_floating_point() else None
-        if patch is not None and patch[1].numel() * (t.shape[1] * esize + 8) * 2 <= t.numel() * esize:
+        patch = fewest_changed_rows(t, whole, tensor) if t.dim() == 2 and t.is_floating_point() else None
+        if patch is not None and patch_pays(patch[1].numel(), t.shape, esize):
             of, rows = patch  # at most half the bytes: the changed (and added) rows only
             patches[s.name] = of
             writer.add(key_part(s.name, tensor, "rows"), rows)
@@ -102,19 +103,13 @@ def keep_tensor(g, tensor: str, writer: ShardWriter, dtype: torch.dtype) -> dict
     return rec
 
 
-def changed_rows(t: torch.Tensor, earlier: list, tensor: str) -> tuple[str, torch.Tensor] | None:
+def fewest_changed_rows(t: torch.Tensor, earlier: list, tensor: str) -> tuple[str, torch.Tensor] | None:
     """The earlier model (of ``earlier``, stored whole) whose ``tensor`` differs from ``t`` ``[V, n]`` in the
-    fewest rows (rows past its end counting as changed), and those rows ``[k]`` (sorted int64); None when no
-    earlier model has a ``tensor`` that fits (same ``n``, at most ``V`` rows). Fine-tunes that trained only some
-    token rows (PEFT's trainable tokens) or added tokens to embeddings they left alone differ in few."""
+    fewest rows (:func:`~branchmerge.compress.rows.changed_rows`), and those rows; None when none fits."""
     best: tuple[str, torch.Tensor] | None = None
     for m in earlier:
-        o = m.get(tensor)
-        if o.dim() != 2 or o.shape[1] != t.shape[1] or o.shape[0] > t.shape[0]:
-            continue
-        diff = (t[:o.shape[0]] != o.to(t.dtype)).any(1)
-        rows = torch.cat([diff.nonzero().flatten(), torch.arange(o.shape[0], t.shape[0])])
-        if best is None or rows.numel() < best[1].numel():
+        rows = changed_rows(t, m.get(tensor))
+        if rows is not None and (best is None or rows.numel() < best[1].numel()):
             best = (m.name, rows)
     return best
 
