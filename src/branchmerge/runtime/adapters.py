@@ -192,7 +192,7 @@ def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_ran
         mod = _module(model, tensor)
         own = mod._copies[mod.state.index(base)] if isinstance(mod, PerBranch) else mod
         of = own.of if isinstance(own, RowPatched) else own
-        if not (isinstance(of, nn.Embedding) or (type(of) is nn.Linear and of.bias is None)):
+        if not RowPatched.can_patch(of):
             raise ModelInputError(f"{where} trains token rows of {tensor}, a {type(of).__name__} this bundle does not "
                                   "keep as an embedding or a head without bias; merge it into a bundle instead")
     if src.replaced:

@@ -125,7 +125,7 @@ def build_group_model(
                 if patch is not None and id(patch) in made:
                     copies.append(made[id(patch)])
                     continue
-                if patch is not None and set(own) == {"weight"} and _patchable(copies[patch.of]):
+                if patch is not None and set(own) == {"weight"} and RowPatched.can_patch(copies[patch.of]):
                     made[id(patch)] = RowPatched(copies[patch.of], patch.rows, patch.values, patch.size)
                     copies.append(made[id(patch)])
                     continue
@@ -250,11 +250,6 @@ class _Patch:
     values: torch.Tensor
     size: int
     whole: Callable[[], torch.Tensor]  # the tensor itself, for a module that cannot hold a patch
-
-
-def _patchable(m: nn.Module) -> bool:
-    """Whether a :class:`RowPatched` can stand for a copy of ``m``: an embedding, or a head without a bias."""
-    return isinstance(m, nn.Embedding) or (type(m) is nn.Linear and m.bias is None)
 
 
 def _fit_vocabulary(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:

@@ -31,6 +31,11 @@ class RowPatched(nn.Module):
         where[self.rows] = torch.arange(self.rows.numel(), device=values.device)
         self.register_buffer("where", where, persistent=False)
 
+    @staticmethod
+    def can_patch(m: nn.Module) -> bool:
+        """Whether a row patch can stand on ``m``: an embedding, or a head without a bias."""
+        return isinstance(m, nn.Embedding) or (type(m) is nn.Linear and m.bias is None)
+
     @property
     def of(self) -> nn.Module:
         return self._of[0]
