@@ -302,20 +302,16 @@ class BundleReader:
     def own(self, branch: str, tensor: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """``branch``'s per-branch ``tensor``: stored whole, another branch's copy (``same_as``), or another
         branch's with rows replaced or added (``patches``, checked by :meth:`patch`)."""
+        rec = self.manifest.tensors[self.branch(branch).group][tensor]
         got = self.patch(branch, tensor, device)
         if got is None:
-            rec = self.manifest.tensors[self.branch(branch).group][tensor]
             return self.get(key_own(rec.holder(branch), tensor), device)
         of, rows, values = got
         base = self.get(key_own(of, tensor), device)
-        out = torch.zeros((self._patched_size(branch, tensor), *base.shape[1:]), dtype=base.dtype, device=base.device)
+        out = torch.zeros(rec.shape_of(rec.holder(branch)), dtype=base.dtype, device=base.device)
         out[:base.shape[0]] = base
         out[rows] = values.to(base.dtype)
         return out
-
-    def _patched_size(self, branch: str, tensor: str) -> int:
-        rec = self.manifest.tensors[self.branch(branch).group][tensor]
-        return rec.shape_of(rec.holder(branch))[0]
 
     def patch(self, branch: str, tensor: str, device: str | torch.device = "cpu"
               ) -> tuple[str, torch.Tensor, torch.Tensor] | None:

@@ -112,6 +112,7 @@ class Bundle(BatchGeneration):
             self.kernels = "torch"
             self.groups = self._build_groups(fused, factors or "dequantize")
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
+        self._generation_configs: dict[str, Any] = {}
         self._hot: set[str] = set()
         # held by a server's engine around each batch, and by materialize/dematerialize, so a branch never
         # changes between hot and factored in the middle of someone's forward pass
@@ -252,7 +253,7 @@ class Bundle(BatchGeneration):
             adapters.remove(self, name)
         self.loras.pop(name, None)
         self._tokenizers.pop(name, None)
-        self.__dict__.get("_generation_configs", {}).pop(name, None)
+        self._generation_configs.pop(name, None)
         self._hot.discard(name)
         self.retiring.discard(name)
 
@@ -306,7 +307,7 @@ class Bundle(BatchGeneration):
         Raises:
             BundleError: the file is invalid (named).
         """
-        known = self.__dict__.setdefault("_generation_configs", {})
+        known = self._generation_configs
         if branch not in known:
             from transformers import GenerationConfig
 

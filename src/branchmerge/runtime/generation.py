@@ -126,8 +126,9 @@ class BatchGeneration:
         max_new_tokens = max(limits, default=1)
         results: list[GenerationResult | None] = [None] * len(ids_list)
         by_group: dict[tuple[str, str], list[int]] = {}  # rows of one group whose branches process logits alike
+        key = {b: (self._group_of(b).name, processing(self.generation_config(b))) for b in set(names)}
         for i, b in enumerate(names):
-            by_group.setdefault((self._group_of(b).name, processing(self.generation_config(b))), []).append(i)
+            by_group.setdefault(key[b], []).append(i)
         if row_sampler is not None:
             if len(row_sampler) != len(ids_list):
                 raise ValueError(f"row_sampler has {len(row_sampler)} rows for {len(ids_list)} prompts")
@@ -246,9 +247,10 @@ class BatchGeneration:
         width = input_ids.shape[1]
         if cache is not None:
             generation_kwargs = {**generation_kwargs, cache_arg(g.model): cache}
-        eos = set().union(*(self.stop_ids(b) for b in {names[i] for i in idx}))
-        if stops is None and len({frozenset(self.stop_ids(names[i])) for i in idx}) > 1:
-            stops = [self.stop_ids(names[i]) for i in idx]  # branches that end on other tokens: each row on its own
+        own = {b: self.stop_ids(b) for b in {names[i] for i in idx}}
+        eos = set().union(*own.values())
+        if stops is None and len({frozenset(s) for s in own.values()}) > 1:
+            stops = [own[names[i]] for i in idx]  # branches that end on other tokens: each row on its own
         kwargs = {"do_sample": False, "pad_token_id": pad, "eos_token_id": sorted(eos) or None, **generation_kwargs}
         if stops is not None:
             kwargs["eos_token_id"] = None

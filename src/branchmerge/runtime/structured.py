@@ -203,6 +203,7 @@ class Constraint:
     def __init__(self, matcher: Any, stops: Sequence[int] = (), words: int | None = None) -> None:
         self.matcher, self.stops, self.accepted, self.complete, self.done = matcher, list(stops), 0, False, False
         self.words = words  # the bitmask row of its own vocabulary, in int32 words (None: the batch's)
+        self._own: torch.Tensor | None = None  # that row, filled here when the batch's is wider
         self._stop_words: torch.Tensor | None = None  # the bitmask row of only its stop tokens, once complete
 
     def feed(self, tokens: Sequence[int]) -> None:
@@ -233,11 +234,12 @@ class Constraint:
         if self.words is None or self.words == bitmask.shape[1]:
             self.matcher.fill_next_token_bitmask(bitmask, row)
         else:  # a batch with another branch's larger vocabulary: this row's tokens past its own stay forbidden
-            own = torch.zeros((1, self.words), dtype=torch.int32)
-            self.matcher.fill_next_token_bitmask(own, 0)
+            if self._own is None:
+                self._own = torch.zeros((1, self.words), dtype=torch.int32)
+            self.matcher.fill_next_token_bitmask(self._own, 0)
             bitmask[row].zero_()
             n = min(self.words, bitmask.shape[1])
-            bitmask[row, :n] = own[0, :n]
+            bitmask[row, :n] = self._own[0, :n]
         return True
 
 
