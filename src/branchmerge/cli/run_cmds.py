@@ -119,21 +119,37 @@ _LORA_BASE = typer.Option(None, "--lora-base", help="With --lora: the branch the
                           "(default: the bundle's one base; with a base model folder, its branch name).")
 
 
-def _top_p(value: float) -> float:
-    if not 0.0 < value <= 1.0:
+def _top_p(value: float | None) -> float | None:
+    if value is not None and not 0.0 < value <= 1.0:
         raise typer.BadParameter(f"{value:g} is not in (0, 1]")
     return value
 
 
-# sampling options of both `generate` and `chat` (the server's parameters of the same names)
-_TEMPERATURE = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy.")
-_TOP_P = typer.Option(1.0, "--top-p", callback=_top_p,
-                      help="Nucleus sampling, in (0, 1]: keep the likeliest tokens up to this mass.")
-_TOP_K = typer.Option(0, "--top-k", min=0, help="Sample from the k likeliest tokens only (0: all).")
-_MIN_P = typer.Option(0.0, "--min-p", min=0.0, max=1.0,
-                      help="Drop tokens less likely than this fraction of the likeliest.")
-_REPETITION_PENALTY = typer.Option(1.0, "--repetition-penalty", min=0.01, max=2.0,
-                                   help="Logits of tokens already seen (prompt and answer) / this.")
+# sampling options of both `generate` and `chat` (the server's parameters of the same names); each left out
+# is the branch's generation config's (what its model's creator set, as `serve --generation-config auto`), else
+# greedy and no penalty
+_DEFAULT = " [default: the branch's generation config's, else {}]"
+_TEMPERATURE = typer.Option(None, "--temperature", "-t", min=0.0, help="0 = greedy." + _DEFAULT.format("0"),
+                            show_default=False)
+_TOP_P = typer.Option(None, "--top-p", callback=_top_p, show_default=False,
+                      help="Nucleus sampling, in (0, 1]: keep the likeliest tokens up to this mass." + _DEFAULT.format("1"))
+_TOP_K = typer.Option(None, "--top-k", min=0, show_default=False,
+                      help="Sample from the k likeliest tokens only (0: all)." + _DEFAULT.format("0"))
+_MIN_P = typer.Option(None, "--min-p", min=0.0, max=1.0, show_default=False,
+                      help="Drop tokens less likely than this fraction of the likeliest." + _DEFAULT.format("0"))
+_REPETITION_PENALTY = typer.Option(None, "--repetition-penalty", min=0.01, max=2.0, show_default=False,
+                                   help="Logits of tokens already seen (prompt and answer) / this."
+                                   + _DEFAULT.format("1"))
+
+
+def _settings(bundle, branch: str, temperature, top_p, top_k, min_p, repetition_penalty, **kw):
+    """A row's sampling settings: each option given, else the branch's generation config's, else none."""
+    from branchmerge.runtime.sampling import RowSettings
+
+    d = bundle.sampling_defaults(branch)
+    pick = lambda v, k, none: v if v is not None else d.get(k, none)  # noqa: E731
+    return RowSettings(pick(temperature, "temperature", 0.0), pick(top_p, "top_p", 1.0), pick(top_k, "top_k", 0),
+                       pick(min_p, "min_p", 0.0), repetition_penalty=repetition_penalty, **kw)
 
 
 def generate(
@@ -190,11 +206,11 @@ def _generate(bundle, prompt, branch, max_new_tokens, temperature, top_p, top_k,
         return
     ids_list, names, mt = bundle.prepare([prompt], branch, chat=False if no_chat else None,
                                          max_new_tokens=max_new_tokens)
+    if max_new_tokens is None and (own := bundle.sampling_defaults(names[0]).get("max_new_tokens")):
+        mt = bundle.fit_max_new_tokens(ids_list, names, default=own)
     typer.secho(f"[branch: {names[0]}]", err=True, fg="cyan")
-    from branchmerge.runtime.sampling import RowSettings
-
-    _stream(bundle, names[0], ids_list[0], mt, RowSettings(temperature, top_p, top_k, min_p, seed,
-                                                           repetition_penalty=repetition_penalty, structure=structure),
+    _stream(bundle, names[0], ids_list[0], mt, _settings(bundle, names[0], temperature, top_p, top_k, min_p,
+                                                         repetition_penalty, seed=seed, structure=structure),
             stop=[x.replace("\\n", "\n").replace("\\t", "\t") for x in stop])
 
 
@@ -243,7 +259,6 @@ def chat(
 
 def _chat(bundle, branch, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty) -> None:
     from branchmerge.errors import BranchmergeError
-    from branchmerge.runtime.sampling import RowSettings
 
     history: list[dict[str, str]] = []
     cache = None  # the last reply's KV cache: the next turn prefills only what it adds
@@ -258,15 +273,16 @@ def _chat(bundle, branch, max_new_tokens, temperature, top_p, top_k, min_p, repe
         history.append({"role": "user", "content": line})
         try:
             ids = bundle.encode_messages(history, name)
-            mt = bundle.fit_max_new_tokens([ids], [name], max_new_tokens)
+            mt = bundle.fit_max_new_tokens([ids], [name], max_new_tokens,
+                                           default=bundle.sampling_defaults(name).get("max_new_tokens"))
         except BranchmergeError as e:
             typer.secho(f"error: {e}", err=True, fg="red")
             history.clear()
             cache = None
             continue
         typer.secho(f"{name}> ", nl=False, fg="cyan")
-        reply, cache = _stream(bundle, name, ids, mt, RowSettings(temperature, top_p, top_k, min_p,
-                                                                  repetition_penalty=repetition_penalty),
+        reply, cache = _stream(bundle, name, ids, mt, _settings(bundle, name, temperature, top_p, top_k, min_p,
+                                                                repetition_penalty),
                                interruptible=True, past=cache, keep_cache=True)
         history.append({"role": "assistant", "content": reply})
 

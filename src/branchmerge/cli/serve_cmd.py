@@ -3,6 +3,7 @@ other OpenAI-compatible servers)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -10,8 +11,6 @@ import typer
 
 def _lora_modules(values: list[str], flag: str = "--lora-modules") -> dict[str, str]:
     """vLLM's ``--lora-modules`` values: ``NAME=PATH`` or ``{"name": ..., "path": ...}``."""
-    import json
-
     out: dict[str, str] = {}
     for v in values:
         if v.lstrip().startswith("{"):
@@ -29,6 +28,35 @@ def _lora_modules(values: list[str], flag: str = "--lora-modules") -> dict[str, 
             raise typer.BadParameter(f"{name!r} is given twice", param_hint=flag)
         out[name] = path
     return out
+
+
+def _generation_overrides(mode: str, text: str | None) -> dict | None:
+    """``--generation-config`` checked and ``--override-generation-config``'s JSON read and checked, before the
+    bundle loads."""
+    from branchmerge.runtime.generation import SAMPLING_FIELDS, sampling_defaults
+    from branchmerge.server.api import GENERATION_CONFIGS
+
+    if mode not in GENERATION_CONFIGS:
+        raise typer.BadParameter(f"one of {', '.join(GENERATION_CONFIGS)}, got {mode!r}",
+                                 param_hint="--generation-config")
+    if text is None:
+        return None
+    hint = "--override-generation-config"
+    try:
+        values = json.loads(text)
+    except ValueError as e:
+        raise typer.BadParameter(f"not JSON: {e}", param_hint=hint) from None
+    if not isinstance(values, dict):
+        raise typer.BadParameter(f"a JSON object, got {text!r}", param_hint=hint)
+    unknown = sorted(set(values) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise typer.BadParameter(f"{', '.join(map(repr, unknown))} cannot be overridden; it takes "
+                                 f"{', '.join(SAMPLING_FIELDS)}", param_hint=hint)
+    try:
+        sampling_defaults(values, "the override")
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=hint) from None
+    return values
 
 
 def serve_cmd(
@@ -56,6 +84,15 @@ def serve_cmd(
                                                 "llama3_json (Llama 3.1/3.3), mistral ([TOOL_CALLS]), pythonic "
                                                 "([f(a=1)]: Llama 3.2/4). Without: auto is refused; required and "
                                                 "named functions work either way."),
+    generation_config: str = typer.Option("auto", "--generation-config", help="As vLLM: 'auto' answers a request "
+                                          "that leaves out temperature, top_p, top_k, min_p, repetition_penalty "
+                                          "or max_tokens with its branch's generation config's (what the model's "
+                                          "creator set); 'vllm' with the server's own (greedy, no penalty, 256 "
+                                          "tokens)."),
+    override_generation_config: str | None = typer.Option(None, "--override-generation-config",
+                                                          help="As vLLM: JSON over those defaults for every "
+                                                          "branch, e.g. '{\"temperature\": 0.5, "
+                                                          "\"max_new_tokens\": 128}'."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bf16, fp16 (default: the bundle's)."),
     lora_modules: list[str] = typer.Option([], "--lora-modules", help="As vLLM: serve BUNDLE, a base model folder, "
@@ -93,13 +130,15 @@ def serve_cmd(
         raise typer.BadParameter(f"one of {', '.join(PARSERS)}, got {tool_call_parser!r}",
                                  param_hint="--tool-call-parser")
 
+    overrides = _generation_overrides(generation_config, override_generation_config)
     adapters = _lora_modules(lora_modules)
     limits = ServerLimits(max_tokens=max_tokens_limit, max_prompts=max_prompts, max_choices=max_choices)
     pipes = load_pipelines(pipelines) if pipelines is not None else None
     kw = dict(host=host, port=port, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms, device=device, dtype=dtype,
               pipelines=pipes, limits=limits, prefix_cache_tokens=prefix_cache_tokens,
               tool_call_parser=tool_call_parser, lora_dir=lora_dir, max_loras=max_loras, max_lora_rank=max_lora_rank,
-              lora_base=lora_base, lora_on_demand=lora_on_demand)
+              lora_base=lora_base, lora_on_demand=lora_on_demand, generation_config=generation_config,
+              override_generation_config=overrides)
     if lora_on_demand and lora_dir is None:
         raise typer.BadParameter("needs --lora-dir", param_hint="--lora-on-demand")
     from branchmerge.io.manifest import MANIFEST

@@ -26,7 +26,7 @@ from branchmerge.io.bundle import BundleReader
 from branchmerge.runtime import adapters
 from branchmerge.runtime.adapters import LoadedAdapter, Prepared
 from branchmerge.runtime.build import build_group_model
-from branchmerge.runtime.generation import BatchGeneration, GenerationResult, cache_arg
+from branchmerge.runtime.generation import BatchGeneration, GenerationResult, cache_arg, sampling_defaults
 from branchmerge.runtime.modules import BranchedLinear, BranchState
 from branchmerge.runtime.siblings import group_siblings
 from branchmerge.runtime.scoring import (PrefixCluster, TokenLogprobs, prefix_clusters, score_cluster, score_row,
@@ -326,6 +326,20 @@ class Bundle(BatchGeneration):
             known[branch] = gc
         return known[branch]
 
+    def sampling_defaults(self, branch: str) -> dict[str, float | int]:
+        """The sampling defaults ``branch``'s generation config sets (``temperature``, ``top_p``, ``top_k``,
+        ``min_p``, ``repetition_penalty``, ``max_new_tokens``; see :func:`~.generation.sampling_defaults`): what
+        the server answers a request that leaves them out with, as vLLM's ``--generation-config auto``.
+
+        Raises:
+            BundleError: a value is out of range (named).
+        """
+        try:
+            return sampling_defaults(self.generation_config(branch).to_diff_dict(),
+                                     f"branch {branch!r}'s generation config")
+        except ValueError as e:
+            raise BundleError(str(e)) from None
+
     def stop_ids(self, branch: str) -> set[int]:
         """End-of-sequence token ids of ``branch``: its tokenizer's and its own generation config's."""
         ids = set()
@@ -497,8 +511,8 @@ class Bundle(BatchGeneration):
     default_max_new_tokens = 64
 
     def fit_max_new_tokens(self, ids_list: Sequence[Sequence[int]], names: Sequence[str],
-                           requested: int | None = None) -> int:
-        """``requested``, checked against every row's context; or, when None, the default (64) cut to
+                           requested: int | None = None, *, default: int | None = None) -> int:
+        """``requested``, checked against every row's context; or, when None, ``default`` (None: 64) cut to
         what the tightest row's context leaves.
 
         Raises:
@@ -506,7 +520,7 @@ class Bundle(BatchGeneration):
         """
         if requested is None:
             room = [(lim - len(ids)) for ids, b in zip(ids_list, names) if (lim := self.context_limit(b))]
-            requested = min([self.default_max_new_tokens, *room])
+            requested = min([default or self.default_max_new_tokens, *room])
             if requested <= 0:
                 requested = 1  # let check_context name the prompt that does not fit
         for ids, b in zip(ids_list, names):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import inspect
+import json
 import logging
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -57,6 +58,41 @@ def processing(gc: Any) -> str:
     """What of generation config ``gc`` changes logits beyond what a call sets (its penalties, bans…), as text:
     equal for branches whose rows may share one ``generate``."""
     return json.dumps({k: v for k, v in sorted(gc.to_diff_dict().items()) if k not in _CALL_FIELDS}, default=str)
+
+
+# a model creator's sampling defaults in its generation config: what vLLM's ``--generation-config auto`` reads
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def sampling_defaults(values: Mapping[str, Any], where: str) -> dict[str, float | int]:
+    """The sampling defaults ``values`` sets (a generation config's diff dict, or an operator's override), checked.
+
+    As vLLM's ``--generation-config auto``: only the :data:`SAMPLING_FIELDS` given (``top_k`` 0 or below: none).
+    A config that sets ``do_sample: true`` without a temperature samples at 1.0, as ``transformers`` would.
+
+    Raises:
+        ValueError: a value out of range or of the wrong type, naming ``where`` and the field.
+    """
+    checks = {"temperature": (lambda v: v >= 0, "a number >= 0", float),
+              "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]", float),
+              "top_k": (lambda v: True, "an integer (0 or below: no top-k)", int),
+              "min_p": (lambda v: 0 <= v <= 1, "a number in [0, 1]", float),
+              "repetition_penalty": (lambda v: v > 0, "a number > 0", float),
+              "max_new_tokens": (lambda v: v >= 1, "an integer >= 1", int)}
+    out: dict[str, float | int] = {}
+    for k in SAMPLING_FIELDS:
+        if (v := values.get(k)) is None:
+            continue
+        ok, rule, kind = checks[k]
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or (kind is int and not float(v).is_integer()) or not ok(v)):
+            raise ValueError(f"{where}: {k} is {v!r}; it must be {rule}")
+        out[k] = kind(v)
+    if "top_k" in out:
+        out["top_k"] = max(0, out["top_k"])
+    if values.get("do_sample") is True and "temperature" not in out:
+        out["temperature"] = 1.0
+    return out
 
 
 def cache_arg(model: PreTrainedModel) -> str:
@@ -125,20 +161,25 @@ class BatchGeneration:
             raise ValueError(f"max_new_tokens must be at least 1 for every row, got {limits}")
         max_new_tokens = max(limits, default=1)
         results: list[GenerationResult | None] = [None] * len(ids_list)
-        by_group: dict[tuple[str, str], list[int]] = {}  # rows of one group whose branches process logits alike
-        key = {b: (self._group_of(b).name, processing(self.generation_config(b))) for b in set(names)}
-        for i, b in enumerate(names):
-            by_group.setdefault(key[b], []).append(i)
+        if row_sampler is not None and len(row_sampler) != len(ids_list):
+            raise ValueError(f"row_sampler has {len(row_sampler)} rows for {len(ids_list)} prompts")
+        own = [row_sampler is not None and row_sampler.settings[i].repetition_penalty is not None
+               for i in range(len(names))]
+        configs = {bo: self._row_config(*bo) for bo in set(zip(names, own))}
+        by_group: dict[tuple[str, str], list[int]] = {}  # rows of one group whose configs process logits alike
+        config_of: dict[tuple[str, str], Any] = {}
+        for i, bo in enumerate(zip(names, own)):
+            gc, key = configs[bo]
+            by_group.setdefault(key, []).append(i)
+            config_of.setdefault(key, gc)
         if row_sampler is not None:
-            if len(row_sampler) != len(ids_list):
-                raise ValueError(f"row_sampler has {len(row_sampler)} rows for {len(ids_list)} prompts")
             for i, what, tokens in row_sampler.token_ids():
                 self.check_ids([tokens], [names[i]], rows=[f"{what} of row {i}"])
             before = [None if rec is None else len(rec) for rec in row_sampler.records]
-        for idx in by_group.values():
+        for key, idx in by_group.items():
             limit = self.tightest_context(names[i] for i in idx)
             for chunk in context_chunks(idx, [len(q) for q in ids_list], max_new_tokens, limit):
-                kw = generation_kwargs
+                kw = {"generation_config": config_of[key], **generation_kwargs}
                 stops = None
                 if row_sampler is not None and row_sampler.needed:
                     sub = row_sampler.rows(chunk, eos=[self.stop_ids(names[i]) for i in chunk],
@@ -168,6 +209,16 @@ class BatchGeneration:
                     del rec[start + len(results[i].new_ids):]
                     results[i].logprobs = rec[start:]
         return [r for r in results if r is not None]
+
+    def _row_config(self, branch: str, own_penalty: bool) -> tuple[Any, tuple[str, str]]:
+        """The generation config rows of ``branch`` run with, and the key of the rows that may share its
+        ``generate`` (group, logits processing). A row that sets its own ``repetition_penalty`` has it instead
+        of its branch's (as a request's replaces the model's default in vLLM), not on top of it."""
+        gc = self.generation_config(branch)
+        if own_penalty and gc.repetition_penalty not in (None, 1.0):
+            gc = copy.deepcopy(gc)
+            gc.repetition_penalty = 1.0
+        return gc, (self._group_of(branch).name, processing(gc))
 
     def beam_search(self, ids: Sequence[int], branch: str, *, beams: int, max_new_tokens: int,
                     length_penalty: float = 1.0, **generation_kwargs: Any) -> list[GenerationResult]:

@@ -107,7 +107,9 @@ class RowSettings:
     stop_token_ids: tuple[int, ...] = ()  # vLLM's: more tokens that end the row, besides end of text
     ignore_eos: bool = False  # vLLM's: end of text does not end the row
     min_tokens: int = 0  # vLLM's: the row's stop tokens are suppressed until it has this many
-    repetition_penalty: float = 1.0  # vLLM's and transformers': logits of prompt and output tokens / it (< 0: *)
+    # vLLM's and transformers': logits of prompt and output tokens / it (< 0: *); None: the branch's own (its
+    # generation config's, if any), which a number replaces, as a request's replaces vLLM's default
+    repetition_penalty: float | None = None
     allowed_token_ids: tuple[int, ...] = ()  # vLLM's: the row draws only these (empty: any)
     structure: Structure | None = None  # the answer follows this schema, pattern, grammar or choice
     # vLLM's bad_words, as token sequences: the last token of each is never drawn where it would complete it
@@ -120,7 +122,7 @@ class RowSettings:
     def adjusts(self) -> bool:
         """Whether the row changes logits before choosing (so even a greedy row needs the sampler)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_tokens
-                    or self.repetition_penalty != 1.0 or self.allowed_token_ids or self.structure or self.bad_words)
+                    or self.repetition_penalty not in (None, 1.0) or self.allowed_token_ids or self.structure or self.bad_words)
 
     @property
     def stops_own_way(self) -> bool:
@@ -363,8 +365,8 @@ class RowSampler(LogitsProcessor):
                     self._allowed[i] = False
                     self._allowed[i, torch.tensor(r.allowed_token_ids, device=dev)] = True
         self._repetition = self._prompt_idx = None
-        if any(r.repetition_penalty != 1.0 for r in self.settings):
-            self._repetition = torch.tensor([[r.repetition_penalty] for r in self.settings], device=dev)
+        if any(r.repetition_penalty not in (None, 1.0) for r in self.settings):
+            self._repetition = torch.tensor([[r.repetition_penalty or 1.0] for r in self.settings], device=dev)
             width = max(1, *map(len, prompts))
             # each row's prompt tokens, padded with its first (a duplicate changes nothing); -1 for an empty one
             self._prompt_idx = torch.tensor([list(q) + [q[0] if q else -1] * (width - len(q)) for q in prompts],

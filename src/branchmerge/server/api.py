@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from branchmerge.errors import BranchmergeError, BranchNotFoundError
 from branchmerge.front import Front
 from branchmerge.runtime.bundle import ContextLengthError, GenerationResult
+from branchmerge.runtime.generation import SAMPLING_FIELDS, sampling_defaults
 from branchmerge.runtime.sampling import RowSettings
 from branchmerge.runtime.structured import Structure
 from branchmerge.runtime.text import bad_word_ids, cut_at_stop, min_tokens_start
@@ -62,6 +63,8 @@ class ServerLimits(BaseModel):
 
 
 _UNSET = object()
+DEFAULT_MAX_TOKENS = 256  # a request's max_tokens when neither it nor its branch's generation config gives one
+GENERATION_CONFIGS = ("auto", "vllm")  # --generation-config: the branches' sampling defaults, or none of them
 COMPILE_TIMEOUT_S = 10.0  # a structured output's grammar compiles within this, or its request gets a 400
 PREFIX_CACHE_TOKENS = 8192  # finished requests' KV caches kept for later ones that begin the same way, in tokens
 
@@ -71,9 +74,20 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
 
     def __init__(self, front: Front, *, limits: ServerLimits | None = None, max_batch: int = 16,
                  wait_ms: float = 10.0, route_batch: int = 64, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
-                 tool_call_parser: str | None = None) -> None:
+                 tool_call_parser: str | None = None, generation_config: str = "auto",
+                 override_generation_config: Mapping[str, Any] | None = None) -> None:
         if tool_call_parser not in (None, *PARSERS):
             raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got {tool_call_parser!r}")
+        if generation_config not in GENERATION_CONFIGS:
+            raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIGS)}, got "
+                             f"{generation_config!r}")
+        unknown = sorted(set(override_generation_config or ()) - set(SAMPLING_FIELDS))
+        if unknown:
+            raise ValueError(f"override_generation_config: {', '.join(map(repr, unknown))} cannot be overridden; "
+                             f"it takes {', '.join(SAMPLING_FIELDS)}")
+        self.generation_config = generation_config
+        self.overrides = sampling_defaults(override_generation_config or {}, "override_generation_config")
+        self._defaults: dict[str, tuple[Any, dict[str, float | int]]] = {}  # see defaults()
         self.tool_call_parser = tool_call_parser  # tool_choice "auto": calls read out of free answers
         self.front, self.bundle = front, front.bundle
         self.limits = limits or ServerLimits()
@@ -88,6 +102,10 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
         self.loras: Any = None  # a server.lora.RuntimeLoras when adapters may be loaded at runtime
         self._routes = RouteBatcher(lambda texts: self.front.route_many(texts), self._aux, route_batch,
                                     cached=lambda text: self.front.route_cached(text))
+        for b in self.bundle.branch_names:  # a generation config out of range fails here, by name
+            if d := self.defaults(b):
+                logger.info("branch %s: requests default to %s (%s)", b, d, "its generation config and overrides"
+                            if generation_config == "auto" else "overrides")
 
     # ---- listing ------------------------------------------------------------------------------------
     async def health(self, full: bool) -> dict[str, Any]:
@@ -123,12 +141,15 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
             self.loras.register_metrics(registry)
 
     # ---- shared steps -------------------------------------------------------------------------------
-    def _max_tokens(self, req: P._Req, *, scoring: bool = False) -> int:
-        """Validated ``max_tokens``. A scoring request (logprobs/echo) defaults to OpenAI's 16 and may ask
-        for 0 new tokens with ``echo`` (score the prompt only)."""
+    def _max_tokens(self, req: P._Req, *, scoring: bool = False) -> int | None:
+        """Validated ``max_tokens`` (None when the request leaves it to the branch's default). A scoring request
+        (logprobs/echo) defaults to OpenAI's 16 and may ask for 0 new tokens with ``echo`` (score the prompt
+        only)."""
         mt = req.max_new()
         if mt is None:
-            mt = 16 if scoring else min(256, self.limits.max_tokens)
+            if not scoring:
+                return None  # (the branch's default, once its prompt is known: _default_max_tokens)
+            mt = 16
         if scoring and (mt < 0 or (mt == 0 and not getattr(req, "echo", False))):
             raise P.APIError(400, f"max_tokens must be positive (0 only with echo), got {mt}", param="max_tokens")
         if not scoring or mt > 0:
@@ -136,6 +157,26 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
         if req.n > 1 and scoring:
             raise P.APIError(400, f"n={req.n} is supported without logprobs and echo", param="n")
         return mt
+
+    def _default_max_tokens(self, branch: str, n_prompt: int) -> int:
+        """``max_tokens`` for a request without one: the branch's default (its generation config's
+        ``max_new_tokens``, else 256) within ``--max-tokens-limit``, cut to what its context leaves after the
+        prompt (as vLLM; a prompt that leaves nothing gets the context error)."""
+        mt = min(int(self.defaults(branch).get("max_new_tokens", DEFAULT_MAX_TOKENS)), self.limits.max_tokens)
+        limit = self.bundle.context_limit(branch)
+        return max(1, min(mt, limit - n_prompt)) if limit else mt
+
+    def defaults(self, branch: str) -> dict[str, float | int]:
+        """What a request to ``branch`` that leaves out ``temperature``, ``top_p``, ``top_k``, ``min_p``,
+        ``repetition_penalty`` or ``max_tokens`` gets: with ``--generation-config auto`` (the default, as vLLM)
+        what the branch's generation config sets, with ``vllm`` nothing of it; then the operator's overrides.
+        What neither sets is the server's own default (greedy, no penalty, 256 tokens)."""
+        gc = self.bundle.generation_config(branch)
+        known = self._defaults.get(branch)
+        if known is None or known[0] is not gc:  # (an adapter unloaded and another loaded under its name)
+            own = self.bundle.sampling_defaults(branch) if self.generation_config == "auto" else {}
+            known = self._defaults[branch] = (gc, {**own, **self.overrides})
+        return known[1]
 
     async def _resolve(self, model: str, text: str) -> tuple[str | None, str | None]:
         """(branch, pipeline) for a model name; routing runs on a worker thread, after the length checks."""
@@ -167,12 +208,21 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
                              code="context_length_exceeded") from None
         if req.min_tokens > mt:
             raise P.APIError(400, f"min_tokens={req.min_tokens} is more than max_tokens={mt}", param="min_tokens")
+        d = self.defaults(branch)
+
+        def given(name: str, server: Any) -> Any:  # the request's, else the branch's default, else the server's
+            v = getattr(req, name)
+            return v if v is not None else d.get(name, server)
+
+        # (repetition_penalty: None leaves the branch's generation config's, which "vllm" replaces by none)
         sampling = RowSettings(
-            temperature=req.temperature or 0.0, top_p=req.top_p or 1.0, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+            temperature=given("temperature", 0.0), top_p=given("top_p", 1.0), top_k=given("top_k", 0),
+            min_p=given("min_p", 0.0),
             seed=None if req.seed is None else req.seed + choice, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.bias() or None,
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-            repetition_penalty=req.repetition_penalty or 1.0, allowed_token_ids=tuple(req.allowed_token_ids or ()),
+            repetition_penalty=given("repetition_penalty", None if self.generation_config == "auto" else 1.0),
+            allowed_token_ids=tuple(req.allowed_token_ids or ()),
             structure=P.checked_structure(req), logprobs=self._recorded_logprobs(req),
             bad_words=bad_word_ids(self.bundle.tokenizer(branch), req.bad_words) if req.bad_words else ())
         for name, ids_ in sampling.token_ids():  # here, a 400 for this request; in its batch, a failed batch
@@ -251,7 +301,7 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
     async def _one(self, req: P._Req, kind: str, text: str, encode: Callable[[str], list[int]], *, rid: str,
                    index: int, disconnected: Disconnected | None, request: Any) -> dict | tuple[str, list]:
         """One prompt: its response body, or with ``req.stream`` its branch and one event stream per choice."""
-        mt = self._max_tokens(req)
+        asked = self._max_tokens(req)
         branch, pipeline = await self._resolve(req.model, text)
         st = P.checked_structure(req)
         if pipeline is not None:
@@ -275,6 +325,7 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
             out["stages"] = stages
             return out
         ids = self._truncate(req, encode(branch))
+        mt = asked if asked is not None else self._default_max_tokens(branch, len(ids))
         if req.use_beam_search:
             return await self._beam(req, kind, branch, ids, mt, rid=rid, disconnected=disconnected, request=request)
         await self._compile(st, [branch])

@@ -31,7 +31,8 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
                max_tokens_limit: int | None = None, pipelines=None, limits: ServerLimits | None = None,
                route_batch: int = 64, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
                tool_call_parser: str | None = None, lora_dir: str | Path | None = None, max_loras: int = 8,
-               max_lora_rank: int = 64, lora_base: str | None = None, lora_on_demand: bool = False) -> FastAPI:
+               max_lora_rank: int = 64, lora_base: str | None = None, lora_on_demand: bool = False,
+               generation_config: str = "auto", override_generation_config: dict[str, Any] | None = None) -> FastAPI:
     """The FastAPI app serving a bundle (or a :class:`~branchmerge.front.Front`): one engine thread,
     concurrent requests batched (and their ``auto`` texts routed together, at most ``route_batch`` in one
     embedding batch). With ``api_key`` every path but a bare ``/health`` needs ``Authorization: Bearer KEY``
@@ -41,14 +42,18 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
     ``lora_dir``: vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` load PEFT LoRA adapters from
     inside this folder (at most ``max_loras``, of rank ≤ ``max_lora_rank``) over the branch ``lora_base`` (by
     default the bundle's one base branch); with ``lora_on_demand`` a request naming an adapter folder of
-    ``lora_dir`` loads it (least recently used ones unloaded when full); see :mod:`branchmerge.server.lora`."""
+    ``lora_dir`` loads it (least recently used ones unloaded when full); see :mod:`branchmerge.server.lora`.
+    ``generation_config``: ``"auto"`` (vLLM's default) answers a request that leaves out a sampling setting
+    with its branch's generation config's, ``"vllm"`` with the server's own; ``override_generation_config``
+    (``{"temperature": 0.5}``) over either (see :meth:`~.api.OpenAIService.defaults`)."""
     from branchmerge.front import Front, front_for
 
     front = bundle_or_front if isinstance(bundle_or_front, Front) else front_for(bundle_or_front, pipelines)
     if max_tokens_limit is not None:
         limits = (limits or ServerLimits()).model_copy(update={"max_tokens": max_tokens_limit})
     service = OpenAIService(front, limits=limits, max_batch=max_batch, wait_ms=wait_ms, route_batch=route_batch,
-                            prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser)
+                            prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser,
+                            generation_config=generation_config, override_generation_config=override_generation_config)
     if lora_dir is not None:
         from branchmerge.server.lora import RuntimeLoras
 
@@ -243,7 +248,8 @@ def serve(bundle_dir: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key
           pipelines=None, limits: ServerLimits | None = None,
           prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, tool_call_parser: str | None = None,
           lora_dir: str | Path | None = None, max_loras: int = 8, max_lora_rank: int = 64,
-          lora_base: str | None = None, lora_on_demand: bool = False) -> None:
+          lora_base: str | None = None, lora_on_demand: bool = False, generation_config: str = "auto",
+          override_generation_config: dict[str, Any] | None = None) -> None:
     """Load a bundle (or take a loaded :class:`~branchmerge.front.Front`) and serve it with uvicorn
     (blocking); the one entry point the CLI uses."""
     import uvicorn
@@ -258,5 +264,6 @@ def serve(bundle_dir: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key
     app = create_app(front, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms, limits=limits,
                      prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser, lora_dir=lora_dir,
                      max_loras=max_loras, max_lora_rank=max_lora_rank, lora_base=lora_base,
-                     lora_on_demand=lora_on_demand)
+                     lora_on_demand=lora_on_demand, generation_config=generation_config,
+                     override_generation_config=override_generation_config)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
