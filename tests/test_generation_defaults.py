@@ -139,7 +139,7 @@ def test_bad_defaults_are_refused_by_name(tmp_path, capsys, made):
     """A generation config out of range fails the server's start, naming the branch and the field; a bad
     --generation-config or --override-generation-config exits non-zero naming the flag, before loading."""
     b = branchmerge.load(_merge(tmp_path, {"top_p": 5.0}), dtype="float32")
-    with pytest.raises(BundleError, match=r"branch 'a''s generation config: top_p is 5.0; it must be a number in"):
+    with pytest.raises(BundleError, match=r"branch 'a': .*generation_config.json: top_p is 5.0; it must be a number in"):
         create_app(b)
     with pytest.raises(ValueError, match="'temprature' cannot be overridden"):
         create_app(made["bundle"], override_generation_config={"temprature": 0.5})
@@ -155,3 +155,59 @@ def test_bad_defaults_are_refused_by_name(tmp_path, capsys, made):
     assert code == 0 and out.strip(), err  # (b's config is fine)
     code, _, err = run_cli(capsys, "generate", bundle, "rev ab=", "--branch", "a", "-n", "3")
     assert code != 0 and "top_p is 5.0" in err
+
+
+def _with_config(bundle_dir: Path, values: dict) -> None:
+    path = bundle_dir / "branches" / "a" / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+
+def test_a_generation_config_cannot_change_how_a_branch_decodes(tmp_path, caplog):
+    """A branch's generation_config.json is input: its end tokens, sampling defaults, penalties and bans are
+    honored; what would change how every call of the branch decodes, or break it (beam search, several
+    sequences, a dict output, a time limit, stop strings without a tokenizer, a KV cache that needs another
+    package, classifier-free guidance, a watermark, prompt lookup, a minimum length) is ignored, named in a
+    warning. Before, the first two made every request to the branch fail and the others changed its answers."""
+    d = _merge(tmp_path, {"repetition_penalty": 2.0})
+    p, q = [1, 12, 12, 12, 12], [1, 7, 8]
+    rows = [RowSettings(temperature=0.9, seed=3), RowSettings()]
+
+    def answers() -> list:
+        b = branchmerge.load(d, dtype="float32")
+        return [b.generate_ids([p], ["a"], max_new_tokens=6)[0].new_ids,
+                [o.new_ids for o in b.generate_ids([p, q], ["a", "b"], max_new_tokens=6, row_sampler=RowSampler(rows))],
+                b.beam_search(p, "a", beams=2, max_new_tokens=6)[0].new_ids]
+
+    want = answers()
+    ignored = {"num_beams": 4, "return_dict_in_generate": True, "output_scores": True, "max_time": 0.0,
+               "stop_strings": ["a"], "cache_implementation": "quantized", "guidance_scale": 2.0,
+               "watermarking_config": {"greenlist_ratio": 0.25}, "prompt_lookup_num_tokens": 3, "min_new_tokens": 5}
+    _with_config(d, ignored)
+    with caplog.at_level("WARNING", logger="branchmerge"):
+        assert answers() == want
+    named = " ".join(r.getMessage() for r in caplog.records if "ignores" in r.getMessage())
+    assert all(k in named for k in ignored if k not in ("return_dict_in_generate", "output_scores")), named
+    assert "output_scores" not in named  # (output formats are ignored without a word)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"bad_words_ids": [[3, 1000000]]}, "bad_words_ids names token 1000000, not an id in the vocabulary of 64"),
+    ({"suppress_tokens": [-1]}, "suppress_tokens names token -1"),
+    ({"begin_suppress_tokens": [64]}, "begin_suppress_tokens names token 64"),
+    ({"sequence_bias": [[[70], 1.0]]}, "sequence_bias names token 70"),
+    ({"sequence_bias": [[3, 1.0]]}, r"sequence_bias entries are \[\[token ids\], bias\]"),
+    ({"bad_words_ids": [3]}, "bad_words_ids is .*; it must be a list of lists"),
+    ({"bad_words_ids": [list(range(40))] * 2000}, "its bans and biases name over 65536 token ids"),
+    ({"repetition_penalty": -1.0}, "repetition_penalty is -1.0; it must be a number > 0"),
+    ({"no_repeat_ngram_size": "two"}, "no_repeat_ngram_size is 'two'"),
+])
+def test_a_bad_generation_config_is_named(tmp_path, values, message):
+    """Bans or biases naming a token outside the branch's vocabulary (a device assert on a GPU, an index
+    error on a CPU), too many of them, malformed entries or a penalty out of range: the branch's first
+    generation fails naming the file, the field and the value, and the other branch still answers."""
+    d = _merge(tmp_path, {})
+    _with_config(d, values)
+    b = branchmerge.load(d, dtype="float32")
+    with pytest.raises(BundleError, match=rf"branch 'a': .*generation_config.json: {message}"):
+        b.generate_ids([[1, 5]], ["a"], max_new_tokens=2)
+    assert len(b.generate_ids([[1, 5]], ["b"], max_new_tokens=2)[0].new_ids) == 2

@@ -26,7 +26,8 @@ from branchmerge.io.bundle import BundleReader
 from branchmerge.runtime import adapters
 from branchmerge.runtime.adapters import LoadedAdapter, Prepared
 from branchmerge.runtime.build import build_group_model
-from branchmerge.runtime.generation import BatchGeneration, GenerationResult, cache_arg, sampling_defaults
+from branchmerge.runtime.generation import (BatchGeneration, GenerationResult, cache_arg, honored_config,
+                                           sampling_defaults)
 from branchmerge.runtime.modules import BranchedLinear, BranchState
 from branchmerge.runtime.siblings import group_siblings
 from branchmerge.runtime.scoring import (PrefixCluster, TokenLogprobs, prefix_clusters, score_cluster, score_row,
@@ -302,10 +303,12 @@ class Bundle(BatchGeneration):
 
     def generation_config(self, branch: str) -> Any:
         """``branch``'s own ``GenerationConfig`` (its ``generation_config.json``, else its ``config.json``'s token
-        ids), read once per branch.
+        ids), read once per branch: what of it generation honors (its tokens, sampling defaults, penalties and
+        bans; see :func:`~.generation.honored_config`), the rest ignored with a warning.
 
         Raises:
-            BundleError: the file is invalid (named).
+            BundleError: the file is invalid, a value out of range, or a ban naming a token outside the
+                branch's vocabulary (named).
         """
         known = self._generation_configs
         if branch not in known:
@@ -317,12 +320,21 @@ class Bundle(BatchGeneration):
                 gc = GenerationConfig(**{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg})
             except (ValueError, TypeError) as err:
                 raise BundleError(f"branch {branch!r}: the token ids of its config.json are invalid: {err}") from None
-            if (folder / "generation_config.json").is_file():
+            path = folder / "generation_config.json"
+            if path.is_file():
                 try:
-                    gc = GenerationConfig.from_pretrained(folder, trust_remote_code=False)
-                except (ValueError, OSError) as err:
-                    raise BundleError(f"branch {branch!r}: {folder / 'generation_config.json'} is invalid: "
-                                      f"{err}") from None
+                    read = GenerationConfig.from_pretrained(folder, trust_remote_code=False)
+                except (ValueError, TypeError, OSError) as err:
+                    raise BundleError(f"branch {branch!r}: {path} is invalid: {err}") from None
+                try:
+                    kept, ignored = honored_config(read.to_diff_dict(), cfg.get("vocab_size"), str(path))
+                    gc = GenerationConfig(**kept)
+                except (ValueError, TypeError) as err:
+                    raise BundleError(f"branch {branch!r}: {err}") from None
+                if ignored:
+                    logger.warning("branch %s: %s sets %s, which branchmerge ignores (it takes a generation "
+                                   "config's end tokens, sampling defaults, penalties and bans)",
+                                   branch, path.name, ", ".join(ignored))
             known[branch] = gc
         return known[branch]
 
@@ -332,13 +344,9 @@ class Bundle(BatchGeneration):
         the server answers a request that leaves them out with, as vLLM's ``--generation-config auto``.
 
         Raises:
-            BundleError: a value is out of range (named).
+            BundleError: the generation config is invalid (see :meth:`generation_config`).
         """
-        try:
-            return sampling_defaults(self.generation_config(branch).to_diff_dict(),
-                                     f"branch {branch!r}'s generation config")
-        except ValueError as e:
-            raise BundleError(str(e)) from None
+        return sampling_defaults(self.generation_config(branch).to_diff_dict(), f"branch {branch!r}")
 
     def stop_ids(self, branch: str) -> set[int]:
         """End-of-sequence token ids of ``branch``: its tokenizer's and its own generation config's."""
