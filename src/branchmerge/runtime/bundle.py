@@ -462,11 +462,12 @@ class Bundle(BatchGeneration):
         return encode_messages(tok, msgs, chat=True, what=f"the chat template of branch {branch!r}")
 
     def encode_messages(self, messages: Sequence[Mapping[str, Any]], branch: str, *, chat: bool | None = None,
-                        tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+                        tools: Sequence[Mapping[str, Any]] | None = None, **template: Any) -> list[int]:
         """Token ids of a conversation (``{"role", "content"}`` dicts, OpenAI ``tools`` for the template) for
-        ``branch``, ready for its answer."""
+        ``branch``, ready for its answer; ``template``: ``add_generation_prompt``, ``continue_final_message``,
+        ``template_kwargs`` (see :func:`~.text.encode_messages`)."""
         return encode_messages(self.tokenizer(branch), messages, chat=chat, tools=tools,
-                               what=f"the chat template of branch {branch!r}")
+                               what=f"the chat template of branch {branch!r}", **template)
 
     def context_limit(self, branch: str) -> int | None:
         """The branch's context length in tokens (``max_position_embeddings`` or ``n_positions``), if known."""

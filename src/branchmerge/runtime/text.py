@@ -30,7 +30,9 @@ def describe_tools(tools: Sequence[Mapping[str, Any]]) -> str:
 
 
 def encode_messages(tok: Any, messages: Sequence[Mapping[str, Any]], *, chat: bool | None = None,
-                    what: str = "the chat template", tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+                    what: str = "the chat template", tools: Sequence[Mapping[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
     """Token ids of chat ``messages`` (``{"role", "content"}``, and an assistant's ``tool_calls``, a tool
     result's ``tool_call_id`` and ``name``), ending where the assistant answers.
 
@@ -38,6 +40,10 @@ def encode_messages(tok: Any, messages: Sequence[Mapping[str, Any]], *, chat: bo
     joined by newlines. ``developer`` messages count as ``system``. ``tools`` (OpenAI's ``tools``) go to the
     template; one that does not render them (nor ``tool_calls``) gets them described in a system message
     and each call as its message's JSON content instead.
+
+    ``add_generation_prompt`` (default): the template opens the assistant's turn; ``continue_final_message``:
+    the last message (an assistant's) is left open, its answer going on from its text; ``template_kwargs``:
+    more variables for the template (``enable_thinking``…); all three as in transformers and vLLM.
 
     Raises:
         ConfigError: the chat template (named by ``what``) raised: roles it does not accept, or code its
@@ -62,10 +68,13 @@ def encode_messages(tok: Any, messages: Sequence[Mapping[str, Any]], *, chat: bo
         from jinja2 import TemplateError
 
         try:
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                          **({"tools": list(tools)} if tools else {}))
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt and not continue_final_message,
+                                          continue_final_message=continue_final_message, tokenize=True,
+                                          **({"tools": list(tools)} if tools else {}), **(template_kwargs or {}))
         except TemplateError as e:  # the template's own raise_exception, or the sandbox refusing unsafe code
             raise ConfigError(f"{what} refused these messages ({type(e).__name__}: {e})") from None
+        except ValueError as e:  # continue_final_message: the last message's text is not in what it renders
+            raise ConfigError(f"{what} cannot continue the last message: {e}") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     return list(tok("\n".join(m["content"] for m in msgs if m["content"]))["input_ids"])
 

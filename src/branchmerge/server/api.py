@@ -474,12 +474,14 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
         except ValueError as e:
             raise P.APIError(400, str(e), param="messages") from None
         calls = req.calls()  # None, "required" or the function to call
+        template = req.template_options()
         request = _Request()
 
         rid = P.new_id("chat")
 
         async def work() -> Reply:
-            out = await self._one(req, "chat", last_user, lambda b: self.bundle.encode_messages(msgs, b, tools=tools),
+            encode = partial(self.bundle.encode_messages, msgs, tools=tools, **template)
+            out = await self._one(req, "chat", last_user, encode,
                                   rid=rid, index=0, disconnected=disconnected, request=request)
             if calls is not None:  # the answers as tool calls
                 parser = self.tool_call_parser or "hermes"

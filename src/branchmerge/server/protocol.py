@@ -103,6 +103,13 @@ class Message(BaseModel):
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
 MAX_STOP_CHARS = 512  # characters of one stop sequence
 MAX_ALLOWED_TOKENS = 1 << 16  # entries of one request's allowed_token_ids
+MAX_TEMPLATE_KWARGS = 32  # variables of one request's chat_template_kwargs
+MAX_TEMPLATE_KWARGS_CHARS = 4096  # their JSON
+# what chat_template_kwargs may not set: apply_chat_template's own arguments, and what the request gives itself
+RESERVED_TEMPLATE_NAMES = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs"})
 
 
 class StreamOptions(BaseModel):
@@ -225,6 +232,38 @@ class _Req(BaseModel):
         return found[0] if found else None
 
 
+def checked_template_kwargs(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    """vLLM's ``chat_template_kwargs``, bounded: at most :data:`MAX_TEMPLATE_KWARGS` variables, named as
+    identifiers, none of apply_chat_template's own arguments or the request's fields."""
+    if not v:
+        return v
+    if len(v) > MAX_TEMPLATE_KWARGS or len(json.dumps(v)) > MAX_TEMPLATE_KWARGS_CHARS:
+        raise ValueError(f"chat_template_kwargs takes at most {MAX_TEMPLATE_KWARGS} variables and "
+                         f"{MAX_TEMPLATE_KWARGS_CHARS} characters of JSON")
+    for k in v:
+        if not k.isidentifier() or k.startswith("_") or k in RESERVED_TEMPLATE_NAMES:
+            raise ValueError(f"chat_template_kwargs cannot set {k[:40]!r}"
+                             + (" (a field of the request itself)" if k in RESERVED_TEMPLATE_NAMES else
+                                ": variables are identifiers not starting with _"))
+    return v
+
+
+def template_options(messages: list[Message], add_generation_prompt: bool, continue_final_message: bool,
+                     template_kwargs: dict[str, Any] | None, generation_prompt_given: bool) -> dict[str, Any]:
+    """The keyword arguments of :func:`~branchmerge.runtime.text.encode_messages` for a request's vLLM fields,
+    checked: a 400 for ``continue_final_message`` with ``add_generation_prompt`` set true too (its default,
+    true, gives way), or without an assistant's last message."""
+    if continue_final_message:
+        if add_generation_prompt and generation_prompt_given:
+            raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true",
+                           param="continue_final_message")
+        if not messages or messages[-1].role != "assistant":
+            raise APIError(400, "continue_final_message needs the last message to be the assistant's",
+                           param="continue_final_message")
+    return {"add_generation_prompt": add_generation_prompt and not continue_final_message,
+            "continue_final_message": continue_final_message, "template_kwargs": dict(template_kwargs or {})}
+
+
 class ChatRequest(_Req):
     messages: list[Message]
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
@@ -233,7 +272,23 @@ class ChatRequest(_Req):
     logprobs: bool | None = Field(default=None, description="Each answer token's log-probability under the branch.")
     top_logprobs: int | None = Field(default=None, ge=0, le=20,
                                      description="With logprobs: this many likeliest tokens at each position.")
+    add_generation_prompt: bool = Field(default=True, description="vLLM's: the template opens the assistant's "
+                                        "turn after the messages.")
+    continue_final_message: bool = Field(default=False, description="vLLM's: the last message (the assistant's) "
+                                         "is left open and the answer goes on from its text.")
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="vLLM's: more variables for "
+                                                        "the chat template (enable_thinking: false…).")
     _tool_parser: str | None = PrivateAttr(default=None)  # the server's (tools.PARSERS), set before reading calls
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return checked_template_kwargs(v)
+
+    def template_options(self) -> dict[str, Any]:
+        """How the conversation is rendered (see :func:`template_options`)."""
+        return template_options(self.messages, self.add_generation_prompt, self.continue_final_message,
+                                self.chat_template_kwargs, "add_generation_prompt" in self.model_fields_set)
 
     def calls(self) -> str | None:
         """None (answer in text), ``"required"``, ``"auto"`` (with the server's tool-call parser) or the name
@@ -276,7 +331,11 @@ _NEUTRAL: dict[str, Any] = {
     # vLLM's sampling extensions that this server does not implement (top_k and min_p it does)
     "guided_whitespace_pattern": lambda v: v is None, "structural_tag": lambda v: v is None,
 }
-_NEUTRAL_CHAT: dict[str, Any] = {}
+_NEUTRAL_CHAT: dict[str, Any] = {
+    # vLLM takes a request's own Jinja template only with --trust-request-chat-template; documents go to RAG
+    # templates; echo repeats the assistant's last message (with continue_final_message)
+    "chat_template": lambda v: v is None, "documents": lambda v: not v, "echo": lambda v: not v,
+}
 _NEUTRAL_COMPLETION: dict[str, Any] = {"tools": lambda v: not v, "tool_choice": lambda v: v in (None, "none")}
 
 

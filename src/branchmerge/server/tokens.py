@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from branchmerge.errors import BranchmergeError
 from branchmerge.server import protocol as P
@@ -28,8 +28,17 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[P.Message] | None = Field(default=None, min_length=1)
     add_special_tokens: bool = Field(default=True, description="With a prompt: the tokenizer's BOS/EOS tokens.")
-    add_generation_prompt: Literal[True] = Field(default=True, description="With messages: ready for the answer.")
+    add_generation_prompt: bool = Field(default=True, description="With messages: ready for the answer.")
+    continue_final_message: bool = Field(default=False, description="With messages: the last (the assistant's) "
+                                         "left open.")
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="With messages: more variables "
+                                                        "for the chat template.")
     return_token_strs: bool = False
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return P.checked_template_kwargs(v)
 
 
 class DetokenizeRequest(BaseModel):
@@ -79,13 +88,16 @@ class TokenReplies:
             msgs = None if req.messages is None else [m.as_dict() for m in req.messages]
         except ValueError as e:
             raise P.APIError(400, str(e), param="messages") from None
+        template = {} if req.messages is None else P.template_options(
+            req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs,
+            "add_generation_prompt" in req.model_fields_set)
         branch = await branch_of(self._resolve, req.model, text, "tokenize")  # type: ignore[attr-defined]
         tok = self.bundle.tokenizer(branch)
 
         def encode() -> list[int]:  # (off the event loop: a long prompt, a chat template)
             if req.prompt is not None:
                 return list(tok(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])
-            return self.bundle.encode_messages(msgs, branch)
+            return self.bundle.encode_messages(msgs, branch, **template)
 
         try:
             ids = await asyncio.to_thread(encode)
