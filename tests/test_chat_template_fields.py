@@ -128,3 +128,42 @@ def test_the_library_takes_the_same_options(served):
     want = list(want["input_ids"] if hasattr(want, "keys") else want)
     assert b.encode_messages([{"role": "user", "content": "ab"}], "b",
                              template_kwargs={"enable_thinking": False}) == want
+
+
+def test_a_chat_template_given_at_start_replaces_the_tokenizers(served, tmp_path, capsys):
+    """vLLM's --chat-template: set for one branch or every one (Bundle.set_chat_template), rendered as
+    transformers renders that template; a template that cannot render a conversation is refused naming the
+    branch, and nothing changes. The CLI takes a file, a packaged name or the template, BRANCH=... for one."""
+    from branchmerge.errors import BranchNotFoundError, ConfigError
+    from tests.cli_util import run_cli
+
+    root = Path(served["root"])
+    b = branchmerge.load(root / "bundle", dtype="float32")
+    msgs = [{"role": "user", "content": "ab"}]
+    before = {n: b.encode_messages(msgs, n) for n in "ab"}
+    b.set_chat_template(THINKING, "a")
+    assert b.encode_messages(msgs, "a") == before["b"] and b.encode_messages(msgs, "b") == before["b"]
+    with pytest.raises(ConfigError, match="the chat template given for branch 'a' refused these messages"):
+        b.set_chat_template("{{ raise_exception('no template here') }}")
+    with pytest.raises(ConfigError, match="branch 'a'"):
+        b.set_chat_template("{% if %}")
+    assert b.encode_messages(msgs, "a") == before["b"]  # (unchanged by the refused ones)
+    with pytest.raises(BranchNotFoundError):
+        b.set_chat_template(THINKING, "nope")
+    chatml = b.tokenizer("a").chat_template
+    b.set_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")  # every branch
+    assert b.encode_messages(msgs, "a") == b.encode_messages(msgs, "b") == b.tokenizer("a")("ab")["input_ids"]
+    assert chatml != b.tokenizer("a").chat_template
+    bundle = root / "bundle"
+    (tmp_path / "t.jinja").write_text("{{ raise_exception('from the file') }}")
+    for args, code_ok, said in (
+            (["--chat-template", str(tmp_path / "t.jinja")], False, "from the file"),
+            (["--chat-template", "b=" + str(tmp_path / "t.jinja")], False, "branch 'b'"),
+            (["--chat-template", "{{ raise_exception('inline') }}"], False, "inline"),
+            (["--chat-template", "nosuch"], False, "'nosuch' is not a file, a packaged template (alpaca, chatml"),
+            (["--chat-template", "chatml"], True, ""),
+            (["--chat-template", "a=chatml"], True, "")):
+        code, out, err = run_cli(capsys, "generate", bundle, "rev ab=", "--branch", "a", "-n", "2", *args)
+        assert (code == 0) == code_ok and said in " ".join(err.split()), (args, err)
+    code, _, err = run_cli(capsys, "serve", bundle, "--chat-template", "nosuch")
+    assert code != 0 and "is not a file" in " ".join(err.split())

@@ -86,13 +86,25 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: 
 
 
 def _load(bundle_dir: Path, routing: bool, loras: list[str] = (), lora_base: str | None = None,
-          stack: ExitStack | None = None, **kw):
-    """The bundle, with its router only when this command may route (a named branch needs none), and the
-    ``--lora NAME=PATH`` adapters loaded into it. With adapters, ``bundle_dir`` may be a base model folder: it
-    becomes a bundle in a temporary folder (removed when ``stack`` closes), as ``serve --lora-modules`` does."""
+          stack: ExitStack | None = None, chat_template: list[str] = (), **kw):
+    """The bundle, with its router only when this command may route (a named branch needs none), the
+    ``--lora NAME=PATH`` adapters loaded into it and the ``--chat-template`` set. With adapters, ``bundle_dir``
+    may be a base model folder: it becomes a bundle in a temporary folder (removed when ``stack`` closes), as
+    ``serve --lora-modules`` does."""
     from branchmerge.cli.serve_cmd import _lora_modules
 
+    from branchmerge.cli.serve_cmd import chat_templates
+
     adapters = _lora_modules(loras, "--lora")
+    templates = sorted(chat_templates(list(chat_template)).items(), key=lambda kv: kv[0] is not None)
+    bundle = _open(bundle_dir, routing, adapters, lora_base, stack, **kw)
+    for branch, template in templates:  # (every branch's first, then each branch's own)
+        bundle.set_chat_template(template, branch)
+    return bundle
+
+
+def _open(bundle_dir: Path, routing: bool, adapters: dict[str, str], lora_base: str | None, stack: ExitStack | None,
+          **kw):
     if adapters and not (bundle_dir / "manifest.json").is_file():
         import tempfile
 
@@ -113,6 +125,9 @@ def _load(bundle_dir: Path, routing: bool, loras: list[str] = (), lora_base: str
     return bundle
 
 
+_CHAT_TEMPLATE = typer.Option([], "--chat-template", metavar="[BRANCH=]TEMPLATE", help="Render the conversation with this chat template "
+                               "instead of the tokenizer's: a .jinja file, a packaged one (chatml, llama3, alpaca, "
+                               "mistral) or the template itself; BRANCH=... for one branch.")
 _LORA = typer.Option([], "--lora", help="Load the PEFT LoRA adapter at PATH as branch NAME (NAME=PATH; repeat for "
                      "more), kept exactly, for this run only; BUNDLE may then be a base model folder.")
 _LORA_BASE = typer.Option(None, "--lora-base", help="With --lora: the branch the adapters were trained on "
@@ -179,6 +194,7 @@ def generate(
     choice: list[str] = typer.Option([], "--choice", help="The answer is one of these; repeat for each."),
     grammar: Path | None = typer.Option(None, "--grammar", help="The answer follows this EBNF grammar file "
                                         "(root rule `root`, xgrammar's syntax)."),
+    chat_template: list[str] = _CHAT_TEMPLATE,
     lora: list[str] = _LORA,
     lora_base: str | None = _LORA_BASE,
 ) -> None:
@@ -186,7 +202,7 @@ def generate(
     structure = _structure(json_schema, regex, choice, grammar)
     with ExitStack() as stack:
         bundle = _load(bundle_dir, branch == "auto" or pipeline is not None or pipelines_file is not None, lora,
-                       lora_base, stack, device=device, dtype=dtype)
+                       lora_base, stack, chat_template, device=device, dtype=dtype)
         _generate(bundle, prompt, branch, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
                   stop, no_chat, pipeline, pipelines_file, structure)
 
@@ -248,12 +264,13 @@ def chat(
     repetition_penalty: float = _REPETITION_PENALTY,
     dtype: str | None = typer.Option(None, "--dtype"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    chat_template: list[str] = _CHAT_TEMPLATE,
     lora: list[str] = _LORA,
     lora_base: str | None = _LORA_BASE,
 ) -> None:
     """Interactive chat with a branch; Ctrl-C stops a reply, an empty line or Ctrl-D ends the chat."""
     with ExitStack() as stack:
-        bundle = _load(bundle_dir, branch == "auto", lora, lora_base, stack, device=device, dtype=dtype)
+        bundle = _load(bundle_dir, branch == "auto", lora, lora_base, stack, chat_template, device=device, dtype=dtype)
         _chat(bundle, branch, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
 
 

@@ -30,6 +30,24 @@ def _lora_modules(values: list[str], flag: str = "--lora-modules") -> dict[str, 
     return out
 
 
+def chat_templates(values: list[str], flag: str = "--chat-template") -> dict[str | None, str]:
+    """vLLM's ``--chat-template`` values, each ``VALUE`` (every branch) or ``BRANCH=VALUE``; a VALUE is a file, a
+    packaged name or a template (:func:`~branchmerge.io.hf.chat_template_text`), read here, before loading."""
+    from branchmerge.common import SAFE_NAME
+    from branchmerge.errors import ConfigError
+    from branchmerge.io.hf import chat_template_text
+
+    out: dict[str | None, str] = {}
+    for v in values:
+        name, sep, rest = v.partition("=")
+        branch, value = (name, rest) if sep and SAFE_NAME.match(name) and not Path(v).is_file() else (None, v)
+        try:
+            out[branch] = chat_template_text(value, flag)
+        except ConfigError as e:
+            raise typer.BadParameter(str(e).removeprefix(f"{flag}: "), param_hint=flag) from None
+    return out
+
+
 def _generation_overrides(mode: str, text: str | None) -> dict | None:
     """``--generation-config`` checked and ``--override-generation-config``'s JSON read and checked, before the
     bundle loads."""
@@ -93,6 +111,10 @@ def serve_cmd(
                                                           help="As vLLM: JSON over those defaults for every "
                                                           "branch, e.g. '{\"temperature\": 0.5, "
                                                           "\"max_new_tokens\": 128}'."),
+    chat_template: list[str] = typer.Option([], "--chat-template", metavar="[BRANCH=]TEMPLATE", help="As vLLM: render conversations with this "
+                                            "chat template instead of the tokenizer's: a .jinja file, a packaged "
+                                            "one (chatml, llama3, alpaca, mistral) or the template itself; "
+                                            "BRANCH=... for one branch (repeat the flag for more)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bf16, fp16 (default: the bundle's)."),
     lora_modules: list[str] = typer.Option([], "--lora-modules", help="As vLLM: serve BUNDLE, a base model folder, "
@@ -131,6 +153,7 @@ def serve_cmd(
                                  param_hint="--tool-call-parser")
 
     overrides = _generation_overrides(generation_config, override_generation_config)
+    templates = chat_templates(chat_template)
     adapters = _lora_modules(lora_modules)
     limits = ServerLimits(max_tokens=max_tokens_limit, max_prompts=max_prompts, max_choices=max_choices)
     pipes = load_pipelines(pipelines) if pipelines is not None else None
@@ -138,7 +161,7 @@ def serve_cmd(
               pipelines=pipes, limits=limits, prefix_cache_tokens=prefix_cache_tokens,
               tool_call_parser=tool_call_parser, lora_dir=lora_dir, max_loras=max_loras, max_lora_rank=max_lora_rank,
               lora_base=lora_base, lora_on_demand=lora_on_demand, generation_config=generation_config,
-              override_generation_config=overrides)
+              override_generation_config=overrides, chat_templates=templates)
     if lora_on_demand and lora_dir is None:
         raise typer.BadParameter("needs --lora-dir", param_hint="--lora-on-demand")
     from branchmerge.io.manifest import MANIFEST

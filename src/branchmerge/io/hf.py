@@ -52,6 +52,32 @@ def model_chat_template(folder: Path) -> str | None:
     return t if isinstance(t, str) else None
 
 
+MAX_TEMPLATE_BYTES = 256 << 10  # a chat template file read for --chat-template
+
+
+def chat_template_text(setting: str, where: str = "--chat-template") -> str:
+    """The Jinja text of a chat-template setting (vLLM's ``--chat-template``): a packaged name
+    (:data:`CHAT_TEMPLATES`), a file's path, or the template itself (text with ``{{`` or ``{%``).
+
+    Raises:
+        ConfigError: none of these (named with ``where``), or a file over :data:`MAX_TEMPLATE_BYTES`.
+    """
+    if setting in CHAT_TEMPLATES:
+        return (resources.files("branchmerge") / "_data" / "chat_templates" / f"{setting}.jinja").read_text()
+    if "{{" in setting or "{%" in setting:
+        return setting
+    path = Path(setting)
+    if not path.is_file():
+        raise ConfigError(f"{where}: {setting[:80]!r} is not a file, a packaged template "
+                          f"({', '.join(CHAT_TEMPLATES)}) or a Jinja template")
+    if path.stat().st_size > MAX_TEMPLATE_BYTES:
+        raise ConfigError(f"{where}: {path} has over {MAX_TEMPLATE_BYTES >> 10} KiB; a chat template is smaller")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: {path} is not UTF-8 text") from None
+
+
 def write_chat_template(folder: Path, setting: str, models: list[Path]) -> str:
     """Give the tokenizer in ``folder`` the chat template ``setting`` (mergekit's ``chat_template``): ``auto``
     (the one most of ``models`` have), a packaged name (:data:`CHAT_TEMPLATES`) or Jinja text. Written as
@@ -66,7 +92,7 @@ def write_chat_template(folder: Path, setting: str, models: list[Path]) -> str:
             raise ConfigError("chat_template: auto, but none of the models has a chat template")
         template = Counter(found).most_common(1)[0][0]
     elif setting in CHAT_TEMPLATES:
-        template = (resources.files("branchmerge") / "_data" / "chat_templates" / f"{setting}.jinja").read_text()
+        template = chat_template_text(setting)
     else:
         template = setting
     cfg = folder / "tokenizer_config.json"

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -26,8 +27,7 @@ from branchmerge.io.bundle import BundleReader
 from branchmerge.runtime import adapters
 from branchmerge.runtime.adapters import LoadedAdapter, Prepared
 from branchmerge.runtime.build import build_group_model
-from branchmerge.runtime.generation import (BatchGeneration, GenerationResult, cache_arg, honored_config,
-                                           sampling_defaults)
+from branchmerge.runtime.generation import BatchGeneration, GenerationResult, cache_arg
 from branchmerge.runtime.modules import BranchedLinear, BranchState
 from branchmerge.runtime.siblings import group_siblings
 from branchmerge.runtime.scoring import (PrefixCluster, TokenLogprobs, prefix_clusters, score_cluster, score_row,
@@ -113,6 +113,7 @@ class Bundle(BatchGeneration):
             self.kernels = "torch"
             self.groups = self._build_groups(fused, factors or "dequantize")
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
+        self._chat_templates: dict[str | None, str] = {}  # set_chat_template's: per branch, None for every one
         self._generation_configs: dict[str, Any] = {}
         self._hot: set[str] = set()
         # held by a server's engine around each batch, and by materialize/dematerialize, so a branch never
@@ -171,8 +172,34 @@ class Bundle(BatchGeneration):
                 why = " ".join(f"{type(e).__name__}: {e}".split())[:500]
                 raise BundleError(f"branch {branch!r}: the tokenizer in {folder} cannot be loaded (its files are "
                                   f"missing or invalid, or it needs code, which a bundle never runs): {why}") from None
+            template = self._chat_templates.get(branch, self._chat_templates.get(None))
+            if template is not None:
+                tok.chat_template = template
             self._tokenizers[branch] = ensure_pad_token(tok)
         return tok
+
+    def set_chat_template(self, template: str, branch: str | None = None) -> None:
+        """Render ``branch``'s conversations (every branch's, and adapters' loaded later, when None) with the
+        Jinja ``template`` instead of its tokenizer's own, as vLLM's ``--chat-template`` (see
+        :func:`~branchmerge.io.hf.chat_template_text` for names and files).
+
+        Raises:
+            BranchNotFoundError: an unknown branch.
+            ConfigError: the template cannot render a conversation (its error named); nothing changes then.
+        """
+        if branch is not None:
+            self.reader.branch(branch)  # (an unknown one: BranchNotFoundError)
+        names = self.branch_names if branch is None else [branch]
+        for b in names:  # a template that fails fails here, for every branch, before any is changed
+            tok = copy.copy(self.tokenizer(b))
+            tok.chat_template = template
+            encode_messages(tok, [{"role": "user", "content": "hello"}], chat=True,
+                            what=f"the chat template given for branch {b!r}")
+        if branch is None:  # (the latest setting wins: one for every branch replaces each branch's)
+            self._chat_templates.clear()
+        self._chat_templates[branch] = template
+        for b in names:
+            self.tokenizer(b).chat_template = template
 
     def model(self, branch: str) -> PreTrainedModel:
         """The ``transformers`` model serving ``branch``, with that branch active on this thread.
@@ -300,63 +327,6 @@ class Bundle(BatchGeneration):
             out = g.model(input_ids=input_ids.to(self.device),
                           attention_mask=None if attention_mask is None else attention_mask.to(self.device))
         return out.logits
-
-    def generation_config(self, branch: str) -> Any:
-        """``branch``'s own ``GenerationConfig`` (its ``generation_config.json``, else its ``config.json``'s token
-        ids), read once per branch: what of it generation honors (its tokens, sampling defaults, penalties and
-        bans; see :func:`~.generation.honored_config`), the rest ignored with a warning.
-
-        Raises:
-            BundleError: the file is invalid, a value out of range, or a ban naming a token outside the
-                branch's vocabulary (named).
-        """
-        known = self._generation_configs
-        if branch not in known:
-            from transformers import GenerationConfig
-
-            folder = self.reader.branch_dir(branch)
-            cfg = self.reader.hf_config(branch)  # (without a file: the token ids of config.json, as transformers does)
-            try:
-                gc = GenerationConfig(**{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg})
-            except (ValueError, TypeError) as err:
-                raise BundleError(f"branch {branch!r}: the token ids of its config.json are invalid: {err}") from None
-            path = folder / "generation_config.json"
-            if path.is_file():
-                try:
-                    read = GenerationConfig.from_pretrained(folder, trust_remote_code=False)
-                except (ValueError, TypeError, OSError) as err:
-                    raise BundleError(f"branch {branch!r}: {path} is invalid: {err}") from None
-                try:
-                    kept, ignored = honored_config(read.to_diff_dict(), cfg.get("vocab_size"), str(path))
-                    gc = GenerationConfig(**kept)
-                except (ValueError, TypeError) as err:
-                    raise BundleError(f"branch {branch!r}: {err}") from None
-                if ignored:
-                    logger.warning("branch %s: %s sets %s, which branchmerge ignores (it takes a generation "
-                                   "config's end tokens, sampling defaults, penalties and bans)",
-                                   branch, path.name, ", ".join(ignored))
-            known[branch] = gc
-        return known[branch]
-
-    def sampling_defaults(self, branch: str) -> dict[str, float | int]:
-        """The sampling defaults ``branch``'s generation config sets (``temperature``, ``top_p``, ``top_k``,
-        ``min_p``, ``repetition_penalty``, ``max_new_tokens``; see :func:`~.generation.sampling_defaults`): what
-        the server answers a request that leaves them out with, as vLLM's ``--generation-config auto``.
-
-        Raises:
-            BundleError: the generation config is invalid (see :meth:`generation_config`).
-        """
-        return sampling_defaults(self.generation_config(branch).to_diff_dict(), f"branch {branch!r}")
-
-    def stop_ids(self, branch: str) -> set[int]:
-        """End-of-sequence token ids of ``branch``: its tokenizer's and its own generation config's."""
-        ids = set()
-        e = self.tokenizer(branch).eos_token_id
-        if e is not None:
-            ids.add(e)
-        eos = self.generation_config(branch).eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        return ids
 
     def token_logprobs(self, ids: Sequence[int], branch: str, *, top: int = 0, greedy_next: bool = False) -> TokenLogprobs:
         """Log-probability of every token of ``ids`` given the ones before it, on ``branch``.

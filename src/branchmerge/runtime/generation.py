@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 
+from branchmerge.errors import BundleError
 from branchmerge.runtime import kvcache
 from branchmerge.runtime.kvcache import CachedRow
 from branchmerge.runtime.sampling import RowSampler, StopStrings, StopTokens, TokenLogprob
@@ -162,6 +163,63 @@ class BatchGeneration:
     """:meth:`generate_ids` and its parts, for :class:`~branchmerge.runtime.bundle.Bundle`."""
 
     min_shared_prefix = 16  # generation shares a prompt prefix of at least this many tokens
+
+    def generation_config(self, branch: str) -> Any:
+        """``branch``'s own ``GenerationConfig`` (its ``generation_config.json``, else its ``config.json``'s token
+        ids), read once per branch: what of it generation honors (its tokens, sampling defaults, penalties and
+        bans; see :func:`~.generation.honored_config`), the rest ignored with a warning.
+
+        Raises:
+            BundleError: the file is invalid, a value out of range, or a ban naming a token outside the
+                branch's vocabulary (named).
+        """
+        known = self._generation_configs
+        if branch not in known:
+            from transformers import GenerationConfig
+
+            folder = self.reader.branch_dir(branch)
+            cfg = self.reader.hf_config(branch)  # (without a file: the token ids of config.json, as transformers does)
+            try:
+                gc = GenerationConfig(**{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg})
+            except (ValueError, TypeError) as err:
+                raise BundleError(f"branch {branch!r}: the token ids of its config.json are invalid: {err}") from None
+            path = folder / "generation_config.json"
+            if path.is_file():
+                try:
+                    read = GenerationConfig.from_pretrained(folder, trust_remote_code=False)
+                except (ValueError, TypeError, OSError) as err:
+                    raise BundleError(f"branch {branch!r}: {path} is invalid: {err}") from None
+                try:
+                    kept, ignored = honored_config(read.to_diff_dict(), cfg.get("vocab_size"), str(path))
+                    gc = GenerationConfig(**kept)
+                except (ValueError, TypeError) as err:
+                    raise BundleError(f"branch {branch!r}: {err}") from None
+                if ignored:
+                    logger.warning("branch %s: %s sets %s, which branchmerge ignores (it takes a generation "
+                                   "config's end tokens, sampling defaults, penalties and bans)",
+                                   branch, path.name, ", ".join(ignored))
+            known[branch] = gc
+        return known[branch]
+
+    def sampling_defaults(self, branch: str) -> dict[str, float | int]:
+        """The sampling defaults ``branch``'s generation config sets (``temperature``, ``top_p``, ``top_k``,
+        ``min_p``, ``repetition_penalty``, ``max_new_tokens``; see :func:`~.generation.sampling_defaults`): what
+        the server answers a request that leaves them out with, as vLLM's ``--generation-config auto``.
+
+        Raises:
+            BundleError: the generation config is invalid (see :meth:`generation_config`).
+        """
+        return sampling_defaults(self.generation_config(branch).to_diff_dict(), f"branch {branch!r}")
+
+    def stop_ids(self, branch: str) -> set[int]:
+        """End-of-sequence token ids of ``branch``: its tokenizer's and its own generation config's."""
+        ids = set()
+        e = self.tokenizer(branch).eos_token_id
+        if e is not None:
+            ids.add(e)
+        eos = self.generation_config(branch).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids
 
     def structurer(self, branch: str) -> Structurer:
         """The :class:`~.structured.Structurer` of ``branch``'s vocabulary, made at its first use (~0.15 s for

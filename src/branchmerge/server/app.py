@@ -249,9 +249,11 @@ def serve(bundle_dir: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key
           prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, tool_call_parser: str | None = None,
           lora_dir: str | Path | None = None, max_loras: int = 8, max_lora_rank: int = 64,
           lora_base: str | None = None, lora_on_demand: bool = False, generation_config: str = "auto",
-          override_generation_config: dict[str, Any] | None = None) -> None:
+          override_generation_config: dict[str, Any] | None = None,
+          chat_templates: dict[str | None, str] | None = None) -> None:
     """Load a bundle (or take a loaded :class:`~branchmerge.front.Front`) and serve it with uvicorn
-    (blocking); the one entry point the CLI uses."""
+    (blocking); the one entry point the CLI uses. ``chat_templates``: Jinja templates by branch (None: every
+    branch), set before serving (:meth:`~branchmerge.runtime.bundle.Bundle.set_chat_template`)."""
     import uvicorn
 
     from branchmerge.front import Front, open_front
@@ -261,6 +263,8 @@ def serve(bundle_dir: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key
         logger.warning(warning)
     front = bundle_dir if isinstance(bundle_dir, Front) else open_front(bundle_dir, device=device, dtype=dtype,
                                                                         pipelines=pipelines)
+    for branch, template in sorted((chat_templates or {}).items(), key=lambda kv: kv[0] is not None):
+        front.bundle.set_chat_template(template, branch)  # (every branch's first, then each branch's own)
     app = create_app(front, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms, limits=limits,
                      prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser, lora_dir=lora_dir,
                      max_loras=max_loras, max_lora_rank=max_lora_rank, lora_base=lora_base,
