@@ -86,7 +86,7 @@ def _stream(bundle, branch: str, ids: list[int], max_new_tokens: int, settings: 
 
 
 def _load(bundle_dir: Path, routing: bool, loras: list[str] = (), lora_base: str | None = None,
-          stack: ExitStack | None = None, chat_template: list[str] = (), **kw):
+          stack: ExitStack | None = None, chat_template: list[str] = (), max_model_len: int | None = None, **kw):
     """The bundle, with its router only when this command may route (a named branch needs none), the
     ``--lora NAME=PATH`` adapters loaded into it and the ``--chat-template`` set. With adapters, ``bundle_dir``
     may be a base model folder: it becomes a bundle in a temporary folder (removed when ``stack`` closes), as
@@ -98,6 +98,7 @@ def _load(bundle_dir: Path, routing: bool, loras: list[str] = (), lora_base: str
     adapters = _lora_modules(loras, "--lora")
     templates = sorted(chat_templates(list(chat_template)).items(), key=lambda kv: kv[0] is not None)
     bundle = _open(bundle_dir, routing, adapters, lora_base, stack, **kw)
+    bundle.max_model_len = max_model_len
     for branch, template in templates:  # (every branch's first, then each branch's own)
         bundle.set_chat_template(template, branch)
     return bundle
@@ -125,6 +126,8 @@ def _open(bundle_dir: Path, routing: bool, adapters: dict[str, str], lora_base: 
     return bundle
 
 
+_MAX_MODEL_LEN = typer.Option(None, "--max-model-len", min=2, help="At most this many tokens, prompt and answer "
+                              "(default: the branch's context).")
 _CHAT_TEMPLATE = typer.Option([], "--chat-template", metavar="[BRANCH=]TEMPLATE", help="Render the conversation with this chat template "
                                "instead of the tokenizer's: a .jinja file, a packaged one (chatml, llama3, alpaca, "
                                "mistral) or the template itself; BRANCH=... for one branch.")
@@ -195,6 +198,7 @@ def generate(
     grammar: Path | None = typer.Option(None, "--grammar", help="The answer follows this EBNF grammar file "
                                         "(root rule `root`, xgrammar's syntax)."),
     chat_template: list[str] = _CHAT_TEMPLATE,
+    max_model_len: int | None = _MAX_MODEL_LEN,
     lora: list[str] = _LORA,
     lora_base: str | None = _LORA_BASE,
 ) -> None:
@@ -202,7 +206,7 @@ def generate(
     structure = _structure(json_schema, regex, choice, grammar)
     with ExitStack() as stack:
         bundle = _load(bundle_dir, branch == "auto" or pipeline is not None or pipelines_file is not None, lora,
-                       lora_base, stack, chat_template, device=device, dtype=dtype)
+                       lora_base, stack, chat_template, max_model_len, device=device, dtype=dtype)
         _generate(bundle, prompt, branch, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
                   stop, no_chat, pipeline, pipelines_file, structure)
 
@@ -265,12 +269,14 @@ def chat(
     dtype: str | None = typer.Option(None, "--dtype"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     chat_template: list[str] = _CHAT_TEMPLATE,
+    max_model_len: int | None = _MAX_MODEL_LEN,
     lora: list[str] = _LORA,
     lora_base: str | None = _LORA_BASE,
 ) -> None:
     """Interactive chat with a branch; Ctrl-C stops a reply, an empty line or Ctrl-D ends the chat."""
     with ExitStack() as stack:
-        bundle = _load(bundle_dir, branch == "auto", lora, lora_base, stack, chat_template, device=device, dtype=dtype)
+        bundle = _load(bundle_dir, branch == "auto", lora, lora_base, stack, chat_template, max_model_len,
+                       device=device, dtype=dtype)
         _chat(bundle, branch, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
 
 

@@ -48,6 +48,22 @@ def chat_templates(values: list[str], flag: str = "--chat-template") -> dict[str
     return out
 
 
+def _check_tls(keyfile: Path | None, certfile: Path | None) -> None:
+    """Both TLS files or neither; each a readable file holding a PEM block (checked before the bundle loads)."""
+    if (keyfile is None) != (certfile is None):
+        raise typer.BadParameter("give --ssl-keyfile and --ssl-certfile together",
+                                 param_hint="--ssl-keyfile" if keyfile is None else "--ssl-certfile")
+    for flag, path in (("--ssl-keyfile", keyfile), ("--ssl-certfile", certfile)):
+        if path is None:
+            continue
+        try:
+            head = path.read_bytes()[:1 << 16] if path.is_file() else None
+        except OSError as e:
+            raise typer.BadParameter(f"{path} cannot be read: {e.strerror}", param_hint=flag) from None
+        if head is None or b"-----BEGIN " not in head:
+            raise typer.BadParameter(f"{path} is not a PEM file", param_hint=flag)
+
+
 def _generation_overrides(mode: str, text: str | None) -> dict | None:
     """``--generation-config`` checked and ``--override-generation-config``'s JSON read and checked, before the
     bundle loads."""
@@ -115,6 +131,16 @@ def serve_cmd(
                                             "chat template instead of the tokenizer's: a .jinja file, a packaged "
                                             "one (chatml, llama3, alpaca, mistral) or the template itself; "
                                             "BRANCH=... for one branch (repeat the flag for more)."),
+    max_model_len: int | None = typer.Option(None, "--max-model-len", min=2, help="As vLLM: at most this many "
+                                             "tokens per request, prompt and answer (default: each branch's "
+                                             "context); bounds one request's KV cache and prefill."),
+    enable_auto_tool_choice: bool = typer.Option(False, "--enable-auto-tool-choice", help="As vLLM (which needs "
+                                                 "it with --tool-call-parser): accepted; --tool-call-parser "
+                                                 "alone turns tool_choice \"auto\" on."),
+    ssl_keyfile: Path | None = typer.Option(None, "--ssl-keyfile", help="Serve HTTPS with this private key "
+                                            "(PEM), with --ssl-certfile."),
+    ssl_certfile: Path | None = typer.Option(None, "--ssl-certfile", help="Serve HTTPS with this certificate "
+                                             "(PEM), with --ssl-keyfile."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bf16, fp16 (default: the bundle's)."),
     lora_modules: list[str] = typer.Option([], "--lora-modules", help="As vLLM: serve BUNDLE, a base model folder, "
@@ -152,6 +178,10 @@ def serve_cmd(
         raise typer.BadParameter(f"one of {', '.join(PARSERS)}, got {tool_call_parser!r}",
                                  param_hint="--tool-call-parser")
 
+    if enable_auto_tool_choice and tool_call_parser is None:
+        raise typer.BadParameter("needs --tool-call-parser (the format to read calls in)",
+                                 param_hint="--enable-auto-tool-choice")
+    _check_tls(ssl_keyfile, ssl_certfile)
     overrides = _generation_overrides(generation_config, override_generation_config)
     templates = chat_templates(chat_template)
     adapters = _lora_modules(lora_modules)
@@ -161,7 +191,8 @@ def serve_cmd(
               pipelines=pipes, limits=limits, prefix_cache_tokens=prefix_cache_tokens,
               tool_call_parser=tool_call_parser, lora_dir=lora_dir, max_loras=max_loras, max_lora_rank=max_lora_rank,
               lora_base=lora_base, lora_on_demand=lora_on_demand, generation_config=generation_config,
-              override_generation_config=overrides, chat_templates=templates)
+              override_generation_config=overrides, chat_templates=templates, max_model_len=max_model_len,
+              ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
     if lora_on_demand and lora_dir is None:
         raise typer.BadParameter("needs --lora-dir", param_hint="--lora-on-demand")
     from branchmerge.io.manifest import MANIFEST

@@ -113,7 +113,8 @@ class Bundle(BatchGeneration):
             self.kernels = "torch"
             self.groups = self._build_groups(fused, factors or "dequantize")
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
-        self._chat_templates: dict[str | None, str] = {}  # set_chat_template's: per branch, None for every one
+        self._chat_templates: dict[str | None, str] = {}
+        self._max_model_len: int | None = None  # set_chat_template's: per branch, None for every one
         self._generation_configs: dict[str, Any] = {}
         self._hot: set[str] = set()
         # held by a server's engine around each batch, and by materialize/dematerialize, so a branch never
@@ -440,10 +441,25 @@ class Bundle(BatchGeneration):
                                what=f"the chat template of branch {branch!r}", **template)
 
     def context_limit(self, branch: str) -> int | None:
-        """The branch's context length in tokens (``max_position_embeddings`` or ``n_positions``), if known."""
+        """The branch's context length in tokens (``max_position_embeddings`` or ``n_positions``), if known,
+        within :attr:`max_model_len` (vLLM's ``--max-model-len``) when that is set."""
         cfg = self.reader.hf_config(branch)
         limit = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-        return int(limit) if limit else None
+        limit = int(limit) if limit else None
+        cap = self.max_model_len
+        return cap if cap is not None and (limit is None or cap < limit) else limit
+
+    @property
+    def max_model_len(self) -> int | None:
+        """At most this many tokens (prompt and answer) per row on every branch (None: each branch's own
+        context): vLLM's ``--max-model-len``, which bounds one request's KV cache and prefill."""
+        return self._max_model_len
+
+    @max_model_len.setter
+    def max_model_len(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+            raise ValueError(f"max_model_len must be an integer of at least 2 tokens, got {value!r}")
+        self._max_model_len = value
 
     def tightest_context(self, branches: Iterable[str]) -> int | None:
         """The smallest context among ``branches`` (what a batch of them must fit), if any is known."""
@@ -539,7 +555,7 @@ class ContextLengthError(BranchmergeError):
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          verify: bool = True, fused: bool | None = None, factors: str | None = None, kernels: str = "auto",
-         static_cache: bool = False) -> Bundle:
+         static_cache: bool = False, max_model_len: int | None = None) -> Bundle:
     """Load a bundle's branches (no router: :func:`branchmerge.load` attaches the stored one).
 
     Args:
@@ -556,12 +572,16 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
             ``auto`` picks Triton on CUDA when it is installed.
         static_cache: generate with a static KV cache (``cache_implementation="static"``), which
             ``transformers`` compiles into CUDA graphs on a GPU; no prefix sharing then.
+        max_model_len: at most this many tokens per row, prompt and answer (vLLM's ``--max-model-len``);
+            default each branch's context.
 
     Raises:
         BundleError: not a bundle, an invalid manifest, unknown format version, a shard failing its sha256.
     """
-    return Bundle(path, device=device, dtype=dtype, verify=verify, fused=fused, factors=factors, kernels=kernels,
-                  static_cache=static_cache)
+    bundle = Bundle(path, device=device, dtype=dtype, verify=verify, fused=fused, factors=factors, kernels=kernels,
+                    static_cache=static_cache)
+    bundle.max_model_len = max_model_len
+    return bundle
 
 
 __all__ = ["Bundle", "BranchRouter", "ContextLengthError", "GenerationResult", "load", "BranchNotFoundError"]

@@ -250,10 +250,13 @@ def serve(bundle_dir: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key
           lora_dir: str | Path | None = None, max_loras: int = 8, max_lora_rank: int = 64,
           lora_base: str | None = None, lora_on_demand: bool = False, generation_config: str = "auto",
           override_generation_config: dict[str, Any] | None = None,
-          chat_templates: dict[str | None, str] | None = None) -> None:
+          chat_templates: dict[str | None, str] | None = None, max_model_len: int | None = None,
+          ssl_keyfile: str | Path | None = None, ssl_certfile: str | Path | None = None) -> None:
     """Load a bundle (or take a loaded :class:`~branchmerge.front.Front`) and serve it with uvicorn
     (blocking); the one entry point the CLI uses. ``chat_templates``: Jinja templates by branch (None: every
-    branch), set before serving (:meth:`~branchmerge.runtime.bundle.Bundle.set_chat_template`)."""
+    branch), set before serving (:meth:`~branchmerge.runtime.bundle.Bundle.set_chat_template`);
+    ``max_model_len``: tokens per row at most (:attr:`~branchmerge.runtime.bundle.Bundle.max_model_len`);
+    ``ssl_keyfile``/``ssl_certfile``: serve HTTPS."""
     import uvicorn
 
     from branchmerge.front import Front, open_front
@@ -263,6 +266,8 @@ def serve(bundle_dir: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key
         logger.warning(warning)
     front = bundle_dir if isinstance(bundle_dir, Front) else open_front(bundle_dir, device=device, dtype=dtype,
                                                                         pipelines=pipelines)
+    if max_model_len is not None:
+        front.bundle.max_model_len = max_model_len
     for branch, template in sorted((chat_templates or {}).items(), key=lambda kv: kv[0] is not None):
         front.bundle.set_chat_template(template, branch)  # (every branch's first, then each branch's own)
     app = create_app(front, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms, limits=limits,
@@ -270,4 +275,6 @@ def serve(bundle_dir: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key
                      max_loras=max_loras, max_lora_rank=max_lora_rank, lora_base=lora_base,
                      lora_on_demand=lora_on_demand, generation_config=generation_config,
                      override_generation_config=override_generation_config)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
+                ssl_keyfile=None if ssl_keyfile is None else str(ssl_keyfile),
+                ssl_certfile=None if ssl_certfile is None else str(ssl_certfile))

@@ -1,0 +1,110 @@
+"""vLLM's serving options an operator reaches for: ``--max-model-len`` (tokens per request at most, on every
+branch), HTTPS (``--ssl-keyfile``/``--ssl-certfile``) and ``--enable-auto-tool-choice`` (accepted with a
+parser, as vLLM needs both); each bad value refused by name before the bundle loads."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+import branchmerge
+from branchmerge.runtime.bundle import ContextLengthError
+from branchmerge.server import create_app
+from tests.cli_util import run_cli
+from tests.serving import free_port, serving
+
+
+def test_max_model_len_bounds_every_branch(bundles):
+    """At 40 tokens: each branch's context is 40 (its config says 128), a prompt and max_tokens past it are
+    refused naming 40, a default max_tokens is cut to what is left, /v1/models says 40."""
+    b = branchmerge.load(bundles[0.9], dtype="float32")
+    assert b.context_limit("a") == 128
+    b.max_model_len = 40
+    assert b.context_limit("a") == 40 and b.tightest_context("abc") == 40
+    with pytest.raises(ContextLengthError, match="exceeds the 40-token context of branch 'a'"):
+        b.check_context("a", 30, 11)
+    ids, names, mt = b.prepare(["rev " + "ab" * 15 + "="], "a", chat=False)
+    assert mt == 40 - len(ids[0])
+    for bad in (1, 0, True, 2.5, "40"):
+        with pytest.raises(ValueError, match="max_model_len must be an integer of at least 2"):
+            b.max_model_len = bad
+    with serving(create_app(b, max_batch=4, wait_ms=5)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        assert {m.id: m.model_extra.get("max_model_len") for m in c.models.list().data}["a"] == 40
+        prompt = "rev " + "ab" * 15 + "="  # 35 characters, a token each
+        with pytest.raises(openai.BadRequestError, match="40-token context"):
+            c.completions.create(model="a", prompt=prompt, max_tokens=8)
+        out = c.completions.create(model="a", prompt=prompt, temperature=0)
+        assert out.usage.prompt_tokens + out.usage.completion_tokens <= 40
+    b.max_model_len = None
+    assert b.context_limit("a") == 128
+
+
+def _certificate(folder) -> tuple:
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return key, cert
+
+
+def test_serve_over_https_with_the_options(bundles, tmp_path):
+    """`branchmerge serve` as an operator runs it, over HTTPS: the openai SDK trusting the certificate gets the
+    models (max_model_len 100), a chat rendered with --chat-template chatml within 100 tokens (its default
+    max_tokens cut to fit), with --enable-auto-tool-choice accepted beside --tool-call-parser; plain HTTP gets
+    no answer."""
+    key, cert = _certificate(tmp_path)
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "branchmerge.cli.main", "serve", str(bundles[0.9]), "--port", str(port),
+                          "--ssl-keyfile", str(key), "--ssl-certfile", str(cert), "--max-model-len", "100",
+                          "--chat-template", "chatml", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 120
+        while True:
+            assert p.poll() is None and time.monotonic() < end, p.stderr.read().decode()[-2000:]
+            try:
+                if httpx.get(url + "/health", verify=str(cert), timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60,
+                          http_client=httpx.Client(verify=str(cert)))
+        assert {m.model_extra.get("max_model_len") for m in c.models.list().data} == {100}
+        tokens = httpx.post(url + "/tokenize", verify=str(cert), json={
+            "model": "a", "messages": [{"role": "user", "content": "ab"}], "return_token_strs": True}).json()
+        assert "".join(tokens["token_strs"]).startswith("<<pad>im_start<pad>>user")  # (chatml; | and newlines: <pad>)
+        out = c.chat.completions.create(model="a", messages=[{"role": "user", "content": "ab"}], temperature=0)
+        assert out.usage.prompt_tokens == tokens["count"] and out.usage.total_tokens <= 100
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_bad_serving_options_are_named_before_loading(tmp_path, capsys):
+    """Each refused before anything loads (the bundle folder does not even exist)."""
+    not_pem = tmp_path / "key.txt"
+    not_pem.write_text("a key")
+    missing = tmp_path / "no-bundle"
+    for args, said in ((["--ssl-keyfile", str(not_pem)], "give --ssl-keyfile and --ssl-certfile together"),
+                       (["--ssl-keyfile", str(not_pem), "--ssl-certfile", str(not_pem)], "is not a PEM file"),
+                       (["--ssl-keyfile", str(tmp_path / "nope.pem"), "--ssl-certfile", str(not_pem)],
+                        "is not a PEM file"),
+                       (["--enable-auto-tool-choice"], "needs --tool-call-parser"),
+                       (["--max-model-len", "1"], "--max-model-len")):
+        code, _, err = run_cli(capsys, "serve", missing, *args)
+        assert code != 0 and said in " ".join(err.split()), (args, err)
