@@ -108,3 +108,38 @@ def test_bad_serving_options_are_named_before_loading(tmp_path, capsys):
                        (["--max-model-len", "1"], "--max-model-len")):
         code, _, err = run_cli(capsys, "serve", missing, *args)
         assert code != 0 and said in " ".join(err.split()), (args, err)
+
+
+def test_a_slow_prompt_does_not_hold_the_other_requests(bundles, monkeypatch):
+    """A conversation's rendering (a bundle's chat template, a long prompt's tokenizing) runs off the event
+    loop: while one is held in it, /health and another request still answer. Before, it ran on the loop,
+    and everything waited for it."""
+    import threading
+
+    b = branchmerge.load(bundles[0.9], dtype="float32")
+    entered, release = threading.Event(), threading.Event()
+    plain = b.encode_messages
+
+    def held(messages, branch, **kw):
+        if messages[-1]["content"] == "hold":
+            entered.set()
+            assert release.wait(60)
+        return plain(messages, branch, **kw)
+
+    monkeypatch.setattr(b, "encode_messages", held)
+    with serving(create_app(b, max_batch=4, wait_ms=5)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as ex:
+            slow = ex.submit(c.chat.completions.create, model="a", max_tokens=2,
+                             messages=[{"role": "user", "content": "hold"}])
+            assert entered.wait(30)
+            try:
+                assert httpx.get(url + "/health", timeout=10).status_code == 200
+                other = c.chat.completions.create(model="b", max_tokens=2, timeout=10,
+                                                  messages=[{"role": "user", "content": "rev ab="}])
+                assert other.choices[0].message.content is not None and not slow.done()
+            finally:
+                release.set()
+            assert slow.result().usage.completion_tokens <= 2

@@ -324,7 +324,9 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
             out = P.body(kind, rid, req.model, [(final, reason)], pt, ct, answered)
             out["stages"] = stages
             return out
-        ids = self._truncate(req, encode(branch))
+        # (off the event loop: a long prompt's tokenizing and a chat template's rendering take tens of ms, and
+        # a template is a bundle's code: the loop goes on streaming other requests' tokens meanwhile)
+        ids = self._truncate(req, await asyncio.to_thread(encode, branch))
         mt = asked if asked is not None else self._default_max_tokens(branch, len(ids))
         if req.use_beam_search:
             return await self._beam(req, kind, branch, ids, mt, rid=rid, disconnected=disconnected, request=request)
