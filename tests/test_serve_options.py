@@ -143,3 +143,27 @@ def test_a_slow_prompt_does_not_hold_the_other_requests(bundles, monkeypatch):
             finally:
                 release.set()
             assert slow.result().usage.completion_tokens <= 2
+
+
+def test_continuous_usage_stats_in_every_chunk(bundles):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's prompt and completion
+    tokens so far (never decreasing, ending at the request's usage); without it, chunks carry none."""
+    b = branchmerge.load(bundles[0.9], dtype="float32")
+    with serving(create_app(b, max_batch=4, wait_ms=5)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        chunks = list(c.completions.create(model="a", prompt="rev abc=", max_tokens=6, stream=True, temperature=0,
+                                           stream_options={"include_usage": True, "continuous_usage_stats": True}))
+        final, steps = chunks[-1].usage, [ch.usage for ch in chunks[:-1]]
+        assert not chunks[-1].choices and all(u is not None for u in steps)
+        assert {u.prompt_tokens for u in steps} == {final.prompt_tokens}
+        done = [u.completion_tokens for u in steps]
+        assert done == sorted(done) and done[0] == 0 and done[-1] == final.completion_tokens
+        assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in steps)
+        plain = list(c.chat.completions.create(model="a", messages=[{"role": "user", "content": "rev abc="}],
+                                               max_tokens=4, stream=True))
+        assert all(ch.usage is None for ch in plain)
+        two = list(c.chat.completions.create(model="a", messages=[{"role": "user", "content": "rev abc="}], n=2,
+                                             max_tokens=3, stream=True, temperature=0.9, seed=1,
+                                             stream_options={"continuous_usage_stats": True}))
+        last = {ch.choices[0].index: ch.usage.completion_tokens for ch in two if ch.choices}
+        assert set(last) == {0, 1} and all(1 <= n <= 3 for n in last.values())

@@ -315,12 +315,14 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
             if live is not None:  # the last stage's tokens stream as they come
                 request.prompt_tokens += pt
                 request.completion_tokens += ct
-                return live.branch, [self._stream(kind, rid, req.model, live.branch, live, index, lstrip=True)]
+                return live.branch, [self._stream(kind, rid, req.model, live.branch, live, index, lstrip=True,
+                                                  usage=P.continuous_usage(req))]
             answered = stages[-1]["branch"]
             if req.stream:
                 request.prompt_tokens += pt
                 request.completion_tokens += ct
-                return answered, [self._once(kind, rid, req.model, final, answered, index, reason)]
+                return answered, [self._once(kind, rid, req.model, final, answered, index, reason,
+                                             (pt, ct) if P.continuous_usage(req) else None)]
             out = P.body(kind, rid, req.model, [(final, reason)], pt, ct, answered)
             out["stages"] = stages
             return out
@@ -337,7 +339,8 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
         prompt_job = None if k is None else self._submit([Job(ids, branch, 0, request=request, score=(k, False))])
         if req.stream:
             request.prompt_tokens += len(ids)
-            return branch, [self._stream(kind, rid, req.model, branch, j, index + k) for k, j in enumerate(jobs)]
+            return branch, [self._stream(kind, rid, req.model, branch, j, index + k, usage=P.continuous_usage(req))
+                            for k, j in enumerate(jobs)]
         await self._wait(jobs + (prompt_job or []), disconnected)
         out = P.body(kind, rid, req.model, [self._finish(branch, j) for j in jobs], len(ids),
                      sum(len(j.new_ids) for j in jobs), branch)

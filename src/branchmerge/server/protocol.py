@@ -115,6 +115,7 @@ RESERVED_TEMPLATE_NAMES = frozenset({
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's usage so far
 
 
 class _Req(BaseModel):
@@ -468,9 +469,15 @@ def token_logprobs(kind: str, pieces: list[str], logprobs: list[float], tops: li
             "text_offset": list(accumulate(map(len, pieces), initial=offset))[:-1]}
 
 
+def continuous_usage(req: _Req) -> bool:
+    """Whether a streamed request asked for vLLM's ``stream_options.continuous_usage_stats``."""
+    return bool(req.stream and req.stream_options is not None and req.stream_options.continuous_usage_stats)
+
+
 def chunk(kind: str, rid: str, model: str, delta: str | None, reason: str | None, branch: str, *, first: bool = False,
-          index: int = 0, logprobs: dict[str, Any] | None = None) -> str:
-    """One server-sent event of a streamed response (``logprobs``: those of the tokens it carries)."""
+          index: int = 0, logprobs: dict[str, Any] | None = None, usage: tuple[int, int] | None = None) -> str:
+    """One server-sent event of a streamed response (``logprobs``: those of the tokens it carries; ``usage``:
+    its choice's prompt and completion tokens so far, vLLM's ``continuous_usage_stats``)."""
     if kind == "chat":
         d: dict[str, Any] = {}
         if first:
@@ -482,8 +489,10 @@ def chunk(kind: str, rid: str, model: str, delta: str | None, reason: str | None
     else:
         choice = {"index": index, "text": delta or "", "finish_reason": reason, "logprobs": logprobs}
         obj = "text_completion"
-    return sse({"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice],
-                "branch": branch})
+    out = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice], "branch": branch}
+    if usage is not None:
+        out["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
+    return sse(out)
 
 
 def sse(data: dict[str, Any] | str) -> str:

@@ -49,14 +49,15 @@ class StreamReplies:
     _ttft: Any
     _logprobs_of: Callable[..., dict]
 
-    async def _once(self, kind, rid, model, text, branch, index: int, reason: str = "stop") -> AsyncIterator[str]:
-        yield P.chunk(kind, rid, model, text, None, branch, first=True, index=index)
-        yield P.chunk(kind, rid, model, None, reason, branch, index=index)
+    async def _once(self, kind, rid, model, text, branch, index: int, reason: str = "stop",
+                    usage: tuple[int, int] | None = None) -> AsyncIterator[str]:
+        yield P.chunk(kind, rid, model, text, None, branch, first=True, index=index, usage=usage)
+        yield P.chunk(kind, rid, model, None, reason, branch, index=index, usage=usage)
 
-    async def _stream(self, kind, rid, model, branch, job: Job, index: int = 0, lstrip: bool = False
-                      ) -> AsyncIterator[str]:
+    async def _stream(self, kind, rid, model, branch, job: Job, index: int = 0, lstrip: bool = False,
+                      usage: bool = False) -> AsyncIterator[str]:
         """One choice's chunks as its job's tokens come (``lstrip``: its leading whitespace left out, as a
-        pipeline stage's answer is stripped)."""
+        pipeline stage's answer is stripped; ``usage``: each chunk with the choice's usage so far)."""
         decode = partial(self.bundle.tokenizer(branch).decode, skip_special_tokens=job.skip_special)
         eos = job.sampling.stop_set(self.bundle.stop_ids(branch))  # the tokens that end this row
         held, ids, reason, start = HeldText(job.stop, keep=job.keep_stop), [], None, 0
@@ -69,8 +70,9 @@ class StreamReplies:
             out = self._logprobs_of(kind, branch, ids[sent:], job.record[sent:len(ids)], offset)
             sent = len(ids)
             return out
+        so_far = (lambda: (len(job.ids), len(ids))) if usage else (lambda: None)  # noqa: E731
         try:
-            yield P.chunk(kind, rid, model, None, None, branch, first=True, index=index)
+            yield P.chunk(kind, rid, model, None, None, branch, first=True, index=index, usage=so_far())
             while True:
                 t = await job.next_token()
                 if t is None:
@@ -96,17 +98,18 @@ class StreamReplies:
                 if lstrip and not offset:
                     piece = piece.lstrip()
                 if piece:
-                    yield P.chunk(kind, rid, model, piece, None, branch, index=index, logprobs=logprobs())
+                    yield P.chunk(kind, rid, model, piece, None, branch, index=index, logprobs=logprobs(),
+                                  usage=so_far())
                     offset += len(piece)
             rest = held.finish() if job.error is None else ""  # held back when end of text came
             rest = rest.lstrip() if lstrip and not offset else rest
             if rest:  # (the logprobs of tokens whose text a stop string cut are not sent)
-                yield P.chunk(kind, rid, model, rest, None, branch, index=index, logprobs=logprobs())
+                yield P.chunk(kind, rid, model, rest, None, branch, index=index, logprobs=logprobs(), usage=so_far())
             if isinstance(job.request, _Request):
                 job.request.completion_tokens += len(ids)
             if job.error is not None:
                 yield P.sse(P.error_body("generation failed (see the server log)", type_="server_error"))
-            yield P.chunk(kind, rid, model, None, reason or "stop", branch, index=index)
+            yield P.chunk(kind, rid, model, None, reason or "stop", branch, index=index, usage=so_far())
         finally:  # the client went away (the generator is closed early) or the stream ended
             job.cancel()
 
