@@ -17,7 +17,7 @@ import branchmerge
 from branchmerge.config import load_config
 from branchmerge.errors import BundleError
 from branchmerge.merge import run_merge
-from branchmerge.runtime.generation import sampling_defaults
+from branchmerge.io.generation_config import sampling_defaults
 from branchmerge.runtime.sampling import RowSampler, RowSettings
 from branchmerge.server import create_app
 from tests.cli_util import run_cli
@@ -211,3 +211,19 @@ def test_a_bad_generation_config_is_named(tmp_path, values, message):
     with pytest.raises(BundleError, match=rf"branch 'a': .*generation_config.json: {message}"):
         b.generate_ids([[1, 5]], ["a"], max_new_tokens=2)
     assert len(b.generate_ids([[1, 5]], ["b"], max_new_tokens=2)[0].new_ids) == 2
+
+
+def test_inspect_shows_what_each_branchs_generation_config_does(tmp_path, capsys):
+    """`inspect` reports each branch's sampling defaults, the fields generation ignores, and a config the
+    runtime would refuse, with the reason (before any server starts)."""
+    d = _merge(tmp_path, {"temperature": 0.6, "top_p": 0.9, "num_beams": 4})
+    code, out, err = run_cli(capsys, "inspect", d)
+    assert code == 0 and "each branch's generation config" in out, err
+    code, out, _ = run_cli(capsys, "inspect", d, "--json")
+    branches = json.loads(out)["branches"]
+    assert branches["a"]["generation"] == {"defaults": {"temperature": 0.6, "top_p": 0.9}, "ignored": ["num_beams"],
+                                           "error": None}
+    assert branches["b"]["generation"] == {"defaults": {}, "ignored": [], "error": None}
+    _with_config(d, {"bad_words_ids": [[999]]})
+    code, out, _ = run_cli(capsys, "inspect", d, "--json")
+    assert "bad_words_ids names token 999" in json.loads(out)["branches"]["a"]["generation"]["error"]

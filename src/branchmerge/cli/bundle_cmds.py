@@ -58,6 +58,15 @@ def inspect_cmd(
                 tt.add_row(name, "×".join(map(str, r["shape"])), str(r["rank"]), bits, f"{r['bytes'] / 1e3:.1f}",
                            f"{r['max_rel_error']:.4g}")
             c.print(tt)
+    gen = {b: d["generation"] for b, d in s["branches"].items()
+           if any(d["generation"][k] for k in ("defaults", "ignored", "error"))}
+    if gen:
+        gt = table("each branch's generation config: what the server answers requests that leave them out with",
+                   ["branch", "defaults", "ignored", "refused"])
+        for b, d in gen.items():
+            gt.add_row(b, ", ".join(f"{k} {v:g}" for k, v in d["defaults"].items()) or "-",
+                       ", ".join(d["ignored"]) or "-", d["error"] or "-")
+        c.print(gt)
     a = s.get("allocation")
     if a:
         c.print(_budget_lines(a))

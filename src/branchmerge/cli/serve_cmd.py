@@ -67,7 +67,7 @@ def _check_tls(keyfile: Path | None, certfile: Path | None) -> None:
 def _generation_overrides(mode: str, text: str | None) -> dict | None:
     """``--generation-config`` checked and ``--override-generation-config``'s JSON read and checked, before the
     bundle loads."""
-    from branchmerge.runtime.generation import SAMPLING_FIELDS, sampling_defaults
+    from branchmerge.io.generation_config import SAMPLING_FIELDS, sampling_defaults
     from branchmerge.server.api import GENERATION_CONFIGS
 
     if mode not in GENERATION_CONFIGS:

@@ -1,13 +1,37 @@
-"""A bundle described as plain data (branches, groups, ranks, bytes vs the inputs, reconstruction errors):
-what ``branchmerge inspect`` prints and a model card (:mod:`.card`) shows. Read from the manifest alone."""
+"""A bundle described as plain data (branches, groups, ranks, bytes vs the inputs, reconstruction errors,
+each branch's generation defaults): what ``branchmerge inspect`` prints and a model card (:mod:`.card`)
+shows. Read from the manifest, and each branch's small generation config."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from branchmerge.common import DTYPES
+from branchmerge.errors import BranchmergeError
 from branchmerge.io.bundle import BundleReader
+from branchmerge.io.generation_config import honored_config, sampling_defaults
+
+MAX_GENERATION_CONFIG_BYTES = 1 << 20  # a generation_config.json larger than this is not read here
+
+
+def generation_summary(reader: BundleReader, branch: str) -> dict[str, Any]:
+    """What ``branch``'s generation config makes of a request (see :mod:`.generation_config`): its sampling
+    ``defaults``, the fields generation ``ignored``, and the ``error`` that makes the runtime refuse it."""
+    try:
+        path = reader.branch_dir(branch) / "generation_config.json"
+        if not path.is_file():
+            return {"defaults": {}, "ignored": [], "error": None}
+        if path.stat().st_size > MAX_GENERATION_CONFIG_BYTES:
+            raise ValueError(f"{path.name} has over {MAX_GENERATION_CONFIG_BYTES >> 20} MiB")
+        values = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise ValueError(f"{path.name} is not a JSON object")
+        _, ignored = honored_config(values, reader.hf_config(branch).get("vocab_size"), path.name)
+        return {"defaults": sampling_defaults(values, path.name), "ignored": ignored, "error": None}
+    except (ValueError, OSError, BranchmergeError) as e:
+        return {"defaults": {}, "ignored": [], "error": str(e)}
 
 
 def summarize(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
@@ -55,8 +79,8 @@ def summarize(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
         "format_version": m.format_version,
         "dtype": m.dtype,
         "compress_rate": m.config.get("compress_rate"),
-        "branches": {n: {"group": b.group, "standalone": b.standalone, "source": b.source}
-                     for n, b in m.branches.items()},
+        "branches": {n: {"group": b.group, "standalone": b.standalone, "source": b.source,
+                         "generation": generation_summary(reader, n)} for n, b in m.branches.items()},
         "groups": groups,
         "bundle_bytes": m.total_bytes,
         "input_bytes": input_bytes,

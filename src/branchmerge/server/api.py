@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from branchmerge.errors import BranchmergeError, BranchNotFoundError
 from branchmerge.front import Front
 from branchmerge.runtime.bundle import ContextLengthError, GenerationResult
-from branchmerge.runtime.generation import SAMPLING_FIELDS, sampling_defaults
+from branchmerge.io.generation_config import SAMPLING_FIELDS, sampling_defaults
 from branchmerge.runtime.sampling import RowSettings
 from branchmerge.runtime.structured import Structure
 from branchmerge.runtime.text import bad_word_ids, cut_at_stop, min_tokens_start
