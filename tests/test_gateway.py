@@ -380,3 +380,43 @@ def test_a_misbehaving_upstream_is_cut_off_and_named(tmp_path):
             events, took = stream("slow")  # 1.6 s in all, but each event within 0.8 s of the one before
             assert events == [*(f'data: {{"k": {k}}}' for k in range(4)), "data: [DONE]"] and took > 1.2
         assert service.up["u"].in_flight == 0
+
+
+def test_the_gateway_command_serves_https(gw, tmp_path):
+    """`branchmerge gateway` as an operator runs it with --ssl-keyfile/--ssl-certfile: the openai SDK trusting the
+    certificate gets the upstream's answer over HTTPS."""
+    import signal
+
+    from tests.test_serve_options import _certificate
+
+    key, cert = _certificate(tmp_path)
+    cfg = {"upstreams": {"u1": {"base_url": f"http://127.0.0.1:{gw['p1']}/v1"}}, "branches": {"b": {"upstream": "u1"}}}
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "branchmerge.cli.main", "gateway", str(tmp_path / "gateway.yaml"),
+                          "--port", str(port), "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 60
+        while True:
+            assert p.poll() is None and time.monotonic() < end, p.stderr.read().decode()[-2000:]
+            try:
+                httpx.get(url + "/health", verify=str(cert), timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60,
+                          http_client=httpx.Client(verify=str(cert)))
+        msgs = [{"role": "user", "content": "rev abc="}]
+        via = c.chat.completions.create(model="b", messages=msgs, max_tokens=6)
+        want = gw["direct"].chat.completions.create(model="b", messages=msgs, max_tokens=6)
+        assert via.choices[0].message.content == want.choices[0].message.content
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -108,6 +108,8 @@ def test_bad_serving_options_are_named_before_loading(tmp_path, capsys):
                        (["--max-model-len", "1"], "--max-model-len")):
         code, _, err = run_cli(capsys, "serve", missing, *args)
         assert code != 0 and said in " ".join(err.split()), (args, err)
+    code, _, err = run_cli(capsys, "gateway", tmp_path / "no-gateway.yaml", "--ssl-certfile", str(not_pem))
+    assert code != 0 and "give --ssl-keyfile and --ssl-certfile together" in " ".join(err.split()), err
 
 
 def test_a_slow_prompt_does_not_hold_the_other_requests(bundles, monkeypatch):

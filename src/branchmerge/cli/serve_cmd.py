@@ -225,6 +225,10 @@ def gateway_cmd(
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="BRANCHMERGE_API_KEY",
                                        help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics."),
+    ssl_keyfile: Path | None = typer.Option(None, "--ssl-keyfile", help="Serve HTTPS with this private key (PEM), "
+                                            "with --ssl-certfile."),
+    ssl_certfile: Path | None = typer.Option(None, "--ssl-certfile", help="Serve HTTPS with this certificate "
+                                             "(PEM), with --ssl-keyfile."),
 ) -> None:
     """An OpenAI-compatible gateway in front of OpenAI-compatible backends (vLLM, branchmerge serve): each branch
     maps to an upstream, `auto` routes with a bundle's stored router, pipelines run their stages across
@@ -232,7 +236,8 @@ def gateway_cmd(
     gateway.yaml for its vLLM server."""
     from branchmerge.server.gateway import gateway
 
-    gateway(config, host=host, port=port, api_key=api_key)
+    _check_tls(ssl_keyfile, ssl_certfile)
+    gateway(config, host=host, port=port, api_key=api_key, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
 
 
 def register(app: typer.Typer) -> None:

@@ -438,8 +438,9 @@ class GatewayService(GatewayTokenReplies):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def gateway(config: str | Path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None) -> None:
-    """Load ``config`` and serve the gateway with uvicorn (blocking)."""
+def gateway(config: str | Path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
+            ssl_keyfile: str | Path | None = None, ssl_certfile: str | Path | None = None) -> None:
+    """Load ``config`` and serve the gateway with uvicorn (blocking); HTTPS with ``ssl_keyfile``/``ssl_certfile``."""
     import uvicorn
 
     from branchmerge.server.app import build_app, exposure_warning
@@ -449,4 +450,6 @@ def gateway(config: str | Path, *, host: str = "127.0.0.1", port: int = 8080, ap
         logger.warning(warning)
     service = GatewayService.from_config(load_gateway_config(config))
     uvicorn.run(build_app(service, api_key=api_key, title="branchmerge gateway"), host=host, port=port,
-                log_level="info", timeout_graceful_shutdown=5)
+                log_level="info", timeout_graceful_shutdown=5,
+                ssl_keyfile=None if ssl_keyfile is None else str(ssl_keyfile),
+                ssl_certfile=None if ssl_certfile is None else str(ssl_certfile))
