@@ -97,6 +97,9 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
         # structured outputs' grammars, compiled before their jobs reach the engine (its own threads: a slow
         # one holds neither routing nor the engine)
         self._grammars = ThreadPoolExecutor(2, thread_name_prefix="branchmerge-grammar")
+        # prompts' tokenizing and chat templates (tens of ms for a long one): off the event loop, on one thread
+        # of their own, so a flood of long prompts queues behind itself, not beside the engine's forward passes
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="branchmerge-prompts")
         self._shared_tok: Any = _UNSET  # see _shared_tokenizer
         self._ttft: Any = None  # a histogram on /metrics
         self.loras: Any = None  # a server.lora.RuntimeLoras when adapters may be loaded at runtime
@@ -106,6 +109,10 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
             if d := self.defaults(b):
                 logger.info("branch %s: requests default to %s (%s)", b, d, "its generation config and overrides"
                             if generation_config == "auto" else "overrides")
+
+    async def off_loop(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the prompts' thread: tokenizing and chat templates, not on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._encoder, lambda: fn(*args))
 
     # ---- listing ------------------------------------------------------------------------------------
     async def health(self, full: bool) -> dict[str, Any]:
@@ -328,7 +335,7 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
             return out
         # (off the event loop: a long prompt's tokenizing and a chat template's rendering take tens of ms, and
         # a template is a bundle's code: the loop goes on streaming other requests' tokens meanwhile)
-        ids = self._truncate(req, await asyncio.to_thread(encode, branch))
+        ids = self._truncate(req, await self.off_loop(encode, branch))
         mt = asked if asked is not None else self._default_max_tokens(branch, len(ids))
         if req.use_beam_search:
             return await self._beam(req, kind, branch, ids, mt, rid=rid, disconnected=disconnected, request=request)

@@ -9,7 +9,6 @@ and to build token-id prompts.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -100,7 +99,7 @@ class TokenReplies:
             return self.bundle.encode_messages(msgs, branch, **template)
 
         try:
-            ids = await asyncio.to_thread(encode)
+            ids = await self.off_loop(encode)  # type: ignore[attr-defined]
         except BranchmergeError as e:
             raise P.APIError(400, str(e), param="messages") from None
         return {"count": len(ids), "max_model_len": self.bundle.context_limit(branch), "tokens": ids,
@@ -115,5 +114,5 @@ class TokenReplies:
             self.bundle.check_ids([req.tokens], [branch], rows=["tokens"])
         except BranchmergeError as e:
             raise P.APIError(400, str(e), param="tokens") from None
-        text = await asyncio.to_thread(self.bundle.tokenizer(branch).decode, req.tokens)
+        text = await self.off_loop(self.bundle.tokenizer(branch).decode, req.tokens)  # type: ignore[attr-defined]
         return {"prompt": text, "branch": branch}
