@@ -114,18 +114,24 @@ def test_bad_serving_options_are_named_before_loading(tmp_path, capsys):
 
 def test_a_slow_prompt_does_not_hold_the_other_requests(bundles, monkeypatch):
     """A conversation's rendering (a bundle's chat template, a long prompt's tokenizing) runs off the event
-    loop: while one is held in it, /health and another request still answer. Before, it ran on the loop,
-    and everything waited for it."""
+    loop, long prompts on a thread of their own: while one is held in it, /health and a short request still
+    answer. Before, it ran on the loop and everything waited for it; on one shared thread, the short request
+    would have waited."""
     import threading
 
     b = branchmerge.load(bundles[0.9], dtype="float32")
     entered, release = threading.Event(), threading.Event()
     plain = b.encode_messages
+    threads: dict[str, str] = {}
+    long = "hold" + " x" * 5000  # over LONG_PROMPT_CHARS
 
     def held(messages, branch, **kw):
-        if messages[-1]["content"] == "hold":
+        content = messages[-1]["content"]
+        threads[content[:4]] = threading.current_thread().name
+        if content == long:
             entered.set()
             assert release.wait(60)
+            messages = [{"role": "user", "content": "hold"}]  # (answered as a short one: the context is 128)
         return plain(messages, branch, **kw)
 
     monkeypatch.setattr(b, "encode_messages", held)
@@ -135,7 +141,7 @@ def test_a_slow_prompt_does_not_hold_the_other_requests(bundles, monkeypatch):
 
         with ThreadPoolExecutor(1) as ex:
             slow = ex.submit(c.chat.completions.create, model="a", max_tokens=2,
-                             messages=[{"role": "user", "content": "hold"}])
+                             messages=[{"role": "user", "content": long}])
             assert entered.wait(30)
             try:
                 assert httpx.get(url + "/health", timeout=10).status_code == 200
@@ -145,6 +151,7 @@ def test_a_slow_prompt_does_not_hold_the_other_requests(bundles, monkeypatch):
             finally:
                 release.set()
             assert slow.result().usage.completion_tokens <= 2
+    assert threads["hold"].startswith("branchmerge-long-prompts") and threads["rev "].startswith("branchmerge-prompts")
 
 
 def test_continuous_usage_stats_in_every_chunk(bundles):

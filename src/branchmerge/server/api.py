@@ -66,6 +66,7 @@ _UNSET = object()
 DEFAULT_MAX_TOKENS = 256  # a request's max_tokens when neither it nor its branch's generation config gives one
 GENERATION_CONFIGS = ("auto", "vllm")  # --generation-config: the branches' sampling defaults, or none of them
 COMPILE_TIMEOUT_S = 10.0  # a structured output's grammar compiles within this, or its request gets a 400
+LONG_PROMPT_CHARS = 8192  # a prompt of more characters (about 2k tokens) is read on the long prompts' thread
 PREFIX_CACHE_TOKENS = 8192  # finished requests' KV caches kept for later ones that begin the same way, in tokens
 
 
@@ -97,9 +98,12 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
         # structured outputs' grammars, compiled before their jobs reach the engine (its own threads: a slow
         # one holds neither routing nor the engine)
         self._grammars = ThreadPoolExecutor(2, thread_name_prefix="branchmerge-grammar")
-        # prompts' tokenizing and chat templates (tens of ms for a long one): off the event loop, on one thread
-        # of their own, so a flood of long prompts queues behind itself, not beside the engine's forward passes
+        # prompts' tokenizing and chat templates (tens of ms for a long one) run off the event loop, on one
+        # thread for short prompts and one for long ones: a flood of long prompts queues behind itself, neither
+        # beside the engine's forward passes (more threads slow its steps: bench/serve_long_prompts.py) nor
+        # ahead of the short prompts of other clients
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="branchmerge-prompts")
+        self._long_encoder = ThreadPoolExecutor(1, thread_name_prefix="branchmerge-long-prompts")
         self._shared_tok: Any = _UNSET  # see _shared_tokenizer
         self._ttft: Any = None  # a histogram on /metrics
         self.loras: Any = None  # a server.lora.RuntimeLoras when adapters may be loaded at runtime
@@ -110,9 +114,11 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
                 logger.info("branch %s: requests default to %s (%s)", b, d, "its generation config and overrides"
                             if generation_config == "auto" else "overrides")
 
-    async def off_loop(self, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` on the prompts' thread: tokenizing and chat templates, not on the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._encoder, lambda: fn(*args))
+    async def off_loop(self, fn: Any, *args: Any, chars: int = 0) -> Any:
+        """``fn(*args)`` (tokenizing, a chat template) off the event loop: on the long prompts' thread when
+        the prompt has over ``LONG_PROMPT_CHARS`` characters, else on the short ones'."""
+        pool = self._long_encoder if chars > LONG_PROMPT_CHARS else self._encoder
+        return await asyncio.get_running_loop().run_in_executor(pool, lambda: fn(*args))
 
     # ---- listing ------------------------------------------------------------------------------------
     async def health(self, full: bool) -> dict[str, Any]:
@@ -306,8 +312,10 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
 
     # ---- one prompt ---------------------------------------------------------------------------------
     async def _one(self, req: P._Req, kind: str, text: str, encode: Callable[[str], list[int]], *, rid: str,
-                   index: int, disconnected: Disconnected | None, request: Any) -> dict | tuple[str, list]:
-        """One prompt: its response body, or with ``req.stream`` its branch and one event stream per choice."""
+                   index: int, disconnected: Disconnected | None, request: Any, chars: int = 0
+                   ) -> dict | tuple[str, list]:
+        """One prompt (``chars`` long, about): its response body, or with ``req.stream`` its branch and one
+        event stream per choice."""
         asked = self._max_tokens(req)
         branch, pipeline = await self._resolve(req.model, text)
         st = P.checked_structure(req)
@@ -335,7 +343,7 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
             return out
         # (off the event loop: a long prompt's tokenizing and a chat template's rendering take tens of ms, and
         # a template is a bundle's code: the loop goes on streaming other requests' tokens meanwhile)
-        ids = self._truncate(req, await self.off_loop(encode, branch))
+        ids = self._truncate(req, await self.off_loop(encode, branch, chars=chars))
         mt = asked if asked is not None else self._default_max_tokens(branch, len(ids))
         if req.use_beam_search:
             return await self._beam(req, kind, branch, ids, mt, rid=rid, disconnected=disconnected, request=request)
@@ -493,8 +501,8 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
 
         async def work() -> Reply:
             encode = partial(self.bundle.encode_messages, msgs, tools=tools, **template)
-            out = await self._one(req, "chat", last_user, encode,
-                                  rid=rid, index=0, disconnected=disconnected, request=request)
+            out = await self._one(req, "chat", last_user, encode, rid=rid, index=0, disconnected=disconnected,
+                                  request=request, chars=len(str(msgs)) + len(str(tools or "")))
             if calls is not None:  # the answers as tool calls
                 parser = self.tool_call_parser or "hermes"
                 out = (out[0], [stream_calls(s, calls, parser) for s in out[1]]) if isinstance(out, tuple) else \
@@ -568,7 +576,7 @@ class OpenAIService(StreamReplies, TokenReplies, ScoringReplies):
             encode = lambda b: list(self.bundle.tokenizer(b)(prompt)["input_ids"])  # noqa: E731
             text = prompt
         return await self._one(req, "completion", text, encode, rid=rid, index=index, disconnected=disconnected,
-                               request=request)
+                               request=request, chars=0 if isinstance(prompt, list) else len(prompt))
 
     async def completions(self, req: P.CompletionRequest, disconnected: Disconnected | None = None) -> Reply:
         if (refused := P.unsupported(req)) is not None:

@@ -51,7 +51,7 @@ class ScoringReplies:
             raise P.APIError(400, "logprobs and echo need a branch, not a pipeline", param="model")
         tok = self.bundle.tokenizer(branch)
         ids = self._token_ids(branch, prompt) if isinstance(prompt, list) else \
-            list((await self.off_loop(tok, prompt))["input_ids"])  # (off the event loop, as _one)
+            list((await self.off_loop(tok, prompt, chars=len(prompt)))["input_ids"])  # (off the event loop, as _one)
         ids = self._truncate(req, ids)
         job = self._job(branch, ids, req, mt, stream=False, request=request, param="prompt")  # context checked first
         text, reason, new_ids = "", "length", []

@@ -98,8 +98,9 @@ class TokenReplies:
                 return list(tok(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])
             return self.bundle.encode_messages(msgs, branch, **template)
 
+        chars = len(str(req.prompt if req.prompt is not None else msgs))
         try:
-            ids = await self.off_loop(encode)  # type: ignore[attr-defined]
+            ids = await self.off_loop(encode, chars=chars)  # type: ignore[attr-defined]
         except BranchmergeError as e:
             raise P.APIError(400, str(e), param="messages") from None
         return {"count": len(ids), "max_model_len": self.bundle.context_limit(branch), "tokens": ids,
@@ -114,5 +115,6 @@ class TokenReplies:
             self.bundle.check_ids([req.tokens], [branch], rows=["tokens"])
         except BranchmergeError as e:
             raise P.APIError(400, str(e), param="tokens") from None
-        text = await self.off_loop(self.bundle.tokenizer(branch).decode, req.tokens)  # type: ignore[attr-defined]
+        text = await self.off_loop(self.bundle.tokenizer(branch).decode, req.tokens,  # type: ignore[attr-defined]
+                                   chars=4 * len(req.tokens))
         return {"prompt": text, "branch": branch}
