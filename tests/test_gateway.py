@@ -147,6 +147,24 @@ def test_streaming_passes_through(gw):
     assert chunks and all(ch.model == "auto" and ch.model_extra["branch"] == "b" for ch in chunks)
 
 
+def test_responses_api_through_the_gateway(gw):
+    """/v1/responses on the gateway: the branch's upstream answers it as chat (auto routed), streamed too,
+    and previous_response_id continues from the gateway's own store."""
+    c, direct = gw["client"], gw["direct"]
+    r = c.responses.create(model="auto", input="rev hello=", max_output_tokens=6, temperature=0)
+    want = direct.chat.completions.create(model="b", messages=[{"role": "user", "content": "rev hello="}],
+                                          max_tokens=6, temperature=0)
+    assert r.output_text == want.choices[0].message.content and r.model_extra["branch"] == "b"
+    events = list(c.responses.create(model="c", input="add 2+3=", max_output_tokens=6, temperature=0, stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert events[-1].type in ("response.completed", "response.incomplete") and deltas == events[-1].response.output_text
+    nxt = c.responses.create(model="b", input="dup a=", previous_response_id=r.id, max_output_tokens=4, temperature=0)
+    want = direct.chat.completions.create(model="b", max_tokens=4, temperature=0, messages=[
+        {"role": "user", "content": "rev hello="}, {"role": "assistant", "content": r.output_text},
+        {"role": "user", "content": "dup a="}])
+    assert nxt.output_text == want.choices[0].message.content
+
+
 def test_pipeline_runs_across_upstreams(gw):
     p = gw["client"].chat.completions.create(model="cross", messages=[{"role": "user", "content": "key zz="}])
     stages = p.model_extra["stages"]

@@ -261,3 +261,31 @@ def test_other_parsers_read_their_formats(parser, text, content, calls):
 ])
 def test_what_streams_before_a_call_may_begin(parser, text, safe):
     assert PARSERS[parser].safe(text) == safe
+
+
+def test_responses_api_function_calls_go_out_and_their_outputs_come_back(server):
+    """/v1/responses: function tools in the Responses form come back as function_call items (streamed too),
+    and a function_call_output continues the conversation as the chat path's tool message does."""
+    c = server["client"]
+    tool = {"type": "function", "name": "add", "description": "add two numbers", "parameters": ADD}
+    r = c.responses.create(model="a", input="add 1+2=", tools=[tool], max_output_tokens=80, temperature=0,
+                           tool_choice={"type": "function", "name": "add"})
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "add" and calls[0].call_id.startswith("call_")
+    args = json.loads(calls[0].arguments)
+    assert set(args) == {"a", "b"} and all(isinstance(v, int) for v in args.values())
+    assert not [o for o in r.output if o.type == "message"]  # a forced call: no text
+    streamed = list(c.responses.create(model="a", input="add 1+2=", tools=[tool], max_output_tokens=80,
+                                       temperature=0, tool_choice={"type": "function", "name": "add"}, stream=True))
+    assert [e.arguments for e in streamed if e.type == "response.function_call_arguments.done"] == \
+        [calls[0].arguments]
+    assert streamed[-1].type == "response.completed" and streamed[-1].response.output[0].name == "add"
+    back = c.responses.create(model="a", previous_response_id=r.id, max_output_tokens=4, temperature=0,
+                              tools=[tool], tool_choice="none",
+                              input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "3"}])
+    chat = c.chat.completions.create(model="a", max_tokens=4, temperature=0, tools=TOOLS[:1], tool_choice="none",
+                                     messages=[*ASK, {"role": "assistant", "content": "", "tool_calls": [
+                                         {"id": calls[0].call_id, "type": "function",
+                                          "function": {"name": "add", "arguments": calls[0].arguments}}]},
+                                         {"role": "tool", "tool_call_id": calls[0].call_id, "content": "3"}])
+    assert back.output_text == chat.choices[0].message.content

@@ -107,6 +107,9 @@ def serve_cmd(
     max_tokens_limit: int = typer.Option(2048, "--max-tokens-limit", min=1, help="Largest max_tokens accepted."),
     max_prompts: int = typer.Option(64, "--max-prompts", min=1, help="Most prompts in one request."),
     max_choices: int = typer.Option(128, "--max-choices", min=1, help="Most prompts × n in one request."),
+    max_stored_responses: int = typer.Option(1024, "--max-stored-responses", min=0, help="/v1/responses kept in "
+                                             "memory for previous_response_id and GET (least recently used out "
+                                             "first; 0: none)."),
     prefix_cache_tokens: int = typer.Option(8192, "--prefix-cache-tokens", min=0,
                                             help="Finished requests' KV caches kept, in tokens, for later requests "
                                             "that begin the same way (a chat's next turn, a shared system "
@@ -164,8 +167,8 @@ def serve_cmd(
                                         "LoRA resolver); when --max-loras are loaded, the least recently used idle "
                                         "one is unloaded."),
 ) -> None:
-    """Serve GET /v1/models, POST /v1/chat/completions and /v1/completions (streaming too), /health and
-    /metrics (Prometheus).
+    """Serve GET /v1/models, POST /v1/chat/completions, /v1/completions and /v1/responses (streaming too),
+    /health and /metrics (Prometheus).
 
     Every request is bounded (max_tokens, prompts, prompts × n, characters, body size) and the engine
     takes turns between requests; a client that disconnects stops its generation.
@@ -185,7 +188,8 @@ def serve_cmd(
     overrides = _generation_overrides(generation_config, override_generation_config)
     templates = chat_templates(chat_template)
     adapters = _lora_modules(lora_modules)
-    limits = ServerLimits(max_tokens=max_tokens_limit, max_prompts=max_prompts, max_choices=max_choices)
+    limits = ServerLimits(max_tokens=max_tokens_limit, max_prompts=max_prompts, max_choices=max_choices,
+                          max_stored_responses=max_stored_responses)
     pipes = load_pipelines(pipelines) if pipelines is not None else None
     kw = dict(host=host, port=port, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms, device=device, dtype=dtype,
               pipelines=pipes, limits=limits, prefix_cache_tokens=prefix_cache_tokens,

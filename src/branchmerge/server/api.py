@@ -46,6 +46,8 @@ class ServerLimits(BaseModel):
     max_prompt_chars: int = Field(default=100_000, ge=1, description="Characters of one prompt or conversation.")
     max_body_bytes: int = Field(default=4 << 20, ge=1024, description="Size of a request body.")
     max_queued: int = Field(default=4096, ge=1, description="Jobs waiting in the engine, all requests together.")
+    max_stored_responses: int = Field(default=1024, ge=0, description="/v1/responses kept in memory for "
+                                      "previous_response_id and GET (least recently used out first; 0: none).")
 
     def check_chars(self, text: str, param: str) -> None:
         """Raises an API error when ``text`` (named ``param``) is longer than ``max_prompt_chars``."""

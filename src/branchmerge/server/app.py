@@ -19,12 +19,14 @@ from branchmerge.server import protocol as P
 from branchmerge.server.api import PREFIX_CACHE_TOKENS, ClientGone, OpenAIService, Reply, ServerLimits
 from branchmerge.server.metrics import HTTPMetrics, Registry
 from branchmerge.server.lora import LoadLoraRequest, UnloadLoraRequest
+from branchmerge.server.responses import ResponsesRequest, Responses, ResponseStore
 from branchmerge.server.tokens import DetokenizeRequest, TokenizeRequest
 
 logger = logging.getLogger(__name__)
 _OPEN_PATHS = ("/health",)  # answered without the key, and then saying nothing about the bundle
 _ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",  # metric labels
-           "/tokenize", "/detokenize", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+           "/v1/responses", "/v1/responses/{id}", "/tokenize", "/detokenize", "/v1/load_lora_adapter",
+           "/v1/unload_lora_adapter")
 
 
 def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: int = 16, wait_ms: float = 10.0,
@@ -139,6 +141,26 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request):
         return await run(service.completions, req, request)
+
+    # OpenAI's Responses API over chat (server/responses.py); stored responses kept in memory
+    responses = Responses(service, ResponseStore(service.limits.max_stored_responses))
+    app.state.responses = responses
+
+    @app.post("/v1/responses")
+    async def create_response(req: ResponsesRequest, request: Request):
+        return await run(responses.create, req, request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str):
+        return responses.get(response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(response_id: str):
+        return responses.input_items(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        return responses.delete(response_id)
 
     if hasattr(service, "tokenize"):  # vLLM's (the gateway passes them to the branch's upstream)
         @app.post("/tokenize")

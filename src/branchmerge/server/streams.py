@@ -46,6 +46,7 @@ class StreamReplies:
     time-to-first-token histogram ``_ttft``)."""
 
     bundle: Any
+    engine: Any
     _ttft: Any
     _logprobs_of: Callable[..., dict]
 
@@ -111,7 +112,7 @@ class StreamReplies:
                 yield P.sse(P.error_body("generation failed (see the server log)", type_="server_error"))
             yield P.chunk(kind, rid, model, None, reason or "stop", branch, index=index, usage=so_far())
         finally:  # the client went away (the generator is closed early) or the stream ended
-            job.cancel()
+            self.engine.withdraw([job])  # (still queued: it leaves the queue at once)
 
     def _sse(self, parts: list[tuple[str, list[AsyncIterator[str]]]], usage: Callable[[], str] | None = None) -> Reply:
         """One event stream from the choices' streams, chunks interleaved as they come, then the ``usage``
