@@ -176,3 +176,23 @@ def test_continuous_usage_stats_in_every_chunk(bundles):
                                              stream_options={"continuous_usage_stats": True}))
         last = {ch.choices[0].index: ch.usage.completion_tokens for ch in two if ch.choices}
         assert set(last) == {0, 1} and all(1 <= n <= 3 for n in last.values())
+
+
+def test_model_retrieve_version_and_ping(bundles):
+    """OpenAI's GET /v1/models/{id} (client.models.retrieve), vLLM's /version and /ping: /ping answers without
+    the key (as /health, and says no more than it), the others need it; an unknown model is a 404 naming it."""
+    b = branchmerge.load(bundles[0.9], dtype="float32")
+    with serving(create_app(b, max_batch=4, wait_ms=5, api_key="k")) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=60)
+        m = c.models.retrieve("a")
+        assert m.id == "a" and m.model_extra["max_model_len"] == 128
+        with pytest.raises(openai.NotFoundError, match="'nope' does not exist"):
+            c.models.retrieve("nope")
+        assert httpx.get(url + "/version", headers={"Authorization": "Bearer k"}).json() == \
+            {"version": branchmerge.__version__}
+        assert httpx.get(url + "/version").status_code == 401
+        for method in ("GET", "POST"):
+            r = httpx.request(method, url + "/ping")
+            assert r.status_code == 200 and r.json() == {"status": "ok"}
+        metrics = httpx.get(url + "/metrics", headers={"Authorization": "Bearer k"}).text
+        assert 'route="/v1/models/{id}"' in metrics and 'route="/ping"' in metrics

@@ -23,8 +23,8 @@ from branchmerge.server.responses import ResponsesRequest, Responses, ResponseSt
 from branchmerge.server.tokens import DetokenizeRequest, TokenizeRequest
 
 logger = logging.getLogger(__name__)
-_OPEN_PATHS = ("/health",)  # answered without the key, and then saying nothing about the bundle
-_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",  # metric labels
+_OPEN_PATHS = ("/health", "/ping")  # answered without the key, and then saying nothing about the bundle
+_ROUTES = ("/health", "/ping", "/version", "/metrics", "/v1/models", "/v1/models/{id}", "/v1/chat/completions", "/v1/completions",  # metric labels
            "/v1/responses", "/v1/responses/{id}", "/tokenize", "/detokenize", "/v1/load_lora_adapter",
            "/v1/unload_lora_adapter")
 
@@ -121,6 +121,25 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
     @app.get("/v1/models")
     async def models():
         return service.models(created)
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):  # OpenAI's retrieve (client.models.retrieve)
+        found = next((m for m in service.models(created)["data"] if m["id"] == model), None)
+        if found is None:
+            raise P.APIError(404, f"The model {model[:256]!r} does not exist.", type_="not_found_error",
+                             param="model", code="model_not_found")
+        return found
+
+    @app.get("/version")
+    async def version():  # vLLM's
+        from branchmerge import __version__
+
+        return {"version": __version__}
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping():  # vLLM's (SageMaker's health check): /health's status, nothing more
+        out = await service.health(False)
+        return JSONResponse({"status": out.get("status")}, status_code=200 if out.get("status") == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics():

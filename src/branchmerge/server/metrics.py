@@ -151,8 +151,9 @@ class HTTPMetrics:
                                         "that answered (auto and pipelines name theirs).", ("model", "branch"))
 
     def route(self, path: str) -> str:
-        if path.startswith("/v1/responses/"):
-            path = "/v1/responses/{id}"
+        for prefix in ("/v1/responses/", "/v1/models/"):
+            if path.startswith(prefix):
+                path = prefix + "{id}"
         return path if path in self.routes else "other"
 
     def answered(self, model: str, branches: str) -> None:
