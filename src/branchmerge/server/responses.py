@@ -71,8 +71,8 @@ class ResponsesRequest(BaseModel):
 
 class ResponseStore:
     """Stored responses in memory: each response's object, its input items and its whole conversation (the
-    messages a ``previous_response_id`` continues from). Bounded by count and by characters; least
-    recently used out first."""
+    messages a ``previous_response_id`` continues from). Bounded by count and by characters (of all three,
+    as JSON); least recently used out first."""
 
     def __init__(self, max_responses: int = STORED_RESPONSES, max_chars: int = STORED_CHARS) -> None:
         self.max_responses, self.max_chars = max_responses, max_chars
@@ -81,7 +81,7 @@ class ResponseStore:
         self.chars = 0
 
     def put(self, response: dict[str, Any], inputs: list[dict[str, Any]], messages: list[dict[str, Any]]) -> None:
-        size = len(json.dumps(messages)) + len(json.dumps(inputs))
+        size = len(json.dumps(response)) + len(json.dumps(messages)) + len(json.dumps(inputs))
         if self.max_responses <= 0 or size > self.max_chars:
             return
         self._items[response["id"]] = (response, inputs, messages, size)
