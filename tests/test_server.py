@@ -353,6 +353,23 @@ def test_auto_routing_and_pipeline(server):
     assert len(whole.choices[0].message.content) == 1
 
 
+def test_responses_api_routes_and_runs_pipelines(server):
+    """/v1/responses with model auto is routed as chat is, and a pipeline answers with its stages (streamed:
+    the last stage's text as deltas)."""
+    c = server["client"]
+    r = c.responses.create(model="auto", input="rev hello=", max_output_tokens=4)
+    assert r.model_extra["branch"] == "b"
+    p = c.responses.create(model="two_step", input="add 1+1=")
+    lib = answer(server["bundle"], ["add 1+1="], pipeline="two_step")[0]
+    assert [s["text"] for s in p.model_extra["stages"]] == [s.text for s in lib] and p.output_text == lib[-1].text
+    assert p.status == "incomplete"  # (its last stage ran out of max_tokens, as the chat test says)
+    events = list(c.responses.create(model="two_step", input="add 1+1=", stream=True))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == lib[-1].text and len(deltas) >= 2 and events[-1].response.output_text == lib[-1].text
+    with pytest.raises(openai.BadRequestError, match="`n` is not supported"):
+        c.responses.create(model="a", input="rev a=", extra_body={"n": 2})
+
+
 def test_pipelines_hold_no_thread_while_they_wait(server):
     """Pipeline stages are engine jobs the request awaits: with the engine paused, three pipeline requests
     and a routed one all queue (pipelines used to hold the two worker threads that routing needs, so

@@ -172,10 +172,13 @@ def chat_fields(req: ResponsesRequest) -> dict[str, Any]:
                "truncation": req.truncation == "auto"}
     if req.service_tier not in (None, "auto", "default"):
         refused["service_tier"] = True
+    extra = req.model_extra or {}
+    for name in ("n", "best_of"):  # (a response has one answer)
+        refused[name] = extra.get(name) not in (None, 1)
     for name, asked in refused.items():
         if asked:
             raise P.APIError(400, f"`{name}` is not supported by this server (got "
-                                  f"{json.dumps(getattr(req, name))[:80]}); leave it out", param=name)
+                                  f"{json.dumps(getattr(req, name, extra.get(name)))[:80]}); leave it out", param=name)
     for inc in req.include or []:
         if inc != "message.output_text.logprobs":
             raise P.APIError(400, f"include {inc[:80]!r} is not supported: this server includes "
@@ -184,7 +187,7 @@ def chat_fields(req: ResponsesRequest) -> dict[str, Any]:
                                                                  for k, v in req.metadata.items())):
         raise P.APIError(400, f"metadata has at most {MAX_METADATA} keys of 64 characters, values of 512",
                          param="metadata")
-    out: dict[str, Any] = {k: v for k, v in (req.model_extra or {}).items()}
+    out: dict[str, Any] = dict(extra)
     out.update(model=req.model, stream=req.stream)
     for name in ("temperature", "top_p", "parallel_tool_calls", "user"):
         if getattr(req, name) is not None:
