@@ -165,6 +165,19 @@ def test_responses_api_through_the_gateway(gw):
     assert nxt.output_text == want.choices[0].message.content
 
 
+def test_messages_api_through_the_gateway(gw):
+    """/v1/messages and count_tokens on the gateway: the branch's upstream answers (auto routed)."""
+    import anthropic
+
+    c = anthropic.Anthropic(base_url=gw["url"], api_key="none", max_retries=0, timeout=60)
+    ask = [{"role": "user", "content": "rev hello="}]
+    m = c.messages.create(model="auto", max_tokens=6, messages=ask, extra_body={"temperature": 0})
+    want = gw["direct"].chat.completions.create(model="b", messages=ask, max_tokens=6, temperature=0)
+    assert m.content[0].text == want.choices[0].message.content and m.model_extra["branch"] == "b"
+    direct = httpx.post(f"http://127.0.0.1:{gw['p1']}/tokenize", json={"model": "b", "messages": ask}).json()
+    assert c.messages.count_tokens(model="b", messages=ask).input_tokens == direct["count"]
+
+
 def test_pipeline_runs_across_upstreams(gw):
     p = gw["client"].chat.completions.create(model="cross", messages=[{"role": "user", "content": "key zz="}])
     stages = p.model_extra["stages"]

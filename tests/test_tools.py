@@ -289,3 +289,36 @@ def test_responses_api_function_calls_go_out_and_their_outputs_come_back(server)
                                           "function": {"name": "add", "arguments": calls[0].arguments}}]},
                                          {"role": "tool", "tool_call_id": calls[0].call_id, "content": "3"}])
     assert back.output_text == chat.choices[0].message.content
+
+
+def test_messages_api_tool_use_goes_out_and_its_result_comes_back(server):
+    """/v1/messages (the anthropic SDK): a forced tool comes back as a tool_use block with its input object
+    (stop_reason tool_use; streamed as input_json_delta too), and a tool_result continues the conversation
+    as the chat path's tool message does."""
+    import anthropic
+
+    c = anthropic.Anthropic(base_url=server["url"], api_key="x", max_retries=0, timeout=60)
+    tool = {"name": "add", "description": "add two numbers", "input_schema": ADD}
+    m = c.messages.create(model="a", max_tokens=80, messages=[{"role": "user", "content": "add 1+2="}], tools=[tool],
+                          tool_choice={"type": "tool", "name": "add"}, extra_body={"temperature": 0})
+    assert [b.type for b in m.content] == ["tool_use"] and m.stop_reason == "tool_use"
+    use = m.content[0]
+    assert use.name == "add" and set(use.input) == {"a", "b"} and all(isinstance(v, int) for v in use.input.values())
+    with c.messages.stream(model="a", max_tokens=80, messages=[{"role": "user", "content": "add 1+2="}], tools=[tool],
+                           tool_choice={"type": "tool", "name": "add"}, extra_body={"temperature": 0}) as s:
+        final = s.get_final_message()
+    assert final.content[0].type == "tool_use" and final.content[0].input == use.input
+    assert final.stop_reason == "tool_use"
+    back = c.messages.create(model="a", max_tokens=4, tools=[tool], tool_choice={"type": "none"},
+                             extra_body={"temperature": 0}, messages=[
+                                 {"role": "user", "content": "add 1+2="},
+                                 {"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": "add",
+                                                                    "input": use.input}]},
+                                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                               "content": "3"}]}])
+    chat = server["client"].chat.completions.create(
+        model="a", max_tokens=4, temperature=0, tools=TOOLS[:1], tool_choice="none", messages=[
+            *ASK, {"role": "assistant", "content": "", "tool_calls": [
+                {"id": use.id, "type": "function", "function": {"name": "add", "arguments": json.dumps(use.input)}}]},
+            {"role": "tool", "tool_call_id": use.id, "content": "3"}])
+    assert back.content[0].text == chat.choices[0].message.content

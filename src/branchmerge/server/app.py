@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from branchmerge.errors import BranchmergeError
@@ -19,13 +20,15 @@ from branchmerge.server import protocol as P
 from branchmerge.server.api import PREFIX_CACHE_TOKENS, ClientGone, OpenAIService, Reply, ServerLimits
 from branchmerge.server.metrics import HTTPMetrics, Registry
 from branchmerge.server.lora import LoadLoraRequest, UnloadLoraRequest
+from branchmerge.server.messages import CountTokensRequest, Messages, MessagesRequest, error_body
 from branchmerge.server.responses import ResponsesRequest, Responses, ResponseStore
 from branchmerge.server.tokens import DetokenizeRequest, TokenizeRequest
 
 logger = logging.getLogger(__name__)
 _OPEN_PATHS = ("/health", "/ping")  # answered without the key, and then saying nothing about the bundle
-_ROUTES = ("/health", "/ping", "/version", "/metrics", "/v1/models", "/v1/models/{id}", "/v1/chat/completions", "/v1/completions",  # metric labels
-           "/v1/responses", "/v1/responses/{id}", "/tokenize", "/detokenize", "/v1/load_lora_adapter",
+_ROUTES = ("/health", "/ping", "/version", "/metrics", "/v1/models", "/v1/models/{id}",  # metric labels
+           "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/responses/{id}", "/v1/messages",
+           "/v1/messages/count_tokens", "/tokenize", "/detokenize", "/v1/load_lora_adapter",
            "/v1/unload_lora_adapter")
 
 
@@ -169,6 +172,31 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
     async def create_response(req: ResponsesRequest, request: Request):
         return await run(responses.create, req, request)
 
+    # Anthropic's Messages API over chat (server/messages.py): errors in Anthropic's shape
+    messages = Messages(service)
+
+    async def anthropic(model_cls, request: Request, call):
+        try:
+            try:
+                req = model_cls.model_validate_json(await request.body())
+            except ValidationError as e:
+                err = e.errors()[0]
+                loc = ".".join(str(x) for x in err["loc"])
+                msg = err["msg"].removeprefix("Value error, ") if err.get("type") != "json_invalid" \
+                    else "request body is not valid JSON"
+                raise P.APIError(400, f"{loc}: {msg}" if loc else msg) from None
+            return await call(req)
+        except P.APIError as e:
+            return JSONResponse(status_code=e.status, content=error_body(e))
+
+    @app.post("/v1/messages")
+    async def create_message(request: Request):
+        return await anthropic(MessagesRequest, request, lambda req: run(messages.create, req, request))
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens(request: Request):
+        return await anthropic(CountTokensRequest, request, messages.count_tokens)
+
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str):
         return responses.get(response_id)
@@ -242,8 +270,10 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization") or (b"Bearer " + headers[b"x-api-key"] if b"x-api-key" in headers
+                                                   else b"")  # (Anthropic's clients send the key as x-api-key)
         if self.expected is not None and scope["path"] not in _OPEN_PATHS and not hmac.compare_digest(
-                headers.get(b"authorization", b""), self.expected):
+                given, self.expected):
             return await _send_error(send, P.APIError(401, "invalid or missing API key",
                                                       type_="authentication_error", code="invalid_api_key"))
         too_big = P.APIError(413, f"request body is larger than this server's limit of {self.limit} bytes",

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from branchmerge.errors import BranchmergeError
 from branchmerge.server import protocol as P
+from branchmerge.server.tools import MAX_TOOLS, Tool
 
 MAX_DETOKENIZE = 1 << 20  # token ids in one /detokenize request
 
@@ -32,6 +33,8 @@ class TokenizeRequest(BaseModel):
                                          "left open.")
     chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="With messages: more variables "
                                                         "for the chat template.")
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS, description="With messages: the tools "
+                                     "the template renders (vLLM's, as chat's).")
     return_token_strs: bool = False
 
     @field_validator("chat_template_kwargs")
@@ -96,7 +99,8 @@ class TokenReplies:
         def encode() -> list[int]:  # (off the event loop: a long prompt, a chat template)
             if req.prompt is not None:
                 return list(tok(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])
-            return self.bundle.encode_messages(msgs, branch, **template)
+            tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+            return self.bundle.encode_messages(msgs, branch, tools=tools, **template)
 
         chars = len(str(req.prompt if req.prompt is not None else msgs))
         try:
