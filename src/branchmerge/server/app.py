@@ -98,11 +98,7 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = ".".join(str(x) for x in err["loc"] if x != "body")
-        msg = err["msg"].removeprefix("Value error, ") if err.get("type") != "json_invalid" \
-            else "request body is not valid JSON"
-        return error(P.APIError(400, f"{loc}: {msg}" if loc else msg, param=loc or None))
+        return error(P.invalid(e.errors()))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception):  # never the exception's text: it may hold paths or data
@@ -180,11 +176,7 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
             try:
                 req = model_cls.model_validate_json(await request.body())
             except ValidationError as e:
-                err = e.errors()[0]
-                loc = ".".join(str(x) for x in err["loc"])
-                msg = err["msg"].removeprefix("Value error, ") if err.get("type") != "json_invalid" \
-                    else "request body is not valid JSON"
-                raise P.APIError(400, f"{loc}: {msg}" if loc else msg) from None
+                raise P.invalid(e.errors()) from None
             return await call(req)
         except P.APIError as e:
             return JSONResponse(status_code=e.status, content=error_body(e))

@@ -88,9 +88,7 @@ class BatchRunner:
         try:
             req = model.model_validate(body)
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            return 400, P.error_body(f"{loc}: {err['msg'].removeprefix('Value error, ')}", param=loc or None)
+            return 400, P.invalid(e.errors()).body()
         try:
             reply = await call(req)
         except P.APIError as e:

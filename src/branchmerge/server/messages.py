@@ -185,9 +185,7 @@ def chat_request(req: MessagesRequest) -> P.ChatRequest:
     try:
         return P.ChatRequest.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise P.APIError(400, f"{loc}: {err['msg'].removeprefix('Value error, ')}", param=loc) from None
+        raise P.invalid(e.errors()) from None
 
 
 def _cut(text: str, reason: str | None, stops: list[str]) -> tuple[str, str, str | None]:
@@ -307,5 +305,5 @@ class Messages:
                 "model": req.model, "messages": [m.model_dump(exclude_none=True) for m in chat.messages],
                 **({"tools": [t.model_dump(exclude_none=True) for t in chat.tools]} if chat.tools else {})})
         except ValidationError as e:
-            raise P.APIError(400, e.errors()[0]["msg"]) from None
+            raise P.invalid(e.errors()) from None
         return {"input_tokens": (await tokenize(treq))["count"]}

@@ -33,6 +33,17 @@ def error_body(message: str, *, type_: str = "invalid_request_error", param: str
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def invalid(errors: list[dict[str, Any]], rename: dict[str, str] | None = None) -> APIError:
+    """The 400 of a request that failed validation (pydantic's ``errors()``): its first error, named by its
+    field (``rename``: a field's name as the client's API calls it)."""
+    err = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = ".".join(str(x) for x in err["loc"] if x != "body")
+    loc = next((ours + loc[len(theirs):] for theirs, ours in (rename or {}).items() if loc.startswith(theirs)), loc)
+    msg = "request body is not valid JSON" if err.get("type") == "json_invalid" else \
+        err["msg"].removeprefix("Value error, ")
+    return APIError(400, f"{loc}: {msg}" if loc else msg, param=loc or None)
+
+
 def _no_surrogates(v: str, where: str) -> str:
     try:
         v.encode("utf-8")

@@ -297,10 +297,7 @@ class Responses:
         try:
             chat_req = P.ChatRequest.model_validate({**fields, "messages": system + conversation})
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            loc = next((ours for chat, ours in _FIELDS.items() if loc.startswith(chat)), loc)
-            raise P.APIError(400, f"{loc}: {err['msg'].removeprefix('Value error, ')}", param=loc) from None
+            raise P.invalid(e.errors(), _FIELDS) from None
         try:
             reply = await self.service.chat(chat_req, disconnected)
         except P.APIError as e:
