@@ -196,3 +196,63 @@ def test_model_retrieve_version_and_ping(bundles):
             assert r.status_code == 200 and r.json() == {"status": "ok"}
         metrics = httpx.get(url + "/metrics", headers={"Authorization": "Bearer k"}).text
         assert 'route="/v1/models/{id}"' in metrics and 'route="/ping"' in metrics
+
+
+def test_cors_only_for_the_allowed_origins(bundles):
+    """vLLM's --allowed-origins: a preflight from an allowed origin is answered without the key, every answer
+    to it (a 401 too) carries the CORS headers and exposes X-Branchmerge-Branch; another origin gets none, and
+    without the option no origin does."""
+    b = branchmerge.load(bundles[0.9], dtype="float32")
+    ok, evil = "https://app.example", "https://evil.example"
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    body = {"model": "a", "messages": [{"role": "user", "content": "rev ab="}], "max_tokens": 2}
+    with serving(create_app(b, max_batch=4, wait_ms=5, api_key="k", allowed_origins=[ok])) as url:
+        r = httpx.options(url + "/v1/chat/completions", headers={"Origin": ok, **pre})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ok
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Origin": ok, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ok
+        assert "x-branchmerge-branch" in r.headers["access-control-expose-headers"].lower()
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Origin": ok})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ok
+        r = httpx.options(url + "/v1/chat/completions", headers={"Origin": evil, **pre})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Origin": evil, "Authorization": "Bearer k"})
+        assert "access-control-allow-origin" not in r.headers
+    with serving(create_app(b, max_batch=4, wait_ms=5)) as url:
+        r = httpx.options(url + "/v1/chat/completions", headers={"Origin": ok, **pre})
+        assert r.status_code != 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_allowed_origins_and_root_path_options(bundles, tmp_path, capsys):
+    """Each --allowed-origins value is an origin, *, or a JSON list of them (vLLM's form); anything else is
+    refused by name before the bundle loads. Under --root-path (a proxy's prefix, taken off before the request
+    arrives) /health stays open and the API answers."""
+    from branchmerge.cli.serve_cmd import _origins
+
+    assert _origins(["https://a.example", '["http://b.example:8080", "*"]']) == \
+        ["https://a.example", "http://b.example:8080", "*"]
+    for bad, says in (("https://a.example/app", "is not an origin"), ("a.example", "is not an origin"),
+                      ("[1, 2]", "a JSON list of strings"), ("[oops", "not a JSON list")):
+        code, _, err = run_cli(capsys, "serve", tmp_path / "missing-bundle", "--allowed-origins", bad)
+        assert code != 0 and says in err, err
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "branchmerge.cli.main", "serve", str(bundles[0.9]), "--port",
+                             str(port), "--api-key", "k", "--root-path", "/llm"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 120
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < end and proc.poll() is None, "serve did not start"
+                time.sleep(0.3)
+        assert r.status_code == 200 and r.json() == {"status": "ok"}  # open, as without a prefix
+        m = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k"})
+        assert m.status_code == 200 and "a" in {x["id"] for x in m.json()["data"]}
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

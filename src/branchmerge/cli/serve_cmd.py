@@ -93,6 +93,33 @@ def _generation_overrides(mode: str, text: str | None) -> dict | None:
     return values
 
 
+_ALLOWED_ORIGINS = typer.Option([], "--allowed-origins", metavar="ORIGIN", help="As vLLM: web pages from this "
+                                "origin (https://app.example.com, or * for any) may call the API from a browser "
+                                "(CORS); repeat for more, or give a JSON list. Default: none may.")
+_ROOT_PATH = typer.Option("", "--root-path", help="As vLLM: the path prefix a proxy serves this under (/llm).")
+
+
+def _origins(values: list[str]) -> list[str]:
+    """``--allowed-origins`` values: each an origin, or a JSON list of them (vLLM's form)."""
+    out: list[str] = []
+    for v in values:
+        if v.strip().startswith("["):
+            try:
+                got = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise typer.BadParameter(f"not a JSON list: {e.msg}", param_hint="--allowed-origins") from None
+            if not isinstance(got, list) or not all(isinstance(x, str) for x in got):
+                raise typer.BadParameter("a JSON list of strings", param_hint="--allowed-origins")
+            out += got
+        else:
+            out.append(v)
+    for o in out:
+        if o != "*" and not (o.startswith(("http://", "https://")) and "/" not in o.split("://", 1)[1]):
+            raise typer.BadParameter(f"{o!r} is not an origin (scheme://host[:port], no path) or *",
+                                     param_hint="--allowed-origins")
+    return out
+
+
 def serve_cmd(
     bundle_dir: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder (with --lora-modules: the base "
                                       "model's folder)."),
@@ -144,6 +171,8 @@ def serve_cmd(
                                             "(PEM), with --ssl-certfile."),
     ssl_certfile: Path | None = typer.Option(None, "--ssl-certfile", help="Serve HTTPS with this certificate "
                                              "(PEM), with --ssl-keyfile."),
+    allowed_origins: list[str] = _ALLOWED_ORIGINS,
+    root_path: str = _ROOT_PATH,
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bf16, fp16 (default: the bundle's)."),
     lora_modules: list[str] = typer.Option([], "--lora-modules", help="As vLLM: serve BUNDLE, a base model folder, "
@@ -196,7 +225,8 @@ def serve_cmd(
               tool_call_parser=tool_call_parser, lora_dir=lora_dir, max_loras=max_loras, max_lora_rank=max_lora_rank,
               lora_base=lora_base, lora_on_demand=lora_on_demand, generation_config=generation_config,
               override_generation_config=overrides, chat_templates=templates, max_model_len=max_model_len,
-              ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
+              ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, allowed_origins=_origins(allowed_origins),
+              root_path=root_path)
     if lora_on_demand and lora_dir is None:
         raise typer.BadParameter("needs --lora-dir", param_hint="--lora-on-demand")
     from branchmerge.io.manifest import MANIFEST
@@ -233,6 +263,8 @@ def gateway_cmd(
                                             "with --ssl-certfile."),
     ssl_certfile: Path | None = typer.Option(None, "--ssl-certfile", help="Serve HTTPS with this certificate "
                                              "(PEM), with --ssl-keyfile."),
+    allowed_origins: list[str] = _ALLOWED_ORIGINS,
+    root_path: str = _ROOT_PATH,
 ) -> None:
     """An OpenAI-compatible gateway in front of OpenAI-compatible backends (vLLM, branchmerge serve): each branch
     maps to an upstream, `auto` routes with a bundle's stored router, pipelines run their stages across
@@ -241,7 +273,8 @@ def gateway_cmd(
     from branchmerge.server.gateway import gateway
 
     _check_tls(ssl_keyfile, ssl_certfile)
-    gateway(config, host=host, port=port, api_key=api_key, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
+    gateway(config, host=host, port=port, api_key=api_key, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile,
+            allowed_origins=_origins(allowed_origins), root_path=root_path)
 
 
 def register(app: typer.Typer) -> None:

@@ -37,7 +37,8 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
                route_batch: int = 64, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
                tool_call_parser: str | None = None, lora_dir: str | Path | None = None, max_loras: int = 8,
                max_lora_rank: int = 64, lora_base: str | None = None, lora_on_demand: bool = False,
-               generation_config: str = "auto", override_generation_config: dict[str, Any] | None = None) -> FastAPI:
+               generation_config: str = "auto", override_generation_config: dict[str, Any] | None = None,
+               allowed_origins: list[str] | None = None) -> FastAPI:
     """The FastAPI app serving a bundle (or a :class:`~branchmerge.front.Front`): one engine thread,
     concurrent requests batched (and their ``auto`` texts routed together, at most ``route_batch`` in one
     embedding batch). With ``api_key`` every path but a bare ``/health`` needs ``Authorization: Bearer KEY``
@@ -50,7 +51,8 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
     ``lora_dir`` loads it (least recently used ones unloaded when full); see :mod:`branchmerge.server.lora`.
     ``generation_config``: ``"auto"`` (vLLM's default) answers a request that leaves out a sampling setting
     with its branch's generation config's, ``"vllm"`` with the server's own; ``override_generation_config``
-    (``{"temperature": 0.5}``) over either (see :meth:`~.api.OpenAIService.defaults`)."""
+    (``{"temperature": 0.5}``) over either (see :meth:`~.api.OpenAIService.defaults`). ``allowed_origins``:
+    see :func:`build_app`."""
     from branchmerge.front import Front, front_for
 
     front = bundle_or_front if isinstance(bundle_or_front, Front) else front_for(bundle_or_front, pipelines)
@@ -64,16 +66,18 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
 
         service.loras = RuntimeLoras(service, lora_dir, max_loras=max_loras, max_rank=max_lora_rank,
                                      base=lora_base, on_demand=lora_on_demand)
-    app = build_app(service, api_key=api_key)
+    app = build_app(service, api_key=api_key, allowed_origins=allowed_origins)
     app.state.engine, app.state.bundle = service.engine, front.bundle
     return app
 
 
-def build_app(service: Any, *, api_key: str | None = None, title: str = "branchmerge") -> FastAPI:
+def build_app(service: Any, *, api_key: str | None = None, title: str = "branchmerge",
+              allowed_origins: list[str] | None = None) -> FastAPI:
     """The OpenAI-compatible routes over ``service`` — :class:`~.api.OpenAIService` (``serve``) or
     :class:`~.gateway.GatewayService` (``gateway``): ``limits``, ``models(created)``, ``health(full)``,
     and async ``chat``/``completions(req, disconnected) -> Reply``. One implementation of the API surface
-    (auth, body limits, error shapes, streaming) for both."""
+    (auth, body limits, error shapes, streaming) for both. ``allowed_origins`` (vLLM's ``--allowed-origins``;
+    ``["*"]`` for any): pages from these origins may call it from a browser (CORS); by default none may."""
     docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title=title, version="1", **docs)
     app.state.service = service
@@ -220,7 +224,30 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
             return PlainTextResponse(await service.loras.unload(req))
 
     app.add_middleware(Guard, expected=expected, limit=service.limits.max_body_bytes, http=http)
+    if allowed_origins:  # browsers' pages from these origins may call the API (outside the guard: a preflight
+        # carries no key; every answer, a 401 too, carries the CORS headers)
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"], allow_headers=["*"],
+                           expose_headers=["X-Branchmerge-Branch"])
     return app
+
+
+def run_uvicorn(app: FastAPI, *, host: str, port: int, ssl_keyfile: str | Path | None = None,
+                ssl_certfile: str | Path | None = None, root_path: str = "") -> None:
+    """Serve ``app`` (blocking): HTTPS with both files; ``root_path`` when a proxy serves it under a prefix."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5, root_path=root_path,
+                ssl_keyfile=None if ssl_keyfile is None else str(ssl_keyfile),
+                ssl_certfile=None if ssl_certfile is None else str(ssl_certfile))
+
+
+def _path(scope) -> str:
+    """The request's path within the app (without the ``root_path`` a proxy serves it under)."""
+    path, root = scope["path"], scope.get("root_path") or ""
+    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 async def _send_error(send, e: P.APIError) -> None:
@@ -254,7 +281,7 @@ class Guard:
         try:
             await self._guard(scope, receive, counted)
         finally:  # the request's last byte is out (a stream's too), or it failed
-            route = self.http.route(scope["path"])
+            route = self.http.route(_path(scope))
             self.http.requests.inc(route, status)
             self.http.duration.observe(time.monotonic() - t, route)
 
@@ -264,7 +291,7 @@ class Guard:
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"authorization") or (b"Bearer " + headers[b"x-api-key"] if b"x-api-key" in headers
                                                    else b"")  # (Anthropic's clients send the key as x-api-key)
-        if self.expected is not None and scope["path"] not in _OPEN_PATHS and not hmac.compare_digest(
+        if self.expected is not None and _path(scope) not in _OPEN_PATHS and not hmac.compare_digest(
                 given, self.expected):
             return await _send_error(send, P.APIError(401, "invalid or missing API key",
                                                       type_="authentication_error", code="invalid_api_key"))
@@ -314,14 +341,14 @@ def serve(bundle_dir: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key
           lora_base: str | None = None, lora_on_demand: bool = False, generation_config: str = "auto",
           override_generation_config: dict[str, Any] | None = None,
           chat_templates: dict[str | None, str] | None = None, max_model_len: int | None = None,
-          ssl_keyfile: str | Path | None = None, ssl_certfile: str | Path | None = None) -> None:
+          ssl_keyfile: str | Path | None = None, ssl_certfile: str | Path | None = None,
+          allowed_origins: list[str] | None = None, root_path: str = "") -> None:
     """Load a bundle (or take a loaded :class:`~branchmerge.front.Front`) and serve it with uvicorn
     (blocking); the one entry point the CLI uses. ``chat_templates``: Jinja templates by branch (None: every
     branch), set before serving (:meth:`~branchmerge.runtime.bundle.Bundle.set_chat_template`);
     ``max_model_len``: tokens per row at most (:attr:`~branchmerge.runtime.bundle.Bundle.max_model_len`);
-    ``ssl_keyfile``/``ssl_certfile``: serve HTTPS."""
-    import uvicorn
-
+    ``ssl_keyfile``/``ssl_certfile``: serve HTTPS; ``allowed_origins``: CORS (:func:`build_app`);
+    ``root_path``: the prefix a proxy serves it under."""
     from branchmerge.front import Front, open_front
 
     warning = exposure_warning(host, api_key)
@@ -337,7 +364,5 @@ def serve(bundle_dir: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key
                      prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser, lora_dir=lora_dir,
                      max_loras=max_loras, max_lora_rank=max_lora_rank, lora_base=lora_base,
                      lora_on_demand=lora_on_demand, generation_config=generation_config,
-                     override_generation_config=override_generation_config)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
-                ssl_keyfile=None if ssl_keyfile is None else str(ssl_keyfile),
-                ssl_certfile=None if ssl_certfile is None else str(ssl_certfile))
+                     override_generation_config=override_generation_config, allowed_origins=allowed_origins)
+    run_uvicorn(app, host=host, port=port, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, root_path=root_path)

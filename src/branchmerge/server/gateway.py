@@ -439,17 +439,15 @@ class GatewayService(GatewayTokenReplies):
 
 
 def gateway(config: str | Path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-            ssl_keyfile: str | Path | None = None, ssl_certfile: str | Path | None = None) -> None:
-    """Load ``config`` and serve the gateway with uvicorn (blocking); HTTPS with ``ssl_keyfile``/``ssl_certfile``."""
-    import uvicorn
-
-    from branchmerge.server.app import build_app, exposure_warning
+            ssl_keyfile: str | Path | None = None, ssl_certfile: str | Path | None = None,
+            allowed_origins: list[str] | None = None, root_path: str = "") -> None:
+    """Load ``config`` and serve the gateway with uvicorn (blocking); HTTPS with ``ssl_keyfile``/``ssl_certfile``,
+    CORS for ``allowed_origins``, under a proxy's ``root_path``."""
+    from branchmerge.server.app import build_app, exposure_warning, run_uvicorn
 
     warning = exposure_warning(host, api_key)
     if warning:
         logger.warning(warning)
     service = GatewayService.from_config(load_gateway_config(config))
-    uvicorn.run(build_app(service, api_key=api_key, title="branchmerge gateway"), host=host, port=port,
-                log_level="info", timeout_graceful_shutdown=5,
-                ssl_keyfile=None if ssl_keyfile is None else str(ssl_keyfile),
-                ssl_certfile=None if ssl_certfile is None else str(ssl_certfile))
+    run_uvicorn(build_app(service, api_key=api_key, title="branchmerge gateway", allowed_origins=allowed_origins),
+                host=host, port=port, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, root_path=root_path)
