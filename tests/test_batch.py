@@ -37,17 +37,17 @@ def test_a_batch_file_is_answered_as_the_server_answers(bundles, tmp_path):
              "{not json", _line("x", "/v1/embeddings", {"model": "a", "input": "hi"}),
              _line("chat-1", "/v1/completions", COMPLETION), json.dumps({"custom_id": "y", "url": "/v1/completions",
                                                                          "body": COMPLETION, "extra": 1}),
-             _line("get", "/v1/completions", COMPLETION, method="GET"), "[1, 2]",
+             _line("get", "/v1/completions", COMPLETION, method="GET"), "[1, 2]", "[" * 100_000 + "]" * 100_000,
              _line("chat-2", "/v1/chat/completions", {**CHAT, "model": "b"})]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(lines) + "\n")
     b = branchmerge.load(bundles[0.9], dtype="float32")
     counts = run_batch_file(front_for(b), src, out, progress=False)
     recs = [json.loads(x) for x in out.read_text().splitlines()]
-    assert counts == {"lines": 13, "succeeded": 4, "failed": 9} and len(recs) == 13
+    assert counts == {"lines": 14, "succeeded": 4, "failed": 10} and len(recs) == 14
     assert [r["custom_id"] for r in recs] == ["chat-1", "cmpl-1", "resp-1", "too-long", "streamed", "no-model", None,
-                                              "x", "chat-1", "y", "get", None, "chat-2"]
-    assert len({r["id"] for r in recs}) == 13 and all(r["id"].startswith("batch_req_") for r in recs)
+                                              "x", "chat-1", "y", "get", None, None, "chat-2"]
+    assert len({r["id"] for r in recs}) == 14 and all(r["id"].startswith("batch_req_") for r in recs)
     with serving(create_app(b, max_batch=4, wait_ms=5)) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         want = [c.chat.completions.create(**CHAT).choices[0].message.content,
@@ -65,8 +65,10 @@ def test_a_batch_file_is_answered_as_the_server_answers(bundles, tmp_path):
     assert by[5]["response"]["status_code"] == 400 and by[5]["response"]["body"]["error"]["param"] == "model"
     errors = {i: r["error"] for i, r in by.items() if r["response"] is None}
     assert {i: e["code"] for i, e in errors.items()} == {6: "invalid_json", 7: "invalid_url", 8: "duplicate_custom_id",
-                                                          9: "invalid_request", 10: "invalid_method", 11: "invalid_request"}
+                                                          9: "invalid_request", 10: "invalid_method", 11: "invalid_request",
+                                                          12: "invalid_json"}
     assert errors[6]["message"].startswith("line 8 is not valid JSON")  # (line numbers count the blank line)
+    assert errors[12]["message"] == "line 14 nests too deeply to read"
     assert "'/v1/embeddings' is not one of" in errors[7]["message"] and "unknown field 'extra'" in errors[9]["message"]
 
 

@@ -117,6 +117,15 @@ def test_the_key_as_anthropic_clients_send_it(served):
     ({"output_config": {"effort": "high"}}, 400, "output_config takes a format here"),
     ({"stop_sequences": ["a", "b", "c", "d", "e"]}, 400, "stop_sequences: List should have at most 4 items"),
     ({"model": "nope"}, 404, "'nope' does not exist"),
+    ({"messages": ["hi"]}, 400, "messages.0: Input should be an object"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": [1]}]}]},
+     400, "a tool_use block has a string id and name and an object input"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                                  "content": [{"type": "image", "source": {}}]}]}]},
+     400, "messages[0].content[0].content[0] of type 'image' is not supported here"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]},
+     400, "of type 'tool_use' is not supported"),
+    ({"system": [{"type": "image"}]}, 400, "system[0] of type 'image' is not supported here"),
 ])
 def test_what_the_server_does_not_do_is_refused_in_anthropics_shape(served, kw, status, says):
     body = {"model": "a", "max_tokens": 4, "messages": ASK, **kw}

@@ -173,3 +173,28 @@ def test_a_streaming_client_that_goes_away_stops_its_work(served, path, body):
         while engine.queued() and time.monotonic() < end:
             time.sleep(0.05)
         assert seen and engine.queued() == 0
+
+
+def test_a_conversation_grown_past_the_limit_is_refused_by_name(bundles):
+    """previous_response_id chains: each turn carries the whole conversation, which is bounded as chat's
+    messages are (max_prompt_chars); past it, a 400 names input, and nothing is stored for it."""
+    b = branchmerge.load(bundles[0.9], dtype="float32")
+    with serving(create_app(b, max_batch=4, wait_ms=5, limits=ServerLimits(max_prompt_chars=60))) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        prev = None
+        with pytest.raises(openai.BadRequestError) as e:
+            for _ in range(10):
+                prev = c.responses.create(model="a", input="rev abcdefgh=", max_output_tokens=4, temperature=0,
+                                          previous_response_id=prev.id if prev else None)
+        assert prev is not None and "input has" in e.value.body["message"] and "at most 60" in e.value.body["message"]
+        assert e.value.body["param"] == "input"
+
+
+def test_bodies_that_cannot_be_parsed_get_openais_error_shape(served):
+    """A body nested a million deep, a path that does not exist: OpenAI's error JSON, not FastAPI's."""
+    deep = b'{"model": "a", "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for path in ("/v1/responses", "/v1/chat/completions"):
+        r = httpx.post(served["url"] + path, content=deep, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    r = httpx.get(served["url"] + "/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import ValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -103,6 +104,12 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError):
         return error(P.invalid(e.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):  # an unknown path, a body that cannot be parsed
+        return JSONResponse(status_code=e.status_code, headers=e.headers,
+                            content=P.error_body(str(e.detail), type_="not_found_error" if e.status_code == 404
+                                                 else "invalid_request_error"))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception):  # never the exception's text: it may hold paths or data

@@ -56,6 +56,8 @@ class BatchRunner:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise BatchLineError("invalid_json", f"line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:  # (a careless or hostile line of a million brackets)
+            raise BatchLineError("invalid_json", f"line {n} nests too deeply to read") from None
         if not isinstance(obj, dict):
             raise BatchLineError("invalid_request", f"line {n} is not a JSON object")
         cid = obj.get("custom_id")
