@@ -198,3 +198,22 @@ def test_bodies_that_cannot_be_parsed_get_openais_error_shape(served):
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
     r = httpx.get(served["url"] + "/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_logprobs_of_the_output_text(served):
+    """top_logprobs (or include message.output_text.logprobs) gives each output token's log-probability, as
+    chat's logprobs for the same answer; streamed deltas carry their own tokens'."""
+    c = served["client"]
+    r = c.responses.create(model="a", input="rev abc=", max_output_tokens=5, temperature=0, top_logprobs=2)
+    lps = r.output[0].content[0].logprobs
+    chat = c.chat.completions.create(model="a", messages=[{"role": "user", "content": "rev abc="}], max_tokens=5,
+                                     temperature=0, logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    assert [(lp.token, round(lp.logprob, 5)) for lp in lps] == [(lp.token, round(lp.logprob, 5)) for lp in chat]
+    assert len(lps) == r.usage.output_tokens and all(len(lp.top_logprobs) == 2 for lp in lps)
+    only = c.responses.create(model="a", input="rev abc=", max_output_tokens=5, temperature=0,
+                              include=["message.output_text.logprobs"])
+    assert [lp.token for lp in only.output[0].content[0].logprobs] == [lp.token for lp in lps]
+    events = list(c.responses.create(model="a", input="rev abc=", max_output_tokens=5, temperature=0, top_logprobs=2,
+                                     stream=True))
+    streamed = [lp.token for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert streamed == [lp.token for lp in lps]
