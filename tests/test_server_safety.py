@@ -285,6 +285,9 @@ def test_serve_command_answers_and_stops_on_sigterm(bundles, tmp_path):
             p.send_signal(signal.SIGTERM)
         p.wait(timeout=30)
         assert p.returncode in (0, -signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal
+        said = p.stdout.read()  # what it serves, and where, before it starts
+        assert f"serving 3 models at http://127.0.0.1:{port}/v1: a, b, c" in said, said
+        assert "POST /v1/chat/completions" in said and "POST /v1/responses" in said and "POST /v1/messages" in said
     finally:
         if p.poll() is None:
             p.kill()

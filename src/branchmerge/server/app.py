@@ -179,27 +179,6 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
     async def create_response(req: ResponsesRequest, request: Request):
         return await run(responses.create, req, request)
 
-    # Anthropic's Messages API over chat (server/messages.py): errors in Anthropic's shape
-    messages = Messages(service)
-
-    async def anthropic(model_cls, request: Request, call):
-        try:
-            try:
-                req = model_cls.model_validate_json(await request.body())
-            except ValidationError as e:
-                raise P.invalid(e.errors()) from None
-            return await call(req)
-        except P.APIError as e:
-            return JSONResponse(status_code=e.status, content=error_body(e))
-
-    @app.post("/v1/messages")
-    async def create_message(request: Request):
-        return await anthropic(MessagesRequest, request, lambda req: run(messages.create, req, request))
-
-    @app.post("/v1/messages/count_tokens")
-    async def count_message_tokens(request: Request):
-        return await anthropic(CountTokensRequest, request, messages.count_tokens)
-
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str):
         return responses.get(response_id)
@@ -211,6 +190,29 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str):
         return responses.delete(response_id)
+
+    # Anthropic's Messages API over chat (server/messages.py): errors in Anthropic's shape
+    messages = Messages(service)
+
+    async def anthropic(model_cls, request: Request, call):
+        try:
+            try:
+                req = model_cls.model_validate_json(await request.body())
+            except ValidationError as e:
+                raise P.invalid(e.errors()) from None
+            return await call(req)
+        except BranchmergeError as e:
+            return JSONResponse(status_code=400, content=error_body(P.APIError(400, str(e))))
+        except P.APIError as e:
+            return JSONResponse(status_code=e.status, content=error_body(e))
+
+    @app.post("/v1/messages")
+    async def create_message(request: Request):
+        return await anthropic(MessagesRequest, request, lambda req: run(messages.create, req, request))
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens(request: Request):
+        return await anthropic(CountTokensRequest, request, messages.count_tokens)
 
     if hasattr(service, "tokenize"):  # vLLM's (the gateway passes them to the branch's upstream)
         @app.post("/tokenize")
@@ -243,8 +245,17 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
 
 def run_uvicorn(app: FastAPI, *, host: str, port: int, ssl_keyfile: str | Path | None = None,
                 ssl_certfile: str | Path | None = None, root_path: str = "") -> None:
-    """Serve ``app`` (blocking): HTTPS with both files; ``root_path`` when a proxy serves it under a prefix."""
+    """Serve ``app`` (blocking): HTTPS with both files; ``root_path`` when a proxy serves it under a prefix.
+    First says what it serves, and where (as vLLM lists its routes)."""
     import uvicorn
+    from fastapi.routing import APIRoute
+
+    base = f"{'https' if ssl_certfile else 'http'}://{host}:{port}{root_path}"
+    models = app.state.service.model_ids()
+    logger.info("serving %d model%s at %s/v1: %s", len(models), "" if len(models) == 1 else "s", base,
+                ", ".join(models[:16]) + (f", … ({len(models) - 16} more)" if len(models) > 16 else ""))
+    routes = sorted({(r.path, m) for r in app.routes if isinstance(r, APIRoute) for m in r.methods or ()})
+    logger.info("routes: %s", ", ".join(f"{m} {p}" for p, m in routes if m != "HEAD"))
 
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5, root_path=root_path,
                 ssl_keyfile=None if ssl_keyfile is None else str(ssl_keyfile),
