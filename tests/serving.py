@@ -65,3 +65,16 @@ def forwards(model) -> Iterator[list[tuple[int, int]]]:
         yield seen
     finally:
         handle.remove()
+
+
+def stop_process(p) -> None:
+    """End a server started as a subprocess: SIGTERM, then (after 30 s) SIGKILL; reaped either way."""
+    import signal
+
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

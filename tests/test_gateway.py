@@ -26,7 +26,7 @@ from branchmerge.front import build_bundle_router
 from branchmerge.router import RouterConfig
 from branchmerge.server.app import build_app
 from branchmerge.server.gateway import GatewayService, load_gateway_config
-from tests.serving import free_port, serving
+from tests.serving import free_port, serving, stop_process
 
 PIPES = {"pipelines": [{"name": "cross", "stages": [
     {"branch": "c", "user": "{question}", "max_tokens": 5},
@@ -416,8 +416,6 @@ def test_a_misbehaving_upstream_is_cut_off_and_named(tmp_path):
 def test_the_gateway_command_serves_https(gw, tmp_path):
     """`branchmerge gateway` as an operator runs it with --ssl-keyfile/--ssl-certfile: the openai SDK trusting the
     certificate gets the upstream's answer over HTTPS."""
-    import signal
-
     from tests.test_serve_options import _certificate
 
     key, cert = _certificate(tmp_path)
@@ -444,10 +442,4 @@ def test_the_gateway_command_serves_https(gw, tmp_path):
         want = gw["direct"].chat.completions.create(model="b", messages=msgs, max_tokens=6)
         assert via.choices[0].message.content == want.choices[0].message.content
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=30)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        stop_process(p)

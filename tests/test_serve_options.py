@@ -4,7 +4,6 @@ parser, as vLLM needs both); each bad value refused by name before the bundle lo
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import branchmerge
 from branchmerge.runtime.bundle import ContextLengthError
 from branchmerge.server import create_app
 from tests.cli_util import run_cli
-from tests.serving import free_port, serving
+from tests.serving import free_port, serving, stop_process
 
 
 def test_max_model_len_bounds_every_branch(bundles):
@@ -86,13 +85,7 @@ def test_serve_over_https_with_the_options(bundles, tmp_path):
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=30)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        stop_process(p)
 
 
 def test_bad_serving_options_are_named_before_loading(tmp_path, capsys):
@@ -254,5 +247,4 @@ def test_allowed_origins_and_root_path_options(bundles, tmp_path, capsys):
         assert m.status_code == 200 and "a" in {x["id"] for x in m.json()["data"]}
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        stop_process(proc)

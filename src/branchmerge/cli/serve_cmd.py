@@ -96,6 +96,10 @@ def _generation_overrides(mode: str, text: str | None) -> dict | None:
 _ALLOWED_ORIGINS = typer.Option([], "--allowed-origins", metavar="ORIGIN", help="As vLLM: web pages from this "
                                 "origin (https://app.example.com, or * for any) may call the API from a browser "
                                 "(CORS); repeat for more, or give a JSON list. Default: none may.")
+_SSL_KEYFILE = typer.Option(None, "--ssl-keyfile", help="Serve HTTPS with this private key (PEM), with "
+                            "--ssl-certfile.")
+_SSL_CERTFILE = typer.Option(None, "--ssl-certfile", help="Serve HTTPS with this certificate (PEM), with "
+                             "--ssl-keyfile.")
 _ROOT_PATH = typer.Option("", "--root-path", help="As vLLM: the path prefix a proxy serves this under (/llm).")
 
 
@@ -167,10 +171,8 @@ def serve_cmd(
     enable_auto_tool_choice: bool = typer.Option(False, "--enable-auto-tool-choice", help="As vLLM (which needs "
                                                  "it with --tool-call-parser): accepted; --tool-call-parser "
                                                  "alone turns tool_choice \"auto\" on."),
-    ssl_keyfile: Path | None = typer.Option(None, "--ssl-keyfile", help="Serve HTTPS with this private key "
-                                            "(PEM), with --ssl-certfile."),
-    ssl_certfile: Path | None = typer.Option(None, "--ssl-certfile", help="Serve HTTPS with this certificate "
-                                             "(PEM), with --ssl-keyfile."),
+    ssl_keyfile: Path | None = _SSL_KEYFILE,
+    ssl_certfile: Path | None = _SSL_CERTFILE,
     allowed_origins: list[str] = _ALLOWED_ORIGINS,
     root_path: str = _ROOT_PATH,
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
@@ -259,10 +261,8 @@ def gateway_cmd(
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="BRANCHMERGE_API_KEY",
                                        help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics."),
-    ssl_keyfile: Path | None = typer.Option(None, "--ssl-keyfile", help="Serve HTTPS with this private key (PEM), "
-                                            "with --ssl-certfile."),
-    ssl_certfile: Path | None = typer.Option(None, "--ssl-certfile", help="Serve HTTPS with this certificate "
-                                             "(PEM), with --ssl-keyfile."),
+    ssl_keyfile: Path | None = _SSL_KEYFILE,
+    ssl_certfile: Path | None = _SSL_CERTFILE,
     allowed_origins: list[str] = _ALLOWED_ORIGINS,
     root_path: str = _ROOT_PATH,
 ) -> None:
