@@ -101,6 +101,8 @@ def test_the_store_keeps_the_newest_responses(served):
     with pytest.raises(openai.NotFoundError):
         c.responses.retrieve(ids[0])
     assert all(c.responses.retrieve(i).id == i for i in ids[1:])
+    metrics = httpx.get(served["url"] + "/metrics").text  # the store's size, on /metrics
+    assert "branchmerge_stored_responses 3" in metrics and "branchmerge_stored_responses_chars " in metrics
     store = ResponseStore(max_responses=10, max_chars=200)
     for k in range(4):
         store.put({"id": f"r{k}"}, [], [{"role": "user", "content": "x" * 60}])

@@ -174,6 +174,10 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
     # OpenAI's Responses API over chat (server/responses.py); stored responses kept in memory
     responses = Responses(service, ResponseStore(service.limits.max_stored_responses))
     app.state.responses = responses
+    registry.gauge("stored_responses", "/v1/responses kept in memory for previous_response_id.",
+                   read=lambda: {(): len(responses.store)})
+    registry.gauge("stored_responses_chars", "Characters (as JSON) of the stored responses and their conversations.",
+                   read=lambda: {(): responses.store.chars})
 
     @app.post("/v1/responses")
     async def create_response(req: ResponsesRequest, request: Request):

@@ -90,6 +90,9 @@ class ResponseStore:
             _, (*_, old) = self._items.popitem(last=False)
             self.chars -= old
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get(self, rid: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]] | None:
         got = self._items.get(rid)
         if got is None:
