@@ -101,7 +101,7 @@ def test_bad_configs_and_models_are_named(family, tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64)).save_pretrained(tmp_path / "gpt")
     path = _write(tmp_path, family, base_model=str(tmp_path / "gpt"), gate_mode="random")
-    with pytest.raises(BranchmergeError, match="'gpt2' model; a Mixtral MoE is built from llama or mistral"):
+    with pytest.raises(BranchmergeError, match="'gpt2' model; a Mixtral is built from llama or mistral"):
         build_moe(load_moe_config(path), tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
     code, out, err = run_cli(capsys, "moe", _write(tmp_path, family), "-o", tmp_path / "ok", "--no-progress")
