@@ -33,6 +33,7 @@ bench: $(STAMP)
 	cd bench && ../$(BIN)/python rsvd.py
 	cd bench && ../$(BIN)/python merge_vs_mergekit.py
 	cd bench && ../$(BIN)/python baselines_vs_mergekit.py
+	cd bench && ../$(BIN)/python multimerge_vs_mergekit.py
 	cd bench && ../$(BIN)/python fidelity.py
 	cd bench && ../$(BIN)/python compact.py --skip-real
 	cd bench && ../$(BIN)/python runtime.py --repeat 5

@@ -64,7 +64,7 @@ def test_no_import_circles():
             visit(m)
 
 
-ORDER = ["errors", "common", "architectures", "methods", "config_mergekit", "config", "io", "compress", "merge", "export", "export_vllm",
+ORDER = ["errors", "common", "architectures", "methods", "config_mergekit", "config", "io", "compress", "merge", "multimerge", "export", "export_vllm",
          "extract_lora", "moe", "runtime",
          "router", "staged", "front", "server", "family", "evaluate", "harness", "selection", "demo", "cli"]
 

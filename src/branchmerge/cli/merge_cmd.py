@@ -100,21 +100,61 @@ def _print_plan(cfg) -> None:
 
 def moe(
     config: Path = typer.Argument(..., help="A mergekit-moe YAML: base_model, experts (source_model, "
-                                  "positive_prompts, negative_prompts), gate_mode, experts_per_token, dtype."),
+                                  "positive_prompts, negative_prompts), shared_experts, gate_mode, "
+                                  "experts_per_token, architecture (mixtral, qwen, qwen3), dtype."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier branchmerge output."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     model_card: bool = typer.Option(True, "--model-card/--no-model-card", help="Write a README.md model card."),
 ) -> None:
-    """Build a Mixtral mixture of experts from fine-tunes of one Llama/Mistral base (as mergekit-moe): each
-    fine-tune's MLPs become an expert of every layer, the routers start from the experts' prompts."""
+    """Build a mixture of experts from fine-tunes of one base (as mergekit-moe): each fine-tune's MLPs become
+    an expert of every layer, the routers start from the experts' prompts. Writes a Mixtral (Llama/Mistral
+    inputs), a Qwen2-MoE (one shared expert; Llama/Mistral/Qwen2 inputs) or a Qwen3-MoE (Qwen3 inputs)."""
     from branchmerge.moe import build_moe, load_moe_config
 
     rep = build_moe(load_moe_config(config), out, force=force, progress=not no_progress, model_card=model_card)
-    typer.echo(f"wrote {out}: MixtralForCausalLM, {rep['experts']} experts in each of {rep['layers']} layers "
-               f"({rep['dtype']})")
+    shared = " and a shared expert" if rep["shared_experts"] else ""
+    typer.echo(f"wrote {out}: {rep['architecture']}, {rep['experts']} experts{shared} in each of {rep['layers']} "
+               f"layers ({rep['dtype']})")
+
+
+def multimerge(
+    config: Path = typer.Argument(..., help="A multi-document YAML (mergekit-multimerge's format): each document "
+                                  "a merge config, with `name:` for an intermediate (INTERMEDIATE_DIR/NAME) or "
+                                  "without for the final merge (--out); a model field holding another "
+                                  "document's name reads that merge's output."),
+    intermediate_dir: Path = typer.Option(..., "--intermediate-dir", "-I", help="Folder of the named merges' "
+                                          "outputs (and of their fingerprints, in .stages/)."),
+    out: Path | None = typer.Option(None, "--out", "-o", "--out-path", help="Output of the final (unnamed) merge."),
+    lazy: bool = typer.Option(True, "--lazy/--no-lazy", help="Skip a merge whose output exists and was built from "
+                              "the same config and inputs (--no-lazy: run every merge)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it is an earlier branchmerge output "
+                               "(intermediates are replaced when stale without it)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the merges in the order they run and which are "
+                                 "up to date; write nothing."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    model_card: bool = typer.Option(True, "--model-card/--no-model-card", help="Write a README.md model card "
+                                    "into each output."),
+) -> None:
+    """Run merges that feed one another, in dependency order: a merge's output can be a model of the next,
+    e.g. a TIES merge of two code fine-tunes as one branch of a bundle. A rerun skips what is up to date."""
+    from branchmerge.multimerge import plan, run_multimerge, to_build
+
+    if dry_run:
+        stages = plan(config, intermediate_dir, out)
+        todo = to_build(stages, intermediate_dir, lazy=lazy)
+        for i, st in enumerate(stages, 1):
+            reads = f" (reads {', '.join(sorted(st.needs))})" if st.needs else ""
+            state = "to build" if st.name in todo else "up to date"
+            typer.echo(f"{i}. {st.label}: {state}, {st.config.method} of {len(st.config.branches)} models → "
+                       f"{st.out}{reads}")
+        return
+    for r in run_multimerge(config, intermediate_dir, out, lazy=lazy, force=force, progress=not no_progress,
+                            model_card=model_card):
+        typer.echo(f"{r['name']}: {r['status']} → {r['out']}")
 
 
 def register(app: typer.Typer) -> None:
     app.command("merge")(merge)
     app.command("moe")(moe)
+    app.command("multimerge")(multimerge)
