@@ -420,7 +420,7 @@ def test_serve_adapters_as_vllm_does(capsys, family, adapters, tmp_path):
     make_adapter(family["base"][1], tmp_path / "loras" / "qv", 7, r=2, lora_alpha=4, target_modules=["q_proj"])
     proc = subprocess.Popen([sys.executable, "-m", "branchmerge.cli.main", "serve", base, "--port", str(port),
                              "--lora-modules", f"plain={adapters['plain'][0]}", "--served-model-name", "tiny",
-                             "--lora-dir", str(tmp_path / "loras")],
+                             "--served-model-name", "tiny-too", "--lora-dir", str(tmp_path / "loras")],
                             env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -439,6 +439,7 @@ def test_serve_adapters_as_vllm_does(capsys, family, adapters, tmp_path):
         assert r.status_code == 200, r.text
         models = {m["id"]: m for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]}
         assert models["qv"]["parent"] == "tiny" and "parent" not in models["plain"]
+        assert models["tiny-too"]["root"] == "tiny"  # (a second bare name: another name of the base)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

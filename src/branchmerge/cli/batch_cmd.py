@@ -31,6 +31,8 @@ def run_batch_cmd(
                                             help="As serve: another chat template, for every branch or one."),
     max_model_len: int | None = typer.Option(None, "--max-model-len", min=2, help="As serve: tokens per request "
                                              "at most."),
+    served_model_name: list[str] = typer.Option([], "--served-model-name", metavar="NAME[=MODEL]", help="As serve: "
+                                                "another name requests may use for a model (repeat the flag)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bf16, fp16 (default: the bundle's)."),
 ) -> None:
@@ -62,7 +64,8 @@ def run_batch_cmd(
         front.bundle.set_chat_template(template, branch)
     counts = run_batch_file(front, input_file, output_file, max_batch=max_batch, max_in_flight=max_in_flight,
                             limits=ServerLimits(max_tokens=max_tokens_limit), tool_call_parser=tool_call_parser,
-                            generation_config=generation_config, override_generation_config=overrides)
+                            generation_config=generation_config, override_generation_config=overrides,
+                            served_model_names=served_model_name)
     typer.echo(f"wrote {output_file}: {counts['lines']} requests, {counts['succeeded']} succeeded, "
                f"{counts['failed']} failed")
 

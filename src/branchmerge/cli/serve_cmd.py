@@ -182,8 +182,12 @@ def serve_cmd(
                                            "{\"name\": ..., \"path\": ...}; repeat the flag for more), each "
                                            "kept exactly: loaded into the base in a temporary bundle (merged "
                                            "with it, for DoRA and modules_to_save), removed at exit."),
-    served_model_name: str = typer.Option("base", "--served-model-name",
-                                          help="With --lora-modules or --lora-dir: the base model's name."),
+    served_model_name: list[str] = typer.Option([], "--served-model-name", metavar="NAME[=MODEL]", help="As vLLM: "
+                                                "another name requests may use (repeat the flag for more). NAME "
+                                                "alone stands for auto (a bundle with a router) or the one model "
+                                                "served; NAME=MODEL for a branch, pipeline or auto. With "
+                                                "--lora-modules or --lora-dir over a base folder, the first NAME "
+                                                "names the base (default: base)."),
     lora_dir: Path | None = typer.Option(None, "--lora-dir", help="Turn on vLLM's POST /v1/load_lora_adapter and "
                                          "/v1/unload_lora_adapter: clients load PEFT LoRA adapters from inside "
                                          "this folder (links resolved; nothing outside it) as new models, kept "
@@ -228,15 +232,18 @@ def serve_cmd(
               lora_base=lora_base, lora_on_demand=lora_on_demand, generation_config=generation_config,
               override_generation_config=overrides, chat_templates=templates, max_model_len=max_model_len,
               ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, allowed_origins=_origins(allowed_origins),
-              root_path=root_path)
+              root_path=root_path, served_model_names=served_model_name)
     if lora_on_demand and lora_dir is None:
         raise typer.BadParameter("needs --lora-dir", param_hint="--lora-on-demand")
     from branchmerge.io.manifest import MANIFEST
 
     if not adapters and (lora_dir is None or (bundle_dir / MANIFEST).is_file()):
         return serve(str(bundle_dir), **kw)
+    plain = [n for n in served_model_name if "=" not in n]
+    base_name = plain[0] if plain else "base"  # (over a base folder, the first bare name is the base's own)
+    kw["served_model_names"] = [n if "=" in n else f"{n}={base_name}" for n in served_model_name if n != base_name]
     if lora_base is None:
-        kw["lora_base"] = served_model_name
+        kw["lora_base"] = base_name
     import signal
     import sys
     import tempfile
@@ -248,7 +255,7 @@ def serve_cmd(
     prev = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         with tempfile.TemporaryDirectory(prefix="branchmerge-lora-") as tmp:
-            front = open_adapters_front(bundle_dir, adapters, Path(tmp), base_name=served_model_name, device=device,
+            front = open_adapters_front(bundle_dir, adapters, Path(tmp), base_name=base_name, device=device,
                                         dtype=dtype, pipelines=pipes)
             serve(front, **kw)
     finally:

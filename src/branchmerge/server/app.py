@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from branchmerge.errors import BranchmergeError
 from branchmerge.server import protocol as P
+from branchmerge.server.names import listed, model_aliases, renamed
 from branchmerge.server.api import PREFIX_CACHE_TOKENS, ClientGone, OpenAIService, Reply, ServerLimits
 from branchmerge.server.metrics import HTTPMetrics, Registry
 from branchmerge.server.lora import LoadLoraRequest, UnloadLoraRequest
@@ -39,7 +40,7 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
                tool_call_parser: str | None = None, lora_dir: str | Path | None = None, max_loras: int = 8,
                max_lora_rank: int = 64, lora_base: str | None = None, lora_on_demand: bool = False,
                generation_config: str = "auto", override_generation_config: dict[str, Any] | None = None,
-               allowed_origins: list[str] | None = None) -> FastAPI:
+               allowed_origins: list[str] | None = None, served_model_names: list[str] | None = None) -> FastAPI:
     """The FastAPI app serving a bundle (or a :class:`~branchmerge.front.Front`): one engine thread,
     concurrent requests batched (and their ``auto`` texts routed together, at most ``route_batch`` in one
     embedding batch). With ``api_key`` every path but a bare ``/health`` needs ``Authorization: Bearer KEY``
@@ -53,7 +54,8 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
     ``generation_config``: ``"auto"`` (vLLM's default) answers a request that leaves out a sampling setting
     with its branch's generation config's, ``"vllm"`` with the server's own; ``override_generation_config``
     (``{"temperature": 0.5}``) over either (see :meth:`~.api.OpenAIService.defaults`). ``allowed_origins``:
-    see :func:`build_app`."""
+    see :func:`build_app`. ``served_model_names``: other names for served models (``NAME`` or ``NAME=MODEL``,
+    :func:`~.names.model_aliases`)."""
     from branchmerge.front import Front, front_for
 
     front = bundle_or_front if isinstance(bundle_or_front, Front) else front_for(bundle_or_front, pipelines)
@@ -62,6 +64,7 @@ def create_app(bundle_or_front: Any, *, api_key: str | None = None, max_batch: i
     service = OpenAIService(front, limits=limits, max_batch=max_batch, wait_ms=wait_ms, route_batch=route_batch,
                             prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser,
                             generation_config=generation_config, override_generation_config=override_generation_config)
+    service.aliases = model_aliases(served_model_names or [], front.model_ids())
     if lora_dir is not None:
         from branchmerge.server.lora import RuntimeLoras
 
@@ -128,13 +131,19 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
         full = expected is None or hmac.compare_digest(request.headers.get("authorization", "").encode(), expected)
         return await service.health(full)
 
+    def named(req):  # a request's model under another name (--served-model-name) read as that model
+        return renamed(req, getattr(service, "aliases", {}))
+
+    def listing() -> dict[str, Any]:
+        return listed(service.models(created), getattr(service, "aliases", {}))
+
     @app.get("/v1/models")
     async def models():
-        return service.models(created)
+        return listing()
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str):  # OpenAI's retrieve (client.models.retrieve)
-        found = next((m for m in service.models(created)["data"] if m["id"] == model), None)
+        found = next((m for m in listing()["data"] if m["id"] == model), None)
         if found is None:
             raise P.APIError(404, f"The model {model[:256]!r} does not exist.", type_="not_found_error",
                              param="model", code="model_not_found")
@@ -156,6 +165,7 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
         return PlainTextResponse(registry.render(), media_type=Registry.CONTENT_TYPE)
 
     async def run(endpoint, req, request: Request) -> JSONResponse | StreamingResponse:
+        req = named(req)
         try:
             reply = await endpoint(req, request.is_disconnected)
             http.answered(req.model, reply.headers.get("X-Branchmerge-Branch", ""))
@@ -204,7 +214,7 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
                 req = model_cls.model_validate_json(await request.body())
             except ValidationError as e:
                 raise P.invalid(e.errors()) from None
-            return await call(req)
+            return await call(named(req))
         except BranchmergeError as e:
             return JSONResponse(status_code=400, content=error_body(P.APIError(400, str(e))))
         except P.APIError as e:
@@ -221,11 +231,11 @@ def build_app(service: Any, *, api_key: str | None = None, title: str = "branchm
     if hasattr(service, "tokenize"):  # vLLM's (the gateway passes them to the branch's upstream)
         @app.post("/tokenize")
         async def tokenize(req: TokenizeRequest):
-            return await service.tokenize(req)
+            return await service.tokenize(named(req))
 
         @app.post("/detokenize")
         async def detokenize(req: DetokenizeRequest):
-            return await service.detokenize(req)
+            return await service.detokenize(named(req))
 
     if getattr(service, "loras", None) is not None:  # vLLM's runtime LoRA endpoints (serve --lora-dir)
         @app.post("/v1/load_lora_adapter")
@@ -364,13 +374,14 @@ def serve(bundle_dir: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key
           override_generation_config: dict[str, Any] | None = None,
           chat_templates: dict[str | None, str] | None = None, max_model_len: int | None = None,
           ssl_keyfile: str | Path | None = None, ssl_certfile: str | Path | None = None,
-          allowed_origins: list[str] | None = None, root_path: str = "") -> None:
+          allowed_origins: list[str] | None = None, root_path: str = "",
+          served_model_names: list[str] | None = None) -> None:
     """Load a bundle (or take a loaded :class:`~branchmerge.front.Front`) and serve it with uvicorn
     (blocking); the one entry point the CLI uses. ``chat_templates``: Jinja templates by branch (None: every
     branch), set before serving (:meth:`~branchmerge.runtime.bundle.Bundle.set_chat_template`);
     ``max_model_len``: tokens per row at most (:attr:`~branchmerge.runtime.bundle.Bundle.max_model_len`);
     ``ssl_keyfile``/``ssl_certfile``: serve HTTPS; ``allowed_origins``: CORS (:func:`build_app`);
-    ``root_path``: the prefix a proxy serves it under."""
+    ``root_path``: the prefix a proxy serves it under; ``served_model_names``: see :func:`create_app`."""
     from branchmerge.front import Front, open_front
 
     warning = exposure_warning(host, api_key)
@@ -386,5 +397,6 @@ def serve(bundle_dir: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key
                      prefix_cache_tokens=prefix_cache_tokens, tool_call_parser=tool_call_parser, lora_dir=lora_dir,
                      max_loras=max_loras, max_lora_rank=max_lora_rank, lora_base=lora_base,
                      lora_on_demand=lora_on_demand, generation_config=generation_config,
-                     override_generation_config=override_generation_config, allowed_origins=allowed_origins)
+                     override_generation_config=override_generation_config, allowed_origins=allowed_origins,
+                     served_model_names=served_model_names)
     run_uvicorn(app, host=host, port=port, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, root_path=root_path)

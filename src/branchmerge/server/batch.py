@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from branchmerge.errors import BranchmergeError
 from branchmerge.server import protocol as P
+from branchmerge.server.names import model_aliases, renamed
 from branchmerge.server.responses import Responses, ResponsesRequest, ResponseStore
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class BatchRunner:
             return 400, P.error_body("stream is not supported in a batch", param="stream")
         model, call = self.endpoints[url]
         try:
-            req = model.model_validate(body)
+            req = renamed(model.model_validate(body), getattr(self.service, "aliases", {}))
         except ValidationError as e:
             return 400, P.invalid(e.errors()).body()
         try:
@@ -154,11 +155,12 @@ class BatchRunner:
 def run_batch_file(front: Any, input_path: str | Path, output_path: str | Path, *, max_batch: int = 16,
                    wait_ms: float = 10.0, limits: Any = None, max_in_flight: int = 256,
                    tool_call_parser: str | None = None, generation_config: str = "auto",
-                   override_generation_config: dict[str, Any] | None = None, progress: bool = True) -> dict[str, int]:
+                   override_generation_config: dict[str, Any] | None = None, progress: bool = True,
+                   served_model_names: list[str] | None = None) -> dict[str, int]:
     """Answer every request of the JSONL file ``input_path`` with ``front``'s bundle (a
     :class:`~branchmerge.front.Front`) into ``output_path``, written to a temporary file beside it and renamed at
     the end (an interrupted run leaves no output that looks complete). Returns the counts: ``lines``,
-    ``succeeded`` (status 200), ``failed``."""
+    ``succeeded`` (status 200), ``failed``. ``served_model_names``: as serve's (:mod:`~.names`)."""
     from tqdm.auto import tqdm
 
     from branchmerge.server.api import OpenAIService, ServerLimits
@@ -178,6 +180,7 @@ def run_batch_file(front: Any, input_path: str | Path, output_path: str | Path, 
     service = OpenAIService(front, limits=limits or ServerLimits(), max_batch=max_batch, wait_ms=wait_ms,
                             tool_call_parser=tool_call_parser, generation_config=generation_config,
                             override_generation_config=override_generation_config)
+    service.aliases = model_aliases(served_model_names or [], front.model_ids())
     runner = BatchRunner(service)
     counts = {"lines": 0, "succeeded": 0, "failed": 0}
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
