@@ -287,8 +287,8 @@ def _mlp(src: ModelSource, spec: MoEExpert, pre: str, g: torch.Generator) -> dic
 
 
 def build_moe(cfg: MoEConfig, out: str | Path, *, force: bool = False, progress: bool = True,
-              model_card: bool = True) -> dict[str, Any]:
-    """Write the mixture of experts of ``cfg`` to ``out``.
+              model_card: bool = True, max_shard_bytes: int = 1 << 30) -> dict[str, Any]:
+    """Write the mixture of experts of ``cfg`` to ``out`` (in shards of at most ``max_shard_bytes``).
 
     Raises:
         ModelInputError: models no output architecture takes, experts that are not fine-tunes of the base
@@ -312,7 +312,7 @@ def build_moe(cfg: MoEConfig, out: str | Path, *, force: bool = False, progress:
     g = torch.Generator().manual_seed(cfg.seed + 1)
     names = set(base.names())
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
-        writer = ShardWriter(tmp, 1 << 30, prefix="model")
+        writer = ShardWriter(tmp, max_shard_bytes, prefix="model")
         for name in base.names():
             if ".mlp." not in name:
                 writer.add(name, base.get(name).to(torch_dt))

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,10 @@ def _patch(value: Any, names: dict[str, Path], used: set[str], key: str | None =
     return value
 
 
-def plan(path: str | Path, intermediate: str | Path, out: str | Path | None) -> list[Stage]:
-    """The merges of the file at ``path`` in the order they run, each config validated.
+def plan(path: str | Path, intermediate: str | Path, out: str | Path | None,
+         adjust: Callable[[MergeConfig], MergeConfig] | None = None) -> list[Stage]:
+    """The merges of the file at ``path`` in the order they run, each config validated (then passed through
+    ``adjust``, e.g. the command line's device or seed, which the fingerprints include).
 
     Raises:
         ConfigError: a document that is not a merge config (naming it and the field), a bad or repeated
@@ -116,6 +119,8 @@ def plan(path: str | Path, intermediate: str | Path, out: str | Path | None) -> 
         data = _patch({k: v for k, v in doc.items() if k != "name"}, folders, used)
         where = f"{path} document {i + 1}" + (f" ({name})" if name else "")
         cfg = parse_config(data, where).resolve_paths(path.parent)
+        if adjust is not None:
+            cfg = adjust(cfg)
         target = folders[name] if name else None if out is None else Path(out).expanduser().resolve()
         st = Stage(name, i, cfg, data, used, target)
         if name in used:
@@ -194,7 +199,8 @@ def to_build(stages: list[Stage], intermediate: str | Path, *, lazy: bool = True
 
 
 def run_multimerge(path: str | Path, intermediate: str | Path, out: str | Path | None = None, *, lazy: bool = True,
-                   force: bool = False, progress: bool = True, model_card: bool = True) -> list[dict[str, Any]]:
+                   force: bool = False, progress: bool = True, model_card: bool = True,
+                   adjust: Callable[[MergeConfig], MergeConfig] | None = None) -> list[dict[str, Any]]:
     """Run the merges of ``path`` in order; returns one record per merge (name, out, ``built`` or ``skipped``).
 
     Intermediates are replaced when stale (they are this command's own outputs); the final ``out`` only with
@@ -203,7 +209,7 @@ def run_multimerge(path: str | Path, intermediate: str | Path, out: str | Path |
     from branchmerge.merge import run_merge
 
     inter = Path(intermediate).expanduser().resolve()
-    stages = plan(path, inter, out)
+    stages = plan(path, inter, out, adjust)
     todo = to_build(stages, inter, lazy=lazy)
     (inter / ".stages").mkdir(parents=True, exist_ok=True)
     report = []

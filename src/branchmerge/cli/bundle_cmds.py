@@ -182,10 +182,10 @@ def export_vllm_cmd(
 
 
 def extract_lora_cmd(
-    model: Path = typer.Argument(..., help="The fine-tuned model folder."),
-    base: Path = typer.Option(..., "--base", "-b", help="The model it was fine-tuned from."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output adapter folder (written atomically)."),
-    rank: int = typer.Option(128, "--rank", "-r", help="Largest rank of a module's LoRA pair."),
+    model: Path | None = typer.Argument(None, help="The fine-tuned model folder (or --model, as mergekit's)."),
+    base: Path = typer.Option(..., "--base", "-b", "--base-model", help="The model it was fine-tuned from."),
+    out: Path = typer.Option(..., "--out", "-o", "--out-path", help="Output adapter folder (written atomically)."),
+    rank: int = typer.Option(128, "--rank", "-r", "--max-rank", help="Largest rank of a module's LoRA pair."),
     target_error: float | None = typer.Option(
         None, "--target-error", help="Per module, the smallest rank (up to --rank) whose relative error of the "
         "difference is at most this, e.g. 0.1: ranks differ by module (rank_pattern)."),
@@ -195,9 +195,10 @@ def extract_lora_cmd(
                                     help="Changed embeddings as LoRA pairs (default: saved whole)."),
     save_module: list[str] = typer.Option([], "--save-module", help="A module saved whole (modules_to_save), "
                                           "e.g. lm_head; repeat for more."),
-    include: list[str] = typer.Option([], "--include", "-i", help="Only modules matching this regex; repeat."),
-    exclude: list[str] = typer.Option([], "--exclude", "-e", help="Leave modules matching this regex as the "
-                                      "base's; repeat."),
+    include: list[str] = typer.Option([], "--include", "-i", "--include-regex", help="Only modules matching this "
+                                      "regex; repeat."),
+    exclude: list[str] = typer.Option([], "--exclude", "-e", "--exclude-regex", help="Leave modules matching this "
+                                      "regex as the base's; repeat."),
     skip_undecomposable: bool = typer.Option(False, "--skip-undecomposable", help="Drop changed norms and biases "
                                              "(reported) instead of saving their modules whole."),
     token_rows: bool = typer.Option(True, "--token-rows/--no-token-rows", help="Embeddings (and an untied head) "
@@ -206,10 +207,21 @@ def extract_lora_cmd(
     dtype: str | None = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the model's)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier branchmerge output."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    model_option: Path | None = typer.Option(None, "--model", hidden=True),
+    distribute_scale: bool = typer.Option(True, "--distribute-scale/--no-distribute-scale", hidden=True),
 ) -> None:
     """Extract a PEFT LoRA adapter from a fine-tune: each changed linear's difference from the base as a
-    low-rank pair (as mergekit-extract-lora), with each module's rank and error in extract_report.json."""
+    low-rank pair (as mergekit-extract-lora), with each module's rank and error in extract_report.json.
+
+    mergekit-extract-lora's option names work too: --model, --base-model, --out-path, --max-rank,
+    --include-regex, --exclude-regex (--distribute-scale is accepted: the adapter's product is the same)."""
     from branchmerge.extract_lora import extract_lora
+
+    if model is not None and model_option is not None and model != model_option:
+        raise typer.BadParameter(f"two models: {model} and --model {model_option}", param_hint="MODEL")
+    model = model or model_option
+    if model is None:
+        raise typer.BadParameter("give the fine-tuned model folder (MODEL, or --model)", param_hint="MODEL")
 
     rep = extract_lora(base, model, out, rank=rank, sv_epsilon=sv_epsilon, target_error=target_error, exact=exact,
                        embed_lora=embed_lora, modules_to_save=save_module, include=include, exclude=exclude,

@@ -6,10 +6,14 @@ from pathlib import Path
 
 import typer
 
+from branchmerge.cli import mergekit_flags
+
 
 def merge(
+    ctx: typer.Context,
     config: Path = typer.Argument(..., help="YAML merge config (branches, compress_rate, rsvd, dtype, device)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output bundle folder (written atomically)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output bundle folder (written atomically); or the "
+                                    "second argument, as mergekit-yaml's."),
     compress_rate: float | None = typer.Option(
         None, "--compress-rate", "-r", help="Override compress_rate r in [0,1]; rank k = round((1-r)·min(m,n))."
     ),
@@ -39,6 +43,10 @@ def merge(
 
     The bundle is written to a temporary folder, loaded once to check that every branch runs, then
     renamed into place: a failed or interrupted merge leaves nothing behind.
+
+    mergekit-yaml's flags work: OUT as the second argument, --cuda, --out-shard-size 5B, --random-seed N,
+    --write-model-card/--no-write-model-card; --lazy-unpickle, --allow-crimes, --copy-tokenizer and the like
+    are accepted and change nothing; --trust-remote-code is refused.
     """
     from branchmerge.config import load_config
     from branchmerge.export import summarize
@@ -51,11 +59,16 @@ def merge(
         except ValueError:
             bud = {"total_bytes": budget}
     bits = int(factor_bits) if factor_bits is not None and factor_bits.isdigit() else factor_bits
-    cfg = load_config(config, compress_rate=compress_rate, device=device, dtype=dtype, method=method, budget=bud,
-                      factor_bits=bits, lora=lora)
+    mk = mergekit_flags.parse(ctx)
+    out = mergekit_flags.output(mk, out)
+    cfg = load_config(config, compress_rate=compress_rate, device=device or mk.device, dtype=dtype, method=method,
+                      budget=bud, factor_bits=bits, lora=lora, max_shard_bytes=mk.shard_bytes)
+    if mk.seed is not None:
+        cfg = cfg.model_copy(update={"rsvd": cfg.rsvd.model_copy(update={"seed": mk.seed})})
     if dry_run:
         return _print_plan(cfg)
-    run_merge(cfg, out, force=force, progress=not no_progress, model_card=model_card)
+    card = model_card if mk.model_card is None else mk.model_card
+    run_merge(cfg, out, force=force, progress=not no_progress, model_card=card)
     if cfg.method == "branch":
         s = summarize(out, verify=False)
         typer.echo(
@@ -99,26 +112,39 @@ def _print_plan(cfg) -> None:
 
 
 def moe(
+    ctx: typer.Context,
     config: Path = typer.Argument(..., help="A mergekit-moe YAML: base_model, experts (source_model, "
                                   "positive_prompts, negative_prompts), shared_experts, gate_mode, "
                                   "experts_per_token, architecture (mixtral, qwen, qwen3), dtype."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (written atomically); or the second "
+                                    "argument, as mergekit-moe's."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier branchmerge output."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     model_card: bool = typer.Option(True, "--model-card/--no-model-card", help="Write a README.md model card."),
 ) -> None:
     """Build a mixture of experts from fine-tunes of one base (as mergekit-moe): each fine-tune's MLPs become
     an expert of every layer, the routers start from the experts' prompts. Writes a Mixtral (Llama/Mistral
-    inputs), a Qwen2-MoE (one shared expert; Llama/Mistral/Qwen2 inputs) or a Qwen3-MoE (Qwen3 inputs)."""
+    inputs), a Qwen2-MoE (one shared expert; Llama/Mistral/Qwen2 inputs) or a Qwen3-MoE (Qwen3 inputs).
+
+    mergekit-moe's flags work as merge's (OUT as the second argument, --out-shard-size, --random-seed, ...);
+    the gates are computed on the CPU in float32 whatever --device says."""
     from branchmerge.moe import build_moe, load_moe_config
 
-    rep = build_moe(load_moe_config(config), out, force=force, progress=not no_progress, model_card=model_card)
+    mk = mergekit_flags.parse(ctx)
+    out = mergekit_flags.output(mk, out)
+    cfg = load_moe_config(config)
+    if mk.seed is not None:
+        cfg = cfg.model_copy(update={"seed": mk.seed})
+    rep = build_moe(cfg, out, force=force, progress=not no_progress,
+                    model_card=model_card if mk.model_card is None else mk.model_card,
+                    max_shard_bytes=mk.shard_bytes or 1 << 30)
     shared = " and a shared expert" if rep["shared_experts"] else ""
     typer.echo(f"wrote {out}: {rep['architecture']}, {rep['experts']} experts{shared} in each of {rep['layers']} "
                f"layers ({rep['dtype']})")
 
 
 def multimerge(
+    ctx: typer.Context,
     config: Path = typer.Argument(..., help="A multi-document YAML (mergekit-multimerge's format): each document "
                                   "a merge config, with `name:` for an intermediate (INTERMEDIATE_DIR/NAME) or "
                                   "without for the final merge (--out); a model field holding another "
@@ -137,11 +163,23 @@ def multimerge(
                                     "into each output."),
 ) -> None:
     """Run merges that feed one another, in dependency order: a merge's output can be a model of the next,
-    e.g. a TIES merge of two code fine-tunes as one branch of a bundle. A rerun skips what is up to date."""
+    e.g. a TIES merge of two code fine-tunes as one branch of a bundle. A rerun skips what is up to date.
+
+    mergekit's merge flags work as merge's (--cuda, --out-shard-size, --random-seed, ...), for every merge."""
     from branchmerge.multimerge import plan, run_multimerge, to_build
 
+    mk = mergekit_flags.parse(ctx, takes_out=False)
+
+    def adjust(cfg):
+        update = {k: v for k, v in (("device", mk.device), ("max_shard_bytes", mk.shard_bytes)) if v is not None}
+        if mk.seed is not None:
+            update["rsvd"] = cfg.rsvd.model_copy(update={"seed": mk.seed})
+        return cfg.model_copy(update=update) if update else cfg
+
+    if mk.model_card is not None:
+        model_card = mk.model_card
     if dry_run:
-        stages = plan(config, intermediate_dir, out)
+        stages = plan(config, intermediate_dir, out, adjust)
         todo = to_build(stages, intermediate_dir, lazy=lazy)
         for i, st in enumerate(stages, 1):
             reads = f" (reads {', '.join(sorted(st.needs))})" if st.needs else ""
@@ -150,11 +188,11 @@ def multimerge(
                        f"{st.out}{reads}")
         return
     for r in run_multimerge(config, intermediate_dir, out, lazy=lazy, force=force, progress=not no_progress,
-                            model_card=model_card):
+                            model_card=model_card, adjust=adjust):
         typer.echo(f"{r['name']}: {r['status']} → {r['out']}")
 
 
 def register(app: typer.Typer) -> None:
-    app.command("merge")(merge)
-    app.command("moe")(moe)
-    app.command("multimerge")(multimerge)
+    app.command("merge", context_settings=mergekit_flags.EXTRA_ARGS)(merge)
+    app.command("moe", context_settings=mergekit_flags.EXTRA_ARGS)(moe)
+    app.command("multimerge", context_settings=mergekit_flags.EXTRA_ARGS)(multimerge)
