@@ -82,3 +82,30 @@ def test_out_of_range_server_options_are_refused_before_loading(capsys, tmp_path
                  ["serve", tmp_path, "--batch-wait-ms", "-5"]):
         code, _, err = run_cli(capsys, *args)
         assert code == 2 and "Invalid value for '--" in err, (args, err)
+
+
+def test_env_reports_what_a_bug_report_needs(capsys):
+    import importlib.metadata
+    import json as _json
+
+    import torch
+    import transformers
+
+    import branchmerge
+
+    code, out, err = run_cli(capsys, "env", "--json")
+    assert code == 0, err
+    rep = _json.loads(out)
+    assert rep["branchmerge"] == branchmerge.__version__ and rep["torch"]["version"] == torch.__version__
+    assert rep["torch"]["cuda_available"] == torch.cuda.is_available()
+    assert len(rep["torch"]["devices"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert rep["packages"]["transformers"] == transformers.__version__
+    assert rep["packages"]["openai"] == importlib.metadata.version("openai")
+    try:
+        importlib.metadata.version("vllm")
+        assert rep["packages"]["vllm"] is not None
+    except importlib.metadata.PackageNotFoundError:
+        assert rep["packages"]["vllm"] is None  # (not installed: said so, not an error)
+    assert rep["cpu_count"] >= 1 and rep["memory_bytes"] > 2**28
+    code, out, _ = run_cli(capsys, "env")
+    assert code == 0 and f"torch {torch.__version__}" in out and "transformers" in out

@@ -42,8 +42,8 @@ def _root(
 
 
 def _register() -> None:
-    from branchmerge.cli import (batch_cmd, bundle_cmds, eval_cmd, merge_cmd, router_cmds, run_cmds, select_cmd,
-                                 serve_cmd)
+    from branchmerge.cli import (batch_cmd, bundle_cmds, env_cmd, eval_cmd, merge_cmd, router_cmds, run_cmds,
+                                 select_cmd, serve_cmd)
 
     merge_cmd.register(app)
     bundle_cmds.register(app)
@@ -53,6 +53,7 @@ def _register() -> None:
     batch_cmd.register(app)
     eval_cmd.register(app)
     select_cmd.register(app)
+    env_cmd.register(app)
 
 
 _register()

@@ -35,10 +35,6 @@ NO_OPS = {  # flag → why it changes nothing here
     "--read-to-gpu": "",
     "--multi-gpu": "",
     "--gpu-rich": "",
-    "--quiet": "",
-    "-q": "",
-    "--verbose": "",
-    "-v": "",
     "--i-understand-this-is-not-useful-without-training": "identical experts get a warning, not an error",
 }
 WITH_VALUE = ("--out-shard-size", "--random-seed", "--device", "--lora-merge-cache", "--transformers-cache",
@@ -95,6 +91,8 @@ def parse(ctx: typer.Context, *, takes_out: bool = True) -> MergekitFlags:
             found["--device"] = "cuda"
         elif name in ("--write-model-card", "--no-write-model-card"):
             card = name == "--write-model-card"
+        elif name in ("-v", "--verbose", "-q", "--quiet"):  # (mergekit's, after the command: as branchmerge -v)
+            logging.getLogger("branchmerge").setLevel(logging.DEBUG if name in ("-v", "--verbose") else logging.WARNING)
         elif name in NO_OPS:
             if NO_OPS[name]:
                 logger.info("%s changes nothing here: %s", name, NO_OPS[name])
