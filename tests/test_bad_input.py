@@ -141,6 +141,29 @@ def test_a_key_given_twice_is_refused(capsys, tmp_path, family, text, where):
     _expect_error(capsys, tmp_path, cfg, where.format(n=4, m=5))
 
 
+def test_yaml_that_explodes_or_nests_too_deep_is_refused(capsys, tmp_path, family):
+    """A config is input: "billion laughs" aliases (a few lines that become 10⁹ values for whatever walks them:
+    multimerge's name resolution took minutes) and nesting deeper than Python's stack (a RecursionError
+    traceback) are each one clear error, for merge and multimerge alike, with nothing written."""
+    from branchmerge.config import safe_load
+
+    head = f"branches:\n  - {{name: a, model: {family['a'][0]}}}\n"
+    laughs = "x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9))
+    deep = "parameters: {x: " + "[" * 5000 + "]" * 5000 + "}\n"
+    for text, needle in ((head + laughs, "expand it to over 1,000,000 values"),
+                         (head + deep, "nests deeper than can be read")):
+        cfg = tmp_path / "bad.yaml"
+        cfg.write_text(text)
+        for args in (("merge", cfg, "-o", tmp_path / "out"), ("multimerge", cfg, "-I", tmp_path / "i", "-o",
+                                                               tmp_path / "out")):
+            code, _, err = run_cli(capsys, *args)
+            assert code == 1 and needle in err and "Traceback" not in err, (args[0], err[-300:])
+            assert not (tmp_path / "out").exists() and not (tmp_path / "i").exists()
+    small = "a: &a [1, 2]\nb: [*a, *a, *a]\n"  # (aliases that stay small are YAML as usual)
+    assert safe_load(small)["b"] == [[1, 2]] * 3
+
+
 def test_yaml_merge_keys_may_still_be_overridden():
     from branchmerge.config import safe_load
 

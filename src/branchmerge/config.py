@@ -508,9 +508,58 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_YAML_VALUES = 1_000_000  # values a YAML document may hold once its aliases are expanded
+
+
+def check_expansion(data: Any, limit: int = MAX_YAML_VALUES) -> Any:
+    """``data`` as loaded, after checking that its aliases do not expand it past ``limit`` values: YAML shares
+    an anchored value where an alias repeats it, so a few lines (the "billion laughs") load small but become
+    billions of values for anything that walks them.
+
+    Raises:
+        yaml.YAMLError: it expands past the limit.
+    """
+    sizes: dict[int, int] = {}
+
+    def size(obj: Any) -> int:
+        if not isinstance(obj, (dict, list)):
+            return 1
+        known = sizes.get(id(obj))
+        if known is not None:
+            return known
+        sizes[id(obj)] = limit + 1  # (a value that holds itself: as large as can be)
+        children = [*obj.keys(), *obj.values()] if isinstance(obj, dict) else obj
+        total = 1
+        for c in children:
+            total += size(c)
+            if total > limit:
+                break
+        sizes[id(obj)] = total
+        return total
+
+    if size(data) > limit:
+        raise yaml.YAMLError(f"its aliases (*name) expand it to over {limit:,} values; write the values out")
+    return data
+
+
+_TOO_DEEP = "it nests deeper than can be read (hundreds of lists or mappings inside one another)"
+
+
 def safe_load(text: str) -> Any:
-    """``yaml.safe_load`` that refuses duplicate keys."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    """``yaml.safe_load`` that refuses duplicate keys, aliases that expand past :data:`MAX_YAML_VALUES` and
+    nesting too deep to read (each a ``yaml.YAMLError``)."""
+    try:
+        return check_expansion(yaml.load(text, Loader=_StrictLoader))  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError(_TOO_DEEP) from None
+
+
+def safe_load_all(text: str) -> list[Any]:
+    """Every document of ``text`` (empty ones left out), each read as :func:`safe_load` reads one."""
+    try:
+        return [check_expansion(d) for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]  # noqa: S506
+    except RecursionError:
+        raise yaml.YAMLError(_TOO_DEEP) from None
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:

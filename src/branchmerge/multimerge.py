@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from branchmerge.config import MergeConfig, _StrictLoader, parse_config
+from branchmerge.config import MergeConfig, parse_config, safe_load_all
 from branchmerge.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def _documents(path: Path) -> list[Any]:
     if not path.is_file():
         raise ConfigError(f"multimerge config {path} does not exist")
     try:
-        docs = [d for d in yaml.load_all(path.read_text(), Loader=_StrictLoader) if d is not None]
+        docs = safe_load_all(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"multimerge config {path} is not valid YAML: {e}") from None
     if not docs:
