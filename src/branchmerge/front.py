@@ -205,6 +205,13 @@ def open_adapters_front(base: str | Path, adapters: dict[str, str | Path], work:
     return open_front(work / "merged", pipelines=pipelines, **load_kw)
 
 
+def is_model_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a plain Hugging Face model folder (a ``config.json``, no bundle manifest): what
+    ``serve``, ``generate`` and ``run-batch`` open as a bundle of one branch (:func:`open_adapters_front`)."""
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / "manifest.json").is_file()
+
+
 def front_for(bundle: Bundle, pipelines: PipelinesConfig | None = None) -> Front:
     """A :class:`Front` over a loaded bundle; pipelines are checked against its branches."""
     pipes = pipelines if pipelines is not None else bundle_pipelines(bundle)

@@ -43,7 +43,10 @@ def run_batch_cmd(
     a line that is not a request (bad JSON, no custom_id, another url) gets "error" naming the line. The
     output is written to a temporary file and renamed at the end; the exit status is 0 when every line was
     read, whatever the answers."""
-    from branchmerge.front import open_front
+    import tempfile
+    from contextlib import ExitStack
+
+    from branchmerge.front import is_model_folder, open_adapters_front, open_front
     from branchmerge.server import ServerLimits
     from branchmerge.server.batch import run_batch_file
     from branchmerge.server.tools import PARSERS
@@ -56,16 +59,21 @@ def run_batch_cmd(
         raise typer.BadParameter(f"{input_file} is not a file", param_hint="--input-file")
     overrides = _generation_overrides(generation_config, override_generation_config)
     templates = chat_templates(chat_template)
-    front = open_front(str(bundle_dir), device=device, dtype=dtype,
-                       pipelines=load_pipelines(pipelines) if pipelines is not None else None)
-    if max_model_len is not None:
-        front.bundle.max_model_len = max_model_len
-    for branch, template in sorted(templates.items(), key=lambda kv: kv[0] is not None):
-        front.bundle.set_chat_template(template, branch)
-    counts = run_batch_file(front, input_file, output_file, max_batch=max_batch, max_in_flight=max_in_flight,
-                            limits=ServerLimits(max_tokens=max_tokens_limit), tool_call_parser=tool_call_parser,
-                            generation_config=generation_config, override_generation_config=overrides,
-                            served_model_names=served_model_name)
+    pipes = load_pipelines(pipelines) if pipelines is not None else None
+    with ExitStack() as stack:
+        if is_model_folder(bundle_dir):  # a plain HF folder: a bundle of one branch, `base`, in a temporary folder
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="branchmerge-batch-")))
+            front = open_adapters_front(bundle_dir, {}, tmp, device=device, dtype=dtype, pipelines=pipes)
+        else:
+            front = open_front(str(bundle_dir), device=device, dtype=dtype, pipelines=pipes)
+        if max_model_len is not None:
+            front.bundle.max_model_len = max_model_len
+        for branch, template in sorted(templates.items(), key=lambda kv: kv[0] is not None):
+            front.bundle.set_chat_template(template, branch)
+        counts = run_batch_file(front, input_file, output_file, max_batch=max_batch, max_in_flight=max_in_flight,
+                                limits=ServerLimits(max_tokens=max_tokens_limit), tool_call_parser=tool_call_parser,
+                                generation_config=generation_config, override_generation_config=overrides,
+                                served_model_names=served_model_name)
     typer.echo(f"wrote {output_file}: {counts['lines']} requests, {counts['succeeded']} succeeded, "
                f"{counts['failed']} failed")
 

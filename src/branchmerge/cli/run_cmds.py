@@ -106,7 +106,9 @@ def _load(bundle_dir: Path, routing: bool, loras: list[str] = (), lora_base: str
 
 def _open(bundle_dir: Path, routing: bool, adapters: dict[str, str], lora_base: str | None, stack: ExitStack | None,
           **kw):
-    if adapters and not (bundle_dir / "manifest.json").is_file():
+    from branchmerge.front import is_model_folder
+
+    if adapters and not (bundle_dir / "manifest.json").is_file() or is_model_folder(bundle_dir):
         import tempfile
 
         from branchmerge.front import open_adapters_front

@@ -235,10 +235,11 @@ def serve_cmd(
               root_path=root_path, served_model_names=served_model_name)
     if lora_on_demand and lora_dir is None:
         raise typer.BadParameter("needs --lora-dir", param_hint="--lora-on-demand")
+    from branchmerge.front import is_model_folder
     from branchmerge.io.manifest import MANIFEST
 
-    if not adapters and (lora_dir is None or (bundle_dir / MANIFEST).is_file()):
-        return serve(str(bundle_dir), **kw)
+    if not adapters and (bundle_dir / MANIFEST).is_file() or not (adapters or lora_dir or is_model_folder(bundle_dir)):
+        return serve(str(bundle_dir), **kw)  # (a bundle; or a folder that is neither: its error says why)
     plain = [n for n in served_model_name if "=" not in n]
     base_name = plain[0] if plain else "base"  # (over a base folder, the first bare name is the base's own)
     kw["served_model_names"] = [n if "=" in n else f"{n}={base_name}" for n in served_model_name if n != base_name]

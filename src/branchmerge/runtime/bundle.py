@@ -301,12 +301,14 @@ class Bundle(BatchGeneration):
 
     # ---- forward and generation ----------------------------------------------------------------
     def resolve_branches(self, prompts: Sequence[str], branch: str | Sequence[str]) -> list[str]:
-        """One branch name per prompt; ``"auto"`` asks the router."""
+        """One branch name per prompt; ``"auto"`` asks the router (a bundle of one branch needs none)."""
         names = [branch] * len(prompts) if isinstance(branch, str) else list(branch)
         if len(names) != len(prompts):
             raise BranchmergeError(f"got {len(names)} branch names for {len(prompts)} prompts")
         auto = [i for i, n in enumerate(names) if n == "auto"]
-        if auto:
+        if auto and self.router is None and len(self.branch_names) == 1:
+            names = [self.branch_names[0] if n == "auto" else n for n in names]
+        elif auto:
             if self.router is None:
                 raise BranchmergeError("branch 'auto' needs a router; this bundle has none (see `branchmerge router "
                                        "build`, and load it with branchmerge.load)")
