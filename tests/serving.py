@@ -78,3 +78,20 @@ def stop_process(p) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def wait_listening(proc, url: str, timeout: float = 120.0, **kw):
+    """GET ``url`` until a server started as the subprocess ``proc`` answers; returns that response. Fails
+    with the server's stderr (when piped) if it exits first, or after ``timeout`` seconds."""
+    import httpx
+
+    end = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited ({proc.returncode}): "
+                                 f"{proc.stderr.read() if proc.stderr else ''}")
+        assert time.monotonic() < end, f"the server did not answer {url} within {timeout:.0f} s"
+        try:
+            return httpx.get(url, timeout=2, **kw)
+        except httpx.TransportError:
+            time.sleep(0.2)

@@ -413,7 +413,7 @@ def test_serve_adapters_as_vllm_does(capsys, family, adapters, tmp_path):
 
     import httpx
 
-    from tests.serving import free_port
+    from tests.serving import free_port, wait_listening
 
     port, tmp = free_port(), tmp_path / "tmp"
     tmp.mkdir()
@@ -424,14 +424,7 @@ def test_serve_adapters_as_vllm_does(capsys, family, adapters, tmp_path):
                             env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        end = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < end, proc.stderr.read() if proc.poll() else "timeout"
-            try:
-                ids = [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]]
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        ids = [m["id"] for m in wait_listening(proc, f"http://127.0.0.1:{port}/v1/models").json()["data"]]
         assert {"tiny", "plain"} <= set(ids) and [p.name for p in tmp.iterdir() if "lora" in p.name]
         # --lora-dir: vLLM's runtime loading, over the base (named by --served-model-name)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/load_lora_adapter", json={"lora_name": "qv", "lora_path": "qv"},

@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.cli_util import run_cli
-from tests.serving import free_port
+from tests.serving import free_port, wait_listening
 
 PROMPT = "add 1+2="
 
@@ -61,14 +60,7 @@ def test_serve_a_model_folder(family, tmp_path):
                              "--served-model-name", "tiny"], env={**os.environ, "TMPDIR": str(tmp)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        end = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < end, proc.stderr.read() if proc.poll() else "timeout"
-            try:
-                ids = [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]]
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        ids = [m["id"] for m in wait_listening(proc, f"http://127.0.0.1:{port}/v1/models").json()["data"]]
         assert ids == ["tiny"]
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                        json={"model": "tiny", "prompt": PROMPT, "max_tokens": 5, "ignore_eos": True}).json()

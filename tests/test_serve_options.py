@@ -16,7 +16,7 @@ import branchmerge
 from branchmerge.runtime.bundle import ContextLengthError
 from branchmerge.server import create_app
 from tests.cli_util import run_cli
-from tests.serving import free_port, serving, stop_process
+from tests.serving import free_port, serving, stop_process, wait_listening
 
 
 def test_max_model_len_bounds_every_branch(bundles):
@@ -234,14 +234,7 @@ def test_allowed_origins_and_root_path_options(bundles, tmp_path, capsys):
                              str(port), "--api-key", "k", "--root-path", "/llm"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        end = time.monotonic() + 120
-        while True:
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < end and proc.poll() is None, "serve did not start"
-                time.sleep(0.3)
+        r = wait_listening(proc, f"http://127.0.0.1:{port}/health")
         assert r.status_code == 200 and r.json() == {"status": "ok"}  # open, as without a prefix
         m = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k"})
         assert m.status_code == 200 and "a" in {x["id"] for x in m.json()["data"]}
