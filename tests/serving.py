@@ -95,3 +95,24 @@ def wait_listening(proc, url: str, timeout: float = 120.0, **kw):
             return httpx.get(url, timeout=2, **kw)
         except httpx.TransportError:
             time.sleep(0.2)
+
+
+ROUTER_SAMPLES = {"a": ["add 1+2=", "add 5+5="], "b": ["rev abc=", "rev hello="], "c": ["key zz=", "key ab="]}
+
+
+def routed_bundle(src, folder, pipelines: dict):
+    """A copy of the test bundle ``src`` (branches a, b, c) in ``folder`` with ``pipelines`` and a router built
+    from :data:`ROUTER_SAMPLES`, loaded."""
+    import shutil
+
+    import yaml
+
+    import branchmerge
+    from branchmerge.front import build_bundle_router
+    from branchmerge.router import RouterConfig
+
+    shutil.copytree(src, folder)
+    (folder / "pipelines.yaml").write_text(yaml.safe_dump(pipelines))
+    bundle = branchmerge.load(folder)
+    build_bundle_router(bundle, RouterConfig(samples=ROUTER_SAMPLES, template="{input} field of", phrase="field of"))
+    return bundle

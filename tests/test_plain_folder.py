@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 import httpx
 import torch
@@ -28,8 +29,11 @@ def _greedy(folder, prompt=PROMPT, n=5, eos=True) -> str:
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=eos)
 
 
-def test_generate_and_run_batch_on_a_model_folder(family, tmp_path, capsys):
+def test_generate_and_run_batch_on_a_model_folder(family, tmp_path, capsys, monkeypatch):
     a = family["a"][0]
+    scratch = tmp_path / "tmp"  # where the temporary bundles go (each removed when its command ends)
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     code, out, err = run_cli(capsys, "generate", a, PROMPT, "--no-chat", "-n", "5")
     assert code == 0, err
     assert out.strip() == _greedy(a).strip()
@@ -45,7 +49,7 @@ def test_generate_and_run_batch_on_a_model_folder(family, tmp_path, capsys):
     recs = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert recs[0]["response"]["body"]["choices"][0]["text"] == want
     assert recs[1]["response"]["status_code"] == 404 and "base" in recs[1]["response"]["body"]["error"]["message"]
-    assert not [p for p in tmp_path.iterdir() if "branchmerge-batch" in p.name]
+    assert not list(scratch.iterdir())
     # a folder that is neither a bundle nor a model says so
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(capsys, "generate", tmp_path / "empty", PROMPT)

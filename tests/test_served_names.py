@@ -3,22 +3,17 @@
 and names that would shadow or miss a model are refused at start."""
 
 import json
-import shutil
 
 import anthropic
 import httpx
 import openai
 import pytest
-import yaml
 
-import branchmerge
 from branchmerge.errors import ConfigError
-from branchmerge.front import build_bundle_router as build_router
-from branchmerge.router import RouterConfig
 from branchmerge.server import create_app
 from branchmerge.server.names import model_aliases
 from tests.cli_util import run_cli
-from tests.serving import serving
+from tests.serving import routed_bundle, serving
 
 PIPES = {"pipelines": [{"name": "two_step", "stages": [{"branch": "a", "user": "{question}", "max_tokens": 6},
                                                        {"branch": "b", "user": "{previous}=", "max_tokens": 4}]}]}
@@ -28,12 +23,7 @@ NAMES = ["gpt-4o", "claude-sonnet-4-5=auto", "reverser=b", "team/pipe:v1=two_ste
 @pytest.fixture(scope="module")
 def routed(bundles, tmp_path_factory):
     d = tmp_path_factory.mktemp("names") / "bundle"
-    shutil.copytree(bundles[0.9], d)
-    (d / "pipelines.yaml").write_text(yaml.safe_dump(PIPES))
-    bundle = branchmerge.load(d)
-    samples = {"a": ["add 1+2=", "add 5+5="], "b": ["rev abc=", "rev hello="], "c": ["key zz=", "key ab="]}
-    build_router(bundle, RouterConfig(samples=samples, template="{input} field of", phrase="field of"))
-    app = create_app(bundle, max_batch=8, wait_ms=20, served_model_names=NAMES)
+    app = create_app(routed_bundle(bundles[0.9], d, PIPES), max_batch=8, wait_ms=20, served_model_names=NAMES)
     with serving(app) as url:
         yield {"url": url, "dir": d, "client": openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)}
 

@@ -1,6 +1,5 @@
 """The OpenAI-compatible server on a real loopback port, with the real `openai` SDK as the client."""
 
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,12 +12,10 @@ import yaml
 
 import branchmerge
 from branchmerge.errors import ConfigError
-from branchmerge.front import build_bundle_router as build_router
-from branchmerge.router import RouterConfig
 from branchmerge.runtime.text import cut_at_stop
 from branchmerge.server import create_app
 from branchmerge.staged import PipelinesConfig, answer, load_pipelines
-from tests.serving import serving, wait_queued
+from tests.serving import routed_bundle, serving, wait_queued
 
 KEY = "sk-test-123"
 PIPES = {
@@ -36,12 +33,7 @@ PIPES = {
 
 @pytest.fixture(scope="module")
 def server(bundles, tmp_path_factory):
-    d = tmp_path_factory.mktemp("srv") / "bundle"
-    shutil.copytree(bundles[0.9], d)
-    (d / "pipelines.yaml").write_text(yaml.safe_dump(PIPES))
-    bundle = branchmerge.load(d)
-    samples = {"a": ["add 1+2=", "add 5+5="], "b": ["rev abc=", "rev hello="], "c": ["key zz=", "key ab="]}
-    build_router(bundle, RouterConfig(samples=samples, template="{input} field of", phrase="field of"))
+    bundle = routed_bundle(bundles[0.9], tmp_path_factory.mktemp("srv") / "bundle", PIPES)
     app = create_app(bundle, api_key=KEY, max_batch=16, wait_ms=50, max_tokens_limit=64)
     with serving(app) as url:
         yield {"url": url, "bundle": bundle, "app": app,

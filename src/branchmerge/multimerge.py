@@ -36,13 +36,12 @@ FINAL = "(final)"
 
 @dataclass
 class Stage:
-    """One merge of the file: its name (``None`` for the final one), its document with names resolved to
-    folders, the names it reads, where it writes and its fingerprint."""
+    """One merge of the file: its name (``None`` for the final one), its config (names resolved to folders),
+    the names it reads, where it writes and its fingerprint."""
 
     name: str | None
     index: int
     config: MergeConfig
-    data: dict[str, Any]
     needs: set[str] = field(default_factory=set)
     out: Path | None = None  # (None only while planning a final merge without --out)
     fingerprint: str = ""
@@ -122,7 +121,7 @@ def plan(path: str | Path, intermediate: str | Path, out: str | Path | None,
         if adjust is not None:
             cfg = adjust(cfg)
         target = folders[name] if name else None if out is None else Path(out).expanduser().resolve()
-        st = Stage(name, i, cfg, data, used, target)
+        st = Stage(name, i, cfg, used, target)
         if name in used:
             raise ConfigError(f"{where} reads its own output")
         stages[name] = st

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -61,14 +62,12 @@ def merge(
     bits = int(factor_bits) if factor_bits is not None and factor_bits.isdigit() else factor_bits
     mk = mergekit_flags.parse(ctx)
     out = mergekit_flags.output(mk, out)
-    cfg = load_config(config, compress_rate=compress_rate, device=device or mk.device, dtype=dtype, method=method,
-                      budget=bud, factor_bits=bits, lora=lora, max_shard_bytes=mk.shard_bytes)
-    if mk.seed is not None:
-        cfg = cfg.model_copy(update={"rsvd": cfg.rsvd.model_copy(update={"seed": mk.seed})})
+    mk = replace(mk, device=device or mk.device)  # (--device over --cuda)
+    cfg = mk.apply(load_config(config, compress_rate=compress_rate, dtype=dtype, method=method, budget=bud,
+                               factor_bits=bits, lora=lora))
     if dry_run:
         return _print_plan(cfg)
-    card = model_card if mk.model_card is None else mk.model_card
-    run_merge(cfg, out, force=force, progress=not no_progress, model_card=card)
+    run_merge(cfg, out, force=force, progress=not no_progress, model_card=mk.card(model_card))
     if cfg.method == "branch":
         s = summarize(out, verify=False)
         typer.echo(
@@ -135,8 +134,7 @@ def moe(
     cfg = load_moe_config(config)
     if mk.seed is not None:
         cfg = cfg.model_copy(update={"seed": mk.seed})
-    rep = build_moe(cfg, out, force=force, progress=not no_progress,
-                    model_card=model_card if mk.model_card is None else mk.model_card,
+    rep = build_moe(cfg, out, force=force, progress=not no_progress, model_card=mk.card(model_card),
                     max_shard_bytes=mk.shard_bytes or 1 << 30)
     shared = " and a shared expert" if rep["shared_experts"] else ""
     typer.echo(f"wrote {out}: {rep['architecture']}, {rep['experts']} experts{shared} in each of {rep['layers']} "
@@ -169,17 +167,8 @@ def multimerge(
     from branchmerge.multimerge import plan, run_multimerge, to_build
 
     mk = mergekit_flags.parse(ctx, takes_out=False)
-
-    def adjust(cfg):
-        update = {k: v for k, v in (("device", mk.device), ("max_shard_bytes", mk.shard_bytes)) if v is not None}
-        if mk.seed is not None:
-            update["rsvd"] = cfg.rsvd.model_copy(update={"seed": mk.seed})
-        return cfg.model_copy(update=update) if update else cfg
-
-    if mk.model_card is not None:
-        model_card = mk.model_card
     if dry_run:
-        stages = plan(config, intermediate_dir, out, adjust)
+        stages = plan(config, intermediate_dir, out, mk.apply)
         todo = to_build(stages, intermediate_dir, lazy=lazy)
         for i, st in enumerate(stages, 1):
             reads = f" (reads {', '.join(sorted(st.needs))})" if st.needs else ""
@@ -188,7 +177,7 @@ def multimerge(
                        f"{st.out}{reads}")
         return
     for r in run_multimerge(config, intermediate_dir, out, lazy=lazy, force=force, progress=not no_progress,
-                            model_card=model_card, adjust=adjust):
+                            model_card=mk.card(model_card), adjust=mk.apply):
         typer.echo(f"{r['name']}: {r['status']} → {r['out']}")
 
 

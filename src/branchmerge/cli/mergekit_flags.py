@@ -13,8 +13,12 @@ import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from branchmerge.config import MergeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,18 @@ class MergekitFlags:
     shard_bytes: int | None = None
     seed: int | None = None
     model_card: bool | None = None
+
+    def apply(self, cfg: MergeConfig) -> MergeConfig:
+        """A merge config with these flags' device, shard size and seed (the rSVD's and the random methods')."""
+        update: dict[str, Any] = {k: v for k, v in (("device", self.device), ("max_shard_bytes", self.shard_bytes))
+                                  if v is not None}
+        if self.seed is not None:
+            update["rsvd"] = cfg.rsvd.model_copy(update={"seed": self.seed})
+        return cfg.model_copy(update=update) if update else cfg
+
+    def card(self, default: bool) -> bool:
+        """Whether to write a model card: ``--[no-]write-model-card`` if given, else the command's own flag."""
+        return default if self.model_card is None else self.model_card
 
 
 def _bad(msg: str) -> typer.BadParameter:

@@ -108,7 +108,7 @@ def _open(bundle_dir: Path, routing: bool, adapters: dict[str, str], lora_base: 
           **kw):
     from branchmerge.front import is_model_folder
 
-    if adapters and not (bundle_dir / "manifest.json").is_file() or is_model_folder(bundle_dir):
+    if (adapters and not (bundle_dir / "manifest.json").is_file()) or is_model_folder(bundle_dir):
         import tempfile
 
         from branchmerge.front import open_adapters_front

@@ -238,7 +238,9 @@ def serve_cmd(
     from branchmerge.front import is_model_folder
     from branchmerge.io.manifest import MANIFEST
 
-    if not adapters and (bundle_dir / MANIFEST).is_file() or not (adapters or lora_dir or is_model_folder(bundle_dir)):
+    over_base = adapters or (lora_dir is not None and not (bundle_dir / MANIFEST).is_file()) or is_model_folder(
+        bundle_dir)  # a base model folder, served as a bundle of its own in a temporary folder
+    if not over_base:
         return serve(str(bundle_dir), **kw)  # (a bundle; or a folder that is neither: its error says why)
     plain = [n for n in served_model_name if "=" not in n]
     base_name = plain[0] if plain else "base"  # (over a base folder, the first bare name is the base's own)
