@@ -262,7 +262,7 @@ def test_select_measures_adapter_candidates(capsys, family, adapters, tmp_path):
         for f in ("tokenizer_config.json", "special_tokens_map.json"):
             if (family["base"][0] / f).is_file():
                 shutil.copy(family["base"][0] / f, tmp_path / f"merged-{name}")
-        want = evaluate({"pretrained": str(tmp_path / f"merged-{name}")}, ["adds"], sel.include, 6)
+        want = evaluate({"pretrained": str(tmp_path / f"merged-{name}")}, ["adds"], sel.task_manager, 6)
         assert res["candidates"][name]["accuracy"] == want, name
         assert res["candidates"][name]["params"] == res["candidates"]["base"]["params"]
     merge = yaml.safe_load((tmp_path / "sel" / "merge.yaml").read_text())

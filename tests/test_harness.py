@@ -42,7 +42,8 @@ def _evaluate(model: str, model_args: str, tasks_dir, names: list[str]) -> dict:
     import branchmerge.harness  # noqa: F401  (registers the backend)
 
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=names, log_samples=True,
-                                   task_manager=TaskManager(include_path=str(tasks_dir)), bootstrap_iters=0)
+                                   task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+                                   bootstrap_iters=0)  # (local tasks only: lm_eval's own index takes seconds)
 
 
 def _resps(res: dict, task: str) -> list:

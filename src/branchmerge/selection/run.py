@@ -80,16 +80,15 @@ def peak_memory(folder: str, dtype: str, device: str = "cpu") -> dict[str, float
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def evaluate(model_args: dict[str, Any], tasks: list[str], include: Path, limit: int | None) -> dict[str, float]:
-    """Accuracy per task (``acc`` or ``exact_match``) of the ``branchmerge`` lm_eval model."""
+def evaluate(model_args: dict[str, Any], tasks: list[str], task_manager: Any, limit: int | None) -> dict[str, float]:
+    """Accuracy per task (``acc`` or ``exact_match``) of the ``branchmerge`` lm_eval model; ``task_manager``
+    an ``lm_eval.tasks.TaskManager`` (built once per selection: indexing lm_eval's task files takes seconds)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from branchmerge.harness import BranchmergeLM
 
     lm = BranchmergeLM(**model_args)
-    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=0,
-                                  task_manager=TaskManager(include_path=str(include)))
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=0, task_manager=task_manager)
     out = {}
     for t in tasks:
         r = res["results"][t]
@@ -114,15 +113,26 @@ class Selection:
         self.include.mkdir(parents=True, exist_ok=True)
         for lt in self.local.values():
             write_lm_eval_task(lt, self.include)
+        self._task_manager: Any = None
         self._check_tasks()
+
+    @property
+    def task_manager(self) -> Any:
+        """One ``lm_eval`` TaskManager for every evaluation of this run: the local tasks' folder, and lm_eval's
+        own thousands of task files only when a task names one of them (indexing those takes seconds, and
+        every ``simple_evaluate`` given no manager would do it again)."""
+        if self._task_manager is None:
+            from lm_eval.tasks import TaskManager
+
+            self._task_manager = TaskManager(include_path=str(self.include),
+                                             include_defaults=any(t.lm_eval for t in self.cfg.tasks))
+        return self._task_manager
 
     def _check_tasks(self) -> None:
         names = [t.lm_eval for t in self.cfg.tasks if t.lm_eval]
         if not names:
             return
-        from lm_eval.tasks import TaskManager
-
-        known = set(TaskManager(include_path=str(self.include)).all_tasks)
+        known = set(self.task_manager.all_tasks)
         bad = [n for n in names if n not in known]
         if bad:
             raise ConfigError(f"unknown lm_eval task(s) {bad}; `lm_eval ls tasks` lists them")
@@ -152,7 +162,8 @@ class Selection:
         acc = (_read_cache(f) or {}).get("accuracy")
         if not isinstance(acc, dict) or not set(self.task_names()) <= set(acc):
             args = {"pretrained": spec.model} if base is None else {"pretrained": base, "peft": spec.model}
-            acc = evaluate({**args, "device": self.cfg.device}, self.task_names(), self.include, self.cfg.limit)
+            acc = evaluate({**args, "device": self.cfg.device}, self.task_names(), self.task_manager,
+                           self.cfg.limit)
             _write_atomic(f, json.dumps({"accuracy": acc}))
         m = self.cache / f"{(dense or digest)[:24]}-mem2-{self.cfg.dtype}-{self.cfg.device.replace(':', '')}.json"
         mem = _read_cache(m)
@@ -367,8 +378,9 @@ def _verify(sel: Selection, cfg: SelectConfig, choice: Choice, profiles: list[Pr
     oracle = {}
     for t in cfg.tasks:
         name = t.lm_eval or t.name
-        oracle[name] = evaluate({"bundle": str(bundle), "branch": win[t.area]}, [name], sel.include, cfg.limit)[name]
-    auto = evaluate({"bundle": str(bundle), "branch": "auto"}, sel.task_names(), sel.include, cfg.limit)
+        oracle[name] = evaluate({"bundle": str(bundle), "branch": win[t.area]}, [name], sel.task_manager,
+                                cfg.limit)[name]
+    auto = evaluate({"bundle": str(bundle), "branch": "auto"}, sel.task_names(), sel.task_manager, cfg.limit)
     return {"bundle": str(bundle), "bundle_bytes": b.reader.manifest.total_bytes, "memory_bytes": b.memory_bytes(),
             "predicted_bytes": bundle_bytes([p for p in profiles if p.name in choice.members], choice.rate,
                                             DTYPES[cfg.dtype].itemsize),
