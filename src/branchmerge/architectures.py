@@ -1,8 +1,13 @@
 """Architectures as data: which tensors are compressed and which stay per branch.
 
 Each JSON file under ``_data/architectures/`` names the HF ``architectures`` it covers and lists tensor
-name templates, where ``${layer_index}`` stands for a layer number. A model whose architecture has no
-file falls back to a rule on tensor names and shapes, with a warning.
+name templates, where ``${layer_index}`` stands for a layer number and ``${expert_index}`` for an expert's.
+A model whose architecture has no file falls back to a rule on tensor names and shapes, with a warning.
+
+Mixture-of-experts layouts say more (data for the runtime, :mod:`branchmerge.runtime.experts`): ``renames``
+(checkpoint name part → transformers module path part, e.g. Mixtral's ``block_sparse_moe.`` → ``mlp.``),
+``experts`` (the experts module and the checkpoint names of each expert's gate, up and down projections)
+and ``row_dispatch`` (the sparse block run once per branch of a mixed batch).
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ _PER_BRANCH_HINTS = ("embed", "wte", "wpe", "lm_head", "norm", "ln_", "layernorm
 _LAYER_FALLBACK = re.compile(r"^(?:.*\.)?(?:layers|h|blocks|block|layer)\.(\d+)\.")
 
 
+_INDEX = re.compile(r"\$\{(?:layer|expert)_index\}")
+
+
 def _template_regex(template: str) -> re.Pattern[str]:
-    parts = template.split("${layer_index}")
+    parts = _INDEX.split(template)
     return re.compile(r"\d+".join(re.escape(p) for p in parts) + "$")
 
 
@@ -44,6 +52,24 @@ class Architecture:
     # under the block): run as one call by the Triton kernels (runtime.siblings)
     siblings: tuple[tuple[str, ...], ...] = ()
     layer_prefix: str = ""  # the blocks' tensors start with it (``${layer_index}`` the layer number)
+    renames: tuple[tuple[str, str], ...] = ()  # checkpoint name part → module path part, applied in order
+    # MoE: {"module": experts module template, "gate"/"up"/"down": each expert's projection names}
+    experts: tuple[tuple[str, str], ...] = ()
+    row_dispatch: str = ""  # a module template run per branch of a mixed batch (a sparse MoE block)
+
+    def module_path(self, tensor_name: str) -> str:
+        """The transformers module path of a tensor's module (its name without the parameter, renamed)."""
+        return self.param_path(tensor_name).rpartition(".")[0]
+
+    def param_path(self, tensor_name: str) -> str:
+        """A checkpoint tensor name as the transformers model's parameter path (``renames`` applied)."""
+        for old, new in self.renames:
+            tensor_name = tensor_name.replace(old, new)
+        return tensor_name
+
+    def matches(self, template: str, module_path: str) -> bool:
+        """Whether ``module_path`` is ``template`` with numbers for its indices."""
+        return bool(template) and _template_regex(template).match(module_path) is not None
 
     def layer_of(self, tensor_name: str) -> tuple[int, str] | None:
         """``(layer, template)`` of a tensor inside a block (``template``: its name with ``${layer_index}`` in
@@ -107,6 +133,9 @@ def registry() -> dict[str, Architecture]:
             description=data.get("description", ""),
             siblings=tuple(tuple(g) for g in data.get("siblings", ())),
             layer_prefix=data.get("layer_prefix", ""),
+            renames=tuple((str(k), str(v)) for k, v in data.get("renames", {}).items()),
+            experts=tuple((str(k), str(v)) for k, v in data.get("experts", {}).items()),
+            row_dispatch=data.get("row_dispatch", ""),
         )
         if arch.name in out:
             raise ValueError(f"duplicate architecture name {arch.name!r} in {entry.name}")

@@ -21,8 +21,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from branchmerge.architectures import Architecture, registry
 from branchmerge.errors import BundleError
 from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
+from branchmerge.runtime.experts import ExpertLinears, RowsByBranch
 from branchmerge.runtime.modules import BranchedLinear, BranchState, PerBranch
 from branchmerge.runtime.patched import RowPatched
 from branchmerge.runtime.quantized import QuantizedBranchedLinear
@@ -79,10 +81,13 @@ def build_group_model(
             return [got[rec.holder(b)] for b in members]
         raise BundleError(f"tensor {tensor} of group {group!r} has unexpected role {role!r}")
 
+    arch = registry().get(g.architecture)
     by_module: dict[str, dict[str, str]] = defaultdict(dict)
     for tensor in records:
         module, param = _split(tensor)
-        by_module[module][param] = tensor
+        by_module[arch.module_path(tensor) if arch else module][param] = tensor
+    if arch is not None and arch.experts:
+        _per_expert_modules(model, arch, by_module)
 
     for module_name, params in by_module.items():
         try:
@@ -136,6 +141,10 @@ def build_group_model(
                 copies.append(c)
             _set_module(model, module_name, PerBranch(state, copies))
 
+    if arch is not None and arch.row_dispatch and len(members) > 1:
+        for name, mod in [(n, m) for n, m in model.named_modules() if arch.matches(arch.row_dispatch, n)]:
+            if "experts" in mod._modules:  # a sparse block (not a dense MLP layer of the same path)
+                _set_module(model, name, RowsByBranch(state, mod))
     _tie_lm_head(model, records, state, len(members))
     _check_vocabularies(model, reader, members)
     for mod in model.modules():  # computed buffers (rotary frequencies, embedding scales) were made on the CPU
@@ -159,6 +168,18 @@ def build_group_model(
                                                       if k in ("pad_token_id", "bos_token_id")})
     model.eval()
     return model, state
+
+
+def _per_expert_modules(model: PreTrainedModel, arch: Architecture, by_module: dict[str, dict[str, str]]) -> None:
+    """Replace transformers' fused experts modules (3-D ``gate_up_proj``/``down_proj``) by
+    :class:`ExpertLinears` where the bundle stores one tensor per expert and projection (the checkpoint
+    layout), so that each expert's weights are filled or branched like any linear layer's."""
+    spec = dict(arch.experts)
+    names = (spec["gate"], spec["up"], spec["down"])
+    stored = {path.rsplit(".", 2)[0] for path in by_module if path.rsplit(".", 1)[-1] in names}
+    for path, mod in [(n, m) for n, m in model.named_modules() if arch.matches(spec["module"], n)]:
+        if path in stored and isinstance(getattr(mod, "gate_up_proj", None), torch.Tensor):
+            _set_module(model, path, ExpertLinears.like(mod, names))
 
 
 def skeleton(config: PretrainedConfig, dtype: torch.dtype | None = None, *, where: str) -> PreTrainedModel:

@@ -16,18 +16,24 @@ logger = logging.getLogger(__name__)
 def check_shapes(reader: BundleReader) -> None:
     """Cheap check at any size: each group's model skeleton (on the meta device, no memory) built from its
     config, and every stored tensor's shape equal to the parameter or buffer it fills."""
+    from branchmerge.architectures import registry
     from branchmerge.runtime.build import hf_config_object, skeleton
+    from branchmerge.runtime.experts import per_expert_shapes
 
     for gname, g in reader.groups.items():
+        arch = registry().get(g.architecture)
         for b in g.branches:
             model = skeleton(hf_config_object(reader.hf_config(b), f"branch {b!r}"), where=f"branch {b!r}")
             shapes = {n: list(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+            if arch is not None and arch.experts:  # the checkpoint's per-expert names, as the runtime reads them
+                shapes |= per_expert_shapes(model, arch)
             for tensor, rec in reader.manifest.tensors[gname].items():
-                if tensor not in shapes:
+                path = arch.param_path(tensor) if arch is not None else tensor
+                if path not in shapes:
                     raise BundleError(f"branch {b!r}: tensor {tensor} is not a parameter of {type(model).__name__}")
-                if shapes[tensor] != rec.shape_of(b):
+                if shapes[path] != rec.shape_of(b):
                     raise BundleError(f"branch {b!r}: tensor {tensor} has shape {rec.shape_of(b)} but its config makes "
-                                      f"it {shapes[tensor]} (does config.json match the weights?)")
+                                      f"it {shapes[path]} (does config.json match the weights?)")
 
 
 def check_bundle_loads(path: str | Path, *, forward_max_bytes: int = 2 << 30) -> None:

@@ -1,0 +1,117 @@
+"""Sparse mixture-of-experts blocks of a branched model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+
+Fine-tunes of an MoE base are stored as checkpoints name them, one 2-D weight per expert and projection
+(``block_sparse_moe.experts.3.w1.weight``, ``mlp.experts.3.gate_proj.weight``), so the merge compresses
+each expert like any other weight. transformers 5 runs the experts as one module of 3-D tensors; here they
+become :class:`ExpertLinears`, one module per expert holding its gate, up and down projections
+(``nn.Linear`` or :class:`~branchmerge.runtime.modules.BranchedLinear`) under the checkpoint's names, called
+as transformers' experts module is.
+
+Inside a sparse block the tokens are flattened and gathered per expert, so a row's branch is no longer known
+there: :class:`RowsByBranch` runs the block once per branch of a mixed batch, on that branch's rows, with
+the branch selected for the whole call (each expert and the router read it as a single-branch batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from branchmerge.runtime.modules import BranchState
+
+if TYPE_CHECKING:
+    from branchmerge.architectures import Architecture
+
+
+class ExpertLinears(nn.ModuleList):
+    """``num_experts`` experts, each a module with its gate, up and down projections named ``names``
+    (checkpoint names, e.g. ``("w1", "w3", "w2")`` for Mixtral); made with meta ``nn.Linear`` layers that the
+    bundle's tensors fill or replace.
+
+    Called as transformers 5's fused experts: ``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])
+    → [T, H]``, each token's output the weighted sum of ``down(act(gate(x)) * up(x))`` over its experts.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, names: tuple[str, str, str],
+                 act_fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.names, self.num_experts = tuple(names), num_experts
+        self.__dict__["act_fn"] = act_fn  # (an activation module kept out of the list: its items are experts)
+        gate, up, down = self.names
+        for _ in range(num_experts):
+            e = nn.Module()
+            with torch.device("meta"):
+                setattr(e, gate, nn.Linear(hidden, intermediate, bias=False))
+                setattr(e, up, nn.Linear(hidden, intermediate, bias=False))
+                setattr(e, down, nn.Linear(intermediate, hidden, bias=False))
+            self.append(e)
+
+    @classmethod
+    def like(cls, fused: nn.Module, names: tuple[str, str, str]) -> ExpertLinears:
+        """The per-expert form of transformers' fused experts module (``gate_up_proj`` ``[E, 2I, H]``)."""
+        n, two_i, hidden = fused.gate_up_proj.shape
+        return cls(n, hidden, two_i // 2, names, fused.act_fn)
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        out = torch.zeros_like(hidden_states)
+        gate, up, down = self.names
+        with torch.no_grad():  # [E+1, k, T]: which tokens chose each expert, in which of their k slots
+            mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
+        for e in hit:
+            if e == self.num_experts:  # (an index past the experts: a token dropped by expert parallelism)
+                continue
+            slot, tok = torch.where(mask[e])
+            x = hidden_states[tok]
+            expert = self[e]
+            h = self.act_fn(getattr(expert, gate)(x)) * getattr(expert, up)(x)
+            h = getattr(expert, down)(h) * top_k_weights[tok, slot, None]
+            out.index_add_(0, tok, h.to(out.dtype))
+        return out
+
+
+class RowsByBranch(nn.Module):
+    """``inner`` (a sparse MoE block ``[B, T, H] → [B, T, H]``) run once per branch of a mixed batch on that
+    branch's rows, with the branch selected for the call; a one-branch batch in one call."""
+
+    def __init__(self, state: BranchState, inner: nn.Module) -> None:
+        super().__init__()
+        self.state, self.inner = state, inner
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        sel = self.state._sel
+        if sel.rows is None:
+            return self.inner(x, *args, **kwargs)
+        plan = self.state.plan(x.shape[0], x.device)
+        if isinstance(plan, int):
+            with self.state.select(branch=plan):
+                return self.inner(x, *args, **kwargs)
+        out: Tensor | None = None
+        for i, rows in plan.groups:
+            with self.state.select(branch=i):
+                y = self.inner(x[rows], *args, **kwargs)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[rows] = y
+        assert out is not None
+        return out
+
+
+def per_expert_shapes(model: nn.Module, arch: Architecture) -> dict[str, list[int]]:
+    """The shape of every per-expert parameter :class:`ExpertLinears` gives ``model``, by path
+    (``{"model.layers.0.mlp.experts.3.w1.weight": [I, H], ...}``), from its fused experts' shapes."""
+    spec = dict(arch.experts)
+    out: dict[str, list[int]] = {}
+    for path, mod in model.named_modules():
+        fused = getattr(mod, "gate_up_proj", None)
+        if not arch.matches(spec["module"], path) or not isinstance(fused, torch.Tensor):
+            continue
+        n, two_i, hidden = fused.shape
+        for e in range(n):
+            out[f"{path}.{e}.{spec['gate']}.weight"] = out[f"{path}.{e}.{spec['up']}.weight"] = [two_i // 2, hidden]
+            out[f"{path}.{e}.{spec['down']}.weight"] = [hidden, two_i // 2]
+    return out

@@ -1,0 +1,155 @@
+"""Fine-tunes of a mixture-of-experts base (Mixtral, Qwen2-MoE with a shared expert, Qwen3-MoE) as branches:
+each expert compressed as its own weight, the routers kept per branch, every branch answering as its model,
+alone and in mixed batches, and exported back as a folder transformers loads."""
+
+import logging
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig,
+                          Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+
+import branchmerge
+from branchmerge.config import parse_config
+from branchmerge.io.bundle import BundleReader
+from branchmerge.merge import run_merge
+from tests.cli_util import run_cli
+from tests.conftest import save_char_tokenizer
+
+X = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 20], [1, 8, 2, 30, 6, 12, 40, 9]])
+COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+KINDS = {
+    "mixtral": (MixtralForCausalLM, MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=4,
+                                                  num_experts_per_tok=2)),
+    "qwen2_moe": (Qwen2MoeForCausalLM, Qwen2MoeConfig(**COMMON, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                                      intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                                                      qkv_bias=True)),
+    "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig(**COMMON, moe_intermediate_size=24, intermediate_size=48,
+                                                      num_experts=4, num_experts_per_tok=2, head_dim=16,
+                                                      mlp_only_layers=[1])),  # (a dense MLP layer too)
+}
+
+
+@pytest.fixture(scope="module")
+def moes(tmp_path_factory):
+    """Per kind, two fine-tunes of one tiny MoE base (every parameter moved by seeded noise), saved by
+    transformers (in the checkpoint layout: one tensor per expert and projection)."""
+    root = tmp_path_factory.mktemp("moes")
+    out = {}
+    for kind, (cls, cfg) in KINDS.items():
+        torch.manual_seed(0)
+        base = cls(cfg).eval()
+        out[kind] = {}
+        for i, n in enumerate("ab"):
+            m = cls(cfg).eval()
+            m.load_state_dict(base.state_dict())
+            g = torch.Generator().manual_seed(i + 1)
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            m.save_pretrained(root / f"{kind}-{n}")
+            save_char_tokenizer(root / f"{kind}-{n}")
+            out[kind][n] = (root / f"{kind}-{n}", m)
+    return out
+
+
+def _merge(models, out, rate):
+    cfg = parse_config({"branches": [{"name": n, "model": str(p)} for n, (p, _) in models.items()],
+                        "compress_rate": rate, "dtype": "float32"})
+    run_merge(cfg, out, progress=False)
+    return out
+
+
+def _hf_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(X).logits
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_moe_fine_tunes_are_branches(moes, tmp_path, caplog, kind):
+    """At r=0 each branch is its model exactly, alone and in a mixed batch; every expert's projection is
+    compressed as its own weight (no fallback rule), the routers stay per branch; generation runs."""
+    with caplog.at_level(logging.WARNING):
+        bundle_dir = _merge(moes[kind], tmp_path / "b0", 0.0)
+    assert "fallback rule" not in caplog.text
+    reader = BundleReader(bundle_dir)
+    records = next(iter(reader.manifest.tensors.values()))
+    experts = [t for t in records if ".experts.3." in t]
+    sparse = 1 if kind == "qwen3_moe" else 2  # (layer 1 of the Qwen3-MoE is a dense MLP, compressed too)
+    assert len(experts) == 3 * sparse and all(records[t].role == "compressed" for t in experts), experts
+    if kind == "qwen3_moe":
+        assert records["model.layers.1.mlp.gate_proj.weight"].role == "compressed"
+    gates = [t for t in records if t.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight",
+                                               "shared_expert_gate.weight"))]
+    assert gates and all(records[t].role == "per_branch" for t in gates)
+    b = branchmerge.load(bundle_dir, dtype="float32")
+    want = {n: _hf_logits(m) for n, (_, m) in moes[kind].items()}
+    for n in "ab":
+        torch.testing.assert_close(b.logits(X, [n, n]), want[n], atol=1e-4, rtol=1e-4)
+    mixed = b.logits(X, ["b", "a"])  # row 0 through b, row 1 through a, in one forward
+    torch.testing.assert_close(mixed[0], want["b"][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed[1], want["a"][1], atol=1e-4, rtol=1e-4)
+    outs = b.generate(["abc", "hello"], ["a", "b"], chat=False, max_new_tokens=6, do_sample=False)
+    alone = [b.generate("abc", "a", chat=False, max_new_tokens=6, do_sample=False)[0],
+             b.generate("hello", "b", chat=False, max_new_tokens=6, do_sample=False)[0]]
+    assert outs == alone
+
+
+def test_compressed_experts_trade_size_for_error_and_export(capsys, moes, tmp_path):
+    """Compressing the experts' differences: the bundle shrinks and the branch moves off its model as the
+    rate rises (r=1: the normalized average); an exported branch is a folder transformers loads (in the
+    checkpoint layout it converts) and answers as the bundle's branch."""
+    models = moes["mixtral"]
+    errs, sizes = [], []
+    for rate in (0.0, 0.5, 1.0):
+        d = _merge(models, tmp_path / f"b{rate}", rate)
+        sizes.append(BundleReader(d).manifest.total_bytes)
+        b = branchmerge.load(d, dtype="float32")
+        got = b.logits(X, ["a", "a"])
+        errs.append(float((got - _hf_logits(models["a"][1])).norm() / _hf_logits(models["a"][1]).norm()))
+    assert errs[0] < 1e-5 < errs[1] < errs[2], errs
+    assert sizes[0] > sizes[1] > sizes[2], sizes
+    code, _, err = run_cli(capsys, "export-branch", tmp_path / "b0.5", "a", "-o", tmp_path / "exported")
+    assert code == 0, err
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
+    b = branchmerge.load(tmp_path / "b0.5", dtype="float32")
+    torch.testing.assert_close(_hf_logits(exported), b.logits(X, ["a", "a"]), atol=1e-4, rtol=1e-4)
+
+
+def test_moes_in_the_fused_layout_are_branches(family, tmp_path):
+    """Two Mixtrals written by `moe` (transformers 5's fused experts, 3-D tensors): their experts stay per
+    branch (not compressed), the gates too, and each branch answers as its model, alone and mixed."""
+    import yaml
+
+    from branchmerge.moe import build_moe, load_moe_config
+
+    models = {}
+    for name, (x, y) in {"ab": ("a", "b"), "bc": ("b", "c")}.items():
+        data = {"base_model": str(family[x][0]), "gate_mode": "random", "dtype": "float32",  # (attention: a's, b's)
+                "experts": [{"source_model": str(family[x][0])}, {"source_model": str(family[y][0])}]}
+        (tmp_path / f"{name}.yml").write_text(yaml.safe_dump(data))
+        build_moe(load_moe_config(tmp_path / f"{name}.yml"), tmp_path / name, progress=False)
+        models[name] = (tmp_path / name, AutoModelForCausalLM.from_pretrained(tmp_path / name).eval())
+    bundle_dir = _merge(models, tmp_path / "bundle", 0.5)
+    records = next(iter(BundleReader(bundle_dir).manifest.tensors.values()))
+    assert records["model.layers.0.mlp.experts.gate_up_proj"].role == "per_branch"
+    assert records["model.layers.0.mlp.gate.weight"].role != "compressed"  # (equal random gates: shared)
+    assert records["model.layers.0.self_attn.q_proj.weight"].role == "compressed"
+    b = branchmerge.load(bundle_dir, dtype="float32")
+    ref = branchmerge.load(_merge(models, tmp_path / "exact", 0.0), dtype="float32")  # attention exact too
+    for n in models:
+        torch.testing.assert_close(ref.logits(X, [n, n]), _hf_logits(models[n][1]), atol=1e-4, rtol=1e-4)
+    mixed = b.logits(X, ["bc", "ab"])
+    torch.testing.assert_close(mixed[0], b.logits(X[:1], ["bc"])[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed[1], b.logits(X[1:], ["ab"])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_moe_branches_through_the_triton_kernels(moes, tmp_path):
+    """The experts' and attention's branched layers in Triton's kernels (the interpreter here) give the torch
+    path's logits in a mixed batch."""
+    d = _merge(moes["qwen2_moe"], tmp_path / "b", 0.5)
+    torch_b = branchmerge.load(d, dtype="float32", kernels="torch")
+    tri_b = branchmerge.load(d, dtype="float32", kernels="triton")
+    assert tri_b.kernels == "triton"
+    torch.testing.assert_close(tri_b.logits(X, ["b", "a"]), torch_b.logits(X, ["b", "a"]), atol=1e-4, rtol=1e-4)
