@@ -153,3 +153,16 @@ def test_moe_branches_through_the_triton_kernels(moes, tmp_path):
     tri_b = branchmerge.load(d, dtype="float32", kernels="triton")
     assert tri_b.kernels == "triton"
     torch.testing.assert_close(tri_b.logits(X, ["b", "a"]), torch_b.logits(X, ["b", "a"]), atol=1e-4, rtol=1e-4)
+
+
+def test_export_vllm_of_an_moe_bundle_is_dense_only(capsys, moes, tmp_path):
+    """vLLM's LoRAs cannot carry per-expert differences or routers: the LoRA export refuses by name and
+    leaves nothing; --mode dense writes each branch as a folder transformers loads."""
+    d = _merge(moes["mixtral"], tmp_path / "b", 0.5)
+    code, _, err = run_cli(capsys, "export-vllm", d, "-o", tmp_path / "v")
+    assert code != 0 and "mixture of experts" in err and "--mode dense" in err and not (tmp_path / "v").exists()
+    code, _, err = run_cli(capsys, "export-vllm", d, "-o", tmp_path / "v", "--mode", "dense")
+    assert code == 0, err
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "v" / "b", dtype=torch.float32).eval()
+    torch.testing.assert_close(_hf_logits(exported), branchmerge.load(d, dtype="float32").logits(X, ["b", "b"]),
+                               atol=1e-4, rtol=1e-4)

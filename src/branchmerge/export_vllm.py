@@ -110,6 +110,13 @@ def _export_group(reader: BundleReader, group: str, tmp: Path, base: str, scale:
     if info.transposed:
         raise BranchmergeError(f"group {group!r} ({info.architecture}) stores transposed (Conv1D) layers; "
                                "the LoRA export does not handle them: use --mode dense")
+    from branchmerge.architectures import registry
+
+    arch = registry().get(info.architecture)
+    if arch is not None and arch.experts:
+        raise BranchmergeError(f"group {group!r} ({info.architecture}) is a mixture of experts; the LoRA export "
+                               "writes adapters for linear layers only, not for vLLM's fused experts or its "
+                               "routers: use --mode dense")
     members = info.branches
     records = reader.manifest.tensors[group]
     grown = {b: rec.shape_of(b)[0] for rec in records.values() if rec.shapes for b in members}

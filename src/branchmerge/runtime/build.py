@@ -179,6 +179,9 @@ def _per_expert_modules(model: PreTrainedModel, arch: Architecture, by_module: d
     stored = {path.rsplit(".", 2)[0] for path in by_module if path.rsplit(".", 1)[-1] in names}
     for path, mod in [(n, m) for n, m in model.named_modules() if arch.matches(spec["module"], n)]:
         if path in stored and isinstance(getattr(mod, "gate_up_proj", None), torch.Tensor):
+            if by_module.get(path):
+                raise BundleError(f"the bundle stores {path}'s experts both fused ({', '.join(by_module[path])}) "
+                                  "and one tensor per expert")
             _set_module(model, path, ExpertLinears.like(mod, names))
 
 
