@@ -5,8 +5,9 @@ copies, top 2; ~370M parameters), saved by transformers in the checkpoint layout
 projection, as real Mixtral fine-tunes are); three "fine-tunes" of it move every block weight by a rank-16
 delta (router gates included). Each rate's bundle: bytes against the three dense models, each branch's
 logits against its model (relative error, top-1 agreement), a greedy answer, and timings in one run: a decode
-step (batch 1, one branch; batch 3 mixed over the 3 branches) and a 128-token prefill, against the dense
-fine-tune under transformers at the same batch.
+step (batch 1, one branch; batch 3 mixed over the 3 branches, each expert's tokens of all branches as one
+mixed-row call, and for comparison each sparse block run once per branch) and a 128-token prefill, against the
+dense fine-tune under transformers at the same batch.
 
     python bench/moe_branches.py [--rates 0.9,0.95] [--repeat 5]
 """
@@ -26,6 +27,7 @@ from _common import CACHE, dir_bytes, perturbed_copies, smollm2_folder
 from branchmerge.config import parse_config
 from branchmerge.merge import run_merge
 from branchmerge.moe import build_moe, load_moe_config
+from branchmerge.runtime.experts import RowsByBranch
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "The patient presents with a fever and"]
 
@@ -114,18 +116,26 @@ def main() -> None:
         with state.select([0, 1, 2]):
             ours_3 = timed(decode_step(model, ids), args.repeat)
         dense_3 = timed(decode_step(dense[0], ids), args.repeat)
+        layers = model.model.layers  # the same batch with each sparse block run once per branch instead
+        blocks = [layer.mlp for layer in layers]
+        for layer in layers:
+            layer.mlp = RowsByBranch(state, layer.mlp)
+        with state.select([0, 1, 2]):
+            per_branch_3 = timed(decode_step(model, ids), args.repeat)
+        for layer, block in zip(layers, blocks):
+            layer.mlp = block
         with state.select(branch=0), torch.no_grad():
             ours_p = timed(lambda: model(long), args.repeat)
         with torch.no_grad():
             dense_p = timed(lambda: dense[0](long), args.repeat)
         rows.append((rate, b.reader.manifest.total_bytes / dense_bytes, max(errs), min(top1), merge_s,
-                     ours_1 / dense_1, ours_3 / dense_3, ours_p / dense_p, answer, ref_answer))
+                     ours_1 / dense_1, ours_3 / dense_3, per_branch_3 / dense_3, ours_p / dense_p, answer, ref_answer))
         print(f"r={rate}: merged in {merge_s:.0f} s", flush=True)
     print("\n| rate | bytes vs 3 dense | max rel. logit error | min top-1 agreement | merge s | decode b=1 vs dense "
-          "| decode 3 mixed vs dense b=3 | prefill 128 vs dense | ft0 greedy (dense ft0) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r, by, e, a, ms, d1, d3, p, ans, ref in rows:
-        print(f"| {r} | {by:.3f} | {e:.4f} | {a:.3f} | {ms:.0f} | {d1:.2f}× | {d3:.2f}× | {p:.2f}× | "
+          "| decode 3 mixed vs dense b=3 | (blocks per branch) | prefill 128 vs dense | ft0 greedy (dense ft0) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r, by, e, a, ms, d1, d3, d3b, p, ans, ref in rows:
+        print(f"| {r} | {by:.3f} | {e:.4f} | {a:.3f} | {ms:.0f} | {d1:.2f}× | {d3:.2f}× | {d3b:.2f}× | {p:.2f}× | "
               f"{ans.strip()!r} ({ref.strip()!r}) |")
 
 

@@ -87,7 +87,7 @@ def build_group_model(
         module, param = _split(tensor)
         by_module[arch.module_path(tensor) if arch else module][param] = tensor
     if arch is not None and arch.experts:
-        _per_expert_modules(model, arch, by_module)
+        _per_expert_modules(model, arch, by_module, state)
 
     for module_name, params in by_module.items():
         try:
@@ -143,7 +143,9 @@ def build_group_model(
 
     if arch is not None and arch.row_dispatch and len(members) > 1:
         for name, mod in [(n, m) for n, m in model.named_modules() if arch.matches(arch.row_dispatch, n)]:
-            if "experts" in mod._modules:  # a sparse block (not a dense MLP layer of the same path)
+            # a sparse block whose experts are per-branch copies (the fused layout): run per branch. Per-expert
+            # modules (ExpertLinears) take the mixed rows themselves, token by token
+            if isinstance(mod._modules.get("experts"), PerBranch):
                 _set_module(model, name, RowsByBranch(state, mod))
     _tie_lm_head(model, records, state, len(members))
     _check_vocabularies(model, reader, members)
@@ -170,7 +172,8 @@ def build_group_model(
     return model, state
 
 
-def _per_expert_modules(model: PreTrainedModel, arch: Architecture, by_module: dict[str, dict[str, str]]) -> None:
+def _per_expert_modules(model: PreTrainedModel, arch: Architecture, by_module: dict[str, dict[str, str]],
+                        state: BranchState) -> None:
     """Replace transformers' fused experts modules (3-D ``gate_up_proj``/``down_proj``) by
     :class:`ExpertLinears` where the bundle stores one tensor per expert and projection (the checkpoint
     layout), so that each expert's weights are filled or branched like any linear layer's."""
@@ -182,7 +185,7 @@ def _per_expert_modules(model: PreTrainedModel, arch: Architecture, by_module: d
             if by_module.get(path):
                 raise BundleError(f"the bundle stores {path}'s experts both fused ({', '.join(by_module[path])}) "
                                   "and one tensor per expert")
-            _set_module(model, path, ExpertLinears.like(mod, names))
+            _set_module(model, path, ExpertLinears.like(mod, names, state))
 
 
 def skeleton(config: PretrainedConfig, dtype: torch.dtype | None = None, *, where: str) -> PreTrainedModel:

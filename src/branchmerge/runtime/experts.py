@@ -7,14 +7,16 @@ become :class:`ExpertLinears`, one module per expert holding its gate, up and do
 (``nn.Linear`` or :class:`~branchmerge.runtime.modules.BranchedLinear`) under the checkpoint's names, called
 as transformers' experts module is.
 
-Inside a sparse block the tokens are flattened and gathered per expert, so a row's branch is no longer known
-there: :class:`RowsByBranch` runs the block once per branch of a mixed batch, on that branch's rows, with
-the branch selected for the whole call (each expert and the router read it as a single-branch batch).
+In a mixed batch the router gates (per-branch copies) route each token with its own branch's gate, and each
+expert gives its tokens, gathered from every branch's rows, their branch ids: one mixed-row call per
+projection, whose mean weight is read once. Where the experts stay transformers' fused per-branch copies
+(``moe``'s outputs), :class:`RowsByBranch` runs the whole sparse block once per branch on that branch's rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,10 +39,11 @@ class ExpertLinears(nn.ModuleList):
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, names: tuple[str, str, str],
-                 act_fn: Callable[[Tensor], Tensor]) -> None:
+                 act_fn: Callable[[Tensor], Tensor], state: BranchState | None = None) -> None:
         super().__init__()
         self.names, self.num_experts = tuple(names), num_experts
-        self.__dict__["act_fn"] = act_fn  # (an activation module kept out of the list: its items are experts)
+        # (kept out of the list, whose items are the experts: an activation module, the branch selection)
+        self.__dict__["act_fn"], self.__dict__["state"] = act_fn, state
         gate, up, down = self.names
         for _ in range(num_experts):
             e = nn.Module()
@@ -51,14 +54,15 @@ class ExpertLinears(nn.ModuleList):
             self.append(e)
 
     @classmethod
-    def like(cls, fused: nn.Module, names: tuple[str, str, str]) -> ExpertLinears:
+    def like(cls, fused: nn.Module, names: tuple[str, str, str], state: BranchState | None = None) -> ExpertLinears:
         """The per-expert form of transformers' fused experts module (``gate_up_proj`` ``[E, 2I, H]``)."""
         n, two_i, hidden = fused.gate_up_proj.shape
-        return cls(n, hidden, two_i // 2, names, fused.act_fn)
+        return cls(n, hidden, two_i // 2, names, fused.act_fn, state)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         out = torch.zeros_like(hidden_states)
         gate, up, down = self.names
+        token_rows = self._token_rows(hidden_states.shape[0])
         with torch.no_grad():  # [E+1, k, T]: which tokens chose each expert, in which of their k slots
             mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
@@ -68,10 +72,22 @@ class ExpertLinears(nn.ModuleList):
             slot, tok = torch.where(mask[e])
             x = hidden_states[tok]
             expert = self[e]
-            h = self.act_fn(getattr(expert, gate)(x)) * getattr(expert, up)(x)
-            h = getattr(expert, down)(h) * top_k_weights[tok, slot, None]
+            # a mixed batch: this expert's tokens as rows of their own branches (one GEMM with the mean weight)
+            with nullcontext() if token_rows is None else self.state.select(token_rows[tok.cpu()]):
+                h = self.act_fn(getattr(expert, gate)(x)) * getattr(expert, up)(x)
+                h = getattr(expert, down)(h) * top_k_weights[tok, slot, None]
             out.index_add_(0, tok, h.to(out.dtype))
         return out
+
+    def _token_rows(self, tokens: int) -> Tensor | None:
+        """The branch id of each of ``tokens`` flattened ``[B·T]`` tokens when a mixed batch is selected
+        (each batch row's id repeated for its tokens), else None."""
+        rows = None if self.state is None else self.state.rows
+        if rows is None:
+            return None
+        if tokens % rows.numel():
+            raise ValueError(f"{tokens} tokens do not split over the {rows.numel()} rows' branch ids")
+        return rows.repeat_interleave(tokens // rows.numel())
 
 
 class RowsByBranch(nn.Module):

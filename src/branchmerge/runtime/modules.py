@@ -583,12 +583,20 @@ class PerBranch(nn.Module):
             ys = self._through_roots(x, groups)
         else:
             ys = [(rows, self._copies[i](x[rows], *args, **kwargs)) for i, rows in groups]
-        width = max(y.shape[-1] for _, y in ys)
-        y0 = ys[0][1]
-        if all(y.shape[-1] == width for _, y in ys):
-            out = y0.new_empty((x.shape[0], *y0.shape[1:]))
-        else:  # heads of branches with vocabularies of other sizes: a row's tokens past its own are impossible
-            out = y0.new_full((x.shape[0], *y0.shape[1:-1], width), float("-inf"))
-        for rows, y in ys:
-            out[rows, ..., :y.shape[-1]] = y
-        return out
+        if isinstance(ys[0][1], tuple):  # several outputs, each by row (an MoE router's logits, weights, experts)
+            return tuple(_by_rows(x.shape[0], [(rows, y[j]) for rows, y in ys]) for j in range(len(ys[0][1])))
+        return _by_rows(x.shape[0], ys)
+
+
+def _by_rows(n: int, ys: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """One ``[n, ...]`` tensor from each group's ``(rows, output)``; outputs narrower in their last dimension
+    (heads of branches with smaller vocabularies) padded with -inf: a row's tokens past its own are impossible."""
+    width = max(y.shape[-1] for _, y in ys)
+    y0 = ys[0][1]
+    if all(y.shape[-1] == width for _, y in ys):
+        out = y0.new_empty((n, *y0.shape[1:]))
+    else:
+        out = y0.new_full((n, *y0.shape[1:-1], width), float("-inf"))
+    for rows, y in ys:
+        out[rows, ..., :y.shape[-1]] = y
+    return out
