@@ -67,6 +67,16 @@ class Architecture:
             tensor_name = tensor_name.replace(old, new)
         return tensor_name
 
+    def expert_or_router(self, module: str) -> bool:
+        """Whether checkpoint module ``module`` is one expert's projection or a sparse block's router gate
+        (which PEFT's LoRAs cannot target: transformers 5 runs experts as fused 3-D parameters, routers as
+        modules of their own)."""
+        if not self.experts:
+            return False
+        spec, path = dict(self.experts), self.module_path(module + ".weight")
+        return (any(self.matches(f"{spec['module']}.${{expert_index}}.{spec[k]}", path) for k in ("gate", "up", "down"))
+                or any(self.matches(f"{self.row_dispatch}.{g}", path) for g in ("gate", "shared_expert_gate")))
+
     def matches(self, template: str, module_path: str) -> bool:
         """Whether ``module_path`` is ``template`` with numbers for its indices."""
         return bool(template) and _template_regex(template).match(module_path) is not None
@@ -143,12 +153,18 @@ def registry() -> dict[str, Architecture]:
     return out
 
 
+def known(hf_config: dict) -> Architecture | None:
+    """The packaged layout for an HF ``config.json`` dict, or None."""
+    names = hf_config.get("architectures") or []
+    return next((a for a in registry().values() if any(n in a.architectures for n in names)), None)
+
+
 def for_hf_config(hf_config: dict, *, source: str = "") -> Architecture:
     """The layout for an HF ``config.json`` dict, or the fallback rule with a warning."""
     names = hf_config.get("architectures") or []
-    for arch in registry().values():
-        if any(n in arch.architectures for n in names):
-            return arch
+    arch = known(hf_config)
+    if arch is not None:
+        return arch
     logger.warning(
         "no architecture template for %s (%s); using the fallback rule: 2-D block weights are "
         "compressed, embeddings/norms/lm_head/biases kept per branch",

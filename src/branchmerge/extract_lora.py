@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from branchmerge.architectures import known
 from branchmerge.common import DTYPES, dtype_name
 from branchmerge.compress import tensor_seed
 from branchmerge.compress.lora import extract_lora_factors
@@ -91,6 +92,7 @@ def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: 
     if archs[0] != archs[1]:
         raise ModelInputError(f"the base is {archs[0]} but the model is {archs[1]}: a LoRA needs the same layout")
     names = m_src.names()
+    arch = known(m_src.hf_config)  # (an MoE's experts and routers cannot be LoRA targets)
     for name in sorted(set(names) ^ set(b_src.names())):
         where = "model" if name in names else "base"
         raise ModelInputError(f"tensor {name} is only in the {where}; a LoRA needs the same tensors in both")
@@ -121,6 +123,12 @@ def extract_lora(base: str | Path, model: str | Path, out: str | Path, *, rank: 
             continue
         if module in whole or not wanted(module):
             continue
+        if len(ms) == 2 and arch is not None and arch.expert_or_router(module) and not torch.equal(
+                m_src.get(name), b_src.get(name)):
+            raise ModelInputError(f"tensor {name} (an expert's or router's weight of a {arch.name} model) changed; "
+                                  "PEFT's LoRAs cannot target transformers' fused experts or its routers: merge the "
+                                  "fine-tune as a branch instead, or leave them out with --exclude "
+                                  "'experts|gate' (the adapter then lacks their change)")
         if len(ms) == 2 and not (_EMBED.search(module) and not embed_lora):
             continue
         mt, bt = m_src.get(name), b_src.get(name)
