@@ -118,10 +118,13 @@ def test_compressed_experts_trade_size_for_error_and_export(capsys, moes, tmp_pa
 
 
 def test_moes_in_the_fused_layout_are_branches(family, tmp_path):
-    """Two Mixtrals written by `moe` (transformers 5's fused experts, 3-D tensors): their experts stay per
-    branch (not compressed), the gates too, and each branch answers as its model, alone and mixed."""
+    """Mixtrals written by `moe` (transformers 5's fused experts, 3-D tensors, as mergekit-moe writes them)
+    are read one 2-D tensor per expert: their experts compress like a checkpoint's, a fused one and a
+    checkpoint-layout one (transformers' save_pretrained) join one group, and each branch answers as its
+    model, alone and mixed."""
     import yaml
 
+    from branchmerge.io.models import ModelSource
     from branchmerge.moe import build_moe, load_moe_config
 
     models = {}
@@ -131,13 +134,21 @@ def test_moes_in_the_fused_layout_are_branches(family, tmp_path):
         (tmp_path / f"{name}.yml").write_text(yaml.safe_dump(data))
         build_moe(load_moe_config(tmp_path / f"{name}.yml"), tmp_path / name, progress=False)
         models[name] = (tmp_path / name, AutoModelForCausalLM.from_pretrained(tmp_path / name).eval())
+    src = ModelSource.open("ab", str(tmp_path / "ab"))
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in src.names()
+    w3 = src.get("model.layers.1.block_sparse_moe.experts.1.w3.weight")  # expert 1 is b: its up_proj
+    torch.testing.assert_close(w3, family["b"][1].model.layers[1].mlp.up_proj.weight)
+    assert src.shape("model.layers.1.block_sparse_moe.experts.1.w2.weight") == tuple(w3.shape[::-1])
+    models["bc"][1].save_pretrained(tmp_path / "bc-ckpt")  # the same model in the checkpoint layout
+    models["bc"] = (tmp_path / "bc-ckpt", models["bc"][1])
     bundle_dir = _merge(models, tmp_path / "bundle", 0.5)
-    records = next(iter(BundleReader(bundle_dir).manifest.tensors.values()))
-    assert records["model.layers.0.mlp.experts.gate_up_proj"].role == "per_branch"
-    assert records["model.layers.0.mlp.gate.weight"].role != "compressed"  # (equal random gates: shared)
-    assert records["model.layers.0.self_attn.q_proj.weight"].role == "compressed"
+    reader = BundleReader(bundle_dir)
+    assert len(reader.groups) == 1
+    records = next(iter(reader.manifest.tensors.values()))
+    assert records["model.layers.0.block_sparse_moe.experts.0.w1.weight"].role == "compressed"
+    assert records["model.layers.0.block_sparse_moe.gate.weight"].role != "compressed"  # (equal random gates)
     b = branchmerge.load(bundle_dir, dtype="float32")
-    ref = branchmerge.load(_merge(models, tmp_path / "exact", 0.0), dtype="float32")  # attention exact too
+    ref = branchmerge.load(_merge(models, tmp_path / "exact", 0.0), dtype="float32")
     for n in models:
         torch.testing.assert_close(ref.logits(X, [n, n]), _hf_logits(models[n][1]), atol=1e-4, rtol=1e-4)
     mixed = b.logits(X, ["bc", "ab"])

@@ -72,6 +72,8 @@ class ModelSource:
     hf_config: dict
     weight_map: dict[str, Path]
     _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+    # name → (stored name, expert, rows): an MoE stored in transformers 5's fused layout read per expert
+    _views: dict[str, tuple[str, int | None, slice | None]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, name: str, model: str, revision: str | None = None) -> ModelSource:
@@ -93,6 +95,11 @@ class ModelSource:
         src = cls(name=name, path=path, hf_config=hf_config, weight_map=weight_map)
         for shard in sorted(set(weight_map.values())):
             src._handle(shard)  # open each shard now so corrupt files fail before any work
+        src._views = _expert_views(hf_config, list(weight_map), src.shape)
+        if src._views:  # the checkpoint layout's names in place of the fused ones (same order otherwise)
+            stored = {real for real, _, _ in src._views.values()}
+            views = {real: [v for v, (r, _, _) in src._views.items() if r == real] for real in stored}
+            src.weight_map = {v: shard for n, shard in weight_map.items() for v in views.get(n, [n])}
         return src
 
     def _handle(self, shard: Path):
@@ -112,6 +119,10 @@ class ModelSource:
         return list(self.weight_map)
 
     def shape(self, tensor: str) -> tuple[int, ...]:
+        if tensor in self._views:
+            real, e, rows = self._views[tensor]
+            full = tuple(self._handle(self._shard(tensor)).get_slice(real).get_shape())
+            return full if e is None else (rows.stop - rows.start, *full[2:])
         return tuple(self._handle(self._shard(tensor)).get_slice(tensor).get_shape())
 
     def _shard(self, tensor: str) -> Path:
@@ -127,8 +138,12 @@ class ModelSource:
             ModelInputError: if the tensor is missing, unreadable, or holds NaN/Inf.
         """
         shard = self._shard(tensor)
+        real, expert, rows = self._views.get(tensor, (tensor, None, None))
         try:
-            t = self._handle(shard).get_tensor(tensor)
+            if expert is None:
+                t = self._handle(shard).get_tensor(real)
+            else:  # one expert's rows of a fused [E, R, C] tensor, read alone
+                t = self._handle(shard).get_slice(real)[expert:expert + 1, rows.start:rows.stop][0].contiguous()
         except Exception as e:  # noqa: BLE001
             raise ModelInputError(
                 f"branch {self.name!r}: tensor {tensor} in {shard} could not be read: {e}"
@@ -235,3 +250,40 @@ def _weight_map(name: str, path: Path) -> dict[str, Path]:
         for k in keys:
             out[k] = f
     return out
+
+
+def _expert_views(hf_config: dict, names: list[str], shape) -> dict[str, tuple[str, int | None, slice | None]]:
+    """For an MoE model stored in transformers 5's fused layout (``mlp.experts.gate_up_proj`` ``[E, 2I, H]``,
+    ``mlp.experts.down_proj`` ``[E, H, I]``: what ``moe`` and mergekit-moe write), the checkpoint layout's
+    names (one 2-D tensor per expert and projection; Mixtral's ``block_sparse_moe.``) mapped to where each
+    lies: ``{name: (stored name, expert or None, rows or None)}``. Empty for any other model.
+
+    Read this way, every expert is a weight of its own to merge, compress or compare with a checkpoint's."""
+    from branchmerge.architectures import known
+
+    arch = known(hf_config)
+    if arch is None or not arch.experts or not any(n.endswith(_FUSED) for n in names):
+        return {}
+    spec = dict(arch.experts)
+
+    def undo(name: str) -> str:  # a module path back to the checkpoint's name
+        for old, new in reversed(arch.renames):
+            name = name.replace(new, old)
+        return name
+
+    views: dict[str, tuple[str, int | None, slice | None]] = {}
+    for n in names:
+        if n.endswith(_FUSED) and len(dims := shape(n)) == 3:
+            experts, rows = dims[0], dims[1]
+            module = undo(n.rpartition(".")[0])
+            parts = [(spec["gate"], slice(0, rows // 2)), (spec["up"], slice(rows // 2, rows))] \
+                if n.endswith("gate_up_proj") else [(spec["down"], slice(0, rows))]
+            for e in range(experts):
+                for proj, sl in parts:
+                    views[f"{module}.{e}.{proj}.weight"] = (n, e, sl)
+        elif (u := undo(n)) != n:
+            views[u] = (n, None, None)
+    return views
+
+
+_FUSED = (".experts.gate_up_proj", ".experts.down_proj")

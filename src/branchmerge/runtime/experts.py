@@ -9,8 +9,9 @@ as transformers' experts module is.
 
 In a mixed batch the router gates (per-branch copies) route each token with its own branch's gate, and each
 expert gives its tokens, gathered from every branch's rows, their branch ids: one mixed-row call per
-projection, whose mean weight is read once. Where the experts stay transformers' fused per-branch copies
-(``moe``'s outputs), :class:`RowsByBranch` runs the whole sparse block once per branch on that branch's rows.
+projection, whose mean weight is read once. Where a bundle stores the experts fused (3-D, per branch: a
+bundle merged before inputs in the fused layout were read per expert), :class:`RowsByBranch` runs the whole
+sparse block once per branch on that branch's rows.
 """
 
 from __future__ import annotations
