@@ -189,7 +189,7 @@ def test_the_server_loads_and_unloads_adapters_as_vllm_does(family, loras, tmp_p
     (root / "filelink").mkdir()  # a folder inside whose weights file links out of it
     (root / "filelink" / "adapter_config.json").write_text((root / "k" / "adapter_config.json").read_text())
     os.symlink(outside / "adapter_model.safetensors", root / "filelink" / "adapter_model.safetensors")
-    app = create_app(bundle, lora_dir=root, max_loras=2, max_lora_rank=8)
+    app = create_app(bundle, lora_dir=root, max_loras=2, max_lora_rank=8, served_model_names=["bee=base"])
     prompt = [4, 9, 2, 17, 5]
     with serving(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
@@ -210,6 +210,7 @@ def test_the_server_loads_and_unloads_adapters_as_vllm_does(family, loras, tmp_p
             ("x", "nope"): (400, "not a PEFT adapter folder"),
             ("x", "dora"): (400, "by DoRA"),
             ("x y", "k"): (400, "not a safe name"),
+            ("bee", "k"): (400, "is taken"),  # a --served-model-name (it would shadow the adapter)
         }
         for (name, path), (status, words) in refused.items():
             r = _post(url, "/v1/load_lora_adapter", lora_name=name, lora_path=path)

@@ -161,9 +161,10 @@ class RuntimeLoras:
         if req.samples is not None and self.bundle.router is None:
             raise P.APIError(400, "samples route `auto` questions, but this bundle has no router", param="samples")
         async with self._lock:
-            if req.lora_name not in self.bundle.loras and req.lora_name in self.service.front.model_ids():
-                raise P.APIError(400, f"the name {req.lora_name!r} is taken (a branch, a pipeline or 'auto')",
-                                 param="lora_name")
+            if req.lora_name not in self.bundle.loras and (req.lora_name in self.service.front.model_ids()
+                                                           or req.lora_name in getattr(self.service, "aliases", {})):
+                raise P.APIError(400, f"the name {req.lora_name!r} is taken (a branch, a pipeline, 'auto' or a "
+                                 "--served-model-name)", param="lora_name")
             if req.lora_name in self.bundle.loras:
                 if not req.load_inplace:
                     raise P.APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded.",
