@@ -6,8 +6,10 @@ import logging
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig,
-                          Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config,
+                          DeepseekV3ForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM)
 
 import branchmerge
 from branchmerge.config import parse_config
@@ -28,7 +30,20 @@ KINDS = {
     "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig(**COMMON, moe_intermediate_size=24, intermediate_size=48,
                                                       num_experts=4, num_experts_per_tok=2, head_dim=16,
                                                       mlp_only_layers=[1])),  # (a dense MLP layer too)
+    "olmoe": (OlmoeForCausalLM, OlmoeConfig(**COMMON, intermediate_size=24, num_experts=4, num_experts_per_tok=2)),
 }
+# MLA attention (low-rank q and kv projections), a sigmoid router with groups and a score-correction bias,
+# shared experts, the first layer dense: DeepSeek-V3's layout (Kimi K2's), V2's, and GLM-4.5's
+_DS = dict(COMMON, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
+           num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1)
+_MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+KINDS |= {
+    "deepseek_v3": (DeepseekV3ForCausalLM, DeepseekV3Config(**_DS, **_MLA)),
+    "deepseek_v2": (DeepseekV2ForCausalLM, DeepseekV2Config(**_DS, **_MLA)),
+    "glm4_moe": (Glm4MoeForCausalLM, Glm4MoeConfig(**dict(_DS, num_key_value_heads=2), attention_bias=True,
+                                                   use_qk_norm=True)),
+}
+SPARSE_LAYERS = {"qwen3_moe": 1, "deepseek_v3": 1, "deepseek_v2": 1, "glm4_moe": 1}  # (the others: 2 of 2)
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +91,11 @@ def test_moe_fine_tunes_are_branches(moes, tmp_path, caplog, kind):
     reader = BundleReader(bundle_dir)
     records = next(iter(reader.manifest.tensors.values()))
     experts = [t for t in records if ".experts.3." in t]
-    sparse = 1 if kind == "qwen3_moe" else 2  # (layer 1 of the Qwen3-MoE is a dense MLP, compressed too)
+    sparse = SPARSE_LAYERS.get(kind, 2)  # (a dense MLP layer's weights are compressed too)
     assert len(experts) == 3 * sparse and all(records[t].role == "compressed" for t in experts), experts
-    if kind == "qwen3_moe":
-        assert records["model.layers.1.mlp.gate_proj.weight"].role == "compressed"
+    if sparse == 1:
+        dense = "model.layers.1" if kind == "qwen3_moe" else "model.layers.0"
+        assert records[f"{dense}.mlp.gate_proj.weight"].role == "compressed"
     gates = [t for t in records if t.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight",
                                                "shared_expert_gate.weight"))]
     assert gates and all(records[t].role == "per_branch" for t in gates)

@@ -1,4 +1,4 @@
-"""Sparse mixture-of-experts blocks of a branched model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+"""Sparse mixture-of-experts blocks of a branched model (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GLM-4.5).
 
 Fine-tunes of an MoE base are stored as checkpoints name them, one 2-D weight per expert and projection
 (``block_sparse_moe.experts.3.w1.weight``, ``mlp.experts.3.gate_proj.weight``), so the merge compresses

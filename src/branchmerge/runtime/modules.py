@@ -583,8 +583,14 @@ class PerBranch(nn.Module):
             ys = self._through_roots(x, groups)
         else:
             ys = [(rows, self._copies[i](x[rows], *args, **kwargs)) for i, rows in groups]
-        if isinstance(ys[0][1], tuple):  # several outputs, each by row (an MoE router's logits, weights, experts)
-            return tuple(_by_rows(x.shape[0], [(rows, y[j]) for rows, y in ys]) for j in range(len(ys[0][1])))
+        if isinstance(ys[0][1], tuple):  # several outputs (an MoE router's logits, weights and experts), by row
+            per_row = x[0].numel() // x.shape[-1] if x.ndim > 2 else 1  # (or by token: a router flattens them)
+            outs = []
+            for j in range(len(ys[0][1])):
+                k = per_row if ys[0][1][j].shape[0] == ys[0][0].numel() * per_row else 1
+                steps = torch.arange(k, device=x.device)
+                outs.append(_by_rows(x.shape[0] * k, [((rows[:, None] * k + steps).flatten(), y[j]) for rows, y in ys]))
+            return tuple(outs)
         return _by_rows(x.shape[0], ys)
 
 
