@@ -241,3 +241,19 @@ def test_an_moe_bundle_served_answers_mixed_requests_as_alone(moes, tmp_path):
                 wait_queued(engine, 4, futures=futs)
             got = [f.result() for f in futs]
     assert got == expected and engine.batches - before == 1
+
+
+def test_a_config_claiming_more_experts_than_stored_is_refused_at_once(moes, tmp_path):
+    """A bundle is input: a branch config claiming a million experts is refused naming both counts, before a
+    module (or a shape to check) is made for each claimed expert."""
+    import json
+
+    from branchmerge.errors import BundleError
+
+    d = _merge(moes["mixtral"], tmp_path / "b", 0.5)
+    m = json.loads((d / "manifest.json").read_text())
+    for b in ("a", "b"):
+        m["branches"][b]["hf_config"]["num_local_experts"] = 1_000_000
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="has 1000000 experts, but the bundle stores tensors for 4"):
+        branchmerge.load(d, dtype="float32")

@@ -24,7 +24,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from branchmerge.architectures import Architecture, registry
 from branchmerge.errors import BundleError
 from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
-from branchmerge.runtime.experts import ExpertLinears, RowsByBranch
+from branchmerge.runtime.experts import ExpertLinears, RowsByBranch, stored_experts
 from branchmerge.runtime.modules import BranchedLinear, BranchState, PerBranch
 from branchmerge.runtime.patched import RowPatched
 from branchmerge.runtime.quantized import QuantizedBranchedLinear
@@ -185,6 +185,10 @@ def _per_expert_modules(model: PreTrainedModel, arch: Architecture, by_module: d
             if by_module.get(path):
                 raise BundleError(f"the bundle stores {path}'s experts both fused ({', '.join(by_module[path])}) "
                                   "and one tensor per expert")
+            n, held = mod.gate_up_proj.shape[0], stored_experts(list(by_module), path)
+            if held != set(range(n)):  # (checked before making a module per expert the config claims)
+                raise BundleError(f"{path}: its config has {n} experts, but the bundle stores tensors for "
+                                  f"{len(held)} (indices {min(held)}–{max(held)})")
             _set_module(model, path, ExpertLinears.like(mod, names, state))
 
 

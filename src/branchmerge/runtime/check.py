@@ -26,7 +26,7 @@ def check_shapes(reader: BundleReader) -> None:
             model = skeleton(hf_config_object(reader.hf_config(b), f"branch {b!r}"), where=f"branch {b!r}")
             shapes = {n: list(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
             if arch is not None and arch.experts:  # the checkpoint's per-expert names, as the runtime reads them
-                shapes |= per_expert_shapes(model, arch)
+                shapes |= per_expert_shapes(model, arch, [arch.param_path(t) for t in reader.manifest.tensors[gname]])
             for tensor, rec in reader.manifest.tensors[gname].items():
                 path = arch.param_path(tensor) if arch is not None else tensor
                 if path not in shapes:

@@ -118,17 +118,26 @@ class RowsByBranch(nn.Module):
         return out
 
 
-def per_expert_shapes(model: nn.Module, arch: Architecture) -> dict[str, list[int]]:
-    """The shape of every per-expert parameter :class:`ExpertLinears` gives ``model``, by path
-    (``{"model.layers.0.mlp.experts.3.w1.weight": [I, H], ...}``), from its fused experts' shapes."""
+def per_expert_shapes(model: nn.Module, arch: Architecture, paths: list[str]) -> dict[str, list[int]]:
+    """The shape :class:`ExpertLinears` gives each per-expert parameter among ``paths`` (parameter paths,
+    e.g. ``model.layers.0.mlp.experts.3.w1.weight`` → ``[I, H]``), from ``model``'s fused experts' shapes;
+    paths of experts past a layer's count are left out (not a parameter)."""
     spec = dict(arch.experts)
+    fused = {p: m.gate_up_proj.shape for p, m in model.named_modules()
+             if arch.matches(spec["module"], p) and isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)}
     out: dict[str, list[int]] = {}
-    for path, mod in model.named_modules():
-        fused = getattr(mod, "gate_up_proj", None)
-        if not arch.matches(spec["module"], path) or not isinstance(fused, torch.Tensor):
-            continue
-        n, two_i, hidden = fused.shape
-        for e in range(n):
-            out[f"{path}.{e}.{spec['gate']}.weight"] = out[f"{path}.{e}.{spec['up']}.weight"] = [two_i // 2, hidden]
-            out[f"{path}.{e}.{spec['down']}.weight"] = [hidden, two_i // 2]
+    for path in paths:
+        module, e, proj, param = (path.rsplit(".", 3) + ["", "", ""])[:4]
+        if module in fused and e.isdigit() and param == "weight" and int(e) < fused[module][0]:
+            n, two_i, hidden = fused[module]
+            if proj in (spec["gate"], spec["up"]):
+                out[path] = [two_i // 2, hidden]
+            elif proj == spec["down"]:
+                out[path] = [hidden, two_i // 2]
     return out
+
+
+def stored_experts(paths: list[str], module: str) -> set[int]:
+    """The expert indices under ``module`` that ``paths`` (module or parameter paths) hold tensors for."""
+    pre = module + "."
+    return {int(e) for p in paths if p.startswith(pre) and (e := p[len(pre):].partition(".")[0]).isdigit()}
