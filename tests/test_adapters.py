@@ -425,7 +425,7 @@ def test_serve_adapters_as_vllm_does(capsys, family, adapters, tmp_path):
                             stderr=subprocess.PIPE, text=True)
     try:
         ids = [m["id"] for m in wait_listening(proc, f"http://127.0.0.1:{port}/v1/models").json()["data"]]
-        assert {"tiny", "plain"} <= set(ids) and [p.name for p in tmp.iterdir() if "lora" in p.name]
+        assert {"tiny", "plain"} <= set(ids) and [p.name for p in tmp.iterdir() if p.name.startswith("branchmerge-base-")]
         # --lora-dir: vLLM's runtime loading, over the base (named by --served-model-name)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/load_lora_adapter", json={"lora_name": "qv", "lora_path": "qv"},
                        timeout=60)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,22 @@ def open_adapters_front(base: str | Path, adapters: dict[str, str | Path], work:
     shutil.rmtree(work / "base", ignore_errors=True)
     merge_adapters(base, adapters, work / "merged", base_name=base_name)
     return open_front(work / "merged", pipelines=pipelines, **load_kw)
+
+
+def is_base_folder(path: str | Path, *, adapters: bool = False) -> bool:
+    """Whether ``path`` is opened as a base model in a temporary bundle (:func:`open_base_front`): a plain
+    model folder, or (``adapters``: LoRAs go over it) any folder that is not a bundle."""
+    return (adapters and not (Path(path) / "manifest.json").is_file()) or is_model_folder(path)
+
+
+def open_base_front(base: str | Path, stack: ExitStack, *, adapters: dict[str, str | Path] | None = None,
+                    **kw: Any) -> Front:
+    """:func:`open_adapters_front` in a temporary folder that ``stack`` removes when it closes: how ``serve``,
+    ``generate``/``chat`` and ``run-batch`` run a base model folder (with its LoRAs) as a bundle."""
+    import tempfile
+
+    work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="branchmerge-base-")))
+    return open_adapters_front(base, adapters or {}, work, **kw)
 
 
 def is_model_folder(path: str | Path) -> bool:

@@ -43,10 +43,9 @@ def run_batch_cmd(
     a line that is not a request (bad JSON, no custom_id, another url) gets "error" naming the line. The
     output is written to a temporary file and renamed at the end; the exit status is 0 when every line was
     read, whatever the answers."""
-    import tempfile
     from contextlib import ExitStack
 
-    from branchmerge.front import is_model_folder, open_adapters_front, open_front
+    from branchmerge.front import is_base_folder, open_base_front, open_front
     from branchmerge.server import ServerLimits
     from branchmerge.server.batch import run_batch_file
     from branchmerge.server.tools import PARSERS
@@ -61,9 +60,8 @@ def run_batch_cmd(
     templates = chat_templates(chat_template)
     pipes = load_pipelines(pipelines) if pipelines is not None else None
     with ExitStack() as stack:
-        if is_model_folder(bundle_dir):  # a plain HF folder: a bundle of one branch, `base`, in a temporary folder
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="branchmerge-batch-")))
-            front = open_adapters_front(bundle_dir, {}, tmp, device=device, dtype=dtype, pipelines=pipes)
+        if is_base_folder(bundle_dir):  # a plain HF folder: a bundle of one branch, `base`, in a temporary folder
+            front = open_base_front(bundle_dir, stack, device=device, dtype=dtype, pipelines=pipes)
         else:
             front = open_front(str(bundle_dir), device=device, dtype=dtype, pipelines=pipes)
         if max_model_len is not None:

@@ -106,15 +106,10 @@ def _load(bundle_dir: Path, routing: bool, loras: list[str] = (), lora_base: str
 
 def _open(bundle_dir: Path, routing: bool, adapters: dict[str, str], lora_base: str | None, stack: ExitStack | None,
           **kw):
-    from branchmerge.front import is_model_folder
+    from branchmerge.front import is_base_folder, open_base_front
 
-    if (adapters and not (bundle_dir / "manifest.json").is_file()) or is_model_folder(bundle_dir):
-        import tempfile
-
-        from branchmerge.front import open_adapters_front
-
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="branchmerge-lora-"))
-        return open_adapters_front(bundle_dir, adapters, Path(tmp), base_name=lora_base or "base", **kw).bundle
+    if is_base_folder(bundle_dir, adapters=bool(adapters)):
+        return open_base_front(bundle_dir, stack, adapters=adapters, base_name=lora_base or "base", **kw).bundle
     if routing:
         import branchmerge
 

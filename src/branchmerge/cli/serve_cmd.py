@@ -235,12 +235,11 @@ def serve_cmd(
               root_path=root_path, served_model_names=served_model_name)
     if lora_on_demand and lora_dir is None:
         raise typer.BadParameter("needs --lora-dir", param_hint="--lora-on-demand")
-    from branchmerge.front import is_model_folder
-    from branchmerge.io.manifest import MANIFEST
+    from branchmerge.front import is_base_folder
 
-    over_base = adapters or (lora_dir is not None and not (bundle_dir / MANIFEST).is_file()) or is_model_folder(
-        bundle_dir)  # a base model folder, served as a bundle of its own in a temporary folder
-    if not over_base:
+    # a base model folder (with --lora-modules or --lora-dir: any folder not a bundle), served as a bundle of its
+    # own in a temporary folder
+    if not is_base_folder(bundle_dir, adapters=bool(adapters) or lora_dir is not None):
         return serve(str(bundle_dir), **kw)  # (a bundle; or a folder that is neither: its error says why)
     plain = [n for n in served_model_name if "=" not in n]
     base_name = plain[0] if plain else "base"  # (over a base folder, the first bare name is the base's own)
@@ -249,18 +248,17 @@ def serve_cmd(
         kw["lora_base"] = base_name
     import signal
     import sys
-    import tempfile
+    from contextlib import ExitStack
 
-    from branchmerge.front import open_adapters_front
+    from branchmerge.front import open_base_front
 
     # uvicorn re-raises the SIGTERM that stopped it once it has shut down: exit through Python then, so the
     # temporary bundle is removed (SIGTERM's default action would end the process without cleanup)
     prev = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        with tempfile.TemporaryDirectory(prefix="branchmerge-lora-") as tmp:
-            front = open_adapters_front(bundle_dir, adapters, Path(tmp), base_name=base_name, device=device,
-                                        dtype=dtype, pipelines=pipes)
-            serve(front, **kw)
+        with ExitStack() as stack:
+            serve(open_base_front(bundle_dir, stack, adapters=adapters, base_name=base_name, device=device,
+                                  dtype=dtype, pipelines=pipes), **kw)
     finally:
         signal.signal(signal.SIGTERM, prev)
 
