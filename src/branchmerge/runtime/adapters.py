@@ -33,7 +33,8 @@ from branchmerge.errors import BranchNotFoundError, BundleError, ModelInputError
 from branchmerge.io.adapters import LoraSource
 from branchmerge.io.bundle import BundleReader, key_mean, key_scales, key_shared
 from branchmerge.io.models import ModelSource
-from branchmerge.runtime.modules import BranchedLinear, PerBranch
+from branchmerge.runtime.modules import BranchedLinear
+from branchmerge.runtime.perbranch import PerBranch
 from branchmerge.runtime.patched import RowPatched
 from branchmerge.runtime.quantized import QuantizedBranchedLinear
 

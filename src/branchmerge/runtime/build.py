@@ -25,7 +25,8 @@ from branchmerge.architectures import Architecture, registry
 from branchmerge.errors import BundleError
 from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
 from branchmerge.runtime.experts import ExpertLinears, RowsByBranch, stored_experts
-from branchmerge.runtime.modules import BranchedLinear, BranchState, PerBranch
+from branchmerge.runtime.modules import BranchedLinear, BranchState
+from branchmerge.runtime.perbranch import PerBranch
 from branchmerge.runtime.patched import RowPatched
 from branchmerge.runtime.quantized import QuantizedBranchedLinear
 
