@@ -193,7 +193,7 @@ class LoraSource(ModelSource):
             raise ModelInputError(f"branch {name!r}: {folder} has no {ADAPTER_WEIGHTS}{hint}")
         src = cls(name=name, path=folder, hf_config=base_src.hf_config, weight_map=base_src.weight_map,
                   adapter=cfg, base=base_src, adapter_file=weights)
-        src._handles = base_src._handles
+        src._handles, src._views = base_src._handles, base_src._views  # (a fused MoE base: read per expert)
         src._index()
         return src
 
