@@ -67,6 +67,12 @@ class Architecture:
             tensor_name = tensor_name.replace(old, new)
         return tensor_name
 
+    def checkpoint_path(self, path: str) -> str:
+        """A transformers module or parameter path as the checkpoint names it (``renames`` undone)."""
+        for old, new in reversed(self.renames):
+            path = path.replace(new, old)
+        return path
+
     def expert_or_router(self, module: str) -> bool:
         """Whether checkpoint module ``module`` is one expert's projection or a sparse block's router gate
         (which PEFT's LoRAs cannot target: transformers 5 runs experts as fused 3-D parameters, routers as

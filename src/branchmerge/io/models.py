@@ -265,23 +265,17 @@ def _expert_views(hf_config: dict, names: list[str], shape) -> dict[str, tuple[s
     if arch is None or not arch.experts or not any(n.endswith(_FUSED) for n in names):
         return {}
     spec = dict(arch.experts)
-
-    def undo(name: str) -> str:  # a module path back to the checkpoint's name
-        for old, new in reversed(arch.renames):
-            name = name.replace(new, old)
-        return name
-
     views: dict[str, tuple[str, int | None, slice | None]] = {}
     for n in names:
         if n.endswith(_FUSED) and len(dims := shape(n)) == 3:
             experts, rows = dims[0], dims[1]
-            module = undo(n.rpartition(".")[0])
+            module = arch.checkpoint_path(n.rpartition(".")[0])
             parts = [(spec["gate"], slice(0, rows // 2)), (spec["up"], slice(rows // 2, rows))] \
                 if n.endswith("gate_up_proj") else [(spec["down"], slice(0, rows))]
             for e in range(experts):
                 for proj, sl in parts:
                     views[f"{module}.{e}.{proj}.weight"] = (n, e, sl)
-        elif (u := undo(n)) != n:
+        elif (u := arch.checkpoint_path(n)) != n:
             views[u] = (n, None, None)
     return views
 

@@ -22,13 +22,15 @@ def check_shapes(reader: BundleReader) -> None:
 
     for gname, g in reader.groups.items():
         arch = registry().get(g.architecture)
+        records = reader.manifest.tensors[gname]
+        paths = {t: arch.param_path(t) if arch is not None else t for t in records}  # (as the runtime reads them)
         for b in g.branches:
             model = skeleton(hf_config_object(reader.hf_config(b), f"branch {b!r}"), where=f"branch {b!r}")
             shapes = {n: list(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
-            if arch is not None and arch.experts:  # the checkpoint's per-expert names, as the runtime reads them
-                shapes |= per_expert_shapes(model, arch, [arch.param_path(t) for t in reader.manifest.tensors[gname]])
-            for tensor, rec in reader.manifest.tensors[gname].items():
-                path = arch.param_path(tensor) if arch is not None else tensor
+            if arch is not None and arch.experts:  # the checkpoint's per-expert tensors
+                shapes |= per_expert_shapes(model, arch, list(paths.values()))
+            for tensor, rec in records.items():
+                path = paths[tensor]
                 if path not in shapes:
                     raise BundleError(f"branch {b!r}: tensor {tensor} is not a parameter of {type(model).__name__}")
                 if shapes[path] != rec.shape_of(b):
