@@ -112,6 +112,67 @@ def test_moe_fine_tunes_are_branches(moes, tmp_path, caplog, kind):
     assert outs == alone
 
 
+@pytest.mark.parametrize("kind", ["deepseek_v3", "glm4_moe"])
+def test_routers_stay_float32_in_a_bfloat16_bundle(capsys, moes, tmp_path, kind):
+    """transformers keeps DeepSeek's and GLM's router gates (and score-correction biases) in float32 at
+    bfloat16 (`_keep_in_fp32_modules_strict`): a rounded gate picks other experts and weighs them otherwise.
+    A bfloat16 bundle stores them in float32, unrounded and never compressed (the dry-run's bytes count them
+    so), and runs them so: each branch's router gives exactly the routing of its model loaded by transformers at
+    bfloat16; the rest of the bundle is bfloat16."""
+    models = moes[kind]
+    cfg = parse_config({"branches": [{"name": n, "model": str(p)} for n, (p, _) in models.items()],
+                        "compress_rate": 0.9, "dtype": "bfloat16"})
+    from branchmerge.merge.plan import plan_merge
+
+    plan = plan_merge(cfg)
+    d = tmp_path / "b"
+    run_merge(cfg, d, progress=False)
+    reader = BundleReader(d)
+    records = next(iter(reader.manifest.tensors.values()))
+    gate = "model.layers.1.mlp.gate.weight"
+    assert records[gate].role == "per_branch"
+    assert reader.get(f"b.a|{gate}").dtype == torch.float32
+    torch.testing.assert_close(reader.get(f"b.a|{gate}"), models["a"][1].model.layers[1].mlp.gate.weight,
+                               atol=0, rtol=0)
+    assert reader.get(f"g.main|model.layers.1.mlp.experts.0.up_proj.weight|mean").dtype == torch.bfloat16
+    group = next(iter(plan["groups"].values()))
+    assert group["bytes"] >= reader.manifest.total_bytes  # (the plan is an upper bound, float32 gates included)
+    b = branchmerge.load(d, dtype="bfloat16")
+    h = torch.randn(5, COMMON["hidden_size"], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for n, (path, _) in models.items():
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        with torch.no_grad(), b.use(n) as model:
+            got = model.model.layers[1].mlp.gate(h)
+            want = hf.model.layers[1].mlp.gate(h)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+    assert b.logits(X, ["a", "b"]).dtype == torch.bfloat16
+    code, _, err = run_cli(capsys, "export-branch", d, "a", "-o", tmp_path / "exported")  # (at the bundle's dtype)
+    assert code == 0, err
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.bfloat16)
+    torch.testing.assert_close(exported.model.layers[1].mlp.gate.weight.detach(),
+                               models["a"][1].model.layers[1].mlp.gate.weight.detach(), atol=0, rtol=0)
+
+
+def test_a_bfloat16_baseline_merge_keeps_routers_float32(moes, tmp_path):
+    """A linear merge written at bfloat16 keeps the routers' average in float32 (as transformers runs them);
+    the experts are bfloat16; transformers loads the folder."""
+    from safetensors import safe_open
+
+    models = moes["deepseek_v3"]
+    cfg = parse_config({"method": "linear", "dtype": "bfloat16",
+                        "branches": [{"name": n, "model": str(p)} for n, (p, _) in models.items()]})
+    run_merge(cfg, tmp_path / "m", progress=False)
+    with safe_open(tmp_path / "m" / "model.safetensors", "pt") as f:
+        gate = f.get_tensor("model.layers.1.mlp.gate.weight")
+        assert f.get_tensor("model.layers.1.mlp.experts.0.up_proj.weight").dtype == torch.bfloat16
+    want = (models["a"][1].model.layers[1].mlp.gate.weight + models["b"][1].model.layers[1].mlp.gate.weight) / 2
+    assert gate.dtype == torch.float32
+    torch.testing.assert_close(gate, want.detach(), atol=1e-6, rtol=1e-6)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    torch.testing.assert_close(merged.model.layers[1].mlp.gate.weight.detach(), gate, atol=0, rtol=0)
+
+
 def test_compressed_experts_trade_size_for_error_and_export(capsys, moes, tmp_path):
     """Compressing the experts' differences: the bundle shrinks and the branch moves off its model as the
     rate rises (r=1: the normalized average); an exported branch is a folder transformers loads (in the

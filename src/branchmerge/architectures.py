@@ -18,7 +18,11 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -178,3 +182,54 @@ def for_hf_config(hf_config: dict, *, source: str = "") -> Architecture:
         source or "model",
     )
     return FALLBACK
+
+
+def float32_tensors(hf_config: dict, dtype: torch.dtype) -> Callable[[str], bool]:
+    """Whether a checkpoint tensor of this model is one transformers keeps in float32 when it loads the model
+    at ``dtype`` (then stored and run in float32 here too; see :func:`_float32_pattern`)."""
+    pattern = _float32_pattern(hf_config, dtype)
+    if pattern is None:
+        return lambda name: False
+    arch = known(hf_config)
+    return lambda name: pattern.search(arch.param_path(name) if arch else name) is not None
+
+
+def _float32_pattern(hf_config: dict, dtype: torch.dtype) -> re.Pattern[str] | None:
+    """The parameters transformers keeps in float32 at ``dtype``, as a pattern searched in a parameter's
+    module path (transformers' own rule), or None.
+
+    That is the model class's ``_keep_in_fp32_modules_strict`` at float16 and bfloat16 (DeepSeek-V2/V3's and
+    GLM-4.5's router gates and score-correction biases: a rounded bias changes which experts a token picks)
+    and its ``_keep_in_fp32_modules`` at float16 only. The class is a transformers built-in named by the
+    config's ``architectures`` (or its ``model_type``'s causal LM); custom code is never looked up.
+    """
+    import torch
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    cls = _model_class(hf_config)
+    names = list(getattr(cls, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        names += list(getattr(cls, "_keep_in_fp32_modules", None) or [])
+    if not names:
+        return None
+    return re.compile("|".join(f"(?:{str(n).replace('*', '.*')})" for n in names))
+
+
+def _model_class(hf_config: dict) -> type | None:
+    import transformers
+    from transformers import PreTrainedModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = [n for n in hf_config.get("architectures") or [] if isinstance(n, str)]
+    names.append(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_config.get("model_type"), ""))
+    for name in names:
+        if not name.isidentifier() or name.startswith("_"):
+            continue
+        try:
+            cls = getattr(transformers, name, None)
+        except Exception:  # noqa: BLE001 - a lazy import of a model transformers cannot build here
+            continue
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            return cls
+    return None

@@ -7,8 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
+from branchmerge.architectures import float32_tensors
 from branchmerge.common import DTYPES, dtype_name
 from branchmerge.io.bundle import BundleReader
 from branchmerge.io.card import CARD, branch_card
@@ -71,8 +73,11 @@ def write_branch(reader: BundleReader, branch: str, folder: Path, *, dtype: str 
     writer = ShardWriter(folder, max_shard_bytes, prefix="model")
     n = len(reader.manifest.tensors[info.group])
     stream = tensors if tensors is not None else reader.iter_branch_tensors(branch)
+    fp32 = float32_tensors(info.hf_config, torch_dtype)  # (routers transformers keeps in float32)
     for name, tensor in tqdm(stream, total=n, desc=f"export {branch}", disable=not progress):
-        writer.add(name, tensor.to(torch_dtype) if tensor.is_floating_point() else tensor)
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32 if fp32(name) else torch_dtype)
+        writer.add(name, tensor)
     writer.close()
     finish_hf_shards(folder, writer)
     src = reader.branch_dir(branch)

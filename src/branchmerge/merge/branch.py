@@ -8,6 +8,7 @@ they fill.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from branchmerge import __version__
 from branchmerge.common import json_dumps, resolve_device, resolve_dtype
-from branchmerge.architectures import Architecture, for_hf_config
+from branchmerge.architectures import Architecture, float32_tensors, for_hf_config
 from branchmerge.compress import (
     compress_difference,
     normalize,
@@ -51,6 +52,7 @@ class _Group:
     arch: Architecture
     standalone: bool
     lora_base: ModelSource | None = None  # adapters of one base, stored as exact factors (merge.lora)
+    float32: Callable[[str], bool] = lambda name: False  # tensors transformers keeps in float32 at the dtype
 
 
 def run_branch_merge(config: MergeConfig, out: str | Path, *, force: bool = False, progress: bool = True,
@@ -163,7 +165,8 @@ def open_groups(config: MergeConfig) -> list[_Group]:
             logger.warning("group %r holds LoRA adapters with a full fine-tune or with adapters of another base: "
                            "all are compressed as merged models; a `group` of their own keeps adapters of one base "
                            "exact", gname)
-        out.append(_Group(gname, sources, arch, standalone, base))
+        fp32 = float32_tensors(sources[0].hf_config, resolve_dtype(config.dtype))
+        out.append(_Group(gname, sources, arch, standalone, base, fp32))
     return out
 
 

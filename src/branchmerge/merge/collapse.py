@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from branchmerge.architectures import float32_tensors
 from branchmerge.common import resolve_dtype
 from branchmerge.compress import tensor_seed
 from branchmerge.config import MergeConfig
@@ -72,6 +73,7 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
                                          *(src.parameters for sl in config.slices or [] for src in sl.sources)]))
     resolved: dict[tuple, dict[str, Any]] = {}
     dtype = resolve_dtype(config.dtype)
+    fp32 = float32_tensors(hf_config, dtype)  # (routers transformers keeps in float32)
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         writer = ShardWriter(tmp, config.max_shard_bytes, prefix="model")
         for job in tqdm(jobs, desc=f"merging ({method.name})", disable=not progress):
@@ -110,7 +112,8 @@ def run_baseline_merge(config: MergeConfig, out: str | Path, *, force: bool = Fa
                 merged = method.fn(ts, **kw) if ts[0].is_floating_point() else ts[0]
             except ValueError as e:
                 raise ModelInputError(f"tensor {job.out}: method {method.name!r}: {e}") from None
-            merged = merged.to(dtype) if merged.is_floating_point() else merged
+            if merged.is_floating_point():
+                merged = merged.to(torch.float32 if fp32(job.out) else dtype)
             if any(merged.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in ts):
                 merged = merged.clone()  # (an input as it is: slices may write it twice, shards must not share)
             writer.add(job.out, merged)

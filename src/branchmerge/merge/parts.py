@@ -22,7 +22,24 @@ from branchmerge.io.writer import ShardWriter
 
 
 def role_of(g, tensor: str, shape: tuple[int, ...]) -> str:
-    return "per_branch" if g.standalone else g.arch.role(tensor, shape)
+    """``compress`` or ``per_branch``: a standalone group's tensors, and those transformers keeps in float32
+    (routers, score-correction biases: never compressed), are kept per branch."""
+    if g.standalone or keeps_float32(g, tensor):
+        return "per_branch"
+    return g.arch.role(tensor, shape)
+
+
+def keeps_float32(g, tensor: str) -> bool:
+    """Whether group ``g``'s ``tensor`` is one transformers keeps in float32 at the merge's dtype (stored so)."""
+    return g.float32(tensor)
+
+
+def stored_dtype(g, tensor: str, t: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kept tensor is written in: the merge's, but float32 where transformers keeps it so, and
+    integer tensors as they are."""
+    if not t.is_floating_point():
+        return t.dtype
+    return torch.float32 if keeps_float32(g, tensor) else dtype
 
 
 def check_shapes(g, tensor: str, shapes: list[tuple[int, ...]]) -> None:
@@ -65,7 +82,7 @@ def keep_tensor(g, tensor: str, writer: ShardWriter, dtype: torch.dtype) -> dict
     ``torch.equal``)."""
     src = g.sources
     first = src[0].get(tensor)
-    target = dtype if first.is_floating_point() else first.dtype
+    target = stored_dtype(g, tensor, first, dtype)
     esize = torch.empty((), dtype=target).element_size()
     digests = [digest(first)] + [digest(s.get(tensor)) for s in src[1:]]
     if not g.standalone and len(set(digests)) == 1 and all(torch.equal(first, s.get(tensor)) for s in src[1:]):

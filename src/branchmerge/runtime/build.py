@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from branchmerge.architectures import Architecture, registry
+from branchmerge.architectures import Architecture, float32_tensors, registry
 from branchmerge.errors import BundleError
 from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
 from branchmerge.runtime.experts import ExpertLinears, RowsByBranch, stored_experts
@@ -58,14 +58,19 @@ def build_group_model(
     model = skeleton(config, dtype, where=f"branch {members[0]!r}")
     state = BranchState(members)
 
-    def load(key: str) -> torch.Tensor:
-        t = reader.get(key, device)
-        return t.to(dtype) if t.is_floating_point() else t
+    arch = registry().get(g.architecture)
+    fp32 = float32_tensors(raw, dtype)  # (transformers keeps these in float32 at dtype: routers, their biases)
+
+    def cast(t: torch.Tensor, tensor: str) -> torch.Tensor:
+        return t.to(torch.float32 if fp32(tensor) else dtype) if t.is_floating_point() else t
+
+    def load(key: str, tensor: str) -> torch.Tensor:
+        return cast(reader.get(key, device), tensor)
 
     def per_branch(tensor: str) -> list[torch.Tensor]:
         role = records[tensor].role
         if role == "shared":
-            t = load(key_shared(group, tensor))
+            t = load(key_shared(group, tensor), tensor)
             return [t] * len(members)
         if role == "per_branch":
             rec, got = records[tensor], {}  # branches that share a stored copy share one tensor
@@ -74,15 +79,14 @@ def build_group_model(
                     continue
                 patch = reader.patch(h, tensor, device)
                 if patch is None:
-                    got[h] = load(key_own(h, tensor))
+                    got[h] = load(key_own(h, tensor), tensor)
                 else:  # another branch's rows with these replaced or added (made a module below)
                     of, rows, values = patch
-                    got[h] = _Patch(members.index(of), rows, values.to(dtype), rec.shape_of(h)[0],
-                                    lambda h=h: reader.own(h, tensor, device).to(dtype))
+                    got[h] = _Patch(members.index(of), rows, cast(values, tensor), rec.shape_of(h)[0],
+                                    lambda h=h: cast(reader.own(h, tensor, device), tensor))
             return [got[rec.holder(b)] for b in members]
         raise BundleError(f"tensor {tensor} of group {group!r} has unexpected role {role!r}")
 
-    arch = registry().get(g.architecture)
     by_module: dict[str, dict[str, str]] = defaultdict(dict)
     for tensor in records:
         module, param = _split(tensor)
@@ -98,7 +102,7 @@ def build_group_model(
                               f"of a {type(model).__name__}") from None
         weight_t = params.get("weight")
         if weight_t is not None and records[weight_t].role == "compressed":
-            mean = load(key_mean(group, weight_t))
+            mean = reader.get(key_mean(group, weight_t), device).to(dtype)
             scales = reader.get(key_scales(group, weight_t)).tolist()
             biases = per_branch(params["bias"]) if "bias" in params else None
             if factors == "quantized" and not transposed and records[weight_t].bits is not None:
