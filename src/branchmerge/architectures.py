@@ -43,6 +43,21 @@ def _template_regex(template: str) -> re.Pattern[str]:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """Where an MoE layout keeps its experts: the experts module (a template with ``${layer_index}``) and the
+    checkpoint names of each expert's gate, up and down projections under ``{module}.{expert index}``."""
+
+    module: str
+    gate: str
+    up: str
+    down: str
+
+    @property
+    def projections(self) -> tuple[str, str, str]:
+        return self.gate, self.up, self.down
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Tensor layout of one model family, loaded from JSON."""
 
@@ -57,8 +72,7 @@ class Architecture:
     siblings: tuple[tuple[str, ...], ...] = ()
     layer_prefix: str = ""  # the blocks' tensors start with it (``${layer_index}`` the layer number)
     renames: tuple[tuple[str, str], ...] = ()  # checkpoint name part → module path part, applied in order
-    # MoE: {"module": experts module template, "gate"/"up"/"down": each expert's projection names}
-    experts: tuple[tuple[str, str], ...] = ()
+    experts: Experts | None = None  # MoE: where the experts are
     row_dispatch: str = ""  # a module template run per branch of a mixed batch (a sparse MoE block)
 
     def module_path(self, tensor_name: str) -> str:
@@ -83,8 +97,8 @@ class Architecture:
         modules of their own)."""
         if not self.experts:
             return False
-        spec, path = dict(self.experts), self.module_path(module + ".weight")
-        return (any(self.matches(f"{spec['module']}.${{expert_index}}.{spec[k]}", path) for k in ("gate", "up", "down"))
+        spec, path = self.experts, self.module_path(module + ".weight")
+        return (any(self.matches(f"{spec.module}.${{expert_index}}.{p}", path) for p in spec.projections)
                 or any(self.matches(f"{self.row_dispatch}.{g}", path) for g in ("gate", "shared_expert_gate")))
 
     def matches(self, template: str, module_path: str) -> bool:
@@ -154,7 +168,7 @@ def registry() -> dict[str, Architecture]:
             siblings=tuple(tuple(g) for g in data.get("siblings", ())),
             layer_prefix=data.get("layer_prefix", ""),
             renames=tuple((str(k), str(v)) for k, v in data.get("renames", {}).items()),
-            experts=tuple((str(k), str(v)) for k, v in data.get("experts", {}).items()),
+            experts=Experts(**data["experts"]) if "experts" in data else None,
             row_dispatch=data.get("row_dispatch", ""),
         )
         if arch.name in out:

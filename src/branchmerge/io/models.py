@@ -264,14 +264,14 @@ def _expert_views(hf_config: dict, names: list[str], shape) -> dict[str, tuple[s
     arch = known(hf_config)
     if arch is None or not arch.experts or not any(n.endswith(_FUSED) for n in names):
         return {}
-    spec = dict(arch.experts)
+    spec = arch.experts
     views: dict[str, tuple[str, int | None, slice | None]] = {}
     for n in names:
         if n.endswith(_FUSED) and len(dims := shape(n)) == 3:
             experts, rows = dims[0], dims[1]
             module = arch.checkpoint_path(n.rpartition(".")[0])
-            parts = [(spec["gate"], slice(0, rows // 2)), (spec["up"], slice(rows // 2, rows))] \
-                if n.endswith("gate_up_proj") else [(spec["down"], slice(0, rows))]
+            parts = [(spec.gate, slice(0, rows // 2)), (spec.up, slice(rows // 2, rows))] \
+                if n.endswith("gate_up_proj") else [(spec.down, slice(0, rows))]
             for e in range(experts):
                 for proj, sl in parts:
                     views[f"{module}.{e}.{proj}.weight"] = (n, e, sl)

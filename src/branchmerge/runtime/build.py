@@ -182,10 +182,10 @@ def _per_expert_modules(model: PreTrainedModel, arch: Architecture, by_module: d
     """Replace transformers' fused experts modules (3-D ``gate_up_proj``/``down_proj``) by
     :class:`ExpertLinears` where the bundle stores one tensor per expert and projection (the checkpoint
     layout), so that each expert's weights are filled or branched like any linear layer's."""
-    spec = dict(arch.experts)
-    names = (spec["gate"], spec["up"], spec["down"])
+    spec = arch.experts
+    names = spec.projections
     stored = {path.rsplit(".", 2)[0] for path in by_module if path.rsplit(".", 1)[-1] in names}
-    for path, mod in [(n, m) for n, m in model.named_modules() if arch.matches(spec["module"], n)]:
+    for path, mod in [(n, m) for n, m in model.named_modules() if arch.matches(spec.module, n)]:
         if path in stored and isinstance(getattr(mod, "gate_up_proj", None), torch.Tensor):
             if by_module.get(path):
                 raise BundleError(f"the bundle stores {path}'s experts both fused ({', '.join(by_module[path])}) "

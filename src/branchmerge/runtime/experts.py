@@ -122,17 +122,17 @@ def per_expert_shapes(model: nn.Module, arch: Architecture, paths: list[str]) ->
     """The shape :class:`ExpertLinears` gives each per-expert parameter among ``paths`` (parameter paths,
     e.g. ``model.layers.0.mlp.experts.3.w1.weight`` → ``[I, H]``), from ``model``'s fused experts' shapes;
     paths of experts past a layer's count are left out (not a parameter)."""
-    spec = dict(arch.experts)
+    spec = arch.experts
     fused = {p: m.gate_up_proj.shape for p, m in model.named_modules()
-             if arch.matches(spec["module"], p) and isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)}
+             if arch.matches(spec.module, p) and isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)}
     out: dict[str, list[int]] = {}
     for path in paths:
         module, e, proj, param = (path.rsplit(".", 3) + ["", "", ""])[:4]
         if module in fused and e.isdigit() and param == "weight" and int(e) < fused[module][0]:
             n, two_i, hidden = fused[module]
-            if proj in (spec["gate"], spec["up"]):
+            if proj in (spec.gate, spec.up):
                 out[path] = [two_i // 2, hidden]
-            elif proj == spec["down"]:
+            elif proj == spec.down:
                 out[path] = [hidden, two_i // 2]
     return out
 
