@@ -134,7 +134,7 @@ def test_routers_stay_float32_in_a_bfloat16_bundle(capsys, moes, tmp_path, kind)
     assert reader.get(f"b.a|{gate}").dtype == torch.float32
     torch.testing.assert_close(reader.get(f"b.a|{gate}"), models["a"][1].model.layers[1].mlp.gate.weight,
                                atol=0, rtol=0)
-    assert reader.get(f"g.main|model.layers.1.mlp.experts.0.up_proj.weight|mean").dtype == torch.bfloat16
+    assert reader.get("g.main|model.layers.1.mlp.experts.0.up_proj.weight|mean").dtype == torch.bfloat16
     group = next(iter(plan["groups"].values()))
     assert group["bytes"] >= reader.manifest.total_bytes  # (the plan is an upper bound, float32 gates included)
     b = branchmerge.load(d, dtype="bfloat16")

@@ -51,6 +51,7 @@ class Experts:
     gate: str
     up: str
     down: str
+    stacked: bool = False  # checkpoints hold each layer's experts stacked (GraniteMoE): exports stack them again
 
     @property
     def projections(self) -> tuple[str, str, str]:
@@ -99,7 +100,7 @@ class Architecture:
             return False
         spec, path = self.experts, self.module_path(module + ".weight")
         return (any(self.matches(f"{spec.module}.${{expert_index}}.{p}", path) for p in spec.projections)
-                or any(self.matches(f"{self.row_dispatch}.{g}", path) for g in ("gate", "shared_expert_gate")))
+                or any(self.matches(f"{self.row_dispatch}.{g}", path) for g in ("gate", "shared_expert_gate", "router")))
 
     def matches(self, template: str, module_path: str) -> bool:
         """Whether ``module_path`` is ``template`` with numbers for its indices."""

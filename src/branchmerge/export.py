@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from branchmerge.architectures import float32_tensors
+from branchmerge.architectures import Architecture, float32_tensors, registry
 from branchmerge.common import DTYPES, dtype_name
+from branchmerge.errors import BundleError
 from branchmerge.io.bundle import BundleReader
 from branchmerge.io.card import CARD, branch_card
 from branchmerge.io.summary import summarize
@@ -73,6 +75,9 @@ def write_branch(reader: BundleReader, branch: str, folder: Path, *, dtype: str 
     writer = ShardWriter(folder, max_shard_bytes, prefix="model")
     n = len(reader.manifest.tensors[info.group])
     stream = tensors if tensors is not None else reader.iter_branch_tensors(branch)
+    arch = registry().get(reader.groups[info.group].architecture)
+    if arch is not None and arch.experts is not None and arch.experts.stacked:
+        stream = stack_experts(arch, stream, info.hf_config)
     fp32 = float32_tensors(info.hf_config, torch_dtype)  # (routers transformers keeps in float32)
     for name, tensor in tqdm(stream, total=n, desc=f"export {branch}", disable=not progress):
         if tensor.is_floating_point():
@@ -86,3 +91,47 @@ def write_branch(reader: BundleReader, branch: str, folder: Path, *, dtype: str 
         if fname != "config.json" and f.is_file() and not f.is_symlink():
             shutil.copyfile(f, folder / fname)
     write_hf_config(folder, info.hf_config, name_dt)
+
+
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def stack_experts(arch: Architecture, tensors: Iterable[tuple[str, torch.Tensor]],
+                  hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``tensors`` with each layer's per-expert projections stacked again as the architecture's checkpoints
+    hold them (``experts.stacked``, GraniteMoE): gate and up as ``[E, 2I, H]``, down as ``[E, H, I]``, under
+    the checkpoint's names. A layer's experts are held until its last one arrives (one layer at a time).
+
+    Raises:
+        BundleError: a layer lacks some of its ``E`` experts' projections (``E`` from the config).
+    """
+    spec = arch.experts
+    assert spec is not None
+    n = next((hf_config[k] for k in _EXPERT_COUNTS if isinstance(hf_config.get(k), int)), None)
+    held: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    for name, t in tensors:
+        module, e, proj, param = (name.rsplit(".", 3) + ["", "", ""])[:4]
+        if not (e.isdigit() and proj in spec.projections and param == "weight"
+                and arch.matches(spec.module, arch.param_path(module))):
+            yield name, t
+            continue
+        got = held.setdefault(module, {})
+        got[int(e), proj] = t
+        if n is not None and len(got) == 3 * n:
+            yield from _stacked(arch, module, held.pop(module), n)
+    for module, got in held.items():
+        raise BundleError(f"{module}: {len(got)} expert projections for a config of {n} experts "
+                          f"({3 * n if n else '?'} expected): the experts cannot be stacked")
+
+
+def _stacked(arch: Architecture, module: str, got: dict[tuple[int, str], torch.Tensor],
+             n: int) -> Iterator[tuple[str, torch.Tensor]]:
+    spec = arch.experts
+    try:
+        gate_up = torch.stack([torch.cat([got[e, spec.gate], got[e, spec.up]]) for e in range(n)])
+        down = torch.stack([got[e, spec.down] for e in range(n)])
+    except KeyError as e:
+        raise BundleError(f"{module}: expert {e.args[0][0]} lacks its {e.args[0][1]} projection") from None
+    path = arch.param_path(module)
+    yield arch.checkpoint_path(f"{path}.gate_up_proj"), gate_up
+    yield arch.checkpoint_path(f"{path}.down_proj"), down

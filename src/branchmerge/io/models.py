@@ -254,7 +254,8 @@ def _weight_map(name: str, path: Path) -> dict[str, Path]:
 
 def _expert_views(hf_config: dict, names: list[str], shape) -> dict[str, tuple[str, int | None, slice | None]]:
     """For an MoE model stored in transformers 5's fused layout (``mlp.experts.gate_up_proj`` ``[E, 2I, H]``,
-    ``mlp.experts.down_proj`` ``[E, H, I]``: what ``moe`` and mergekit-moe write), the checkpoint layout's
+    ``mlp.experts.down_proj`` ``[E, H, I]``: what ``moe`` and mergekit-moe write; GraniteMoE's checkpoints,
+    ``input_linear``/``output_linear``, renamed so by its template), the checkpoint layout's
     names (one 2-D tensor per expert and projection; Mixtral's ``block_sparse_moe.``) mapped to where each
     lies: ``{name: (stored name, expert or None, rows or None)}``. Empty for any other model.
 
@@ -262,20 +263,20 @@ def _expert_views(hf_config: dict, names: list[str], shape) -> dict[str, tuple[s
     from branchmerge.architectures import known
 
     arch = known(hf_config)
-    if arch is None or not arch.experts or not any(n.endswith(_FUSED) for n in names):
+    if arch is None or not arch.experts or not any(arch.param_path(n).endswith(_FUSED) for n in names):
         return {}
     spec = arch.experts
     views: dict[str, tuple[str, int | None, slice | None]] = {}
     for n in names:
-        if n.endswith(_FUSED) and len(dims := shape(n)) == 3:
-            experts, rows = dims[0], dims[1]
-            module = arch.checkpoint_path(n.rpartition(".")[0])
+        if (path := arch.param_path(n)).endswith(_FUSED) and len(dims := shape(n)) == 3:
+            experts, rows = dims[0], dims[1]  # (GraniteMoE's checkpoints: input_linear, output_linear)
+            module = arch.checkpoint_path(path.rpartition(".")[0])
             parts = [(spec.gate, slice(0, rows // 2)), (spec.up, slice(rows // 2, rows))] \
-                if n.endswith("gate_up_proj") else [(spec.down, slice(0, rows))]
+                if path.endswith("gate_up_proj") else [(spec.down, slice(0, rows))]
             for e in range(experts):
                 for proj, sl in parts:
                     views[f"{module}.{e}.{proj}.weight"] = (n, e, sl)
-        elif (u := arch.checkpoint_path(n)) != n:
+        elif path == n and (u := arch.checkpoint_path(n)) != n:  # a transformers name: the checkpoint's instead
             views[u] = (n, None, None)
     return views
 

@@ -91,6 +91,8 @@ class PerBranch(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         sel = self.state._sel
+        if sel.rows is not None and x.shape[0] == 1 < sel.rows.numel():  # one row broadcast to the batch (GPT-
+            x = x.expand(sel.rows.numel(), *x.shape[1:])  # BigCode's position ids [1, T]): one per branch's rows
         plan = sel.active if sel.rows is None else self.state.plan(x.shape[0], x.device)
         if isinstance(plan, int):
             if self._rms_eps is not None:
@@ -107,7 +109,9 @@ class PerBranch(nn.Module):
         if self._patched:
             ys = self._through_roots(x, groups)
         else:
-            ys = [(rows, self._copies[i](x[rows], *args, **kwargs)) for i, rows in groups]
+            n = x.shape[0]  # (other inputs of the batch's rows, e.g. OPT's position ids beside its mask, split too)
+            ys = [(rows, self._copies[i](x[rows], *[_rows_of(a, rows, n) for a in args],
+                                         **{k: _rows_of(a, rows, n) for k, a in kwargs.items()})) for i, rows in groups]
         if isinstance(ys[0][1], tuple):  # several outputs (an MoE router's logits, weights and experts), by row
             per_row = x[0].numel() // x.shape[-1] if x.ndim > 2 else 1  # (or by token: a router flattens them)
             outs = []
@@ -117,6 +121,11 @@ class PerBranch(nn.Module):
                 outs.append(_by_rows(x.shape[0] * k, [((rows[:, None] * k + steps).flatten(), y[j]) for rows, y in ys]))
             return tuple(outs)
         return _by_rows(x.shape[0], ys)
+
+
+def _rows_of(a: object, rows: Tensor, n: int) -> object:
+    """``a[rows]`` for a tensor of the batch's ``n`` rows; anything else as it is."""
+    return a[rows] if isinstance(a, Tensor) and a.ndim and a.shape[0] == n else a
 
 
 def _by_rows(n: int, ys: list[tuple[Tensor, Tensor]]) -> Tensor:

@@ -1,0 +1,140 @@
+"""Decoder families beyond Llama's as branches: for each, two fine-tunes of one tiny base merged at r=0 answer
+exactly as their models, alone and mixed in one batch (generation included), and an exported branch is a folder
+transformers loads and that answers as its model. Families with a template merge without the fallback rule,
+and a dense template compresses what the fallback rule would (the template adds names and kernels' siblings,
+not other choices)."""
+
+import logging
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+import branchmerge
+from branchmerge.architectures import fallback_role, known
+from branchmerge.config import parse_config
+from branchmerge.io.bundle import BundleReader
+from branchmerge.merge import run_merge
+from tests.cli_util import run_cli
+from tests.conftest import save_char_tokenizer
+
+X = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 20], [1, 8, 2, 30, 6, 12, 40, 9]])
+_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_C = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+          max_position_embeddings=128, tie_word_embeddings=False, **_IDS)
+_GQA = dict(_C, num_key_value_heads=2)
+_GPT = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=128, **_IDS)
+# model class, config class, config fields, whether a packaged template covers it
+FAMILIES = {
+    "phi": ("Phi", dict(_C, qk_layernorm=True), True),
+    "phi3": ("Phi3", _GQA, True),
+    "gemma": ("Gemma", dict(_GQA, head_dim=8), True),
+    "falcon": ("Falcon", dict(_C, new_decoder_architecture=True, num_kv_heads=2), True),
+    "falcon_old": ("Falcon", dict(_C, new_decoder_architecture=False, multi_query=True, parallel_attn=True,
+                                  bias=True), True),
+    "gpt_neox": ("GPTNeoX", _C, True),
+    "stablelm": ("StableLm", _GQA, True),
+    "starcoder2": ("Starcoder2", _GQA, True),
+    "granite": ("Granite", dict(_GQA, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0,
+                                attention_multiplier=0.2), True),
+    "cohere": ("Cohere", _GQA, True),
+    "olmo3": ("Olmo3", _GQA, True),
+    "opt": ("OPT", dict(_C, ffn_dim=48, word_embed_proj_dim=32), True),
+    "bloom": ("Bloom", dict(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, **_IDS), True),
+    "smollm3": ("SmolLM3", _GQA, True),
+    "exaone4": ("Exaone4", _GQA, True),
+    "glm4": ("Glm4", dict(_GQA, head_dim=8), True),
+    "seed_oss": ("SeedOss", dict(_GQA, head_dim=8), True),
+    "hunyuan_dense": ("HunYuanDenseV1", dict(_GQA, head_dim=8), True),
+    "ernie4_5": ("Ernie4_5", dict(_GQA, head_dim=8), True),
+    "arcee": ("Arcee", _GQA, True),
+    "nemotron": ("Nemotron", _GQA, True),
+    "granitemoe": ("GraniteMoe", dict(_GQA, num_local_experts=4, num_experts_per_tok=2), True),
+    "granitemoeshared": ("GraniteMoeShared", dict(_GQA, num_local_experts=4, num_experts_per_tok=2,
+                                                  shared_intermediate_size=40), True),
+    # on the fallback rule (a warning names it), and still exact
+    "gptj": ("GPTJ", dict(_GPT, rotary_dim=4), False),
+    "codegen": ("CodeGen", dict(_GPT, rotary_dim=4, n_ctx=128), False),
+    "gpt_bigcode": ("GPTBigCode", _GPT, False),
+    "mpt": ("Mpt", dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=128, **_IDS), False),
+}
+
+
+def _classes(stem: str):
+    config = getattr(transformers, f"{stem}Config", None) or getattr(transformers, f"{stem}TextConfig")
+    return getattr(transformers, f"{stem}ForCausalLM"), config
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(X).logits
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_fine_tunes_are_exact_branches(family, tmp_path, caplog, capsys):
+    stem, fields, templated = FAMILIES[family]
+    model_cls, config_cls = _classes(stem)
+    torch.manual_seed(0)
+    base = model_cls(config_cls(**fields)).eval()
+    models = {}
+    for i, n in enumerate("ab"):  # every parameter moved by its own seeded noise
+        m = model_cls(base.config).eval()
+        m.load_state_dict(base.state_dict())
+        g = torch.Generator().manual_seed(i + 1)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        m.save_pretrained(tmp_path / n)
+        save_char_tokenizer(tmp_path / n)
+        models[n] = m
+    cfg = parse_config({"branches": [{"name": n, "model": str(tmp_path / n)} for n in models],
+                        "compress_rate": 0.0, "dtype": "float32"})
+    with caplog.at_level(logging.WARNING):
+        run_merge(cfg, tmp_path / "bundle", progress=False)
+    assert ("fallback rule" in caplog.text) is not templated, caplog.text
+    records = next(iter(BundleReader(tmp_path / "bundle").manifest.tensors.values()))
+    compressed = {t for t, r in records.items() if r.role == "compressed"}
+    assert len(compressed) >= 4 * base.config.num_hidden_layers  # (attention's and the MLP's of every layer)
+    arch = known(models["a"].config.to_dict())
+    if templated and arch.experts is None:
+        assert compressed == {t for t, r in records.items() if fallback_role(t, tuple(r.shape)) == "compress"}
+
+    b = branchmerge.load(tmp_path / "bundle", dtype="float32")
+    want = {n: _logits(m) for n, m in models.items()}
+    for n in models:
+        torch.testing.assert_close(b.logits(X, [n, n]), want[n], atol=1e-4, rtol=1e-4)
+    mixed = b.logits(X, ["b", "a"])  # row 0 through b, row 1 through a, in one forward
+    torch.testing.assert_close(mixed[0], want["b"][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed[1], want["a"][1], atol=1e-4, rtol=1e-4)
+    outs = b.generate(["abc", "hello"], ["a", "b"], chat=False, max_new_tokens=5, do_sample=False)
+    alone = [b.generate("abc", "a", chat=False, max_new_tokens=5, do_sample=False)[0],
+             b.generate("hello", "b", chat=False, max_new_tokens=5, do_sample=False)[0]]
+    assert outs == alone
+
+    code, _, err = run_cli(capsys, "export-branch", tmp_path / "bundle", "b", "-o", tmp_path / "exported")
+    assert code == 0, err
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(exported), want["b"], atol=1e-4, rtol=1e-4)
+
+
+def test_stacking_experts_for_export_refuses_a_missing_one():
+    """An export that restacks a layer's experts (GraniteMoE) names the layer when the bundle lacks one of the
+    config's experts, rather than writing a checkpoint transformers would fill with random experts."""
+    from branchmerge.errors import BundleError
+    from branchmerge.export import stack_experts
+
+    arch = known({"architectures": ["GraniteMoeForCausalLM"]})
+    m = "model.layers.0.block_sparse_moe.experts"
+    full = [(f"{m}.{e}.{p}.weight", torch.full((3, 2) if p != "down_proj" else (2, 3), float(e)))
+            for e in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+    out = dict(stack_experts(arch, [("model.norm.weight", torch.ones(2)), *full], {"num_local_experts": 2}))
+    assert set(out) == {"model.norm.weight", "model.layers.0.block_sparse_moe.input_linear.weight",
+                        "model.layers.0.block_sparse_moe.output_linear.weight"}
+    assert out["model.layers.0.block_sparse_moe.input_linear.weight"].shape == (2, 6, 2)
+    assert out["model.layers.0.block_sparse_moe.output_linear.weight"][1].eq(1).all()
+    with pytest.raises(BundleError, match=r"layers\.0\.block_sparse_moe\.experts: 5 expert projections .* 2 experts"):
+        list(stack_experts(arch, full[:5], {"num_local_experts": 2}))
+    with pytest.raises(BundleError, match="expert 1 lacks its up_proj"):
+        list(stack_experts(arch, full[:4] + full[5:] + [(f"{m}.2.up_proj.weight", full[4][1])],  # (2, not 1)
+                           {"num_local_experts": 2}))
