@@ -53,11 +53,16 @@ FAMILIES = {
     "granitemoe": ("GraniteMoe", dict(_GQA, num_local_experts=4, num_experts_per_tok=2), True),
     "granitemoeshared": ("GraniteMoeShared", dict(_GQA, num_local_experts=4, num_experts_per_tok=2,
                                                   shared_intermediate_size=40), True),
+    "gptj": ("GPTJ", dict(_GPT, rotary_dim=4), True),
+    "codegen": ("CodeGen", dict(_GPT, rotary_dim=4, n_ctx=128), True),
+    "gpt_bigcode": ("GPTBigCode", _GPT, True),
+    "mpt": ("Mpt", dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=128, **_IDS), True),
+    "mpt_biased": ("Mpt", dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=128, no_bias=False,
+                               **_IDS), True),
     # on the fallback rule (a warning names it), and still exact
-    "gptj": ("GPTJ", dict(_GPT, rotary_dim=4), False),
-    "codegen": ("CodeGen", dict(_GPT, rotary_dim=4, n_ctx=128), False),
-    "gpt_bigcode": ("GPTBigCode", _GPT, False),
-    "mpt": ("Mpt", dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=128, **_IDS), False),
+    "persimmon": ("Persimmon", _C, False),
+    "xglm": ("XGLM", dict(vocab_size=64, d_model=32, num_layers=2, attention_heads=4, ffn_dim=48,
+                          max_position_embeddings=128, **_IDS), False),
 }
 
 
