@@ -76,27 +76,41 @@ def _logits(model) -> torch.Tensor:
         return model(X).logits
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_fine_tunes_are_exact_branches(family, tmp_path, caplog, capsys):
-    stem, fields, templated = FAMILIES[family]
+def _fine_tunes(family: str, folder) -> dict:
+    """Two fine-tunes of one tiny base of ``family`` (every parameter moved by its own seeded noise), saved
+    by transformers with a tokenizer: ``{name: model}``."""
+    stem, fields, _ = FAMILIES[family]
     model_cls, config_cls = _classes(stem)
     torch.manual_seed(0)
     base = model_cls(config_cls(**fields)).eval()
     models = {}
-    for i, n in enumerate("ab"):  # every parameter moved by its own seeded noise
+    for i, n in enumerate("ab"):
         m = model_cls(base.config).eval()
         m.load_state_dict(base.state_dict())
         g = torch.Generator().manual_seed(i + 1)
         with torch.no_grad():
             for p in m.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        m.save_pretrained(tmp_path / n)
-        save_char_tokenizer(tmp_path / n)
+        m.save_pretrained(folder / n)
+        save_char_tokenizer(folder / n)
         models[n] = m
-    cfg = parse_config({"branches": [{"name": n, "model": str(tmp_path / n)} for n in models],
-                        "compress_rate": 0.0, "dtype": "float32"})
+    return models
+
+
+def _merge(folder, rate: float):
+    cfg = parse_config({"branches": [{"name": n, "model": str(folder / n)} for n in "ab"],
+                        "compress_rate": rate, "dtype": "float32"})
+    run_merge(cfg, folder / "bundle", progress=False)
+    return folder / "bundle"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_fine_tunes_are_exact_branches(family, tmp_path, caplog, capsys):
+    templated = FAMILIES[family][2]
+    models = _fine_tunes(family, tmp_path)
+    base = models["a"]
     with caplog.at_level(logging.WARNING):
-        run_merge(cfg, tmp_path / "bundle", progress=False)
+        _merge(tmp_path, 0.0)
     assert ("fallback rule" in caplog.text) is not templated, caplog.text
     records = next(iter(BundleReader(tmp_path / "bundle").manifest.tensors.values()))
     compressed = {t for t, r in records.items() if r.role == "compressed"}
@@ -121,6 +135,18 @@ def test_family_fine_tunes_are_exact_branches(family, tmp_path, caplog, capsys):
     assert code == 0, err
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
     torch.testing.assert_close(_logits(exported), want["b"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["phi", "gptj", "granitemoe"])
+def test_family_branches_through_the_triton_kernels(family, tmp_path):
+    """Compressed branches of templates with sibling layers (q, k, v with biases; Phi's and GPT-J's parallel
+    blocks) and of stacked experts run in Triton's kernels (the interpreter here) as in torch, mixed."""
+    _fine_tunes(family, tmp_path)
+    d = _merge(tmp_path, 0.5)
+    tri = branchmerge.load(d, dtype="float32", kernels="triton")
+    assert tri.kernels == "triton"
+    want = branchmerge.load(d, dtype="float32", kernels="torch").logits(X, ["b", "a"])
+    torch.testing.assert_close(tri.logits(X, ["b", "a"]), want, atol=1e-4, rtol=1e-4)
 
 
 def test_stacking_experts_for_export_refuses_a_missing_one():
