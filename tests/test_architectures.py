@@ -19,6 +19,7 @@ from branchmerge.merge import run_merge
 from tests.cli_util import run_cli
 from tests.conftest import save_char_tokenizer
 
+SPLIT = {"gpt_oss", "llama4", "mamba2", "falcon_h1", "gemma3n", "qwen3_next", "jamba"}
 X = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 20], [1, 8, 2, 30, 6, 12, 40, 9]])
 _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 _C = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
@@ -61,14 +62,39 @@ FAMILIES = {
                                **_IDS), True),
     # on the fallback rule (a warning names it), and still exact
     "persimmon": ("Persimmon", _C, False),
+    # modules holding per-branch parameters of their own beside sublayers (gpt-oss attention's sinks, Mamba's
+    # A_log, D, dt_bias; Gemma 3n's AltUp), or routers and fused experts of their own forward (gpt-oss, Llama 4):
+    # each branch runs as a model of its own, sharing the group's mean weights
+    "gpt_oss": ("GptOss", dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+                               layer_types=["sliding_attention", "full_attention"]), False),
+    "llama4": ("Llama4Text", dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
+                                  intermediate_size_mlp=48, interleave_moe_layer_step=1), False),
+    "mamba2": ("Mamba2", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8,
+                              state_size=8, n_groups=1, chunk_size=8, **_IDS), False),
+    "falcon_h1": ("FalconH1", dict(_GQA, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+                                   mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=8), False),
+    "qwen3_next": ("Qwen3Next", dict(_GQA, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                     shared_expert_intermediate_size=24, linear_num_value_heads=4,
+                                     linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                                     layer_types=["linear_attention", "full_attention"]), True),
+    "jamba": ("Jamba", dict(_GQA, num_experts=2, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
+                            expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_expand=2), True),
+    "gemma3n": ("Gemma3nText", dict(_GQA, head_dim=8, hidden_size_per_layer_input=8, vocab_size_per_layer_input=64,
+                                    laurel_rank=4, altup_num_inputs=2, num_kv_shared_layers=0,
+                                    activation_sparsity_pattern=[0.0, 0.0],
+                                    layer_types=["sliding_attention", "full_attention"]), False),
     "xglm": ("XGLM", dict(vocab_size=64, d_model=32, num_layers=2, attention_heads=4, ffn_dim=48,
                           max_position_embeddings=128, **_IDS), False),
 }
 
 
 def _classes(stem: str):
+    """The causal LM and config classes named by ``stem`` (``Llama4Text``: ``Llama4TextConfig``, and the model
+    ``Llama4ForCausalLM``)."""
+    model = getattr(transformers, f"{stem}ForCausalLM", None) or getattr(transformers,
+                                                                         f"{stem.removesuffix('Text')}ForCausalLM")
     config = getattr(transformers, f"{stem}Config", None) or getattr(transformers, f"{stem}TextConfig")
-    return getattr(transformers, f"{stem}ForCausalLM"), config
+    return model, config
 
 
 def _logits(model) -> torch.Tensor:
@@ -114,7 +140,7 @@ def test_family_fine_tunes_are_exact_branches(family, tmp_path, caplog, capsys):
     assert ("fallback rule" in caplog.text) is not templated, caplog.text
     records = next(iter(BundleReader(tmp_path / "bundle").manifest.tensors.values()))
     compressed = {t for t, r in records.items() if r.role == "compressed"}
-    assert len(compressed) >= 4 * base.config.num_hidden_layers  # (attention's and the MLP's of every layer)
+    assert len(compressed) >= 2 * base.config.num_hidden_layers  # (every layer's: attention's, MLP's, mixer's)
     arch = known(models["a"].config.to_dict())
     if templated and arch.experts is None:
         assert compressed == {t for t, r in records.items() if fallback_role(t, tuple(r.shape)) == "compress"}
@@ -123,9 +149,15 @@ def test_family_fine_tunes_are_exact_branches(family, tmp_path, caplog, capsys):
     want = {n: _logits(m) for n, m in models.items()}
     for n in models:
         torch.testing.assert_close(b.logits(X, [n, n]), want[n], atol=1e-4, rtol=1e-4)
-    mixed = b.logits(X, ["b", "a"])  # row 0 through b, row 1 through a, in one forward
-    torch.testing.assert_close(mixed[0], want["b"][0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(mixed[1], want["a"][1], atol=1e-4, rtol=1e-4)
+    if family in SPLIT:  # a model per branch; the mean weights held once
+        assert b.runtime_group("a") is not b.runtime_group("b") and len(b.groups) == 2
+        shared = [r for r in records.values() if r.role in ("compressed", "shared")]
+        assert shared and b.memory_bytes() < 2 * sum(r.bytes for r in records.values())
+        assert all(sum(p.numel() for p in g.model.parameters()) > 0 for g in b.groups.values())
+    else:
+        mixed = b.logits(X, ["b", "a"])  # row 0 through b, row 1 through a, in one forward
+        torch.testing.assert_close(mixed[0], want["b"][0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mixed[1], want["a"][1], atol=1e-4, rtol=1e-4)
     outs = b.generate(["abc", "hello"], ["a", "b"], chat=False, max_new_tokens=5, do_sample=False)
     alone = [b.generate("abc", "a", chat=False, max_new_tokens=5, do_sample=False)[0],
              b.generate("hello", "b", chat=False, max_new_tokens=5, do_sample=False)[0]]
@@ -169,3 +201,36 @@ def test_stacking_experts_for_export_refuses_a_missing_one():
     with pytest.raises(BundleError, match="expert 1 lacks its up_proj"):
         list(stack_experts(arch, full[:4] + full[5:] + [(f"{m}.2.up_proj.weight", full[4][1])],  # (2, not 1)
                            {"num_local_experts": 2}))
+
+
+def test_branches_of_a_split_group_are_served_in_batches_of_their_own(tmp_path):
+    """Served over HTTP (the openai SDK as client), concurrent requests for both branches of a Mamba-2 group
+    (a model per branch) run as one batch per branch's model and answer as each does alone; /v1/models
+    lists both branches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from branchmerge.server import create_app
+    from tests.serving import serving, wait_queued
+
+    _fine_tunes("mamba2", tmp_path)
+    b = branchmerge.load(_merge(tmp_path, 0.5), dtype="float32")
+    prompts = [("abc", "a"), ("hello", "b"), ("xyz", "b"), ("key", "a")]
+    expected = [b.generate(p, n, chat=False, max_new_tokens=5, do_sample=False)[0] for p, n in prompts]
+    assert b.generate([p for p, _ in prompts], [n for _, n in prompts], chat=False, max_new_tokens=5,
+                      do_sample=False) == expected  # (one call: split by model, answered in order)
+    app = create_app(b, max_batch=8, wait_ms=50)
+    engine = app.state.engine
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        assert {m.id for m in client.models.list().data} >= {"a", "b"}
+        before = engine.batches
+        with ThreadPoolExecutor(4) as ex:
+            with engine.paused():
+                futs = [ex.submit(lambda pn: client.completions.create(model=pn[1], prompt=pn[0], max_tokens=5,
+                                                                       temperature=0).choices[0].text, pn)
+                        for pn in prompts]
+                wait_queued(engine, 4, futures=futs)
+            got = [f.result() for f in futs]
+    assert got == expected and engine.batches - before == 2

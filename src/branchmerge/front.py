@@ -36,7 +36,7 @@ def embedder_factory(bundle: Bundle):
     def make(cfg: RouterConfig) -> tuple[Embedder, dict[str, Any]]:
         name = cfg.embedder or bundle.branch_names[0]
         if name in bundle.branch_names:
-            g = bundle.groups[bundle.reader.branch(name).group]
+            g = bundle.runtime_group(name)
             ident = {"bundle_branch": name, "shards": sorted(bundle.reader.manifest.shards.values())}
             select = lambda: g.state.select(branch=g.state.index(name))  # noqa: E731
             return Embedder.from_config(g.model, bundle.tokenizer(name), cfg, select=select), ident

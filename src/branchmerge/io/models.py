@@ -191,6 +191,10 @@ SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_att
                "n_inner")
 
 
+def _positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def check_hf_config(cfg: object, where: str) -> dict:
     """A model's ``config.json`` content: a mapping whose size fields are positive integers.
 
@@ -203,7 +207,10 @@ def check_hf_config(cfg: object, where: str) -> dict:
         v = cfg.get(f)
         if v is None and f in ("n_inner", "head_dim", "num_key_value_heads"):
             continue  # optional: null means "derive it"
-        if f in cfg and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+        if f == "intermediate_size" and isinstance(v, list) and v:  # (Gemma 3n: one per layer)
+            if not all(_positive_int(x) for x in v):
+                raise ModelInputError(f"{where}: field {f} must be a positive integer or a list of them, got {v!r}")
+        elif f in cfg and not _positive_int(v):
             raise ModelInputError(f"{where}: field {f} must be a positive integer, got {v!r}")
     return cfg
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from branchmerge import __version__
 from branchmerge.common import json_dumps, resolve_device, resolve_dtype
-from branchmerge.architectures import Architecture, float32_tensors, for_hf_config
+from branchmerge.architectures import FALLBACK, Architecture, float32_tensors, for_hf_config
 from branchmerge.compress import (
     compress_difference,
     normalize,
@@ -53,6 +53,7 @@ class _Group:
     standalone: bool
     lora_base: ModelSource | None = None  # adapters of one base, stored as exact factors (merge.lora)
     float32: Callable[[str], bool] = lambda name: False  # tensors transformers keeps in float32 at the dtype
+    linear: set[str] | None = None  # (the fallback rule) plain nn.Linear modules: only their weights compress
 
 
 def run_branch_merge(config: MergeConfig, out: str | Path, *, force: bool = False, progress: bool = True,
@@ -166,7 +167,12 @@ def open_groups(config: MergeConfig) -> list[_Group]:
                            "all are compressed as merged models; a `group` of their own keeps adapters of one base "
                            "exact", gname)
         fp32 = float32_tensors(sources[0].hf_config, resolve_dtype(config.dtype))
-        out.append(_Group(gname, sources, arch, standalone, base, fp32))
+        linear = None
+        if arch is FALLBACK and not standalone:
+            from branchmerge.runtime.build import plain_linear_modules
+
+            linear = plain_linear_modules(sources[0].hf_config)
+        out.append(_Group(gname, sources, arch, standalone, base, fp32, linear))
     return out
 
 

@@ -22,11 +22,15 @@ from branchmerge.io.writer import ShardWriter
 
 
 def role_of(g, tensor: str, shape: tuple[int, ...]) -> str:
-    """``compress`` or ``per_branch``: a standalone group's tensors, and those transformers keeps in float32
-    (routers, score-correction biases: never compressed), are kept per branch."""
+    """``compress`` or ``per_branch``: a standalone group's tensors, those transformers keeps in float32
+    (routers, score-correction biases: never compressed), and under the fallback rule the weights of modules
+    other than plain ``nn.Linear`` layers are kept per branch."""
     if g.standalone or keeps_float32(g, tensor):
         return "per_branch"
-    return g.arch.role(tensor, shape)
+    role = g.arch.role(tensor, shape)
+    if role == "compress" and g.linear is not None and g.arch.module_path(tensor) not in g.linear:
+        return "per_branch"  # (the fallback rule: a 2-D weight of a router or another module of its own forward)
+    return role
 
 
 def keeps_float32(g, tensor: str) -> bool:

@@ -163,7 +163,7 @@ def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_ran
         raise ModelInputError(f"{where} resizes the vocabulary ({reader.hf_config(base).get('vocab_size')} → "
                               f"{src.hf_config.get('vocab_size')} tokens), which a loaded adapter cannot; merge it "
                               "into a bundle instead (it joins its base's group there)")
-    model = bundle.groups[group].model
+    model = bundle.runtime_group(base).model
     head = model.get_output_embeddings()
     odd = next((n for n, m in model.named_modules() if isinstance(m, QuantizedBranchedLinear)
                 or (isinstance(m, BranchedLinear) and not m.uniform)), None)
@@ -251,7 +251,7 @@ def apply(bundle, prep: Prepared) -> LoadedAdapter:
     reader: BundleReader = bundle.reader
     if prep.name in reader.branches:
         raise BundleError(f"the name {prep.name!r} is taken")
-    g = bundle.groups[prep.group]
+    g = bundle.runtime_group(prep.base)
     model, state = g.model, g.state
     n, base = len(state.names), state.index(prep.base)
     slot = next((i for i, s in enumerate(state.names) if s == FREE.format(i)), n)
@@ -313,7 +313,7 @@ def remove(bundle, name: str) -> None:
     if base is None:
         raise BranchNotFoundError(f"no adapter {name!r} was loaded at runtime; loaded: "
                                   f"{', '.join(reader.runtime_branches()) or 'none'}")
-    g = bundle.groups[reader.branch(name).group]
+    g = bundle.runtime_group(name)
     i, b = g.state.index(name), g.state.index(base)
     with torch.no_grad():
         for m in g.model.modules():

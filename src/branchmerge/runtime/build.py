@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,15 +41,22 @@ def _split(tensor: str) -> tuple[str, str]:
 
 def build_group_model(
     reader: BundleReader, group: str, *, device: torch.device, dtype: torch.dtype, fused: bool | None = None,
-    factors: str = "dequantize",
+    factors: str = "dequantize", only: str | None = None, cache: dict[str, torch.Tensor] | None = None,
 ) -> tuple[PreTrainedModel, BranchState]:
     """A causal-LM whose branch is chosen through the returned :class:`BranchState`.
 
     ``factors``: quantized factors are dequantized once here (``dequantize``), or kept quantized in memory
-    and dequantized per forward (``quantized``; not for transposed, GPT-2-style, layouts).
+    and dequantized per forward (``quantized``; not for transposed, GPT-2-style, layouts). ``only``: the model
+    of that one branch of the group; models built with one ``cache`` hold the tensors they load alike (the
+    mean weights, shared tensors) once.
+
+    Raises:
+        Unmixable: (without ``only``) a module holds per-branch parameters of its own beside sublayers, which
+            one model cannot switch per row of a mixed batch: build each branch's model instead.
     """
     g = reader.groups[group]
-    members: list[str] = g.branches
+    members: list[str] = [only] if only is not None else g.branches
+    cache = {} if cache is None else cache
     transposed = g.transposed
     first_dir: Path = reader.branch_dir(members[0])
     records = reader.manifest.tensors[group]
@@ -65,7 +73,9 @@ def build_group_model(
         return t.to(torch.float32 if fp32(tensor) else dtype) if t.is_floating_point() else t
 
     def load(key: str, tensor: str) -> torch.Tensor:
-        return cast(reader.get(key, device), tensor)
+        if key not in cache:
+            cache[key] = cast(reader.get(key, device), tensor)
+        return cache[key]
 
     def per_branch(tensor: str) -> list[torch.Tensor]:
         role = records[tensor].role
@@ -78,7 +88,9 @@ def build_group_model(
                 if h in got:
                     continue
                 patch = reader.patch(h, tensor, device)
-                if patch is None:
+                if patch is not None and patch[0] not in members:  # (a model of one branch: its whole tensor)
+                    got[h] = cast(reader.own(h, tensor, device), tensor)
+                elif patch is None:
                     got[h] = load(key_own(h, tensor), tensor)
                 else:  # another branch's rows with these replaced or added (made a module below)
                     of, rows, values = patch
@@ -93,6 +105,8 @@ def build_group_model(
         by_module[arch.module_path(tensor) if arch else module][param] = tensor
     if arch is not None and arch.experts:
         _per_expert_modules(model, arch, by_module, state)
+    if len(members) > 1 and (odd := _own_parameters_beside_sublayers(model, by_module, records, arch is None)):
+        raise Unmixable(odd)
 
     for module_name, params in by_module.items():
         try:
@@ -102,8 +116,12 @@ def build_group_model(
                               f"of a {type(model).__name__}") from None
         weight_t = params.get("weight")
         if weight_t is not None and records[weight_t].role == "compressed":
-            mean = reader.get(key_mean(group, weight_t), device).to(dtype)
-            scales = reader.get(key_scales(group, weight_t)).tolist()
+            key = key_mean(group, weight_t)
+            if key not in cache:
+                cache[key] = reader.get(key, device).to(dtype)
+            mean = cache[key]
+            every = reader.get(key_scales(group, weight_t)).tolist()
+            scales = [every[g.branches.index(b)] for b in members]
             biases = per_branch(params["bias"]) if "bias" in params else None
             if factors == "quantized" and not transposed and records[weight_t].bits is not None:
                 qfs = [reader.quantized(b, weight_t, device) for b in members]
@@ -119,7 +137,11 @@ def build_group_model(
                     diffs.append(("lowrank", v.T, u.T) if transposed else ("lowrank", u, v))
                 else:
                     diffs.append(None)
-            new = BranchedLinear(state, mean.T.contiguous() if transposed else mean, scales, diffs, biases, fused=fused)
+            if transposed:
+                if key + "|T" not in cache:
+                    cache[key + "|T"] = mean.T.contiguous()
+                mean = cache[key + "|T"]
+            new = BranchedLinear(state, mean, scales, diffs, biases, fused=fused)
             _set_module(model, module_name, new)
             continue
         values = {p: per_branch(t) for p, t in params.items()}
@@ -197,6 +219,19 @@ def _per_expert_modules(model: PreTrainedModel, arch: Architecture, by_module: d
             _set_module(model, path, ExpertLinears.like(mod, names, state))
 
 
+def plain_linear_modules(hf_config: dict) -> set[str] | None:
+    """Paths of the modules of this config's model that are plain ``nn.Linear`` layers (their forward
+    ``x Wᵀ + b``, which :class:`BranchedLinear` replaces), or None when transformers cannot build the model.
+
+    Routers that subclass ``nn.Linear`` with a forward of their own (Llama 4's) or hold a 2-D weight in a module
+    of their own (gpt-oss's) are not among them: the fallback rule keeps their weights per branch."""
+    try:
+        model = skeleton(hf_config_object(hf_config, "model"), where="model")
+    except BundleError:
+        return None
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward}
+
+
 def skeleton(config: PretrainedConfig, dtype: torch.dtype | None = None, *, where: str) -> PreTrainedModel:
     """A causal-LM of ``config`` whose parameters are on the meta device (no memory, no init) and whose
     buffers are real: non-persistent buffers (rotary ``inv_freq``, Gemma's ``embed_scale``) are computed
@@ -235,6 +270,21 @@ def _check_layer_count(cfg: dict, tensors: Iterable[str], where: str) -> None:
                               f"{len(stored)} layers")
 
 
+_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def _special_floats(v: Any) -> Any:
+    """``v`` with transformers' JSON spelling of non-finite floats (``{"__float__": "Infinity"}``, as its
+    ``save_pretrained`` writes Mamba-2's ``time_step_limit``) read back as floats."""
+    if isinstance(v, dict):
+        if set(v) == {"__float__"} and v["__float__"] in _FLOATS:
+            return _FLOATS[v["__float__"]]
+        return {k: _special_floats(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_special_floats(x) for x in v]
+    return v
+
+
 def hf_config_object(cfg: dict, where: str) -> PretrainedConfig:
     """A transformers config from a branch's recorded ``config.json`` content, built-in classes only.
 
@@ -243,7 +293,7 @@ def hf_config_object(cfg: dict, where: str) -> PretrainedConfig:
     Raises:
         BundleError: an unknown ``model_type`` or a config transformers refuses.
     """
-    data = {k: v for k, v in cfg.items() if k not in ("auto_map", "quantization_config", "_name_or_path")}
+    data = {k: _special_floats(v) for k, v in cfg.items() if k not in ("auto_map", "quantization_config", "_name_or_path")}
     model_type = data.pop("model_type", None)
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise BundleError(f"{where}: model_type {model_type!r} is not an architecture transformers knows "
@@ -275,6 +325,43 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> 
         raise BundleError(f"tensors for module {where} do not fit the model: {e}") from None
     for p in module.parameters(recurse=False):
         p.requires_grad_(False)
+
+
+class Unmixable(BundleError):
+    """A group whose model cannot run its branches mixed in one batch (see :func:`build_group_model`)."""
+
+    def __init__(self, modules: list[str]) -> None:
+        super().__init__(f"{', '.join(modules[:3])}{' …' if len(modules) > 3 else ''} hold(s) per-branch "
+                         "parameters of their own beside sublayers")
+        self.modules = modules
+
+
+def _own_parameters_beside_sublayers(model: nn.Module, by_module: dict[str, dict[str, str]], records: dict,
+                                     fallback: bool) -> list[str]:
+    """Modules that hold tensors differing between branches as their own parameters (not a sublayer's) and
+    also have sublayers with parameters: Mamba mixers (``A_log``, ``D``, ``dt_bias``), gpt-oss attention
+    (``sinks``). A per-branch copy of such a module would copy its sublayers too, and a mixed batch would need
+    its own parameters per row. Under the ``fallback`` rule (no template says how a layout's MoE routers and
+    fused experts take their rows), any per-branch module but embeddings, plain linear layers and norms."""
+    out = []
+    for name, params in by_module.items():
+        if not any(records[t].role == "per_branch" for t in params.values()):
+            continue
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            continue  # (named by the error of the module loop)
+        if any(True for c in mod.children() for _ in c.parameters()) or (fallback and not _row_wise(mod)):
+            out.append(f"{name} ({', '.join(params)})")
+    return out
+
+
+def _row_wise(mod: nn.Module) -> bool:
+    """Whether a module maps each row of its input alone (so per-branch copies can take a mixed batch's rows):
+    embeddings, plain linear layers, norms."""
+    if isinstance(mod, nn.Embedding) or (isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward):
+        return True
+    return "norm" in type(mod).__name__.lower()
 
 
 @dataclass

@@ -26,7 +26,7 @@ from branchmerge.errors import BranchmergeError, BranchNotFoundError, BundleErro
 from branchmerge.io.bundle import BundleReader
 from branchmerge.runtime import adapters
 from branchmerge.runtime.adapters import LoadedAdapter, Prepared
-from branchmerge.runtime.build import build_group_model
+from branchmerge.runtime.build import Unmixable, build_group_model
 from branchmerge.runtime.generation import BatchGeneration, GenerationResult, cache_arg
 from branchmerge.runtime.modules import BranchedLinear, BranchState
 from branchmerge.runtime.siblings import group_siblings
@@ -129,20 +129,31 @@ class Bundle(BatchGeneration):
         triton = self.kernels == "triton"
         if fused is None and triton:
             fused = False  # the kernels read W̄ and V apart; split layers can be grouped with their siblings
-        groups = {}
+        groups: dict[str, _GroupRuntime] = {}
+        self._split: dict[str, dict[str, str]] = {}  # group → {branch: the runtime group of its own model}
         for gname, g in self.reader.groups.items():
-            model, state = build_group_model(self.reader, gname, device=self.device, dtype=self.dtype, fused=fused,
-                                             factors=factors)
-            for m in model.modules():
-                if isinstance(m, BranchedLinear):
-                    m.use_triton = triton
+            kw: dict[str, Any] = dict(device=self.device, dtype=self.dtype, fused=fused, factors=factors)
+            try:
+                built = {gname: build_group_model(self.reader, gname, **kw)}
+            except Unmixable as e:  # one model per branch, holding the mean weights and shared tensors once
+                logger.info("group %r: %s, so each branch runs as a model of its own (sharing the group's mean "
+                            "weights and shared tensors); a batch mixes no branches of it", gname, e)
+                cache: dict[str, torch.Tensor] = {}
+                self._split[gname] = {b: f"{gname}:{b}" for b in g.branches}
+                built = {f"{gname}:{b}": build_group_model(self.reader, gname, only=b, cache=cache, **kw)
+                         for b in g.branches}
             arch = registry().get(g.architecture)
-            if triton and arch is not None and arch.siblings:
-                made = group_siblings(model, arch.siblings)
-                logger.info("group %r: %d sibling groups (q/k/v, gate/up) run as one kernel call each", gname, made)
-            groups[gname] = _GroupRuntime(gname, model, state, g.standalone)
-            if triton:
-                self._warm_kernels(model, state)
+            for name, (model, state) in built.items():
+                for m in model.modules():
+                    if isinstance(m, BranchedLinear):
+                        m.use_triton = triton
+                if triton and arch is not None and arch.siblings:
+                    made = group_siblings(model, arch.siblings)
+                    logger.info("group %r: %d sibling groups (q/k/v, gate/up) run as one kernel call each", name,
+                                made)
+                groups[name] = _GroupRuntime(name, model, state, g.standalone)
+                if triton:
+                    self._warm_kernels(model, state)
         return groups
 
     @staticmethod
@@ -160,7 +171,16 @@ class Bundle(BatchGeneration):
         return list(self.reader.branches)
 
     def _group_of(self, branch: str) -> _GroupRuntime:
-        return self.groups[self.reader.branch(branch).group]  # BranchNotFoundError lists the valid names
+        group = self.reader.branch(branch).group  # BranchNotFoundError lists the valid names
+        split = self._split.get(group)
+        if split is not None:  # (a runtime adapter runs in its base's model)
+            return self.groups[split[self.reader.runtime_branches().get(branch, branch)]]
+        return self.groups[group]
+
+    def runtime_group(self, branch: str) -> _GroupRuntime:
+        """The model (and its branch selection) that runs ``branch``: its group's, or its own where the group's
+        branches cannot share one model (see :class:`~branchmerge.runtime.build.Unmixable`)."""
+        return self._group_of(branch)
 
     def tokenizer(self, branch: str) -> PreTrainedTokenizerBase:
         tok = self._tokenizers.get(branch)
@@ -422,7 +442,9 @@ class Bundle(BatchGeneration):
     def _rows_for(self, branches: Sequence[str]) -> tuple[_GroupRuntime, list[int]]:
         groups = {self._group_of(b).name for b in branches}
         if len(groups) != 1:
-            raise BranchmergeError(f"one forward pass needs branches of one group; got groups {sorted(groups)}")
+            raise BranchmergeError(f"one forward pass needs branches of one group; got groups {sorted(groups)}"
+                                   + (" (branches of a group whose modules hold per-branch parameters of their own "
+                                      "run as models of their own)" if self._split else ""))
         g = self.groups[groups.pop()]
         return g, [g.state.index(b) for b in branches]
 

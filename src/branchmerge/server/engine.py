@@ -237,7 +237,7 @@ class Engine:
         Raises:
             Busy: ``max_queued`` jobs are already waiting.
         """
-        job.group = self.bundle.reader.branch(job.branch).group
+        job.group = self.bundle.runtime_group(job.branch).name
         if job.branch in self.bundle.retiring:
             raise BranchNotFoundError(f"adapter {job.branch!r} is being unloaded")
         job.generator = job.sampling.generator(self.bundle.device)
