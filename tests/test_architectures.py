@@ -66,7 +66,7 @@ FAMILIES = {
     # A_log, D, dt_bias; Gemma 3n's AltUp), or routers and fused experts of their own forward (gpt-oss, Llama 4):
     # each branch runs as a model of its own, sharing the group's mean weights
     "gpt_oss": ("GptOss", dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
-                               layer_types=["sliding_attention", "full_attention"]), False),
+                               layer_types=["sliding_attention", "full_attention"]), True),
     "llama4": ("Llama4Text", dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
                                   intermediate_size_mlp=48, interleave_moe_layer_step=1), False),
     "mamba2": ("Mamba2", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8,
@@ -169,16 +169,18 @@ def test_family_fine_tunes_are_exact_branches(family, tmp_path, caplog, capsys):
     torch.testing.assert_close(_logits(exported), want["b"], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["phi", "gptj", "granitemoe"])
+@pytest.mark.parametrize("family", ["phi", "gptj", "granitemoe", "gpt_oss"])
 def test_family_branches_through_the_triton_kernels(family, tmp_path):
     """Compressed branches of templates with sibling layers (q, k, v with biases; Phi's and GPT-J's parallel
-    blocks) and of stacked experts run in Triton's kernels (the interpreter here) as in torch, mixed."""
+    blocks) and of stacked experts (GraniteMoE's; gpt-oss's, with biases) run in Triton's kernels (the
+    interpreter here) as in torch, mixed where one model runs them."""
     _fine_tunes(family, tmp_path)
     d = _merge(tmp_path, 0.5)
     tri = branchmerge.load(d, dtype="float32", kernels="triton")
     assert tri.kernels == "triton"
-    want = branchmerge.load(d, dtype="float32", kernels="torch").logits(X, ["b", "a"])
-    torch.testing.assert_close(tri.logits(X, ["b", "a"]), want, atol=1e-4, rtol=1e-4)
+    ref = branchmerge.load(d, dtype="float32", kernels="torch")
+    for rows in ([["a", "a"], ["b", "b"]] if family in SPLIT else [["b", "a"]]):  # (a model per branch: alone)
+        torch.testing.assert_close(tri.logits(X, rows), ref.logits(X, rows), atol=1e-4, rtol=1e-4)
 
 
 def test_stacking_experts_for_export_refuses_a_missing_one():
@@ -196,9 +198,9 @@ def test_stacking_experts_for_export_refuses_a_missing_one():
                         "model.layers.0.block_sparse_moe.output_linear.weight"}
     assert out["model.layers.0.block_sparse_moe.input_linear.weight"].shape == (2, 6, 2)
     assert out["model.layers.0.block_sparse_moe.output_linear.weight"][1].eq(1).all()
-    with pytest.raises(BundleError, match=r"layers\.0\.block_sparse_moe\.experts: 5 expert projections .* 2 experts"):
+    with pytest.raises(BundleError, match=r"layers\.0\.block_sparse_moe\.experts: 5 expert tensors .* 2 experts"):
         list(stack_experts(arch, full[:5], {"num_local_experts": 2}))
-    with pytest.raises(BundleError, match="expert 1 lacks its up_proj"):
+    with pytest.raises(BundleError, match="expert 1 lacks its up_proj weight"):
         list(stack_experts(arch, full[:4] + full[5:] + [(f"{m}.2.up_proj.weight", full[4][1])],  # (2, not 1)
                            {"num_local_experts": 2}))
 
@@ -234,3 +236,28 @@ def test_branches_of_a_split_group_are_served_in_batches_of_their_own(tmp_path):
                 wait_queued(engine, 4, futures=futs)
             got = [f.result() for f in futs]
     assert got == expected and engine.batches - before == 2
+
+
+def test_gpt_oss_experts_compress_one_by_one_and_export_fused(tmp_path, capsys):
+    """gpt-oss's fused experts (gate and up in alternate columns of ``[E, H, 2I]``, biases) are read one 2-D
+    weight per expert and projection: each compresses as its own weight (biases per branch), the bundle shrinks
+    and moves off the model as r rises, and an export stacks them again as transformers loads them."""
+    models = _fine_tunes("gpt_oss", tmp_path)
+    sizes, errs = [], []
+    for rate in (0.0, 0.5):
+        d = tmp_path / f"bundle-{rate}"
+        run_merge(parse_config({"branches": [{"name": n, "model": str(tmp_path / n)} for n in "ab"],
+                                "compress_rate": rate, "dtype": "float32"}), d, progress=False)
+        records = next(iter(BundleReader(d).manifest.tensors.values()))
+        assert records["model.layers.1.mlp.experts.3.gate_proj.weight"].role == "compressed"
+        assert records["model.layers.1.mlp.experts.3.down_proj.weight"].shape == [32, 48]
+        assert records["model.layers.1.mlp.experts.3.up_proj.bias"].role == "per_branch"
+        sizes.append(BundleReader(d).manifest.total_bytes)
+        b = branchmerge.load(d, dtype="float32")
+        got, want = b.logits(X, ["a", "a"]), _logits(models["a"])
+        errs.append(float((got - want).norm() / want.norm()))
+    assert errs[0] < 1e-5 < errs[1] and sizes[1] < sizes[0], (errs, sizes)
+    code, _, err = run_cli(capsys, "export-branch", d, "a", "-o", tmp_path / "exported")
+    assert code == 0, err
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(exported), got, atol=1e-4, rtol=1e-4)

@@ -52,6 +52,10 @@ class Experts:
     up: str
     down: str
     stacked: bool = False  # checkpoints hold each layer's experts stacked (GraniteMoE): exports stack them again
+    # how the fused (3-D) tensors hold the experts: "mixtral" ([E, 2I, H] gate rows then up rows, [E, H, I]
+    # down, no biases) or "gpt_oss" ([E, H, 2I] gate and up in alternate columns, [E, I, H] down, biases
+    # alike, and its clamped SwiGLU)
+    layout: str = "mixtral"
 
     @property
     def projections(self) -> tuple[str, str, str]:

@@ -108,30 +108,47 @@ def stack_experts(arch: Architecture, tensors: Iterable[tuple[str, torch.Tensor]
     spec = arch.experts
     assert spec is not None
     n = next((hf_config[k] for k in _EXPERT_COUNTS if isinstance(hf_config.get(k), int)), None)
-    held: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    params = ("weight", "bias") if spec.layout == "gpt_oss" else ("weight",)
+    held: dict[str, dict[tuple[int, str, str], torch.Tensor]] = {}
     for name, t in tensors:
         module, e, proj, param = (name.rsplit(".", 3) + ["", "", ""])[:4]
-        if not (e.isdigit() and proj in spec.projections and param == "weight"
+        if not (e.isdigit() and proj in spec.projections and param in params
                 and arch.matches(spec.module, arch.param_path(module))):
             yield name, t
             continue
         got = held.setdefault(module, {})
-        got[int(e), proj] = t
-        if n is not None and len(got) == 3 * n:
+        got[int(e), proj, param] = t
+        if n is not None and len(got) == 3 * n * len(params):
             yield from _stacked(arch, module, held.pop(module), n)
     for module, got in held.items():
-        raise BundleError(f"{module}: {len(got)} expert projections for a config of {n} experts "
-                          f"({3 * n if n else '?'} expected): the experts cannot be stacked")
+        raise BundleError(f"{module}: {len(got)} expert tensors for a config of {n} experts "
+                          f"({3 * n * len(params) if n else '?'} expected): the experts cannot be stacked")
 
 
-def _stacked(arch: Architecture, module: str, got: dict[tuple[int, str], torch.Tensor],
+def _stacked(arch: Architecture, module: str, got: dict[tuple[int, str, str], torch.Tensor],
              n: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """A layer's experts as its fused tensors: ``[E, 2I, H]`` (gate rows, then up) and ``[E, H, I]``; in the
+    ``gpt_oss`` layout ``[E, H, 2I]`` (gate and up in alternate columns), ``[E, I, H]`` and their biases."""
     spec = arch.experts
-    try:
-        gate_up = torch.stack([torch.cat([got[e, spec.gate], got[e, spec.up]]) for e in range(n)])
-        down = torch.stack([got[e, spec.down] for e in range(n)])
-    except KeyError as e:
-        raise BundleError(f"{module}: expert {e.args[0][0]} lacks its {e.args[0][1]} projection") from None
     path = arch.param_path(module)
-    yield arch.checkpoint_path(f"{path}.gate_up_proj"), gate_up
-    yield arch.checkpoint_path(f"{path}.down_proj"), down
+    try:
+        if spec.layout == "gpt_oss":
+            def pairs(param: str) -> torch.Tensor:  # [.., I] gate and [.., I] up → [.., 2I], alternating
+                return torch.stack([torch.stack([_t(got[e, spec.gate, param]), _t(got[e, spec.up, param])], dim=-1)
+                                    .flatten(-2) for e in range(n)])
+            out = {"gate_up_proj": pairs("weight"),
+                   "gate_up_proj_bias": pairs("bias"),
+                   "down_proj": torch.stack([got[e, spec.down, "weight"].T for e in range(n)]),
+                   "down_proj_bias": torch.stack([got[e, spec.down, "bias"] for e in range(n)])}
+        else:
+            out = {"gate_up_proj": torch.stack([torch.cat([got[e, spec.gate, "weight"], got[e, spec.up, "weight"]])
+                                                for e in range(n)]),
+                   "down_proj": torch.stack([got[e, spec.down, "weight"] for e in range(n)])}
+    except KeyError as e:
+        raise BundleError(f"{module}: expert {e.args[0][0]} lacks its {e.args[0][1]} {e.args[0][2]}") from None
+    for param, t in out.items():
+        yield arch.checkpoint_path(f"{path}.{param}"), t.contiguous()
+
+
+def _t(t: torch.Tensor) -> torch.Tensor:
+    return t.T if t.dim() == 2 else t

@@ -11,6 +11,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -72,8 +73,8 @@ class ModelSource:
     hf_config: dict
     weight_map: dict[str, Path]
     _handles: dict[Path, object] = field(default_factory=dict, repr=False)
-    # name → (stored name, expert, rows): an MoE stored in transformers 5's fused layout read per expert
-    _views: dict[str, tuple[str, int | None, slice | None]] = field(default_factory=dict, repr=False)
+    # name → where it lies in a fused tensor: an MoE stored in transformers 5's fused layout read per expert
+    _views: dict[str, _View] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, name: str, model: str, revision: str | None = None) -> ModelSource:
@@ -97,8 +98,8 @@ class ModelSource:
             src._handle(shard)  # open each shard now so corrupt files fail before any work
         src._views = _expert_views(hf_config, list(weight_map), src.shape)
         if src._views:  # the checkpoint layout's names in place of the fused ones (same order otherwise)
-            stored = {real for real, _, _ in src._views.values()}
-            views = {real: [v for v, (r, _, _) in src._views.items() if r == real] for real in stored}
+            stored = {v.real for v in src._views.values()}
+            views = {real: [v for v, view in src._views.items() if view.real == real] for real in stored}
             src.weight_map = {v: shard for n, shard in weight_map.items() for v in views.get(n, [n])}
         return src
 
@@ -120,9 +121,8 @@ class ModelSource:
 
     def shape(self, tensor: str) -> tuple[int, ...]:
         if tensor in self._views:
-            real, e, rows = self._views[tensor]
-            full = tuple(self._handle(self._shard(tensor)).get_slice(real).get_shape())
-            return full if e is None else (rows.stop - rows.start, *full[2:])
+            view = self._views[tensor]
+            return view.shape(tuple(self._handle(self._shard(tensor)).get_slice(view.real).get_shape()))
         return tuple(self._handle(self._shard(tensor)).get_slice(tensor).get_shape())
 
     def _shard(self, tensor: str) -> Path:
@@ -138,12 +138,9 @@ class ModelSource:
             ModelInputError: if the tensor is missing, unreadable, or holds NaN/Inf.
         """
         shard = self._shard(tensor)
-        real, expert, rows = self._views.get(tensor, (tensor, None, None))
+        view = self._views.get(tensor)
         try:
-            if expert is None:
-                t = self._handle(shard).get_tensor(real)
-            else:  # one expert's rows of a fused [E, R, C] tensor, read alone
-                t = self._handle(shard).get_slice(real)[expert:expert + 1, rows.start:rows.stop][0].contiguous()
+            t = self._handle(shard).get_tensor(tensor) if view is None else view.read(self._handle(shard))
         except Exception as e:  # noqa: BLE001
             raise ModelInputError(
                 f"branch {self.name!r}: tensor {tensor} in {shard} could not be read: {e}"
@@ -259,7 +256,49 @@ def _weight_map(name: str, path: Path) -> dict[str, Path]:
     return out
 
 
-def _expert_views(hf_config: dict, names: list[str], shape) -> dict[str, tuple[str, int | None, slice | None]]:
+class _View(NamedTuple):
+    """One expert's tensor inside a fused one: ``real[expert][index]``, transposed where ``transpose``."""
+
+    real: str
+    expert: int | None = None  # (None: the whole stored tensor under another name)
+    index: tuple[slice, ...] = ()
+    transpose: bool = False
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        if self.expert is None:
+            return full
+        dims = list(full[1:])
+        for i, sl in enumerate(self.index):
+            dims[i] = len(range(*sl.indices(dims[i])))
+        return tuple(dims[::-1]) if self.transpose else tuple(dims)
+
+    def read(self, handle) -> torch.Tensor:
+        if self.expert is None:
+            return handle.get_tensor(self.real)
+        e = self.expert
+        if all(sl.step in (None, 1) for sl in self.index):  # (contiguous: only these rows are read)
+            t = handle.get_slice(self.real)[(slice(e, e + 1), *self.index)][0]
+        else:  # interleaved columns (gpt-oss's gate and up): the expert's tensor, then every other column
+            t = handle.get_slice(self.real)[e:e + 1][0][self.index]
+        return (t.T if self.transpose else t).contiguous()
+
+
+def _expert_parts(layout: str, param: str, spec, dims: tuple[int, ...]) -> list[tuple[str, str, tuple, bool]]:
+    """``(projection, parameter, index, transpose)`` of each per-expert tensor a fused one holds."""
+    half = slice(None)
+    if layout == "gpt_oss":  # [E, H, 2I] gate and up in alternate columns, [E, I, H] down; biases alike
+        even, odd = slice(0, None, 2), slice(1, None, 2)
+        return {"gate_up_proj": [(spec.gate, "weight", (half, even), True), (spec.up, "weight", (half, odd), True)],
+                "down_proj": [(spec.down, "weight", (), True)],
+                "gate_up_proj_bias": [(spec.gate, "bias", (even,), False), (spec.up, "bias", (odd,), False)],
+                "down_proj_bias": [(spec.down, "bias", (), False)]}.get(param, [])
+    rows = dims[1]  # [E, 2I, H] gate rows then up rows, [E, H, I] down (Mixtral, Qwen-MoE, GraniteMoE)
+    return {"gate_up_proj": [(spec.gate, "weight", (slice(0, rows // 2),), False),
+                             (spec.up, "weight", (slice(rows // 2, rows),), False)],
+            "down_proj": [(spec.down, "weight", (), False)]}.get(param, [])
+
+
+def _expert_views(hf_config: dict, names: list[str], shape) -> dict[str, _View]:
     """For an MoE model stored in transformers 5's fused layout (``mlp.experts.gate_up_proj`` ``[E, 2I, H]``,
     ``mlp.experts.down_proj`` ``[E, H, I]``: what ``moe`` and mergekit-moe write; GraniteMoE's checkpoints,
     ``input_linear``/``output_linear``, renamed so by its template), the checkpoint layout's
@@ -275,17 +314,17 @@ def _expert_views(hf_config: dict, names: list[str], shape) -> dict[str, tuple[s
     spec = arch.experts
     views: dict[str, tuple[str, int | None, slice | None]] = {}
     for n in names:
-        if (path := arch.param_path(n)).endswith(_FUSED) and len(dims := shape(n)) == 3:
-            experts, rows = dims[0], dims[1]  # (GraniteMoE's checkpoints: input_linear, output_linear)
-            module = arch.checkpoint_path(path.rpartition(".")[0])
-            parts = [(spec.gate, slice(0, rows // 2)), (spec.up, slice(rows // 2, rows))] \
-                if path.endswith("gate_up_proj") else [(spec.down, slice(0, rows))]
-            for e in range(experts):
-                for proj, sl in parts:
-                    views[f"{module}.{e}.{proj}.weight"] = (n, e, sl)
+        path = arch.param_path(n)  # (GraniteMoE's checkpoints: input_linear, output_linear)
+        module, _, param = path.rpartition(".")
+        if path.endswith(_FUSED) and len(dims := shape(n)) == (2 if param.endswith("_bias") else 3):
+            parts = _expert_parts(spec.layout, param, spec, dims)
+            module = arch.checkpoint_path(module)
+            for e in range(dims[0]):
+                for proj, what, index, transpose in parts:
+                    views[f"{module}.{e}.{proj}.{what}"] = _View(n, e, index, transpose)
         elif path == n and (u := arch.checkpoint_path(n)) != n:  # a transformers name: the checkpoint's instead
-            views[u] = (n, None, None)
+            views[u] = _View(n)
     return views
 
 
-_FUSED = (".experts.gate_up_proj", ".experts.down_proj")
+_FUSED = (".experts.gate_up_proj", ".experts.down_proj", ".experts.gate_up_proj_bias", ".experts.down_proj_bias")

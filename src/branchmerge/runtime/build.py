@@ -216,7 +216,7 @@ def _per_expert_modules(model: PreTrainedModel, arch: Architecture, by_module: d
             if held != set(range(n)):  # (checked before making a module per expert the config claims)
                 raise BundleError(f"{path}: its config has {n} experts, but the bundle stores tensors for "
                                   f"{len(held)} (indices {min(held)}–{max(held)})")
-            _set_module(model, path, ExpertLinears.like(mod, names, state))
+            _set_module(model, path, ExpertLinears.like(mod, names, state, spec.layout))
 
 
 def plain_linear_modules(hf_config: dict) -> set[str] | None:

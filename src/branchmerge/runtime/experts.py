@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,23 +41,32 @@ class ExpertLinears(nn.ModuleList):
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, names: tuple[str, str, str],
-                 act_fn: Callable[[Tensor], Tensor], state: BranchState | None = None) -> None:
+                 act_fn: Callable[[Tensor], Tensor] | None, state: BranchState | None = None, *, bias: bool = False,
+                 combine: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
         super().__init__()
         self.names, self.num_experts = tuple(names), num_experts
-        # (kept out of the list, whose items are the experts: an activation module, the branch selection)
+        # (kept out of the list, whose items are the experts: an activation module, the branch selection, and
+        # how the gate's and up's outputs combine: act(gate)·up, or gpt-oss's clamped SwiGLU)
         self.__dict__["act_fn"], self.__dict__["state"] = act_fn, state
+        self.__dict__["combine"] = combine or (lambda g, u: act_fn(g) * u)
         gate, up, down = self.names
         for _ in range(num_experts):
             e = nn.Module()
             with torch.device("meta"):
-                setattr(e, gate, nn.Linear(hidden, intermediate, bias=False))
-                setattr(e, up, nn.Linear(hidden, intermediate, bias=False))
-                setattr(e, down, nn.Linear(intermediate, hidden, bias=False))
+                setattr(e, gate, nn.Linear(hidden, intermediate, bias=bias))
+                setattr(e, up, nn.Linear(hidden, intermediate, bias=bias))
+                setattr(e, down, nn.Linear(intermediate, hidden, bias=bias))
             self.append(e)
 
     @classmethod
-    def like(cls, fused: nn.Module, names: tuple[str, str, str], state: BranchState | None = None) -> ExpertLinears:
-        """The per-expert form of transformers' fused experts module (``gate_up_proj`` ``[E, 2I, H]``)."""
+    def like(cls, fused: nn.Module, names: tuple[str, str, str], state: BranchState | None = None,
+             layout: str = "mixtral") -> ExpertLinears:
+        """The per-expert form of transformers' fused experts module (``gate_up_proj`` ``[E, 2I, H]``; in the
+        ``gpt_oss`` layout ``[E, H, 2I]``, with biases and its SwiGLU)."""
+        if layout == "gpt_oss":
+            n, hidden, two_i = fused.gate_up_proj.shape
+            return cls(n, hidden, two_i // 2, names, None, state, bias=True,
+                       combine=partial(_clamped_swiglu, alpha=float(fused.alpha), limit=float(fused.limit)))
         n, two_i, hidden = fused.gate_up_proj.shape
         return cls(n, hidden, two_i // 2, names, fused.act_fn, state)
 
@@ -75,7 +85,7 @@ class ExpertLinears(nn.ModuleList):
             expert = self[e]
             # a mixed batch: this expert's tokens as rows of their own branches (one GEMM with the mean weight)
             with nullcontext() if token_rows is None else self.state.select(token_rows[tok.cpu()]):
-                h = self.act_fn(getattr(expert, gate)(x)) * getattr(expert, up)(x)
+                h = self.combine(getattr(expert, gate)(x), getattr(expert, up)(x))
                 h = getattr(expert, down)(h) * top_k_weights[tok, slot, None]
             out.index_add_(0, tok, h.to(out.dtype))
         return out
@@ -118,6 +128,13 @@ class RowsByBranch(nn.Module):
         return out
 
 
+def _clamped_swiglu(gate: Tensor, up: Tensor, *, alpha: float, limit: float) -> Tensor:
+    """gpt-oss's expert activation on the gate's and up's outputs (transformers' ``GptOssExperts``)."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 def per_expert_shapes(model: nn.Module, arch: Architecture, paths: list[str]) -> dict[str, list[int]]:
     """The shape :class:`ExpertLinears` gives each per-expert parameter among ``paths`` (parameter paths,
     e.g. ``model.layers.0.mlp.experts.3.w1.weight`` → ``[I, H]``), from ``model``'s fused experts' shapes;
@@ -125,15 +142,18 @@ def per_expert_shapes(model: nn.Module, arch: Architecture, paths: list[str]) ->
     spec = arch.experts
     fused = {p: m.gate_up_proj.shape for p, m in model.named_modules()
              if arch.matches(spec.module, p) and isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)}
+    biases = spec.layout == "gpt_oss"
     out: dict[str, list[int]] = {}
     for path in paths:
         module, e, proj, param = (path.rsplit(".", 3) + ["", "", ""])[:4]
-        if module in fused and e.isdigit() and param == "weight" and int(e) < fused[module][0]:
-            n, two_i, hidden = fused[module]
+        if module in fused and e.isdigit() and (param == "weight" or biases and param == "bias") \
+                and int(e) < fused[module][0]:
+            n, a, b = fused[module]
+            hidden, inter = (a, b // 2) if biases else (b, a // 2)
             if proj in (spec.gate, spec.up):
-                out[path] = [two_i // 2, hidden]
+                out[path] = [inter, hidden] if param == "weight" else [inter]
             elif proj == spec.down:
-                out[path] = [hidden, two_i // 2]
+                out[path] = [hidden, inter] if param == "weight" else [hidden]
     return out
 
 
