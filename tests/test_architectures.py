@@ -19,7 +19,7 @@ from branchmerge.merge import run_merge
 from tests.cli_util import run_cli
 from tests.conftest import save_char_tokenizer
 
-SPLIT = {"gpt_oss", "llama4", "mamba2", "falcon_h1", "gemma3n", "qwen3_next", "jamba"}
+SPLIT = {"gpt_oss", "mamba2", "falcon_h1", "gemma3n", "qwen3_next", "jamba"}
 X = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 20], [1, 8, 2, 30, 6, 12, 40, 9]])
 _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 _C = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
@@ -68,7 +68,9 @@ FAMILIES = {
     "gpt_oss": ("GptOss", dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
                                layer_types=["sliding_attention", "full_attention"]), True),
     "llama4": ("Llama4Text", dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
-                                  intermediate_size_mlp=48, interleave_moe_layer_step=1), False),
+                                  intermediate_size_mlp=48, interleave_moe_layer_step=1), True),
+    "llama4_dense_too": ("Llama4Text", dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                                            intermediate_size_mlp=40, interleave_moe_layer_step=2), True),
     "mamba2": ("Mamba2", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8,
                               state_size=8, n_groups=1, chunk_size=8, **_IDS), False),
     "falcon_h1": ("FalconH1", dict(_GQA, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
@@ -169,7 +171,7 @@ def test_family_fine_tunes_are_exact_branches(family, tmp_path, caplog, capsys):
     torch.testing.assert_close(_logits(exported), want["b"], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["phi", "gptj", "granitemoe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["phi", "gptj", "granitemoe", "gpt_oss", "llama4"])
 def test_family_branches_through_the_triton_kernels(family, tmp_path):
     """Compressed branches of templates with sibling layers (q, k, v with biases; Phi's and GPT-J's parallel
     blocks) and of stacked experts (GraniteMoE's; gpt-oss's, with biases) run in Triton's kernels (the
@@ -238,20 +240,23 @@ def test_branches_of_a_split_group_are_served_in_batches_of_their_own(tmp_path):
     assert got == expected and engine.batches - before == 2
 
 
-def test_gpt_oss_experts_compress_one_by_one_and_export_fused(tmp_path, capsys):
-    """gpt-oss's fused experts (gate and up in alternate columns of ``[E, H, 2I]``, biases) are read one 2-D
-    weight per expert and projection: each compresses as its own weight (biases per branch), the bundle shrinks
-    and moves off the model as r rises, and an export stacks them again as transformers loads them."""
-    models = _fine_tunes("gpt_oss", tmp_path)
+@pytest.mark.parametrize("family,experts", [("gpt_oss", "mlp.experts"), ("llama4", "feed_forward.experts")])
+def test_fused_experts_compress_one_by_one_and_export_fused(tmp_path, capsys, family, experts):
+    """gpt-oss's fused experts (gate and up in alternate columns of ``[E, H, 2I]``, biases) and Llama 4's (gate
+    columns, then up's) are read one 2-D weight per expert and projection: each compresses as its own weight
+    (biases per branch), the bundle shrinks and moves off the model as r rises, and an export stacks them
+    again as transformers loads them."""
+    models = _fine_tunes(family, tmp_path)
     sizes, errs = [], []
     for rate in (0.0, 0.5):
         d = tmp_path / f"bundle-{rate}"
         run_merge(parse_config({"branches": [{"name": n, "model": str(tmp_path / n)} for n in "ab"],
                                 "compress_rate": rate, "dtype": "float32"}), d, progress=False)
         records = next(iter(BundleReader(d).manifest.tensors.values()))
-        assert records["model.layers.1.mlp.experts.3.gate_proj.weight"].role == "compressed"
-        assert records["model.layers.1.mlp.experts.3.down_proj.weight"].shape == [32, 48]
-        assert records["model.layers.1.mlp.experts.3.up_proj.bias"].role == "per_branch"
+        assert records[f"model.layers.1.{experts}.3.gate_proj.weight"].role == "compressed"
+        assert records[f"model.layers.1.{experts}.3.down_proj.weight"].shape == [32, 48]
+        if family == "gpt_oss":
+            assert records[f"model.layers.1.{experts}.3.up_proj.bias"].role == "per_branch"
         sizes.append(BundleReader(d).manifest.total_bytes)
         b = branchmerge.load(d, dtype="float32")
         got, want = b.logits(X, ["a", "a"]), _logits(models["a"])

@@ -53,8 +53,9 @@ class Experts:
     down: str
     stacked: bool = False  # checkpoints hold each layer's experts stacked (GraniteMoE): exports stack them again
     # how the fused (3-D) tensors hold the experts: "mixtral" ([E, 2I, H] gate rows then up rows, [E, H, I]
-    # down, no biases) or "gpt_oss" ([E, H, 2I] gate and up in alternate columns, [E, I, H] down, biases
-    # alike, and its clamped SwiGLU)
+    # down, no biases), "gpt_oss" ([E, H, 2I] gate and up in alternate columns, [E, I, H] down, biases
+    # alike, and its clamped SwiGLU) or "llama4" ([E, H, 2I] gate columns then up, [E, I, H] down; every expert
+    # takes every token, expert-major, scaled by its router score beforehand)
     layout: str = "mixtral"
 
     @property

@@ -128,7 +128,8 @@ def stack_experts(arch: Architecture, tensors: Iterable[tuple[str, torch.Tensor]
 def _stacked(arch: Architecture, module: str, got: dict[tuple[int, str, str], torch.Tensor],
              n: int) -> Iterator[tuple[str, torch.Tensor]]:
     """A layer's experts as its fused tensors: ``[E, 2I, H]`` (gate rows, then up) and ``[E, H, I]``; in the
-    ``gpt_oss`` layout ``[E, H, 2I]`` (gate and up in alternate columns), ``[E, I, H]`` and their biases."""
+    ``gpt_oss`` layout ``[E, H, 2I]`` (gate and up in alternate columns), ``[E, I, H]`` and their biases; in
+    ``llama4``'s ``[E, H, 2I]`` (gate columns, then up) and ``[E, I, H]``."""
     spec = arch.experts
     path = arch.param_path(module)
     try:
@@ -140,6 +141,10 @@ def _stacked(arch: Architecture, module: str, got: dict[tuple[int, str, str], to
                    "gate_up_proj_bias": pairs("bias"),
                    "down_proj": torch.stack([got[e, spec.down, "weight"].T for e in range(n)]),
                    "down_proj_bias": torch.stack([got[e, spec.down, "bias"] for e in range(n)])}
+        elif spec.layout == "llama4":  # [E, H, 2I]: gate columns, then up's; [E, I, H]
+            out = {"gate_up_proj": torch.stack([torch.cat([got[e, spec.gate, "weight"].T, got[e, spec.up, "weight"].T],
+                                                          dim=-1) for e in range(n)]),
+                   "down_proj": torch.stack([got[e, spec.down, "weight"].T for e in range(n)])}
         else:
             out = {"gate_up_proj": torch.stack([torch.cat([got[e, spec.gate, "weight"], got[e, spec.up, "weight"]])
                                                 for e in range(n)]),

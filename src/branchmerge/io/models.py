@@ -292,6 +292,11 @@ def _expert_parts(layout: str, param: str, spec, dims: tuple[int, ...]) -> list[
                 "down_proj": [(spec.down, "weight", (), True)],
                 "gate_up_proj_bias": [(spec.gate, "bias", (even,), False), (spec.up, "bias", (odd,), False)],
                 "down_proj_bias": [(spec.down, "bias", (), False)]}.get(param, [])
+    if layout == "llama4":  # [E, H, 2I] gate columns then up columns, [E, I, H] down
+        cols = dims[2] if len(dims) == 3 else 0
+        return {"gate_up_proj": [(spec.gate, "weight", (half, slice(0, cols // 2)), True),
+                                 (spec.up, "weight", (half, slice(cols // 2, cols)), True)],
+                "down_proj": [(spec.down, "weight", (), True)]}.get(param, [])
     rows = dims[1]  # [E, 2I, H] gate rows then up rows, [E, H, I] down (Mixtral, Qwen-MoE, GraniteMoE)
     return {"gate_up_proj": [(spec.gate, "weight", (slice(0, rows // 2),), False),
                              (spec.up, "weight", (slice(rows // 2, rows),), False)],

@@ -67,10 +67,16 @@ class ExpertLinears(nn.ModuleList):
             n, hidden, two_i = fused.gate_up_proj.shape
             return cls(n, hidden, two_i // 2, names, None, state, bias=True,
                        combine=partial(_clamped_swiglu, alpha=float(fused.alpha), limit=float(fused.limit)))
+        if layout == "llama4":
+            n, hidden, two_i = fused.gate_up_proj.shape
+            return cls(n, hidden, two_i // 2, names, fused.act_fn, state)
         n, two_i, hidden = fused.gate_up_proj.shape
         return cls(n, hidden, two_i // 2, names, fused.act_fn, state)
 
-    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor | None = None,
+                top_k_weights: Tensor | None = None) -> Tensor:
+        if top_k_index is None:
+            return self._every_expert(hidden_states)
         out = torch.zeros_like(hidden_states)
         gate, up, down = self.names
         token_rows = self._token_rows(hidden_states.shape[0])
@@ -89,6 +95,24 @@ class ExpertLinears(nn.ModuleList):
                 h = getattr(expert, down)(h) * top_k_weights[tok, slot, None]
             out.index_add_(0, tok, h.to(out.dtype))
         return out
+
+    def _every_expert(self, hidden_states: Tensor) -> Tensor:
+        """Llama 4's call: ``[E·T, H]`` expert-major, every expert's ``T`` tokens already scaled by its router
+        score, ``→ [E·T, H]``. A token an expert was not chosen for arrives as zeros, whose output is zero
+        (no biases): only the others are computed (top-1 of 16 experts: a 16th of the work)."""
+        gate, up, down = self.names
+        x_all = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
+        out = torch.zeros_like(x_all)
+        token_rows = self._token_rows(x_all.shape[1])
+        for e in range(self.num_experts):
+            tok = x_all[e].any(dim=-1).nonzero().flatten()
+            if tok.numel() == 0:
+                continue
+            x, expert = x_all[e, tok], self[e]
+            with nullcontext() if token_rows is None else self.state.select(token_rows[tok.cpu()]):
+                h = getattr(expert, down)(self.combine(getattr(expert, gate)(x), getattr(expert, up)(x)))
+            out[e, tok] = h.to(out.dtype)
+        return out.view(-1, hidden_states.shape[-1])
 
     def _token_rows(self, tokens: int) -> Tensor | None:
         """The branch id of each of ``tokens`` flattened ``[B·T]`` tokens when a mixed batch is selected
@@ -142,14 +166,14 @@ def per_expert_shapes(model: nn.Module, arch: Architecture, paths: list[str]) ->
     spec = arch.experts
     fused = {p: m.gate_up_proj.shape for p, m in model.named_modules()
              if arch.matches(spec.module, p) and isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)}
-    biases = spec.layout == "gpt_oss"
+    biases, columns = spec.layout == "gpt_oss", spec.layout in ("gpt_oss", "llama4")  # ([E, H, 2I])
     out: dict[str, list[int]] = {}
     for path in paths:
         module, e, proj, param = (path.rsplit(".", 3) + ["", "", ""])[:4]
         if module in fused and e.isdigit() and (param == "weight" or biases and param == "bias") \
                 and int(e) < fused[module][0]:
             n, a, b = fused[module]
-            hidden, inter = (a, b // 2) if biases else (b, a // 2)
+            hidden, inter = (a, b // 2) if columns else (b, a // 2)
             if proj in (spec.gate, spec.up):
                 out[path] = [inter, hidden] if param == "weight" else [inter]
             elif proj == spec.down:
