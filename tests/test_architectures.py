@@ -266,3 +266,30 @@ def test_fused_experts_compress_one_by_one_and_export_fused(tmp_path, capsys, fa
     assert code == 0, err
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
     torch.testing.assert_close(_logits(exported), got, atol=1e-4, rtol=1e-4)
+
+
+def test_a_lora_loaded_at_runtime_over_a_branch_of_a_split_group(tmp_path):
+    """A PEFT LoRA of a Mamba-2 fine-tune loads at runtime over its branch's own model (its group runs a model
+    per branch): it answers as PEFT does over the exported branch, alongside the other branch, and unloads."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from branchmerge.export import export_branch
+
+    models = _fine_tunes("mamba2", tmp_path)
+    d = _merge(tmp_path, 0.5)
+    peft = get_peft_model(models["a"], LoraConfig(r=4, lora_alpha=8, target_modules=["in_proj"],
+                                                  init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "lora")
+    export_branch(d, "a", tmp_path / "exported", progress=False)
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32),
+                                    tmp_path / "lora").eval()
+    b = branchmerge.load(d, dtype="float32")
+    b.load_lora("tuned", tmp_path / "lora", base="a")
+    assert b.runtime_group("tuned") is b.runtime_group("a")
+    torch.testing.assert_close(b.logits(X, ["tuned", "tuned"]), _logits(ref), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(b.logits(X, ["a", "a"]), _logits(ref), atol=1e-2)
+    outs = b.generate(["abc", "hello"], ["tuned", "b"], chat=False, max_new_tokens=4, do_sample=False)
+    assert outs == [b.generate("abc", "tuned", chat=False, max_new_tokens=4, do_sample=False)[0],
+                    b.generate("hello", "b", chat=False, max_new_tokens=4, do_sample=False)[0]]
+    b.unload_lora("tuned")
+    assert b.branch_names == ["a", "b"]
