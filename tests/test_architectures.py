@@ -293,3 +293,35 @@ def test_a_lora_loaded_at_runtime_over_a_branch_of_a_split_group(tmp_path):
                     b.generate("hello", "b", chat=False, max_new_tokens=4, do_sample=False)[0]]
     b.unload_lora("tuned")
     assert b.branch_names == ["a", "b"]
+
+
+@pytest.mark.parametrize("family", ["phi", "bloom", "gpt_neox", "opt", "gpt_bigcode", "falcon_old"])
+def test_extract_lora_of_a_family_loads_in_peft_and_gives_the_fine_tune(family, tmp_path):
+    """extract-lora over families whose every linear layer has a bias (Phi, BLOOM: they left PEFT no module to
+    target before), whose head transformers renames (GPT-NeoX's embed_out is lm_head) and whose learned
+    positions are no token embedding (OPT): PEFT loads the adapter over the base and gives the fine-tune's
+    logits; changed biases of targeted layers ride with their pairs (bias="lora_only"), not whole modules."""
+    from peft import PeftModel
+
+    from branchmerge.extract_lora import extract_lora
+
+    models = _fine_tunes(family, tmp_path)  # a: the fine-tune, b: the base
+    rep = extract_lora(tmp_path / "b", tmp_path / "a", tmp_path / "lora", rank=64, progress=False)
+    cfg = __import__("json").loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "b", dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, tmp_path / "lora").eval()
+    torch.testing.assert_close(_logits(peft), _logits(models["a"]), atol=1e-4, rtol=1e-4)
+    assert rep["modules"] and cfg["target_modules"]
+    if family in ("phi", "bloom", "gpt_bigcode", "falcon_old"):
+        assert cfg["bias"] == "lora_only" and rep["biases_with_pairs"]
+        assert not any(m in (cfg["modules_to_save"] or []) for m in rep["modules"])
+    if family == "gpt_neox":  # (and read back as a branch over its base: PEFT's names mapped to the checkpoint's)
+        assert "lm_head" in rep["modules"] and not any("embed_out" in m for m in cfg["modules_to_save"] or [])
+        run_merge(parse_config({"branches": [{"name": "base", "model": str(tmp_path / "b")},
+                                             {"name": "tuned", "model": str(tmp_path / "lora"),
+                                              "base": str(tmp_path / "b")}], "compress_rate": 0.5,
+                                "dtype": "float32"}), tmp_path / "bundle", progress=False)
+        b = branchmerge.load(tmp_path / "bundle", dtype="float32")
+        torch.testing.assert_close(b.logits(X, ["tuned", "tuned"]), _logits(models["a"]), atol=1e-4, rtol=1e-4)
+    if family == "opt":
+        assert "model.decoder.embed_positions" in cfg["modules_to_save"]

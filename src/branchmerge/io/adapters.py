@@ -128,6 +128,7 @@ class _Module:
     magnitude: str | None = None
     embedding: bool = False
     bias_of: str | None = None  # this entry is the lora_B bias added to that module's base bias
+    module: str = ""  # the module as PEFT names it (transformers' name; the base's checkpoint may differ)
 
 
 @dataclass
@@ -213,18 +214,24 @@ class LoraSource(ModelSource):
         suffixes = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_embedding_A": "ea",
                     ".lora_embedding_B": "eb", ".lora_magnitude_vector": "magnitude",
                     ".lora_magnitude_vector.weight": "magnitude", ".lora_B.bias": "bias"}
+        from branchmerge.architectures import known
+
+        arch = known(self.base.hf_config)
+
+        def base_name(t: str) -> str:  # PEFT names transformers' modules (GPT-NeoX's lm_head is embed_out)
+            return t if t in self.weight_map or arch is None else arch.checkpoint_path(t)
         for key in h.keys():
             if not key.startswith(_PREFIX):
                 raise ModelInputError(f"{where}: key {key!r} does not start with {_PREFIX!r} (not a PEFT adapter key)")
             rest = key[len(_PREFIX):]
             if rest.endswith(_TOKENS):  # PEFT's trainable tokens: new values of some rows
                 module = rest.removesuffix(_TOKENS)
-                self.tokens[f"{module}.weight"] = (key, self.adapter.token_indices(module, where))
+                self.tokens[base_name(f"{module}.weight")] = (key, self.adapter.token_indices(module, where))
                 continue
             suffix = next((s for s in suffixes if rest.endswith(s)), None)
             if suffix is None:
                 # (a wrapped layer's own weight, as save_embedding_layers stores it)
-                rest = rest.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".")
+                rest = base_name(rest.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", "."))
                 if ".lora_" in rest:
                     raise ModelInputError(f"{where}: key {key!r} is a LoRA part this reader does not know")
                 if rest not in self.weight_map:
@@ -234,9 +241,9 @@ class LoraSource(ModelSource):
                 continue
             module, kind = rest.removesuffix(suffix), suffixes[suffix]
             if kind == "bias":
-                self.changes.setdefault(f"{module}.bias", _Module(bias_of=module))
+                self.changes.setdefault(base_name(f"{module}.bias"), _Module(bias_of=module))
                 continue
-            m = self.changes.setdefault(f"{module}.weight", _Module())
+            m = self.changes.setdefault(base_name(f"{module}.weight"), _Module(module=module))
             if kind in ("a", "ea"):
                 m.a, m.embedding = key, kind == "ea"
             elif kind in ("b", "eb"):
@@ -248,7 +255,7 @@ class LoraSource(ModelSource):
                 raise ModelInputError(f"{where}: the adapter changes {tensor!r}, which the base model "
                                       f"{self.base.path} does not have")
             if m.bias_of is not None:
-                if f"{m.bias_of}.weight" not in self.changes:
+                if base_name(f"{m.bias_of}.weight") not in self.changes:
                     raise ModelInputError(f"{where}: {m.bias_of}.lora_B.bias comes without the module's LoRA factors")
                 if tuple(h.get_slice(f"{_PREFIX}{m.bias_of}.lora_B.bias").get_shape()) != tuple(self.shape(tensor)):
                     raise ModelInputError(f"{where}: {m.bias_of}.lora_B.bias does not have the shape of {tensor} "
@@ -307,7 +314,7 @@ class LoraSource(ModelSource):
         deadline = time.monotonic() + _PATTERN_BUDGET_S  # (the patterns are matched now, before any work)
         for tensor, m in self.changes.items():
             if m.bias_of is None:
-                module = tensor.removesuffix(".weight")
+                module = m.module or tensor.removesuffix(".weight")
                 self.scalings[module] = self.adapter.scaling(module, h.get_slice(m.a).get_shape()[0],
                                                              f"branch {self.name!r}: {self.path / ADAPTER_CONFIG}",
                                                              deadline)
@@ -381,7 +388,7 @@ class LoraSource(ModelSource):
         if m.bias_of is not None:  # lora_bias: B's bias, scaled, adds to the base's bias
             return t.float() + self.scalings[m.bias_of] * self._read(f"{_PREFIX}{m.bias_of}.lora_B.bias").float()
         a, b = self._read(m.a), self._read(m.b)
-        delta = lora_delta(a, b, self.scalings[tensor.removesuffix(".weight")],
+        delta = lora_delta(a, b, self.scalings[m.module or tensor.removesuffix(".weight")],
                            embedding=m.embedding, fan_in_fan_out=self.adapter.fan_in_fan_out)
         if m.magnitude is not None:
             return dora_weight(t, delta, self._read(m.magnitude), fan_in_fan_out=self.adapter.fan_in_fan_out)
@@ -400,7 +407,7 @@ class LoraSource(ModelSource):
         ``tensor`` as stored (a ``"lora"`` change)."""
         m = self.changes[tensor]
         a, b = self._read(m.a), self._read(m.b)
-        return lora_factors(a, b, self.scalings[tensor.removesuffix(".weight")], rank,
+        return lora_factors(a, b, self.scalings[m.module or tensor.removesuffix(".weight")], rank,
                             fan_in_fan_out=self.adapter.fan_in_fan_out)
 
     def nbytes(self) -> int:

@@ -169,7 +169,7 @@ def open_groups(config: MergeConfig) -> list[_Group]:
         fp32 = float32_tensors(sources[0].hf_config, resolve_dtype(config.dtype))
         linear = None
         if arch is FALLBACK and not standalone:
-            from branchmerge.runtime.build import plain_linear_modules
+            from branchmerge.io.skeleton import plain_linear_modules
 
             linear = plain_linear_modules(sources[0].hf_config)
         out.append(_Group(gname, sources, arch, standalone, base, fp32, linear))

@@ -171,6 +171,13 @@ def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_ran
         raise BundleError(f"group {group!r} cannot take adapters: layer {odd} holds quantized factors or dense "
                           "differences (load the bundle with factors='dequantize', or merge the adapter instead)")
     prep = Prepared(name, base, group, folder)
+    from branchmerge.architectures import registry
+
+    arch = registry().get(reader.groups[group].architecture)
+
+    def path(tensor: str) -> str:  # a checkpoint tensor name as the model's parameter path
+        return arch.param_path(tensor) if arch is not None else tensor
+
     ranks: dict[str, int] = {}
     for tensor, m in src.changes.items():
         if m.bias_of is not None:
@@ -178,7 +185,7 @@ def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_ran
         if m.magnitude is not None or m.embedding:
             raise ModelInputError(f"{where} changes {tensor} by {'DoRA' if m.magnitude else 'an embedding LoRA'}, "
                                   "which a loaded adapter cannot; merge it into a bundle instead")
-        mod = _module(model, tensor)
+        mod = _module(model, path(tensor))
         if isinstance(mod, QuantizedBranchedLinear) or not isinstance(mod, (BranchedLinear, nn.Linear)) \
                 or mod is head or (isinstance(mod, BranchedLinear) and not mod.uniform):
             raise ModelInputError(f"{where} changes {tensor}, a {type(mod).__name__} this bundle does not keep as "
@@ -190,7 +197,7 @@ def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_ran
         ranks[tensor] = rank
     tied = _tied_head(model, reader, group)
     for tensor in src.tokens:
-        mod = _module(model, tensor)
+        mod = _module(model, path(tensor))
         own = mod._copies[mod.state.index(base)] if isinstance(mod, PerBranch) else mod
         of = own.of if isinstance(own, RowPatched) else own
         if not RowPatched.can_patch(of):
@@ -199,15 +206,15 @@ def prepare(bundle, name: str, folder: Path, *, base: str | None = None, max_ran
     if src.replaced:
         raise ModelInputError(f"{where} stores whole tensors ({', '.join(sorted(src.replaced)[:3])}: "
                               "modules_to_save), which a loaded adapter cannot add; merge it into a bundle instead")
-    for tensor, rank in ranks.items():  # (read only once every check passed)
-        prep.factors[tensor] = src.factors(tensor, rank)
+    for tensor, rank in ranks.items():  # (read only once every check passed; keyed by the model's paths)
+        prep.factors[path(tensor)] = src.factors(tensor, rank)
     for tensor, m in src.changes.items():
         if m.bias_of is not None:
-            prep.biases[tensor] = src.get(tensor)
+            prep.biases[path(tensor)] = src.get(tensor)
     for tensor, (key, rows) in src.tokens.items():  # PEFT's trainable tokens: new values of some rows
-        prep.rows[tensor] = (torch.tensor(rows, dtype=torch.long), src._read(key).float())
-        if tied is not None and tensor == tied[0] and tied[1] not in src.tokens:  # the tied head reads them too
-            prep.rows[tied[1]] = prep.rows[tensor]
+        prep.rows[path(tensor)] = (torch.tensor(rows, dtype=torch.long), src._read(key).float())
+        if tied is not None and path(tensor) == tied[0] and tied[1] not in src.tokens:  # the tied head reads them
+            prep.rows[tied[1]] = prep.rows[path(tensor)]
     return prep
 
 

@@ -17,7 +17,7 @@ def check_shapes(reader: BundleReader) -> None:
     """Cheap check at any size: each group's model skeleton (on the meta device, no memory) built from its
     config, and every stored tensor's shape equal to the parameter or buffer it fills."""
     from branchmerge.architectures import registry
-    from branchmerge.runtime.build import hf_config_object, skeleton
+    from branchmerge.io.skeleton import hf_config_object, skeleton
     from branchmerge.runtime.experts import per_expert_shapes
 
     for gname, g in reader.groups.items():
