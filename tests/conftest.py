@@ -144,3 +144,18 @@ def family_config(family, tmp_path):
 
 def read_json(p: Path) -> dict:
     return json.loads(Path(p).read_text())
+
+
+def check_mixed_as_alone(bundle, x, want: dict, max_new_tokens: int = 5, *, logits: bool = True) -> None:
+    """Branches "a" and "b" of ``bundle`` in one batch answer as each alone: the rows of one forward of ``x``
+    (row 0 through b, row 1 through a) equal ``want``'s logits (with ``logits``), and a mixed generation equals
+    each prompt generated alone."""
+    import torch
+
+    if logits:
+        mixed = bundle.logits(x, ["b", "a"])
+        torch.testing.assert_close(mixed[0], want["b"][0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mixed[1], want["a"][1], atol=1e-4, rtol=1e-4)
+    kw = dict(chat=False, max_new_tokens=max_new_tokens, do_sample=False)
+    outs = bundle.generate(["abc", "hello"], ["a", "b"], **kw)
+    assert outs == [bundle.generate("abc", "a", **kw)[0], bundle.generate("hello", "b", **kw)[0]]

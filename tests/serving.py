@@ -55,6 +55,32 @@ def wait_queued(engine, n: int, timeout: float = 120.0, futures=()) -> None:
         time.sleep(0.01)
 
 
+def served_together(bundle, prompts: list[tuple[str, str]], max_tokens: int = 5) -> tuple[list[str], int, set[str]]:
+    """Serve ``bundle`` over HTTP and send ``(prompt, model)`` completions concurrently with the openai SDK,
+    all queued before the engine takes any: their greedy answers, the batches they took and the models
+    ``/v1/models`` lists."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from branchmerge.server import create_app
+
+    app = create_app(bundle, max_batch=8, wait_ms=50)
+    engine = app.state.engine
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        listed = {m.id for m in client.models.list().data}
+        before = engine.batches
+        with ThreadPoolExecutor(len(prompts)) as ex:
+            with engine.paused():
+                futs = [ex.submit(lambda pn: client.completions.create(model=pn[1], prompt=pn[0], max_tokens=max_tokens,
+                                                                       temperature=0).choices[0].text, pn)
+                        for pn in prompts]
+                wait_queued(engine, len(prompts), futures=futs)
+            got = [f.result() for f in futs]
+        return got, engine.batches - before, listed
+
+
 @contextmanager
 def forwards(model) -> Iterator[list[tuple[int, int]]]:
     """Record ``(rows, width)`` of every forward of ``model`` (its ``input_ids``) in the block."""

@@ -17,7 +17,7 @@ from branchmerge.config import parse_config
 from branchmerge.io.bundle import BundleReader
 from branchmerge.merge import run_merge
 from tests.cli_util import run_cli
-from tests.conftest import save_char_tokenizer
+from tests.conftest import check_mixed_as_alone, save_char_tokenizer
 
 SPLIT = {"gpt_oss", "mamba2", "falcon_h1", "gemma3n", "qwen3_next", "jamba"}
 X = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 20], [1, 8, 2, 30, 6, 12, 40, 9]])
@@ -156,14 +156,7 @@ def test_family_fine_tunes_are_exact_branches(family, tmp_path, caplog, capsys):
         shared = [r for r in records.values() if r.role in ("compressed", "shared")]
         assert shared and b.memory_bytes() < 2 * sum(r.bytes for r in records.values())
         assert all(sum(p.numel() for p in g.model.parameters()) > 0 for g in b.groups.values())
-    else:
-        mixed = b.logits(X, ["b", "a"])  # row 0 through b, row 1 through a, in one forward
-        torch.testing.assert_close(mixed[0], want["b"][0], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(mixed[1], want["a"][1], atol=1e-4, rtol=1e-4)
-    outs = b.generate(["abc", "hello"], ["a", "b"], chat=False, max_new_tokens=5, do_sample=False)
-    alone = [b.generate("abc", "a", chat=False, max_new_tokens=5, do_sample=False)[0],
-             b.generate("hello", "b", chat=False, max_new_tokens=5, do_sample=False)[0]]
-    assert outs == alone
+    check_mixed_as_alone(b, X, want, logits=family not in SPLIT)  # (split: generation, model by model)
 
     code, _, err = run_cli(capsys, "export-branch", tmp_path / "bundle", "b", "-o", tmp_path / "exported")
     assert code == 0, err
@@ -211,12 +204,7 @@ def test_branches_of_a_split_group_are_served_in_batches_of_their_own(tmp_path):
     """Served over HTTP (the openai SDK as client), concurrent requests for both branches of a Mamba-2 group
     (a model per branch) run as one batch per branch's model and answer as each does alone; /v1/models
     lists both branches."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import openai
-
-    from branchmerge.server import create_app
-    from tests.serving import serving, wait_queued
+    from tests.serving import served_together
 
     _fine_tunes("mamba2", tmp_path)
     b = branchmerge.load(_merge(tmp_path, 0.5), dtype="float32")
@@ -224,20 +212,8 @@ def test_branches_of_a_split_group_are_served_in_batches_of_their_own(tmp_path):
     expected = [b.generate(p, n, chat=False, max_new_tokens=5, do_sample=False)[0] for p, n in prompts]
     assert b.generate([p for p, _ in prompts], [n for _, n in prompts], chat=False, max_new_tokens=5,
                       do_sample=False) == expected  # (one call: split by model, answered in order)
-    app = create_app(b, max_batch=8, wait_ms=50)
-    engine = app.state.engine
-    with serving(app) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-        assert {m.id for m in client.models.list().data} >= {"a", "b"}
-        before = engine.batches
-        with ThreadPoolExecutor(4) as ex:
-            with engine.paused():
-                futs = [ex.submit(lambda pn: client.completions.create(model=pn[1], prompt=pn[0], max_tokens=5,
-                                                                       temperature=0).choices[0].text, pn)
-                        for pn in prompts]
-                wait_queued(engine, 4, futures=futs)
-            got = [f.result() for f in futs]
-    assert got == expected and engine.batches - before == 2
+    got, batches, listed = served_together(b, prompts)
+    assert got == expected and batches == 2 and listed >= {"a", "b"}
 
 
 @pytest.mark.parametrize("family,experts", [("gpt_oss", "mlp.experts"), ("llama4", "feed_forward.experts")])

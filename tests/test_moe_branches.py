@@ -16,7 +16,7 @@ from branchmerge.config import parse_config
 from branchmerge.io.bundle import BundleReader
 from branchmerge.merge import run_merge
 from tests.cli_util import run_cli
-from tests.conftest import save_char_tokenizer
+from tests.conftest import check_mixed_as_alone, save_char_tokenizer
 
 X = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 20], [1, 8, 2, 30, 6, 12, 40, 9]])
 COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -103,13 +103,7 @@ def test_moe_fine_tunes_are_branches(moes, tmp_path, caplog, kind):
     want = {n: _hf_logits(m) for n, (_, m) in moes[kind].items()}
     for n in "ab":
         torch.testing.assert_close(b.logits(X, [n, n]), want[n], atol=1e-4, rtol=1e-4)
-    mixed = b.logits(X, ["b", "a"])  # row 0 through b, row 1 through a, in one forward
-    torch.testing.assert_close(mixed[0], want["b"][0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(mixed[1], want["a"][1], atol=1e-4, rtol=1e-4)
-    outs = b.generate(["abc", "hello"], ["a", "b"], chat=False, max_new_tokens=6, do_sample=False)
-    alone = [b.generate("abc", "a", chat=False, max_new_tokens=6, do_sample=False)[0],
-             b.generate("hello", "b", chat=False, max_new_tokens=6, do_sample=False)[0]]
-    assert outs == alone
+    check_mixed_as_alone(b, X, want, 6)
 
 
 @pytest.mark.parametrize("kind", ["deepseek_v3", "glm4_moe"])
@@ -279,29 +273,13 @@ def test_extract_lora_from_an_moe_fine_tune(capsys, moes, tmp_path):
 def test_an_moe_bundle_served_answers_mixed_requests_as_alone(moes, tmp_path):
     """Served over HTTP (the openai SDK as client): concurrent requests for both branches of a Qwen2-MoE
     bundle run as one mixed batch and answer as each does alone."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import openai
-
-    from branchmerge.server import create_app
-    from tests.serving import serving, wait_queued
+    from tests.serving import served_together
 
     b = branchmerge.load(_merge(moes["qwen2_moe"], tmp_path / "b", 0.5), dtype="float32")
     prompts = [("abc", "a"), ("hello", "b"), ("xyz", "b"), ("key", "a")]
     expected = [b.generate(p, n, chat=False, max_new_tokens=5, do_sample=False)[0] for p, n in prompts]
-    app = create_app(b, max_batch=8, wait_ms=50)
-    engine = app.state.engine
-    with serving(app) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-        before = engine.batches
-        with ThreadPoolExecutor(4) as ex:
-            with engine.paused():
-                futs = [ex.submit(lambda pn: client.completions.create(model=pn[1], prompt=pn[0], max_tokens=5,
-                                                                       temperature=0).choices[0].text, pn)
-                        for pn in prompts]
-                wait_queued(engine, 4, futures=futs)
-            got = [f.result() for f in futs]
-    assert got == expected and engine.batches - before == 1
+    got, batches, _ = served_together(b, prompts)
+    assert got == expected and batches == 1
 
 
 def test_a_config_claiming_more_experts_than_stored_is_refused_at_once(moes, tmp_path):
