@@ -301,3 +301,20 @@ def test_extract_lora_of_a_family_loads_in_peft_and_gives_the_fine_tune(family, 
         torch.testing.assert_close(b.logits(X, ["tuned", "tuned"]), _logits(models["a"]), atol=1e-4, rtol=1e-4)
     if family == "opt":
         assert "model.decoder.embed_positions" in cfg["modules_to_save"]
+
+
+def test_inspect_says_which_groups_run_a_model_per_branch(tmp_path, capsys):
+    """`inspect` names a group whose branches run as models of their own and the modules why (text and
+    JSON); a group one model runs says nothing of the kind."""
+    import json
+
+    for family in ("mamba2", "phi"):
+        _fine_tunes(family, tmp_path / family)
+        _merge(tmp_path / family, 0.5)
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "mamba2" / "bundle")
+    assert code == 0, err
+    assert "each branch runs as a model of its own" in out and "mixer" in out and "A_log" in out
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "mamba2" / "bundle", "--json")
+    assert any("A_log" in w for w in json.loads(out)["groups"]["main"]["model_per_branch"])
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "phi" / "bundle")
+    assert code == 0 and "model of its own" not in out

@@ -21,6 +21,9 @@ def inspect_cmd(
     from branchmerge.export import summarize
 
     s = summarize(bundle, verify=not no_verify)
+    own = _own_models(bundle, s)
+    for g, why in own.items():
+        s["groups"][g]["model_per_branch"] = why
     if as_json:
         typer.echo(json.dumps(s, indent=2))
         return
@@ -42,6 +45,10 @@ def inspect_cmd(
         if len(set(d["vocab_sizes"].values())) > 1:
             c.print(f"group {g}: each branch its own vocabulary ("
                     + ", ".join(f"{b} {v}" for b, v in d["vocab_sizes"].items()) + " tokens)")
+    for g, why in own.items():
+        c.print(f"group {g}: each branch runs as a model of its own, sharing the mean weights (a batch takes one "
+                f"of them at a time): {'; '.join(why[:3])}{' …' if len(why) > 3 else ''} hold per-branch "
+                "parameters one model cannot switch per row")
     e = table("relative reconstruction error of compressed weights ‖W−Ŵ‖/‖W‖", ["branch", "group", "mean", "max"])
     for g, d in s["groups"].items():
         for b in d["branches"]:
@@ -241,3 +248,13 @@ def register(app: typer.Typer) -> None:
     app.command("inspect")(inspect_cmd)
     app.command("export-branch")(export_branch_cmd)
     app.command("import-gguf")(import_gguf_cmd)
+
+
+def _own_models(bundle: Path, summary: dict) -> dict[str, list[str]]:
+    """Groups whose branches run as models of their own, and why (the modules at fault)."""
+    from branchmerge.io.bundle import BundleReader
+    from branchmerge.runtime.build import unmixable_modules
+
+    reader = BundleReader(bundle, verify=False)  # (verified, when asked, by summarize)
+    return {g: why for g in summary["groups"] if (why := unmixable_modules(reader, g))}
+

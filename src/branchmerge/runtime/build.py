@@ -98,10 +98,7 @@ def build_group_model(
             return [got[rec.holder(b)] for b in members]
         raise BundleError(f"tensor {tensor} of group {group!r} has unexpected role {role!r}")
 
-    by_module: dict[str, dict[str, str]] = defaultdict(dict)
-    for tensor in records:
-        module, param = _split(tensor)
-        by_module[arch.module_path(tensor) if arch else module][param] = tensor
+    by_module = _by_module(records, arch)
     if arch is not None and arch.experts:
         _per_expert_modules(model, arch, by_module, state)
     if len(members) > 1 and (odd := _own_parameters_beside_sublayers(model, by_module, records, arch is None)):
@@ -259,6 +256,33 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> 
         raise BundleError(f"tensors for module {where} do not fit the model: {e}") from None
     for p in module.parameters(recurse=False):
         p.requires_grad_(False)
+
+
+def _by_module(records: Iterable[str], arch: Architecture | None) -> dict[str, dict[str, str]]:
+    """The group's tensors by the model module they fill: ``{module path: {parameter: tensor}}``."""
+    by_module: dict[str, dict[str, str]] = defaultdict(dict)
+    for tensor in records:
+        module, param = _split(tensor)
+        by_module[arch.module_path(tensor) if arch else module][param] = tensor
+    return by_module
+
+
+def unmixable_modules(reader: BundleReader, group: str) -> list[str]:
+    """Why the branches of ``group`` run as models of their own (see :class:`Unmixable`): the modules at fault,
+    with their per-branch parameters; empty when one model runs them all. Built on the meta device: no
+    tensor is read."""
+    g = reader.groups[group]
+    if len(g.branches) < 2:
+        return []
+    records = reader.manifest.tensors[group]
+    raw = reader.hf_config(g.branches[0])
+    _check_layer_count(raw, records, f"branch {g.branches[0]!r}")
+    model = skeleton(hf_config_object(raw, f"branch {g.branches[0]!r}"), where=f"branch {g.branches[0]!r}")
+    arch = registry().get(g.architecture)
+    by_module = _by_module(records, arch)
+    if arch is not None and arch.experts:
+        _per_expert_modules(model, arch, by_module, BranchState(g.branches))
+    return _own_parameters_beside_sublayers(model, by_module, records, arch is None)
 
 
 class Unmixable(BundleError):
