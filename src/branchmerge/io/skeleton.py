@@ -18,6 +18,11 @@ from branchmerge.errors import BundleError
 LINEAR_LIKE = frozenset({"FalconLinear"})
 
 
+def plain_linear(m: nn.Module) -> bool:
+    """Whether ``m`` is an ``nn.Linear`` whose forward is ``x Wᵀ + b`` (its own, or written anew)."""
+    return isinstance(m, nn.Linear) and (type(m).forward is nn.Linear.forward or type(m).__name__ in LINEAR_LIKE)
+
+
 def module_kinds(hf_config: dict) -> dict[str, str] | None:
     """Each module path of this config's model as ``linear`` (a plain ``nn.Linear``), ``embedding`` (a token
     embedding: an ``nn.Embedding`` but learned positions, whose input is no token id) or ``other``; None when
@@ -28,7 +33,7 @@ def module_kinds(hf_config: dict) -> dict[str, str] | None:
         return None
     out = {}
     for n, m in model.named_modules():
-        if isinstance(m, nn.Linear) and (type(m).forward is nn.Linear.forward or type(m).__name__ in LINEAR_LIKE):
+        if plain_linear(m):
             out[n] = "linear"
         elif isinstance(m, nn.Embedding) and "position" not in type(m).__name__.lower():
             out[n] = "embedding"

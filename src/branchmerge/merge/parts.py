@@ -25,7 +25,7 @@ def role_of(g, tensor: str, shape: tuple[int, ...]) -> str:
     """``compress`` or ``per_branch``: a standalone group's tensors, those transformers keeps in float32
     (routers, score-correction biases: never compressed), and under the fallback rule the weights of modules
     other than plain ``nn.Linear`` layers are kept per branch."""
-    if g.standalone or keeps_float32(g, tensor):
+    if g.standalone or g.float32(tensor):
         return "per_branch"
     role = g.arch.role(tensor, shape)
     if role == "compress" and g.linear is not None and g.arch.module_path(tensor) not in g.linear:
@@ -33,17 +33,12 @@ def role_of(g, tensor: str, shape: tuple[int, ...]) -> str:
     return role
 
 
-def keeps_float32(g, tensor: str) -> bool:
-    """Whether group ``g``'s ``tensor`` is one transformers keeps in float32 at the merge's dtype (stored so)."""
-    return g.float32(tensor)
-
-
 def stored_dtype(g, tensor: str, t: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     """The dtype a kept tensor is written in: the merge's, but float32 where transformers keeps it so, and
     integer tensors as they are."""
     if not t.is_floating_point():
         return t.dtype
-    return torch.float32 if keeps_float32(g, tensor) else dtype
+    return torch.float32 if g.float32(tensor) else dtype
 
 
 def check_shapes(g, tensor: str, shapes: list[tuple[int, ...]]) -> None:

@@ -16,7 +16,7 @@ from branchmerge.compress import rank_for, stored_bytes
 from branchmerge.config import MergeConfig
 from branchmerge.merge.branch import open_groups
 from branchmerge.merge.lora import lora_ranks
-from branchmerge.merge.parts import check_shapes, keeps_float32, role_of
+from branchmerge.merge.parts import check_shapes, role_of
 
 
 def plan_merge(config: MergeConfig) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def plan_merge(config: MergeConfig) -> dict[str, Any]:
             shape = shapes[0]
             numel = math.prod(shape)
             if role_of(g, tensor, shape) != "compress" or n == 1:
-                kept = 4 if keeps_float32(g, tensor) else esize
+                kept = 4 if g.float32(tensor) else esize
                 parts["per_branch"] += sum(math.prod(sh) for sh in shapes) * kept  # (vocabularies may differ)
                 counts["per_branch"] += 1
                 continue

@@ -23,7 +23,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from branchmerge.architectures import Architecture, float32_tensors, registry
 from branchmerge.errors import BundleError
 from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
-from branchmerge.io.skeleton import hf_config_object, skeleton
+from branchmerge.io.skeleton import hf_config_object, plain_linear, skeleton
 from branchmerge.runtime.experts import ExpertLinears, RowsByBranch, stored_experts
 from branchmerge.runtime.modules import BranchedLinear, BranchState
 from branchmerge.runtime.perbranch import PerBranch
@@ -59,22 +59,20 @@ def build_group_model(
     transposed = g.transposed
     first_dir: Path = reader.branch_dir(members[0])
     records = reader.manifest.tensors[group]
-    raw = reader.hf_config(members[0])
-    _check_layer_count(raw, records, f"branch {members[0]!r}")
-    config = hf_config_object(raw, f"branch {members[0]!r}")
-    model = skeleton(config, dtype, where=f"branch {members[0]!r}")
     state = BranchState(members)
-
-    arch = registry().get(g.architecture)
+    raw, model, arch, by_module = _meta_model(reader, group, members[0], dtype, state)
     fp32 = float32_tensors(raw, dtype)  # (transformers keeps these in float32 at dtype: routers, their biases)
 
     def cast(t: torch.Tensor, tensor: str) -> torch.Tensor:
         return t.to(torch.float32 if fp32(tensor) else dtype) if t.is_floating_point() else t
 
-    def load(key: str, tensor: str) -> torch.Tensor:
+    def cached(key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:  # (one tensor for every model)
         if key not in cache:
-            cache[key] = cast(reader.get(key, device), tensor)
+            cache[key] = make()
         return cache[key]
+
+    def load(key: str, tensor: str) -> torch.Tensor:
+        return cached(key, lambda: cast(reader.get(key, device), tensor))
 
     def per_branch(tensor: str) -> list[torch.Tensor]:
         role = records[tensor].role
@@ -98,9 +96,6 @@ def build_group_model(
             return [got[rec.holder(b)] for b in members]
         raise BundleError(f"tensor {tensor} of group {group!r} has unexpected role {role!r}")
 
-    by_module = _by_module(records, arch)
-    if arch is not None and arch.experts:
-        _per_expert_modules(model, arch, by_module, state)
     if len(members) > 1 and (odd := _own_parameters_beside_sublayers(model, by_module, records, arch is None)):
         raise Unmixable(odd)
 
@@ -113,9 +108,7 @@ def build_group_model(
         weight_t = params.get("weight")
         if weight_t is not None and records[weight_t].role == "compressed":
             key = key_mean(group, weight_t)
-            if key not in cache:
-                cache[key] = reader.get(key, device).to(dtype)
-            mean = cache[key]
+            mean = cached(key, lambda: reader.get(key, device).to(dtype))
             every = reader.get(key_scales(group, weight_t)).tolist()
             scales = [every[g.branches.index(b)] for b in members]
             biases = per_branch(params["bias"]) if "bias" in params else None
@@ -134,9 +127,7 @@ def build_group_model(
                 else:
                     diffs.append(None)
             if transposed:
-                if key + "|T" not in cache:
-                    cache[key + "|T"] = mean.T.contiguous()
-                mean = cache[key + "|T"]
+                mean = cached(key + "|T", mean.T.contiguous)
             new = BranchedLinear(state, mean, scales, diffs, biases, fused=fused)
             _set_module(model, module_name, new)
             continue
@@ -258,13 +249,23 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> 
         p.requires_grad_(False)
 
 
-def _by_module(records: Iterable[str], arch: Architecture | None) -> dict[str, dict[str, str]]:
-    """The group's tensors by the model module they fill: ``{module path: {parameter: tensor}}``."""
+def _meta_model(reader: BundleReader, group: str, first: str, dtype: torch.dtype | None, state: BranchState,
+                ) -> tuple[dict, PreTrainedModel, Architecture | None, dict[str, dict[str, str]]]:
+    """Branch ``first``'s config, its model on the meta device (experts per expert where the bundle stores
+    them so), the group's architecture, and the group's tensors by the module they fill (``{module path:
+    {parameter: tensor}}``)."""
+    g, records = reader.groups[group], reader.manifest.tensors[group]
+    raw = reader.hf_config(first)
+    _check_layer_count(raw, records, f"branch {first!r}")
+    model = skeleton(hf_config_object(raw, f"branch {first!r}"), dtype, where=f"branch {first!r}")
+    arch = registry().get(g.architecture)
     by_module: dict[str, dict[str, str]] = defaultdict(dict)
     for tensor in records:
         module, param = _split(tensor)
         by_module[arch.module_path(tensor) if arch else module][param] = tensor
-    return by_module
+    if arch is not None and arch.experts:
+        _per_expert_modules(model, arch, by_module, state)
+    return raw, model, arch, by_module
 
 
 def unmixable_modules(reader: BundleReader, group: str) -> list[str]:
@@ -274,15 +275,8 @@ def unmixable_modules(reader: BundleReader, group: str) -> list[str]:
     g = reader.groups[group]
     if len(g.branches) < 2:
         return []
-    records = reader.manifest.tensors[group]
-    raw = reader.hf_config(g.branches[0])
-    _check_layer_count(raw, records, f"branch {g.branches[0]!r}")
-    model = skeleton(hf_config_object(raw, f"branch {g.branches[0]!r}"), where=f"branch {g.branches[0]!r}")
-    arch = registry().get(g.architecture)
-    by_module = _by_module(records, arch)
-    if arch is not None and arch.experts:
-        _per_expert_modules(model, arch, by_module, BranchState(g.branches))
-    return _own_parameters_beside_sublayers(model, by_module, records, arch is None)
+    _, model, arch, by_module = _meta_model(reader, group, g.branches[0], None, BranchState(g.branches))
+    return _own_parameters_beside_sublayers(model, by_module, reader.manifest.tensors[group], arch is None)
 
 
 class Unmixable(BundleError):
@@ -317,7 +311,7 @@ def _own_parameters_beside_sublayers(model: nn.Module, by_module: dict[str, dict
 def _row_wise(mod: nn.Module) -> bool:
     """Whether a module maps each row of its input alone (so per-branch copies can take a mixed batch's rows):
     embeddings, plain linear layers, norms."""
-    if isinstance(mod, nn.Embedding) or (isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward):
+    if isinstance(mod, nn.Embedding) or plain_linear(mod):
         return True
     return "norm" in type(mod).__name__.lower()
 
