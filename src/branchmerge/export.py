@@ -15,6 +15,7 @@ from branchmerge.architectures import Architecture, float32_tensors, registry
 from branchmerge.common import DTYPES, dtype_name
 from branchmerge.errors import BundleError
 from branchmerge.io.bundle import BundleReader
+from branchmerge.io.models import fused_experts
 from branchmerge.io.card import CARD, branch_card
 from branchmerge.io.summary import summarize
 from branchmerge.io.hf import finish_hf_shards, write_hf_config
@@ -99,16 +100,19 @@ _EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
 def stack_experts(arch: Architecture, tensors: Iterable[tuple[str, torch.Tensor]],
                   hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """``tensors`` with each layer's per-expert projections stacked again as the architecture's checkpoints
-    hold them (``experts.stacked``, GraniteMoE): gate and up as ``[E, 2I, H]``, down as ``[E, H, I]``, under
-    the checkpoint's names. A layer's experts are held until its last one arrives (one layer at a time).
+    hold them (``experts.stacked``: GraniteMoE, gpt-oss, Llama 4; the layout as :func:`fused_experts` reads
+    it), under the checkpoint's names. A layer's experts are held until its last one arrives (one layer at a
+    time).
 
     Raises:
-        BundleError: a layer lacks some of its ``E`` experts' projections (``E`` from the config).
+        BundleError: a layer lacks some of its ``E`` experts' tensors (``E`` from the config).
     """
     spec = arch.experts
     assert spec is not None
+    fused = fused_experts(spec)
     n = next((hf_config[k] for k in _EXPERT_COUNTS if isinstance(hf_config.get(k), int)), None)
-    params = ("weight", "bias") if spec.layout == "gpt_oss" else ("weight",)
+    params = {what for f in fused.values() for _, what in f.parts}
+    per_expert = sum(len(f.parts) for f in fused.values())
     held: dict[str, dict[tuple[int, str, str], torch.Tensor]] = {}
     for name, t in tensors:
         module, e, proj, param = (name.rsplit(".", 3) + ["", "", ""])[:4]
@@ -118,42 +122,17 @@ def stack_experts(arch: Architecture, tensors: Iterable[tuple[str, torch.Tensor]
             continue
         got = held.setdefault(module, {})
         got[int(e), proj, param] = t
-        if n is not None and len(got) == 3 * n * len(params):
-            yield from _stacked(arch, module, held.pop(module), n)
+        if n is not None and len(got) == per_expert * n:
+            got = held.pop(module)
+            try:
+                out = {p: torch.stack([f.join([got[e, proj, what] for proj, what in f.parts]) for e in range(n)])
+                       for p, f in fused.items()}
+            except KeyError as err:
+                e_, proj_, what_ = err.args[0]
+                raise BundleError(f"{module}: expert {e_} lacks its {proj_} {what_}") from None
+            path = arch.param_path(module)
+            for p, stacked in out.items():
+                yield arch.checkpoint_path(f"{path}.{p}"), stacked.contiguous()
     for module, got in held.items():
         raise BundleError(f"{module}: {len(got)} expert tensors for a config of {n} experts "
-                          f"({3 * n * len(params) if n else '?'} expected): the experts cannot be stacked")
-
-
-def _stacked(arch: Architecture, module: str, got: dict[tuple[int, str, str], torch.Tensor],
-             n: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """A layer's experts as its fused tensors: ``[E, 2I, H]`` (gate rows, then up) and ``[E, H, I]``; in the
-    ``gpt_oss`` layout ``[E, H, 2I]`` (gate and up in alternate columns), ``[E, I, H]`` and their biases; in
-    ``llama4``'s ``[E, H, 2I]`` (gate columns, then up) and ``[E, I, H]``."""
-    spec = arch.experts
-    path = arch.param_path(module)
-    try:
-        if spec.layout == "gpt_oss":
-            def pairs(param: str) -> torch.Tensor:  # [.., I] gate and [.., I] up → [.., 2I], alternating
-                return torch.stack([torch.stack([_t(got[e, spec.gate, param]), _t(got[e, spec.up, param])], dim=-1)
-                                    .flatten(-2) for e in range(n)])
-            out = {"gate_up_proj": pairs("weight"),
-                   "gate_up_proj_bias": pairs("bias"),
-                   "down_proj": torch.stack([got[e, spec.down, "weight"].T for e in range(n)]),
-                   "down_proj_bias": torch.stack([got[e, spec.down, "bias"] for e in range(n)])}
-        elif spec.layout == "llama4":  # [E, H, 2I]: gate columns, then up's; [E, I, H]
-            out = {"gate_up_proj": torch.stack([torch.cat([got[e, spec.gate, "weight"].T, got[e, spec.up, "weight"].T],
-                                                          dim=-1) for e in range(n)]),
-                   "down_proj": torch.stack([got[e, spec.down, "weight"].T for e in range(n)])}
-        else:
-            out = {"gate_up_proj": torch.stack([torch.cat([got[e, spec.gate, "weight"], got[e, spec.up, "weight"]])
-                                                for e in range(n)]),
-                   "down_proj": torch.stack([got[e, spec.down, "weight"] for e in range(n)])}
-    except KeyError as e:
-        raise BundleError(f"{module}: expert {e.args[0][0]} lacks its {e.args[0][1]} {e.args[0][2]}") from None
-    for param, t in out.items():
-        yield arch.checkpoint_path(f"{path}.{param}"), t.contiguous()
-
-
-def _t(t: torch.Tensor) -> torch.Tensor:
-    return t.T if t.dim() == 2 else t
+                          f"({per_expert * n if n else '?'} expected): the experts cannot be stacked")

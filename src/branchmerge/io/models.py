@@ -283,24 +283,47 @@ class _View(NamedTuple):
         return (t.T if self.transpose else t).contiguous()
 
 
-def _expert_parts(layout: str, param: str, spec, dims: tuple[int, ...]) -> list[tuple[str, str, tuple, bool]]:
-    """``(projection, parameter, index, transpose)`` of each per-expert tensor a fused one holds."""
-    half = slice(None)
-    if layout == "gpt_oss":  # [E, H, 2I] gate and up in alternate columns, [E, I, H] down; biases alike
-        even, odd = slice(0, None, 2), slice(1, None, 2)
-        return {"gate_up_proj": [(spec.gate, "weight", (half, even), True), (spec.up, "weight", (half, odd), True)],
-                "down_proj": [(spec.down, "weight", (), True)],
-                "gate_up_proj_bias": [(spec.gate, "bias", (even,), False), (spec.up, "bias", (odd,), False)],
-                "down_proj_bias": [(spec.down, "bias", (), False)]}.get(param, [])
-    if layout == "llama4":  # [E, H, 2I] gate columns then up columns, [E, I, H] down
-        cols = dims[2] if len(dims) == 3 else 0
-        return {"gate_up_proj": [(spec.gate, "weight", (half, slice(0, cols // 2)), True),
-                                 (spec.up, "weight", (half, slice(cols // 2, cols)), True)],
-                "down_proj": [(spec.down, "weight", (), True)]}.get(param, [])
-    rows = dims[1]  # [E, 2I, H] gate rows then up rows, [E, H, I] down (Mixtral, Qwen-MoE, GraniteMoE)
-    return {"gate_up_proj": [(spec.gate, "weight", (slice(0, rows // 2),), False),
-                             (spec.up, "weight", (slice(rows // 2, rows),), False)],
-            "down_proj": [(spec.down, "weight", (), False)]}.get(param, [])
+class Fused(NamedTuple):
+    """How one fused tensor of a layer holds its experts' tensors: each expert's slab is ``parts`` (``(projection,
+    parameter)`` pairs) split along ``axis`` in equal blocks, or alternating (``interleaved``), each stored
+    transposed where ``transpose``."""
+
+    parts: tuple[tuple[str, str], ...]
+    axis: int = 0
+    interleaved: bool = False
+    transpose: bool = False
+
+    def index(self, k: int, dims: tuple[int, ...]) -> tuple[slice, ...]:
+        """Where part ``k`` lies in an expert's slab of a fused tensor of shape ``dims`` (``[E, ...]``)."""
+        n = len(self.parts)
+        if n == 1:
+            return ()
+        size = dims[1 + self.axis] // n
+        part = slice(k, None, n) if self.interleaved else slice(k * size, (k + 1) * size)
+        return (slice(None),) * self.axis + (part,)
+
+    def join(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One expert's slab from its parts' tensors (the inverse of reading them at :meth:`index`)."""
+        ts = [t.T if self.transpose else t for t in tensors]
+        if len(ts) == 1:
+            return ts[0]
+        if self.interleaved:
+            return torch.stack(ts, dim=self.axis + 1).flatten(self.axis, self.axis + 1)
+        return torch.cat(ts, dim=self.axis)
+
+
+def fused_experts(spec) -> dict[str, Fused]:
+    """An experts layout's fused tensors (by parameter name) and how each holds its experts (``spec.layout``)."""
+    gate_up, down = ((spec.gate, "weight"), (spec.up, "weight")), ((spec.down, "weight"),)
+    if spec.layout == "gpt_oss":  # [E, H, 2I] gate and up in alternate columns, [E, I, H] down; biases alike
+        return {"gate_up_proj": Fused(gate_up, 1, interleaved=True, transpose=True),
+                "down_proj": Fused(down, transpose=True),
+                "gate_up_proj_bias": Fused(((spec.gate, "bias"), (spec.up, "bias")), 0, interleaved=True),
+                "down_proj_bias": Fused(((spec.down, "bias"),))}
+    if spec.layout == "llama4":  # [E, H, 2I] gate columns then up columns, [E, I, H] down
+        return {"gate_up_proj": Fused(gate_up, 1, transpose=True), "down_proj": Fused(down, transpose=True)}
+    # [E, 2I, H] gate rows then up rows, [E, H, I] down (Mixtral, Qwen-MoE, GraniteMoE)
+    return {"gate_up_proj": Fused(gate_up), "down_proj": Fused(down)}
 
 
 def _expert_views(hf_config: dict, names: list[str], shape) -> dict[str, _View]:
@@ -322,11 +345,11 @@ def _expert_views(hf_config: dict, names: list[str], shape) -> dict[str, _View]:
         path = arch.param_path(n)  # (GraniteMoE's checkpoints: input_linear, output_linear)
         module, _, param = path.rpartition(".")
         if path.endswith(_FUSED) and len(dims := shape(n)) == (2 if param.endswith("_bias") else 3):
-            parts = _expert_parts(spec.layout, param, spec, dims)
+            f = fused_experts(spec).get(param)
             module = arch.checkpoint_path(module)
-            for e in range(dims[0]):
-                for proj, what, index, transpose in parts:
-                    views[f"{module}.{e}.{proj}.{what}"] = _View(n, e, index, transpose)
+            for e in range(dims[0] if f else 0):
+                for k, (proj, what) in enumerate(f.parts):
+                    views[f"{module}.{e}.{proj}.{what}"] = _View(n, e, f.index(k, dims), f.transpose)
         elif path == n and (u := arch.checkpoint_path(n)) != n:  # a transformers name: the checkpoint's instead
             views[u] = _View(n)
     return views

@@ -93,7 +93,8 @@ def hf_config_object(cfg: dict, where: str) -> PretrainedConfig:
     Raises:
         BundleError: an unknown ``model_type`` or a config transformers refuses.
     """
-    data = {k: _special_floats(v) for k, v in cfg.items() if k not in ("auto_map", "quantization_config", "_name_or_path")}
+    data = {k: _special_floats(v) for k, v in cfg.items()
+            if k not in ("auto_map", "quantization_config", "_name_or_path")}
     model_type = data.pop("model_type", None)
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise BundleError(f"{where}: model_type {model_type!r} is not an architecture transformers knows "
