@@ -296,3 +296,17 @@ def test_a_config_claiming_more_experts_than_stored_is_refused_at_once(moes, tmp
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="has 1000000 experts, but the bundle stores tensors for 4"):
         branchmerge.load(d, dtype="float32")
+
+
+def test_float32_lookup_takes_only_transformers_model_classes():
+    """A config is input: its `architectures` names are looked up as transformers' own model classes only —
+    dunder names, dotted paths and non-model attributes give no float32 rule, and nothing is imported or run."""
+    from branchmerge.architectures import float32_tensors
+
+    hostile = {"architectures": ["__class__", "os.system", "AutoConfig", "logging", "__import__"],
+               "model_type": "no_such_model"}
+    keep = float32_tensors(hostile, torch.bfloat16)
+    assert not keep("model.layers.1.mlp.gate.weight") and not keep("e_score_correction_bias")
+    real = float32_tensors({"architectures": ["__class__", "DeepseekV3ForCausalLM"]}, torch.bfloat16)
+    assert real("model.layers.1.mlp.gate.weight") and not real("model.layers.1.mlp.experts.0.up_proj.weight")
+    assert not float32_tensors({"architectures": ["DeepseekV3ForCausalLM"]}, torch.float32)("mlp.gate.weight")
