@@ -19,7 +19,7 @@ from branchmerge.merge import run_merge
 from tests.cli_util import run_cli
 from tests.conftest import check_mixed_as_alone, save_char_tokenizer
 
-SPLIT = {"gpt_oss", "mamba2", "falcon_h1", "gemma3n", "qwen3_next", "jamba"}
+SPLIT = {"mamba2", "falcon_h1", "gemma3n", "qwen3_next", "jamba"}
 X = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 20], [1, 8, 2, 30, 6, 12, 40, 9]])
 _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 _C = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
@@ -62,15 +62,21 @@ FAMILIES = {
                                **_IDS), True),
     # on the fallback rule (a warning names it), and still exact
     "persimmon": ("Persimmon", _C, False),
-    # modules holding per-branch parameters of their own beside sublayers (gpt-oss attention's sinks, Mamba's
-    # A_log, D, dt_bias; Gemma 3n's AltUp), or routers and fused experts of their own forward (gpt-oss, Llama 4):
-    # each branch runs as a model of its own, sharing the group's mean weights
+    "granite_swa": ("GraniteSWA", dict(_GQA, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                                       layer_rope_theta=[10000.0, 10000.0]), False),
+    # attention sinks per branch (taken per row inside the attention function), as gpt-oss's and Granite-SWA's
+    "flint": ("Flint", dict(_GQA, head_dim=8, sliding_window=4, num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=24, shared_expert_intermediate_size=24, mlp_only_layers=[0],
+                            layer_types=["sliding_attention", "full_attention"]), True),
+    # routers and fused experts of their own forward (gpt-oss, Llama 4), run per expert
     "gpt_oss": ("GptOss", dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
                                layer_types=["sliding_attention", "full_attention"]), True),
     "llama4": ("Llama4Text", dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
                                   intermediate_size_mlp=48, interleave_moe_layer_step=1), True),
     "llama4_dense_too": ("Llama4Text", dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
                                             intermediate_size_mlp=40, interleave_moe_layer_step=2), True),
+    # modules holding per-branch parameters of their own beside sublayers (Mamba's A_log, D, dt_bias; Gemma 3n's
+    # AltUp): each branch runs as a model of its own, sharing the group's mean weights
     "mamba2": ("Mamba2", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8,
                               state_size=8, n_groups=1, chunk_size=8, **_IDS), False),
     "falcon_h1": ("FalconH1", dict(_GQA, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
@@ -156,6 +162,8 @@ def test_family_fine_tunes_are_exact_branches(family, tmp_path, caplog, capsys):
         shared = [r for r in records.values() if r.role in ("compressed", "shared")]
         assert shared and b.memory_bytes() < 2 * sum(r.bytes for r in records.values())
         assert all(sum(p.numel() for p in g.model.parameters()) > 0 for g in b.groups.values())
+    else:
+        assert b.runtime_group("a") is b.runtime_group("b")
     check_mixed_as_alone(b, X, want, logits=family not in SPLIT)  # (split: generation, model by model)
 
     code, _, err = run_cli(capsys, "export-branch", tmp_path / "bundle", "b", "-o", tmp_path / "exported")
@@ -318,3 +326,35 @@ def test_inspect_says_which_groups_run_a_model_per_branch(tmp_path, capsys):
     assert any("A_log" in w for w in json.loads(out)["groups"]["main"]["model_per_branch"])
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "phi" / "bundle")
     assert code == 0 and "model of its own" not in out
+
+
+def test_attention_sinks_switch_per_row(tmp_path):
+    """gpt-oss's attention sinks differ per branch and mix in one batch (bfloat16, as served): each row equals
+    its branch alone; branches whose sinks are equal run as one attention call; an attention implementation
+    whose mask is no tensor is refused by name for a mixed batch rather than given one branch's sinks."""
+    from branchmerge.runtime.modules import BranchState
+    from branchmerge.runtime.sinks import BranchSinks, _wrapped
+
+    _fine_tunes("gpt_oss", tmp_path)
+    b = branchmerge.load(_merge(tmp_path, 0.5), dtype="bfloat16")
+    attn = b.runtime_group("a").model.model.layers[0].self_attn
+    assert isinstance(attn.branch_sinks, BranchSinks) and attn.branch_sinks.stacked.shape == (2, 4)
+    mixed = b.logits(X, ["b", "a"])
+    torch.testing.assert_close(mixed[0], b.logits(X[:1], ["b"])[0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(mixed[1], b.logits(X[1:], ["a"])[0], atol=2e-2, rtol=2e-2)
+    with pytest.raises(NotImplementedError, match="'flex_attention' attention implementation gives a object"):
+        with attn.branch_sinks.state.select([1, 0]):
+            q = torch.zeros(2, 4, 3, 8)
+            _wrapped("flex_attention")(attn, q, q[:, :2], q[:, :2], object())
+    # branches with equal sinks: one row of the stack, their rows in one call (the whole batch when alone)
+    state = BranchState(["x", "y", "z"])
+    s1, s2 = torch.randn(4), torch.randn(4)
+    bs = BranchSinks(state, [s1, s1.clone(), s2])
+    assert bs.stacked.shape == (2, 4) and bs.holder == [0, 0, 1]
+    with state.select([0, 2, 1, 1]):
+        groups = bs.groups(4, torch.device("cpu"))
+    assert [(torch.equal(g, w), rows.tolist()) for (g, rows), w in zip(groups, [s1, s2])] == [(True, [0, 2, 3]),
+                                                                                                (True, [1])]
+    with state.select([1, 0]):
+        (g, rows), = bs.groups(2, torch.device("cpu"))
+    assert rows is None and torch.equal(g, s1)

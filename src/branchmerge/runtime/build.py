@@ -29,6 +29,7 @@ from branchmerge.runtime.modules import BranchedLinear, BranchState
 from branchmerge.runtime.perbranch import PerBranch
 from branchmerge.runtime.patched import RowPatched
 from branchmerge.runtime.quantized import QuantizedBranchedLinear
+from branchmerge.runtime.sinks import BranchSinks, use_branch_sinks
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def build_group_model(
     if len(members) > 1 and (odd := _own_parameters_beside_sublayers(model, by_module, records, arch is None)):
         raise Unmixable(odd)
 
+    with_sinks = False
     for module_name, params in by_module.items():
         try:
             orig = model.get_submodule(module_name)
@@ -135,6 +137,11 @@ def build_group_model(
         same = all(all(v is vals[0] for v in vals) for vals in values.values())
         if same or len(members) == 1:
             _assign(orig, {p: vals[0] for p, vals in values.items()}, module_name)
+        elif _sinks_only(orig, params, records):  # (attention sinks: per row inside the attention function)
+            sinks = [v.whole() if isinstance(v, _Patch) else v for v in values["sinks"]]
+            _assign(orig, {"sinks": sinks[0]}, module_name)
+            orig.branch_sinks = BranchSinks(state, sinks)
+            with_sinks = True
         else:
             copies: list[nn.Module] = []
             made: dict[int, nn.Module] = {}  # (a patch shared by branches with one stored copy: one module)
@@ -161,6 +168,8 @@ def build_group_model(
             # modules (ExpertLinears) take the mixed rows themselves, token by token
             if isinstance(mod._modules.get("experts"), PerBranch):
                 _set_module(model, name, RowsByBranch(state, mod))
+    if with_sinks:
+        use_branch_sinks(model)
     _tie_lm_head(model, records, state, len(members))
     _check_vocabularies(model, reader, members)
     for mod in model.modules():  # computed buffers (rotary frequencies, embedding scales) were made on the CPU
@@ -260,9 +269,9 @@ def _meta_model(reader: BundleReader, group: str, first: str, dtype: torch.dtype
     model = skeleton(hf_config_object(raw, f"branch {first!r}"), dtype, where=f"branch {first!r}")
     arch = registry().get(g.architecture)
     by_module: dict[str, dict[str, str]] = defaultdict(dict)
-    for tensor in records:
-        module, param = _split(tensor)
-        by_module[arch.module_path(tensor) if arch else module][param] = tensor
+    for tensor in records:  # (by the model's names: a template's renames applied, parameters' names too)
+        module, param = _split(arch.param_path(tensor) if arch else tensor)
+        by_module[module][param] = tensor
     if arch is not None and arch.experts:
         _per_expert_modules(model, arch, by_module, state)
     return raw, model, arch, by_module
@@ -303,9 +312,18 @@ def _own_parameters_beside_sublayers(model: nn.Module, by_module: dict[str, dict
             mod = model.get_submodule(name)
         except AttributeError:
             continue  # (named by the error of the module loop)
+        if _sinks_only(mod, params, records):
+            continue
         if any(True for c in mod.children() for _ in c.parameters()) or (fallback and not _row_wise(mod)):
             out.append(f"{name} ({', '.join(params)})")
     return out
+
+
+def _sinks_only(mod: nn.Module, params: dict[str, str], records: dict) -> bool:
+    """Whether the per-branch tensors a module holds itself are only attention sinks (one logit per head, 1-D,
+    handed to the attention function: :mod:`~branchmerge.runtime.sinks` takes them per row)."""
+    own = {p for p, t in params.items() if records[t].role == "per_branch"}
+    return own == {"sinks"} and len(records[params["sinks"]].shape) == 1 and "attention" in type(mod).__name__.lower()
 
 
 def _row_wise(mod: nn.Module) -> bool:

@@ -1,0 +1,140 @@
+"""Attention sinks that differ between branches, in one model that mixes branches per row.
+
+gpt-oss (and Flint, Granite-SWA, DeepSeek-V4) attention modules hold a learned logit per head, ``sinks``
+``[H]``, as a parameter of their own beside their projections, and hand it to the attention function
+(``s_aux=self.sinks``; the eager functions read ``module.sinks``). Their projections are branched layers
+that take a mixed batch's rows; the sinks are used inside the attention function, over the whole batch.
+
+:class:`BranchSinks` keeps each branch's sinks on the attention module, and :func:`use_branch_sinks`
+switches the model to an attention implementation registered here that wraps the model's own (eager,
+flex, …): one call per branch present in the batch (rows of branches with equal sinks together), each
+with that branch's sinks as ``module.sinks`` and ``s_aux``. A batch of one branch is one call, as before.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from branchmerge.runtime.modules import BranchState, MixedPlan, _cached
+from branchmerge.runtime.perbranch import _by_rows, _rows_of
+
+_PREFIX = "branchmerge_sinks+"
+
+
+class BranchSinks(nn.Module):
+    """Each branch's attention sinks, ``[N, H]``, held once per distinct tensor.
+
+    Attributes:
+        stacked: ``[D, H]`` the distinct sinks (D ≤ N); ``holder[i]`` is branch i's row.
+    """
+
+    def __init__(self, state: BranchState, sinks: list[Tensor]) -> None:
+        super().__init__()
+        self.state = state
+        distinct: list[Tensor] = []
+        self.holder: list[int] = []
+        for s in sinks:
+            j = next((k for k, d in enumerate(distinct) if d is s or torch.equal(d, s)), None)
+            if j is None:
+                distinct.append(s)
+                j = len(distinct) - 1
+            self.holder.append(j)
+        self.register_buffer("stacked", torch.stack(distinct), persistent=False)
+
+    def groups(self, batch: int, device: torch.device) -> list[tuple[Tensor, Tensor | None]]:
+        """``(sinks [H], rows)`` per distinct sinks present in the batch; ``rows`` None for the whole batch."""
+        plan = self.state.plan(batch, device)
+        if isinstance(plan, int):
+            return [(self.stacked[self.holder[plan]], None)]
+        return _cached(plan, (id(self), "sinks"), lambda: self._groups(plan))
+
+    def _groups(self, plan: MixedPlan) -> list[tuple[Tensor, Tensor | None]]:
+        rows: dict[int, list[Tensor]] = {}
+        for i, r in plan.groups:
+            rows.setdefault(self.holder[i], []).append(r)
+        if len(rows) == 1:
+            return [(self.stacked[next(iter(rows))], None)]
+        return [(self.stacked[h], torch.cat(rs).sort().values if len(rs) > 1 else rs[0]) for h, rs in rows.items()]
+
+
+class _WithSinks:
+    """The attention module as the attention function sees it, with one branch's ``sinks``."""
+
+    __slots__ = ("_module", "sinks")
+
+    def __init__(self, module: nn.Module, sinks: Tensor) -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "sinks", sinks)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def _wrapped(inner_name: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    """The attention function registered for the model's own implementation ``inner_name``."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                  *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        if inner_name == "eager":  # (each family's own eager function: it reads module.sinks its own way)
+            inner = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            inner = ALL_ATTENTION_FUNCTIONS[inner_name]
+        sinks = module._modules.get("branch_sinks")
+        if sinks is None:
+            return inner(module, query, key, value, attention_mask, *args, **kwargs)
+        n = query.shape[0]
+        groups = sinks.groups(n, query.device)
+        if groups[0][1] is None:
+            s = groups[0][0]
+            return inner(_WithSinks(module, s), query, key, value, attention_mask, *args,
+                         **{**kwargs, "s_aux": s} if "s_aux" in kwargs else kwargs)
+        if attention_mask is not None and not isinstance(attention_mask, Tensor):
+            raise NotImplementedError(
+                f"a batch mixing branches whose attention sinks differ needs a tensor attention mask; the "
+                f"{inner_name!r} attention implementation gives a {type(attention_mask).__name__}: load the "
+                "bundle with attn_implementation='eager'")
+        outs, weights = [], []
+        for s, rows in groups:
+            kw = {k: _rows_of(a, rows, n) for k, a in kwargs.items()}
+            if "s_aux" in kw:
+                kw["s_aux"] = s
+            o, w = inner(_WithSinks(module, s), query[rows], key[rows], value[rows],
+                         _rows_of(attention_mask, rows, n), *[_rows_of(a, rows, n) for a in args], **kw)
+            outs.append((rows, o))
+            weights.append((rows, w))
+        w_all = None if any(w is None for _, w in weights) else _by_rows(n, weights)
+        return _by_rows(n, outs), w_all
+
+    return attention
+
+
+def use_branch_sinks(model: nn.Module) -> str:
+    """Switch ``model`` to the sinks-aware wrapper of its attention implementation (registered once per
+    implementation, with that implementation's mask function); returns the implementation's name."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    config = model.config
+    inner = config._attn_implementation or "eager"
+    if inner.startswith(_PREFIX):
+        return inner
+    name = _PREFIX + inner
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(name, _wrapped(inner))
+        mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner)
+        if mask is not None:  # (an implementation without one builds no mask: neither does its wrapper)
+            ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
+    for c in {id(c): c for c in [config, *_sub_configs(config)]}.values():
+        if getattr(c, "_attn_implementation", None) == inner:
+            c._attn_implementation_internal = name
+    return name
+
+
+def _sub_configs(config: Any) -> list[Any]:
+    return [getattr(config, k) for k in getattr(config, "sub_configs", {}) if getattr(config, k, None) is not None]
