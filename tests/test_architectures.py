@@ -358,3 +358,32 @@ def test_attention_sinks_switch_per_row(tmp_path):
     with state.select([1, 0]):
         (g, rows), = bs.groups(2, torch.device("cpu"))
     assert rows is None and torch.equal(g, s1)
+
+
+def test_a_branched_layer_gives_its_branchs_weight_to_code_that_reads_it(tmp_path):
+    """Code that reads a linear layer's ``weight`` and ``bias`` instead of calling it (mamba-ssm's fused Mamba-2
+    kernel on CUDA reads ``out_proj.weight``) gets the selected branch's dense weight from a compressed layer:
+    the one its exported model holds; under a batch mixing branches the read is refused, naming them."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from branchmerge.export import export_branch
+    from branchmerge.runtime.modules import BranchedLinear
+
+    _fine_tunes("phi", tmp_path)  # (q/k/v/dense with biases)
+    d = _merge(tmp_path, 0.5)
+    b = branchmerge.load(d, dtype="float32")
+    g = b.runtime_group("b")
+    layer = g.model.model.layers[1].self_attn.dense
+    assert isinstance(layer, BranchedLinear) and layer.bias is not None
+    export_branch(d, "b", tmp_path / "exported", progress=False)
+    want = load_file(tmp_path / "exported" / "model.safetensors")
+    x = torch.randn(3, 32)
+    with g.state.select(branch=1):
+        torch.testing.assert_close(layer.weight, want["model.layers.1.self_attn.dense.weight"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.bias, want["model.layers.1.self_attn.dense.bias"])
+        torch.testing.assert_close(F.linear(x, layer.weight, layer.bias), layer(x), atol=1e-5, rtol=1e-5)
+    with g.state.select([1, 1, 1]):  # (rows all of one branch: that branch's)
+        torch.testing.assert_close(layer.weight, want["model.layers.1.self_attn.dense.weight"], atol=1e-5, rtol=1e-5)
+    with g.state.select([0, 1]), pytest.raises(AttributeError, match=r"mixing branches \['a', 'b'\]"):
+        layer.weight

@@ -474,6 +474,37 @@ class BranchedLinear(nn.Module):
             w = w + self.delta[str(i)].float()
         return w.to(self.weight_mean.dtype)
 
+    def _selected(self, what: str) -> int:
+        """The one branch this thread's selection runs (``what`` is read for it), else AttributeError."""
+        rows = self.state.rows
+        if rows is None:
+            return self.state.active
+        ids = rows.unique()
+        if ids.numel() != 1:
+            raise AttributeError(f"{what} of a branched linear layer under a batch mixing branches "
+                                 f"{[self.state.names[int(i)] for i in ids]}: there is one per branch; call the layer")
+        return int(ids[0])
+
+    @property
+    def weight(self) -> Tensor:
+        """The selected branch's dense ``s_i (W̄ + U_i V_i)`` ``[out, in]`` (its hot copy when it has one), for
+        code that reads a linear layer's weight instead of calling it (mamba-ssm's fused Mamba-2 kernel reads
+        ``out_proj.weight``). Built on each read: the layer itself never holds it. AttributeError under a
+        selection that mixes branches."""
+        i = self._selected("the weight")
+        hot = self.hot[str(i)] if str(i) in self.hot else None
+        return hot if hot is not None else self.dense_weight(i)
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The selected branch's bias ``[out]`` (or None), as :attr:`weight`."""
+        return self._bias(self._selected("the bias"))
+
+    def __getattr__(self, name: str):
+        if name == "weight" or name == "bias":  # (a property's AttributeError lands here: say why, not "no attribute")
+            self._selected(f"the {name}")
+        return super().__getattr__(name)
+
     def materialize(self, i: int) -> None:
         self.hot[str(i)] = nn.Parameter(self.dense_weight(i), requires_grad=False)
         self._index_factors()
