@@ -208,20 +208,21 @@ def test_stacking_experts_for_export_refuses_a_missing_one():
                            {"num_local_experts": 2}))
 
 
-def test_branches_of_a_split_group_are_served_in_batches_of_their_own(tmp_path):
-    """Served over HTTP (the openai SDK as client), concurrent requests for both branches of a Mamba-2 group
-    (a model per branch) run as one batch per branch's model and answer as each does alone; /v1/models
-    lists both branches."""
+@pytest.mark.parametrize("family,batches", [("mamba2", 2), ("gpt_oss", 1)])
+def test_branches_are_served_in_one_batch_or_one_per_model(tmp_path, family, batches):
+    """Served over HTTP (the openai SDK as client), concurrent requests for both branches answer as each does
+    alone: a Mamba-2 group (a model per branch) in one batch per branch's model, a gpt-oss group (attention
+    sinks per row) in one mixed batch; /v1/models lists both branches."""
     from tests.serving import served_together
 
-    _fine_tunes("mamba2", tmp_path)
+    _fine_tunes(family, tmp_path)
     b = branchmerge.load(_merge(tmp_path, 0.5), dtype="float32")
     prompts = [("abc", "a"), ("hello", "b"), ("xyz", "b"), ("key", "a")]
     expected = [b.generate(p, n, chat=False, max_new_tokens=5, do_sample=False)[0] for p, n in prompts]
     assert b.generate([p for p, _ in prompts], [n for _, n in prompts], chat=False, max_new_tokens=5,
-                      do_sample=False) == expected  # (one call: split by model, answered in order)
-    got, batches, listed = served_together(b, prompts)
-    assert got == expected and batches == 2 and listed >= {"a", "b"}
+                      do_sample=False) == expected  # (one call: split by model where it must, answered in order)
+    got, took, listed = served_together(b, prompts)
+    assert got == expected and took == batches and listed >= {"a", "b"}
 
 
 @pytest.mark.parametrize("family,experts", [("gpt_oss", "mlp.experts"), ("llama4", "feed_forward.experts")])
