@@ -346,19 +346,24 @@ def test_attention_sinks_switch_per_row(tmp_path):
     with pytest.raises(NotImplementedError, match="'flex_attention' attention implementation gives a object"):
         with attn.branch_sinks.state.select([1, 0]):
             q = torch.zeros(2, 4, 3, 8)
-            _wrapped("flex_attention")(attn, q, q[:, :2], q[:, :2], object())
+            _wrapped(lambda *a, **k: None, "flex_attention")(attn, q, q[:, :2], q[:, :2], object())
     # branches with equal sinks: one row of the stack, their rows in one call (the whole batch when alone)
     state = BranchState(["x", "y", "z"])
     s1, s2 = torch.randn(4), torch.randn(4)
-    bs = BranchSinks(state, [s1, s1.clone(), s2])
+    mod = torch.nn.Module()
+    mod.sinks, mod.proj = torch.nn.Parameter(s1), torch.nn.Linear(2, 2)
+    bs = BranchSinks(state, [s1, s1.clone(), s2], mod)
     assert bs.stacked.shape == (2, 4) and bs.holder == [0, 0, 1]
     with state.select([0, 2, 1, 1]):
         groups = bs.groups(4, torch.device("cpu"))
-    assert [(torch.equal(g, w), rows.tolist()) for (g, rows), w in zip(groups, [s1, s2])] == [(True, [0, 2, 3]),
-                                                                                                (True, [1])]
+    assert [(torch.equal(v.sinks, w), rows.tolist()) for (v, rows), w in zip(groups, [s1, s2])] == [
+        (True, [0, 2, 3]), (True, [1])]
+    assert groups[1][0].proj is mod.proj and torch.equal(mod.sinks, s1)  # (views share the rest; the module is as it was)
     with state.select([1, 0]):
-        (g, rows), = bs.groups(2, torch.device("cpu"))
-    assert rows is None and torch.equal(g, s1)
+        (v, rows), = bs.groups(2, torch.device("cpu"))
+    assert rows is None and torch.equal(v.sinks, s1)
+    bs.double()  # (cast or moved: the views read the new rows)
+    assert bs.views[1].sinks.dtype == torch.float64 and torch.equal(bs.views[1].sinks, s2.double())
 
 
 def test_a_branched_layer_gives_its_branchs_weight_to_code_that_reads_it(tmp_path):
@@ -388,3 +393,21 @@ def test_a_branched_layer_gives_its_branchs_weight_to_code_that_reads_it(tmp_pat
         torch.testing.assert_close(layer.weight, want["model.layers.1.self_attn.dense.weight"], atol=1e-5, rtol=1e-5)
     with g.state.select([0, 1]), pytest.raises(AttributeError, match=r"mixing branches \['a', 'b'\]"):
         layer.weight
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "granite_swa"])
+def test_mixed_rows_through_torch_compile(tmp_path, family):
+    """Under torch.compile (what transformers does to a static cache's decode on CUDA), a mixed batch of
+    gpt-oss branches (attention sinks per row; experts run eagerly, their routing data-dependent) and of a
+    dense family with sinks (one graph, no breaks) answers as eagerly."""
+    _fine_tunes(family, tmp_path)
+    g = branchmerge.load(_merge(tmp_path, 0.5), dtype="float32").runtime_group("a")
+    torch._dynamo.reset()
+    with g.state.select(rows=[0, 1, 0]), torch.no_grad():
+        ids = torch.cat([X, X[:1]])
+        want = g.model(input_ids=ids).logits
+        got = torch.compile(g.model, backend="eager")(input_ids=ids).logits
+        if family == "granite_swa":
+            exp = torch._dynamo.explain(g.model)(input_ids=ids)
+            assert exp.graph_break_count == 0, [str(r.reason)[:300] for r in exp.break_reasons]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -140,7 +140,7 @@ def build_group_model(
         elif _sinks_only(orig, params, records):  # (attention sinks: per row inside the attention function)
             sinks = [v.whole() if isinstance(v, _Patch) else v for v in values["sinks"]]
             _assign(orig, {"sinks": sinks[0]}, module_name)
-            orig.branch_sinks = BranchSinks(state, sinks)
+            orig.branch_sinks = BranchSinks(state, sinks, orig)
             with_sinks = True
         else:
             copies: list[nn.Module] = []

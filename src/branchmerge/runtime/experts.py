@@ -73,6 +73,10 @@ class ExpertLinears(nn.ModuleList):
         n, two_i, hidden = fused.gate_up_proj.shape
         return cls(n, hidden, two_i // 2, names, fused.act_fn, state)
 
+    # run eagerly under torch.compile (a static cache's decode on CUDA): which experts a token reaches and the
+    # selection of its branch's rows are data-dependent, and a graph break inside that selection would resume
+    # outside it
+    @torch.compiler.disable
     def forward(self, hidden_states: Tensor, top_k_index: Tensor | None = None,
                 top_k_weights: Tensor | None = None) -> Tensor:
         if top_k_index is None:

@@ -13,6 +13,7 @@ with that branch's sinks as ``module.sinks`` and ``s_aux``. A batch of one branc
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -27,13 +28,15 @@ _PREFIX = "branchmerge_sinks+"
 
 
 class BranchSinks(nn.Module):
-    """Each branch's attention sinks, ``[N, H]``, held once per distinct tensor.
+    """Each branch's attention sinks, held once per distinct tensor, and the attention module as the attention
+    function sees it under each: a shallow copy (its sublayers, buffers and settings shared) whose ``sinks``
+    are that row's.
 
     Attributes:
         stacked: ``[D, H]`` the distinct sinks (D ≤ N); ``holder[i]`` is branch i's row.
     """
 
-    def __init__(self, state: BranchState, sinks: list[Tensor]) -> None:
+    def __init__(self, state: BranchState, sinks: list[Tensor], module: nn.Module) -> None:
         super().__init__()
         self.state = state
         distinct: list[Tensor] = []
@@ -45,67 +48,65 @@ class BranchSinks(nn.Module):
                 j = len(distinct) - 1
             self.holder.append(j)
         self.register_buffer("stacked", torch.stack(distinct), persistent=False)
+        self.__dict__["_module"] = module  # (not a submodule: the module holds this one)
+        self._make_views()
 
-    def groups(self, batch: int, device: torch.device) -> list[tuple[Tensor, Tensor | None]]:
-        """``(sinks [H], rows)`` per distinct sinks present in the batch; ``rows`` None for the whole batch."""
+    def _make_views(self) -> None:
+        views = []
+        for row in self.stacked:
+            v = copy.copy(self._module)  # (the same dicts of sublayers and buffers; its own of parameters)
+            v._parameters = {**self._module._parameters, "sinks": row}
+            views.append(v)
+        self.__dict__["views"] = views
+
+    def _apply(self, fn, recurse: bool = True):  # (moved or cast: the views read the moved rows)
+        out = super()._apply(fn, recurse)
+        self._make_views()
+        return out
+
+    def groups(self, batch: int, device: torch.device) -> list[tuple[nn.Module, Tensor | None]]:
+        """``(module view, rows)`` per distinct sinks present in the batch; ``rows`` None for the whole batch."""
         plan = self.state.plan(batch, device)
         if isinstance(plan, int):
-            return [(self.stacked[self.holder[plan]], None)]
+            return [(self.views[self.holder[plan]], None)]
         return _cached(plan, (id(self), "sinks"), lambda: self._groups(plan))
 
-    def _groups(self, plan: MixedPlan) -> list[tuple[Tensor, Tensor | None]]:
+    def _groups(self, plan: MixedPlan) -> list[tuple[nn.Module, Tensor | None]]:
         rows: dict[int, list[Tensor]] = {}
         for i, r in plan.groups:
             rows.setdefault(self.holder[i], []).append(r)
         if len(rows) == 1:
-            return [(self.stacked[next(iter(rows))], None)]
-        return [(self.stacked[h], torch.cat(rs).sort().values if len(rs) > 1 else rs[0]) for h, rs in rows.items()]
+            return [(self.views[next(iter(rows))], None)]
+        return [(self.views[h], torch.cat(rs).sort().values if len(rs) > 1 else rs[0]) for h, rs in rows.items()]
 
 
-class _WithSinks:
-    """The attention module as the attention function sees it, with one branch's ``sinks``."""
-
-    __slots__ = ("_module", "sinks")
-
-    def __init__(self, module: nn.Module, sinks: Tensor) -> None:
-        object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "sinks", sinks)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
-
-
-def _wrapped(inner_name: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
-    """The attention function registered for the model's own implementation ``inner_name``."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+def _wrapped(inner: Callable[..., tuple[Tensor, Tensor | None]], inner_name: str
+             ) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    """The attention function registered for the model's own, ``inner`` (named ``inner_name``)."""
 
     def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                   *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-        if inner_name == "eager":  # (each family's own eager function: it reads module.sinks its own way)
-            inner = sys.modules[type(module).__module__].eager_attention_forward
-        else:
-            inner = ALL_ATTENTION_FUNCTIONS[inner_name]
         sinks = module._modules.get("branch_sinks")
-        if sinks is None:
+        if sinks is None:  # (sinks equal in every branch, or none in this layer)
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
         n = query.shape[0]
         groups = sinks.groups(n, query.device)
         if groups[0][1] is None:
-            s = groups[0][0]
-            return inner(_WithSinks(module, s), query, key, value, attention_mask, *args,
-                         **{**kwargs, "s_aux": s} if "s_aux" in kwargs else kwargs)
+            view = groups[0][0]
+            return inner(view, query, key, value, attention_mask, *args,
+                         **({**kwargs, "s_aux": view.sinks} if "s_aux" in kwargs else kwargs))
         if attention_mask is not None and not isinstance(attention_mask, Tensor):
             raise NotImplementedError(
                 f"a batch mixing branches whose attention sinks differ needs a tensor attention mask; the "
                 f"{inner_name!r} attention implementation gives a {type(attention_mask).__name__}: load the "
                 "bundle with attn_implementation='eager'")
         outs, weights = [], []
-        for s, rows in groups:
+        for view, rows in groups:
             kw = {k: _rows_of(a, rows, n) for k, a in kwargs.items()}
             if "s_aux" in kw:
-                kw["s_aux"] = s
-            o, w = inner(_WithSinks(module, s), query[rows], key[rows], value[rows],
-                         _rows_of(attention_mask, rows, n), *[_rows_of(a, rows, n) for a in args], **kw)
+                kw["s_aux"] = view.sinks
+            o, w = inner(view, query[rows], key[rows], value[rows], _rows_of(attention_mask, rows, n),
+                         *[_rows_of(a, rows, n) for a in args], **kw)
             outs.append((rows, o))
             weights.append((rows, w))
         w_all = None if any(w is None for _, w in weights) else _by_rows(n, weights)
@@ -116,7 +117,8 @@ def _wrapped(inner_name: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
 
 def use_branch_sinks(model: nn.Module) -> str:
     """Switch ``model`` to the sinks-aware wrapper of its attention implementation (registered once per
-    implementation, with that implementation's mask function); returns the implementation's name."""
+    implementation and family: eager is each family's own function, which reads ``module.sinks`` its own way;
+    the wrapper keeps that implementation's mask function); returns the implementation's name."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -124,9 +126,11 @@ def use_branch_sinks(model: nn.Module) -> str:
     inner = config._attn_implementation or "eager"
     if inner.startswith(_PREFIX):
         return inner
-    name = _PREFIX + inner
+    family = next(type(m).__module__ for m in model.modules() if "branch_sinks" in m._modules)
+    name = f"{_PREFIX}{inner}@{family}"
     if name not in ALL_ATTENTION_FUNCTIONS:
-        ALL_ATTENTION_FUNCTIONS.register(name, _wrapped(inner))
+        fn = sys.modules[family].eager_attention_forward if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
+        ALL_ATTENTION_FUNCTIONS.register(name, _wrapped(fn, inner))
         mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner)
         if mask is not None:  # (an implementation without one builds no mask: neither does its wrapper)
             ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
