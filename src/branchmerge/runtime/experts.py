@@ -137,6 +137,7 @@ class RowsByBranch(nn.Module):
         super().__init__()
         self.state, self.inner = state, inner
 
+    @torch.compiler.disable  # (as ExpertLinears.forward: its branch selections must hold through the block)
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         sel = self.state._sel
         if sel.rows is None:
