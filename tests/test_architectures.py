@@ -68,6 +68,9 @@ FAMILIES = {
     "flint": ("Flint", dict(_GQA, head_dim=8, sliding_window=4, num_experts=4, num_experts_per_tok=2,
                             moe_intermediate_size=24, shared_expert_intermediate_size=24, mlp_only_layers=[0],
                             layer_types=["sliding_attention", "full_attention"]), True),
+    "mimo_v2_flash": ("MiMoV2Flash", dict(_GQA, head_dim=8, v_head_dim=8, moe_intermediate_size=24, n_routed_experts=4,
+                                          num_experts_per_tok=2, mlp_layer_types=["dense", "sparse"], sliding_window=4,
+                                          layer_types=["sliding_attention", "full_attention"]), True),
     # routers and fused experts of their own forward (gpt-oss, Llama 4), run per expert
     "gpt_oss": ("GptOss", dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
                                layer_types=["sliding_attention", "full_attention"]), True),
