@@ -6,14 +6,16 @@ bundles at one rate: one whose fine-tunes also moved their sinks (each branch's 
 calls the attention once per branch, each on its rows, `runtime/sinks.py`), one whose fine-tunes left them
 alone (stored once: one attention call for any batch). Timed in one run: a decode step with a filled KV
 cache, batch 8, one branch and mixed over the 3 branches, in both bundles, against the dense fine-tune under
-transformers at the same batch; then a prefill of 64 tokens per row.
+transformers at the same batch, and against what running each branch as a model of its own did before (each
+branch's rows a batch of their own, one after another); then a prefill of 64 tokens per row.
 
-    python bench/sinks.py [--context 256] [--prefill 64] [--rate 0.9] [--repeat 5]
+    python bench/sinks.py [--context 256] [--prefill 64] [--rate 0.9] [--repeat 9]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import time
@@ -28,7 +30,8 @@ from branchmerge.merge import run_merge
 
 SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
              num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True, sliding_window=128,
-             layer_rope_theta=[10000.0] * 30, layer_types=["sliding_attention", "full_attention"] * 15)
+             layer_rope_theta=[10000.0] * 30, layer_types=["sliding_attention", "full_attention"] * 15,
+             bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def fine_tunes(move_sinks: bool) -> list:
@@ -69,27 +72,44 @@ def bundle(move_sinks: bool, rate: float):
     return branchmerge.load(out, dtype="float32")
 
 
-def timed(fn, repeat: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
+def interleaved(fns: dict[str, callable], repeat: int) -> dict[str, float]:
+    """Median seconds of each of ``fns``, timed in turn round after round (a machine's drift hits all alike)."""
+    for fn in fns.values():
         fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
-def decode_step(forward, ids: torch.Tensor):
-    """One decode step after a prefill of ``ids`` (each step adds one token to the cache, then drops it)."""
-    with torch.no_grad():
-        out = forward(ids, use_cache=True)
-    cache, nxt = out.past_key_values, ids[:, -1:]
+def select(g, sel):
+    """The group's selection ``sel``: rows (a list of branch ids), one branch id, or None (a dense model)."""
+    if g is None:
+        return contextlib.nullcontext()
+    return g.state.select(**({"branch": sel} if isinstance(sel, int) else {"rows": sel}))
+
+
+def decode_step(model, ids: torch.Tensor, g=None, sel=None):
+    """One decode step after a prefill of ``ids`` under the selection (each step adds a token to the cache: a
+    sliding-window cache cannot drop one again; a few steps more of context are noise)."""
+    with select(g, sel), torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    nxt = ids[:, -1:]
 
     def step():
-        with torch.no_grad():
-            forward(nxt, cache=cache, use_cache=True)
-            cache.crop(-1)
+        with select(g, sel), torch.no_grad():
+            model(nxt, cache=cache, use_cache=True)
     return step
+
+
+def prefill_of(model, ids: torch.Tensor, g=None, sel=None):
+    def run():
+        with select(g, sel), torch.no_grad():
+            model(ids)
+    return run
 
 
 def main() -> None:
@@ -97,26 +117,34 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--prefill", type=int, default=64, help="prefill tokens timed per row")
     ap.add_argument("--rate", type=float, default=0.9)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=9)
     args = ap.parse_args()
     torch.manual_seed(1)
     ids = torch.randint(3, SHAPE["vocab_size"], (8, args.context))
     one, mixed = [0] * 8, [0, 1, 2, 0, 1, 2, 0, 1]
     dense = GraniteSWAForCausalLM.from_pretrained(fine_tunes(True)[0], dtype=torch.float32).eval()
-    rows = [("dense fine-tune (transformers)", "—", timed(decode_step(dense, ids), args.repeat),
-             timed(lambda: dense(ids[:, :args.prefill]), args.repeat))]
+    short = ids[:, :args.prefill]
+    steps, prefills = {"dense": decode_step(dense, ids)}, {"dense": prefill_of(dense, short)}
+    labels = {"dense": ("dense fine-tune (transformers)", "—")}
     for moved in (False, True):
-        b = bundle(moved, args.rate)
-        g = next(iter(b.groups.values()))
+        g = next(iter(bundle(moved, args.rate).groups.values()))
         sinks = "per branch" if moved else "shared"
         for label, sel in (("one branch", one), ("mixed over 3", mixed)):
-            with g.state.select(sel):
-                step = timed(decode_step(g.model, ids), args.repeat)
-                prefill = timed(lambda: g.model(ids[:, :args.prefill]), args.repeat)
-            rows.append((f"bundle r={args.rate}, {label}", sinks, step, prefill))
+            key = f"{sinks} {label}"
+            steps[key], prefills[key] = decode_step(g.model, ids, g, sel), prefill_of(g.model, short, g, sel)
+            labels[key] = (f"bundle r={args.rate}, {label}", sinks)
+        if moved:  # what a model per branch did before: each branch's rows a batch of its own, one after another
+            parts = [[r for r, m in enumerate(mixed) if m == i] for i in range(3)]
+            apart = [decode_step(g.model, ids[part], g, i) for i, part in enumerate(parts)]
+            apart_pre = [prefill_of(g.model, short[part], g, i) for i, part in enumerate(parts)]
+            steps["apart"] = lambda fns=apart: [fn() for fn in fns]
+            prefills["apart"] = lambda fns=apart_pre: [fn() for fn in fns]
+            labels["apart"] = (f"bundle r={args.rate}, a batch per branch (3+3+2 rows, in turn)", sinks)
+    step_t, prefill_t = interleaved(steps, args.repeat), interleaved(prefills, args.repeat)
+    rows = [(*labels[k], step_t[k], prefill_t[k]) for k in labels]
     base_step, base_prefill = rows[0][2], rows[0][3]
     print(f"Granite-SWA at SmolLM2-135M's shape, batch 8, context {args.context} (prefill {args.prefill}), float32, "
-          f"{torch.get_num_threads()} threads; medians of {args.repeat}\n")
+          f"{torch.get_num_threads()} threads; medians of {args.repeat}, interleaved\n")
     print("| model | sinks | decode step ms | vs dense | prefill ms | vs dense |\n|---|---|---|---|---|---|")
     for label, sinks, step, prefill in rows:
         print(f"| {label} | {sinks} | {step * 1e3:.1f} | {step / base_step:.2f}× | {prefill * 1e3:.0f} | "

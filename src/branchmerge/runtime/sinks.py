@@ -97,9 +97,9 @@ def _wrapped(inner: Callable[..., tuple[Tensor, Tensor | None]], inner_name: str
                          **({**kwargs, "s_aux": view.sinks} if "s_aux" in kwargs else kwargs))
         if attention_mask is not None and not isinstance(attention_mask, Tensor):
             raise NotImplementedError(
-                f"a batch mixing branches whose attention sinks differ needs a tensor attention mask; the "
-                f"{inner_name!r} attention implementation gives a {type(attention_mask).__name__}: load the "
-                "bundle with attn_implementation='eager'")
+                f"a batch mixing branches whose attention sinks differ needs a tensor attention mask to split "
+                f"by row; the {inner_name!r} attention implementation gives a {type(attention_mask).__name__}: "
+                "send such branches in batches of their own, or run the model with eager attention")
         outs, weights = [], []
         for view, rows in groups:
             kw = {k: _rows_of(a, rows, n) for k, a in kwargs.items()}
