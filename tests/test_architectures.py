@@ -422,3 +422,68 @@ def test_mixed_rows_through_torch_compile(tmp_path):
         want = block(h)
         got = torch.compile(block, backend="eager")(h)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_gpt_oss_checkpoint_in_mxfp4_merges_as_transformers_dequantizes_it(tmp_path, capsys):
+    """gpt-oss's released checkpoints hold their experts in MXFP4 (``*_blocks``, ``*_scales``, a
+    ``quantization_config``): such a folder joins a group with a bfloat16 fine-tune; each expert's weight is
+    read dequantized alone (as transformers' own dequantization gives it), the branch answers as transformers
+    answers the MXFP4 folder, and its export is a dense folder (no ``quantization_config``)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import Mxfp4Config
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from branchmerge.io.models import ModelSource
+    from branchmerge.io.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+
+    stem, fields, _ = FAMILIES["gpt_oss"]
+    model_cls, config_cls = _classes(stem)
+    torch.manual_seed(0)
+    base = model_cls(config_cls(**{**fields, "intermediate_size": 64})).eval()  # (MXFP4 blocks are 32 wide)
+    for i, n in enumerate("ab"):
+        with torch.no_grad():
+            for p in base.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i + 1)) * 0.05)
+        base.save_pretrained(tmp_path / n)
+        save_char_tokenizer(tmp_path / n)
+    f = tmp_path / "a" / "model.safetensors"
+    w = load_file(f)
+    for name in [k for k in w if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = quantize_mxfp4(w.pop(name).transpose(1, 2))  # (stored as [E, rows, H/32, 16])
+        w[name + "_blocks"], w[name + "_scales"] = blocks, scales
+        ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # transformers' dequantization
+        torch.testing.assert_close(dequantize_mxfp4(blocks, scales, torch.float32).transpose(1, 2), ref)
+    save_file(w, f, metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                                       "model.layers.*.mlp.router",
+                                                                                       "model.embed_tokens", "lm_head"]}
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+
+    src = ModelSource.open("a", str(tmp_path / "a"))
+    assert "quantization_config" not in src.hf_config and not any("_blocks" in n or "_scales" in n
+                                                                  for n in src.names())
+    assert src.shape("model.layers.1.mlp.experts.3.up_proj.weight") == (64, 32)
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float32,  # (its kernels: a hub fetch)
+                                                quantization_config=Mxfp4Config(dequantize=True)).eval()
+    d = _merge(tmp_path, 0.0)
+    b = branchmerge.load(d, dtype="float32")
+    torch.testing.assert_close(b.logits(X, ["a", "a"]), _logits(want), atol=1e-4, rtol=1e-4)
+    code, _, err = run_cli(capsys, "export-branch", d, "a", "-o", tmp_path / "exported")
+    assert code == 0, err
+    assert "quantization_config" not in json.loads((tmp_path / "exported" / "config.json").read_text())
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(exported), _logits(want), atol=1e-4, rtol=1e-4)
+    # blocks without their scales, or scales of another shape: named, nothing merged
+    from branchmerge.errors import ModelInputError
+
+    gone = "model.layers.0.mlp.experts.down_proj_scales"
+    save_file({k: v for k, v in w.items() if k != gone}, f, metadata={"format": "pt"})
+    with pytest.raises(ModelInputError, match=r"MXFP4 tensor model\.layers\.0\.mlp\.experts\.down_proj_blocks has no "
+                                              r"model\.layers\.0\.mlp\.experts\.down_proj_scales"):
+        ModelSource.open("a", str(tmp_path / "a"))
+    save_file({**w, gone: w[gone][:, :, :1].contiguous()}, f, metadata={"format": "pt"})
+    with pytest.raises(ModelInputError, match=r"experts\.1\.down_proj\.weight .* could not be read: MXFP4 blocks"):
+        ModelSource.open("a", str(tmp_path / "a")).get("model.layers.0.mlp.experts.1.down_proj.weight")

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from branchmerge.common import nonfinite
 from branchmerge.errors import ModelInputError
+from branchmerge.io.mxfp4 import QUANT_METHOD, dequantize_mxfp4
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class ModelSource:
     _handles: dict[Path, object] = field(default_factory=dict, repr=False)
     # name → where it lies in a fused tensor: an MoE stored in transformers 5's fused layout read per expert
     _views: dict[str, _View] = field(default_factory=dict, repr=False)
+    _stored: dict[str, Path] = field(default_factory=dict, repr=False)  # every stored tensor's shard
 
     @classmethod
     def open(cls, name: str, model: str, revision: str | None = None) -> ModelSource:
@@ -93,14 +95,24 @@ class ModelSource:
             raise ModelInputError(f"branch {name!r}: {cfg_path} is not valid JSON: {e}") from None
         check_hf_config(hf_config, f"branch {name!r}: {cfg_path}")
         weight_map = _weight_map(name, path)
-        src = cls(name=name, path=path, hf_config=hf_config, weight_map=weight_map)
+        src = cls(name=name, path=path, hf_config=hf_config, weight_map=weight_map, _stored=dict(weight_map))
         for shard in sorted(set(weight_map.values())):
             src._handle(shard)  # open each shard now so corrupt files fail before any work
         src._views = _expert_views(hf_config, list(weight_map), src.shape)
         if src._views:  # the checkpoint layout's names in place of the fused ones (same order otherwise)
             stored = {v.real for v in src._views.values()}
             views = {real: [v for v, view in src._views.items() if view.real == real] for real in stored}
-            src.weight_map = {v: shard for n, shard in weight_map.items() for v in views.get(n, [n])}
+            scales = {v.scales for v in src._views.values()}  # (read with their blocks)
+            src.weight_map = {v: shard for n, shard in weight_map.items() if n not in scales
+                              for v in views.get(n, [n])}
+        if (hf_config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
+            if any(n.endswith("_blocks") for n in src.weight_map):
+                odd = next(n for n in src.weight_map if n.endswith("_blocks"))
+                raise ModelInputError(f"branch {name!r}: {path}: MXFP4 tensor {odd} has no "
+                                      f"{odd.removesuffix('_blocks')}_scales beside it, or is not a gpt-oss model's "
+                                      "fused experts (the only MXFP4 tensors read)")
+            # read dequantized (bfloat16, as transformers dequantizes them): the model of a dense config
+            src.hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
         return src
 
     def _handle(self, shard: Path):
@@ -140,7 +152,8 @@ class ModelSource:
         shard = self._shard(tensor)
         view = self._views.get(tensor)
         try:
-            t = self._handle(shard).get_tensor(tensor) if view is None else view.read(self._handle(shard))
+            t = self._handle(shard).get_tensor(tensor) if view is None else \
+                view.read(self._handle(shard), lambda n: self._handle(self._stored[n]))
         except Exception as e:  # noqa: BLE001
             raise ModelInputError(
                 f"branch {self.name!r}: tensor {tensor} in {shard} could not be read: {e}"
@@ -257,26 +270,35 @@ def _weight_map(name: str, path: Path) -> dict[str, Path]:
 
 
 class _View(NamedTuple):
-    """One expert's tensor inside a fused one: ``real[expert][index]``, transposed where ``transpose``."""
+    """One expert's tensor inside a fused one: ``real[expert][index]``, transposed where ``transpose``; with
+    ``scales``, ``real`` holds MXFP4 blocks (:mod:`~branchmerge.io.mxfp4`) of the fused tensor transposed."""
 
     real: str
     expert: int | None = None  # (None: the whole stored tensor under another name)
     index: tuple[slice, ...] = ()
     transpose: bool = False
+    scales: str | None = None
 
     def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
         if self.expert is None:
             return full
+        if self.scales is not None:  # blocks [E, R, G, 16]: the fused tensor [E, G·32, R]
+            full = (full[0], full[2] * full[3] * 2, full[1])
         dims = list(full[1:])
         for i, sl in enumerate(self.index):
             dims[i] = len(range(*sl.indices(dims[i])))
         return tuple(dims[::-1]) if self.transpose else tuple(dims)
 
-    def read(self, handle) -> torch.Tensor:
+    def read(self, handle, handle_of) -> torch.Tensor:
+        """This tensor from ``handle`` (the stored tensor's shard; ``handle_of(name)``: another's)."""
         if self.expert is None:
             return handle.get_tensor(self.real)
         e = self.expert
-        if all(sl.step in (None, 1) for sl in self.index):  # (contiguous: only these rows are read)
+        if self.scales is not None:  # (one expert's blocks dequantized: [R, G·32], the fused slab transposed)
+            slab = dequantize_mxfp4(handle.get_slice(self.real)[e:e + 1][0],
+                                    handle_of(self.scales).get_slice(self.scales)[e:e + 1][0]).T
+            t = slab[self.index]
+        elif all(sl.step in (None, 1) for sl in self.index):  # (contiguous: only these rows are read)
             t = handle.get_slice(self.real)[(slice(e, e + 1), *self.index)][0]
         else:  # interleaved columns (gpt-oss's gate and up): the expert's tensor, then every other column
             t = handle.get_slice(self.real)[e:e + 1][0][self.index]
@@ -337,14 +359,21 @@ def _expert_views(hf_config: dict, names: list[str], shape) -> dict[str, _View]:
     from branchmerge.architectures import known
 
     arch = known(hf_config)
-    if arch is None or not arch.experts or not any(arch.param_path(n).endswith(_FUSED) for n in names):
+    if arch is None or not arch.experts or not any(arch.param_path(n).endswith(_FUSED + _MXFP4) for n in names):
         return {}
     spec = arch.experts
     views: dict[str, tuple[str, int | None, slice | None]] = {}
     for n in names:
         path = arch.param_path(n)  # (GraniteMoE's checkpoints: input_linear, output_linear)
         module, _, param = path.rpartition(".")
-        if path.endswith(_FUSED) and len(dims := shape(n)) == (2 if param.endswith("_bias") else 3):
+        if path.endswith(_MXFP4) and (sc := n.removesuffix("_blocks") + "_scales") in names \
+                and len(dims := shape(n)) == 4 and (f := fused_experts(spec).get(param.removesuffix("_blocks"))):
+            full = (dims[0], dims[2] * dims[3] * 2, dims[1])  # (the fused tensor the blocks dequantize to)
+            module = arch.checkpoint_path(module)
+            for e in range(dims[0]):
+                for k, (proj, what) in enumerate(f.parts):
+                    views[f"{module}.{e}.{proj}.{what}"] = _View(n, e, f.index(k, full), f.transpose, sc)
+        elif path.endswith(_FUSED) and len(dims := shape(n)) == (2 if param.endswith("_bias") else 3):
             f = fused_experts(spec).get(param)
             module = arch.checkpoint_path(module)
             for e in range(dims[0] if f else 0):
@@ -356,3 +385,4 @@ def _expert_views(hf_config: dict, names: list[str], shape) -> dict[str, _View]:
 
 
 _FUSED = (".experts.gate_up_proj", ".experts.down_proj", ".experts.gate_up_proj_bias", ".experts.down_proj_bias")
+_MXFP4 = (".experts.gate_up_proj_blocks", ".experts.down_proj_blocks")  # (gpt-oss's released checkpoints)
