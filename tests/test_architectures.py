@@ -317,10 +317,10 @@ def test_extract_lora_of_a_family_loads_in_peft_and_gives_the_fine_tune(family, 
 
 def test_inspect_says_which_groups_run_a_model_per_branch(tmp_path, capsys):
     """`inspect` names a group whose branches run as models of their own and the modules why (text and
-    JSON); a group one model runs says nothing of the kind."""
+    JSON); a group one model runs says nothing of the kind; one whose attention sinks switch per row says so."""
     import json
 
-    for family in ("mamba2", "phi"):
+    for family in ("mamba2", "phi", "gpt_oss"):
         _fine_tunes(family, tmp_path / family)
         _merge(tmp_path / family, 0.5)
     code, out, err = run_cli(capsys, "inspect", tmp_path / "mamba2" / "bundle")
@@ -329,7 +329,13 @@ def test_inspect_says_which_groups_run_a_model_per_branch(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "mamba2" / "bundle", "--json")
     assert any("A_log" in w for w in json.loads(out)["groups"]["main"]["model_per_branch"])
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "phi" / "bundle")
-    assert code == 0 and "model of its own" not in out
+    assert code == 0 and "model of its own" not in out and "sinks" not in out
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "gpt_oss" / "bundle")
+    assert code == 0 and "model of its own" not in out and "attention sinks differ between branches in 2 layer(s)" in out
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "gpt_oss" / "bundle", "--json")
+    group = json.loads(out)["groups"]["main"]
+    assert group["attention_sinks_per_row"] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert "model_per_branch" not in group
 
 
 def test_attention_sinks_switch_per_row(tmp_path):

@@ -21,9 +21,12 @@ def inspect_cmd(
     from branchmerge.export import summarize
 
     s = summarize(bundle, verify=not no_verify)
-    own = _own_models(bundle, s)
-    for g, why in own.items():
-        s["groups"][g]["model_per_branch"] = why
+    mixing = _mixing(bundle, s)
+    for g, (why, sinks) in mixing.items():
+        if why:
+            s["groups"][g]["model_per_branch"] = why
+        if sinks:
+            s["groups"][g]["attention_sinks_per_row"] = sinks
     if as_json:
         typer.echo(json.dumps(s, indent=2))
         return
@@ -45,10 +48,15 @@ def inspect_cmd(
         if len(set(d["vocab_sizes"].values())) > 1:
             c.print(f"group {g}: each branch its own vocabulary ("
                     + ", ".join(f"{b} {v}" for b, v in d["vocab_sizes"].items()) + " tokens)")
-    for g, why in own.items():
-        c.print(f"group {g}: each branch runs as a model of its own, sharing the mean weights (a batch takes one "
-                f"of them at a time): {'; '.join(why[:3])}{' …' if len(why) > 3 else ''} hold per-branch "
-                "parameters one model cannot switch per row")
+    for g, (why, sinks) in mixing.items():
+        if why:
+            c.print(f"group {g}: each branch runs as a model of its own, sharing the mean weights (a batch takes "
+                    f"one of them at a time): {'; '.join(why[:3])}{' …' if len(why) > 3 else ''} hold per-branch "
+                    "parameters one model cannot switch per row")
+        if sinks:
+            c.print(f"group {g}: attention sinks differ between branches in {len(sinks)} layer(s) ({sinks[0]}"
+                    f"{', …' if len(sinks) > 1 else ''}): a mixed batch calls their attention once per branch, "
+                    "each on its rows")
     e = table("relative reconstruction error of compressed weights ‖W−Ŵ‖/‖W‖", ["branch", "group", "mean", "max"])
     for g, d in s["groups"].items():
         for b in d["branches"]:
@@ -250,11 +258,12 @@ def register(app: typer.Typer) -> None:
     app.command("import-gguf")(import_gguf_cmd)
 
 
-def _own_models(bundle: Path, summary: dict) -> dict[str, list[str]]:
-    """Groups whose branches run as models of their own, and why (the modules at fault)."""
+def _mixing(bundle: Path, summary: dict) -> dict[str, tuple[list[str], list[str]]]:
+    """Per group with anything to say: the modules that make its branches run as models of their own, and its
+    attention modules whose sinks switch per row (:func:`~branchmerge.runtime.build.group_mixing`)."""
     from branchmerge.io.bundle import BundleReader
-    from branchmerge.runtime.build import unmixable_modules
+    from branchmerge.runtime.build import group_mixing
 
     reader = BundleReader(bundle, verify=False)  # (verified, when asked, by summarize)
-    return {g: why for g in summary["groups"] if (why := unmixable_modules(reader, g))}
+    return {g: m for g in summary["groups"] if any(m := group_mixing(reader, g))}
 

@@ -277,15 +277,28 @@ def _meta_model(reader: BundleReader, group: str, first: str, dtype: torch.dtype
     return raw, model, arch, by_module
 
 
-def unmixable_modules(reader: BundleReader, group: str) -> list[str]:
-    """Why the branches of ``group`` run as models of their own (see :class:`Unmixable`): the modules at fault,
-    with their per-branch parameters; empty when one model runs them all. Built on the meta device: no
-    tensor is read."""
+def group_mixing(reader: BundleReader, group: str) -> tuple[list[str], list[str]]:
+    """How ``group``'s branches share one batch: ``(modules that make each branch run as a model of its own (see
+    :class:`Unmixable`), with their per-branch parameters; attention modules whose sinks switch per row
+    (:mod:`~branchmerge.runtime.sinks`))``, both empty when one model runs them all as any other. Built on
+    the meta device: no tensor is read."""
     g = reader.groups[group]
     if len(g.branches) < 2:
-        return []
+        return [], []
     _, model, arch, by_module = _meta_model(reader, group, g.branches[0], None, BranchState(g.branches))
-    return _own_parameters_beside_sublayers(model, by_module, reader.manifest.tensors[group], arch is None)
+    records = reader.manifest.tensors[group]
+    odd = _own_parameters_beside_sublayers(model, by_module, records, arch is None)
+    if odd:
+        return odd, []
+    sinks = []
+    for name, params in by_module.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if _sinks_only(mod, params, records):
+            sinks.append(name)
+    return [], sinks
 
 
 class Unmixable(BundleError):
