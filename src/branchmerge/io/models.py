@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from branchmerge.common import nonfinite
 from branchmerge.errors import ModelInputError
-from branchmerge.io.mxfp4 import QUANT_METHOD, dequantize_mxfp4
+from branchmerge.io.mxfp4 import QUANT_METHOD, dequantize_mxfp4, fused_shape
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ class ModelSource:
             src.weight_map = {v: shard for n, shard in weight_map.items() if n not in scales
                               for v in views.get(n, [n])}
         if (hf_config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
-            if any(n.endswith("_blocks") for n in src.weight_map):
-                odd = next(n for n in src.weight_map if n.endswith("_blocks"))
+            if (odd := next((n for n in src.weight_map if n.endswith("_blocks")), None)) is not None:
                 raise ModelInputError(f"branch {name!r}: {path}: MXFP4 tensor {odd} has no "
                                       f"{odd.removesuffix('_blocks')}_scales beside it, or is not a gpt-oss model's "
                                       "fused experts (the only MXFP4 tensors read)")
@@ -282,8 +281,8 @@ class _View(NamedTuple):
     def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
         if self.expert is None:
             return full
-        if self.scales is not None:  # blocks [E, R, G, 16]: the fused tensor [E, G·32, R]
-            full = (full[0], full[2] * full[3] * 2, full[1])
+        if self.scales is not None:  # (blocks: the fused tensor's shape)
+            full = fused_shape(full)
         dims = list(full[1:])
         for i, sl in enumerate(self.index):
             dims[i] = len(range(*sl.indices(dims[i])))
@@ -367,20 +366,18 @@ def _expert_views(hf_config: dict, names: list[str], shape) -> dict[str, _View]:
         path = arch.param_path(n)  # (GraniteMoE's checkpoints: input_linear, output_linear)
         module, _, param = path.rpartition(".")
         if path.endswith(_MXFP4) and (sc := n.removesuffix("_blocks") + "_scales") in names \
-                and len(dims := shape(n)) == 4 and (f := fused_experts(spec).get(param.removesuffix("_blocks"))):
-            full = (dims[0], dims[2] * dims[3] * 2, dims[1])  # (the fused tensor the blocks dequantize to)
-            module = arch.checkpoint_path(module)
-            for e in range(dims[0]):
-                for k, (proj, what) in enumerate(f.parts):
-                    views[f"{module}.{e}.{proj}.{what}"] = _View(n, e, f.index(k, full), f.transpose, sc)
+                and len(dims := shape(n)) == 4:  # (blocks: read as the fused tensor they dequantize to)
+            f, dims = fused_experts(spec).get(param.removesuffix("_blocks")), fused_shape(dims)
         elif path.endswith(_FUSED) and len(dims := shape(n)) == (2 if param.endswith("_bias") else 3):
-            f = fused_experts(spec).get(param)
-            module = arch.checkpoint_path(module)
-            for e in range(dims[0] if f else 0):
-                for k, (proj, what) in enumerate(f.parts):
-                    views[f"{module}.{e}.{proj}.{what}"] = _View(n, e, f.index(k, dims), f.transpose)
-        elif path == n and (u := arch.checkpoint_path(n)) != n:  # a transformers name: the checkpoint's instead
-            views[u] = _View(n)
+            f, sc = fused_experts(spec).get(param), None
+        else:
+            if path == n and (u := arch.checkpoint_path(n)) != n:  # a transformers name: the checkpoint's instead
+                views[u] = _View(n)
+            continue
+        module = arch.checkpoint_path(module)
+        for e in range(dims[0] if f else 0):
+            for k, (proj, what) in enumerate(f.parts):
+                views[f"{module}.{e}.{proj}.{what}"] = _View(n, e, f.index(k, dims), f.transpose, sc)
     return views
 
 

@@ -12,6 +12,11 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 QUANT_METHOD = "mxfp4"
 
 
+def fused_shape(blocks: tuple[int, ...]) -> tuple[int, int, int]:
+    """The fused tensor's shape ``[E, G·32, R]`` (as transformers holds it) of blocks ``[E, R, G, 16]``."""
+    return blocks[0], blocks[2] * blocks[3] * 2, blocks[1]
+
+
 def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """``blocks`` ``[..., G, 16]`` uint8 and ``scales`` ``[..., G]`` uint8 → ``[..., G·32]`` in ``dtype`` (exact in
     bfloat16 and float32: every value is a 2-bit mantissa times a power of two)."""

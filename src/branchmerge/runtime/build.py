@@ -12,7 +12,7 @@ import copy
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,15 +290,7 @@ def group_mixing(reader: BundleReader, group: str) -> tuple[list[str], list[str]
     odd = _own_parameters_beside_sublayers(model, by_module, records, arch is None)
     if odd:
         return odd, []
-    sinks = []
-    for name, params in by_module.items():
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if _sinks_only(mod, params, records):
-            sinks.append(name)
-    return [], sinks
+    return [], [name for name, mod, params in _modules_of(model, by_module) if _sinks_only(mod, params, records)]
 
 
 class Unmixable(BundleError):
@@ -313,23 +305,29 @@ class Unmixable(BundleError):
 def _own_parameters_beside_sublayers(model: nn.Module, by_module: dict[str, dict[str, str]], records: dict,
                                      fallback: bool) -> list[str]:
     """Modules that hold tensors differing between branches as their own parameters (not a sublayer's) and
-    also have sublayers with parameters: Mamba mixers (``A_log``, ``D``, ``dt_bias``), gpt-oss attention
-    (``sinks``). A per-branch copy of such a module would copy its sublayers too, and a mixed batch would need
-    its own parameters per row. Under the ``fallback`` rule (no template says how a layout's MoE routers and
-    fused experts take their rows), any per-branch module but embeddings, plain linear layers and norms."""
+    also have sublayers with parameters: Mamba mixers (``A_log``, ``D``, ``dt_bias``), Gemma 3n's AltUp. A
+    per-branch copy of such a module would copy its sublayers too, and a mixed batch would need its own
+    parameters per row (attention sinks excepted: :func:`_sinks_only`). Under the ``fallback`` rule (no
+    template says how a layout's MoE routers and fused experts take their rows), any per-branch module but
+    embeddings, plain linear layers and norms."""
     out = []
-    for name, params in by_module.items():
-        if not any(records[t].role == "per_branch" for t in params.values()):
-            continue
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            continue  # (named by the error of the module loop)
-        if _sinks_only(mod, params, records):
+    for name, mod, params in _modules_of(model, by_module):
+        if not any(records[t].role == "per_branch" for t in params.values()) or _sinks_only(mod, params, records):
             continue
         if any(True for c in mod.children() for _ in c.parameters()) or (fallback and not _row_wise(mod)):
             out.append(f"{name} ({', '.join(params)})")
     return out
+
+
+def _modules_of(model: nn.Module, by_module: dict[str, dict[str, str]]) -> Iterator[tuple[str, nn.Module, dict]]:
+    """``(path, module, {parameter: tensor})`` for each module the group's tensors fill (those naming no module
+    of ``model`` skipped: the build's module loop names them)."""
+    for name, params in by_module.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            continue
+        yield name, mod, params
 
 
 def _sinks_only(mod: nn.Module, params: dict[str, str], records: dict) -> bool:

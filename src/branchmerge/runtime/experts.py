@@ -82,7 +82,6 @@ class ExpertLinears(nn.ModuleList):
         if top_k_index is None:
             return self._every_expert(hidden_states)
         out = torch.zeros_like(hidden_states)
-        gate, up, down = self.names
         token_rows = self._token_rows(hidden_states.shape[0])
         with torch.no_grad():  # [E+1, k, T]: which tokens chose each expert, in which of their k slots
             mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
@@ -91,20 +90,22 @@ class ExpertLinears(nn.ModuleList):
             if e == self.num_experts:  # (an index past the experts: a token dropped by expert parallelism)
                 continue
             slot, tok = torch.where(mask[e])
-            x = hidden_states[tok]
-            expert = self[e]
-            # a mixed batch: this expert's tokens as rows of their own branches (one GEMM with the mean weight)
-            with nullcontext() if token_rows is None else self.state.select(token_rows[tok.cpu()]):
-                h = self.combine(getattr(expert, gate)(x), getattr(expert, up)(x))
-                h = getattr(expert, down)(h) * top_k_weights[tok, slot, None]
+            h = self._expert(e, hidden_states[tok], tok, token_rows) * top_k_weights[tok, slot, None]
             out.index_add_(0, tok, h.to(out.dtype))
         return out
+
+    def _expert(self, e: int, x: Tensor, tok: Tensor, token_rows: Tensor | None) -> Tensor:
+        """Expert ``e`` on its tokens ``x`` ``[n, H]`` (``tok`` their indices): in a mixed batch, each token a row
+        of its own branch (one GEMM with the mean weight) → ``[n, H]``."""
+        gate, up, down = self.names
+        expert = self[e]
+        with nullcontext() if token_rows is None else self.state.select(token_rows[tok.cpu()]):
+            return getattr(expert, down)(self.combine(getattr(expert, gate)(x), getattr(expert, up)(x)))
 
     def _every_expert(self, hidden_states: Tensor) -> Tensor:
         """Llama 4's call: ``[E·T, H]`` expert-major, every expert's ``T`` tokens already scaled by its router
         score, ``→ [E·T, H]``. A token an expert was not chosen for arrives as zeros, whose output is zero
         (no biases): only the others are computed (top-1 of 16 experts: a 16th of the work)."""
-        gate, up, down = self.names
         x_all = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
         out = torch.zeros_like(x_all)
         token_rows = self._token_rows(x_all.shape[1])
@@ -112,10 +113,7 @@ class ExpertLinears(nn.ModuleList):
             tok = x_all[e].any(dim=-1).nonzero().flatten()
             if tok.numel() == 0:
                 continue
-            x, expert = x_all[e, tok], self[e]
-            with nullcontext() if token_rows is None else self.state.select(token_rows[tok.cpu()]):
-                h = getattr(expert, down)(self.combine(getattr(expert, gate)(x), getattr(expert, up)(x)))
-            out[e, tok] = h.to(out.dtype)
+            out[e, tok] = self._expert(e, x_all[e, tok], tok, token_rows).to(out.dtype)
         return out.view(-1, hidden_states.shape[-1])
 
     def _token_rows(self, tokens: int) -> Tensor | None:

@@ -492,8 +492,7 @@ class BranchedLinear(nn.Module):
         ``out_proj.weight``). Built on each read: the layer itself never holds it. AttributeError under a
         selection that mixes branches."""
         i = self._selected("the weight")
-        hot = self.hot[str(i)] if str(i) in self.hot else None
-        return hot if hot is not None else self.dense_weight(i)
+        return self.hot[str(i)] if str(i) in self.hot else self.dense_weight(i)
 
     @property
     def bias(self) -> Tensor | None:
