@@ -19,7 +19,7 @@ from branchmerge.merge import run_merge
 from tests.cli_util import run_cli
 from tests.conftest import check_mixed_as_alone, save_char_tokenizer
 
-SPLIT = {"mamba2", "falcon_h1", "gemma3n", "qwen3_next", "jamba"}
+SPLIT = {"gemma3n"}
 X = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 20], [1, 8, 2, 30, 6, 12, 40, 9]])
 _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 _C = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
@@ -211,11 +211,12 @@ def test_stacking_experts_for_export_refuses_a_missing_one():
                            {"num_local_experts": 2}))
 
 
-@pytest.mark.parametrize("family,batches", [("mamba2", 2), ("gpt_oss", 1)])
+@pytest.mark.parametrize("family,batches", [("gemma3n", 2), ("gpt_oss", 1), ("mamba2", 1)])
 def test_branches_are_served_in_one_batch_or_one_per_model(tmp_path, family, batches):
     """Served over HTTP (the openai SDK as client), concurrent requests for both branches answer as each does
-    alone: a Mamba-2 group (a model per branch) in one batch per branch's model, a gpt-oss group (attention
-    sinks per row) in one mixed batch; /v1/models lists both branches."""
+    alone: a Gemma 3n group (a model per branch) in one batch per branch's model, a gpt-oss group (attention
+    sinks per row) and a Mamba-2 group (mixers per branch, with their rows of the cache) in one mixed batch;
+    /v1/models lists both branches."""
     from tests.serving import served_together
 
     _fine_tunes(family, tmp_path)
@@ -256,16 +257,19 @@ def test_fused_experts_compress_one_by_one_and_export_fused(tmp_path, capsys, fa
     torch.testing.assert_close(_logits(exported), got, atol=1e-4, rtol=1e-4)
 
 
-def test_a_lora_loaded_at_runtime_over_a_branch_of_a_split_group(tmp_path):
-    """A PEFT LoRA of a Mamba-2 fine-tune loads at runtime over its branch's own model (its group runs a model
-    per branch): it answers as PEFT does over the exported branch, alongside the other branch, and unloads."""
+@pytest.mark.parametrize("family,target,rate", [("mamba2", "in_proj", 0.5), ("gpt_oss", "q_proj", 0.75)])
+def test_a_lora_loaded_at_runtime_over_a_branch_of_a_hybrid_or_sinks_group(tmp_path, family, target, rate):
+    """A PEFT LoRA of a Mamba-2 fine-tune (its group's mixers run per branch on their rows) or of a gpt-oss one
+    (attention sinks per row) loads at runtime over its branch: its rows take the base's own mixer parameters
+    or sinks; it answers as PEFT does over the exported branch, alongside the other branch in one batch, and
+    unloads."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from branchmerge.export import export_branch
 
-    models = _fine_tunes("mamba2", tmp_path)
-    d = _merge(tmp_path, 0.5)
-    peft = get_peft_model(models["a"], LoraConfig(r=4, lora_alpha=8, target_modules=["in_proj"],
+    models = _fine_tunes(family, tmp_path)
+    d = _merge(tmp_path, rate)  # (every layer low-rank: the factor layout adapters join)
+    peft = get_peft_model(models["a"], LoraConfig(r=4, lora_alpha=8, target_modules=[target],
                                                   init_lora_weights=False))
     peft.save_pretrained(tmp_path / "lora")
     export_branch(d, "a", tmp_path / "exported", progress=False)
@@ -276,6 +280,9 @@ def test_a_lora_loaded_at_runtime_over_a_branch_of_a_split_group(tmp_path):
     assert b.runtime_group("tuned") is b.runtime_group("a")
     torch.testing.assert_close(b.logits(X, ["tuned", "tuned"]), _logits(ref), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(b.logits(X, ["a", "a"]), _logits(ref), atol=1e-2)
+    mixed = b.logits(X, ["tuned", "b"])
+    torch.testing.assert_close(mixed[0], _logits(ref)[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed[1], b.logits(X, ["b", "b"])[1], atol=1e-4, rtol=1e-4)
     outs = b.generate(["abc", "hello"], ["tuned", "b"], chat=False, max_new_tokens=4, do_sample=False)
     assert outs == [b.generate("abc", "tuned", chat=False, max_new_tokens=4, do_sample=False)[0],
                     b.generate("hello", "b", chat=False, max_new_tokens=4, do_sample=False)[0]]
@@ -317,24 +324,31 @@ def test_extract_lora_of_a_family_loads_in_peft_and_gives_the_fine_tune(family, 
 
 def test_inspect_says_which_groups_run_a_model_per_branch(tmp_path, capsys):
     """`inspect` names a group whose branches run as models of their own and the modules why (text and
-    JSON); a group one model runs says nothing of the kind; one whose attention sinks switch per row says so."""
+    JSON); a group one model runs says nothing of the kind; one whose attention sinks switch per row says so,
+    and one whose sequence mixers run per branch on their rows."""
     import json
 
-    for family in ("mamba2", "phi", "gpt_oss"):
+    for family in ("gemma3n", "phi", "gpt_oss", "mamba2"):
         _fine_tunes(family, tmp_path / family)
         _merge(tmp_path / family, 0.5)
-    code, out, err = run_cli(capsys, "inspect", tmp_path / "mamba2" / "bundle")
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "gemma3n" / "bundle")
     assert code == 0, err
-    assert "each branch runs as a model of its own" in out and "mixer" in out and "A_log" in out
-    code, out, _ = run_cli(capsys, "inspect", tmp_path / "mamba2" / "bundle", "--json")
-    assert any("A_log" in w for w in json.loads(out)["groups"]["main"]["model_per_branch"])
+    assert "each branch runs as a model of its own" in out and "altup" in out and "correct_output_scale" in out
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "gemma3n" / "bundle", "--json")
+    assert any("correct_output_scale" in w for w in json.loads(out)["groups"]["main"]["model_per_branch"])
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "phi" / "bundle")
-    assert code == 0 and "model of its own" not in out and "sinks" not in out
+    assert code == 0 and "model of its own" not in out and "sinks" not in out and "mixers" not in out
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "gpt_oss" / "bundle")
     assert code == 0 and "model of its own" not in out and "attention sinks differ between branches in 2 layer(s)" in out
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "gpt_oss" / "bundle", "--json")
     group = json.loads(out)["groups"]["main"]
     assert group["attention_sinks_per_row"] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert "model_per_branch" not in group
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "mamba2" / "bundle")
+    assert code == 0 and "model of its own" not in out and "sequence mixers differ between branches in 2" in out
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "mamba2" / "bundle", "--json")
+    group = json.loads(out)["groups"]["main"]
+    assert group["mixers_per_branch"] == ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]
     assert "model_per_branch" not in group
 
 
@@ -404,9 +418,65 @@ def test_a_branched_layer_gives_its_branchs_weight_to_code_that_reads_it(tmp_pat
         layer.weight
 
 
+def _decode(g, rows, ids, steps):
+    """Logits of the last position of a prefill of ``ids`` and of each decode step fed ``steps`` (``[B, 1]``
+    each), through the group's model with a cache, rows selected by ``rows``: ``[B, 1 + len(steps), V]``."""
+    with g.state.select(rows=rows), torch.no_grad():
+        out = g.model(input_ids=ids, use_cache=True)
+        cache, logits = out.cache if hasattr(out, "cache") else out.past_key_values, [out.logits[:, -1]]
+        assert cache is not None
+        for t in steps:
+            logits.append(g.model(input_ids=t, cache=cache, use_cache=True).logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("family", ["mamba2", "falcon_h1", "qwen3_next", "jamba"])
+def test_hybrid_branches_mix_per_row_with_their_rows_of_the_cache(family, tmp_path):
+    """Mamba-2, Falcon-H1, Qwen3-Next and Jamba fine-tunes (their mixers hold ``A_log``, ``D``, ``dt_bias`` of
+    their own beside their projections) run in one model: a batch mixing three rows of two branches, prefill
+    then decode steps on the cache, gives each row its branch's logits alone (the mixer runs once per branch
+    on its rows, reading and writing only those rows' conv and recurrent states)."""
+    from branchmerge.runtime.mixers import BranchMixer
+
+    _fine_tunes(family, tmp_path)
+    b = branchmerge.load(_merge(tmp_path, 0.0), dtype="float32")
+    g = b.runtime_group("a")
+    assert g is b.runtime_group("b") and any(isinstance(m, BranchMixer) for m in g.model.modules())
+    paths = {n for n, _ in g.model.named_modules()}  # (at its place: templates and adapters name its sublayers)
+    assert paths >= {n for n, _ in AutoModelForCausalLM.from_pretrained(tmp_path / "a").named_modules()
+                     if ".experts" not in n}  # (an MoE's fused experts are per-expert layers here)
+    ids = torch.cat([X, X[:1].flip(1)])
+    steps = [torch.tensor([[5], [7], [9]]), torch.tensor([[9], [3], [4]]), torch.tensor([[11], [13], [6]])]
+    mixed = _decode(g, [1, 0, 1], ids, steps)
+    for row, branch in enumerate([1, 0, 1]):
+        alone = _decode(g, [branch], ids[row:row + 1], [s[row:row + 1] for s in steps])
+        torch.testing.assert_close(mixed[row], alone[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[0], _decode(g, [0], ids[:1], [s[:1] for s in steps])[0], atol=1e-3)
+
+
+def test_a_mixers_rows_of_the_cache_refuse_what_they_cannot_split(tmp_path):
+    """A mixed batch's mixer needs its layer of the cache to hold linear-attention states it can take by row:
+    an attention layer, or one recording past states (assisted decoding's rollback), is refused by name."""
+    from transformers import DynamicCache
+
+    from branchmerge.runtime.mixers import CacheRows
+
+    models = _fine_tunes("jamba", tmp_path)
+    cache = DynamicCache(config=models["a"].config)
+    with pytest.raises(NotImplementedError, match=r"layer 1 of the cache .* DynamicLayer"):
+        CacheRows(cache, 1, 2)
+    with pytest.raises(NotImplementedError, match="layer 7 of the cache"):
+        CacheRows(cache, 7, 2)
+    cache.layers[0].activate_past_recording()
+    with pytest.raises(NotImplementedError, match="records past states"):
+        CacheRows(cache, 0, 2)
+    CacheRows(DynamicCache(config=models["a"].config), 0, 2)  # (a linear-attention layer: taken)
+
+
 def test_mixed_rows_through_torch_compile(tmp_path):
     """Under torch.compile (what transformers does to a static cache's decode on CUDA), a mixed batch answers
-    as eagerly: a dense family with attention sinks per row in one graph, no breaks; gpt-oss's sparse block
+    as eagerly: a dense family with attention sinks per row in one graph, no breaks; a Mamba-2 group's batch
+    of one branch in one graph, a mixed one with its mixers run eagerly per branch; gpt-oss's sparse block
     (its experts run eagerly: their routing is data-dependent, and a graph break inside a branch selection
     would resume outside it)."""
     _fine_tunes("granite_swa", tmp_path / "dense")
@@ -419,6 +489,20 @@ def test_mixed_rows_through_torch_compile(tmp_path):
         got = torch.compile(g.model, backend="eager")(input_ids=ids).logits
     assert exp.graph_break_count == 0, [str(r.reason)[:300] for r in exp.break_reasons]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    _fine_tunes("mamba2", tmp_path / "mamba2")  # (mixers per branch: a one-branch batch in one graph; mixed, eager)
+    g = branchmerge.load(_merge(tmp_path / "mamba2", 0.5), dtype="float32").runtime_group("a")
+    for rows in ([1, 1, 1], [0, 1, 0]):
+        torch._dynamo.reset()
+        with g.state.select(rows=rows), torch.no_grad():
+            want = g.model(input_ids=ids).logits
+            exp = torch._dynamo.explain(g.model)(input_ids=ids)
+            got = torch.compile(g.model, backend="eager")(input_ids=ids).logits
+        if len(set(rows)) == 1:
+            assert exp.graph_break_count == 0, [str(r.reason)[:300] for r in exp.break_reasons]
+        else:  # (breaks only around each mixer's per-branch calls)
+            assert all("BranchMixer._mixed" in str(r.reason) for r in exp.break_reasons), exp.break_reasons
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
     _fine_tunes("gpt_oss", tmp_path / "moe")
     g = branchmerge.load(_merge(tmp_path / "moe", 0.5), dtype="float32").runtime_group("a")

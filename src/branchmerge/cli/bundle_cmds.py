@@ -22,11 +22,13 @@ def inspect_cmd(
 
     s = summarize(bundle, verify=not no_verify)
     mixing = _mixing(bundle, s)
-    for g, (why, sinks) in mixing.items():
+    for g, (why, sinks, mixers) in mixing.items():
         if why:
             s["groups"][g]["model_per_branch"] = why
         if sinks:
             s["groups"][g]["attention_sinks_per_row"] = sinks
+        if mixers:
+            s["groups"][g]["mixers_per_branch"] = mixers
     if as_json:
         typer.echo(json.dumps(s, indent=2))
         return
@@ -48,7 +50,7 @@ def inspect_cmd(
         if len(set(d["vocab_sizes"].values())) > 1:
             c.print(f"group {g}: each branch its own vocabulary ("
                     + ", ".join(f"{b} {v}" for b, v in d["vocab_sizes"].items()) + " tokens)")
-    for g, (why, sinks) in mixing.items():
+    for g, (why, sinks, mixers) in mixing.items():
         if why:
             c.print(f"group {g}: each branch runs as a model of its own, sharing the mean weights (a batch takes "
                     f"one of them at a time): {'; '.join(why[:3])}{' …' if len(why) > 3 else ''} hold per-branch "
@@ -57,6 +59,10 @@ def inspect_cmd(
             c.print(f"group {g}: attention sinks differ between branches in {len(sinks)} layer(s) ({sinks[0]}"
                     f"{', …' if len(sinks) > 1 else ''}): a mixed batch calls their attention once per branch, "
                     "each on its rows")
+        if mixers:
+            c.print(f"group {g}: sequence mixers differ between branches in {len(mixers)} layer(s) ({mixers[0]}"
+                    f"{', …' if len(mixers) > 1 else ''}): a mixed batch runs each once per branch, on its rows "
+                    "and those rows of the cache")
     e = table("relative reconstruction error of compressed weights ‖W−Ŵ‖/‖W‖", ["branch", "group", "mean", "max"])
     for g, d in s["groups"].items():
         for b in d["branches"]:
@@ -258,9 +264,10 @@ def register(app: typer.Typer) -> None:
     app.command("import-gguf")(import_gguf_cmd)
 
 
-def _mixing(bundle: Path, summary: dict) -> dict[str, tuple[list[str], list[str]]]:
-    """Per group with anything to say: the modules that make its branches run as models of their own, and its
-    attention modules whose sinks switch per row (:func:`~branchmerge.runtime.build.group_mixing`)."""
+def _mixing(bundle: Path, summary: dict) -> dict[str, tuple[list[str], list[str], list[str]]]:
+    """Per group with anything to say: the modules that make its branches run as models of their own, its
+    attention modules whose sinks switch per row, and its sequence mixers run per branch on their rows
+    (:func:`~branchmerge.runtime.build.group_mixing`)."""
     from branchmerge.io.bundle import BundleReader
     from branchmerge.runtime.build import group_mixing
 

@@ -34,7 +34,9 @@ from branchmerge.io.adapters import LoraSource
 from branchmerge.io.bundle import BundleReader, key_mean, key_scales, key_shared
 from branchmerge.io.models import ModelSource
 from branchmerge.runtime.modules import BranchedLinear
+from branchmerge.runtime.mixers import BranchMixer
 from branchmerge.runtime.perbranch import PerBranch
+from branchmerge.runtime.sinks import BranchSinks
 from branchmerge.runtime.patched import RowPatched
 from branchmerge.runtime.quantized import QuantizedBranchedLinear
 
@@ -291,6 +293,8 @@ def apply(bundle, prep: Prepared) -> LoadedAdapter:
                 own = _with_rows(copies[base], *prep.rows[w]) if w in prep.rows else _shallow(copies[base])
                 copies[slot:slot + 1] = [own]
                 _replace(model, mn, PerBranch(state, copies))
+            elif isinstance(m, (BranchMixer, BranchSinks)):  # (the base's own mixer parameters or sinks)
+                m.holder[slot:slot + 1] = [m.holder[base]]
             elif w in prep.rows:  # an embedding or head every branch shares: per branch now, the slot's patched
                 copies = [m] * max(n, slot + 1)
                 copies[slot] = _with_rows(m, *prep.rows[w])

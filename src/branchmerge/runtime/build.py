@@ -25,6 +25,7 @@ from branchmerge.errors import BundleError
 from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
 from branchmerge.io.skeleton import hf_config_object, plain_linear, skeleton
 from branchmerge.runtime.experts import ExpertLinears, RowsByBranch, stored_experts
+from branchmerge.runtime.mixers import row_mixer, use_branch_mixer
 from branchmerge.runtime.modules import BranchedLinear, BranchState
 from branchmerge.runtime.perbranch import PerBranch
 from branchmerge.runtime.patched import RowPatched
@@ -100,7 +101,7 @@ def build_group_model(
     if len(members) > 1 and (odd := _own_parameters_beside_sublayers(model, by_module, records, arch is None)):
         raise Unmixable(odd)
 
-    with_sinks = False
+    with_sinks, mixer_own = False, {}
     for module_name, params in by_module.items():
         try:
             orig = model.get_submodule(module_name)
@@ -142,6 +143,10 @@ def build_group_model(
             _assign(orig, {"sinks": sinks[0]}, module_name)
             orig.branch_sinks = BranchSinks(state, sinks, orig)
             with_sinks = True
+        elif row_mixer(orig):  # (wrapped once its sublayers are branched, below)
+            mixer_own[module_name] = [{p: v.whole() if isinstance(v, _Patch) else v for p, v in zip(values, vals)}
+                                      for vals in zip(*values.values())]
+            _assign(orig, mixer_own[module_name][0], module_name)
         else:
             copies: list[nn.Module] = []
             made: dict[int, nn.Module] = {}  # (a patch shared by branches with one stored copy: one module)
@@ -168,6 +173,9 @@ def build_group_model(
             # modules (ExpertLinears) take the mixed rows themselves, token by token
             if isinstance(mod._modules.get("experts"), PerBranch):
                 _set_module(model, name, RowsByBranch(state, mod))
+    if len(members) > 1:  # (a mixed batch runs each per branch on its rows: runtime.mixers)
+        for name in _differing_mixers(model, records, by_module):
+            use_branch_mixer(model.get_submodule(name), state, mixer_own.get(name, [{}] * len(members)))
     if with_sinks:
         use_branch_sinks(model)
     _tie_lm_head(model, records, state, len(members))
@@ -277,20 +285,22 @@ def _meta_model(reader: BundleReader, group: str, first: str, dtype: torch.dtype
     return raw, model, arch, by_module
 
 
-def group_mixing(reader: BundleReader, group: str) -> tuple[list[str], list[str]]:
+def group_mixing(reader: BundleReader, group: str) -> tuple[list[str], list[str], list[str]]:
     """How ``group``'s branches share one batch: ``(modules that make each branch run as a model of its own (see
     :class:`Unmixable`), with their per-branch parameters; attention modules whose sinks switch per row
-    (:mod:`~branchmerge.runtime.sinks`))``, both empty when one model runs them all as any other. Built on
+    (:mod:`~branchmerge.runtime.sinks`); sequence mixers a mixed batch runs once per branch on its rows
+    (:mod:`~branchmerge.runtime.mixers`))``, all empty when one model runs them all as any other. Built on
     the meta device: no tensor is read."""
     g = reader.groups[group]
     if len(g.branches) < 2:
-        return [], []
+        return [], [], []
     _, model, arch, by_module = _meta_model(reader, group, g.branches[0], None, BranchState(g.branches))
     records = reader.manifest.tensors[group]
     odd = _own_parameters_beside_sublayers(model, by_module, records, arch is None)
     if odd:
-        return odd, []
-    return [], [name for name, mod, params in _modules_of(model, by_module) if _sinks_only(mod, params, records)]
+        return odd, [], []
+    sinks = [name for name, mod, params in _modules_of(model, by_module) if _sinks_only(mod, params, records)]
+    return [], sinks, _differing_mixers(model, records, by_module)
 
 
 class Unmixable(BundleError):
@@ -305,18 +315,42 @@ class Unmixable(BundleError):
 def _own_parameters_beside_sublayers(model: nn.Module, by_module: dict[str, dict[str, str]], records: dict,
                                      fallback: bool) -> list[str]:
     """Modules that hold tensors differing between branches as their own parameters (not a sublayer's) and
-    also have sublayers with parameters: Mamba mixers (``A_log``, ``D``, ``dt_bias``), Gemma 3n's AltUp. A
-    per-branch copy of such a module would copy its sublayers too, and a mixed batch would need its own
-    parameters per row (attention sinks excepted: :func:`_sinks_only`). Under the ``fallback`` rule (no
-    template says how a layout's MoE routers and fused experts take their rows), any per-branch module but
-    embeddings, plain linear layers and norms."""
+    also have sublayers with parameters: Gemma 3n's AltUp. A per-branch copy of such a module would copy its
+    sublayers too, and a mixed batch would need its own parameters per row (excepted: attention sinks,
+    :func:`_sinks_only`; sequence mixers such as Mamba's (``A_log``, ``D``, ``dt_bias``), run per branch on
+    their rows, :mod:`~branchmerge.runtime.mixers`). Under the ``fallback`` rule (no template says how a
+    layout's MoE routers and fused experts take their rows), any per-branch module but embeddings, plain
+    linear layers, norms and a sequence mixer's parts."""
     out = []
     for name, mod, params in _modules_of(model, by_module):
         if not any(records[t].role == "per_branch" for t in params.values()) or _sinks_only(mod, params, records):
             continue
-        if any(True for c in mod.children() for _ in c.parameters()) or (fallback and not _row_wise(mod)):
+        if row_mixer(mod):  # (its own parameters per row: runtime.mixers)
+            continue
+        in_mixer = any(row_mixer(m) for m in _ancestry(model, name))  # (run per branch with its mixer)
+        if _own_beside_sublayers(mod) or (fallback and not in_mixer and not _row_wise(mod)):
             out.append(f"{name} ({', '.join(params)})")
     return out
+
+
+def _own_beside_sublayers(mod: nn.Module) -> bool:
+    """Whether ``mod`` has sublayers with parameters (beside any of its own)."""
+    return any(True for c in mod.children() for _ in c.parameters())
+
+
+def _ancestry(model: nn.Module, name: str) -> Iterator[nn.Module]:
+    """The module at ``name`` and those above it, innermost first."""
+    while name:
+        yield model.get_submodule(name)
+        name = name.rpartition(".")[0]
+
+
+def _differing_mixers(model: nn.Module, records: dict, by_module: dict[str, dict[str, str]]) -> list[str]:
+    """The sequence mixers (:func:`~branchmerge.runtime.mixers.row_mixer`) holding anything that differs between
+    branches: their own parameters, or a sublayer's (which their forward may read as tensors)."""
+    return [name for name, mod in model.named_modules() if row_mixer(mod)
+            and any(records[t].role != "shared" for m, params in by_module.items()
+                    if m == name or m.startswith(name + ".") for t in params.values())]
 
 
 def _modules_of(model: nn.Module, by_module: dict[str, dict[str, str]]) -> Iterator[tuple[str, nn.Module, dict]]:

@@ -1,0 +1,108 @@
+"""Mamba-2 branches mixed in one batch: what running the mixers per branch on their rows costs, side by side.
+
+A Mamba-2 model of mamba2-130m's shape (24 layers, hidden 768, 24 heads of 64, state 128) with random weights,
+and three "fine-tunes" of it: every block weight moved by a rank-16 delta, and each mixer's own ``A_log``,
+``D`` and ``dt_bias`` moved too (so each branch's mixers differ: a batch mixing branches runs each mixer once
+per branch present, on its rows and those rows of the cache, `runtime/mixers.py`). Timed in one run,
+interleaved: a decode step after a prefill (conv and SSM states in the cache), batch 8, one branch and mixed
+over the 3 branches, against the dense fine-tune under transformers at the same batch and against what the
+group did before (each branch a model of its own: its rows a batch of their own, one after another); then a
+prefill of 64 tokens per row.
+
+    python bench/mixers.py [--layers 24] [--prefill 64] [--rate 0.9] [--repeat 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+import torch
+from transformers import Mamba2Config, Mamba2ForCausalLM
+
+import branchmerge
+from _common import CACHE
+from branchmerge.config import parse_config
+from branchmerge.merge import run_merge
+from sinks import decode_step, interleaved, prefill_of
+
+SHAPE = dict(vocab_size=50288, hidden_size=768, state_size=128, num_heads=24, head_dim=64, expand=2, n_groups=1,
+             conv_kernel=4, chunk_size=256, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+
+
+def fine_tunes(layers: int) -> list:
+    """Three fine-tunes of one random base (saved once under bench/.cache)."""
+    root = CACHE / f"mixers-{layers}"
+    names = [root / f"ft{i}" for i in range(3)]
+    if all((n / "config.json").is_file() for n in names):
+        return names
+    torch.manual_seed(0)
+    base = Mamba2ForCausalLM(Mamba2Config(**SHAPE, num_hidden_layers=layers)).eval()
+    for i, n in enumerate(names):
+        g = torch.Generator().manual_seed(100 + i)
+        m = Mamba2ForCausalLM(base.config).eval()
+        m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if p.ndim == 2 and "layers." in name:
+                    u = torch.randn(p.shape[0], 16, generator=g) / 16
+                    v = torch.randn(16, p.shape[1], generator=g) * p.std()
+                    p.add_(u @ v)
+                elif name.rpartition(".")[2] in ("A_log", "D", "dt_bias"):
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        m.save_pretrained(n)
+    return names
+
+
+def bundle(layers: int, rate: float):
+    out = CACHE / f"mixers-{layers}-r{rate}"
+    if not (out / "manifest.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = parse_config({"branches": [{"name": f"b{i}", "model": str(m)} for i, m in enumerate(fine_tunes(layers))],
+                            "compress_rate": rate, "dtype": "float32"})
+        run_merge(cfg, out, progress=False)
+    return branchmerge.load(out, dtype="float32")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--context", type=int, default=128, help="tokens per row before the timed decode step")
+    ap.add_argument("--prefill", type=int, default=64, help="prefill tokens timed per row")
+    ap.add_argument("--rate", type=float, default=0.9)
+    ap.add_argument("--repeat", type=int, default=9)
+    args = ap.parse_args()
+    torch.manual_seed(1)
+    ids = torch.randint(3, SHAPE["vocab_size"], (8, args.context))
+    one, mixed = [0] * 8, [0, 1, 2, 0, 1, 2, 0, 1]
+    dense = Mamba2ForCausalLM.from_pretrained(fine_tunes(args.layers)[0], dtype=torch.float32).eval()
+    b = bundle(args.layers, args.rate)
+    g = next(iter(b.groups.values()))
+    assert g is b.runtime_group("b1"), "the group should run in one model"
+    short = ids[:, :args.prefill]
+    steps, prefills = {"dense": decode_step(dense, ids)}, {"dense": prefill_of(dense, short)}
+    labels = {"dense": "dense fine-tune (transformers)"}
+    for label, sel in (("one branch", one), ("mixed over 3, in one model", mixed)):
+        steps[label], prefills[label] = decode_step(g.model, ids, g, sel), prefill_of(g.model, short, g, sel)
+        labels[label] = f"bundle r={args.rate}, {label}"
+    parts = [[r for r, m in enumerate(mixed) if m == i] for i in range(3)]  # what a model per branch did before
+    apart = [decode_step(g.model, ids[part], g, i) for i, part in enumerate(parts)]
+    apart_pre = [prefill_of(g.model, short[part], g, i) for i, part in enumerate(parts)]
+    steps["apart"] = lambda: [fn() for fn in apart]
+    prefills["apart"] = lambda: [fn() for fn in apart_pre]
+    labels["apart"] = f"bundle r={args.rate}, a batch per branch (3+3+2 rows, in turn; a model per branch)"
+    step_t, prefill_t = interleaved(steps, args.repeat), interleaved(prefills, args.repeat)
+    print(f"Mamba-2 at mamba2-130m's shape ({args.layers} layers), batch 8, context {args.context} (prefill "
+          f"{args.prefill}), float32, {torch.get_num_threads()} threads; medians of {args.repeat}, interleaved\n")
+    print("| model | decode step ms | vs dense | prefill ms | vs dense |\n|---|---|---|---|---|")
+    for k, label in labels.items():
+        print(f"| {label} | {step_t[k] * 1e3:.1f} | {step_t[k] / step_t['dense']:.2f}× | {prefill_t[k] * 1e3:.0f} | "
+              f"{prefill_t[k] / prefill_t['dense']:.2f}× |")
+    m = "mixed over 3, in one model"
+    print(f"\nmixed in one model vs a batch per branch in turn: decode {step_t['apart'] / step_t[m]:.2f}× faster, "
+          f"prefill {prefill_t['apart'] / prefill_t[m]:.2f}×; vs one branch's batch: decode "
+          f"{step_t[m] / step_t['one branch']:.2f}×, prefill {prefill_t[m] / prefill_t['one branch']:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
