@@ -22,9 +22,11 @@ def free_port() -> int:
 
 @contextmanager
 def serving(app) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1; yields its base URL; stops the server afterwards."""
+    """Serve ``app`` on 127.0.0.1; yields its base URL; stops the server afterwards. Idle connections are kept
+    10 minutes (uvicorn's 5 s default let a test's client, which does not retry, reuse a connection the
+    server was closing at that moment on a slow run: "Server disconnected without sending a response")."""
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=600))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
     end = time.monotonic() + 30

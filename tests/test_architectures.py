@@ -96,6 +96,10 @@ FAMILIES = {
                                                   layer_types=["mamba", "attention"]), True),
     "nemotron_h": ("NemotronH", dict(_GQA, head_dim=8, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8,
                                      n_groups=1, chunk_size=8, hybrid_override_pattern="M*-"), True),
+    "nemotron_h_moe": ("NemotronH", dict(_GQA, head_dim=8, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8,
+                                         n_groups=1, chunk_size=8, hybrid_override_pattern="ME*", n_routed_experts=4,
+                                         num_experts_per_tok=2, moe_intermediate_size=24,
+                                         moe_shared_expert_intermediate_size=24, n_group=1, topk_group=1), True),
     "bamba": ("Bamba", dict(_GQA, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
                             mamba_chunk_size=8, attn_layer_indices=[1]), False),
     "zamba2": ("Zamba2", dict(_GQA, mamba_d_state=8, mamba_headdim=16, n_mamba_heads=4, mamba_ngroups=1,
@@ -444,11 +448,12 @@ def _decode(g, rows, ids, steps):
 
 
 @pytest.mark.parametrize("family", ["mamba2", "falcon_h1", "qwen3_next", "jamba", "granitemoehybrid", "nemotron_h",
-                                    "bamba", "zamba2", "lfm2", "falcon_mamba"])
+                                    "nemotron_h_moe", "bamba", "zamba2", "lfm2", "falcon_mamba"])
 def test_hybrid_branches_mix_per_row_with_their_rows_of_the_cache(family, tmp_path):
     """Fine-tunes of Mamba-1/2 and hybrid families (their mixers hold ``A_log``, ``D``, ``dt_bias`` of their
-    own beside their projections: Mamba-2, Falcon-H1, Jamba, Granite 4.0-H, Nemotron-H, Bamba, Zamba2,
-    FalconMamba; Qwen3-Next's Gated DeltaNet; LFM2's short convolutions) run in one model: a batch mixing
+    own beside their projections: Mamba-2, Falcon-H1, Jamba, Granite 4.0-H, Nemotron-H (and its MoE, whose
+    experts have no gate), Bamba, Zamba2, FalconMamba; Qwen3-Next's Gated DeltaNet; LFM2's short
+    convolutions) run in one model: a batch mixing
     three rows of two branches, prefill then decode steps on the cache, gives each row its branch's logits
     alone (the mixer runs once per branch on its rows, reading and writing only those rows' conv and
     recurrent states)."""

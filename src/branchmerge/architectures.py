@@ -48,19 +48,21 @@ class Experts:
     checkpoint names of each expert's gate, up and down projections under ``{module}.{expert index}``."""
 
     module: str
-    gate: str
+    gate: str  # "" where the experts have no gate (Nemotron-H's ``down(act(up(x)))``)
     up: str
     down: str
     stacked: bool = False  # checkpoints hold each layer's experts stacked (GraniteMoE): exports stack them again
     # how the fused (3-D) tensors hold the experts: "mixtral" ([E, 2I, H] gate rows then up rows, [E, H, I]
     # down, no biases), "gpt_oss" ([E, H, 2I] gate and up in alternate columns, [E, I, H] down, biases
     # alike, and its clamped SwiGLU) or "llama4" ([E, H, 2I] gate columns then up, [E, I, H] down; every expert
-    # takes every token, expert-major, scaled by its router score beforehand)
+    # takes every token, expert-major, scaled by its router score beforehand) or "nemotron_h" ([E, I, H] up,
+    # [E, H, I] down, no gate)
     layout: str = "mixtral"
 
     @property
-    def projections(self) -> tuple[str, str, str]:
-        return self.gate, self.up, self.down
+    def projections(self) -> tuple[str, ...]:
+        """The checkpoint names of each expert's projections (gate, up, down; no gate where it has none)."""
+        return tuple(p for p in (self.gate, self.up, self.down) if p)
 
 
 @dataclass(frozen=True)

@@ -343,6 +343,8 @@ def fused_experts(spec) -> dict[str, Fused]:
                 "down_proj_bias": Fused(((spec.down, "bias"),))}
     if spec.layout == "llama4":  # [E, H, 2I] gate columns then up columns, [E, I, H] down
         return {"gate_up_proj": Fused(gate_up, 1, transpose=True), "down_proj": Fused(down, transpose=True)}
+    if spec.layout == "nemotron_h":  # [E, I, H] up, [E, H, I] down: no gate
+        return {"up_proj": Fused(((spec.up, "weight"),)), "down_proj": Fused(down)}
     # [E, 2I, H] gate rows then up rows, [E, H, I] down (Mixtral, Qwen-MoE, GraniteMoE)
     return {"gate_up_proj": Fused(gate_up), "down_proj": Fused(down)}
 

@@ -24,7 +24,7 @@ from branchmerge.architectures import Architecture, float32_tensors, registry
 from branchmerge.errors import BundleError
 from branchmerge.io.bundle import BundleReader, key_mean, key_own, key_scales, key_shared
 from branchmerge.io.skeleton import hf_config_object, plain_linear, skeleton
-from branchmerge.runtime.experts import ExpertLinears, RowsByBranch, stored_experts
+from branchmerge.runtime.experts import ExpertLinears, RowsByBranch, fused_param, stored_experts
 from branchmerge.runtime.mixers import row_mixer, use_branch_mixer
 from branchmerge.runtime.modules import BranchedLinear, BranchState
 from branchmerge.runtime.perbranch import PerBranch
@@ -209,18 +209,18 @@ def _per_expert_modules(model: PreTrainedModel, arch: Architecture, by_module: d
     :class:`ExpertLinears` where the bundle stores one tensor per expert and projection (the checkpoint
     layout), so that each expert's weights are filled or branched like any linear layer's."""
     spec = arch.experts
-    names = spec.projections
-    stored = {path.rsplit(".", 2)[0] for path in by_module if path.rsplit(".", 1)[-1] in names}
+    stored = {path.rsplit(".", 2)[0] for path in by_module if path.rsplit(".", 1)[-1] in spec.projections}
+    first = fused_param(spec)
     for path, mod in [(n, m) for n, m in model.named_modules() if arch.matches(spec.module, n)]:
-        if path in stored and isinstance(getattr(mod, "gate_up_proj", None), torch.Tensor):
+        if path in stored and isinstance(getattr(mod, first, None), torch.Tensor):
             if by_module.get(path):
                 raise BundleError(f"the bundle stores {path}'s experts both fused ({', '.join(by_module[path])}) "
                                   "and one tensor per expert")
-            n, held = mod.gate_up_proj.shape[0], stored_experts(list(by_module), path)
+            n, held = getattr(mod, first).shape[0], stored_experts(list(by_module), path)
             if held != set(range(n)):  # (checked before making a module per expert the config claims)
                 raise BundleError(f"{path}: its config has {n} experts, but the bundle stores tensors for "
                                   f"{len(held)} (indices {min(held)}–{max(held)})")
-            _set_module(model, path, ExpertLinears.like(mod, names, state, spec.layout))
+            _set_module(model, path, ExpertLinears.like(mod, (spec.gate, spec.up, spec.down), state, spec.layout))
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")

@@ -53,7 +53,8 @@ class ExpertLinears(nn.ModuleList):
         for _ in range(num_experts):
             e = nn.Module()
             with torch.device("meta"):
-                setattr(e, gate, nn.Linear(hidden, intermediate, bias=bias))
+                if gate:  # (none in Nemotron-H's experts: down(act(up(x))))
+                    setattr(e, gate, nn.Linear(hidden, intermediate, bias=bias))
                 setattr(e, up, nn.Linear(hidden, intermediate, bias=bias))
                 setattr(e, down, nn.Linear(intermediate, hidden, bias=bias))
             self.append(e)
@@ -70,6 +71,9 @@ class ExpertLinears(nn.ModuleList):
         if layout == "llama4":
             n, hidden, two_i = fused.gate_up_proj.shape
             return cls(n, hidden, two_i // 2, names, fused.act_fn, state)
+        if layout == "nemotron_h":  # (up_proj [E, I, H], no gate)
+            n, inter, hidden = fused.up_proj.shape
+            return cls(n, hidden, inter, names, fused.act_fn, state, combine=lambda _, u: fused.act_fn(u))
         n, two_i, hidden = fused.gate_up_proj.shape
         return cls(n, hidden, two_i // 2, names, fused.act_fn, state)
 
@@ -100,7 +104,8 @@ class ExpertLinears(nn.ModuleList):
         gate, up, down = self.names
         expert = self[e]
         with nullcontext() if token_rows is None else self.state.select(token_rows[tok.cpu()]):
-            return getattr(expert, down)(self.combine(getattr(expert, gate)(x), getattr(expert, up)(x)))
+            g = getattr(expert, gate)(x) if gate else None
+            return getattr(expert, down)(self.combine(g, getattr(expert, up)(x)))
 
     def _every_expert(self, hidden_states: Tensor) -> Tensor:
         """Llama 4's call: ``[E·T, H]`` expert-major, every expert's ``T`` tokens already scaled by its router
@@ -167,8 +172,9 @@ def per_expert_shapes(model: nn.Module, arch: Architecture, paths: list[str]) ->
     e.g. ``model.layers.0.mlp.experts.3.w1.weight`` → ``[I, H]``), from ``model``'s fused experts' shapes;
     paths of experts past a layer's count are left out (not a parameter)."""
     spec = arch.experts
-    fused = {p: m.gate_up_proj.shape for p, m in model.named_modules()
-             if arch.matches(spec.module, p) and isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)}
+    first = fused_param(spec)
+    fused = {p: getattr(m, first).shape for p, m in model.named_modules()
+             if arch.matches(spec.module, p) and isinstance(getattr(m, first, None), torch.Tensor)}
     biases, columns = spec.layout == "gpt_oss", spec.layout in ("gpt_oss", "llama4")  # ([E, H, 2I])
     out: dict[str, list[int]] = {}
     for path in paths:
@@ -176,12 +182,18 @@ def per_expert_shapes(model: nn.Module, arch: Architecture, paths: list[str]) ->
         if module in fused and e.isdigit() and (param == "weight" or biases and param == "bias") \
                 and int(e) < fused[module][0]:
             n, a, b = fused[module]
-            hidden, inter = (a, b // 2) if columns else (b, a // 2)
+            hidden, inter = (a, b // 2) if columns else (b, a) if not spec.gate else (b, a // 2)
             if proj in (spec.gate, spec.up):
                 out[path] = [inter, hidden] if param == "weight" else [inter]
             elif proj == spec.down:
                 out[path] = [hidden, inter] if param == "weight" else [hidden]
     return out
+
+
+def fused_param(spec) -> str:
+    """The 3-D parameter of transformers' fused experts module that holds the gate's (or, without a gate, the
+    up's) projections of every expert: ``gate_up_proj``, or Nemotron-H's ``up_proj``."""
+    return "gate_up_proj" if spec.gate else "up_proj"
 
 
 def stored_experts(paths: list[str], module: str) -> set[int]:
