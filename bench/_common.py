@@ -106,6 +106,25 @@ def perturbed_copies(src: Path, n: int, *, rank: int = 16, scale: float = 0.02, 
     return outs
 
 
+def random_fine_tunes(base, names: list[Path], extra=None) -> None:
+    """Save a "fine-tune" of the in-memory model ``base`` to each of ``names`` (its class, its config): every
+    2-D block weight moved by a rank-16 delta (seeded per copy), and ``extra(name, parameter, generator)``
+    applied to each other parameter (sinks, a mixer's own parameters)."""
+    for i, n in enumerate(names):
+        g = torch.Generator().manual_seed(100 + i)
+        m = type(base)(base.config).eval()
+        m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if p.ndim == 2 and "layers." in name:
+                    u = torch.randn(p.shape[0], 16, generator=g) / 16
+                    v = torch.randn(16, p.shape[1], generator=g) * p.std()
+                    p.add_(u @ v)
+                elif extra is not None:
+                    extra(name, p, g)
+        m.save_pretrained(n)
+
+
 def smollm2_bundle(rate: float) -> tuple[list[Path], Path]:
     """SmolLM2-135M-Instruct and two perturbed copies, and their 3-branch float32 bundle at ``rate``
     (merged once, cached): the models behind the runtime and serving benchmarks."""

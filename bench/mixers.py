@@ -23,7 +23,7 @@ import torch
 from transformers import FalconH1Config, FalconH1ForCausalLM, Mamba2Config, Mamba2ForCausalLM
 
 import branchmerge
-from _common import CACHE
+from _common import CACHE, random_fine_tunes
 from branchmerge.config import parse_config
 from branchmerge.merge import run_merge
 from sinks import decode_step, interleaved, prefill_of
@@ -50,19 +50,10 @@ def fine_tunes(family: str, layers: int) -> list:
         return names
     torch.manual_seed(0)
     base = model_cls(config_cls(**shape, num_hidden_layers=layers)).eval()
-    for i, n in enumerate(names):
-        g = torch.Generator().manual_seed(100 + i)
-        m = model_cls(base.config).eval()
-        m.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if p.ndim == 2 and "layers." in name:
-                    u = torch.randn(p.shape[0], 16, generator=g) / 16
-                    v = torch.randn(16, p.shape[1], generator=g) * p.std()
-                    p.add_(u @ v)
-                elif name.rpartition(".")[2] in ("A_log", "D", "dt_bias"):
-                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        m.save_pretrained(n)
+    def move(name: str, p: torch.Tensor, g: torch.Generator) -> None:
+        if name.rpartition(".")[2] in ("A_log", "D", "dt_bias"):
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    random_fine_tunes(base, names, move)
     return names
 
 

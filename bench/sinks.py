@@ -24,7 +24,7 @@ import torch
 from transformers import GraniteSWAConfig, GraniteSWAForCausalLM
 
 import branchmerge
-from _common import CACHE
+from _common import CACHE, random_fine_tunes
 from branchmerge.config import parse_config
 from branchmerge.merge import run_merge
 
@@ -46,19 +46,10 @@ def fine_tunes(move_sinks: bool) -> list:
         for mod in base.modules():
             if hasattr(mod, "sinks"):
                 mod.sinks.normal_(0, 1)
-    for i, n in enumerate(names):
-        g = torch.Generator().manual_seed(100 + i)
-        m = GraniteSWAForCausalLM(base.config).eval()
-        m.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if p.ndim == 2 and "layers." in name:
-                    u = torch.randn(p.shape[0], 16, generator=g) / 16
-                    v = torch.randn(16, p.shape[1], generator=g) * p.std()
-                    p.add_(u @ v)
-                elif name.endswith("sinks") and move_sinks:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.5)
-        m.save_pretrained(n)
+    def move(name: str, p: torch.Tensor, g: torch.Generator) -> None:
+        if name.endswith("sinks") and move_sinks:
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    random_fine_tunes(base, names, move)
     return names
 
 

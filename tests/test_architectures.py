@@ -192,11 +192,12 @@ def test_family_fine_tunes_are_exact_branches(family, tmp_path, caplog, capsys):
     torch.testing.assert_close(_logits(exported), want["b"], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["phi", "gptj", "granitemoe", "gpt_oss", "llama4"])
+@pytest.mark.parametrize("family", ["phi", "gptj", "granitemoe", "gpt_oss", "llama4", "nemotron_h_moe"])
 def test_family_branches_through_the_triton_kernels(family, tmp_path):
     """Compressed branches of templates with sibling layers (q, k, v with biases; Phi's and GPT-J's parallel
-    blocks) and of stacked experts (GraniteMoE's; gpt-oss's, with biases) run in Triton's kernels (the
-    interpreter here) as in torch, mixed where one model runs them."""
+    blocks) and of stacked experts (GraniteMoE's; gpt-oss's, with biases), and Nemotron-H's gateless experts
+    beside its Mamba mixers, run in Triton's kernels (the interpreter here) as in torch, mixed where one model
+    runs them."""
     _fine_tunes(family, tmp_path)
     d = _merge(tmp_path, 0.5)
     tri = branchmerge.load(d, dtype="float32", kernels="triton")
