@@ -12,6 +12,7 @@ group did before (each branch a model of its own: its rows a batch of their own,
 prefill of 64 tokens per row.
 
     python bench/mixers.py [--family mamba2|falcon_h1] [--layers N] [--prefill 64] [--rate 0.9] [--repeat 9]
+                           [--projections-only]
 """
 
 from __future__ import annotations
@@ -41,28 +42,29 @@ FAMILIES = {  # model class, config class, shape, default layers, what the shape
 }
 
 
-def fine_tunes(family: str, layers: int) -> list:
-    """Three fine-tunes of one random base (saved once under bench/.cache)."""
+def fine_tunes(family: str, layers: int, own: bool = True) -> list:
+    """Three fine-tunes of one random base (saved once under bench/.cache); without ``own``, the mixers' own
+    parameters left as the base's (a LoRA fine-tune's projections only)."""
     model_cls, config_cls, shape, _, _ = FAMILIES[family]
-    root = CACHE / f"mixers-{family}-{layers}"
+    root = CACHE / f"mixers-{family}-{layers}{'' if own else '-projections'}"
     names = [root / f"ft{i}" for i in range(3)]
     if all((n / "config.json").is_file() for n in names):
         return names
     torch.manual_seed(0)
     base = model_cls(config_cls(**shape, num_hidden_layers=layers)).eval()
     def move(name: str, p: torch.Tensor, g: torch.Generator) -> None:
-        if name.rpartition(".")[2] in ("A_log", "D", "dt_bias"):
+        if own and name.rpartition(".")[2] in ("A_log", "D", "dt_bias"):
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
     random_fine_tunes(base, names, move)
     return names
 
 
-def bundle(family: str, layers: int, rate: float):
-    out = CACHE / f"mixers-{family}-{layers}-r{rate}"
+def bundle(family: str, layers: int, rate: float, own: bool = True):
+    out = CACHE / f"mixers-{family}-{layers}{'' if own else '-projections'}-r{rate}"
     if not (out / "manifest.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
         cfg = parse_config({"branches": [{"name": f"b{i}", "model": str(m)}
-                                         for i, m in enumerate(fine_tunes(family, layers))],
+                                         for i, m in enumerate(fine_tunes(family, layers, own))],
                             "compress_rate": rate, "dtype": "float32"})
         run_merge(cfg, out, progress=False)
     return branchmerge.load(out, dtype="float32")
@@ -76,14 +78,17 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=64, help="prefill tokens timed per row")
     ap.add_argument("--rate", type=float, default=0.9)
     ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--projections-only", action="store_true",
+                    help="fine-tunes that move only 2-D weights (a LoRA's): the mixers run once per mixed batch")
     args = ap.parse_args()
     model_cls, _, shape, layers, what = FAMILIES[args.family]
     layers = args.layers or layers
     torch.manual_seed(1)
     ids = torch.randint(3, shape["vocab_size"], (8, args.context))
     one, mixed = [0] * 8, [0, 1, 2, 0, 1, 2, 0, 1]
-    dense = model_cls.from_pretrained(fine_tunes(args.family, layers)[0], dtype=torch.float32).eval()
-    b = bundle(args.family, layers, args.rate)
+    own = not args.projections_only
+    dense = model_cls.from_pretrained(fine_tunes(args.family, layers, own)[0], dtype=torch.float32).eval()
+    b = bundle(args.family, layers, args.rate, own)
     g = next(iter(b.groups.values()))
     assert g is b.runtime_group("b1"), "the group should run in one model"
     short = ids[:, :args.prefill]
@@ -97,9 +102,9 @@ def main() -> None:
     apart_pre = [prefill_of(g.model, short[part], g, i) for i, part in enumerate(parts)]
     steps["apart"] = lambda: [fn() for fn in apart]
     prefills["apart"] = lambda: [fn() for fn in apart_pre]
-    labels["apart"] = f"bundle r={args.rate}, a batch per branch (3+3+2 rows, in turn; a model per branch)"
+    labels["apart"] = f"bundle r={args.rate}, a batch per branch (3+3+2 rows, in turn)"
     step_t, prefill_t = interleaved(steps, args.repeat), interleaved(prefills, args.repeat)
-    print(f"{what} ({layers} layers), batch 8, context {args.context} (prefill "
+    print(f"{what} ({layers} layers{'' if own else ', fine-tunes of the projections only'}), batch 8, context {args.context} (prefill "
           f"{args.prefill}), float32, {torch.get_num_threads()} threads; medians of {args.repeat}, interleaved\n")
     print("| model | decode step ms | vs dense | prefill ms | vs dense |\n|---|---|---|---|---|")
     for k, label in labels.items():

@@ -476,6 +476,31 @@ def test_hybrid_branches_mix_per_row_with_their_rows_of_the_cache(family, tmp_pa
     assert not torch.allclose(mixed[0], _decode(g, [0], ids[:1], [s[:1] for s in steps])[0], atol=1e-3)
 
 
+def test_a_mixer_whose_branches_differ_only_in_projections_runs_once(tmp_path):
+    """Mamba-2 fine-tunes that changed only the mixers' projections (a LoRA's targets; ``A_log``, ``D``,
+    ``dt_bias``, conv and norms left as the base's): the mixers stay as transformers runs them, one call for a
+    mixed batch whose branched projections take the rows, and each row still gets its branch's logits
+    through prefill and decode steps."""
+    from branchmerge.runtime.mixers import BranchMixer
+
+    models = _fine_tunes("mamba2", tmp_path)
+    with torch.no_grad():  # (b keeps a's every tensor but the 2-D projections and embeddings)
+        for (name, p), q in zip(models["b"].named_parameters(), models["a"].parameters()):
+            if p.ndim != 2:
+                p.copy_(q)
+    models["b"].save_pretrained(tmp_path / "b")
+    b = branchmerge.load(_merge(tmp_path, 0.0), dtype="float32")
+    g = b.runtime_group("a")
+    assert g is b.runtime_group("b") and not any(isinstance(m, BranchMixer) for m in g.model.modules())
+    ids = torch.cat([X, X[:1].flip(1)])
+    steps = [torch.tensor([[5], [7], [9]]), torch.tensor([[9], [3], [4]])]
+    mixed = _decode(g, [1, 0, 1], ids, steps)
+    for row, branch in enumerate([1, 0, 1]):
+        alone = _decode(g, [branch], ids[row:row + 1], [s[row:row + 1] for s in steps])
+        torch.testing.assert_close(mixed[row], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.logits(X, ["b", "b"]), _logits(models["b"]), atol=1e-4, rtol=1e-4)
+
+
 def test_a_mixers_rows_of_the_cache_refuse_what_they_cannot_split(tmp_path):
     """A mixed batch's mixer needs its layer of the cache to hold linear-attention states it can take by row:
     an attention layer, or one recording past states (assisted decoding's rollback), is refused by name."""

@@ -346,11 +346,24 @@ def _ancestry(model: nn.Module, name: str) -> Iterator[nn.Module]:
 
 
 def _differing_mixers(model: nn.Module, records: dict, by_module: dict[str, dict[str, str]]) -> list[str]:
-    """The sequence mixers (:func:`~branchmerge.runtime.mixers.row_mixer`) holding anything that differs between
-    branches: their own parameters, or a sublayer's (which their forward may read as tensors)."""
-    return [name for name, mod in model.named_modules() if row_mixer(mod)
-            and any(records[t].role != "shared" for m, params in by_module.items()
-                    if m == name or m.startswith(name + ".") for t in params.values())]
+    """The sequence mixers (:func:`~branchmerge.runtime.mixers.row_mixer`) whose own parameters, or a sublayer's
+    tensors its forward may read directly (a conv's, Jamba's ``dt_proj``), differ between branches. A mixer
+    whose branches differ only in compressed projections (with their biases; a LoRA fine-tune's) runs once
+    for a mixed batch: its branched layers take the rows."""
+    out = []
+    for name, mod in model.named_modules():
+        if row_mixer(mod) and any(_differs(records, params, p) for m, params in by_module.items()
+                                  if m == name or m.startswith(name + ".") for p in params):
+            out.append(name)
+    return out
+
+
+def _differs(records: dict, params: dict[str, str], param: str) -> bool:
+    """Whether a module's ``param`` differs between branches other than as a branched layer takes it per row."""
+    role = records[params[param]].role
+    if role in ("shared", "compressed"):
+        return False
+    return not (param == "bias" and "weight" in params and records[params["weight"]].role == "compressed")
 
 
 def _modules_of(model: nn.Module, by_module: dict[str, dict[str, str]]) -> Iterator[tuple[str, nn.Module, dict]]:

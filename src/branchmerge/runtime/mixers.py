@@ -11,7 +11,8 @@ of one branch is one call of the mixer with that branch's own parameters (a shal
 sublayers, buffers and settings shared), under that branch's selection (so a sublayer its forward reads as
 a tensor, ``conv1d.weight``, is that branch's); a batch mixing branches calls it once per branch present,
 on that branch's rows, with a row view of the cache (:class:`CacheRows`: that layer's conv and recurrent
-states of those rows, written back after the call).
+states of those rows, written back after the call). A mixer whose branches differ only in its compressed
+projections is left alone (``runtime.build``): its branched layers take a mixed batch's rows in one call.
 """
 
 from __future__ import annotations
