@@ -346,26 +346,26 @@ def test_inspect_says_which_groups_run_a_model_per_branch(tmp_path, capsys):
     and one whose sequence mixers run per branch on their rows."""
     import json
 
-    for family in ("gemma3n", "phi", "gpt_oss", "mamba2"):
+    def inspect(family: str) -> tuple[str, dict]:  # (the text, and the JSON's group)
         _fine_tunes(family, tmp_path / family)
         _merge(tmp_path / family, 0.5)
-    code, out, err = run_cli(capsys, "inspect", tmp_path / "gemma3n" / "bundle")
-    assert code == 0, err
+        code, out, err = run_cli(capsys, "inspect", tmp_path / family / "bundle")
+        assert code == 0, err
+        code, js, err = run_cli(capsys, "inspect", tmp_path / family / "bundle", "--json")
+        assert code == 0, err
+        return out, json.loads(js)["groups"]["main"]
+
+    out, group = inspect("gemma3n")
     assert "each branch runs as a model of its own" in out and "altup" in out and "correct_output_scale" in out
-    code, out, _ = run_cli(capsys, "inspect", tmp_path / "gemma3n" / "bundle", "--json")
-    assert any("correct_output_scale" in w for w in json.loads(out)["groups"]["main"]["model_per_branch"])
-    code, out, _ = run_cli(capsys, "inspect", tmp_path / "phi" / "bundle")
-    assert code == 0 and "model of its own" not in out and "sinks" not in out and "mixers" not in out
-    code, out, _ = run_cli(capsys, "inspect", tmp_path / "gpt_oss" / "bundle")
-    assert code == 0 and "model of its own" not in out and "attention sinks differ between branches in 2 layer(s)" in out
-    code, out, _ = run_cli(capsys, "inspect", tmp_path / "gpt_oss" / "bundle", "--json")
-    group = json.loads(out)["groups"]["main"]
+    assert any("correct_output_scale" in w for w in group["model_per_branch"])
+    out, group = inspect("phi")
+    assert not any(w in out for w in ("model of its own", "sinks", "mixers")) and "model_per_branch" not in group
+    out, group = inspect("gpt_oss")
+    assert "model of its own" not in out and "attention sinks differ between branches in 2 layer(s)" in out
     assert group["attention_sinks_per_row"] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     assert "model_per_branch" not in group
-    code, out, _ = run_cli(capsys, "inspect", tmp_path / "mamba2" / "bundle")
-    assert code == 0 and "model of its own" not in out and "sequence mixers differ between branches in 2" in out
-    code, out, _ = run_cli(capsys, "inspect", tmp_path / "mamba2" / "bundle", "--json")
-    group = json.loads(out)["groups"]["main"]
+    out, group = inspect("mamba2")
+    assert "model of its own" not in out and "sequence mixers differ between branches in 2" in out
     assert group["mixers_per_branch"] == ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]
     assert "model_per_branch" not in group
 
