@@ -99,7 +99,8 @@ FAMILIES = {
     "nemotron_h_moe": ("NemotronH", dict(_GQA, head_dim=8, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8,
                                          n_groups=1, chunk_size=8, hybrid_override_pattern="ME*", n_routed_experts=4,
                                          num_experts_per_tok=2, moe_intermediate_size=24,
-                                         moe_shared_expert_intermediate_size=24, n_group=1, topk_group=1), True),
+                                         moe_shared_expert_intermediate_size=24, n_group=1, topk_group=1,
+                                         moe_latent_size=16), True),  # (Nemotron 3's experts on a latent width)
     "bamba": ("Bamba", dict(_GQA, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
                             mamba_chunk_size=8, attn_layer_indices=[1]), False),
     "zamba2": ("Zamba2", dict(_GQA, mamba_d_state=8, mamba_headdim=16, n_mamba_heads=4, mamba_ngroups=1,
