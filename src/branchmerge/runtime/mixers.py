@@ -26,13 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from branchmerge.runtime.modules import BranchState, MixedPlan
-from branchmerge.runtime.perbranch import _by_rows, _rows_of
+from branchmerge.runtime.perbranch import _by_rows, _kwargs_of, distinct
 
 # class-name parts of the sequence mixers a decoder layer calls as ``mixer(hidden_states, cache=…, …)``
 _MIXERS = ("mixer", "mamba", "deltanet", "linearattention", "shortconv")
-# keyword arguments that never index the batch (a T-long cache_position would pass for a batch of T rows)
-_NOT_BATCH = frozenset({"cache_position", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens",
-                        "max_length_q", "max_length_k"})
 _STATES = ("conv_states", "recurrent_states")  # {state index: [B, ...] or None}
 _FLAGS = ("is_conv_states_initialized", "is_recurrent_states_initialized", "has_previous_state",
           "conv_kernel_size")
@@ -65,18 +62,10 @@ class BranchMixer(nn.Module):
     def __init__(self, state: BranchState, own: list[dict[str, Tensor]], mixer: nn.Module) -> None:
         super().__init__()
         self.state = state
-        distinct: list[dict[str, Tensor]] = []
-        self.holder: list[int] = []
-        for o in own:
-            j = next((k for k, d in enumerate(distinct)
-                      if all(d[p] is t or torch.equal(d[p], t) for p, t in o.items())), None)
-            if j is None:
-                distinct.append(o)
-                j = len(distinct) - 1
-            self.holder.append(j)
-        self.names, self.distinct = sorted(own[0]), len(distinct)
+        sets, self.holder = distinct(own, lambda a, b: all(a[p] is t or torch.equal(a[p], t) for p, t in b.items()))
+        self.names, self.distinct = sorted(own[0]), len(sets)
         for p in self.names:
-            self.register_buffer(_buffer(p), torch.stack([d[p] for d in distinct]), persistent=False)
+            self.register_buffer(_buffer(p), torch.stack([d[p] for d in sets]), persistent=False)
         self.__dict__["_mixer"] = mixer  # (not a submodule: the mixer holds this one)
         self.__dict__["_views"] = None
 
@@ -119,7 +108,7 @@ class BranchMixer(nn.Module):
         key = next((k for k in ("cache", "cache_params", "past_key_values") if kwargs.get(k) is not None), None)
         views = None if key is None else CacheRows(kwargs[key], self._mixer.layer_idx, n)
         for i, rows in plan.groups:
-            kw = {k: a if k in _NOT_BATCH else _rows_of(a, rows, n) for k, a in kwargs.items()}
+            kw = _kwargs_of(kwargs, rows, n)
             with self.state.select(branch=i), (views.rows(rows) if views else nullcontext()) as sub:
                 if views is not None:
                     kw[key] = sub

@@ -111,7 +111,7 @@ class PerBranch(nn.Module):
         else:
             n = x.shape[0]  # (other inputs of the batch's rows, e.g. OPT's position ids beside its mask, split too)
             ys = [(rows, self._copies[i](x[rows], *[_rows_of(a, rows, n) for a in args],
-                                         **{k: _rows_of(a, rows, n) for k, a in kwargs.items()})) for i, rows in groups]
+                                         **_kwargs_of(kwargs, rows, n))) for i, rows in groups]
         if isinstance(ys[0][1], tuple):  # several outputs (an MoE router's logits, weights and experts), by row
             per_row = x[0].numel() // x.shape[-1] if x.ndim > 2 else 1  # (or by token: a router flattens them)
             outs = []
@@ -121,6 +121,30 @@ class PerBranch(nn.Module):
                 outs.append(_by_rows(x.shape[0] * k, [((rows[:, None] * k + steps).flatten(), y[j]) for rows, y in ys]))
             return tuple(outs)
         return _by_rows(x.shape[0], ys)
+
+
+# keyword arguments that never index the batch (a T-long cache_position would pass for a batch of T rows)
+_NOT_BATCH = frozenset({"cache_position", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens",
+                        "max_length_q", "max_length_k"})
+
+
+def _kwargs_of(kwargs: dict, rows: Tensor, n: int) -> dict:
+    """``kwargs`` of a call on the batch's ``n`` rows, for a call on ``rows`` (:func:`_rows_of` each but those
+    that never index the batch)."""
+    return {k: a if k in _NOT_BATCH else _rows_of(a, rows, n) for k, a in kwargs.items()}
+
+
+def distinct(values: list, same) -> tuple[list, list[int]]:
+    """``(the distinct values in first-seen order, each value's index among them)``, ``same(a, b)`` deciding."""
+    out: list = []
+    holder: list[int] = []
+    for v in values:
+        j = next((k for k, d in enumerate(out) if same(d, v)), None)
+        if j is None:
+            out.append(v)
+            j = len(out) - 1
+        holder.append(j)
+    return out, holder
 
 
 def _rows_of(a: object, rows: Tensor, n: int) -> object:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from branchmerge.runtime.modules import BranchState, MixedPlan, _cached
-from branchmerge.runtime.perbranch import _by_rows, _rows_of
+from branchmerge.runtime.perbranch import _by_rows, _kwargs_of, _rows_of, distinct
 
 _PREFIX = "branchmerge_sinks+"
 
@@ -39,15 +39,8 @@ class BranchSinks(nn.Module):
     def __init__(self, state: BranchState, sinks: list[Tensor], module: nn.Module) -> None:
         super().__init__()
         self.state = state
-        distinct: list[Tensor] = []
-        self.holder: list[int] = []
-        for s in sinks:
-            j = next((k for k, d in enumerate(distinct) if d is s or torch.equal(d, s)), None)
-            if j is None:
-                distinct.append(s)
-                j = len(distinct) - 1
-            self.holder.append(j)
-        self.register_buffer("stacked", torch.stack(distinct), persistent=False)
+        rows, self.holder = distinct(sinks, lambda a, b: a is b or torch.equal(a, b))
+        self.register_buffer("stacked", torch.stack(rows), persistent=False)
         self.__dict__["_module"] = module  # (not a submodule: the module holds this one)
         self._make_views()
 
@@ -102,7 +95,7 @@ def _wrapped(inner: Callable[..., tuple[Tensor, Tensor | None]], inner_name: str
                 "send such branches in batches of their own, or run the model with eager attention")
         outs, weights = [], []
         for view, rows in groups:
-            kw = {k: _rows_of(a, rows, n) for k, a in kwargs.items()}
+            kw = _kwargs_of(kwargs, rows, n)
             if "s_aux" in kw:
                 kw["s_aux"] = view.sinks
             o, w = inner(view, query[rows], key[rows], value[rows], _rows_of(attention_mask, rows, n),
